@@ -1,0 +1,117 @@
+//! Options shared by several commands.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use lsplit_model::{ModelSource, SplitPlan};
+use lsplit_split::{SamplingParams, load_tokenizer};
+use lsplit_tokenizer::Tokenizer;
+
+/// Which model to run.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face model directory [default: SmolLM2-135M-Instruct Q4_1,
+    /// fetched on first use]
+    #[arg(long, short = 'm', value_name = "PATH")]
+    pub model: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Opens the model (fetching the default one if needed) and builds its tokenizer.
+    pub fn open(&self) -> anyhow::Result<(ModelSource, Arc<Tokenizer>)> {
+        let path = match &self.model {
+            Some(path) => path.clone(),
+            None => lsplit_fetch::ensure_default_model_with_progress()?,
+        };
+        let source = ModelSource::open(&path)?;
+        let tokenizer = load_tokenizer(&source)
+            .with_context(|| format!("building the tokenizer of {}", path.display()))?;
+        Ok((source, Arc::new(tokenizer)))
+    }
+}
+
+/// Where the model is cut.
+#[derive(Debug, Args)]
+pub struct SplitArgs {
+    /// Split points K1:K2: head = layers [0,K1), trunk = [K1,K2), tail = [K2,L)
+    #[arg(long, value_name = "K1:K2", conflicts_with_all = ["local_layers", "no_split"])]
+    pub split: Option<String>,
+    /// N local layers at each end (K1 = N, K2 = L - N) [default: 2]
+    #[arg(
+        short = 'n',
+        long = "local-layers",
+        value_name = "N",
+        conflicts_with = "no_split"
+    )]
+    pub local_layers: Option<usize>,
+    /// Run the whole model in one part (the baseline)
+    #[arg(long)]
+    pub no_split: bool,
+}
+
+/// Local layers at each end when no split is given.
+pub const DEFAULT_LOCAL_LAYERS: usize = 2;
+
+impl SplitArgs {
+    /// The split plan for a model of `layers` layers, or `None` with `--no-split`.
+    pub fn plan(&self, layers: usize) -> anyhow::Result<Option<SplitPlan>> {
+        if self.no_split {
+            return Ok(None);
+        }
+        let plan = match (&self.split, self.local_layers) {
+            (Some(text), _) => SplitPlan::parse(text, layers)?,
+            (None, n) => SplitPlan::symmetric(n.unwrap_or(DEFAULT_LOCAL_LAYERS), layers)?,
+        };
+        Ok(Some(plan))
+    }
+}
+
+/// How tokens are chosen.
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Softmax temperature; 0 is greedy
+    #[arg(long, short = 't', default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only among the K most likely tokens
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to P
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Penalty on recently generated tokens (1 = none)
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repetition penalty considers
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed, for repeatable sampling
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The sampler settings.
+    pub fn params(&self) -> anyhow::Result<SamplingParams> {
+        anyhow::ensure!(
+            self.temperature >= 0.0 && self.temperature.is_finite(),
+            "--temperature must be a finite number >= 0"
+        );
+        if let Some(p) = self.top_p {
+            anyhow::ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1]");
+        }
+        anyhow::ensure!(
+            self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite(),
+            "--repeat-penalty must be a positive number"
+        );
+        Ok(SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        })
+    }
+}

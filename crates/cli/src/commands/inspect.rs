@@ -1,0 +1,80 @@
+//! `lsplit inspect`: what each part of a split holds.
+
+use clap::Args;
+use lsplit_model::PartSpec;
+
+use crate::args::{ModelArgs, SplitArgs};
+
+/// Options of `lsplit inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub split: SplitArgs,
+    /// Also list every tensor of every part
+    #[arg(long)]
+    pub tensors: bool,
+}
+
+/// Runs the command.
+pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    let (source, _) = args.model.open()?;
+    let config = source.config();
+    println!("model: {}", source.path().display());
+    println!(
+        "architecture: {}, {} layers, hidden {}, {} heads / {} KV heads, vocabulary {}, context {}{}",
+        config.architecture,
+        config.num_layers,
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.vocab_size,
+        config.context_length,
+        if config.tied_embeddings {
+            ", tied embeddings"
+        } else {
+            ""
+        }
+    );
+    let parts = match args.split.plan(config.num_layers)? {
+        None => {
+            println!("split: none");
+            vec![PartSpec::whole(config.num_layers)]
+        }
+        Some(plan) => {
+            println!("split: {plan}");
+            vec![plan.head(), plan.trunk(), plan.tail()]
+        }
+    };
+    println!(
+        "{:<6} {:<10} {:>8} {:>14} {:>14}  where",
+        "part", "layers", "tensors", "parameters", "bytes"
+    );
+    for spec in &parts {
+        let tensors = source.part_tensors(spec)?;
+        let params: u64 = tensors.iter().map(|t| t.params()).sum();
+        let bytes: u64 = tensors.iter().map(|t| t.bytes).sum();
+        let place = match spec.kind {
+            lsplit_model::PartKind::Trunk => "cloud",
+            _ => "device",
+        };
+        println!(
+            "{:<6} {:<10} {:>8} {:>14} {:>14}  {place}",
+            spec.kind.name(),
+            format!("{}..{}", spec.layers.start, spec.layers.end),
+            tensors.len(),
+            params,
+            bytes
+        );
+        if args.tensors {
+            for t in &tensors {
+                println!(
+                    "    {:<40} {:<8} {:?} {} B",
+                    t.name, t.dtype, t.shape, t.bytes
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! `lsplit`: run a generative model split between this device and a (possibly remote) trunk.
+
+mod args;
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+/// Privacy-preserving split computing for generative AI.
+///
+/// The model is cut into a head and a tail that run on this device and a trunk (the heavy
+/// middle) that runs in the cloud; only hidden states cross between them.
+#[derive(Debug, Parser)]
+#[command(name = "lsplit", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text, streaming it to stdout.
+    Generate(commands::generate::GenerateArgs),
+    /// Show what each part of a split holds: layers, tensors, parameters, bytes.
+    Inspect(commands::inspect::InspectArgs),
+    /// Measure prefill and decode speed, unsplit and split, in one run.
+    Bench(commands::bench::BenchArgs),
+    /// Download and verify the default model into the cache, and print its path.
+    Fetch,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LSPLIT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Inspect(args) => commands::inspect::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+        Command::Fetch => commands::fetch::run(),
+    }
+}

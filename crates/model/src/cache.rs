@@ -1,0 +1,109 @@
+use candle_core::Tensor;
+
+use crate::Result;
+
+/// Growth step of the key/value buffers, in positions.
+const GROW_BY: usize = 256;
+
+/// Keys and values of one attention layer, in buffers that grow in steps of
+/// [`GROW_BY`] positions instead of being copied on every token.
+#[derive(Debug, Clone, Default)]
+struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Appends `k` and `v` of shape `(1, kv_heads, seq, head_dim)` and returns views of
+    /// every cached position.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let seq = k.dim(2)?;
+        let needed = self.len + seq;
+        let capacity = self.k.as_ref().map_or(0, |t| t.dims()[2]);
+        if needed > capacity {
+            let new_capacity = needed.div_ceil(GROW_BY) * GROW_BY;
+            let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
+                let (b, h, _, d) = like.dims4()?;
+                let fresh = Tensor::zeros((b, h, new_capacity, d), like.dtype(), like.device())?;
+                if let Some(old) = old {
+                    fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(fresh)
+            };
+            self.k = Some(grow(&self.k, k)?);
+            self.v = Some(grow(&self.v, v)?);
+        }
+        let (kb, vb) = match (&self.k, &self.v) {
+            (Some(kb), Some(vb)) => (kb, vb),
+            _ => unreachable!("buffers allocated above"),
+        };
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?))
+    }
+}
+
+/// The key/value cache of one part for one generation session.
+///
+/// Every layer of the part has its own buffers; `len` is the number of positions the part has
+/// processed, so the next rows it accepts must start there.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a part of `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); layers],
+            len: 0,
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing has been cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the key/value buffers (allocated capacity, not just used positions).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.k, &l.v])
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Forgets every position, keeping nothing allocated.
+    pub fn clear(&mut self) {
+        let layers = self.layers.len();
+        *self = Self::new(layers);
+    }
+
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        self.layers[layer].append(k, v)
+    }
+
+    pub(crate) fn advance(&mut self, positions: usize) {
+        self.len += positions;
+    }
+
+    pub(crate) fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+}

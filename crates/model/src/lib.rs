@@ -1,0 +1,23 @@
+//! Llama-family decoder cut into parts.
+//!
+//! A model is opened once ([`ModelSource`]), then each part of a split ([`PartSpec`]) is loaded
+//! on its own: it reads only the tensors it runs, so the cloud never holds the embeddings or the
+//! LM head and the device never holds the trunk's layers. A [`ModelPart`] is immutable and can be
+//! shared between sessions; the per-session state lives in a [`KvCache`].
+
+mod cache;
+mod config;
+mod error;
+mod llama;
+mod plan;
+mod source;
+
+pub use cache::KvCache;
+pub use config::{LlamaConfig, RopeScaling};
+pub use error::ModelError;
+pub use llama::ModelPart;
+pub use plan::{PartKind, PartSpec, SplitPlan};
+pub use source::{ModelFormat, ModelSource, TensorRecord, TokenizerSource};
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, ModelError>;

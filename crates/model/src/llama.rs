@@ -1,0 +1,323 @@
+//! The decoder itself: one struct per piece, a `forward` to read top to bottom.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Module, Tensor};
+
+use crate::{KvCache, LlamaConfig, ModelError, PartSpec, Result, TensorRecord};
+
+/// One decoder layer: pre-norm attention then pre-norm SwiGLU feed-forward.
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Tensor,
+    pub(crate) wq: QMatMul,
+    pub(crate) wk: QMatMul,
+    pub(crate) wv: QMatMul,
+    pub(crate) wo: QMatMul,
+    pub(crate) ffn_norm: Tensor,
+    pub(crate) w_gate: QMatMul,
+    pub(crate) w_up: QMatMul,
+    pub(crate) w_down: QMatMul,
+}
+
+/// Final norm and LM head, held by the tail (or the whole model).
+pub(crate) struct OutputHead {
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: QMatMul,
+}
+
+/// One loaded part of a split model: the embeddings (head), a range of layers, and the output
+/// head (tail). Immutable once loaded; sessions keep their state in a [`KvCache`].
+pub struct ModelPart {
+    spec: PartSpec,
+    config: LlamaConfig,
+    embeddings: Option<QMatMul>,
+    layers: Vec<Layer>,
+    output: Option<OutputHead>,
+    inv_freq: Vec<f32>,
+    tensors: Vec<TensorRecord>,
+    device: Device,
+}
+
+impl std::fmt::Debug for ModelPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelPart")
+            .field("spec", &self.spec)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl ModelPart {
+    pub(crate) fn new(
+        spec: PartSpec,
+        config: LlamaConfig,
+        embeddings: Option<QMatMul>,
+        layers: Vec<Layer>,
+        output: Option<OutputHead>,
+        tensors: Vec<TensorRecord>,
+        device: Device,
+    ) -> Result<Self> {
+        let inv_freq = config.rope_inv_freq();
+        Ok(Self {
+            spec,
+            config,
+            embeddings,
+            layers,
+            output,
+            inv_freq,
+            tensors,
+            device,
+        })
+    }
+
+    /// Which part this is and the layers it runs.
+    pub fn spec(&self) -> &PartSpec {
+        &self.spec
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The tensors this part holds, in load order.
+    pub fn tensors(&self) -> &[TensorRecord] {
+        &self.tensors
+    }
+
+    /// The device the part computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh, empty KV cache for one session of this part.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Looks up the embeddings of `tokens`: hidden rows of shape `(tokens, hidden)`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let embeddings = self.embeddings.as_ref().ok_or(ModelError::WrongPart {
+            part: self.spec.kind.name(),
+            action: "embed tokens",
+        })?;
+        let vocab = self.config.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ModelError::TokenId { id, vocab });
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        Ok(embeddings.embedding(&ids)?)
+    }
+
+    /// Runs this part's layers over hidden rows `(rows, hidden)` that start at sequence
+    /// position `start`, appending to `cache`; returns rows of the same shape.
+    pub fn forward(&self, hidden: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let (rows, width) = match hidden.dims() {
+            &[rows, width] if width == self.config.hidden_size && rows > 0 => (rows, width),
+            dims => {
+                return Err(ModelError::HiddenShape {
+                    got: dims.to_vec(),
+                    hidden: self.config.hidden_size,
+                });
+            }
+        };
+        if cache.layer_count() != self.layers.len() {
+            return Err(ModelError::Config(format!(
+                "KV cache has {} layers but the {} part runs {}",
+                cache.layer_count(),
+                self.spec.kind.name(),
+                self.layers.len()
+            )));
+        }
+        if start != cache.len() {
+            return Err(ModelError::Position {
+                expected: cache.len(),
+                got: start,
+            });
+        }
+        let end = start + rows;
+        if end > self.config.context_length {
+            return Err(ModelError::ContextOverflow {
+                requested: end,
+                context: self.config.context_length,
+            });
+        }
+        if self.layers.is_empty() {
+            cache.advance(rows);
+            return Ok(hidden.clone());
+        }
+        let (cos, sin) = self.rope_tables(start, rows)?;
+        let mask = causal_mask(start, rows, &self.device)?;
+        let mut x = hidden.reshape((1, rows, width))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, i, &x, &cos, &sin, mask.as_ref(), cache)?;
+        }
+        cache.advance(rows);
+        Ok(x.reshape((rows, width))?)
+    }
+
+    /// Final norm and LM head over the last hidden row: logits of shape `(vocab,)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let output = self.output.as_ref().ok_or(ModelError::WrongPart {
+            part: self.spec.kind.name(),
+            action: "produce logits",
+        })?;
+        let rows = hidden.dim(0)?;
+        if rows == 0 || hidden.dims().len() != 2 {
+            return Err(ModelError::HiddenShape {
+                got: hidden.dims().to_vec(),
+                hidden: self.config.hidden_size,
+            });
+        }
+        let last = hidden.narrow(0, rows - 1, 1)?.contiguous()?;
+        let normed =
+            candle_nn::ops::rms_norm(&last, &output.norm, self.config.rms_norm_eps as f32)?;
+        Ok(output.lm_head.forward(&normed)?.squeeze(0)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        index: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
+        let attn = self.attention(layer, index, &h, cos, sin, mask, cache)?;
+        let x = (x + attn)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+        let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+        let up = layer.w_up.forward(&h)?;
+        let ffn = layer.w_down.forward(&(gate * up)?)?;
+        Ok((x + ffn)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        index: usize,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (_, rows, _) = h.dims3()?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((1, rows, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = heads(layer.wq.forward(h)?, c.num_heads)?;
+        let k = heads(layer.wk.forward(h)?, c.num_kv_heads)?;
+        let v = heads(layer.wv.forward(h)?, c.num_kv_heads)?;
+        let (q, k) = if c.rope_interleaved {
+            (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            )
+        } else {
+            (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            )
+        };
+        let (k, v) = cache.append(index, &k, &v)?;
+        let group = c.num_heads / c.num_kv_heads;
+        let k = repeat_kv(&k, group)?;
+        let v = repeat_kv(&v, group)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((1, rows, c.num_heads * c.head_dim))?;
+        Ok(layer.wo.forward(&y)?)
+    }
+
+    /// Cosine and sine of the rotation angles for positions `[start, start + rows)`.
+    fn rope_tables(&self, start: usize, rows: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut angles = Vec::with_capacity(rows * half);
+        for pos in start..start + rows {
+            angles.extend(self.inv_freq.iter().map(|f| pos as f32 * f));
+        }
+        let angles = Tensor::from_vec(angles, (rows, half), &self.device)?;
+        Ok((angles.cos()?, angles.sin()?))
+    }
+}
+
+/// Additive causal mask `(rows, start + rows)` for a prefill; none for a single row, which
+/// may attend to every cached position.
+fn causal_mask(start: usize, rows: usize, device: &Device) -> Result<Option<Tensor>> {
+    if rows == 1 {
+        return Ok(None);
+    }
+    let total = start + rows;
+    let mask: Vec<f32> = (0..rows)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (rows, total), device)?))
+}
+
+/// Repeats each key/value head `group` times so grouped-query attention can use one matmul.
+fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
+    if group == 1 {
+        return Ok(x.contiguous()?);
+    }
+    let (b, heads, seq, dim) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, heads, group, seq, dim))?
+        .reshape((b, heads * group, seq, dim))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_blocks_future_positions_only() -> Result<()> {
+        let mask = causal_mask(2, 3, &Device::Cpu)?.expect("prefill has a mask");
+        let rows: Vec<Vec<f32>> = mask.to_vec2()?;
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            rows,
+            vec![
+                vec![0.0, 0.0, 0.0, inf, inf],
+                vec![0.0, 0.0, 0.0, 0.0, inf],
+                vec![0.0, 0.0, 0.0, 0.0, 0.0],
+            ]
+        );
+        assert!(causal_mask(7, 1, &Device::Cpu)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn repeat_kv_copies_each_head_in_place() -> Result<()> {
+        let x = Tensor::arange(0f32, 4.0, &Device::Cpu)?.reshape((1, 2, 1, 2))?;
+        let y = repeat_kv(&x, 2)?;
+        assert_eq!(y.dims(), &[1, 4, 1, 2]);
+        let flat: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        assert_eq!(flat, vec![0.0, 1.0, 0.0, 1.0, 2.0, 3.0, 2.0, 3.0]);
+        Ok(())
+    }
+}

@@ -1,0 +1,527 @@
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::llama::{Layer, ModelPart, OutputHead};
+use crate::{LlamaConfig, ModelError, PartSpec, Result};
+
+/// The file format a model was loaded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A single GGUF file (quantized or float tensors, tokenizer in the metadata).
+    Gguf,
+    /// A Hugging Face directory: config.json, *.safetensors (possibly sharded), tokenizer.json.
+    HuggingFace,
+}
+
+/// Where the tokenizer of a model comes from, for the tokenizer crate to build it.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenizerSource<'a> {
+    /// The `tokenizer.ggml.*` keys of a GGUF file.
+    Gguf(&'a HashMap<String, Value>),
+    /// A Hugging Face directory holding tokenizer.json.
+    HuggingFace(&'a Path),
+}
+
+/// One tensor a part holds, as `lsplit inspect` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorRecord {
+    /// Name in the model file.
+    pub name: String,
+    /// Shape, outermost dimension first.
+    pub shape: Vec<usize>,
+    /// Storage type once loaded (`q4_1`, `f32`...).
+    pub dtype: String,
+    /// Bytes the loaded tensor occupies in memory.
+    pub bytes: u64,
+}
+
+impl TensorRecord {
+    /// Number of parameters (elements) of the tensor.
+    pub fn params(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// What a weight is for, independent of how a file format names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Weight {
+    Embeddings,
+    Output,
+    FinalNorm,
+    RopeFactors,
+    AttnNorm(usize),
+    Q(usize),
+    K(usize),
+    V(usize),
+    O(usize),
+    FfnNorm(usize),
+    Gate(usize),
+    Up(usize),
+    Down(usize),
+}
+
+impl Weight {
+    fn layer(i: usize) -> [Self; 9] {
+        [
+            Self::AttnNorm(i),
+            Self::Q(i),
+            Self::K(i),
+            Self::V(i),
+            Self::O(i),
+            Self::FfnNorm(i),
+            Self::Gate(i),
+            Self::Up(i),
+            Self::Down(i),
+        ]
+    }
+
+    fn name(self, format: ModelFormat) -> String {
+        match format {
+            ModelFormat::Gguf => match self {
+                Self::Embeddings => "token_embd.weight".into(),
+                Self::Output => "output.weight".into(),
+                Self::FinalNorm => "output_norm.weight".into(),
+                Self::RopeFactors => "rope_freqs.weight".into(),
+                Self::AttnNorm(i) => format!("blk.{i}.attn_norm.weight"),
+                Self::Q(i) => format!("blk.{i}.attn_q.weight"),
+                Self::K(i) => format!("blk.{i}.attn_k.weight"),
+                Self::V(i) => format!("blk.{i}.attn_v.weight"),
+                Self::O(i) => format!("blk.{i}.attn_output.weight"),
+                Self::FfnNorm(i) => format!("blk.{i}.ffn_norm.weight"),
+                Self::Gate(i) => format!("blk.{i}.ffn_gate.weight"),
+                Self::Up(i) => format!("blk.{i}.ffn_up.weight"),
+                Self::Down(i) => format!("blk.{i}.ffn_down.weight"),
+            },
+            ModelFormat::HuggingFace => match self {
+                Self::Embeddings => "model.embed_tokens.weight".into(),
+                Self::Output => "lm_head.weight".into(),
+                Self::FinalNorm => "model.norm.weight".into(),
+                Self::RopeFactors => "rope_freqs.weight".into(),
+                Self::AttnNorm(i) => format!("model.layers.{i}.input_layernorm.weight"),
+                Self::Q(i) => format!("model.layers.{i}.self_attn.q_proj.weight"),
+                Self::K(i) => format!("model.layers.{i}.self_attn.k_proj.weight"),
+                Self::V(i) => format!("model.layers.{i}.self_attn.v_proj.weight"),
+                Self::O(i) => format!("model.layers.{i}.self_attn.o_proj.weight"),
+                Self::FfnNorm(i) => format!("model.layers.{i}.post_attention_layernorm.weight"),
+                Self::Gate(i) => format!("model.layers.{i}.mlp.gate_proj.weight"),
+                Self::Up(i) => format!("model.layers.{i}.mlp.up_proj.weight"),
+                Self::Down(i) => format!("model.layers.{i}.mlp.down_proj.weight"),
+            },
+        }
+    }
+
+    /// The shape the configuration implies, outermost dimension first.
+    fn expected_shape(self, c: &LlamaConfig) -> Vec<usize> {
+        let q = c.num_heads * c.head_dim;
+        let kv = c.num_kv_heads * c.head_dim;
+        match self {
+            Self::Embeddings | Self::Output => vec![c.vocab_size, c.hidden_size],
+            Self::FinalNorm | Self::AttnNorm(_) | Self::FfnNorm(_) => vec![c.hidden_size],
+            Self::RopeFactors => vec![c.head_dim / 2],
+            Self::Q(_) => vec![q, c.hidden_size],
+            Self::K(_) | Self::V(_) => vec![kv, c.hidden_size],
+            Self::O(_) => vec![c.hidden_size, q],
+            Self::Gate(_) | Self::Up(_) => vec![c.intermediate_size, c.hidden_size],
+            Self::Down(_) => vec![c.hidden_size, c.intermediate_size],
+        }
+    }
+}
+
+/// The weights behind a model, read lazily one tensor at a time.
+enum Store {
+    Gguf {
+        path: PathBuf,
+        content: Content,
+    },
+    Safetensors {
+        dir: PathBuf,
+        files: MmapedSafetensors,
+    },
+}
+
+/// A model opened from disk: its configuration and access to its tensors.
+///
+/// Opening reads only headers; tensors are read when a part is loaded, and each part reads only
+/// its own.
+pub struct ModelSource {
+    path: PathBuf,
+    format: ModelFormat,
+    config: LlamaConfig,
+    store: Store,
+}
+
+impl std::fmt::Debug for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelSource")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl ModelSource {
+    /// Opens a GGUF file or a Hugging Face model directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(io_err(path))?;
+        if meta.is_dir() {
+            Self::open_hf(path)
+        } else {
+            Self::open_gguf(path)
+        }
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(io_err(path))?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| ModelError::MalformedGguf {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let has_output = content
+            .tensor_infos
+            .contains_key(&Weight::Output.name(ModelFormat::Gguf));
+        let factors_name = Weight::RopeFactors.name(ModelFormat::Gguf);
+        let rope_factors = if content.tensor_infos.contains_key(&factors_name) {
+            let t = content
+                .tensor(&mut reader, &factors_name, &Device::Cpu)
+                .map_err(|e| ModelError::MalformedGguf {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+            Some(
+                t.dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            )
+        } else {
+            None
+        };
+        let config = LlamaConfig::from_gguf(&content.metadata, has_output, rope_factors)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            format: ModelFormat::Gguf,
+            config,
+            store: Store::Gguf {
+                path: path.to_path_buf(),
+                content,
+            },
+        })
+    }
+
+    fn open_hf(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(ModelError::NotAModel {
+                path: dir.to_path_buf(),
+            });
+        }
+        let json = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+        let mut config = LlamaConfig::from_hf_json(&json)?;
+        let files = safetensors_files(dir)?;
+        // SAFETY: the model files are mapped read-only; lambda-split never writes them, and
+        // like every safetensors loader we rely on the user not truncating them while in use.
+        let files = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+            ModelError::Config(format!("{}: unreadable safetensors: {e}", dir.display()))
+        })?;
+        if files
+            .get(&Weight::Output.name(ModelFormat::HuggingFace))
+            .is_err()
+        {
+            config.tied_embeddings = true;
+        }
+        Ok(Self {
+            path: dir.to_path_buf(),
+            format: ModelFormat::HuggingFace,
+            config,
+            store: Store::Safetensors {
+                dir: dir.to_path_buf(),
+                files,
+            },
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The format the model was read from.
+    pub fn format(&self) -> ModelFormat {
+        self.format
+    }
+
+    /// The path the model was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where the tokenizer lives.
+    pub fn tokenizer_source(&self) -> TokenizerSource<'_> {
+        match &self.store {
+            Store::Gguf { content, .. } => TokenizerSource::Gguf(&content.metadata),
+            Store::Safetensors { dir, .. } => TokenizerSource::HuggingFace(dir),
+        }
+    }
+
+    fn part_weights(&self, spec: &PartSpec) -> Vec<Weight> {
+        let mut weights = Vec::new();
+        if spec.kind.has_embeddings() {
+            weights.push(Weight::Embeddings);
+        }
+        for i in spec.layers.clone() {
+            weights.extend(Weight::layer(i));
+        }
+        if spec.kind.has_output() {
+            weights.push(Weight::FinalNorm);
+            if !self.config.tied_embeddings {
+                weights.push(Weight::Output);
+            } else if !spec.kind.has_embeddings() {
+                weights.push(Weight::Embeddings);
+            }
+        }
+        weights
+    }
+
+    /// The tensors a part would hold, without reading their data.
+    pub fn part_tensors(&self, spec: &PartSpec) -> Result<Vec<TensorRecord>> {
+        self.check_layers(spec)?;
+        self.part_weights(spec)
+            .into_iter()
+            .map(|w| self.record(w))
+            .collect()
+    }
+
+    fn check_layers(&self, spec: &PartSpec) -> Result<()> {
+        if spec.layers.start > spec.layers.end || spec.layers.end > self.config.num_layers {
+            return Err(ModelError::InvalidSplit {
+                k1: spec.layers.start,
+                k2: spec.layers.end,
+                layers: self.config.num_layers,
+            });
+        }
+        Ok(())
+    }
+
+    fn record(&self, weight: Weight) -> Result<TensorRecord> {
+        let name = weight.name(self.format);
+        let (shape, dtype, bytes) = match &self.store {
+            Store::Gguf { content, .. } => {
+                let info = content
+                    .tensor_infos
+                    .get(&name)
+                    .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
+                let shape = info.shape.dims().to_vec();
+                let elems: usize = shape.iter().product();
+                let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+                (shape, ggml_name(info.ggml_dtype), bytes as u64)
+            }
+            Store::Safetensors { files, .. } => {
+                let view = files
+                    .get(&name)
+                    .map_err(|_| ModelError::MissingTensor(name.clone()))?;
+                let shape = view.shape().to_vec();
+                let bytes = shape.iter().product::<usize>() * DType::F32.size_in_bytes();
+                (shape, "f32".to_string(), bytes as u64)
+            }
+        };
+        let expected = weight.expected_shape(&self.config);
+        if shape != expected {
+            return Err(ModelError::TensorShape {
+                name,
+                expected,
+                got: shape,
+            });
+        }
+        Ok(TensorRecord {
+            name,
+            shape,
+            dtype,
+            bytes,
+        })
+    }
+
+    /// Loads one part of the model onto `device`, reading only the tensors it holds.
+    pub fn load_part(&self, spec: &PartSpec, device: &Device) -> Result<ModelPart> {
+        let records = self.part_tensors(spec)?;
+        let mut loader = Loader::new(self, device)?;
+        let embeddings = if spec.kind.has_embeddings() || self.tied_output(spec) {
+            Some(loader.matrix(Weight::Embeddings)?)
+        } else {
+            None
+        };
+        let layers = spec
+            .layers
+            .clone()
+            .map(|i| {
+                Ok(Layer {
+                    attn_norm: loader.vector(Weight::AttnNorm(i))?,
+                    wq: loader.matrix(Weight::Q(i))?,
+                    wk: loader.matrix(Weight::K(i))?,
+                    wv: loader.matrix(Weight::V(i))?,
+                    wo: loader.matrix(Weight::O(i))?,
+                    ffn_norm: loader.vector(Weight::FfnNorm(i))?,
+                    w_gate: loader.matrix(Weight::Gate(i))?,
+                    w_up: loader.matrix(Weight::Up(i))?,
+                    w_down: loader.matrix(Weight::Down(i))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let output = if spec.kind.has_output() {
+            let lm_head = match (&embeddings, self.config.tied_embeddings) {
+                (Some(e), true) => e.clone(),
+                _ => loader.matrix(Weight::Output)?,
+            };
+            Some(OutputHead {
+                norm: loader.vector(Weight::FinalNorm)?,
+                lm_head,
+            })
+        } else {
+            None
+        };
+        let embeddings = embeddings.filter(|_| spec.kind.has_embeddings());
+        ModelPart::new(
+            spec.clone(),
+            self.config.clone(),
+            embeddings,
+            layers,
+            output,
+            records,
+            device.clone(),
+        )
+    }
+
+    fn tied_output(&self, spec: &PartSpec) -> bool {
+        spec.kind.has_output() && self.config.tied_embeddings
+    }
+}
+
+/// Reads tensors of one part from the store.
+struct Loader<'a> {
+    source: &'a ModelSource,
+    device: &'a Device,
+    reader: Option<BufReader<File>>,
+}
+
+impl<'a> Loader<'a> {
+    fn new(source: &'a ModelSource, device: &'a Device) -> Result<Self> {
+        let reader = match &source.store {
+            Store::Gguf { path, .. } => {
+                Some(BufReader::new(File::open(path).map_err(io_err(path))?))
+            }
+            Store::Safetensors { .. } => None,
+        };
+        Ok(Self {
+            source,
+            device,
+            reader,
+        })
+    }
+
+    fn read(&mut self, weight: Weight) -> Result<Either> {
+        let name = weight.name(self.source.format);
+        match (&self.source.store, self.reader.as_mut()) {
+            (Store::Gguf { content, path }, Some(reader)) => content
+                .tensor(reader, &name, self.device)
+                .map(Either::Quantized)
+                .map_err(|e| ModelError::MalformedGguf {
+                    path: path.clone(),
+                    reason: format!("reading `{name}`: {e}"),
+                }),
+            (Store::Safetensors { files, .. }, _) => {
+                let t = files
+                    .load(&name, self.device)
+                    .map_err(|_| ModelError::MissingTensor(name.clone()))?;
+                Ok(Either::Float(t.to_dtype(DType::F32)?))
+            }
+            (Store::Gguf { path, .. }, None) => Err(ModelError::NotAModel { path: path.clone() }),
+        }
+    }
+
+    fn matrix(&mut self, weight: Weight) -> Result<QMatMul> {
+        Ok(match self.read(weight)? {
+            Either::Quantized(q) => QMatMul::from_arc(Arc::new(q))?,
+            Either::Float(t) => QMatMul::Tensor(t),
+        })
+    }
+
+    fn vector(&mut self, weight: Weight) -> Result<Tensor> {
+        Ok(match self.read(weight)? {
+            Either::Quantized(q) => q.dequantize(self.device)?,
+            Either::Float(t) => t,
+        })
+    }
+}
+
+enum Either {
+    Quantized(QTensor),
+    Float(Tensor),
+}
+
+fn ggml_name(dtype: GgmlDType) -> String {
+    format!("{dtype:?}").to_lowercase()
+}
+
+/// The safetensors files of a Hugging Face directory: those named by the shard index when
+/// there is one, else `model.safetensors`, else every `*.safetensors` file.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let json = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+        let value: serde_json::Value = serde_json::from_str(&json)
+            .map_err(|e| ModelError::Config(format!("{}: {e}", index.display())))?;
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                ModelError::Config(format!("{}: no `weight_map` object", index.display()))
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            return Err(ModelError::Config(format!(
+                "{} names shard {} which does not exist",
+                index.display(),
+                missing.display()
+            )));
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::Config(format!(
+            "{}: no *.safetensors weights found",
+            dir.display()
+        )));
+    }
+    Ok(files)
+}

@@ -1,0 +1,139 @@
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::Device;
+use lsplit_model::{ModelPart, ModelSource, PartSpec, SplitPlan};
+use lsplit_tokenizer::{ChatMessage, Tokenizer};
+use lsplit_wire::Codec;
+
+use crate::session::Session;
+use crate::{SplitError, Trunk};
+
+/// What the device holds: either the whole model (the `--no-split` baseline), or the head and
+/// tail of a split whose trunk lives elsewhere.
+#[derive(Debug)]
+pub(crate) enum Parts {
+    Unsplit(Arc<ModelPart>),
+    Split {
+        plan: SplitPlan,
+        head: Arc<ModelPart>,
+        tail: Arc<ModelPart>,
+    },
+}
+
+/// The device's share of a model: tokenizer, head and tail (or the whole model), and the codec
+/// its hidden rows cross the wire in.
+#[derive(Debug)]
+pub struct DeviceModel {
+    tokenizer: Arc<Tokenizer>,
+    pub(crate) parts: Parts,
+    codec: Codec,
+    context_length: usize,
+}
+
+impl DeviceModel {
+    /// Loads the whole model into one part: the unsplit baseline.
+    pub fn unsplit(
+        source: &ModelSource,
+        tokenizer: Arc<Tokenizer>,
+        device: &Device,
+    ) -> Result<Self, SplitError> {
+        let whole = source.load_part(&PartSpec::whole(source.config().num_layers), device)?;
+        Ok(Self {
+            tokenizer,
+            parts: Parts::Unsplit(Arc::new(whole)),
+            codec: Codec::F32,
+            context_length: source.config().context_length,
+        })
+    }
+
+    /// Loads the head and tail of `plan`; the trunk is supplied per session.
+    pub fn split(
+        source: &ModelSource,
+        plan: SplitPlan,
+        tokenizer: Arc<Tokenizer>,
+        codec: Codec,
+        device: &Device,
+    ) -> Result<Self, SplitError> {
+        let head = source.load_part(&plan.head(), device)?;
+        let tail = source.load_part(&plan.tail(), device)?;
+        Ok(Self {
+            tokenizer,
+            parts: Parts::Split {
+                plan,
+                head: Arc::new(head),
+                tail: Arc::new(tail),
+            },
+            codec,
+            context_length: source.config().context_length,
+        })
+    }
+
+    /// The tokenizer shared by every session.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The codec hidden rows are sent in.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// The split points, or `None` for the unsplit baseline.
+    pub fn plan(&self) -> Option<SplitPlan> {
+        match &self.parts {
+            Parts::Unsplit(_) => None,
+            Parts::Split { plan, .. } => Some(*plan),
+        }
+    }
+
+    /// The layers the trunk must run for this device, `[k1, k2)`.
+    pub fn trunk_layers(&self) -> Option<Range<usize>> {
+        self.plan().map(|p| p.k1..p.k2)
+    }
+
+    /// The model's context length in positions.
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// The parts loaded on the device.
+    pub fn parts(&self) -> Vec<&ModelPart> {
+        match &self.parts {
+            Parts::Unsplit(whole) => vec![whole],
+            Parts::Split { head, tail, .. } => vec![head, tail],
+        }
+    }
+
+    /// Tokens for a user prompt: wrapped in the model's chat template unless `raw` (or the model
+    /// has none), in which case the text is sent as is.
+    pub fn prompt_tokens(&self, prompt: &str, raw: bool) -> Result<Vec<u32>, SplitError> {
+        let tokens = if raw || self.tokenizer.chat_template().is_none() {
+            self.tokenizer
+                .encode(prompt, self.tokenizer.add_bos_token())?
+        } else {
+            let text = self
+                .tokenizer
+                .apply_chat_template(&[ChatMessage::new("user", prompt)], true)?;
+            self.tokenizer.encode(&text, false)?
+        };
+        if tokens.is_empty() {
+            return Err(SplitError::EmptyPrompt);
+        }
+        Ok(tokens)
+    }
+
+    /// Starts a generation session. A split model needs a trunk session whose layers match the
+    /// plan; the unsplit baseline takes none.
+    pub fn session(&self, trunk: Option<Box<dyn Trunk>>) -> Result<Session<'_>, SplitError> {
+        Session::new(self, trunk)
+    }
+}
+
+/// Builds the tokenizer of a model from where its format keeps it.
+pub fn load_tokenizer(source: &lsplit_model::ModelSource) -> Result<Tokenizer, SplitError> {
+    Ok(match source.tokenizer_source() {
+        lsplit_model::TokenizerSource::Gguf(metadata) => Tokenizer::from_gguf(metadata)?,
+        lsplit_model::TokenizerSource::HuggingFace(dir) => Tokenizer::from_hf_dir(dir)?,
+    })
+}

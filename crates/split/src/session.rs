@@ -1,0 +1,247 @@
+use std::time::Instant;
+
+use lsplit_model::KvCache;
+
+use crate::device::Parts;
+use crate::{DeviceModel, Sampler, SamplingParams, SplitError, Stats, Trunk};
+
+/// What a generation is asked to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// Stop after this many generated tokens.
+    pub max_tokens: usize,
+    /// How tokens are chosen.
+    pub sampling: SamplingParams,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+        }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The sequence reached the model's context length.
+    ContextFull,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generated token ids (the end-of-sequence token excluded).
+    pub tokens: Vec<u32>,
+    /// Generated text.
+    pub text: String,
+    /// Why generation ended.
+    pub stop: StopReason,
+    /// Time and bytes.
+    pub stats: Stats,
+}
+
+enum State {
+    Unsplit {
+        cache: KvCache,
+    },
+    Split {
+        head_cache: KvCache,
+        tail_cache: KvCache,
+        trunk: Box<dyn Trunk>,
+    },
+}
+
+/// One generation session on the device: the KV caches of its parts, its trunk session, and
+/// the position reached.
+pub struct Session<'m> {
+    model: &'m DeviceModel,
+    state: State,
+    position: usize,
+    history: Vec<u32>,
+    stats: Stats,
+}
+
+impl<'m> Session<'m> {
+    pub(crate) fn new(
+        model: &'m DeviceModel,
+        trunk: Option<Box<dyn Trunk>>,
+    ) -> Result<Self, SplitError> {
+        let state = match (&model.parts, trunk) {
+            (Parts::Unsplit(whole), None) => State::Unsplit {
+                cache: whole.new_cache(),
+            },
+            (Parts::Split { plan, head, tail }, Some(trunk)) => {
+                if trunk.layers() != (plan.k1..plan.k2) {
+                    return Err(SplitError::Layout(
+                        "the trunk's layers do not match the device's split points",
+                    ));
+                }
+                State::Split {
+                    head_cache: head.new_cache(),
+                    tail_cache: tail.new_cache(),
+                    trunk,
+                }
+            }
+            (Parts::Unsplit(_), Some(_)) => {
+                return Err(SplitError::Layout("an unsplit model takes no trunk"));
+            }
+            (Parts::Split { .. }, None) => {
+                return Err(SplitError::Layout("a split model needs a trunk session"));
+            }
+        };
+        Ok(Self {
+            model,
+            state,
+            position: 0,
+            history: Vec::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Positions processed so far.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Time and bytes so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Runs `tokens` (the prompt in one pass, or one new token) through head, trunk and tail,
+    /// and returns the logits for the next token.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SplitError> {
+        if tokens.is_empty() {
+            return Err(SplitError::EmptyPrompt);
+        }
+        let context = self.model.context_length();
+        if self.position + tokens.len() > context {
+            return Err(SplitError::PromptTooLong {
+                tokens: self.position + tokens.len(),
+                context,
+            });
+        }
+        let start = self.position;
+        let logits = match (&self.model.parts, &mut self.state) {
+            (Parts::Unsplit(whole), State::Unsplit { cache }) => {
+                let t = Instant::now();
+                let hidden = whole.forward(&whole.embed(tokens)?, start, cache)?;
+                let logits = whole.logits(&hidden)?.to_vec1::<f32>()?;
+                self.stats.head += t.elapsed();
+                logits
+            }
+            (
+                Parts::Split { head, tail, .. },
+                State::Split {
+                    head_cache,
+                    tail_cache,
+                    trunk,
+                },
+            ) => {
+                let codec = self.model.codec();
+                let t = Instant::now();
+                let hidden = head.forward(&head.embed(tokens)?, start, head_cache)?;
+                let up = codec.encode(&hidden, start)?;
+                self.stats.head += t.elapsed();
+
+                let t = Instant::now();
+                let down = trunk.forward(&up)?;
+                self.stats.trunk += t.elapsed();
+                self.stats.bytes_up += up.bytes.len() as u64;
+                self.stats.bytes_down += down.bytes.len() as u64;
+                if (down.rows, down.start, down.width) != (up.rows, up.start, up.width) {
+                    return Err(SplitError::TrunkReply {
+                        rows: up.rows,
+                        start: up.start,
+                        got_rows: down.rows,
+                        got_start: down.start,
+                    });
+                }
+
+                let t = Instant::now();
+                let hidden = down.decode(tail.device())?;
+                let hidden = tail.forward(&hidden, start, tail_cache)?;
+                let logits = tail.logits(&hidden)?.to_vec1::<f32>()?;
+                self.stats.tail += t.elapsed();
+                logits
+            }
+            _ => return Err(SplitError::Layout("session state does not match the model")),
+        };
+        self.position += tokens.len();
+        self.history.extend_from_slice(tokens);
+        Ok(logits)
+    }
+
+    /// Generates a continuation of `prompt`, calling `on_text` with each new piece of text as
+    /// soon as it is complete.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation, SplitError> {
+        let context = self.model.context_length();
+        if self.position + prompt.len() > context {
+            return Err(SplitError::PromptTooLong {
+                tokens: self.position + prompt.len(),
+                context,
+            });
+        }
+        let tokenizer = self.model.tokenizer();
+        let eos = tokenizer.eos_tokens().to_vec();
+        let mut sampler = Sampler::new(options.sampling.clone());
+        let mut decoder = tokenizer.decoder();
+        let mut text = String::new();
+        let mut generated = Vec::new();
+
+        let t = Instant::now();
+        let mut logits = self.forward(prompt)?;
+        self.stats.prefill += t.elapsed();
+        self.stats.prompt_tokens += prompt.len();
+
+        let decode_start = Instant::now();
+        let stop = loop {
+            if generated.len() >= options.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            let t = Instant::now();
+            let next = sampler.sample(&logits, &self.history);
+            self.stats.sampling += t.elapsed();
+            if eos.contains(&next) {
+                break StopReason::Eos;
+            }
+            generated.push(next);
+            if let Some(piece) = decoder.push(next)? {
+                on_text(&piece);
+                text.push_str(&piece);
+            }
+            if generated.len() >= options.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            if self.position >= context {
+                break StopReason::ContextFull;
+            }
+            logits = self.forward(&[next])?;
+            self.stats.decode_steps += 1;
+        };
+        self.stats.decode += decode_start.elapsed();
+        self.stats.generated_tokens += generated.len();
+        if let Some(piece) = decoder.finish()? {
+            on_text(&piece);
+            text.push_str(&piece);
+        }
+        Ok(Generation {
+            tokens: generated,
+            text,
+            stop,
+            stats: self.stats.clone(),
+        })
+    }
+}

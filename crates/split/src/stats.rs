@@ -1,0 +1,91 @@
+use std::fmt;
+use std::time::Duration;
+
+/// Where the time and the bytes of one generation went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// Tokens of the prompt (prefilled in one pass).
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Time in the head (embeddings and first layers), encoding included.
+    pub head: Duration,
+    /// Time waiting for the trunk: its compute, plus the network when remote.
+    pub trunk: Duration,
+    /// Time in the tail (last layers, norm, LM head), decoding included.
+    pub tail: Duration,
+    /// Time choosing tokens.
+    pub sampling: Duration,
+    /// Wall time of the prompt pass.
+    pub prefill: Duration,
+    /// Wall time of the one-token steps.
+    pub decode: Duration,
+    /// Encoded bytes sent to the trunk.
+    pub bytes_up: u64,
+    /// Encoded bytes received from the trunk.
+    pub bytes_down: u64,
+    /// Number of one-token steps (for per-token averages).
+    pub decode_steps: usize,
+}
+
+impl Stats {
+    /// Prompt tokens per second of the prefill pass.
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        per_second(self.prompt_tokens, self.prefill)
+    }
+
+    /// Generated tokens per second of the one-token steps.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        per_second(self.decode_steps, self.decode)
+    }
+
+    /// Positions that crossed the split (prompt plus one-token steps).
+    pub fn positions(&self) -> usize {
+        self.prompt_tokens + self.decode_steps
+    }
+}
+
+fn per_second(count: usize, time: Duration) -> f64 {
+    if time.is_zero() {
+        0.0
+    } else {
+        count as f64 / time.as_secs_f64()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let positions = self.positions().max(1) as f64;
+        writeln!(
+            f,
+            "tokens: {} prompt, {} generated",
+            self.prompt_tokens, self.generated_tokens
+        )?;
+        writeln!(
+            f,
+            "time: head {:.1} ms, trunk {:.1} ms, tail {:.1} ms, sampling {:.1} ms",
+            ms(self.head),
+            ms(self.trunk),
+            ms(self.tail),
+            ms(self.sampling)
+        )?;
+        writeln!(
+            f,
+            "wire: {} B up, {} B down ({:.0} B up, {:.0} B down per token)",
+            self.bytes_up,
+            self.bytes_down,
+            self.bytes_up as f64 / positions,
+            self.bytes_down as f64 / positions
+        )?;
+        write!(
+            f,
+            "speed: prefill {:.1} tokens/s, decode {:.1} tokens/s",
+            self.prefill_tokens_per_second(),
+            self.decode_tokens_per_second()
+        )
+    }
+}
