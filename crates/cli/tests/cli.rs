@@ -1,0 +1,173 @@
+//! The `lsplit` binary as a user runs it, on the real default model.
+
+use std::process::{Command, Output};
+
+fn lsplit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lsplit"))
+        .args(args)
+        .env("LSPLIT_LOG", "warn")
+        .output()
+        .expect("run lsplit")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8(out.stderr.clone()).expect("utf-8 stderr")
+}
+
+fn model() -> String {
+    lsplit_fetch::ensure_default_model()
+        .expect("default model")
+        .display()
+        .to_string()
+}
+
+fn generate(extra: &[&str]) -> Output {
+    let model = model();
+    let mut args = vec![
+        "generate",
+        "Write one sentence about the sea.",
+        "--model",
+        &model,
+        "--max-tokens",
+        "24",
+    ];
+    args.extend_from_slice(extra);
+    lsplit(&args)
+}
+
+#[test]
+fn split_output_equals_unsplit_output() {
+    let baseline = generate(&["--no-split"]);
+    assert!(baseline.status.success(), "{}", stderr(&baseline));
+    let text = stdout(&baseline);
+    assert!(text.trim().len() > 20, "generated too little: {text:?}");
+    for split in [["--split", "3:27"], ["--split", "0:30"], ["-n", "1"]] {
+        let out = generate(&split);
+        assert!(out.status.success(), "{split:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), text, "{split:?}");
+    }
+}
+
+#[test]
+fn stats_report_bytes_per_token_on_stderr() {
+    let out = generate(&["--split", "2:28", "--stats", "--codec", "f16"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("split: 2:28, codec: f16"), "{err}");
+    // f16 rows of SmolLM2's 576-wide hidden state: 1152 bytes per token each way.
+    assert!(err.contains("(1152 B up, 1152 B down per token)"), "{err}");
+    assert!(err.contains("decode") && err.contains("tokens/s"), "{err}");
+    assert!(
+        !stdout(&out).contains("tokens/s"),
+        "stats must not go to stdout"
+    );
+}
+
+#[test]
+fn invalid_split_names_the_model_layer_count() {
+    let out = generate(&["--split", "12:31"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(
+            "invalid split 12:31: need 0 <= K1 <= K2 <= L, and this model has L = 30 layers"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let out = generate(&["-n", "16"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("this model has L = 30 layers"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn conflicting_split_flags_are_rejected() {
+    let out = generate(&["--split", "3:27", "--no-split"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_a_clear_error() {
+    let model = model();
+    let prompt = "7 ".repeat(5000);
+    let out = lsplit(&[
+        "generate",
+        &prompt,
+        "--model",
+        &model,
+        "--raw",
+        "--max-tokens",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("tokens long but the model's context length is 8192"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn missing_model_file_is_named() {
+    let out = lsplit(&["generate", "hi", "--model", "/nonexistent/model.gguf"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("/nonexistent/model.gguf"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn inspect_prints_what_each_part_holds() {
+    let model = model();
+    let out = lsplit(&["inspect", "--model", &model, "--split", "3:27"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| {
+            ["head ", "trunk ", "tail "]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    assert_eq!(rows[0][..3], ["head", "0..3", "28"]);
+    assert_eq!(rows[1][..3], ["trunk", "3..27", "216"]);
+    assert_eq!(rows[2][..3], ["tail", "27..30", "29"]);
+    assert_eq!(rows[1][5], "cloud");
+    let params: Vec<u64> = rows.iter().map(|r| r[3].parse().expect("params")).collect();
+    // Head and tail both hold the tied 49152 x 576 embedding matrix.
+    // SmolLM2: embeddings 49152 x 576; a layer holds q, o (576 x 576), k, v (192 x 576),
+    // gate, up, down (1536 x 576) and two norms (576). Head and tail both hold the tied
+    // embedding matrix; the trunk holds layers only.
+    let embeddings = 49152 * 576;
+    let layer = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576 + 2 * 576;
+    assert_eq!(
+        params,
+        [embeddings + 3 * layer, 24 * layer, embeddings + 3 * layer + 576]
+    );
+    let whole = lsplit(&["inspect", "--model", &model, "--no-split"]);
+    let whole_text = stdout(&whole);
+    let whole_row: Vec<&str> = whole_text
+        .lines()
+        .find(|l| l.starts_with("whole "))
+        .expect("whole row")
+        .split_whitespace()
+        .collect();
+    assert_eq!(whole_row[..3], ["whole", "0..30", "272"]);
+}
