@@ -20,28 +20,31 @@ impl LayerCache {
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let seq = k.dim(2)?;
         let needed = self.len + seq;
-        let capacity = self.k.as_ref().map_or(0, |t| t.dims()[2]);
-        if needed > capacity {
-            let new_capacity = needed.div_ceil(GROW_BY) * GROW_BY;
-            let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
-                let (b, h, _, d) = like.dims4()?;
-                let fresh = Tensor::zeros((b, h, new_capacity, d), like.dtype(), like.device())?;
-                if let Some(old) = old {
-                    fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                }
-                Ok(fresh)
-            };
-            self.k = Some(grow(&self.k, k)?);
-            self.v = Some(grow(&self.v, v)?);
-        }
         let (kb, vb) = match (&self.k, &self.v) {
-            (Some(kb), Some(vb)) => (kb, vb),
-            _ => unreachable!("buffers allocated above"),
+            (Some(kb), Some(vb)) if kb.dim(2)? >= needed => (kb.clone(), vb.clone()),
+            _ => {
+                let capacity = needed.div_ceil(GROW_BY) * GROW_BY;
+                let kb = self.grown(self.k.as_ref(), k, capacity)?;
+                let vb = self.grown(self.v.as_ref(), v, capacity)?;
+                self.k = Some(kb.clone());
+                self.v = Some(vb.clone());
+                (kb, vb)
+            }
         };
         kb.slice_set(&k.contiguous()?, 2, self.len)?;
         vb.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = needed;
         Ok((kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?))
+    }
+
+    /// A buffer shaped like `like` with room for `capacity` positions, holding the cached ones.
+    fn grown(&self, old: Option<&Tensor>, like: &Tensor, capacity: usize) -> Result<Tensor> {
+        let (b, h, _, d) = like.dims4()?;
+        let fresh = Tensor::zeros((b, h, capacity, d), like.dtype(), like.device())?;
+        if let Some(old) = old.filter(|_| self.len > 0) {
+            fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+        }
+        Ok(fresh)
     }
 }
 
@@ -105,5 +108,38 @@ impl KvCache {
 
     pub(crate) fn layer_count(&self) -> usize {
         self.layers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn rows(from: usize, count: usize) -> Tensor {
+        let values: Vec<f32> = (from * 4..(from + count) * 4).map(|v| v as f32).collect();
+        Tensor::from_vec(values, (1, 1, count, 4), &Device::Cpu).expect("tensor")
+    }
+
+    #[test]
+    fn growing_past_a_step_keeps_every_position() -> Result<()> {
+        let mut cache = KvCache::new(1);
+        let mut expected = Vec::new();
+        for (from, count) in [(0, 200), (200, 100), (300, 1), (301, 300)] {
+            let (k, v) = cache.append(0, &rows(from, count), &rows(from, count))?;
+            cache.advance(count);
+            expected.extend((from * 4..(from + count) * 4).map(|v| v as f32));
+            assert_eq!(k.dims(), &[1, 1, from + count, 4]);
+            assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, expected);
+            assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, expected);
+        }
+        assert_eq!(cache.len(), 601);
+        // Buffers grow in steps of GROW_BY positions: 601 positions need 768.
+        assert_eq!(cache.bytes(), 2 * 768 * 4 * 4);
+        cache.clear();
+        assert!(cache.is_empty());
+        assert_eq!(cache.bytes(), 0);
+        Ok(())
     }
 }
