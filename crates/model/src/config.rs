@@ -186,18 +186,21 @@ impl LlamaConfig {
 
     /// Reads a Hugging Face `config.json` of a `LlamaForCausalLM` / `MistralForCausalLM` model.
     pub fn from_hf_json(json: &str) -> Result<Self> {
-        let raw: HfConfig = serde_json::from_str(json)
-            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
-        let arch = raw
+        let parse_err = |e: serde_json::Error| ModelError::Config(format!("config.json: {e}"));
+        // The architecture is checked first: another family's config (GPT-2's `n_embd`...)
+        // lacks Llama's fields, and must be named as unsupported rather than incomplete.
+        let named: HfArchitecture = serde_json::from_str(json).map_err(parse_err)?;
+        let arch = named
             .architectures
             .first()
             .cloned()
-            .or(raw.model_type.clone())
+            .or(named.model_type)
             .unwrap_or_default();
         let supported = ["LlamaForCausalLM", "MistralForCausalLM", "llama", "mistral"];
         if !supported.contains(&arch.as_str()) {
             return Err(ModelError::UnknownArchitecture(arch));
         }
+        let raw: HfConfig = serde_json::from_str(json).map_err(parse_err)?;
         let rope_scaling = match raw.rope_scaling {
             None => RopeScaling::None,
             Some(s) => {
@@ -321,10 +324,14 @@ struct HfRopeScaling {
 }
 
 #[derive(Deserialize)]
-struct HfConfig {
+struct HfArchitecture {
     #[serde(default)]
     architectures: Vec<String>,
     model_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,

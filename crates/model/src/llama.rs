@@ -155,19 +155,171 @@ impl ModelPart {
         Ok(x.reshape((rows, width))?)
     }
 
+    /// Runs several sessions' rows through this part's layers together: one matrix product per
+    /// weight for all their rows, attention per session against its own cache. Each output is
+    /// exactly what [`ModelPart::forward`] returns for that session alone, because every
+    /// product, norm and activation works row by row.
+    ///
+    /// Every item is checked before anything runs, so a refused batch leaves the caches as they
+    /// were; the server then retries its items one by one to tell which one was at fault.
+    pub fn forward_batch(
+        &self,
+        batch: &mut [(&Tensor, usize, &mut KvCache)],
+    ) -> Result<Vec<Tensor>> {
+        for (hidden, start, cache) in batch.iter() {
+            self.check_batch_item(hidden, *start, cache)?;
+        }
+        let width = self.config.hidden_size;
+        let rows: Vec<usize> = batch.iter().map(|(h, _, _)| h.dims()[0]).collect();
+        if self.layers.is_empty() {
+            for ((_, _, cache), &r) in batch.iter_mut().zip(&rows) {
+                cache.advance(r);
+            }
+            return Ok(batch.iter().map(|(h, _, _)| (*h).clone()).collect());
+        }
+        let mut tables = Vec::with_capacity(batch.len());
+        for ((_, start, _), &r) in batch.iter().zip(&rows) {
+            let (cos, sin) = self.rope_tables(*start, r)?;
+            tables.push((cos, sin, causal_mask(*start, r, &self.device)?));
+        }
+        let total: usize = rows.iter().sum();
+        let hiddens: Vec<&Tensor> = batch.iter().map(|(h, _, _)| *h).collect();
+        let mut x = Tensor::cat(&hiddens, 0)?.reshape((1, total, width))?;
+        let eps = self.config.rms_norm_eps as f32;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let (q, k, v) = (
+                layer.wq.forward(&h)?,
+                layer.wk.forward(&h)?,
+                layer.wv.forward(&h)?,
+            );
+            let mut ys = Vec::with_capacity(batch.len());
+            let mut offset = 0;
+            for (((_, _, cache), &r), (cos, sin, mask)) in batch.iter_mut().zip(&rows).zip(&tables)
+            {
+                let rows_of = |t: &Tensor| t.narrow(1, offset, r);
+                ys.push(self.session_attention(
+                    index,
+                    (&rows_of(&q)?, &rows_of(&k)?, &rows_of(&v)?),
+                    (cos, sin, mask.as_ref()),
+                    cache,
+                )?);
+                offset += r;
+            }
+            let x_attn = (&x + layer.wo.forward(&Tensor::cat(&ys, 1)?)?)?;
+            let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+            let up = layer.w_up.forward(&h)?;
+            x = (x_attn + layer.w_down.forward(&(gate * up)?)?)?;
+        }
+        let x = x.reshape((total, width))?;
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for ((_, _, cache), &r) in batch.iter_mut().zip(&rows) {
+            cache.advance(r);
+            outputs.push(x.narrow(0, offset, r)?);
+            offset += r;
+        }
+        Ok(outputs)
+    }
+
+    /// The checks of [`ModelPart::forward`], for one item of a batch.
+    fn check_batch_item(&self, hidden: &Tensor, start: usize, cache: &KvCache) -> Result<()> {
+        let rows = match hidden.dims() {
+            &[rows, width] if width == self.config.hidden_size && rows > 0 => rows,
+            dims => {
+                return Err(ModelError::HiddenShape {
+                    got: dims.to_vec(),
+                    hidden: self.config.hidden_size,
+                });
+            }
+        };
+        if cache.layer_count() != self.layers.len() {
+            return Err(ModelError::Config(format!(
+                "KV cache has {} layers but the {} part runs {}",
+                cache.layer_count(),
+                self.spec.kind.name(),
+                self.layers.len()
+            )));
+        }
+        if start != cache.len() {
+            return Err(ModelError::Position {
+                expected: cache.len(),
+                got: start,
+            });
+        }
+        if start + rows > self.config.context_length {
+            return Err(ModelError::ContextOverflow {
+                requested: start + rows,
+                context: self.config.context_length,
+            });
+        }
+        Ok(())
+    }
+
+    /// Attention of one session of a batch, from its rows of the batch's projections
+    /// `(1, rows, heads * head_dim)`; the same operations as the solo path.
+    fn session_attention(
+        &self,
+        index: usize,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        (cos, sin, mask): (&Tensor, &Tensor, Option<&Tensor>),
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let rows = q.dim(1)?;
+        let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((1, rows, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (
+            heads(q, c.num_heads)?,
+            heads(k, c.num_kv_heads)?,
+            heads(v, c.num_kv_heads)?,
+        );
+        let (q, k) = if c.rope_interleaved {
+            (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            )
+        } else {
+            (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            )
+        };
+        let (k, v) = cache.append(index, &k, &v)?;
+        let group = c.num_heads / c.num_kv_heads;
+        let k = repeat_kv(&k, group)?;
+        let v = repeat_kv(&v, group)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v)?;
+        Ok(y.transpose(1, 2)?
+            .reshape((1, rows, c.num_heads * c.head_dim))?)
+    }
+
     /// Final norm and LM head over the last hidden row: logits of shape `(vocab,)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let output = self.output.as_ref().ok_or(ModelError::WrongPart {
             part: self.spec.kind.name(),
             action: "produce logits",
         })?;
-        let rows = hidden.dim(0)?;
-        if rows == 0 || hidden.dims().len() != 2 {
-            return Err(ModelError::HiddenShape {
-                got: hidden.dims().to_vec(),
-                hidden: self.config.hidden_size,
-            });
-        }
+        let rows = match hidden.dims() {
+            &[rows, width] if rows > 0 && width == self.config.hidden_size => rows,
+            dims => {
+                return Err(ModelError::HiddenShape {
+                    got: dims.to_vec(),
+                    hidden: self.config.hidden_size,
+                });
+            }
+        };
         let last = hidden.narrow(0, rows - 1, 1)?.contiguous()?;
         let normed =
             candle_nn::ops::rms_norm(&last, &output.norm, self.config.rms_norm_eps as f32)?;

@@ -189,9 +189,24 @@ impl ModelSource {
     fn open_gguf(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(io_err(path))?;
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| ModelError::MalformedGguf {
+        // candle's reader panics on some crafted headers (a zero `general.alignment` divides
+        // by zero): a bad file must be an error, never a crash.
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
+        let content = match read {
+            Ok(read) => read.map_err(|e| e.to_string()),
+            Err(panic) => Err(format!(
+                "the GGUF reader failed: {}",
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default()
+            )),
+        }
+        .map_err(|reason| ModelError::MalformedGguf {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason,
         })?;
         let has_output = content
             .tensor_infos
@@ -327,8 +342,11 @@ impl ModelSource {
                     .get(&name)
                     .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
                 let shape = info.shape.dims().to_vec();
-                let elems: usize = shape.iter().product();
-                let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+                // Saturating: a crafted header may declare dimensions whose product overflows;
+                // the shape check below then refuses the tensor.
+                let elems = shape.iter().fold(1usize, |n, &d| n.saturating_mul(d));
+                let bytes = (elems / info.ggml_dtype.block_size())
+                    .saturating_mul(info.ggml_dtype.type_size());
                 (shape, ggml_name(info.ggml_dtype), bytes as u64)
             }
             Store::Safetensors { files, .. } => {
@@ -354,6 +372,32 @@ impl ModelSource {
             dtype,
             bytes,
         })
+    }
+
+    /// The bytes of tensor `name` exactly as the model file stores them (quantized blocks
+    /// included), so two copies of a model can be compared without loading them.
+    pub fn stored_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        match &self.store {
+            Store::Gguf { path, content } => {
+                use std::io::{Read, Seek, SeekFrom};
+                let info = content
+                    .tensor_infos
+                    .get(name)
+                    .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+                let elems = info.shape.elem_count();
+                let len = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+                let mut file = File::open(path).map_err(io_err(path))?;
+                file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
+                    .map_err(io_err(path))?;
+                let mut bytes = vec![0; len];
+                file.read_exact(&mut bytes).map_err(io_err(path))?;
+                Ok(bytes)
+            }
+            Store::Safetensors { files, .. } => files
+                .get(name)
+                .map(|view| view.data().to_vec())
+                .map_err(|_| ModelError::MissingTensor(name.to_string())),
+        }
     }
 
     /// Loads one part of the model onto `device`, reading only the tensors it holds.

@@ -1,0 +1,351 @@
+//! Split exactness on the real SmolLM2-135M-Instruct (Q4_1 GGUF, L = 30, hidden 576): with the
+//! lossless f32 codec, a split model — head and tail on the device, the trunk behind the
+//! `Trunk` trait — computes exactly what the unsplit model computes. Logits are compared bit
+//! for bit (`f32::to_bits`) at the prefill and at every decode step, and greedy generation
+//! gives the same tokens and text.
+//!
+//! Also: wire byte counts are exact, lossy codecs run, an over-long prompt and a trunk whose
+//! layers differ from the plan are refused with exact messages.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Device;
+use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
+use lsplit_split::{
+    DeviceModel, GenerateOptions, Generation, LocalTrunk, Session, StopReason, Trunk,
+    load_tokenizer,
+};
+use lsplit_tokenizer::Tokenizer;
+use lsplit_wire::Codec;
+
+const LAYERS: usize = 30;
+const HIDDEN: usize = 576;
+const CONTEXT: usize = 8192;
+/// One-token steps after the prefill at which logits are compared.
+const DECODE_STEPS: usize = 3;
+/// Tokens generated in the greedy text comparisons.
+const GENERATED: usize = 24;
+
+struct Fixture {
+    source: ModelSource,
+    tokenizer: Arc<Tokenizer>,
+    unsplit: DeviceModel,
+    prompt: Vec<u32>,
+    /// The unsplit model's logits at the prefill and after each of its greedy tokens.
+    logits: Vec<Vec<f32>>,
+    /// The unsplit model's greedy tokens fed back at each decode step.
+    tokens: Vec<u32>,
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The model, opened once, and the unsplit reference run.
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let path = lsplit_fetch::ensure_default_model().expect("fetch the default model");
+        let source = ModelSource::open(&path).expect("open the default model");
+        assert_eq!(source.config().num_layers, LAYERS);
+        assert_eq!(source.config().hidden_size, HIDDEN);
+        assert_eq!(source.config().context_length, CONTEXT);
+        let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
+        let unsplit = DeviceModel::unsplit(&source, tokenizer.clone(), &Device::Cpu)
+            .expect("load the unsplit model");
+        // A short raw prompt: prefill cost grows with its length, and every split runs it.
+        let prompt = unsplit
+            .prompt_tokens("The three primary colours are", true)
+            .expect("prompt");
+        assert!(prompt.len() <= 8, "{prompt:?}");
+        let mut session = unsplit.session(None).expect("unsplit session");
+        let mut logits = vec![session.forward(&prompt).expect("prefill")];
+        let mut tokens = Vec::new();
+        for _ in 0..DECODE_STEPS {
+            let next = argmax(logits.last().expect("logits"));
+            tokens.push(next);
+            logits.push(session.forward(&[next]).expect("decode step"));
+        }
+        assert_eq!(
+            session.stats().bytes_up,
+            0,
+            "nothing crosses a wire unsplit"
+        );
+        Fixture {
+            source,
+            tokenizer,
+            unsplit,
+            prompt,
+            logits,
+            tokens,
+        }
+    })
+}
+
+/// The device side of `plan` with `codec`, and a fresh in-process trunk session for it.
+fn split_model(plan: SplitPlan, codec: Codec) -> (DeviceModel, Arc<lsplit_model::ModelPart>) {
+    let f = fixture();
+    let device = DeviceModel::split(&f.source, plan, f.tokenizer.clone(), codec, &Device::Cpu)
+        .expect("load head and tail");
+    let trunk = f
+        .source
+        .load_part(&plan.trunk(), &Device::Cpu)
+        .expect("load trunk");
+    (device, Arc::new(trunk))
+}
+
+fn session<'m>(model: &'m DeviceModel, trunk: &Arc<lsplit_model::ModelPart>) -> Session<'m> {
+    let trunk: Box<dyn Trunk> = Box::new(LocalTrunk::new(trunk.clone()));
+    model.session(Some(trunk)).expect("split session")
+}
+
+/// Runs the prompt and the reference's greedy tokens through split `k1:k2` and compares every
+/// step's logits bit for bit; checks the wire byte counts.
+fn check_split(k1: usize, k2: usize) {
+    let f = fixture();
+    let plan = SplitPlan::new(k1, k2, LAYERS).expect("valid split");
+    let (model, trunk) = split_model(plan, Codec::F32);
+    assert_eq!(model.plan(), Some(plan));
+    assert_eq!(model.trunk_layers(), Some(k1..k2));
+    let parts = model.parts();
+    assert_eq!(parts[0].spec().kind, PartKind::Head);
+    assert_eq!(parts[0].spec().layers, 0..k1);
+    assert_eq!(parts[1].spec().kind, PartKind::Tail);
+    assert_eq!(parts[1].spec().layers, k2..LAYERS);
+    assert_eq!(trunk.spec().layers, k1..k2);
+
+    let mut s = session(&model, &trunk);
+    let mut logits = s.forward(&f.prompt).expect("prefill");
+    for (step, expected) in f.logits.iter().enumerate() {
+        assert_eq!(logits.len(), expected.len());
+        if bits(&logits) != bits(expected) {
+            let diff = logits
+                .iter()
+                .zip(expected)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            panic!("split {plan}: logits differ from the unsplit model at step {step} ({diff})");
+        }
+        if let Some(&next) = f.tokens.get(step) {
+            assert_eq!(argmax(&logits), next, "split {plan}: step {step}");
+            logits = s.forward(&[next]).expect("decode step");
+        }
+    }
+    let positions = (f.prompt.len() + DECODE_STEPS) as u64;
+    assert_eq!(s.position(), f.prompt.len() + DECODE_STEPS);
+    assert_eq!(s.stats().bytes_up, positions * HIDDEN as u64 * 4, "{plan}");
+    assert_eq!(
+        s.stats().bytes_down,
+        positions * HIDDEN as u64 * 4,
+        "{plan}"
+    );
+}
+
+macro_rules! split_tests {
+    ($($name:ident: $k1:expr, $k2:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            check_split($k1, $k2);
+        }
+    )*};
+}
+
+split_tests! {
+    split_0_0: 0, 0;
+    split_0_30: 0, 30;
+    split_30_30: 30, 30;
+    split_7_7: 7, 7;
+    split_15_15: 15, 15;
+    split_1_29: 1, 29;
+    split_2_28: 2, 28;
+    split_3_27: 3, 27;
+    split_5_17: 5, 17;
+    split_13_14: 13, 14;
+    split_29_30: 29, 30;
+    split_0_1: 0, 1;
+    split_29_29: 29, 29;
+    split_10_25: 10, 25;
+}
+
+/// Greedy generation through `session`, collecting the streamed text.
+fn generate(session: &mut Session<'_>, prompt: &[u32], max_tokens: usize) -> Generation {
+    let mut streamed = String::new();
+    let options = GenerateOptions {
+        max_tokens,
+        ..GenerateOptions::default()
+    };
+    assert_eq!(options.sampling.temperature, 0.0, "greedy by default");
+    let generation = session
+        .generate(prompt, &options, &mut |piece| streamed.push_str(piece))
+        .expect("generate");
+    assert_eq!(
+        streamed, generation.text,
+        "streamed pieces add up to the text"
+    );
+    generation
+}
+
+/// Wire bytes of a finished split generation: every position crossed up and down once.
+fn check_wire_bytes(g: &Generation, prompt: usize, bytes_per_value: u64) {
+    let s = &g.stats;
+    assert_eq!(s.prompt_tokens, prompt);
+    assert_eq!(s.generated_tokens, g.tokens.len());
+    if g.stop == StopReason::MaxTokens {
+        // The last token is sampled but never sent through the model.
+        assert_eq!(s.decode_steps, g.tokens.len() - 1);
+    }
+    assert_eq!(s.positions(), prompt + s.decode_steps);
+    let expected = s.positions() as u64 * HIDDEN as u64 * bytes_per_value;
+    assert_eq!(s.bytes_up, expected);
+    assert_eq!(s.bytes_down, expected);
+}
+
+#[test]
+fn greedy_generation_is_identical_across_splits() {
+    let f = fixture();
+    let mut reference = f.unsplit.session(None).expect("unsplit session");
+    let expected = generate(&mut reference, &f.prompt, GENERATED);
+    assert_eq!(expected.stop, StopReason::MaxTokens, "{:?}", expected.text);
+    assert_eq!(expected.tokens.len(), GENERATED);
+    assert_eq!(&expected.tokens[..DECODE_STEPS], &f.tokens[..]);
+    assert!(!expected.text.trim().is_empty());
+    assert_eq!(expected.stats.bytes_up, 0);
+
+    for (k1, k2) in [(3, 27), (15, 15)] {
+        let plan = SplitPlan::new(k1, k2, LAYERS).expect("plan");
+        let (model, trunk) = split_model(plan, Codec::F32);
+        let mut s = session(&model, &trunk);
+        let got = generate(&mut s, &f.prompt, GENERATED);
+        assert_eq!(got.tokens, expected.tokens, "split {plan}");
+        assert_eq!(got.text, expected.text, "split {plan}");
+        assert_eq!(got.stop, expected.stop, "split {plan}");
+        check_wire_bytes(&got, f.prompt.len(), 4);
+    }
+}
+
+#[test]
+fn lossy_codecs_run_and_count_two_bytes_per_value() {
+    let f = fixture();
+    let plan = SplitPlan::new(3, 27, LAYERS).expect("plan");
+    for codec in [Codec::F16, Codec::Bf16] {
+        let (model, trunk) = split_model(plan, codec);
+        assert_eq!(model.codec(), codec);
+        let mut s = session(&model, &trunk);
+        let g = generate(&mut s, &f.prompt, 6);
+        assert!(!g.tokens.is_empty(), "{codec}");
+        assert!(!g.text.trim().is_empty(), "{codec}: no text");
+        check_wire_bytes(&g, f.prompt.len(), 2);
+    }
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_refused() {
+    let f = fixture();
+    let too_long = vec![f.prompt[0]; CONTEXT + 1];
+    let message = "the prompt is 8193 tokens long but the model's context length is 8192";
+
+    let mut unsplit = f.unsplit.session(None).expect("unsplit session");
+    let options = GenerateOptions::default();
+    assert_eq!(
+        unsplit
+            .generate(&too_long, &options, &mut |_| {})
+            .expect_err("too long")
+            .to_string(),
+        message
+    );
+    assert_eq!(
+        unsplit
+            .forward(&too_long)
+            .expect_err("too long")
+            .to_string(),
+        message
+    );
+    assert_eq!(unsplit.position(), 0);
+
+    let plan = SplitPlan::new(3, 27, LAYERS).expect("plan");
+    let (model, trunk) = split_model(plan, Codec::F32);
+    assert_eq!(model.context_length(), CONTEXT);
+    let mut s = session(&model, &trunk);
+    assert_eq!(
+        s.generate(&too_long, &options, &mut |_| {})
+            .expect_err("too long")
+            .to_string(),
+        message
+    );
+    assert_eq!(
+        s.forward(&too_long).expect_err("too long").to_string(),
+        message
+    );
+    assert_eq!(s.position(), 0);
+    assert_eq!(s.stats().bytes_up, 0, "nothing was sent");
+    assert_eq!(
+        s.forward(&[]).expect_err("empty").to_string(),
+        "the prompt is empty"
+    );
+    // The refused session is still usable, and still exact.
+    let logits = s.forward(&f.prompt).expect("prefill after refusals");
+    assert_eq!(bits(&logits), bits(&f.logits[0]));
+}
+
+fn session_err(model: &DeviceModel, trunk: Option<Box<dyn Trunk>>) -> String {
+    match model.session(trunk) {
+        Ok(_) => panic!("the session must be refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn trunk_layers_must_match_the_plan() {
+    let f = fixture();
+    let plan = SplitPlan::new(3, 27, LAYERS).expect("plan");
+    let (model, trunk) = split_model(plan, Codec::F32);
+    let message = "the trunk's layers do not match the device's split points";
+    for layers in [3..26, 2..27, 4..28, 0..30] {
+        let part = f
+            .source
+            .load_part(
+                &PartSpec {
+                    kind: PartKind::Trunk,
+                    layers: layers.clone(),
+                },
+                &Device::Cpu,
+            )
+            .expect("load trunk");
+        let wrong: Box<dyn Trunk> = Box::new(LocalTrunk::new(Arc::new(part)));
+        assert_eq!(wrong.layers(), layers);
+        assert_eq!(session_err(&model, Some(wrong)), message, "{layers:?}");
+    }
+    assert_eq!(
+        session_err(&model, None),
+        "a split model needs a trunk session"
+    );
+    let right: Box<dyn Trunk> = Box::new(LocalTrunk::new(trunk.clone()));
+    assert_eq!(
+        session_err(&f.unsplit, Some(right)),
+        "an unsplit model takes no trunk"
+    );
+
+    // A trunk session refuses rows that skip positions.
+    let mut local = LocalTrunk::new(trunk);
+    let rows = Codec::F32
+        .encode(
+            &candle_core::Tensor::zeros((2, HIDDEN), candle_core::DType::F32, &Device::Cpu)
+                .expect("zeros"),
+            5,
+        )
+        .expect("encode");
+    assert_eq!(
+        local.forward(&rows).expect_err("wrong start").to_string(),
+        "rows start at position 5 but this part's KV cache holds 0 positions"
+    );
+    assert_eq!(local.cache_bytes(), 0);
+}
