@@ -26,6 +26,10 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Download and verify the default model into the cache, and print its path.
     Fetch,
+    /// Serve the trunk layers of a split model to devices over gRPC and TLS.
+    Serve(commands::serve::ServeArgs),
+    /// Write a development CA, server certificate and client certificate for `serve`.
+    Cert(commands::cert::CertArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Fetch => commands::fetch::run(),
+        Command::Serve(args) => commands::serve::run(args),
+        Command::Cert(args) => commands::cert::run(args),
     }
 }

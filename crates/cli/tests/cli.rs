@@ -159,7 +159,11 @@ fn inspect_prints_what_each_part_holds() {
     let layer = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576 + 2 * 576;
     assert_eq!(
         params,
-        [embeddings + 3 * layer, 24 * layer, embeddings + 3 * layer + 576]
+        [
+            embeddings + 3 * layer,
+            24 * layer,
+            embeddings + 3 * layer + 576
+        ]
     );
     let whole = lsplit(&["inspect", "--model", &model, "--no-split"]);
     let whole_text = stdout(&whole);

@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod cert;
 pub mod fetch;
 pub mod generate;
 pub mod inspect;
+pub mod serve;

@@ -1,0 +1,417 @@
+//! `lsplit cert`, `lsplit serve` and `lsplit generate --cloud` as separate processes over
+//! loopback TLS, including a server killed and restarted mid-generation.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lsplit_model::{ModelSource, SplitPlan};
+use lsplit_proto::TrunkFingerprint;
+use lsplit_remote::{RemoteOptions, RemoteTrunk};
+use lsplit_split::{DeviceModel, GenerateOptions, LocalTrunk, Trunk, TrunkError, load_tokenizer};
+use lsplit_wire::{Codec, HiddenRows};
+
+fn lsplit() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lsplit"));
+    command.env("LSPLIT_LOG", "warn");
+    command
+}
+
+fn model() -> PathBuf {
+    lsplit_fetch::ensure_default_model().expect("default model")
+}
+
+fn run(command: &mut Command) -> Output {
+    let out = command.output().expect("run lsplit");
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A development PKI and token in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        run(lsplit().args(["cert", "--out"]).arg(dir.path().join("pki")));
+        std::fs::write(dir.path().join("token"), "tr0mb0ne\n").expect("token file");
+        Self { dir }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+/// A file `lsplit cert` wrote (or the token) in the PKI directory `dir`.
+fn file(dir: &Path, name: &str) -> PathBuf {
+    match name {
+        "token" => dir.join(name),
+        _ => dir.join("pki").join(name),
+    }
+}
+
+/// An `lsplit serve` process; killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(pki: &Path, split: &str, port: u16) -> Self {
+        let mut command = lsplit();
+        command.stderr(Stdio::null());
+        let security = [
+            "--cert".into(),
+            file(pki, "server.pem").into_os_string(),
+            "--key".into(),
+            file(pki, "server.key").into_os_string(),
+            "--token-file".into(),
+            file(pki, "token").into_os_string(),
+        ];
+        Self::spawn(command, split, port, &security)
+    }
+
+    /// Runs `command` as `lsplit serve` with the `security` options and waits for its address.
+    fn spawn(mut command: Command, split: &str, port: u16, security: &[OsString]) -> Self {
+        let mut child = command
+            .args(["serve", "--split", split, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--model")
+            .arg(model())
+            .args(security)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn lsplit serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("lsplit serve announces its address");
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in `{line}`"));
+        assert!(line.starts_with(&format!(
+            "lsplit serve: trunk layers {}",
+            split.replace(':', "..")
+        )));
+        Self { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn generate_cli(extra: &[&str], model: &Path) -> String {
+    let out = run(lsplit()
+        .args([
+            "generate",
+            "Name three colors.",
+            "--max-tokens",
+            "16",
+            "--model",
+        ])
+        .arg(model)
+        .args(extra));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn generate_against_a_served_trunk_prints_the_in_process_text() {
+    let pki = Pki::new();
+    let server = Server::start(&pki.dir(), "3:27", 0);
+    let model = model();
+    let ca = file(&pki.dir(), "ca.pem").display().to_string();
+    let token = file(&pki.dir(), "token").display().to_string();
+    let remote = generate_cli(
+        &[
+            "--cloud",
+            &server.url(),
+            "--ca",
+            &ca,
+            "--token-file",
+            &token,
+            "--codec",
+            "f16",
+        ],
+        &model,
+    );
+    let local = generate_cli(&["--split", "3:27", "--codec", "f16"], &model);
+    assert!(remote.trim().len() > 10, "{remote}");
+    assert_eq!(remote, local);
+
+    let out = lsplit()
+        .args(["generate", "hi", "--max-tokens", "2", "--model"])
+        .arg(&model)
+        .args(["--cloud", &server.url(), "--ca", &ca])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "the trunk server refused: this server requires a bearer token (Unauthenticated)"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let pid = server.child.id().to_string();
+    run(Command::new("kill").args(["-TERM", &pid]));
+    let mut server = server;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            assert!(status.success(), "lsplit serve exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "lsplit serve ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The real remote trunk, with the server process killed before step `kill_at` and started
+/// again on the same port after a pause.
+struct KilledMidway {
+    inner: RemoteTrunk,
+    pki: PathBuf,
+    split: &'static str,
+    server: Option<Server>,
+    restarted: Option<std::thread::JoinHandle<Server>>,
+    steps: usize,
+    kill_at: usize,
+    killed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for KilledMidway {
+    fn drop(&mut self) {
+        if let Some(restarted) = self.restarted.take() {
+            drop(restarted.join());
+        }
+    }
+}
+
+impl Trunk for KilledMidway {
+    fn layers(&self) -> std::ops::Range<usize> {
+        self.inner.layers()
+    }
+
+    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
+        if self.steps == self.kill_at {
+            self.killed.store(true, std::sync::atomic::Ordering::SeqCst);
+            let server = self.server.take().expect("the server runs");
+            let port = server.port;
+            drop(server);
+            let (pki, split) = (self.pki.clone(), self.split);
+            self.restarted = Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                Server::start(&pki, split, port)
+            }));
+        }
+        self.steps += 1;
+        self.inner.forward(rows)
+    }
+}
+
+fn device(model: &Path, plan: SplitPlan) -> DeviceModel {
+    let source = ModelSource::open(model).expect("model");
+    let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
+    DeviceModel::split(
+        &source,
+        plan,
+        tokenizer,
+        Codec::F32,
+        &candle_core::Device::Cpu,
+    )
+    .expect("device model")
+}
+
+fn options(pki: &Path, url: String) -> RemoteOptions {
+    let mut options = RemoteOptions::new(url, Codec::F32);
+    options.ca_pem = Some(std::fs::read(file(pki, "ca.pem")).expect("ca.pem"));
+    options.token = Some("tr0mb0ne".into());
+    options.retry_for = Duration::from_secs(60);
+    options
+}
+
+#[test]
+fn a_server_killed_and_restarted_mid_generation_leaves_the_text_unchanged() {
+    let pki = Pki::new();
+    let model = model();
+    let source = ModelSource::open(&model).expect("model");
+    let plan = SplitPlan::new(2, 28, source.config().num_layers).expect("plan");
+    let generate_options = GenerateOptions {
+        max_tokens: 16,
+        ..GenerateOptions::default()
+    };
+    let device = device(&model, plan);
+    let prompt = device
+        .prompt_tokens("Name three colors.", false)
+        .expect("prompt");
+
+    let part = Arc::new(
+        source
+            .load_part(&plan.trunk(), &candle_core::Device::Cpu)
+            .expect("trunk"),
+    );
+    let expected = device
+        .session(Some(Box::new(LocalTrunk::new(part))))
+        .expect("session")
+        .generate(&prompt, &generate_options, &mut |_| {})
+        .expect("in-process generation");
+    assert!(expected.tokens.len() > 6, "{expected:?}");
+
+    let server = Server::start(&pki.dir(), "2:28", 0);
+    let inner = RemoteTrunk::connect(options(&pki.dir(), server.url())).expect("connect");
+    inner
+        .verify(&TrunkFingerprint::compute(&source, 2..28).expect("fingerprint"))
+        .expect("same model");
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trunk = KilledMidway {
+        inner,
+        pki: pki.dir(),
+        split: "2:28",
+        server: Some(server),
+        restarted: None,
+        steps: 0,
+        kill_at: 4,
+        killed: killed.clone(),
+    };
+    let got = device
+        .session(Some(Box::new(trunk)))
+        .expect("session")
+        .generate(&prompt, &generate_options, &mut |_| {})
+        .expect("generation survives the restart");
+    assert!(killed.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(got.tokens, expected.tokens);
+    assert_eq!(got.text, expected.text);
+}
+
+#[test]
+fn a_server_that_stays_down_gives_a_clear_error_in_bounded_time() {
+    let pki = Pki::new();
+    let model = model();
+    let source = ModelSource::open(&model).expect("model");
+    let server = Server::start(&pki.dir(), "2:28", 0);
+    let url = server.url();
+    let mut opts = options(&pki.dir(), url.clone());
+    opts.retry_for = Duration::from_secs(2);
+    opts.connect_timeout = Duration::from_secs(1);
+    let plan = SplitPlan::new(2, 28, source.config().num_layers).expect("plan");
+    let device = device(&model, plan);
+    let mut session = device
+        .session(Some(Box::new(RemoteTrunk::connect(opts).expect("connect"))))
+        .expect("session");
+    session
+        .forward(&[1, 2, 3])
+        .expect("a step while the server is up");
+    drop(server);
+    let started = Instant::now();
+    let error = session
+        .forward(&[4])
+        .expect_err("the server is gone")
+        .to_string();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        error.starts_with(&format!(
+            "trunk: the trunk server at {url} stayed unreachable for"
+        )),
+        "{error}"
+    );
+}
+
+#[test]
+fn cert_never_overwrites_and_keeps_keys_private() {
+    let pki = Pki::new();
+    let out = lsplit()
+        .args(["cert", "--out"])
+        .arg(pki.dir().join("pki"))
+        .output()
+        .expect("run lsplit cert");
+    assert!(!out.status.success());
+    let expected = format!(
+        "{} already exists: choose another --out directory or remove the old files",
+        file(&pki.dir(), "ca.pem").display()
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&expected),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["server.key", "client.key"] {
+            let mode = std::fs::metadata(file(&pki.dir(), key))
+                .expect("key file")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+    }
+}
+
+#[test]
+fn plaintext_needs_insecure_on_both_sides_and_warns() {
+    let stderr_file = tempfile::NamedTempFile::new().expect("stderr file");
+    let mut command = lsplit();
+    command.stderr(stderr_file.reopen().expect("reopen"));
+    let server = Server::spawn(command, "2:28", 0, &["--insecure".into()]);
+    let url = format!("http://127.0.0.1:{}", server.port);
+    let model = model();
+
+    let out = lsplit()
+        .args(["generate", "hi", "--max-tokens", "2", "--model"])
+        .arg(&model)
+        .args(["--cloud", &url])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "`{url}` is plaintext; use https:// or pass --insecure to send hidden states unencrypted"
+        )),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = run(lsplit()
+        .args(["generate", "hi", "--max-tokens", "2", "--model"])
+        .arg(&model)
+        .args(["--cloud", &url, "--insecure"]));
+    assert!(!out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("connecting WITHOUT TLS (--insecure)"));
+    let server_log = std::fs::read_to_string(stderr_file.path()).expect("server log");
+    assert!(
+        server_log.contains("serving WITHOUT TLS (--insecure)"),
+        "{server_log}"
+    );
+}

@@ -1,0 +1,5 @@
+//! Generates the Rust types and gRPC stubs of `proto/trunk.proto` with `protoc`.
+
+fn main() -> std::io::Result<()> {
+    tonic_prost_build::configure().compile_protos(&["proto/trunk.proto"], &["proto"])
+}

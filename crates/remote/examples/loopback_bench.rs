@@ -1,0 +1,120 @@
+//! Decode speed and bytes per token of the remote trunk over loopback TLS, side by side with
+//! the in-process split and the unsplit model, and aggregate throughput with concurrent
+//! sessions. Run: `cargo run --release -p lsplit-remote --example loopback_bench`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use common::*;
+use lsplit_proto::pb::SessionRequest;
+use lsplit_proto::pb::session_request::Kind;
+use lsplit_remote::RemoteTrunk;
+use lsplit_server::DevCertificates;
+use lsplit_split::{DeviceModel, GenerateOptions, Generation, LocalTrunk, Trunk, load_tokenizer};
+use lsplit_wire::Codec;
+use prost::Message;
+
+const TOKENS: usize = 32;
+const PROMPT_TEXT: &str = "Write a short story about a lighthouse keeper.";
+
+fn run(model: &DeviceModel, trunk: Option<Box<dyn Trunk>>) -> Generation {
+    let prompt = model.prompt_tokens(PROMPT_TEXT, false).expect("prompt");
+    let options = GenerateOptions {
+        max_tokens: TOKENS,
+        ..GenerateOptions::default()
+    };
+    model
+        .session(trunk)
+        .expect("session")
+        .generate(&prompt, &options, &mut |_| {})
+        .expect("generate")
+}
+
+/// gRPC message bytes of one decode step in `codec`: protobuf plus the 5-byte gRPC prefix.
+fn framed_step_bytes(codec: Codec) -> usize {
+    let rows = hidden_rows(codec, 100, 1);
+    let message = SessionRequest {
+        kind: Some(Kind::Rows(lsplit_proto::rows_to_pb(&rows))),
+    };
+    message.encoded_len() + 5
+}
+
+fn main() {
+    let path = model_path();
+    let source = source(&path);
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
+
+    let unsplit = DeviceModel::unsplit(&source, tokenizer, &Device::Cpu).expect("unsplit");
+    let g = run(&unsplit, None);
+    println!(
+        "unsplit: decode {:.1} tokens/s ({} tokens)",
+        g.stats.decode_tokens_per_second(),
+        g.tokens.len()
+    );
+
+    let server = TestServer::start(&path, 2, 28, tls_options(&certs));
+    let part = Arc::new(
+        source
+            .load_part(
+                &lsplit_model::SplitPlan::new(2, 28, 30)
+                    .expect("plan")
+                    .trunk(),
+                &Device::Cpu,
+            )
+            .expect("trunk"),
+    );
+    let mut reference = None;
+    for codec in Codec::ALL {
+        let model = device_model(&path, 2, 28, codec);
+        let local = run(&model, Some(Box::new(LocalTrunk::new(part.clone()))));
+        let trunk = RemoteTrunk::connect(client_options(&server, &certs, codec)).expect("connect");
+        let remote = run(&model, Some(Box::new(trunk)));
+        let agree = reference
+            .get_or_insert_with(|| local.tokens.clone())
+            .iter()
+            .zip(&remote.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        println!(
+            "{codec}: in-process split {:.1} tokens/s, loopback TLS {:.1} tokens/s, \
+             payload {:.0} B/token up and down, {} B per decode step with protobuf+gRPC framing, \
+             same as in-process: {}, greedy agreement with f32: {agree}/{}",
+            local.stats.decode_tokens_per_second(),
+            remote.stats.decode_tokens_per_second(),
+            remote.stats.bytes_up as f64 / remote.stats.positions() as f64,
+            framed_step_bytes(codec),
+            local.tokens == remote.tokens,
+            remote.tokens.len(),
+        );
+    }
+
+    let model = Arc::new(device_model(&path, 2, 28, Codec::F16));
+    for sessions in [1usize, 4, 16] {
+        let start = Instant::now();
+        let threads: Vec<_> = (0..sessions)
+            .map(|_| {
+                let model = model.clone();
+                let options = client_options(&server, &certs, Codec::F16);
+                std::thread::spawn(move || {
+                    let trunk = RemoteTrunk::connect(options).expect("connect");
+                    run(&model, Some(Box::new(trunk))).tokens.len()
+                })
+            })
+            .collect();
+        let tokens: usize = threads
+            .into_iter()
+            .map(|t| t.join().expect("session"))
+            .sum();
+        let seconds = start.elapsed().as_secs_f64();
+        println!(
+            "{sessions} concurrent sessions (f16): {tokens} tokens in {seconds:.1} s = {:.1} tokens/s aggregate, {} steps batched",
+            tokens as f64 / seconds,
+            server.stats.batched_steps()
+        );
+    }
+}

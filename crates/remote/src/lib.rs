@@ -1,0 +1,603 @@
+//! The device's side of a remote trunk: [`RemoteTrunk`] implements the split engine's
+//! [`Trunk`] over the gRPC protocol of `lsplit-proto`.
+//!
+//! It owns a small tokio runtime and blocks at the trait boundary, so the device's generation
+//! loop stays synchronous and unaware of the network. Connecting performs the handshake, which
+//! tells the device which layers the server runs and the fingerprint of its weights; the device
+//! checks that fingerprint against its own model with [`RemoteTrunk::verify`] before use.
+//!
+//! If the connection drops mid-generation, the next step reconnects with backoff, opens a new
+//! session and replays the uplink rows of this session to rebuild the server's KV cache, so the
+//! generated text does not change.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use lsplit_proto::pb::session_reply::Kind as ReplyKind;
+use lsplit_proto::pb::session_request::Kind as RequestKind;
+use lsplit_proto::pb::trunk_client::TrunkClient;
+use lsplit_proto::pb::{self, SessionReply, SessionRequest};
+use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb};
+use lsplit_split::{Trunk, TrunkError};
+use lsplit_wire::{Codec, HiddenRows};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status, Streaming};
+
+/// Errors of the remote trunk client.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The options are contradictory or unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The server could not be reached or the TLS handshake failed.
+    #[error("could not connect to the trunk server at {url}: {reason}")]
+    Connect {
+        /// The server's address.
+        url: String,
+        /// What went wrong, with its causes.
+        reason: String,
+    },
+    /// The server answered with an error status.
+    #[error("the trunk server refused: {message} ({code:?})")]
+    Refused {
+        /// The gRPC status code.
+        code: Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The server runs different weights than the device's model.
+    #[error(
+        "the trunk server runs a different model: server trunk {server}, this device's model {local}"
+    )]
+    FingerprintMismatch {
+        /// The server's fingerprint.
+        server: Box<TrunkFingerprint>,
+        /// The device's fingerprint of the same layers.
+        local: Box<TrunkFingerprint>,
+    },
+    /// The server broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The server did not answer in time.
+    #[error("the trunk server did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The server stayed unreachable through every retry.
+    #[error(
+        "the trunk server at {url} stayed unreachable for {waited:?} ({attempts} attempts): {last}"
+    )]
+    GaveUp {
+        /// The server's address.
+        url: String,
+        /// Time spent retrying.
+        waited: Duration,
+        /// Connection attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+}
+
+impl From<RemoteError> for TrunkError {
+    fn from(error: RemoteError) -> Self {
+        TrunkError::Transport(error.to_string())
+    }
+}
+
+/// How to reach and authenticate to a trunk server.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// `https://HOST:PORT`, or `http://HOST:PORT` with `insecure`.
+    pub url: String,
+    /// CA certificate (PEM) the server must chain to; `None` uses the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key (PEM) for servers that require mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Bearer token sent with every request.
+    pub token: Option<String>,
+    /// Allow a plaintext `http://` URL.
+    pub insecure: bool,
+    /// Codecs the device accepts, most preferred first.
+    pub codecs: Vec<Codec>,
+    /// Bound on connecting (TCP and TLS).
+    pub connect_timeout: Duration,
+    /// Bound on one step's round trip.
+    pub step_timeout: Duration,
+    /// How long to keep retrying a lost server before giving up.
+    pub retry_for: Duration,
+}
+
+impl RemoteOptions {
+    /// Options with default timeouts for `url`, offering `codec`.
+    pub fn new(url: impl Into<String>, codec: Codec) -> Self {
+        Self {
+            url: url.into(),
+            ca_pem: None,
+            identity: None,
+            token: None,
+            insecure: false,
+            codecs: vec![codec],
+            connect_timeout: Duration::from_secs(10),
+            step_timeout: Duration::from_secs(120),
+            retry_for: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Adds the bearer token to every request.
+#[derive(Clone)]
+struct Bearer(Option<AsciiMetadataValue>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = TrunkClient<InterceptedService<Channel, Bearer>>;
+
+/// What the handshake told the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// The trunk the server runs.
+    pub fingerprint: TrunkFingerprint,
+    /// The codec agreed for this device's rows.
+    pub codec: Codec,
+    /// The server's limits.
+    pub limits: pb::Limits,
+}
+
+/// An open session stream.
+struct Stream {
+    id: u64,
+    requests: mpsc::Sender<SessionRequest>,
+    replies: Streaming<SessionReply>,
+}
+
+/// A trunk running on a server, for one generation session.
+pub struct RemoteTrunk {
+    runtime: tokio::runtime::Runtime,
+    options: RemoteOptions,
+    bearer: Bearer,
+    client: Client,
+    info: ServerInfo,
+    stream: Option<Stream>,
+    sent: Vec<HiddenRows>,
+}
+
+impl std::fmt::Debug for RemoteTrunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteTrunk")
+            .field("url", &self.options.url)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl RemoteTrunk {
+    /// Connects to the server and performs the handshake; opens no session yet.
+    pub fn connect(options: RemoteOptions) -> Result<Self, RemoteError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lsplit-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| RemoteError::Config(format!("starting the network runtime: {e}")))?;
+        let bearer = match &options.token {
+            Some(token) => Bearer(Some(format!("Bearer {}", token.trim()).parse().map_err(
+                |_| RemoteError::Config("the token is not printable ASCII".into()),
+            )?)),
+            None => Bearer(None),
+        };
+        let (client, info) = runtime.block_on(handshake(&options, &bearer))?;
+        tracing::info!(url = %options.url, trunk = %info.fingerprint, codec = %info.codec, "connected to the trunk server");
+        Ok(Self {
+            runtime,
+            options,
+            bearer,
+            client,
+            info,
+            stream: None,
+            sent: Vec::new(),
+        })
+    }
+
+    /// What the handshake told: fingerprint, codec and limits.
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    /// Refuses a server whose trunk differs from `local`, the device's fingerprint of the same
+    /// layers of its own model.
+    pub fn verify(&self, local: &TrunkFingerprint) -> Result<(), RemoteError> {
+        if *local == self.info.fingerprint {
+            Ok(())
+        } else {
+            Err(RemoteError::FingerprintMismatch {
+                server: Box::new(self.info.fingerprint.clone()),
+                local: Box::new(local.clone()),
+            })
+        }
+    }
+
+    /// Runs one step, reconnecting and replaying the session's rows when the link fails.
+    fn step(&mut self, rows: &HiddenRows) -> Result<HiddenRows, RemoteError> {
+        let started = std::time::Instant::now();
+        let mut attempts = 0u32;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let runtime = self.runtime.handle().clone();
+            let result = runtime.block_on(self.try_step(rows));
+            match result {
+                Ok(out) => {
+                    self.sent.push(rows.clone());
+                    return Ok(out);
+                }
+                Err(e) if retryable(&e) => {
+                    self.stream = None;
+                    attempts += 1;
+                    let waited = started.elapsed();
+                    if waited + backoff > self.options.retry_for {
+                        return Err(RemoteError::GaveUp {
+                            url: self.options.url.clone(),
+                            waited,
+                            attempts,
+                            last: e.to_string(),
+                        });
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "lost the trunk server; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One attempt: (re)opens the session if needed, replaying kept rows, then sends `rows`.
+    async fn try_step(&mut self, rows: &HiddenRows) -> Result<HiddenRows, RemoteError> {
+        if self.stream.is_none() {
+            let fresh = !self.sent.is_empty();
+            if fresh {
+                let (client, info) = handshake(&self.options, &self.bearer).await?;
+                if info.fingerprint != self.info.fingerprint || info.codec != self.info.codec {
+                    return Err(RemoteError::Protocol(format!(
+                        "the server came back with trunk {} and codec {}, not trunk {} and codec {}",
+                        info.fingerprint, info.codec, self.info.fingerprint, self.info.codec
+                    )));
+                }
+                self.client = client;
+            }
+            let mut stream = self.open().await?;
+            replay(&mut stream, &self.sent, self.options.step_timeout).await?;
+            if fresh {
+                tracing::info!(
+                    session = stream.id,
+                    rows = self.sent.len(),
+                    "session rebuilt on the server"
+                );
+            }
+            self.stream = Some(stream);
+        }
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| RemoteError::Protocol("no open session".into()))?;
+        exchange(stream, rows, self.options.step_timeout).await
+    }
+
+    async fn open(&mut self) -> Result<Stream, RemoteError> {
+        let (requests, outbound) = mpsc::channel(4);
+        let open = SessionRequest {
+            kind: Some(RequestKind::Open(pb::Open {
+                protocol_version: PROTOCOL_VERSION,
+                codec: codec_to_pb(self.info.codec) as i32,
+                fingerprint_sha256: self.info.fingerprint.sha256.to_vec(),
+            })),
+        };
+        requests
+            .send(open)
+            .await
+            .map_err(|_| RemoteError::Protocol("the session stream closed".into()))?;
+        let timeout = self.options.step_timeout;
+        let call = self.client.session(ReceiverStream::new(outbound));
+        let mut replies = tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| RemoteError::Timeout(timeout))?
+            .map_err(refused)?
+            .into_inner();
+        match next_reply(&mut replies, timeout).await? {
+            ReplyKind::Opened(opened) => Ok(Stream {
+                id: opened.session_id,
+                requests,
+                replies,
+            }),
+            ReplyKind::Rows(_) => Err(RemoteError::Protocol(
+                "the server sent rows before opening the session".into(),
+            )),
+        }
+    }
+}
+
+impl Trunk for RemoteTrunk {
+    fn layers(&self) -> Range<usize> {
+        self.info.fingerprint.layers.clone()
+    }
+
+    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
+        Ok(self.step(rows)?)
+    }
+}
+
+/// Errors that a new connection and a replay may cure.
+fn retryable(error: &RemoteError) -> bool {
+    match error {
+        RemoteError::Connect { .. } | RemoteError::Timeout(_) => true,
+        RemoteError::Refused { code, .. } => matches!(
+            code,
+            Code::Unavailable
+                | Code::Unknown
+                | Code::Cancelled
+                | Code::Aborted
+                | Code::DeadlineExceeded
+        ),
+        _ => false,
+    }
+}
+
+fn refused(status: Status) -> RemoteError {
+    let message = status.message().to_string();
+    let message = if message.is_empty() {
+        format!("{status}")
+    } else {
+        message
+    };
+    RemoteError::Refused {
+        code: status.code(),
+        message,
+    }
+}
+
+/// Sends the kept `steps` again, exactly as they were first sent, to rebuild the session's KV
+/// cache on a new server session. The requests are pipelined: one round trip, not one per step.
+async fn replay(
+    stream: &mut Stream,
+    steps: &[HiddenRows],
+    timeout: Duration,
+) -> Result<(), RemoteError> {
+    let requests: Vec<SessionRequest> = steps
+        .iter()
+        .map(|rows| SessionRequest {
+            kind: Some(RequestKind::Rows(lsplit_proto::rows_to_pb(rows))),
+        })
+        .collect();
+    let sender = stream.requests.clone();
+    let feeding = tokio::spawn(async move {
+        for request in requests {
+            if sender.send(request).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result = async {
+        for (i, sent) in steps.iter().enumerate() {
+            match next_reply(&mut stream.replies, timeout).await? {
+                ReplyKind::Rows(out) if out.start as usize == sent.start => {}
+                _ => {
+                    return Err(RemoteError::Protocol(format!(
+                        "replaying step {i}: the server answered out of order"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    feeding.abort();
+    result
+}
+
+/// Sends `rows` on an open session and waits for the answer.
+async fn exchange(
+    stream: &mut Stream,
+    rows: &HiddenRows,
+    timeout: Duration,
+) -> Result<HiddenRows, RemoteError> {
+    let request = SessionRequest {
+        kind: Some(RequestKind::Rows(lsplit_proto::rows_to_pb(rows))),
+    };
+    if stream.requests.send(request).await.is_err() {
+        return Err(RemoteError::Refused {
+            code: Code::Unavailable,
+            message: "the session stream closed".into(),
+        });
+    }
+    match next_reply(&mut stream.replies, timeout).await? {
+        ReplyKind::Rows(out) => {
+            lsplit_proto::rows_from_pb(out).map_err(|e| RemoteError::Protocol(e.to_string()))
+        }
+        ReplyKind::Opened(_) => Err(RemoteError::Protocol(
+            "the server opened the session twice".into(),
+        )),
+    }
+}
+
+async fn next_reply(
+    replies: &mut Streaming<SessionReply>,
+    timeout: Duration,
+) -> Result<ReplyKind, RemoteError> {
+    let reply = tokio::time::timeout(timeout, replies.message())
+        .await
+        .map_err(|_| RemoteError::Timeout(timeout))?
+        .map_err(refused)?;
+    match reply {
+        Some(SessionReply { kind: Some(kind) }) => Ok(kind),
+        Some(SessionReply { kind: None }) => Err(RemoteError::Protocol(
+            "the server sent an empty reply".into(),
+        )),
+        None => Err(RemoteError::Refused {
+            code: Code::Unavailable,
+            message: "the server closed the session".into(),
+        }),
+    }
+}
+
+/// Connects, then negotiates the protocol and codec.
+async fn handshake(
+    options: &RemoteOptions,
+    bearer: &Bearer,
+) -> Result<(Client, ServerInfo), RemoteError> {
+    let channel = connect(options).await?;
+    let mut client = TrunkClient::with_interceptor(channel, bearer.clone())
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let request = pb::HandshakeRequest {
+        protocol_version: PROTOCOL_VERSION,
+        codecs: options
+            .codecs
+            .iter()
+            .map(|&c| codec_to_pb(c) as i32)
+            .collect(),
+    };
+    let timeout = options.connect_timeout;
+    let reply = tokio::time::timeout(timeout, client.handshake(request))
+        .await
+        .map_err(|_| RemoteError::Timeout(timeout))?
+        .map_err(|status| {
+            if status.code() == Code::Unavailable || status.code() == Code::Unknown {
+                connect_failure(options, status_chain(&status))
+            } else {
+                refused(status)
+            }
+        })?
+        .into_inner();
+    if reply.protocol_version != PROTOCOL_VERSION {
+        return Err(RemoteError::Protocol(format!(
+            "the server speaks trunk protocol version {} but this device speaks {PROTOCOL_VERSION}",
+            reply.protocol_version
+        )));
+    }
+    let protocol = |e: lsplit_proto::ProtoError| RemoteError::Protocol(e.to_string());
+    let fingerprint = reply
+        .fingerprint
+        .as_ref()
+        .ok_or(lsplit_proto::ProtoError::Missing("fingerprint"))
+        .and_then(TrunkFingerprint::from_pb)
+        .map_err(protocol)?;
+    let codec = codec_from_pb(reply.codec).map_err(protocol)?;
+    let limits = reply
+        .limits
+        .ok_or(lsplit_proto::ProtoError::Missing("limits"))
+        .map_err(protocol)?;
+    Ok((
+        client,
+        ServerInfo {
+            fingerprint,
+            codec,
+            limits,
+        },
+    ))
+}
+
+/// Opens the channel: TLS unless the URL is `http://` and `insecure` allows it.
+async fn connect(options: &RemoteOptions) -> Result<Channel, RemoteError> {
+    let url = &options.url;
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| RemoteError::Config(format!("`{url}` is not a valid URL: {e}")))?
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    match endpoint.uri().scheme_str() {
+        Some("https") => {
+            let mut tls = ClientTlsConfig::new();
+            tls = match &options.ca_pem {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+                None => tls.with_native_roots(),
+            };
+            if let Some((cert, key)) = &options.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                RemoteError::Config(format!("TLS setup failed: {}", error_chain(&e)))
+            })?;
+        }
+        Some("http") if options.insecure => {
+            tracing::warn!(%url, "connecting WITHOUT TLS (--insecure): hidden states travel in plaintext");
+        }
+        Some("http") => {
+            return Err(RemoteError::Config(format!(
+                "`{url}` is plaintext; use https:// or pass --insecure to send hidden states unencrypted"
+            )));
+        }
+        _ => {
+            return Err(RemoteError::Config(format!(
+                "`{url}` must start with https:// (or http:// with --insecure)"
+            )));
+        }
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| connect_failure(options, error_chain(&e)))
+}
+
+/// A connection failure, with a hint at the usual cause of the transport's terse messages.
+fn connect_failure(options: &RemoteOptions, chain: String) -> RemoteError {
+    let tls = options.url.starts_with("https://");
+    let hint = if !tls {
+        " (if the server uses TLS, connect with https://)"
+    } else if chain.contains("InvalidContentType") {
+        " (the server does not speak TLS: was it started with --insecure?)"
+    } else if [
+        "broken pipe",
+        "connection reset",
+        "received fatal alert",
+        "close_notify",
+        "unexpected eof",
+    ]
+    .iter()
+    .any(|s| chain.to_lowercase().contains(s))
+    {
+        " (the server refused the TLS session: if it requires mutual TLS, give a client \
+         certificate signed by its client CA)"
+    } else {
+        ""
+    };
+    RemoteError::Connect {
+        url: options.url.clone(),
+        reason: format!("{chain}{hint}"),
+    }
+}
+
+fn status_chain(status: &Status) -> String {
+    use std::error::Error;
+    match status.source() {
+        Some(source) => format!("{}: {}", status.message(), error_chain(source)),
+        None => status.message().to_string(),
+    }
+}
+
+/// An error and its sources, joined: transport errors hide the useful part in the chain.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

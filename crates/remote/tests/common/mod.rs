@@ -1,0 +1,214 @@
+//! A real trunk server on loopback, real TLS, and the in-process reference to compare against.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use lsplit_model::{ModelSource, SplitPlan};
+use lsplit_proto::TrunkFingerprint;
+use lsplit_remote::{RemoteOptions, RemoteTrunk};
+use lsplit_server::{DevCertificates, Limits, ServerOptions, ServerStats, TlsFiles, TrunkServer};
+use lsplit_split::{DeviceModel, GenerateOptions, LocalTrunk, Trunk, load_tokenizer};
+use lsplit_wire::Codec;
+
+pub const PROMPT: &str = "The three primary colors are";
+pub const MAX_TOKENS: usize = 12;
+
+pub fn model_path() -> PathBuf {
+    lsplit_fetch::ensure_default_model().expect("the default model (run `lsplit fetch`)")
+}
+
+pub fn source(path: &Path) -> ModelSource {
+    ModelSource::open(path).expect("open the model")
+}
+
+/// Server options with TLS from `certs` and default limits.
+pub fn tls_options(certs: &DevCertificates) -> ServerOptions {
+    ServerOptions {
+        limits: Limits::default(),
+        codecs: Codec::ALL.to_vec(),
+        token: None,
+        tls: Some(TlsFiles {
+            cert_pem: certs.server_pem.clone().into_bytes(),
+            key_pem: certs.server_key.clone().into_bytes(),
+            client_ca_pem: None,
+        }),
+    }
+}
+
+/// Client options trusting `certs`' CA.
+pub fn client_options(server: &TestServer, certs: &DevCertificates, codec: Codec) -> RemoteOptions {
+    let mut options = RemoteOptions::new(server.url.clone(), codec);
+    options.ca_pem = Some(certs.ca_pem.clone().into_bytes());
+    options.connect_timeout = Duration::from_secs(5);
+    options.step_timeout = Duration::from_secs(60);
+    options.retry_for = Duration::from_secs(3);
+    options
+}
+
+/// A trunk server running on its own runtime; dropping it kills it abruptly, like a crash.
+pub struct TestServer {
+    pub url: String,
+    pub addr: SocketAddr,
+    pub stats: ServerStats,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Serves layers `k1..k2` of the model at `path` on 127.0.0.1 (port 0 unless `port`).
+    pub fn start(path: &Path, k1: usize, k2: usize, options: ServerOptions) -> Self {
+        Self::start_on(path, k1, k2, options, 0)
+    }
+
+    pub fn start_on(path: &Path, k1: usize, k2: usize, options: ServerOptions, port: u16) -> Self {
+        let source = source(path);
+        let plan = SplitPlan::new(k1, k2, source.config().num_layers).expect("split");
+        let part = source
+            .load_part(&plan.trunk(), &Device::Cpu)
+            .expect("trunk part");
+        let fingerprint = TrunkFingerprint::compute(&source, k1..k2).expect("fingerprint");
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let server = TrunkServer::new(part, fingerprint, options).expect("server");
+        let stats = server.stats();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind loopback");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("local address");
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                tokio::select! {
+                    result = server.serve(listener, std::future::pending()) => result.expect("serve"),
+                    _ = killed => {}
+                }
+            });
+            runtime.shutdown_background();
+        });
+        Self {
+            url: format!("{scheme}://127.0.0.1:{}", addr.port()),
+            addr,
+            stats,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    /// Kills the server: every connection drops, every session's KV cache is lost.
+    pub fn kill(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The device's model for split `k1:k2`.
+pub fn device_model(path: &Path, k1: usize, k2: usize, codec: Codec) -> DeviceModel {
+    let source = source(path);
+    let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
+    let plan = SplitPlan::new(k1, k2, source.config().num_layers).expect("split");
+    DeviceModel::split(&source, plan, tokenizer, codec, &Device::Cpu).expect("device model")
+}
+
+/// Generates greedily from [`PROMPT`] with `trunk`.
+pub fn generate(model: &DeviceModel, trunk: Box<dyn Trunk>) -> Vec<u32> {
+    generate_from(model, trunk, PROMPT)
+}
+
+/// Generates greedily from `prompt` (raw, no chat template) with `trunk`.
+pub fn generate_from(model: &DeviceModel, trunk: Box<dyn Trunk>, prompt: &str) -> Vec<u32> {
+    let prompt = model.prompt_tokens(prompt, true).expect("prompt");
+    let options = GenerateOptions {
+        max_tokens: MAX_TOKENS,
+        ..GenerateOptions::default()
+    };
+    let mut session = model.session(Some(trunk)).expect("session");
+    session
+        .generate(&prompt, &options, &mut |_| {})
+        .expect("generate")
+        .tokens
+}
+
+/// The in-process reference output for split `k1:k2`.
+pub fn in_process(path: &Path, k1: usize, k2: usize, codec: Codec) -> Vec<u32> {
+    let source = source(path);
+    let model = device_model(path, k1, k2, codec);
+    let plan = model.plan().expect("split");
+    let part = Arc::new(
+        source
+            .load_part(&plan.trunk(), &Device::Cpu)
+            .expect("trunk"),
+    );
+    generate(&model, Box::new(LocalTrunk::new(part)))
+}
+
+/// Connects to `server` and checks its fingerprint against the device's own model.
+pub fn remote(
+    path: &Path,
+    options: RemoteOptions,
+) -> Result<RemoteTrunk, lsplit_remote::RemoteError> {
+    let trunk = RemoteTrunk::connect(options)?;
+    let layers = trunk.info().fingerprint.layers.clone();
+    trunk.verify(&TrunkFingerprint::compute(&source(path), layers).expect("fingerprint"))?;
+    Ok(trunk)
+}
+
+/// A raw protocol client over TLS, for sending what a well-behaved device never would.
+pub async fn raw_client(
+    server: &TestServer,
+    certs: &DevCertificates,
+) -> lsplit_proto::pb::trunk_client::TrunkClient<tonic::transport::Channel> {
+    lsplit_proto::pb::trunk_client::TrunkClient::new(raw_channel(server, certs).await)
+}
+
+/// A TLS channel to `server`, trusting `certs`' CA.
+pub async fn raw_channel(
+    server: &TestServer,
+    certs: &DevCertificates,
+) -> tonic::transport::Channel {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&certs.ca_pem));
+    tonic::transport::Endpoint::from_shared(server.url.clone())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// Hidden rows of the model's width with finite, made-up values.
+pub fn hidden_rows(codec: Codec, start: usize, rows: usize) -> lsplit_wire::HiddenRows {
+    let values: Vec<f32> = (0..rows * 576)
+        .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
+        .collect();
+    let tensor = candle_core::Tensor::from_vec(values, (rows, 576), &Device::Cpu).expect("tensor");
+    codec.encode(&tensor, start).expect("encode")
+}

@@ -1,0 +1,412 @@
+//! Malformed and hostile session messages, and requests past the server's limits: each gets a
+//! gRPC status with a clear message, and other sessions keep being served.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use lsplit_proto::pb::session_reply::Kind as ReplyKind;
+use lsplit_proto::pb::session_request::Kind as RequestKind;
+use lsplit_proto::pb::trunk_client::TrunkClient;
+use lsplit_proto::pb::{self, SessionReply, SessionRequest};
+use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_to_pb, rows_to_pb};
+use lsplit_server::{DevCertificates, ServerOptions};
+use lsplit_wire::Codec;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+struct RawSession {
+    requests: mpsc::Sender<SessionRequest>,
+    replies: Streaming<SessionReply>,
+}
+
+fn open_request(fingerprint: &TrunkFingerprint, codec: Codec) -> SessionRequest {
+    SessionRequest {
+        kind: Some(RequestKind::Open(pb::Open {
+            protocol_version: PROTOCOL_VERSION,
+            codec: codec_to_pb(codec) as i32,
+            fingerprint_sha256: fingerprint.sha256.to_vec(),
+        })),
+    }
+}
+
+fn rows_request(rows: pb::Rows) -> SessionRequest {
+    SessionRequest {
+        kind: Some(RequestKind::Rows(rows)),
+    }
+}
+
+impl RawSession {
+    async fn start(
+        client: &mut TrunkClient<Channel>,
+        first: SessionRequest,
+    ) -> Result<Self, tonic::Status> {
+        let (requests, outbound) = mpsc::channel(4);
+        requests.send(first).await.expect("queue the first request");
+        let replies = client
+            .session(ReceiverStream::new(outbound))
+            .await?
+            .into_inner();
+        Ok(Self { requests, replies })
+    }
+
+    async fn open(
+        client: &mut TrunkClient<Channel>,
+        fingerprint: &TrunkFingerprint,
+        codec: Codec,
+    ) -> Self {
+        let mut session = Self::start(client, open_request(fingerprint, codec))
+            .await
+            .expect("session");
+        match session.next().await {
+            Ok(ReplyKind::Opened(_)) => session,
+            other => panic!("expected Opened, got {other:?}"),
+        }
+    }
+
+    async fn next(&mut self) -> Result<ReplyKind, tonic::Status> {
+        let reply = tokio::time::timeout(Duration::from_secs(60), self.replies.message())
+            .await
+            .expect("the server answers in time")?;
+        Ok(reply.expect("a reply").kind.expect("a reply kind"))
+    }
+
+    /// Sends `rows` and returns the server's answer.
+    async fn send(&mut self, rows: pb::Rows) -> Result<ReplyKind, tonic::Status> {
+        if self.requests.send(rows_request(rows)).await.is_err() {
+            return self.next().await;
+        }
+        self.next().await
+    }
+}
+
+fn assert_status(result: Result<ReplyKind, tonic::Status>, code: Code, message: &str) {
+    match result {
+        Err(status) => {
+            assert_eq!(status.code(), code, "{status:?}");
+            assert_eq!(status.message(), message);
+        }
+        Ok(reply) => panic!("expected {code:?} `{message}`, got {reply:?}"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn malformed_messages_get_clear_errors_while_a_good_session_completes() {
+    let path = model_path();
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let mut options: ServerOptions = tls_options(&certs);
+    options.limits.max_message_bytes = 64 << 10;
+    let server = TestServer::start(&path, 2, 28, options);
+    let fingerprint = TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
+
+    let good = {
+        let path = path.clone();
+        let options = client_options(&server, &certs, Codec::F16);
+        std::thread::spawn(move || {
+            let model = device_model(&path, 2, 28, Codec::F16);
+            generate(&model, Box::new(remote(&path, options).expect("connect")))
+        })
+    };
+
+    runtime().block_on(async {
+        let mut client = raw_client(&server, &certs).await;
+        let fp = &fingerprint;
+
+        let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
+        let mut rows = rows_to_pb(&hidden_rows(Codec::F32, 0, 1));
+        rows.width = 100;
+        rows.payload.truncate(400);
+        assert_status(
+            s.send(rows).await,
+            Code::InvalidArgument,
+            "rows are 100 values wide but the trunk's hidden size is 576",
+        );
+
+        let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
+        assert_status(
+            s.send(rows_to_pb(&hidden_rows(Codec::F16, 0, 2))).await,
+            Code::InvalidArgument,
+            "rows are encoded in f16 but the session's codec is f32",
+        );
+
+        let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
+        let mut rows = rows_to_pb(&hidden_rows(Codec::F32, 0, 2));
+        rows.payload[(576 + 3) * 4..(576 + 4) * 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        assert_status(
+            s.send(rows).await,
+            Code::InvalidArgument,
+            "hidden rows contain a non-finite value (row 1, column 3)",
+        );
+
+        let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
+        let mut rows = rows_to_pb(&hidden_rows(Codec::F32, 0, 1));
+        rows.payload.truncate(7);
+        assert_status(
+            s.send(rows).await,
+            Code::InvalidArgument,
+            "f32 payload of 7 bytes does not match 1 x 576 rows (2304 bytes expected)",
+        );
+
+        let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
+        assert!(matches!(
+            s.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 3))).await,
+            Ok(ReplyKind::Rows(_))
+        ));
+        assert_status(
+            s.send(rows_to_pb(&hidden_rows(Codec::F32, 2, 1))).await,
+            Code::InvalidArgument,
+            "rows start at position 2 but the session is at position 3",
+        );
+
+        let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
+        let mut rows = rows_to_pb(&hidden_rows(Codec::F32, 0, 1));
+        rows.codec = 9;
+        assert_status(
+            s.send(rows).await,
+            Code::InvalidArgument,
+            "unknown codec value 9 (expected f32, f16, bf16 or int8)",
+        );
+
+        let mut s = RawSession::start(
+            &mut client,
+            rows_request(rows_to_pb(&hidden_rows(Codec::F32, 0, 1))),
+        )
+        .await
+        .expect("stream");
+        assert_status(
+            s.next().await,
+            Code::FailedPrecondition,
+            "unknown session: rows arrived before the session was opened",
+        );
+
+        let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
+        let result = s.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 40))).await;
+        match result {
+            Err(status) => {
+                assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+                assert!(
+                    status
+                        .message()
+                        .contains("decoded message length too large"),
+                    "{status:?}"
+                );
+            }
+            Ok(reply) => panic!("an oversized message was accepted: {reply:?}"),
+        }
+
+        let mut wrong = fp.clone();
+        wrong.sha256[0] ^= 1;
+        let mut s = RawSession::start(&mut client, open_request(&wrong, Codec::F32))
+            .await
+            .expect("stream");
+        let message = format!(
+            "the device expects the trunk with sha256 {} but this server runs {fp}",
+            &wrong.hex()[..16]
+        );
+        assert_status(s.next().await, Code::FailedPrecondition, &message);
+    });
+
+    let expected = in_process(&path, 2, 28, Codec::F16);
+    assert_eq!(good.join().expect("the good session"), expected);
+    wait_until(|| server.stats.sessions() == 0 && server.stats.kv_bytes() == 0);
+}
+
+/// Polls `done` for up to 10 s: the server frees a session right after its stream ends.
+fn wait_until(done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends frames as given: bytes that are not a protobuf message at all.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}
+
+#[test]
+fn garbage_bytes_are_refused_and_the_server_keeps_serving() {
+    let path = model_path();
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let server = TestServer::start(&path, 2, 28, tls_options(&certs));
+    runtime().block_on(async {
+        let channel = raw_channel(&server, &certs).await;
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.expect("ready");
+        let garbage = vec![0xff, 0xfe, 0x07, 0x00, 0x13, 0x37, 0xde, 0xad];
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/lsplit.trunk.v1.Trunk/Session");
+        let result = grpc
+            .streaming(
+                tonic::Request::new(tokio_stream::iter(vec![garbage])),
+                path,
+                RawBytes,
+            )
+            .await;
+        let status = match result {
+            Err(status) => status,
+            Ok(response) => {
+                let mut replies = response.into_inner();
+                match tokio::time::timeout(Duration::from_secs(10), replies.message())
+                    .await
+                    .expect("an answer in time")
+                {
+                    Err(status) => status,
+                    Ok(reply) => panic!("garbage was answered with {reply:?}"),
+                }
+            }
+        };
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with("failed to decode Protobuf message"),
+            "{status:?}"
+        );
+    });
+    let model = device_model(&path, 2, 28, Codec::F32);
+    let trunk = remote(&path, client_options(&server, &certs, Codec::F32)).expect("connect");
+    assert_eq!(
+        generate(&model, Box::new(trunk)),
+        in_process(&path, 2, 28, Codec::F32)
+    );
+}
+
+#[test]
+fn session_context_and_kv_limits_are_enforced() {
+    let path = model_path();
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let config = source(&path).config().clone();
+    let per_position = 26 * 2 * (config.num_kv_heads * config.head_dim) as u64 * 4;
+    let mut options = tls_options(&certs);
+    options.limits.max_sessions = 2;
+    options.limits.max_context = 8;
+    options.limits.kv_budget_bytes = 10 * per_position;
+    let server = TestServer::start(&path, 2, 28, options);
+    let fp = TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
+
+    runtime().block_on(async {
+        let mut client = raw_client(&server, &certs).await;
+        let mut a = RawSession::open(&mut client, &fp, Codec::F32).await;
+        let mut b = RawSession::open(&mut client, &fp, Codec::F32).await;
+        let third = RawSession::start(&mut client, open_request(&fp, Codec::F32)).await;
+        match third {
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                assert_eq!(
+                    status.message(),
+                    "the server already serves its limit of 2 sessions"
+                );
+            }
+            Ok(_) => panic!("a third session was accepted"),
+        }
+
+        assert!(matches!(
+            a.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 6))).await,
+            Ok(ReplyKind::Rows(_))
+        ));
+        assert_eq!(server.stats.kv_bytes(), 6 * per_position);
+        assert_status(
+            b.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 5))).await,
+            Code::ResourceExhausted,
+            &format!(
+                "the step needs {} more bytes of KV cache but the server's budget of {} bytes \
+                 has {} left",
+                5 * per_position,
+                10 * per_position,
+                4 * per_position
+            ),
+        );
+        assert_status(
+            a.send(rows_to_pb(&hidden_rows(Codec::F32, 6, 3))).await,
+            Code::ResourceExhausted,
+            "the session would reach 9 positions, past this server's limit of 8",
+        );
+        wait_until(|| server.stats.sessions() == 0 && server.stats.kv_bytes() == 0);
+    });
+}
+
+#[test]
+fn idle_sessions_are_reclaimed() {
+    let path = model_path();
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let mut options = tls_options(&certs);
+    options.limits.idle_timeout = Duration::from_millis(300);
+    let server = TestServer::start(&path, 2, 28, options);
+    let fp = TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
+
+    runtime().block_on(async {
+        let mut client = raw_client(&server, &certs).await;
+        let mut c = RawSession::open(&mut client, &fp, Codec::F32).await;
+        assert!(matches!(
+            c.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 2))).await,
+            Ok(ReplyKind::Rows(_))
+        ));
+        match c.next().await {
+            Err(status) => {
+                assert_eq!(status.code(), Code::DeadlineExceeded);
+                assert!(
+                    status
+                        .message()
+                        .ends_with("was idle for 300 ms: closed and its KV cache freed"),
+                    "{status:?}"
+                );
+            }
+            Ok(reply) => panic!("an idle session got {reply:?}"),
+        }
+        wait_until(|| server.stats.sessions() == 0 && server.stats.kv_bytes() == 0);
+    });
+}

@@ -1,0 +1,97 @@
+//! The health service and the Prometheus metrics of a running trunk server.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+use lsplit_server::DevCertificates;
+use lsplit_wire::Codec;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+fn scrape(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut socket = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(socket, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut response = String::new();
+    socket.read_to_string(&mut response).expect("response");
+    response
+}
+
+#[test]
+fn health_and_metrics_report_the_served_sessions() {
+    let path = model_path();
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let mut options = tls_options(&certs);
+    options.token = Some("health needs no token".into());
+    let server = TestServer::start(&path, 2, 28, options);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let status = runtime.block_on(async {
+        let mut health = HealthClient::new(raw_channel(&server, &certs).await);
+        health
+            .check(HealthCheckRequest {
+                service: "lsplit.trunk.v1.Trunk".into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status
+    });
+    assert_eq!(status, ServingStatus::Serving as i32);
+
+    let listener = runtime.block_on(async {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+    });
+    let metrics_addr = listener.local_addr().expect("address");
+    runtime.spawn(lsplit_server::serve_metrics(
+        listener,
+        server.stats.clone(),
+        std::future::pending(),
+    ));
+
+    let mut client = client_options(&server, &certs, Codec::F16);
+    client.token = Some("health needs no token".into());
+    let model = device_model(&path, 2, 28, Codec::F16);
+    let prompt_len = model.prompt_tokens(PROMPT, true).expect("prompt").len() as u64;
+    let tokens = generate(&model, Box::new(remote(&path, client).expect("connect")));
+    assert_eq!(tokens.len(), MAX_TOKENS);
+
+    let response = scrape(metrics_addr, "/metrics");
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    let body = &response[response.find("\r\n\r\n").expect("headers end") + 4..];
+    let steps = MAX_TOKENS as u64;
+    let rows = prompt_len + steps - 1;
+    assert_eq!(metric(body, "lsplit_sessions_total"), 1);
+    assert_eq!(metric(body, "lsplit_steps_total"), steps);
+    assert_eq!(metric(body, "lsplit_rows_total"), rows);
+    assert_eq!(metric(body, "lsplit_bytes_in_total"), rows * 576 * 2);
+    assert_eq!(metric(body, "lsplit_bytes_out_total"), rows * 576 * 2);
+    assert_eq!(metric(body, "lsplit_step_seconds_count"), steps);
+    assert_eq!(
+        metric(body, "lsplit_step_seconds_bucket{le=\"+Inf\"}"),
+        steps
+    );
+    assert!(
+        body.contains("# TYPE lsplit_step_seconds histogram"),
+        "{body}"
+    );
+    assert!(scrape(metrics_addr, "/").starts_with("HTTP/1.1 404 Not Found\r\n"));
+}

@@ -1,0 +1,247 @@
+//! The trunk server behind `lsplit serve`.
+//!
+//! It holds only the trunk layers of a split model and serves them over gRPC (the protocol of
+//! `lsplit-proto`), TLS by default, to many devices at once. Each device session is one
+//! bidirectional stream whose KV cache lives here; every request past a [`Limits`] or malformed
+//! is answered with a gRPC status and ends only that session.
+
+mod auth;
+mod certs;
+mod engine;
+mod metrics;
+mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lsplit_model::ModelPart;
+use lsplit_proto::TrunkFingerprint;
+use lsplit_wire::Codec;
+use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::auth::TokenCheck;
+pub use crate::certs::DevCertificates;
+pub use crate::metrics::serve_metrics;
+use crate::service::{Shared, TrunkService};
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The trunk part is not a trunk, or the options contradict each other.
+    #[error("{0}")]
+    Config(String),
+    /// TLS could not be set up from the given certificate and key.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// The listener or the gRPC transport failed.
+    #[error("the server failed: {0}")]
+    Transport(String),
+}
+
+/// What the server accepts; announced to devices in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Sessions open at the same time.
+    pub max_sessions: usize,
+    /// Positions one session may reach (at most the model's context length).
+    pub max_context: usize,
+    /// Largest gRPC message the server decodes, in bytes.
+    pub max_message_bytes: usize,
+    /// A session with no request for this long is closed and its KV cache freed.
+    pub idle_timeout: Duration,
+    /// Bytes all sessions' cached positions may hold together.
+    pub kv_budget_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 16,
+            max_context: usize::MAX,
+            max_message_bytes: 16 << 20,
+            idle_timeout: Duration::from_secs(300),
+            kv_budget_bytes: 2 << 30,
+        }
+    }
+}
+
+/// PEM files of the server's TLS identity and, for mutual TLS, the CA of client certificates.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// Private key, PEM.
+    pub key_pem: Vec<u8>,
+    /// When set, clients must present a certificate signed by this CA.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+/// How the server runs: limits, codecs, authentication and transport security.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The server's limits.
+    pub limits: Limits,
+    /// Codecs offered to devices, in the server's order of support.
+    pub codecs: Vec<Codec>,
+    /// When set, every request must carry `authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// TLS identity; `None` serves plaintext (only with an explicit `--insecure`).
+    pub tls: Option<TlsFiles>,
+}
+
+/// Live counters of a running server, shared with its handle.
+#[derive(Debug, Clone)]
+pub struct ServerStats {
+    shared: Arc<Shared>,
+}
+
+impl ServerStats {
+    /// Sessions open now.
+    pub fn sessions(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of cached positions held by every open session.
+    pub fn kv_bytes(&self) -> u64 {
+        self.shared.kv_reserved.load(Ordering::SeqCst)
+    }
+
+    /// Steps that ran through the trunk in a batch with another session's steps.
+    pub fn batched_steps(&self) -> u64 {
+        self.shared
+            .counters
+            .batched_steps_total
+            .load(Ordering::Relaxed)
+    }
+
+    /// Every metric in the Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        self.shared
+            .counters
+            .render(self.sessions(), self.kv_bytes())
+    }
+}
+
+/// The trunk server: a loaded trunk part, its fingerprint and the options it runs with.
+pub struct TrunkServer {
+    shared: Arc<Shared>,
+    options: ServerOptions,
+}
+
+impl TrunkServer {
+    /// A server for `part`, which must be a trunk whose fingerprint is `fingerprint`.
+    pub fn new(
+        part: ModelPart,
+        fingerprint: TrunkFingerprint,
+        mut options: ServerOptions,
+    ) -> Result<Self, ServerError> {
+        if fingerprint.layers != part.spec().layers {
+            return Err(ServerError::Config(format!(
+                "the fingerprint is of layers {:?} but the part runs {:?}",
+                fingerprint.layers,
+                part.spec().layers
+            )));
+        }
+        if options.codecs.is_empty() {
+            return Err(ServerError::Config("the server must offer a codec".into()));
+        }
+        if options.limits.max_sessions == 0 {
+            return Err(ServerError::Config(
+                "--max-sessions must be at least 1".into(),
+            ));
+        }
+        options.limits.max_context = options.limits.max_context.min(part.config().context_length);
+        let shared = Shared::new(part, fingerprint, &options)?;
+        Ok(Self {
+            shared: Arc::new(shared),
+            options,
+        })
+    }
+
+    /// Counters that stay readable while the server runs.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The limits in force (the context limit capped by the model's).
+    pub fn limits(&self) -> &Limits {
+        &self.options.limits
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops accepting, lets open
+    /// requests finish and returns.
+    ///
+    /// The standard gRPC health service (`grpc.health.v1.Health`) answers for the trunk
+    /// service without a token, so load balancers can probe it; it turns `NOT_SERVING` as
+    /// soon as shutdown begins.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        let local: Option<SocketAddr> = listener.local_addr().ok();
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        if let Some(tls) = &self.options.tls {
+            let mut config = ServerTlsConfig::new()
+                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+                .timeout(Duration::from_secs(10));
+            if let Some(ca) = &tls.client_ca_pem {
+                config = config.client_ca_root(Certificate::from_pem(ca));
+            }
+            builder = builder
+                .tls_config(config)
+                .map_err(|e| ServerError::Tls(error_chain(&e)))?;
+        }
+        let service = lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(
+            self.shared.clone(),
+        ))
+        .max_decoding_message_size(self.options.limits.max_message_bytes)
+        .max_encoding_message_size(self.options.limits.max_message_bytes);
+        let service = InterceptedService::new(service, TokenCheck::new(self.options.token));
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let name = lsplit_proto::pb::trunk_server::SERVICE_NAME;
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+        let shutdown = async move {
+            shutdown.await;
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        };
+        tracing::info!(addr = ?local, tls = self.options.tls.is_some(), "serving the trunk");
+        builder
+            .add_service(health)
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                shutdown,
+            )
+            .await
+            .map_err(|e| ServerError::Transport(error_chain(&e)))?;
+        Ok(())
+    }
+}
+
+/// An error and its sources, joined: transport errors hide the useful part in the chain.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,378 @@
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use lsplit_model::{KvCache, ModelPart};
+use lsplit_proto::pb::session_reply::Kind as ReplyKind;
+use lsplit_proto::pb::session_request::Kind as RequestKind;
+use lsplit_proto::pb::{self, SessionReply, SessionRequest};
+use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb};
+use lsplit_wire::Codec;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{Done, Engine, Step};
+use crate::metrics::Counters;
+use crate::{Limits, ServerError, ServerOptions};
+
+/// State every session and the handle share.
+pub(crate) struct Shared {
+    hidden_size: usize,
+    kv_bytes_per_position: u64,
+    fingerprint: TrunkFingerprint,
+    codecs: Vec<Codec>,
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    pub(crate) active: AtomicUsize,
+    pub(crate) kv_reserved: AtomicU64,
+    next_id: AtomicU64,
+    engine: Engine,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("fingerprint", &self.fingerprint)
+            .field("active", &self.active)
+            .finish()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(
+        part: ModelPart,
+        fingerprint: TrunkFingerprint,
+        options: &ServerOptions,
+    ) -> Result<Self, ServerError> {
+        let c = part.config();
+        let layers = part.spec().layers.len() as u64;
+        let kv_bytes_per_position = layers * 2 * (c.num_kv_heads * c.head_dim) as u64 * 4;
+        let hidden_size = c.hidden_size;
+        let counters = Arc::new(Counters::default());
+        let engine = Engine::start(Arc::new(part), counters.clone())
+            .map_err(|e| ServerError::Config(format!("starting the trunk worker: {e}")))?;
+        Ok(Self {
+            hidden_size,
+            kv_bytes_per_position,
+            fingerprint,
+            codecs: options.codecs.clone(),
+            limits: options.limits.clone(),
+            slots: Arc::new(Semaphore::new(options.limits.max_sessions)),
+            active: AtomicUsize::new(0),
+            kv_reserved: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            engine,
+            counters,
+        })
+    }
+
+    fn limits_pb(&self) -> pb::Limits {
+        pb::Limits {
+            max_sessions: self.limits.max_sessions as u32,
+            max_context: self.limits.max_context as u32,
+            max_message_bytes: self.limits.max_message_bytes as u64,
+            idle_timeout_ms: self.limits.idle_timeout.as_millis() as u64,
+            kv_budget_bytes: self.limits.kv_budget_bytes,
+        }
+    }
+}
+
+/// The gRPC service: the handshake and one task per session stream.
+pub(crate) struct TrunkService {
+    shared: Arc<Shared>,
+}
+
+impl TrunkService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+fn codec_names(codecs: &[Codec]) -> String {
+    codecs
+        .iter()
+        .map(|c| c.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_version(version: u32) -> Result<(), Status> {
+    if version == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!(
+            "the device speaks trunk protocol version {version} but this server speaks version \
+             {PROTOCOL_VERSION}"
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::trunk_server::Trunk for TrunkService {
+    async fn handshake(
+        &self,
+        request: Request<pb::HandshakeRequest>,
+    ) -> Result<Response<pb::HandshakeReply>, Status> {
+        let request = request.into_inner();
+        check_version(request.protocol_version)?;
+        let offered: Vec<Codec> = request
+            .codecs
+            .iter()
+            .filter_map(|&c| codec_from_pb(c).ok())
+            .collect();
+        let codec = offered
+            .iter()
+            .copied()
+            .find(|c| self.shared.codecs.contains(c))
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "no codec in common: the device offers [{}], this server serves [{}]",
+                    codec_names(&offered),
+                    codec_names(&self.shared.codecs)
+                ))
+            })?;
+        Ok(Response::new(pb::HandshakeReply {
+            protocol_version: PROTOCOL_VERSION,
+            codec: codec_to_pb(codec) as i32,
+            fingerprint: Some(self.shared.fingerprint.to_pb()),
+            limits: Some(self.shared.limits_pb()),
+        }))
+    }
+
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<SessionReply, Status>> + Send>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let permit = self.shared.slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the server already serves its limit of {} sessions",
+                self.shared.limits.max_sessions
+            ))
+        })?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(2);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut session = SessionState::new(shared.clone(), permit);
+            let id = session.id;
+            let result = session.run(inbound, &tx).await;
+            drop(session);
+            if let Err(status) = result {
+                shared.counters.errors_total.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(session = id, code = ?status.code(), message = status.message(), "session ended with an error");
+                let idle = shared.limits.idle_timeout;
+                let _ = tokio::time::timeout(idle, tx.send(Err(status))).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One session: its KV cache and what it holds of the server's limits, released on drop.
+struct SessionState {
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+    id: u64,
+    codec: Option<Codec>,
+    cache: Option<KvCache>,
+    position: usize,
+    reserved: u64,
+}
+
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        self.shared
+            .kv_reserved
+            .fetch_sub(self.reserved, Ordering::SeqCst);
+        self.shared.active.fetch_sub(1, Ordering::SeqCst);
+        tracing::debug!(session = self.id, "session closed, KV cache freed");
+    }
+}
+
+impl SessionState {
+    fn new(shared: Arc<Shared>, permit: OwnedSemaphorePermit) -> Self {
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+        Self {
+            shared,
+            _permit: permit,
+            id,
+            codec: None,
+            cache: None,
+            position: 0,
+            reserved: 0,
+        }
+    }
+
+    /// Serves the stream until the device closes it (`Ok`) or a request fails (`Err`).
+    async fn run(
+        &mut self,
+        mut inbound: Streaming<SessionRequest>,
+        tx: &mpsc::Sender<Result<SessionReply, Status>>,
+    ) -> Result<(), Status> {
+        let idle = self.shared.limits.idle_timeout;
+        loop {
+            let message = match tokio::time::timeout(idle, inbound.message()).await {
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "session {} was idle for {} ms: closed and its KV cache freed",
+                        self.id,
+                        idle.as_millis()
+                    )));
+                }
+                Ok(Err(status)) => return Err(status),
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Ok(Some(message))) => message,
+            };
+            let reply = match message.kind {
+                Some(RequestKind::Open(open)) => self.open(open)?,
+                Some(RequestKind::Rows(rows)) => self.step(rows).await?,
+                None => return Err(Status::invalid_argument("empty session request")),
+            };
+            let sent = tokio::time::timeout(idle, tx.send(Ok(SessionReply { kind: Some(reply) })));
+            match sent.await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "session {} did not read its replies for {} ms: closed and its KV cache \
+                         freed",
+                        self.id,
+                        idle.as_millis()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, open: pb::Open) -> Result<ReplyKind, Status> {
+        if self.codec.is_some() {
+            return Err(Status::invalid_argument("the session is already open"));
+        }
+        check_version(open.protocol_version)?;
+        let codec =
+            codec_from_pb(open.codec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !self.shared.codecs.contains(&codec) {
+            return Err(Status::failed_precondition(format!(
+                "codec {codec} is not served here (this server serves [{}])",
+                codec_names(&self.shared.codecs)
+            )));
+        }
+        let ours = &self.shared.fingerprint;
+        if open.fingerprint_sha256 != ours.sha256 {
+            let theirs: String = open
+                .fingerprint_sha256
+                .iter()
+                .take(8)
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            return Err(Status::failed_precondition(format!(
+                "the device expects the trunk with sha256 {theirs} but this server runs {ours}"
+            )));
+        }
+        self.codec = Some(codec);
+        self.cache = Some(KvCache::new(ours.layers.len()));
+        self.shared
+            .counters
+            .sessions_total
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(session = self.id, %codec, "session opened");
+        Ok(ReplyKind::Opened(pb::Opened {
+            session_id: self.id,
+        }))
+    }
+
+    async fn step(&mut self, rows: pb::Rows) -> Result<ReplyKind, Status> {
+        let Some(codec) = self.codec else {
+            return Err(Status::failed_precondition(
+                "unknown session: rows arrived before the session was opened",
+            ));
+        };
+        let rows = lsplit_proto::rows_from_pb(rows)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if rows.codec != codec {
+            return Err(Status::invalid_argument(format!(
+                "rows are encoded in {} but the session's codec is {codec}",
+                rows.codec
+            )));
+        }
+        if rows.width != self.shared.hidden_size {
+            return Err(Status::invalid_argument(format!(
+                "rows are {} values wide but the trunk's hidden size is {}",
+                rows.width, self.shared.hidden_size
+            )));
+        }
+        if rows.rows == 0 {
+            return Err(Status::invalid_argument(
+                "a step must carry at least one row",
+            ));
+        }
+        if rows.start != self.position {
+            return Err(Status::invalid_argument(format!(
+                "rows start at position {} but the session is at position {}",
+                rows.start, self.position
+            )));
+        }
+        let end = self.position + rows.rows;
+        let limit = self.shared.limits.max_context;
+        if end > limit {
+            return Err(Status::resource_exhausted(format!(
+                "the session would reach {end} positions, past this server's limit of {limit}"
+            )));
+        }
+        self.reserve(end as u64 * self.shared.kv_bytes_per_position)?;
+        let counters = &self.shared.counters;
+        counters
+            .bytes_in_total
+            .fetch_add(rows.bytes.len() as u64, Ordering::Relaxed);
+
+        let cache = self
+            .cache
+            .take()
+            .ok_or_else(|| Status::internal("session cache lost"))?;
+        let (reply, done) = oneshot::channel();
+        self.shared.engine.submit(Step { cache, rows, reply })?;
+        let Done { cache, output } = done
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?;
+        self.cache = Some(cache);
+        let output = output?;
+        self.position = end;
+        counters.steps_total.fetch_add(1, Ordering::Relaxed);
+        counters
+            .rows_total
+            .fetch_add(output.rows as u64, Ordering::Relaxed);
+        counters
+            .bytes_out_total
+            .fetch_add(output.bytes.len() as u64, Ordering::Relaxed);
+        Ok(ReplyKind::Rows(lsplit_proto::rows_to_pb(&output)))
+    }
+
+    /// Grows this session's share of the KV budget to `bytes`, or refuses the step.
+    fn reserve(&mut self, bytes: u64) -> Result<(), Status> {
+        let extra = bytes.saturating_sub(self.reserved);
+        let budget = self.shared.limits.kv_budget_bytes;
+        let granted =
+            self.shared
+                .kv_reserved
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                    (held + extra <= budget).then_some(held + extra)
+                });
+        match granted {
+            Ok(_) => {
+                self.reserved += extra;
+                Ok(())
+            }
+            Err(held) => Err(Status::resource_exhausted(format!(
+                "the step needs {extra} more bytes of KV cache but the server's budget of \
+                 {budget} bytes has {} left",
+                budget.saturating_sub(held)
+            ))),
+        }
+    }
+}
