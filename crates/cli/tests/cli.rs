@@ -175,3 +175,60 @@ fn inspect_prints_what_each_part_holds() {
         .collect();
     assert_eq!(whole_row[..3], ["whole", "0..30", "272"]);
 }
+
+#[test]
+fn bench_reports_both_configurations_and_can_measure_one() {
+    let model = model();
+    let common = [
+        "bench",
+        "--model",
+        &model,
+        "--runs",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--decode-tokens",
+        "3",
+        "--split",
+        "4:26",
+    ];
+    let out = lsplit(&common);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("split 4:26, codec f32, 2 runs (median)"),
+        "{text}"
+    );
+    for row in ["prefill 8 tokens (tok/s)", "decode 3 tokens (tok/s)"] {
+        let line = text.lines().find(|l| l.starts_with(row)).expect(row);
+        let numbers: Vec<f64> = line[row.len()..]
+            .split_whitespace()
+            .map(|n| n.parse().expect("number"))
+            .collect();
+        assert_eq!(numbers.len(), 3, "{line}");
+        assert!(numbers.iter().all(|n| *n > 0.0), "{line}");
+    }
+
+    let mut json_args = common.to_vec();
+    json_args.extend(["--only", "split", "--json"]);
+    let out = lsplit(&json_args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = stdout(&out);
+    assert!(
+        json.starts_with("{\"layers\":30,\"split\":\"4:26\""),
+        "{json}"
+    );
+    assert!(json.contains("\"split\":{\"prefill\":["), "{json}");
+    assert!(
+        !json.contains("\"unsplit\""),
+        "--only split measures the split alone: {json}"
+    );
+
+    let out = lsplit(&["bench", "--model", &model, "--no-split"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("give --split or -n, not --no-split"),
+        "{}",
+        stderr(&out)
+    );
+}

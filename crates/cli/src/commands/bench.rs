@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use lsplit_model::{ModelPart, SplitPlan};
 use lsplit_split::{DeviceModel, LocalTrunk, Sampler, SamplingParams, Session, Trunk};
+use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
 use crate::args::{ModelArgs, SplitArgs};
@@ -31,11 +33,54 @@ pub struct BenchArgs {
     /// Codec of the split's hidden rows
     #[arg(long, default_value_t = Codec::F32)]
     pub codec: Codec,
+    /// Measure only this configuration; only it is loaded, so the peak memory is its own
+    #[arg(long, value_name = "CONFIG")]
+    pub only: Option<Config>,
+    /// Pass one token through each configuration, untimed, before the runs
+    #[arg(long)]
+    pub warmup: bool,
+    /// Print every run and the medians as one JSON object instead of the table
+    #[arg(long)]
+    pub json: bool,
 }
 
+/// A configuration that `lsplit bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Config {
+    /// The whole model in one part
+    Unsplit,
+    /// The split, with the trunk in-process
+    Split,
+}
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Unsplit => "unsplit",
+            Self::Split => "split",
+        }
+    }
+}
+
+#[derive(Default)]
 struct Measure {
     prefill: Vec<f64>,
     decode: Vec<f64>,
+}
+
+impl Measure {
+    /// Median prefill and decode tokens/s.
+    fn medians(&self) -> [f64; 2] {
+        [median(&self.prefill), median(&self.decode)]
+    }
+}
+
+/// One measured configuration: its device model, its in-process trunk if split, its runs.
+struct Column {
+    config: Config,
+    model: DeviceModel,
+    trunk: Option<Arc<ModelPart>>,
+    measure: Measure,
 }
 
 /// Runs the command.
@@ -53,43 +98,52 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "bench compares a split with the unsplit model: give --split or -n, not --no-split",
     )?;
     let device = candle_core::Device::Cpu;
-    let unsplit = DeviceModel::unsplit(&source, tokenizer.clone(), &device)?;
-    let split = DeviceModel::split(&source, plan, tokenizer.clone(), args.codec, &device)?;
-    let trunk_part = Arc::new(source.load_part(&plan.trunk(), &device)?);
-    let prompt = bench_prompt(&unsplit, args.prompt_tokens)?;
+    let mut columns = Vec::new();
+    if args.only != Some(Config::Split) {
+        columns.push(Column {
+            config: Config::Unsplit,
+            model: DeviceModel::unsplit(&source, tokenizer.clone(), &device)?,
+            trunk: None,
+            measure: Measure::default(),
+        });
+    }
+    if args.only != Some(Config::Unsplit) {
+        columns.push(Column {
+            config: Config::Split,
+            model: DeviceModel::split(&source, plan, tokenizer.clone(), args.codec, &device)?,
+            trunk: Some(Arc::new(source.load_part(&plan.trunk(), &device)?)),
+            measure: Measure::default(),
+        });
+    }
+    let prompt = bench_prompt(&tokenizer, args.prompt_tokens)?;
 
-    let progress = ProgressBar::new((2 * args.runs) as u64).with_style(
+    if args.warmup {
+        for column in &columns {
+            session(&column.model, &column.trunk)?.forward(&prompt[..1])?;
+        }
+    }
+    let progress = ProgressBar::new((columns.len() * args.runs) as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}")
             .context("progress bar template")?,
     );
     progress.set_message("benchmarking");
-    let mut whole = Measure {
-        prefill: Vec::new(),
-        decode: Vec::new(),
-    };
-    let mut parts = Measure {
-        prefill: Vec::new(),
-        decode: Vec::new(),
-    };
     for _ in 0..args.runs {
-        run_once(
-            unsplit.session(None)?,
-            &prompt,
-            args.decode_tokens,
-            &mut whole,
-        )?;
-        progress.inc(1);
-        let trunk: Box<dyn Trunk> = Box::new(LocalTrunk::new(trunk_part.clone()));
-        run_once(
-            split.session(Some(trunk))?,
-            &prompt,
-            args.decode_tokens,
-            &mut parts,
-        )?;
-        progress.inc(1);
+        for column in &mut columns {
+            run_once(
+                session(&column.model, &column.trunk)?,
+                &prompt,
+                args.decode_tokens,
+                &mut column.measure,
+            )?;
+            progress.inc(1);
+        }
     }
     progress.finish_and_clear();
 
+    if args.json {
+        print_json(&args, config.num_layers, plan, &columns);
+        return Ok(());
+    }
     println!(
         "model: {} ({} layers), split {plan}, codec {}, {} runs (median)",
         source.path().display(),
@@ -97,33 +151,77 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.codec,
         args.runs
     );
-    println!(
-        "{:<28} {:>12} {:>12} {:>14}",
-        "measure", "unsplit", "split", "split/unsplit"
-    );
-    for (name, a, b) in [
-        (
-            format!("prefill {} tokens (tok/s)", args.prompt_tokens),
-            median(&mut whole.prefill),
-            median(&mut parts.prefill),
-        ),
-        (
-            format!("decode {} tokens (tok/s)", args.decode_tokens),
-            median(&mut whole.decode),
-            median(&mut parts.decode),
-        ),
-    ] {
-        println!("{name:<28} {a:>12.1} {b:>12.1} {:>14.3}", b / a);
+    print!("{:<28}", "measure");
+    for column in &columns {
+        print!(" {:>12}", column.config.name());
+    }
+    if columns.len() == 2 {
+        print!(" {:>14}", "split/unsplit");
+    }
+    println!();
+    let names = [
+        format!("prefill {} tokens (tok/s)", args.prompt_tokens),
+        format!("decode {} tokens (tok/s)", args.decode_tokens),
+    ];
+    for (row, name) in names.iter().enumerate() {
+        let values: Vec<f64> = columns.iter().map(|c| c.measure.medians()[row]).collect();
+        print!("{name:<28}");
+        for value in &values {
+            print!(" {value:>12.1}");
+        }
+        if let [a, b] = values[..] {
+            print!(" {:>14.3}", b / a);
+        }
+        println!();
     }
     Ok(())
 }
 
+/// A new session of a column's model, with a fresh in-process trunk if it is split.
+fn session<'a>(
+    model: &'a DeviceModel,
+    trunk: &Option<Arc<ModelPart>>,
+) -> anyhow::Result<Session<'a>> {
+    let trunk = trunk
+        .clone()
+        .map(|part| Box::new(LocalTrunk::new(part)) as Box<dyn Trunk>);
+    Ok(model.session(trunk)?)
+}
+
+/// Prints the options, every run and the medians of each configuration as one JSON object.
+fn print_json(args: &BenchArgs, layers: usize, plan: SplitPlan, columns: &[Column]) {
+    let list = |values: &[f64]| {
+        let items: Vec<String> = values.iter().map(f64::to_string).collect();
+        items.join(",")
+    };
+    let configs: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            let [prefill, decode] = c.measure.medians();
+            format!(
+                r#""{}":{{"prefill":[{}],"decode":[{}],"prefill_median":{prefill},"decode_median":{decode}}}"#,
+                c.config.name(),
+                list(&c.measure.prefill),
+                list(&c.measure.decode),
+            )
+        })
+        .collect();
+    println!(
+        r#"{{"layers":{layers},"split":"{plan}","codec":"{}","prompt_tokens":{},"decode_tokens":{},"runs":{},{}}}"#,
+        args.codec,
+        args.prompt_tokens,
+        args.decode_tokens,
+        args.runs,
+        configs.join(",")
+    );
+}
+
 /// A prompt of exactly `tokens` tokens, from ordinary English text repeated as needed.
-fn bench_prompt(model: &DeviceModel, tokens: usize) -> anyhow::Result<Vec<u32>> {
+fn bench_prompt(tokenizer: &Tokenizer, tokens: usize) -> anyhow::Result<Vec<u32>> {
     const TEXT: &str = "The lighthouse keeper climbed the spiral stairs every evening, counting \
         the steps, watching the ships pass in the fading light, and writing in his logbook \
         about the weather, the tides and the birds that nested on the rocks below. ";
-    let piece = model.tokenizer().encode(TEXT, false)?;
+    let piece = tokenizer.encode(TEXT, false)?;
     anyhow::ensure!(!piece.is_empty(), "the tokenizer produced no tokens");
     Ok(piece.iter().copied().cycle().take(tokens).collect())
 }
@@ -153,7 +251,8 @@ fn rate(count: usize, time: Duration) -> f64 {
     count as f64 / time.as_secs_f64().max(f64::MIN_POSITIVE)
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }

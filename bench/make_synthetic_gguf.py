@@ -1,0 +1,155 @@
+"""Write a synthetic GGUF model of TinyLlama-1.1B's shape, with seeded random weights.
+
+Purpose: a model about eight times the size of SmolLM2-135M for `bench/vs_llama_cpp.py`, which
+times llama.cpp and lsplit on the same file. The weights are random (normal, std 0.02, from a
+seeded generator; norms are ones), so the model writes gibberish, but its speed is that of a
+trained model of the same shape and tensor types: random weights are fine for speed.
+
+Shape: llama architecture, 22 layers, hidden size 2048, 32 attention heads with 4 KV heads (head
+size 64), FFN 5632, context 2048, RoPE base 10000, RMS norm epsilon 1e-5; vocabulary 49152 with
+SmolLM2's tokenizer metadata (every `tokenizer.*` key) copied from the real SmolLM2 GGUF, so both
+engines tokenize as they do for SmolLM2. Embeddings are untied, as in TinyLlama: the file holds
+`token_embd.weight` and `output.weight`. Every matrix, embeddings and LM head included, is in the
+chosen type (Q4_0 or Q8_0); the norms are F32.
+
+Not run by CI. Run it with the Python of the benchmark's virtual environment (it needs numpy and
+the `gguf` package), e.g.
+
+    ~/.cache/lambda-split/llama-venv/bin/python bench/make_synthetic_gguf.py \\
+        --tokenizer-from ~/.cache/lambda-split/models/SmolLM2-135M-Instruct.Q4_1.gguf --type q4_0
+
+It writes `tinyllama-1.1b-shape-random.<type>.gguf` into `--out-dir` (default
+~/.cache/lambda-split/synthetic; never into the repository: weights are not committed) and prints
+the path. An existing file is kept unless `--force` is given.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import quant_shape_to_byte_shape, quantize
+
+LAYERS = 22
+HIDDEN = 2048
+HEADS = 32
+KV_HEADS = 4
+HEAD_DIM = HIDDEN // HEADS
+FFN = 5632
+VOCAB = 49152
+CONTEXT = 2048
+ROPE_BASE = 10000.0
+RMS_EPS = 1e-5
+WEIGHT_STD = 0.02
+
+TYPES = {
+    "q4_0": (GGMLQuantizationType.Q4_0, 2),  # (tensor type, general.file_type)
+    "q8_0": (GGMLQuantizationType.Q8_0, 7),
+}
+
+DEFAULT_OUT_DIR = Path.home() / ".cache" / "lambda-split" / "synthetic"
+
+
+def tensor_shapes() -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor's name and numpy shape (rows = output features), in file order."""
+    kv = KV_HEADS * HEAD_DIM
+    shapes = [("token_embd.weight", (VOCAB, HIDDEN))]
+    for i in range(LAYERS):
+        shapes += [
+            (f"blk.{i}.attn_norm.weight", (HIDDEN,)),
+            (f"blk.{i}.attn_q.weight", (HIDDEN, HIDDEN)),
+            (f"blk.{i}.attn_k.weight", (kv, HIDDEN)),
+            (f"blk.{i}.attn_v.weight", (kv, HIDDEN)),
+            (f"blk.{i}.attn_output.weight", (HIDDEN, HIDDEN)),
+            (f"blk.{i}.ffn_norm.weight", (HIDDEN,)),
+            (f"blk.{i}.ffn_gate.weight", (FFN, HIDDEN)),
+            (f"blk.{i}.ffn_up.weight", (FFN, HIDDEN)),
+            (f"blk.{i}.ffn_down.weight", (HIDDEN, FFN)),
+        ]
+    shapes += [("output_norm.weight", (HIDDEN,)), ("output.weight", (VOCAB, HIDDEN))]
+    return shapes
+
+
+def copy_tokenizer_metadata(writer: GGUFWriter, source: Path) -> None:
+    """Copies every `tokenizer.*` key of `source` into `writer`."""
+    reader = GGUFReader(source)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    if len(tokens) != VOCAB:
+        raise SystemExit(f"{source} has {len(tokens)} tokens; the synthetic model needs {VOCAB}")
+
+
+def write_model(path: Path, qtype: GGMLQuantizationType, file_type: int, tokenizer_from: Path,
+                seed: int) -> None:
+    writer = GGUFWriter(path, "llama")
+    writer.add_name(f"TinyLlama-1.1B shape, random weights (seed {seed})")
+    writer.add_description("Synthetic benchmark model: random weights, not a trained model")
+    writer.add_context_length(CONTEXT)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_dimension_count(HEAD_DIM)
+    writer.add_rope_freq_base(ROPE_BASE)
+    writer.add_layer_norm_rms_eps(RMS_EPS)
+    writer.add_vocab_size(VOCAB)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(2)
+    copy_tokenizer_metadata(writer, tokenizer_from)
+
+    # Tensor infos first, then the data tensor by tensor, so that only one tensor is in memory.
+    shapes = tensor_shapes()
+    for name, shape in shapes:
+        if len(shape) == 1:
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])
+        else:
+            byte_shape = quant_shape_to_byte_shape(shape, qtype)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8),
+                                   int(np.prod(byte_shape)), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    for n, (name, shape) in enumerate(shapes, 1):
+        if len(shape) == 1:
+            data = np.ones(shape, dtype=np.float32)
+        else:
+            weights = rng.standard_normal(shape, dtype=np.float32) * np.float32(WEIGHT_STD)
+            data = quantize(weights, qtype)
+        writer.write_tensor_data(data)
+        print(f"\r{n}/{len(shapes)} tensors", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer-from", type=Path, required=True,
+                        help="a GGUF file with SmolLM2's tokenizer (the default lsplit model)")
+    parser.add_argument("--type", choices=sorted(TYPES), required=True,
+                        help="tensor type of the matrices")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rewrite an existing file")
+    args = parser.parse_args()
+
+    path = args.out_dir / f"tinyllama-1.1b-shape-random.{args.type}.gguf"
+    if args.force or not path.exists():
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        qtype, file_type = TYPES[args.type]
+        write_model(partial, qtype, file_type, args.tokenizer_from, args.seed)
+        os.replace(partial, path)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
