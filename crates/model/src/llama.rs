@@ -257,8 +257,9 @@ impl ModelPart {
         Ok(())
     }
 
-    /// Attention of one session of a batch, from its rows of the batch's projections
-    /// `(1, rows, heads * head_dim)`; the same operations as the solo path.
+    /// Attention of one session from its query, key and value projections
+    /// `(1, rows, heads * head_dim)`. The solo and the batched paths both run it, so a batch
+    /// computes exactly what each of its sessions would alone.
     fn session_attention(
         &self,
         index: usize,
@@ -359,42 +360,12 @@ impl ModelPart {
         mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let c = &self.config;
-        let (_, rows, _) = h.dims3()?;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((1, rows, n, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = heads(layer.wq.forward(h)?, c.num_heads)?;
-        let k = heads(layer.wk.forward(h)?, c.num_kv_heads)?;
-        let v = heads(layer.wv.forward(h)?, c.num_kv_heads)?;
-        let (q, k) = if c.rope_interleaved {
-            (
-                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-            )
-        } else {
-            (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            )
-        };
-        let (k, v) = cache.append(index, &k, &v)?;
-        let group = c.num_heads / c.num_kv_heads;
-        let k = repeat_kv(&k, group)?;
-        let v = repeat_kv(&v, group)?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = probs.matmul(&v)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((1, rows, c.num_heads * c.head_dim))?;
+        let (q, k, v) = (
+            layer.wq.forward(h)?,
+            layer.wk.forward(h)?,
+            layer.wv.forward(h)?,
+        );
+        let y = self.session_attention(index, (&q, &k, &v), (cos, sin, mask), cache)?;
         Ok(layer.wo.forward(&y)?)
     }
 
