@@ -111,36 +111,8 @@ impl ModelPart {
     /// Runs this part's layers over hidden rows `(rows, hidden)` that start at sequence
     /// position `start`, appending to `cache`; returns rows of the same shape.
     pub fn forward(&self, hidden: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let (rows, width) = match hidden.dims() {
-            &[rows, width] if width == self.config.hidden_size && rows > 0 => (rows, width),
-            dims => {
-                return Err(ModelError::HiddenShape {
-                    got: dims.to_vec(),
-                    hidden: self.config.hidden_size,
-                });
-            }
-        };
-        if cache.layer_count() != self.layers.len() {
-            return Err(ModelError::Config(format!(
-                "KV cache has {} layers but the {} part runs {}",
-                cache.layer_count(),
-                self.spec.kind.name(),
-                self.layers.len()
-            )));
-        }
-        if start != cache.len() {
-            return Err(ModelError::Position {
-                expected: cache.len(),
-                got: start,
-            });
-        }
-        let end = start + rows;
-        if end > self.config.context_length {
-            return Err(ModelError::ContextOverflow {
-                requested: end,
-                context: self.config.context_length,
-            });
-        }
+        let rows = self.check_rows(hidden, start, cache)?;
+        let width = self.config.hidden_size;
         if self.layers.is_empty() {
             cache.advance(rows);
             return Ok(hidden.clone());
@@ -167,7 +139,7 @@ impl ModelPart {
         batch: &mut [(&Tensor, usize, &mut KvCache)],
     ) -> Result<Vec<Tensor>> {
         for (hidden, start, cache) in batch.iter() {
-            self.check_batch_item(hidden, *start, cache)?;
+            self.check_rows(hidden, *start, cache)?;
         }
         let width = self.config.hidden_size;
         let rows: Vec<usize> = batch.iter().map(|(h, _, _)| h.dims()[0]).collect();
@@ -223,8 +195,9 @@ impl ModelPart {
         Ok(outputs)
     }
 
-    /// The checks of [`ModelPart::forward`], for one item of a batch.
-    fn check_batch_item(&self, hidden: &Tensor, start: usize, cache: &KvCache) -> Result<()> {
+    /// Checks rows before any cache is touched: their shape, the cache's part, the position
+    /// they start at and the context they need. Returns the number of rows.
+    fn check_rows(&self, hidden: &Tensor, start: usize, cache: &KvCache) -> Result<usize> {
         let rows = match hidden.dims() {
             &[rows, width] if width == self.config.hidden_size && rows > 0 => rows,
             dims => {
@@ -254,7 +227,7 @@ impl ModelPart {
                 context: self.config.context_length,
             });
         }
-        Ok(())
+        Ok(rows)
     }
 
     /// Attention of one session from its query, key and value projections

@@ -86,6 +86,22 @@ pub fn rows_from_pb(rows: pb::Rows) -> Result<HiddenRows, ProtoError> {
     })
 }
 
+/// An error and its sources, joined into one line: transport errors hide the useful part
+/// (the TLS or connection failure) in the chain, and both ends report them to people.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::trunk_client::TrunkClient;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
-use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb};
+use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb, error_chain};
 use lsplit_split::{Trunk, TrunkError};
 use lsplit_wire::{Codec, HiddenRows};
 use tokio::sync::mpsc;
@@ -585,19 +585,4 @@ fn status_chain(status: &Status) -> String {
         Some(source) => format!("{}: {}", status.message(), error_chain(source)),
         None => status.message().to_string(),
     }
-}
-
-/// An error and its sources, joined: transport errors hide the useful part in the chain.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lsplit_model::ModelPart;
-use lsplit_proto::TrunkFingerprint;
+use lsplit_proto::{TrunkFingerprint, error_chain};
 use lsplit_wire::Codec;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
@@ -229,19 +229,4 @@ impl TrunkServer {
             .map_err(|e| ServerError::Transport(error_chain(&e)))?;
         Ok(())
     }
-}
-
-/// An error and its sources, joined: transport errors hide the useful part in the chain.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
