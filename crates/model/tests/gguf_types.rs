@@ -9,67 +9,19 @@
 
 mod common;
 
-use std::fs::File;
-use std::io::BufReader;
 use std::path::Path;
 
+use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_core::quantized::gguf_file::Value;
 use common::{
-    GgufModel, HEAD_DIM, LAYERS, PROMPT, SplitRun, argmax, bits, max_abs_diff, qtensor, whole_step,
+    GgufModel, HEAD_DIM, LAYERS, PROMPT, SplitRun, bits, candle_greedy, max_abs_diff, ours_greedy,
+    qtensor,
 };
 use lsplit_model::{ModelSource, PartSpec, RopeScaling, SplitPlan};
 
 /// Greedy tokens generated after the prompt.
 const STEPS: usize = 16;
-
-/// Our whole model: greedy tokens and the logits of each step (prefill first).
-fn ours(source: &ModelSource) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let part = source
-        .load_part(&PartSpec::whole(LAYERS), &Device::Cpu)
-        .expect("load whole model");
-    let mut cache = part.new_cache();
-    let mut logits = vec![whole_step(&part, &mut cache, &PROMPT)];
-    let mut tokens = Vec::new();
-    for _ in 0..STEPS {
-        let next = argmax(logits.last().expect("logits"));
-        tokens.push(next);
-        if tokens.len() < STEPS {
-            logits.push(whole_step(&part, &mut cache, &[next]));
-        }
-    }
-    (tokens, logits)
-}
-
-/// candle-transformers' quantized llama on the same file.
-fn reference(path: &Path) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let mut reader = BufReader::new(File::open(path).expect("open"));
-    let content = Content::read(&mut reader).expect("read GGUF");
-    let mut model =
-        ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).expect("candle model");
-    let run = |model: &mut ModelWeights, tokens: &[u32], pos: usize| -> Vec<f32> {
-        let x = Tensor::new(tokens, &Device::Cpu)
-            .and_then(|t| t.unsqueeze(0))
-            .expect("input");
-        model
-            .forward(&x, pos)
-            .and_then(|l| l.squeeze(0))
-            .and_then(|l| l.to_vec1())
-            .expect("candle forward")
-    };
-    let mut logits = vec![run(&mut model, &PROMPT, 0)];
-    let mut tokens = Vec::new();
-    for i in 0..STEPS {
-        let next = argmax(logits.last().expect("logits"));
-        tokens.push(next);
-        if tokens.len() < STEPS {
-            logits.push(run(&mut model, &[next], PROMPT.len() + i));
-        }
-    }
-    (tokens, logits)
-}
 
 /// Decode steps at which splits are compared with the unsplit run (after the prefill).
 const SPLIT_STEPS: usize = 5;
@@ -118,8 +70,8 @@ fn check_type(dtype: GgmlDType, seed: u64) {
             .expect("embeddings");
         assert_eq!(embd.dtype, format!("{dtype:?}").to_lowercase(), "{label}");
 
-        let (tokens, logits) = ours(&source);
-        let (ref_tokens, ref_logits) = reference(&path);
+        let (tokens, logits) = ours_greedy(&source, &PROMPT, STEPS);
+        let (ref_tokens, ref_logits) = candle_greedy(&path, &PROMPT, STEPS);
         assert_eq!(
             tokens, ref_tokens,
             "{label}: greedy tokens vs candle-transformers"
@@ -206,15 +158,7 @@ fn types_candle_cannot_read_are_clean_errors() {
 /// Logits after the prompt and 3 greedy steps of a whole model loaded from `path`.
 fn logits_of(path: &Path) -> (ModelSource, Vec<Vec<f32>>) {
     let source = ModelSource::open(path).expect("open");
-    let part = source
-        .load_part(&PartSpec::whole(LAYERS), &Device::Cpu)
-        .expect("load");
-    let mut cache = part.new_cache();
-    let mut all = vec![whole_step(&part, &mut cache, &PROMPT)];
-    for _ in 0..3 {
-        let next = argmax(all.last().expect("logits"));
-        all.push(whole_step(&part, &mut cache, &[next]));
-    }
+    let (_, all) = ours_greedy(&source, &PROMPT, 4);
     (source, all)
 }
 

@@ -3,12 +3,15 @@
 
 #![allow(dead_code)]
 
+use std::fs::File;
+use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use lsplit_model::{KvCache, ModelPart};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use lsplit_model::{KvCache, ModelPart, ModelSource, PartSpec};
 
 /// Shape of the synthetic models: big enough for K-quants' 256-value blocks, small enough to
 /// quantize and run in milliseconds.
@@ -189,6 +192,62 @@ pub fn whole_step(part: &ModelPart, cache: &mut KvCache, tokens: &[u32]) -> Vec<
         .expect("logits")
         .to_vec1()
         .expect("to_vec1")
+}
+
+/// Greedy decoding with our whole model: `steps` tokens after `prompt`, and the logits of each
+/// step (prefill first).
+pub fn ours_greedy(
+    source: &ModelSource,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let part = source
+        .load_part(&PartSpec::whole(source.config().num_layers), &Device::Cpu)
+        .expect("load whole model");
+    let mut cache = part.new_cache();
+    greedy(prompt, steps, |tokens| {
+        whole_step(&part, &mut cache, tokens)
+    })
+}
+
+/// The same greedy decoding with candle-transformers' quantized llama on the same GGUF file.
+pub fn candle_greedy(path: &Path, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut reader = BufReader::new(File::open(path).expect("open"));
+    let content = gguf_file::Content::read(&mut reader).expect("read GGUF");
+    let mut model =
+        ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).expect("candle model");
+    let mut position = 0;
+    greedy(prompt, steps, |tokens| {
+        let x = Tensor::new(tokens, &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("input");
+        let logits = model
+            .forward(&x, position)
+            .and_then(|l| l.squeeze(0))
+            .and_then(|l| l.to_vec1())
+            .expect("candle forward");
+        position += tokens.len();
+        logits
+    })
+}
+
+/// Feeds `prompt`, then each greedy choice, to `step`; returns the tokens and every step's
+/// logits (no step is run for the last token).
+fn greedy(
+    prompt: &[u32],
+    steps: usize,
+    mut step: impl FnMut(&[u32]) -> Vec<f32>,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut logits = vec![step(prompt)];
+    let mut tokens = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(logits.last().expect("logits"));
+        tokens.push(next);
+        if tokens.len() < steps {
+            logits.push(step(&[next]));
+        }
+    }
+    (tokens, logits)
 }
 
 /// A split run as three parts, each with its own cache, passing hidden rows as f32 tensors.
