@@ -1,27 +1,28 @@
 //! The decoder itself: one struct per piece, a `forward` to read top to bottom.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 
+use crate::kernels::Linear;
 use crate::{KvCache, LlamaConfig, ModelError, PartSpec, Result, TensorRecord};
 
 /// One decoder layer: pre-norm attention then pre-norm SwiGLU feed-forward.
 pub(crate) struct Layer {
     pub(crate) attn_norm: Tensor,
-    pub(crate) wq: QMatMul,
-    pub(crate) wk: QMatMul,
-    pub(crate) wv: QMatMul,
-    pub(crate) wo: QMatMul,
+    pub(crate) wq: Linear,
+    pub(crate) wk: Linear,
+    pub(crate) wv: Linear,
+    pub(crate) wo: Linear,
     pub(crate) ffn_norm: Tensor,
-    pub(crate) w_gate: QMatMul,
-    pub(crate) w_up: QMatMul,
-    pub(crate) w_down: QMatMul,
+    pub(crate) w_gate: Linear,
+    pub(crate) w_up: Linear,
+    pub(crate) w_down: Linear,
 }
 
 /// Final norm and LM head, held by the tail (or the whole model).
 pub(crate) struct OutputHead {
     pub(crate) norm: Tensor,
-    pub(crate) lm_head: QMatMul,
+    pub(crate) lm_head: Linear,
 }
 
 /// One loaded part of a split model: the embeddings (head), a range of layers, and the output
