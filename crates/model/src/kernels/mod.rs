@@ -13,7 +13,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
 use rayon::prelude::*;
 
-use dot::{ActBlock, BLOCK, Format, dot_rows};
+use dot::{ActBlock, BLOCK, Format, TILE, dot_tile, repack};
 
 /// Below this many multiply-adds a product runs on the calling thread: handing it to the
 /// thread pool would cost more than it saves.
@@ -49,10 +49,10 @@ impl Linear {
     }
 }
 
-/// Q4_0, Q4_1 or Q8_0 weights `(rows, cols)` in their GGUF blocks, shared with candle's tensor.
-#[derive(Debug, Clone)]
+/// Q4_0, Q4_1 or Q8_0 weights `(rows, cols)`, repacked into tiles of four rows.
+#[derive(Clone)]
 pub(crate) struct QuantMatrix {
-    tensor: Arc<QTensor>,
+    tiles: Arc<Vec<u8>>,
     format: Format,
     rows: usize,
     cols: usize,
@@ -72,13 +72,29 @@ impl QuantMatrix {
             return None;
         }
         let cpu = tensor.device().is_cpu();
-        let bytes = rows * cols / BLOCK * format.block_bytes();
-        (cpu && cols % BLOCK == 0 && tensor.storage_size_in_bytes() == bytes).then_some(Self {
-            tensor,
+        let blocks = cols / BLOCK;
+        let bytes = rows * blocks * format.block_bytes();
+        let fits = cols % BLOCK == 0 && rows % TILE == 0;
+        if !cpu || !fits || tensor.storage_size_in_bytes() != bytes {
+            return None;
+        }
+        let gguf = tensor.data().ok()?;
+        Some(Self {
+            tiles: Arc::new(repack(format, &gguf, rows, blocks)),
             format,
             rows,
             cols,
         })
+    }
+}
+
+impl std::fmt::Debug for QuantMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuantMatrix")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
     }
 }
 
@@ -118,11 +134,10 @@ impl CustomOp1 for QuantMatrix {
         }
         let m = outer.iter().product::<usize>();
         let x = &storage.as_slice::<f32>()?[layout.start_offset()..][..m * self.cols];
-        let weights = self.tensor.data()?;
         let mut out = vec![0f32; m * self.rows];
         matmul(
             self.format,
-            &weights,
+            &self.tiles,
             (m, self.cols, self.rows),
             x,
             &mut out,
@@ -133,30 +148,34 @@ impl CustomOp1 for QuantMatrix {
     }
 }
 
-/// `out (m, n) = x (m, k) @ Wᵀ` for weights `w` of `n` rows in `format`.
-fn matmul(format: Format, w: &[u8], (m, k, n): (usize, usize, usize), x: &[f32], out: &mut [f32]) {
+/// `out (m, n) = x (m, k) @ Wᵀ` for weights of `n` rows in `format`, repacked into `tiles`.
+fn matmul(
+    format: Format,
+    tiles: &[u8],
+    (m, k, n): (usize, usize, usize),
+    x: &[f32],
+    out: &mut [f32],
+) {
     let blocks = k / BLOCK;
-    let row_bytes = blocks * format.block_bytes();
+    let tile_bytes = TILE * blocks * format.block_bytes();
     let acts: Vec<ActBlock> = x.chunks_exact(BLOCK).map(ActBlock::quantize).collect();
     let threads = rayon::current_num_threads();
-    let chunk = n.div_ceil(threads * 4).max(16);
-    // Each task fills whole columns (one weight row against every activation row), so the
+    let tiles_per_task = (n / TILE).div_ceil(threads * 4).max(4);
+    // Each task fills whole columns (four weight rows against every activation row), so the
     // results are laid out column by column and transposed at the end.
     let mut by_column = vec![0f32; n * m];
     let task = |(c, dst): (usize, &mut [f32])| {
-        for (j, column) in dst.chunks_exact_mut(m).enumerate() {
-            let row = c * chunk + j;
-            let weights = &w[row * row_bytes..(row + 1) * row_bytes];
-            dot_column(format, weights, &acts, blocks, column);
+        for (t, columns) in dst.chunks_exact_mut(TILE * m).enumerate() {
+            let tile = c * tiles_per_task + t;
+            let weights = &tiles[tile * tile_bytes..(tile + 1) * tile_bytes];
+            dot_columns(format, weights, &acts, blocks, columns);
         }
     };
+    let chunk = tiles_per_task * TILE * m;
     if threads == 1 || m * n * k < SERIAL_WORK {
-        by_column.chunks_mut(chunk * m).enumerate().for_each(task);
+        by_column.chunks_mut(chunk).enumerate().for_each(task);
     } else {
-        by_column
-            .par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(task);
+        by_column.par_chunks_mut(chunk).enumerate().for_each(task);
     }
     for (j, column) in by_column.chunks_exact(m).enumerate() {
         for (i, &v) in column.iter().enumerate() {
@@ -165,37 +184,45 @@ fn matmul(format: Format, w: &[u8], (m, k, n): (usize, usize, usize), x: &[f32],
     }
 }
 
-/// One weight row against every activation row, four at a time.
-fn dot_column(format: Format, w: &[u8], acts: &[ActBlock], blocks: usize, column: &mut [f32]) {
+/// One tile of four weight rows against every activation row, up to four at a time;
+/// `columns` holds the four weight rows' results one after the other.
+fn dot_columns(format: Format, tile: &[u8], acts: &[ActBlock], blocks: usize, columns: &mut [f32]) {
+    let m = columns.len() / TILE;
     let row = |i: usize| &acts[i * blocks..(i + 1) * blocks];
-    let mut quads = column.chunks_exact_mut(4);
+    let mut store = |i: usize, results: &[[f32; TILE]]| {
+        for (r, result) in results.iter().enumerate() {
+            for (w, &v) in result.iter().enumerate() {
+                columns[w * m + i + r] = v;
+            }
+        }
+    };
     let mut i = 0;
-    for quad in &mut quads {
-        let mut o = [0f32; 4];
-        dot_rows(
+    while i + 4 <= m {
+        let mut o = [[0f32; TILE]; 4];
+        dot_tile(
             format,
-            w,
+            tile,
             [row(i), row(i + 1), row(i + 2), row(i + 3)],
             &mut o,
         );
-        quad.copy_from_slice(&o);
+        store(i, &o);
         i += 4;
     }
-    match quads.into_remainder() {
-        [a, b, c] => {
-            let mut o = [0f32; 3];
-            dot_rows(format, w, [row(i), row(i + 1), row(i + 2)], &mut o);
-            [*a, *b, *c] = o;
+    match m - i {
+        3 => {
+            let mut o = [[0f32; TILE]; 3];
+            dot_tile(format, tile, [row(i), row(i + 1), row(i + 2)], &mut o);
+            store(i, &o);
         }
-        [a, b] => {
-            let mut o = [0f32; 2];
-            dot_rows(format, w, [row(i), row(i + 1)], &mut o);
-            [*a, *b] = o;
+        2 => {
+            let mut o = [[0f32; TILE]; 2];
+            dot_tile(format, tile, [row(i), row(i + 1)], &mut o);
+            store(i, &o);
         }
-        [a] => {
-            let mut o = [0f32; 1];
-            dot_rows(format, w, [row(i)], &mut o);
-            *a = o[0];
+        1 => {
+            let mut o = [[0f32; TILE]; 1];
+            dot_tile(format, tile, [row(i)], &mut o);
+            store(i, &o);
         }
         _ => {}
     }
@@ -266,6 +293,12 @@ mod tests {
     #[test]
     fn other_formats_keep_candles_kernels() -> candle_core::Result<()> {
         let w = weights(GgmlDType::Q4K, 16, 256)?;
+        assert!(matches!(
+            Linear::new(QMatMul::QTensor(w)),
+            Linear::Candle(_)
+        ));
+        // Rows that do not fill tiles of four.
+        let w = weights(GgmlDType::Q4_1, 6, 64)?;
         assert!(matches!(
             Linear::new(QMatMul::QTensor(w)),
             Linear::Candle(_)
