@@ -1,6 +1,5 @@
 //! The decoder itself: one struct per piece, a `forward` to read top to bottom.
 
-use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
 
 use crate::kernels::Linear;
@@ -30,7 +29,7 @@ pub(crate) struct OutputHead {
 pub struct ModelPart {
     spec: PartSpec,
     config: LlamaConfig,
-    embeddings: Option<QMatMul>,
+    embeddings: Option<Linear>,
     layers: Vec<Layer>,
     output: Option<OutputHead>,
     inv_freq: Vec<f32>,
@@ -51,7 +50,7 @@ impl ModelPart {
     pub(crate) fn new(
         spec: PartSpec,
         config: LlamaConfig,
-        embeddings: Option<QMatMul>,
+        embeddings: Option<Linear>,
         layers: Vec<Layer>,
         output: Option<OutputHead>,
         tensors: Vec<TensorRecord>,
@@ -105,8 +104,7 @@ impl ModelPart {
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
             return Err(ModelError::TokenId { id, vocab });
         }
-        let ids = Tensor::new(tokens, &self.device)?;
-        Ok(embeddings.embedding(&ids)?)
+        Ok(embeddings.embedding(tokens, &self.device)?)
     }
 
     /// Runs this part's layers over hidden rows `(rows, hidden)` that start at sequence

@@ -406,7 +406,7 @@ impl ModelSource {
         let records = self.part_tensors(spec)?;
         let mut loader = Loader::new(self, device)?;
         let embeddings = if spec.kind.has_embeddings() || self.tied_output(spec) {
-            Some(loader.matrix(Weight::Embeddings)?)
+            Some(loader.linear(Weight::Embeddings)?)
         } else {
             None
         };
@@ -429,7 +429,7 @@ impl ModelSource {
             .collect::<Result<Vec<_>>>()?;
         let output = if spec.kind.has_output() {
             let lm_head = match (&embeddings, self.config.tied_embeddings) {
-                (Some(e), true) => Linear::new(e.clone()),
+                (Some(e), true) => e.clone(),
                 _ => loader.linear(Weight::Output)?,
             };
             Some(OutputHead {

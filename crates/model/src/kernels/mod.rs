@@ -10,7 +10,7 @@ mod dot;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Tensor};
 use rayon::prelude::*;
 
 use dot::{ActBlock, BLOCK, Format, TILE, dot_tile, repack};
@@ -37,6 +37,14 @@ impl Linear {
                 QuantMatrix::new(t.clone()).map_or(Self::Candle(matrix), Self::Quant)
             }
             _ => Self::Candle(matrix),
+        }
+    }
+
+    /// Rows `ids` of the matrix, dequantized: embeddings `(ids, cols)` of tokens.
+    pub(crate) fn embedding(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Quant(m) => m.rows_f32(ids),
+            Self::Candle(m) => m.embedding(&Tensor::new(ids, device)?),
         }
     }
 
@@ -85,6 +93,30 @@ impl QuantMatrix {
             rows,
             cols,
         })
+    }
+}
+
+impl QuantMatrix {
+    /// Rows `ids` dequantized exactly as candle's `to_float` does (`q * d`, plus `m` for Q4_1).
+    fn rows_f32(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let blocks = self.cols / BLOCK;
+        let tile_bytes = TILE * blocks * self.format.block_bytes();
+        let mut values = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.rows {
+                candle_core::bail!("row {id} of a matrix of {} rows", self.rows);
+            }
+            let tile = &self.tiles[id / TILE * tile_bytes..][..tile_bytes];
+            for block in tile.chunks_exact(tile_bytes / blocks) {
+                let (v, d, min) = dot::portable::unpack(self.format, block)[id % TILE];
+                values.extend(v.iter().map(|&q| match self.format {
+                    Format::Q4_1 => q as f32 * d + min,
+                    Format::Q4_0 | Format::Q8_0 => q as f32 * d,
+                }));
+            }
+        }
+        Tensor::from_vec(values, (ids.len(), self.cols), &Device::Cpu)
     }
 }
 
@@ -285,6 +317,26 @@ mod tests {
                 bits(&batch)?,
                 bits(&theirs.forward(&x)?)?,
                 "{dtype:?} vs candle"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn embedding_rows_equal_candles_dequantization() -> candle_core::Result<()> {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let w = weights(dtype, 40, 64)?;
+            let ours = Linear::new(QMatMul::QTensor(w.clone()));
+            let ids = [0u32, 39, 5, 5, 22];
+            let theirs = QMatMul::QTensor(w).embedding(&Tensor::new(&ids, &Device::Cpu)?)?;
+            let rows = ours.embedding(&ids, &Device::Cpu)?;
+            assert_eq!(bits(&rows)?, bits(&theirs)?, "{dtype:?}");
+            let err = ours
+                .embedding(&[40], &Device::Cpu)
+                .expect_err("row 40 of 40");
+            assert!(
+                err.to_string().contains("row 40 of a matrix of 40 rows"),
+                "{err}"
             );
         }
         Ok(())
