@@ -5,6 +5,11 @@ use candle_core::{Device, Storage, Tensor};
 use crate::kernels::Linear;
 use crate::{KvCache, LlamaConfig, ModelError, PartSpec, Result, TensorRecord};
 
+/// Rows a part runs through its layers at once: a longer prompt goes in chunks, so that
+/// attention's score matrices stay small (a 1000-token prompt at once would hold 36 MB of scores
+/// per layer for SmolLM2) while the products still get many rows each.
+const PREFILL_CHUNK: usize = 256;
+
 /// One decoder layer: pre-norm attention then pre-norm SwiGLU feed-forward.
 pub(crate) struct Layer {
     pub(crate) attn_norm: Tensor,
@@ -111,6 +116,14 @@ impl ModelPart {
     /// position `start`, appending to `cache`; returns rows of the same shape.
     pub fn forward(&self, hidden: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
         let rows = self.check_rows(hidden, start, cache)?;
+        if rows > PREFILL_CHUNK {
+            let mut outputs = Vec::with_capacity(rows.div_ceil(PREFILL_CHUNK));
+            for offset in (0..rows).step_by(PREFILL_CHUNK) {
+                let chunk = hidden.narrow(0, offset, PREFILL_CHUNK.min(rows - offset))?;
+                outputs.push(self.forward(&chunk, start + offset, cache)?);
+            }
+            return Ok(Tensor::cat(&outputs, 0)?);
+        }
         let width = self.config.hidden_size;
         if self.layers.is_empty() {
             cache.advance(rows);
@@ -139,6 +152,25 @@ impl ModelPart {
     ) -> Result<Vec<Tensor>> {
         for (hidden, start, cache) in batch.iter() {
             self.check_rows(hidden, *start, cache)?;
+        }
+        if batch.iter().any(|(h, _, _)| h.dims()[0] > PREFILL_CHUNK) {
+            // Long prompts run in chunks, exactly as alone; the rest still share their products.
+            let mut outputs: Vec<Option<Tensor>> = vec![None; batch.len()];
+            let mut rest = Vec::new();
+            for (i, (hidden, start, cache)) in batch.iter_mut().enumerate() {
+                if hidden.dims()[0] > PREFILL_CHUNK {
+                    outputs[i] = Some(self.forward(hidden, *start, cache)?);
+                } else {
+                    rest.push((i, (*hidden, *start, &mut **cache)));
+                }
+            }
+            let (indices, mut items): (Vec<usize>, Vec<_>) = rest.into_iter().unzip();
+            if !items.is_empty() {
+                for (i, out) in indices.into_iter().zip(self.forward_batch(&mut items)?) {
+                    outputs[i] = Some(out);
+                }
+            }
+            return Ok(outputs.into_iter().flatten().collect());
         }
         let width = self.config.hidden_size;
         let rows: Vec<usize> = batch.iter().map(|(h, _, _)| h.dims()[0]).collect();
