@@ -18,12 +18,16 @@ pub enum TrunkSource {
     /// The trunk's layers, loaded in this process (playing the cloud).
     Local(Arc<ModelPart>),
     /// A trunk server whose fingerprint matched this device's copy of the same layers.
-    Cloud {
-        /// How to reach the server.
-        options: RemoteOptions,
-        /// The trunk the server must keep running.
-        fingerprint: TrunkFingerprint,
-    },
+    Cloud(Box<Cloud>),
+}
+
+/// A trunk server and the trunk it must keep running.
+#[derive(Debug)]
+pub struct Cloud {
+    /// How to reach the server.
+    options: RemoteOptions,
+    /// The device's fingerprint of the server's layers.
+    fingerprint: TrunkFingerprint,
 }
 
 impl TrunkSource {
@@ -31,12 +35,9 @@ impl TrunkSource {
     pub fn open(&self) -> Result<Box<dyn Trunk>, TrunkError> {
         match self {
             Self::Local(part) => Ok(Box::new(LocalTrunk::new(Arc::clone(part)))),
-            Self::Cloud {
-                options,
-                fingerprint,
-            } => {
-                let remote = RemoteTrunk::connect(options.clone())?;
-                remote.verify(fingerprint)?;
+            Self::Cloud(cloud) => {
+                let remote = RemoteTrunk::connect(cloud.options.clone())?;
+                remote.verify(&cloud.fingerprint)?;
                 Ok(Box::new(remote))
             }
         }
@@ -46,7 +47,7 @@ impl TrunkSource {
     pub fn location(&self) -> String {
         match self {
             Self::Local(_) => "in-process".to_string(),
-            Self::Cloud { options, .. } => options.url.clone(),
+            Self::Cloud(cloud) => cloud.options.url.clone(),
         }
     }
 }
@@ -125,10 +126,10 @@ fn connect_cloud(
     let fingerprint = TrunkFingerprint::compute(source, server.layers.clone())?;
     remote.verify(&fingerprint)?;
     Ok((
-        TrunkSource::Cloud {
+        TrunkSource::Cloud(Box::new(Cloud {
             options,
             fingerprint,
-        },
+        })),
         plan,
     ))
 }
