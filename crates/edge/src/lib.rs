@@ -25,7 +25,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use lsplit_split::{DeviceModel, GenerateOptions, Trunk, TrunkError};
 
-pub use error::{ApiError, EdgeError};
+pub use error::EdgeError;
 
 /// Opens a new trunk session: called once per request.
 pub type OpenTrunk = Box<dyn Fn() -> Result<Box<dyn Trunk>, TrunkError> + Send + Sync>;
