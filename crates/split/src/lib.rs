@@ -14,6 +14,6 @@ mod trunk;
 pub use device::{DeviceModel, load_tokenizer};
 pub use error::SplitError;
 pub use sampler::{Sampler, SamplingParams};
-pub use session::{GenerateOptions, Generation, Session, StopReason};
+pub use session::{GenerateOptions, Generation, Session, Step, StopReason};
 pub use stats::Stats;
 pub use trunk::{LocalTrunk, Trunk, TrunkError};

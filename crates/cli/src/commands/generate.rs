@@ -2,18 +2,12 @@
 //! trunk server (`--cloud`).
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
-use lsplit_model::{ModelSource, SplitPlan};
-use lsplit_proto::TrunkFingerprint;
-use lsplit_remote::{RemoteOptions, RemoteTrunk};
-use lsplit_split::{DeviceModel, GenerateOptions, LocalTrunk, Trunk};
-use lsplit_wire::Codec;
+use lsplit_split::GenerateOptions;
 
-use crate::args::{ModelArgs, SamplingArgs, SplitArgs};
+use crate::args::{ModelArgs, SamplingArgs, SplitArgs, TrunkArgs};
+use crate::device::{self, Device, TrunkSource};
 
 /// Options of `lsplit generate`.
 #[derive(Debug, Args)]
@@ -32,62 +26,11 @@ pub struct GenerateArgs {
     /// Send the prompt as is, without the chat template
     #[arg(long)]
     pub raw: bool,
-    /// How hidden rows are encoded on the wire: f32 (lossless), f16, bf16, int8
-    #[arg(long, default_value_t = Codec::F32)]
-    pub codec: Codec,
     /// Print per-part time, bytes per token and tokens/s to stderr
     #[arg(long)]
     pub stats: bool,
-    /// Run the trunk on this server (https://HOST:PORT); the split points come from it
-    #[arg(long, value_name = "URL", conflicts_with_all = ["split", "local_layers", "no_split"])]
-    pub cloud: Option<String>,
-    /// CA certificate (PEM) the server must chain to [default: the system's roots]
-    #[arg(long, value_name = "FILE", requires = "cloud")]
-    pub ca: Option<PathBuf>,
-    /// File holding the bearer token the server expects
-    #[arg(long, value_name = "FILE", requires = "cloud")]
-    pub token_file: Option<PathBuf>,
-    /// Client certificate (PEM) for a server that requires mutual TLS
-    #[arg(long, value_name = "FILE", requires_all = ["cloud", "client_key"])]
-    pub client_cert: Option<PathBuf>,
-    /// Private key (PEM) of --client-cert
-    #[arg(long, value_name = "FILE", requires = "client_cert")]
-    pub client_key: Option<PathBuf>,
-    /// Allow a plaintext http:// server: hidden states travel unencrypted
-    #[arg(long, requires = "cloud")]
-    pub insecure: bool,
-}
-
-/// Connects to the trunk server, learns its split and checks its fingerprint against this
-/// device's copy of the model.
-fn connect_cloud(
-    args: &GenerateArgs,
-    url: &str,
-    source: &ModelSource,
-) -> anyhow::Result<(RemoteTrunk, SplitPlan)> {
-    let read =
-        |path: &PathBuf| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
-    let mut options = RemoteOptions::new(url, args.codec);
-    options.ca_pem = args.ca.as_ref().map(read).transpose()?;
-    options.token = args
-        .token_file
-        .as_ref()
-        .map(|f| read(f).map(|t| String::from_utf8_lossy(&t).trim().to_string()))
-        .transpose()?;
-    if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
-        options.identity = Some((read(cert)?, read(key)?));
-    }
-    options.insecure = args.insecure;
-    let remote = RemoteTrunk::connect(options)?;
-    let server = &remote.info().fingerprint;
-    let plan = SplitPlan::new(
-        server.layers.start,
-        server.layers.end,
-        source.config().num_layers,
-    )
-    .with_context(|| format!("the server's trunk ({server}) does not fit this model"))?;
-    remote.verify(&TrunkFingerprint::compute(source, server.layers.clone())?)?;
-    Ok((remote, plan))
+    #[command(flatten)]
+    pub trunk: TrunkArgs,
 }
 
 /// Runs the command.
@@ -96,30 +39,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params()?,
     };
-    let (source, tokenizer) = args.model.open()?;
-    let device = candle_core::Device::Cpu;
-    let cloud = match &args.cloud {
-        Some(url) => Some(connect_cloud(&args, url, &source)?),
-        None => None,
-    };
-    let plan = match &cloud {
-        Some((_, plan)) => Some(*plan),
-        None => args.split.plan(source.config().num_layers)?,
-    };
-    let (model, trunk) = match plan {
-        None => (DeviceModel::unsplit(&source, tokenizer, &device)?, None),
-        Some(plan) => {
-            let model = DeviceModel::split(&source, plan, tokenizer, args.codec, &device)?;
-            let trunk: Box<dyn Trunk> = match cloud {
-                Some((remote, _)) => Box::new(remote),
-                None => Box::new(LocalTrunk::new(Arc::new(
-                    source.load_part(&plan.trunk(), &device)?,
-                ))),
-            };
-            (model, Some(trunk))
-        }
-    };
-    tracing::info!(split = ?model.plan(), codec = %model.codec(), "model loaded");
+    let Device { model, trunks, .. } = device::load(&args.model, &args.split, &args.trunk)?;
+    let trunk = trunks.as_ref().map(TrunkSource::open).transpose()?;
     let prompt = model.prompt_tokens(&args.prompt, args.raw)?;
     let mut session = model.session(trunk)?;
     let mut stdout = std::io::stdout().lock();
@@ -148,7 +69,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             generation.stop
         );
         eprintln!("{}", generation.stats);
-        if let Some(url) = &args.cloud {
+        if let Some(url) = &args.trunk.cloud {
             eprintln!("(trunk time is the round trips to {url}: network plus remote trunk)");
         }
     }
