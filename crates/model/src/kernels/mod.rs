@@ -76,9 +76,6 @@ impl QuantMatrix {
             _ => return None,
         };
         let (rows, cols) = tensor.shape().dims2().ok()?;
-        if format == Format::Q8_0 && candle_repacks_q8_0(rows, cols) {
-            return None;
-        }
         let cpu = tensor.device().is_cpu();
         let blocks = cols / BLOCK;
         let bytes = rows * blocks * format.block_bytes();
@@ -128,18 +125,6 @@ impl std::fmt::Debug for QuantMatrix {
             .field("cols", &self.cols)
             .finish()
     }
-}
-
-/// Whether candle multiplies these Q8_0 weights with its own repacked VNNI kernels (columns a
-/// multiple of 256, rows of 16, a CPU with VNNI): they are as fast as ours, and keeping them
-/// keeps our results equal to candle-transformers' on the same file.
-fn candle_repacks_q8_0(rows: usize, cols: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    let vnni = (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
-        || (is_x86_feature_detected!("avxvnni") && is_x86_feature_detected!("avx2"));
-    #[cfg(not(target_arch = "x86_64"))]
-    let vnni = false;
-    vnni && cols % 256 == 0 && rows % 16 == 0
 }
 
 impl CustomOp1 for QuantMatrix {
