@@ -1,6 +1,7 @@
 //! The decoder itself: one struct per piece, a `forward` to read top to bottom.
 
 use candle_core::{Device, Storage, Tensor};
+use rayon::prelude::*;
 
 use crate::kernels::Linear;
 use crate::{KvCache, LlamaConfig, ModelError, PartSpec, Result, TensorRecord};
@@ -388,6 +389,9 @@ impl ModelPart {
     }
 }
 
+/// Multiply-adds of a single-row attention from which its KV heads run on several threads.
+const PARALLEL_ATTENTION: usize = 1 << 16;
+
 /// Attention of one query row `q (1, heads, 1, dim)` against every cached position of
 /// `k`, `v (1, kv_heads, len, dim)`, reading the cache where it lies: no copy of the cache per
 /// token (which [`repeat_kv`] would make), so a decode step costs the same at any position
@@ -411,30 +415,52 @@ fn single_row_attention(q: &Tensor, k: &Tensor, v: &Tensor, dim: usize) -> Resul
         at..at + dim
     };
     let mut out = vec![0f32; heads * dim];
-    let mut scores = vec![0f32; len];
-    for (h, y) in out.chunks_exact_mut(dim).enumerate() {
-        let g = h / group;
-        let qh = &q[h * dim..(h + 1) * dim];
-        for (t, score) in scores.iter_mut().enumerate() {
-            *score = dot(qh, &ks[row(k_layout, g, t)]) * scale;
-        }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut total = 0f32;
-        for score in scores.iter_mut() {
-            *score = (*score - max).exp();
-            total += *score;
-        }
-        for (t, &p) in scores.iter().enumerate() {
-            let p = p / total;
-            for (y, &x) in y.iter_mut().zip(&vs[row(v_layout, g, t)]) {
-                *y += p * x;
+    // Per KV head, its group of query heads: each cached key and value row is read once for
+    // the whole group. KV heads are independent, so long contexts spread them over threads.
+    let attend = |(g, ys): (usize, &mut [f32])| {
+        let queries = &q[g * group * dim..(g + 1) * group * dim];
+        let mut scores = vec![0f32; group * len];
+        for t in 0..len {
+            let key = &ks[row(k_layout, g, t)];
+            for (h, qh) in queries.chunks_exact(dim).enumerate() {
+                scores[h * len + t] = dot(qh, key) * scale;
             }
         }
+        for head_scores in scores.chunks_exact_mut(len) {
+            let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let mut total = 0f32;
+            for score in head_scores.iter_mut() {
+                *score = (*score - max).exp();
+                total += *score;
+            }
+            for score in head_scores.iter_mut() {
+                *score /= total;
+            }
+        }
+        for t in 0..len {
+            let value = &vs[row(v_layout, g, t)];
+            for (h, y) in ys.chunks_exact_mut(dim).enumerate() {
+                let p = scores[h * len + t];
+                for (y, &x) in y.iter_mut().zip(value) {
+                    *y += p * x;
+                }
+            }
+        }
+    };
+    if heads * len * dim < PARALLEL_ATTENTION {
+        out.chunks_exact_mut(group * dim)
+            .enumerate()
+            .for_each(attend);
+    } else {
+        out.par_chunks_exact_mut(group * dim)
+            .enumerate()
+            .for_each(attend);
     }
     Ok(Tensor::from_vec(out, (1, 1, heads * dim), k.device())?)
 }
 
-/// Dot product in sixteen partial sums, which the compiler keeps in vector registers.
+/// Dot product in sixteen partial sums, which the compiler keeps in vector registers, added
+/// up as a tree so that the sum vectorizes too.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];
     let mut chunks = a.chunks_exact(16).zip(b.chunks_exact(16));
@@ -448,7 +474,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .zip(&b[b.len() / 16 * 16..])
         .map(|(x, y)| x * y)
         .sum();
-    lanes.iter().sum::<f32>() + tail
+    let eight: [f32; 8] = std::array::from_fn(|i| lanes[i] + lanes[i + 8]);
+    let four: [f32; 4] = std::array::from_fn(|i| eight[i] + eight[i + 4]);
+    (four[0] + four[2]) + (four[1] + four[3]) + tail
 }
 
 /// Additive causal mask `(rows, start + rows)` for a prefill; none for a single row, which
