@@ -72,6 +72,13 @@ impl KvCache {
         self.len
     }
 
+    /// Positions cached by the part's `index`-th layer. Every layer holds [`KvCache::len`]
+    /// positions unless the part runs a different range of its layers at each step (random
+    /// split points), where a layer lags until it is caught up.
+    pub fn layer_len(&self, index: usize) -> usize {
+        self.layers.get(index).map_or(0, |l| l.len)
+    }
+
     /// True when nothing has been cached yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -104,6 +111,12 @@ impl KvCache {
 
     pub(crate) fn advance(&mut self, positions: usize) {
         self.len += positions;
+    }
+
+    /// Records that some layer now holds `end` positions: the cache's length is its longest
+    /// layer's.
+    pub(crate) fn reach(&mut self, end: usize) {
+        self.len = self.len.max(end);
     }
 
     pub(crate) fn layer_count(&self) -> usize {

@@ -1,5 +1,7 @@
 //! The decoder itself: one struct per piece, a `forward` to read top to bottom.
 
+use std::ops::Range;
+
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Tensor};
 
@@ -127,6 +129,61 @@ impl ModelPart {
         Ok(x.reshape((rows, width))?)
     }
 
+    /// Runs only the model layers `layers` (absolute indices, within this part's) over rows
+    /// `(rows, hidden)` that start at position `start`; the other layers' caches are left alone.
+    ///
+    /// Random split points need it: a part runs a different range of its layers at each step
+    /// and catches up a layer it skipped by running it later over the rows it missed. Each layer
+    /// in `layers` must hold exactly `start` positions, so a catch-up out of order is refused.
+    pub fn forward_layers(
+        &self,
+        hidden: &Tensor,
+        start: usize,
+        layers: Range<usize>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let own = &self.spec.layers;
+        if layers.start < own.start || layers.end > own.end || layers.start > layers.end {
+            return Err(ModelError::Config(format!(
+                "layers {layers:?} are not within the {} part's layers {own:?}",
+                self.spec.kind.name()
+            )));
+        }
+        let rows = self.check_shape(hidden)?;
+        self.check_cache(cache)?;
+        for layer in layers.clone() {
+            let held = cache.layer_len(layer - own.start);
+            if held != start {
+                return Err(ModelError::Position {
+                    expected: held,
+                    got: start,
+                });
+            }
+        }
+        self.check_context(start, rows)?;
+        if layers.is_empty() {
+            return Ok(hidden.clone());
+        }
+        let width = self.config.hidden_size;
+        let (cos, sin) = self.rope_tables(start, rows)?;
+        let mask = causal_mask(start, rows, &self.device)?;
+        let mut x = hidden.reshape((1, rows, width))?;
+        for layer in layers {
+            let index = layer - own.start;
+            x = self.layer_forward(
+                &self.layers[index],
+                index,
+                &x,
+                &cos,
+                &sin,
+                mask.as_ref(),
+                cache,
+            )?;
+        }
+        cache.reach(start + rows);
+        Ok(x.reshape((rows, width))?)
+    }
+
     /// Runs several sessions' rows through this part's layers together: one matrix product per
     /// weight for all their rows, attention per session against its own cache. Each output is
     /// exactly what [`ModelPart::forward`] returns for that session alone, because every
@@ -198,15 +255,31 @@ impl ModelPart {
     /// Checks rows before any cache is touched: their shape, the cache's part, the position
     /// they start at and the context they need. Returns the number of rows.
     fn check_rows(&self, hidden: &Tensor, start: usize, cache: &KvCache) -> Result<usize> {
-        let rows = match hidden.dims() {
-            &[rows, width] if width == self.config.hidden_size && rows > 0 => rows,
-            dims => {
-                return Err(ModelError::HiddenShape {
-                    got: dims.to_vec(),
-                    hidden: self.config.hidden_size,
-                });
-            }
-        };
+        let rows = self.check_shape(hidden)?;
+        self.check_cache(cache)?;
+        if start != cache.len() {
+            return Err(ModelError::Position {
+                expected: cache.len(),
+                got: start,
+            });
+        }
+        self.check_context(start, rows)?;
+        Ok(rows)
+    }
+
+    /// Checks that `hidden` is `(rows, hidden)` with at least one row; returns the rows.
+    fn check_shape(&self, hidden: &Tensor) -> Result<usize> {
+        match hidden.dims() {
+            &[rows, width] if width == self.config.hidden_size && rows > 0 => Ok(rows),
+            dims => Err(ModelError::HiddenShape {
+                got: dims.to_vec(),
+                hidden: self.config.hidden_size,
+            }),
+        }
+    }
+
+    /// Checks that `cache` was made for this part.
+    fn check_cache(&self, cache: &KvCache) -> Result<()> {
         if cache.layer_count() != self.layers.len() {
             return Err(ModelError::Config(format!(
                 "KV cache has {} layers but the {} part runs {}",
@@ -215,19 +288,18 @@ impl ModelPart {
                 self.layers.len()
             )));
         }
-        if start != cache.len() {
-            return Err(ModelError::Position {
-                expected: cache.len(),
-                got: start,
-            });
-        }
+        Ok(())
+    }
+
+    /// Checks that `rows` more positions from `start` fit the context.
+    fn check_context(&self, start: usize, rows: usize) -> Result<()> {
         if start + rows > self.config.context_length {
             return Err(ModelError::ContextOverflow {
                 requested: start + rows,
                 context: self.config.context_length,
             });
         }
-        Ok(rows)
+        Ok(())
     }
 
     /// Attention of one session from its query, key and value projections

@@ -10,10 +10,12 @@ use clap::Args;
 use lsplit_model::{ModelSource, SplitPlan};
 use lsplit_proto::TrunkFingerprint;
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
-use lsplit_split::{DeviceModel, GenerateOptions, LocalTrunk, Trunk};
+use lsplit_split::{
+    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, SessionKeys, SessionSecret, Trunk,
+};
 use lsplit_wire::Codec;
 
-use crate::args::{ModelArgs, SamplingArgs, SplitArgs};
+use crate::args::{ModelArgs, PolicyArgs, SamplingArgs, SplitArgs};
 
 /// Options of `lsplit generate`.
 #[derive(Debug, Args)]
@@ -24,6 +26,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub split: SplitArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Maximum number of tokens to generate
@@ -38,7 +42,11 @@ pub struct GenerateArgs {
     /// Print per-part time, bytes per token and tokens/s to stderr
     #[arg(long)]
     pub stats: bool,
-    /// Run the trunk on this server (https://HOST:PORT); the split points come from it
+    /// Write every message that crosses to and from the trunk into DIR (see PRIVACY.md)
+    #[arg(long, value_name = "DIR", conflicts_with = "no_split")]
+    pub capture: Option<PathBuf>,
+    /// Run the trunk on this server (https://HOST:PORT); a fixed split's points come from it,
+    /// and it must hold every layer a random policy may draw
     #[arg(long, value_name = "URL", conflicts_with_all = ["split", "local_layers", "no_split"])]
     pub cloud: Option<String>,
     /// CA certificate (PEM) the server must chain to [default: the system's roots]
@@ -106,9 +114,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         Some((_, plan)) => Some(*plan),
         None => args.split.plan(source.config().num_layers)?,
     };
-    let (model, trunk) = match plan {
-        None => (DeviceModel::unsplit(&source, tokenizer, &device)?, None),
-        Some(plan) => {
+    let layers = source.config().num_layers;
+    let policy = args.policy.policy(plan, layers)?;
+    let (model, mut session) = match (plan, policy) {
+        (None, _) => {
+            let model = DeviceModel::unsplit(&source, tokenizer, &device)?;
+            (model, None)
+        }
+        (Some(plan), None) => {
             let model = DeviceModel::split(&source, plan, tokenizer, args.codec, &device)?;
             let trunk: Box<dyn Trunk> = match cloud {
                 Some((remote, _)) => Box::new(remote),
@@ -116,12 +129,49 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                     source.load_part(&plan.trunk(), &device)?,
                 ))),
             };
-            (model, Some(trunk))
+            (model, Some((trunk, None)))
+        }
+        (Some(_), Some(policy)) => {
+            let keys = SessionKeys {
+                policy: policy.clone(),
+                obfuscation: args.policy.obfuscate,
+                secret: SessionSecret::generate(),
+            };
+            let model = DeviceModel::keyed(&source, policy, tokenizer, args.codec, &device)?;
+            let trunk: Box<dyn Trunk> = match cloud {
+                Some((remote, _)) => Box::new(remote.with_keys(keys.clone())),
+                None => {
+                    let spec = lsplit_model::PartSpec {
+                        kind: lsplit_model::PartKind::Trunk,
+                        layers: keys.policy.trunk_layers(),
+                    };
+                    Box::new(LocalTrunk::keyed(
+                        Arc::new(source.load_part(&spec, &device)?),
+                        &keys,
+                    )?)
+                }
+            };
+            (model, Some((trunk, Some(keys))))
         }
     };
-    tracing::info!(split = ?model.plan(), codec = %model.codec(), "model loaded");
+    let describe = match (model.policy(), model.plan()) {
+        (Some(policy), _) => format!("{policy}, obfuscation {}", args.policy.obfuscate),
+        (None, Some(plan)) => plan.to_string(),
+        (None, None) => "none (whole model in one part)".to_string(),
+    };
+    tracing::info!(split = %describe, codec = %model.codec(), "model loaded");
     let prompt = model.prompt_tokens(&args.prompt, args.raw)?;
-    let mut session = model.session(trunk)?;
+    let mut session = match session.take() {
+        None => model.session(None)?,
+        Some((trunk, None)) => model.session(Some(trunk))?,
+        Some((trunk, Some(keys))) => model.keyed_session(trunk, &keys)?,
+    };
+    if let Some(dir) = &args.capture {
+        session.capture(
+            CaptureWriter::create(dir)
+                .with_context(|| format!("starting the capture in {}", dir.display()))?,
+        );
+    }
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let generation = session.generate(&prompt, &options, &mut |piece| {
@@ -137,13 +187,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     writeln!(stdout)?;
     if args.stats {
-        let split = model
-            .plan()
-            .map_or("none (whole model in one part)".to_string(), |p| {
-                p.to_string()
-            });
         eprintln!(
-            "split: {split}, codec: {}, stop: {:?}",
+            "split: {describe}, codec: {}, stop: {:?}",
             model.codec(),
             generation.stop
         );
