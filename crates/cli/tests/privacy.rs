@@ -1,5 +1,5 @@
-//! `lsplit generate` with random split points, the permutation and a wire capture, and
-//! `lsplit attack` on captures, as a user runs them on the real default model.
+//! `lsplit generate` with random split points, the permutation and a wire capture, as a user
+//! runs them on the real default model.
 
 use std::process::{Command, Output};
 
@@ -46,8 +46,7 @@ fn stat(err: &str, line: &str, label: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {label} in {text}"))];
     before
         .split(|c: char| !c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .next_back()
+        .rfind(|w| !w.is_empty())
         .and_then(|w| w.parse().ok())
         .unwrap_or_else(|| panic!("no number before {label} in {text}"))
 }

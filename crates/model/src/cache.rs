@@ -109,6 +109,18 @@ impl KvCache {
         self.layers[layer].append(k, v)
     }
 
+    /// Keys and values of the part's `index`-th layer for its cached positions.
+    pub(crate) fn view(&self, index: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let layer = &self.layers[index];
+        match (&layer.k, &layer.v) {
+            (Some(k), Some(v)) if layer.len > 0 => Ok(Some((
+                k.narrow(2, 0, layer.len)?,
+                v.narrow(2, 0, layer.len)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
     pub(crate) fn advance(&mut self, positions: usize) {
         self.len += positions;
     }

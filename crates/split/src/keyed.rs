@@ -10,6 +10,7 @@
 //! positions from the draws, check them, and check each message's tag.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use lsplit_model::ModelPart;
@@ -195,6 +196,8 @@ pub(crate) struct Exchange {
     pub(crate) catch_up_up: usize,
     /// Rows received for positions of earlier steps.
     pub(crate) catch_up_down: usize,
+    /// Time in the head (catch-up and encoding included), waiting for the trunk, in the tail.
+    pub(crate) times: [Duration; 3],
 }
 
 /// The device's side of a keyed session: head and tail, the trunk it talks to, and what it
@@ -241,6 +244,7 @@ impl KeyedDevice {
         codec: Codec,
         exchanged: &mut dyn FnMut(&Exchange) -> Result<(), SplitError>,
     ) -> Result<Vec<f32>, SplitError> {
+        let t = Instant::now();
         let step = self.next_step;
         let draw = self.schedule.draw(step);
         let count = tokens.len();
@@ -257,8 +261,12 @@ impl KeyedDevice {
             tag: self.schedule.tag(Direction::Up, step, &up_rows),
             rows: up_rows,
         };
+        let head_time = t.elapsed();
+        let t = Instant::now();
         let down = self.trunk.step(&up)?;
         self.next_step += 1;
+        let trunk_time = t.elapsed();
+        let t = Instant::now();
 
         let expected_from = self.tail.layer_len(draw.k2, start);
         if down.step != step || down.tag != self.schedule.tag(Direction::Down, step, &down.rows) {
@@ -292,12 +300,14 @@ impl KeyedDevice {
         self.trunk_layer_rows += self.trunk_mirror.ran(draw.k1..draw.k2, end);
         let mirror = &self.trunk_mirror;
         self.head.prune(|layer| mirror.len(layer, end));
+        let logits = self.tail.part().logits(&out)?.to_vec1::<f32>()?;
         exchanged(&Exchange {
             catch_up_up: up.rows.rows - count,
             catch_up_down: down.rows.rows - count,
             up,
             down,
+            times: [head_time, trunk_time, t.elapsed()],
         })?;
-        Ok(self.tail.part().logits(&out)?.to_vec1::<f32>()?)
+        Ok(logits)
     }
 }

@@ -226,13 +226,15 @@ impl<'m> Session<'m> {
                 logits
             }
             (Parts::Keyed { .. }, State::Keyed(keyed)) => {
-                let t = Instant::now();
                 let (stats, capture) = (&mut self.stats, &mut self.capture);
                 let mut exchanged = |e: &Exchange| -> Result<(), SplitError> {
                     stats.bytes_up += e.up.rows.bytes.len() as u64;
                     stats.bytes_down += e.down.rows.bytes.len() as u64;
                     stats.catch_up_rows_up += e.catch_up_up as u64;
                     stats.catch_up_rows_down += e.catch_up_down as u64;
+                    stats.head += e.times[0];
+                    stats.trunk += e.times[1];
+                    stats.tail += e.times[2];
                     if let Some(capture) = capture {
                         capture.record(Way::Up, e.up.step, Some(&e.up.tag), &e.up.rows)?;
                         capture.record(Way::Down, e.down.step, Some(&e.down.tag), &e.down.rows)?;
@@ -241,7 +243,6 @@ impl<'m> Session<'m> {
                 };
                 let logits = keyed.forward(tokens, start, self.model.codec(), &mut exchanged)?;
                 self.stats.layer_rows = keyed.layer_rows();
-                self.stats.trunk += t.elapsed();
                 logits
             }
             _ => return Err(SplitError::Layout("session state does not match the model")),

@@ -217,11 +217,14 @@ fn steps_of_several_tokens_catch_up_too() {
     }
 }
 
+/// How a [`Tamper`] changes step `n`'s uplink or downlink (it may call the real trunk again).
+type Change = fn(u64, &mut StepRows, &mut StepRows, &mut Box<dyn Trunk>) -> Result<(), TrunkError>;
+
 /// A trunk between device and the real one that can tamper with the conversation.
 struct Tamper {
     inner: Box<dyn Trunk>,
     steps: u64,
-    change: fn(u64, &mut StepRows, &mut StepRows, &mut Box<dyn Trunk>) -> Result<(), TrunkError>,
+    change: Change,
 }
 
 impl Trunk for Tamper {
