@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use lsplit_model::{ModelSource, SplitPlan};
 use lsplit_split::{Obfuscation, SamplingParams, SplitPolicy, load_tokenizer};
 use lsplit_tokenizer::Tokenizer;
+use lsplit_wire::Codec;
 
 /// Which model to run.
 #[derive(Debug, Args)]
@@ -19,12 +20,17 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model's path, fetching the default model if none was given.
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(path) => Ok(path.clone()),
+            None => Ok(lsplit_fetch::ensure_default_model_with_progress()?),
+        }
+    }
+
     /// Opens the model (fetching the default one if needed) and builds its tokenizer.
     pub fn open(&self) -> anyhow::Result<(ModelSource, Arc<Tokenizer>)> {
-        let path = match &self.model {
-            Some(path) => path.clone(),
-            None => lsplit_fetch::ensure_default_model_with_progress()?,
-        };
+        let path = self.path()?;
         let source = ModelSource::open(&path)?;
         let tokenizer = load_tokenizer(&source)
             .with_context(|| format!("building the tokenizer of {}", path.display()))?;
@@ -125,6 +131,32 @@ impl PolicyArgs {
             }
         }
     }
+}
+
+/// Where the trunk runs and how hidden rows travel to it.
+#[derive(Debug, Args)]
+pub struct TrunkArgs {
+    /// How hidden rows are encoded on the wire: f32 (lossless), f16, bf16, int8
+    #[arg(long, default_value_t = Codec::F32)]
+    pub codec: Codec,
+    /// Run the trunk on this server (https://HOST:PORT); the split points come from it
+    #[arg(long, value_name = "URL", conflicts_with_all = ["split", "local_layers", "no_split"])]
+    pub cloud: Option<String>,
+    /// CA certificate (PEM) the server must chain to [default: the system's roots]
+    #[arg(long, value_name = "FILE", requires = "cloud")]
+    pub ca: Option<PathBuf>,
+    /// File holding the bearer token the server expects
+    #[arg(long, value_name = "FILE", requires = "cloud")]
+    pub token_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that requires mutual TLS
+    #[arg(long, value_name = "FILE", requires_all = ["cloud", "client_key"])]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Allow a plaintext http:// server: hidden states travel unencrypted
+    #[arg(long, requires = "cloud")]
+    pub insecure: bool,
 }
 
 /// How tokens are chosen.

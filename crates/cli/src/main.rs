@@ -2,6 +2,8 @@
 
 mod args;
 mod commands;
+mod device;
+mod signal;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +30,8 @@ enum Command {
     Fetch,
     /// Serve the trunk layers of a split model to devices over gRPC and TLS.
     Serve(commands::serve::ServeArgs),
+    /// Serve the model on this device as an OpenAI-compatible API and a web page.
+    Edge(commands::edge::EdgeArgs),
     /// Write a development CA, server certificate and client certificate for `serve`.
     Cert(commands::cert::CertArgs),
 }
@@ -47,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         Command::Fetch => commands::fetch::run(),
         Command::Serve(args) => commands::serve::run(args),
         Command::Cert(args) => commands::cert::run(args),
+        Command::Edge(args) => commands::edge::run(args),
     }
 }

@@ -8,6 +8,7 @@
 mod cache;
 mod config;
 mod error;
+mod kernels;
 mod llama;
 mod plan;
 mod source;

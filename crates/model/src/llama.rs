@@ -2,28 +2,33 @@
 
 use std::ops::Range;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Storage, Tensor};
 
+use crate::kernels::Linear;
 use crate::{KvCache, LlamaConfig, ModelError, PartSpec, Result, TensorRecord};
+
+/// Rows a part runs through its layers at once: a longer prompt goes in chunks, so that
+/// attention's score matrices stay small (a 1000-token prompt at once would hold 36 MB of scores
+/// per layer for SmolLM2) while the products still get many rows each.
+const PREFILL_CHUNK: usize = 256;
 
 /// One decoder layer: pre-norm attention then pre-norm SwiGLU feed-forward.
 pub(crate) struct Layer {
     pub(crate) attn_norm: Tensor,
-    pub(crate) wq: QMatMul,
-    pub(crate) wk: QMatMul,
-    pub(crate) wv: QMatMul,
-    pub(crate) wo: QMatMul,
+    pub(crate) wq: Linear,
+    pub(crate) wk: Linear,
+    pub(crate) wv: Linear,
+    pub(crate) wo: Linear,
     pub(crate) ffn_norm: Tensor,
-    pub(crate) w_gate: QMatMul,
-    pub(crate) w_up: QMatMul,
-    pub(crate) w_down: QMatMul,
+    pub(crate) w_gate: Linear,
+    pub(crate) w_up: Linear,
+    pub(crate) w_down: Linear,
 }
 
 /// Final norm and LM head, held by the tail (or the whole model).
 pub(crate) struct OutputHead {
     pub(crate) norm: Tensor,
-    pub(crate) lm_head: QMatMul,
+    pub(crate) lm_head: Linear,
 }
 
 /// One loaded part of a split model: the embeddings (head), a range of layers, and the output
@@ -31,7 +36,7 @@ pub(crate) struct OutputHead {
 pub struct ModelPart {
     spec: PartSpec,
     config: LlamaConfig,
-    embeddings: Option<QMatMul>,
+    embeddings: Option<Linear>,
     layers: Vec<Layer>,
     output: Option<OutputHead>,
     inv_freq: Vec<f32>,
@@ -52,7 +57,7 @@ impl ModelPart {
     pub(crate) fn new(
         spec: PartSpec,
         config: LlamaConfig,
-        embeddings: Option<QMatMul>,
+        embeddings: Option<Linear>,
         layers: Vec<Layer>,
         output: Option<OutputHead>,
         tensors: Vec<TensorRecord>,
@@ -106,14 +111,21 @@ impl ModelPart {
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
             return Err(ModelError::TokenId { id, vocab });
         }
-        let ids = Tensor::new(tokens, &self.device)?;
-        Ok(embeddings.embedding(&ids)?)
+        Ok(embeddings.embedding(tokens, &self.device)?)
     }
 
     /// Runs this part's layers over hidden rows `(rows, hidden)` that start at sequence
     /// position `start`, appending to `cache`; returns rows of the same shape.
     pub fn forward(&self, hidden: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
         let rows = self.check_rows(hidden, start, cache)?;
+        if rows > PREFILL_CHUNK {
+            let mut outputs = Vec::with_capacity(rows.div_ceil(PREFILL_CHUNK));
+            for offset in (0..rows).step_by(PREFILL_CHUNK) {
+                let chunk = hidden.narrow(0, offset, PREFILL_CHUNK.min(rows - offset))?;
+                outputs.push(self.forward(&chunk, start + offset, cache)?);
+            }
+            return Ok(Tensor::cat(&outputs, 0)?);
+        }
         let width = self.config.hidden_size;
         if self.layers.is_empty() {
             cache.advance(rows);
@@ -130,7 +142,8 @@ impl ModelPart {
     }
 
     /// Runs only the model layers `layers` (absolute indices, within this part's) over rows
-    /// `(rows, hidden)` that start at position `start`; the other layers' caches are left alone.
+    /// `(rows, hidden)` that start at position `start`, in chunks of 256 rows
+    /// like [`ModelPart::forward`]; the other layers' caches are left alone.
     ///
     /// Random split points need it: a part runs a different range of its layers at each step
     /// and catches up a layer it skipped by running it later over the rows it missed. Each layer
@@ -163,6 +176,14 @@ impl ModelPart {
         self.check_context(start, rows)?;
         if layers.is_empty() {
             return Ok(hidden.clone());
+        }
+        if rows > PREFILL_CHUNK {
+            let mut outputs = Vec::with_capacity(rows.div_ceil(PREFILL_CHUNK));
+            for offset in (0..rows).step_by(PREFILL_CHUNK) {
+                let chunk = hidden.narrow(0, offset, PREFILL_CHUNK.min(rows - offset))?;
+                outputs.push(self.forward_layers(&chunk, start + offset, layers.clone(), cache)?);
+            }
+            return Ok(Tensor::cat(&outputs, 0)?);
         }
         let width = self.config.hidden_size;
         let (cos, sin) = self.rope_tables(start, rows)?;
@@ -283,6 +304,25 @@ impl ModelPart {
     ) -> Result<Vec<Tensor>> {
         for (hidden, start, cache) in batch.iter() {
             self.check_rows(hidden, *start, cache)?;
+        }
+        if batch.iter().any(|(h, _, _)| h.dims()[0] > PREFILL_CHUNK) {
+            // Long prompts run in chunks, exactly as alone; the rest still share their products.
+            let mut outputs: Vec<Option<Tensor>> = vec![None; batch.len()];
+            let mut rest = Vec::new();
+            for (i, (hidden, start, cache)) in batch.iter_mut().enumerate() {
+                if hidden.dims()[0] > PREFILL_CHUNK {
+                    outputs[i] = Some(self.forward(hidden, *start, cache)?);
+                } else {
+                    rest.push((i, (*hidden, *start, &mut **cache)));
+                }
+            }
+            let (indices, mut items): (Vec<usize>, Vec<_>) = rest.into_iter().unzip();
+            if !items.is_empty() {
+                for (i, out) in indices.into_iter().zip(self.forward_batch(&mut items)?) {
+                    outputs[i] = Some(out);
+                }
+            }
+            return Ok(outputs.into_iter().flatten().collect());
         }
         let width = self.config.hidden_size;
         let rows: Vec<usize> = batch.iter().map(|(h, _, _)| h.dims()[0]).collect();
@@ -422,6 +462,9 @@ impl ModelPart {
             )
         };
         let (k, v) = cache.append(index, &k, &v)?;
+        if rows == 1 && self.device.is_cpu() {
+            return single_row_attention(&q, &k, &v, c.head_dim);
+        }
         let group = c.num_heads / c.num_kv_heads;
         let k = repeat_kv(&k, group)?;
         let v = repeat_kv(&v, group)?;
@@ -512,6 +555,69 @@ impl ModelPart {
     }
 }
 
+/// Attention of one query row `q (1, heads, 1, dim)` against every cached position of
+/// `k`, `v (1, kv_heads, len, dim)`, reading the cache where it lies: no copy of the cache per
+/// token (which [`repeat_kv`] would make), so a decode step costs the same at any position
+/// but for the dot products themselves. Returns `(1, 1, heads * dim)`.
+fn single_row_attention(q: &Tensor, k: &Tensor, v: &Tensor, dim: usize) -> Result<Tensor> {
+    let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+    let heads = q.len() / dim;
+    let (_, kv_heads, len, _) = k.dims4()?;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (dim as f32).sqrt();
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let (Storage::Cpu(k_cpu), Storage::Cpu(v_cpu)) = (&*k_storage, &*v_storage) else {
+        return Err(ModelError::Config("the KV cache is not on the CPU".into()));
+    };
+    let (ks, vs) = (k_cpu.as_slice::<f32>()?, v_cpu.as_slice::<f32>()?);
+    // Position `t` of KV head `g` in a cache laid out (1, kv_heads, capacity, dim).
+    let row = |layout: &candle_core::Layout, g: usize, t: usize| {
+        let stride = layout.stride();
+        let at = layout.start_offset() + g * stride[1] + t * stride[2];
+        at..at + dim
+    };
+    let mut out = vec![0f32; heads * dim];
+    let mut scores = vec![0f32; len];
+    for (h, y) in out.chunks_exact_mut(dim).enumerate() {
+        let g = h / group;
+        let qh = &q[h * dim..(h + 1) * dim];
+        for (t, score) in scores.iter_mut().enumerate() {
+            *score = dot(qh, &ks[row(k_layout, g, t)]) * scale;
+        }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut total = 0f32;
+        for score in scores.iter_mut() {
+            *score = (*score - max).exp();
+            total += *score;
+        }
+        for (t, &p) in scores.iter().enumerate() {
+            let p = p / total;
+            for (y, &x) in y.iter_mut().zip(&vs[row(v_layout, g, t)]) {
+                *y += p * x;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (1, 1, heads * dim), k.device())?)
+}
+
+/// Dot product in sixteen partial sums, which the compiler keeps in vector registers.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = a.chunks_exact(16).zip(b.chunks_exact(16));
+    for (x, y) in &mut chunks {
+        for i in 0..16 {
+            lanes[i] = x[i].mul_add(y[i], lanes[i]);
+        }
+    }
+    let tail: f32 = a[a.len() / 16 * 16..]
+        .iter()
+        .zip(&b[b.len() / 16 * 16..])
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Additive causal mask `(rows, start + rows)` for a prefill; none for a single row, which
 /// may attend to every cached position.
 fn causal_mask(start: usize, rows: usize, device: &Device) -> Result<Option<Tensor>> {
@@ -562,6 +668,26 @@ mod tests {
             ]
         );
         assert!(causal_mask(7, 1, &Device::Cpu)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn single_row_attention_equals_the_repeated_kv_path() -> Result<()> {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, dim, len) = (6, 2, 32, 37);
+        let q = Tensor::randn(0f32, 1.0, (1, heads, 1, dim), &dev)?;
+        // A cache buffer with room to spare, narrowed to the cached positions, as KvCache has.
+        let k = Tensor::randn(0f32, 1.0, (1, kv_heads, 64, dim), &dev)?.narrow(2, 0, len)?;
+        let v = Tensor::randn(0f32, 1.0, (1, kv_heads, 64, dim), &dev)?.narrow(2, 0, len)?;
+        let ours = single_row_attention(&q, &k, &v, dim)?;
+        let scores = (q.matmul(&repeat_kv(&k, 3)?.t()?)? / (dim as f64).sqrt())?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let theirs = probs
+            .matmul(&repeat_kv(&v, 3)?)?
+            .transpose(1, 2)?
+            .reshape((1, 1, heads * dim))?;
+        let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use crate::kernels::Linear;
 use crate::llama::{Layer, ModelPart, OutputHead};
 use crate::{LlamaConfig, ModelError, PartSpec, Result};
 
@@ -405,7 +406,7 @@ impl ModelSource {
         let records = self.part_tensors(spec)?;
         let mut loader = Loader::new(self, device)?;
         let embeddings = if spec.kind.has_embeddings() || self.tied_output(spec) {
-            Some(loader.matrix(Weight::Embeddings)?)
+            Some(loader.linear(Weight::Embeddings)?)
         } else {
             None
         };
@@ -415,21 +416,21 @@ impl ModelSource {
             .map(|i| {
                 Ok(Layer {
                     attn_norm: loader.vector(Weight::AttnNorm(i))?,
-                    wq: loader.matrix(Weight::Q(i))?,
-                    wk: loader.matrix(Weight::K(i))?,
-                    wv: loader.matrix(Weight::V(i))?,
-                    wo: loader.matrix(Weight::O(i))?,
+                    wq: loader.linear(Weight::Q(i))?,
+                    wk: loader.linear(Weight::K(i))?,
+                    wv: loader.linear(Weight::V(i))?,
+                    wo: loader.linear(Weight::O(i))?,
                     ffn_norm: loader.vector(Weight::FfnNorm(i))?,
-                    w_gate: loader.matrix(Weight::Gate(i))?,
-                    w_up: loader.matrix(Weight::Up(i))?,
-                    w_down: loader.matrix(Weight::Down(i))?,
+                    w_gate: loader.linear(Weight::Gate(i))?,
+                    w_up: loader.linear(Weight::Up(i))?,
+                    w_down: loader.linear(Weight::Down(i))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let output = if spec.kind.has_output() {
             let lm_head = match (&embeddings, self.config.tied_embeddings) {
                 (Some(e), true) => e.clone(),
-                _ => loader.matrix(Weight::Output)?,
+                _ => loader.linear(Weight::Output)?,
             };
             Some(OutputHead {
                 norm: loader.vector(Weight::FinalNorm)?,
@@ -502,6 +503,10 @@ impl<'a> Loader<'a> {
             Either::Quantized(q) => QMatMul::from_arc(Arc::new(q))?,
             Either::Float(t) => QMatMul::Tensor(t),
         })
+    }
+
+    fn linear(&mut self, weight: Weight) -> Result<Linear> {
+        Ok(Linear::new(self.matrix(weight)?))
     }
 
     fn vector(&mut self, weight: Weight) -> Result<Tensor> {

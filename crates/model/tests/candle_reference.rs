@@ -1,17 +1,24 @@
 //! Our unsplit SmolLM2-135M-Instruct (Q4_1 GGUF) against candle-transformers'
-//! `quantized_llama::ModelWeights` on the same file: the same 64 greedy tokens after a
-//! chat-formatted prompt, with logits that agree to float rounding at every step.
+//! `quantized_llama::ModelWeights` on the same file.
+//!
+//! The prompt's logits are bit-identical: the same quantized kernels' arithmetic and the same
+//! prefill attention. Decode steps use our own single-row attention, which reads the KV cache in
+//! place instead of copying it; its float sums are ordered differently, and because every matrix
+//! product re-quantizes its input to 8 bits, a last-bit difference can move a value to the next
+//! 8-bit step and shift logits by up to about one unit. So decode is compared under teacher
+//! forcing (both models fed candle's greedy tokens): the chosen token must agree at nearly every
+//! step and the logits stay within a bound that a wrong attention would far exceed.
 
 mod common;
 
-use common::{candle_greedy, ours_greedy};
+use common::{argmax, bits, candle_greedy, max_abs_diff, ours_forced};
 use lsplit_model::{ModelSource, TokenizerSource};
 use lsplit_tokenizer::{ChatMessage, Tokenizer};
 
 const STEPS: usize = 64;
 
 #[test]
-fn greedy_tokens_match_candle_transformers() {
+fn logits_match_candle_transformers() {
     let path = lsplit_fetch::ensure_default_model().expect("fetch the default model");
     let source = ModelSource::open(&path).expect("open model");
     let TokenizerSource::Gguf(metadata) = source.tokenizer_source() else {
@@ -31,23 +38,35 @@ fn greedy_tokens_match_candle_transformers() {
     let prompt = tokenizer.encode(&text, false).expect("encode");
     assert!(prompt.len() > 10, "{prompt:?}");
 
-    let (ours, our_logits) = ours_greedy(&source, &prompt, STEPS);
     let (theirs, their_logits) = candle_greedy(&path, &prompt, STEPS);
-
-    let text = tokenizer.decode(&ours).expect("decode");
-    assert_eq!(
-        ours,
-        theirs,
-        "greedy tokens differ; ours: {text:?}, candle-transformers: {:?}",
-        tokenizer.decode(&theirs).expect("decode")
-    );
-    // Same weights and kernels; the attention's arithmetic is arranged differently (scale
-    // multiplied vs divided, additive vs filled mask), so logits agree to rounding.
-    for (i, (a, b)) in our_logits.iter().zip(&their_logits).enumerate() {
-        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff < 1e-2, "step {i}: logits differ by {diff}");
-    }
+    let ours = ours_forced(&source, &prompt, &theirs);
     // A real answer, not a degenerate loop.
-    let distinct: std::collections::BTreeSet<_> = ours.iter().collect();
-    assert!(distinct.len() > 16, "{text:?}");
+    let distinct: std::collections::BTreeSet<_> = theirs.iter().collect();
+    assert!(distinct.len() > 16, "{:?}", tokenizer.decode(&theirs));
+
+    assert!(
+        bits(&ours[0]) == bits(&their_logits[0]),
+        "prompt logits differ by {}",
+        max_abs_diff(&ours[0], &their_logits[0])
+    );
+    let agree = ours
+        .iter()
+        .zip(&theirs)
+        .filter(|(logits, token)| argmax(logits) == **token)
+        .count();
+    assert!(
+        agree >= STEPS - 2,
+        "greedy choice agrees at {agree} of {STEPS} steps"
+    );
+    // Measured: 0.4 to 1.1 at most steps, 2.1 at the worst, with logits up to about 26.
+    let diffs: Vec<f32> = ours
+        .iter()
+        .zip(&their_logits)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .collect();
+    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    assert!(mean < 1.0, "logits differ by {mean} on average: {diffs:?}");
+    for (i, diff) in diffs.iter().enumerate() {
+        assert!(*diff < 3.0, "step {i}: logits differ by {diff}");
+    }
 }

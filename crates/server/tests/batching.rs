@@ -29,8 +29,9 @@ fn a_batch_of_sessions_matches_each_session_alone_bit_for_bit() {
         .expect("trunk");
     let width = source.config().hidden_size;
 
-    // Three sessions: prompts of 5, 1 and 3 rows, then four one-row steps each.
-    let prompts = [5usize, 1, 3];
+    // Four sessions: prompts of 5, 300 (longer than a prefill chunk, so it runs in chunks
+    // beside the batch), 1 and 3 rows, then four one-row steps each.
+    let prompts = [5usize, 300, 1, 3];
     let mut solo: Vec<KvCache> = prompts.iter().map(|_| part.new_cache()).collect();
     let mut batched: Vec<KvCache> = prompts.iter().map(|_| part.new_cache()).collect();
     let mut positions = vec![0usize; prompts.len()];
@@ -64,7 +65,7 @@ fn a_batch_of_sessions_matches_each_session_alone_bit_for_bit() {
         }
     }
     let lens: Vec<usize> = batched.iter().map(KvCache::len).collect();
-    assert_eq!(lens, vec![9, 5, 7]);
+    assert_eq!(lens, vec![9, 304, 5, 7]);
 }
 
 #[test]

@@ -27,6 +27,6 @@ pub use keyed::KeyedTrunk;
 pub use policy::{Obfuscation, PolicyError, SessionKeys, SplitPolicy};
 pub use sampler::{Sampler, SamplingParams};
 pub use secret::SessionSecret;
-pub use session::{GenerateOptions, Generation, Session, StopReason};
+pub use session::{GenerateOptions, Generation, Session, Step, StopReason};
 pub use stats::Stats;
 pub use trunk::{LocalTrunk, StepRows, Trunk, TrunkError};

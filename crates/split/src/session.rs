@@ -1,3 +1,4 @@
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use lsplit_model::KvCache;
@@ -34,6 +35,20 @@ pub enum StopReason {
     MaxTokens,
     /// The sequence reached the model's context length.
     ContextFull,
+    /// The caller's step callback asked to stop (a stop sequence, a client that went away).
+    Stopped,
+}
+
+/// One generated token, as [`Session::generate_steps`] reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// The token id chosen.
+    pub token: u32,
+    /// The text this token completed; empty while a character is still incomplete.
+    pub text: &'a str,
+    /// Time and bytes of the generation so far; the difference between two steps is the cost
+    /// of one token (for the first step, of the prompt pass).
+    pub stats: &'a Stats,
 }
 
 /// The result of a generation.
@@ -261,6 +276,30 @@ impl<'m> Session<'m> {
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation, SplitError> {
+        let mut streamed = 0;
+        let generation = self.generate_steps(prompt, options, &mut |step| {
+            if !step.text.is_empty() {
+                on_text(step.text);
+                streamed += step.text.len();
+            }
+            ControlFlow::Continue(())
+        })?;
+        if let Some(rest) = generation.text.get(streamed..).filter(|r| !r.is_empty()) {
+            on_text(rest);
+        }
+        Ok(generation)
+    }
+
+    /// Generates a continuation of `prompt`, calling `on_step` after each generated token (the
+    /// end-of-sequence token excluded); `ControlFlow::Break` ends the generation with
+    /// [`StopReason::Stopped`]. Text still pending when generation ends (an incomplete
+    /// character) is not reported as a step but is part of [`Generation::text`].
+    pub fn generate_steps(
+        &mut self,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        on_step: &mut dyn FnMut(&Step<'_>) -> ControlFlow<()>,
+    ) -> Result<Generation, SplitError> {
         let context = self.model.context_length();
         if self.position + prompt.len() > context {
             return Err(SplitError::PromptTooLong {
@@ -292,9 +331,15 @@ impl<'m> Session<'m> {
                 break StopReason::Eos;
             }
             generated.push(next);
-            if let Some(piece) = decoder.push(next)? {
-                on_text(&piece);
-                text.push_str(&piece);
+            let piece = decoder.push(next)?.unwrap_or_default();
+            text.push_str(&piece);
+            let step = Step {
+                token: next,
+                text: &piece,
+                stats: &self.stats,
+            };
+            if on_step(&step).is_break() {
+                break StopReason::Stopped;
             }
             if generated.len() >= options.max_tokens {
                 break StopReason::MaxTokens;
@@ -308,7 +353,6 @@ impl<'m> Session<'m> {
         self.stats.decode += decode_start.elapsed();
         self.stats.generated_tokens += generated.len();
         if let Some(piece) = decoder.finish()? {
-            on_text(&piece);
             text.push_str(&piece);
         }
         Ok(Generation {

@@ -7,6 +7,7 @@
 //! Also: wire byte counts are exact, lossy codecs run, an over-long prompt and a trunk whose
 //! layers differ from the plan are refused with exact messages.
 
+use std::ops::ControlFlow;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
@@ -230,6 +231,42 @@ fn greedy_generation_is_identical_across_splits() {
         assert_eq!(got.stop, expected.stop, "split {plan}");
         check_wire_bytes(&got, f.prompt.len(), 4);
     }
+}
+
+#[test]
+fn steps_report_each_token_and_a_break_stops_the_generation() {
+    let f = fixture();
+    let plan = SplitPlan::new(3, 27, LAYERS).expect("plan");
+    let (model, trunk) = split_model(plan, Codec::F32);
+    let full = generate(&mut session(&model, &trunk), &f.prompt, GENERATED);
+
+    let options = GenerateOptions {
+        max_tokens: GENERATED,
+        ..GenerateOptions::default()
+    };
+    let row = HIDDEN as u64 * 4;
+    let mut steps = Vec::new();
+    let mut s = session(&model, &trunk);
+    let stopped = s
+        .generate_steps(&f.prompt, &options, &mut |step| {
+            steps.push((step.token, step.text.to_string(), step.stats.bytes_up));
+            if steps.len() == 5 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .expect("generate");
+    assert_eq!(stopped.stop, StopReason::Stopped);
+    assert_eq!(stopped.tokens, full.tokens[..5]);
+    let tokens: Vec<u32> = steps.iter().map(|(t, _, _)| *t).collect();
+    assert_eq!(tokens, full.tokens[..5]);
+    let text: String = steps.iter().map(|(_, t, _)| t.as_str()).collect();
+    assert!(full.text.starts_with(&text), "{text:?} / {:?}", full.text);
+    // Step i comes after the prompt pass and i one-token steps.
+    let bytes: Vec<u64> = steps.iter().map(|(_, _, b)| *b).collect();
+    let expected: Vec<u64> = (0..5).map(|i| (f.prompt.len() as u64 + i) * row).collect();
+    assert_eq!(bytes, expected);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod cert;
+pub mod edge;
 pub mod fetch;
 pub mod generate;
 pub mod inspect;

@@ -181,7 +181,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         let (signalled, grace) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
-            wait_for_signal().await;
+            crate::signal::wait_for_signal().await;
             tracing::info!("shutting down: no new sessions, open steps finish");
             let _ = signalled.send(());
         };
@@ -194,26 +194,4 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
-}
-
-/// Completes on SIGINT or, on Unix, SIGTERM.
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }

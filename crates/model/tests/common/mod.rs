@@ -201,23 +201,46 @@ pub fn ours_greedy(
     prompt: &[u32],
     steps: usize,
 ) -> (Vec<u32>, Vec<Vec<f32>>) {
+    ours_decode(source, prompt, steps, None)
+}
+
+/// Our whole model fed `prompt` then `tokens` (teacher forcing): every step's logits.
+pub fn ours_forced(source: &ModelSource, prompt: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
+    ours_decode(source, prompt, tokens.len(), Some(tokens)).1
+}
+
+fn ours_decode(
+    source: &ModelSource,
+    prompt: &[u32],
+    steps: usize,
+    forced: Option<&[u32]>,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let part = source
         .load_part(&PartSpec::whole(source.config().num_layers), &Device::Cpu)
         .expect("load whole model");
     let mut cache = part.new_cache();
-    greedy(prompt, steps, |tokens| {
+    decode(prompt, steps, forced, |tokens| {
         whole_step(&part, &mut cache, tokens)
     })
 }
 
 /// The same greedy decoding with candle-transformers' quantized llama on the same GGUF file.
 pub fn candle_greedy(path: &Path, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    candle_decode(path, prompt, steps, None)
+}
+
+fn candle_decode(
+    path: &Path,
+    prompt: &[u32],
+    steps: usize,
+    forced: Option<&[u32]>,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut reader = BufReader::new(File::open(path).expect("open"));
     let content = gguf_file::Content::read(&mut reader).expect("read GGUF");
     let mut model =
         ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).expect("candle model");
     let mut position = 0;
-    greedy(prompt, steps, |tokens| {
+    decode(prompt, steps, forced, |tokens| {
         let x = Tensor::new(tokens, &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .expect("input");
@@ -231,17 +254,18 @@ pub fn candle_greedy(path: &Path, prompt: &[u32], steps: usize) -> (Vec<u32>, Ve
     })
 }
 
-/// Feeds `prompt`, then each greedy choice, to `step`; returns the tokens and every step's
-/// logits (no step is run for the last token).
-fn greedy(
+/// Feeds `prompt`, then each next token (the greedy choice, or `forced`'s when given), to
+/// `step`; returns the tokens and every step's logits (no step is run for the last token).
+fn decode(
     prompt: &[u32],
     steps: usize,
+    forced: Option<&[u32]>,
     mut step: impl FnMut(&[u32]) -> Vec<f32>,
 ) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut logits = vec![step(prompt)];
     let mut tokens = Vec::new();
-    for _ in 0..steps {
-        let next = argmax(logits.last().expect("logits"));
+    for i in 0..steps {
+        let next = forced.map_or_else(|| argmax(logits.last().expect("logits")), |f| f[i]);
         tokens.push(next);
         if tokens.len() < steps {
             logits.push(step(&[next]));

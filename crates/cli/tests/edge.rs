@@ -1,0 +1,718 @@
+//! `lsplit edge` as clients use it, on the real default model: the real `openai` Python client
+//! and Debian's headless Chromium (through chromedriver) against the server, raw HTTP for bad
+//! requests, and trunk sessions freed when clients leave mid-stream, in-process and on a
+//! trunk server over TLS.
+//!
+//! The Python packages come from `tests/edge/requirements.txt`, installed by `.ci/run` into
+//! `$LSPLIT_CACHE_DIR/edge-test-venv` (override with `LSPLIT_TEST_PYTHON`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const CHAT_PROMPT: &str = "Write one sentence about the sea.";
+const RAW_PROMPT: &str = "The three primary colors are";
+/// Sampled (not greedy), so that the seed and sampling settings must reach the sampler.
+const SAMPLING: [&str; 8] = [
+    "--max-tokens",
+    "24",
+    "--temperature",
+    "0.8",
+    "--top-p",
+    "0.9",
+    "--seed",
+    "7",
+];
+const MODEL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+fn lsplit() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lsplit"));
+    command.env("LSPLIT_LOG", "warn");
+    command
+}
+
+fn model() -> PathBuf {
+    lsplit_fetch::ensure_default_model().expect("default model")
+}
+
+/// The Python interpreter of the test venv (openai, selenium).
+fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("LSPLIT_TEST_PYTHON") {
+        return python.into();
+    }
+    let python = lsplit_fetch::cache_dir()
+        .expect("cache dir")
+        .join("edge-test-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: .ci/run creates it (python3 -m venv DIR && DIR/bin/pip install -r \
+         crates/cli/tests/edge/requirements.txt), or set LSPLIT_TEST_PYTHON",
+        python.display()
+    );
+    python
+}
+
+/// Runs a script of `tests/edge` with `args`; returns the JSON object it prints.
+fn run_script(name: &str, args: &[&str]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/edge")
+        .join(name);
+    let out = Command::new(python())
+        .arg(&script)
+        .args(args)
+        .env("SE_OFFLINE", "true")
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{name} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// What `lsplit generate` prints for `prompt`: the text, and its token counts and stop reason
+/// from `--stats`.
+struct Generated {
+    text: String,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    finish: &'static str,
+}
+
+fn generate(prompt: &str, extra: &[&str]) -> Generated {
+    let out = lsplit()
+        .args(["generate", prompt, "--stats", "--model"])
+        .arg(model())
+        .args(extra)
+        .output()
+        .expect("run lsplit generate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let text = text
+        .strip_suffix('\n')
+        .expect("a final newline")
+        .to_string();
+    let tokens = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("tokens: "))
+        .unwrap_or_else(|| panic!("no token counts in {stderr}"));
+    let numbers: Vec<u64> = tokens
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let finish = if stderr.contains("stop: Eos") {
+        "stop"
+    } else {
+        "length"
+    };
+    Generated {
+        text,
+        prompt_tokens: numbers[0],
+        completion_tokens: numbers[1],
+        finish,
+    }
+}
+
+/// Reads the first `lines` lines a child prints, or fails after two minutes.
+fn first_lines(child: &mut Child, lines: usize, what: &str) -> String {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut text = String::new();
+        for _ in 0..lines {
+            let _ = reader.read_line(&mut text);
+        }
+        let _ = tx.send(text);
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| panic!("{what} announced no address"))
+}
+
+/// The address in `http://ADDR` or `https://localhost:PORT` at the start of `text` after `prefix`.
+fn address_after(text: &str, prefix: &str) -> SocketAddr {
+    let rest = text
+        .split(prefix)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no `{prefix}` in {text:?}"));
+    let addr: String = rest
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '/')
+        .collect();
+    addr.replace("localhost", "127.0.0.1")
+        .parse()
+        .unwrap_or_else(|_| panic!("no address in {text:?}"))
+}
+
+/// A running `lsplit edge`; killed when dropped.
+struct Edge {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Edge {
+    fn start(extra: &[&str]) -> Self {
+        let mut child = lsplit()
+            .args(["edge", "--listen", "127.0.0.1:0", "--model"])
+            .arg(model())
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn lsplit edge");
+        let line = first_lines(&mut child, 1, "lsplit edge");
+        assert!(line.starts_with("lsplit edge: http://127.0.0.1:"), "{line}");
+        let addr = address_after(&line, "http://");
+        Self { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn sessions_open(&self) -> u64 {
+        let (status, body) = http(self.addr, "GET", "/lsplit/info", &[], "");
+        assert_eq!(status, 200, "{body}");
+        parse(&body)["sessions_open"]
+            .as_u64()
+            .expect("sessions_open")
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// The request text of one HTTP/1.1 request that closes its connection.
+fn request(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &str) -> String {
+    let mut text = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: \
+         application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for header in headers {
+        text.push_str(header);
+        text.push_str("\r\n");
+    }
+    text.push_str("\r\n");
+    text.push_str(body);
+    text
+}
+
+/// One request over a fresh connection: the status and the body.
+fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .expect("timeout");
+    stream
+        .write_all(request(addr, method, path, headers, body).as_bytes())
+        .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {response:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_string())
+}
+
+/// The `error` object of an OpenAI error body.
+fn error_of(body: &str) -> Value {
+    let value = parse(body);
+    let error = value["error"].clone();
+    assert!(error.is_object(), "not an OpenAI error: {body}");
+    for key in ["message", "type", "param", "code"] {
+        assert!(error.get(key).is_some(), "no `{key}` in {body}");
+    }
+    error
+}
+
+#[test]
+fn the_openai_client_gets_the_text_lsplit_generate_prints() {
+    let chat = generate(CHAT_PROMPT, &SAMPLING);
+    let mut raw_args = SAMPLING.to_vec();
+    raw_args.push("--raw");
+    let raw = generate(RAW_PROMPT, &raw_args);
+    assert!(chat.text.len() > 20, "{:?}", chat.text);
+    // A stop sequence from the middle of the expected text: everything before it comes back.
+    let stop = chat
+        .text
+        .split_whitespace()
+        .nth(4)
+        .expect("five words")
+        .to_string();
+    let before_stop = &chat.text[..chat.text.find(&stop).expect("stop in text")];
+
+    let edge = Edge::start(&[]);
+    let got = run_script(
+        "openai_client.py",
+        &[&edge.url(), CHAT_PROMPT, RAW_PROMPT, &stop],
+    );
+
+    assert_eq!(got["models"], json!([MODEL_ID]));
+    let usage = json!({
+        "prompt_tokens": chat.prompt_tokens,
+        "completion_tokens": chat.completion_tokens,
+        "total_tokens": chat.prompt_tokens + chat.completion_tokens,
+    });
+    assert_eq!(got["chat"]["text"], json!(chat.text));
+    assert_eq!(got["chat"]["role"], json!("assistant"));
+    assert_eq!(got["chat"]["object"], json!("chat.completion"));
+    assert_eq!(got["chat"]["finish_reason"], json!(chat.finish));
+    assert_eq!(
+        got["chat"]["usage"]["prompt_tokens"],
+        usage["prompt_tokens"]
+    );
+    assert_eq!(
+        got["chat"]["usage"]["completion_tokens"],
+        usage["completion_tokens"]
+    );
+
+    let stream = &got["chat_stream"];
+    let pieces: Vec<&str> = stream["pieces"]
+        .as_array()
+        .expect("pieces")
+        .iter()
+        .map(|p| p.as_str().expect("text"))
+        .collect();
+    assert!(pieces.len() > 5, "streamed in pieces: {pieces:?}");
+    assert_eq!(pieces.concat(), chat.text);
+    assert_eq!(stream["roles"], json!(["assistant"]));
+    assert_eq!(stream["finish_reason"], json!(chat.finish));
+    assert_eq!(stream["usage"]["total_tokens"], usage["total_tokens"]);
+
+    assert_eq!(
+        got["chat_stop"]["text"],
+        json!(before_stop),
+        "stop {stop:?}"
+    );
+    assert_eq!(got["chat_stop"]["finish_reason"], json!("stop"));
+    assert_eq!(got["chat_stop_stream"], json!(before_stop));
+
+    assert_eq!(got["completion"]["text"], json!(raw.text));
+    assert_eq!(got["completion"]["finish_reason"], json!(raw.finish));
+    assert_eq!(
+        got["completion"]["usage"]["prompt_tokens"],
+        json!(raw.prompt_tokens)
+    );
+    assert_eq!(got["completion_stream"], json!(raw.text));
+
+    let errors = &got["errors"];
+    let body = |name: &str| {
+        let body = &errors[name]["body"];
+        body.get("error").unwrap_or(body).clone()
+    };
+    assert_eq!(errors["unknown_model"]["status"], json!(404));
+    assert_eq!(body("unknown_model")["code"], json!("model_not_found"));
+    assert_eq!(
+        body("unknown_model")["message"],
+        json!(format!(
+            "The model `no-such-model` does not exist: this server serves `{MODEL_ID}`"
+        ))
+    );
+    assert_eq!(errors["too_long"]["status"], json!(400));
+    assert_eq!(body("too_long")["code"], json!("context_length_exceeded"));
+    assert_eq!(errors["images"]["status"], json!(404));
+    assert_eq!(body("images")["code"], json!("model_not_found"));
+}
+
+#[test]
+fn bad_requests_get_their_status_and_an_openai_error_body() {
+    let out = lsplit()
+        .args(["edge", "--listen", "0.0.0.0:0"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("listening on 0.0.0.0:0 exposes the API beyond this machine: pass --api-key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let edge = Edge::start(&["--api-key", "s3cret"]);
+    let key = "Authorization: Bearer s3cret";
+    let chat = |body: &str| http(edge.addr, "POST", "/v1/chat/completions", &[key], body);
+
+    let (status, body) = http(edge.addr, "GET", "/v1/models", &[], "");
+    assert_eq!(status, 401);
+    assert_eq!(
+        parse(&body),
+        json!({"error": {
+            "message": "You didn't provide an API key. You need to provide your API key in an \
+                        Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            "type": "invalid_request_error", "param": null, "code": null}})
+    );
+    let (status, body) = http(
+        edge.addr,
+        "GET",
+        "/v1/models",
+        &["Authorization: Bearer nope"],
+        "",
+    );
+    assert_eq!(status, 401);
+    assert_eq!(error_of(&body)["code"], json!("invalid_api_key"));
+    let (status, body) = http(edge.addr, "GET", "/v1/models", &[key], "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(parse(&body)["data"][0]["id"], json!(MODEL_ID));
+
+    // The page itself is public; only the API needs the key.
+    let (status, body) = http(edge.addr, "GET", "/", &[], "");
+    assert_eq!(status, 200);
+    assert!(body.contains("<title>lsplit edge</title>"), "{body}");
+
+    let (status, body) = chat(r#"{"messages": [{"role": "user", "content": "hi"}"#);
+    assert_eq!(status, 400);
+    let error = error_of(&body);
+    assert_eq!(error["type"], json!("invalid_request_error"));
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .starts_with("could not parse the JSON body of the request: EOF while parsing"),
+        "{body}"
+    );
+
+    let (status, body) = chat(r#"{"messages": "hi"}"#);
+    assert_eq!(status, 400);
+    assert!(
+        error_of(&body)["message"]
+            .as_str()
+            .expect("message")
+            .starts_with("invalid request body: invalid type: string \"hi\", expected a sequence"),
+        "{body}"
+    );
+
+    let (status, body) =
+        chat(r#"{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}"#);
+    assert_eq!(status, 404);
+    assert_eq!(
+        parse(&body),
+        json!({"error": {
+            "message": format!("The model `gpt-4o` does not exist: this server serves `{MODEL_ID}`"),
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})
+    );
+
+    let (status, body) =
+        chat(r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}"#);
+    assert_eq!(status, 400);
+    let error = error_of(&body);
+    assert_eq!(error["code"], json!("context_length_exceeded"));
+    let message = error["message"].as_str().expect("message");
+    assert!(
+        message.starts_with(
+            "This model's maximum context length is 8192 tokens. However, you requested "
+        ) && message.contains(" in the messages, 9000 in the completion)"),
+        "{message}"
+    );
+
+    let (status, body) = chat(r#"{"messages": [{"role": "user", "content": "hi"}], "n": 3}"#);
+    assert_eq!(status, 400);
+    assert_eq!(error_of(&body)["param"], json!("n"));
+
+    let (status, body) = http(
+        edge.addr,
+        "POST",
+        "/v1/completions",
+        &[key],
+        r#"{"prompt": ""}"#,
+    );
+    assert_eq!(status, 400);
+    assert_eq!(error_of(&body)["message"], json!("the prompt is empty"));
+
+    let (status, body) = http(edge.addr, "POST", "/v1/images/generations", &[key], "{}");
+    assert_eq!(status, 400);
+    assert!(
+        error_of(&body)["message"]
+            .as_str()
+            .expect("message")
+            .contains("missing field `prompt`"),
+        "{body}"
+    );
+    let (status, body) = http(
+        edge.addr,
+        "POST",
+        "/v1/images/generations",
+        &[key],
+        r#"{"prompt": "a red kite", "response_format": "b64_json"}"#,
+    );
+    assert_eq!(status, 404);
+    let error = error_of(&body);
+    assert_eq!(error["code"], json!("model_not_found"));
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .starts_with("no image model is loaded."),
+        "{body}"
+    );
+
+    let (status, body) = http(edge.addr, "GET", "/v1/embeddings", &[key], "");
+    assert_eq!(status, 404);
+    assert_eq!(
+        error_of(&body)["message"],
+        json!("no such endpoint: GET /v1/embeddings")
+    );
+}
+
+/// A development PKI and a trunk server with metrics; killed when dropped.
+struct TrunkServer {
+    dir: tempfile::TempDir,
+    child: Child,
+    trunk: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl TrunkServer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = dir.path().join("pki");
+        let out = lsplit()
+            .args(["cert", "--out"])
+            .arg(&pki)
+            .output()
+            .expect("cert");
+        assert!(out.status.success());
+        std::fs::write(dir.path().join("token"), "tr0mb0ne\n").expect("token");
+        let mut child = lsplit()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
+            .arg("--model")
+            .arg(model())
+            .arg("--cert")
+            .arg(pki.join("server.pem"))
+            .arg("--key")
+            .arg(pki.join("server.key"))
+            .arg("--token-file")
+            .arg(dir.path().join("token"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn lsplit serve");
+        let lines = first_lines(&mut child, 2, "lsplit serve");
+        let trunk = address_after(&lines, "https://");
+        let metrics = address_after(&lines, "metrics on http://");
+        Self {
+            dir,
+            child,
+            trunk,
+            metrics,
+        }
+    }
+
+    fn edge_args(&self) -> Vec<String> {
+        let pki = self.dir.path().join("pki");
+        vec![
+            "--cloud".into(),
+            format!("https://localhost:{}", self.trunk.port()),
+            "--ca".into(),
+            pki.join("ca.pem").display().to_string(),
+            "--token-file".into(),
+            self.dir.path().join("token").display().to_string(),
+        ]
+    }
+
+    fn sessions_open(&self) -> u64 {
+        let (status, body) = http(self.metrics, "GET", "/metrics", &[], "");
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix("lsplit_sessions_open "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no lsplit_sessions_open in {body}"))
+    }
+}
+
+impl Drop for TrunkServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a long streamed chat and returns its connection once three chunks have arrived.
+fn streaming_client(addr: SocketAddr) -> TcpStream {
+    let body = json!({
+        "messages": [{"role": "user", "content": "Tell me a very long story about a robot."}],
+        "max_tokens": 4000,
+        "stream": true,
+    })
+    .to_string();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    stream
+        .write_all(request(addr, "POST", "/v1/chat/completions", &[], &body).as_bytes())
+        .expect("send");
+    let mut seen = String::new();
+    let mut buffer = [0u8; 4096];
+    while seen.matches("data: ").count() < 3 {
+        let n = stream.read(&mut buffer).expect("read");
+        assert!(n > 0, "the stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200 OK"), "{seen}");
+    assert!(seen.contains("content-type: text/event-stream"), "{seen}");
+    stream
+}
+
+/// Waits until `check` holds, for at most a minute.
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn clients_leaving_mid_stream_free_their_trunk_sessions() {
+    let server = TrunkServer::start();
+    let args = server.edge_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let remote = Edge::start(&args);
+    let local = Edge::start(&[]);
+
+    let first = streaming_client(remote.addr);
+    let second = streaming_client(remote.addr);
+    assert_eq!(remote.sessions_open(), 2);
+    assert_eq!(server.sessions_open(), 2, "one trunk session per client");
+    drop(first);
+    eventually("the first client's trunk session is closed", || {
+        remote.sessions_open() == 1 && server.sessions_open() == 1
+    });
+    drop(second);
+    eventually("every trunk session is closed", || {
+        remote.sessions_open() == 0 && server.sessions_open() == 0
+    });
+
+    let client = streaming_client(local.addr);
+    assert_eq!(local.sessions_open(), 1);
+    drop(client);
+    eventually("the in-process session is freed", || {
+        local.sessions_open() == 0
+    });
+
+    // Two clients at once over the trunk server each get what they would get alone.
+    let ask = |prompt: &'static str| {
+        let addr = remote.addr;
+        std::thread::spawn(move || {
+            let body = json!({
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 12,
+            });
+            let (status, body) = http(addr, "POST", "/v1/chat/completions", &[], &body.to_string());
+            assert_eq!(status, 200, "{body}");
+            parse(&body)["choices"][0]["message"]["content"]
+                .as_str()
+                .expect("content")
+                .to_string()
+        })
+    };
+    let (a, b) = (
+        ask("Name three colors."),
+        ask("What is the capital of France?"),
+    );
+    let (a, b) = (a.join().expect("client a"), b.join().expect("client b"));
+    assert_eq!(
+        a,
+        generate("Name three colors.", &["--max-tokens", "12"]).text
+    );
+    assert_eq!(
+        b,
+        generate("What is the capital of France?", &["--max-tokens", "12"]).text
+    );
+}
+
+#[test]
+fn the_page_streams_a_reply_in_headless_chromium() {
+    let expected = generate(CHAT_PROMPT, &["--max-tokens", "24"]);
+    let edge = Edge::start(&[]);
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("edge-screenshots");
+    let got = run_script(
+        "browser.py",
+        &[&edge.url(), CHAT_PROMPT, &shots.display().to_string()],
+    );
+    for shot in got["screenshots"].as_array().expect("screenshots") {
+        let path = shot.as_str().expect("path");
+        assert!(
+            std::fs::metadata(path).expect("screenshot").len() > 10_000,
+            "{path}"
+        );
+        println!("screenshot: {path}");
+    }
+    let chips = got["chips"].as_str().expect("chips");
+    assert!(chips.contains("split 2:28 of 30"), "{chips}");
+    assert!(chips.contains("trunk in-process"), "{chips}");
+    assert_eq!(got["split_layers"], json!(30));
+    assert_eq!(got["trunk_layers"], json!(26));
+    assert_eq!(got["streaming_seen"], json!("running"));
+    assert_eq!(got["status"], json!(format!("done ({})", expected.finish)));
+    assert_eq!(
+        got["reply"],
+        json!(expected.text),
+        "the page's defaults are generate's"
+    );
+    assert_eq!(got["tokens"], json!(expected.completion_tokens));
+    for (key, value) in got["totals"].as_object().expect("totals") {
+        let value = value.as_str().expect("text");
+        assert!(
+            value.ends_with(" ms") || value.ends_with("KiB"),
+            "{key}: {value}"
+        );
+    }
+    let rows = got["heat_rows"]["up"].as_u64().expect("rows");
+    assert!((1..=48).contains(&rows), "{rows}");
+    assert_eq!(got["heat_rows"]["down"], json!(rows));
+    assert!(
+        got["heat_up_label"]
+            .as_str()
+            .expect("label")
+            .contains("f32, 2.3 KiB for 1 row of 576"),
+        "{}",
+        got["heat_up_label"]
+    );
+    assert!(
+        got["narrow_overflow"].as_i64().expect("overflow") <= 0,
+        "the page is wider than a phone: {}",
+        got["narrow_overflow"]
+    );
+    assert_eq!(got["image_state"], json!("error"));
+    assert!(
+        got["image_status"]
+            .as_str()
+            .expect("status")
+            .starts_with("404: no image model is loaded."),
+        "{}",
+        got["image_status"]
+    );
+    assert_eq!(got["images_shown"], json!(0));
+    assert_eq!(got["console_errors"], json!([]));
+}

@@ -1,0 +1,97 @@
+"""Drives the `lsplit edge` page in Debian's headless Chromium through chromedriver (WebDriver).
+
+Usage: browser.py BASE_URL PROMPT SCREENSHOT_DIR
+Loads the page, sends a prompt, waits for streamed tokens, the per-token timing breakdown and
+the wire heat maps, saves screenshots (wide and narrow), checks the narrow layout does not
+overflow, tries the image tab, and prints what it saw as one JSON object.
+"""
+
+import json
+import os
+import sys
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+base_url, prompt, shots = sys.argv[1:4]
+os.makedirs(shots, exist_ok=True)
+
+options = webdriver.ChromeOptions()
+options.binary_location = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+             "--window-size=1280,900"):
+    options.add_argument(flag)
+service = Service(executable_path=os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
+driver = webdriver.Chrome(options=options, service=service)
+out = {}
+
+
+def screenshot(width, path):
+    """Saves the whole page as laid out `width` pixels wide."""
+    driver.set_window_size(width, 900)
+    driver.execute_script("drawBreakdown()")
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(width, height + 140)
+    driver.execute_script("window.scrollTo(0, 0)")
+    driver.save_screenshot(path)
+
+
+try:
+    wait = WebDriverWait(driver, 120)
+    driver.get(base_url + "/")
+    wait.until(lambda d: "model" in d.find_element(By.ID, "chips").text)
+    out["chips"] = driver.find_element(By.ID, "chips").text
+    out["split_layers"] = len(driver.find_elements(By.CSS_SELECTOR, "#split-bar .layer"))
+    out["trunk_layers"] = len(driver.find_elements(By.CSS_SELECTOR, "#split-bar .layer.trunk"))
+
+    driver.find_element(By.ID, "s-max_tokens").clear()
+    driver.find_element(By.ID, "s-max_tokens").send_keys("24")
+    driver.find_element(By.ID, "prompt").send_keys(prompt)
+    driver.find_element(By.ID, "send").click()
+
+    # Tokens arrive one by one: catch the reply while it is still streaming.
+    wait.until(lambda d: int(d.find_element(By.ID, "token-count").get_attribute("data-tokens")) >= 1)
+    out["streaming_seen"] = driver.find_element(By.ID, "status").get_attribute("data-state")
+    wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") in ("done", "error"))
+    out["status"] = driver.find_element(By.ID, "status").text
+    out["reply"] = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .content").text
+    out["meta"] = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .meta").text
+    out["tokens"] = int(driver.find_element(By.ID, "token-count").get_attribute("data-tokens"))
+    out["totals"] = {
+        key: driver.find_element(By.ID, key).text
+        for key in ("t-head", "t-trunk", "t-tail", "bytes-up", "bytes-down")
+    }
+    out["heat_rows"] = {
+        which: int(driver.find_element(By.ID, "heat-" + which).get_attribute("data-rows"))
+        for which in ("up", "down")
+    }
+    out["heat_up_label"] = driver.find_element(By.ID, "heat-up-label").text
+    wide = os.path.join(shots, "edge-page-wide.png")
+    screenshot(1280, wide)
+
+    narrow = os.path.join(shots, "edge-page-narrow.png")
+    screenshot(390, narrow)
+    out["narrow_overflow"] = driver.execute_script(
+        "return document.documentElement.scrollWidth - window.innerWidth")
+
+    driver.set_window_size(1280, 900)
+    driver.find_element(By.ID, "tab-image").click()
+    out["image_notice"] = driver.find_element(By.ID, "image-notice").text
+    driver.find_element(By.ID, "image-prompt").send_keys("a lighthouse at dusk")
+    driver.find_element(By.ID, "image-go").click()
+    wait.until(lambda d: d.find_element(By.ID, "image-status").get_attribute("data-state") in ("done", "error"))
+    out["image_status"] = driver.find_element(By.ID, "image-status").text
+    out["image_state"] = driver.find_element(By.ID, "image-status").get_attribute("data-state")
+    out["images_shown"] = len(driver.find_elements(By.CSS_SELECTOR, "#image-grid img"))
+    image = os.path.join(shots, "edge-page-image-tab.png")
+    driver.save_screenshot(image)
+    out["screenshots"] = [wide, narrow, image]
+    out["console_errors"] = [
+        entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"
+        and "/v1/images/generations" not in entry["message"]
+    ]
+finally:
+    driver.quit()
+print(json.dumps(out))

@@ -1,0 +1,382 @@
+//! The HTTP endpoints: OpenAI's chat and text completions (whole or as Server-Sent Events),
+//! models and image generations, and `/lsplit/info` for the page.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{Path, State as Shared};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{Method, Uri};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::api::{ChatRequest, CompletionRequest, ImageRequest, Settings};
+use crate::error::ApiError;
+use crate::generation::{self, Event, Job, Outcome};
+use crate::{State, unix_now};
+
+/// Numbers the answers' ids.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Which API an answer belongs to: the shapes differ.
+#[derive(Debug, Clone, Copy)]
+enum Api {
+    Chat,
+    Completion,
+}
+
+/// The identity of one answer, repeated in every chunk.
+#[derive(Debug, Clone)]
+struct Answer {
+    api: Api,
+    id: String,
+    created: u64,
+    model: String,
+    trace: bool,
+}
+
+impl Answer {
+    fn new(api: Api, state: &State, trace: bool) -> Self {
+        let prefix = match api {
+            Api::Chat => "chatcmpl",
+            Api::Completion => "cmpl",
+        };
+        let created = unix_now();
+        Self {
+            api,
+            id: format!(
+                "{prefix}-{created:x}{:06x}",
+                NEXT_ID.fetch_add(1, Ordering::Relaxed)
+            ),
+            created,
+            model: state.model_id.clone(),
+            trace,
+        }
+    }
+
+    /// A streamed chunk carrying `text` (or, for chat, a `delta`), and `finish` at the end.
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        match self.api {
+            Api::Chat => json!({
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            }),
+            Api::Completion => json!({
+                "id": self.id,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [{
+                    "index": 0,
+                    "text": delta.get("content").cloned().unwrap_or(json!("")),
+                    "logprobs": null,
+                    "finish_reason": finish,
+                }],
+            }),
+        }
+    }
+
+    /// The whole answer.
+    fn whole(&self, text: String, outcome: &Outcome) -> Value {
+        let choice = match self.api {
+            Api::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": outcome.finish.as_str(),
+            }),
+            Api::Completion => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": outcome.finish.as_str(),
+            }),
+        };
+        let object = match self.api {
+            Api::Chat => "chat.completion",
+            Api::Completion => "text_completion",
+        };
+        let mut answer = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(outcome),
+        });
+        if self.trace {
+            answer["lsplit"] = json!({ "summary": outcome.summary });
+        }
+        answer
+    }
+}
+
+fn usage(outcome: &Outcome) -> Value {
+    json!({
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+    })
+}
+
+fn json_response(value: &Value) -> Response {
+    ([(CONTENT_TYPE, "application/json")], value.to_string()).into_response()
+}
+
+fn content(text: String) -> Value {
+    json!({ "content": text })
+}
+
+/// Parses a JSON body into `T`, or a 400 in OpenAI's shape.
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::malformed(&e))
+}
+
+/// Refuses a request for a model other than the one served.
+fn check_model(state: &State, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(name) if name != state.model_id => Err(ApiError::model_not_found(format!(
+            "The model `{name}` does not exist: this server serves `{}`",
+            state.model_id
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The generation a request asks for, checked against the context.
+fn job(state: &State, settings: &Settings, prompt: Vec<u32>) -> Result<Job, ApiError> {
+    let options = settings.options(&state.defaults, prompt.len(), state.model.context_length())?;
+    Ok(Job {
+        prompt,
+        options,
+        stop: settings.stop_sequences()?,
+        trace: settings.trace(),
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat_completions(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response {
+    let answer = async {
+        let request: ChatRequest = parse(&body)?;
+        check_model(&state, request.settings.model.as_deref())?;
+        let conversation = request.conversation()?;
+        let tokenizer = state.model.tokenizer();
+        if tokenizer.chat_template().is_none() {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "this model has no chat template: use /v1/completions",
+            ));
+        }
+        let text = tokenizer
+            .apply_chat_template(&conversation, true)
+            .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+        let prompt = tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+        let job = job(&state, &request.settings, prompt)?;
+        respond(&state, Api::Chat, &request.settings, job).await
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /v1/completions`: the prompt as is, as `lsplit generate --raw` sends it.
+pub(crate) async fn completions(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response {
+    let answer = async {
+        let request: CompletionRequest = parse(&body)?;
+        check_model(&state, request.settings.model.as_deref())?;
+        let prompt = state
+            .model
+            .prompt_tokens(request.text()?, true)
+            .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
+        let job = job(&state, &request.settings, prompt)?;
+        respond(&state, Api::Completion, &request.settings, job).await
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Runs the job and answers whole, or streamed as Server-Sent Events.
+async fn respond(
+    state: &Arc<State>,
+    api: Api,
+    settings: &Settings,
+    job: Job,
+) -> Result<Response, ApiError> {
+    let answer = Answer::new(api, state, job.trace);
+    let mut events = generation::start(state, job)?;
+    if !settings.stream() {
+        let mut text = String::new();
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Token { text: piece, .. } | Event::Tail(piece) => text.push_str(&piece),
+                Event::Done(outcome) => return Ok(json_response(&answer.whole(text, &outcome))),
+                Event::Failed(error) => return Err(error),
+            }
+        }
+        return Err(ended_early());
+    }
+    // The first event shows whether the trunk session opened: a failure there is a status.
+    let first = match events.recv().await {
+        Some(Event::Failed(error)) => return Err(error),
+        Some(event) => event,
+        None => return Err(ended_early()),
+    };
+    let (sse, stream) = mpsc::channel::<Result<SseEvent, Infallible>>(8);
+    let include_usage = settings.include_usage();
+    tokio::spawn(async move {
+        let send = |value: &Value| {
+            let event = SseEvent::default().data(value.to_string());
+            sse.send(Ok(event))
+        };
+        if matches!(answer.api, Api::Chat)
+            && send(&answer.chunk(json!({"role": "assistant", "content": ""}), None))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let mut next = Some(first);
+        while let Some(event) = next.take() {
+            let value = match event {
+                Event::Token { text, trace } => {
+                    let mut chunk = answer.chunk(content(text), None);
+                    if let Some(trace) = trace {
+                        chunk["lsplit"] = json!(trace);
+                    }
+                    chunk
+                }
+                Event::Tail(text) => answer.chunk(content(text), None),
+                Event::Done(outcome) => {
+                    let mut last = answer.chunk(json!({}), Some(outcome.finish.as_str()));
+                    if answer.trace {
+                        last["lsplit"] = json!({ "summary": outcome.summary });
+                    }
+                    if send(&last).await.is_err() {
+                        return;
+                    }
+                    if include_usage {
+                        let mut chunk = answer.chunk(json!({}), None);
+                        chunk["choices"] = json!([]);
+                        chunk["usage"] = usage(&outcome);
+                        if send(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = sse.send(Ok(SseEvent::default().data("[DONE]"))).await;
+                    return;
+                }
+                Event::Failed(error) => {
+                    let _ = sse.send(Ok(SseEvent::default().data(error.body()))).await;
+                    return;
+                }
+            };
+            if send(&value).await.is_err() {
+                return;
+            }
+            next = events.recv().await;
+        }
+        let _ = sse
+            .send(Ok(SseEvent::default().data(ended_early().body())))
+            .await;
+    });
+    Ok(Sse::new(ReceiverStream::new(stream))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The generation thread stopped without a result (it cannot, short of a crash).
+fn ended_early() -> ApiError {
+    ApiError {
+        status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        message: "the generation ended without a result".into(),
+        kind: "server_error",
+        param: None,
+        code: None,
+    }
+}
+
+fn model_entry(state: &State) -> Value {
+    json!({
+        "id": state.model_id,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "lsplit",
+    })
+}
+
+/// `GET /v1/models`.
+pub(crate) async fn models(Shared(state): Shared<Arc<State>>) -> Response {
+    json_response(&json!({ "object": "list", "data": [model_entry(&state)] }))
+}
+
+/// `GET /v1/models/{id}`.
+pub(crate) async fn model(Shared(state): Shared<Arc<State>>, Path(id): Path<String>) -> Response {
+    match check_model(&state, Some(&id)) {
+        Ok(()) => json_response(&model_entry(&state)),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/images/generations`: needs a diffusion model, and none can be loaded yet, so a
+/// well-formed request is answered 404 `model_not_found` naming what is loaded.
+pub(crate) async fn images(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response {
+    let answer = || {
+        let request: ImageRequest = parse(&body)?;
+        if request.prompt.trim().is_empty() {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "prompt must not be empty",
+            ));
+        }
+        let asked = request
+            .model
+            .map_or_else(String::new, |m| format!("`{m}` is not loaded: "));
+        Err::<Response, _>(ApiError::model_not_found(format!(
+            "{asked}no image model is loaded. This server runs the text model `{}`; image \
+             generation needs a diffusion model, which lsplit edge cannot load yet",
+            state.model_id
+        )))
+    };
+    answer().unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /lsplit/info`: what the page shows about the model, the split and the defaults.
+pub(crate) async fn info(Shared(state): Shared<Arc<State>>) -> Response {
+    let parts = state.model.parts();
+    let config = parts.first().map(|p| p.config());
+    let sampling = &state.defaults.sampling;
+    json_response(&json!({
+        "model": state.model_id,
+        "layers": config.map(|c| c.num_layers),
+        "hidden_size": config.map(|c| c.hidden_size),
+        "context_length": state.model.context_length(),
+        "split": state.model.plan().map(|p| json!({"k1": p.k1, "k2": p.k2})),
+        "codec": state.model.codec().name(),
+        "trunk": state.trunk_location,
+        "chat_template": state.model.tokenizer().chat_template().is_some(),
+        "images": false,
+        "sessions_open": state.sessions.load(Ordering::SeqCst),
+        "max_sessions": state.max_sessions,
+        "defaults": {
+            "max_tokens": state.defaults.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "repeat_penalty": sampling.repetition_penalty,
+            "repeat_last_n": sampling.repeat_last_n,
+            "seed": sampling.seed,
+        },
+    }))
+}
+
+/// Anything else: 404 in OpenAI's shape.
+pub(crate) async fn no_route(method: Method, uri: Uri) -> Response {
+    ApiError::no_route(method.as_str(), uri.path()).into_response()
+}

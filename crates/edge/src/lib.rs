@@ -1,0 +1,144 @@
+//! `lsplit edge`: the device side of a split model as a local server, so that any
+//! OpenAI-style client (and a person, through the built-in page) can use it unchanged.
+//!
+//! One process holds the head and tail and serves an OpenAI-compatible HTTP API
+//! (`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/v1/images/generations`) and a
+//! web page that shows what each token cost and what crossed the wire. Every request gets its
+//! own generation thread and its own trunk session, opened through [`OpenTrunk`]; the device
+//! loop sees the trunk only through the [`Trunk`] trait, in-process or remote alike.
+
+mod api;
+mod auth;
+mod error;
+mod generation;
+mod handlers;
+mod page;
+mod stop;
+mod trace;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::routing::{get, post};
+use lsplit_split::{DeviceModel, GenerateOptions, Trunk, TrunkError};
+
+pub use error::EdgeError;
+
+/// Opens a new trunk session: called once per request.
+pub type OpenTrunk = Box<dyn Fn() -> Result<Box<dyn Trunk>, TrunkError> + Send + Sync>;
+
+/// What the edge server serves.
+pub struct EdgeConfig {
+    /// The device's share of the model: tokenizer, head and tail (or the whole model).
+    pub model: DeviceModel,
+    /// The model's name in the API (`model` of requests, `/v1/models`).
+    pub model_id: String,
+    /// Where trunk sessions come from; `None` for the unsplit baseline.
+    pub trunks: Option<OpenTrunk>,
+    /// Where the trunk runs, for people: `in-process` or the server's URL.
+    pub trunk_location: String,
+    /// Settings of requests that leave them out: `lsplit edge`'s flags.
+    pub defaults: GenerateOptions,
+    /// The key clients must send as `Authorization: Bearer KEY`; `None` lets every local client in.
+    pub api_key: Option<String>,
+    /// Generations running at once; more get 429.
+    pub max_sessions: usize,
+}
+
+/// Shared by every request.
+pub(crate) struct State {
+    model: DeviceModel,
+    model_id: String,
+    trunks: Option<OpenTrunk>,
+    trunk_location: String,
+    defaults: GenerateOptions,
+    api_key: Option<String>,
+    max_sessions: usize,
+    /// Generations (and so trunk sessions) open now.
+    sessions: AtomicUsize,
+    /// When the server started, in Unix seconds (`created` of the model).
+    started: u64,
+}
+
+/// The edge server: the API and the page over one loaded model.
+#[derive(Clone)]
+pub struct EdgeServer {
+    state: Arc<State>,
+}
+
+/// Refuses to expose the API beyond this machine without a key: a loopback address may go
+/// without one, any other address needs one.
+pub fn check_listen(addr: SocketAddr, api_key: Option<&str>) -> Result<(), EdgeError> {
+    match api_key {
+        Some(key) if key.trim().is_empty() => Err(EdgeError::EmptyApiKey),
+        Some(_) => Ok(()),
+        None if addr.ip().is_loopback() => Ok(()),
+        None => Err(EdgeError::ApiKeyRequired(addr)),
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl EdgeServer {
+    /// A server over `config`.
+    pub fn new(config: EdgeConfig) -> Self {
+        Self {
+            state: Arc::new(State {
+                model: config.model,
+                model_id: config.model_id,
+                trunks: config.trunks,
+                trunk_location: config.trunk_location,
+                defaults: config.defaults,
+                api_key: config.api_key,
+                max_sessions: config.max_sessions.max(1),
+                sessions: AtomicUsize::new(0),
+                started: unix_now(),
+            }),
+        }
+    }
+
+    /// Generations, and so trunk sessions, open now.
+    pub fn sessions_open(&self) -> usize {
+        self.state.sessions.load(Ordering::SeqCst)
+    }
+
+    /// The routes: the API (behind the key, if any) and the page.
+    pub fn router(&self) -> Router {
+        let api = Router::new()
+            .route("/v1/chat/completions", post(handlers::chat_completions))
+            .route("/v1/completions", post(handlers::completions))
+            .route("/v1/models", get(handlers::models))
+            .route("/v1/models/{id}", get(handlers::model))
+            .route("/v1/images/generations", post(handlers::images))
+            .route("/lsplit/info", get(handlers::info))
+            .route_layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&self.state),
+                auth::require_key,
+            ));
+        Router::new()
+            .merge(api)
+            .merge(page::routes())
+            .fallback(handlers::no_route)
+            .with_state(Arc::clone(&self.state))
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then lets open requests finish.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), EdgeError> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,547 @@
+//! Dot products of a tile of four quantized weight rows with up to four quantized activation
+//! rows.
+//!
+//! Weights are repacked at load time into tiles: for each block of 32 columns, the four rows'
+//! scales (and Q4_1 minimums) side by side, then their quants. One load brings four rows'
+//! scales, each weight block is unpacked once for every activation row, and four weight rows
+//! give four independent accumulations to overlap. Each (weight row, activation row) pair keeps
+//! its own accumulator and sees the same operations in the same order whatever else shares the
+//! call, so a row's result never depends on which other rows are in the batch.
+//!
+//! The arithmetic is candle's, operation for operation: Q4_0 and Q8_0 accumulate in eight float
+//! lanes summed in the order of candle's AVX2 kernels, Q4_1 sums each block exactly in integers
+//! and accumulates sequentially as candle's generic kernel does. So the model's outputs equal
+//! candle-transformers' bit for bit; that matters because every product re-quantizes its input
+//! to 8 bits, which turns any rounding difference into a visible one a few layers later.
+//!
+//! Two implementations compute bit-identical results: an AVX2 one (with VNNI's `vpdpbusd` when
+//! the target has it) and a portable one.
+
+use half::f16;
+
+/// Values per quantization block, for weights and activations alike.
+pub(crate) const BLOCK: usize = 32;
+
+/// Weight rows per tile.
+pub(crate) const TILE: usize = 4;
+
+/// 32 activations quantized to 8 bits: value ≈ `d * q`. `s` is `d * Σq` rounded through f16
+/// as candle's Q8_1 does; only the Q4_1 kernel needs it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ActBlock {
+    pub(crate) d: f32,
+    pub(crate) s: f32,
+    pub(crate) q: [i8; BLOCK],
+}
+
+impl ActBlock {
+    /// Quantizes 32 values the way candle's (and ggml's) reference Q8_0/Q8_1 code does.
+    pub(crate) fn quantize(xs: &[f32]) -> Self {
+        let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut q = [0i8; BLOCK];
+        let mut sum = 0i32;
+        for (q, &x) in q.iter_mut().zip(xs) {
+            *q = (x * id).round() as i8;
+            sum += i32::from(*q);
+        }
+        let d16 = f16::from_f32(d);
+        Self {
+            d: d16.to_f32(),
+            s: (f16::from_f32(sum as f32) * d16).to_f32(),
+            q,
+        }
+    }
+}
+
+/// The GGUF block formats these kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// f16 scale, 32 unsigned nibbles biased by 8.
+    Q4_0,
+    /// f16 scale and minimum, 32 unsigned nibbles.
+    Q4_1,
+    /// f16 scale, 32 signed bytes.
+    Q8_0,
+}
+
+impl Format {
+    /// Bytes of one GGUF block of 32 weights.
+    pub(crate) fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_0 => 18,
+            Format::Q4_1 => 20,
+            Format::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of the scales (and minimums) that start a GGUF block.
+    fn header_bytes(self) -> usize {
+        match self {
+            Format::Q4_1 => 4,
+            Format::Q4_0 | Format::Q8_0 => 2,
+        }
+    }
+
+    /// Bytes of the quants of one row in one block.
+    fn quant_bytes(self) -> usize {
+        self.block_bytes() - self.header_bytes()
+    }
+}
+
+/// Repacks `rows` rows (a multiple of [`TILE`]) of `blocks` GGUF blocks each into tiles: per
+/// tile and block, the four scales, then for Q4_1 the four minimums, then the four rows' quants.
+/// The size is unchanged.
+pub(crate) fn repack(format: Format, gguf: &[u8], rows: usize, blocks: usize) -> Vec<u8> {
+    let bb = format.block_bytes();
+    let qb = format.quant_bytes();
+    let mut packed = Vec::with_capacity(gguf.len());
+    for tile in 0..rows / TILE {
+        for b in 0..blocks {
+            let block = |w: usize| {
+                let at = ((tile * TILE + w) * blocks + b) * bb;
+                &gguf[at..at + bb]
+            };
+            for w in 0..TILE {
+                packed.extend_from_slice(&block(w)[0..2]);
+            }
+            if format == Format::Q4_1 {
+                for w in 0..TILE {
+                    packed.extend_from_slice(&block(w)[2..4]);
+                }
+            }
+            for w in 0..TILE {
+                packed.extend_from_slice(&block(w)[bb - qb..]);
+            }
+        }
+    }
+    packed
+}
+
+/// Dots one tile (`blocks` blocks of four rows, as [`repack`] lays them out) with each of the
+/// `R` activation rows: `out[r][w]` is weight row `w` times activation row `r`.
+pub(crate) fn dot_tile<const R: usize>(
+    format: Format,
+    tile: &[u8],
+    acts: [&[ActBlock]; R],
+    out: &mut [[f32; TILE]; R],
+) {
+    let blocks = tile.len() / (TILE * format.block_bytes());
+    assert!(acts.iter().all(|a| a.len() == blocks));
+    assert_eq!(tile.len(), blocks * TILE * format.block_bytes());
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    {
+        // SAFETY: the target has AVX2, FMA and F16C, and every load stays inside `tile` and
+        // `acts`, whose lengths were checked above.
+        unsafe { avx2::dot_tile(format, tile, blocks, acts, out) }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    portable::dot_tile(format, tile, blocks, acts, out)
+}
+
+/// Portable kernels: for Q4_0 and Q8_0 eight float lanes, lane `u` holding the products of
+/// values `4u..4u+4`; for Q4_1 one exact integer sum per block.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ),
+    allow(dead_code)
+)]
+pub(crate) mod portable {
+    use half::f16;
+
+    use super::{ActBlock, BLOCK, Format, TILE};
+
+    fn f16_at(bytes: &[u8], at: usize) -> f32 {
+        f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+    }
+
+    /// One tile block's four rows: their 32 values in order (signed for Q4_0 and Q8_0), their
+    /// scales and their minimums (zero but for Q4_1).
+    pub(crate) fn unpack(format: Format, block: &[u8]) -> [([i32; BLOCK], f32, f32); TILE] {
+        let quants = TILE * format.header_bytes();
+        let qb = format.quant_bytes();
+        std::array::from_fn(|w| {
+            let qs = &block[quants + w * qb..quants + (w + 1) * qb];
+            let mut v = [0i32; BLOCK];
+            match format {
+                Format::Q4_0 | Format::Q4_1 => {
+                    let bias = if format == Format::Q4_0 { 8 } else { 0 };
+                    for (j, &b) in qs.iter().enumerate() {
+                        v[j] = i32::from(b & 0x0f) - bias;
+                        v[j + 16] = i32::from(b >> 4) - bias;
+                    }
+                }
+                Format::Q8_0 => {
+                    for (v, &b) in v.iter_mut().zip(qs) {
+                        *v = i32::from(b as i8);
+                    }
+                }
+            }
+            let min = if format == Format::Q4_1 {
+                f16_at(block, 2 * TILE + 2 * w)
+            } else {
+                0.0
+            };
+            (v, f16_at(block, 2 * w), min)
+        })
+    }
+
+    /// Sum of eight lanes in the order of the AVX2 kernel's horizontal sum.
+    fn hsum8(x: [f32; 8]) -> f32 {
+        let a = [x[4] + x[0], x[5] + x[1], x[6] + x[2], x[7] + x[3]];
+        let b = [a[0] + a[2], a[1] + a[3]];
+        b[0] + b[1]
+    }
+
+    /// See [`super::dot_tile`].
+    pub(crate) fn dot_tile<const R: usize>(
+        format: Format,
+        tile: &[u8],
+        blocks: usize,
+        acts: [&[ActBlock]; R],
+        out: &mut [[f32; TILE]; R],
+    ) {
+        let bytes = TILE * format.block_bytes();
+        let mut lanes = [[[0f32; 8]; TILE]; R];
+        let mut sums = [[0f32; TILE]; R];
+        for b in 0..blocks {
+            let rows = unpack(format, &tile[b * bytes..(b + 1) * bytes]);
+            for r in 0..R {
+                let a = &acts[r][b];
+                for (w, (v, d, min)) in rows.iter().enumerate() {
+                    let dot = |t: std::ops::Range<usize>| -> i32 {
+                        t.map(|t| v[t] * i32::from(a.q[t])).sum()
+                    };
+                    if format == Format::Q4_1 {
+                        sums[r][w] += dot(0..BLOCK) as f32 * d * a.d + min * a.s;
+                    } else {
+                        let scale = d * a.d;
+                        for (u, lane) in lanes[r][w].iter_mut().enumerate() {
+                            *lane = scale.mul_add(dot(4 * u..4 * u + 4) as f32, *lane);
+                        }
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for w in 0..TILE {
+                out[r][w] = if format == Format::Q4_1 {
+                    sums[r][w]
+                } else {
+                    hsum8(lanes[r][w])
+                };
+            }
+        }
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{ActBlock, Format, TILE};
+
+    /// Unsigned bytes times signed bytes, summed in groups of four into eight i32 lanes.
+    #[inline(always)]
+    unsafe fn dot_u8_i8(w: __m256i, y: __m256i) -> __m256i {
+        #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+        // SAFETY: the target has AVX512-VNNI and AVX512-VL.
+        // Stable since Rust 1.89: building for a VNNI target needs that toolchain; the
+        // workspace's older MSRV holds for every other target.
+        #[allow(clippy::incompatible_msrv)]
+        unsafe {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, y)
+        }
+        #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
+        // SAFETY: the target has AVX2.
+        unsafe {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1))
+        }
+    }
+
+    /// Exact sums of four vectors of eight i32 lanes: `[Σv0, Σv1, Σv2, Σv3]`.
+    #[inline(always)]
+    unsafe fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
+        // SAFETY: the target has AVX2.
+        unsafe {
+            let a = _mm256_hadd_epi32(v[0], v[1]);
+            let b = _mm256_hadd_epi32(v[2], v[3]);
+            let c = _mm256_hadd_epi32(a, b);
+            _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1))
+        }
+    }
+
+    /// Sum of eight float lanes in the order of candle's `hsum_float_8`.
+    #[inline(always)]
+    unsafe fn hsum(x: __m256) -> f32 {
+        // SAFETY: the target has AVX.
+        unsafe {
+            let hi = _mm256_extractf128_ps(x, 1);
+            let s = _mm_add_ps(hi, _mm256_castps256_ps128(x));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    /// Sixteen packed bytes at `p` to 32 nibbles: low nibbles first, then high ones.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        // SAFETY: the caller passes 16 readable bytes; the target has AVX2.
+        unsafe {
+            let qs = _mm_loadu_si128(p as *const __m128i);
+            let both = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
+            _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+        }
+    }
+
+    /// 32 bytes at `p`.
+    #[inline(always)]
+    unsafe fn load32(p: *const u8) -> __m256i {
+        // SAFETY: the caller passes 32 readable bytes; the target has AVX.
+        unsafe { _mm256_loadu_si256(p as *const __m256i) }
+    }
+
+    /// Four f16 at `p` as f32 (exact, as `half` converts them).
+    #[inline(always)]
+    unsafe fn f16x4(p: *const u8) -> __m128 {
+        // SAFETY: the caller passes 8 readable bytes; the target has F16C.
+        unsafe { _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i)) }
+    }
+
+    /// See [`super::dot_tile`]. Signed weights use the sign trick (|w| times y with w's sign)
+    /// so that one unsigned-by-signed product serves every format.
+    ///
+    /// # Safety
+    /// `tile` holds `blocks` tile blocks of `format` and every row of `acts` `blocks` blocks.
+    // Block `b` addresses both the tile's bytes and each activation row.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    pub(super) unsafe fn dot_tile<const R: usize>(
+        format: Format,
+        tile: &[u8],
+        blocks: usize,
+        acts: [&[ActBlock]; R],
+        out: &mut [[f32; TILE]; R],
+    ) {
+        let bytes = TILE * format.block_bytes();
+        // SAFETY: the target has AVX2, FMA and F16C; loads stay inside the blocks (see above).
+        unsafe {
+            match format {
+                Format::Q4_1 => {
+                    let mut sums = [_mm_setzero_ps(); R];
+                    for b in 0..blocks {
+                        let p = tile.as_ptr().add(b * bytes);
+                        let d = f16x4(p);
+                        let min = f16x4(p.add(8));
+                        let wq: [__m256i; TILE] =
+                            std::array::from_fn(|w| nibbles(p.add(16 + 16 * w)));
+                        for r in 0..R {
+                            let a = &acts[r][b];
+                            let y = load32(a.q.as_ptr().cast());
+                            let dots = hsum4_i32(wq.map(|w| dot_u8_i8(w, y)));
+                            // ((Σ * d) * d_act) + (min * s_act), then accumulated: candle's order.
+                            let t =
+                                _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(dots), d), _mm_set1_ps(a.d));
+                            let t = _mm_add_ps(t, _mm_mul_ps(min, _mm_set1_ps(a.s)));
+                            sums[r] = _mm_add_ps(sums[r], t);
+                        }
+                    }
+                    for r in 0..R {
+                        _mm_storeu_ps(out[r].as_mut_ptr(), sums[r]);
+                    }
+                }
+                Format::Q4_0 | Format::Q8_0 => {
+                    let mut acc = [[_mm256_setzero_ps(); TILE]; R];
+                    for b in 0..blocks {
+                        let p = tile.as_ptr().add(b * bytes);
+                        let mut d = [0f32; TILE];
+                        _mm_storeu_ps(d.as_mut_ptr(), f16x4(p));
+                        let wq: [__m256i; TILE] = std::array::from_fn(|w| {
+                            if format == Format::Q4_0 {
+                                _mm256_sub_epi8(nibbles(p.add(8 + 16 * w)), _mm256_set1_epi8(8))
+                            } else {
+                                load32(p.add(8 + 32 * w))
+                            }
+                        });
+                        let wabs = wq.map(|w| _mm256_sign_epi8(w, w));
+                        for r in 0..R {
+                            let a = &acts[r][b];
+                            let y = load32(a.q.as_ptr().cast());
+                            for w in 0..TILE {
+                                let dot = dot_u8_i8(wabs[w], _mm256_sign_epi8(y, wq[w]));
+                                acc[r][w] = _mm256_fmadd_ps(
+                                    _mm256_set1_ps(d[w] * a.d),
+                                    _mm256_cvtepi32_ps(dot),
+                                    acc[r][w],
+                                );
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        for w in 0..TILE {
+                            out[r][w] = hsum(acc[r][w]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random bytes (xorshift), so the test needs no extra crate.
+    fn bytes(seed: u64, n: usize) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// Four GGUF rows of `blocks` blocks with small finite scales and minimums.
+    fn gguf_rows(format: Format, blocks: usize, seed: u64) -> Vec<u8> {
+        let bb = format.block_bytes();
+        let mut w = bytes(seed, TILE * blocks * bb);
+        for i in 0..TILE * blocks {
+            let at = i * bb;
+            let scale = f16::from_f32(0.01 + (i % 7) as f32 * 0.003).to_le_bytes();
+            w[at..at + 2].copy_from_slice(&scale);
+            if format == Format::Q4_1 {
+                let min = f16::from_f32(-0.05 + (i % 5) as f32 * 0.01).to_le_bytes();
+                w[at + 2..at + 4].copy_from_slice(&min);
+            }
+        }
+        w
+    }
+
+    fn act_row(blocks: usize, seed: u64) -> Vec<ActBlock> {
+        let raw = bytes(seed, blocks * BLOCK);
+        let xs: Vec<f32> = raw.iter().map(|&b| (b as f32 - 127.5) / 40.0).collect();
+        xs.chunks(BLOCK).map(ActBlock::quantize).collect()
+    }
+
+    /// Weight row `w` times `acts` in f64 from the dequantized values, for an accuracy check.
+    fn exact(format: Format, tile: &[u8], w: usize, acts: &[ActBlock]) -> f64 {
+        let bytes = TILE * format.block_bytes();
+        acts.iter()
+            .enumerate()
+            .map(|(b, a)| {
+                let (v, d, min) = portable::unpack(format, &tile[b * bytes..(b + 1) * bytes])[w];
+                (0..BLOCK)
+                    .map(|t| {
+                        let weight = f64::from(d) * f64::from(v[t]) + f64::from(min);
+                        weight * f64::from(a.d) * f64::from(a.q[t])
+                    })
+                    .sum::<f64>()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn repacking_keeps_each_rows_scales_and_quants() {
+        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            let gguf = gguf_rows(format, 3, 5);
+            let tile = repack(format, &gguf, TILE, 3);
+            assert_eq!(tile.len(), gguf.len());
+            let bb = format.block_bytes();
+            for b in 0..3 {
+                let rows = portable::unpack(format, &tile[b * TILE * bb..(b + 1) * TILE * bb]);
+                for (w, (v, d, _)) in rows.iter().enumerate() {
+                    let block = &gguf[(w * 3 + b) * bb..(w * 3 + b + 1) * bb];
+                    assert_eq!(
+                        d.to_bits(),
+                        f16::from_le_bytes([block[0], block[1]]).to_f32().to_bits()
+                    );
+                    let first = match format {
+                        Format::Q8_0 => i32::from(block[2] as i8),
+                        Format::Q4_0 => i32::from(block[2] & 0x0f) - 8,
+                        Format::Q4_1 => i32::from(block[4] & 0x0f),
+                    };
+                    assert_eq!(v[0], first, "{format:?} block {b} row {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_agree_with_the_portable_code_bit_for_bit_and_with_exact_math() {
+        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            for blocks in [1, 18, 48] {
+                let tile = repack(
+                    format,
+                    &gguf_rows(format, blocks, 7 + blocks as u64),
+                    TILE,
+                    blocks,
+                );
+                let rows: Vec<Vec<ActBlock>> =
+                    (0..4).map(|i| act_row(blocks, 100 + i as u64)).collect();
+                let four = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
+                let mut fast = [[0f32; TILE]; 4];
+                dot_tile(format, &tile, four, &mut fast);
+                let mut reference = [[0f32; TILE]; 4];
+                portable::dot_tile(format, &tile, blocks, four, &mut reference);
+                assert_eq!(
+                    fast.map(|r| r.map(f32::to_bits)),
+                    reference.map(|r| r.map(f32::to_bits))
+                );
+                for (r, row) in rows.iter().enumerate() {
+                    let mut one = [[0f32; TILE]; 1];
+                    dot_tile(format, &tile, [row], &mut one);
+                    assert_eq!(
+                        one[0].map(f32::to_bits),
+                        fast[r].map(f32::to_bits),
+                        "row {r} alone"
+                    );
+                    for (w, &got) in fast[r].iter().enumerate() {
+                        // Q4_1's minimum term uses the f16-rounded Σq·d, as candle does.
+                        let tolerance = if format == Format::Q4_1 { 2e-2 } else { 1e-3 };
+                        let want = exact(format, &tile, w, row);
+                        let got = f64::from(got);
+                        assert!(
+                            (got - want).abs() <= tolerance * want.abs().max(1.0),
+                            "{format:?} {blocks} blocks, weight row {w}, row {r}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_matches_the_reference_rounding() {
+        let xs: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
+        let a = ActBlock::quantize(&xs);
+        assert_eq!(a.d, f16::from_f32(15.5 / 127.0).to_f32());
+        assert_eq!((a.q[0], a.q[16], a.q[31]), (-127, 4, 127));
+        let zeros = ActBlock::quantize(&[0.0; 32]);
+        assert_eq!((zeros.d, zeros.s, zeros.q), (0.0, 0.0, [0; 32]));
+    }
+}
