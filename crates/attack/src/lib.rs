@@ -7,8 +7,10 @@
 //! - **vocabulary matching**: at each position, candidate tokens are run through the public
 //!   head after the already recovered prefix, and the one whose row matches the uplink row is
 //!   taken. The whole vocabulary is run through the head once, after a one-token context, and
-//!   candidates are tried nearest first by that table, in chunks, until one matches (to a
-//!   relative distance of [`MATCH_TOLERANCE`]) or the budget is spent;
+//!   candidates are tried nearest first by that table, in growing chunks, until one matches (to
+//!   a relative distance of [`MATCH_TOLERANCE`]) or the budget (by default the whole
+//!   vocabulary) is spent. With the whole vocabulary and rows as computed (f32, f16 or bf16 on
+//!   the wire), the true token always matches, so a known split is inverted exactly;
 //! - **logit lens**: the uplink row through the public final norm and LM head (with tied
 //!   embeddings, the nearest embedding by dot product), the baseline.
 //!
@@ -24,12 +26,18 @@ use lsplit_model::{ModelError, ModelPart, ModelSource, PartKind, PartSpec};
 use lsplit_split::{CapturedMessage, Way};
 use lsplit_wire::WireError;
 
-/// Relative L2 distance under which a candidate's row is taken to be the observed row: far
-/// above float and f16/bf16 rounding, far below the distance between different tokens' rows.
-pub const MATCH_TOLERANCE: f32 = 0.02;
+/// Relative L2 distance under which a candidate's row is taken to be the observed row: above
+/// f16/bf16 rounding (about 0.001 and 0.004), far below the distance between different
+/// tokens' rows (above 0.1 after one layer).
+pub const MATCH_TOLERANCE: f32 = 0.008;
 
-/// Candidates run through the head at once.
-const CHUNK: usize = 64;
+/// Candidates run through the head in the first chunk of a position: the ranking usually puts
+/// the true token there.
+const FIRST_CHUNK: usize = 32;
+
+/// Candidates run through the head at once after the first chunk: rows go through each
+/// weight four at a time, so big chunks amortise the weights.
+const CHUNK: usize = 512;
 
 /// Errors of an attack.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +66,8 @@ pub struct Knowledge {
     pub k2: Option<usize>,
     /// Deepest boundary tried from either end when a split point is unknown.
     pub max_k: usize,
-    /// Most candidate tokens tried per position by vocabulary matching.
+    /// Most candidate tokens tried per position by vocabulary matching (`usize::MAX`: the
+    /// whole vocabulary, which makes matching exact).
     pub budget: usize,
 }
 
@@ -67,8 +76,8 @@ pub struct Knowledge {
 pub struct Recovery {
     /// Replay: the token guessed to follow each position.
     pub replay_next: Vec<u32>,
-    /// The downlink layer replay settled on.
-    pub replay_k2: usize,
+    /// The downlink layer replay read each position at (the most confident one).
+    pub replay_k2: Vec<usize>,
     /// Vocabulary matching: the token guessed at each position.
     pub matching: Vec<u32>,
     /// Positions whose uplink row a candidate matched within [`MATCH_TOLERANCE`].
@@ -344,30 +353,31 @@ impl Attacker {
         })
     }
 
-    /// Runs the downlink rows through the tail from each candidate boundary and keeps the one
-    /// the model is most confident about.
-    fn replay(&self, down: &[Tensor], k2s: Range<usize>) -> Result<(usize, Vec<u32>), AttackError> {
+    /// Runs the downlink rows through the tail from each candidate boundary and keeps, per
+    /// position, the boundary the model is most confident at (a random policy draws K2 per
+    /// step; the prefix's keys then come from rows at the same boundary, close enough for
+    /// greedy decoding).
+    fn replay(
+        &self,
+        down: &[Tensor],
+        k2s: Range<usize>,
+    ) -> Result<(Vec<usize>, Vec<u32>), AttackError> {
         let rows = Tensor::stack(down, 0)?;
-        let mut best: Option<(f32, usize, Vec<u32>)> = None;
+        let mut best: Vec<(f32, usize, u32)> = vec![(f32::NEG_INFINITY, 0, 0); down.len()];
         for k2 in k2s {
             let mut cache = self.tail.new_cache();
             let out = self
                 .tail
                 .forward_layers(&rows, 0, k2..self.layers, &mut cache)?;
-            let mut confidence = 0f32;
-            let mut tokens = Vec::with_capacity(down.len());
-            for p in 0..down.len() {
+            for (p, best) in best.iter_mut().enumerate() {
                 let logits = self.tail.logits(&out.narrow(0, p, 1)?)?.to_vec1::<f32>()?;
                 let (token, p_max) = most_likely(&logits);
-                confidence += p_max;
-                tokens.push(token);
-            }
-            if best.as_ref().is_none_or(|(c, _, _)| confidence > *c) {
-                best = Some((confidence, k2, tokens));
+                if p_max > best.0 {
+                    *best = (p_max, k2, token);
+                }
             }
         }
-        let (_, k2, tokens) = best.expect("at least one boundary");
-        Ok((k2, tokens))
+        Ok(best.into_iter().map(|(_, k2, token)| (k2, token)).unzip())
     }
 
     fn vocabulary_matching(
@@ -403,7 +413,12 @@ impl Attacker {
                 }
             });
             let mut best = Candidate::none();
-            for chunk in ranking.chunks(CHUNK).take(budget.div_ceil(CHUNK).max(1)) {
+            let budget = budget.clamp(1, ranking.len());
+            let mut tried = 0;
+            while tried < budget && best.distance >= MATCH_TOLERANCE {
+                let size = if tried == 0 { FIRST_CHUNK } else { CHUNK };
+                let chunk = &ranking[tried..(tried + size).min(budget)];
+                tried += chunk.len();
                 let rows = self.head.embed(chunk)?;
                 let outputs = if deepest == 0 {
                     Vec::new()
@@ -417,10 +432,8 @@ impl Attacker {
                         best.consider(chunk[i], candidate, &values, direct_only);
                     }
                 }
-                if best.distance < MATCH_TOLERANCE {
-                    break;
-                }
             }
+            tracing::debug!(position, tried, distance = best.distance, "matched");
             if best.distance < MATCH_TOLERANCE {
                 matched.exact += 1;
                 if matches!(matched.mode, Mode::Unknown) {
@@ -641,7 +654,7 @@ mod tests {
     fn scores_count_exact_tokens_in_place() {
         let recovery = Recovery {
             replay_next: vec![5, 6, 7, 9],
-            replay_k2: 28,
+            replay_k2: vec![28; 4],
             matching: vec![1, 5, 6, 7],
             exact_matches: 4,
             lens: vec![0, 5, 0, 0],

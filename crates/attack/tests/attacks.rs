@@ -1,7 +1,8 @@
 //! The attacks against real captures of SmolLM2-135M-Instruct sessions, in-process: on a fixed
-//! unpermuted split, replay reads every generated token; the permutation does not stop
-//! vocabulary matching, which recovers the permutation from the first matched row and then
-//! lets replay read every generated token again.
+//! unpermuted split, replay reads every generated token and vocabulary matching every token
+//! that went up; the permutation does not stop vocabulary matching, which recovers the
+//! permutation from the first matched row and then lets replay read every generated token
+//! again; secret random split points do not stop it either (every boundary is tried).
 
 use std::sync::{Arc, OnceLock};
 
@@ -95,7 +96,7 @@ fn known(k1: usize, k2: usize) -> Knowledge {
         k1: Some(k1),
         k2: Some(k2),
         max_k: 3,
-        budget: 256,
+        budget: usize::MAX,
     }
 }
 
@@ -106,10 +107,28 @@ fn replay_reads_every_generated_token_of_a_fixed_unpermuted_split() {
     assert!(!permuted);
     assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");
     assert_eq!(s.replay.generated_total, MAX_TOKENS);
+    assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
+    // The last generated token never goes up: generation stops once it is sampled.
+    assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{s:?}");
     assert!(
         s.lens.prompt < s.matching.prompt,
         "the baseline is weaker: {s:?}"
     );
+}
+
+#[test]
+fn matching_tries_every_boundary_when_the_split_points_are_secret() {
+    let policy = SplitPolicy::random(&[1, 2, 3], &[27, 28, 29], 30).expect("policy");
+    let unknown = Knowledge {
+        k1: None,
+        k2: None,
+        max_k: 3,
+        budget: usize::MAX,
+    };
+    let (s, permuted) = attack(&policy, Obfuscation::None, unknown);
+    assert!(!permuted);
+    assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
+    assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{s:?}");
 }
 
 #[test]
@@ -118,4 +137,6 @@ fn the_permutation_is_recovered_by_matching_sorted_values() {
     let (s, permuted) = attack(&policy, Obfuscation::Permute, known(2, 28));
     assert!(permuted, "{s:?}");
     assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");
+    assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
+    assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{s:?}");
 }

@@ -139,3 +139,88 @@ fn the_capture_holds_the_bytes_the_stats_count() {
     let out = generate(&["--no-split", "--capture", capture]);
     assert!(!out.status.success());
 }
+
+/// The first line of `out` that starts with `label`.
+fn line<'a>(out: &'a str, label: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in {out}"))
+}
+
+#[test]
+fn attack_reads_a_fixed_unpermuted_capture_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let capture = dir.path().join("capture");
+    let capture = capture.to_str().expect("utf-8 path");
+    let truth = dir.path().join("tokens.json");
+    let truth = truth.to_str().expect("utf-8 path");
+    let model = model();
+    let out = lsplit(&[
+        "generate",
+        "List three uses of copper.",
+        "--model",
+        &model,
+        "--max-tokens",
+        "8",
+        "--split",
+        "2:28",
+        "--capture",
+        capture,
+        "--save-tokens",
+        truth,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The capture holds rows only: no token file, no secret.
+    let mut files: Vec<String> = std::fs::read_dir(capture)
+        .expect("capture dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["down.bin", "messages.jsonl", "up.bin"]);
+    let attack = |extra: &[&str]| {
+        let mut args = vec!["attack", "--capture", capture, "--model", &model];
+        args.extend_from_slice(extra);
+        lsplit(&args)
+    };
+    let out = attack(&["--truth", truth, "--k1", "2", "--k2", "28"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = stdout(&out);
+    // 36 prompt tokens (chat template included) and 8 generated ones, the last never sent up.
+    assert_eq!(line(&report, "positions:"), "positions: 43");
+    assert_eq!(
+        line(&report, "uplink rows matched exactly:"),
+        "uplink rows matched exactly: 43 of 43"
+    );
+    assert!(
+        line(&report, "replay:").ends_with("generated 8/8 (100.0%)"),
+        "{report}"
+    );
+    assert_eq!(
+        line(&report, "vocabulary matching: prompt"),
+        "vocabulary matching: prompt 36/36 (100.0%), generated 7/8 (87.5%)"
+    );
+    assert!(
+        line(&report, "vocabulary matching: \"").contains("List three uses of copper."),
+        "{report}"
+    );
+    // A token file of another session is refused, not scored.
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, r#"{"prompt":[1,2,3],"generated":[4]}"#).expect("write");
+    let out = attack(&[
+        "--truth",
+        other.to_str().expect("utf-8"),
+        "--k1",
+        "2",
+        "--k2",
+        "28",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("it is not this capture's session"),
+        "{}",
+        stderr(&out)
+    );
+    let out = attack(&["--k1", "2"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--k2"), "{}", stderr(&out));
+}

@@ -9,6 +9,7 @@ use clap::Args;
 use lsplit_split::{CaptureWriter, GenerateOptions};
 
 use crate::args::{ModelArgs, PolicyArgs, SamplingArgs, SplitArgs, TrunkArgs};
+use crate::commands::attack::Truth;
 use crate::device;
 
 /// Options of `lsplit generate`.
@@ -36,6 +37,10 @@ pub struct GenerateArgs {
     /// Write every message that crosses to and from the trunk into DIR (see PRIVACY.md)
     #[arg(long, value_name = "DIR", conflicts_with = "no_split")]
     pub capture: Option<PathBuf>,
+    /// Write the prompt's and the generated token ids to FILE (JSON), for `lsplit attack
+    /// --truth FILE` to score its guesses against; they never cross the wire
+    #[arg(long, value_name = "FILE")]
+    pub save_tokens: Option<PathBuf>,
     #[command(flatten)]
     pub trunk: TrunkArgs,
 }
@@ -70,6 +75,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         return Err(e.into());
     }
     writeln!(stdout)?;
+    if let Some(file) = &args.save_tokens {
+        Truth {
+            prompt,
+            generated: generation.tokens.clone(),
+        }
+        .save(file)?;
+    }
     if args.stats {
         let split = device.describe();
         eprintln!(
