@@ -273,20 +273,13 @@ fn table(
             &(layers - k1 - 3..=layers - k1).collect::<Vec<_>>(),
             layers,
         )?;
-        for (policy, name, knowledge) in [
-            (fixed, "fixed", (Some(k1), Some(layers - k1))),
-            (random, "random", (None, None)),
+        for (policy, knowledge) in [
+            (fixed, (Some(k1), Some(layers - k1))),
+            (random, (None, None)),
         ] {
             for obfuscation in [Obfuscation::None, Obfuscation::Permute] {
                 settings.push(Setting {
-                    label: format!(
-                        "| {k1} | {name} {} | {obfuscation} |",
-                        if name == "fixed" {
-                            format!("{k1}:{}", layers - k1)
-                        } else {
-                            format!("{}", policy)
-                        }
-                    ),
+                    label: format!("| {k1} | {policy} | {obfuscation} |"),
                     policy: policy.clone(),
                     obfuscation,
                     knowledge: Knowledge {
