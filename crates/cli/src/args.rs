@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use lsplit_model::{ModelSource, SplitPlan};
-use lsplit_split::{SamplingParams, load_tokenizer};
+use lsplit_split::{Obfuscation, SamplingParams, SplitPolicy, load_tokenizer};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
@@ -71,6 +71,65 @@ impl SplitArgs {
             (None, n) => SplitPlan::symmetric(n.unwrap_or(DEFAULT_LOCAL_LAYERS), layers)?,
         };
         Ok(Some(plan))
+    }
+}
+
+/// How the split points of each step are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyKind {
+    /// The same split points at every step (--split, -n)
+    Fixed,
+    /// Split points drawn afresh at every step from --k1 and --k2, from a per-session secret
+    Random,
+}
+
+/// Random split points and obfuscation: what makes a session keyed.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// How split points are chosen at each step
+    #[arg(long, value_enum, default_value_t = PolicyKind::Fixed)]
+    pub split_policy: PolicyKind,
+    /// Layers K1 is drawn from with --split-policy random, e.g. 1,2,3,4
+    #[arg(long, value_name = "LIST", requires = "k2")]
+    pub k1: Option<String>,
+    /// Layers K2 is drawn from with --split-policy random, e.g. 26,27,28,29
+    #[arg(long, value_name = "LIST", requires = "k1")]
+    pub k2: Option<String>,
+    /// Disguise rows on the wire: none, or permute (a secret per-session permutation of the
+    /// hidden dimension, undone on the other side)
+    #[arg(long, value_name = "HOW", default_value_t = Obfuscation::None)]
+    pub obfuscate: Obfuscation,
+}
+
+impl PolicyArgs {
+    /// The policy of a keyed session, or `None` for a plain one (fixed split points, rows as
+    /// computed). `plan` is the fixed split, when there is one.
+    pub fn policy(
+        &self,
+        plan: Option<SplitPlan>,
+        layers: usize,
+    ) -> anyhow::Result<Option<SplitPolicy>> {
+        match (self.split_policy, &self.k1, &self.k2) {
+            (PolicyKind::Random, Some(k1), Some(k2)) => {
+                anyhow::ensure!(plan.is_some(), "--split-policy random needs a split");
+                Ok(Some(SplitPolicy::parse(k1, k2, layers)?))
+            }
+            (PolicyKind::Random, _, _) => {
+                anyhow::bail!(
+                    "--split-policy random needs --k1 and --k2 lists, e.g. --k1 1,2,3,4 --k2 26,27,28,29"
+                )
+            }
+            (PolicyKind::Fixed, None, None) => match (plan, self.obfuscate) {
+                (_, Obfuscation::None) => Ok(None),
+                (Some(plan), _) => Ok(Some(SplitPolicy::fixed(plan)?)),
+                (None, _) => anyhow::bail!("--obfuscate needs a split"),
+            },
+            (PolicyKind::Fixed, _, _) => {
+                anyhow::bail!(
+                    "--k1 and --k2 are for --split-policy random; a fixed split is --split K1:K2"
+                )
+            }
+        }
     }
 }
 

@@ -6,11 +6,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use lsplit_model::{ModelPart, ModelSource, SplitPlan};
+use lsplit_model::{PartKind, PartSpec};
 use lsplit_proto::TrunkFingerprint;
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
-use lsplit_split::{DeviceModel, LocalTrunk, Trunk, TrunkError};
+use lsplit_split::{
+    DeviceModel, LocalTrunk, Obfuscation, Session, SessionKeys, SessionSecret, Trunk, TrunkError,
+};
 
-use crate::args::{ModelArgs, SplitArgs, TrunkArgs};
+use crate::args::{ModelArgs, PolicyArgs, SplitArgs, TrunkArgs};
 
 /// Where trunk sessions are opened: one per generation.
 #[derive(Debug)]
@@ -35,11 +38,16 @@ impl TrunkSource {
     pub fn open(&self) -> Result<Box<dyn Trunk>, TrunkError> {
         match self {
             Self::Local(part) => Ok(Box::new(LocalTrunk::new(Arc::clone(part)))),
-            Self::Cloud(cloud) => {
-                let remote = RemoteTrunk::connect(cloud.options.clone())?;
-                remote.verify(&cloud.fingerprint)?;
-                Ok(Box::new(remote))
-            }
+            Self::Cloud(cloud) => Ok(Box::new(cloud.connect()?)),
+        }
+    }
+
+    /// Opens a new keyed trunk session: split points drawn per step from `keys`, which a
+    /// server receives inside TLS when the session opens.
+    pub fn open_keyed(&self, keys: &SessionKeys) -> Result<Box<dyn Trunk>, TrunkError> {
+        match self {
+            Self::Local(part) => Ok(Box::new(LocalTrunk::keyed(Arc::clone(part), keys)?)),
+            Self::Cloud(cloud) => Ok(Box::new(cloud.connect()?.with_keys(keys.clone()))),
         }
     }
 
@@ -52,6 +60,15 @@ impl TrunkSource {
     }
 }
 
+impl Cloud {
+    /// Connects to the server and checks that it still runs the same layers.
+    fn connect(&self) -> Result<RemoteTrunk, TrunkError> {
+        let remote = RemoteTrunk::connect(self.options.clone())?;
+        remote.verify(&self.fingerprint)?;
+        Ok(remote)
+    }
+}
+
 /// The loaded device side: head and tail (or the whole model) and its trunk source.
 #[derive(Debug)]
 pub struct Device {
@@ -61,10 +78,48 @@ pub struct Device {
     pub model: DeviceModel,
     /// Where trunk sessions come from; `None` for the unsplit baseline.
     pub trunks: Option<TrunkSource>,
+    /// How a keyed model's sessions disguise rows on the wire.
+    pub obfuscation: Obfuscation,
 }
 
-/// Loads the device's parts for the requested split, or for the split a trunk server runs.
-pub fn load(model: &ModelArgs, split: &SplitArgs, trunk: &TrunkArgs) -> anyhow::Result<Device> {
+impl Device {
+    /// The split for people: the plan, the policy and obfuscation of a keyed model, or none.
+    pub fn describe(&self) -> String {
+        match (self.model.policy(), self.model.plan()) {
+            (Some(policy), _) => format!("{policy}, obfuscation {}", self.obfuscation),
+            (None, Some(plan)) => plan.to_string(),
+            (None, None) => "none (whole model in one part)".to_string(),
+        }
+    }
+
+    /// Starts a generation session with a fresh trunk session: a keyed model's session gets a
+    /// fresh secret, so no two sessions share draws, tags or permutation.
+    pub fn session(&self) -> anyhow::Result<Session<'_>> {
+        let Some(trunks) = &self.trunks else {
+            return Ok(self.model.session(None)?);
+        };
+        Ok(match self.model.policy() {
+            Some(policy) => {
+                let keys = SessionKeys {
+                    policy: policy.clone(),
+                    obfuscation: self.obfuscation,
+                    secret: SessionSecret::generate(),
+                };
+                self.model.keyed_session(trunks.open_keyed(&keys)?, &keys)?
+            }
+            None => self.model.session(Some(trunks.open()?))?,
+        })
+    }
+}
+
+/// Loads the device's parts for the requested split, or for the split a trunk server runs;
+/// with `policy`, for keyed sessions (random split points, obfuscation) when it asks for them.
+pub fn load(
+    model: &ModelArgs,
+    split: &SplitArgs,
+    trunk: &TrunkArgs,
+    policy: Option<&PolicyArgs>,
+) -> anyhow::Result<Device> {
     let path = model.path()?;
     let (source, tokenizer) = model.open()?;
     let device = candle_core::Device::Cpu;
@@ -76,9 +131,15 @@ pub fn load(model: &ModelArgs, split: &SplitArgs, trunk: &TrunkArgs) -> anyhow::
         Some((_, plan)) => Some(*plan),
         None => split.plan(source.config().num_layers)?,
     };
-    let (model, trunks) = match plan {
-        None => (DeviceModel::unsplit(&source, tokenizer, &device)?, None),
-        Some(plan) => {
+    let layers = source.config().num_layers;
+    let keyed = match policy {
+        Some(args) => args.policy(plan, layers)?,
+        None => None,
+    };
+    let obfuscation = policy.map_or(Obfuscation::None, |args| args.obfuscate);
+    let (model, trunks) = match (plan, keyed) {
+        (None, _) => (DeviceModel::unsplit(&source, tokenizer, &device)?, None),
+        (Some(plan), None) => {
             let model = DeviceModel::split(&source, plan, tokenizer, trunk.codec, &device)?;
             let trunks = match cloud {
                 Some((cloud, _)) => cloud,
@@ -86,13 +147,27 @@ pub fn load(model: &ModelArgs, split: &SplitArgs, trunk: &TrunkArgs) -> anyhow::
             };
             (model, Some(trunks))
         }
+        (Some(_), Some(policy)) => {
+            let spec = PartSpec {
+                kind: PartKind::Trunk,
+                layers: policy.trunk_layers(),
+            };
+            let model = DeviceModel::keyed(&source, policy, tokenizer, trunk.codec, &device)?;
+            let trunks = match cloud {
+                Some((cloud, _)) => cloud,
+                None => TrunkSource::Local(Arc::new(source.load_part(&spec, &device)?)),
+            };
+            (model, Some(trunks))
+        }
     };
-    tracing::info!(split = ?model.plan(), codec = %model.codec(), "model loaded");
-    Ok(Device {
+    let device = Device {
         path,
         model,
         trunks,
-    })
+        obfuscation,
+    };
+    tracing::info!(split = %device.describe(), codec = %device.model.codec(), "model loaded");
+    Ok(device)
 }
 
 /// Connects to the trunk server, learns its split and checks its fingerprint against this

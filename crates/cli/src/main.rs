@@ -32,6 +32,8 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// Serve the model on this device as an OpenAI-compatible API and a web page.
     Edge(commands::edge::EdgeArgs),
+    /// Read a wire capture with the public weights: how much text the hidden states give away.
+    Attack(commands::attack::AttackArgs),
     /// Write a development CA, server certificate and client certificate for `serve`.
     Cert(commands::cert::CertArgs),
 }
@@ -52,5 +54,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => commands::serve::run(args),
         Command::Cert(args) => commands::cert::run(args),
         Command::Edge(args) => commands::edge::run(args),
+        Command::Attack(args) => commands::attack::run(args),
     }
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use lsplit_model::{ModelSource, SplitPlan};
 use lsplit_proto::TrunkFingerprint;
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
-use lsplit_split::{DeviceModel, GenerateOptions, LocalTrunk, Trunk, TrunkError, load_tokenizer};
+use lsplit_split::{
+    DeviceModel, GenerateOptions, LocalTrunk, StepRows, Trunk, TrunkError, load_tokenizer,
+};
 use lsplit_wire::{Codec, HiddenRows};
 
 fn lsplit() -> Command {
@@ -221,6 +223,19 @@ impl Trunk for KilledMidway {
     }
 
     fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
+        self.kill_on_time();
+        self.inner.forward(rows)
+    }
+
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        self.kill_on_time();
+        self.inner.step(message)
+    }
+}
+
+impl KilledMidway {
+    /// Kills the server at step `kill_at` and restarts it on its port after a pause.
+    fn kill_on_time(&mut self) {
         if self.steps == self.kill_at {
             self.killed.store(true, std::sync::atomic::Ordering::SeqCst);
             let server = self.server.take().expect("the server runs");
@@ -233,7 +248,6 @@ impl Trunk for KilledMidway {
             }));
         }
         self.steps += 1;
-        self.inner.forward(rows)
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use base64::Engine;
 use candle_core::Device;
-use lsplit_split::{Stats, Step, Trunk, TrunkError};
+use lsplit_split::{Stats, Step, StepRows, Trunk, TrunkError};
 use lsplit_wire::HiddenRows;
 use serde::Serialize;
 
@@ -46,6 +46,15 @@ impl Trunk for ObservedTrunk {
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(Exchange {
             up: rows.clone(),
             down: down.clone(),
+        });
+        Ok(down)
+    }
+
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        let down = self.inner.step(message)?;
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(Exchange {
+            up: message.rows.clone(),
+            down: down.rows.clone(),
         });
         Ok(down)
     }

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use base64::Engine;
 use lsplit_edge::{EdgeConfig, EdgeServer};
 use lsplit_model::{ModelSource, SplitPlan};
-use lsplit_split::{DeviceModel, GenerateOptions, LocalTrunk, Trunk, TrunkError, load_tokenizer};
+use lsplit_split::{
+    DeviceModel, GenerateOptions, LocalTrunk, StepRows, Trunk, TrunkError, load_tokenizer,
+};
 use lsplit_wire::{Codec, HiddenRows};
 use serde_json::Value;
 
@@ -35,6 +37,10 @@ impl Trunk for Recording {
             .expect("log")
             .push((rows.clone(), out.clone()));
         Ok(out)
+    }
+
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        self.inner.step(message)
     }
 }
 

@@ -72,6 +72,13 @@ impl KvCache {
         self.len
     }
 
+    /// Positions cached by the part's `index`-th layer. Every layer holds [`KvCache::len`]
+    /// positions unless the part runs a different range of its layers at each step (random
+    /// split points), where a layer lags until it is caught up.
+    pub fn layer_len(&self, index: usize) -> usize {
+        self.layers.get(index).map_or(0, |l| l.len)
+    }
+
     /// True when nothing has been cached yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -102,8 +109,26 @@ impl KvCache {
         self.layers[layer].append(k, v)
     }
 
+    /// Keys and values of the part's `index`-th layer for its cached positions.
+    pub(crate) fn view(&self, index: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let layer = &self.layers[index];
+        match (&layer.k, &layer.v) {
+            (Some(k), Some(v)) if layer.len > 0 => Ok(Some((
+                k.narrow(2, 0, layer.len)?,
+                v.narrow(2, 0, layer.len)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
     pub(crate) fn advance(&mut self, positions: usize) {
         self.len += positions;
+    }
+
+    /// Records that some layer now holds `end` positions: the cache's length is its longest
+    /// layer's.
+    pub(crate) fn reach(&mut self, end: usize) {
+        self.len = self.len.max(end);
     }
 
     pub(crate) fn layer_count(&self) -> usize {

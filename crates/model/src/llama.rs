@@ -1,5 +1,7 @@
 //! The decoder itself: one struct per piece, a `forward` to read top to bottom.
 
+use std::ops::Range;
+
 use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -140,6 +142,156 @@ impl ModelPart {
         Ok(x.reshape((rows, width))?)
     }
 
+    /// Runs only the model layers `layers` (absolute indices, within this part's) over rows
+    /// `(rows, hidden)` that start at position `start`, in chunks of 256 rows
+    /// like [`ModelPart::forward`]; the other layers' caches are left alone.
+    ///
+    /// Random split points need it: a part runs a different range of its layers at each step
+    /// and catches up a layer it skipped by running it later over the rows it missed. Each layer
+    /// in `layers` must hold exactly `start` positions, so a catch-up out of order is refused.
+    pub fn forward_layers(
+        &self,
+        hidden: &Tensor,
+        start: usize,
+        layers: Range<usize>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let own = &self.spec.layers;
+        if layers.start < own.start || layers.end > own.end || layers.start > layers.end {
+            return Err(ModelError::Config(format!(
+                "layers {layers:?} are not within the {} part's layers {own:?}",
+                self.spec.kind.name()
+            )));
+        }
+        let rows = self.check_shape(hidden)?;
+        self.check_cache(cache)?;
+        for layer in layers.clone() {
+            let held = cache.layer_len(layer - own.start);
+            if held != start {
+                return Err(ModelError::Position {
+                    expected: held,
+                    got: start,
+                });
+            }
+        }
+        self.check_context(start, rows)?;
+        if layers.is_empty() {
+            return Ok(hidden.clone());
+        }
+        if rows > PREFILL_CHUNK {
+            let mut outputs = Vec::with_capacity(rows.div_ceil(PREFILL_CHUNK));
+            for offset in (0..rows).step_by(PREFILL_CHUNK) {
+                let chunk = hidden.narrow(0, offset, PREFILL_CHUNK.min(rows - offset))?;
+                outputs.push(self.forward_layers(&chunk, start + offset, layers.clone(), cache)?);
+            }
+            return Ok(Tensor::cat(&outputs, 0)?);
+        }
+        let width = self.config.hidden_size;
+        let (cos, sin) = self.rope_tables(start, rows)?;
+        let mask = causal_mask(start, rows, &self.device)?;
+        let mut x = hidden.reshape((1, rows, width))?;
+        for layer in layers {
+            let index = layer - own.start;
+            x = self.layer_forward(
+                &self.layers[index],
+                index,
+                &x,
+                &cos,
+                &sin,
+                mask.as_ref(),
+                cache,
+            )?;
+        }
+        cache.reach(start + rows);
+        Ok(x.reshape((rows, width))?)
+    }
+
+    /// Runs `candidates` rows `(n, hidden)` that all sit at position `start` through `layers`
+    /// (absolute indices, from this part's first), each as if it alone followed the positions
+    /// `cache` holds; the cache is not changed. Returns the rows after each layer:
+    /// `out[i]` is the output of layer `layers.start + i`.
+    ///
+    /// This is what an attacker with the public weights needs to test every vocabulary token
+    /// at one position at once (see `lsplit attack`).
+    pub fn forward_alternatives(
+        &self,
+        candidates: &Tensor,
+        start: usize,
+        layers: Range<usize>,
+        cache: &KvCache,
+    ) -> Result<Vec<Tensor>> {
+        let own = &self.spec.layers;
+        if layers.start != own.start || layers.end > own.end {
+            return Err(ModelError::Config(format!(
+                "layers {layers:?} do not start the {} part's layers {own:?}",
+                self.spec.kind.name()
+            )));
+        }
+        let n = self.check_shape(candidates)?;
+        self.check_cache(cache)?;
+        let c = &self.config;
+        let eps = c.rms_norm_eps as f32;
+        let (cos, sin) = self.rope_tables(start, 1)?;
+        let mut x = candidates.reshape((1, n, c.hidden_size))?;
+        let mut outputs = Vec::with_capacity(layers.len());
+        for index in 0..layers.len() {
+            let layer = &self.layers[index];
+            if cache.layer_len(index) != start {
+                return Err(ModelError::Position {
+                    expected: cache.layer_len(index),
+                    got: start,
+                });
+            }
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let heads = |t: Tensor, count: usize| -> Result<Tensor> {
+                Ok(t.reshape((n, 1, count, c.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let q = heads(layer.wq.forward(&h)?, c.num_heads)?;
+            let k = heads(layer.wk.forward(&h)?, c.num_kv_heads)?;
+            let v = heads(layer.wv.forward(&h)?, c.num_kv_heads)?;
+            let (q, k) = if c.rope_interleaved {
+                (
+                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                )
+            } else {
+                (
+                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                )
+            };
+            let group = c.num_heads / c.num_kv_heads;
+            let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
+            let scale = 1.0 / (c.head_dim as f64).sqrt();
+            let own_score = (q.mul(&k)?.sum_keepdim(3)? * scale)?;
+            let y = match cache.view(index)? {
+                None => v,
+                Some((cached_k, cached_v)) => {
+                    let cached_k = repeat_kv(&cached_k, group)?;
+                    let cached_v = repeat_kv(&cached_v, group)?;
+                    let scores = (q.broadcast_matmul(&cached_k.t()?)? * scale)?;
+                    let scores = Tensor::cat(&[&scores, &own_score], 3)?;
+                    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                    let prefix = probs.narrow(3, 0, start)?.broadcast_matmul(&cached_v)?;
+                    let own = probs.narrow(3, start, 1)?.broadcast_mul(&v)?;
+                    (prefix + own)?
+                }
+            };
+            let y = y
+                .transpose(1, 2)?
+                .reshape((1, n, c.num_heads * c.head_dim))?;
+            let x_attn = (&x + layer.wo.forward(&y)?)?;
+            let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+            let up = layer.w_up.forward(&h)?;
+            x = (x_attn + layer.w_down.forward(&(gate * up)?)?)?;
+            outputs.push(x.reshape((n, c.hidden_size))?);
+        }
+        Ok(outputs)
+    }
+
     /// Runs several sessions' rows through this part's layers together: one matrix product per
     /// weight for all their rows, attention per session against its own cache. Each output is
     /// exactly what [`ModelPart::forward`] returns for that session alone, because every
@@ -230,15 +382,31 @@ impl ModelPart {
     /// Checks rows before any cache is touched: their shape, the cache's part, the position
     /// they start at and the context they need. Returns the number of rows.
     fn check_rows(&self, hidden: &Tensor, start: usize, cache: &KvCache) -> Result<usize> {
-        let rows = match hidden.dims() {
-            &[rows, width] if width == self.config.hidden_size && rows > 0 => rows,
-            dims => {
-                return Err(ModelError::HiddenShape {
-                    got: dims.to_vec(),
-                    hidden: self.config.hidden_size,
-                });
-            }
-        };
+        let rows = self.check_shape(hidden)?;
+        self.check_cache(cache)?;
+        if start != cache.len() {
+            return Err(ModelError::Position {
+                expected: cache.len(),
+                got: start,
+            });
+        }
+        self.check_context(start, rows)?;
+        Ok(rows)
+    }
+
+    /// Checks that `hidden` is `(rows, hidden)` with at least one row; returns the rows.
+    fn check_shape(&self, hidden: &Tensor) -> Result<usize> {
+        match hidden.dims() {
+            &[rows, width] if width == self.config.hidden_size && rows > 0 => Ok(rows),
+            dims => Err(ModelError::HiddenShape {
+                got: dims.to_vec(),
+                hidden: self.config.hidden_size,
+            }),
+        }
+    }
+
+    /// Checks that `cache` was made for this part.
+    fn check_cache(&self, cache: &KvCache) -> Result<()> {
         if cache.layer_count() != self.layers.len() {
             return Err(ModelError::Config(format!(
                 "KV cache has {} layers but the {} part runs {}",
@@ -247,19 +415,18 @@ impl ModelPart {
                 self.layers.len()
             )));
         }
-        if start != cache.len() {
-            return Err(ModelError::Position {
-                expected: cache.len(),
-                got: start,
-            });
-        }
+        Ok(())
+    }
+
+    /// Checks that `rows` more positions from `start` fit the context.
+    fn check_context(&self, start: usize, rows: usize) -> Result<()> {
         if start + rows > self.config.context_length {
             return Err(ModelError::ContextOverflow {
                 requested: start + rows,
                 context: self.config.context_length,
             });
         }
-        Ok(rows)
+        Ok(())
     }
 
     /// Attention of one session from its query, key and value projections

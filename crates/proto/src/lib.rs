@@ -9,6 +9,7 @@ mod fingerprint;
 
 pub use fingerprint::TrunkFingerprint;
 
+use lsplit_split::{Obfuscation, SessionKeys, SessionSecret, SplitPolicy, StepRows};
 use lsplit_wire::{Codec, HiddenRows};
 
 /// Generated protobuf messages and gRPC stubs of package `lsplit.trunk.v1`.
@@ -37,6 +38,9 @@ pub enum ProtoError {
     /// A required message field is absent.
     #[error("the {0} field is missing")]
     Missing(&'static str),
+    /// Session keys that describe no valid policy.
+    #[error("session keys: {0}")]
+    Keys(String),
 }
 
 /// The protocol's codec value for a wire codec.
@@ -83,6 +87,67 @@ pub fn rows_from_pb(rows: pb::Rows) -> Result<HiddenRows, ProtoError> {
         width: rows.width as usize,
         start,
         bytes: rows.payload,
+    })
+}
+
+/// The protocol message for a keyed step (the payload is copied).
+pub fn step_to_pb(step: &StepRows) -> pb::Step {
+    pb::Step {
+        step: step.step,
+        rows: Some(rows_to_pb(&step.rows)),
+        tag: step.tag.to_vec(),
+    }
+}
+
+/// A keyed step from its protocol message.
+pub fn step_from_pb(step: pb::Step) -> Result<StepRows, ProtoError> {
+    let tag = <[u8; 16]>::try_from(step.tag.as_slice()).map_err(|_| ProtoError::OutOfRange {
+        field: "tag length",
+        value: step.tag.len() as u64,
+    })?;
+    Ok(StepRows {
+        step: step.step,
+        rows: rows_from_pb(step.rows.ok_or(ProtoError::Missing("rows"))?)?,
+        tag,
+    })
+}
+
+/// The protocol message for session keys; it holds the secret, so it only travels inside TLS.
+pub fn keys_to_pb(keys: &SessionKeys) -> pb::SessionKeys {
+    let list = |v: &[usize]| v.iter().map(|&k| k as u32).collect();
+    pb::SessionKeys {
+        k1: list(keys.policy.k1s()),
+        k2: list(keys.policy.k2s()),
+        obfuscation: match keys.obfuscation {
+            Obfuscation::None => pb::Obfuscation::None,
+            Obfuscation::Permute => pb::Obfuscation::Permute,
+        } as i32,
+        secret: keys.secret.as_bytes().to_vec(),
+    }
+}
+
+/// Session keys from their protocol message, for a model of `layers` layers.
+pub fn keys_from_pb(keys: &pb::SessionKeys, layers: usize) -> Result<SessionKeys, ProtoError> {
+    let list = |v: &[u32]| v.iter().map(|&k| k as usize).collect::<Vec<_>>();
+    let policy = SplitPolicy::random(&list(&keys.k1), &list(&keys.k2), layers)
+        .map_err(|e| ProtoError::Keys(e.to_string()))?;
+    let obfuscation = match pb::Obfuscation::try_from(keys.obfuscation) {
+        Ok(pb::Obfuscation::None) => Obfuscation::None,
+        Ok(pb::Obfuscation::Permute) => Obfuscation::Permute,
+        Err(_) => {
+            return Err(ProtoError::Keys(format!(
+                "unknown obfuscation value {}",
+                keys.obfuscation
+            )));
+        }
+    };
+    let secret = <[u8; 32]>::try_from(keys.secret.as_slice()).map_err(|_| {
+        ProtoError::Keys(format!("the secret is {} bytes, not 32", keys.secret.len()))
+    })?;
+    Ok(SessionKeys {
+        policy,
+        obfuscation,
+        secret: SessionSecret::from_bytes(secret),
     })
 }
 
@@ -143,6 +208,46 @@ mod tests {
             assert_eq!(request.encoded_len(), payload + 16, "{codec}");
             assert_eq!(reply.encoded_len(), payload + 16, "{codec}");
         }
+    }
+
+    #[test]
+    fn keyed_messages_round_trip_and_bad_keys_are_refused() {
+        let keys = SessionKeys {
+            policy: SplitPolicy::random(&[1, 2], &[28, 29], 30).expect("policy"),
+            obfuscation: Obfuscation::Permute,
+            secret: SessionSecret::from_bytes([3; 32]),
+        };
+        assert_eq!(keys_from_pb(&keys_to_pb(&keys), 30), Ok(keys.clone()));
+        let mut short = keys_to_pb(&keys);
+        short.secret.pop();
+        assert_eq!(
+            keys_from_pb(&short, 30).unwrap_err().to_string(),
+            "session keys: the secret is 31 bytes, not 32"
+        );
+        assert_eq!(
+            keys_from_pb(&keys_to_pb(&keys), 20)
+                .unwrap_err()
+                .to_string(),
+            "session keys: --k2 29 is past this model's L = 20 layers"
+        );
+        let step = StepRows {
+            step: 9,
+            rows: HiddenRows {
+                codec: Codec::F32,
+                rows: 1,
+                width: 1,
+                start: 4,
+                bytes: vec![0; 4],
+            },
+            tag: [5; 16],
+        };
+        assert_eq!(step_from_pb(step_to_pb(&step)), Ok(step.clone()));
+        let mut untagged = step_to_pb(&step);
+        untagged.tag.clear();
+        assert_eq!(
+            step_from_pb(untagged).unwrap_err().to_string(),
+            "tag length = 0 is out of range"
+        );
     }
 
     #[test]

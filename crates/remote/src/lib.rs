@@ -9,6 +9,9 @@
 //! If the connection drops mid-generation, the next step reconnects with backoff, opens a new
 //! session and replays the uplink rows of this session to rebuild the server's KV cache, so the
 //! generated text does not change.
+//!
+//! A keyed session ([`RemoteTrunk::with_keys`]) sends its keys, secret included, in the session's
+//! `Open` message, inside TLS; its steps are tagged `Step` messages.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -18,7 +21,7 @@ use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::trunk_client::TrunkClient;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb, error_chain};
-use lsplit_split::{Trunk, TrunkError};
+use lsplit_split::{SessionKeys, StepRows, Trunk, TrunkError};
 use lsplit_wire::{Codec, HiddenRows};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -171,7 +174,9 @@ pub struct RemoteTrunk {
     client: Client,
     info: ServerInfo,
     stream: Option<Stream>,
-    sent: Vec<HiddenRows>,
+    keys: Option<SessionKeys>,
+    /// Every request of this session so far, kept to replay on a new server session.
+    sent: Vec<RequestKind>,
 }
 
 impl std::fmt::Debug for RemoteTrunk {
@@ -207,8 +212,16 @@ impl RemoteTrunk {
             client,
             info,
             stream: None,
+            keys: None,
             sent: Vec::new(),
         })
+    }
+
+    /// Makes this a keyed session: `keys` go to the server when the session opens (inside
+    /// TLS), and steps travel as tagged `Step` messages.
+    pub fn with_keys(mut self, keys: SessionKeys) -> Self {
+        self.keys = Some(keys);
+        self
     }
 
     /// What the handshake told: fingerprint, codec and limits.
@@ -229,17 +242,17 @@ impl RemoteTrunk {
         }
     }
 
-    /// Runs one step, reconnecting and replaying the session's rows when the link fails.
-    fn step(&mut self, rows: &HiddenRows) -> Result<HiddenRows, RemoteError> {
+    /// Runs one step, reconnecting and replaying the session's requests when the link fails.
+    fn call(&mut self, request: RequestKind) -> Result<ReplyKind, RemoteError> {
         let started = std::time::Instant::now();
         let mut attempts = 0u32;
         let mut backoff = Duration::from_millis(100);
         loop {
             let runtime = self.runtime.handle().clone();
-            let result = runtime.block_on(self.try_step(rows));
+            let result = runtime.block_on(self.try_step(&request));
             match result {
                 Ok(out) => {
-                    self.sent.push(rows.clone());
+                    self.sent.push(request);
                     return Ok(out);
                 }
                 Err(e) if retryable(&e) => {
@@ -263,8 +276,9 @@ impl RemoteTrunk {
         }
     }
 
-    /// One attempt: (re)opens the session if needed, replaying kept rows, then sends `rows`.
-    async fn try_step(&mut self, rows: &HiddenRows) -> Result<HiddenRows, RemoteError> {
+    /// One attempt: (re)opens the session if needed, replaying kept requests, then sends
+    /// `request`.
+    async fn try_step(&mut self, request: &RequestKind) -> Result<ReplyKind, RemoteError> {
         if self.stream.is_none() {
             let fresh = !self.sent.is_empty();
             if fresh {
@@ -292,7 +306,7 @@ impl RemoteTrunk {
             .stream
             .as_mut()
             .ok_or_else(|| RemoteError::Protocol("no open session".into()))?;
-        exchange(stream, rows, self.options.step_timeout).await
+        exchange(stream, request.clone(), self.options.step_timeout).await
     }
 
     async fn open(&mut self) -> Result<Stream, RemoteError> {
@@ -302,6 +316,7 @@ impl RemoteTrunk {
                 protocol_version: PROTOCOL_VERSION,
                 codec: codec_to_pb(self.info.codec) as i32,
                 fingerprint_sha256: self.info.fingerprint.sha256.to_vec(),
+                keys: self.keys.as_ref().map(lsplit_proto::keys_to_pb),
             })),
         };
         requests
@@ -321,7 +336,7 @@ impl RemoteTrunk {
                 requests,
                 replies,
             }),
-            ReplyKind::Rows(_) => Err(RemoteError::Protocol(
+            ReplyKind::Rows(_) | ReplyKind::Step(_) => Err(RemoteError::Protocol(
                 "the server sent rows before opening the session".into(),
             )),
         }
@@ -334,7 +349,31 @@ impl Trunk for RemoteTrunk {
     }
 
     fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
-        Ok(self.step(rows)?)
+        if self.keys.is_some() {
+            return Err(TrunkError::Policy(
+                "this trunk session is keyed: it takes steps, not bare rows".into(),
+            ));
+        }
+        let request = RequestKind::Rows(lsplit_proto::rows_to_pb(rows));
+        match self.call(request)? {
+            ReplyKind::Rows(out) => Ok(lsplit_proto::rows_from_pb(out)
+                .map_err(|e| RemoteError::Protocol(e.to_string()))?),
+            _ => Err(RemoteError::Protocol("the server answered rows with a step".into()).into()),
+        }
+    }
+
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        if self.keys.is_none() {
+            return Err(TrunkError::Policy(
+                "this trunk session was opened without keys: it takes bare rows, not steps".into(),
+            ));
+        }
+        let request = RequestKind::Step(lsplit_proto::step_to_pb(message));
+        match self.call(request)? {
+            ReplyKind::Step(out) => Ok(lsplit_proto::step_from_pb(out)
+                .map_err(|e| RemoteError::Protocol(e.to_string()))?),
+            _ => Err(RemoteError::Protocol("the server answered a step with rows".into()).into()),
+        }
     }
 }
 
@@ -371,13 +410,13 @@ fn refused(status: Status) -> RemoteError {
 /// cache on a new server session. The requests are pipelined: one round trip, not one per step.
 async fn replay(
     stream: &mut Stream,
-    steps: &[HiddenRows],
+    steps: &[RequestKind],
     timeout: Duration,
 ) -> Result<(), RemoteError> {
     let requests: Vec<SessionRequest> = steps
         .iter()
-        .map(|rows| SessionRequest {
-            kind: Some(RequestKind::Rows(lsplit_proto::rows_to_pb(rows))),
+        .map(|kind| SessionRequest {
+            kind: Some(kind.clone()),
         })
         .collect();
     let sender = stream.requests.clone();
@@ -390,13 +429,15 @@ async fn replay(
     });
     let result = async {
         for (i, sent) in steps.iter().enumerate() {
-            match next_reply(&mut stream.replies, timeout).await? {
-                ReplyKind::Rows(out) if out.start as usize == sent.start => {}
-                _ => {
-                    return Err(RemoteError::Protocol(format!(
-                        "replaying step {i}: the server answered out of order"
-                    )));
-                }
+            let answered = match (sent, next_reply(&mut stream.replies, timeout).await?) {
+                (RequestKind::Rows(sent), ReplyKind::Rows(out)) => out.start == sent.start,
+                (RequestKind::Step(sent), ReplyKind::Step(out)) => out.step == sent.step,
+                _ => false,
+            };
+            if !answered {
+                return Err(RemoteError::Protocol(format!(
+                    "replaying step {i}: the server answered out of order"
+                )));
             }
         }
         Ok(())
@@ -406,14 +447,14 @@ async fn replay(
     result
 }
 
-/// Sends `rows` on an open session and waits for the answer.
+/// Sends `request` on an open session and waits for the answer.
 async fn exchange(
     stream: &mut Stream,
-    rows: &HiddenRows,
+    request: RequestKind,
     timeout: Duration,
-) -> Result<HiddenRows, RemoteError> {
+) -> Result<ReplyKind, RemoteError> {
     let request = SessionRequest {
-        kind: Some(RequestKind::Rows(lsplit_proto::rows_to_pb(rows))),
+        kind: Some(request),
     };
     if stream.requests.send(request).await.is_err() {
         return Err(RemoteError::Refused {
@@ -422,12 +463,10 @@ async fn exchange(
         });
     }
     match next_reply(&mut stream.replies, timeout).await? {
-        ReplyKind::Rows(out) => {
-            lsplit_proto::rows_from_pb(out).map_err(|e| RemoteError::Protocol(e.to_string()))
-        }
         ReplyKind::Opened(_) => Err(RemoteError::Protocol(
             "the server opened the session twice".into(),
         )),
+        reply => Ok(reply),
     }
 }
 

@@ -29,6 +29,7 @@ fn open_request(fingerprint: &TrunkFingerprint, codec: Codec) -> SessionRequest 
             protocol_version: PROTOCOL_VERSION,
             codec: codec_to_pb(codec) as i32,
             fingerprint_sha256: fingerprint.sha256.to_vec(),
+            keys: None,
         })),
     }
 }

@@ -7,7 +7,8 @@ use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb};
-use lsplit_wire::Codec;
+use lsplit_split::{KeyedTrunk, TrunkError};
+use lsplit_wire::{Codec, HiddenRows};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,6 +20,7 @@ use crate::{Limits, ServerError, ServerOptions};
 
 /// State every session and the handle share.
 pub(crate) struct Shared {
+    part: Arc<ModelPart>,
     hidden_size: usize,
     kv_bytes_per_position: u64,
     fingerprint: TrunkFingerprint,
@@ -52,9 +54,11 @@ impl Shared {
         let kv_bytes_per_position = layers * 2 * (c.num_kv_heads * c.head_dim) as u64 * 4;
         let hidden_size = c.hidden_size;
         let counters = Arc::new(Counters::default());
-        let engine = Engine::start(Arc::new(part), counters.clone())
+        let part = Arc::new(part);
+        let engine = Engine::start(part.clone(), counters.clone())
             .map_err(|e| ServerError::Config(format!("starting the trunk worker: {e}")))?;
         Ok(Self {
+            part,
             hidden_size,
             kv_bytes_per_position,
             fingerprint,
@@ -180,6 +184,7 @@ struct SessionState {
     id: u64,
     codec: Option<Codec>,
     cache: Option<KvCache>,
+    keyed: Option<Box<KeyedTrunk>>,
     position: usize,
     reserved: u64,
 }
@@ -204,6 +209,7 @@ impl SessionState {
             id,
             codec: None,
             cache: None,
+            keyed: None,
             position: 0,
             reserved: 0,
         }
@@ -232,6 +238,7 @@ impl SessionState {
             let reply = match message.kind {
                 Some(RequestKind::Open(open)) => self.open(open)?,
                 Some(RequestKind::Rows(rows)) => self.step(rows).await?,
+                Some(RequestKind::Step(step)) => self.keyed_step(step).await?,
                 None => return Err(Status::invalid_argument("empty session request")),
             };
             let sent = tokio::time::timeout(idle, tx.send(Ok(SessionReply { kind: Some(reply) })));
@@ -275,6 +282,14 @@ impl SessionState {
                 "the device expects the trunk with sha256 {theirs} but this server runs {ours}"
             )));
         }
+        if let Some(keys) = &open.keys {
+            let keys = lsplit_proto::keys_from_pb(keys, ours.model_layers)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let keyed = KeyedTrunk::new(self.shared.part.clone(), &keys)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            tracing::info!(session = self.id, policy = %keys.policy, obfuscation = %keys.obfuscation, "keyed session");
+            self.keyed = Some(Box::new(keyed));
+        }
         self.codec = Some(codec);
         self.cache = Some(KvCache::new(ours.layers.len()));
         self.shared
@@ -287,14 +302,14 @@ impl SessionState {
         }))
     }
 
-    async fn step(&mut self, rows: pb::Rows) -> Result<ReplyKind, Status> {
+    /// Checks rows against the session before anything runs; `position` is where the step's
+    /// new rows start. Reserves their KV cache and returns the position after them.
+    fn admit(&mut self, rows: &HiddenRows, position: usize) -> Result<usize, Status> {
         let Some(codec) = self.codec else {
             return Err(Status::failed_precondition(
                 "unknown session: rows arrived before the session was opened",
             ));
         };
-        let rows = lsplit_proto::rows_from_pb(rows)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if rows.codec != codec {
             return Err(Status::invalid_argument(format!(
                 "rows are encoded in {} but the session's codec is {codec}",
@@ -312,13 +327,13 @@ impl SessionState {
                 "a step must carry at least one row",
             ));
         }
-        if rows.start != self.position {
+        if rows.start != position {
             return Err(Status::invalid_argument(format!(
                 "rows start at position {} but the session is at position {}",
-                rows.start, self.position
+                rows.start, position
             )));
         }
-        let end = self.position + rows.rows;
+        let end = position + rows.rows;
         let limit = self.shared.limits.max_context;
         if end > limit {
             return Err(Status::resource_exhausted(format!(
@@ -326,10 +341,23 @@ impl SessionState {
             )));
         }
         self.reserve(end as u64 * self.shared.kv_bytes_per_position)?;
-        let counters = &self.shared.counters;
-        counters
+        self.shared
+            .counters
             .bytes_in_total
             .fetch_add(rows.bytes.len() as u64, Ordering::Relaxed);
+        Ok(end)
+    }
+
+    async fn step(&mut self, rows: pb::Rows) -> Result<ReplyKind, Status> {
+        if self.keyed.is_some() {
+            return Err(Status::invalid_argument(
+                "this session is keyed: it takes steps, not bare rows",
+            ));
+        }
+        let rows = lsplit_proto::rows_from_pb(rows)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let end = self.admit(&rows, self.position)?;
+        let counters = &self.shared.counters;
 
         let cache = self
             .cache
@@ -351,6 +379,58 @@ impl SessionState {
             .bytes_out_total
             .fetch_add(output.bytes.len() as u64, Ordering::Relaxed);
         Ok(ReplyKind::Rows(lsplit_proto::rows_to_pb(&output)))
+    }
+
+    /// Runs one step of a keyed session on a blocking thread: the session's catch-ups make its
+    /// steps differ from every other session's, so they do not join the engine's batches.
+    async fn keyed_step(&mut self, step: pb::Step) -> Result<ReplyKind, Status> {
+        if self.codec.is_none() {
+            return Err(Status::failed_precondition(
+                "unknown session: a step arrived before the session was opened",
+            ));
+        }
+        let Some(mut keyed) = self.keyed.take() else {
+            return Err(Status::invalid_argument(
+                "this session was opened without keys: it takes rows, not steps",
+            ));
+        };
+        let message =
+            lsplit_proto::step_from_pb(step).map_err(|e| Status::invalid_argument(e.to_string()));
+        let admitted = message.and_then(|m| {
+            // The catch-up rows come first: the step's new rows end where the message ends.
+            let start = m.rows.start;
+            self.admit(&m.rows, start).map(|end| (m, end))
+        });
+        let (message, end) = match admitted {
+            Ok(ok) => ok,
+            Err(status) => {
+                self.keyed = Some(keyed);
+                return Err(status);
+            }
+        };
+        let (keyed, result) = tokio::task::spawn_blocking(move || {
+            let result = keyed.step(&message);
+            (keyed, result)
+        })
+        .await
+        .map_err(|_| Status::internal("the trunk failed on this step"))?;
+        self.keyed = Some(keyed);
+        let reply = result.map_err(|e| match e {
+            TrunkError::Desync(_) | TrunkError::Policy(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+            _ => Status::invalid_argument(e.to_string()),
+        })?;
+        self.position = end;
+        let counters = &self.shared.counters;
+        counters.steps_total.fetch_add(1, Ordering::Relaxed);
+        counters
+            .rows_total
+            .fetch_add(reply.rows.rows as u64, Ordering::Relaxed);
+        counters
+            .bytes_out_total
+            .fetch_add(reply.rows.bytes.len() as u64, Ordering::Relaxed);
+        Ok(ReplyKind::Step(lsplit_proto::step_to_pb(&reply)))
     }
 
     /// Grows this session's share of the KV budget to `bytes`, or refuses the step.

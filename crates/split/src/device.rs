@@ -2,12 +2,12 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::Device;
-use lsplit_model::{ModelPart, ModelSource, PartSpec, SplitPlan};
+use lsplit_model::{ModelPart, ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_tokenizer::{ChatMessage, Tokenizer};
 use lsplit_wire::Codec;
 
 use crate::session::Session;
-use crate::{SplitError, Trunk};
+use crate::{SessionKeys, SplitError, SplitPolicy, Trunk};
 
 /// What the device holds: either the whole model (the `--no-split` baseline), or the head and
 /// tail of a split whose trunk lives elsewhere.
@@ -16,6 +16,11 @@ pub(crate) enum Parts {
     Unsplit(Arc<ModelPart>),
     Split {
         plan: SplitPlan,
+        head: Arc<ModelPart>,
+        tail: Arc<ModelPart>,
+    },
+    Keyed {
+        policy: SplitPolicy,
         head: Arc<ModelPart>,
         tail: Arc<ModelPart>,
     },
@@ -29,6 +34,7 @@ pub struct DeviceModel {
     pub(crate) parts: Parts,
     codec: Codec,
     context_length: usize,
+    layers: usize,
 }
 
 impl DeviceModel {
@@ -44,6 +50,7 @@ impl DeviceModel {
             parts: Parts::Unsplit(Arc::new(whole)),
             codec: Codec::F32,
             context_length: source.config().context_length,
+            layers: source.config().num_layers,
         })
     }
 
@@ -66,6 +73,49 @@ impl DeviceModel {
             },
             codec,
             context_length: source.config().context_length,
+            layers: source.config().num_layers,
+        })
+    }
+
+    /// Loads a head and a tail holding every layer `policy` may give them (the deepest K1,
+    /// from the shallowest K2), for keyed sessions whose split points are drawn per step.
+    pub fn keyed(
+        source: &ModelSource,
+        policy: SplitPolicy,
+        tokenizer: Arc<Tokenizer>,
+        codec: Codec,
+        device: &Device,
+    ) -> Result<Self, SplitError> {
+        let layers = source.config().num_layers;
+        if policy.layers() != layers {
+            return Err(SplitError::Layout(
+                "the policy is for a model with another number of layers",
+            ));
+        }
+        let head = source.load_part(
+            &PartSpec {
+                kind: PartKind::Head,
+                layers: policy.head_layers(),
+            },
+            device,
+        )?;
+        let tail = source.load_part(
+            &PartSpec {
+                kind: PartKind::Tail,
+                layers: policy.tail_layers(),
+            },
+            device,
+        )?;
+        Ok(Self {
+            tokenizer,
+            parts: Parts::Keyed {
+                policy,
+                head: Arc::new(head),
+                tail: Arc::new(tail),
+            },
+            codec,
+            context_length: source.config().context_length,
+            layers,
         })
     }
 
@@ -79,17 +129,35 @@ impl DeviceModel {
         self.codec
     }
 
-    /// The split points, or `None` for the unsplit baseline.
+    /// The split points of a plain split; `None` for the unsplit baseline and keyed splits.
     pub fn plan(&self) -> Option<SplitPlan> {
         match &self.parts {
-            Parts::Unsplit(_) => None,
             Parts::Split { plan, .. } => Some(*plan),
+            Parts::Unsplit(_) | Parts::Keyed { .. } => None,
         }
     }
 
-    /// The layers the trunk must run for this device, `[k1, k2)`.
+    /// The policy of a keyed split.
+    pub fn policy(&self) -> Option<&SplitPolicy> {
+        match &self.parts {
+            Parts::Keyed { policy, .. } => Some(policy),
+            Parts::Unsplit(_) | Parts::Split { .. } => None,
+        }
+    }
+
+    /// The layers the trunk must hold for this device: `[k1, k2)`, or the union of every
+    /// draw's for a keyed split.
     pub fn trunk_layers(&self) -> Option<Range<usize>> {
-        self.plan().map(|p| p.k1..p.k2)
+        match &self.parts {
+            Parts::Unsplit(_) => None,
+            Parts::Split { plan, .. } => Some(plan.k1..plan.k2),
+            Parts::Keyed { policy, .. } => Some(policy.trunk_layers()),
+        }
+    }
+
+    /// Layers of the whole model.
+    pub fn layers(&self) -> usize {
+        self.layers
     }
 
     /// The model's context length in positions.
@@ -101,7 +169,7 @@ impl DeviceModel {
     pub fn parts(&self) -> Vec<&ModelPart> {
         match &self.parts {
             Parts::Unsplit(whole) => vec![whole],
-            Parts::Split { head, tail, .. } => vec![head, tail],
+            Parts::Split { head, tail, .. } | Parts::Keyed { head, tail, .. } => vec![head, tail],
         }
     }
 
@@ -127,6 +195,16 @@ impl DeviceModel {
     /// plan; the unsplit baseline takes none.
     pub fn session(&self, trunk: Option<Box<dyn Trunk>>) -> Result<Session<'_>, SplitError> {
         Session::new(self, trunk)
+    }
+
+    /// Starts a keyed session of a model loaded with [`DeviceModel::keyed`]: `keys` must be the
+    /// ones the trunk session was opened with.
+    pub fn keyed_session(
+        &self,
+        trunk: Box<dyn Trunk>,
+        keys: &SessionKeys,
+    ) -> Result<Session<'_>, SplitError> {
+        Session::keyed(self, trunk, keys)
     }
 }
 

@@ -2,7 +2,7 @@ use lsplit_model::ModelError;
 use lsplit_tokenizer::TokenizerError;
 use lsplit_wire::WireError;
 
-use crate::TrunkError;
+use crate::{CaptureError, TrunkError};
 
 /// Errors of the device-side generation loop.
 #[derive(Debug, thiserror::Error)]
@@ -50,4 +50,10 @@ pub enum SplitError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Device and trunk disagree on a keyed session's steps: refused, never computed.
+    #[error("desync: {0}")]
+    Desync(String),
+    /// Writing the wire capture failed.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
 }

@@ -3,8 +3,10 @@ use std::time::Instant;
 
 use lsplit_model::KvCache;
 
+use crate::capture::{CaptureWriter, Way};
 use crate::device::Parts;
-use crate::{DeviceModel, Sampler, SamplingParams, SplitError, Stats, Trunk};
+use crate::keyed::{Exchange, KeyedDevice};
+use crate::{DeviceModel, Sampler, SamplingParams, SessionKeys, SplitError, Stats, Trunk};
 
 /// What a generation is asked to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +73,7 @@ enum State {
         tail_cache: KvCache,
         trunk: Box<dyn Trunk>,
     },
+    Keyed(Box<KeyedDevice>),
 }
 
 /// One generation session on the device: the KV caches of its parts, its trunk session, and
@@ -81,6 +84,8 @@ pub struct Session<'m> {
     position: usize,
     history: Vec<u32>,
     stats: Stats,
+    steps: u64,
+    capture: Option<CaptureWriter>,
 }
 
 impl<'m> Session<'m> {
@@ -110,14 +115,55 @@ impl<'m> Session<'m> {
             (Parts::Split { .. }, None) => {
                 return Err(SplitError::Layout("a split model needs a trunk session"));
             }
+            (Parts::Keyed { .. }, _) => {
+                return Err(SplitError::Layout(
+                    "a keyed split needs session keys: start it with keyed_session",
+                ));
+            }
         };
-        Ok(Self {
+        Ok(Self::with_state(model, state))
+    }
+
+    pub(crate) fn keyed(
+        model: &'m DeviceModel,
+        trunk: Box<dyn Trunk>,
+        keys: &SessionKeys,
+    ) -> Result<Self, SplitError> {
+        let Parts::Keyed { policy, head, tail } = &model.parts else {
+            return Err(SplitError::Layout(
+                "session keys need a model loaded for a keyed split",
+            ));
+        };
+        if keys.policy != *policy {
+            return Err(SplitError::Layout(
+                "the session keys' policy is not the one the model was loaded for",
+            ));
+        }
+        let (needed, held) = (policy.trunk_layers(), trunk.layers());
+        if needed.start < held.start || needed.end > held.end {
+            return Err(SplitError::Layout(
+                "the trunk does not hold every layer the policy may draw",
+            ));
+        }
+        let device = KeyedDevice::new(head.clone(), tail.clone(), trunk, keys)?;
+        Ok(Self::with_state(model, State::Keyed(Box::new(device))))
+    }
+
+    fn with_state(model: &'m DeviceModel, state: State) -> Self {
+        Self {
             model,
             state,
             position: 0,
             history: Vec::new(),
             stats: Stats::default(),
-        })
+            steps: 0,
+            capture: None,
+        }
+    }
+
+    /// Records every message that crosses to and from the trunk from now on into `writer`.
+    pub fn capture(&mut self, writer: CaptureWriter) {
+        self.capture = Some(writer);
     }
 
     /// Positions processed so far.
@@ -144,12 +190,14 @@ impl<'m> Session<'m> {
             });
         }
         let start = self.position;
+        let layers = self.model.layers();
         let logits = match (&self.model.parts, &mut self.state) {
             (Parts::Unsplit(whole), State::Unsplit { cache }) => {
                 let t = Instant::now();
                 let hidden = whole.forward(&whole.embed(tokens)?, start, cache)?;
                 let logits = whole.logits(&hidden)?.to_vec1::<f32>()?;
                 self.stats.head += t.elapsed();
+                self.stats.layer_rows += (tokens.len() * layers) as u64;
                 logits
             }
             (
@@ -179,6 +227,11 @@ impl<'m> Session<'m> {
                         got_start: down.start,
                     });
                 }
+                if let Some(capture) = &mut self.capture {
+                    capture.record(Way::Up, self.steps, None, &up)?;
+                    capture.record(Way::Down, self.steps, None, &down)?;
+                }
+                self.stats.layer_rows += (tokens.len() * layers) as u64;
 
                 let t = Instant::now();
                 let hidden = down.decode(tail.device())?;
@@ -187,9 +240,30 @@ impl<'m> Session<'m> {
                 self.stats.tail += t.elapsed();
                 logits
             }
+            (Parts::Keyed { .. }, State::Keyed(keyed)) => {
+                let (stats, capture) = (&mut self.stats, &mut self.capture);
+                let mut exchanged = |e: &Exchange| -> Result<(), SplitError> {
+                    stats.bytes_up += e.up.rows.bytes.len() as u64;
+                    stats.bytes_down += e.down.rows.bytes.len() as u64;
+                    stats.catch_up_rows_up += e.catch_up_up as u64;
+                    stats.catch_up_rows_down += e.catch_up_down as u64;
+                    stats.head += e.times[0];
+                    stats.trunk += e.times[1];
+                    stats.tail += e.times[2];
+                    if let Some(capture) = capture {
+                        capture.record(Way::Up, e.up.step, Some(&e.up.tag), &e.up.rows)?;
+                        capture.record(Way::Down, e.down.step, Some(&e.down.tag), &e.down.rows)?;
+                    }
+                    Ok(())
+                };
+                let logits = keyed.forward(tokens, start, self.model.codec(), &mut exchanged)?;
+                self.stats.layer_rows = keyed.layer_rows();
+                logits
+            }
             _ => return Err(SplitError::Layout("session state does not match the model")),
         };
         self.position += tokens.len();
+        self.steps += 1;
         self.history.extend_from_slice(tokens);
         Ok(logits)
     }

@@ -26,6 +26,13 @@ pub struct Stats {
     pub bytes_down: u64,
     /// Number of one-token steps (for per-token averages).
     pub decode_steps: usize,
+    /// Compute: rows times decoder layers run by every part together, catch-ups included
+    /// (positions times layers without random split points).
+    pub layer_rows: u64,
+    /// Rows sent up again for earlier positions, for the trunk to catch up (random split).
+    pub catch_up_rows_up: u64,
+    /// Rows received again for earlier positions, for the tail to catch up (random split).
+    pub catch_up_rows_down: u64,
 }
 
 impl Stats {
@@ -80,6 +87,14 @@ impl fmt::Display for Stats {
             self.bytes_down,
             self.bytes_up as f64 / positions,
             self.bytes_down as f64 / positions
+        )?;
+        writeln!(
+            f,
+            "compute: {} layer-rows ({:.2} layers per position); catch-up: {} rows up, {} rows down",
+            self.layer_rows,
+            self.layer_rows as f64 / positions,
+            self.catch_up_rows_up,
+            self.catch_up_rows_down
         )?;
         write!(
             f,

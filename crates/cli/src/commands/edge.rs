@@ -62,7 +62,8 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
         path,
         model,
         trunks,
-    } = device::load(&args.model, &args.split, &args.trunk)?;
+        ..
+    } = device::load(&args.model, &args.split, &args.trunk, None)?;
     let trunk_location = trunks
         .as_ref()
         .map_or_else(|| "none (unsplit)".to_string(), |t| t.location());

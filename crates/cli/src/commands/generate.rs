@@ -2,12 +2,15 @@
 //! trunk server (`--cloud`).
 
 use std::io::Write;
+use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
-use lsplit_split::GenerateOptions;
+use lsplit_split::{CaptureWriter, GenerateOptions};
 
-use crate::args::{ModelArgs, SamplingArgs, SplitArgs, TrunkArgs};
-use crate::device::{self, Device, TrunkSource};
+use crate::args::{ModelArgs, PolicyArgs, SamplingArgs, SplitArgs, TrunkArgs};
+use crate::commands::attack::Truth;
+use crate::device;
 
 /// Options of `lsplit generate`.
 #[derive(Debug, Args)]
@@ -19,6 +22,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub split: SplitArgs,
     #[command(flatten)]
+    pub policy: PolicyArgs,
+    #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Maximum number of tokens to generate
     #[arg(long, default_value_t = 256)]
@@ -29,6 +34,13 @@ pub struct GenerateArgs {
     /// Print per-part time, bytes per token and tokens/s to stderr
     #[arg(long)]
     pub stats: bool,
+    /// Write every message that crosses to and from the trunk into DIR (see PRIVACY.md)
+    #[arg(long, value_name = "DIR", conflicts_with = "no_split")]
+    pub capture: Option<PathBuf>,
+    /// Write the prompt's and the generated token ids to FILE (JSON), for `lsplit attack
+    /// --truth FILE` to score its guesses against; they never cross the wire
+    #[arg(long, value_name = "FILE")]
+    pub save_tokens: Option<PathBuf>,
     #[command(flatten)]
     pub trunk: TrunkArgs,
 }
@@ -39,10 +51,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params()?,
     };
-    let Device { model, trunks, .. } = device::load(&args.model, &args.split, &args.trunk)?;
-    let trunk = trunks.as_ref().map(TrunkSource::open).transpose()?;
+    let device = device::load(&args.model, &args.split, &args.trunk, Some(&args.policy))?;
+    let model = &device.model;
     let prompt = model.prompt_tokens(&args.prompt, args.raw)?;
-    let mut session = model.session(trunk)?;
+    let mut session = device.session()?;
+    if let Some(dir) = &args.capture {
+        session.capture(
+            CaptureWriter::create(dir)
+                .with_context(|| format!("starting the capture in {}", dir.display()))?,
+        );
+    }
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let generation = session.generate(&prompt, &options, &mut |piece| {
@@ -57,12 +75,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         return Err(e.into());
     }
     writeln!(stdout)?;
+    if let Some(file) = &args.save_tokens {
+        Truth {
+            prompt,
+            generated: generation.tokens.clone(),
+        }
+        .save(file)?;
+    }
     if args.stats {
-        let split = model
-            .plan()
-            .map_or("none (whole model in one part)".to_string(), |p| {
-                p.to_string()
-            });
+        let split = device.describe();
         eprintln!(
             "split: {split}, codec: {}, stop: {:?}",
             model.codec(),

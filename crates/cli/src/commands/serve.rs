@@ -11,7 +11,9 @@ use lsplit_proto::TrunkFingerprint;
 use lsplit_server::{Limits, ServerOptions, TlsFiles, TrunkServer};
 use lsplit_wire::Codec;
 
-use crate::args::DEFAULT_LOCAL_LAYERS;
+use lsplit_split::SplitPolicy;
+
+use crate::args::{DEFAULT_LOCAL_LAYERS, PolicyKind};
 
 /// How long open sessions may run on after SIGTERM/SIGINT before the server exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -24,8 +26,17 @@ pub struct ServeArgs {
     #[arg(long, short = 'm', value_name = "PATH")]
     pub model: Option<PathBuf>,
     /// The trunk's layers K1:K2 [default: all but 2 layers at each end]
-    #[arg(long, value_name = "K1:K2")]
+    #[arg(long, value_name = "K1:K2", conflicts_with = "k1")]
     pub split: Option<String>,
+    /// fixed serves --split; random serves every layer a draw from --k1 and --k2 may need
+    #[arg(long, value_enum, default_value_t = PolicyKind::Fixed)]
+    pub split_policy: PolicyKind,
+    /// Layers K1 is drawn from with --split-policy random, e.g. 1,2,3,4
+    #[arg(long, value_name = "LIST", requires = "k2")]
+    pub k1: Option<String>,
+    /// Layers K2 is drawn from with --split-policy random, e.g. 26,27,28,29
+    #[arg(long, value_name = "LIST", requires = "k1")]
+    pub k2: Option<String>,
     /// Address to listen on (port 0 picks a free port, printed at start)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -79,9 +90,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let source = ModelSource::open(&path)?;
     let layers = source.config().num_layers;
-    let plan = match &args.split {
-        Some(text) => SplitPlan::parse(text, layers)?,
-        None => SplitPlan::symmetric(DEFAULT_LOCAL_LAYERS, layers)?,
+    let plan = match (args.split_policy, &args.split, &args.k1, &args.k2) {
+        (PolicyKind::Random, _, Some(k1), Some(k2)) => {
+            let union = SplitPolicy::parse(k1, k2, layers)?.trunk_layers();
+            SplitPlan::new(union.start, union.end, layers)?
+        }
+        (PolicyKind::Random, ..) => {
+            anyhow::bail!("--split-policy random needs --k1 and --k2 lists")
+        }
+        (PolicyKind::Fixed, _, Some(_), _) => {
+            anyhow::bail!("--k1 and --k2 are for --split-policy random")
+        }
+        (PolicyKind::Fixed, Some(text), ..) => SplitPlan::parse(text, layers)?,
+        (PolicyKind::Fixed, None, ..) => SplitPlan::symmetric(DEFAULT_LOCAL_LAYERS, layers)?,
     };
     let part = source.load_part(&plan.trunk(), &candle_core::Device::Cpu)?;
     let fingerprint = TrunkFingerprint::compute(&source, plan.k1..plan.k2)?;

@@ -1,0 +1,142 @@
+//! The attacks against real captures of SmolLM2-135M-Instruct sessions, in-process: on a fixed
+//! unpermuted split, replay reads every generated token and vocabulary matching every token
+//! that went up; the permutation does not stop vocabulary matching, which recovers the
+//! permutation from the first matched row and then lets replay read every generated token
+//! again; secret random split points do not stop it either (every boundary is tried).
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Device;
+use lsplit_attack::{Attacker, Knowledge, Scores};
+use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
+use lsplit_split::{
+    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys,
+    SessionSecret, SplitPolicy, Trunk, load_tokenizer, read_capture,
+};
+use lsplit_wire::Codec;
+
+const PROMPT: &str = "List three uses of copper.";
+const MAX_TOKENS: usize = 10;
+
+fn source() -> &'static ModelSource {
+    static SOURCE: OnceLock<ModelSource> = OnceLock::new();
+    SOURCE.get_or_init(|| {
+        let path = lsplit_fetch::ensure_default_model().expect("default model");
+        ModelSource::open(&path).expect("open")
+    })
+}
+
+fn attacker() -> &'static Attacker {
+    static ATTACKER: OnceLock<Attacker> = OnceLock::new();
+    ATTACKER.get_or_init(|| {
+        Attacker::new(source(), 3, 1, &Device::Cpu, &mut |_, _| {}).expect("attacker")
+    })
+}
+
+/// Generates greedily through `policy` (plain when fixed and unpermuted) and attacks the
+/// capture with `knowledge`.
+fn attack(policy: &SplitPolicy, obfuscation: Obfuscation, knowledge: Knowledge) -> (Scores, bool) {
+    let source = source();
+    let tokenizer = Arc::new(load_tokenizer(source).expect("tokenizer"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trunk_part = |layers| {
+        Arc::new(
+            source
+                .load_part(
+                    &PartSpec {
+                        kind: PartKind::Trunk,
+                        layers,
+                    },
+                    &Device::Cpu,
+                )
+                .expect("trunk"),
+        )
+    };
+    let plain = policy.is_fixed() && obfuscation == Obfuscation::None;
+    let model = if plain {
+        let plan = SplitPlan::new(policy.k1s()[0], policy.k2s()[0], 30).expect("plan");
+        DeviceModel::split(source, plan, tokenizer, Codec::F32, &Device::Cpu)
+    } else {
+        DeviceModel::keyed(source, policy.clone(), tokenizer, Codec::F32, &Device::Cpu)
+    }
+    .expect("device model");
+    let keys = SessionKeys {
+        policy: policy.clone(),
+        obfuscation,
+        secret: SessionSecret::generate(),
+    };
+    let mut session = if plain {
+        let trunk: Box<dyn Trunk> = Box::new(LocalTrunk::new(trunk_part(policy.trunk_layers())));
+        model.session(Some(trunk))
+    } else {
+        let trunk = LocalTrunk::keyed(trunk_part(policy.trunk_layers()), &keys).expect("trunk");
+        model.keyed_session(Box::new(trunk), &keys)
+    }
+    .expect("session");
+    session.capture(CaptureWriter::create(dir.path()).expect("capture"));
+    let prompt = model.prompt_tokens(PROMPT, false).expect("prompt");
+    let options = GenerateOptions {
+        max_tokens: MAX_TOKENS,
+        ..GenerateOptions::default()
+    };
+    let generation = session
+        .generate(&prompt, &options, &mut |_| {})
+        .expect("generate");
+    assert_eq!(generation.tokens.len(), MAX_TOKENS);
+    let messages = read_capture(dir.path()).expect("read capture");
+    let recovery = attacker().run(&messages, &knowledge).expect("attack");
+    (
+        recovery.score(&prompt, &generation.tokens),
+        recovery.permutation_recovered,
+    )
+}
+
+fn known(k1: usize, k2: usize) -> Knowledge {
+    Knowledge {
+        k1: Some(k1),
+        k2: Some(k2),
+        max_k: 3,
+        budget: usize::MAX,
+    }
+}
+
+#[test]
+fn replay_reads_every_generated_token_of_a_fixed_unpermuted_split() {
+    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan")).expect("policy");
+    let (s, permuted) = attack(&policy, Obfuscation::None, known(2, 28));
+    assert!(!permuted);
+    assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");
+    assert_eq!(s.replay.generated_total, MAX_TOKENS);
+    assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
+    // The last generated token never goes up: generation stops once it is sampled.
+    assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{s:?}");
+    assert!(
+        s.lens.prompt < s.matching.prompt,
+        "the baseline is weaker: {s:?}"
+    );
+}
+
+#[test]
+fn matching_tries_every_boundary_when_the_split_points_are_secret() {
+    let policy = SplitPolicy::random(&[1, 2, 3], &[27, 28, 29], 30).expect("policy");
+    let unknown = Knowledge {
+        k1: None,
+        k2: None,
+        max_k: 3,
+        budget: usize::MAX,
+    };
+    let (s, permuted) = attack(&policy, Obfuscation::None, unknown);
+    assert!(!permuted);
+    assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
+    assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{s:?}");
+}
+
+#[test]
+fn the_permutation_is_recovered_by_matching_sorted_values() {
+    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan")).expect("policy");
+    let (s, permuted) = attack(&policy, Obfuscation::Permute, known(2, 28));
+    assert!(permuted, "{s:?}");
+    assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");
+    assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
+    assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{s:?}");
+}

@@ -1,0 +1,388 @@
+//! Keyed sessions on the real SmolLM2-135M-Instruct (Q4_1 GGUF, L = 30): split points drawn per
+//! step from a session secret (K1 in {1,2,3,4}, K2 in {26,...,29}), KV catch-up between parts,
+//! and the secret permutation of the hidden dimension. With the lossless f32 codec they compute
+//! exactly what the unsplit model computes: logits are compared bit for bit at every step.
+//!
+//! Also: any disagreement between device and trunk (another secret, a repeated or skipped
+//! step, a moved downlink) is an error naming the desync, never silent garbage; a capture holds
+//! exactly the bytes the counters count.
+
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Device;
+use lsplit_model::{ModelPart, ModelSource, PartKind, PartSpec};
+use lsplit_split::{
+    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys,
+    SessionSecret, SplitPolicy, StepRows, Trunk, TrunkError, Way, load_tokenizer, read_capture,
+};
+use lsplit_wire::{Codec, HiddenRows};
+
+const LAYERS: usize = 30;
+const HIDDEN: usize = 576;
+/// Greedy tokens compared.
+const GENERATED: usize = 20;
+
+struct Fixture {
+    source: ModelSource,
+    unsplit: DeviceModel,
+    keyed: DeviceModel,
+    trunk: Arc<ModelPart>,
+    policy: SplitPolicy,
+    prompt: Vec<u32>,
+    /// The unsplit model's greedy tokens.
+    tokens: Vec<u32>,
+    /// Its logits at the prefill and after each greedy token.
+    logits: Vec<Vec<u32>>,
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let path = lsplit_fetch::ensure_default_model().expect("fetch the default model");
+        let source = ModelSource::open(&path).expect("open the default model");
+        let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
+        let unsplit =
+            DeviceModel::unsplit(&source, tokenizer.clone(), &Device::Cpu).expect("unsplit model");
+        let policy = SplitPolicy::random(&[1, 2, 3, 4], &[26, 27, 28, 29], LAYERS).expect("policy");
+        let keyed =
+            DeviceModel::keyed(&source, policy.clone(), tokenizer, Codec::F32, &Device::Cpu)
+                .expect("keyed head and tail");
+        assert_eq!(keyed.trunk_layers(), Some(1..29));
+        let parts = keyed.parts();
+        assert_eq!(
+            parts[0].spec().layers,
+            0..4,
+            "the head holds the deepest K1"
+        );
+        assert_eq!(
+            parts[1].spec().layers,
+            26..30,
+            "the tail holds from the shallowest K2"
+        );
+        let trunk = Arc::new(
+            source
+                .load_part(
+                    &PartSpec {
+                        kind: PartKind::Trunk,
+                        layers: policy.trunk_layers(),
+                    },
+                    &Device::Cpu,
+                )
+                .expect("trunk"),
+        );
+        let prompt = unsplit
+            .prompt_tokens(
+                "Name three rivers of Europe and say where they flow.",
+                false,
+            )
+            .expect("prompt");
+        let mut session = unsplit.session(None).expect("unsplit session");
+        let mut logits = vec![session.forward(&prompt).expect("prefill")];
+        let mut tokens = Vec::new();
+        for _ in 0..GENERATED {
+            let next = argmax(logits.last().expect("logits"));
+            tokens.push(next);
+            logits.push(session.forward(&[next]).expect("decode"));
+        }
+        Fixture {
+            source,
+            unsplit,
+            keyed,
+            trunk,
+            policy,
+            prompt,
+            tokens,
+            logits: logits.iter().map(|l| bits(l)).collect(),
+        }
+    })
+}
+
+fn keys(seed: u8, obfuscation: Obfuscation) -> SessionKeys {
+    SessionKeys {
+        policy: fixture().policy.clone(),
+        obfuscation,
+        secret: SessionSecret::from_bytes([seed; 32]),
+    }
+}
+
+fn local(keys: &SessionKeys) -> Box<dyn Trunk> {
+    Box::new(LocalTrunk::keyed(fixture().trunk.clone(), keys).expect("keyed trunk"))
+}
+
+/// Runs the prompt and the reference's greedy tokens through a keyed session and compares every
+/// step's logits with the unsplit model's, bit for bit. Returns the session's stats.
+fn check_exact(keys: &SessionKeys) -> lsplit_split::Stats {
+    let f = fixture();
+    let mut s = f
+        .keyed
+        .keyed_session(local(keys), keys)
+        .expect("keyed session");
+    let mut logits = s.forward(&f.prompt).expect("prefill");
+    for (step, expected) in f.logits.iter().enumerate() {
+        assert!(
+            bits(&logits) == *expected,
+            "logits differ from the unsplit model at step {step}"
+        );
+        if let Some(&next) = f.tokens.get(step) {
+            logits = s.forward(&[next]).expect("decode step");
+        }
+    }
+    s.stats().clone()
+}
+
+#[test]
+fn random_split_points_compute_exactly_what_the_unsplit_model_does() {
+    let f = fixture();
+    let positions = (f.prompt.len() + GENERATED) as u64;
+    let mut catch_up = 0;
+    for seed in [1, 2, 3] {
+        let stats = check_exact(&keys(seed, Obfuscation::None));
+        // Every position crossed at least once each way, and catch-up rows cross again.
+        let expected = (positions + stats.catch_up_rows_up) * HIDDEN as u64 * 4;
+        assert_eq!(stats.bytes_up, expected, "seed {seed}");
+        let expected = (positions + stats.catch_up_rows_down) * HIDDEN as u64 * 4;
+        assert_eq!(stats.bytes_down, expected, "seed {seed}");
+        assert!(
+            stats.layer_rows > positions * LAYERS as u64,
+            "catch-up recomputes some layers"
+        );
+        catch_up += stats.catch_up_rows_up + stats.catch_up_rows_down;
+    }
+    assert!(catch_up > 0, "the draws made the parts catch up");
+}
+
+#[test]
+fn permuted_random_split_is_exact_too() {
+    check_exact(&keys(4, Obfuscation::Permute));
+}
+
+#[test]
+fn greedy_generation_matches_the_unsplit_model() {
+    let f = fixture();
+    let options = GenerateOptions {
+        max_tokens: GENERATED,
+        ..GenerateOptions::default()
+    };
+    let mut reference = f.unsplit.session(None).expect("unsplit");
+    let expected = reference
+        .generate(&f.prompt, &options, &mut |_| {})
+        .expect("generate");
+    assert_eq!(expected.tokens, f.tokens);
+    for obfuscation in [Obfuscation::None, Obfuscation::Permute] {
+        let keys = SessionKeys {
+            secret: SessionSecret::generate(),
+            ..keys(0, obfuscation)
+        };
+        let mut s = f.keyed.keyed_session(local(&keys), &keys).expect("session");
+        let got = s
+            .generate(&f.prompt, &options, &mut |_| {})
+            .expect("generate");
+        assert_eq!(got.tokens, expected.tokens, "{obfuscation}");
+        assert_eq!(got.text, expected.text, "{obfuscation}");
+    }
+}
+
+#[test]
+fn steps_of_several_tokens_catch_up_too() {
+    let f = fixture();
+    let keys = keys(5, Obfuscation::Permute);
+    let mut s = f.keyed.keyed_session(local(&keys), &keys).expect("session");
+    let mut whole = f.unsplit.session(None).expect("unsplit");
+    let steps: [&[u32]; 5] = [
+        &f.prompt[..3],
+        &f.prompt[3..],
+        &f.tokens[..4],
+        &f.tokens[4..5],
+        &f.tokens[5..9],
+    ];
+    for (i, tokens) in steps.iter().enumerate() {
+        let expected = whole.forward(tokens).expect("unsplit step");
+        let got = s.forward(tokens).expect("keyed step");
+        assert_eq!(bits(&got), bits(&expected), "step {i}");
+    }
+}
+
+/// How a [`Tamper`] changes step `n`'s uplink or downlink (it may call the real trunk again).
+type Change = fn(u64, &mut StepRows, &mut StepRows, &mut Box<dyn Trunk>) -> Result<(), TrunkError>;
+
+/// A trunk between device and the real one that can tamper with the conversation.
+struct Tamper {
+    inner: Box<dyn Trunk>,
+    steps: u64,
+    change: Change,
+}
+
+impl Trunk for Tamper {
+    fn layers(&self) -> Range<usize> {
+        self.inner.layers()
+    }
+
+    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
+        self.inner.forward(rows)
+    }
+
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        let mut up = message.clone();
+        let mut down = self.inner.step(&up)?;
+        (self.change)(self.steps, &mut up, &mut down, &mut self.inner)?;
+        self.steps += 1;
+        Ok(down)
+    }
+}
+
+/// The error of a keyed session whose trunk is `trunk`, within the first decode steps.
+fn desync(trunk: Box<dyn Trunk>, keys: &SessionKeys) -> String {
+    let f = fixture();
+    let mut s = f.keyed.keyed_session(trunk, keys).expect("session");
+    let mut result = s.forward(&f.prompt);
+    for &token in &f.tokens[..6] {
+        if result.is_err() {
+            break;
+        }
+        result = s.forward(&[token]);
+    }
+    match result {
+        Ok(_) => panic!("the desync went unnoticed"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_desync_is_an_error_never_garbage() {
+    let ours = keys(6, Obfuscation::None);
+    // A trunk holding another secret draws other split points: the first message is refused.
+    let theirs = keys(7, Obfuscation::None);
+    assert_eq!(
+        desync(local(&theirs), &ours),
+        "trunk: desync: the uplink message of step 0 does not carry this session's tag: the two \
+         ends do not share the session secret, or disagree on the step's split points or rows"
+    );
+    // A step delivered twice (a replay after a lost answer) is refused by the trunk.
+    let replay = Tamper {
+        inner: local(&ours),
+        steps: 0,
+        change: |step, up, _, inner| {
+            if step == 2 {
+                inner.step(up)?;
+            }
+            Ok(())
+        },
+    };
+    assert_eq!(
+        desync(Box::new(replay), &ours),
+        "trunk: desync: the trunk expects step 3 but the message is for step 2"
+    );
+    // An answer for another step, or moved to other positions, is refused by the device.
+    let stale = Tamper {
+        inner: local(&ours),
+        steps: 0,
+        change: |step, _, down, _| {
+            if step == 3 {
+                down.step = 2;
+            }
+            Ok(())
+        },
+    };
+    let message = "desync: the downlink message of step 3 does not carry this session's tag: the \
+                   two ends do not share the session secret, or disagree on the step's split \
+                   points or rows";
+    assert_eq!(desync(Box::new(stale), &ours), message);
+    let moved = Tamper {
+        inner: local(&ours),
+        steps: 0,
+        change: |step, _, down, _| {
+            if step == 3 {
+                down.rows.start += 1;
+            }
+            Ok(())
+        },
+    };
+    assert_eq!(desync(Box::new(moved), &ours), message);
+    // Keys for another policy, or a plain trunk, are refused before any row is computed.
+    let f = fixture();
+    let plain: Box<dyn Trunk> = Box::new(LocalTrunk::new(f.trunk.clone()));
+    assert_eq!(
+        desync(plain, &ours),
+        "trunk: this trunk session was opened without keys: it takes bare rows, not steps"
+    );
+    let other = SessionKeys {
+        policy: SplitPolicy::random(&[1, 2], &[26], LAYERS).expect("policy"),
+        ..ours.clone()
+    };
+    match f.keyed.keyed_session(local(&ours), &other) {
+        Ok(_) => panic!("keys of another policy must be refused"),
+        Err(e) => assert_eq!(
+            e.to_string(),
+            "the session keys' policy is not the one the model was loaded for"
+        ),
+    }
+    let narrow = f
+        .source
+        .load_part(
+            &PartSpec {
+                kind: PartKind::Trunk,
+                layers: 2..28,
+            },
+            &Device::Cpu,
+        )
+        .expect("narrow trunk");
+    assert_eq!(
+        LocalTrunk::keyed(Arc::new(narrow), &ours)
+            .expect_err("narrow")
+            .to_string(),
+        "the policy (random K1 {1,2,3,4} K2 {26,27,28,29}) needs trunk layers 1..29 but this \
+         trunk holds 2..28"
+    );
+}
+
+#[test]
+fn a_capture_holds_exactly_the_bytes_that_crossed() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = keys(8, Obfuscation::Permute);
+    let mut s = f.keyed.keyed_session(local(&keys), &keys).expect("session");
+    s.capture(CaptureWriter::create(dir.path()).expect("capture"));
+    let options = GenerateOptions {
+        max_tokens: 12,
+        ..GenerateOptions::default()
+    };
+    let g = s
+        .generate(&f.prompt, &options, &mut |_| {})
+        .expect("generate");
+    let size = |name: &str| std::fs::metadata(dir.path().join(name)).expect(name).len();
+    assert_eq!(size("up.bin"), g.stats.bytes_up);
+    assert_eq!(size("down.bin"), g.stats.bytes_down);
+    let messages = read_capture(dir.path()).expect("read the capture");
+    let steps = g.stats.positions() - f.prompt.len() + 1;
+    assert_eq!(messages.len(), 2 * steps);
+    for (i, m) in messages.iter().enumerate() {
+        let way = if i % 2 == 0 { Way::Up } else { Way::Down };
+        assert_eq!((m.direction, m.step), (way, (i / 2) as u64));
+        assert!(m.tag.is_some());
+        assert_eq!(m.rows.width, HIDDEN);
+    }
+    let total = |way| {
+        messages
+            .iter()
+            .filter(|m| m.direction == way)
+            .map(|m| m.rows.bytes.len() as u64)
+            .sum::<u64>()
+    };
+    assert_eq!(total(Way::Up), g.stats.bytes_up);
+    assert_eq!(total(Way::Down), g.stats.bytes_down);
+}
