@@ -6,6 +6,7 @@
 
 mod device;
 mod error;
+mod quality;
 mod sampler;
 mod session;
 mod stats;
@@ -13,6 +14,7 @@ mod trunk;
 
 pub use device::{DeviceModel, load_tokenizer};
 pub use error::SplitError;
+pub use quality::{Agreement, GreedyRun};
 pub use sampler::{Sampler, SamplingParams};
 pub use session::{GenerateOptions, Generation, Session, StopReason};
 pub use stats::Stats;
