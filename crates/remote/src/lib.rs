@@ -13,6 +13,8 @@
 //! A keyed session ([`RemoteTrunk::with_keys`]) sends its keys, secret included, in the session's
 //! `Open` message, inside TLS; its steps are tagged `Step` messages.
 
+mod tls;
+
 use std::ops::Range;
 use std::time::Duration;
 
@@ -28,7 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status, Streaming};
 
 /// Errors of the remote trunk client.
@@ -157,6 +159,8 @@ pub struct ServerInfo {
     pub codec: Codec,
     /// The server's limits.
     pub limits: pb::Limits,
+    /// The TLS version of the connection (always `TLS 1.3`); `None` over plaintext.
+    pub tls_version: Option<String>,
 }
 
 /// An open session stream.
@@ -204,7 +208,13 @@ impl RemoteTrunk {
             None => Bearer(None),
         };
         let (client, info) = runtime.block_on(handshake(&options, &bearer))?;
-        tracing::info!(url = %options.url, trunk = %info.fingerprint, codec = %info.codec, "connected to the trunk server");
+        tracing::info!(
+            url = %options.url,
+            trunk = %info.fingerprint,
+            codec = %info.codec,
+            tls = info.tls_version.as_deref().unwrap_or("none"),
+            "connected to the trunk server"
+        );
         Ok(Self {
             runtime,
             options,
@@ -495,7 +505,7 @@ async fn handshake(
     options: &RemoteOptions,
     bearer: &Bearer,
 ) -> Result<(Client, ServerInfo), RemoteError> {
-    let channel = connect(options).await?;
+    let (channel, tls_version) = connect(options).await?;
     let mut client = TrunkClient::with_interceptor(channel, bearer.clone())
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
@@ -543,51 +553,65 @@ async fn handshake(
             fingerprint,
             codec,
             limits,
+            tls_version,
         },
     ))
 }
 
-/// Opens the channel: TLS unless the URL is `http://` and `insecure` allows it.
-async fn connect(options: &RemoteOptions) -> Result<Channel, RemoteError> {
+/// Opens the channel: TLS 1.3 unless the URL is `http://` and `insecure` allows it. Returns
+/// the channel and the TLS version of its connection.
+async fn connect(options: &RemoteOptions) -> Result<(Channel, Option<String>), RemoteError> {
     let url = &options.url;
-    let mut endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| RemoteError::Config(format!("`{url}` is not a valid URL: {e}")))?
-        .connect_timeout(options.connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    match endpoint.uri().scheme_str() {
+    let invalid =
+        |e: &dyn std::fmt::Display| RemoteError::Config(format!("`{url}` is not a valid URL: {e}"));
+    let uri: Uri = url.parse().map_err(|e| invalid(&e))?;
+    let configure = |endpoint: Endpoint| {
+        endpoint
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+    };
+    match uri.scheme_str() {
         Some("https") => {
-            let mut tls = ClientTlsConfig::new();
-            tls = match &options.ca_pem {
-                Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
-                None => tls.with_native_roots(),
-            };
-            if let Some((cert, key)) = &options.identity {
-                tls = tls.identity(Identity::from_pem(cert, key));
-            }
-            endpoint = endpoint.tls_config(tls).map_err(|e| {
-                RemoteError::Config(format!("TLS setup failed: {}", error_chain(&e)))
-            })?;
+            let host = uri.host().ok_or_else(|| invalid(&"no host"))?;
+            let port = uri.port_u16().unwrap_or(443);
+            let authority = uri.authority().ok_or_else(|| invalid(&"no host"))?;
+            let config = tls::client_config(
+                options.ca_pem.as_deref(),
+                options
+                    .identity
+                    .as_ref()
+                    .map(|(cert, key)| (cert.as_slice(), key.as_slice())),
+            )?;
+            let dialer = tls::TlsDialer::new(host, port, config)?;
+            // tonic's connector only adds its own TLS to `https` URIs: dial an `http` URI
+            // through our TLS 1.3 dialer, and keep `https` as the origin of the requests.
+            let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+                .map_err(|e| invalid(&e))?
+                .origin(uri.clone());
+            let channel = configure(endpoint)
+                .connect_with_connector(dialer.service())
+                .await
+                .map_err(|e| connect_failure(options, error_chain(&e)))?;
+            Ok((channel, dialer.negotiated().map(tls::version_name)))
         }
         Some("http") if options.insecure => {
             tracing::warn!(%url, "connecting WITHOUT TLS (--insecure): hidden states travel in plaintext");
+            let endpoint = Endpoint::from_shared(url.clone()).map_err(|e| invalid(&e))?;
+            let channel = configure(endpoint)
+                .connect()
+                .await
+                .map_err(|e| connect_failure(options, error_chain(&e)))?;
+            Ok((channel, None))
         }
-        Some("http") => {
-            return Err(RemoteError::Config(format!(
-                "`{url}` is plaintext; use https:// or pass --insecure to send hidden states unencrypted"
-            )));
-        }
-        _ => {
-            return Err(RemoteError::Config(format!(
-                "`{url}` must start with https:// (or http:// with --insecure)"
-            )));
-        }
+        Some("http") => Err(RemoteError::Config(format!(
+            "`{url}` is plaintext; use https:// or pass --insecure to send hidden states unencrypted"
+        ))),
+        _ => Err(RemoteError::Config(format!(
+            "`{url}` must start with https:// (or http:// with --insecure)"
+        ))),
     }
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| connect_failure(options, error_chain(&e)))
 }
 
 /// A connection failure, with a hint at the usual cause of the transport's terse messages.
@@ -597,6 +621,8 @@ fn connect_failure(options: &RemoteOptions, chain: String) -> RemoteError {
         " (if the server uses TLS, connect with https://)"
     } else if chain.contains("InvalidContentType") {
         " (the server does not speak TLS: was it started with --insecure?)"
+    } else if chain.contains("ProtocolVersion") {
+        " (the server does not offer TLS 1.3, which this device requires)"
     } else if [
         "broken pipe",
         "connection reset",

@@ -10,6 +10,7 @@ mod certs;
 mod engine;
 mod metrics;
 mod service;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +22,8 @@ use lsplit_proto::{TrunkFingerprint, error_chain};
 use lsplit_wire::Codec;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 use crate::auth::TokenCheck;
 pub use crate::certs::DevCertificates;
@@ -175,7 +177,7 @@ impl TrunkServer {
     }
 
     /// Serves on `listener` until `shutdown` completes, then stops accepting, lets open
-    /// requests finish and returns.
+    /// requests finish and returns. With TLS, only TLS 1.3 handshakes are accepted.
     ///
     /// The standard gRPC health service (`grpc.health.v1.Health`) answers for the trunk
     /// service without a token, so load balancers can probe it; it turns `NOT_SERVING` as
@@ -186,20 +188,12 @@ impl TrunkServer {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
         let local: Option<SocketAddr> = listener.local_addr().ok();
-        let mut builder = Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-        if let Some(tls) = &self.options.tls {
-            let mut config = ServerTlsConfig::new()
-                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
-                .timeout(Duration::from_secs(10));
-            if let Some(ca) = &tls.client_ca_pem {
-                config = config.client_ca_root(Certificate::from_pem(ca));
-            }
-            builder = builder
-                .tls_config(config)
-                .map_err(|e| ServerError::Tls(error_chain(&e)))?;
-        }
+        let tls = self
+            .options
+            .tls
+            .as_ref()
+            .map(tls::server_config)
+            .transpose()?;
         let service = lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(
             self.shared.clone(),
         ))
@@ -217,16 +211,25 @@ impl TrunkServer {
                 .set_service_status(name, tonic_health::ServingStatus::NotServing)
                 .await;
         };
-        tracing::info!(addr = ?local, tls = self.options.tls.is_some(), "serving the trunk");
-        builder
+        tracing::info!(addr = ?local, tls = tls.is_some(), "serving the trunk");
+        let router = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                shutdown,
-            )
-            .await
-            .map_err(|e| ServerError::Transport(error_chain(&e)))?;
-        Ok(())
+            .add_service(service);
+        let served = match tls {
+            Some(config) => {
+                router
+                    .serve_with_incoming_shutdown(tls::TlsIncoming::new(listener, config), shutdown)
+                    .await
+            }
+            None => {
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        };
+        served.map_err(|e| ServerError::Transport(error_chain(&e)))
     }
 }

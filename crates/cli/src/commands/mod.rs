@@ -1,8 +1,9 @@
-//! One module per subcommand.
+//! One module per subcommand (and one for the quality mode of `bench`).
 
 pub mod attack;
 pub mod bench;
 pub mod cert;
+pub mod codec_quality;
 pub mod edge;
 pub mod fetch;
 pub mod generate;

@@ -1,0 +1,194 @@
+//! TLS 1.3 only: the server's rustls configuration and the stream of connections that
+//! completed a handshake, which tonic serves.
+//!
+//! tonic's own TLS settings accept TLS 1.2 as well; the trunk protocol requires 1.3, so the
+//! server builds its rustls configuration itself and hands tonic finished TLS streams.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::rustls::crypto::ring;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig, version};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, rustls};
+use tokio_stream::Stream;
+
+use crate::{ServerError, TlsFiles};
+
+/// A handshake that has not finished in this long is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's rustls configuration: TLS 1.3 only, ALPN `h2`, the identity of `files` and,
+/// when `files` names a client CA, mandatory client certificates signed by it.
+pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, ServerError> {
+    let provider = Arc::new(ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&version::TLS13])
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let builder = match &files.client_ca_pem {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in certificates(ca, "client CA")? {
+                roots.add(cert).map_err(|e| {
+                    ServerError::Tls(format!("the client CA is not a usable certificate: {e}"))
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .map_err(|e| ServerError::Tls(format!("the client CA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let key = PrivateKeyDer::from_pem_slice(&files.key_pem)
+        .map_err(|e| ServerError::Tls(format!("the private key is not a PEM key: {e}")))?;
+    let mut config = builder
+        .with_single_cert(certificates(&files.cert_pem, "certificate")?, key)
+        .map_err(|e| ServerError::Tls(format!("the certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Every certificate in `pem`, which must hold at least one.
+fn certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, ServerError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ServerError::Tls(format!("the {what} is not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(ServerError::Tls(format!(
+            "the {what} file holds no certificate"
+        )));
+    }
+    Ok(certs)
+}
+
+/// The name of a negotiated protocol version, for logs.
+fn version_name(version: Option<rustls::ProtocolVersion>) -> String {
+    version.map_or_else(|| "none".into(), |v| format!("{v:?}"))
+}
+
+/// Connections accepted on a listener whose TLS handshake succeeded.
+///
+/// Handshakes run concurrently, each bounded by [`HANDSHAKE_TIMEOUT`], so a slow or silent
+/// client never holds up the next one. A failed handshake (a client offering only TLS 1.2, a
+/// client certificate from the wrong CA, plaintext) is logged and skipped.
+pub(crate) struct TlsIncoming {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handshakes: JoinSet<(SocketAddr, io::Result<TlsStream<TcpStream>>)>,
+}
+
+impl TlsIncoming {
+    pub(crate) fn new(listener: TcpListener, config: Arc<ServerConfig>) -> Self {
+        Self {
+            listener,
+            acceptor: TlsAcceptor::from(config),
+            handshakes: JoinSet::new(),
+        }
+    }
+
+    fn start_handshake(&mut self, stream: TcpStream, peer: SocketAddr) {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+        }
+        let accept = self.acceptor.accept(stream);
+        self.handshakes.spawn(async move {
+            let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                Ok(result) => result,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                )),
+            };
+            (peer, result)
+        });
+    }
+}
+
+impl Stream for TlsIncoming {
+    type Item = io::Result<TlsStream<TcpStream>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            match this.listener.poll_accept(cx) {
+                Poll::Ready(Ok((stream, peer))) => this.start_handshake(stream, peer),
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match this.handshakes.poll_join_next(cx) {
+                Poll::Ready(Some(Ok((peer, Ok(stream))))) => {
+                    let version = version_name(stream.get_ref().1.protocol_version());
+                    tracing::debug!(%peer, %version, "TLS handshake done");
+                    return Poll::Ready(Some(Ok(stream)));
+                }
+                Poll::Ready(Some(Ok((peer, Err(e))))) => {
+                    tracing::info!(%peer, error = %e, "refused a TLS handshake");
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "a TLS handshake task failed");
+                }
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DevCertificates;
+
+    fn files(certs: &DevCertificates) -> TlsFiles {
+        TlsFiles {
+            cert_pem: certs.server_pem.clone().into_bytes(),
+            key_pem: certs.server_key.clone().into_bytes(),
+            client_ca_pem: Some(certs.ca_pem.clone().into_bytes()),
+        }
+    }
+
+    #[test]
+    fn unusable_files_get_clear_errors() {
+        let certs = DevCertificates::generate(&[]).expect("certificates");
+        let error = |files: TlsFiles| {
+            server_config(&files)
+                .expect_err("unusable TLS files")
+                .to_string()
+        };
+        let mut bad = files(&certs);
+        bad.key_pem = certs.server_pem.clone().into_bytes();
+        assert!(
+            error(bad).starts_with("TLS setup failed: the private key is not a PEM key"),
+            "a certificate given as the key"
+        );
+        let mut bad = files(&certs);
+        bad.cert_pem = b"not a certificate".to_vec();
+        assert_eq!(
+            error(bad),
+            "TLS setup failed: the certificate file holds no certificate"
+        );
+        let mut bad = files(&certs);
+        bad.client_ca_pem = Some(Vec::new());
+        assert_eq!(
+            error(bad),
+            "TLS setup failed: the client CA file holds no certificate"
+        );
+        let mut bad = files(&certs);
+        bad.key_pem = certs.client_key.clone().into_bytes();
+        assert!(
+            error(bad).starts_with("TLS setup failed: the certificate and key: "),
+            "a key that does not match the certificate"
+        );
+    }
+}
