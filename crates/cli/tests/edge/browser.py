@@ -49,11 +49,21 @@ try:
     driver.find_element(By.ID, "s-max_tokens").clear()
     driver.find_element(By.ID, "s-max_tokens").send_keys("24")
     driver.find_element(By.ID, "prompt").send_keys(prompt)
+    # Tokens arrive one by one: record, as the page updates, how many tokens it showed while
+    # the status still said "running" (a reply shown all at once would show them only when
+    # done). A MutationObserver sees every update, however fast the model.
+    driver.execute_script("""
+        window.lsplitSeen = [];
+        new MutationObserver(() => {
+            const state = document.getElementById("status").dataset.state;
+            const tokens = document.getElementById("token-count").dataset.tokens;
+            window.lsplitSeen.push(state + ":" + tokens);
+        }).observe(document.getElementById("token-count"), {attributes: true});
+    """)
     driver.find_element(By.ID, "send").click()
-
-    # Tokens arrive one by one: catch the reply while it is still streaming.
-    wait.until(lambda d: int(d.find_element(By.ID, "token-count").get_attribute("data-tokens")) >= 1)
-    out["streaming_seen"] = driver.find_element(By.ID, "status").get_attribute("data-state")
+    wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") in ("done", "error"))
+    seen = driver.execute_script("return window.lsplitSeen")
+    out["streaming_seen"] = sorted({int(s.split(":")[1]) for s in seen if s.startswith("running:")})
     wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") in ("done", "error"))
     out["status"] = driver.find_element(By.ID, "status").text
     out["reply"] = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .content").text
