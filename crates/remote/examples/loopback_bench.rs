@@ -1,6 +1,8 @@
 //! Decode speed and bytes per token of the remote trunk over loopback TLS, side by side with
-//! the in-process split and the unsplit model, and aggregate throughput with concurrent
-//! sessions. Run: `cargo run --release -p lsplit-remote --example loopback_bench`.
+//! the in-process split and the unsplit model, and aggregate throughput of whole devices with
+//! concurrent sessions (their heads and tails share the cores with the server: for the
+//! server's own throughput, see the `trunk_throughput` example).
+//! Run: `cargo run --release -p lsplit-remote --example loopback_bench`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
