@@ -19,7 +19,7 @@ use common::*;
 use lsplit_model::ModelPart;
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
-use lsplit_split::{DeviceModel, GreedyRun, LocalTrunk, Trunk, TrunkError};
+use lsplit_split::{DeviceModel, GreedyRun, LocalTrunk, StepRows, Trunk, TrunkError};
 use lsplit_wire::{Codec, HiddenRows};
 
 const PROMPTS: [&str; 16] = [
@@ -73,6 +73,11 @@ impl Trunk for RecordingTrunk {
             down: down.clone(),
         });
         Ok(down)
+    }
+
+    /// The benchmark records plain sessions; a keyed step is refused by the inner trunk.
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        self.inner.step(message)
     }
 }
 
