@@ -6,8 +6,11 @@
 //!   text (position `p`'s row predicts token `p + 1`);
 //! - **vocabulary matching**: at each position, candidate tokens are run through the public
 //!   head after the already recovered prefix, and the one whose row matches the uplink row is
-//!   taken. The whole vocabulary is run through the head once, after a one-token context, and
-//!   candidates are tried nearest first by that table, in growing chunks, until one matches (to
+//!   taken. Candidates are tried in the order of two rankings merged: the public whole model's
+//!   next-token prediction after the recovered prefix (text is predictable, so the true token
+//!   is usually among the first few), and the nearness of each token's row in a table made by
+//!   running the whole vocabulary through the head once, after a one-token context. They go
+//!   through the head in growing chunks until one matches (to
 //!   a relative distance of [`MATCH_TOLERANCE`]) or the budget (by default the whole
 //!   vocabulary) is spent. With the whole vocabulary and rows as computed (f32, f16 or bf16 on
 //!   the wire), the true token always matches, so a known split is inverted exactly;
@@ -183,6 +186,9 @@ impl Recovery {
 pub struct Attacker {
     head: ModelPart,
     tail: ModelPart,
+    /// The whole public model: its next-token prediction after the recovered prefix ranks
+    /// the candidates of the next position.
+    whole: ModelPart,
     /// Every token's row at each boundary `k` (`tables[0]` the embeddings), computed once
     /// after a one-token context: the order candidates are tried in.
     tables: Vec<Table>,
@@ -263,6 +269,7 @@ impl Attacker {
             },
             device,
         )?;
+        let whole = source.load_part(&PartSpec::whole(layers), device)?;
         let vocab = source.config().vocab_size;
         let mut cache = head.new_cache();
         head.forward(&head.embed(&[context])?, 0, &mut cache)?;
@@ -286,6 +293,7 @@ impl Attacker {
         Ok(Self {
             head,
             tail,
+            whole,
             tables,
             layers,
             max_k,
@@ -387,6 +395,8 @@ impl Attacker {
         budget: usize,
     ) -> Result<Matched, AttackError> {
         let mut cache = self.head.new_cache();
+        let mut whole_cache = self.whole.new_cache();
+        let mut predicted: Vec<u32> = Vec::new();
         let mut matched = Matched::default();
         let deepest = boundaries.end - 1;
         for (position, observed) in up.iter().enumerate() {
@@ -401,6 +411,7 @@ impl Attacker {
                 .to_vec1::<f32>()?;
             let direct_only = !matches!(matched.mode, Mode::Unknown);
             let ranking = interleave(&[
+                std::mem::take(&mut predicted),
                 self.rank(&values, boundaries.clone(), direct_only)?,
                 self.rank(&values, 0..1, direct_only)?,
                 descending(&lens),
@@ -445,8 +456,12 @@ impl Attacker {
                 }
             }
             matched.tokens.push(best.token);
-            self.head
-                .forward(&self.head.embed(&[best.token])?, position, &mut cache)?;
+            let row = self.head.embed(&[best.token])?;
+            self.head.forward(&row, position, &mut cache)?;
+            if position + 1 < up.len() {
+                let out = self.whole.forward(&row, position, &mut whole_cache)?;
+                predicted = descending(&self.whole.logits(&out)?.to_vec1::<f32>()?);
+            }
         }
         Ok(matched)
     }

@@ -64,6 +64,14 @@ pub struct AttackArgs {
         requires = "table"
     )]
     pub grid_k1: String,
+    /// Policies of the --table grid: fixed, random or both
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "fixed,random",
+        requires = "table"
+    )]
+    pub grid_policies: String,
     /// Tokens generated per prompt by --table
     #[arg(long, default_value_t = 16, requires = "table")]
     pub max_tokens: usize,
@@ -261,6 +269,14 @@ fn table(
     };
     anyhow::ensure!(!prompts.is_empty(), "no prompts");
     let k1s = parse_list(&args.grid_k1)?;
+    let mut policies = (false, false);
+    for name in args.grid_policies.split(',').map(str::trim) {
+        match name {
+            "fixed" => policies.0 = true,
+            "random" => policies.1 = true,
+            _ => anyhow::bail!("--grid-policies takes fixed and random, not {name:?}"),
+        }
+    }
     let mut settings = Vec::new();
     for &k1 in &k1s {
         anyhow::ensure!(
@@ -273,10 +289,11 @@ fn table(
             &(layers - k1 - 3..=layers - k1).collect::<Vec<_>>(),
             layers,
         )?;
-        for (policy, knowledge) in [
-            (fixed, (Some(k1), Some(layers - k1))),
-            (random, (None, None)),
-        ] {
+        let grid = [
+            (policies.0, fixed, (Some(k1), Some(layers - k1))),
+            (policies.1, random, (None, None)),
+        ];
+        for (policy, knowledge) in grid.into_iter().filter(|g| g.0).map(|g| (g.1, g.2)) {
             for obfuscation in [Obfuscation::None, Obfuscation::Permute] {
                 settings.push(Setting {
                     label: format!("| {k1} | {policy} | {obfuscation} |"),
@@ -285,14 +302,18 @@ fn table(
                     knowledge: Knowledge {
                         k1: knowledge.0,
                         k2: knowledge.1,
-                        max_k: k1 + 3,
+                        max_k: if knowledge.0.is_some() { k1 } else { k1 + 3 },
                         budget: args.budget.unwrap_or(usize::MAX),
                     },
                 });
             }
         }
     }
-    let max_k = k1s.iter().max().map_or(0, |k| k + 3);
+    let max_k = settings
+        .iter()
+        .map(|s| s.knowledge.max_k)
+        .max()
+        .unwrap_or(0);
     let attacker = build_attacker(source, &tokenizer, max_k)?;
     let device = candle_core::Device::Cpu;
     let options = GenerateOptions {
