@@ -1,29 +1,10 @@
 //! The `lsplit` binary as a user runs it, on the real default model.
 
-use std::process::{Command, Output};
+mod common;
 
-fn lsplit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lsplit"))
-        .args(args)
-        .env("LSPLIT_LOG", "warn")
-        .output()
-        .expect("run lsplit")
-}
+use std::process::Output;
 
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).expect("utf-8 stderr")
-}
-
-fn model() -> String {
-    lsplit_fetch::ensure_default_model()
-        .expect("default model")
-        .display()
-        .to_string()
-}
+use common::{lsplit, model, stderr, stdout};
 
 fn generate(extra: &[&str]) -> Output {
     let model = model();
