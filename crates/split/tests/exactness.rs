@@ -7,6 +7,10 @@
 //! Also: wire byte counts are exact, lossy codecs run, an over-long prompt and a trunk whose
 //! layers differ from the plan are refused with exact messages.
 
+mod common;
+
+use common::{argmax, bits};
+
 use std::ops::ControlFlow;
 use std::sync::{Arc, OnceLock};
 
@@ -36,20 +40,6 @@ struct Fixture {
     logits: Vec<Vec<f32>>,
     /// The unsplit model's greedy tokens fed back at each decode step.
     tokens: Vec<u32>,
-}
-
-fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn bits(values: &[f32]) -> Vec<u32> {
-    values.iter().map(|v| v.to_bits()).collect()
 }
 
 /// The model, opened once, and the unsplit reference run.

@@ -7,6 +7,10 @@
 //! step, a moved downlink) is an error naming the desync, never silent garbage; a capture holds
 //! exactly the bytes the counters count.
 
+mod common;
+
+use common::{argmax, bits};
+
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
@@ -34,20 +38,6 @@ struct Fixture {
     tokens: Vec<u32>,
     /// Its logits at the prefill and after each greedy token.
     logits: Vec<Vec<u32>>,
-}
-
-fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn bits(values: &[f32]) -> Vec<u32> {
-    values.iter().map(|v| v.to_bits()).collect()
 }
 
 fn fixture() -> &'static Fixture {
