@@ -2,12 +2,17 @@
 //!
 //! The head sends the trunk rows of shape `(rows, hidden)` starting at a sequence position; the
 //! trunk answers with rows of the same shape. [`HiddenRows`] is that message: codec, shape,
-//! starting position and the encoded bytes, independent of any transport.
+//! starting position and the encoded bytes, independent of any transport. The [`step`] module
+//! holds the codecs for the arbitrary-shape tensors a split diffusion model sends each step.
+
+pub mod step;
+
+pub use step::{Grouping, IntBits, StepCodec, StepTensor};
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
-/// Errors while encoding or decoding hidden rows.
+/// Errors while encoding or decoding hidden rows and step tensors.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The payload length does not match the declared shape and codec.
@@ -40,6 +45,67 @@ pub enum WireError {
     /// An unknown codec name.
     #[error("unknown codec `{0}`: expected one of f32, f16, bf16, int8")]
     UnknownCodec(String),
+    /// An unknown step codec name.
+    #[error("unknown step codec `{0}`: expected one of {names}", names = step::codec_names())]
+    UnknownStepCodec(String),
+    /// An unknown step codec protocol id.
+    #[error("unknown step codec id {0}")]
+    UnknownStepCodecId(u8),
+    /// A step tensor shape with no elements.
+    #[error("step tensor of shape {0:?} has no elements")]
+    EmptyStepTensor(Vec<usize>),
+    /// A step tensor shape whose element or byte count does not fit in `usize`.
+    #[error("step tensor of shape {0:?} is too large")]
+    StepShapeOverflow(Vec<usize>),
+    /// A step payload whose length does not match its shape and codec.
+    #[error(
+        "{codec} payload of {got} bytes does not match shape {shape:?} ({expected} bytes expected)"
+    )]
+    StepPayloadSize {
+        /// Codec of the message.
+        codec: step::StepCodec,
+        /// Declared shape.
+        shape: Vec<usize>,
+        /// Bytes the shape implies.
+        expected: usize,
+        /// Bytes received.
+        got: usize,
+    },
+    /// A tensor to encode holds NaN or an infinity, which no codec carries.
+    #[error("cannot encode step tensor: non-finite value {value} at index {index:?}")]
+    NonFiniteStepInput {
+        /// The first bad value.
+        value: f32,
+        /// Its position in the tensor.
+        index: Vec<usize>,
+    },
+    /// A received step payload decodes to NaN or an infinity: the message is corrupt.
+    #[error("{codec} payload decodes to non-finite value {value} at index {index:?}")]
+    NonFiniteStepValue {
+        /// Codec of the message.
+        codec: step::StepCodec,
+        /// The first bad value.
+        value: f32,
+        /// Its position in the tensor.
+        index: Vec<usize>,
+    },
+    /// An affine group's minimum or scale is not finite, or the scale is negative.
+    #[error(
+        "{codec} group {group} has minimum {min} and scale {scale}: both must be finite and the scale >= 0"
+    )]
+    InvalidAffineGroup {
+        /// Codec of the message.
+        codec: step::StepCodec,
+        /// Index of the bad group (the channel for per-channel codecs).
+        group: usize,
+        /// The group's minimum.
+        min: f32,
+        /// The group's scale.
+        scale: f32,
+    },
+    /// The padding bits after the last packed value are not zero: the message is corrupt.
+    #[error("{0} payload has non-zero padding bits in its last byte")]
+    NonZeroPadding(step::StepCodec),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
