@@ -214,11 +214,11 @@ impl DevicePipeline {
         }
         let needs_trunk = !matches!(self.unet, DeviceUnet::Whole(_));
         if needs_trunk != trunk.is_some() {
-            return Err(DiffusionError::Request(format!(
-                "UNet split {} {} a trunk",
-                self.split,
-                if needs_trunk { "needs" } else { "takes no" }
-            )));
+            return Err(DiffusionError::Request(if needs_trunk {
+                format!("UNet split {} needs a trunk", self.split)
+            } else {
+                format!("UNet split {} runs without a trunk", self.split)
+            }));
         }
         let kind = match request.scheduler {
             Some(kind) => kind,
