@@ -145,6 +145,11 @@ impl DevicePipeline {
         self.split
     }
 
+    /// The image side the model was trained at: the UNet's `sample_size` times the VAE's scale.
+    pub fn default_size(&self) -> usize {
+        self.unet_config.sample_size.unwrap_or(64) * self.vae.scale()
+    }
+
     /// The latent shape of an image of `width` x `height`, after checking the sizes.
     pub fn latent_shape(&self, width: usize, height: usize) -> Result<[usize; 4], DiffusionError> {
         let multiple = self.vae.scale() * self.unet_config.downsample_factor();

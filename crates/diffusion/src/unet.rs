@@ -53,6 +53,9 @@ pub struct UnetConfig {
     pub in_channels: usize,
     /// Latent channels out.
     pub out_channels: usize,
+    /// The latent side the model was trained at (the default image size / VAE scale).
+    #[serde(default)]
+    pub sample_size: Option<usize>,
     /// Whether the input is mapped from [0,1] to [-1,1] first.
     #[serde(default)]
     pub center_input_sample: bool,

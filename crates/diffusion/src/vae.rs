@@ -171,4 +171,17 @@ impl RgbImage {
             data,
         })
     }
+
+    /// Encodes the image as an 8-bit RGB PNG.
+    pub fn to_png(&self) -> Result<Vec<u8>, DiffusionError> {
+        let mut out = Vec::new();
+        let to_error = |e: png::EncodingError| DiffusionError::Request(format!("PNG encoding: {e}"));
+        let mut encoder = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(to_error)?;
+        writer.write_image_data(&self.data).map_err(to_error)?;
+        writer.finish().map_err(to_error)?;
+        Ok(out)
+    }
 }
