@@ -4,6 +4,8 @@
 
 pub mod error;
 pub mod noise;
+pub mod scheduler;
 
 pub use error::{DiffusionError, Result};
 pub use noise::NoiseSource;
+pub use scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
