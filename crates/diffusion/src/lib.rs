@@ -15,7 +15,9 @@ pub mod trunk;
 pub mod unet;
 pub mod vae;
 
-pub use error::DiffusionError;
+pub use error::{DiffusionError, Result};
+pub use noise::NoiseSource;
+pub use scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 pub use model_dir::{Family, ModelDir};
 pub use pipeline::{DevicePipeline, Generated, ImageRequest, WireBytes, load_trunk_model};
 pub use trunk::{

@@ -91,13 +91,7 @@ fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let length = ((stop - start) / step).ceil().max(0.0) as usize;
     let delta = (start + step) - start;
     (0..length)
-        .map(|index| {
-            if index == 0 {
-                start
-            } else {
-                start + index as f64 * delta
-            }
-        })
+        .map(|index| start + index as f64 * delta)
         .collect()
 }
 
@@ -147,9 +141,6 @@ pub(crate) fn spaced_timesteps(
 /// training timesteps, clamped to the end values outside the range.
 pub(crate) fn numpy_interp(x: f64, values: &[f32]) -> f64 {
     let last = values.len() - 1;
-    if x.is_nan() {
-        return f64::NAN;
-    }
     if x <= 0.0 {
         return f64::from(values[0]);
     }
