@@ -159,6 +159,30 @@ pub struct TrunkArgs {
     pub insecure: bool,
 }
 
+/// Where the diffusion trunk runs (`lsplit image --cloud`): the same connection options as
+/// `generate --cloud`, without the LLM's split and codec.
+#[derive(Debug, Args)]
+pub struct CloudArgs {
+    /// Run the trunk on this server (https://HOST:PORT); the UNet split comes from it
+    #[arg(long, value_name = "URL")]
+    pub cloud: Option<String>,
+    /// CA certificate (PEM) the server must chain to [default: the system's roots]
+    #[arg(long, value_name = "FILE", requires = "cloud")]
+    pub ca: Option<PathBuf>,
+    /// File holding the bearer token the server expects
+    #[arg(long, value_name = "FILE", requires = "cloud")]
+    pub token_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that requires mutual TLS
+    #[arg(long, value_name = "FILE", requires_all = ["cloud", "client_key"])]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Allow a plaintext http:// server: step tensors travel unencrypted
+    #[arg(long, requires = "cloud")]
+    pub insecure: bool,
+}
+
 /// How tokens are chosen.
 #[derive(Debug, Args)]
 pub struct SamplingArgs {

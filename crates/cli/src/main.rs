@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Generate text, streaming it to stdout.
     Generate(commands::generate::GenerateArgs),
+    /// Draw an image with Stable Diffusion, the UNet split between this device and a trunk.
+    Image(commands::image::ImageArgs),
     /// Show what each part of a split holds: layers, tensors, parameters, bytes.
     Inspect(commands::inspect::InspectArgs),
     /// Measure prefill and decode speed, unsplit and split, in one run.
@@ -48,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => commands::generate::run(args),
+        Command::Image(args) => commands::image::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Fetch => commands::fetch::run(),

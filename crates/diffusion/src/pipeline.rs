@@ -145,6 +145,11 @@ impl DevicePipeline {
         self.split
     }
 
+    /// Levels of the UNet: `lambda:N` takes N from 1 to this.
+    pub fn unet_levels(&self) -> usize {
+        self.unet_config.levels()
+    }
+
     /// The image side the model was trained at: the UNet's `sample_size` times the VAE's scale.
     pub fn default_size(&self) -> usize {
         self.unet_config.sample_size.unwrap_or(64) * self.vae.scale()

@@ -175,7 +175,8 @@ impl RgbImage {
     /// Encodes the image as an 8-bit RGB PNG.
     pub fn to_png(&self) -> Result<Vec<u8>, DiffusionError> {
         let mut out = Vec::new();
-        let to_error = |e: png::EncodingError| DiffusionError::Request(format!("PNG encoding: {e}"));
+        let to_error =
+            |e: png::EncodingError| DiffusionError::Request(format!("PNG encoding: {e}"));
         let mut encoder = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);

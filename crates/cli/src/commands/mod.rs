@@ -7,5 +7,6 @@ pub mod codec_quality;
 pub mod edge;
 pub mod fetch;
 pub mod generate;
+pub mod image;
 pub mod inspect;
 pub mod serve;
