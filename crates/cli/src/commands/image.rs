@@ -139,14 +139,10 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
             request.steps,
             elapsed.as_secs_f64()
         );
-        if b.steps > 0 {
+        if let (Some(up), Some(down)) = (b.up.checked_div(b.steps), b.down.checked_div(b.steps)) {
             eprintln!(
-                "bytes: setup {} once, up {} ({} per step), down {} ({} per step)",
-                b.setup,
-                b.up,
-                b.up / b.steps,
-                b.down,
-                b.down / b.steps
+                "bytes: setup {} once, up {} ({up} per step), down {} ({down} per step)",
+                b.setup, b.up, b.down
             );
         }
     }
