@@ -18,7 +18,9 @@ pub mod vae;
 pub use error::{DiffusionError, Result};
 pub use model_dir::{Family, ModelDir};
 pub use noise::NoiseSource;
-pub use pipeline::{DevicePipeline, Generated, ImageRequest, WireBytes, load_trunk_model};
+pub use pipeline::{
+    DevicePipeline, Generated, ImageRequest, OnStep, StepProgress, WireBytes, load_trunk_model,
+};
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 pub use trunk::{
     DiffusionTrunk, ImageSetup, ImageState, LocalDiffusionTrunk, StepRequest, TrunkModel, UnetSplit,

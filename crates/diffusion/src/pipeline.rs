@@ -53,6 +53,22 @@ pub struct WireBytes {
     pub steps: usize,
 }
 
+/// What the device loop reports after each step (for progress bars, previews and wire views).
+pub struct StepProgress<'a> {
+    /// Steps done, from 1.
+    pub step: usize,
+    /// Steps in all.
+    pub total: usize,
+    /// The latents after this step (decode them for a preview).
+    pub latents: &'a Tensor,
+    /// The main tensor that crossed to the trunk this step, as the trunk decoded it (the head's
+    /// boundary activations, or the latent in `component` mode); `None` unsplit.
+    pub uplink: Option<&'a Tensor>,
+}
+
+/// The callback the device loop calls after each step; an error stops the image.
+pub type OnStep<'a> = dyn FnMut(&StepProgress<'_>) -> Result<(), DiffusionError> + 'a;
+
 /// The result of one image.
 #[derive(Debug, Clone)]
 pub struct Generated {
@@ -188,7 +204,7 @@ impl DevicePipeline {
         &self,
         request: &ImageRequest,
         trunk: Option<&mut dyn DiffusionTrunk>,
-        on_step: &mut dyn FnMut(usize, usize, &Tensor) -> Result<(), DiffusionError>,
+        on_step: &mut OnStep<'_>,
     ) -> Result<Generated, DiffusionError> {
         let shape = self.latent_shape(request.width, request.height)?;
         let mut noise = NoiseSource::new(request.seed);
@@ -204,7 +220,7 @@ impl DevicePipeline {
         latents: Tensor,
         noise: &mut NoiseSource,
         mut trunk: Option<&mut dyn DiffusionTrunk>,
-        on_step: &mut dyn FnMut(usize, usize, &Tensor) -> Result<(), DiffusionError>,
+        on_step: &mut OnStep<'_>,
     ) -> Result<Generated, DiffusionError> {
         let shape = self.latent_shape(request.width, request.height)?;
         if latents.dims() != shape {
@@ -293,13 +309,16 @@ impl DevicePipeline {
         let total = scheduler.timesteps().len();
         for (i, &t) in scheduler.timesteps().iter().enumerate() {
             let input = scheduler.scale_model_input(&latents, i)?;
+            let mut uplink = None;
             let prediction = match (&self.unet, trunk.as_deref_mut()) {
                 (DeviceUnet::Whole(unet), _) => {
                     guided_prediction(unet, &input, t, &context, added.as_ref(), request.guidance)?
                 }
                 (DeviceUnet::Cloud, Some(trunk)) => {
+                    let sent = encode(&input, &mut bytes.up)?;
+                    uplink = Some(sent.decode(&self.device)?);
                     let up = StepRequest {
-                        inputs: vec![encode(&input, &mut bytes.up)?],
+                        inputs: vec![sent],
                         timestep: Some(t),
                     };
                     let out = self.receive(trunk.step(up)?, &mut bytes.down)?;
@@ -320,11 +339,10 @@ impl DevicePipeline {
                     };
                     let temb = head.time_embedding(batch, t, added.as_ref(), &self.device)?;
                     let out = head.forward(&x, temb, &context)?;
+                    let sent = encode(&out.hidden, &mut bytes.up)?;
+                    uplink = Some(sent.decode(&self.device)?);
                     let up = StepRequest {
-                        inputs: vec![
-                            encode(&out.hidden, &mut bytes.up)?,
-                            encode(&out.temb, &mut bytes.up)?,
-                        ],
+                        inputs: vec![sent, encode(&out.temb, &mut bytes.up)?],
                         timestep: None,
                     };
                     let back = self.receive(trunk.step(up)?, &mut bytes.down)?;
@@ -351,7 +369,12 @@ impl DevicePipeline {
             if trunk.is_some() {
                 bytes.steps += 1;
             }
-            on_step(i + 1, total, &latents)?;
+            on_step(&StepProgress {
+                step: i + 1,
+                total,
+                latents: &latents,
+                uplink: uplink.as_ref(),
+            })?;
         }
         Ok(Generated {
             image: self.vae.decode(&latents)?,

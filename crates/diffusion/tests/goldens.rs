@@ -205,7 +205,7 @@ fn pipeline_image_matches_diffusers() {
                 g["pipeline_latents"].clone(),
                 &mut NoiseSource::new(0),
                 None,
-                &mut |_, _, _| Ok(()),
+                &mut |_| Ok(()),
             )
             .unwrap()
             .image;

@@ -180,7 +180,7 @@ fn unsupported_scheduler_class_and_its_override() {
         scheduler: None,
     };
     let e = pipeline
-        .generate(&request, None, &mut |_, _, _| Ok(()))
+        .generate(&request, None, &mut |_| Ok(()))
         .unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -189,7 +189,5 @@ fn unsupported_scheduler_class_and_its_override() {
          --scheduler euler|euler-a|ddim to override)"
     );
     request.scheduler = Some(SchedulerKind::Ddim);
-    pipeline
-        .generate(&request, None, &mut |_, _, _| Ok(()))
-        .unwrap();
+    pipeline.generate(&request, None, &mut |_| Ok(())).unwrap();
 }

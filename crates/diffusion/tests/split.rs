@@ -11,7 +11,8 @@ use common::{FAMILIES, model_dir};
 use lsplit_diffusion::quality::{psnr, ssim};
 use lsplit_diffusion::scheduler::SchedulerKind;
 use lsplit_diffusion::{
-    DevicePipeline, Generated, ImageRequest, LocalDiffusionTrunk, UnetSplit, load_trunk_model,
+    DevicePipeline, Generated, ImageRequest, LocalDiffusionTrunk, StepProgress, UnetSplit,
+    load_trunk_model,
 };
 use lsplit_wire::StepCodec;
 
@@ -32,9 +33,10 @@ fn generate(family: &str, split: UnetSplit, codec: StepCodec, request: &ImageReq
     let root = model_dir(family);
     let pipeline = DevicePipeline::load(&root, split, codec, &Device::Cpu).unwrap();
     let mut steps_seen = 0;
-    let mut on_step = |step: usize, total: usize, _: &candle_core::Tensor| {
+    let mut on_step = |p: &StepProgress<'_>| {
         steps_seen += 1;
-        assert_eq!((step, total), (steps_seen, request.steps));
+        assert_eq!((p.step, p.total), (steps_seen, request.steps));
+        assert_eq!(p.uplink.is_some(), split != UnetSplit::None);
         Ok(())
     };
     let out = match split {
@@ -182,23 +184,19 @@ fn bad_requests_get_clear_errors() {
         DevicePipeline::load(&root, UnetSplit::None, StepCodec::F32, &Device::Cpu).unwrap();
     let mut r = request(1);
     r.width = 72;
-    let e = pipeline
-        .generate(&r, None, &mut |_, _, _| Ok(()))
-        .unwrap_err();
+    let e = pipeline.generate(&r, None, &mut |_| Ok(())).unwrap_err();
     assert_eq!(
         e.to_string(),
         "image size 72x64: width and height must be multiples of 16 (at most 8192) for this model"
     );
     let mut r = request(1);
     r.steps = 0;
-    let e = pipeline
-        .generate(&r, None, &mut |_, _, _| Ok(()))
-        .unwrap_err();
+    let e = pipeline.generate(&r, None, &mut |_| Ok(())).unwrap_err();
     assert_eq!(e.to_string(), "0 steps: expected 1 to 1000");
     let model = Arc::new(load_trunk_model(&root, UnetSplit::Lambda(1), &Device::Cpu).unwrap());
     let mut trunk = LocalDiffusionTrunk::new(model, StepCodec::F32, Device::Cpu);
     let e = pipeline
-        .generate(&request(1), Some(&mut trunk), &mut |_, _, _| Ok(()))
+        .generate(&request(1), Some(&mut trunk), &mut |_| Ok(()))
         .unwrap_err();
     assert_eq!(e.to_string(), "UNet split none runs without a trunk");
 }

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_diffusion::quality::{psnr, ssim};
 use lsplit_diffusion::{
     DevicePipeline, DiffusionTrunk, Generated, ImageRequest, LocalDiffusionTrunk, RgbImage,
-    SchedulerKind, UnetSplit, load_trunk_model,
+    SchedulerKind, StepProgress, UnetSplit, load_trunk_model,
 };
 use lsplit_wire::StepCodec;
 
@@ -234,12 +234,12 @@ fn generate(
     );
     progress.set_message(label.to_string());
     let previews = args.preview_every.filter(|_| label == "image");
-    let mut on_step = |step: usize, total: usize, latents: &candle_core::Tensor| {
-        progress.set_position(step as u64);
+    let mut on_step = |p: &StepProgress<'_>| {
+        progress.set_position(p.step as u64);
         if let Some(every) = previews {
-            if step % every == 0 && step < total {
-                let image = pipeline.decode(latents)?;
-                let path = preview_path(&args.output, step);
+            if p.step % every == 0 && p.step < p.total {
+                let image = pipeline.decode(p.latents)?;
+                let path = preview_path(&args.output, p.step);
                 write_png(&image, &path)
                     .map_err(|e| lsplit_diffusion::DiffusionError::Request(format!("{e:#}")))?;
             }
