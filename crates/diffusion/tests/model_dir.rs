@@ -191,3 +191,53 @@ fn unsupported_scheduler_class_and_its_override() {
     request.scheduler = Some(SchedulerKind::Ddim);
     pipeline.generate(&request, None, &mut |_| Ok(())).unwrap();
 }
+
+/// Half-precision weights (`*.fp16.safetensors`, as the diffusers hub variants are named) load
+/// and give nearly the image of the f32 weights.
+#[test]
+fn f16_weights_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("model");
+    copy_dir(&model_dir("sd15"), &root);
+    for (component, stem) in [
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ] {
+        let f32_path = root.join(component).join(format!("{stem}.safetensors"));
+        let tensors = candle_core::safetensors::load(&f32_path, &Device::Cpu).unwrap();
+        let half: std::collections::HashMap<String, candle_core::Tensor> = tensors
+            .into_iter()
+            .map(|(k, v)| (k, v.to_dtype(candle_core::DType::F16).unwrap()))
+            .collect();
+        candle_core::safetensors::save(
+            &half,
+            root.join(component)
+                .join(format!("{stem}.fp16.safetensors")),
+        )
+        .unwrap();
+        std::fs::remove_file(f32_path).unwrap();
+    }
+    let request = ImageRequest {
+        prompt: "a lighthouse at dawn".into(),
+        negative: None,
+        steps: 2,
+        guidance: 7.0,
+        seed: 9,
+        width: 64,
+        height: 64,
+        scheduler: None,
+    };
+    let image = |root: &Path| {
+        DevicePipeline::load(root, UnetSplit::None, StepCodec::F32, &Device::Cpu)
+            .unwrap()
+            .generate(&request, None, &mut |_| Ok(()))
+            .unwrap()
+            .image
+    };
+    let half = image(&root);
+    let full = image(&model_dir("sd15"));
+    assert_ne!(half, full, "f16 weights round");
+    let psnr = lsplit_diffusion::quality::psnr(&half, &full).unwrap();
+    assert!(psnr > 35.0, "f16 weights: PSNR {psnr} dB against f32");
+}
