@@ -2,8 +2,6 @@
 //! with `protoc`.
 
 fn main() -> std::io::Result<()> {
-    tonic_prost_build::configure().compile_protos(
-        &["proto/trunk.proto", "proto/diffusion.proto"],
-        &["proto"],
-    )
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/trunk.proto", "proto/diffusion.proto"], &["proto"])
 }

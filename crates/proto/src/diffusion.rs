@@ -191,11 +191,8 @@ mod tests {
     #[test]
     fn hostile_tensors_are_refused_before_allocation() {
         let f32 = StepCodec::F32;
-        let check = |tensors: Vec<pb::Tensor>| {
-            tensors_from_pb(tensors, f32, 1000)
-                .unwrap_err()
-                .to_string()
-        };
+        let check =
+            |tensors: Vec<pb::Tensor>| tensors_from_pb(tensors, f32, 1000).unwrap_err().to_string();
         assert_eq!(
             check(vec![tensor(0, &[2], 8), tensor(0x99, &[2], 8)]),
             "tensor 1: unknown step codec id 153"

@@ -177,7 +177,15 @@ impl DiffusionServer {
         let (reporter, health) = tonic_health::server::health_reporter();
         let routes = Routes::new(health).add_service(service);
         let name = pb::diffusion_trunk_server::SERVICE_NAME;
-        serve_routes(routes, reporter, name, self.options.tls.as_ref(), listener, shutdown).await
+        serve_routes(
+            routes,
+            reporter,
+            name,
+            self.options.tls.as_ref(),
+            listener,
+            shutdown,
+        )
+        .await
     }
 }
 
@@ -456,8 +464,7 @@ impl ImageSession {
             timestep: step.timestep,
         };
         let started = Instant::now();
-        let outputs =
-            blocking(move || model.step(&image, &request, codec, &Device::Cpu)).await?;
+        let outputs = blocking(move || model.step(&image, &request, codec, &Device::Cpu)).await?;
         counters.latency(1, started.elapsed());
         counters.steps_total.fetch_add(1, Ordering::Relaxed);
         counters

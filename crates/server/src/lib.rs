@@ -133,9 +133,7 @@ impl ServerStats {
 
     /// Steps that ran through the trunk in a batch with another session's steps.
     pub fn batched_steps(&self) -> u64 {
-        self.counters()
-            .batched_steps_total
-            .load(Ordering::Relaxed)
+        self.counters().batched_steps_total.load(Ordering::Relaxed)
     }
 
     /// Steps run through the trunk.
@@ -227,7 +225,15 @@ impl TrunkServer {
         let (reporter, health) = tonic_health::server::health_reporter();
         let routes = Routes::new(health).add_service(service);
         let name = lsplit_proto::pb::trunk_server::SERVICE_NAME;
-        serve_routes(routes, reporter, name, self.options.tls.as_ref(), listener, shutdown).await
+        serve_routes(
+            routes,
+            reporter,
+            name,
+            self.options.tls.as_ref(),
+            listener,
+            shutdown,
+        )
+        .await
     }
 }
 
