@@ -101,6 +101,17 @@ struct ImageStream {
     replies: Streaming<ImageReply>,
 }
 
+impl ImageStream {
+    /// Ends the stream cleanly: the server sees the end of the image, not a broken connection.
+    async fn close(mut self) {
+        drop(self.requests);
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.replies.message()).await;
+    }
+}
+
+/// How long closing an image waits for the server to finish the stream.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A diffusion trunk running on a server.
 pub struct RemoteDiffusionTrunk {
     runtime: tokio::runtime::Runtime,
@@ -214,6 +225,13 @@ impl RemoteDiffusionTrunk {
         self.verify(&local)
     }
 
+    /// Closes the current image's stream, if one is open.
+    fn close_image(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            self.runtime.block_on(stream.close());
+        }
+    }
+
     /// Sends `request` (or only opens the image, for `None`), reconnecting and sending the
     /// image's setup again when the link fails, until the retry bound.
     fn call(&mut self, request: Option<RequestKind>) -> Result<ReplyKind, RemoteError> {
@@ -320,6 +338,12 @@ impl RemoteDiffusionTrunk {
     }
 }
 
+impl Drop for RemoteDiffusionTrunk {
+    fn drop(&mut self) {
+        self.close_image();
+    }
+}
+
 impl From<RemoteError> for DiffusionError {
     fn from(error: RemoteError) -> Self {
         DiffusionError::Trunk(error.to_string())
@@ -328,7 +352,7 @@ impl From<RemoteError> for DiffusionError {
 
 impl DiffusionTrunk for RemoteDiffusionTrunk {
     fn begin_image(&mut self, setup: ImageSetup) -> Result<(), DiffusionError> {
-        self.stream = None;
+        self.close_image();
         self.setup = Some(pb::Setup {
             protocol_version: DIFFUSION_PROTOCOL_VERSION,
             codec: u32::from(self.info.codec.id()),

@@ -145,6 +145,12 @@ fn concurrent_images_each_equal_their_solo_result() {
     }
     assert_eq!(server.stats.steps(), 16);
     assert_eq!(server.stats.sessions(), 0, "every image session is closed");
+    let metrics = server.stats.prometheus();
+    assert!(metrics.contains("lsplit_sessions_total 8\n"), "{metrics}");
+    assert!(
+        metrics.contains("lsplit_session_errors_total 0\n"),
+        "devices close their images cleanly: {metrics}"
+    );
 }
 
 #[test]
