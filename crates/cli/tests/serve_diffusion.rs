@@ -1,18 +1,30 @@
 //! `lsplit serve --model DIR` with a diffusers directory: the trunk of its UNet served over
 //! loopback TLS to a device in this process, and the flags that do not apply refused clearly.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use candle_core::Device;
-use common::{lsplit, stderr};
 use lsplit_diffusion::{DevicePipeline, ImageRequest, UnetSplit, trunk_fingerprint};
 use lsplit_remote::{CloudFiles, RemoteDiffusionTrunk};
 use lsplit_wire::StepCodec;
+
+/// Runs `lsplit` with `args`, logging only warnings and printing errors without backtraces.
+fn lsplit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lsplit"))
+        .args(args)
+        .env("LSPLIT_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
+        .output()
+        .expect("run lsplit")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
 
 fn tiny(family: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -182,13 +194,7 @@ fn serve_refuses_flags_that_do_not_fit_the_model() {
             sd15,
         ];
         all.extend(args);
-        let out = Command::new(env!("CARGO_BIN_EXE_lsplit"))
-            .args(&all)
-            .env("LSPLIT_LOG", "warn")
-            .env("RUST_BACKTRACE", "0")
-            .env("RUST_LIB_BACKTRACE", "0")
-            .output()
-            .unwrap();
+        let out = lsplit(&all);
         assert!(!out.status.success());
         assert_eq!(stderr(&out).trim(), message, "{all:?}");
     }

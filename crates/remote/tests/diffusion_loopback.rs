@@ -7,7 +7,7 @@ mod diffusion_common;
 use std::time::{Duration, Instant};
 
 use diffusion_common::*;
-use lsplit_diffusion::{DiffusionTrunk, UnetSplit, trunk_fingerprint};
+use lsplit_diffusion::{UnetSplit, trunk_fingerprint};
 use lsplit_remote::{RemoteDiffusionTrunk, RemoteError};
 use lsplit_server::DevCertificates;
 use lsplit_wire::StepCodec;
