@@ -5,6 +5,7 @@
 pub mod clip;
 pub mod clip_tokenizer;
 pub mod error;
+pub mod fingerprint;
 pub mod model_dir;
 pub mod noise;
 pub mod pipeline;
@@ -16,6 +17,7 @@ pub mod unet;
 pub mod vae;
 
 pub use error::{DiffusionError, Result};
+pub use fingerprint::{TrunkFingerprint, trunk_fingerprint};
 pub use model_dir::{Family, ModelDir};
 pub use noise::NoiseSource;
 pub use pipeline::{

@@ -4,7 +4,11 @@
 //! (messages, client and server stubs). This crate adds what both ends share: conversions
 //! between the wire crate's [`HiddenRows`] and the protocol's `Rows`, and the
 //! [`TrunkFingerprint`] each side computes from its own copy of the model.
+//!
+//! `proto/diffusion.proto` is the protocol of a split diffusion model's trunk; [`diffusion`]
+//! holds its generated code and the checked conversion of its tensors.
 
+pub mod diffusion;
 mod fingerprint;
 
 pub use fingerprint::TrunkFingerprint;

@@ -12,8 +12,14 @@
 //!
 //! A keyed session ([`RemoteTrunk::with_keys`]) sends its keys, secret included, in the session's
 //! `Open` message, inside TLS; its steps are tagged `Step` messages.
+//!
+//! [`RemoteDiffusionTrunk`] is the same for the trunk of a split diffusion UNet: one stream per
+//! image, the image's setup sent again after a reconnection.
 
+mod diffusion;
 mod tls;
+
+pub use diffusion::{CloudFiles, DiffusionServerInfo, RemoteDiffusionTrunk};
 
 use std::ops::Range;
 use std::time::Duration;
@@ -64,6 +70,17 @@ pub enum RemoteError {
         server: Box<TrunkFingerprint>,
         /// The device's fingerprint of the same layers.
         local: Box<TrunkFingerprint>,
+    },
+    /// The diffusion server runs a different trunk than the device's model.
+    #[error(
+        "the diffusion trunk server runs a different model: server {server}, this device's model \
+         {local}"
+    )]
+    DiffusionFingerprintMismatch {
+        /// The server's fingerprint.
+        server: lsplit_diffusion::TrunkFingerprint,
+        /// The device's fingerprint of the same split.
+        local: lsplit_diffusion::TrunkFingerprint,
     },
     /// The server broke the protocol.
     #[error("protocol error: {0}")]
@@ -148,6 +165,18 @@ impl Interceptor for Bearer {
     }
 }
 
+/// The bearer interceptor for `options`' token.
+fn bearer(options: &RemoteOptions) -> Result<Bearer, RemoteError> {
+    match &options.token {
+        Some(token) => Ok(Bearer(Some(
+            format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| RemoteError::Config("the token is not printable ASCII".into()))?,
+        ))),
+        None => Ok(Bearer(None)),
+    }
+}
+
 type Client = TrunkClient<InterceptedService<Channel, Bearer>>;
 
 /// What the handshake told the device.
@@ -201,12 +230,7 @@ impl RemoteTrunk {
             .enable_all()
             .build()
             .map_err(|e| RemoteError::Config(format!("starting the network runtime: {e}")))?;
-        let bearer = match &options.token {
-            Some(token) => Bearer(Some(format!("Bearer {}", token.trim()).parse().map_err(
-                |_| RemoteError::Config("the token is not printable ASCII".into()),
-            )?)),
-            None => Bearer(None),
-        };
+        let bearer = bearer(&options)?;
         let (client, info) = runtime.block_on(handshake(&options, &bearer))?;
         tracing::info!(
             url = %options.url,

@@ -49,9 +49,7 @@ impl Engine {
                             Err(_) => break,
                         }
                     }
-                    let (t, size) = (Instant::now(), batch.len());
-                    run_batch(&part, batch);
-                    counters.batch(size, t.elapsed());
+                    run_batch(&part, batch, &counters);
                 }
             })?;
         Ok(Self {
@@ -70,8 +68,9 @@ impl Engine {
 }
 
 /// Decodes every step, runs the decodable ones together and answers each; a panic in the
-/// model becomes an internal error of the steps of this batch only.
-fn run_batch(part: &ModelPart, batch: Vec<Step>) {
+/// model becomes an internal error of the steps of this batch only. The batch is counted
+/// before any step is answered, so a device never sees its step missing from the metrics.
+fn run_batch(part: &ModelPart, batch: Vec<Step>, counters: &Counters) {
     let t = Instant::now();
     let size = batch.len();
     let mut ready = Vec::with_capacity(size);
@@ -108,13 +107,21 @@ fn run_batch(part: &ModelPart, batch: Vec<Step>) {
             Err(status) => ready.iter().map(|_| Err(status.clone())).collect(),
         }
     };
-    for ((step, _), output) in ready.into_iter().zip(outputs) {
-        let output = output.and_then(|out| {
-            step.rows
-                .codec
-                .encode(&out, step.rows.start)
-                .map_err(|e| Status::internal(e.to_string()))
-        });
+    let encoded: Vec<_> = ready
+        .into_iter()
+        .zip(outputs)
+        .map(|((step, _), output)| {
+            let output = output.and_then(|out| {
+                step.rows
+                    .codec
+                    .encode(&out, step.rows.start)
+                    .map_err(|e| Status::internal(e.to_string()))
+            });
+            (step, output)
+        })
+        .collect();
+    counters.batch(size, t.elapsed());
+    for (step, output) in encoded {
         let _ = step.reply.send(Done {
             cache: step.cache,
             output,

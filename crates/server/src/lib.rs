@@ -4,9 +4,13 @@
 //! `lsplit-proto`), TLS by default, to many devices at once. Each device session is one
 //! bidirectional stream whose KV cache lives here; every request past a [`Limits`] or malformed
 //! is answered with a gRPC status and ends only that session.
+//!
+//! [`DiffusionServer`] serves the trunk of a split diffusion UNet the same way (protocol
+//! `lsplit.diffusion.v1`): one stream per image, holding only that image's conditioning.
 
 mod auth;
 mod certs;
+mod diffusion;
 mod engine;
 mod metrics;
 mod service;
@@ -21,12 +25,14 @@ use lsplit_model::ModelPart;
 use lsplit_proto::{TrunkFingerprint, error_chain};
 use lsplit_wire::Codec;
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::auth::TokenCheck;
 pub use crate::certs::DevCertificates;
+pub use crate::diffusion::{DiffusionLimits, DiffusionOptions, DiffusionServer};
 pub use crate::metrics::serve_metrics;
 use crate::service::{Shared, TrunkService};
 
@@ -98,33 +104,56 @@ pub struct ServerOptions {
 /// Live counters of a running server, shared with its handle.
 #[derive(Debug, Clone)]
 pub struct ServerStats {
-    shared: Arc<Shared>,
+    source: StatsSource,
+}
+
+/// Which kind of server the counters belong to.
+#[derive(Debug, Clone)]
+enum StatsSource {
+    Trunk(Arc<Shared>),
+    Diffusion(Arc<diffusion::DiffusionShared>),
 }
 
 impl ServerStats {
     /// Sessions open now.
     pub fn sessions(&self) -> usize {
-        self.shared.active.load(Ordering::SeqCst)
+        match &self.source {
+            StatsSource::Trunk(shared) => shared.active.load(Ordering::SeqCst),
+            StatsSource::Diffusion(shared) => shared.active.load(Ordering::SeqCst),
+        }
     }
 
-    /// Bytes of cached positions held by every open session.
+    /// Bytes of cached positions held by every open session (none for a diffusion trunk).
     pub fn kv_bytes(&self) -> u64 {
-        self.shared.kv_reserved.load(Ordering::SeqCst)
+        match &self.source {
+            StatsSource::Trunk(shared) => shared.kv_reserved.load(Ordering::SeqCst),
+            StatsSource::Diffusion(_) => 0,
+        }
     }
 
     /// Steps that ran through the trunk in a batch with another session's steps.
     pub fn batched_steps(&self) -> u64 {
-        self.shared
-            .counters
-            .batched_steps_total
-            .load(Ordering::Relaxed)
+        self.counters().batched_steps_total.load(Ordering::Relaxed)
+    }
+
+    /// Steps run through the trunk.
+    pub fn steps(&self) -> u64 {
+        self.counters().steps_total.load(Ordering::Relaxed)
+    }
+
+    fn counters(&self) -> &metrics::Counters {
+        match &self.source {
+            StatsSource::Trunk(shared) => &shared.counters,
+            StatsSource::Diffusion(shared) => &shared.counters,
+        }
     }
 
     /// Every metric in the Prometheus text format.
     pub fn prometheus(&self) -> String {
-        self.shared
-            .counters
-            .render(self.sessions(), self.kv_bytes())
+        match &self.source {
+            StatsSource::Trunk(_) => self.counters().render(self.sessions(), self.kv_bytes()),
+            StatsSource::Diffusion(_) => self.counters().render_diffusion(self.sessions()),
+        }
     }
 }
 
@@ -167,7 +196,7 @@ impl TrunkServer {
     /// Counters that stay readable while the server runs.
     pub fn stats(&self) -> ServerStats {
         ServerStats {
-            shared: self.shared.clone(),
+            source: StatsSource::Trunk(self.shared.clone()),
         }
     }
 
@@ -187,13 +216,6 @@ impl TrunkServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
-        let local: Option<SocketAddr> = listener.local_addr().ok();
-        let tls = self
-            .options
-            .tls
-            .as_ref()
-            .map(tls::server_config)
-            .transpose()?;
         let service = lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(
             self.shared.clone(),
         ))
@@ -201,35 +223,62 @@ impl TrunkServer {
         .max_encoding_message_size(self.options.limits.max_message_bytes);
         let service = InterceptedService::new(service, TokenCheck::new(self.options.token));
         let (reporter, health) = tonic_health::server::health_reporter();
+        let routes = Routes::new(health).add_service(service);
         let name = lsplit_proto::pb::trunk_server::SERVICE_NAME;
-        reporter
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
-        let shutdown = async move {
-            shutdown.await;
-            reporter
-                .set_service_status(name, tonic_health::ServingStatus::NotServing)
-                .await;
-        };
-        tracing::info!(addr = ?local, tls = tls.is_some(), "serving the trunk");
-        let router = Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(health)
-            .add_service(service);
-        let served = match tls {
-            Some(config) => {
-                router
-                    .serve_with_incoming_shutdown(tls::TlsIncoming::new(listener, config), shutdown)
-                    .await
-            }
-            None => {
-                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-                router
-                    .serve_with_incoming_shutdown(incoming, shutdown)
-                    .await
-            }
-        };
-        served.map_err(|e| ServerError::Transport(error_chain(&e)))
+        serve_routes(
+            routes,
+            reporter,
+            name,
+            self.options.tls.as_ref(),
+            listener,
+            shutdown,
+        )
+        .await
     }
+}
+
+/// Serves `routes` (a service named `name` and the health service of `reporter`) on
+/// `listener` until `shutdown` completes, then stops accepting, lets open requests finish and
+/// returns. With `tls`, only TLS 1.3 handshakes are accepted.
+///
+/// The health service answers for `name` without a token, so load balancers can probe it; it
+/// turns `NOT_SERVING` as soon as shutdown begins.
+pub(crate) async fn serve_routes(
+    routes: Routes,
+    reporter: tonic_health::server::HealthReporter,
+    name: &'static str,
+    tls: Option<&TlsFiles>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    let tls = tls.map(tls::server_config).transpose()?;
+    reporter
+        .set_service_status(name, tonic_health::ServingStatus::Serving)
+        .await;
+    let shutdown = async move {
+        shutdown.await;
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    };
+    tracing::info!(addr = ?local, tls = tls.is_some(), service = name, "serving");
+    let router = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_routes(routes);
+    let served = match tls {
+        Some(config) => {
+            router
+                .serve_with_incoming_shutdown(tls::TlsIncoming::new(listener, config), shutdown)
+                .await
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
+    served.map_err(|e| ServerError::Transport(error_chain(&e)))
 }

@@ -23,6 +23,7 @@ pub(crate) struct Counters {
     pub(crate) bytes_in_total: AtomicU64,
     pub(crate) bytes_out_total: AtomicU64,
     pub(crate) errors_total: AtomicU64,
+    pub(crate) images_total: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -36,6 +37,11 @@ impl Counters {
             self.batched_steps_total
                 .fetch_add(steps as u64, Ordering::Relaxed);
         }
+        self.latency(steps, elapsed);
+    }
+
+    /// Records `steps` steps that took `elapsed` through the trunk together.
+    pub(crate) fn latency(&self, steps: usize, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
         for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
             if seconds <= *bound {
@@ -48,81 +54,127 @@ impl Counters {
             .fetch_add(elapsed.as_micros() as u64 * steps as u64, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition of every counter, plus the gauges given.
+    /// The Prometheus text exposition of every counter of a language-model trunk server, plus
+    /// the gauges given.
     pub(crate) fn render(&self, sessions: usize, kv_bytes: u64) -> String {
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         metric(
+            &mut out,
             "lsplit_sessions_open",
             "gauge",
             "Sessions open now.",
             sessions as u64,
         );
         metric(
+            &mut out,
             "lsplit_sessions_total",
             "counter",
             "Sessions opened.",
             get(&self.sessions_total),
         );
         metric(
+            &mut out,
             "lsplit_kv_bytes",
             "gauge",
             "Bytes of cached positions held by open sessions.",
             kv_bytes,
         );
         metric(
+            &mut out,
             "lsplit_steps_total",
             "counter",
             "Trunk steps run.",
             get(&self.steps_total),
         );
         metric(
+            &mut out,
             "lsplit_rows_total",
             "counter",
             "Hidden rows run through the trunk.",
             get(&self.rows_total),
         );
         metric(
+            &mut out,
             "lsplit_batches_total",
             "counter",
             "Batches run through the trunk.",
             get(&self.batches_total),
         );
         metric(
+            &mut out,
             "lsplit_batched_steps_total",
             "counter",
             "Steps that shared a batch with another session's.",
             get(&self.batched_steps_total),
         );
+        self.render_traffic(&mut out);
+        out
+    }
+
+    /// The Prometheus text exposition of every counter of a diffusion trunk server, plus the
+    /// sessions open now.
+    pub(crate) fn render_diffusion(&self, sessions: usize) -> String {
+        let mut out = String::new();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         metric(
+            &mut out,
+            "lsplit_sessions_open",
+            "gauge",
+            "Image sessions open now.",
+            sessions as u64,
+        );
+        metric(
+            &mut out,
+            "lsplit_sessions_total",
+            "counter",
+            "Image sessions opened.",
+            get(&self.sessions_total),
+        );
+        metric(
+            &mut out,
+            "lsplit_images_total",
+            "counter",
+            "Images set up (a session may draw several).",
+            get(&self.images_total),
+        );
+        metric(
+            &mut out,
+            "lsplit_steps_total",
+            "counter",
+            "Denoising steps run through the trunk.",
+            get(&self.steps_total),
+        );
+        self.render_traffic(&mut out);
+        out
+    }
+
+    /// Bytes, errors and the step latency histogram, which both kinds of server share.
+    fn render_traffic(&self, out: &mut String) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        metric(
+            out,
             "lsplit_bytes_in_total",
             "counter",
             "Payload bytes received.",
             get(&self.bytes_in_total),
         );
         metric(
+            out,
             "lsplit_bytes_out_total",
             "counter",
             "Payload bytes sent.",
             get(&self.bytes_out_total),
         );
         metric(
+            out,
             "lsplit_session_errors_total",
             "counter",
             "Sessions ended by an error status.",
             get(&self.errors_total),
         );
         let name = "lsplit_step_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time of a step through the trunk's layers."
-        );
+        let _ = writeln!(out, "# HELP {name} Time of a step through the trunk.");
         let _ = writeln!(out, "# TYPE {name} histogram");
         for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", get(bucket));
@@ -135,8 +187,15 @@ impl Counters {
             get(&self.latency_sum_micros) as f64 / 1e6
         );
         let _ = writeln!(out, "{name}_count {count}");
-        out
     }
+}
+
+/// Writes one metric with its help and type lines.
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }
 
 /// Serves `GET /metrics` in the Prometheus text format on `listener` until `shutdown`.

@@ -1,15 +1,23 @@
 //! `lsplit serve`: hold only the trunk layers of a split model and serve them to devices.
+//!
+//! A GGUF file or Hugging Face directory serves a language model's trunk layers; a diffusers
+//! directory (one with `model_index.json`) serves the trunk of its UNet for `--unet-split`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use lsplit_diffusion::{UnetSplit, load_trunk_model, trunk_fingerprint};
 use lsplit_model::{ModelSource, SplitPlan};
 use lsplit_proto::TrunkFingerprint;
-use lsplit_server::{Limits, ServerOptions, TlsFiles, TrunkServer};
-use lsplit_wire::Codec;
+use lsplit_server::{
+    DiffusionLimits, DiffusionOptions, DiffusionServer, Limits, ServerError, ServerOptions,
+    ServerStats, TlsFiles, TrunkServer,
+};
+use lsplit_wire::{Codec, StepCodec};
 
 use lsplit_split::SplitPolicy;
 
@@ -21,10 +29,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Options of `lsplit serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// A GGUF file or a Hugging Face model directory [default: SmolLM2-135M-Instruct Q4_1,
-    /// fetched on first use]
+    /// A GGUF file, a Hugging Face model directory or a diffusers directory (with
+    /// model_index.json) [default: SmolLM2-135M-Instruct Q4_1, fetched on first use]
     #[arg(long, short = 'm', value_name = "PATH")]
     pub model: Option<PathBuf>,
+    /// Diffusion models: the UNet's part served, component (the whole UNet with guidance) or
+    /// lambda:N (its middle, cut after N levels at each end) [default: lambda:1]
+    #[arg(long, value_name = "SPLIT")]
+    pub unet_split: Option<UnetSplit>,
     /// The trunk's layers K1:K2 [default: all but 2 layers at each end]
     #[arg(long, value_name = "K1:K2", conflicts_with = "k1")]
     pub split: Option<String>,
@@ -55,19 +67,25 @@ pub struct ServeArgs {
     /// Serve plaintext gRPC without TLS: hidden states travel unencrypted
     #[arg(long, conflicts_with_all = ["cert", "key", "client_ca"])]
     pub insecure: bool,
-    /// Codecs offered to devices
-    #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16,int8")]
-    pub codecs: Vec<Codec>,
+    /// Codecs offered to devices [default: f32,f16,bf16,int8 for a language model; every step
+    /// codec (f32, f16, bf16, fp8-e4m3, fp8-e5m2, int8..int2, int8-ch..int2-ch) for a
+    /// diffusion model]
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub codecs: Option<Vec<String>>,
     /// Sessions served at the same time
     #[arg(long, default_value_t = 16)]
     pub max_sessions: usize,
     /// Positions one session may reach [default: the model's context length]
     #[arg(long)]
     pub max_context: Option<usize>,
-    /// Largest message accepted, in bytes
-    #[arg(long, default_value_t = 16 << 20)]
-    pub max_message_bytes: usize,
-    /// Seconds a session may stay silent before it is closed and its KV cache freed
+    /// Largest message accepted, in bytes [default: 16 MiB for a language model, 128 MiB for a
+    /// diffusion model]
+    #[arg(long)]
+    pub max_message_bytes: Option<usize>,
+    /// Diffusion models: most tensor elements one setup or step may declare [default: 32 Mi]
+    #[arg(long)]
+    pub max_step_elements: Option<u64>,
+    /// Seconds a session may stay silent before it is closed (and its KV cache freed)
     #[arg(long, default_value_t = 300)]
     pub idle_timeout_secs: u64,
     /// MiB all sessions' KV caches may hold together
@@ -82,30 +100,14 @@ fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
 }
 
-/// Runs the command until SIGTERM or SIGINT.
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let path = match &args.model {
-        Some(path) => path.clone(),
-        None => lsplit_fetch::ensure_default_model_with_progress()?,
-    };
-    let source = ModelSource::open(&path)?;
-    let layers = source.config().num_layers;
-    let plan = match (args.split_policy, &args.split, &args.k1, &args.k2) {
-        (PolicyKind::Random, _, Some(k1), Some(k2)) => {
-            let union = SplitPolicy::parse(k1, k2, layers)?.trunk_layers();
-            SplitPlan::new(union.start, union.end, layers)?
-        }
-        (PolicyKind::Random, ..) => {
-            anyhow::bail!("--split-policy random needs --k1 and --k2 lists")
-        }
-        (PolicyKind::Fixed, _, Some(_), _) => {
-            anyhow::bail!("--k1 and --k2 are for --split-policy random")
-        }
-        (PolicyKind::Fixed, Some(text), ..) => SplitPlan::parse(text, layers)?,
-        (PolicyKind::Fixed, None, ..) => SplitPlan::symmetric(DEFAULT_LOCAL_LAYERS, layers)?,
-    };
-    let part = source.load_part(&plan.trunk(), &candle_core::Device::Cpu)?;
-    let fingerprint = TrunkFingerprint::compute(&source, plan.k1..plan.k2)?;
+/// Whether `path` is a diffusers model directory.
+fn is_diffusers(path: &Path) -> bool {
+    path.join("model_index.json").is_file()
+}
+
+/// The bearer token and TLS identity from the command line, with the warnings each absence
+/// deserves.
+fn security(args: &ServeArgs) -> anyhow::Result<(Option<String>, Option<TlsFiles>)> {
     let token = match &args.token_file {
         Some(file) => {
             let token = String::from_utf8(read(file, "token file")?)
@@ -139,25 +141,152 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if token.is_none() {
         tracing::warn!("no --token-file: any client that reaches this address can use the trunk");
     }
+    Ok((token, tls))
+}
+
+/// Parses `--codecs` with `parse`, or returns `default` when it is absent.
+fn codecs<C, E: std::fmt::Display>(
+    args: &ServeArgs,
+    default: Vec<C>,
+    parse: impl Fn(&str) -> Result<C, E>,
+) -> anyhow::Result<Vec<C>> {
+    match &args.codecs {
+        None => Ok(default),
+        Some(names) => names
+            .iter()
+            .map(|name| parse(name.trim()).map_err(|e| anyhow::anyhow!("--codecs: {e}")))
+            .collect(),
+    }
+}
+
+/// Runs the command until SIGTERM or SIGINT.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let path = match &args.model {
+        Some(path) => path.clone(),
+        None => lsplit_fetch::ensure_default_model_with_progress()?,
+    };
+    if is_diffusers(&path) {
+        return run_diffusion(args, &path);
+    }
+    anyhow::ensure!(
+        args.unet_split.is_none(),
+        "--unet-split is for diffusion models; {} is a language model",
+        path.display()
+    );
+    anyhow::ensure!(
+        args.max_step_elements.is_none(),
+        "--max-step-elements is for diffusion models; {} is a language model",
+        path.display()
+    );
+    let codecs = codecs(&args, Codec::ALL.to_vec(), str::parse::<Codec>)?;
+    let source = ModelSource::open(&path)?;
+    let layers = source.config().num_layers;
+    let plan = match (args.split_policy, &args.split, &args.k1, &args.k2) {
+        (PolicyKind::Random, _, Some(k1), Some(k2)) => {
+            let union = SplitPolicy::parse(k1, k2, layers)?.trunk_layers();
+            SplitPlan::new(union.start, union.end, layers)?
+        }
+        (PolicyKind::Random, ..) => {
+            anyhow::bail!("--split-policy random needs --k1 and --k2 lists")
+        }
+        (PolicyKind::Fixed, _, Some(_), _) => {
+            anyhow::bail!("--k1 and --k2 are for --split-policy random")
+        }
+        (PolicyKind::Fixed, Some(text), ..) => SplitPlan::parse(text, layers)?,
+        (PolicyKind::Fixed, None, ..) => SplitPlan::symmetric(DEFAULT_LOCAL_LAYERS, layers)?,
+    };
+    let part = source.load_part(&plan.trunk(), &candle_core::Device::Cpu)?;
+    let fingerprint = TrunkFingerprint::compute(&source, plan.k1..plan.k2)?;
+    let (token, tls) = security(&args)?;
     let options = ServerOptions {
         limits: Limits {
             max_sessions: args.max_sessions,
             max_context: args.max_context.unwrap_or(usize::MAX),
-            max_message_bytes: args.max_message_bytes,
+            max_message_bytes: args.max_message_bytes.unwrap_or(16 << 20),
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),
             kv_budget_bytes: args.kv_budget_mib << 20,
         },
-        codecs: args.codecs.clone(),
+        codecs,
         token,
         tls,
     };
-    let scheme = if options.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    let scheme = scheme(&options.tls);
     let server = TrunkServer::new(part, fingerprint.clone(), options)?;
     let stats = server.stats();
+    serve_until_signal(
+        &args,
+        stats,
+        |addr| format!("lsplit serve: trunk {fingerprint} on {scheme}://{addr}"),
+        |listener, shutdown| server.serve(listener, shutdown),
+    )
+}
+
+/// Serves the trunk of the diffusers model at `path`.
+fn run_diffusion(args: ServeArgs, path: &Path) -> anyhow::Result<()> {
+    let language_only = [
+        ("--split", args.split.is_some()),
+        ("--k1/--k2", args.k1.is_some() || args.k2.is_some()),
+        ("--split-policy", args.split_policy != PolicyKind::Fixed),
+        ("--max-context", args.max_context.is_some()),
+    ];
+    for (flag, given) in language_only {
+        anyhow::ensure!(
+            !given,
+            "{flag} is for language models; {} is a diffusion model (use --unet-split)",
+            path.display()
+        );
+    }
+    let split = args.unet_split.unwrap_or(UnetSplit::Lambda(1));
+    anyhow::ensure!(
+        split != UnetSplit::None,
+        "--unet-split none runs everything on the device: there is no trunk to serve"
+    );
+    let codecs = codecs(&args, StepCodec::all().to_vec(), str::parse::<StepCodec>)?;
+    let model = load_trunk_model(path, split, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading the {split} trunk of {}", path.display()))?;
+    let fingerprint = trunk_fingerprint(path, split)?;
+    let (token, tls) = security(&args)?;
+    let defaults = DiffusionLimits::default();
+    let options = DiffusionOptions {
+        limits: DiffusionLimits {
+            max_sessions: args.max_sessions,
+            max_message_bytes: args.max_message_bytes.unwrap_or(defaults.max_message_bytes),
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+            max_step_elements: args.max_step_elements.unwrap_or(defaults.max_step_elements),
+        },
+        codecs,
+        token,
+        tls,
+    };
+    let scheme = scheme(&options.tls);
+    let server = DiffusionServer::new(model, fingerprint, options)?;
+    let stats = server.stats();
+    serve_until_signal(
+        &args,
+        stats,
+        |addr| format!("lsplit serve: {fingerprint} on {scheme}://{addr}"),
+        |listener, shutdown| server.serve(listener, shutdown),
+    )
+}
+
+fn scheme(tls: &Option<TlsFiles>) -> &'static str {
+    if tls.is_some() { "https" } else { "http" }
+}
+
+/// Completes when the process is asked to stop.
+type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Listens on `--listen` (and `--metrics`), prints `banner` of the bound address, and runs
+/// `serve` until SIGTERM or SIGINT, giving open sessions [`SHUTDOWN_GRACE`] to finish.
+fn serve_until_signal<Served>(
+    args: &ServeArgs,
+    stats: ServerStats,
+    banner: impl FnOnce(SocketAddr) -> String,
+    serve: impl FnOnce(tokio::net::TcpListener, Shutdown) -> Served,
+) -> anyhow::Result<()>
+where
+    Served: Future<Output = Result<(), ServerError>>,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -166,8 +295,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
-        let addr = listener.local_addr()?;
-        println!("lsplit serve: trunk {fingerprint} on {scheme}://{addr}");
+        println!("{}", banner(listener.local_addr()?));
         if let Some(metrics) = args.metrics {
             let listener = tokio::net::TcpListener::bind(metrics)
                 .await
@@ -186,7 +314,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let _ = signalled.send(());
         };
         tokio::select! {
-            result = server.serve(listener, shutdown) => result?,
+            result = serve(listener, Box::pin(shutdown)) => result?,
             _ = async {
                 let _ = grace.await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;

@@ -1,0 +1,225 @@
+//! A real diffusion trunk server on loopback with real TLS, the tiny diffusers fixtures, and
+//! the in-process reference to compare against.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use lsplit_diffusion::{
+    DevicePipeline, DiffusionError, DiffusionTrunk, Generated, ImageRequest, ImageSetup,
+    LocalDiffusionTrunk, StepRequest, UnetSplit, load_trunk_model, trunk_fingerprint,
+};
+use lsplit_remote::{RemoteDiffusionTrunk, RemoteOptions};
+use lsplit_server::{
+    DevCertificates, DiffusionLimits, DiffusionOptions, DiffusionServer, ServerStats, TlsFiles,
+};
+use lsplit_wire::{StepCodec, StepTensor};
+
+pub const TOKEN: &str = "s3cret-diffusion";
+
+/// The tiny diffusers model of `family` (sd15, sd21, sdxl).
+pub fn model_dir(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../diffusion/tests/fixtures")
+        .join(format!("tiny-{family}"))
+}
+
+/// A 2-step 64x64 image with guidance, seeded.
+pub fn request(seed: u64) -> ImageRequest {
+    ImageRequest {
+        prompt: "a lighthouse at dawn".into(),
+        negative: Some("blurry".into()),
+        steps: 2,
+        guidance: 7.0,
+        seed,
+        width: 64,
+        height: 64,
+        scheduler: None,
+    }
+}
+
+/// Server options with TLS from `certs`, the token [`TOKEN`] and every step codec.
+pub fn server_options(certs: &DevCertificates) -> DiffusionOptions {
+    DiffusionOptions {
+        limits: DiffusionLimits::default(),
+        codecs: StepCodec::all().to_vec(),
+        token: Some(TOKEN.into()),
+        tls: Some(TlsFiles {
+            cert_pem: certs.server_pem.clone().into_bytes(),
+            key_pem: certs.server_key.clone().into_bytes(),
+            client_ca_pem: None,
+        }),
+    }
+}
+
+/// Client options trusting `certs`' CA, with the right token and short retry bounds.
+pub fn client_options(url: &str, certs: &DevCertificates) -> RemoteOptions {
+    let mut options = RemoteOptions::new(url, lsplit_wire::Codec::F32);
+    options.ca_pem = Some(certs.ca_pem.clone().into_bytes());
+    options.token = Some(TOKEN.into());
+    options.connect_timeout = Duration::from_secs(5);
+    options.step_timeout = Duration::from_secs(60);
+    options.retry_for = Duration::from_secs(3);
+    options
+}
+
+/// A diffusion trunk server on its own runtime; dropping it kills it abruptly, like a crash.
+pub struct TestServer {
+    pub url: String,
+    pub addr: SocketAddr,
+    pub stats: ServerStats,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Serves the `split` trunk of `family` on 127.0.0.1 (port 0 unless `port`).
+    pub fn start(family: &str, split: UnetSplit, options: DiffusionOptions, port: u16) -> Self {
+        let root = model_dir(family);
+        let model = load_trunk_model(&root, split, &Device::Cpu).expect("trunk model");
+        let fingerprint = trunk_fingerprint(&root, split).expect("fingerprint");
+        let server = DiffusionServer::new(model, fingerprint, options).expect("server");
+        let stats = server.stats();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind loopback");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("local address");
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                tokio::select! {
+                    result = server.serve(listener, std::future::pending()) => result.expect("serve"),
+                    _ = killed => {}
+                }
+            });
+            runtime.shutdown_background();
+        });
+        Self {
+            url: format!("https://localhost:{}", addr.port()),
+            addr,
+            stats,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    /// Kills the server: every connection drops, every image's state is lost.
+    pub fn kill(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Connects to `server` offering `codecs` and checks its trunk against `family`'s files.
+pub fn connect(
+    server: &TestServer,
+    certs: &DevCertificates,
+    codecs: &[StepCodec],
+    family: &str,
+) -> RemoteDiffusionTrunk {
+    let trunk =
+        RemoteDiffusionTrunk::connect(client_options(&server.url, certs), codecs).expect("connect");
+    trunk.verify_model(&model_dir(family)).expect("fingerprint");
+    trunk
+}
+
+/// The device's pipeline for `split`.
+pub fn pipeline(family: &str, split: UnetSplit, codec: StepCodec) -> DevicePipeline {
+    DevicePipeline::load(&model_dir(family), split, codec, &Device::Cpu).expect("pipeline")
+}
+
+/// Generates `request` with `trunk` (none for the unsplit baseline).
+pub fn generate(
+    pipeline: &DevicePipeline,
+    request: &ImageRequest,
+    trunk: Option<&mut dyn DiffusionTrunk>,
+) -> Generated {
+    pipeline
+        .generate(request, trunk, &mut |_| Ok(()))
+        .expect("generate")
+}
+
+/// The unsplit image's bytes.
+pub fn unsplit(family: &str, seed: u64) -> Vec<u8> {
+    generate(
+        &pipeline(family, UnetSplit::None, StepCodec::F32),
+        &request(seed),
+        None,
+    )
+    .image
+    .data
+}
+
+/// The image with the trunk in this process.
+pub fn in_process(family: &str, split: UnetSplit, codec: StepCodec, seed: u64) -> Generated {
+    let model = load_trunk_model(&model_dir(family), split, &Device::Cpu).expect("trunk");
+    let mut trunk = LocalDiffusionTrunk::new(Arc::new(model), codec, Device::Cpu);
+    generate(
+        &pipeline(family, split, codec),
+        &request(seed),
+        Some(&mut trunk),
+    )
+}
+
+/// What a device sends for one image: its setup and every step, as encoded.
+#[derive(Debug, Clone, Default)]
+pub struct Captured {
+    pub setup: Option<ImageSetup>,
+    pub steps: Vec<StepRequest>,
+}
+
+/// An in-process trunk that records what crosses it.
+pub struct Capturing {
+    pub inner: LocalDiffusionTrunk,
+    pub captured: Captured,
+}
+
+impl DiffusionTrunk for Capturing {
+    fn begin_image(&mut self, setup: ImageSetup) -> Result<(), DiffusionError> {
+        self.captured.setup = Some(setup.clone());
+        self.inner.begin_image(setup)
+    }
+
+    fn step(&mut self, request: StepRequest) -> Result<Vec<StepTensor>, DiffusionError> {
+        self.captured.steps.push(request.clone());
+        self.inner.step(request)
+    }
+}
+
+/// The messages a well-behaved device sends for `family`'s `split` trunk in f32.
+pub fn capture(family: &str, split: UnetSplit) -> Captured {
+    let model = load_trunk_model(&model_dir(family), split, &Device::Cpu).expect("trunk");
+    let mut trunk = Capturing {
+        inner: LocalDiffusionTrunk::new(Arc::new(model), StepCodec::F32, Device::Cpu),
+        captured: Captured::default(),
+    };
+    generate(
+        &pipeline(family, split, StepCodec::F32),
+        &request(1),
+        Some(&mut trunk),
+    );
+    trunk.captured
+}

@@ -1,0 +1,477 @@
+//! The diffusion trunk server: the trunk of a split Stable Diffusion UNet (the whole UNet with
+//! guidance for `component`, its middle for `lambda:N`) served over the protocol of
+//! `lsplit_proto::diffusion`, with the same TLS, authentication, health, metrics, shutdown and
+//! limits as the language-model trunk server.
+//!
+//! The loaded trunk is shared by every session; each session holds only its image's
+//! conditioning. Steps run on blocking threads, so sessions never wait on each other's compute
+//! beyond the machine's cores.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use lsplit_diffusion::{
+    DiffusionError, ImageSetup, ImageState, StepRequest, TrunkFingerprint, TrunkModel,
+};
+use lsplit_proto::diffusion::pb::image_reply::Kind as ReplyKind;
+use lsplit_proto::diffusion::pb::image_request::Kind as RequestKind;
+use lsplit_proto::diffusion::pb::{self, ImageReply, ImageRequest};
+use lsplit_proto::diffusion::{
+    DIFFUSION_PROTOCOL_VERSION, TensorError, tensor_to_pb, tensors_from_pb,
+};
+use lsplit_wire::{StepCodec, StepTensor};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::TokenCheck;
+use crate::metrics::Counters;
+use crate::{ServerError, ServerStats, StatsSource, TlsFiles, serve_routes};
+
+/// What a diffusion trunk server accepts; announced to devices in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiffusionLimits {
+    /// Image sessions open at the same time.
+    pub max_sessions: usize,
+    /// Largest gRPC message the server decodes, in bytes.
+    pub max_message_bytes: usize,
+    /// A session with no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most tensor elements one setup or step may declare, all its tensors together: bounds
+    /// what a message can make the server allocate and compute.
+    pub max_step_elements: u64,
+}
+
+impl Default for DiffusionLimits {
+    /// Room for SDXL at 1024x1024 in every split with the f32 codec (a `lambda:1` step is
+    /// 2 x 320 x 128 x 128 activations, 42 MB).
+    fn default() -> Self {
+        Self {
+            max_sessions: 16,
+            max_message_bytes: 128 << 20,
+            idle_timeout: Duration::from_secs(300),
+            max_step_elements: 32 << 20,
+        }
+    }
+}
+
+/// How a diffusion trunk server runs: limits, step codecs, authentication and transport.
+#[derive(Debug, Clone)]
+pub struct DiffusionOptions {
+    /// The server's limits.
+    pub limits: DiffusionLimits,
+    /// Step codecs offered to devices.
+    pub codecs: Vec<StepCodec>,
+    /// When set, every request must carry `authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// TLS identity; `None` serves plaintext (only with an explicit `--insecure`).
+    pub tls: Option<TlsFiles>,
+}
+
+/// State every session and the handle share.
+pub(crate) struct DiffusionShared {
+    model: Arc<TrunkModel>,
+    fingerprint: TrunkFingerprint,
+    codecs: Vec<StepCodec>,
+    limits: DiffusionLimits,
+    slots: Arc<Semaphore>,
+    pub(crate) active: AtomicUsize,
+    next_id: AtomicU64,
+    pub(crate) counters: Counters,
+}
+
+impl std::fmt::Debug for DiffusionShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiffusionShared")
+            .field("fingerprint", &self.fingerprint)
+            .field("active", &self.active)
+            .finish()
+    }
+}
+
+/// The diffusion trunk server: a loaded trunk, its fingerprint and the options it runs with.
+pub struct DiffusionServer {
+    shared: Arc<DiffusionShared>,
+    options: DiffusionOptions,
+}
+
+impl DiffusionServer {
+    /// A server for `model`, whose fingerprint (computed from the same files) is `fingerprint`.
+    pub fn new(
+        model: TrunkModel,
+        fingerprint: TrunkFingerprint,
+        options: DiffusionOptions,
+    ) -> Result<Self, ServerError> {
+        if fingerprint.split != model.split() {
+            return Err(ServerError::Config(format!(
+                "the fingerprint is of the {} trunk but the model is the {} trunk",
+                fingerprint.split,
+                model.split()
+            )));
+        }
+        if options.codecs.is_empty() {
+            return Err(ServerError::Config(
+                "the server must offer a step codec".into(),
+            ));
+        }
+        if options.limits.max_sessions == 0 {
+            return Err(ServerError::Config(
+                "--max-sessions must be at least 1".into(),
+            ));
+        }
+        if options.limits.max_step_elements == 0 {
+            return Err(ServerError::Config(
+                "--max-step-elements must be at least 1".into(),
+            ));
+        }
+        let shared = DiffusionShared {
+            model: Arc::new(model),
+            fingerprint,
+            codecs: options.codecs.clone(),
+            limits: options.limits.clone(),
+            slots: Arc::new(Semaphore::new(options.limits.max_sessions)),
+            active: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            counters: Counters::default(),
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+            options,
+        })
+    }
+
+    /// Counters that stay readable while the server runs.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            source: StatsSource::Diffusion(self.shared.clone()),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &DiffusionLimits {
+        &self.options.limits
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops accepting, lets open
+    /// requests finish and returns. With TLS, only TLS 1.3 handshakes are accepted; the gRPC
+    /// health service answers for the diffusion service without a token.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        let bytes = self.options.limits.max_message_bytes;
+        let service = pb::diffusion_trunk_server::DiffusionTrunkServer::new(DiffusionService {
+            shared: self.shared.clone(),
+        })
+        .max_decoding_message_size(bytes)
+        .max_encoding_message_size(bytes);
+        let service = InterceptedService::new(service, TokenCheck::new(self.options.token));
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let routes = Routes::new(health).add_service(service);
+        let name = pb::diffusion_trunk_server::SERVICE_NAME;
+        serve_routes(
+            routes,
+            reporter,
+            name,
+            self.options.tls.as_ref(),
+            listener,
+            shutdown,
+        )
+        .await
+    }
+}
+
+fn codec_names(codecs: &[StepCodec]) -> String {
+    codecs
+        .iter()
+        .map(|c| c.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_version(version: u32) -> Result<(), Status> {
+    if version == DIFFUSION_PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!(
+            "the device speaks diffusion protocol version {version} but this server speaks \
+             version {DIFFUSION_PROTOCOL_VERSION}"
+        )))
+    }
+}
+
+/// The status for a tensor refused before decoding.
+fn tensor_status(error: TensorError) -> Status {
+    match error {
+        TensorError::TooManyElements { .. } => Status::resource_exhausted(error.to_string()),
+        _ => Status::invalid_argument(error.to_string()),
+    }
+}
+
+/// The status for a request the trunk refused.
+fn trunk_status(error: DiffusionError) -> Status {
+    match error {
+        DiffusionError::Request(_) | DiffusionError::Wire(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+        DiffusionError::Candle(_) => {
+            Status::invalid_argument(format!("the request does not fit this trunk: {error}"))
+        }
+        _ => Status::internal(error.to_string()),
+    }
+}
+
+/// Runs `work` on a blocking thread; a panic in it fails only this request.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, DiffusionError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| Status::internal("the trunk failed on this request"))?
+        .map_err(trunk_status)
+}
+
+fn payload_bytes(tensors: &[StepTensor]) -> u64 {
+    tensors.iter().map(|t| t.byte_len() as u64).sum()
+}
+
+/// The gRPC service: the handshake and one task per image stream.
+struct DiffusionService {
+    shared: Arc<DiffusionShared>,
+}
+
+#[tonic::async_trait]
+impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
+    async fn handshake(
+        &self,
+        request: Request<pb::HandshakeRequest>,
+    ) -> Result<Response<pb::HandshakeReply>, Status> {
+        let request = request.into_inner();
+        check_version(request.protocol_version)?;
+        let offered: Vec<StepCodec> = request
+            .codecs
+            .iter()
+            .filter_map(|&id| u8::try_from(id).ok())
+            .filter_map(|id| StepCodec::from_id(id).ok())
+            .collect();
+        let codec = offered
+            .iter()
+            .copied()
+            .find(|c| self.shared.codecs.contains(c))
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "no step codec in common: the device offers [{}], this server serves [{}]",
+                    codec_names(&offered),
+                    codec_names(&self.shared.codecs)
+                ))
+            })?;
+        let limits = &self.shared.limits;
+        Ok(Response::new(pb::HandshakeReply {
+            protocol_version: DIFFUSION_PROTOCOL_VERSION,
+            codec: u32::from(codec.id()),
+            fingerprint: Some(pb::Fingerprint {
+                split: self.shared.fingerprint.split.to_string(),
+                sha256: self.shared.fingerprint.sha256.to_vec(),
+            }),
+            limits: Some(pb::Limits {
+                max_sessions: limits.max_sessions as u32,
+                max_message_bytes: limits.max_message_bytes as u64,
+                idle_timeout_ms: limits.idle_timeout.as_millis() as u64,
+                max_step_elements: limits.max_step_elements,
+            }),
+        }))
+    }
+
+    type ImageStream = Pin<Box<dyn Stream<Item = Result<ImageReply, Status>> + Send>>;
+
+    async fn image(
+        &self,
+        request: Request<Streaming<ImageRequest>>,
+    ) -> Result<Response<Self::ImageStream>, Status> {
+        let permit = self.shared.slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the server already serves its limit of {} image sessions",
+                self.shared.limits.max_sessions
+            ))
+        })?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(2);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut session = ImageSession::new(shared.clone(), permit);
+            let id = session.id;
+            let result = session.run(inbound, &tx).await;
+            drop(session);
+            if let Err(status) = result {
+                shared.counters.errors_total.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(session = id, code = ?status.code(), message = status.message(), "image session ended with an error");
+                let idle = shared.limits.idle_timeout;
+                let _ = tokio::time::timeout(idle, tx.send(Err(status))).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One image stream: the codec and the current image's conditioning, released on drop.
+struct ImageSession {
+    shared: Arc<DiffusionShared>,
+    _permit: OwnedSemaphorePermit,
+    id: u64,
+    codec: Option<StepCodec>,
+    image: Option<Arc<ImageState>>,
+}
+
+impl Drop for ImageSession {
+    fn drop(&mut self) {
+        self.shared.active.fetch_sub(1, Ordering::SeqCst);
+        tracing::debug!(session = self.id, "image session closed");
+    }
+}
+
+impl ImageSession {
+    fn new(shared: Arc<DiffusionShared>, permit: OwnedSemaphorePermit) -> Self {
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+        Self {
+            shared,
+            _permit: permit,
+            id,
+            codec: None,
+            image: None,
+        }
+    }
+
+    /// Serves the stream until the device closes it (`Ok`) or a request fails (`Err`).
+    async fn run(
+        &mut self,
+        mut inbound: Streaming<ImageRequest>,
+        tx: &mpsc::Sender<Result<ImageReply, Status>>,
+    ) -> Result<(), Status> {
+        let idle = self.shared.limits.idle_timeout;
+        loop {
+            let message = match tokio::time::timeout(idle, inbound.message()).await {
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "image session {} was idle for {} ms: closed",
+                        self.id,
+                        idle.as_millis()
+                    )));
+                }
+                Ok(Err(status)) => return Err(status),
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Ok(Some(message))) => message,
+            };
+            let reply = match message.kind {
+                Some(RequestKind::Setup(setup)) => self.setup(setup).await?,
+                Some(RequestKind::Step(step)) => self.step(step).await?,
+                None => return Err(Status::invalid_argument("empty image request")),
+            };
+            let sent = tokio::time::timeout(idle, tx.send(Ok(ImageReply { kind: Some(reply) })));
+            match sent.await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "image session {} did not read its replies for {} ms: closed",
+                        self.id,
+                        idle.as_millis()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Starts an image (a new one when the stream already had one).
+    async fn setup(&mut self, setup: pb::Setup) -> Result<ReplyKind, Status> {
+        self.image = None;
+        check_version(setup.protocol_version)?;
+        let codec = u8::try_from(setup.codec)
+            .ok()
+            .and_then(|id| StepCodec::from_id(id).ok())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("unknown step codec id {}", setup.codec))
+            })?;
+        if !self.shared.codecs.contains(&codec) {
+            return Err(Status::failed_precondition(format!(
+                "step codec {codec} is not served here (this server serves [{}])",
+                codec_names(&self.shared.codecs)
+            )));
+        }
+        let ours = &self.shared.fingerprint;
+        if setup.fingerprint_sha256 != ours.sha256 {
+            let theirs: String = setup
+                .fingerprint_sha256
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            return Err(Status::failed_precondition(format!(
+                "the device expects the trunk with sha256 {theirs} but this server runs {ours}"
+            )));
+        }
+        let conditioning = tensors_from_pb(
+            setup.conditioning,
+            codec,
+            self.shared.limits.max_step_elements,
+        )
+        .map_err(tensor_status)?;
+        let counters = &self.shared.counters;
+        counters
+            .bytes_in_total
+            .fetch_add(payload_bytes(&conditioning), Ordering::Relaxed);
+        let model = self.shared.model.clone();
+        let setup = ImageSetup {
+            conditioning,
+            guidance: setup.guidance,
+        };
+        let image = blocking(move || model.begin_image(&setup, &Device::Cpu)).await?;
+        if self.codec.is_none() {
+            counters.sessions_total.fetch_add(1, Ordering::Relaxed);
+        }
+        counters.images_total.fetch_add(1, Ordering::Relaxed);
+        self.codec = Some(codec);
+        self.image = Some(Arc::new(image));
+        tracing::info!(session = self.id, %codec, "image set up");
+        Ok(ReplyKind::Ready(pb::Ready {
+            session_id: self.id,
+        }))
+    }
+
+    /// Runs one denoising step of the current image.
+    async fn step(&mut self, step: pb::Step) -> Result<ReplyKind, Status> {
+        let (Some(codec), Some(image)) = (self.codec, self.image.clone()) else {
+            return Err(Status::failed_precondition(
+                "a step arrived before the image's setup",
+            ));
+        };
+        let inputs = tensors_from_pb(step.inputs, codec, self.shared.limits.max_step_elements)
+            .map_err(tensor_status)?;
+        let counters = &self.shared.counters;
+        counters
+            .bytes_in_total
+            .fetch_add(payload_bytes(&inputs), Ordering::Relaxed);
+        let model = self.shared.model.clone();
+        let request = StepRequest {
+            inputs,
+            timestep: step.timestep,
+        };
+        let started = Instant::now();
+        let outputs = blocking(move || model.step(&image, &request, codec, &Device::Cpu)).await?;
+        counters.latency(1, started.elapsed());
+        counters.steps_total.fetch_add(1, Ordering::Relaxed);
+        counters
+            .bytes_out_total
+            .fetch_add(payload_bytes(&outputs), Ordering::Relaxed);
+        Ok(ReplyKind::Output(pb::StepOutput {
+            outputs: outputs.iter().map(tensor_to_pb).collect(),
+        }))
+    }
+}
