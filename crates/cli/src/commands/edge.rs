@@ -38,7 +38,8 @@ pub struct EdgeArgs {
     /// Tokens a request generates when it does not set max_tokens
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// Generations served at the same time; more are answered 429
+    /// Generations and images served (or waiting their turn) at the same time; more are
+    /// answered 429
     #[arg(long, default_value_t = 4)]
     pub max_sessions: usize,
     #[command(flatten)]
