@@ -2,7 +2,7 @@
 //! `lsplit generate` and `lsplit edge`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
 use lsplit_model::{ModelPart, ModelSource, SplitPlan};
@@ -31,10 +31,14 @@ pub struct Cloud {
     options: RemoteOptions,
     /// The device's fingerprint of the server's layers.
     fingerprint: TrunkFingerprint,
+    /// The connection made (and checked) to learn the server's split, kept for the first
+    /// session, so that a single generation connects once.
+    first: Mutex<Option<RemoteTrunk>>,
 }
 
 impl TrunkSource {
-    /// Opens a new trunk session; a server is connected to and checked again.
+    /// Opens a new trunk session; a server is connected to and checked again, except for the
+    /// first session, which takes the connection made to learn the split.
     pub fn open(&self) -> Result<Box<dyn Trunk>, TrunkError> {
         match self {
             Self::Local(part) => Ok(Box::new(LocalTrunk::new(Arc::clone(part)))),
@@ -61,8 +65,16 @@ impl TrunkSource {
 }
 
 impl Cloud {
-    /// Connects to the server and checks that it still runs the same layers.
+    /// The first connection, or a new one checked to still run the same layers.
     fn connect(&self) -> Result<RemoteTrunk, TrunkError> {
+        let first = self
+            .first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(remote) = first {
+            return Ok(remote);
+        }
         let remote = RemoteTrunk::connect(self.options.clone())?;
         remote.verify(&self.fingerprint)?;
         Ok(remote)
@@ -204,6 +216,7 @@ fn connect_cloud(
         TrunkSource::Cloud(Box::new(Cloud {
             options,
             fingerprint,
+            first: Mutex::new(Some(remote)),
         })),
         plan,
     ))

@@ -721,3 +721,451 @@ fn the_page_streams_a_reply_in_headless_chromium() {
     assert_eq!(got["images_shown"], json!(0));
     assert_eq!(got["console_errors"], json!([]));
 }
+
+// ---- Images: the tiny random-weight SD 1.5-like model of the diffusion crate's fixtures ------
+
+const IMAGE_PROMPT: &str = "a lighthouse at dawn";
+const IMAGE_NEGATIVE: &str = "fog";
+const IMAGE_SIZE: &str = "64x64";
+const IMAGE_STEPS: &str = "3";
+const IMAGE_SEED: &str = "42";
+
+fn tiny_sd15() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../diffusion/tests/fixtures/tiny-sd15")
+        .display()
+        .to_string()
+}
+
+/// Bytes that crossed for one image, as `lsplit image --stats` prints them.
+#[derive(Debug, PartialEq, Eq)]
+struct ImageBytes {
+    setup: u64,
+    up: u64,
+    down: u64,
+}
+
+/// What `lsplit image` writes for the test prompt with `extra` flags: the PNG and its bytes.
+fn lsplit_image(extra: &[&str]) -> (Vec<u8>, ImageBytes) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let png = dir.path().join("image.png");
+    let (width, height) = IMAGE_SIZE.split_once('x').expect("WxH");
+    let out = lsplit()
+        .args(["image", IMAGE_PROMPT, "--negative", IMAGE_NEGATIVE, "-m"])
+        .arg(tiny_sd15())
+        .args(["--width", width, "--height", height, "--steps", IMAGE_STEPS])
+        .args(["--seed", IMAGE_SEED, "--stats", "-o"])
+        .arg(&png)
+        .args(extra)
+        .output()
+        .expect("run lsplit image");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("bytes: "))
+        .unwrap_or_else(|| panic!("no byte counts in {stderr}"));
+    // "setup S once, up U (u per step), down D (d per step)"
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let bytes = ImageBytes {
+        setup: numbers[0],
+        up: numbers[1],
+        down: numbers[3],
+    };
+    (std::fs::read(&png).expect("png"), bytes)
+}
+
+fn bytes_of(value: &Value) -> ImageBytes {
+    let n = |key: &str| {
+        value[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key}: {value}"))
+    };
+    ImageBytes {
+        setup: n("setup"),
+        up: n("up"),
+        down: n("down"),
+    }
+}
+
+fn b64_decode(text: &str) -> Vec<u8> {
+    let out = Command::new("base64")
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("base64 -d");
+    assert!(out.status.success());
+    out.stdout
+}
+
+/// The page's way of showing a byte count (`bytes()` of app.js: `toFixed(1)` rounds halves up).
+fn page_bytes(n: u64) -> String {
+    let tenths = |unit: f64| (n as f64 / unit * 10.0).round() / 10.0;
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", tenths(f64::from(1 << 20)))
+    } else if n >= 1024 {
+        format!("{:.1} KiB", tenths(1024.0))
+    } else {
+        format!("{n} B")
+    }
+}
+
+#[test]
+fn the_openai_client_gets_the_png_lsplit_image_writes() {
+    let (expected, expected_bytes) = lsplit_image(&[]);
+    let model = tiny_sd15();
+    let edge = Edge::start(&["--image-model", &model]);
+    let got = run_script(
+        "openai_images.py",
+        &[
+            &edge.url(),
+            "tiny-sd15",
+            IMAGE_PROMPT,
+            IMAGE_NEGATIVE,
+            IMAGE_SIZE,
+            IMAGE_STEPS,
+            IMAGE_SEED,
+        ],
+    );
+    assert_eq!(got["models"], json!([MODEL_ID, "tiny-sd15"]));
+    let image = &got["image"];
+    assert_eq!(image["count"], json!(1));
+    assert_eq!(image["url"], Value::Null);
+    let png = b64_decode(image["b64_json"].as_str().expect("b64_json"));
+    assert_eq!(png, expected, "the PNG of lsplit image, byte for byte");
+    let lsplit = &image["lsplit"];
+    assert_eq!(bytes_of(&lsplit["bytes"]), expected_bytes);
+    assert_eq!(lsplit["seed"], json!(42));
+    assert_eq!(lsplit["unet_split"], json!("lambda:1"));
+    assert_eq!(lsplit["step_codec"], json!("f32"));
+
+    let errors = &got["errors"];
+    let error = |name: &str| {
+        let body = &errors[name]["body"];
+        body.get("error").unwrap_or(body).clone()
+    };
+    for (name, status, param, message) in [
+        (
+            "n",
+            400,
+            json!("n"),
+            "n must be 1: lsplit edge generates one image per request",
+        ),
+        (
+            "size",
+            400,
+            json!("size"),
+            "image size 65x64: width and height must be multiples of 16 (at most 8192) for this \
+             model",
+        ),
+        (
+            "size_text",
+            400,
+            json!("size"),
+            "size `large` is not WIDTHxHEIGHT (e.g. 512x512) or `auto`",
+        ),
+        (
+            "url",
+            400,
+            json!("response_format"),
+            "response_format `url` is not supported: lsplit edge keeps images on this device and \
+             returns them inline; use `b64_json`",
+        ),
+        (
+            "steps",
+            400,
+            json!("steps"),
+            "steps must be 1 to 1000, got 5000",
+        ),
+        (
+            "model",
+            404,
+            json!("model"),
+            "The model `dall-e-3` does not exist: this server draws images with `tiny-sd15`",
+        ),
+    ] {
+        assert_eq!(errors[name]["status"], json!(status), "{name}: {errors}");
+        assert_eq!(error(name)["param"], param, "{name}");
+        assert_eq!(error(name)["message"], json!(message), "{name}");
+        assert_eq!(
+            error(name)["type"],
+            json!("invalid_request_error"),
+            "{name}"
+        );
+    }
+
+    let (status, body) = http(
+        edge.addr,
+        "POST",
+        "/v1/images/generations",
+        &[],
+        r#"{"prompt": "a red kite", "steps": 3"#,
+    );
+    assert_eq!(status, 400);
+    assert!(
+        error_of(&body)["message"]
+            .as_str()
+            .expect("message")
+            .starts_with("could not parse the JSON body of the request: EOF while parsing"),
+        "{body}"
+    );
+    let (status, body) = http(
+        edge.addr,
+        "POST",
+        "/v1/images/generations",
+        &[],
+        r#"{"prompt": "a red kite", "scheduler": "pndm"}"#,
+    );
+    assert_eq!(status, 400);
+    assert_eq!(
+        error_of(&body)["message"],
+        json!("unknown scheduler `pndm`: valid names are euler, euler-a, ddim")
+    );
+}
+
+#[test]
+fn the_unet_split_and_step_codec_flags_reach_the_image() {
+    let (expected, expected_bytes) = lsplit_image(&["--unet-split", "component", "--codec", "f16"]);
+    let (lossless, _) = lsplit_image(&["--unet-split", "component"]);
+    assert_ne!(expected, lossless, "f16 on the wire changes this image");
+    let model = tiny_sd15();
+    let edge = Edge::start(&[
+        "--image-model",
+        &model,
+        "--unet-split",
+        "component",
+        "--step-codec",
+        "f16",
+    ]);
+    let body = json!({
+        "prompt": IMAGE_PROMPT,
+        "negative_prompt": IMAGE_NEGATIVE,
+        "size": IMAGE_SIZE,
+        "steps": 3,
+        "seed": 42,
+    });
+    let (status, body) = http(
+        edge.addr,
+        "POST",
+        "/v1/images/generations",
+        &[],
+        &body.to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer = parse(&body);
+    let png = b64_decode(answer["data"][0]["b64_json"].as_str().expect("b64_json"));
+    assert_eq!(png, expected);
+    assert_eq!(bytes_of(&answer["lsplit"]["bytes"]), expected_bytes);
+    assert_eq!(answer["lsplit"]["unet_split"], json!("component"));
+    assert_eq!(answer["lsplit"]["step_codec"], json!("f16"));
+
+    let out = lsplit()
+        .args([
+            "edge",
+            "--listen",
+            "127.0.0.1:0",
+            "--unet-split",
+            "component",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--image-model <DIR>"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts a long image on `path` and returns its connection once three step events arrived.
+fn image_client(addr: SocketAddr, path: &str, events: usize) -> TcpStream {
+    let body =
+        json!({"prompt": "a very slow lighthouse", "size": "64x64", "steps": 900}).to_string();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    stream
+        .write_all(request(addr, "POST", path, &[], &body).as_bytes())
+        .expect("send");
+    let mut seen = String::new();
+    let mut buffer = [0u8; 4096];
+    while seen.matches("event: step").count() < events {
+        let n = stream.read(&mut buffer).expect("read");
+        assert!(n > 0, "the stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+    }
+    stream
+}
+
+fn image_counts(edge: &Edge) -> (u64, u64, u64) {
+    let (status, body) = http(edge.addr, "GET", "/lsplit/info", &[], "");
+    assert_eq!(status, 200, "{body}");
+    let info = parse(&body);
+    let n = |v: &Value| v.as_u64().expect("count");
+    (
+        n(&info["images"]["drawn"]),
+        n(&info["images"]["stopped"]),
+        n(&info["sessions_open"]),
+    )
+}
+
+#[test]
+fn clients_leaving_mid_image_stop_it() {
+    let model = tiny_sd15();
+    let edge = Edge::start(&["--image-model", &model]);
+    let stream = image_client(edge.addr, "/lsplit/images/stream", 3);
+    assert_eq!(image_counts(&edge), (0, 0, 1));
+    drop(stream);
+    eventually("the streamed image stops", || {
+        image_counts(&edge) == (0, 1, 0)
+    });
+
+    // The OpenAI endpoint answers only at the end: a client that leaves before stops it too.
+    let mut client = TcpStream::connect(edge.addr).expect("connect");
+    let body =
+        json!({"prompt": "a very slow lighthouse", "size": "64x64", "steps": 900}).to_string();
+    client
+        .write_all(request(edge.addr, "POST", "/v1/images/generations", &[], &body).as_bytes())
+        .expect("send");
+    eventually("the image starts", || image_counts(&edge).2 == 1);
+    drop(client);
+    eventually("the image stops", || image_counts(&edge) == (0, 2, 0));
+
+    // Images are drawn one at a time: a second waits its turn, without an answer, until the
+    // first is done (here: stopped), then is drawn.
+    let first = image_client(edge.addr, "/lsplit/images/stream", 1);
+    let mut second = TcpStream::connect(edge.addr).expect("connect");
+    let body = json!({"prompt": IMAGE_PROMPT, "size": "64x64", "steps": 3, "seed": 5}).to_string();
+    second
+        .write_all(request(edge.addr, "POST", "/v1/images/generations", &[], &body).as_bytes())
+        .expect("send");
+    eventually("the second image waits", || image_counts(&edge).2 == 2);
+    second
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    let waited = second.read(&mut byte);
+    assert!(
+        waited.as_ref().is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
+        "the second image was answered while the first was drawn: {waited:?}"
+    );
+    drop(first);
+    second
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let mut answer = String::new();
+    second.read_to_string(&mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.contains("\"seed\":5"), "{answer}");
+    eventually("the second image's session is freed", || {
+        image_counts(&edge) == (1, 3, 0)
+    });
+}
+
+#[test]
+fn the_page_draws_an_image_in_headless_chromium() {
+    let (expected, expected_bytes) = lsplit_image(&[]);
+    let model = tiny_sd15();
+    let edge = Edge::start(&["--image-model", &model]);
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("edge-screenshots");
+    let got = run_script(
+        "image_browser.py",
+        &[
+            &edge.url(),
+            IMAGE_PROMPT,
+            IMAGE_NEGATIVE,
+            IMAGE_SIZE,
+            IMAGE_STEPS,
+            IMAGE_SEED,
+            &shots.display().to_string(),
+        ],
+    );
+    for shot in got["screenshots"].as_array().expect("screenshots") {
+        let path = shot.as_str().expect("path");
+        assert!(
+            std::fs::metadata(path).expect("screenshot").len() > 10_000,
+            "{path}"
+        );
+        println!("screenshot: {path}");
+    }
+    assert_eq!(got["notice_hidden"], json!(true));
+    let chips = got["chips"].as_str().expect("chips");
+    for part in [
+        "image model tiny-sd15",
+        "UNet split lambda:1",
+        "step codec f32",
+        "trunk in-process",
+    ] {
+        assert!(chips.contains(part), "{part} in {chips}");
+    }
+    assert_eq!(got["default_size"], json!("64x64"));
+    assert_eq!(got["default_steps"], json!("30"));
+    assert_eq!(got["default_guidance"], json!("7.5"));
+
+    assert_eq!(got["state"], json!("done"), "{}", got["status"]);
+    assert_eq!(
+        got["steps_seen"],
+        json!([0, 1, 2, 3]),
+        "the page showed every step"
+    );
+    assert_eq!(got["step_text"], json!("3 / 3"));
+    assert_eq!(got["previews"], json!(2), "a preview after steps 1 and 2");
+    assert_eq!(got["final"], json!("1"));
+    let src = got["final_src"].as_str().expect("src");
+    let png = b64_decode(src.strip_prefix("data:image/png;base64,").expect("a PNG"));
+    assert_eq!(png, expected, "the page shows lsplit image's PNG");
+    assert_eq!(got["seed_used"], json!(IMAGE_SEED));
+    assert_eq!(
+        got["bytes"],
+        json!({
+            "setup": page_bytes(expected_bytes.setup),
+            "up": page_bytes(expected_bytes.up),
+            "down": page_bytes(expected_bytes.down),
+        })
+    );
+
+    let maps = got["tensor_maps"].as_array().expect("maps");
+    assert_eq!(maps.len(), 5, "channel mean and four channels: {maps:?}");
+    for map in maps {
+        assert_eq!(map["step"], json!("3"), "{map}");
+        assert!(map["colours"].as_u64().expect("colours") > 4, "{map}");
+        assert!(map["shown_width"].as_u64().expect("width") > 20, "{map}");
+    }
+    assert_eq!(got["map_captions"][0], json!("channel mean"));
+    let label = got["wire_label"].as_str().expect("label");
+    assert!(
+        label.starts_with("· [2, ") && label.contains("row 1 shown"),
+        "{label}"
+    );
+    assert!(
+        label.ends_with(&format!(
+            "{} up per step",
+            page_bytes(expected_bytes.up / 3)
+        )),
+        "{label}"
+    );
+    assert!(
+        got["narrow_overflow"].as_i64().expect("overflow") <= 0,
+        "the page is wider than a phone: {}",
+        got["narrow_overflow"]
+    );
+    assert_eq!(got["chat_visible"], json!(true));
+    assert_eq!(got["image_hidden"], json!(true));
+    assert_eq!(got["console_errors"], json!([]));
+}

@@ -167,6 +167,29 @@ fn generate_against_a_served_trunk_prints_the_in_process_text() {
     assert!(remote.trim().len() > 10, "{remote}");
     assert_eq!(remote, local);
 
+    // One generation connects once: the connection that learned the split serves the session.
+    let out = lsplit()
+        .env("LSPLIT_LOG", "lsplit_remote=info")
+        .args(["generate", "hi", "--max-tokens", "2", "--model"])
+        .arg(&model)
+        .args([
+            "--cloud",
+            &server.url(),
+            "--ca",
+            &ca,
+            "--token-file",
+            &token,
+        ])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("connected to the trunk server").count(),
+        1,
+        "{stderr}"
+    );
+
     let out = lsplit()
         .args(["generate", "hi", "--max-tokens", "2", "--model"])
         .arg(&model)

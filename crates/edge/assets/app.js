@@ -1,7 +1,8 @@
 "use strict";
 
 // The page of `lsplit edge`: chat over the OpenAI-compatible API with lsplit's per-token trace
-// (`lsplit_trace`), an image tab speaking OpenAI's image API, and views of what crossed the wire.
+// (`lsplit_trace`), an image tab over lsplit's image stream (progress, previews, the step
+// tensor that crossed), and views of what crossed the wire.
 
 const $ = (id) => document.getElementById(id);
 const HEAT_ROWS = 48;      // rows kept in each heat map
@@ -10,7 +11,8 @@ const HEAT_ROW_PX = 4;     // canvas pixels per row
 const state = {
   info: null,
   history: [],             // {role, content} of the conversation so far
-  controller: null,        // AbortController of the running request
+  controller: null,        // AbortController of the running chat request
+  imageController: null,   // AbortController of the running image
   tokens: [],              // per-token traces of the current reply
   heat: { up: [], down: [] },
 };
@@ -124,12 +126,35 @@ async function loadInfo() {
   renderSplit(info);
   fillSettings(info.defaults);
   for (const id of ["heat-up", "heat-down"]) $(id).width = info.hidden_size || 576;
+  showImageModel(info.images);
+}
+
+function showImageModel(images) {
   const notice = $("image-notice");
-  if (!info.images) {
-    notice.hidden = false;
-    notice.textContent = "No diffusion model is loaded on this server, so image requests are answered with an " +
-      "error. When one is, this tab shows progress, intermediate previews and the step tensor that crossed the wire.";
+  notice.hidden = Boolean(images);
+  if (!images) {
+    notice.textContent = "No diffusion model is loaded on this server: start lsplit edge with --image-model DIR " +
+      "(a diffusers Stable Diffusion directory). Then this tab shows progress, intermediate previews and the step " +
+      "tensor that crossed the wire.";
+    return;
   }
+  $("image-chips").replaceChildren(
+    chip("image model", images.model),
+    chip("UNet split", images.unet_split),
+    chip("step codec", images.step_codec),
+    chip("trunk", images.trunk),
+  );
+  const d = images.default_size;
+  const sizes = [d, d / 2, (d * 3) / 4].filter((v) => Number.isInteger(v) && v > 0);
+  $("image-sizes").replaceChildren(...sizes.map((v) => {
+    const o = document.createElement("option");
+    o.value = `${v}x${v}`;
+    return o;
+  }));
+  if (!$("image-size").value) $("image-size").value = `${d}x${d}`;
+  if (!$("image-steps").value) $("image-steps").value = images.defaults.steps;
+  if (!$("image-guidance").value) $("image-guidance").value = images.defaults.guidance;
+  $("image-steps").max = images.max_steps;
 }
 
 function requestSettings() {
@@ -395,74 +420,157 @@ function drawHeat(which) {
   g.putImageData(image, 0, 0);
 }
 
-// ---- Images (OpenAI's image API, streamed previews) -------------------------------------------
+// ---- Images (lsplit's image stream: progress, previews, the step tensor) ----------------------
 
-function showImage(b64, partial) {
-  const img = document.createElement("img");
-  img.src = "data:image/png;base64," + b64;
-  img.alt = partial ? "intermediate preview" : "generated image";
-  if (partial) img.className = "partial";
-  $("image-grid").append(img);
+function showPicture(b64, caption) {
+  $("image-current").hidden = false;
+  $("image-shown").src = "data:image/png;base64," + b64;
+  $("image-caption").textContent = caption;
 }
 
-async function generateImage(prompt) {
-  const partials = Number($("image-partials").value) || 0;
-  $("image-grid").replaceChildren();
+function addPreview(b64, step, total) {
+  const img = document.createElement("img");
+  img.src = "data:image/png;base64," + b64;
+  img.alt = `preview after step ${step}`;
+  img.title = `step ${step} of ${total}`;
+  $("image-previews").append(img);
+  showPicture(b64, `preview after step ${step} of ${total}`);
+}
+
+function showImageBytes(b) {
+  $("image-bytes-setup").textContent = bytes(b.setup);
+  $("image-bytes-up").textContent = bytes(b.up);
+  $("image-bytes-down").textContent = bytes(b.down);
+}
+
+function imageRequest() {
+  const number = (id) => {
+    const v = $(id).value.trim();
+    return v === "" || Number.isNaN(Number(v)) ? undefined : Number(v);
+  };
+  const body = {
+    model: state.info && state.info.images ? state.info.images.model : undefined,
+    prompt: $("image-prompt").value.trim(),
+    size: $("image-size").value.trim() || "auto",
+    steps: number("image-steps"),
+    guidance: number("image-guidance"),
+    seed: number("image-seed"),
+    preview_every: number("image-preview-every"),
+  };
+  const negative = $("image-negative").value.trim();
+  if (negative) body.negative_prompt = negative;
+  return body;
+}
+
+function imageBusy(on) {
+  $("image-go").disabled = on;
+  $("image-stop").hidden = !on;
+}
+
+async function generateImage() {
+  const body = imageRequest();
+  $("image-previews").replaceChildren();
+  $("tensor-maps").replaceChildren();
+  $("image-wire").hidden = true;
+  $("image-current").hidden = true;
+  delete $("image-shown").dataset.final;
+  $("image-totals").hidden = false;
+  $("image-step").textContent = "–";
+  $("image-step").dataset.step = "0";
+  for (const id of ["image-time", "image-bytes-setup", "image-bytes-up", "image-bytes-down", "image-seed-used"]) {
+    $(id).textContent = "–";
+  }
   $("image-progress").hidden = false;
   $("image-progress-fill").style.width = "0%";
-  $("image-go").disabled = true;
-  setStatus("image-status", "generating…", "running");
+  imageBusy(true);
+  setStatus("image-status", "waiting for the image thread…", "running");
+  state.imageController = new AbortController();
   try {
-    const response = await fetch("/v1/images/generations", {
-      method: "POST", headers: headers(),
-      body: JSON.stringify({
-        model: undefined, prompt, n: 1, size: $("image-size").value, response_format: "b64_json",
-        stream: partials > 0, partial_images: partials > 0 ? partials : undefined,
-      }),
+    const response = await fetch("/lsplit/images/stream", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.imageController.signal,
     });
     if (!response.ok) throw new Error(await errorMessage(response));
-    if ((response.headers.get("content-type") || "").includes("text/event-stream")) {
-      for await (const { data } of sse(response)) {
-        const event = JSON.parse(data);
-        if (event.error) throw new Error(event.error.message);
-        if (event.lsplit && event.lsplit.step_tensor) drawImageTensor(event.lsplit.step_tensor);
-        if (event.type === "image_generation.partial_image") {
-          showImage(event.b64_json, true);
-          $("image-progress-fill").style.width = `${(100 * (event.partial_image_index + 1)) / (partials + 1)}%`;
-        } else if (event.type === "image_generation.completed") {
-          showImage(event.b64_json, false);
-        }
+    let finished = false;
+    for await (const { event, data } of sse(response)) {
+      const value = JSON.parse(data);
+      if (event === "error") throw new Error(value.error ? value.error.message : data);
+      if (event === "start") {
+        $("image-seed-used").textContent = String(value.seed);
+        setStatus("image-status", `drawing ${value.width}x${value.height} in ${value.steps} steps ` +
+          `(UNet split ${value.unet_split}, step codec ${value.step_codec}, trunk ${value.trunk})…`, "running");
+      } else if (event === "step") {
+        $("image-step").textContent = `${value.step} / ${value.total}`;
+        $("image-step").dataset.step = String(value.step);
+        $("image-time").textContent = ms(value.elapsed_ms);
+        $("image-progress-fill").style.width = `${(100 * value.step) / value.total}%`;
+        showImageBytes(value.bytes);
+        if (value.preview_png) addPreview(value.preview_png, value.step, value.total);
+        if (value.uplink) drawStepTensor(value.uplink, value.bytes, value.step);
+      } else if (event === "done") {
+        const s = value.lsplit;
+        $("image-time").textContent = ms(s.elapsed_ms);
+        showImageBytes(s.bytes);
+        showPicture(value.b64_json, `${s.width}x${s.height}, ${s.steps} steps, seed ${s.seed}`);
+        $("image-shown").dataset.final = "1";
+        finished = true;
       }
-    } else {
-      const body = await response.json();
-      for (const item of body.data || []) showImage(item.b64_json, false);
     }
+    if (!finished) throw new Error("the image stream ended early");
     $("image-progress-fill").style.width = "100%";
     setStatus("image-status", "done", "done");
   } catch (e) {
-    $("image-progress").hidden = true;
-    setStatus("image-status", e.message, "error");
+    if (e.name === "AbortError") {
+      setStatus("image-status", "stopped: the server stopped drawing at the next step", "stopped");
+    } else {
+      $("image-progress").hidden = true;
+      setStatus("image-status", e.message, "error");
+    }
   } finally {
-    $("image-go").disabled = false;
+    imageBusy(false);
+    state.imageController = null;
   }
 }
 
-function drawImageTensor(view) {
+// The step tensor that crossed: its channel mean and first channels, each scaled to its own
+// 98th percentile magnitude.
+function drawStepTensor(view, totals, step) {
   $("image-wire").hidden = false;
-  const rows = decodeRows(view);
-  const canvas = $("heat-image");
-  canvas.width = view.width;
-  canvas.height = rows.length;
-  const g = canvas.getContext("2d");
-  const image = g.createImageData(view.width, rows.length);
-  const magnitudes = rows.flatMap((r) => Array.from(r.values, Math.abs)).sort((a, b) => a - b);
-  const scale = magnitudes[Math.floor(magnitudes.length * 0.98)] || 1;
-  rows.forEach((row, r) => row.values.forEach((v, c) => {
-    const i = (r * view.width + c) * 4;
-    [image.data[i], image.data[i + 1], image.data[i + 2]] = color(v / scale);
-    image.data[i + 3] = 255;
-  }));
-  g.putImageData(image, 0, 0);
+  const raw = atob(view.f32_base64);
+  const buffer = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) buffer[i] = raw.charCodeAt(i);
+  const values = new Float32Array(buffer.buffer);
+  const size = view.width * view.height;
+  const holder = $("tensor-maps");
+  while (holder.children.length < view.maps) {
+    const figure = document.createElement("figure");
+    const canvas = document.createElement("canvas");
+    canvas.className = "heat tensor";
+    const caption = document.createElement("figcaption");
+    caption.className = "muted small";
+    const k = holder.children.length;
+    caption.textContent = k === 0 ? "channel mean" : `channel ${k - 1}`;
+    figure.append(canvas, caption);
+    holder.append(figure);
+  }
+  for (let k = 0; k < view.maps; k++) {
+    const map = values.subarray(k * size, (k + 1) * size);
+    const canvas = holder.children[k].querySelector("canvas");
+    canvas.width = view.width;
+    canvas.height = view.height;
+    const g = canvas.getContext("2d");
+    const image = g.createImageData(view.width, view.height);
+    const magnitudes = Array.from(map, Math.abs).sort((a, b) => a - b);
+    const scale = magnitudes[Math.floor(magnitudes.length * 0.98)] || 1;
+    map.forEach((v, i) => {
+      [image.data[4 * i], image.data[4 * i + 1], image.data[4 * i + 2]] = color(v / scale);
+      image.data[4 * i + 3] = 255;
+    });
+    g.putImageData(image, 0, 0);
+    canvas.dataset.step = String(step);
+  }
+  const perStep = Math.round(totals.up / Math.max(step, 1));
+  $("image-wire-label").textContent = `· [${view.shape.join(", ")}], row ${view.row} shown, ` +
+    `${bytes(perStep)} up per step`;
 }
 
 // ---- Wiring ----------------------------------------------------------------------------------
@@ -499,9 +607,9 @@ function init() {
   });
   $("image-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    const prompt = $("image-prompt").value.trim();
-    if (prompt) generateImage(prompt);
+    if ($("image-prompt").value.trim() && !state.imageController) generateImage();
   });
+  $("image-stop").addEventListener("click", () => state.imageController && state.imageController.abort());
   $("s-key").addEventListener("change", () => {
     localStorage.setItem("lsplit-key", $("s-key").value.trim());
     loadInfo();

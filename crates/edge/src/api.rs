@@ -98,13 +98,6 @@ pub(crate) enum Prompt {
     Many(Vec<String>),
 }
 
-/// `POST /v1/images/generations`.
-#[derive(Debug, Deserialize)]
-pub(crate) struct ImageRequest {
-    pub prompt: String,
-    pub model: Option<String>,
-}
-
 /// The most stop sequences a request may give, as in OpenAI's API.
 const MAX_STOP_SEQUENCES: usize = 4;
 

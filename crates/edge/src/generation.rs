@@ -69,8 +69,28 @@ pub(crate) enum Event {
     Failed(ApiError),
 }
 
-/// A taken session slot; frees it when dropped.
-struct Slot(Arc<State>);
+/// A taken session slot (a generation or an image, each with its own trunk session); frees it
+/// when dropped.
+pub(crate) struct Slot(Arc<State>);
+
+impl Slot {
+    /// Takes a slot, or answers 429 when all `max_sessions` are taken.
+    pub fn take(state: &Arc<State>) -> Result<Self, ApiError> {
+        let max = state.max_sessions;
+        state
+            .sessions
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| ApiError::busy(max))?;
+        Ok(Self(Arc::clone(state)))
+    }
+
+    /// The server's state.
+    pub fn state(&self) -> &State {
+        &self.0
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -80,20 +100,13 @@ impl Drop for Slot {
 
 /// Takes a session slot and starts `job` on its own thread.
 pub(crate) fn start(state: &Arc<State>, job: Job) -> Result<mpsc::Receiver<Event>, ApiError> {
-    let max = state.max_sessions;
-    state
-        .sessions
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .map_err(|_| ApiError::busy(max))?;
-    let slot = Slot(Arc::clone(state));
+    let slot = Slot::take(state)?;
     let (events, receiver) = mpsc::channel(CHANNEL_DEPTH);
     std::thread::Builder::new()
         .name("lsplit-edge-generation".into())
         .spawn(move || {
             let slot = slot;
-            run(&slot.0, job, &events);
+            run(slot.state(), job, &events);
         })
         .map_err(|e| ApiError {
             status: axum::http::StatusCode::SERVICE_UNAVAILABLE,

@@ -1,5 +1,5 @@
 //! The HTTP endpoints: OpenAI's chat and text completions (whole or as Server-Sent Events),
-//! models and image generations, and `/lsplit/info` for the page.
+//! models and image generations, and for the page `/lsplit/info` and the image stream.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,10 +15,12 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::api::{ChatRequest, CompletionRequest, ImageRequest, Settings};
+use crate::api::{ChatRequest, CompletionRequest, Settings};
 use crate::error::ApiError;
 use crate::generation::{self, Event, Job, Outcome};
-use crate::{State, unix_now};
+use crate::image_job::{self, ImageDone, ImageEvent, ImageJob};
+use crate::image_request::{DEFAULT_GUIDANCE, DEFAULT_STEPS, ImageBody, MAX_STEPS};
+use crate::{ImageModel, State, unix_now};
 
 /// Numbers the answers' ids.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -311,40 +313,202 @@ fn model_entry(state: &State) -> Value {
     })
 }
 
-/// `GET /v1/models`.
+fn image_model_entry(state: &State) -> Option<Value> {
+    state.images.as_ref().map(|images| {
+        json!({
+            "id": images.model_id,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "lsplit",
+        })
+    })
+}
+
+/// `GET /v1/models`: the text model, then the image model if one is loaded.
 pub(crate) async fn models(Shared(state): Shared<Arc<State>>) -> Response {
-    json_response(&json!({ "object": "list", "data": [model_entry(&state)] }))
+    let mut data = vec![model_entry(&state)];
+    data.extend(image_model_entry(&state));
+    json_response(&json!({ "object": "list", "data": data }))
 }
 
 /// `GET /v1/models/{id}`.
 pub(crate) async fn model(Shared(state): Shared<Arc<State>>, Path(id): Path<String>) -> Response {
+    if let Some(entry) = image_model_entry(&state).filter(|e| e["id"] == id.as_str()) {
+        return json_response(&entry);
+    }
     match check_model(&state, Some(&id)) {
         Ok(()) => json_response(&model_entry(&state)),
         Err(e) => e.into_response(),
     }
 }
 
-/// `POST /v1/images/generations`: needs a diffusion model, and none can be loaded yet, so a
-/// well-formed request is answered 404 `model_not_found` naming what is loaded.
-pub(crate) async fn images(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response {
-    let answer = || {
-        let request: ImageRequest = parse(&body)?;
-        if request.prompt.trim().is_empty() {
-            return Err(ApiError::invalid(
-                Some("prompt"),
-                "prompt must not be empty",
-            ));
-        }
-        let asked = request
+/// Reads an image request and checks it against the loaded diffusion model: 404
+/// `model_not_found` when none is loaded or the request names another.
+fn image_job(state: &State, body: &Bytes, progress: bool) -> Result<ImageJob, ApiError> {
+    let body: ImageBody = parse(body)?;
+    if body.prompt.trim().is_empty() {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            "prompt must not be empty",
+        ));
+    }
+    let Some(images) = &state.images else {
+        let asked = body
             .model
+            .as_ref()
             .map_or_else(String::new, |m| format!("`{m}` is not loaded: "));
-        Err::<Response, _>(ApiError::model_not_found(format!(
-            "{asked}no image model is loaded. This server runs the text model `{}`; image \
-             generation needs a diffusion model, which lsplit edge cannot load yet",
+        return Err(ApiError::model_not_found(format!(
+            "{asked}no image model is loaded. This server runs the text model `{}`; start \
+             lsplit edge with --image-model DIR (a diffusers Stable Diffusion directory) to \
+             generate images",
             state.model_id
-        )))
+        )));
     };
-    answer().unwrap_or_else(IntoResponse::into_response)
+    if let Some(name) = body.model.as_deref().filter(|m| *m != images.model_id) {
+        return Err(ApiError::model_not_found(format!(
+            "The model `{name}` does not exist: this server draws images with `{}`",
+            images.model_id
+        )));
+    }
+    Ok(ImageJob {
+        request: body.request(&images.pipeline)?,
+        progress,
+        preview_every: body.preview_every,
+    })
+}
+
+/// What lsplit adds to a finished image: the seed (drawn when the request left it out), the
+/// split and the bytes that crossed.
+fn image_summary(images: &ImageModel, done: &ImageDone) -> Value {
+    json!({
+        "seed": done.seed,
+        "width": done.width,
+        "height": done.height,
+        "steps": done.steps,
+        "unet_split": images.split().to_string(),
+        "step_codec": images.codec.name(),
+        "elapsed_ms": done.elapsed_ms,
+        "bytes": done.bytes,
+    })
+}
+
+/// `POST /v1/images/generations`: OpenAI's image API, answered with one `b64_json` PNG.
+pub(crate) async fn images(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response {
+    let answer = async {
+        let job = image_job(&state, &body, false)?;
+        let mut events = image_job::start(&state, job)?;
+        while let Some(event) = events.recv().await {
+            match event {
+                ImageEvent::Started | ImageEvent::Step(_) => {}
+                ImageEvent::Done(done) => {
+                    let Some(images) = &state.images else {
+                        break;
+                    };
+                    return Ok(json_response(&json!({
+                        "created": unix_now(),
+                        "data": [{"b64_json": done.b64_json}],
+                        "lsplit": image_summary(images, &done),
+                    })));
+                }
+                ImageEvent::Failed(error) => return Err(error),
+            }
+        }
+        Err(ended_early())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /lsplit/images/stream`: the same request, answered with Server-Sent Events for the
+/// page: `start`, then `step` after every step (bytes so far, the tensor that crossed, a
+/// preview every `preview_every` steps), then `done` with the image, or `error`.
+pub(crate) async fn images_stream(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response {
+    let answer = async {
+        let job = image_job(&state, &body, true)?;
+        let Some(images) = &state.images else {
+            return Err(ended_early());
+        };
+        let start = json!({
+            "seed": job.request.seed,
+            "width": job.request.width,
+            "height": job.request.height,
+            "steps": job.request.steps,
+            "guidance": job.request.guidance,
+            "unet_split": images.split().to_string(),
+            "step_codec": images.codec.name(),
+            "trunk": images.trunk_location,
+        });
+        let mut events = image_job::start(&state, job)?;
+        // The first event shows whether the trunk session opened: a failure there is a status.
+        match events.recv().await {
+            Some(ImageEvent::Started) => {}
+            Some(ImageEvent::Failed(error)) => return Err(error),
+            _ => return Err(ended_early()),
+        }
+        let (sse, stream) = mpsc::channel::<Result<SseEvent, Infallible>>(4);
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let send = |name: &str, value: &Value| {
+                sse.send(Ok(SseEvent::default().event(name).data(value.to_string())))
+            };
+            if send("start", &start).await.is_err() {
+                return;
+            }
+            while let Some(event) = events.recv().await {
+                let sent = match event {
+                    ImageEvent::Started => continue,
+                    ImageEvent::Step(report) => send("step", &json!(report)).await,
+                    ImageEvent::Done(done) => {
+                        let Some(images) = &state.images else {
+                            return;
+                        };
+                        let value = json!({
+                            "b64_json": done.b64_json,
+                            "lsplit": image_summary(images, &done),
+                        });
+                        let _ = send("done", &value).await;
+                        return;
+                    }
+                    ImageEvent::Failed(error) => {
+                        let _ = sse
+                            .send(Ok(SseEvent::default().event("error").data(error.body())))
+                            .await;
+                        return;
+                    }
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+            let _ = sse
+                .send(Ok(SseEvent::default()
+                    .event("error")
+                    .data(ended_early().body())))
+                .await;
+        });
+        Ok(Sse::new(ReceiverStream::new(stream))
+            .keep_alive(KeepAlive::default())
+            .into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The image model as the page shows it.
+fn image_info(state: &State) -> Value {
+    let Some(images) = &state.images else {
+        return Value::Null;
+    };
+    json!({
+        "model": images.model_id,
+        "unet_split": images.split().to_string(),
+        "unet_levels": images.pipeline.unet_levels(),
+        "step_codec": images.codec.name(),
+        "trunk": images.trunk_location,
+        "default_size": images.pipeline.default_size(),
+        "defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
+        "max_steps": MAX_STEPS,
+        "drawn": state.images_drawn.load(Ordering::SeqCst),
+        "stopped": state.images_stopped.load(Ordering::SeqCst),
+    })
 }
 
 /// `GET /lsplit/info`: what the page shows about the model, the split and the defaults.
@@ -361,7 +525,7 @@ pub(crate) async fn info(Shared(state): Shared<Arc<State>>) -> Response {
         "codec": state.model.codec().name(),
         "trunk": state.trunk_location,
         "chat_template": state.model.tokenizer().chat_template().is_some(),
-        "images": false,
+        "images": image_info(&state),
         "sessions_open": state.sessions.load(Ordering::SeqCst),
         "max_sessions": state.max_sessions,
         "defaults": {

@@ -5,30 +5,65 @@
 //! (`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/v1/images/generations`) and a
 //! web page that shows what each token cost and what crossed the wire. Every request gets its
 //! own generation thread and its own trunk session, opened through [`OpenTrunk`]; the device
-//! loop sees the trunk only through the [`Trunk`] trait, in-process or remote alike.
+//! loop sees the trunk only through the [`Trunk`] trait, in-process or remote alike. With a
+//! diffusion model ([`ImageModel`]) it draws images too, one at a time on a blocking thread,
+//! each with its own diffusion trunk session from [`OpenDiffusionTrunk`].
 
 mod api;
 mod auth;
 mod error;
 mod generation;
 mod handlers;
+mod image_job;
+mod image_request;
 mod page;
+mod step_view;
 mod stop;
 mod trace;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::routing::{get, post};
+use lsplit_diffusion::{DevicePipeline, DiffusionError, DiffusionTrunk, UnetSplit};
 use lsplit_split::{DeviceModel, GenerateOptions, Trunk, TrunkError};
+use lsplit_wire::StepCodec;
+use tokio::sync::Semaphore;
 
 pub use error::EdgeError;
+pub use image_request::{DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS};
 
 /// Opens a new trunk session: called once per request.
 pub type OpenTrunk = Box<dyn Fn() -> Result<Box<dyn Trunk>, TrunkError> + Send + Sync>;
+
+/// Opens a new diffusion trunk session: called once per image, on the image's thread. The
+/// in-process trunk and a trunk server's client plug in alike.
+pub type OpenDiffusionTrunk =
+    Box<dyn Fn() -> Result<Box<dyn DiffusionTrunk>, DiffusionError> + Send + Sync>;
+
+/// The diffusion model behind `/v1/images/generations` and the page's image tab.
+pub struct ImageModel {
+    /// The device's share: text encoders, scheduler, VAE and the UNet's ends (or all of it).
+    pub pipeline: DevicePipeline,
+    /// The model's name in the API.
+    pub model_id: String,
+    /// Where diffusion trunk sessions come from; `None` when the UNet is not split.
+    pub trunks: Option<OpenDiffusionTrunk>,
+    /// Where the trunk runs, for people: `in-process` or the server's URL.
+    pub trunk_location: String,
+    /// How step tensors are encoded on the wire.
+    pub codec: StepCodec,
+}
+
+impl ImageModel {
+    /// How the UNet is divided.
+    pub fn split(&self) -> UnetSplit {
+        self.pipeline.split()
+    }
+}
 
 /// What the edge server serves.
 pub struct EdgeConfig {
@@ -44,8 +79,10 @@ pub struct EdgeConfig {
     pub defaults: GenerateOptions,
     /// The key clients must send as `Authorization: Bearer KEY`; `None` lets every local client in.
     pub api_key: Option<String>,
-    /// Generations running at once; more get 429.
+    /// Generations and images running or waiting at once; more get 429.
     pub max_sessions: usize,
+    /// The diffusion model, if one is loaded.
+    pub images: Option<ImageModel>,
 }
 
 /// Shared by every request.
@@ -57,8 +94,14 @@ pub(crate) struct State {
     defaults: GenerateOptions,
     api_key: Option<String>,
     max_sessions: usize,
-    /// Generations (and so trunk sessions) open now.
+    /// Generations and images (and so trunk sessions) open or waiting now.
     sessions: AtomicUsize,
+    images: Option<ImageModel>,
+    /// Held by the image being drawn: images are drawn one at a time.
+    image_turn: Arc<Semaphore>,
+    /// Images drawn to the end, and stopped because their client went away.
+    images_drawn: AtomicU64,
+    images_stopped: AtomicU64,
     /// When the server started, in Unix seconds (`created` of the model).
     started: u64,
 }
@@ -100,6 +143,10 @@ impl EdgeServer {
                 api_key: config.api_key,
                 max_sessions: config.max_sessions.max(1),
                 sessions: AtomicUsize::new(0),
+                images: config.images,
+                image_turn: Arc::new(Semaphore::new(1)),
+                images_drawn: AtomicU64::new(0),
+                images_stopped: AtomicU64::new(0),
                 started: unix_now(),
             }),
         }
@@ -118,6 +165,7 @@ impl EdgeServer {
             .route("/v1/models", get(handlers::models))
             .route("/v1/models/{id}", get(handlers::model))
             .route("/v1/images/generations", post(handlers::images))
+            .route("/lsplit/images/stream", post(handlers::images_stream))
             .route("/lsplit/info", get(handlers::info))
             .route_layer(axum::middleware::from_fn_with_state(
                 Arc::clone(&self.state),

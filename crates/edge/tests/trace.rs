@@ -65,6 +65,7 @@ fn serve(log: Log) -> (EdgeServer, SocketAddr, tokio::runtime::Runtime) {
         defaults: GenerateOptions::default(),
         api_key: None,
         max_sessions: 2,
+        images: None,
     });
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let listener = runtime

@@ -1,13 +1,19 @@
 //! `lsplit edge`: serve the model on this device (head and tail here, trunk in-process or on a
-//! trunk server) as an OpenAI-compatible HTTP API and a web page.
+//! trunk server) as an OpenAI-compatible HTTP API and a web page, and with `--image-model` a
+//! Stable Diffusion model split the same way.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use lsplit_edge::{EdgeConfig, EdgeServer, OpenTrunk};
+use lsplit_diffusion::{
+    DevicePipeline, DiffusionTrunk, LocalDiffusionTrunk, UnetSplit, load_trunk_model,
+};
+use lsplit_edge::{EdgeConfig, EdgeServer, ImageModel, OpenDiffusionTrunk, OpenTrunk};
 use lsplit_split::GenerateOptions;
+use lsplit_wire::StepCodec;
 
 use crate::args::{ModelArgs, SamplingArgs, SplitArgs, TrunkArgs};
 use crate::device::{self, Device};
@@ -32,11 +38,34 @@ pub struct EdgeArgs {
     /// Tokens a request generates when it does not set max_tokens
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// Generations served at the same time; more are answered 429
+    /// Generations and images served (or waiting their turn) at the same time; more are
+    /// answered 429
     #[arg(long, default_value_t = 4)]
     pub max_sessions: usize,
     #[command(flatten)]
     pub trunk: TrunkArgs,
+    /// A diffusers-format Stable Diffusion 1.x, 2.x or SDXL directory: serves
+    /// /v1/images/generations and the page's image tab
+    #[arg(long, value_name = "DIR")]
+    pub image_model: Option<PathBuf>,
+    /// How the image model's UNet is divided: none (all here), component (whole UNet in the
+    /// trunk) or lambda:N (the UNet cut after N levels at each end)
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "lambda:1",
+        requires = "image_model"
+    )]
+    pub unet_split: UnetSplit,
+    /// How the image model's step tensors are encoded on the wire: f32 (lossless), f16, bf16,
+    /// fp8-e4m3, fp8-e5m2, int8..int2 (per tensor) or int8-ch..int2-ch (per channel)
+    #[arg(
+        long,
+        value_name = "CODEC",
+        default_value = "f32",
+        requires = "image_model"
+    )]
+    pub step_codec: StepCodec,
 }
 
 /// The model's name in the API: the file name without its extension, or the directory's name.
@@ -49,6 +78,46 @@ fn model_id(path: &Path) -> String {
     name.map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
 }
 
+/// Loads the diffusion model of `--image-model`, if any, with its trunk sessions: in-process
+/// for now (a trunk server's client plugs in as another [`OpenDiffusionTrunk`]).
+fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
+    let Some(dir) = &args.image_model else {
+        return Ok(None);
+    };
+    let device = candle_core::Device::Cpu;
+    let (split, codec) = (args.unet_split, args.step_codec);
+    let pipeline = DevicePipeline::load(dir, split, codec, &device)
+        .with_context(|| format!("loading the image model {}", dir.display()))?;
+    let (trunks, trunk_location) = match (split, &args.trunk.cloud) {
+        (UnetSplit::None, _) => (None, "none (unsplit)".to_string()),
+        (_, Some(url)) => anyhow::bail!(
+            "--image-model with --cloud {url}: the diffusion trunk client is not wired in yet; \
+             pass --unet-split none, or leave out --cloud for an in-process trunk"
+        ),
+        (split, None) => {
+            let model = Arc::new(
+                load_trunk_model(dir, split, &device)
+                    .with_context(|| format!("loading the trunk of {}", dir.display()))?,
+            );
+            let open: OpenDiffusionTrunk = Box::new(move || {
+                Ok(Box::new(LocalDiffusionTrunk::new(
+                    Arc::clone(&model),
+                    codec,
+                    device.clone(),
+                )) as Box<dyn DiffusionTrunk>)
+            });
+            (Some(open), "in-process".to_string())
+        }
+    };
+    Ok(Some(ImageModel {
+        pipeline,
+        model_id: model_id(dir),
+        trunks,
+        trunk_location,
+        codec,
+    }))
+}
+
 /// Runs the command until SIGTERM or SIGINT.
 pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
     lsplit_edge::check_listen(args.listen, args.api_key.as_deref())?;
@@ -58,6 +127,7 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");
     anyhow::ensure!(args.max_sessions > 0, "--max-sessions must be at least 1");
+    let images = load_images(&args)?;
     let Device {
         path,
         model,
@@ -72,6 +142,15 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
         .map_or_else(|| "none".to_string(), |p| p.to_string());
     let codec = model.codec();
     let model_id = model_id(&path);
+    let image_line = images.as_ref().map_or_else(String::new, |i| {
+        format!(
+            "; images {}, unet split {}, step codec {}, trunk {}",
+            i.model_id,
+            i.split(),
+            i.codec,
+            i.trunk_location
+        )
+    });
     let server = EdgeServer::new(EdgeConfig {
         model,
         model_id: model_id.clone(),
@@ -80,6 +159,7 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
         defaults,
         api_key: args.api_key.clone(),
         max_sessions: args.max_sessions,
+        images,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -92,7 +172,7 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         println!(
             "lsplit edge: http://{addr} (model {model_id}, split {split}, codec {codec}, trunk \
-             {trunk_location})"
+             {trunk_location}{image_line})"
         );
         server
             .serve(listener, async {

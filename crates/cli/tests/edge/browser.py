@@ -94,13 +94,13 @@ try:
     wait.until(lambda d: d.find_element(By.ID, "image-status").get_attribute("data-state") in ("done", "error"))
     out["image_status"] = driver.find_element(By.ID, "image-status").text
     out["image_state"] = driver.find_element(By.ID, "image-status").get_attribute("data-state")
-    out["images_shown"] = len(driver.find_elements(By.CSS_SELECTOR, "#image-grid img"))
+    out["images_shown"] = len(driver.find_elements(By.CSS_SELECTOR, "#image-previews img, #image-shown[data-final]"))
     image = os.path.join(shots, "edge-page-image-tab.png")
     driver.save_screenshot(image)
     out["screenshots"] = [wide, narrow, image]
     out["console_errors"] = [
         entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"
-        and "/v1/images/generations" not in entry["message"]
+        and "/lsplit/images/stream" not in entry["message"]
     ]
 finally:
     driver.quit()
