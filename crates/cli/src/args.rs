@@ -183,6 +183,49 @@ pub struct CloudArgs {
     pub insecure: bool,
 }
 
+impl CloudArgs {
+    /// The connection files of `--cloud`, if given.
+    pub fn files(&self) -> Option<lsplit_remote::CloudFiles> {
+        cloud_files(
+            self.cloud.as_ref()?,
+            &self.ca,
+            &self.token_file,
+            (&self.client_cert, &self.client_key),
+            self.insecure,
+        )
+    }
+}
+
+impl TrunkArgs {
+    /// The connection files of `--cloud`, if given, for a diffusion trunk server.
+    pub fn diffusion_files(&self) -> Option<lsplit_remote::CloudFiles> {
+        cloud_files(
+            self.cloud.as_ref()?,
+            &self.ca,
+            &self.token_file,
+            (&self.client_cert, &self.client_key),
+            self.insecure,
+        )
+    }
+}
+
+fn cloud_files(
+    url: &str,
+    ca: &Option<PathBuf>,
+    token_file: &Option<PathBuf>,
+    (client_cert, client_key): (&Option<PathBuf>, &Option<PathBuf>),
+    insecure: bool,
+) -> Option<lsplit_remote::CloudFiles> {
+    Some(lsplit_remote::CloudFiles {
+        url: url.to_string(),
+        ca: ca.clone(),
+        token_file: token_file.clone(),
+        client_cert: client_cert.clone(),
+        client_key: client_key.clone(),
+        insecure,
+    })
+}
+
 /// How tokens are chosen.
 #[derive(Debug, Args)]
 pub struct SamplingArgs {

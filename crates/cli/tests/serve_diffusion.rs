@@ -139,6 +139,51 @@ fn serve_holds_a_diffusion_trunk_that_gives_the_unsplit_image_and_stops_on_sigte
         "{mismatch}"
     );
 
+    // The command line: `lsplit image --cloud` learns the split from the server and writes the
+    // same PNG as the unsplit pipeline on the device.
+    let png = |name: &str, extra: &[&str]| -> Vec<u8> {
+        let path = dir.path().join(name);
+        let model = tiny("sd15");
+        let mut args = vec![
+            "image",
+            "a lighthouse at dawn",
+            "-m",
+            model.to_str().unwrap(),
+            "-o",
+            path.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--seed",
+            "42",
+            "--stats",
+        ];
+        args.extend_from_slice(extra);
+        let out = lsplit(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        if extra.contains(&"--cloud") {
+            assert!(
+                stderr(&out).contains("split: component, codec: f32"),
+                "{}",
+                stderr(&out)
+            );
+        }
+        std::fs::read(path).unwrap()
+    };
+    let url = format!("https://localhost:{port}");
+    let ca = pki.join("ca.pem");
+    let remote = png(
+        "remote.png",
+        &[
+            "--cloud",
+            &url,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(remote, png("local.png", &["--unet-split", "none"]));
+
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use lsplit_diffusion::{
-    DevicePipeline, DiffusionTrunk, LocalDiffusionTrunk, UnetSplit, load_trunk_model,
+    DevicePipeline, DiffusionError, DiffusionTrunk, LocalDiffusionTrunk, UnetSplit,
+    load_trunk_model,
 };
 use lsplit_edge::{EdgeConfig, EdgeServer, ImageModel, OpenDiffusionTrunk, OpenTrunk};
+use lsplit_remote::RemoteDiffusionTrunk;
 use lsplit_split::GenerateOptions;
 use lsplit_wire::StepCodec;
 
@@ -78,22 +80,35 @@ fn model_id(path: &Path) -> String {
     name.map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
 }
 
-/// Loads the diffusion model of `--image-model`, if any, with its trunk sessions: in-process
-/// for now (a trunk server's client plugs in as another [`OpenDiffusionTrunk`]).
+/// Loads the diffusion model of `--image-model`, if any, with its trunk sessions: in-process, or
+/// one connection to the trunk server of `--cloud` per image.
 fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
     let Some(dir) = &args.image_model else {
         return Ok(None);
     };
     let device = candle_core::Device::Cpu;
-    let (split, codec) = (args.unet_split, args.step_codec);
+    let codec = args.step_codec;
+    // With --cloud the server's handshake says where the UNet is cut.
+    let split = match args.trunk.diffusion_files() {
+        Some(files) => RemoteDiffusionTrunk::connect_checked(&files, &[codec], dir)
+            .with_context(|| format!("connecting to the trunk server {}", files.url))?
+            .split(),
+        None => args.unet_split,
+    };
     let pipeline = DevicePipeline::load(dir, split, codec, &device)
         .with_context(|| format!("loading the image model {}", dir.display()))?;
-    let (trunks, trunk_location) = match (split, &args.trunk.cloud) {
+    let (trunks, trunk_location) = match (split, args.trunk.diffusion_files()) {
         (UnetSplit::None, _) => (None, "none (unsplit)".to_string()),
-        (_, Some(url)) => anyhow::bail!(
-            "--image-model with --cloud {url}: the diffusion trunk client is not wired in yet; \
-             pass --unet-split none, or leave out --cloud for an in-process trunk"
-        ),
+        (_, Some(files)) => {
+            let location = files.url.clone();
+            let root = dir.clone();
+            let open: OpenDiffusionTrunk = Box::new(move || {
+                let trunk = RemoteDiffusionTrunk::connect_checked(&files, &[codec], &root)
+                    .map_err(|e| DiffusionError::Trunk(e.to_string()))?;
+                Ok(Box::new(trunk) as Box<dyn DiffusionTrunk>)
+            });
+            (Some(open), location)
+        }
         (split, None) => {
             let model = Arc::new(
                 load_trunk_model(dir, split, &device)

@@ -14,6 +14,7 @@ use lsplit_diffusion::{
     DevicePipeline, DiffusionTrunk, Generated, ImageRequest, LocalDiffusionTrunk, RgbImage,
     SchedulerKind, StepProgress, UnetSplit, load_trunk_model,
 };
+use lsplit_remote::RemoteDiffusionTrunk;
 use lsplit_wire::StepCodec;
 
 use crate::args::CloudArgs;
@@ -88,8 +89,15 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     if args.codec_table {
         return codec_table(&args, &device);
     }
-    let (split, mut trunk) = match &args.cloud.cloud {
-        Some(url) => anyhow::bail!("--cloud {url}: the diffusion trunk client is not wired in yet"),
+    let (split, mut trunk) = match args.cloud.files() {
+        Some(files) => {
+            let trunk = RemoteDiffusionTrunk::connect_checked(&files, &[args.codec], &args.model)
+                .with_context(|| format!("connecting to the trunk server {}", files.url))?;
+            (
+                trunk.split(),
+                Some(Box::new(trunk) as Box<dyn DiffusionTrunk>),
+            )
+        }
         None => {
             let trunk = match args.unet_split {
                 UnetSplit::None => None,
