@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use lsplit_model::{ModelSource, SplitPlan};
+use lsplit_remote::CloudFiles;
 use lsplit_split::{Obfuscation, SamplingParams, SplitPolicy, load_tokenizer};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
@@ -142,30 +143,37 @@ pub struct TrunkArgs {
     /// Run the trunk on this server (https://HOST:PORT); the split points come from it
     #[arg(long, value_name = "URL", conflicts_with_all = ["split", "local_layers", "no_split"])]
     pub cloud: Option<String>,
-    /// CA certificate (PEM) the server must chain to [default: the system's roots]
-    #[arg(long, value_name = "FILE", requires = "cloud")]
-    pub ca: Option<PathBuf>,
-    /// File holding the bearer token the server expects
-    #[arg(long, value_name = "FILE", requires = "cloud")]
-    pub token_file: Option<PathBuf>,
-    /// Client certificate (PEM) for a server that requires mutual TLS
-    #[arg(long, value_name = "FILE", requires_all = ["cloud", "client_key"])]
-    pub client_cert: Option<PathBuf>,
-    /// Private key (PEM) of --client-cert
-    #[arg(long, value_name = "FILE", requires = "client_cert")]
-    pub client_key: Option<PathBuf>,
-    /// Allow a plaintext http:// server: hidden states travel unencrypted
-    #[arg(long, requires = "cloud")]
-    pub insecure: bool,
+    #[command(flatten)]
+    pub auth: CloudAuthArgs,
 }
 
-/// Where the diffusion trunk runs (`lsplit image --cloud`): the same connection options as
-/// `generate --cloud`, without the LLM's split and codec.
+impl TrunkArgs {
+    /// The connection of `--cloud`, if given.
+    pub fn files(&self) -> Option<CloudFiles> {
+        Some(self.auth.files(self.cloud.as_ref()?))
+    }
+}
+
+/// Where the diffusion trunk runs (`lsplit image --cloud`).
 #[derive(Debug, Args)]
 pub struct CloudArgs {
     /// Run the trunk on this server (https://HOST:PORT); the UNet split comes from it
     #[arg(long, value_name = "URL")]
     pub cloud: Option<String>,
+    #[command(flatten)]
+    pub auth: CloudAuthArgs,
+}
+
+impl CloudArgs {
+    /// The connection of `--cloud`, if given.
+    pub fn files(&self) -> Option<CloudFiles> {
+        Some(self.auth.files(self.cloud.as_ref()?))
+    }
+}
+
+/// How the device proves who it is to the trunk server and checks the server (with `--cloud`).
+#[derive(Debug, Args)]
+pub struct CloudAuthArgs {
     /// CA certificate (PEM) the server must chain to [default: the system's roots]
     #[arg(long, value_name = "FILE", requires = "cloud")]
     pub ca: Option<PathBuf>,
@@ -178,52 +186,23 @@ pub struct CloudArgs {
     /// Private key (PEM) of --client-cert
     #[arg(long, value_name = "FILE", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
-    /// Allow a plaintext http:// server: step tensors travel unencrypted
+    /// Allow a plaintext http:// server: what crosses travels unencrypted
     #[arg(long, requires = "cloud")]
     pub insecure: bool,
 }
 
-impl CloudArgs {
-    /// The connection files of `--cloud`, if given.
-    pub fn files(&self) -> Option<lsplit_remote::CloudFiles> {
-        cloud_files(
-            self.cloud.as_ref()?,
-            &self.ca,
-            &self.token_file,
-            (&self.client_cert, &self.client_key),
-            self.insecure,
-        )
+impl CloudAuthArgs {
+    /// The connection to `url` with these files.
+    pub fn files(&self, url: &str) -> CloudFiles {
+        CloudFiles {
+            url: url.to_string(),
+            ca: self.ca.clone(),
+            token_file: self.token_file.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+            insecure: self.insecure,
+        }
     }
-}
-
-impl TrunkArgs {
-    /// The connection files of `--cloud`, if given, for a diffusion trunk server.
-    pub fn diffusion_files(&self) -> Option<lsplit_remote::CloudFiles> {
-        cloud_files(
-            self.cloud.as_ref()?,
-            &self.ca,
-            &self.token_file,
-            (&self.client_cert, &self.client_key),
-            self.insecure,
-        )
-    }
-}
-
-fn cloud_files(
-    url: &str,
-    ca: &Option<PathBuf>,
-    token_file: &Option<PathBuf>,
-    (client_cert, client_key): (&Option<PathBuf>, &Option<PathBuf>),
-    insecure: bool,
-) -> Option<lsplit_remote::CloudFiles> {
-    Some(lsplit_remote::CloudFiles {
-        url: url.to_string(),
-        ca: ca.clone(),
-        token_file: token_file.clone(),
-        client_cert: client_cert.clone(),
-        client_key: client_key.clone(),
-        insecure,
-    })
 }
 
 /// How tokens are chosen.

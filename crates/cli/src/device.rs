@@ -189,19 +189,8 @@ fn connect_cloud(
     url: &str,
     source: &ModelSource,
 ) -> anyhow::Result<(TrunkSource, SplitPlan)> {
-    let read =
-        |path: &PathBuf| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
-    let mut options = RemoteOptions::new(url, args.codec);
-    options.ca_pem = args.ca.as_ref().map(read).transpose()?;
-    options.token = args
-        .token_file
-        .as_ref()
-        .map(|f| read(f).map(|t| String::from_utf8_lossy(&t).trim().to_string()))
-        .transpose()?;
-    if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
-        options.identity = Some((read(cert)?, read(key)?));
-    }
-    options.insecure = args.insecure;
+    let mut options = args.auth.files(url).options()?;
+    options.codecs = vec![args.codec];
     let remote = RemoteTrunk::connect(options.clone())?;
     let server = &remote.info().fingerprint;
     let plan = SplitPlan::new(

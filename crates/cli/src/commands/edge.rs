@@ -89,7 +89,7 @@ fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
     let device = candle_core::Device::Cpu;
     let codec = args.step_codec;
     // With --cloud the server's handshake says where the UNet is cut.
-    let split = match args.trunk.diffusion_files() {
+    let split = match args.trunk.files() {
         Some(files) => RemoteDiffusionTrunk::connect_checked(&files, &[codec], dir)
             .with_context(|| format!("connecting to the trunk server {}", files.url))?
             .split(),
@@ -97,7 +97,7 @@ fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
     };
     let pipeline = DevicePipeline::load(dir, split, codec, &device)
         .with_context(|| format!("loading the image model {}", dir.display()))?;
-    let (trunks, trunk_location) = match (split, args.trunk.diffusion_files()) {
+    let (trunks, trunk_location) = match (split, args.trunk.files()) {
         (UnetSplit::None, _) => (None, "none (unsplit)".to_string()),
         (_, Some(files)) => {
             let location = files.url.clone();
