@@ -147,13 +147,6 @@ pub struct TrunkArgs {
     pub auth: CloudAuthArgs,
 }
 
-impl TrunkArgs {
-    /// The connection of `--cloud`, if given.
-    pub fn files(&self) -> Option<CloudFiles> {
-        Some(self.auth.files(self.cloud.as_ref()?))
-    }
-}
-
 /// Where the diffusion trunk runs (`lsplit image --cloud`).
 #[derive(Debug, Args)]
 pub struct CloudArgs {
@@ -171,27 +164,44 @@ impl CloudArgs {
     }
 }
 
-/// How the device proves who it is to the trunk server and checks the server (with `--cloud`).
+/// How the device proves who it is to a trunk server and checks the server (with `--cloud`, or
+/// `lsplit edge --image-cloud`).
 #[derive(Debug, Args)]
 pub struct CloudAuthArgs {
     /// CA certificate (PEM) the server must chain to [default: the system's roots]
-    #[arg(long, value_name = "FILE", requires = "cloud")]
+    #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
     /// File holding the bearer token the server expects
-    #[arg(long, value_name = "FILE", requires = "cloud")]
+    #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Client certificate (PEM) for a server that requires mutual TLS
-    #[arg(long, value_name = "FILE", requires_all = ["cloud", "client_key"])]
+    #[arg(long, value_name = "FILE", requires = "client_key")]
     pub client_cert: Option<PathBuf>,
     /// Private key (PEM) of --client-cert
     #[arg(long, value_name = "FILE", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
     /// Allow a plaintext http:// server: what crosses travels unencrypted
-    #[arg(long, requires = "cloud")]
+    #[arg(long)]
     pub insecure: bool,
 }
 
 impl CloudAuthArgs {
+    /// Refuses these flags when no trunk server is named (they would be silently ignored).
+    pub fn check_needed(&self, server: bool) -> anyhow::Result<()> {
+        let given = [
+            ("--ca", self.ca.is_some()),
+            ("--token-file", self.token_file.is_some()),
+            ("--client-cert", self.client_cert.is_some()),
+            ("--insecure", self.insecure),
+        ];
+        match given.iter().find(|(_, set)| *set) {
+            Some((flag, _)) if !server => {
+                anyhow::bail!("{flag} is for a trunk server: it needs --cloud URL")
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The connection to `url` with these files.
     pub fn files(&self, url: &str) -> CloudFiles {
         CloudFiles {

@@ -184,6 +184,69 @@ fn serve_holds_a_diffusion_trunk_that_gives_the_unsplit_image_and_stops_on_sigte
     );
     assert_eq!(remote, png("local.png", &["--unet-split", "none"]));
 
+    // `lsplit edge --image-cloud`: the OpenAI images API on the device, the UNet's trunk on the
+    // server; the PNG equals the unsplit one (guidance 7 as above via the API's extension field).
+    let gguf = lsplit_fetch::ensure_default_model().expect("default model");
+    let mut edge = Command::new(env!("CARGO_BIN_EXE_lsplit"))
+        .env("LSPLIT_LOG", "warn")
+        .args(["edge", "--listen", "127.0.0.1:0", "--no-split", "--model"])
+        .arg(&gguf)
+        .arg("--image-model")
+        .arg(tiny("sd15"))
+        .args(["--image-cloud", &url, "--ca", ca.to_str().unwrap()])
+        .arg("--token-file")
+        .arg(&token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn lsplit edge");
+    let mut line = String::new();
+    BufReader::new(edge.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains(&format!("trunk {url}")) || line.contains(&url),
+        "{line}"
+    );
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line}"))
+        .to_string();
+    let body = r#"{"prompt": "a lighthouse at dawn", "size": "64x64", "steps": 2, "seed": 42, "guidance": 7.5}"#;
+    let response = {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            stream,
+            "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    };
+    let _ = edge.kill();
+    let _ = edge.wait();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let json: serde_json::Value =
+        serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    use base64::Engine;
+    let png_bytes = base64::engine::general_purpose::STANDARD
+        .decode(json["data"][0]["b64_json"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        png_bytes,
+        png(
+            "local-7.5.png",
+            &["--unet-split", "none", "--guidance", "7.5"]
+        )
+    );
+    assert_eq!(json["lsplit"]["unet_split"], "component");
+
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -59,6 +59,16 @@ pub struct EdgeArgs {
         requires = "image_model"
     )]
     pub unet_split: UnetSplit,
+    /// Run the image model's trunk on this diffusion trunk server (https://HOST:PORT, `lsplit
+    /// serve --model DIR`), with the --ca, --token-file and client certificate flags; the split
+    /// comes from its handshake
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "image_model",
+        conflicts_with = "unet_split"
+    )]
+    pub image_cloud: Option<String>,
     /// How the image model's step tensors are encoded on the wire: f32 (lossless), f16, bf16,
     /// fp8-e4m3, fp8-e5m2, int8..int2 (per tensor) or int8-ch..int2-ch (per channel)
     #[arg(
@@ -81,15 +91,19 @@ fn model_id(path: &Path) -> String {
 }
 
 /// Loads the diffusion model of `--image-model`, if any, with its trunk sessions: in-process, or
-/// one connection to the trunk server of `--cloud` per image.
+/// one connection to the trunk server of `--image-cloud` per image.
 fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
     let Some(dir) = &args.image_model else {
         return Ok(None);
     };
     let device = candle_core::Device::Cpu;
     let codec = args.step_codec;
-    // With --cloud the server's handshake says where the UNet is cut.
-    let split = match args.trunk.files() {
+    // With --image-cloud the server's handshake says where the UNet is cut.
+    let image_cloud = args
+        .image_cloud
+        .as_ref()
+        .map(|url| args.trunk.auth.files(url));
+    let split = match image_cloud.clone() {
         Some(files) => RemoteDiffusionTrunk::connect_checked(&files, &[codec], dir)
             .with_context(|| format!("connecting to the trunk server {}", files.url))?
             .split(),
@@ -97,7 +111,7 @@ fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
     };
     let pipeline = DevicePipeline::load(dir, split, codec, &device)
         .with_context(|| format!("loading the image model {}", dir.display()))?;
-    let (trunks, trunk_location) = match (split, args.trunk.files()) {
+    let (trunks, trunk_location) = match (split, image_cloud) {
         (UnetSplit::None, _) => (None, "none (unsplit)".to_string()),
         (_, Some(files)) => {
             let location = files.url.clone();
@@ -142,6 +156,9 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");
     anyhow::ensure!(args.max_sessions > 0, "--max-sessions must be at least 1");
+    args.trunk
+        .auth
+        .check_needed(args.trunk.cloud.is_some() || args.image_cloud.is_some())?;
     let images = load_images(&args)?;
     let Device {
         path,

@@ -51,6 +51,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params()?,
     };
+    args.trunk.auth.check_needed(args.trunk.cloud.is_some())?;
     let device = device::load(&args.model, &args.split, &args.trunk, Some(&args.policy))?;
     let model = &device.model;
     let prompt = model.prompt_tokens(&args.prompt, args.raw)?;

@@ -86,6 +86,7 @@ pub struct ImageArgs {
 /// Runs the command.
 pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
+    args.cloud.auth.check_needed(args.cloud.cloud.is_some())?;
     if args.codec_table {
         return codec_table(&args, &device);
     }
