@@ -115,6 +115,42 @@ impl TrunkModel {
         }
     }
 
+    /// Refuses a step whose full attention would allocate more than `budget` bytes at once,
+    /// from the shapes alone (before anything is decoded): attention memory grows with the
+    /// square of the image area, so a hostile or oversized image could exhaust the server.
+    pub fn check_attention_budget(
+        &self,
+        inputs: &[StepTensor],
+        budget: u64,
+    ) -> Result<(), DiffusionError> {
+        let Some([batch, _, h, w]) = inputs
+            .first()
+            .and_then(|t| <[usize; 4]>::try_from(t.shape.as_slice()).ok())
+        else {
+            return Ok(());
+        };
+        let (config, levels, shift) = match self {
+            TrunkModel::Whole(unet) => (unet.config(), 0..unet.config().levels(), 0),
+            TrunkModel::Middle(trunk, n) => {
+                let levels = trunk.config().levels();
+                // The head's output is at level N (level n - 1 when the head takes every level).
+                let shift = (*n).min(levels - 1);
+                (trunk.config(), shift..levels, shift)
+            }
+        };
+        let latent = (h << shift, w << shift);
+        let bytes = config.attention_bytes(levels, batch, latent);
+        if bytes > budget {
+            return Err(DiffusionError::Request(format!(
+                "a step of shape {:?} needs {} MiB for attention, past this trunk's limit of {} MiB",
+                inputs[0].shape,
+                bytes >> 20,
+                budget >> 20
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks and decodes an image's setup.
     pub fn begin_image(
         &self,

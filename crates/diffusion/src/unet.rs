@@ -279,6 +279,33 @@ impl UnetConfig {
         1 << (self.levels() - 1)
     }
 
+    /// Bytes of the largest attention-score matrix (batch x heads x positions²) over `levels`
+    /// for a latent of `latent_h` x `latent_w`: what full attention allocates at once.
+    pub fn attention_bytes(
+        &self,
+        levels: impl Iterator<Item = usize>,
+        batch: usize,
+        (latent_h, latent_w): (usize, usize),
+    ) -> u64 {
+        levels
+            .filter(|&l| {
+                // Cross-attention blocks, and the mid block at the deepest level.
+                l + 1 == self.levels()
+                    || self.down_block_types.get(l).map(String::as_str)
+                        == Some("CrossAttnDownBlock2D")
+            })
+            .map(|l| {
+                let positions = ((latent_h >> l) * (latent_w >> l)) as u64;
+                let heads = self.heads(l).unwrap_or(1) as u64;
+                (batch as u64)
+                    .saturating_mul(heads)
+                    .saturating_mul(positions.saturating_mul(positions))
+                    .saturating_mul(4)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     fn cross_attn(&self, i: usize) -> Result<Option<usize>, DiffusionError> {
         if self.down_block_types[i] == "CrossAttnDownBlock2D" {
             Ok(Some(

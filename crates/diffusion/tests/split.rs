@@ -200,3 +200,31 @@ fn bad_requests_get_clear_errors() {
         .unwrap_err();
     assert_eq!(e.to_string(), "UNet split none runs without a trunk");
 }
+
+/// The trunk refuses, from the shapes alone, a step whose attention would not fit its budget:
+/// attention memory grows with the square of the image area.
+#[test]
+fn the_trunk_bounds_attention_memory() {
+    let root = model_dir("sd15");
+    let model = load_trunk_model(&root, UnetSplit::Lambda(1), &Device::Cpu).unwrap();
+    let step = |shape: &[usize]| {
+        let t = candle_core::Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
+        vec![StepCodec::F32.encode(&t).unwrap()]
+    };
+    // [2, 32, 4, 4] after the first level of an 8x8 latent: the mid block attends over 4x4
+    // positions with 2 heads: 2 x 2 x 16² floats = 4096 bytes.
+    let ok = step(&[2, 32, 4, 4]);
+    model.check_attention_budget(&ok, 4096).unwrap();
+    let e = model.check_attention_budget(&ok, 4095).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "a step of shape [2, 32, 4, 4] needs 0 MiB for attention, past this trunk's limit of 0 MiB"
+    );
+    let hostile = step(&[1, 32, 256, 256]);
+    let e = model.check_attention_budget(&hostile, 4 << 30).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "a step of shape [1, 32, 256, 256] needs 32768 MiB for attention, past this trunk's \
+         limit of 4096 MiB"
+    );
+}

@@ -77,6 +77,7 @@ fn hostile_messages_get_clear_errors_while_a_good_image_completes() {
     options.token = None;
     options.limits.max_message_bytes = 1 << 20;
     options.limits.max_step_elements = 200_000;
+    options.limits.max_attention_bytes = 1 << 20;
     let server = TestServer::start("sd15", split, options, 0);
     let fingerprint = trunk_fingerprint(&model_dir("sd15"), split).unwrap();
     let captured = capture("sd15", split);
@@ -199,6 +200,34 @@ fn hostile_messages_get_clear_errors_while_a_good_image_completes() {
                 step_tensors[1].shape,
                 step_tensors[1].payload.len()
             ),
+        );
+
+        // Within the element limit, but 64x64 positions of attention: 2 x 64² squared x 4
+        // bytes = 128 MiB, past the 1 MiB this server allows.
+        let mut s = RawImage::start(&mut client).await;
+        assert!(matches!(
+            s.send(good_setup()).await,
+            Ok(ReplyKind::Ready(_))
+        ));
+        let wide = StepCodec::F32
+            .encode(
+                &candle_core::Tensor::zeros(
+                    (1, 32, 64, 64),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        assert_status(
+            s.send(step(vec![
+                tensor_to_pb(&wide),
+                tensor_to_pb(&step_tensors[1]),
+            ]))
+            .await,
+            Code::ResourceExhausted,
+            "a step of shape [1, 32, 64, 64] needs 128 MiB for attention, past this trunk's limit \
+             of 1 MiB",
         );
 
         let mut s = RawImage::start(&mut client).await;
@@ -347,7 +376,7 @@ fn hostile_messages_get_clear_errors_while_a_good_image_completes() {
     );
     let metrics = server.stats.prometheus();
     assert!(
-        metrics.contains("lsplit_session_errors_total 11\n"),
+        metrics.contains("lsplit_session_errors_total 12\n"),
         "{metrics}"
     );
 }

@@ -47,6 +47,10 @@ pub struct DiffusionLimits {
     /// Most tensor elements one setup or step may declare, all its tensors together: bounds
     /// what a message can make the server allocate and compute.
     pub max_step_elements: u64,
+    /// Most bytes a step's full attention may allocate at once (batch x heads x positions²
+    /// floats at the trunk's largest attention level): attention grows with the square of the
+    /// image area, so this bounds the server's memory per step.
+    pub max_attention_bytes: u64,
 }
 
 impl Default for DiffusionLimits {
@@ -58,6 +62,7 @@ impl Default for DiffusionLimits {
             max_message_bytes: 128 << 20,
             idle_timeout: Duration::from_secs(300),
             max_step_elements: 32 << 20,
+            max_attention_bytes: 4 << 30,
         }
     }
 }
@@ -458,6 +463,10 @@ impl ImageSession {
         counters
             .bytes_in_total
             .fetch_add(payload_bytes(&inputs), Ordering::Relaxed);
+        self.shared
+            .model
+            .check_attention_budget(&inputs, self.shared.limits.max_attention_bytes)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let model = self.shared.model.clone();
         let request = StepRequest {
             inputs,

@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// Diffusion models: most tensor elements one setup or step may declare [default: 32 Mi]
     #[arg(long)]
     pub max_step_elements: Option<u64>,
+    /// Diffusion models: most MiB a step's attention may allocate at once (it grows with the
+    /// square of the image area) [default: 4096]
+    #[arg(long)]
+    pub max_attention_mib: Option<u64>,
     /// Seconds a session may stay silent before it is closed (and its KV cache freed)
     #[arg(long, default_value_t = 300)]
     pub idle_timeout_secs: u64,
@@ -178,6 +182,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         "--max-step-elements is for diffusion models; {} is a language model",
         path.display()
     );
+    anyhow::ensure!(
+        args.max_attention_mib.is_none(),
+        "--max-attention-mib is for diffusion models; {} is a language model",
+        path.display()
+    );
     let codecs = codecs(&args, Codec::ALL.to_vec(), str::parse::<Codec>)?;
     let source = ModelSource::open(&path)?;
     let layers = source.config().num_layers;
@@ -253,6 +262,11 @@ fn run_diffusion(args: ServeArgs, path: &Path) -> anyhow::Result<()> {
             max_message_bytes: args.max_message_bytes.unwrap_or(defaults.max_message_bytes),
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),
             max_step_elements: args.max_step_elements.unwrap_or(defaults.max_step_elements),
+            max_attention_bytes: args
+                .max_attention_mib
+                .map_or(defaults.max_attention_bytes, |mib| {
+                    mib.saturating_mul(1 << 20)
+                }),
         },
         codecs,
         token,
