@@ -11,7 +11,8 @@
 //!   is usually among the first few), and the nearness of each token's row in a table made by
 //!   running the whole vocabulary through the head once, after a one-token context. They go
 //!   through the head in growing chunks until one matches (to
-//!   a relative distance of [`MATCH_TOLERANCE`]) or the budget (by default the whole
+//!   a relative distance of [`MATCH_TOLERANCE`], or of [`LOOSE_TOLERANCE`] with every other
+//!   token [`SEPARATION`] times farther) or the budget (by default the whole
 //!   vocabulary) is spent. With the whole vocabulary and rows as computed (f32, f16 or bf16 on
 //!   the wire), the true token always matches, so a known split is inverted exactly;
 //! - **logit lens**: the uplink row through the public final norm and LM head (with tied
