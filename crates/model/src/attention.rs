@@ -252,7 +252,7 @@ mod avx2 {
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), top);
             let mut top = lanes.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            for t in whole..out.len() {
+            for (t, score) in out.iter_mut().enumerate().skip(whole) {
                 let mut acc = _mm256_setzero_ps();
                 for j in (0..dim).step_by(8) {
                     acc = _mm256_fmadd_ps(
@@ -261,8 +261,8 @@ mod avx2 {
                         acc,
                     );
                 }
-                out[t] = _mm256_cvtss_f32(_mm256_mul_ps(_mm256_set1_ps(hsum(acc)), scale));
-                top = top.max(out[t]);
+                *score = _mm256_cvtss_f32(_mm256_mul_ps(_mm256_set1_ps(hsum(acc)), scale));
+                top = top.max(*score);
             }
             top
         }
@@ -358,7 +358,7 @@ mod avx2 {
                 8.333_452e-3,
                 4.166_579_6e-2,
                 1.666_666_5e-1,
-                5.000_000_1e-1,
+                0.5,
             ] {
                 p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
             }
