@@ -40,6 +40,11 @@ pub(crate) fn single_row_attention(
     let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
     let heads = q.len() / dim;
     let (_, kv_heads, len, _) = k.dims4()?;
+    if len == 0 {
+        return Err(ModelError::Config(
+            "attention over an empty KV cache".into(),
+        ));
+    }
     let group = heads / kv_heads;
     let scale = 1.0 / (dim as f32).sqrt();
     // Rows of a head must follow each other, as they do in the cache's buffers.
