@@ -5,6 +5,7 @@
 //! LM head and the device never holds the trunk's layers. A [`ModelPart`] is immutable and can be
 //! shared between sessions; the per-session state lives in a [`KvCache`].
 
+mod attention;
 mod cache;
 mod config;
 mod error;

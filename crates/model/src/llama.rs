@@ -2,9 +2,9 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Storage, Tensor};
-use rayon::prelude::*;
+use candle_core::{Device, Tensor};
 
+use crate::attention::single_row_attention;
 use crate::kernels::Linear;
 use crate::{KvCache, LlamaConfig, ModelError, PartSpec, Result, TensorRecord};
 
@@ -556,96 +556,6 @@ impl ModelPart {
     }
 }
 
-/// Multiply-adds of a single-row attention from which its KV heads run on several threads.
-const PARALLEL_ATTENTION: usize = 1 << 16;
-
-/// Attention of one query row `q (1, heads, 1, dim)` against every cached position of
-/// `k`, `v (1, kv_heads, len, dim)`, reading the cache where it lies: no copy of the cache per
-/// token (which [`repeat_kv`] would make), so a decode step costs the same at any position
-/// but for the dot products themselves. Returns `(1, 1, heads * dim)`.
-fn single_row_attention(q: &Tensor, k: &Tensor, v: &Tensor, dim: usize) -> Result<Tensor> {
-    let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
-    let heads = q.len() / dim;
-    let (_, kv_heads, len, _) = k.dims4()?;
-    let group = heads / kv_heads;
-    let scale = 1.0 / (dim as f32).sqrt();
-    let (k_storage, k_layout) = k.storage_and_layout();
-    let (v_storage, v_layout) = v.storage_and_layout();
-    let (Storage::Cpu(k_cpu), Storage::Cpu(v_cpu)) = (&*k_storage, &*v_storage) else {
-        return Err(ModelError::Config("the KV cache is not on the CPU".into()));
-    };
-    let (ks, vs) = (k_cpu.as_slice::<f32>()?, v_cpu.as_slice::<f32>()?);
-    // Position `t` of KV head `g` in a cache laid out (1, kv_heads, capacity, dim).
-    let row = |layout: &candle_core::Layout, g: usize, t: usize| {
-        let stride = layout.stride();
-        let at = layout.start_offset() + g * stride[1] + t * stride[2];
-        at..at + dim
-    };
-    let mut out = vec![0f32; heads * dim];
-    // Per KV head, its group of query heads: each cached key and value row is read once for
-    // the whole group. KV heads are independent, so long contexts spread them over threads.
-    let attend = |(g, ys): (usize, &mut [f32])| {
-        let queries = &q[g * group * dim..(g + 1) * group * dim];
-        let mut scores = vec![0f32; group * len];
-        for t in 0..len {
-            let key = &ks[row(k_layout, g, t)];
-            for (h, qh) in queries.chunks_exact(dim).enumerate() {
-                scores[h * len + t] = dot(qh, key) * scale;
-            }
-        }
-        for head_scores in scores.chunks_exact_mut(len) {
-            let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut total = 0f32;
-            for score in head_scores.iter_mut() {
-                *score = (*score - max).exp();
-                total += *score;
-            }
-            for score in head_scores.iter_mut() {
-                *score /= total;
-            }
-        }
-        for t in 0..len {
-            let value = &vs[row(v_layout, g, t)];
-            for (h, y) in ys.chunks_exact_mut(dim).enumerate() {
-                let p = scores[h * len + t];
-                for (y, &x) in y.iter_mut().zip(value) {
-                    *y += p * x;
-                }
-            }
-        }
-    };
-    if heads * len * dim < PARALLEL_ATTENTION {
-        out.chunks_exact_mut(group * dim)
-            .enumerate()
-            .for_each(attend);
-    } else {
-        out.par_chunks_exact_mut(group * dim)
-            .enumerate()
-            .for_each(attend);
-    }
-    Ok(Tensor::from_vec(out, (1, 1, heads * dim), k.device())?)
-}
-
-/// Dot product in sixteen partial sums, which the compiler keeps in vector registers, added
-/// up as a tree so that the sum vectorizes too.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let mut chunks = a.chunks_exact(16).zip(b.chunks_exact(16));
-    for (x, y) in &mut chunks {
-        for i in 0..16 {
-            lanes[i] = x[i].mul_add(y[i], lanes[i]);
-        }
-    }
-    let tail: f32 = a[a.len() / 16 * 16..]
-        .iter()
-        .zip(&b[b.len() / 16 * 16..])
-        .map(|(x, y)| x * y)
-        .sum();
-    let eight: [f32; 8] = std::array::from_fn(|i| lanes[i] + lanes[i + 8]);
-    let four: [f32; 4] = std::array::from_fn(|i| eight[i] + eight[i + 4]);
-    (four[0] + four[2]) + (four[1] + four[3]) + tail
-}
-
 /// Additive causal mask `(rows, start + rows)` for a prefill; none for a single row, which
 /// may attend to every cached position.
 fn causal_mask(start: usize, rows: usize, device: &Device) -> Result<Option<Tensor>> {
@@ -696,26 +606,6 @@ mod tests {
             ]
         );
         assert!(causal_mask(7, 1, &Device::Cpu)?.is_none());
-        Ok(())
-    }
-
-    #[test]
-    fn single_row_attention_equals_the_repeated_kv_path() -> Result<()> {
-        let dev = Device::Cpu;
-        let (heads, kv_heads, dim, len) = (6, 2, 32, 37);
-        let q = Tensor::randn(0f32, 1.0, (1, heads, 1, dim), &dev)?;
-        // A cache buffer with room to spare, narrowed to the cached positions, as KvCache has.
-        let k = Tensor::randn(0f32, 1.0, (1, kv_heads, 64, dim), &dev)?.narrow(2, 0, len)?;
-        let v = Tensor::randn(0f32, 1.0, (1, kv_heads, 64, dim), &dev)?.narrow(2, 0, len)?;
-        let ours = single_row_attention(&q, &k, &v, dim)?;
-        let scores = (q.matmul(&repeat_kv(&k, 3)?.t()?)? / (dim as f64).sqrt())?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let theirs = probs
-            .matmul(&repeat_kv(&v, 3)?)?
-            .transpose(1, 2)?
-            .reshape((1, 1, heads * dim))?;
-        let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "{diff}");
         Ok(())
     }
 
