@@ -251,6 +251,7 @@ fn dot_columns(format: Format, tile: &[u8], acts: &[ActBlock], blocks: usize, co
 mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
+    use half::f16;
 
     use super::*;
 
@@ -345,6 +346,51 @@ mod tests {
         let t = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu)?;
         assert!(matches!(Linear::new(QMatMul::Tensor(t)), Linear::Candle(_)));
         Ok(())
+    }
+
+    /// Multiply-adds per second of `matmul` on random weights, per format and shape, for
+    /// comparing kernels (a timing harness, not a test: it asserts nothing). Run with
+    /// `cargo test -p lsplit-model --lib matmul_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing harness"]
+    fn matmul_speed() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            for (k, n) in [(576, 576), (2048, 5632)] {
+                let (blocks, bb) = (k / BLOCK, format.block_bytes());
+                let mut gguf: Vec<u8> = (0..n * blocks * bb).map(|_| random() as u8).collect();
+                for block in gguf.chunks_exact_mut(bb) {
+                    let scale = f16::from_f32(0.01 + (random() % 100) as f32 * 1e-4);
+                    block[..2].copy_from_slice(&scale.to_le_bytes());
+                    if format == Format::Q4_1 {
+                        block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+                    }
+                }
+                let tiles = repack(format, &gguf, n, blocks);
+                for m in [1, 16, 64, 256] {
+                    let x: Vec<f32> = (0..m * k)
+                        .map(|_| (random() % 2001) as f32 / 1000.0 - 1.0)
+                        .collect();
+                    let mut out = vec![0f32; m * n];
+                    matmul(format, &tiles, (m, k, n), &x, &mut out);
+                    let start = std::time::Instant::now();
+                    let mut reps = 0;
+                    while reps < 3 || start.elapsed().as_secs_f64() < 0.5 {
+                        matmul(format, &tiles, (m, k, n), &x, &mut out);
+                        reps += 1;
+                    }
+                    let macs = (m * k * n * reps) as f64;
+                    let rate = macs / start.elapsed().as_secs_f64() / 1e9;
+                    println!("{format:?} m={m:3} k={k:4} n={n:4}: {rate:6.2} G multiply-adds/s");
+                }
+            }
+        }
     }
 
     #[test]
