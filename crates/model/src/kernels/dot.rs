@@ -410,7 +410,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Deterministic pseudo-random bytes (xorshift), so the test needs no extra crate.
@@ -427,7 +427,7 @@ mod tests {
     }
 
     /// Four GGUF rows of `blocks` blocks with small finite scales and minimums.
-    fn gguf_rows(format: Format, blocks: usize, seed: u64) -> Vec<u8> {
+    pub(in crate::kernels) fn gguf_rows(format: Format, blocks: usize, seed: u64) -> Vec<u8> {
         let bb = format.block_bytes();
         let mut w = bytes(seed, TILE * blocks * bb);
         for i in 0..TILE * blocks {
@@ -442,7 +442,7 @@ mod tests {
         w
     }
 
-    fn act_row(blocks: usize, seed: u64) -> Vec<ActBlock> {
+    pub(in crate::kernels) fn act_row(blocks: usize, seed: u64) -> Vec<ActBlock> {
         let raw = bytes(seed, blocks * BLOCK);
         let xs: Vec<f32> = raw.iter().map(|&b| (b as f32 - 127.5) / 40.0).collect();
         xs.chunks(BLOCK).map(ActBlock::quantize).collect()
