@@ -35,22 +35,95 @@ pub(crate) struct ActBlock {
 }
 
 impl ActBlock {
-    /// Quantizes 32 values the way candle's (and ggml's) reference Q8_0/Q8_1 code does.
+    /// Quantizes 32 values the way candle's (and ggml's) reference Q8_0/Q8_1 code does, with
+    /// AVX-512 where the target has it (same results).
     pub(crate) fn quantize(xs: &[f32]) -> Self {
-        let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut q = [0i8; BLOCK];
-        let mut sum = 0i32;
-        for (q, &x) in q.iter_mut().zip(xs) {
-            *q = (x * id).round() as i8;
-            sum += i32::from(*q);
+        let xs: &[f32; BLOCK] = xs.try_into().expect("a block of 32 values");
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx512f",
+            target_feature = "avx512bw"
+        ))]
+        // SAFETY: the target has AVX-512 F and BW.
+        unsafe {
+            avx512::quantize(xs)
         }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx512f",
+            target_feature = "avx512bw"
+        )))]
+        portable::quantize(xs)
+    }
+
+    /// The block with scale `d` (before rounding through f16), quants `q` summing to `sum`.
+    fn new(d: f32, q: [i8; BLOCK], sum: i32) -> Self {
         let d16 = f16::from_f32(d);
         Self {
             d: d16.to_f32(),
             s: (f16::from_f32(sum as f32) * d16).to_f32(),
             q,
+        }
+    }
+}
+
+/// Quantization of activations with AVX-512.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx512f",
+    target_feature = "avx512bw"
+))]
+// AVX-512 intrinsics are stable since Rust 1.89: building for an AVX-512 target needs that
+// toolchain; the workspace's older MSRV holds for every other target.
+#[allow(clippy::incompatible_msrv)]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{ActBlock, BLOCK};
+
+    /// See [`ActBlock::quantize`]: the scalar code's operations on sixteen lanes. NaN counts
+    /// as 0 in the maximum (as `f32::max` skips it) and becomes 0, and the conversion to i8
+    /// saturates, as `as i8` does; rounding is half away from zero, as `f32::round`.
+    ///
+    /// # Safety
+    /// The target has AVX-512 F and BW.
+    #[inline(always)]
+    pub(super) unsafe fn quantize(xs: &[f32; BLOCK]) -> ActBlock {
+        // SAFETY: the target has AVX-512 F and BW; `xs` holds 32 values.
+        unsafe {
+            let x = [
+                _mm512_loadu_ps(xs.as_ptr()),
+                _mm512_loadu_ps(xs.as_ptr().add(16)),
+            ];
+            let ordered = |v: __m512| _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+            let abs = x.map(|v| _mm512_maskz_mov_ps(ordered(v), _mm512_abs_ps(v)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs[0], abs[1]));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q = x.map(|x| {
+                let v = _mm512_mul_ps(x, _mm512_set1_ps(id));
+                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+                // `v - t` is exact; a fraction of at least one half rounds away from zero.
+                let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(
+                    _mm512_abs_ps(_mm512_sub_ps(v, t)),
+                    _mm512_set1_ps(0.5),
+                );
+                let sign = _mm512_and_ps(v, _mm512_set1_ps(-0.0));
+                let r = _mm512_mask_add_ps(t, away, t, _mm512_or_ps(_mm512_set1_ps(1.0), sign));
+                let r = _mm512_min_ps(
+                    _mm512_max_ps(r, _mm512_set1_ps(-128.0)),
+                    _mm512_set1_ps(127.0),
+                );
+                _mm512_maskz_mov_epi32(ordered(v), _mm512_cvtps_epi32(r))
+            });
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+            let mut bytes = [0i8; BLOCK];
+            _mm_storeu_si128(bytes.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q[0]));
+            _mm_storeu_si128(
+                bytes.as_mut_ptr().add(16).cast(),
+                _mm512_cvtepi32_epi8(q[1]),
+            );
+            ActBlock::new(d, bytes, sum)
         }
     }
 }
@@ -165,6 +238,20 @@ pub(crate) mod portable {
     use half::f16;
 
     use super::{ActBlock, BLOCK, Format, TILE};
+
+    /// See [`ActBlock::quantize`].
+    pub(crate) fn quantize(xs: &[f32; BLOCK]) -> ActBlock {
+        let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut q = [0i8; BLOCK];
+        let mut sum = 0i32;
+        for (q, &x) in q.iter_mut().zip(xs) {
+            *q = (x * id).round() as i8;
+            sum += i32::from(*q);
+        }
+        ActBlock::new(d, q, sum)
+    }
 
     fn f16_at(bytes: &[u8], at: usize) -> f32 {
         f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
@@ -410,7 +497,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Deterministic pseudo-random bytes (xorshift), so the test needs no extra crate.
@@ -427,7 +514,7 @@ mod tests {
     }
 
     /// Four GGUF rows of `blocks` blocks with small finite scales and minimums.
-    fn gguf_rows(format: Format, blocks: usize, seed: u64) -> Vec<u8> {
+    pub(in crate::kernels) fn gguf_rows(format: Format, blocks: usize, seed: u64) -> Vec<u8> {
         let bb = format.block_bytes();
         let mut w = bytes(seed, TILE * blocks * bb);
         for i in 0..TILE * blocks {
@@ -442,7 +529,7 @@ mod tests {
         w
     }
 
-    fn act_row(blocks: usize, seed: u64) -> Vec<ActBlock> {
+    pub(in crate::kernels) fn act_row(blocks: usize, seed: u64) -> Vec<ActBlock> {
         let raw = bytes(seed, blocks * BLOCK);
         let xs: Vec<f32> = raw.iter().map(|&b| (b as f32 - 127.5) / 40.0).collect();
         xs.chunks(BLOCK).map(ActBlock::quantize).collect()
@@ -532,6 +619,45 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn quantize_equals_the_portable_code_bit_for_bit() {
+        let raw = bytes(41, 64 * BLOCK * 4);
+        let mut blocks: Vec<[f32; BLOCK]> = raw
+            .chunks_exact(BLOCK * 4)
+            .map(|b| {
+                std::array::from_fn(|i| {
+                    let v = f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+                    // Mostly ordinary magnitudes, some of the raw bit patterns.
+                    if i % 5 == 0 {
+                        v
+                    } else {
+                        (v.to_bits() % 20011) as f32 / 97.0 - 100.0
+                    }
+                })
+            })
+            .collect();
+        // Ties at every magnitude (amax 127 makes the scale 1), infinities, NaN, zeros of
+        // both signs, tiny and huge maxima.
+        blocks.push(std::array::from_fn(|i| {
+            if i == 0 { 127.0 } else { i as f32 - 15.5 }
+        }));
+        blocks.push(std::array::from_fn(|i| -(i as f32) * 4.0 - 0.5));
+        blocks.push(std::array::from_fn(|i| [f32::INFINITY, 1.0, -2.5][i % 3]));
+        blocks.push(std::array::from_fn(|i| [f32::NAN, 3.0, -7.0, -0.0][i % 4]));
+        blocks.push([f32::NAN; BLOCK]);
+        blocks.push([-0.0; BLOCK]);
+        blocks.push(std::array::from_fn(|i| i as f32 * 1e-44));
+        blocks.push(std::array::from_fn(|i| (i as f32 - 16.0) * 1e37));
+        for xs in &blocks {
+            let (fast, reference) = (ActBlock::quantize(xs), portable::quantize(xs));
+            assert_eq!(
+                (fast.d.to_bits(), fast.s.to_bits(), fast.q),
+                (reference.d.to_bits(), reference.s.to_bits(), reference.q),
+                "{xs:?}"
+            );
         }
     }
 

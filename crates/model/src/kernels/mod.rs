@@ -2,10 +2,20 @@
 //!
 //! candle has no SIMD kernel for Q4_1 (the default model's format) and dots each activation row
 //! with each weight row on its own. Here each weight block is unpacked once and dotted with up
-//! to four activation rows ([`dot`]) using AVX2 or VNNI, which speeds up decode and makes prefill
-//! and the trunk server's batches cheaper per row. Formats we do not cover keep candle's kernels.
+//! to four activation rows ([`dot`]) using AVX2 or VNNI, which speeds up decode. Where the
+//! target has AVX-512 with VNNI, batches (prefill, the trunk server's shared steps) go through
+//! the `wide` kernel in groups of four rows, sixteen (weight row, activation row) pairs per
+//! instruction. All kernels compute the same bits. Formats we do not cover keep candle's.
 
 mod dot;
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx512f",
+    target_feature = "avx512bw",
+    target_feature = "avx512vl",
+    target_feature = "avx512vnni"
+))]
+mod wide;
 
 use std::sync::Arc;
 
@@ -178,16 +188,44 @@ fn matmul(
     let blocks = k / BLOCK;
     let tile_bytes = TILE * blocks * format.block_bytes();
     let acts: Vec<ActBlock> = x.chunks_exact(BLOCK).map(ActBlock::quantize).collect();
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx512f",
+        target_feature = "avx512bw",
+        target_feature = "avx512vl",
+        target_feature = "avx512vnni"
+    ))]
+    let groups = wide::groups(format, &acts, blocks);
     let threads = rayon::current_num_threads();
     let tiles_per_task = (n / TILE).div_ceil(threads * 4).max(4);
     // Each task fills whole columns (four weight rows against every activation row), so the
     // results are laid out column by column and transposed at the end.
     let mut by_column = vec![0f32; n * m];
     let task = |(c, dst): (usize, &mut [f32])| {
-        for (t, columns) in dst.chunks_exact_mut(TILE * m).enumerate() {
-            let tile = c * tiles_per_task + t;
-            let weights = &tiles[tile * tile_bytes..(tile + 1) * tile_bytes];
-            dot_columns(format, weights, &acts, blocks, columns);
+        let first = c * tiles_per_task * tile_bytes;
+        let weights = &tiles[first..first + dst.len() / (TILE * m) * tile_bytes];
+        // Groups of four activation rows go through the wide kernel where the target has it.
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vl",
+            target_feature = "avx512vnni"
+        ))]
+        let done = wide::dot_columns(format, weights, &groups, blocks, m, dst);
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vl",
+            target_feature = "avx512vnni"
+        )))]
+        let done = 0;
+        for (tile, columns) in weights
+            .chunks_exact(tile_bytes)
+            .zip(dst.chunks_exact_mut(TILE * m))
+        {
+            dot_columns(format, tile, &acts, blocks, done, columns);
         }
     };
     let chunk = tiles_per_task * TILE * m;
@@ -196,16 +234,29 @@ fn matmul(
     } else {
         by_column.par_chunks_mut(chunk).enumerate().for_each(task);
     }
-    for (j, column) in by_column.chunks_exact(m).enumerate() {
-        for (i, &v) in column.iter().enumerate() {
-            out[i * n + j] = v;
+    // Transposed a strip of columns at a time, so that the strip's reads stay in cache while
+    // each output row's part is written in order.
+    const STRIP: usize = 16;
+    for (s, strip) in by_column.chunks(STRIP * m).enumerate() {
+        let width = strip.len() / m;
+        for (i, row) in out.chunks_exact_mut(n).enumerate() {
+            for (j, v) in row[s * STRIP..s * STRIP + width].iter_mut().enumerate() {
+                *v = strip[j * m + i];
+            }
         }
     }
 }
 
-/// One tile of four weight rows against every activation row, up to four at a time;
-/// `columns` holds the four weight rows' results one after the other.
-fn dot_columns(format: Format, tile: &[u8], acts: &[ActBlock], blocks: usize, columns: &mut [f32]) {
+/// One tile of four weight rows against activation rows `from..`, up to four at a time;
+/// `columns` holds the four weight rows' results over all the rows one after the other.
+fn dot_columns(
+    format: Format,
+    tile: &[u8],
+    acts: &[ActBlock],
+    blocks: usize,
+    from: usize,
+    columns: &mut [f32],
+) {
     let m = columns.len() / TILE;
     let row = |i: usize| &acts[i * blocks..(i + 1) * blocks];
     let mut store = |i: usize, results: &[[f32; TILE]]| {
@@ -215,7 +266,7 @@ fn dot_columns(format: Format, tile: &[u8], acts: &[ActBlock], blocks: usize, co
             }
         }
     };
-    let mut i = 0;
+    let mut i = from;
     while i + 4 <= m {
         let mut o = [[0f32; TILE]; 4];
         dot_tile(
@@ -251,6 +302,7 @@ fn dot_columns(format: Format, tile: &[u8], acts: &[ActBlock], blocks: usize, co
 mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
+    use half::f16;
 
     use super::*;
 
@@ -310,6 +362,39 @@ mod tests {
     }
 
     #[test]
+    fn every_batch_size_equals_rows_alone_and_candles_kernels_bit_for_bit()
+    -> candle_core::Result<()> {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let w = weights(dtype, 200, 128)?;
+            let ours = Linear::new(QMatMul::QTensor(w.clone()));
+            let theirs = QMatMul::QTensor(w);
+            let x = input(71, 128, 11)?;
+            let alone: Vec<Vec<u32>> = (0..71)
+                .map(|i| bits(&ours.forward(&x.narrow(1, i, 1)?)?))
+                .collect::<candle_core::Result<_>>()?;
+            // Every tail of the wide kernel's passes (groups of four rows, several groups per
+            // pass) and of the four-row tiles, and batches larger than one pass.
+            for m in (1..=20).chain([33, 64, 71]) {
+                let x = x.narrow(1, 0, m)?;
+                let batch = ours.forward(&x)?;
+                assert_eq!(
+                    bits(&batch)?,
+                    bits(&theirs.forward(&x)?)?,
+                    "{dtype:?} m={m} vs candle"
+                );
+                for (i, alone) in alone.iter().take(m).enumerate() {
+                    assert_eq!(
+                        alone,
+                        &bits(&batch.narrow(1, i, 1)?)?,
+                        "{dtype:?} m={m} row {i}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn embedding_rows_equal_candles_dequantization() -> candle_core::Result<()> {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let w = weights(dtype, 40, 64)?;
@@ -345,6 +430,68 @@ mod tests {
         let t = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu)?;
         assert!(matches!(Linear::new(QMatMul::Tensor(t)), Linear::Candle(_)));
         Ok(())
+    }
+
+    /// Nanoseconds this thread has run on a CPU (Linux), which other processes on the machine
+    /// do not inflate the way they do wall-clock time.
+    fn thread_cpu_ns() -> u64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+        stat.split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse().ok())
+            .expect("run time in schedstat")
+    }
+
+    /// Multiply-adds per second of CPU time of `matmul` on one thread, on random weights, per
+    /// format and shape, for comparing kernels (a timing harness, not a test: it asserts
+    /// nothing). Run with `cargo test --release -p lsplit-model --lib matmul_speed -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore = "timing harness"]
+    fn matmul_speed() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("a thread pool");
+        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            for (k, n) in [(576, 576), (2048, 5632)] {
+                let (blocks, bb) = (k / BLOCK, format.block_bytes());
+                let mut gguf: Vec<u8> = (0..n * blocks * bb).map(|_| random() as u8).collect();
+                for block in gguf.chunks_exact_mut(bb) {
+                    let scale = f16::from_f32(0.01 + (random() % 100) as f32 * 1e-4);
+                    block[..2].copy_from_slice(&scale.to_le_bytes());
+                    if format == Format::Q4_1 {
+                        block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+                    }
+                }
+                let tiles = repack(format, &gguf, n, blocks);
+                for m in [1, 16, 64, 256] {
+                    let x: Vec<f32> = (0..m * k)
+                        .map(|_| (random() % 2001) as f32 / 1000.0 - 1.0)
+                        .collect();
+                    let mut out = vec![0f32; m * n];
+                    let (runs, ns) = one_thread.install(|| {
+                        matmul(format, &tiles, (m, k, n), &x, &mut out);
+                        let (start, cpu) = (std::time::Instant::now(), thread_cpu_ns());
+                        let mut runs = 0;
+                        while runs < 3 || start.elapsed().as_secs_f64() < 0.5 {
+                            matmul(format, &tiles, (m, k, n), &x, &mut out);
+                            runs += 1;
+                        }
+                        (runs, thread_cpu_ns() - cpu)
+                    });
+                    let rate = (m * k * n * runs) as f64 / ns as f64;
+                    println!("{format:?} m={m:3} k={k:4} n={n:4}: {rate:6.2} G multiply-adds/s");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,419 @@
+//! AVX-512 kernel for batches: one tile of four weight rows against groups of four activation
+//! rows, sixteen (weight row, activation row) pairs to a 512-bit register.
+//!
+//! Lane `4w + r` of a register belongs to weight row `w` and activation row `r`. For each group
+//! `g` of four values in a block, `vpdpbusd` multiplies weight row `w`'s values `4g..4g+4`
+//! (broadcast across the four lanes of its 128-bit quarter) with activation row `r`'s (the four
+//! rows side by side, broadcast to every quarter), so one instruction yields the exact integer
+//! dot of four values for all sixteen pairs, with no horizontal sums.
+//!
+//! Each lane then does, operation for operation, what [`super::dot::portable`] does for its
+//! pair: Q4_1 sums the eight groups exactly and accumulates `Σ·d·d_act + min·s_act` in one float;
+//! Q4_0 and Q8_0 keep one register per group (the eight float lanes of candle's AVX2 kernel,
+//! one pair per lane) and sum them at the end in candle's order. So the results equal the other
+//! kernels' bit for bit, and a pair's result never depends on the rows batched with it.
+
+// AVX-512 intrinsics are stable since Rust 1.89: building for an AVX-512 target needs that
+// toolchain; the workspace's older MSRV holds for every other target.
+#![allow(clippy::incompatible_msrv)]
+
+use std::arch::x86_64::*;
+
+use super::dot::{ActBlock, BLOCK, Format, TILE};
+
+/// Activation rows per group.
+pub(crate) const GROUP: usize = 4;
+
+/// One block of four activation rows, laid out for the kernel.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(16))]
+pub(crate) struct ActGroup {
+    /// `q[g]`: values `4g..4g+4` of each of the four rows, one row after the other.
+    q: [[i8; 16]; 8],
+    /// `-bias · Σ` of the same four values per row, where the kernel multiplies by weights
+    /// biased to be unsigned (Q4_0 by 8, Q8_0 by 128; zero for Q4_1's unsigned weights), so
+    /// that each group's dot is the exact signed one.
+    correction: [[i32; 4]; 8],
+    /// The rows' scales.
+    d: [f32; 4],
+    /// The rows' `d · Σq` (see [`ActBlock`]).
+    s: [f32; 4],
+}
+
+impl ActGroup {
+    /// Interleaves one block of four rows for weights in `format`.
+    pub(crate) fn new(format: Format, rows: [&ActBlock; GROUP]) -> Self {
+        let bias = match format {
+            Format::Q4_0 => 8,
+            Format::Q8_0 => 128,
+            Format::Q4_1 => 0,
+        };
+        let mut group = Self {
+            q: [[0; 16]; 8],
+            correction: [[0; 4]; 8],
+            d: rows.map(|a| a.d),
+            s: rows.map(|a| a.s),
+        };
+        for g in 0..BLOCK / 4 {
+            for (r, a) in rows.iter().enumerate() {
+                let values = &a.q[4 * g..4 * g + 4];
+                group.q[g][4 * r..4 * r + 4].copy_from_slice(values);
+                group.correction[g][r] = -bias * values.iter().map(|&v| i32::from(v)).sum::<i32>();
+            }
+        }
+        group
+    }
+}
+
+/// Dots one tile (`blocks` blocks of four weight rows, as [`super::dot::repack`] lays them
+/// out) with `G` groups of four activation rows: `out[i][w][r]` is weight row `w` times row
+/// `r` of group `i`.
+pub(crate) fn dot_tile<const G: usize>(
+    format: Format,
+    tile: &[u8],
+    groups: [&[ActGroup]; G],
+    out: &mut [[[f32; GROUP]; TILE]; G],
+) {
+    let blocks = tile.len() / (TILE * format.block_bytes());
+    assert!(groups.iter().all(|a| a.len() == blocks));
+    assert_eq!(tile.len(), blocks * TILE * format.block_bytes());
+    // SAFETY: this module is only built for targets with AVX-512 F, BW, VL and VNNI, and every
+    // load stays inside `tile` and `groups`, whose lengths were checked above.
+    unsafe { kernel(format, tile, blocks, groups, out) }
+}
+
+/// `[x0, x1, x2, x3]` to `[x0 ×4, x1 ×4, x2 ×4, x3 ×4]`: weight row `w`'s value in its quarter.
+#[inline(always)]
+unsafe fn per_weight_row(x: __m128) -> __m512 {
+    // SAFETY: the target has AVX-512 F.
+    unsafe {
+        let index = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        _mm512_permutexvar_ps(index, _mm512_castps128_ps512(x))
+    }
+}
+
+/// Four f16 at `p` as f32 (exact, as `half` converts them).
+#[inline(always)]
+unsafe fn f16x4(p: *const u8) -> __m128 {
+    // SAFETY: the caller passes 8 readable bytes; the target has F16C.
+    unsafe { _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i)) }
+}
+
+/// 16 bytes at `p` in each quarter.
+#[inline(always)]
+unsafe fn broadcast16(p: *const u8) -> __m512i {
+    // SAFETY: the caller passes 16 readable bytes; the target has AVX-512 F.
+    unsafe { _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i)) }
+}
+
+/// 64 bytes at `p`.
+#[inline(always)]
+unsafe fn load64(p: *const u8) -> __m512i {
+    // SAFETY: the caller passes 64 readable bytes; the target has AVX-512 F.
+    unsafe { _mm512_loadu_si512(p as *const __m512i) }
+}
+
+/// The tile block's weights as unsigned bytes, one register per group of four values: in
+/// quarter `w`, weight row `w`'s values `4g..4g+4` four times. `lo` holds each row's values
+/// 0..16 in its quarter, `hi` values 16..32.
+#[inline(always)]
+unsafe fn weight_groups(lo: __m512i, hi: __m512i) -> [__m512i; 8] {
+    // SAFETY: the target has AVX-512 F.
+    unsafe {
+        [
+            _mm512_shuffle_epi32::<0x00>(lo),
+            _mm512_shuffle_epi32::<0x55>(lo),
+            _mm512_shuffle_epi32::<0xaa>(lo),
+            _mm512_shuffle_epi32::<0xff>(lo),
+            _mm512_shuffle_epi32::<0x00>(hi),
+            _mm512_shuffle_epi32::<0x55>(hi),
+            _mm512_shuffle_epi32::<0xaa>(hi),
+            _mm512_shuffle_epi32::<0xff>(hi),
+        ]
+    }
+}
+
+/// Sixteen nibble bytes per row (four rows at `p`) to their low and high nibbles.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> (__m512i, __m512i) {
+    // SAFETY: the caller passes 64 readable bytes; the target has AVX-512 F and BW.
+    unsafe {
+        let x = load64(p);
+        let mask = _mm512_set1_epi8(0x0f);
+        (
+            _mm512_and_si512(x, mask),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask),
+        )
+    }
+}
+
+/// `f(0)`, ..., `f(G - 1)` written out, so that each group's accumulators, indexed by
+/// constants, stay in registers (a loop keeps them on the stack).
+#[inline(always)]
+fn unrolled<const G: usize>(mut f: impl FnMut(usize)) {
+    const { assert!(G <= 4) };
+    if G > 0 {
+        f(0);
+    }
+    if G > 1 {
+        f(1);
+    }
+    if G > 2 {
+        f(2);
+    }
+    if G > 3 {
+        f(3);
+    }
+}
+
+/// See [`dot_tile`].
+///
+/// # Safety
+/// The target has AVX-512 F, BW, VL and VNNI; `tile` holds `blocks` tile blocks of `format`
+/// and every slice of `groups` `blocks` blocks.
+// Block `b` addresses both the tile's bytes and each group of activation rows.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn kernel<const G: usize>(
+    format: Format,
+    tile: &[u8],
+    blocks: usize,
+    groups: [&[ActGroup]; G],
+    out: &mut [[[f32; GROUP]; TILE]; G],
+) {
+    let bytes = TILE * format.block_bytes();
+    // SAFETY: see above; loads stay inside the blocks.
+    unsafe {
+        match format {
+            Format::Q4_1 => {
+                let mut sums = [_mm512_setzero_ps(); G];
+                for b in 0..blocks {
+                    let p = tile.as_ptr().add(b * bytes);
+                    let d = per_weight_row(f16x4(p));
+                    let min = per_weight_row(f16x4(p.add(8)));
+                    let (lo, hi) = nibbles(p.add(16));
+                    let w = weight_groups(lo, hi);
+                    unrolled::<G>(|i| {
+                        let a = &groups[i][b];
+                        let q = a.q.as_ptr().cast::<u8>();
+                        // Two chains of exact integer sums, for latency; their sum is exact.
+                        let mut even = _mm512_setzero_si512();
+                        let mut odd = _mm512_setzero_si512();
+                        for g in (0..8).step_by(2) {
+                            even = _mm512_dpbusd_epi32(even, w[g], broadcast16(q.add(16 * g)));
+                            odd =
+                                _mm512_dpbusd_epi32(odd, w[g + 1], broadcast16(q.add(16 * g + 16)));
+                        }
+                        let dots = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+                        let d_act = _mm512_broadcast_f32x4(_mm_loadu_ps(a.d.as_ptr()));
+                        let s_act = _mm512_broadcast_f32x4(_mm_loadu_ps(a.s.as_ptr()));
+                        // ((Σ * d) * d_act) + (min * s_act), then accumulated: candle's order.
+                        let t = _mm512_mul_ps(_mm512_mul_ps(dots, d), d_act);
+                        let t = _mm512_add_ps(t, _mm512_mul_ps(min, s_act));
+                        sums[i] = _mm512_add_ps(sums[i], t);
+                    });
+                }
+                for i in 0..G {
+                    _mm512_storeu_ps(out[i].as_mut_ptr().cast(), sums[i]);
+                }
+            }
+            Format::Q4_0 | Format::Q8_0 => {
+                let mut acc = [[_mm512_setzero_ps(); 8]; G];
+                for b in 0..blocks {
+                    let p = tile.as_ptr().add(b * bytes);
+                    let d = per_weight_row(f16x4(p));
+                    let (lo, hi) = if format == Format::Q4_0 {
+                        nibbles(p.add(8))
+                    } else {
+                        // Rows 0 and 1, then 2 and 3, 32 bytes each: gather the first halves
+                        // and the second halves, and bias them by 128 to unsigned.
+                        let (x0, x1) = (load64(p.add(8)), load64(p.add(72)));
+                        let flip = _mm512_set1_epi8(-128);
+                        (
+                            _mm512_xor_si512(_mm512_shuffle_i32x4::<0x88>(x0, x1), flip),
+                            _mm512_xor_si512(_mm512_shuffle_i32x4::<0xdd>(x0, x1), flip),
+                        )
+                    };
+                    let w = weight_groups(lo, hi);
+                    unrolled::<G>(|i| {
+                        let a = &groups[i][b];
+                        let q = a.q.as_ptr().cast::<u8>();
+                        let correction = a.correction.as_ptr().cast::<u8>();
+                        let d_act = _mm512_broadcast_f32x4(_mm_loadu_ps(a.d.as_ptr()));
+                        let scale = _mm512_mul_ps(d, d_act);
+                        for g in 0..8 {
+                            let dot = _mm512_dpbusd_epi32(
+                                broadcast16(correction.add(16 * g)),
+                                w[g],
+                                broadcast16(q.add(16 * g)),
+                            );
+                            acc[i][g] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[i][g]);
+                        }
+                    });
+                }
+                for i in 0..G {
+                    // candle's `hsum_float_8`, lane by lane: ((x4+x0)+(x6+x2))+((x5+x1)+(x7+x3)).
+                    let x = acc[i];
+                    let a: [__m512; 4] = std::array::from_fn(|u| _mm512_add_ps(x[u + 4], x[u]));
+                    let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+                    _mm512_storeu_ps(out[i].as_mut_ptr().cast(), sum);
+                }
+            }
+        }
+    }
+}
+
+/// The activation rows' blocks in groups of four (a trailing one to three rows are left out):
+/// group `i`'s block `b` at `i * blocks + b`.
+pub(crate) fn groups(format: Format, acts: &[ActBlock], blocks: usize) -> Vec<ActGroup> {
+    let rows = acts.len() / blocks;
+    (0..rows / GROUP)
+        .flat_map(|i| {
+            (0..blocks).map(move |b| {
+                ActGroup::new(
+                    format,
+                    std::array::from_fn(|r| &acts[(i * GROUP + r) * blocks + b]),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Tiles after one another in `tiles` against every group of four activation rows: `columns`
+/// holds, tile after tile, each of its four weight rows' results over the `m` activation rows.
+/// Returns the rows done, the groups' rows.
+///
+/// Each pass over a run of tiles takes several groups (one unpacking of a weight block serves
+/// them all); the run is short enough to stay in the core's cache for every pass, so the
+/// weights come from memory once, not once per pass.
+pub(crate) fn dot_columns(
+    format: Format,
+    tiles: &[u8],
+    groups: &[ActGroup],
+    blocks: usize,
+    m: usize,
+    columns: &mut [f32],
+) -> usize {
+    /// Bytes of weights per run of tiles: a quarter of a 1 MiB L2 cache.
+    const RUN_BYTES: usize = 256 << 10;
+    let tile_bytes = TILE * blocks * format.block_bytes();
+    let run = (RUN_BYTES / tile_bytes).max(1);
+    let count = groups.len() / blocks;
+    // Registers: Q4_1 needs one accumulator per group, Q4_0 and Q8_0 eight.
+    let per_pass = if format == Format::Q4_1 { 4 } else { 2 };
+    for (tiles, columns) in tiles
+        .chunks(run * tile_bytes)
+        .zip(columns.chunks_mut(run * TILE * m))
+    {
+        let mut first = 0;
+        while first < count {
+            let take = per_pass.min(count - first);
+            let pass = groups[first * blocks..(first + take) * blocks].chunks_exact(blocks);
+            for (tile, columns) in tiles
+                .chunks_exact(tile_bytes)
+                .zip(columns.chunks_exact_mut(TILE * m))
+            {
+                let mut pass = pass.clone();
+                let mut group = || pass.next().expect("a group per pass");
+                let at = first * GROUP;
+                match take {
+                    4 => store(
+                        format,
+                        tile,
+                        [group(), group(), group(), group()],
+                        m,
+                        at,
+                        columns,
+                    ),
+                    3 => store(format, tile, [group(), group(), group()], m, at, columns),
+                    2 => store(format, tile, [group(), group()], m, at, columns),
+                    _ => store(format, tile, [group()], m, at, columns),
+                }
+            }
+            first += take;
+        }
+    }
+    count * GROUP
+}
+
+/// Runs [`dot_tile`] on `G` groups starting at activation row `at` and stores the results in
+/// the tile's `columns`.
+fn store<const G: usize>(
+    format: Format,
+    tile: &[u8],
+    groups: [&[ActGroup]; G],
+    m: usize,
+    at: usize,
+    columns: &mut [f32],
+) {
+    let mut out = [[[0f32; GROUP]; TILE]; G];
+    dot_tile(format, tile, groups, &mut out);
+    for (i, group) in out.iter().enumerate() {
+        for (w, rows) in group.iter().enumerate() {
+            let start = w * m + at + i * GROUP;
+            columns[start..start + GROUP].copy_from_slice(rows);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::dot::tests::{act_row, gguf_rows};
+    use super::super::dot::{portable, repack};
+    use super::*;
+
+    /// `G` groups of rows `rows[4i..4i+4]` through the wide kernel.
+    fn wide<const G: usize>(format: Format, tile: &[u8], rows: &[Vec<ActBlock>]) -> Vec<[f32; 4]> {
+        let blocks = rows[0].len();
+        let flat: Vec<ActBlock> = rows.iter().flatten().copied().collect();
+        let all = groups(format, &flat, blocks);
+        let mut out = [[[0f32; GROUP]; TILE]; G];
+        dot_tile(
+            format,
+            tile,
+            std::array::from_fn(|i| &all[i * blocks..(i + 1) * blocks]),
+            &mut out,
+        );
+        // Per activation row, its four weight rows' results.
+        (0..G * GROUP)
+            .map(|r| std::array::from_fn(|w| out[r / GROUP][w][r % GROUP]))
+            .collect()
+    }
+
+    #[test]
+    fn wide_kernel_equals_the_portable_code_bit_for_bit_for_any_grouping() {
+        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            for blocks in [1, 18, 64] {
+                let gguf = gguf_rows(format, blocks, 3 + blocks as u64);
+                let tile = repack(format, &gguf, TILE, blocks);
+                let mut rows: Vec<Vec<ActBlock>> =
+                    (0..16).map(|i| act_row(blocks, 200 + i as u64)).collect();
+                // Extremes: full-scale values of both signs and an all-zero row.
+                rows[5].iter_mut().for_each(|a| a.q = [127; BLOCK]);
+                rows[6].iter_mut().for_each(|a| a.q = [-127; BLOCK]);
+                rows[7]
+                    .iter_mut()
+                    .for_each(|a| *a = ActBlock::quantize(&[0.0; BLOCK]));
+                let reference: Vec<[u32; 4]> = rows
+                    .iter()
+                    .map(|row| {
+                        let mut one = [[0f32; TILE]; 1];
+                        portable::dot_tile(format, &tile, blocks, [&row[..]], &mut one);
+                        one[0].map(f32::to_bits)
+                    })
+                    .collect();
+                let bits = |v: Vec<[f32; 4]>| -> Vec<[u32; 4]> {
+                    v.into_iter().map(|r| r.map(f32::to_bits)).collect()
+                };
+                assert_eq!(
+                    bits(wide::<4>(format, &tile, &rows)),
+                    reference,
+                    "{format:?}"
+                );
+                assert_eq!(bits(wide::<3>(format, &tile, &rows[4..])), reference[4..]);
+                assert_eq!(bits(wide::<2>(format, &tile, &rows[8..])), reference[8..]);
+                assert_eq!(bits(wide::<1>(format, &tile, &rows[12..])), reference[12..]);
+            }
+        }
+    }
+}
