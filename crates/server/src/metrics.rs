@@ -220,10 +220,22 @@ pub async fn serve_metrics(
         };
         let stats = stats.clone();
         tokio::spawn(async move {
-            let mut request = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut request));
-            let Ok(Ok(n)) = read.await else { return };
-            let line = String::from_utf8_lossy(&request[..n]);
+            // Read the whole request head: closing a socket with unread bytes resets the
+            // connection, and the client may lose the response.
+            let mut request = Vec::with_capacity(1024);
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut chunk = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 << 10 {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+            if read.await.is_err() || request.is_empty() {
+                return;
+            }
+            let line = String::from_utf8_lossy(&request);
             let (status, body) = if line.starts_with("GET /metrics ") {
                 ("200 OK", stats.prometheus())
             } else {
@@ -237,10 +249,10 @@ pub async fn serve_metrics(
                  {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                socket.write_all(response.as_bytes()),
-            )
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                socket.write_all(response.as_bytes()).await?;
+                socket.shutdown().await
+            })
             .await;
         });
     }
