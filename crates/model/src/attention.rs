@@ -13,9 +13,9 @@
 //! Two implementations of the block primitives: AVX2 with FMA (scores of eight positions at once,
 //! a vectorized `exp`) and a portable one; they agree to within float rounding.
 
-use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::cache::CachedHeads;
 use crate::{ModelError, Result};
 
 /// Positions of one KV head that one task attends to.
@@ -27,47 +27,30 @@ const BLOCK: usize = 64;
 /// Multiply-adds of a single-row attention from which its chunks run on several threads.
 const PARALLEL_ATTENTION: usize = 1 << 16;
 
-/// Attention of one query row `q (1, heads, 1, dim)` against every cached position of
-/// `k`, `v (1, kv_heads, len, dim)`, reading the cache in place: no copy of the cache per token
-/// (which repeating the KV heads would make), so a decode step costs only the reads and the
-/// arithmetic. Returns `(1, 1, heads * dim)`.
-pub(crate) fn single_row_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    dim: usize,
-) -> Result<Tensor> {
-    let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
-    let heads = q.len() / dim;
-    let (_, kv_heads, len, _) = k.dims4()?;
-    if len == 0 {
-        return Err(ModelError::Config(
-            "attention over an empty KV cache".into(),
-        ));
+/// Attention of one query row `q (heads * dim)` against every position of `cached`, read in
+/// place: no copy of the cache per token (which repeating the KV heads would make), so a decode
+/// step costs only the reads and the arithmetic. Writes the `heads * dim` outputs into `out`.
+pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) -> Result<()> {
+    let CachedHeads {
+        kv_heads, dim, len, ..
+    } = cached;
+    if len == 0 || dim == 0 || q.len() % (kv_heads * dim) != 0 || out.len() != q.len() {
+        return Err(ModelError::Config(format!(
+            "attention of {} query values over {len} cached positions of {kv_heads} heads of {dim}",
+            q.len()
+        )));
     }
+    let heads = q.len() / dim;
     let group = heads / kv_heads;
     let scale = 1.0 / (dim as f32).sqrt();
-    // Rows of a head must follow each other, as they do in the cache's buffers.
-    let (k, v) = (rows_in_order(k)?, rows_in_order(v)?);
-    let (k_storage, k_layout) = k.storage_and_layout();
-    let (v_storage, v_layout) = v.storage_and_layout();
-    let (Storage::Cpu(k_cpu), Storage::Cpu(v_cpu)) = (&*k_storage, &*v_storage) else {
-        return Err(ModelError::Config("the KV cache is not on the CPU".into()));
-    };
-    let (ks, vs) = (k_cpu.as_slice::<f32>()?, v_cpu.as_slice::<f32>()?);
-    // Positions `range` of KV head `g`.
-    let rows = |layout: &candle_core::Layout, g: usize, range: std::ops::Range<usize>| {
-        let at = layout.start_offset() + g * layout.stride()[1];
-        at + range.start * dim..at + range.end * dim
-    };
     let chunks = len.div_ceil(CHUNK);
     let attend = |task: usize| {
         let (g, c) = (task / chunks, task % chunks);
-        let range = c * CHUNK..len.min((c + 1) * CHUNK);
+        let (keys, values) = cached.rows(g, c * CHUNK..len.min((c + 1) * CHUNK));
         attend_chunk(
             &q[g * group * dim..(g + 1) * group * dim],
-            &ks[rows(k_layout, g, range.clone())],
-            &vs[rows(v_layout, g, range)],
+            keys,
+            values,
             dim,
             scale,
         )
@@ -77,26 +60,13 @@ pub(crate) fn single_row_attention(
     } else {
         (0..kv_heads * chunks).into_par_iter().map(attend).collect()
     };
-    let mut out = vec![0f32; heads * dim];
     for (ys, parts) in out
         .chunks_exact_mut(group * dim)
         .zip(partials.chunks_exact(chunks))
     {
         merge(parts, ys, dim);
     }
-    Ok(Tensor::from_vec(out, (1, 1, heads * dim), k.device())?)
-}
-
-/// `x` itself when each head's positions are consecutive rows of `dim` values, else a copy
-/// laid out so.
-fn rows_in_order(x: &Tensor) -> Result<Tensor> {
-    let (_, _, _, dim) = x.dims4()?;
-    let stride = x.stride();
-    Ok(if stride[3] == 1 && stride[2] == dim {
-        x.clone()
-    } else {
-        x.contiguous()?
-    })
+    Ok(())
 }
 
 /// The online softmax of a group of query heads over some positions: per head the largest
@@ -456,9 +426,28 @@ mod avx2 {
 mod tests {
     use std::time::Instant;
 
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     use super::*;
+
+    /// [`attend_row`] of `q (1, heads, 1, dim)` over the first `len` positions of the cache
+    /// buffers `k`, `v (1, kv_heads, room, dim)`, as a `(1, 1, heads * dim)` tensor.
+    fn single_row(q: &Tensor, k: &Tensor, v: &Tensor, len: usize) -> Result<Tensor> {
+        let (_, kv_heads, room, dim) = k.dims4()?;
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+        let (q, ks, vs) = (flat(q)?, flat(k)?, flat(v)?);
+        let cached = CachedHeads {
+            k: &ks,
+            v: &vs,
+            kv_heads,
+            dim,
+            stride: room * dim,
+            len,
+        };
+        let mut out = vec![0f32; q.len()];
+        attend_row(&q, cached, &mut out)?;
+        Ok(Tensor::from_vec(out, (1, 1, q.len()), &Device::Cpu)?)
+    }
 
     /// The attention every other path computes: the KV heads repeated for their query heads,
     /// then a matrix product, a softmax and a matrix product.
@@ -484,7 +473,7 @@ mod tests {
     }
 
     #[test]
-    fn single_row_attention_equals_the_repeated_kv_path() -> Result<()> {
+    fn row_attention_equals_the_repeated_kv_path() -> Result<()> {
         let dev = Device::Cpu;
         // Lengths below one block, across blocks and chunks, with and without a ragged end;
         // head dimensions for the SIMD slabs (64, 72 = 64 + 8) and for the portable fallback.
@@ -499,11 +488,11 @@ mod tests {
             let q = Tensor::randn(0f32, 1.0, (1, heads, 1, dim), &dev)?;
             // A cache buffer with room to spare, narrowed to the cached positions, as KvCache has.
             let room = len + 20;
-            let k = Tensor::randn(0f32, 1.0, (1, kv_heads, room, dim), &dev)?.narrow(2, 0, len)?;
-            let v = Tensor::randn(0f32, 1.0, (1, kv_heads, room, dim), &dev)?.narrow(2, 0, len)?;
+            let k = Tensor::randn(0f32, 1.0, (1, kv_heads, room, dim), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (1, kv_heads, room, dim), &dev)?;
             let diff = max_diff(
-                &single_row_attention(&q, &k, &v, dim)?,
-                &reference(&q, &k, &v, dim)?,
+                &single_row(&q, &k, &v, len)?,
+                &reference(&q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?, dim)?,
             )?;
             assert!(
                 diff < 1e-5,
@@ -521,7 +510,7 @@ mod tests {
         let ramp = Tensor::arange(0f32, 600.0, &dev)?.reshape((1, 1, 600, 1))?;
         let k = (ramp.broadcast_as((1, 1, 600, 64))? * 0.01)?.contiguous()?;
         let v = Tensor::randn(0f32, 1.0, (1, 1, 600, 64), &dev)?;
-        let ours = single_row_attention(&q, &k, &v, 64)?;
+        let ours = single_row(&q, &k, &v, 600)?;
         let diff = max_diff(&ours, &reference(&q, &k, &v, 64)?)?;
         assert!(diff < 1e-5, "{diff}");
         Ok(())
@@ -568,23 +557,29 @@ mod tests {
         let (layers, heads, kv_heads, dim) = (30, 9, 3, 64);
         let q = Tensor::randn(0f32, 1.0, (1, heads, 1, dim), &dev)?;
         for len in [1000, 4000] {
-            let caches: Vec<(Tensor, Tensor)> = (0..layers)
-                .map(|_| -> Result<_> {
-                    let buffer = || -> Result<Tensor> {
-                        Ok(
-                            Tensor::randn(0f32, 1.0, (1, kv_heads, len + 100, dim), &dev)?
-                                .narrow(2, 0, len)?,
-                        )
-                    };
-                    Ok((buffer()?, buffer()?))
-                })
+            let room = len + 100;
+            let buffer = || -> Result<Vec<f32>> {
+                Ok(Tensor::randn(0f32, 1.0, kv_heads * room * dim, &dev)?.to_vec1()?)
+            };
+            let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..layers)
+                .map(|_| Ok((buffer()?, buffer()?)))
                 .collect::<Result<_>>()?;
+            let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+            let mut out = vec![0f32; q.len()];
             let steps = 50;
             let mut times = Vec::with_capacity(steps);
             for _ in 0..steps {
                 let t = Instant::now();
                 for (k, v) in &caches {
-                    single_row_attention(&q, k, v, dim)?;
+                    let cached = CachedHeads {
+                        k,
+                        v,
+                        kv_heads,
+                        dim,
+                        stride: room * dim,
+                        len,
+                    };
+                    attend_row(&q, cached, &mut out)?;
                 }
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }

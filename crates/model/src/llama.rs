@@ -4,7 +4,9 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor};
 
-use crate::attention::single_row_attention;
+use rayon::prelude::*;
+
+use crate::attention::attend_row;
 use crate::kernels::Linear;
 use crate::{KvCache, LlamaConfig, ModelError, PartSpec, Result, TensorRecord};
 
@@ -118,28 +120,30 @@ impl ModelPart {
     /// Runs this part's layers over hidden rows `(rows, hidden)` that start at sequence
     /// position `start`, appending to `cache`; returns rows of the same shape.
     pub fn forward(&self, hidden: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let rows = self.check_rows(hidden, start, cache)?;
-        if rows > PREFILL_CHUNK {
-            let mut outputs = Vec::with_capacity(rows.div_ceil(PREFILL_CHUNK));
-            for offset in (0..rows).step_by(PREFILL_CHUNK) {
-                let chunk = hidden.narrow(0, offset, PREFILL_CHUNK.min(rows - offset))?;
-                outputs.push(self.forward(&chunk, start + offset, cache)?);
+        on_pool(|| {
+            let rows = self.check_rows(hidden, start, cache)?;
+            if rows > PREFILL_CHUNK {
+                let mut outputs = Vec::with_capacity(rows.div_ceil(PREFILL_CHUNK));
+                for offset in (0..rows).step_by(PREFILL_CHUNK) {
+                    let chunk = hidden.narrow(0, offset, PREFILL_CHUNK.min(rows - offset))?;
+                    outputs.push(self.forward(&chunk, start + offset, cache)?);
+                }
+                return Ok(Tensor::cat(&outputs, 0)?);
             }
-            return Ok(Tensor::cat(&outputs, 0)?);
-        }
-        let width = self.config.hidden_size;
-        if self.layers.is_empty() {
+            let width = self.config.hidden_size;
+            if self.layers.is_empty() {
+                cache.advance(rows);
+                return Ok(hidden.clone());
+            }
+            let (cos, sin) = self.rope_tables(start, rows)?;
+            let mask = causal_mask(start, rows, &self.device)?;
+            let mut x = hidden.reshape((1, rows, width))?;
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = self.layer_forward(layer, i, &x, &cos, &sin, mask.as_ref(), cache)?;
+            }
             cache.advance(rows);
-            return Ok(hidden.clone());
-        }
-        let (cos, sin) = self.rope_tables(start, rows)?;
-        let mask = causal_mask(start, rows, &self.device)?;
-        let mut x = hidden.reshape((1, rows, width))?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, i, &x, &cos, &sin, mask.as_ref(), cache)?;
-        }
-        cache.advance(rows);
-        Ok(x.reshape((rows, width))?)
+            Ok(x.reshape((rows, width))?)
+        })
     }
 
     /// Runs only the model layers `layers` (absolute indices, within this part's) over rows
@@ -156,54 +160,61 @@ impl ModelPart {
         layers: Range<usize>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let own = &self.spec.layers;
-        if layers.start < own.start || layers.end > own.end || layers.start > layers.end {
-            return Err(ModelError::Config(format!(
-                "layers {layers:?} are not within the {} part's layers {own:?}",
-                self.spec.kind.name()
-            )));
-        }
-        let rows = self.check_shape(hidden)?;
-        self.check_cache(cache)?;
-        for layer in layers.clone() {
-            let held = cache.layer_len(layer - own.start);
-            if held != start {
-                return Err(ModelError::Position {
-                    expected: held,
-                    got: start,
-                });
+        on_pool(|| {
+            let own = &self.spec.layers;
+            if layers.start < own.start || layers.end > own.end || layers.start > layers.end {
+                return Err(ModelError::Config(format!(
+                    "layers {layers:?} are not within the {} part's layers {own:?}",
+                    self.spec.kind.name()
+                )));
             }
-        }
-        self.check_context(start, rows)?;
-        if layers.is_empty() {
-            return Ok(hidden.clone());
-        }
-        if rows > PREFILL_CHUNK {
-            let mut outputs = Vec::with_capacity(rows.div_ceil(PREFILL_CHUNK));
-            for offset in (0..rows).step_by(PREFILL_CHUNK) {
-                let chunk = hidden.narrow(0, offset, PREFILL_CHUNK.min(rows - offset))?;
-                outputs.push(self.forward_layers(&chunk, start + offset, layers.clone(), cache)?);
+            let rows = self.check_shape(hidden)?;
+            self.check_cache(cache)?;
+            for layer in layers.clone() {
+                let held = cache.layer_len(layer - own.start);
+                if held != start {
+                    return Err(ModelError::Position {
+                        expected: held,
+                        got: start,
+                    });
+                }
             }
-            return Ok(Tensor::cat(&outputs, 0)?);
-        }
-        let width = self.config.hidden_size;
-        let (cos, sin) = self.rope_tables(start, rows)?;
-        let mask = causal_mask(start, rows, &self.device)?;
-        let mut x = hidden.reshape((1, rows, width))?;
-        for layer in layers {
-            let index = layer - own.start;
-            x = self.layer_forward(
-                &self.layers[index],
-                index,
-                &x,
-                &cos,
-                &sin,
-                mask.as_ref(),
-                cache,
-            )?;
-        }
-        cache.reach(start + rows);
-        Ok(x.reshape((rows, width))?)
+            self.check_context(start, rows)?;
+            if layers.is_empty() {
+                return Ok(hidden.clone());
+            }
+            if rows > PREFILL_CHUNK {
+                let mut outputs = Vec::with_capacity(rows.div_ceil(PREFILL_CHUNK));
+                for offset in (0..rows).step_by(PREFILL_CHUNK) {
+                    let chunk = hidden.narrow(0, offset, PREFILL_CHUNK.min(rows - offset))?;
+                    outputs.push(self.forward_layers(
+                        &chunk,
+                        start + offset,
+                        layers.clone(),
+                        cache,
+                    )?);
+                }
+                return Ok(Tensor::cat(&outputs, 0)?);
+            }
+            let width = self.config.hidden_size;
+            let (cos, sin) = self.rope_tables(start, rows)?;
+            let mask = causal_mask(start, rows, &self.device)?;
+            let mut x = hidden.reshape((1, rows, width))?;
+            for layer in layers {
+                let index = layer - own.start;
+                x = self.layer_forward(
+                    &self.layers[index],
+                    index,
+                    &x,
+                    &cos,
+                    &sin,
+                    mask.as_ref(),
+                    cache,
+                )?;
+            }
+            cache.reach(start + rows);
+            Ok(x.reshape((rows, width))?)
+        })
     }
 
     /// Runs `candidates` rows `(n, hidden)` that all sit at position `start` through `layers`
@@ -266,7 +277,7 @@ impl ModelPart {
             let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
             let scale = 1.0 / (c.head_dim as f64).sqrt();
             let own_score = (q.mul(&k)?.sum_keepdim(3)? * scale)?;
-            let y = match cache.view(index)? {
+            let y = match cache.view(index, &self.device)? {
                 None => v,
                 Some((cached_k, cached_v)) => {
                     let cached_k = repeat_kv(&cached_k, group)?;
@@ -303,80 +314,74 @@ impl ModelPart {
         &self,
         batch: &mut [(&Tensor, usize, &mut KvCache)],
     ) -> Result<Vec<Tensor>> {
-        for (hidden, start, cache) in batch.iter() {
-            self.check_rows(hidden, *start, cache)?;
-        }
-        if batch.iter().any(|(h, _, _)| h.dims()[0] > PREFILL_CHUNK) {
-            // Long prompts run in chunks, exactly as alone; the rest still share their products.
-            let mut outputs: Vec<Option<Tensor>> = vec![None; batch.len()];
-            let mut rest = Vec::new();
-            for (i, (hidden, start, cache)) in batch.iter_mut().enumerate() {
-                if hidden.dims()[0] > PREFILL_CHUNK {
-                    outputs[i] = Some(self.forward(hidden, *start, cache)?);
+        on_pool(|| {
+            for (hidden, start, cache) in batch.iter() {
+                self.check_rows(hidden, *start, cache)?;
+            }
+            if batch.iter().any(|(h, _, _)| h.dims()[0] > PREFILL_CHUNK) {
+                // Long prompts run in chunks, exactly as alone; the rest still share their products.
+                let mut outputs: Vec<Option<Tensor>> = vec![None; batch.len()];
+                let mut rest = Vec::new();
+                for (i, (hidden, start, cache)) in batch.iter_mut().enumerate() {
+                    if hidden.dims()[0] > PREFILL_CHUNK {
+                        outputs[i] = Some(self.forward(hidden, *start, cache)?);
+                    } else {
+                        rest.push((i, (*hidden, *start, &mut **cache)));
+                    }
+                }
+                let (indices, mut items): (Vec<usize>, Vec<_>) = rest.into_iter().unzip();
+                if !items.is_empty() {
+                    for (i, out) in indices.into_iter().zip(self.forward_batch(&mut items)?) {
+                        outputs[i] = Some(out);
+                    }
+                }
+                return Ok(outputs.into_iter().flatten().collect());
+            }
+            let width = self.config.hidden_size;
+            let rows: Vec<usize> = batch.iter().map(|(h, _, _)| h.dims()[0]).collect();
+            if self.layers.is_empty() {
+                for ((_, _, cache), &r) in batch.iter_mut().zip(&rows) {
+                    cache.advance(r);
+                }
+                return Ok(batch.iter().map(|(h, _, _)| (*h).clone()).collect());
+            }
+            let mut tables = Vec::with_capacity(batch.len());
+            for ((_, start, _), &r) in batch.iter().zip(&rows) {
+                tables.push(if r > 1 {
+                    let (cos, sin) = self.rope_tables(*start, r)?;
+                    Some((cos, sin, causal_mask(*start, r, &self.device)?))
                 } else {
-                    rest.push((i, (*hidden, *start, &mut **cache)));
-                }
+                    None
+                });
             }
-            let (indices, mut items): (Vec<usize>, Vec<_>) = rest.into_iter().unzip();
-            if !items.is_empty() {
-                for (i, out) in indices.into_iter().zip(self.forward_batch(&mut items)?) {
-                    outputs[i] = Some(out);
-                }
+            let total: usize = rows.iter().sum();
+            let hiddens: Vec<&Tensor> = batch.iter().map(|(h, _, _)| *h).collect();
+            let mut x = Tensor::cat(&hiddens, 0)?.reshape((1, total, width))?;
+            let eps = self.config.rms_norm_eps as f32;
+            for (index, layer) in self.layers.iter().enumerate() {
+                let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+                let (q, k, v) = (
+                    layer.wq.forward(&h)?,
+                    layer.wk.forward(&h)?,
+                    layer.wv.forward(&h)?,
+                );
+                let y = self.batch_attention(index, batch, &rows, &tables, (&q, &k, &v))?;
+                let x_attn = (&x + layer.wo.forward(&y)?)?;
+                let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
+                let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+                let up = layer.w_up.forward(&h)?;
+                x = (x_attn + layer.w_down.forward(&(gate * up)?)?)?;
             }
-            return Ok(outputs.into_iter().flatten().collect());
-        }
-        let width = self.config.hidden_size;
-        let rows: Vec<usize> = batch.iter().map(|(h, _, _)| h.dims()[0]).collect();
-        if self.layers.is_empty() {
+            let x = x.reshape((total, width))?;
+            let mut outputs = Vec::with_capacity(batch.len());
+            let mut offset = 0;
             for ((_, _, cache), &r) in batch.iter_mut().zip(&rows) {
                 cache.advance(r);
-            }
-            return Ok(batch.iter().map(|(h, _, _)| (*h).clone()).collect());
-        }
-        let mut tables = Vec::with_capacity(batch.len());
-        for ((_, start, _), &r) in batch.iter().zip(&rows) {
-            let (cos, sin) = self.rope_tables(*start, r)?;
-            tables.push((cos, sin, causal_mask(*start, r, &self.device)?));
-        }
-        let total: usize = rows.iter().sum();
-        let hiddens: Vec<&Tensor> = batch.iter().map(|(h, _, _)| *h).collect();
-        let mut x = Tensor::cat(&hiddens, 0)?.reshape((1, total, width))?;
-        let eps = self.config.rms_norm_eps as f32;
-        for (index, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let (q, k, v) = (
-                layer.wq.forward(&h)?,
-                layer.wk.forward(&h)?,
-                layer.wv.forward(&h)?,
-            );
-            let mut ys = Vec::with_capacity(batch.len());
-            let mut offset = 0;
-            for (((_, _, cache), &r), (cos, sin, mask)) in batch.iter_mut().zip(&rows).zip(&tables)
-            {
-                let rows_of = |t: &Tensor| t.narrow(1, offset, r);
-                ys.push(self.session_attention(
-                    index,
-                    (&rows_of(&q)?, &rows_of(&k)?, &rows_of(&v)?),
-                    (cos, sin, mask.as_ref()),
-                    cache,
-                )?);
+                outputs.push(x.narrow(0, offset, r)?);
                 offset += r;
             }
-            let x_attn = (&x + layer.wo.forward(&Tensor::cat(&ys, 1)?)?)?;
-            let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x_attn + layer.w_down.forward(&(gate * up)?)?)?;
-        }
-        let x = x.reshape((total, width))?;
-        let mut outputs = Vec::with_capacity(batch.len());
-        let mut offset = 0;
-        for ((_, _, cache), &r) in batch.iter_mut().zip(&rows) {
-            cache.advance(r);
-            outputs.push(x.narrow(0, offset, r)?);
-            offset += r;
-        }
-        Ok(outputs)
+            Ok(outputs)
+        })
     }
 
     /// Checks rows before any cache is touched: their shape, the cache's part, the position
@@ -429,9 +434,95 @@ impl ModelPart {
         Ok(())
     }
 
-    /// Attention of one session from its query, key and value projections
-    /// `(1, rows, heads * head_dim)`. The solo and the batched paths both run it, so a batch
-    /// computes exactly what each of its sessions would alone.
+    /// Attention of every session of a batch from the batch's query, key and value projections
+    /// `(1, total rows, heads * head_dim)`: the sessions' decode rows in parallel, each on its
+    /// own ([`ModelPart::decode_row`]), then their prompt chunks. Returns `(1, total rows,
+    /// heads * head_dim)`.
+    fn batch_attention(
+        &self,
+        index: usize,
+        batch: &mut [(&Tensor, usize, &mut KvCache)],
+        rows: &[usize],
+        tables: &[Option<(Tensor, Tensor, Option<Tensor>)>],
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+        let (qs, ks, vs) = (flat(q)?, flat(k)?, flat(v)?);
+        let total: usize = rows.iter().sum();
+        let mut ys = vec![0f32; total * width];
+        let mut jobs = Vec::with_capacity(batch.len());
+        let (mut rest, mut offset) = (ys.as_mut_slice(), 0);
+        for (((_, _, cache), &r), table) in batch.iter_mut().zip(rows).zip(tables) {
+            let (y, tail) = std::mem::take(&mut rest).split_at_mut(r * width);
+            rest = tail;
+            jobs.push((offset, r, &mut **cache, table, y));
+            offset += r;
+        }
+        jobs.par_iter_mut()
+            .filter(|job| job.1 == 1)
+            .try_for_each(|(at, _, cache, _, y)| {
+                let row = |values: &[f32], w: usize| values[*at * w..(*at + 1) * w].to_vec();
+                self.decode_row(
+                    index,
+                    (row(&qs, width), row(&ks, kv_width), &row(&vs, kv_width)),
+                    cache,
+                    y,
+                )
+            })?;
+        for (at, r, cache, table, y) in jobs.iter_mut().filter(|job| job.1 > 1) {
+            let (cos, sin, mask) = table.as_ref().ok_or_else(|| {
+                ModelError::Config("a prompt chunk of the batch has no rotation tables".into())
+            })?;
+            let rows_of = |t: &Tensor| t.narrow(1, *at, *r);
+            let out = self.session_attention(
+                index,
+                (&rows_of(q)?, &rows_of(k)?, &rows_of(v)?),
+                (cos, sin, mask.as_ref()),
+                cache,
+            )?;
+            y.copy_from_slice(&flat(&out)?);
+        }
+        Ok(Tensor::from_vec(ys, (1, total, width), &self.device)?)
+    }
+
+    /// Attention of one decode row: rotates its query `q (heads * head_dim)` and key
+    /// `k (kv_heads * head_dim)` to the next position of the layer's cache, appends the key and
+    /// the value `v` there and attends over every cached position, in place; writes
+    /// `heads * head_dim` values into `y`. The solo and the batched paths both run it, so a
+    /// batch computes exactly what each of its sessions would alone.
+    fn decode_row(
+        &self,
+        index: usize,
+        (mut q, mut k, v): (Vec<f32>, Vec<f32>, &[f32]),
+        cache: &mut KvCache,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let c = &self.config;
+        // The same angles and arithmetic as `rope_tables` and candle's rotary kernels.
+        let position = cache.layer_len(index) as f32;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = self
+            .inv_freq
+            .iter()
+            .map(|f| {
+                let angle = position * f;
+                (angle.cos(), angle.sin())
+            })
+            .unzip();
+        for head in q
+            .chunks_exact_mut(c.head_dim)
+            .chain(k.chunks_exact_mut(c.head_dim))
+        {
+            rotate(head, &cos, &sin, c.rope_interleaved);
+        }
+        let cached = cache.push(index, &k, v, c.num_kv_heads, c.head_dim)?;
+        attend_row(&q, cached, y)
+    }
+
+    /// Attention of one session's rows from its query, key and value projections
+    /// `(1, rows, heads * head_dim)`: a single row through [`ModelPart::decode_row`], a prompt
+    /// chunk through the full matrix products.
     fn session_attention(
         &self,
         index: usize,
@@ -441,6 +532,16 @@ impl ModelPart {
     ) -> Result<Tensor> {
         let c = &self.config;
         let rows = q.dim(1)?;
+        if rows == 1 {
+            let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+            let mut y = vec![0f32; c.num_heads * c.head_dim];
+            self.decode_row(index, (flat(q)?, flat(k)?, &flat(v)?), cache, &mut y)?;
+            return Ok(Tensor::from_vec(
+                y,
+                (1, 1, c.num_heads * c.head_dim),
+                &self.device,
+            )?);
+        }
         let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((1, rows, n, c.head_dim))?
                 .transpose(1, 2)?
@@ -463,9 +564,6 @@ impl ModelPart {
             )
         };
         let (k, v) = cache.append(index, &k, &v)?;
-        if rows == 1 && self.device.is_cpu() {
-            return single_row_attention(&q, &k, &v, c.head_dim);
-        }
         let group = c.num_heads / c.num_kv_heads;
         let k = repeat_kv(&k, group)?;
         let v = repeat_kv(&v, group)?;
@@ -553,6 +651,34 @@ impl ModelPart {
         }
         let angles = Tensor::from_vec(angles, (rows, half), &self.device)?;
         Ok((angles.cos()?, angles.sin()?))
+    }
+}
+
+/// Runs `work` on a thread of rayon's pool (at once when already on one). The products and
+/// attention inside a forward pass then share their work with the pool's other threads by work
+/// stealing, instead of the calling thread waking the pool and sleeping for each of them.
+fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        work()
+    } else {
+        rayon::scope(|_| work())
+    }
+}
+
+/// Rotates one head's values `x (head_dim)` by the angles whose cosines and sines are `cos`,
+/// `sin (head_dim / 2)`: pairs of neighbours when `interleaved`, else the two halves, with the
+/// same arithmetic as candle's `rope_i` and `rope` kernels.
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = x.len() / 2;
+    for (i, (&c, &s)) in cos.iter().zip(sin).enumerate().take(half) {
+        let (a, b) = if interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let (x1, x2) = (x[a], x[b]);
+        x[a] = x1 * c - x2 * s;
+        x[b] = x1 * s + x2 * c;
     }
 }
 

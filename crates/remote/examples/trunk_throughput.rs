@@ -174,11 +174,13 @@ fn main() {
     let server = TestServer::start(&path, 2, 28, options);
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); CONCURRENCY.len()];
     let mut batched: Vec<u64> = vec![0; CONCURRENCY.len()];
+    let mut batches: Vec<u64> = vec![0; CONCURRENCY.len()];
     for round in 0..ROUNDS {
         for (i, &sessions) in CONCURRENCY.iter().enumerate() {
-            let before = server.stats.batched_steps();
+            let before = (server.stats.batched_steps(), server.stats.batches());
             let time = replay(&server, &certs, &recordings, sessions);
-            batched[i] += server.stats.batched_steps() - before;
+            batched[i] += server.stats.batched_steps() - before.0;
+            batches[i] += server.stats.batches() - before.1;
             let steps = sessions * DECODE_STEPS;
             let rate = steps as f64 / time.as_secs_f64();
             println!(
@@ -195,9 +197,10 @@ fn main() {
     );
     println!(
         "| concurrent sessions | aggregate trunk steps/s, median | best round | \
-         vs 1 session, median of rounds | best / best of 1 | steps run in shared batches |"
+         vs 1 session, median of rounds | best / best of 1 | steps run in shared batches | \
+         steps per batch |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (i, &sessions) in CONCURRENCY.iter().enumerate() {
         let ratios: Vec<f64> = rates[i]
             .iter()
@@ -205,13 +208,14 @@ fn main() {
             .map(|(r, one)| r / one)
             .collect();
         println!(
-            "| {sessions} | {:.1} | {:.1} | {:.2}x | {:.2}x | {} of {} |",
+            "| {sessions} | {:.1} | {:.1} | {:.2}x | {:.2}x | {} of {} | {:.1} |",
             median(&rates[i]),
             best(&rates[i]),
             median(&ratios),
             best(&rates[i]) / best(&rates[0]),
             batched[i],
-            ROUNDS * sessions * (DECODE_STEPS + 1)
+            ROUNDS * sessions * (DECODE_STEPS + 1),
+            (ROUNDS * sessions * (DECODE_STEPS + 1)) as f64 / batches[i] as f64
         );
     }
 }

@@ -9,7 +9,7 @@ use common::*;
 use lsplit_proto::TrunkFingerprint;
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
-use lsplit_split::LocalTrunk;
+use lsplit_split::{LocalTrunk, Trunk};
 use lsplit_wire::Codec;
 
 const PROMPTS: [&str; 8] = [
@@ -63,4 +63,39 @@ fn eight_concurrent_devices_each_get_their_solo_output() {
         server.stats.batched_steps() > 0,
         "no two sessions' steps ever shared a batch"
     );
+}
+
+/// The server holds a batch open only for sessions it answered and expects back: one from its
+/// answer until its next step arrives, and not after it has gone.
+#[test]
+fn an_answered_session_is_awaited_until_its_next_step_or_its_end() {
+    let path = model_path();
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let server = TestServer::start(&path, 2, 28, tls_options(&certs));
+    let mut trunk =
+        RemoteTrunk::connect(client_options(&server, &certs, Codec::F32)).expect("connect");
+    assert_eq!(server.stats.awaited(), 0);
+    trunk
+        .forward(&hidden_rows(Codec::F32, 0, 3))
+        .expect("prefill");
+    assert_eq!(server.stats.awaited(), 1);
+    trunk
+        .forward(&hidden_rows(Codec::F32, 3, 1))
+        .expect("decode");
+    assert_eq!(server.stats.awaited(), 1);
+    assert!(
+        server
+            .stats
+            .prometheus()
+            .contains("\nlsplit_sessions_awaited 1\n")
+    );
+    drop(trunk);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.stats.awaited() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed session is still awaited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

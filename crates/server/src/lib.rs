@@ -88,6 +88,10 @@ pub struct TlsFiles {
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
+/// The default of [`ServerOptions::batch_wait`]: longer than a loopback round trip, shorter
+/// than one step of a small trunk.
+pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(2);
+
 /// How the server runs: limits, codecs, authentication and transport security.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -99,6 +103,9 @@ pub struct ServerOptions {
     pub token: Option<String>,
     /// TLS identity; `None` serves plaintext (only with an explicit `--insecure`).
     pub tls: Option<TlsFiles>,
+    /// Longest a batch is held open for answered sessions to send their next step (and at most
+    /// a quarter of the previous batch's time); zero runs whatever is waiting at once.
+    pub batch_wait: Duration,
 }
 
 /// Live counters of a running server, shared with its handle.
@@ -136,6 +143,20 @@ impl ServerStats {
         self.counters().batched_steps_total.load(Ordering::Relaxed)
     }
 
+    /// Sessions the trunk answered whose next step has not reached it yet (none for a
+    /// diffusion trunk): the ones a batch may be held open for.
+    pub fn awaited(&self) -> usize {
+        match &self.source {
+            StatsSource::Trunk(shared) => shared.engine.awaited(),
+            StatsSource::Diffusion(_) => 0,
+        }
+    }
+
+    /// Batches the trunk ran (a lone step counts as a batch of one).
+    pub fn batches(&self) -> u64 {
+        self.counters().batches_total.load(Ordering::Relaxed)
+    }
+
     /// Steps run through the trunk.
     pub fn steps(&self) -> u64 {
         self.counters().steps_total.load(Ordering::Relaxed)
@@ -151,7 +172,10 @@ impl ServerStats {
     /// Every metric in the Prometheus text format.
     pub fn prometheus(&self) -> String {
         match &self.source {
-            StatsSource::Trunk(_) => self.counters().render(self.sessions(), self.kv_bytes()),
+            StatsSource::Trunk(_) => {
+                self.counters()
+                    .render(self.sessions(), self.kv_bytes(), self.awaited())
+            }
             StatsSource::Diffusion(_) => self.counters().render_diffusion(self.sessions()),
         }
     }

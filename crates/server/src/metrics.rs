@@ -56,7 +56,7 @@ impl Counters {
 
     /// The Prometheus text exposition of every counter of a language-model trunk server, plus
     /// the gauges given.
-    pub(crate) fn render(&self, sessions: usize, kv_bytes: u64) -> String {
+    pub(crate) fn render(&self, sessions: usize, kv_bytes: u64, awaited: usize) -> String {
         let mut out = String::new();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         metric(
@@ -79,6 +79,13 @@ impl Counters {
             "gauge",
             "Bytes of cached positions held by open sessions.",
             kv_bytes,
+        );
+        metric(
+            &mut out,
+            "lsplit_sessions_awaited",
+            "gauge",
+            "Sessions answered whose next step has not reached the trunk yet.",
+            awaited as u64,
         );
         metric(
             &mut out,

@@ -14,7 +14,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Done, Engine, Step};
+use crate::engine::{Done, Engine, Step, Ticket};
 use crate::metrics::Counters;
 use crate::{Limits, ServerError, ServerOptions};
 
@@ -30,7 +30,7 @@ pub(crate) struct Shared {
     pub(crate) active: AtomicUsize,
     pub(crate) kv_reserved: AtomicU64,
     next_id: AtomicU64,
-    engine: Engine,
+    pub(crate) engine: Engine,
     pub(crate) counters: Arc<Counters>,
 }
 
@@ -55,7 +55,7 @@ impl Shared {
         let hidden_size = c.hidden_size;
         let counters = Arc::new(Counters::default());
         let part = Arc::new(part);
-        let engine = Engine::start(part.clone(), counters.clone())
+        let engine = Engine::start(part.clone(), counters.clone(), options.batch_wait)
             .map_err(|e| ServerError::Config(format!("starting the trunk worker: {e}")))?;
         Ok(Self {
             part,
@@ -187,6 +187,8 @@ struct SessionState {
     keyed: Option<Box<KeyedTrunk>>,
     position: usize,
     reserved: u64,
+    /// Handed back with the next step (see [`Ticket`]).
+    ticket: Option<Ticket>,
 }
 
 impl Drop for SessionState {
@@ -212,6 +214,7 @@ impl SessionState {
             keyed: None,
             position: 0,
             reserved: 0,
+            ticket: None,
         }
     }
 
@@ -364,11 +367,21 @@ impl SessionState {
             .take()
             .ok_or_else(|| Status::internal("session cache lost"))?;
         let (reply, done) = oneshot::channel();
-        self.shared.engine.submit(Step { cache, rows, reply })?;
-        let Done { cache, output } = done
+        self.shared.engine.submit(Step {
+            cache,
+            rows,
+            reply,
+            ticket: self.ticket.take(),
+        })?;
+        let Done {
+            cache,
+            output,
+            ticket,
+        } = done
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
         self.cache = Some(cache);
+        self.ticket = ticket;
         let output = output?;
         self.position = end;
         counters.steps_total.fetch_add(1, Ordering::Relaxed);

@@ -95,6 +95,11 @@ pub struct ServeArgs {
     /// MiB all sessions' KV caches may hold together
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mib: u64,
+    /// Longest a batch of steps is held open (milliseconds, fractions allowed) for the other
+    /// sessions answered last to send their next step, so that they run in one batch; 0 runs
+    /// whatever is waiting at once. It never exceeds a quarter of the previous batch's time
+    #[arg(long, default_value_t = 2.0, value_parser = non_negative_ms)]
+    pub batch_wait_ms: f64,
     /// Also serve Prometheus metrics at http://ADDR/metrics
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
@@ -218,6 +223,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         codecs,
         token,
         tls,
+        batch_wait: Duration::from_secs_f64(args.batch_wait_ms / 1000.0),
     };
     let scheme = scheme(&options.tls);
     let server = TrunkServer::new(part, fingerprint.clone(), options)?;
@@ -336,4 +342,14 @@ where
         }
         Ok(())
     })
+}
+
+/// Parses `--batch-wait-ms`: milliseconds from 0 to 1000.
+fn non_negative_ms(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ms) if (0.0..=1000.0).contains(&ms) => Ok(ms),
+        _ => Err(format!(
+            "expected milliseconds from 0 to 1000, got {text:?}"
+        )),
+    }
 }

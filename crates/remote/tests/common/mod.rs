@@ -37,6 +37,7 @@ pub fn tls_options(certs: &DevCertificates) -> ServerOptions {
             key_pem: certs.server_key.clone().into_bytes(),
             client_ca_pem: None,
         }),
+        batch_wait: lsplit_server::DEFAULT_BATCH_WAIT,
     }
 }
 
