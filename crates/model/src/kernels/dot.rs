@@ -458,19 +458,46 @@ mod avx2 {
                         _mm_storeu_ps(out[r].as_mut_ptr(), sums[r]);
                     }
                 }
-                Format::Q4_0 | Format::Q8_0 => {
+                Format::Q4_0 => {
+                    // Σ (w - 8) y over each lane's four bytes is Σ w y - 8 Σ y: the unsigned
+                    // nibbles go into the product as they are, and the activations' lane sums
+                    // (one product per activation block) take the offset out. The same
+                    // integers as the sign trick, with fewer instructions per weight row.
                     let mut acc = [[_mm256_setzero_ps(); TILE]; R];
                     for b in 0..blocks {
                         let p = tile.as_ptr().add(b * bytes);
                         let mut d = [0f32; TILE];
                         _mm_storeu_ps(d.as_mut_ptr(), f16x4(p));
-                        let wq: [__m256i; TILE] = std::array::from_fn(|w| {
-                            if format == Format::Q4_0 {
-                                _mm256_sub_epi8(nibbles(p.add(8 + 16 * w)), _mm256_set1_epi8(8))
-                            } else {
-                                load32(p.add(8 + 32 * w))
+                        let wq: [__m256i; TILE] =
+                            std::array::from_fn(|w| nibbles(p.add(8 + 16 * w)));
+                        for r in 0..R {
+                            let a = &acts[r][b];
+                            let y = load32(a.q.as_ptr().cast());
+                            let offset = _mm256_slli_epi32(dot_u8_i8(_mm256_set1_epi8(1), y), 3);
+                            for w in 0..TILE {
+                                let dot = _mm256_sub_epi32(dot_u8_i8(wq[w], y), offset);
+                                acc[r][w] = _mm256_fmadd_ps(
+                                    _mm256_set1_ps(d[w] * a.d),
+                                    _mm256_cvtepi32_ps(dot),
+                                    acc[r][w],
+                                );
                             }
-                        });
+                        }
+                    }
+                    for r in 0..R {
+                        for w in 0..TILE {
+                            out[r][w] = hsum(acc[r][w]);
+                        }
+                    }
+                }
+                Format::Q8_0 => {
+                    let mut acc = [[_mm256_setzero_ps(); TILE]; R];
+                    for b in 0..blocks {
+                        let p = tile.as_ptr().add(b * bytes);
+                        let mut d = [0f32; TILE];
+                        _mm_storeu_ps(d.as_mut_ptr(), f16x4(p));
+                        let wq: [__m256i; TILE] =
+                            std::array::from_fn(|w| load32(p.add(8 + 32 * w)));
                         let wabs = wq.map(|w| _mm256_sign_epi8(w, w));
                         for r in 0..R {
                             let a = &acts[r][b];
