@@ -41,6 +41,10 @@ impl Trunk for ObservedTrunk {
         self.inner.layers()
     }
 
+    fn in_process(&self) -> bool {
+        self.inner.in_process()
+    }
+
     fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
         let down = self.inner.forward(rows)?;
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(Exchange {

@@ -17,7 +17,7 @@ mod source;
 pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::ModelError;
-pub use llama::ModelPart;
+pub use llama::{ModelPart, on_pool};
 pub use plan::{PartKind, PartSpec, SplitPlan};
 pub use source::{ModelFormat, ModelSource, TensorRecord, TokenizerSource};
 

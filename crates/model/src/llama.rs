@@ -657,7 +657,7 @@ impl ModelPart {
 /// Runs `work` on a thread of rayon's pool (at once when already on one). The products and
 /// attention inside a forward pass then share their work with the pool's other threads by work
 /// stealing, instead of the calling thread waking the pool and sleeping for each of them.
-fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+pub fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         work()
     } else {

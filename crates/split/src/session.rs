@@ -179,6 +179,22 @@ impl<'m> Session<'m> {
     /// Runs `tokens` (the prompt in one pass, or one new token) through head, trunk and tail,
     /// and returns the logits for the next token.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SplitError> {
+        // With every part in-process, the step runs as one task of the compute pool instead of
+        // entering it once per part; a network trunk's wait must not hold a pool thread.
+        let in_process = match &self.state {
+            State::Split { trunk, .. } => trunk.in_process(),
+            State::Keyed(_) => false,
+            State::Unsplit { .. } => true,
+        };
+        if in_process {
+            lsplit_model::on_pool(|| self.step(tokens))
+        } else {
+            self.step(tokens)
+        }
+    }
+
+    /// [`Session::forward`] on the current thread.
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SplitError> {
         if tokens.is_empty() {
             return Err(SplitError::EmptyPrompt);
         }

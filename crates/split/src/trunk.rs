@@ -58,6 +58,12 @@ pub trait Trunk: Send {
 
     /// Runs one step of a keyed session and returns the rows the tail needs.
     fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError>;
+
+    /// True when the trunk computes in this process and never waits on a network, so a whole
+    /// device step (head, trunk, tail) can run as one task of the compute pool.
+    fn in_process(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug)]
@@ -105,6 +111,10 @@ impl LocalTrunk {
 impl Trunk for LocalTrunk {
     fn layers(&self) -> Range<usize> {
         self.part.spec().layers.clone()
+    }
+
+    fn in_process(&self) -> bool {
+        true
     }
 
     fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {

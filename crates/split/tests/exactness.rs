@@ -376,3 +376,64 @@ fn trunk_layers_must_match_the_plan() {
     );
     assert_eq!(local.cache_bytes(), 0);
 }
+
+/// A trunk that records whether each of its steps ran on a thread of the compute pool.
+struct PoolProbe {
+    inner: LocalTrunk,
+    in_process: bool,
+    on_pool: Arc<std::sync::Mutex<Vec<bool>>>,
+}
+
+impl Trunk for PoolProbe {
+    fn layers(&self) -> std::ops::Range<usize> {
+        self.inner.layers()
+    }
+
+    fn forward(
+        &mut self,
+        rows: &lsplit_wire::HiddenRows,
+    ) -> Result<lsplit_wire::HiddenRows, lsplit_split::TrunkError> {
+        self.on_pool
+            .lock()
+            .expect("probe")
+            .push(rayon::current_thread_index().is_some());
+        self.inner.forward(rows)
+    }
+
+    fn step(
+        &mut self,
+        message: &lsplit_split::StepRows,
+    ) -> Result<lsplit_split::StepRows, lsplit_split::TrunkError> {
+        self.inner.step(message)
+    }
+
+    fn in_process(&self) -> bool {
+        self.in_process
+    }
+}
+
+/// An in-process trunk's steps run inside the device step's pool task; a trunk that may wait
+/// on a network is called from the caller's own thread, so its wait never holds a pool thread.
+/// Either way the logits are the unsplit model's.
+#[test]
+fn only_an_in_process_trunk_runs_on_the_compute_pool() {
+    let f = fixture();
+    let (model, trunk) = split_model(SplitPlan::new(2, 28, LAYERS).expect("plan"), Codec::F32);
+    for in_process in [true, false] {
+        let on_pool = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let probe = PoolProbe {
+            inner: LocalTrunk::new(trunk.clone()),
+            in_process,
+            on_pool: on_pool.clone(),
+        };
+        let mut session = model.session(Some(Box::new(probe))).expect("session");
+        let logits = session.forward(&f.prompt).expect("prefill");
+        assert_eq!(
+            bits(&logits),
+            bits(&f.logits[0]),
+            "in process: {in_process}"
+        );
+        session.forward(&f.tokens[..1]).expect("decode");
+        assert_eq!(*on_pool.lock().expect("probe"), vec![in_process; 2]);
+    }
+}
