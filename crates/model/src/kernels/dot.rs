@@ -8,11 +8,14 @@
 //! its own accumulator and sees the same operations in the same order whatever else shares the
 //! call, so a row's result never depends on which other rows are in the batch.
 //!
-//! The arithmetic is candle's, operation for operation: Q4_0 and Q8_0 accumulate in eight float
-//! lanes summed in the order of candle's AVX2 kernels, Q4_1 sums each block exactly in integers
-//! and accumulates sequentially as candle's generic kernel does. So the model's outputs equal
-//! candle-transformers' bit for bit; that matters because every product re-quantizes its input
-//! to 8 bits, which turns any rounding difference into a visible one a few layers later.
+//! Q4_1 and Q8_0 do candle's arithmetic, operation for operation: Q8_0 accumulates in eight
+//! float lanes summed in the order of candle's AVX2 kernel, Q4_1 sums each block exactly in
+//! integers and accumulates sequentially as candle's generic kernel does. So those models'
+//! outputs equal candle-transformers' bit for bit; that matters because every product
+//! re-quantizes its input to 8 bits, which turns any rounding difference into a visible one a
+//! few layers later. Q4_0 sums each block exactly in integers as Q4_1 does (one float product
+//! per block instead of candle's eight lanes: fewer instructions and no rounding inside a
+//! block), so its outputs differ from candle's by rounding.
 //!
 //! Two implementations compute bit-identical results: an AVX2 one (with VNNI's `vpdpbusd` when
 //! the target has it) and a portable one.
@@ -26,11 +29,13 @@ pub(crate) const BLOCK: usize = 32;
 pub(crate) const TILE: usize = 4;
 
 /// 32 activations quantized to 8 bits: value ≈ `d * q`. `s` is `d * Σq` rounded through f16
-/// as candle's Q8_1 does; only the Q4_1 kernel needs it.
+/// as candle's Q8_1 does; only the Q4_1 kernel needs it. `sum` is `Σq` exactly, which takes
+/// Q4_0's offset of 8 out of a product with its unsigned nibbles.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ActBlock {
     pub(crate) d: f32,
     pub(crate) s: f32,
+    pub(crate) sum: i32,
     pub(crate) q: [i8; BLOCK],
 }
 
@@ -62,6 +67,7 @@ impl ActBlock {
         Self {
             d: d16.to_f32(),
             s: (f16::from_f32(sum as f32) * d16).to_f32(),
+            sum,
             q,
         }
     }
@@ -223,8 +229,8 @@ pub(crate) fn dot_tile<const R: usize>(
     portable::dot_tile(format, tile, blocks, acts, out)
 }
 
-/// Portable kernels: for Q4_0 and Q8_0 eight float lanes, lane `u` holding the products of
-/// values `4u..4u+4`; for Q4_1 one exact integer sum per block.
+/// Portable kernels: for Q8_0 eight float lanes, lane `u` holding the products of values
+/// `4u..4u+4` (candle's arithmetic); for Q4_0 and Q4_1 one exact integer sum per block.
 #[cfg_attr(
     all(
         target_arch = "x86_64",
@@ -316,6 +322,8 @@ pub(crate) mod portable {
                     };
                     if format == Format::Q4_1 {
                         sums[r][w] += dot(0..BLOCK) as f32 * d * a.d + min * a.s;
+                    } else if format == Format::Q4_0 {
+                        sums[r][w] += dot(0..BLOCK) as f32 * d * a.d;
                     } else {
                         let scale = d * a.d;
                         for (u, lane) in lanes[r][w].iter_mut().enumerate() {
@@ -327,7 +335,7 @@ pub(crate) mod portable {
         }
         for r in 0..R {
             for w in 0..TILE {
-                out[r][w] = if format == Format::Q4_1 {
+                out[r][w] = if format != Format::Q8_0 {
                     sums[r][w]
                 } else {
                     hsum8(lanes[r][w])
@@ -459,35 +467,28 @@ mod avx2 {
                     }
                 }
                 Format::Q4_0 => {
-                    // Σ (w - 8) y over each lane's four bytes is Σ w y - 8 Σ y: the unsigned
-                    // nibbles go into the product as they are, and the activations' lane sums
-                    // (one product per activation block) take the offset out. The same
-                    // integers as the sign trick, with fewer instructions per weight row.
-                    let mut acc = [[_mm256_setzero_ps(); TILE]; R];
+                    // As Q4_1 without the minimum: Σ (w - 8) y = Σ w y - 8 Σ y, so the
+                    // unsigned nibbles go into the product as they are.
+                    let mut sums = [_mm_setzero_ps(); R];
                     for b in 0..blocks {
                         let p = tile.as_ptr().add(b * bytes);
-                        let mut d = [0f32; TILE];
-                        _mm_storeu_ps(d.as_mut_ptr(), f16x4(p));
+                        let d = f16x4(p);
                         let wq: [__m256i; TILE] =
                             std::array::from_fn(|w| nibbles(p.add(8 + 16 * w)));
                         for r in 0..R {
                             let a = &acts[r][b];
                             let y = load32(a.q.as_ptr().cast());
-                            let offset = _mm256_slli_epi32(dot_u8_i8(_mm256_set1_epi8(1), y), 3);
-                            for w in 0..TILE {
-                                let dot = _mm256_sub_epi32(dot_u8_i8(wq[w], y), offset);
-                                acc[r][w] = _mm256_fmadd_ps(
-                                    _mm256_set1_ps(d[w] * a.d),
-                                    _mm256_cvtepi32_ps(dot),
-                                    acc[r][w],
-                                );
-                            }
+                            let dots = _mm_sub_epi32(
+                                hsum4_i32(wq.map(|w| dot_u8_i8(w, y))),
+                                _mm_set1_epi32(8 * a.sum),
+                            );
+                            let t =
+                                _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(dots), d), _mm_set1_ps(a.d));
+                            sums[r] = _mm_add_ps(sums[r], t);
                         }
                     }
                     for r in 0..R {
-                        for w in 0..TILE {
-                            out[r][w] = hsum(acc[r][w]);
-                        }
+                        _mm_storeu_ps(out[r].as_mut_ptr(), sums[r]);
                     }
                 }
                 Format::Q8_0 => {
@@ -681,10 +682,16 @@ pub(super) mod tests {
         for xs in &blocks {
             let (fast, reference) = (ActBlock::quantize(xs), portable::quantize(xs));
             assert_eq!(
-                (fast.d.to_bits(), fast.s.to_bits(), fast.q),
-                (reference.d.to_bits(), reference.s.to_bits(), reference.q),
+                (fast.d.to_bits(), fast.s.to_bits(), fast.q, fast.sum),
+                (
+                    reference.d.to_bits(),
+                    reference.s.to_bits(),
+                    reference.q,
+                    reference.sum
+                ),
                 "{xs:?}"
             );
+            assert_eq!(fast.sum, fast.q.iter().map(|&q| i32::from(q)).sum::<i32>());
         }
     }
 

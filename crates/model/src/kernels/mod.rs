@@ -329,8 +329,36 @@ mod tests {
             .collect())
     }
 
+    /// Q4_1 and Q8_0 outputs equal candle's bit for bit; Q4_0's, which sums each block in
+    /// integers where candle keeps eight float lanes, equal them up to float rounding.
+    fn like_candle(
+        dtype: GgmlDType,
+        ours: &Tensor,
+        theirs: &Tensor,
+        what: &str,
+    ) -> candle_core::Result<()> {
+        if dtype != GgmlDType::Q4_0 {
+            assert_eq!(bits(ours)?, bits(theirs)?, "{dtype:?} {what} vs candle");
+            return Ok(());
+        }
+        let (a, b) = (
+            ours.flatten_all()?.to_vec1::<f32>()?,
+            theirs.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= 1e-5 * scale,
+            "{dtype:?} {what} vs candle: {diff} (scale {scale})"
+        );
+        Ok(())
+    }
+
     #[test]
-    fn batched_rows_equal_rows_alone_and_candles_kernels_bit_for_bit() -> candle_core::Result<()> {
+    fn batched_rows_equal_rows_alone_and_candles_kernels() -> candle_core::Result<()> {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let w = weights(dtype, 200, 128)?;
             let ours = Linear::new(QMatMul::QTensor(w.clone()));
@@ -351,19 +379,14 @@ mod tests {
                 );
             }
             // candle's generic kernels (the shape is not one of its repacked ones) do the same
-            // arithmetic in the same order.
-            assert_eq!(
-                bits(&batch)?,
-                bits(&theirs.forward(&x)?)?,
-                "{dtype:?} vs candle"
-            );
+            // arithmetic in the same order (Q4_0: the same up to rounding).
+            like_candle(dtype, &batch, &theirs.forward(&x)?, "")?;
         }
         Ok(())
     }
 
     #[test]
-    fn every_batch_size_equals_rows_alone_and_candles_kernels_bit_for_bit()
-    -> candle_core::Result<()> {
+    fn every_batch_size_equals_rows_alone_and_candles_kernels() -> candle_core::Result<()> {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let w = weights(dtype, 200, 128)?;
             let ours = Linear::new(QMatMul::QTensor(w.clone()));
@@ -377,11 +400,7 @@ mod tests {
             for m in (1..=20).chain([33, 64, 71]) {
                 let x = x.narrow(1, 0, m)?;
                 let batch = ours.forward(&x)?;
-                assert_eq!(
-                    bits(&batch)?,
-                    bits(&theirs.forward(&x)?)?,
-                    "{dtype:?} m={m} vs candle"
-                );
+                like_candle(dtype, &batch, &theirs.forward(&x)?, &format!("m={m}"))?;
                 for (i, alone) in alone.iter().take(m).enumerate() {
                     assert_eq!(
                         alone,

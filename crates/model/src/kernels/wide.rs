@@ -8,9 +8,9 @@
 //! dot of four values for all sixteen pairs, with no horizontal sums.
 //!
 //! Each lane then does, operation for operation, what [`super::dot::portable`] does for its
-//! pair: Q4_1 sums the eight groups exactly and accumulates `Σ·d·d_act + min·s_act` in one float;
-//! Q4_0 and Q8_0 keep one register per group (the eight float lanes of candle's AVX2 kernel,
-//! one pair per lane) and sum them at the end in candle's order. So the results equal the other
+//! pair: Q4_1 and Q4_0 sum the eight groups exactly and accumulate `Σ·d·d_act (+ min·s_act)` in
+//! one float; Q8_0 keeps one register per group (the eight float lanes of candle's AVX2 kernel,
+//! one pair per lane) and sums them at the end in candle's order. So the results equal the other
 //! kernels' bit for bit, and a pair's result never depends on the rows batched with it.
 
 // AVX-512 intrinsics are stable since Rust 1.89: building for an AVX-512 target needs that
@@ -30,10 +30,13 @@ pub(crate) const GROUP: usize = 4;
 pub(crate) struct ActGroup {
     /// `q[g]`: values `4g..4g+4` of each of the four rows, one row after the other.
     q: [[i8; 16]; 8],
-    /// `-bias · Σ` of the same four values per row, where the kernel multiplies by weights
-    /// biased to be unsigned (Q4_0 by 8, Q8_0 by 128; zero for Q4_1's unsigned weights), so
-    /// that each group's dot is the exact signed one.
+    /// `-128 · Σ` of the same four values per row, for Q8_0, whose kernel multiplies by
+    /// weights biased by 128 to be unsigned, so that each group's dot is the exact signed one
+    /// (zero for the other formats).
     correction: [[i32; 4]; 8],
+    /// `-8 · Σ` of each row's 32 values, for Q4_0, whose kernel multiplies by its unsigned
+    /// nibbles, so that the block's dot is the exact signed one (zero for the other formats).
+    offset: [i32; 4],
     /// The rows' scales.
     d: [f32; 4],
     /// The rows' `d · Σq` (see [`ActBlock`]).
@@ -43,14 +46,17 @@ pub(crate) struct ActGroup {
 impl ActGroup {
     /// Interleaves one block of four rows for weights in `format`.
     pub(crate) fn new(format: Format, rows: [&ActBlock; GROUP]) -> Self {
-        let bias = match format {
-            Format::Q4_0 => 8,
-            Format::Q8_0 => 128,
-            Format::Q4_1 => 0,
-        };
+        let bias = if format == Format::Q8_0 { 128 } else { 0 };
         let mut group = Self {
             q: [[0; 16]; 8],
             correction: [[0; 4]; 8],
+            offset: rows.map(|a| {
+                if format == Format::Q4_0 {
+                    -8 * a.sum
+                } else {
+                    0
+                }
+            }),
             d: rows.map(|a| a.d),
             s: rows.map(|a| a.s),
         };
@@ -185,19 +191,26 @@ unsafe fn kernel<const G: usize>(
     // SAFETY: see above; loads stay inside the blocks.
     unsafe {
         match format {
-            Format::Q4_1 => {
+            Format::Q4_1 | Format::Q4_0 => {
+                let q4_1 = format == Format::Q4_1;
                 let mut sums = [_mm512_setzero_ps(); G];
                 for b in 0..blocks {
                     let p = tile.as_ptr().add(b * bytes);
                     let d = per_weight_row(f16x4(p));
-                    let min = per_weight_row(f16x4(p.add(8)));
-                    let (lo, hi) = nibbles(p.add(16));
+                    let (min, quants) = if q4_1 {
+                        (per_weight_row(f16x4(p.add(8))), 16)
+                    } else {
+                        (_mm512_setzero_ps(), 8)
+                    };
+                    let (lo, hi) = nibbles(p.add(quants));
                     let w = weight_groups(lo, hi);
                     unrolled::<G>(|i| {
                         let a = &groups[i][b];
                         let q = a.q.as_ptr().cast::<u8>();
                         // Two chains of exact integer sums, for latency; their sum is exact.
-                        let mut even = _mm512_setzero_si512();
+                        // Q4_0's starts from its offset (zero for Q4_1).
+                        let mut even =
+                            _mm512_broadcast_i32x4(_mm_loadu_si128(a.offset.as_ptr().cast()));
                         let mut odd = _mm512_setzero_si512();
                         for g in (0..8).step_by(2) {
                             even = _mm512_dpbusd_epi32(even, w[g], broadcast16(q.add(16 * g)));
@@ -209,7 +222,11 @@ unsafe fn kernel<const G: usize>(
                         let s_act = _mm512_broadcast_f32x4(_mm_loadu_ps(a.s.as_ptr()));
                         // ((Σ * d) * d_act) + (min * s_act), then accumulated: candle's order.
                         let t = _mm512_mul_ps(_mm512_mul_ps(dots, d), d_act);
-                        let t = _mm512_add_ps(t, _mm512_mul_ps(min, s_act));
+                        let t = if q4_1 {
+                            _mm512_add_ps(t, _mm512_mul_ps(min, s_act))
+                        } else {
+                            t
+                        };
                         sums[i] = _mm512_add_ps(sums[i], t);
                     });
                 }
@@ -217,23 +234,19 @@ unsafe fn kernel<const G: usize>(
                     _mm512_storeu_ps(out[i].as_mut_ptr().cast(), sums[i]);
                 }
             }
-            Format::Q4_0 | Format::Q8_0 => {
+            Format::Q8_0 => {
                 let mut acc = [[_mm512_setzero_ps(); 8]; G];
                 for b in 0..blocks {
                     let p = tile.as_ptr().add(b * bytes);
                     let d = per_weight_row(f16x4(p));
-                    let (lo, hi) = if format == Format::Q4_0 {
-                        nibbles(p.add(8))
-                    } else {
-                        // Rows 0 and 1, then 2 and 3, 32 bytes each: gather the first halves
-                        // and the second halves, and bias them by 128 to unsigned.
-                        let (x0, x1) = (load64(p.add(8)), load64(p.add(72)));
-                        let flip = _mm512_set1_epi8(-128);
-                        (
-                            _mm512_xor_si512(_mm512_shuffle_i32x4::<0x88>(x0, x1), flip),
-                            _mm512_xor_si512(_mm512_shuffle_i32x4::<0xdd>(x0, x1), flip),
-                        )
-                    };
+                    // Rows 0 and 1, then 2 and 3, 32 bytes each: gather the first halves and
+                    // the second halves, and bias them by 128 to unsigned.
+                    let (x0, x1) = (load64(p.add(8)), load64(p.add(72)));
+                    let flip = _mm512_set1_epi8(-128);
+                    let (lo, hi) = (
+                        _mm512_xor_si512(_mm512_shuffle_i32x4::<0x88>(x0, x1), flip),
+                        _mm512_xor_si512(_mm512_shuffle_i32x4::<0xdd>(x0, x1), flip),
+                    );
                     let w = weight_groups(lo, hi);
                     unrolled::<G>(|i| {
                         let a = &groups[i][b];
@@ -299,8 +312,8 @@ pub(crate) fn dot_columns(
     let tile_bytes = TILE * blocks * format.block_bytes();
     let run = (RUN_BYTES / tile_bytes).max(1);
     let count = groups.len() / blocks;
-    // Registers: Q4_1 needs one accumulator per group, Q4_0 and Q8_0 eight.
-    let per_pass = if format == Format::Q4_1 { 4 } else { 2 };
+    // Registers: Q4_1 and Q4_0 need one accumulator per group, Q8_0 eight.
+    let per_pass = if format == Format::Q8_0 { 2 } else { 4 };
     for (tiles, columns) in tiles
         .chunks(run * tile_bytes)
         .zip(columns.chunks_mut(run * TILE * m))
@@ -389,8 +402,12 @@ mod tests {
                 let mut rows: Vec<Vec<ActBlock>> =
                     (0..16).map(|i| act_row(blocks, 200 + i as u64)).collect();
                 // Extremes: full-scale values of both signs and an all-zero row.
-                rows[5].iter_mut().for_each(|a| a.q = [127; BLOCK]);
-                rows[6].iter_mut().for_each(|a| a.q = [-127; BLOCK]);
+                for (row, value) in [(5, 127i8), (6, -127)] {
+                    rows[row].iter_mut().for_each(|a| {
+                        a.q = [value; BLOCK];
+                        a.sum = i32::from(value) * BLOCK as i32;
+                    });
+                }
                 rows[7]
                     .iter_mut()
                     .for_each(|a| *a = ActBlock::quantize(&[0.0; BLOCK]));
