@@ -48,7 +48,11 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    if !matches!(command, Command::Serve(_)) {
+        one_malloc_arena();
+    }
+    match command {
         Command::Generate(args) => commands::generate::run(args),
         Command::Image(args) => commands::image::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
@@ -60,3 +64,20 @@ fn main() -> anyhow::Result<()> {
         Command::Attack(args) => commands::attack::run(args),
     }
 }
+
+/// On the device, keeps glibc's allocator to one arena. glibc gives each thread that allocates
+/// an arena of its own and keeps freed memory in each; forward passes run on the compute pool's
+/// threads, so each kept a copy of a prompt's temporaries (peak RSS of a 1000-token prompt:
+/// 240 MiB against 215 MiB with one arena). The server keeps glibc's default, for its many
+/// threads allocating at once.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn one_malloc_arena() {
+    // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread starts.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        tracing::debug!("glibc refused a single malloc arena");
+    }
+}
+
+/// Other platforms' allocators are left as they are.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn one_malloc_arena() {}
