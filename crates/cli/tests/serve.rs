@@ -452,3 +452,24 @@ fn plaintext_needs_insecure_on_both_sides_and_warns() {
         "{server_log}"
     );
 }
+
+#[test]
+fn batch_wait_outside_zero_to_a_second_is_refused() {
+    for value in ["-1", "1500", "soon", "NaN"] {
+        let out = lsplit()
+            .args(["serve", "--insecure", &format!("--batch-wait-ms={value}")])
+            .output()
+            .expect("run");
+        assert!(
+            !out.status.success(),
+            "--batch-wait-ms={value} was accepted"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "expected milliseconds from 0 to 1000, got \"{value}\""
+            )),
+            "{stderr}"
+        );
+    }
+}
