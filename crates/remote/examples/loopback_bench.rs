@@ -1,5 +1,6 @@
 //! Decode speed and bytes per token of the remote trunk over loopback TLS, side by side with
-//! the in-process split and the unsplit model, and aggregate throughput of whole devices with
+//! the in-process split and the unsplit model (alternated over several rounds, medians), and
+//! aggregate throughput of whole devices with
 //! concurrent sessions (their heads and tails share the cores with the server: for the
 //! server's own throughput, see the `trunk_throughput` example).
 //! Run: `cargo run --release -p lsplit-remote --example loopback_bench`.
@@ -20,7 +21,10 @@ use lsplit_split::{DeviceModel, GenerateOptions, Generation, LocalTrunk, Trunk, 
 use lsplit_wire::Codec;
 use prost::Message;
 
-const TOKENS: usize = 32;
+const TOKENS: usize = 64;
+/// Rounds of the per-codec measures; in each, every codec runs in-process and over the network
+/// one after the other (which goes first alternates), so that both see the same load.
+const ROUNDS: usize = 7;
 const PROMPT_TEXT: &str = "Write a short story about a lighthouse keeper.";
 
 fn run(model: &DeviceModel, trunk: Option<Box<dyn Trunk>>) -> Generation {
@@ -52,13 +56,6 @@ fn main() {
     let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
 
     let unsplit = DeviceModel::unsplit(&source, tokenizer, &Device::Cpu).expect("unsplit");
-    let g = run(&unsplit, None);
-    println!(
-        "unsplit: decode {:.1} tokens/s ({} tokens)",
-        g.stats.decode_tokens_per_second(),
-        g.tokens.len()
-    );
-
     let server = TestServer::start(&path, 2, 28, tls_options(&certs));
     let part = Arc::new(
         source
@@ -70,24 +67,61 @@ fn main() {
             )
             .expect("trunk"),
     );
-    let mut reference = None;
-    for codec in Codec::ALL {
-        let model = device_model(&path, 2, 28, codec);
-        let local = run(&model, Some(Box::new(LocalTrunk::new(part.clone()))));
-        let trunk = RemoteTrunk::connect(client_options(&server, &certs, codec)).expect("connect");
-        let remote = run(&model, Some(Box::new(trunk)));
+    let models: Vec<DeviceModel> = Codec::ALL
+        .iter()
+        .map(|&codec| device_model(&path, 2, 28, codec))
+        .collect();
+    let mut unsplit_rates = Vec::with_capacity(ROUNDS);
+    // Per codec: in-process and loopback rates, and the last round's generations.
+    let mut rates = vec![(Vec::new(), Vec::new()); models.len()];
+    let mut last: Vec<Option<(Generation, Generation)>> = vec![None; models.len()];
+    for round in 0..ROUNDS {
+        unsplit_rates.push(run(&unsplit, None).stats.decode_tokens_per_second());
+        for (i, (model, &codec)) in models.iter().zip(&Codec::ALL).enumerate() {
+            let local = || run(model, Some(Box::new(LocalTrunk::new(part.clone()))));
+            let remote = || {
+                let trunk =
+                    RemoteTrunk::connect(client_options(&server, &certs, codec)).expect("connect");
+                run(model, Some(Box::new(trunk)))
+            };
+            let (local, remote) = if round % 2 == 0 {
+                let l = local();
+                (l, remote())
+            } else {
+                let r = remote();
+                (local(), r)
+            };
+            rates[i].0.push(local.stats.decode_tokens_per_second());
+            rates[i].1.push(remote.stats.decode_tokens_per_second());
+            last[i] = Some((local, remote));
+        }
+    }
+    println!(
+        "unsplit: decode {:.1} tokens/s ({TOKENS} tokens, median of {ROUNDS} rounds)",
+        median(&unsplit_rates)
+    );
+    let reference = last[0].as_ref().expect("a round").0.tokens.clone();
+    for (i, &codec) in Codec::ALL.iter().enumerate() {
+        let (local_rates, remote_rates) = &rates[i];
+        let (local, remote) = last[i].as_ref().expect("a round");
+        let ratios: Vec<f64> = remote_rates
+            .iter()
+            .zip(local_rates)
+            .map(|(r, l)| r / l)
+            .collect();
         let agree = reference
-            .get_or_insert_with(|| local.tokens.clone())
             .iter()
             .zip(&remote.tokens)
             .take_while(|(a, b)| a == b)
             .count();
         println!(
-            "{codec}: in-process split {:.1} tokens/s, loopback TLS {:.1} tokens/s, \
+            "{codec}: in-process split {:.1} tokens/s, loopback TLS {:.1} tokens/s (medians), \
+             loopback / in-process {:.2} (median of the rounds' ratios), \
              payload {:.0} B/token up and down, {} B per decode step with protobuf+gRPC framing, \
              same as in-process: {}, greedy agreement with f32: {agree}/{}",
-            local.stats.decode_tokens_per_second(),
-            remote.stats.decode_tokens_per_second(),
+            median(local_rates),
+            median(remote_rates),
+            median(&ratios),
             remote.stats.bytes_up as f64 / remote.stats.positions() as f64,
             framed_step_bytes(codec),
             local.tokens == remote.tokens,
@@ -119,4 +153,10 @@ fn main() {
             server.stats.batched_steps()
         );
     }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }
