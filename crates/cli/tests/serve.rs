@@ -454,6 +454,20 @@ fn plaintext_needs_insecure_on_both_sides_and_warns() {
 }
 
 #[test]
+fn zero_network_threads_are_refused() {
+    let out = lsplit()
+        .args(["serve", "--insecure", "--io-threads", "0"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid value '0' for '--io-threads <IO_THREADS>': 0 is not in 1..=1024"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn batch_wait_outside_zero_to_a_second_is_refused() {
     for value in ["-1", "1500", "soon", "NaN"] {
         let out = lsplit()

@@ -88,6 +88,15 @@ pub struct TlsFiles {
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
+/// Threads a server's network runtime gets by default: a quarter of the cores, at least one.
+/// The trunk's compute pool needs the rest, and a step passes through fewer threads on its way
+/// (on 2 cores, one network thread instead of two took loopback decode from 0.88–0.93 to
+/// 0.91–0.96 of in-process).
+pub fn default_io_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores / 4).max(1)
+}
+
 /// The default of [`ServerOptions::batch_wait`]: longer than a loopback round trip, shorter
 /// than one step of a small trunk.
 pub const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(2);

@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// MiB all sessions' KV caches may hold together
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mib: u64,
+    /// Threads for the network (TLS, HTTP/2, sessions) [default: a quarter of the cores, at
+    /// least one]; the trunk's compute uses its own pool (RAYON_NUM_THREADS)
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub io_threads: Option<u16>,
     /// Longest a batch of steps is held open (milliseconds, fractions allowed) for the other
     /// sessions answered last to send their next step, so that they run in one batch; 0 runs
     /// whatever is waiting at once. It never exceeds a quarter of the previous batch's time
@@ -308,6 +312,10 @@ where
     Served: Future<Output = Result<(), ServerError>>,
 {
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            args.io_threads
+                .map_or_else(lsplit_server::default_io_threads, usize::from),
+        )
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -90,7 +90,7 @@ impl TestServer {
         let (kill, killed) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(lsplit_server::default_io_threads())
                 .enable_all()
                 .build()
                 .expect("runtime");
