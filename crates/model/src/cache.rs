@@ -1,6 +1,6 @@
 use candle_core::{Device, Tensor};
 
-use crate::{ModelError, Result};
+use crate::{ModelError, Result, values};
 
 /// Growth step of the key/value buffers, in positions.
 const GROW_BY: usize = 256;
@@ -179,9 +179,8 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let (_, kv_heads, _, dim) = k.dims4()?;
-        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
         let cache = &mut self.layers[layer];
-        cache.append(&flat(k)?, &flat(v)?, kv_heads, dim)?;
+        cache.append(&values(k)?, &values(v)?, kv_heads, dim)?;
         cache.tensors(k.device())
     }
 

@@ -23,3 +23,8 @@ pub use source::{ModelFormat, ModelSource, TensorRecord, TokenizerSource};
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// Every value of `t` in order, as f32: where a part's plain loops take over from candle.
+fn values(t: &candle_core::Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1()?)
+}

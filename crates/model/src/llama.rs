@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use crate::attention::attend_row;
 use crate::kernels::Linear;
-use crate::{KvCache, LlamaConfig, ModelError, PartSpec, Result, TensorRecord};
+use crate::{KvCache, LlamaConfig, ModelError, PartSpec, Result, TensorRecord, values};
 
 /// Rows a part runs through its layers at once: a longer prompt goes in chunks, so that
 /// attention's score matrices stay small (a 1000-token prompt at once would hold 36 MB of scores
@@ -448,8 +448,7 @@ impl ModelPart {
     ) -> Result<Tensor> {
         let c = &self.config;
         let (width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
-        let (qs, ks, vs) = (flat(q)?, flat(k)?, flat(v)?);
+        let (qs, ks, vs) = (values(q)?, values(k)?, values(v)?);
         let total: usize = rows.iter().sum();
         let mut ys = vec![0f32; total * width];
         let mut jobs = Vec::with_capacity(batch.len());
@@ -482,7 +481,7 @@ impl ModelPart {
                 (cos, sin, mask.as_ref()),
                 cache,
             )?;
-            y.copy_from_slice(&flat(&out)?);
+            y.copy_from_slice(&values(&out)?);
         }
         Ok(Tensor::from_vec(ys, (1, total, width), &self.device)?)
     }
@@ -533,9 +532,8 @@ impl ModelPart {
         let c = &self.config;
         let rows = q.dim(1)?;
         if rows == 1 {
-            let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
             let mut y = vec![0f32; c.num_heads * c.head_dim];
-            self.decode_row(index, (flat(q)?, flat(k)?, &flat(v)?), cache, &mut y)?;
+            self.decode_row(index, (values(q)?, values(k)?, &values(v)?), cache, &mut y)?;
             return Ok(Tensor::from_vec(
                 y,
                 (1, 1, c.num_heads * c.head_dim),
