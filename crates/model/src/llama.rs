@@ -135,11 +135,11 @@ impl ModelPart {
                 cache.advance(rows);
                 return Ok(hidden.clone());
             }
-            let (cos, sin) = self.rope_tables(start, rows)?;
+            let rotation = self.rotation(start, rows)?;
             let mask = causal_mask(start, rows, &self.device)?;
             let mut x = hidden.reshape((1, rows, width))?;
             for (i, layer) in self.layers.iter().enumerate() {
-                x = self.layer_forward(layer, i, &x, &cos, &sin, mask.as_ref(), cache)?;
+                x = self.layer_forward(layer, i, &x, &rotation, mask.as_ref(), cache)?;
             }
             cache.advance(rows);
             Ok(x.reshape((rows, width))?)
@@ -197,7 +197,7 @@ impl ModelPart {
                 return Ok(Tensor::cat(&outputs, 0)?);
             }
             let width = self.config.hidden_size;
-            let (cos, sin) = self.rope_tables(start, rows)?;
+            let rotation = self.rotation(start, rows)?;
             let mask = causal_mask(start, rows, &self.device)?;
             let mut x = hidden.reshape((1, rows, width))?;
             for layer in layers {
@@ -206,8 +206,7 @@ impl ModelPart {
                     &self.layers[index],
                     index,
                     &x,
-                    &cos,
-                    &sin,
+                    &rotation,
                     mask.as_ref(),
                     cache,
                 )?;
@@ -242,7 +241,7 @@ impl ModelPart {
         self.check_cache(cache)?;
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
-        let (cos, sin) = self.rope_tables(start, 1)?;
+        let Rotation { cos, sin, .. } = self.rotation(start, 1)?;
         let mut x = candidates.reshape((1, n, c.hidden_size))?;
         let mut outputs = Vec::with_capacity(layers.len());
         for index in 0..layers.len() {
@@ -347,12 +346,10 @@ impl ModelPart {
             }
             let mut tables = Vec::with_capacity(batch.len());
             for ((_, start, _), &r) in batch.iter().zip(&rows) {
-                tables.push(if r > 1 {
-                    let (cos, sin) = self.rope_tables(*start, r)?;
-                    Some((cos, sin, causal_mask(*start, r, &self.device)?))
-                } else {
-                    None
-                });
+                tables.push((
+                    self.rotation(*start, r)?,
+                    causal_mask(*start, r, &self.device)?,
+                ));
             }
             let total: usize = rows.iter().sum();
             let hiddens: Vec<&Tensor> = batch.iter().map(|(h, _, _)| *h).collect();
@@ -443,7 +440,7 @@ impl ModelPart {
         index: usize,
         batch: &mut [(&Tensor, usize, &mut KvCache)],
         rows: &[usize],
-        tables: &[Option<(Tensor, Tensor, Option<Tensor>)>],
+        tables: &[(Rotation, Option<Tensor>)],
         (q, k, v): (&Tensor, &Tensor, &Tensor),
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -459,26 +456,24 @@ impl ModelPart {
             jobs.push((offset, r, &mut **cache, table, y));
             offset += r;
         }
-        jobs.par_iter_mut()
-            .filter(|job| job.1 == 1)
-            .try_for_each(|(at, _, cache, _, y)| {
+        jobs.par_iter_mut().filter(|job| job.1 == 1).try_for_each(
+            |(at, _, cache, (rotation, _), y)| {
                 let row = |values: &[f32], w: usize| values[*at * w..(*at + 1) * w].to_vec();
                 self.decode_row(
                     index,
+                    rotation,
                     (row(&qs, width), row(&ks, kv_width), &row(&vs, kv_width)),
                     cache,
                     y,
                 )
-            })?;
-        for (at, r, cache, table, y) in jobs.iter_mut().filter(|job| job.1 > 1) {
-            let (cos, sin, mask) = table.as_ref().ok_or_else(|| {
-                ModelError::Config("a prompt chunk of the batch has no rotation tables".into())
-            })?;
+            },
+        )?;
+        for (at, r, cache, (rotation, mask), y) in jobs.iter_mut().filter(|job| job.1 > 1) {
             let rows_of = |t: &Tensor| t.narrow(1, *at, *r);
             let out = self.session_attention(
                 index,
                 (&rows_of(q)?, &rows_of(k)?, &rows_of(v)?),
-                (cos, sin, mask.as_ref()),
+                (rotation, mask.as_ref()),
                 cache,
             )?;
             y.copy_from_slice(&values(&out)?);
@@ -487,33 +482,29 @@ impl ModelPart {
     }
 
     /// Attention of one decode row: rotates its query `q (heads * head_dim)` and key
-    /// `k (kv_heads * head_dim)` to the next position of the layer's cache, appends the key and
-    /// the value `v` there and attends over every cached position, in place; writes
+    /// `k (kv_heads * head_dim)` by `rotation` (of the row's position), appends the key and
+    /// the value `v` to the layer's cache and attends over every cached position, in place; writes
     /// `heads * head_dim` values into `y`. The solo and the batched paths both run it, so a
     /// batch computes exactly what each of its sessions would alone.
     fn decode_row(
         &self,
         index: usize,
+        rotation: &Rotation,
         (mut q, mut k, v): (Vec<f32>, Vec<f32>, &[f32]),
         cache: &mut KvCache,
         y: &mut [f32],
     ) -> Result<()> {
         let c = &self.config;
-        // The same angles and arithmetic as `rope_tables` and candle's rotary kernels.
-        let position = cache.layer_len(index) as f32;
-        let (cos, sin): (Vec<f32>, Vec<f32>) = self
-            .inv_freq
-            .iter()
-            .map(|f| {
-                let angle = position * f;
-                (angle.cos(), angle.sin())
-            })
-            .unzip();
         for head in q
             .chunks_exact_mut(c.head_dim)
             .chain(k.chunks_exact_mut(c.head_dim))
         {
-            rotate(head, &cos, &sin, c.rope_interleaved);
+            rotate(
+                head,
+                &rotation.cos_values,
+                &rotation.sin_values,
+                c.rope_interleaved,
+            );
         }
         let cached = cache.push(index, &k, v, c.num_kv_heads, c.head_dim)?;
         attend_row(&q, cached, y)
@@ -526,14 +517,15 @@ impl ModelPart {
         &self,
         index: usize,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
-        (cos, sin, mask): (&Tensor, &Tensor, Option<&Tensor>),
+        (rotation, mask): (&Rotation, Option<&Tensor>),
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let c = &self.config;
         let rows = q.dim(1)?;
         if rows == 1 {
             let mut y = vec![0f32; c.num_heads * c.head_dim];
-            self.decode_row(index, (values(q)?, values(k)?, &values(v)?), cache, &mut y)?;
+            let row = (values(q)?, values(k)?, &values(v)?[..]);
+            self.decode_row(index, rotation, row, cache, &mut y)?;
             return Ok(Tensor::from_vec(
                 y,
                 (1, 1, c.num_heads * c.head_dim),
@@ -550,6 +542,7 @@ impl ModelPart {
             heads(k, c.num_kv_heads)?,
             heads(v, c.num_kv_heads)?,
         );
+        let (cos, sin) = (&rotation.cos, &rotation.sin);
         let (q, k) = if c.rope_interleaved {
             (
                 candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
@@ -598,20 +591,18 @@ impl ModelPart {
         Ok(output.lm_head.forward(&normed)?.squeeze(0)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         layer: &Layer,
         index: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rotation: &Rotation,
         mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
-        let attn = self.attention(layer, index, &h, cos, sin, mask, cache)?;
+        let attn = self.attention(layer, index, &h, rotation, mask, cache)?;
         let x = (x + attn)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
         let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
@@ -620,14 +611,12 @@ impl ModelPart {
         Ok((x + ffn)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: &Layer,
         index: usize,
         h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rotation: &Rotation,
         mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
@@ -636,20 +625,36 @@ impl ModelPart {
             layer.wk.forward(h)?,
             layer.wv.forward(h)?,
         );
-        let y = self.session_attention(index, (&q, &k, &v), (cos, sin, mask), cache)?;
+        let y = self.session_attention(index, (&q, &k, &v), (rotation, mask), cache)?;
         Ok(layer.wo.forward(&y)?)
     }
 
-    /// Cosine and sine of the rotation angles for positions `[start, start + rows)`.
-    fn rope_tables(&self, start: usize, rows: usize) -> Result<(Tensor, Tensor)> {
+    /// The rotation of positions `[start, start + rows)`, computed once for every layer.
+    fn rotation(&self, start: usize, rows: usize) -> Result<Rotation> {
         let half = self.inv_freq.len();
         let mut angles = Vec::with_capacity(rows * half);
         for pos in start..start + rows {
             angles.extend(self.inv_freq.iter().map(|f| pos as f32 * f));
         }
         let angles = Tensor::from_vec(angles, (rows, half), &self.device)?;
-        Ok((angles.cos()?, angles.sin()?))
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        Ok(Rotation {
+            cos_values: values(&cos)?,
+            sin_values: values(&sin)?,
+            cos,
+            sin,
+        })
     }
+}
+
+/// Cosines and sines of the rotation angles of a run of positions `(rows, head_dim / 2)`: as
+/// tensors for candle's rotary kernels (prompt chunks) and as the same values in plain memory
+/// for [`ModelPart::decode_row`].
+struct Rotation {
+    cos: Tensor,
+    sin: Tensor,
+    cos_values: Vec<f32>,
+    sin_values: Vec<f32>,
 }
 
 /// Runs `work` on a thread of rayon's pool (at once when already on one). The products and
