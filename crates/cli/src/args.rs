@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use lsplit_model::{ModelSource, SplitPlan};
+use lsplit_model::{KvPrecision, ModelSource, SplitPlan};
 use lsplit_remote::CloudFiles;
 use lsplit_split::{Obfuscation, SamplingParams, SplitPolicy, load_tokenizer};
 use lsplit_tokenizer::Tokenizer;
@@ -18,6 +18,10 @@ pub struct ModelArgs {
     /// fetched on first use]
     #[arg(long, short = 'm', value_name = "PATH")]
     pub model: Option<PathBuf>,
+    /// Precision of the KV cache: f32 (exact) or f16 (llama.cpp's default: half the memory, and
+    /// long contexts decode faster, with every cached value rounded to half precision)
+    #[arg(long, value_name = "PRECISION", default_value_t = KvPrecision::F32)]
+    pub kv_cache: KvPrecision,
 }
 
 impl ModelArgs {
@@ -32,7 +36,8 @@ impl ModelArgs {
     /// Opens the model (fetching the default one if needed) and builds its tokenizer.
     pub fn open(&self) -> anyhow::Result<(ModelSource, Arc<Tokenizer>)> {
         let path = self.path()?;
-        let source = ModelSource::open(&path)?;
+        let mut source = ModelSource::open(&path)?;
+        source.set_kv_precision(self.kv_cache);
         let tokenizer = load_tokenizer(&source)
             .with_context(|| format!("building the tokenizer of {}", path.display()))?;
         Ok((source, Arc::new(tokenizer)))

@@ -1,29 +1,196 @@
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+
 use candle_core::{Device, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::{ModelError, Result, values};
 
 /// Growth step of the key/value buffers, in positions.
 const GROW_BY: usize = 256;
 
+/// How the KV cache stores keys and values.
+///
+/// `F32` keeps them exactly as the layers compute them. `F16` (llama.cpp's default) halves the
+/// cache's memory and what a decode step reads at long contexts, at the cost of rounding every
+/// cached value to half precision. Split and unsplit runs stay identical to each other at
+/// either precision as long as both use the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvPrecision {
+    /// Single precision: the exact path.
+    #[default]
+    F32,
+    /// Half precision: half the memory traffic of a long context.
+    F16,
+}
+
+impl KvPrecision {
+    /// Every precision, for listings and tests.
+    pub const ALL: [KvPrecision; 2] = [KvPrecision::F32, KvPrecision::F16];
+
+    /// Bytes per cached value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvPrecision::F32 => 4,
+            KvPrecision::F16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for KvPrecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KvPrecision::F32 => "f32",
+            KvPrecision::F16 => "f16",
+        })
+    }
+}
+
+impl FromStr for KvPrecision {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(KvPrecision::F32),
+            "f16" => Ok(KvPrecision::F16),
+            other => Err(ModelError::Config(format!(
+                "unknown KV cache precision {other:?}: expected f32 or f16"
+            ))),
+        }
+    }
+}
+
+/// Cached values of one kind (keys or values) at one precision.
+#[derive(Debug, Clone)]
+enum Buffer {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Default for Buffer {
+    fn default() -> Self {
+        Buffer::F32(Vec::new())
+    }
+}
+
+impl Buffer {
+    fn zeros(precision: KvPrecision, len: usize) -> Self {
+        match precision {
+            KvPrecision::F32 => Buffer::F32(vec![0.0; len]),
+            KvPrecision::F16 => Buffer::F16(vec![f16::ZERO; len]),
+        }
+    }
+
+    fn precision(&self) -> KvPrecision {
+        match self {
+            Buffer::F32(_) => KvPrecision::F32,
+            Buffer::F16(_) => KvPrecision::F16,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Buffer::F32(b) => b.len(),
+            Buffer::F16(b) => b.len(),
+        }
+    }
+
+    /// Stores `from` at `at`, rounded to the buffer's precision.
+    fn write(&mut self, at: usize, from: &[f32]) {
+        match self {
+            Buffer::F32(b) => b[at..at + from.len()].copy_from_slice(from),
+            Buffer::F16(b) => b[at..at + from.len()].convert_from_f32_slice(from),
+        }
+    }
+
+    /// Stores `from` at `at`, `at + TILE`, `at + 2 TILE`...: one position's key into its lane of
+    /// a transposed tile.
+    fn write_column(&mut self, at: usize, from: &[f32]) {
+        let lanes = (at..).step_by(TILE);
+        match self {
+            Buffer::F32(b) => lanes.zip(from).for_each(|(i, &x)| b[i] = x),
+            Buffer::F16(b) => lanes.zip(from).for_each(|(i, &x)| b[i] = f16::from_f32(x)),
+        }
+    }
+
+    /// Copies `len` values from `from` in `old` to `at` in this buffer of the same precision.
+    fn move_from(&mut self, at: usize, old: &Buffer, from: usize, len: usize) {
+        match (self, old) {
+            (Buffer::F32(b), Buffer::F32(o)) => b[at..at + len].copy_from_slice(&o[from..][..len]),
+            (Buffer::F16(b), Buffer::F16(o)) => b[at..at + len].copy_from_slice(&o[from..][..len]),
+            _ => unreachable!("a layer's buffers keep the precision they were made with"),
+        }
+    }
+
+    fn slice(&self, range: Range<usize>) -> Values<'_> {
+        match self {
+            Buffer::F32(b) => Values::F32(&b[range]),
+            Buffer::F16(b) => Values::F16(&b[range]),
+        }
+    }
+}
+
+/// Cached keys or values read in place, at the cache's precision.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Values<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Values<'a> {
+    /// The values at `range` as f32: in place at single precision, else widened into `buffer`.
+    pub(crate) fn widen<'b>(&self, range: Range<usize>, buffer: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match *self {
+            Values::F32(v) => &v[range],
+            Values::F16(v) => {
+                let v = &v[range];
+                buffer.resize(v.len(), 0.0);
+                v.convert_to_f32_slice(buffer);
+                buffer
+            }
+        }
+    }
+
+    /// The value at `i`, as f32.
+    fn get(&self, i: usize) -> f32 {
+        match *self {
+            Values::F32(v) => v[i],
+            Values::F16(v) => v[i].to_f32(),
+        }
+    }
+}
+
+/// Positions per tile of transposed keys.
+pub(crate) const TILE: usize = 16;
+
 /// Keys and values of one attention layer: for each KV head, room for `capacity` positions of
 /// `dim` values, in buffers that grow in steps of [`GROW_BY`] positions instead of being copied
 /// on every token. Plain memory, so a decode step writes its row and reads the cache in place.
+///
+/// Values are rows, one per position. Keys are transposed in tiles of [`TILE`] positions
+/// (`dim` rows of `TILE` lanes), so that a query's scores against a tile's positions are a sum
+/// over the dimensions of whole vectors, with no sums across lanes.
 #[derive(Debug, Clone, Default)]
 struct LayerCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Buffer,
+    v: Buffer,
     kv_heads: usize,
     dim: usize,
     capacity: usize,
     len: usize,
 }
 
-/// The cached keys and values of one layer, read in place: KV head `g`'s positions are rows of
-/// `dim` values starting at `g * stride`.
+/// The cached keys and values of one layer, read in place: KV head `g`'s positions start at
+/// `g * stride` in both buffers, `dim` values per position (value rows, key tiles).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CachedHeads<'a> {
-    pub(crate) k: &'a [f32],
-    pub(crate) v: &'a [f32],
+    pub(crate) k: Values<'a>,
+    pub(crate) v: Values<'a>,
     pub(crate) kv_heads: usize,
     pub(crate) dim: usize,
     pub(crate) stride: usize,
@@ -31,15 +198,36 @@ pub(crate) struct CachedHeads<'a> {
 }
 
 impl CachedHeads<'_> {
-    /// Keys and values of KV head `g` at `positions`.
-    pub(crate) fn rows(&self, g: usize, positions: std::ops::Range<usize>) -> (&[f32], &[f32]) {
+    /// Where KV head `g`'s values at `positions` lie in the value buffer.
+    pub(crate) fn value_rows(&self, g: usize, positions: Range<usize>) -> Range<usize> {
         let at = g * self.stride;
-        let span = at + positions.start * self.dim..at + positions.end * self.dim;
-        (&self.k[span.clone()], &self.v[span])
+        at + positions.start * self.dim..at + positions.end * self.dim
+    }
+
+    /// Where the key tiles that hold KV head `g`'s `positions` lie in the key buffer; the
+    /// positions start at a tile's first.
+    pub(crate) fn key_tiles(&self, g: usize, positions: Range<usize>) -> Range<usize> {
+        let tiles = positions.start / TILE..positions.end.div_ceil(TILE);
+        let at = g * self.stride;
+        at + tiles.start * TILE * self.dim..at + tiles.end * TILE * self.dim
+    }
+
+    /// Where KV head `g`'s key value `d` of position `p` lies in the key buffer.
+    fn key_at(&self, g: usize, p: usize, d: usize) -> usize {
+        g * self.stride + (p / TILE * self.dim + d) * TILE + p % TILE
     }
 }
 
 impl LayerCache {
+    /// An empty layer whose buffers will hold values at `precision`.
+    fn new(precision: KvPrecision) -> Self {
+        Self {
+            k: Buffer::zeros(precision, 0),
+            v: Buffer::zeros(precision, 0),
+            ..Self::default()
+        }
+    }
+
     /// Appends `seq` positions of keys and values laid out head by head
     /// (`kv_heads * seq * dim` values each, as a `(1, kv_heads, seq, dim)` tensor holds them).
     fn append(&mut self, k: &[f32], v: &[f32], kv_heads: usize, dim: usize) -> Result<()> {
@@ -66,10 +254,13 @@ impl LayerCache {
         }
         let stride = self.capacity * dim;
         for g in 0..kv_heads {
-            let to = g * stride + self.len * dim..g * stride + needed * dim;
-            let from = g * seq * dim..(g + 1) * seq * dim;
-            self.k[to.clone()].copy_from_slice(&k[from.clone()]);
-            self.v[to].copy_from_slice(&v[from]);
+            let rows = g * seq * dim..(g + 1) * seq * dim;
+            self.v.write(g * stride + self.len * dim, &v[rows.clone()]);
+            for (i, key) in k[rows].chunks_exact(dim).enumerate() {
+                let p = self.len + i;
+                let at = g * stride + p / TILE * TILE * dim + p % TILE;
+                self.k.write_column(at, key);
+            }
         }
         self.len = needed;
         Ok(())
@@ -78,11 +269,12 @@ impl LayerCache {
     /// Moves the cached positions into buffers with room for `capacity`.
     fn grow(&mut self, capacity: usize) {
         let dim = self.dim;
-        let regrow = |old: &[f32]| {
-            let mut fresh = vec![0f32; self.kv_heads * capacity * dim];
+        // Whole key tiles, so that the keys' lanes past the last position move too.
+        let kept = self.len.div_ceil(TILE) * TILE * dim;
+        let regrow = |old: &Buffer| {
+            let mut fresh = Buffer::zeros(old.precision(), self.kv_heads * capacity * dim);
             for g in 0..self.kv_heads {
-                let from = g * self.capacity * dim..(g * self.capacity + self.len) * dim;
-                fresh[g * capacity * dim..][..self.len * dim].copy_from_slice(&old[from]);
+                fresh.move_from(g * capacity * dim, old, g * self.capacity * dim, kept);
             }
             fresh
         };
@@ -91,9 +283,10 @@ impl LayerCache {
     }
 
     fn heads(&self) -> CachedHeads<'_> {
+        let all = 0..self.k.len();
         CachedHeads {
-            k: &self.k,
-            v: &self.v,
+            k: self.k.slice(all.clone()),
+            v: self.v.slice(all),
             kv_heads: self.kv_heads,
             dim: self.dim,
             stride: self.capacity * self.dim,
@@ -101,22 +294,22 @@ impl LayerCache {
         }
     }
 
-    /// Copies of the cached keys and values as `(1, kv_heads, len, dim)` tensors.
+    /// Copies of the cached keys and values as `(1, kv_heads, len, dim)` f32 tensors.
     fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
-        let copy = |buffer: &[f32]| -> Result<Tensor> {
-            let mut out = Vec::with_capacity(self.kv_heads * self.len * self.dim);
-            for g in 0..self.kv_heads {
-                out.extend_from_slice(
-                    &buffer[g * self.capacity * self.dim..][..self.len * self.dim],
-                );
+        let heads = self.heads();
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for g in 0..self.kv_heads {
+            for p in 0..self.len {
+                k.extend((0..self.dim).map(|d| heads.k.get(heads.key_at(g, p, d))));
             }
-            Ok(Tensor::from_vec(
-                out,
-                (1, self.kv_heads, self.len, self.dim),
-                device,
-            )?)
-        };
-        Ok((copy(&self.k)?, copy(&self.v)?))
+            let mut wide = Vec::new();
+            v.extend_from_slice(heads.v.widen(heads.value_rows(g, 0..self.len), &mut wide));
+        }
+        let shape = (1, self.kv_heads, self.len, self.dim);
+        Ok((
+            Tensor::from_vec(k, shape, device)?,
+            Tensor::from_vec(v, shape, device)?,
+        ))
     }
 }
 
@@ -128,15 +321,27 @@ impl LayerCache {
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
+    precision: KvPrecision,
 }
 
 impl KvCache {
-    /// An empty cache for a part of `layers` layers.
+    /// An empty single-precision cache for a part of `layers` layers.
     pub fn new(layers: usize) -> Self {
+        Self::with_precision(layers, KvPrecision::F32)
+    }
+
+    /// An empty cache for a part of `layers` layers that stores values at `precision`.
+    pub fn with_precision(layers: usize, precision: KvPrecision) -> Self {
         Self {
-            layers: vec![LayerCache::default(); layers],
+            layers: vec![LayerCache::new(precision); layers],
             len: 0,
+            precision,
         }
+    }
+
+    /// The precision the cache stores keys and values at.
+    pub fn precision(&self) -> KvPrecision {
+        self.precision
     }
 
     /// Number of positions cached.
@@ -160,14 +365,13 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.k.len() + l.v.len()) * std::mem::size_of::<f32>())
+            .map(|l| (l.k.len() + l.v.len()) * self.precision.bytes())
             .sum()
     }
 
     /// Forgets every position, keeping nothing allocated.
     pub fn clear(&mut self) {
-        let layers = self.layers.len();
-        *self = Self::new(layers);
+        *self = Self::with_precision(self.layers.len(), self.precision);
     }
 
     /// Appends `k`, `v (1, kv_heads, seq, dim)` to the `layer`-th layer; returns copies of
@@ -218,6 +422,12 @@ impl KvCache {
         self.len = self.len.max(end);
     }
 
+    /// The `layer`-th layer's cached keys and values, read in place.
+    #[cfg(test)]
+    pub(crate) fn heads(&self, layer: usize) -> CachedHeads<'_> {
+        self.layers[layer].heads()
+    }
+
     pub(crate) fn layer_count(&self) -> usize {
         self.layers.len()
     }
@@ -257,28 +467,84 @@ mod tests {
         Ok(())
     }
 
+    /// KV head `g`'s keys and values at `positions`, as f32 rows.
+    fn read(heads: &CachedHeads<'_>, g: usize, positions: Range<usize>) -> (Vec<f32>, Vec<f32>) {
+        let keys = positions
+            .clone()
+            .flat_map(|p| (0..heads.dim).map(move |d| heads.k.get(heads.key_at(g, p, d))))
+            .collect();
+        let mut wide = Vec::new();
+        let values = heads.v.widen(heads.value_rows(g, positions), &mut wide);
+        (keys, values.to_vec())
+    }
+
     #[test]
     fn decode_rows_land_head_by_head_and_read_in_place() -> Result<()> {
-        let mut cache = KvCache::new(2);
-        // A two-position prompt of two KV heads of 2 values, then one decode row.
-        let prompt = Tensor::from_vec(
-            vec![1f32, 2., 3., 4., 5., 6., 7., 8.],
-            (1, 2, 2, 2),
-            &Device::Cpu,
-        )?;
-        cache.append(1, &prompt, &(&prompt * 10.0)?)?;
-        let heads = cache.push(1, &[9., 10., 11., 12.], &[90., 100., 110., 120.], 2, 2)?;
-        assert_eq!((heads.len, heads.kv_heads, heads.dim), (3, 2, 2));
-        assert_eq!(heads.rows(0, 0..3).0, &[1., 2., 3., 4., 9., 10.]);
-        assert_eq!(
-            heads.rows(1, 1..3),
-            (&[7f32, 8., 11., 12.][..], &[70f32, 80., 110., 120.][..])
-        );
-        assert_eq!(cache.layer_len(1), 3);
-        assert_eq!(cache.layer_len(0), 0);
-        assert!(cache.view(0, &Device::Cpu)?.is_none());
-        let wrong = cache.push(1, &[1., 2., 3.], &[1., 2., 3.], 3, 1);
-        assert!(wrong.is_err(), "a row of another shape must be refused");
+        for precision in KvPrecision::ALL {
+            let mut cache = KvCache::with_precision(2, precision);
+            // A two-position prompt of two KV heads of 2 values, then one decode row; every
+            // value is exact in half precision too.
+            let prompt = Tensor::from_vec(
+                vec![1f32, 2., 3., 4., 5., 6., 7., 8.],
+                (1, 2, 2, 2),
+                &Device::Cpu,
+            )?;
+            cache.append(1, &prompt, &(&prompt * 10.0)?)?;
+            let heads = cache.push(1, &[9., 10., 11., 12.], &[90., 100., 110., 120.], 2, 2)?;
+            assert_eq!((heads.len, heads.kv_heads, heads.dim), (3, 2, 2));
+            assert_eq!(read(&heads, 0, 0..3).0, [1., 2., 3., 4., 9., 10.]);
+            assert_eq!(
+                read(&heads, 1, 1..3),
+                (vec![7f32, 8., 11., 12.], vec![70f32, 80., 110., 120.])
+            );
+            assert_eq!(cache.layer_len(1), 3);
+            assert_eq!(cache.layer_len(0), 0);
+            assert!(cache.view(0, &Device::Cpu)?.is_none());
+            let wrong = cache.push(1, &[1., 2., 3.], &[1., 2., 3.], 3, 1);
+            assert!(wrong.is_err(), "a row of another shape must be refused");
+        }
         Ok(())
+    }
+
+    #[test]
+    fn a_half_precision_cache_rounds_values_and_takes_half_the_bytes() -> Result<()> {
+        let (mut wide, mut narrow) = (
+            KvCache::new(1),
+            KvCache::with_precision(1, KvPrecision::F16),
+        );
+        // 1/3 is not exact in either precision; f16 keeps 11 significant bits.
+        let row = [1.0f32 / 3.0, -1000.25, 65504.0, 1e-3];
+        for cache in [&mut wide, &mut narrow] {
+            cache.push(0, &row, &row, 1, 4)?;
+        }
+        let (k, v) = wide.view(0, &Device::Cpu)?.expect("cached");
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, row);
+        assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, row);
+        let (k, _) = narrow.view(0, &Device::Cpu)?.expect("cached");
+        let rounded: Vec<f32> = row.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, rounded);
+        assert_eq!(rounded[0], 0.333_251_95);
+        assert_eq!(rounded[1], -1000.0);
+        // GROW_BY positions of one head of 4 values, keys and values.
+        assert_eq!(wide.bytes(), 2 * 256 * 4 * 4);
+        assert_eq!(narrow.bytes(), 2 * 256 * 4 * 2);
+        narrow.clear();
+        assert_eq!(narrow.precision(), KvPrecision::F16);
+        Ok(())
+    }
+
+    #[test]
+    fn precisions_parse_and_print() {
+        for precision in KvPrecision::ALL {
+            assert_eq!(
+                precision.to_string().parse::<KvPrecision>().ok(),
+                Some(precision)
+            );
+        }
+        let err = "q8".parse::<KvPrecision>().expect_err("unknown precision");
+        assert_eq!(
+            err.to_string(),
+            "model configuration: unknown KV cache precision \"q8\": expected f32 or f16"
+        );
     }
 }

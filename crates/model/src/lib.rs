@@ -14,7 +14,7 @@ mod llama;
 mod plan;
 mod source;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, KvPrecision};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::ModelError;
 pub use llama::{ModelPart, on_pool};

@@ -8,7 +8,9 @@ use rayon::prelude::*;
 
 use crate::attention::attend_row;
 use crate::kernels::Linear;
-use crate::{KvCache, LlamaConfig, ModelError, PartSpec, Result, TensorRecord, values};
+use crate::{
+    KvCache, KvPrecision, LlamaConfig, ModelError, PartSpec, Result, TensorRecord, values,
+};
 
 /// Rows a part runs through its layers at once: a longer prompt goes in chunks, so that
 /// attention's score matrices stay small (a 1000-token prompt at once would hold 36 MB of scores
@@ -45,6 +47,7 @@ pub struct ModelPart {
     inv_freq: Vec<f32>,
     tensors: Vec<TensorRecord>,
     device: Device,
+    kv_precision: KvPrecision,
 }
 
 impl std::fmt::Debug for ModelPart {
@@ -76,7 +79,14 @@ impl ModelPart {
             inv_freq,
             tensors,
             device,
+            kv_precision: KvPrecision::default(),
         })
+    }
+
+    /// The same part, making its KV caches at `precision`.
+    pub(crate) fn with_kv_precision(mut self, precision: KvPrecision) -> Self {
+        self.kv_precision = precision;
+        self
     }
 
     /// Which part this is and the layers it runs.
@@ -99,9 +109,14 @@ impl ModelPart {
         &self.device
     }
 
-    /// A fresh, empty KV cache for one session of this part.
+    /// A fresh, empty KV cache for one session of this part, at the part's KV precision.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        KvCache::with_precision(self.layers.len(), self.kv_precision)
+    }
+
+    /// The precision of the KV caches [`ModelPart::new_cache`] makes.
+    pub fn kv_precision(&self) -> KvPrecision {
+        self.kv_precision
     }
 
     /// Looks up the embeddings of `tokens`: hidden rows of shape `(tokens, hidden)`.

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::kernels::Linear;
 use crate::llama::{Layer, ModelPart, OutputHead};
-use crate::{LlamaConfig, ModelError, PartSpec, Result};
+use crate::{KvPrecision, LlamaConfig, ModelError, PartSpec, Result};
 
 /// The file format a model was loaded from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +157,7 @@ pub struct ModelSource {
     format: ModelFormat,
     config: LlamaConfig,
     store: Store,
+    kv_precision: KvPrecision,
 }
 
 impl std::fmt::Debug for ModelSource {
@@ -165,6 +166,7 @@ impl std::fmt::Debug for ModelSource {
             .field("path", &self.path)
             .field("format", &self.format)
             .field("config", &self.config)
+            .field("kv_precision", &self.kv_precision)
             .finish()
     }
 }
@@ -233,6 +235,7 @@ impl ModelSource {
             path: path.to_path_buf(),
             format: ModelFormat::Gguf,
             config,
+            kv_precision: KvPrecision::default(),
             store: Store::Gguf {
                 path: path.to_path_buf(),
                 content,
@@ -265,6 +268,7 @@ impl ModelSource {
             path: dir.to_path_buf(),
             format: ModelFormat::HuggingFace,
             config,
+            kv_precision: KvPrecision::default(),
             store: Store::Safetensors {
                 dir: dir.to_path_buf(),
                 files,
@@ -401,6 +405,11 @@ impl ModelSource {
         }
     }
 
+    /// Makes the parts loaded from now on keep their KV caches at `precision` (f32 unless set).
+    pub fn set_kv_precision(&mut self, precision: KvPrecision) {
+        self.kv_precision = precision;
+    }
+
     /// Loads one part of the model onto `device`, reading only the tensors it holds.
     pub fn load_part(&self, spec: &PartSpec, device: &Device) -> Result<ModelPart> {
         let records = self.part_tensors(spec)?;
@@ -449,6 +458,7 @@ impl ModelSource {
             records,
             device.clone(),
         )
+        .map(|part| part.with_kv_precision(self.kv_precision))
     }
 
     fn tied_output(&self, spec: &PartSpec) -> bool {

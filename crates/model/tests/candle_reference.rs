@@ -7,7 +7,8 @@
 //! product re-quantizes its input to 8 bits, a last-bit difference can move a value to the next
 //! 8-bit step and shift logits by up to about one unit. So decode is compared under teacher
 //! forcing (both models fed candle's greedy tokens): the chosen token must agree at nearly every
-//! step and the logits stay within a bound that a wrong attention would far exceed.
+//! step, be a near tie where it does not, and the logits stay within a bound that a wrong
+//! attention would far exceed.
 
 mod common;
 
@@ -49,13 +50,20 @@ fn logits_match_candle_transformers() {
         "prompt logits differ by {}",
         max_abs_diff(&ours[0], &their_logits[0])
     );
-    let agree = ours
-        .iter()
-        .zip(&theirs)
-        .filter(|(logits, token)| argmax(logits) == **token)
-        .count();
+    // Where the choices differ, candle's token must be a near tie for us too (measured: our
+    // logit for it 0.05 to 0.2 below our top one, at three of the 64 steps).
+    let mut agree = 0;
+    for (i, (logits, &token)) in ours.iter().zip(&theirs).enumerate() {
+        let top = argmax(logits);
+        if top == token {
+            agree += 1;
+        } else {
+            let gap = logits[top as usize] - logits[token as usize];
+            assert!(gap < 0.5, "step {i}: we chose {top} over {token} by {gap}");
+        }
+    }
     assert!(
-        agree >= STEPS - 2,
+        agree >= STEPS - 4,
         "greedy choice agrees at {agree} of {STEPS} steps"
     );
     // Measured: 0.4 to 1.1 at most steps, 2.1 at the worst, with logits up to about 26.

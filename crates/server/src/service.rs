@@ -51,7 +51,8 @@ impl Shared {
     ) -> Result<Self, ServerError> {
         let c = part.config();
         let layers = part.spec().layers.len() as u64;
-        let kv_bytes_per_position = layers * 2 * (c.num_kv_heads * c.head_dim) as u64 * 4;
+        let kv_bytes_per_position =
+            layers * 2 * (c.num_kv_heads * c.head_dim * part.kv_precision().bytes()) as u64;
         let hidden_size = c.hidden_size;
         let counters = Arc::new(Counters::default());
         let part = Arc::new(part);
@@ -294,7 +295,7 @@ impl SessionState {
             self.keyed = Some(Box::new(keyed));
         }
         self.codec = Some(codec);
-        self.cache = Some(KvCache::new(ours.layers.len()));
+        self.cache = Some(self.shared.part.new_cache());
         self.shared
             .counters
             .sessions_total

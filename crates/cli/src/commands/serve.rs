@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use lsplit_diffusion::{UnetSplit, load_trunk_model, trunk_fingerprint};
-use lsplit_model::{ModelSource, SplitPlan};
+use lsplit_model::{KvPrecision, ModelSource, SplitPlan};
 use lsplit_proto::TrunkFingerprint;
 use lsplit_server::{
     DiffusionLimits, DiffusionOptions, DiffusionServer, Limits, ServerError, ServerOptions,
@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// Seconds a session may stay silent before it is closed (and its KV cache freed)
     #[arg(long, default_value_t = 300)]
     pub idle_timeout_secs: u64,
+    /// Precision of the trunk's KV caches: f32 (exact) or f16 (half the memory and the reads of
+    /// a long context, values rounded to half precision) [default: f32]
+    #[arg(long, value_name = "PRECISION")]
+    pub kv_cache: Option<KvPrecision>,
     /// MiB all sessions' KV caches may hold together
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mib: u64,
@@ -197,7 +201,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         path.display()
     );
     let codecs = codecs(&args, Codec::ALL.to_vec(), str::parse::<Codec>)?;
-    let source = ModelSource::open(&path)?;
+    let mut source = ModelSource::open(&path)?;
+    source.set_kv_precision(args.kv_cache.unwrap_or_default());
     let layers = source.config().num_layers;
     let plan = match (args.split_policy, &args.split, &args.k1, &args.k2) {
         (PolicyKind::Random, _, Some(k1), Some(k2)) => {
@@ -247,6 +252,7 @@ fn run_diffusion(args: ServeArgs, path: &Path) -> anyhow::Result<()> {
         ("--k1/--k2", args.k1.is_some() || args.k2.is_some()),
         ("--split-policy", args.split_policy != PolicyKind::Fixed),
         ("--max-context", args.max_context.is_some()),
+        ("--kv-cache", args.kv_cache.is_some()),
     ];
     for (flag, given) in language_only {
         anyhow::ensure!(

@@ -26,10 +26,12 @@ use rayon::prelude::*;
 use dot::{ActBlock, BLOCK, Format, TILE, dot_tile, repack};
 
 /// Below this many multiply-adds a product runs on the calling thread: waking the thread pool
-/// costs more than it saves. Measured on 2 cores: with 2^16 every decode-step product went to
-/// the pool and decode ran at 121 tok/s on two threads against 176 on one; with 2^22 only the
-/// LM head does, and two threads reach 185.
-const SERIAL_WORK: usize = 1 << 22;
+/// costs more than it saves. Since a forward pass runs on a pool thread ([`crate::on_pool`]),
+/// the pool stays awake between products, and on 2 cores every SmolLM2-135M decode product
+/// gains from both threads: about 240 -> 300 tok/s at position 10. With products on one
+/// thread, the other fell asleep between layers and every long context attention paid for
+/// waking it. (Before `on_pool`, 2^22 was best: each product woke the pool from outside.)
+const SERIAL_WORK: usize = 1 << 16;
 
 /// A weight matrix `(out, in)` applied as `x @ Wᵀ`: our kernels where they cover the format,
 /// candle's otherwise.
