@@ -34,6 +34,29 @@ fn split_output_equals_unsplit_output() {
 }
 
 #[test]
+fn reduced_precision_kv_caches_keep_split_output_equal_to_unsplit() {
+    for kv in ["f16", "q8"] {
+        let baseline = generate(&["--no-split", "--kv-cache", kv]);
+        assert!(baseline.status.success(), "{kv}: {}", stderr(&baseline));
+        let text = stdout(&baseline);
+        assert!(
+            text.trim().len() > 20,
+            "{kv}: generated too little: {text:?}"
+        );
+        let split = generate(&["--split", "3:27", "--kv-cache", kv]);
+        assert!(split.status.success(), "{kv}: {}", stderr(&split));
+        assert_eq!(stdout(&split), text, "{kv}");
+    }
+    let out = generate(&["--kv-cache", "q4"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown KV cache precision \"q4\": expected f32, f16 or q8"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn stats_report_bytes_per_token_on_stderr() {
     let out = generate(&["--split", "2:28", "--stats", "--codec", "f16"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -282,6 +282,13 @@ fn serve_refuses_flags_that_do_not_fit_the_model() {
             ),
         ),
         (
+            vec!["--kv-cache", "f16"],
+            &*format!(
+                "Error: --kv-cache is for language models; {sd15} is a diffusion model (use \
+                 --unet-split)"
+            ),
+        ),
+        (
             vec!["--unet-split", "none"],
             "Error: --unet-split none runs everything on the device: there is no trunk to serve",
         ),

@@ -10,16 +10,19 @@
 //! chunking depends only on the number of positions, so the result is the same on every thread
 //! count and whether or not the chunks run in parallel.
 //!
-//! Two implementations of the block primitives: AVX2 with FMA (scores of eight positions at once,
-//! a vectorized `exp`) and a portable one; they agree to within float rounding.
+//! The kernels are plain Rust over arrays of [`TILE`] lanes, written so that the compiler keeps
+//! the running sums in vector registers: a key tile (16 positions' keys, transposed) gives up to
+//! [`HEADS_AT_ONCE`] query heads their 16 scores with no sums across lanes, and each value row
+//! is read once for all of them. Cached f16 and 8-bit values are widened to f32 as they are
+//! read. Only `exp` has a hand-written AVX2 version beside the portable one; they agree to
+//! within float rounding.
 
 use std::ops::Range;
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::cache::{CachedHeads, TILE, Values};
+use crate::cache::{CachedHeads, Q8_GROUP, TILE, Values};
 use crate::{ModelError, Result};
 
 /// Positions of one KV head that one task attends to.
@@ -52,13 +55,38 @@ pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) ->
         let (g, c) = (task / chunks, task % chunks);
         let queries = &q[g * group * dim..(g + 1) * group * dim];
         let positions = c * CHUNK..len.min((c + 1) * CHUNK);
+        let place = Place {
+            cached: &cached,
+            g,
+            positions,
+            scale,
+        };
         match (cached.k, cached.v) {
-            (Values::F32(k), Values::F32(v)) => {
-                attend_chunk(queries, (k, v), &cached, g, positions, scale)
+            (Values::F32(keys), Values::F32(values)) => {
+                attend_chunk(queries, Task::plain(keys, values, place))
             }
-            (Values::F16(k), Values::F16(v)) => {
-                attend_chunk(queries, (k, v), &cached, g, positions, scale)
+            (Values::F16(keys), Values::F16(values)) => {
+                attend_chunk(queries, Task::plain(keys, values, place))
             }
+            (
+                Values::Q8 {
+                    quants: keys,
+                    scales: key_scales,
+                },
+                Values::Q8 {
+                    quants: values,
+                    scales: value_scales,
+                },
+            ) => attend_chunk(
+                queries,
+                Task {
+                    keys,
+                    values,
+                    key_scales,
+                    value_scales,
+                    place,
+                },
+            ),
             _ => unreachable!("a layer's keys and values share their precision"),
         }
     };
@@ -85,13 +113,22 @@ struct Partial {
 }
 
 /// A cached number the kernels read: f32 as it is, f16 widened sixteen at a time (with F16C
-/// where the target has it).
+/// where the target has it), 8-bit integers as their values (their scales apply afterwards).
 trait Element: Copy + Send + Sync {
+    /// Whether the values come with 8-bit scales.
+    const SCALED: bool = false;
+
     /// The first [`TILE`] values of `from` as f32.
     fn widen(from: &[Self]) -> [f32; TILE];
 
     /// The values of `from` (fewer than [`TILE`]) as f32, zeros after them.
-    fn widen_part(from: &[Self]) -> [f32; TILE];
+    fn widen_part(from: &[Self]) -> [f32; TILE] {
+        let mut whole = [from[0]; TILE];
+        whole[..from.len()].copy_from_slice(from);
+        let mut out = Self::widen(&whole);
+        out[from.len()..].fill(0.0);
+        out
+    }
 }
 
 impl Element for f32 {
@@ -99,12 +136,6 @@ impl Element for f32 {
     fn widen(from: &[f32]) -> [f32; TILE] {
         let mut out = [0f32; TILE];
         out.copy_from_slice(&from[..TILE]);
-        out
-    }
-
-    fn widen_part(from: &[f32]) -> [f32; TILE] {
-        let mut out = [0f32; TILE];
-        out[..from.len()].copy_from_slice(from);
         out
     }
 }
@@ -128,13 +159,68 @@ impl Element for f16 {
             out
         }
         #[cfg(not(all(target_arch = "x86_64", target_feature = "f16c")))]
-        std::array::from_fn(|i| from[i].to_f32())
+        {
+            let mut out = [0f32; TILE];
+            for (out, x) in out.iter_mut().zip(from) {
+                *out = x.to_f32();
+            }
+            out
+        }
     }
+}
 
-    fn widen_part(from: &[f16]) -> [f32; TILE] {
+impl Element for i8 {
+    const SCALED: bool = true;
+
+    #[inline(always)]
+    fn widen(from: &[i8]) -> [f32; TILE] {
         let mut out = [0f32; TILE];
-        from.convert_to_f32_slice(&mut out[..from.len()]);
+        for (out, &x) in out.iter_mut().zip(&from[..TILE]) {
+            *out = f32::from(x);
+        }
         out
+    }
+}
+
+/// Where one task attends: the layer's cached heads, the KV head `g`, its positions (starting
+/// at a tile's first) and the scores' scale.
+struct Place<'a> {
+    cached: &'a CachedHeads<'a>,
+    g: usize,
+    positions: Range<usize>,
+    scale: f32,
+}
+
+/// One task's keys and values: the layer's buffers and their 8-bit scales (empty at other
+/// precisions).
+struct Task<'a, E> {
+    keys: &'a [E],
+    values: &'a [E],
+    key_scales: &'a [f32],
+    value_scales: &'a [f32],
+    place: Place<'a>,
+}
+
+impl<'a, E> Task<'a, E> {
+    /// A task over buffers without scales.
+    fn plain(keys: &'a [E], values: &'a [E], place: Place<'a>) -> Self {
+        Self {
+            keys,
+            values,
+            key_scales: &[],
+            value_scales: &[],
+            place,
+        }
+    }
+}
+
+/// The 8-bit scales of the values at `range` of a buffer whose scales are `scales` (none at
+/// other precisions).
+fn scales_of(scales: &[f32], range: Range<usize>) -> &[f32] {
+    if scales.is_empty() {
+        scales
+    } else {
+        &scales[range.start / Q8_GROUP..range.end / Q8_GROUP]
     }
 }
 
@@ -142,18 +228,9 @@ impl Element for f16 {
 /// widened) once for all of them, and their running sums fit the vector registers.
 const HEADS_AT_ONCE: usize = 4;
 
-/// Attention of the group's query heads `queries (group * dim)` over KV head `g`'s
-/// `positions` (starting at a tile's first) in the buffers `keys`, `values` that `cached`
-/// describes.
-fn attend_chunk<E: Element>(
-    queries: &[f32],
-    (keys, values): (&[E], &[E]),
-    cached: &CachedHeads<'_>,
-    g: usize,
-    positions: Range<usize>,
-    scale: f32,
-) -> Partial {
-    let dim = cached.dim;
+/// Attention of the group's query heads `queries (group * dim)` over the task's positions.
+fn attend_chunk<E: Element>(queries: &[f32], task: Task<'_, E>) -> Partial {
+    let dim = task.place.cached.dim;
     let group = queries.len() / dim;
     let mut part = Partial {
         max: vec![f32::NEG_INFINITY; group],
@@ -169,28 +246,16 @@ fn attend_chunk<E: Element>(
             sum: &mut part.sum[heads.clone()],
             acc: &mut part.acc[heads.start * dim..heads.end * dim],
         };
-        let span = (keys, values, cached, g, positions.clone(), scale);
         match heads.len() {
-            1 => run.attend::<E, 1>(span),
-            2 => run.attend::<E, 2>(span),
-            3 => run.attend::<E, 3>(span),
-            _ => run.attend::<E, HEADS_AT_ONCE>(span),
+            1 => run.attend::<E, 1>(&task),
+            2 => run.attend::<E, 2>(&task),
+            3 => run.attend::<E, 3>(&task),
+            _ => run.attend::<E, HEADS_AT_ONCE>(&task),
         }
         first = heads.end;
     }
     part
 }
-
-/// Where a task's keys and values lie: the key and value buffers, the layer's heads, the KV
-/// head, its positions, and the scores' scale.
-type Span<'a, E> = (
-    &'a [E],
-    &'a [E],
-    &'a CachedHeads<'a>,
-    usize,
-    Range<usize>,
-    f32,
-);
 
 /// Some query heads of a group and their online softmax state.
 struct Heads<'a> {
@@ -201,11 +266,16 @@ struct Heads<'a> {
 }
 
 impl Heads<'_> {
-    /// Folds the positions of `span` into `G` heads' running maximum, sum and weighted values,
-    /// a block at a time.
+    /// Folds the task's positions into `G` heads' running maximum, sum and weighted values, a
+    /// block at a time.
     #[inline(always)]
-    fn attend<E: Element, const G: usize>(self, span: Span<'_, E>) {
-        let (keys, values, cached, g, positions, scale) = span;
+    fn attend<E: Element, const G: usize>(self, task: &Task<'_, E>) {
+        let Place {
+            cached,
+            g,
+            ref positions,
+            scale,
+        } = task.place;
         let dim = cached.dim;
         let by_dimension: Vec<[f32; G]> = (0..dim)
             .map(|d| std::array::from_fn(|h| self.queries[h * dim + d]))
@@ -214,12 +284,21 @@ impl Heads<'_> {
         for from in positions.clone().step_by(BLOCK) {
             let block = from..positions.end.min(from + BLOCK);
             let n = block.len();
-            let tiles = &keys[cached.key_tiles(g, block.clone())];
-            let rows = &values[cached.value_rows(g, block)];
-            for (tile, at) in tiles.chunks_exact(TILE * dim).zip((0..).step_by(TILE)) {
-                let sums = tile_scores::<E, G>(&by_dimension, tile);
+            let (tiles, rows) = (
+                cached.key_tiles(g, block.clone()),
+                cached.value_rows(g, block),
+            );
+            let tile_scales = scales_of(task.key_scales, tiles.clone());
+            let row_scales = scales_of(task.value_scales, rows.clone());
+            for (t, tile) in task.keys[tiles].chunks_exact(TILE * dim).enumerate() {
+                let sums = if tile_scales.is_empty() {
+                    tile_scores::<E, G>(&by_dimension, tile)
+                } else {
+                    let scales = &tile_scales[t * TILE * dim / Q8_GROUP..][..TILE * dim / Q8_GROUP];
+                    scaled_tile_scores::<E, G>(&by_dimension, tile, scales)
+                };
                 for (score, sum) in scores.iter_mut().zip(sums) {
-                    for (s, &x) in score[at..at + TILE].iter_mut().zip(&sum) {
+                    for (s, &x) in score[t * TILE..(t + 1) * TILE].iter_mut().zip(&sum) {
                         *s = scale * x;
                     }
                 }
@@ -237,7 +316,7 @@ impl Heads<'_> {
                 }
                 self.sum[h] += block::exp_sum(score, self.max[h]);
             }
-            weigh_values::<E, G>(&scores, rows, dim, self.acc);
+            weigh_values::<E, G>(&scores, (&task.values[rows], row_scales), dim, self.acc);
         }
     }
 }
@@ -277,13 +356,37 @@ fn tile_scores<E: Element, const G: usize>(queries: &[[f32; G]], tile: &[E]) -> 
     even
 }
 
+/// [`tile_scores`] of an 8-bit tile, whose dimensions `[32 b, 32 b + 32)` of lane `l` have
+/// the scale `scales[16 b + l]`.
+#[inline(always)]
+fn scaled_tile_scores<E: Element, const G: usize>(
+    queries: &[[f32; G]],
+    tile: &[E],
+    scales: &[f32],
+) -> [[f32; TILE]; G] {
+    let mut total = [[0f32; TILE]; G];
+    let groups = queries
+        .chunks_exact(Q8_GROUP)
+        .zip(tile.chunks_exact(Q8_GROUP * TILE))
+        .zip(scales.chunks_exact(TILE));
+    for ((queries, keys), scales) in groups {
+        let sums = tile_scores::<E, G>(queries, keys);
+        for h in 0..G {
+            for l in 0..TILE {
+                total[h][l] = sums[h][l].mul_add(scales[l], total[h][l]);
+            }
+        }
+    }
+    total
+}
+
 /// `acc (G * dim) += Σ_t weights[h][t] * value row t` for the `rows (n * dim)` of a block:
 /// each row read once, in passes of up to four slabs of [`TILE`] values whose running sums for
 /// the `G` heads stay in registers.
 #[inline(always)]
 fn weigh_values<E: Element, const G: usize>(
     weights: &[[f32; BLOCK]; G],
-    rows: &[E],
+    rows: (&[E], &[f32]),
     dim: usize,
     acc: &mut [f32],
 ) {
@@ -296,11 +399,12 @@ fn weigh_values<E: Element, const G: usize>(
     }
 }
 
-/// [`weigh_values`] for the values `span` of every row, `S` slabs (the last may be partial).
+/// [`weigh_values`] for the values `span` of every row, `S` slabs (the last may be partial);
+/// 8-bit rows come with their scales, which multiply the weights.
 #[inline(always)]
 fn weigh_slabs<E: Element, const G: usize, const S: usize>(
     weights: &[[f32; BLOCK]; G],
-    rows: &[E],
+    (rows, scales): (&[E], &[f32]),
     dim: usize,
     span: Range<usize>,
     acc: &mut [f32],
@@ -309,11 +413,23 @@ fn weigh_slabs<E: Element, const G: usize, const S: usize>(
     let mut sums = [[[0f32; TILE]; S]; G];
     for (t, row) in rows.chunks_exact(dim).enumerate() {
         let row = &row[span.clone()];
-        let values: [[f32; TILE]; S] =
-            std::array::from_fn(|s| slab_of::<E>(&row[s * TILE..], TILE.min(width - s * TILE)));
+        // Plain loops rather than `array::from_fn`, whose closures the compiler may leave as
+        // calls in this hot loop.
+        let mut values = [[0f32; TILE]; S];
+        let mut scale = [1f32; S];
+        for s in 0..S {
+            values[s] = slab_of::<E>(&row[s * TILE..], TILE.min(width - s * TILE));
+            if E::SCALED {
+                scale[s] = scales[(t * dim + span.start + s * TILE) / Q8_GROUP];
+            }
+        }
         for h in 0..G {
-            let w = weights[h][t];
             for s in 0..S {
+                let w = if E::SCALED {
+                    weights[h][t] * scale[s]
+                } else {
+                    weights[h][t]
+                };
                 for l in 0..TILE {
                     sums[h][s][l] = w.mul_add(values[s][l], sums[h][s][l]);
                 }
@@ -409,8 +525,7 @@ mod portable {
     }
 }
 
-/// Block primitives with AVX2 and FMA; a head dimension that is not a multiple of 8 falls
-/// back to the portable ones.
+/// Block primitives with AVX2 and FMA.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -521,11 +636,24 @@ mod tests {
         Ok(Tensor::from_vec(out, (1, 1, q.len()), &Device::Cpu)?)
     }
 
-    /// `x` rounded to `precision` and back, as a cache at that precision holds it.
+    /// `x (1, kv_heads, len, dim)` rounded to `precision` and back, as a cache at that
+    /// precision holds it: 8 bits round each position's groups of 32 values to multiples of
+    /// their largest magnitude / 127.
     fn rounded(x: &Tensor, precision: KvPrecision) -> Result<Tensor> {
         Ok(match precision {
             KvPrecision::F32 => x.clone(),
             KvPrecision::F16 => x.to_dtype(DType::F16)?.to_dtype(DType::F32)?,
+            KvPrecision::Q8 => {
+                let mut values: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                for group in values.chunks_mut(Q8_GROUP) {
+                    let scale = group.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                    let inverse = 1.0 / scale;
+                    for v in group.iter_mut() {
+                        *v = (*v * inverse).round() * scale;
+                    }
+                }
+                Tensor::from_vec(values, x.dims(), x.device())?
+            }
         })
     }
 
@@ -556,20 +684,25 @@ mod tests {
     fn row_attention_equals_the_repeated_kv_path() -> Result<()> {
         let dev = Device::Cpu;
         // Lengths below one tile, across tiles, blocks and chunks, with and without a ragged
-        // end; head dimensions for the SIMD slabs (64, 72 = 64 + 8) and for the portable
-        // fallback (14: not a multiple of 4 either).
+        // end; head dimensions of one pass over a value row (64), two (128), a pass and a
+        // partial slab (72), partial slabs only (32, 14), and an odd count of dimension pairs
+        // (14); groups of 1 to 8 query heads per KV head (8: two passes of four).
         for (heads, kv_heads, dim, len) in [
             (6, 2, 32, 37),
             (9, 3, 64, 1),
             (9, 3, 64, 300),
             (9, 3, 64, 1000),
             (8, 8, 72, 259),
+            (16, 2, 128, 100),
             (4, 2, 14, 70),
         ] {
             let q = Tensor::randn(0f32, 1.0, (1, heads, 1, dim), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (1, kv_heads, len, dim), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (1, kv_heads, len, dim), &dev)?;
             for precision in KvPrecision::ALL {
+                if precision == KvPrecision::Q8 && dim % Q8_GROUP != 0 {
+                    continue;
+                }
                 let expected = reference(&q, &rounded(&k, precision)?, &rounded(&v, precision)?)?;
                 let diff = max_diff(&single_row(&q, &k, &v, precision)?, &expected)?;
                 assert!(
@@ -578,6 +711,21 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn an_8_bit_cache_refuses_a_head_dimension_off_its_groups() -> Result<()> {
+        let mut cache = KvCache::with_precision(1, KvPrecision::Q8);
+        let rows = Tensor::zeros((1, 2, 3, 72), DType::F32, &Device::Cpu)?;
+        let err = cache
+            .append(0, &rows, &rows)
+            .expect_err("72 is not a multiple of 32");
+        assert_eq!(
+            err.to_string(),
+            "model configuration: an 8-bit KV cache needs a head dimension that is a multiple \
+             of 32, not 72: use --kv-cache f16 or f32"
+        );
         Ok(())
     }
 
@@ -591,9 +739,10 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (1, 1, 600, 64), &dev)?;
         let ours = single_row(&q, &k, &v, KvPrecision::F32)?;
         let diff = max_diff(&ours, &reference(&q, &k, &v)?)?;
-        // Scores near 200 carry rounding of about 1e-5 in either summation order, and their
-        // exponentials pass it on relatively.
-        assert!(diff < 5e-5, "{diff}");
+        // Scores near 200 carry rounding of a few 1e-5 in either summation order, and their
+        // exponentials pass it on relatively (measured up to 5e-5 over random values); an
+        // overflow or a wrong running maximum would be off by whole units.
+        assert!(diff < 2e-4, "{diff}");
         Ok(())
     }
 
@@ -643,7 +792,7 @@ mod tests {
             }
         }
         let mut acc = vec![1.0f32; 2 * dim];
-        weigh_values::<f32, 2>(&weights, &rows, dim, &mut acc);
+        weigh_values::<f32, 2>(&weights, (&rows, &[]), dim, &mut acc);
         for h in 0..2 {
             for d in 0..dim {
                 let expected = 1.0

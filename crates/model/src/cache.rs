@@ -15,8 +15,10 @@ const GROW_BY: usize = 256;
 ///
 /// `F32` keeps them exactly as the layers compute them. `F16` (llama.cpp's default) halves the
 /// cache's memory and what a decode step reads at long contexts, at the cost of rounding every
-/// cached value to half precision. Split and unsplit runs stay identical to each other at
-/// either precision as long as both use the same one.
+/// cached value to half precision. `Q8` (like llama.cpp's `q8_0`) stores 8-bit integers with
+/// one f32 scale per [`Q8_GROUP`] values: a little over a quarter of f32's bytes, with every
+/// value within half a step (1/254 of its group's largest magnitude). Split and unsplit runs stay
+/// identical to each other at any precision as long as both use the same one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvPrecision {
     /// Single precision: the exact path.
@@ -24,17 +26,23 @@ pub enum KvPrecision {
     F32,
     /// Half precision: half the memory traffic of a long context.
     F16,
+    /// 8-bit integers with a scale per group of values: about 0.28 of f32's traffic.
+    Q8,
 }
+
+/// Values sharing one scale in an 8-bit KV cache; the head dimension must be a multiple.
+pub const Q8_GROUP: usize = 32;
 
 impl KvPrecision {
     /// Every precision, for listings and tests.
-    pub const ALL: [KvPrecision; 2] = [KvPrecision::F32, KvPrecision::F16];
+    pub const ALL: [KvPrecision; 3] = [KvPrecision::F32, KvPrecision::F16, KvPrecision::Q8];
 
-    /// Bytes per cached value.
-    pub fn bytes(self) -> usize {
+    /// Bytes that `values` cached values take (a multiple of [`Q8_GROUP`] for `Q8`).
+    pub fn bytes_for(self, values: usize) -> usize {
         match self {
-            KvPrecision::F32 => 4,
-            KvPrecision::F16 => 2,
+            KvPrecision::F32 => 4 * values,
+            KvPrecision::F16 => 2 * values,
+            KvPrecision::Q8 => values + 4 * values.div_ceil(Q8_GROUP),
         }
     }
 }
@@ -44,6 +52,7 @@ impl fmt::Display for KvPrecision {
         f.write_str(match self {
             KvPrecision::F32 => "f32",
             KvPrecision::F16 => "f16",
+            KvPrecision::Q8 => "q8",
         })
     }
 }
@@ -55,18 +64,25 @@ impl FromStr for KvPrecision {
         match s {
             "f32" => Ok(KvPrecision::F32),
             "f16" => Ok(KvPrecision::F16),
+            "q8" => Ok(KvPrecision::Q8),
             other => Err(ModelError::Config(format!(
-                "unknown KV cache precision {other:?}: expected f32 or f16"
+                "unknown KV cache precision {other:?}: expected f32, f16 or q8"
             ))),
         }
     }
 }
 
 /// Cached values of one kind (keys or values) at one precision.
+///
+/// An 8-bit buffer keeps one scale per group of [`Q8_GROUP`] values: for value rows, the
+/// group of values `[32 j, 32 j + 32)` has scale `j`; in a key tile (whose first value is at
+/// `start`), the dimensions `[32 b, 32 b + 32)` of lane `l` have scale `start / 32 + 16 b + l`.
+/// Either way a run of whole rows or whole tiles at `[a, b)` has its scales at `[a / 32, b / 32)`.
 #[derive(Debug, Clone)]
 enum Buffer {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    Q8 { quants: Vec<i8>, scales: Vec<f32> },
 }
 
 impl Default for Buffer {
@@ -75,11 +91,24 @@ impl Default for Buffer {
     }
 }
 
+/// The scale and 8-bit values of `from` (at most [`Q8_GROUP`] values): the largest magnitude
+/// maps to 127.
+fn quantize(from: &[f32]) -> (f32, impl Iterator<Item = i8> + '_) {
+    let top = from.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = top / 127.0;
+    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    (scale, from.iter().map(move |x| (x * inverse).round() as i8))
+}
+
 impl Buffer {
     fn zeros(precision: KvPrecision, len: usize) -> Self {
         match precision {
             KvPrecision::F32 => Buffer::F32(vec![0.0; len]),
             KvPrecision::F16 => Buffer::F16(vec![f16::ZERO; len]),
+            KvPrecision::Q8 => Buffer::Q8 {
+                quants: vec![0; len],
+                scales: vec![0.0; len / Q8_GROUP],
+            },
         }
     }
 
@@ -87,6 +116,7 @@ impl Buffer {
         match self {
             Buffer::F32(_) => KvPrecision::F32,
             Buffer::F16(_) => KvPrecision::F16,
+            Buffer::Q8 { .. } => KvPrecision::Q8,
         }
     }
 
@@ -94,14 +124,27 @@ impl Buffer {
         match self {
             Buffer::F32(b) => b.len(),
             Buffer::F16(b) => b.len(),
+            Buffer::Q8 { quants, .. } => quants.len(),
         }
     }
 
-    /// Stores `from` at `at`, rounded to the buffer's precision.
+    /// Stores the rows `from` at `at` (both whole groups for 8 bits), rounded to the buffer's
+    /// precision.
     fn write(&mut self, at: usize, from: &[f32]) {
         match self {
             Buffer::F32(b) => b[at..at + from.len()].copy_from_slice(from),
             Buffer::F16(b) => b[at..at + from.len()].convert_from_f32_slice(from),
+            Buffer::Q8 { quants, scales } => {
+                for (i, group) in from.chunks(Q8_GROUP).enumerate() {
+                    let start = at + i * Q8_GROUP;
+                    let (scale, q) = quantize(group);
+                    scales[start / Q8_GROUP] = scale;
+                    quants[start..start + group.len()]
+                        .iter_mut()
+                        .zip(q)
+                        .for_each(|(d, q)| *d = q);
+                }
+            }
         }
     }
 
@@ -112,22 +155,61 @@ impl Buffer {
         match self {
             Buffer::F32(b) => lanes.zip(from).for_each(|(i, &x)| b[i] = x),
             Buffer::F16(b) => lanes.zip(from).for_each(|(i, &x)| b[i] = f16::from_f32(x)),
+            Buffer::Q8 { quants, scales } => {
+                let lane = at % TILE;
+                for (g, group) in from.chunks(Q8_GROUP).enumerate() {
+                    let (scale, q) = quantize(group);
+                    scales[(at - lane) / Q8_GROUP + g * TILE + lane] = scale;
+                    let first = at + g * Q8_GROUP * TILE;
+                    (first..)
+                        .step_by(TILE)
+                        .zip(q)
+                        .for_each(|(i, q)| quants[i] = q);
+                }
+            }
         }
     }
 
-    /// Copies `len` values from `from` in `old` to `at` in this buffer of the same precision.
+    /// Copies `len` values from `from` in `old` to `at` in this buffer of the same precision
+    /// (whole rows or tiles).
     fn move_from(&mut self, at: usize, old: &Buffer, from: usize, len: usize) {
         match (self, old) {
             (Buffer::F32(b), Buffer::F32(o)) => b[at..at + len].copy_from_slice(&o[from..][..len]),
             (Buffer::F16(b), Buffer::F16(o)) => b[at..at + len].copy_from_slice(&o[from..][..len]),
+            (
+                Buffer::Q8 { quants, scales },
+                Buffer::Q8 {
+                    quants: old_quants,
+                    scales: old_scales,
+                },
+            ) => {
+                quants[at..at + len].copy_from_slice(&old_quants[from..][..len]);
+                let groups = len / Q8_GROUP;
+                scales[at / Q8_GROUP..][..groups]
+                    .copy_from_slice(&old_scales[from / Q8_GROUP..][..groups]);
+            }
             _ => unreachable!("a layer's buffers keep the precision they were made with"),
         }
     }
 
+    /// The values at `range` (whole rows or tiles) in place.
     fn slice(&self, range: Range<usize>) -> Values<'_> {
         match self {
             Buffer::F32(b) => Values::F32(&b[range]),
             Buffer::F16(b) => Values::F16(&b[range]),
+            Buffer::Q8 { quants, scales } => Values::Q8 {
+                scales: &scales[range.start / Q8_GROUP..range.end / Q8_GROUP],
+                quants: &quants[range],
+            },
+        }
+    }
+
+    /// Bytes held.
+    fn bytes(&self) -> usize {
+        match self {
+            Buffer::F32(b) => 4 * b.len(),
+            Buffer::F16(b) => 2 * b.len(),
+            Buffer::Q8 { quants, scales } => quants.len() + 4 * scales.len(),
         }
     }
 }
@@ -137,10 +219,12 @@ impl Buffer {
 pub(crate) enum Values<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
+    Q8 { quants: &'a [i8], scales: &'a [f32] },
 }
 
 impl<'a> Values<'a> {
-    /// The values at `range` as f32: in place at single precision, else widened into `buffer`.
+    /// The value rows at `range` as f32: in place at single precision, else widened into
+    /// `buffer`.
     pub(crate) fn widen<'b>(&self, range: Range<usize>, buffer: &'b mut Vec<f32>) -> &'b [f32]
     where
         'a: 'b,
@@ -153,14 +237,20 @@ impl<'a> Values<'a> {
                 v.convert_to_f32_slice(buffer);
                 buffer
             }
+            Values::Q8 { .. } => {
+                buffer.clear();
+                buffer.extend(range.map(|i| self.get(i, i / Q8_GROUP)));
+                buffer
+            }
         }
     }
 
-    /// The value at `i`, as f32.
-    fn get(&self, i: usize) -> f32 {
+    /// The value at `i`, whose 8-bit scale (if any) is at `scale`, as f32.
+    fn get(&self, i: usize, scale: usize) -> f32 {
         match *self {
             Values::F32(v) => v[i],
             Values::F16(v) => v[i].to_f32(),
+            Values::Q8 { quants, scales } => f32::from(quants[i]) * scales[scale],
         }
     }
 }
@@ -212,9 +302,12 @@ impl CachedHeads<'_> {
         at + tiles.start * TILE * self.dim..at + tiles.end * TILE * self.dim
     }
 
-    /// Where KV head `g`'s key value `d` of position `p` lies in the key buffer.
-    fn key_at(&self, g: usize, p: usize, d: usize) -> usize {
-        g * self.stride + (p / TILE * self.dim + d) * TILE + p % TILE
+    /// KV head `g`'s key value `d` of position `p`, as f32.
+    fn key(&self, g: usize, p: usize, d: usize) -> f32 {
+        let tile = g * self.stride + p / TILE * TILE * self.dim;
+        let lane = p % TILE;
+        let scale = tile / Q8_GROUP + d / Q8_GROUP * TILE + lane;
+        self.k.get(tile + d * TILE + lane, scale)
     }
 }
 
@@ -245,6 +338,12 @@ impl LayerCache {
                 k.len(),
                 self.kv_heads,
                 self.dim
+            )));
+        }
+        if self.k.precision() == KvPrecision::Q8 && dim % Q8_GROUP != 0 {
+            return Err(ModelError::Config(format!(
+                "an 8-bit KV cache needs a head dimension that is a multiple of {Q8_GROUP}, not \
+                 {dim}: use --kv-cache f16 or f32"
             )));
         }
         let seq = k.len() / (kv_heads * dim);
@@ -300,7 +399,7 @@ impl LayerCache {
         let (mut k, mut v) = (Vec::new(), Vec::new());
         for g in 0..self.kv_heads {
             for p in 0..self.len {
-                k.extend((0..self.dim).map(|d| heads.k.get(heads.key_at(g, p, d))));
+                k.extend((0..self.dim).map(|d| heads.key(g, p, d)));
             }
             let mut wide = Vec::new();
             v.extend_from_slice(heads.v.widen(heads.value_rows(g, 0..self.len), &mut wide));
@@ -363,10 +462,7 @@ impl KvCache {
 
     /// Bytes held by the key/value buffers (allocated capacity, not just used positions).
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| (l.k.len() + l.v.len()) * self.precision.bytes())
-            .sum()
+        self.layers.iter().map(|l| l.k.bytes() + l.v.bytes()).sum()
     }
 
     /// Forgets every position, keeping nothing allocated.
@@ -471,7 +567,7 @@ mod tests {
     fn read(heads: &CachedHeads<'_>, g: usize, positions: Range<usize>) -> (Vec<f32>, Vec<f32>) {
         let keys = positions
             .clone()
-            .flat_map(|p| (0..heads.dim).map(move |d| heads.k.get(heads.key_at(g, p, d))))
+            .flat_map(|p| (0..heads.dim).map(move |d| heads.key(g, p, d)))
             .collect();
         let mut wide = Vec::new();
         let values = heads.v.widen(heads.value_rows(g, positions), &mut wide);
@@ -480,7 +576,7 @@ mod tests {
 
     #[test]
     fn decode_rows_land_head_by_head_and_read_in_place() -> Result<()> {
-        for precision in KvPrecision::ALL {
+        for precision in [KvPrecision::F32, KvPrecision::F16] {
             let mut cache = KvCache::with_precision(2, precision);
             // A two-position prompt of two KV heads of 2 values, then one decode row; every
             // value is exact in half precision too.
@@ -541,10 +637,48 @@ mod tests {
                 Some(precision)
             );
         }
-        let err = "q8".parse::<KvPrecision>().expect_err("unknown precision");
+        let err = "q4".parse::<KvPrecision>().expect_err("unknown precision");
         assert_eq!(
             err.to_string(),
-            "model configuration: unknown KV cache precision \"q8\": expected f32 or f16"
+            "model configuration: unknown KV cache precision \"q4\": expected f32, f16 or q8"
         );
+        assert_eq!(KvPrecision::F32.bytes_for(64), 256);
+        assert_eq!(KvPrecision::F16.bytes_for(64), 128);
+        assert_eq!(KvPrecision::Q8.bytes_for(64), 72);
+    }
+
+    #[test]
+    fn an_8_bit_cache_keeps_rows_and_tiles_with_their_scales() -> Result<()> {
+        // Two KV heads of 64 values (two groups each); every group's largest magnitude is 127,
+        // so its scale is 1 and the integers come back exactly. 300 positions cross a tile,
+        // a growth step and the last, ragged tile.
+        let (heads, dim, len) = (2, 64, 300);
+        let row = |p: usize, h: usize| -> Vec<f32> {
+            (0..dim)
+                .map(|d| match d % 32 {
+                    0 => 127.0,
+                    j => ((p * 7 + h * 5 + d * 3 + j) % 255) as f32 - 127.0,
+                })
+                .collect()
+        };
+        let mut cache = KvCache::with_precision(1, KvPrecision::Q8);
+        let prompt: Vec<f32> = (0..heads)
+            .flat_map(|h| (0..len - 1).flat_map(move |p| row(p, h)))
+            .collect();
+        let prompt = Tensor::from_vec(prompt, (1, heads, len - 1, dim), &Device::Cpu)?;
+        cache.append(0, &prompt, &(&prompt * 0.5)?)?;
+        let last: Vec<f32> = (0..heads).flat_map(|h| row(len - 1, h)).collect();
+        let halves: Vec<f32> = last.iter().map(|x| x * 0.5).collect();
+        let cached = cache.push(0, &last, &halves, heads, dim)?;
+        for h in 0..heads {
+            let (keys, values) = read(&cached, h, 0..len);
+            let expected: Vec<f32> = (0..len).flat_map(|p| row(p, h)).collect();
+            assert_eq!(keys, expected, "keys of head {h}");
+            let halved: Vec<f32> = expected.iter().map(|x| x * 0.5).collect();
+            assert_eq!(values, halved, "values of head {h}");
+        }
+        // 512 positions of room: a byte per value and four per group of 32.
+        assert_eq!(cache.bytes(), 2 * heads * 512 * (dim + 4 * dim / 32));
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use lsplit_model::KvPrecision;
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::trunk_client::TrunkClient;
@@ -324,6 +325,46 @@ fn garbage_bytes_are_refused_and_the_server_keeps_serving() {
         generate(&model, Box::new(trunk)),
         in_process(&path, 2, 28, Codec::F32)
     );
+}
+
+#[test]
+fn the_kv_budget_counts_the_trunks_cache_precision() {
+    let path = model_path();
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let config = source(&path).config().clone();
+    let (kv_heads, dim) = (config.num_kv_heads, config.head_dim);
+    // Bytes per position of the 26 trunk layers' keys and values: f16 2 per value, q8 one per
+    // value and a 4-byte scale per 32.
+    for (precision, row_bytes) in [
+        (KvPrecision::F16, dim * 2),
+        (KvPrecision::Q8, dim + dim / 8),
+    ] {
+        let per_position = 26 * 2 * (kv_heads * row_bytes) as u64;
+        let mut options = tls_options(&certs);
+        options.limits.kv_budget_bytes = 10 * per_position;
+        let server = TestServer::start_with_kv(&path, 2, 28, options, precision);
+        let fp = TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
+        runtime().block_on(async {
+            let mut client = raw_client(&server, &certs).await;
+            let mut a = RawSession::open(&mut client, &fp, Codec::F32).await;
+            assert!(matches!(
+                a.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 6))).await,
+                Ok(ReplyKind::Rows(_))
+            ));
+            assert_eq!(server.stats.kv_bytes(), 6 * per_position, "{precision}");
+            assert_status(
+                a.send(rows_to_pb(&hidden_rows(Codec::F32, 6, 5))).await,
+                Code::ResourceExhausted,
+                &format!(
+                    "the step needs {} more bytes of KV cache but the server's budget of {} \
+                     bytes has {} left",
+                    5 * per_position,
+                    10 * per_position,
+                    4 * per_position
+                ),
+            );
+        });
+    }
 }
 
 #[test]

@@ -52,7 +52,7 @@ impl Shared {
         let c = part.config();
         let layers = part.spec().layers.len() as u64;
         let kv_bytes_per_position =
-            layers * 2 * (c.num_kv_heads * c.head_dim * part.kv_precision().bytes()) as u64;
+            layers * 2 * (c.num_kv_heads * part.kv_precision().bytes_for(c.head_dim)) as u64;
         let hidden_size = c.hidden_size;
         let counters = Arc::new(Counters::default());
         let part = Arc::new(part);

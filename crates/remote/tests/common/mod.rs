@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
-use lsplit_model::{ModelSource, SplitPlan};
+use lsplit_model::{KvPrecision, ModelSource, SplitPlan};
 use lsplit_proto::TrunkFingerprint;
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_server::{DevCertificates, Limits, ServerOptions, ServerStats, TlsFiles, TrunkServer};
@@ -67,7 +67,29 @@ impl TestServer {
     }
 
     pub fn start_on(path: &Path, k1: usize, k2: usize, options: ServerOptions, port: u16) -> Self {
-        let source = source(path);
+        Self::launch(source(path), k1, k2, options, port)
+    }
+
+    /// A server whose trunk keeps its KV caches at `precision`.
+    pub fn start_with_kv(
+        path: &Path,
+        k1: usize,
+        k2: usize,
+        options: ServerOptions,
+        precision: KvPrecision,
+    ) -> Self {
+        let mut source = source(path);
+        source.set_kv_precision(precision);
+        Self::launch(source, k1, k2, options, 0)
+    }
+
+    fn launch(
+        source: ModelSource,
+        k1: usize,
+        k2: usize,
+        options: ServerOptions,
+        port: u16,
+    ) -> Self {
         let plan = SplitPlan::new(k1, k2, source.config().num_layers).expect("split");
         let part = source
             .load_part(&plan.trunk(), &Device::Cpu)
