@@ -5,7 +5,8 @@ by hand on a quiet machine, from the repository root:
 
     python3 bench/vs_llama_cpp.py
 
-(defaults: `--models smollm2,tiny-q4_0,tiny-q8_0 --runs 5 --threads 2 --local-layers 2`). It
+(defaults: `--models smollm2,tiny-q4_0,tiny-q8_0 --runs 5 --threads 2 --local-layers 2
+--kv-cache f16`). It
 prints a Markdown table, ready for BENCHMARKS.md, on stdout and its progress on stderr.
 
 Set-up, all cached and reused:
@@ -32,8 +33,9 @@ table shows medians and the ratios lsplit/llama.cpp. Both engines build their pr
 same English text (the one in `lsplit bench`), tokenized by their own tokenizers without BOS and
 repeated to the same number of tokens. llama.cpp runs with n_threads = n_threads_batch =
 `--threads`, n_batch 512, n_ctx 2048 and llama-cpp-python's other defaults (memory-mapped weights,
-flash attention off); lsplit runs with RAYON_NUM_THREADS = `--threads` and the lossless f32
-codec. llama.cpp's peak RSS is shown less that of its Python process before the model is loaded.
+flash attention off) and so its default f16 KV cache; lsplit runs with RAYON_NUM_THREADS =
+`--threads`, the lossless f32 codec and, unless `--kv-cache` says otherwise, an f16 KV cache
+too (`lsplit --kv-cache f32` is the exact path; both are worth recording). llama.cpp's peak RSS is shown less that of its Python process before the model is loaded.
 
 With the defaults it takes about half an hour on a quiet 2-core machine (about 6 minutes a run,
 most of it lsplit on the 1.1B-shape models), plus the first set-up. Nothing else should run: with
@@ -165,7 +167,7 @@ def run_engine(engine: str, model: Path, measure: Measure, args, python: Path,
         [lsplit, "bench", "--model", model, "-n", str(args.local_layers),
          "--prompt-tokens", str(measure.prompt_tokens),
          "--decode-tokens", str(measure.decode_tokens),
-         "--runs", "1", "--only", engine, "--warmup", "--json"],
+         "--runs", "1", "--only", engine, "--warmup", "--json", "--kv-cache", args.kv_cache],
         env=dict(os.environ, RAYON_NUM_THREADS=str(args.threads)),
     )
     return json.loads(line)[engine][f"{measure.rate}_median"], rss / 1024
@@ -240,7 +242,8 @@ def table(results: dict, models: dict[str, Path], args, command: str, minutes: f
         "",
         "llama.cpp: n_threads = n_threads_batch, n_batch 512, n_ctx 2048, memory-mapped weights, "
         "flash attention off (llama-cpp-python's default); its peak RSS excludes the Python "
-        "process's RSS before the model was loaded. lsplit: f32 codec, trunk in-process. "
+        "process's RSS before the model was loaded; its KV cache is f16 (its default). lsplit: "
+        f"{args.kv_cache} KV cache, f32 codec, trunk in-process. "
         "Prompts: the same English text, tokenized by each engine, no BOS. The 1.1B-shape models "
         "have random weights (bench/make_synthetic_gguf.py): fine for speed.",
     ]
@@ -261,6 +264,8 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=CACHE / "llama-venv",
                         help="virtual environment for llama-cpp-python, created if missing "
                         "[default: %(default)s]")
+    parser.add_argument("--kv-cache", default="f16", choices=["f32", "f16", "q8"],
+                        help="lsplit's KV cache precision [default: f16, as llama.cpp's]")
     parser.add_argument("--lsplit", type=Path,
                         help="the lsplit binary [default: build target/release/lsplit]")
     args = parser.parse_args()
