@@ -1,8 +1,8 @@
 //! Decode attention: one query row against a session's cached keys and values, read where they
 //! lie in the KV cache.
 //!
-//! Flash-decoding: each KV head's cached positions are cut into chunks of [`CHUNK`] positions;
-//! each chunk is one pass over its keys and values with an online softmax (running maximum, sum
+//! Flash-decoding: each KV head's cached positions are cut into chunks, the cache's pages of
+//! [`PAGE`] positions; each chunk is one pass over its keys and values with an online softmax (running maximum, sum
 //! and weighted value sum per query head), in blocks of [`BLOCK`] positions whose keys and values
 //! stay in L1 between the scores and the value sums. The chunks' partial results are merged at
 //! the end. Chunks are independent, so a long context spreads over threads evenly even when
@@ -22,11 +22,8 @@ use std::ops::Range;
 use half::f16;
 use rayon::prelude::*;
 
-use crate::cache::{CachedHeads, Q8_GROUP, TILE, Values};
+use crate::cache::{CachedHeads, PAGE, Q8_GROUP, TILE, Values};
 use crate::{ModelError, Result};
-
-/// Positions of one KV head that one task attends to.
-const CHUNK: usize = 256;
 
 /// Positions scored, exponentiated and summed into the values at once: whole tiles.
 const BLOCK: usize = 2 * TILE;
@@ -50,18 +47,19 @@ pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) ->
     let heads = q.len() / dim;
     let group = heads / kv_heads;
     let scale = 1.0 / (dim as f32).sqrt();
-    let chunks = len.div_ceil(CHUNK);
+    let chunks = len.div_ceil(PAGE);
     let attend = |task: usize| {
         let (g, c) = (task / chunks, task % chunks);
         let queries = &q[g * group * dim..(g + 1) * group * dim];
-        let positions = c * CHUNK..len.min((c + 1) * CHUNK);
+        let positions = 0..(len - c * PAGE).min(PAGE);
+        let (keys, values) = cached.page(c);
         let place = Place {
             cached: &cached,
             g,
             positions,
             scale,
         };
-        match (cached.k, cached.v) {
+        match (keys, values) {
             (Values::F32(keys), Values::F32(values)) => {
                 attend_chunk(queries, Task::plain(keys, values, place))
             }
@@ -182,8 +180,8 @@ impl Element for i8 {
     }
 }
 
-/// Where one task attends: the layer's cached heads, the KV head `g`, its positions (starting
-/// at a tile's first) and the scores' scale.
+/// Where one task attends: the layer's cached heads, the KV head `g`, its positions within one
+/// page and the scores' scale.
 struct Place<'a> {
     cached: &'a CachedHeads<'a>,
     g: usize,
@@ -191,7 +189,7 @@ struct Place<'a> {
     scale: f32,
 }
 
-/// One task's keys and values: the layer's buffers and their 8-bit scales (empty at other
+/// One task's keys and values: the page's buffers and their 8-bit scales (empty at other
 /// precisions).
 struct Task<'a, E> {
     keys: &'a [E],
@@ -865,22 +863,27 @@ mod tests {
                 }
                 let steps = 50;
                 let mut times = Vec::with_capacity(steps);
-                for _ in 0..steps {
-                    let mut time = 0.0;
-                    for (layer, weights) in weights.chunks_exact(weights.len() / layers).enumerate()
-                    {
-                        // Between two layers' attention a decode step streams the layer's
-                        // weights, which pushes the cache out of the CPU's caches.
-                        let read = weights
-                            .par_chunks(4096)
-                            .map(|c| c.iter().fold(0, |a, &w| a ^ w));
-                        std::hint::black_box(read.reduce(|| 0, |a, b| a ^ b));
-                        let t = Instant::now();
-                        attend_row(&q, cache.heads(layer), &mut out)?;
-                        time += t.elapsed().as_secs_f64() * 1e3;
+                // On the pool, as a forward pass runs (`on_pool`): a call from outside would
+                // also time handing the work to the pool's threads and back.
+                crate::on_pool(|| -> Result<()> {
+                    for _ in 0..steps {
+                        let mut time = 0.0;
+                        let per_layer = weights.len() / layers;
+                        for (layer, weights) in weights.chunks_exact(per_layer).enumerate() {
+                            // Between two layers' attention a decode step streams the layer's
+                            // weights, which pushes the cache out of the CPU's caches.
+                            let read = weights
+                                .par_chunks(4096)
+                                .map(|c| c.iter().fold(0, |a, &w| a ^ w));
+                            std::hint::black_box(read.reduce(|| 0, |a, b| a ^ b));
+                            let t = Instant::now();
+                            attend_row(&q, cache.heads(layer), &mut out)?;
+                            time += t.elapsed().as_secs_f64() * 1e3;
+                        }
+                        times.push(time);
                     }
-                    times.push(time);
-                }
+                    Ok(())
+                })?;
                 times.sort_by(f64::total_cmp);
                 println!(
                     "{len} positions, {precision}: {:.3} ms per token (best), {:.3} (median)",

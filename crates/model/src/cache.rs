@@ -8,9 +8,6 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::{ModelError, Result, values};
 
-/// Growth step of the key/value buffers, in positions.
-const GROW_BY: usize = 256;
-
 /// How the KV cache stores keys and values.
 ///
 /// `F32` keeps them exactly as the layers compute them. `F16` (llama.cpp's default) halves the
@@ -112,14 +109,6 @@ impl Buffer {
         }
     }
 
-    fn precision(&self) -> KvPrecision {
-        match self {
-            Buffer::F32(_) => KvPrecision::F32,
-            Buffer::F16(_) => KvPrecision::F16,
-            Buffer::Q8 { .. } => KvPrecision::Q8,
-        }
-    }
-
     fn len(&self) -> usize {
         match self {
             Buffer::F32(b) => b.len(),
@@ -167,28 +156,6 @@ impl Buffer {
                         .for_each(|(i, q)| quants[i] = q);
                 }
             }
-        }
-    }
-
-    /// Copies `len` values from `from` in `old` to `at` in this buffer of the same precision
-    /// (whole rows or tiles).
-    fn move_from(&mut self, at: usize, old: &Buffer, from: usize, len: usize) {
-        match (self, old) {
-            (Buffer::F32(b), Buffer::F32(o)) => b[at..at + len].copy_from_slice(&o[from..][..len]),
-            (Buffer::F16(b), Buffer::F16(o)) => b[at..at + len].copy_from_slice(&o[from..][..len]),
-            (
-                Buffer::Q8 { quants, scales },
-                Buffer::Q8 {
-                    quants: old_quants,
-                    scales: old_scales,
-                },
-            ) => {
-                quants[at..at + len].copy_from_slice(&old_quants[from..][..len]);
-                let groups = len / Q8_GROUP;
-                scales[at / Q8_GROUP..][..groups]
-                    .copy_from_slice(&old_scales[from / Q8_GROUP..][..groups]);
-            }
-            _ => unreachable!("a layer's buffers keep the precision they were made with"),
         }
     }
 
@@ -258,73 +225,102 @@ impl<'a> Values<'a> {
 /// Positions per tile of transposed keys.
 pub(crate) const TILE: usize = 16;
 
-/// Keys and values of one attention layer: for each KV head, room for `capacity` positions of
-/// `dim` values, in buffers that grow in steps of [`GROW_BY`] positions instead of being copied
-/// on every token. Plain memory, so a decode step writes its row and reads the cache in place.
+/// Positions per page of a layer's cache. A page is allocated whole when the first of its
+/// positions arrives and never moves, so the cache grows without copying what it holds; decode
+/// attention works a page at a time.
+pub(crate) const PAGE: usize = 256;
+
+/// Keys and values of [`PAGE`] positions of one layer, for every KV head: KV head `g`'s
+/// positions start at `g * PAGE * dim` in both buffers, `dim` values per position.
 ///
 /// Values are rows, one per position. Keys are transposed in tiles of [`TILE`] positions
 /// (`dim` rows of `TILE` lanes), so that a query's scores against a tile's positions are a sum
 /// over the dimensions of whole vectors, with no sums across lanes.
-#[derive(Debug, Clone, Default)]
-struct LayerCache {
+#[derive(Debug, Clone)]
+pub(crate) struct Page {
     k: Buffer,
     v: Buffer,
+}
+
+/// Keys and values of one attention layer, in pages. Plain memory, so a decode step writes its
+/// row and reads the cache in place.
+#[derive(Debug, Clone)]
+struct LayerCache {
+    pages: Vec<Page>,
+    precision: KvPrecision,
     kv_heads: usize,
     dim: usize,
-    capacity: usize,
     len: usize,
 }
 
-/// The cached keys and values of one layer, read in place: KV head `g`'s positions start at
-/// `g * stride` in both buffers, `dim` values per position (value rows, key tiles).
+/// The cached keys and values of one layer, read in place.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CachedHeads<'a> {
-    pub(crate) k: Values<'a>,
-    pub(crate) v: Values<'a>,
+    pages: &'a [Page],
     pub(crate) kv_heads: usize,
     pub(crate) dim: usize,
-    pub(crate) stride: usize,
     pub(crate) len: usize,
 }
 
-impl CachedHeads<'_> {
-    /// Where KV head `g`'s values at `positions` lie in the value buffer.
+impl<'a> CachedHeads<'a> {
+    /// The keys and values of page `c` (positions `[c * PAGE, (c + 1) * PAGE)`).
+    pub(crate) fn page(&self, c: usize) -> (Values<'a>, Values<'a>) {
+        let page = &self.pages[c];
+        (page.k.slice(0..page.k.len()), page.v.slice(0..page.v.len()))
+    }
+
+    /// Where KV head `g`'s values at `positions` of a page lie in the page's value buffer.
     pub(crate) fn value_rows(&self, g: usize, positions: Range<usize>) -> Range<usize> {
-        let at = g * self.stride;
+        let at = g * PAGE * self.dim;
         at + positions.start * self.dim..at + positions.end * self.dim
     }
 
-    /// Where the key tiles that hold KV head `g`'s `positions` lie in the key buffer; the
-    /// positions start at a tile's first.
+    /// Where the key tiles that hold KV head `g`'s `positions` of a page lie in the page's key
+    /// buffer; the positions start at a tile's first.
     pub(crate) fn key_tiles(&self, g: usize, positions: Range<usize>) -> Range<usize> {
         let tiles = positions.start / TILE..positions.end.div_ceil(TILE);
-        let at = g * self.stride;
+        let at = g * PAGE * self.dim;
         at + tiles.start * TILE * self.dim..at + tiles.end * TILE * self.dim
     }
 
     /// KV head `g`'s key value `d` of position `p`, as f32.
     fn key(&self, g: usize, p: usize, d: usize) -> f32 {
-        let tile = g * self.stride + p / TILE * TILE * self.dim;
+        let (keys, _) = self.page(p / PAGE);
+        let p = p % PAGE;
+        let tile = g * PAGE * self.dim + p / TILE * TILE * self.dim;
         let lane = p % TILE;
         let scale = tile / Q8_GROUP + d / Q8_GROUP * TILE + lane;
-        self.k.get(tile + d * TILE + lane, scale)
+        keys.get(tile + d * TILE + lane, scale)
+    }
+
+    /// Appends KV head `g`'s values at `positions`, as f32 rows, to `out`.
+    fn values_into(&self, g: usize, positions: Range<usize>, out: &mut Vec<f32>) {
+        let mut wide = Vec::new();
+        for c in positions.start / PAGE..positions.end.div_ceil(PAGE) {
+            let start = positions.start.max(c * PAGE) - c * PAGE;
+            let end = positions.end.min((c + 1) * PAGE) - c * PAGE;
+            let (_, values) = self.page(c);
+            out.extend_from_slice(values.widen(self.value_rows(g, start..end), &mut wide));
+        }
     }
 }
 
 impl LayerCache {
-    /// An empty layer whose buffers will hold values at `precision`.
+    /// An empty layer whose pages will hold values at `precision`.
     fn new(precision: KvPrecision) -> Self {
         Self {
-            k: Buffer::zeros(precision, 0),
-            v: Buffer::zeros(precision, 0),
-            ..Self::default()
+            pages: Vec::new(),
+            precision,
+            kv_heads: 0,
+            dim: 0,
+            len: 0,
         }
     }
 
     /// Appends `seq` positions of keys and values laid out head by head
     /// (`kv_heads * seq * dim` values each, as a `(1, kv_heads, seq, dim)` tensor holds them).
     fn append(&mut self, k: &[f32], v: &[f32], kv_heads: usize, dim: usize) -> Result<()> {
-        if self.capacity == 0 {
+        if self.pages.is_empty() {
             (self.kv_heads, self.dim) = (kv_heads, dim);
         }
         if (kv_heads, dim) != (self.kv_heads, self.dim)
@@ -340,55 +336,41 @@ impl LayerCache {
                 self.dim
             )));
         }
-        if self.k.precision() == KvPrecision::Q8 && dim % Q8_GROUP != 0 {
+        if self.precision == KvPrecision::Q8 && dim % Q8_GROUP != 0 {
             return Err(ModelError::Config(format!(
                 "an 8-bit KV cache needs a head dimension that is a multiple of {Q8_GROUP}, not \
                  {dim}: use --kv-cache f16 or f32"
             )));
         }
         let seq = k.len() / (kv_heads * dim);
-        let needed = self.len + seq;
-        if needed > self.capacity {
-            self.grow(needed.div_ceil(GROW_BY) * GROW_BY);
-        }
-        let stride = self.capacity * dim;
-        for g in 0..kv_heads {
-            let rows = g * seq * dim..(g + 1) * seq * dim;
-            self.v.write(g * stride + self.len * dim, &v[rows.clone()]);
-            for (i, key) in k[rows].chunks_exact(dim).enumerate() {
-                let p = self.len + i;
-                let at = g * stride + p / TILE * TILE * dim + p % TILE;
-                self.k.write_column(at, key);
+        for i in 0..seq {
+            let p = self.len + i;
+            if p / PAGE == self.pages.len() {
+                let values = kv_heads * PAGE * dim;
+                self.pages.push(Page {
+                    k: Buffer::zeros(self.precision, values),
+                    v: Buffer::zeros(self.precision, values),
+                });
+            }
+            let page = &mut self.pages[p / PAGE];
+            let p = p % PAGE;
+            for g in 0..kv_heads {
+                let row = (g * seq + i) * dim..(g * seq + i + 1) * dim;
+                let at = g * PAGE * dim;
+                page.v.write(at + p * dim, &v[row.clone()]);
+                page.k
+                    .write_column(at + p / TILE * TILE * dim + p % TILE, &k[row]);
             }
         }
-        self.len = needed;
+        self.len += seq;
         Ok(())
     }
 
-    /// Moves the cached positions into buffers with room for `capacity`.
-    fn grow(&mut self, capacity: usize) {
-        let dim = self.dim;
-        // Whole key tiles, so that the keys' lanes past the last position move too.
-        let kept = self.len.div_ceil(TILE) * TILE * dim;
-        let regrow = |old: &Buffer| {
-            let mut fresh = Buffer::zeros(old.precision(), self.kv_heads * capacity * dim);
-            for g in 0..self.kv_heads {
-                fresh.move_from(g * capacity * dim, old, g * self.capacity * dim, kept);
-            }
-            fresh
-        };
-        (self.k, self.v) = (regrow(&self.k), regrow(&self.v));
-        self.capacity = capacity;
-    }
-
     fn heads(&self) -> CachedHeads<'_> {
-        let all = 0..self.k.len();
         CachedHeads {
-            k: self.k.slice(all.clone()),
-            v: self.v.slice(all),
+            pages: &self.pages,
             kv_heads: self.kv_heads,
             dim: self.dim,
-            stride: self.capacity * self.dim,
             len: self.len,
         }
     }
@@ -401,8 +383,7 @@ impl LayerCache {
             for p in 0..self.len {
                 k.extend((0..self.dim).map(|d| heads.key(g, p, d)));
             }
-            let mut wide = Vec::new();
-            v.extend_from_slice(heads.v.widen(heads.value_rows(g, 0..self.len), &mut wide));
+            heads.values_into(g, 0..self.len, &mut v);
         }
         let shape = (1, self.kv_heads, self.len, self.dim);
         Ok((
@@ -462,7 +443,11 @@ impl KvCache {
 
     /// Bytes held by the key/value buffers (allocated capacity, not just used positions).
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.k.bytes() + l.v.bytes()).sum()
+        self.layers
+            .iter()
+            .flat_map(|l| &l.pages)
+            .map(|page| page.k.bytes() + page.v.bytes())
+            .sum()
     }
 
     /// Forgets every position, keeping nothing allocated.
@@ -553,7 +538,7 @@ mod tests {
             assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, expected);
         }
         assert_eq!(cache.len(), 601);
-        // Buffers grow in steps of GROW_BY positions: 601 positions need 768.
+        // Pages of PAGE positions: 601 positions take three, room for 768.
         assert_eq!(cache.bytes(), 2 * 768 * 4 * 4);
         let (k, _) = cache.view(0, &Device::Cpu)?.expect("cached positions");
         assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, expected);
@@ -569,9 +554,9 @@ mod tests {
             .clone()
             .flat_map(|p| (0..heads.dim).map(move |d| heads.key(g, p, d)))
             .collect();
-        let mut wide = Vec::new();
-        let values = heads.v.widen(heads.value_rows(g, positions), &mut wide);
-        (keys, values.to_vec())
+        let mut values = Vec::new();
+        heads.values_into(g, positions, &mut values);
+        (keys, values)
     }
 
     #[test]
@@ -621,7 +606,7 @@ mod tests {
         assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, rounded);
         assert_eq!(rounded[0], 0.333_251_95);
         assert_eq!(rounded[1], -1000.0);
-        // GROW_BY positions of one head of 4 values, keys and values.
+        // A page of one head of 4 values, keys and values.
         assert_eq!(wide.bytes(), 2 * 256 * 4 * 4);
         assert_eq!(narrow.bytes(), 2 * 256 * 4 * 2);
         narrow.clear();
@@ -650,8 +635,8 @@ mod tests {
     #[test]
     fn an_8_bit_cache_keeps_rows_and_tiles_with_their_scales() -> Result<()> {
         // Two KV heads of 64 values (two groups each); every group's largest magnitude is 127,
-        // so its scale is 1 and the integers come back exactly. 300 positions cross a tile,
-        // a growth step and the last, ragged tile.
+        // so its scale is 1 and the integers come back exactly. 300 positions cross tiles, a
+        // page and end in a ragged tile.
         let (heads, dim, len) = (2, 64, 300);
         let row = |p: usize, h: usize| -> Vec<f32> {
             (0..dim)
@@ -677,7 +662,7 @@ mod tests {
             let halved: Vec<f32> = expected.iter().map(|x| x * 0.5).collect();
             assert_eq!(values, halved, "values of head {h}");
         }
-        // 512 positions of room: a byte per value and four per group of 32.
+        // Two pages (512 positions): a byte per value and four per group of 32.
         assert_eq!(cache.bytes(), 2 * heads * 512 * (dim + 4 * dim / 32));
         Ok(())
     }
