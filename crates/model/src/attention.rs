@@ -452,27 +452,40 @@ fn slab_of<E: Element>(row: &[E], width: usize) -> [f32; TILE] {
     }
 }
 
-/// The largest of `scores`: lane by lane over tiles, then halving, so that it vectorizes (a
-/// fold of `f32::max`, which must skip NaNs one at a time, does not).
+/// The largest of `scores`: lane by lane over tiles, then across the lanes (in registers,
+/// where the target has AVX-512), so that it vectorizes (a fold of `f32::max`, which must
+/// skip NaNs one at a time, does not).
+#[inline(always)]
 fn largest(scores: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; TILE];
     for tile in scores.chunks(TILE) {
         for (lane, &s) in lanes.iter_mut().zip(tile) {
-            if s > *lane {
-                *lane = s;
-            }
+            *lane = if s > *lane { s } else { *lane };
         }
     }
-    let mut width = TILE / 2;
-    while width > 0 {
-        for i in 0..width {
-            if lanes[i + width] > lanes[i] {
-                lanes[i] = lanes[i + width];
-            }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    {
+        use std::arch::x86_64::{_mm512_loadu_ps, _mm512_reduce_max_ps};
+        // SAFETY: the target has AVX-512F; `lanes` holds 16 floats. (AVX-512 intrinsics are
+        // stable since Rust 1.89, which an AVX-512 target needs, as the VNNI kernels do.)
+        #[allow(clippy::incompatible_msrv)]
+        unsafe {
+            _mm512_reduce_max_ps(_mm512_loadu_ps(lanes.as_ptr()))
         }
-        width /= 2;
     }
-    lanes[0]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    {
+        let mut width = TILE / 2;
+        while width > 0 {
+            for i in 0..width {
+                if lanes[i + width] > lanes[i] {
+                    lanes[i] = lanes[i + width];
+                }
+            }
+            width /= 2;
+        }
+        lanes[0]
+    }
 }
 
 /// Merges the partials of one group's chunks into its output rows `ys (group * dim)`.
