@@ -82,12 +82,6 @@ enum Buffer {
     Q8 { quants: Vec<i8>, scales: Vec<f32> },
 }
 
-impl Default for Buffer {
-    fn default() -> Self {
-        Buffer::F32(Vec::new())
-    }
-}
-
 /// The scale and 8-bit values of `from` (at most [`Q8_GROUP`] values): the largest magnitude
 /// maps to 127.
 fn quantize(from: &[f32]) -> (f32, impl Iterator<Item = i8> + '_) {
