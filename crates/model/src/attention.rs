@@ -289,7 +289,7 @@ impl Heads<'_> {
             let tile_scales = scales_of(task.key_scales, tiles.clone());
             let row_scales = scales_of(task.value_scales, rows.clone());
             for (t, tile) in task.keys[tiles].chunks_exact(TILE * dim).enumerate() {
-                let sums = if tile_scales.is_empty() {
+                let sums = if !E::SCALED {
                     tile_scores::<E, G>(&by_dimension, tile)
                 } else {
                     let scales = &tile_scales[t * TILE * dim / Q8_GROUP..][..TILE * dim / Q8_GROUP];

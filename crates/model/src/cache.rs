@@ -287,16 +287,43 @@ impl<'a> CachedHeads<'a> {
         keys.get(tile + d * TILE + lane, scale)
     }
 
+    /// Appends KV head `g`'s keys at `positions`, as f32 rows, to `out`: whole tiles widened at
+    /// once, then read lane by lane.
+    fn keys_into(&self, g: usize, positions: Range<usize>, out: &mut Vec<f32>) {
+        let mut wide = Vec::new();
+        for (c, span) in page_spans(positions) {
+            let (keys, _) = self.page(c);
+            if let Values::Q8 { .. } = keys {
+                // A tile's 8-bit scales go by lane, not by run of values as `widen` reads them.
+                for p in span {
+                    out.extend((0..self.dim).map(|d| self.key(g, c * PAGE + p, d)));
+                }
+                continue;
+            }
+            let tiles = keys.widen(self.key_tiles(g, span.clone()), &mut wide);
+            for p in span.clone() {
+                let tile = &tiles[(p / TILE - span.start / TILE) * TILE * self.dim..];
+                out.extend((0..self.dim).map(|d| tile[d * TILE + p % TILE]));
+            }
+        }
+    }
+
     /// Appends KV head `g`'s values at `positions`, as f32 rows, to `out`.
     fn values_into(&self, g: usize, positions: Range<usize>, out: &mut Vec<f32>) {
         let mut wide = Vec::new();
-        for c in positions.start / PAGE..positions.end.div_ceil(PAGE) {
-            let start = positions.start.max(c * PAGE) - c * PAGE;
-            let end = positions.end.min((c + 1) * PAGE) - c * PAGE;
+        for (c, span) in page_spans(positions) {
             let (_, values) = self.page(c);
-            out.extend_from_slice(values.widen(self.value_rows(g, start..end), &mut wide));
+            out.extend_from_slice(values.widen(self.value_rows(g, span), &mut wide));
         }
     }
+}
+
+/// The pages that `positions` cross, each with the positions in it (relative to the page).
+fn page_spans(positions: Range<usize>) -> impl Iterator<Item = (usize, Range<usize>)> {
+    (positions.start / PAGE..positions.end.div_ceil(PAGE)).map(move |c| {
+        let start = positions.start.max(c * PAGE) - c * PAGE;
+        (c, start..positions.end.min((c + 1) * PAGE) - c * PAGE)
+    })
 }
 
 impl LayerCache {
@@ -374,9 +401,7 @@ impl LayerCache {
         let heads = self.heads();
         let (mut k, mut v) = (Vec::new(), Vec::new());
         for g in 0..self.kv_heads {
-            for p in 0..self.len {
-                k.extend((0..self.dim).map(|d| heads.key(g, p, d)));
-            }
+            heads.keys_into(g, 0..self.len, &mut k);
             heads.values_into(g, 0..self.len, &mut v);
         }
         let shape = (1, self.kv_heads, self.len, self.dim);
@@ -544,11 +569,8 @@ mod tests {
 
     /// KV head `g`'s keys and values at `positions`, as f32 rows.
     fn read(heads: &CachedHeads<'_>, g: usize, positions: Range<usize>) -> (Vec<f32>, Vec<f32>) {
-        let keys = positions
-            .clone()
-            .flat_map(|p| (0..heads.dim).map(move |d| heads.key(g, p, d)))
-            .collect();
-        let mut values = Vec::new();
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        heads.keys_into(g, positions.clone(), &mut keys);
         heads.values_into(g, positions, &mut values);
         (keys, values)
     }
