@@ -53,7 +53,10 @@ pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) ->
     let scale = 1.0 / (dim as f32).sqrt();
     let chunks = len.div_ceil(PAGE);
     let attend = |task: usize| {
-        let (g, c) = (task / chunks, task % chunks);
+        // Page by page, a page's heads one after another: the keys and values a task loads
+        // past its last block (full pages) are the first of the next head's, which is the next
+        // task on the same thread when the tasks run in order.
+        let (c, g) = (task / kv_heads, task % kv_heads);
         let queries = &q[g * group * dim..(g + 1) * group * dim];
         let positions = 0..(len - c * PAGE).min(PAGE);
         let (keys, values) = cached.page(c);
@@ -97,11 +100,8 @@ pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) ->
     } else {
         (0..kv_heads * chunks).into_par_iter().map(attend).collect()
     };
-    for (ys, parts) in out
-        .chunks_exact_mut(group * dim)
-        .zip(partials.chunks_exact(chunks))
-    {
-        merge(parts, ys, dim);
+    for (g, ys) in out.chunks_exact_mut(group * dim).enumerate() {
+        merge(partials.iter().skip(g).step_by(kv_heads), ys, dim);
     }
     Ok(())
 }
@@ -540,11 +540,13 @@ fn largest(scores: &[f32]) -> f32 {
 }
 
 /// Merges the partials of one group's chunks into its output rows `ys (group * dim)`.
-fn merge(parts: &[Partial], ys: &mut [f32], dim: usize) {
+fn merge<'a>(parts: impl Iterator<Item = &'a Partial> + Clone, ys: &mut [f32], dim: usize) {
     for (h, y) in ys.chunks_exact_mut(dim).enumerate() {
-        let top = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.max[h]));
+        let top = parts
+            .clone()
+            .fold(f32::NEG_INFINITY, |m, p| m.max(p.max[h]));
         let mut total = 0f32;
-        for part in parts {
+        for part in parts.clone() {
             let weight = (part.max[h] - top).exp();
             total += weight * part.sum[h];
             for (y, &a) in y.iter_mut().zip(&part.acc[h * dim..(h + 1) * dim]) {
