@@ -92,8 +92,9 @@ pub struct ServeArgs {
     /// Seconds a session may stay silent before it is closed (and its KV cache freed)
     #[arg(long, default_value_t = 300)]
     pub idle_timeout_secs: u64,
-    /// Precision of the trunk's KV caches: f32 (exact) or f16 (half the memory and the reads of
-    /// a long context, values rounded to half precision) [default: f32]
+    /// Precision of the trunk's KV caches: f32 (exact), f16 (half the memory and the reads of
+    /// a long context, values rounded to half precision) or q8 (8-bit values with a scale per
+    /// 32: 0.28x f32's memory) [default: f32]
     #[arg(long, value_name = "PRECISION")]
     pub kv_cache: Option<KvPrecision>,
     /// MiB all sessions' KV caches may hold together
