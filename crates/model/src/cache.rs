@@ -164,15 +164,6 @@ impl Buffer {
             },
         }
     }
-
-    /// Bytes held.
-    fn bytes(&self) -> usize {
-        match self {
-            Buffer::F32(b) => 4 * b.len(),
-            Buffer::F16(b) => 2 * b.len(),
-            Buffer::Q8 { quants, scales } => quants.len() + 4 * scales.len(),
-        }
-    }
 }
 
 /// Cached keys or values read in place, at the cache's precision.
@@ -462,11 +453,9 @@ impl KvCache {
 
     /// Bytes held by the key/value buffers (allocated capacity, not just used positions).
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| &l.pages)
-            .map(|page| page.k.bytes() + page.v.bytes())
-            .sum()
+        let pages = self.layers.iter().flat_map(|l| &l.pages);
+        self.precision
+            .bytes_for(pages.map(|page| page.k.len() + page.v.len()).sum())
     }
 
     /// Forgets every position, keeping nothing allocated.
