@@ -10,7 +10,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::kernels::Linear;
-use crate::llama::{Layer, ModelPart, OutputHead};
+use crate::llama::{Layer, LayerSpans, ModelPart, OutputHead};
 use crate::{KvPrecision, LlamaConfig, ModelError, PartSpec, Result};
 
 /// The file format a model was loaded from.
@@ -433,6 +433,7 @@ impl ModelSource {
                     w_gate: loader.linear(Weight::Gate(i))?,
                     w_up: loader.linear(Weight::Up(i))?,
                     w_down: loader.linear(Weight::Down(i))?,
+                    spans: LayerSpans::new(i),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
