@@ -1,7 +1,17 @@
 //! Batched trunk steps give each session exactly its solo output.
 
 use candle_core::{Device, Tensor};
-use lsplit_model::{KvCache, ModelSource, SplitPlan};
+use lsplit_model::{KvCache, ModelPart, ModelSource, SplitPlan};
+
+/// The trunk of the default model split at 2:28 (layers 2 to 27).
+fn trunk() -> ModelPart {
+    let path = lsplit_fetch::ensure_default_model().expect("default model");
+    let source = ModelSource::open(&path).expect("model");
+    let plan = SplitPlan::new(2, 28, source.config().num_layers).expect("split");
+    source
+        .load_part(&plan.trunk(), &Device::Cpu)
+        .expect("trunk")
+}
 
 fn rows(seed: usize, rows: usize, width: usize) -> Tensor {
     let values: Vec<f32> = (0..rows * width)
@@ -21,13 +31,8 @@ fn bits(t: &Tensor) -> Vec<u32> {
 
 #[test]
 fn a_batch_of_sessions_matches_each_session_alone_bit_for_bit() {
-    let path = lsplit_fetch::ensure_default_model().expect("default model");
-    let source = ModelSource::open(&path).expect("model");
-    let plan = SplitPlan::new(2, 28, source.config().num_layers).expect("split");
-    let part = source
-        .load_part(&plan.trunk(), &Device::Cpu)
-        .expect("trunk");
-    let width = source.config().hidden_size;
+    let part = trunk();
+    let width = part.config().hidden_size;
 
     // Four sessions: prompts of 5, 300 (longer than a prefill chunk, so it runs in chunks
     // beside the batch), 1 and 3 rows, then four one-row steps each.
@@ -70,13 +75,8 @@ fn a_batch_of_sessions_matches_each_session_alone_bit_for_bit() {
 
 #[test]
 fn a_batch_with_a_misplaced_item_is_refused_before_touching_any_cache() {
-    let path = lsplit_fetch::ensure_default_model().expect("default model");
-    let source = ModelSource::open(&path).expect("model");
-    let plan = SplitPlan::new(2, 28, source.config().num_layers).expect("split");
-    let part = source
-        .load_part(&plan.trunk(), &Device::Cpu)
-        .expect("trunk");
-    let width = source.config().hidden_size;
+    let part = trunk();
+    let width = part.config().hidden_size;
     let (a, b) = (rows(1, 2, width), rows(2, 1, width));
     let (mut ca, mut cb) = (part.new_cache(), part.new_cache());
     let mut items: Vec<(&Tensor, usize, &mut KvCache)> = vec![(&a, 0, &mut ca), (&b, 4, &mut cb)];
