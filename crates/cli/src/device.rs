@@ -6,8 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
 use lsplit_model::{ModelPart, ModelSource, SplitPlan};
-use lsplit_model::{PartKind, PartSpec};
-use lsplit_proto::TrunkFingerprint;
+use lsplit_model::{PartKind, PartSpec, TrunkFingerprint};
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_split::{
     DeviceModel, LocalTrunk, Obfuscation, Session, SessionKeys, SplitPolicy, Trunk, TrunkError,

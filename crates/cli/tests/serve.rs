@@ -8,8 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lsplit_model::{ModelSource, SplitPlan};
-use lsplit_proto::TrunkFingerprint;
+use lsplit_model::{ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_split::{
     DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SplitPolicy, StepRows, Trunk,

@@ -3,12 +3,15 @@
 //! A model is opened once ([`ModelSource`]), then each part of a split ([`PartSpec`]) is loaded
 //! on its own: it reads only the tensors it runs, so the cloud never holds the embeddings or the
 //! LM head and the device never holds the trunk's layers. A [`ModelPart`] is immutable and can be
-//! shared between sessions; the per-session state lives in a [`KvCache`].
+//! shared between sessions; the per-session state lives in a [`KvCache`]. A
+//! [`TrunkFingerprint`] hashes a trunk's weights, so that both ends of a split can check that
+//! they hold the same ones.
 
 mod attention;
 mod cache;
 mod config;
 mod error;
+mod fingerprint;
 mod kernels;
 mod llama;
 mod plan;
@@ -17,6 +20,7 @@ mod source;
 pub use cache::{KvCache, KvPrecision};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::ModelError;
+pub use fingerprint::TrunkFingerprint;
 pub use llama::{ModelPart, on_pool};
 pub use plan::{PartKind, PartSpec, SplitPlan};
 pub use source::{ModelFormat, ModelSource, TensorRecord, TokenizerSource};

@@ -2,8 +2,9 @@
 //!
 //! `proto/trunk.proto` is the documented source of truth; [`pb`] is the Rust generated from it
 //! (messages, client and server stubs). This crate adds what both ends share: conversions
-//! between the wire crate's [`HiddenRows`] and the protocol's `Rows`, and the
-//! [`TrunkFingerprint`] each side computes from its own copy of the model.
+//! between the wire crate's [`HiddenRows`] and the protocol's `Rows`, and between the model
+//! crate's [`TrunkFingerprint`](lsplit_model::TrunkFingerprint) and the handshake's
+//! `Fingerprint`.
 //!
 //! `proto/diffusion.proto` is the protocol of a split diffusion model's trunk; [`diffusion`]
 //! holds its generated code and the checked conversion of its tensors.
@@ -11,7 +12,7 @@
 pub mod diffusion;
 mod fingerprint;
 
-pub use fingerprint::TrunkFingerprint;
+pub use fingerprint::{fingerprint_from_pb, fingerprint_to_pb};
 
 use lsplit_split::{Obfuscation, SessionKeys, SessionSecret, SplitPolicy, StepRows};
 use lsplit_wire::{Codec, HiddenRows};

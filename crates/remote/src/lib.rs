@@ -24,11 +24,14 @@ pub use diffusion::{CloudFiles, DiffusionServerInfo, RemoteDiffusionTrunk};
 use std::ops::Range;
 use std::time::Duration;
 
+use lsplit_model::TrunkFingerprint;
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::trunk_client::TrunkClient;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
-use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb, error_chain};
+use lsplit_proto::{
+    PROTOCOL_VERSION, codec_from_pb, codec_to_pb, error_chain, fingerprint_from_pb,
+};
 use lsplit_split::{SessionKeys, StepRows, Trunk, TrunkError};
 use lsplit_wire::Codec;
 use tokio::sync::mpsc;
@@ -550,7 +553,7 @@ async fn handshake(
         .fingerprint
         .as_ref()
         .ok_or(lsplit_proto::ProtoError::Missing("fingerprint"))
-        .and_then(TrunkFingerprint::from_pb)
+        .and_then(fingerprint_from_pb)
         .map_err(protocol)?;
     let codec = codec_from_pb(reply.codec).map_err(protocol)?;
     let limits = reply

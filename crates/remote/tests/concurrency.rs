@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use common::*;
-use lsplit_proto::TrunkFingerprint;
+use lsplit_model::TrunkFingerprint;
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
 use lsplit_split::{Obfuscation, Trunk};

@@ -6,13 +6,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lsplit_model::KvPrecision;
-use lsplit_model::SplitPlan;
+use lsplit_model::{KvPrecision, SplitPlan, TrunkFingerprint};
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::trunk_client::TrunkClient;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
-use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_to_pb, rows_to_pb};
+use lsplit_proto::{PROTOCOL_VERSION, codec_to_pb, rows_to_pb};
 use lsplit_server::{DevCertificates, ServerOptions};
 use lsplit_split::{Obfuscation, SessionKeys, SplitPolicy};
 use lsplit_wire::Codec;

@@ -148,9 +148,9 @@ fn a_server_with_different_weights_is_refused_naming_both() {
 
     let certs = DevCertificates::generate(&[]).expect("certificates");
     let server = TestServer::start(&altered, 2, 28, tls_options(&certs));
-    let ours = lsplit_proto::TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
+    let ours = lsplit_model::TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
     let theirs =
-        lsplit_proto::TrunkFingerprint::compute(&source(&altered), 2..28).expect("fingerprint");
+        lsplit_model::TrunkFingerprint::compute(&source(&altered), 2..28).expect("fingerprint");
     assert_ne!(ours.sha256, theirs.sha256);
     let message = remote(&path, client_options(&server, &certs, Codec::F32))
         .expect_err("different weights")
@@ -166,8 +166,8 @@ fn a_server_with_different_weights_is_refused_naming_both() {
     );
     // A layer outside the trunk does not change the trunk's fingerprint.
     assert_eq!(
-        lsplit_proto::TrunkFingerprint::compute(&source(&altered), 11..28).expect("fingerprint"),
-        lsplit_proto::TrunkFingerprint::compute(&source(&path), 11..28).expect("fingerprint"),
+        lsplit_model::TrunkFingerprint::compute(&source(&altered), 11..28).expect("fingerprint"),
+        lsplit_model::TrunkFingerprint::compute(&source(&path), 11..28).expect("fingerprint"),
     );
 }
 

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use lsplit_model::ModelPart;
-use lsplit_proto::{TrunkFingerprint, error_chain};
+use lsplit_model::{ModelPart, TrunkFingerprint};
+use lsplit_proto::error_chain;
 use lsplit_wire::Codec;
 use tokio::net::TcpListener;
 use tonic::service::Routes;

@@ -2,11 +2,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use lsplit_model::ModelPart;
+use lsplit_model::{ModelPart, TrunkFingerprint};
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
-use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb};
+use lsplit_proto::{PROTOCOL_VERSION, codec_from_pb, codec_to_pb, fingerprint_to_pb};
 use lsplit_split::TrunkState;
 use lsplit_wire::{Codec, HiddenRows};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -142,7 +142,7 @@ impl pb::trunk_server::Trunk for TrunkService {
         Ok(Response::new(pb::HandshakeReply {
             protocol_version: PROTOCOL_VERSION,
             codec: codec_to_pb(codec) as i32,
-            fingerprint: Some(self.shared.fingerprint.to_pb()),
+            fingerprint: Some(fingerprint_to_pb(&self.shared.fingerprint)),
             limits: Some(self.shared.limits_pb()),
         }))
     }

@@ -11,8 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use lsplit_diffusion::{UnetSplit, load_trunk_model, trunk_fingerprint};
-use lsplit_model::{KvPrecision, ModelSource, SplitPlan};
-use lsplit_proto::TrunkFingerprint;
+use lsplit_model::{KvPrecision, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_server::{
     DiffusionLimits, DiffusionOptions, DiffusionServer, Limits, ServerError, ServerOptions,
     ServerStats, TlsFiles, TrunkServer,

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
-use lsplit_model::{KvPrecision, ModelPart, ModelSource, SplitPlan};
-use lsplit_proto::TrunkFingerprint;
+use lsplit_model::{KvPrecision, ModelPart, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_server::{DevCertificates, Limits, ServerOptions, ServerStats, TlsFiles, TrunkServer};
 use lsplit_split::{
