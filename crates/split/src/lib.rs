@@ -26,7 +26,7 @@ pub use device::{DeviceModel, load_tokenizer};
 pub use error::SplitError;
 pub use keyed::KeyedTrunk;
 pub use policy::{Obfuscation, PolicyError, SessionKeys, SplitPolicy};
-pub use quality::{Agreement, GreedyRun};
+pub use quality::{Agreement, GreedyRun, codecs};
 pub use sampler::{Sampler, SamplingParams};
 pub use secret::SessionSecret;
 pub use session::{GenerateOptions, Generation, Session, Step, StopReason};
