@@ -284,6 +284,7 @@ impl Settings {
         Ok(GenerateOptions {
             max_tokens,
             sampling,
+            ..GenerateOptions::default()
         })
     }
 }

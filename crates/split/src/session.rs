@@ -15,6 +15,9 @@ pub struct GenerateOptions {
     pub max_tokens: usize,
     /// How tokens are chosen.
     pub sampling: SamplingParams,
+    /// Keep going through end-of-sequence tokens, fed back like any other token, so that every
+    /// run has `max_tokens` tokens (speed and codec measures).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
@@ -22,6 +25,7 @@ impl Default for GenerateOptions {
         Self {
             max_tokens: 256,
             sampling: SamplingParams::default(),
+            ignore_eos: false,
         }
     }
 }
@@ -44,6 +48,8 @@ pub enum StopReason {
 pub struct Step<'a> {
     /// The token id chosen.
     pub token: u32,
+    /// The logits it was chosen from.
+    pub logits: &'a [f32],
     /// The text this token completed; empty while a character is still incomplete.
     pub text: &'a str,
     /// Time and bytes of the generation so far; the difference between two steps is the cost
@@ -54,7 +60,8 @@ pub struct Step<'a> {
 /// The result of a generation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
-    /// Generated token ids (the end-of-sequence token excluded).
+    /// Generated token ids (the end-of-sequence token excluded, unless
+    /// [`GenerateOptions::ignore_eos`]).
     pub tokens: Vec<u32>,
     /// Generated text.
     pub text: String,
@@ -240,7 +247,7 @@ impl<'m> Session<'m> {
     }
 
     /// Generates a continuation of `prompt`, calling `on_step` after each generated token (the
-    /// end-of-sequence token excluded); `ControlFlow::Break` ends the generation with
+    /// end-of-sequence token excluded, unless [`GenerateOptions::ignore_eos`]); `ControlFlow::Break` ends the generation with
     /// [`StopReason::Stopped`]. Text still pending when generation ends (an incomplete
     /// character) is not reported as a step but is part of [`Generation::text`].
     pub fn generate_steps(
@@ -276,7 +283,7 @@ impl<'m> Session<'m> {
             let t = Instant::now();
             let next = sampler.sample(&logits, &self.history);
             self.stats.sampling += t.elapsed();
-            if eos.contains(&next) {
+            if eos.contains(&next) && !options.ignore_eos {
                 break StopReason::Eos;
             }
             generated.push(next);
@@ -284,6 +291,7 @@ impl<'m> Session<'m> {
             text.push_str(&piece);
             let step = Step {
                 token: next,
+                logits: &logits,
                 text: &piece,
                 stats: &self.stats,
             };

@@ -9,14 +9,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lsplit_attack::{Attacker, Knowledge, Rate, Recovery, Scores};
-use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
-use lsplit_split::{
-    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SplitPolicy, read_capture,
-};
+use lsplit_attack::table::{self, Policies, Setting, Table};
+use lsplit_attack::{Attacker, Knowledge, Rate, Scores, Truth};
+use lsplit_model::ModelSource;
+use lsplit_split::read_capture;
 use lsplit_tokenizer::Tokenizer;
-use lsplit_wire::Codec;
-use serde::{Deserialize, Serialize};
 
 use crate::args::ModelArgs;
 
@@ -76,58 +73,6 @@ pub struct AttackArgs {
     pub max_tokens: usize,
 }
 
-/// The tokens of one session, written by `lsplit generate --save-tokens`: what the attacks
-/// are scored against. It never crosses the wire.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Truth {
-    /// The prompt's tokens (chat template included).
-    pub prompt: Vec<u32>,
-    /// The generated tokens.
-    pub generated: Vec<u32>,
-}
-
-impl Truth {
-    /// Writes the tokens as JSON.
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        std::fs::write(path, serde_json::to_vec(self)?)
-            .with_context(|| format!("writing {}", path.display()))
-    }
-
-    fn load(path: &Path) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "{} is not a token file of `lsplit generate --save-tokens`",
-                path.display()
-            )
-        })
-    }
-}
-
-/// The prompts of the table: questions, instructions, personal and business text, code.
-const PROMPTS: [&str; 20] = [
-    "What is the capital of France?",
-    "List three uses of copper.",
-    "Write one sentence about the sea.",
-    "My doctor says my blood pressure is 150 over 95. Is that bad?",
-    "Translate 'good morning' into Spanish.",
-    "Write a Python function that reverses a string.",
-    "Summarize the plot of Romeo and Juliet in two sentences.",
-    "How do I reset my bank account password?",
-    "Give me a recipe for pancakes.",
-    "Why is the sky blue?",
-    "Draft an email telling my manager I will be late tomorrow.",
-    "What are the symptoms of the flu?",
-    "Explain recursion to a child.",
-    "My name is Alice Martin and I live at 12 Rue Lepic, Paris. Write me a short bio.",
-    "Suggest a name for a coffee shop.",
-    "What is 17 times 23?",
-    "Write a haiku about autumn.",
-    "How can I improve my credit score?",
-    "Describe the water cycle.",
-    "Our quarterly revenue fell 12 percent. Write a note to investors.",
-];
-
 /// Runs the command.
 pub fn run(args: AttackArgs) -> anyhow::Result<()> {
     let path = args.model.path()?;
@@ -174,26 +119,10 @@ pub fn run(args: AttackArgs) -> anyhow::Result<()> {
     println!("logit lens: {:?}", text(&recovery.lens)?);
     if let Some(file) = &args.truth {
         let truth = Truth::load(file)?;
-        check_truth(&truth, &recovery)?;
+        truth.check(&recovery)?;
         let scores = recovery.score(&truth.prompt, &truth.generated);
         print!("{}", score_lines(&scores));
     }
-    Ok(())
-}
-
-/// Refuses a token file that is not of the captured session.
-fn check_truth(truth: &Truth, recovery: &Recovery) -> anyhow::Result<()> {
-    let crossed = recovery.matching.len();
-    // The last generated token goes up only when an end-of-sequence token followed it.
-    let all = truth.prompt.len() + truth.generated.len();
-    anyhow::ensure!(
-        crossed == all || crossed + 1 == all,
-        "the token file holds {} prompt and {} generated tokens, so {all} or one fewer \
-         positions should have crossed, but the capture holds {crossed}: it is not this \
-         capture's session",
-        truth.prompt.len(),
-        truth.generated.len()
-    );
     Ok(())
 }
 
@@ -241,15 +170,8 @@ fn build_attacker(
     Ok(attacker)
 }
 
-/// One column group of the table: a split policy and whether rows are permuted.
-struct Setting {
-    label: String,
-    policy: SplitPolicy,
-    obfuscation: Obfuscation,
-    knowledge: Knowledge,
-}
-
-/// Generates every prompt under every setting, attacks each capture and prints the table.
+/// Generates every prompt under every setting of the grid, attacks each capture and prints
+/// the table.
 fn table(
     args: &AttackArgs,
     source: &ModelSource,
@@ -264,66 +186,27 @@ fn table(
             .filter(|l| !l.trim().is_empty())
             .map(str::to_string)
             .collect(),
-        None => PROMPTS.iter().map(|p| p.to_string()).collect(),
+        None => table::PROMPTS.iter().map(|p| p.to_string()).collect(),
     };
     anyhow::ensure!(!prompts.is_empty(), "no prompts");
     let k1s = parse_list(&args.grid_k1)?;
-    let mut policies = (false, false);
+    let mut policies = Policies {
+        fixed: false,
+        random: false,
+    };
     for name in args.grid_policies.split(',').map(str::trim) {
         match name {
-            "fixed" => policies.0 = true,
-            "random" => policies.1 = true,
+            "fixed" => policies.fixed = true,
+            "random" => policies.random = true,
             _ => anyhow::bail!("--grid-policies takes fixed and random, not {name:?}"),
         }
     }
-    let mut settings = Vec::new();
-    for &k1 in &k1s {
-        anyhow::ensure!(
-            k1 >= 1 && 2 * (k1 + 3) < layers,
-            "--grid-k1 {k1} does not fit {layers} layers"
-        );
-        let fixed = SplitPolicy::fixed(SplitPlan::new(k1, layers - k1, layers)?);
-        let random = SplitPolicy::random(
-            &(k1..=k1 + 3).collect::<Vec<_>>(),
-            &(layers - k1 - 3..=layers - k1).collect::<Vec<_>>(),
-            layers,
-        )?;
-        let grid = [
-            (policies.0, fixed, (Some(k1), Some(layers - k1))),
-            (policies.1, random, (None, None)),
-        ];
-        for (policy, knowledge) in grid.into_iter().filter(|g| g.0).map(|g| (g.1, g.2)) {
-            for obfuscation in [Obfuscation::None, Obfuscation::Permute] {
-                settings.push(Setting {
-                    label: format!("| {k1} | {policy} | {obfuscation} |"),
-                    policy: policy.clone(),
-                    obfuscation,
-                    knowledge: Knowledge {
-                        k1: knowledge.0,
-                        k2: knowledge.1,
-                        max_k: if knowledge.0.is_some() { k1 } else { k1 + 3 },
-                        budget: args.budget.unwrap_or(usize::MAX),
-                    },
-                });
-            }
-        }
-    }
-    let max_k = settings
-        .iter()
-        .map(|s| s.knowledge.max_k)
-        .max()
-        .unwrap_or(0);
-    let attacker = build_attacker(source, &tokenizer, max_k)?;
-    let device = candle_core::Device::Cpu;
-    let options = GenerateOptions {
-        max_tokens: args.max_tokens,
-        ..GenerateOptions::default()
-    };
+    let settings = Setting::grid(&k1s, policies, layers, args.budget.unwrap_or(usize::MAX))?;
+    let attacker = build_attacker(source, &tokenizer, table::deepest(&settings))?;
     let progress = ProgressBar::new((settings.len() * prompts.len()) as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
             .context("progress bar template")?,
     );
-    let scratch = std::env::temp_dir().join(format!("lsplit-attack-{}", std::process::id()));
     let mut out = String::new();
     writeln!(
         out,
@@ -341,56 +224,42 @@ fn table(
          matching generated | logit lens prompt | logit lens generated |"
     )?;
     writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
-    for setting in &settings {
-        progress.set_message(setting.label.clone());
-        let trunk = Arc::new(source.load_part(
-            &PartSpec {
-                kind: PartKind::Trunk,
-                layers: setting.policy.trunk_layers(),
-            },
-            &device,
-        )?);
-        let model = DeviceModel::split(
-            source,
-            setting.policy.clone(),
-            Arc::clone(&tokenizer),
-            Codec::F32,
-            &device,
-        )?;
-        let mut total = Scores::default();
-        for prompt in &prompts {
-            let keys = model.new_keys(setting.obfuscation)?;
-            let mut session =
-                model.session(Box::new(LocalTrunk::new(Arc::clone(&trunk), &keys)?), &keys)?;
-            if scratch.exists() {
-                std::fs::remove_dir_all(&scratch)?;
-            }
-            session.capture(CaptureWriter::create(&scratch)?);
-            let tokens = model.prompt_tokens(prompt, false)?;
-            let generation = session.generate(&tokens, &options, &mut |_| {})?;
-            drop(session);
-            let messages = read_capture(&scratch)?;
-            let recovery = attacker.run(&messages, &setting.knowledge)?;
-            let scores = recovery.score(&tokens, &generation.tokens);
-            total.replay.add(scores.replay);
-            total.matching.add(scores.matching);
-            total.lens.add(scores.lens);
-            progress.inc(1);
-        }
-        let cell = |r: &Rate| format!("{:.1}% | {:.1}%", r.prompt_percent(), r.generated_percent());
-        let row = format!(
-            "{} {} | {} | {} |",
-            setting.label,
-            cell(&total.replay),
-            cell(&total.matching),
-            cell(&total.lens)
-        );
-        progress.suspend(|| eprintln!("{row}"));
-        writeln!(out, "{row}")?;
+    let label = |s: &Setting| format!("| {} | {} | {} |", s.k1, s.policy, s.obfuscation);
+    let run = Table {
+        source,
+        tokenizer,
+        prompts,
+        max_tokens: args.max_tokens,
+        scratch: std::env::temp_dir().join(format!("lsplit-attack-{}", std::process::id())),
+    };
+    if let Some(first) = settings.first() {
+        progress.set_message(label(first));
     }
+    let mut rows = Vec::new();
+    run.run(
+        &attacker,
+        &settings,
+        &mut |setting| {
+            progress.set_message(label(setting));
+            progress.inc(1);
+        },
+        &mut |setting, total| {
+            let cell =
+                |r: &Rate| format!("{:.1}% | {:.1}%", r.prompt_percent(), r.generated_percent());
+            let row = format!(
+                "{} {} | {} | {} |",
+                label(setting),
+                cell(&total.replay),
+                cell(&total.matching),
+                cell(&total.lens)
+            );
+            progress.suspend(|| eprintln!("{row}"));
+            rows.push(row);
+        },
+    )?;
     progress.finish_and_clear();
-    if scratch.exists() {
-        std::fs::remove_dir_all(&scratch)?;
+    for row in rows {
+        writeln!(out, "{row}")?;
     }
     print!("{out}");
     Ok(())

@@ -1,16 +1,14 @@
 //! `lsplit bench`: prefill and decode speed of the unsplit model and a split, side by side;
 //! with `--quality`, the lossy codecs' effect on the split's output instead.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_model::{ModelPart, SplitPlan};
-use lsplit_split::{
-    DeviceModel, LocalTrunk, Obfuscation, Sampler, SamplingParams, Session, SplitPolicy,
-};
+use lsplit_split::{DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, Session, SplitPolicy};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
@@ -249,29 +247,26 @@ fn bench_prompt(tokenizer: &Tokenizer, tokens: usize) -> anyhow::Result<Vec<u32>
     Ok(piece.iter().copied().cycle().take(tokens).collect())
 }
 
+/// One measured run: the prompt's prefill, then `decode_tokens` greedy decode steps (through
+/// end-of-sequence tokens), timed by the session's own loop.
 fn run_once(
     mut session: Session<'_>,
     prompt: &[u32],
     decode_tokens: usize,
     measure: &mut Measure,
 ) -> anyhow::Result<()> {
-    let mut sampler = Sampler::new(SamplingParams::default());
-    let mut history = prompt.to_vec();
-    let t = Instant::now();
-    let mut logits = session.forward(prompt)?;
-    measure.prefill.push(rate(prompt.len(), t.elapsed()));
-    let t = Instant::now();
-    for _ in 0..decode_tokens {
-        let next = sampler.sample(&logits, &history);
-        history.push(next);
-        logits = session.forward(&[next])?;
-    }
-    measure.decode.push(rate(decode_tokens, t.elapsed()));
+    // The last token is sampled after the `decode_tokens`-th decode step, and not run.
+    let options = GenerateOptions {
+        max_tokens: decode_tokens + 1,
+        ignore_eos: true,
+        ..GenerateOptions::default()
+    };
+    let generation =
+        session.generate_steps(prompt, &options, &mut |_| ControlFlow::Continue(()))?;
+    let stats = &generation.stats;
+    measure.prefill.push(stats.prefill_tokens_per_second());
+    measure.decode.push(stats.decode_tokens_per_second());
     Ok(())
-}
-
-fn rate(count: usize, time: Duration) -> f64 {
-    count as f64 / time.as_secs_f64().max(f64::MIN_POSITIVE)
 }
 
 fn median(values: &[f64]) -> f64 {

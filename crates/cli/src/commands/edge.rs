@@ -153,6 +153,7 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
     let defaults = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params()?,
+        ..GenerateOptions::default()
     };
     anyhow::ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");
     anyhow::ensure!(args.max_sessions > 0, "--max-sessions must be at least 1");

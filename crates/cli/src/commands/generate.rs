@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use lsplit_attack::Truth;
 use lsplit_split::{CaptureWriter, GenerateOptions};
 
 use crate::args::{ModelArgs, PolicyArgs, SamplingArgs, SplitArgs, TrunkArgs};
-use crate::commands::attack::Truth;
 use crate::device;
 
 /// Options of `lsplit generate`.
@@ -50,6 +50,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params()?,
+        ..GenerateOptions::default()
     };
     args.trunk.auth.check_needed(args.trunk.cloud.is_some())?;
     let device = device::load(&args.model, &args.split, &args.trunk, Some(&args.policy))?;

@@ -9,7 +9,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lsplit_diffusion::quality::{psnr, ssim};
+use lsplit_diffusion::quality::{codecs, psnr, ssim};
 use lsplit_diffusion::{
     DevicePipeline, DiffusionTrunk, Generated, ImageRequest, LocalDiffusionTrunk, RgbImage,
     SchedulerKind, StepProgress, UnetSplit, load_trunk_model,
@@ -185,38 +185,48 @@ fn request(args: &ImageArgs, pipeline: &DevicePipeline, seed: u64) -> ImageReque
 
 /// `--codec-table`: every split mode times every codec, against the unsplit f32 image.
 fn codec_table(args: &ImageArgs, device: &Device) -> anyhow::Result<()> {
-    let load = |split, codec| {
-        DevicePipeline::load(&args.model, split, codec, device)
-            .with_context(|| format!("loading {}", args.model.display()))
-    };
-    let reference_pipeline = load(UnetSplit::None, StepCodec::F32)?;
-    let seed = args.seed.unwrap_or(0);
-    let request = request(args, &reference_pipeline, seed);
-    let reference = generate(&reference_pipeline, &request, None, args, "f32 reference")?;
-    let mut splits = vec![UnetSplit::Component];
-    splits.extend((1..=reference_pipeline.unet_levels()).map(UnetSplit::Lambda));
+    let reference = DevicePipeline::load(&args.model, UnetSplit::None, StepCodec::F32, device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let request = request(args, &reference, args.seed.unwrap_or(0));
     println!(
         "| split | codec | setup bytes | up bytes/step | down bytes/step | PSNR (dB) | SSIM |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|");
-    for split in splits {
-        let model = Arc::new(load_trunk_model(&args.model, split, device)?);
-        for codec in StepCodec::all() {
-            let pipeline = load(split, codec)?;
-            let mut trunk = LocalDiffusionTrunk::new(model.clone(), codec, device.clone());
-            let label = format!("{split} {codec}");
-            let out = generate(&pipeline, &request, Some(&mut trunk), args, &label)?;
-            let b = out.bytes;
-            println!(
-                "| {split} | {codec} | {} | {} | {} | {} | {:.4} |",
-                b.setup,
-                b.up / b.steps.max(1),
-                b.down / b.steps.max(1),
-                format_psnr(psnr(&out.image, &reference.image)?),
-                ssim(&out.image, &reference.image)?
-            );
-        }
-    }
+    let bar = progress_bar("f32 reference", request.steps);
+    let mut shown = String::new();
+    let table = codecs::codec_table(
+        &args.model,
+        &reference,
+        &request,
+        device,
+        &mut |label, p| {
+            if shown != label {
+                shown = label.to_string();
+                bar.reset();
+                bar.set_length(p.total as u64);
+                bar.set_message(shown.clone());
+            }
+            bar.set_position(p.step as u64);
+            Ok(())
+        },
+        &mut |row| {
+            let b = row.bytes;
+            bar.suspend(|| {
+                println!(
+                    "| {} | {} | {} | {} | {} | {} | {:.4} |",
+                    row.split,
+                    row.codec,
+                    b.setup,
+                    b.up / b.steps.max(1),
+                    b.down / b.steps.max(1),
+                    format_psnr(row.psnr),
+                    row.ssim
+                )
+            });
+        },
+    );
+    bar.finish_and_clear();
+    table.with_context(|| format!("the codec table of {}", args.model.display()))?;
     Ok(())
 }
 
@@ -236,12 +246,7 @@ fn generate(
     args: &ImageArgs,
     label: &str,
 ) -> anyhow::Result<Generated> {
-    let progress = ProgressBar::new(request.steps as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
-            .expect("a valid progress template")
-            .progress_chars("=> "),
-    );
-    progress.set_message(label.to_string());
+    let progress = progress_bar(label, request.steps);
     let previews = args.preview_every.filter(|_| label == "image");
     let mut on_step = |p: &StepProgress<'_>| {
         progress.set_position(p.step as u64);
@@ -258,6 +263,17 @@ fn generate(
     let result = pipeline.generate(request, trunk, &mut on_step);
     progress.finish_and_clear();
     Ok(result?)
+}
+
+/// A progress bar of `steps` denoising steps, named `label`.
+fn progress_bar(label: &str, steps: usize) -> ProgressBar {
+    let progress = ProgressBar::new(steps as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("a valid progress template")
+            .progress_chars("=> "),
+    );
+    progress.set_message(label.to_string());
+    progress
 }
 
 /// `out.png` -> `out.step-007.png`.

@@ -1,7 +1,12 @@
 //! How far a lossy wire codec moves a split model's output from a reference run: greedy
-//! agreement and the largest logit error. `lsplit bench --quality` and the codec tests use it.
+//! agreement and the largest logit error. [`codecs`] is the experiment of `lsplit bench
+//! --quality`; the codec tests use the same measures.
 
-use crate::{Sampler, SamplingParams, Session, SplitError};
+pub mod codecs;
+
+use std::ops::ControlFlow;
+
+use crate::{GenerateOptions, SamplingParams, Session, SplitError};
 
 /// A greedy continuation and the logits that chose each of its tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,32 +19,28 @@ pub struct GreedyRun {
 }
 
 impl GreedyRun {
-    /// Runs `prompt` through a fresh `session`, then picks `count` tokens greedily.
+    /// Runs `prompt` through a fresh `session`, then picks `count` tokens greedily (the
+    /// session's own loop at temperature 0, through end-of-sequence tokens).
     pub fn generate(
         mut session: Session<'_>,
         prompt: &[u32],
         count: usize,
     ) -> Result<Self, SplitError> {
-        let mut sampler = Sampler::new(SamplingParams::default());
-        let mut history = prompt.to_vec();
+        let options = GenerateOptions {
+            max_tokens: count,
+            sampling: SamplingParams::default(),
+            ignore_eos: true,
+        };
         let mut run = Self {
             tokens: Vec::with_capacity(count),
             logits: Vec::with_capacity(count),
         };
-        if count == 0 {
-            return Ok(run);
-        }
-        let mut logits = session.forward(prompt)?;
-        loop {
-            let next = sampler.sample(&logits, &history);
-            history.push(next);
-            run.tokens.push(next);
-            run.logits.push(logits);
-            if run.tokens.len() == count {
-                return Ok(run);
-            }
-            logits = session.forward(&[next])?;
-        }
+        session.generate_steps(prompt, &options, &mut |step| {
+            run.tokens.push(step.token);
+            run.logits.push(step.logits.to_vec());
+            ControlFlow::Continue(())
+        })?;
+        Ok(run)
     }
 }
 

@@ -1,5 +1,7 @@
 //! Image quality against a reference: PSNR and SSIM, for `lsplit image --compare` and the codec
-//! table.
+//! table ([`codecs`]).
+
+pub mod codecs;
 
 use crate::error::DiffusionError;
 use crate::vae::RgbImage;

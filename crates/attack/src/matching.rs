@@ -1,0 +1,408 @@
+//! Vocabulary matching: each uplink row inverted to the token that produced it, by running
+//! ranked candidate tokens through the public head until one reproduces the row (see the crate
+//! doc); also the logit-lens baseline, read from the same rows.
+
+use std::ops::Range;
+
+use candle_core::{Device, Tensor};
+use lsplit_model::ModelPart;
+
+use crate::{AttackError, Attacker};
+
+/// Relative L2 distance under which a candidate's row is taken to be the observed row: above
+/// f16/bf16 rounding (about 0.001 and 0.004), far below the distance between different
+/// tokens' rows (above 0.1 after one layer).
+pub const MATCH_TOLERANCE: f32 = 0.008;
+
+/// Deep boundaries (8 or more layers) add rounding that the device's batched prefill and the
+/// attacker's one-position-at-a-time head do in different orders, re-quantized to 8 bits at
+/// every matrix product: the true row can land a little above [`MATCH_TOLERANCE`]. A candidate
+/// within this looser distance is still taken when every other token tried is at least
+/// [`SEPARATION`] times farther.
+pub const LOOSE_TOLERANCE: f32 = 0.05;
+
+/// How much farther the runner-up token must be for a match under [`LOOSE_TOLERANCE`].
+pub const SEPARATION: f32 = 4.0;
+
+/// Candidates run through the head in the first chunk of a position: the ranking usually puts
+/// the true token there.
+const FIRST_CHUNK: usize = 32;
+
+/// Candidates run through the head at once after the first chunk: rows go through each
+/// weight four at a time, so big chunks amortise the weights.
+const CHUNK: usize = 512;
+
+/// Every vocabulary token's row at one boundary, as is and sorted within the row.
+pub(crate) struct TokenRows {
+    rows: Tensor,
+    norms: Tensor,
+    sorted: Tensor,
+    sorted_norms: Tensor,
+}
+
+impl TokenRows {
+    fn new(rows: Tensor) -> Result<Self, AttackError> {
+        let sorted = rows.sort_last_dim(true)?.0;
+        Ok(Self {
+            norms: rows.sqr()?.sum(1)?,
+            sorted_norms: sorted.sqr()?.sum(1)?,
+            rows,
+            sorted,
+        })
+    }
+
+    /// Cosine distances (one minus the cosine) of every token's row to `values` (on sorted
+    /// values when `sorted`): the direction of a row ranks candidates better than its length.
+    fn distances(&self, values: &[f32], sorted: bool) -> Result<Tensor, AttackError> {
+        let (table, norms) = match sorted {
+            true => (&self.sorted, &self.sorted_norms),
+            false => (&self.rows, &self.norms),
+        };
+        let mut values = values.to_vec();
+        if sorted {
+            values.sort_by(f32::total_cmp);
+        }
+        let norm: f32 = values
+            .iter()
+            .map(|v| v * v)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::MIN_POSITIVE);
+        let column = Tensor::from_vec(values, (table.dim(1)?, 1), table.device())?;
+        let dots = table.matmul(&column)?.squeeze(1)?;
+        let cosine = (dots / (norms.sqrt()? * f64::from(norm))?)?;
+        Ok(cosine.affine(-1.0, 1.0)?)
+    }
+}
+
+/// Vocabulary rows computed per batch while building the tables.
+const TABLE_BATCH: usize = 1024;
+
+/// Every token's row at each boundary `0..=max_k` of `head` (`[0]` the embeddings), after the
+/// token `context`; `progress` is told the tokens done and the total.
+pub(crate) fn vocabulary_tables(
+    head: &ModelPart,
+    vocab: usize,
+    max_k: usize,
+    context: u32,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<TokenRows>, AttackError> {
+    let mut cache = head.new_cache();
+    head.forward(&head.embed(&[context])?, 0, &mut cache)?;
+    let mut per_boundary: Vec<Vec<Tensor>> = vec![Vec::new(); max_k + 1];
+    for first in (0..vocab).step_by(TABLE_BATCH) {
+        let ids: Vec<u32> = (first as u32..(first + TABLE_BATCH).min(vocab) as u32).collect();
+        let rows = head.embed(&ids)?;
+        if max_k > 0 {
+            let outputs = head.forward_alternatives(&rows, 1, 0..max_k, &cache)?;
+            for (k, out) in outputs.into_iter().enumerate() {
+                per_boundary[k + 1].push(out);
+            }
+        }
+        per_boundary[0].push(rows);
+        progress(first + ids.len(), vocab);
+    }
+    per_boundary
+        .into_iter()
+        .map(|parts| TokenRows::new(Tensor::cat(&parts, 0)?))
+        .collect()
+}
+
+impl Attacker {
+    /// Vocabulary matching and the logit lens over the uplink rows `up`, trying the
+    /// `boundaries` and at most `budget` candidates per position.
+    pub(crate) fn vocabulary_matching(
+        &self,
+        up: &[Tensor],
+        boundaries: Range<usize>,
+        budget: usize,
+    ) -> Result<Matched, AttackError> {
+        let mut cache = self.head.new_cache();
+        let mut whole_cache = self.whole.new_cache();
+        let mut predicted: Vec<u32> = Vec::new();
+        let mut matched = Matched::default();
+        let deepest = boundaries.end - 1;
+        for (position, observed) in up.iter().enumerate() {
+            let observed = match &matched.mode {
+                Mode::Permuted(inverse) => observed.index_select(inverse, 0)?,
+                Mode::Unknown | Mode::Plain => observed.clone(),
+            };
+            let values = observed.to_vec1::<f32>()?;
+            let lens = self
+                .tail
+                .logits(&observed.unsqueeze(0)?)?
+                .to_vec1::<f32>()?;
+            let direct_only = !matches!(matched.mode, Mode::Unknown);
+            let ranking = interleave(&[
+                std::mem::take(&mut predicted),
+                self.rank(&values, boundaries.clone(), direct_only)?,
+                self.rank(&values, 0..1, direct_only)?,
+                descending(&lens),
+            ]);
+            matched.lens.push(match matched.mode {
+                Mode::Plain => descending(&lens)[0],
+                Mode::Unknown | Mode::Permuted(_) => {
+                    let nearest = self.tables[0].distances(&values, true)?;
+                    nearest.argmin(0)?.to_scalar::<u32>()?
+                }
+            });
+            let mut best = Candidate::none();
+            let budget = budget.clamp(1, ranking.len());
+            let mut tried = 0;
+            while tried < budget && !best.matches() {
+                let size = if tried == 0 { FIRST_CHUNK } else { CHUNK };
+                let chunk = &ranking[tried..(tried + size).min(budget)];
+                tried += chunk.len();
+                let rows = self.head.embed(chunk)?;
+                let outputs = if deepest == 0 {
+                    Vec::new()
+                } else {
+                    self.head
+                        .forward_alternatives(&rows, position, 0..deepest, &cache)?
+                };
+                for k in boundaries.clone() {
+                    let at_k = if k == 0 { &rows } else { &outputs[k - 1] };
+                    for (i, candidate) in at_k.to_vec2::<f32>()?.into_iter().enumerate() {
+                        best.consider(chunk[i], candidate, &values, direct_only);
+                    }
+                }
+            }
+            tracing::debug!(
+                position,
+                tried,
+                distance = best.distance,
+                runner_up = best.runner_up,
+                "matched"
+            );
+            if best.matches() {
+                matched.exact += 1;
+                if matches!(matched.mode, Mode::Unknown) {
+                    matched.mode = if best.sorted {
+                        Mode::Permuted(recover_permutation(&best.row, &values, observed.device())?)
+                    } else {
+                        Mode::Plain
+                    };
+                }
+            }
+            matched.tokens.push(best.token);
+            let row = self.head.embed(&[best.token])?;
+            self.head.forward(&row, position, &mut cache)?;
+            if position + 1 < up.len() {
+                let out = self.whole.forward(&row, position, &mut whole_cache)?;
+                predicted = descending(&self.whole.logits(&out)?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(matched)
+    }
+
+    /// Candidate tokens for `values`, nearest first: by the distance to each token's table
+    /// row at the boundaries tried (and, unless `direct_only`, on sorted values too).
+    fn rank(
+        &self,
+        values: &[f32],
+        boundaries: Range<usize>,
+        direct_only: bool,
+    ) -> Result<Vec<u32>, AttackError> {
+        let mut nearest: Option<Tensor> = None;
+        for k in boundaries {
+            let table = &self.tables[k];
+            let mut distances = table.distances(values, false)?;
+            if !direct_only {
+                distances = distances.minimum(&table.distances(values, true)?)?;
+            }
+            nearest = Some(match nearest {
+                Some(n) => n.minimum(&distances)?,
+                None => distances,
+            });
+        }
+        let nearest = nearest.expect("at least one boundary").to_vec1::<f32>()?;
+        let mut order: Vec<u32> = (0..nearest.len() as u32).collect();
+        order.sort_by(|&a, &b| nearest[a as usize].total_cmp(&nearest[b as usize]));
+        Ok(order)
+    }
+}
+
+/// Whether the rows are permuted, as far as matching has found out.
+#[derive(Default)]
+pub(crate) enum Mode {
+    /// No row matched yet.
+    #[default]
+    Unknown,
+    /// A row matched as is: the rows travel unpermuted.
+    Plain,
+    /// A row matched only on sorted values; the inverse permutation recovered from it.
+    Permuted(Tensor),
+}
+
+/// What vocabulary matching found.
+#[derive(Default)]
+pub(crate) struct Matched {
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) lens: Vec<u32>,
+    pub(crate) exact: usize,
+    pub(crate) mode: Mode,
+}
+
+/// The best candidate so far at one position.
+struct Candidate {
+    token: u32,
+    distance: f32,
+    /// The best distance of any other token tried.
+    runner_up: f32,
+    sorted: bool,
+    row: Vec<f32>,
+}
+
+impl Candidate {
+    fn none() -> Self {
+        Self {
+            token: 0,
+            distance: f32::INFINITY,
+            runner_up: f32::INFINITY,
+            sorted: false,
+            row: Vec::new(),
+        }
+    }
+
+    /// Keeps `row` (the candidate `token`'s hidden state) if it is closer to `observed` than
+    /// the best so far: as is, or (unless `direct_only`) on sorted values.
+    fn consider(&mut self, token: u32, row: Vec<f32>, observed: &[f32], direct_only: bool) {
+        let direct = relative_distance(&row, observed);
+        let (distance, sorted) = if direct_only || direct < LOOSE_TOLERANCE {
+            (direct, false)
+        } else {
+            let mut a = row.clone();
+            let mut b = observed.to_vec();
+            a.sort_by(f32::total_cmp);
+            b.sort_by(f32::total_cmp);
+            let on_sorted = relative_distance(&a, &b);
+            if on_sorted < direct {
+                (on_sorted, true)
+            } else {
+                (direct, false)
+            }
+        };
+        if distance < self.distance {
+            let runner_up = if token == self.token {
+                self.runner_up
+            } else {
+                self.distance.min(self.runner_up)
+            };
+            *self = Self {
+                token,
+                distance,
+                runner_up,
+                sorted,
+                row,
+            };
+        } else if token != self.token && distance < self.runner_up {
+            self.runner_up = distance;
+        }
+    }
+}
+
+impl Candidate {
+    /// Whether the best candidate is the observed row: within [`MATCH_TOLERANCE`], or within
+    /// [`LOOSE_TOLERANCE`] and clearly nearer than every other token tried.
+    fn matches(&self) -> bool {
+        self.distance < MATCH_TOLERANCE
+            || (self.distance < LOOSE_TOLERANCE
+                && self.runner_up.is_finite()
+                && self.runner_up > SEPARATION * self.distance)
+    }
+}
+
+/// `|a - b| / |b|`.
+fn relative_distance(a: &[f32], b: &[f32]) -> f32 {
+    let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let norm: f32 = b.iter().map(|y| y * y).sum();
+    (diff / norm.max(f32::MIN_POSITIVE)).sqrt()
+}
+
+/// The inverse permutation that puts the observed (permuted) row back in the order of
+/// `row`, its unpermuted match: the i-th smallest value of each goes to the same place.
+fn recover_permutation(
+    row: &[f32],
+    observed: &[f32],
+    device: &Device,
+) -> Result<Tensor, AttackError> {
+    let order = |values: &[f32]| {
+        let mut order: Vec<usize> = (0..values.len()).collect();
+        order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+        order
+    };
+    let (by_row, by_observed) = (order(row), order(observed));
+    let mut inverse = vec![0u32; row.len()];
+    for (&r, &o) in by_row.iter().zip(&by_observed) {
+        inverse[r] = o as u32;
+    }
+    Ok(Tensor::new(inverse, device)?)
+}
+
+/// The orders merged round-robin, each token once.
+fn interleave(orders: &[Vec<u32>]) -> Vec<u32> {
+    let len = orders.iter().map(Vec::len).max().unwrap_or(0);
+    let mut seen = vec![false; len];
+    let mut merged = Vec::with_capacity(len);
+    for i in 0..len {
+        for order in orders {
+            if let Some(&t) = order.get(i)
+                && !std::mem::replace(&mut seen[t as usize], true)
+            {
+                merged.push(t);
+            }
+        }
+    }
+    merged
+}
+
+/// Token ids by descending score.
+fn descending(scores: &[f32]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
+    order.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]));
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_permutation_is_recovered_from_one_matched_row() -> Result<(), AttackError> {
+        let row = [0.5f32, -1.0, 2.0, 0.25];
+        let observed = [2.0f32, 0.25, 0.5, -1.0];
+        let inverse = recover_permutation(&row, &observed, &Device::Cpu)?;
+        let back = Tensor::new(&observed, &Device::Cpu)?.index_select(&inverse, 0)?;
+        assert_eq!(back.to_vec1::<f32>()?, row);
+        Ok(())
+    }
+
+    #[test]
+    fn a_loose_match_needs_a_clear_runner_up() {
+        let observed = [1.0f32, 0.0, 0.0, 0.0];
+        let mut best = Candidate::none();
+        // The true token, off by deep-boundary rounding (relative distance 0.015).
+        best.consider(7, vec![1.0, 0.015, 0.0, 0.0], &observed, true);
+        assert!(!best.matches(), "no other token tried yet");
+        best.consider(9, vec![1.0, 0.4, 0.0, 0.0], &observed, true);
+        assert_eq!(best.token, 7);
+        assert!(best.matches(), "0.015 against a runner-up at 0.4");
+        // The same token again does not count as its own runner-up.
+        best.consider(7, vec![1.0, 0.016, 0.0, 0.0], &observed, true);
+        assert!((best.runner_up - 0.4).abs() < 1e-6);
+        // Another token nearly as close: no longer a clear match.
+        best.consider(11, vec![1.0, 0.03, 0.0, 0.0], &observed, true);
+        assert!(!best.matches(), "0.015 against a runner-up at 0.03");
+        // Within the strict tolerance a match needs no runner-up.
+        best.consider(12, vec![1.0, 0.005, 0.0, 0.0], &observed, true);
+        assert_eq!(best.token, 12);
+        assert!(best.matches());
+    }
+
+    #[test]
+    fn distances_and_orders() {
+        assert_eq!(relative_distance(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
+        assert!((relative_distance(&[0.0, 0.0], &[3.0, 4.0]) - 1.0).abs() < 1e-6);
+        assert_eq!(descending(&[0.1, 0.3, 0.2]), vec![1, 2, 0]);
+    }
+}

@@ -1,0 +1,69 @@
+//! The table driver on the real SmolLM2-135M-Instruct, one prompt and a fixed split 1:29: the
+//! attacks read the whole session back, with or without the permutation, and the rows come in
+//! the grid's order, each reported as it is done.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use lsplit_attack::table::{self, Policies, Setting, Table};
+use lsplit_attack::{Attacker, Scores};
+use lsplit_model::ModelSource;
+use lsplit_split::{Obfuscation, load_tokenizer};
+
+const MAX_TOKENS: usize = 4;
+
+#[test]
+fn a_known_split_is_read_back_with_or_without_permutation() {
+    let path = lsplit_fetch::ensure_default_model().expect("default model");
+    let source = ModelSource::open(&path).expect("open");
+    let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
+    let fixed = Policies {
+        fixed: true,
+        random: false,
+    };
+    let settings = Setting::grid(&[1], fixed, 30, usize::MAX).expect("grid");
+    let attacker = Attacker::new(
+        &source,
+        table::deepest(&settings),
+        tokenizer.bos_token().unwrap_or(0),
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .expect("attacker");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let run = Table {
+        source: &source,
+        tokenizer,
+        prompts: vec![table::PROMPTS[1].to_string()],
+        max_tokens: MAX_TOKENS,
+        scratch: scratch.path().join("capture"),
+    };
+    let mut prompts_done = 0;
+    let mut reported: Vec<(Obfuscation, Scores)> = Vec::new();
+    let rows = run
+        .run(
+            &attacker,
+            &settings,
+            &mut |_| prompts_done += 1,
+            &mut |setting, scores| reported.push((setting.obfuscation, *scores)),
+        )
+        .expect("table");
+    assert_eq!(prompts_done, 2);
+    assert_eq!(
+        reported.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [Obfuscation::None, Obfuscation::Permute]
+    );
+    assert_eq!(reported.iter().map(|r| r.1).collect::<Vec<_>>(), rows);
+    for s in &rows {
+        assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
+        assert!(s.matching.prompt_total > 10, "{s:?}");
+        // The last generated token never goes up: generation stops once it is sampled.
+        assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{s:?}");
+        assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");
+        assert_eq!(s.replay.generated_total, MAX_TOKENS);
+    }
+    assert!(
+        !scratch.path().join("capture").exists(),
+        "the scratch is removed"
+    );
+}
