@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use lsplit_device::{Device, DeviceOptions, PolicyChoice};
 use lsplit_model::{KvPrecision, ModelSource, SplitPlan};
 use lsplit_remote::CloudFiles;
-use lsplit_split::{Obfuscation, SamplingParams, SplitPolicy, load_tokenizer};
+use lsplit_split::{Obfuscation, SamplingParams, load_tokenizer};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
@@ -109,28 +110,19 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    /// The policy of a keyed session, or `None` for a plain one (fixed split points, rows as
-    /// computed). `plan` is the fixed split, when there is one.
-    pub fn policy(
-        &self,
-        plan: Option<SplitPlan>,
-        layers: usize,
-    ) -> anyhow::Result<Option<SplitPolicy>> {
+    /// The policy choice these flags make; lists are checked against the model when it loads.
+    pub fn choice(&self) -> anyhow::Result<PolicyChoice> {
         match (self.split_policy, &self.k1, &self.k2) {
-            (PolicyKind::Random, Some(k1), Some(k2)) => {
-                anyhow::ensure!(plan.is_some(), "--split-policy random needs a split");
-                Ok(Some(SplitPolicy::parse(k1, k2, layers)?))
-            }
+            (PolicyKind::Random, Some(k1), Some(k2)) => Ok(PolicyChoice::Random {
+                k1: k1.clone(),
+                k2: k2.clone(),
+            }),
             (PolicyKind::Random, _, _) => {
                 anyhow::bail!(
                     "--split-policy random needs --k1 and --k2 lists, e.g. --k1 1,2,3,4 --k2 26,27,28,29"
                 )
             }
-            (PolicyKind::Fixed, None, None) => match (plan, self.obfuscate) {
-                (_, Obfuscation::None) => Ok(None),
-                (Some(plan), _) => Ok(Some(SplitPolicy::fixed(plan))),
-                (None, _) => anyhow::bail!("--obfuscate needs a split"),
-            },
+            (PolicyKind::Fixed, None, None) => Ok(PolicyChoice::Fixed),
             (PolicyKind::Fixed, _, _) => {
                 anyhow::bail!(
                     "--k1 and --k2 are for --split-policy random; a fixed split is --split K1:K2"
@@ -138,6 +130,34 @@ impl PolicyArgs {
             }
         }
     }
+}
+
+/// Loads the device side the flags describe: the model, its split (or the split of the trunk
+/// server of `--cloud`, connected to and checked first) and how sessions draw and disguise.
+pub fn load_device(
+    model: &ModelArgs,
+    split: &SplitArgs,
+    trunk: &TrunkArgs,
+    policy: &PolicyArgs,
+) -> anyhow::Result<Device> {
+    let choice = policy.choice()?;
+    let path = model.path()?;
+    let (source, tokenizer) = model.open()?;
+    let split = split.plan(source.config().num_layers)?;
+    let cloud = match &trunk.cloud {
+        Some(url) => Some(trunk.auth.files(url).options()?),
+        None => None,
+    };
+    Ok(Device::load(DeviceOptions {
+        path,
+        source,
+        tokenizer,
+        split,
+        cloud,
+        policy: choice,
+        obfuscation: policy.obfuscate,
+        codec: trunk.codec,
+    })?)
 }
 
 /// Where the trunk runs and how hidden rows travel to it.

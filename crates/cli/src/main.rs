@@ -2,7 +2,6 @@
 
 mod args;
 mod commands;
-mod device;
 mod signal;
 
 use clap::{Parser, Subcommand};

@@ -338,6 +338,69 @@ fn the_openai_client_gets_the_text_lsplit_generate_prints() {
     assert_eq!(body("images")["code"], json!("model_not_found"));
 }
 
+/// `lsplit edge` takes the split policy and obfuscation flags of `lsplit generate`: with random
+/// split points and the permutation, a sampled chat request gets the text `lsplit generate`
+/// prints for the same settings (each session draws its own secret; the text does not change).
+#[test]
+fn random_split_points_on_the_edge_give_generate_s_text() {
+    const POLICY: [&str; 8] = [
+        "--split-policy",
+        "random",
+        "--k1",
+        "1,2,3",
+        "--k2",
+        "27,28,29",
+        "--obfuscate",
+        "permute",
+    ];
+    let mut args = SAMPLING.to_vec();
+    args.extend(POLICY);
+    let expected = generate(CHAT_PROMPT, &args);
+    assert!(expected.text.len() > 20, "{:?}", expected.text);
+
+    let mut child = lsplit()
+        .args(["edge", "--listen", "127.0.0.1:0", "--model"])
+        .arg(model())
+        .args(POLICY)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn lsplit edge");
+    let line = first_lines(&mut child, 1, "lsplit edge");
+    let edge = Edge {
+        addr: address_after(&line, "http://"),
+        child,
+    };
+    assert!(
+        line.contains("split random K1 {1,2,3} K2 {27,28,29}, obfuscation permute"),
+        "{line}"
+    );
+    let body = json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": CHAT_PROMPT}],
+        "max_tokens": 24,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "seed": 7,
+    });
+    let (status, reply) = http(
+        edge.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &body.to_string(),
+    );
+    assert_eq!(status, 200, "{reply}");
+    let reply = parse(&reply);
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        json!(expected.text)
+    );
+    assert_eq!(
+        reply["usage"]["completion_tokens"],
+        json!(expected.completion_tokens)
+    );
+}
+
 #[test]
 fn bad_requests_get_their_status_and_an_openai_error_body() {
     let out = lsplit()

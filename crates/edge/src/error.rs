@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use lsplit_device::DeviceError;
 use lsplit_split::SplitError;
 use serde::Serialize;
 
@@ -148,6 +149,23 @@ impl From<SplitError> for ApiError {
             kind: "server_error",
             param: None,
             code: None,
+        }
+    }
+}
+
+impl From<DeviceError> for ApiError {
+    /// A trunk session that cannot be opened is a bad gateway (502), as a failing trunk is.
+    fn from(error: DeviceError) -> Self {
+        match error {
+            DeviceError::Split(e) => e.into(),
+            DeviceError::Trunk(e) => SplitError::Trunk(e).into(),
+            e => Self {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: e.to_string(),
+                kind: "server_error",
+                param: None,
+                code: None,
+            },
         }
     }
 }

@@ -155,7 +155,11 @@ fn check_model(state: &State, model: Option<&str>) -> Result<(), ApiError> {
 
 /// The generation a request asks for, checked against the context.
 fn job(state: &State, settings: &Settings, prompt: Vec<u32>) -> Result<Job, ApiError> {
-    let options = settings.options(&state.defaults, prompt.len(), state.model.context_length())?;
+    let options = settings.options(
+        &state.defaults,
+        prompt.len(),
+        state.device.model.context_length(),
+    )?;
     Ok(Job {
         prompt,
         options,
@@ -170,7 +174,7 @@ pub(crate) async fn chat_completions(Shared(state): Shared<Arc<State>>, body: By
         let request: ChatRequest = parse(&body)?;
         check_model(&state, request.settings.model.as_deref())?;
         let conversation = request.conversation()?;
-        let tokenizer = state.model.tokenizer();
+        let tokenizer = state.device.model.tokenizer();
         if tokenizer.chat_template().is_none() {
             return Err(ApiError::invalid(
                 Some("messages"),
@@ -195,6 +199,7 @@ pub(crate) async fn completions(Shared(state): Shared<Arc<State>>, body: Bytes) 
         let request: CompletionRequest = parse(&body)?;
         check_model(&state, request.settings.model.as_deref())?;
         let prompt = state
+            .device
             .model
             .prompt_tokens(request.text()?, true)
             .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
@@ -435,7 +440,7 @@ pub(crate) async fn images_stream(Shared(state): Shared<Arc<State>>, body: Bytes
             "guidance": job.request.guidance,
             "unet_split": images.split().to_string(),
             "step_codec": images.codec.name(),
-            "trunk": images.trunk_location,
+            "trunk": images.trunks.location(),
         });
         let mut events = image_job::start(&state, job)?;
         // The first event shows whether the trunk session opened: a failure there is a status.
@@ -502,7 +507,7 @@ fn image_info(state: &State) -> Value {
         "unet_split": images.split().to_string(),
         "unet_levels": images.pipeline.unet_levels(),
         "step_codec": images.codec.name(),
-        "trunk": images.trunk_location,
+        "trunk": images.trunks.location(),
         "default_size": images.pipeline.default_size(),
         "defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
         "max_steps": MAX_STEPS,
@@ -513,18 +518,18 @@ fn image_info(state: &State) -> Value {
 
 /// `GET /lsplit/info`: what the page shows about the model, the split and the defaults.
 pub(crate) async fn info(Shared(state): Shared<Arc<State>>) -> Response {
-    let parts = state.model.parts();
+    let parts = state.device.model.parts();
     let config = parts.first().map(|p| p.config());
     let sampling = &state.defaults.sampling;
     json_response(&json!({
         "model": state.model_id,
         "layers": config.map(|c| c.num_layers),
         "hidden_size": config.map(|c| c.hidden_size),
-        "context_length": state.model.context_length(),
-        "split": state.model.plan().map(|p| json!({"k1": p.k1, "k2": p.k2})),
-        "codec": state.model.codec().name(),
-        "trunk": state.trunk_location,
-        "chat_template": state.model.tokenizer().chat_template().is_some(),
+        "context_length": state.device.model.context_length(),
+        "split": state.device.model.plan().map(|p| json!({"k1": p.k1, "k2": p.k2})),
+        "codec": state.device.model.codec().name(),
+        "trunk": state.device.trunk_location(),
+        "chat_template": state.device.model.tokenizer().chat_template().is_some(),
         "images": image_info(&state),
         "sessions_open": state.sessions.load(Ordering::SeqCst),
         "max_sessions": state.max_sessions,

@@ -187,7 +187,7 @@ fn run(slot: &Slot, job: ImageJob, events: &mpsc::Sender<ImageEvent>) {
     };
     let started = Instant::now();
     let bytes = Cell::new(WireBytes::default());
-    let mut trunk = match images.trunks.as_ref().map(|open| open()).transpose() {
+    let mut trunk = match images.trunks.open() {
         Ok(trunk) => trunk.map(|inner| MeteredTrunk {
             inner,
             bytes: &bytes,

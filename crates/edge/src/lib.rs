@@ -4,10 +4,11 @@
 //! One process holds the head and tail and serves an OpenAI-compatible HTTP API
 //! (`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/v1/images/generations`) and a
 //! web page that shows what each token cost and what crossed the wire. Every request gets its
-//! own generation thread and its own trunk session, opened through [`OpenTrunk`]; the device
-//! loop sees the trunk only through the [`Trunk`] trait, in-process or remote alike. With a
-//! diffusion model ([`ImageModel`]) it draws images too, one at a time on a blocking thread,
-//! each with its own diffusion trunk session from [`OpenDiffusionTrunk`].
+//! own generation thread and its own trunk session, with fresh keys, opened through the
+//! [`Device`] that `lsplit generate` uses too; the device loop sees the trunk only through the
+//! `Trunk` trait, in-process or remote alike. With a diffusion model ([`ImageModel`]) it draws
+//! images too, one at a time on a blocking thread, each with its own diffusion trunk session
+//! from [`DiffusionTrunks`].
 
 mod api;
 mod auth;
@@ -28,21 +29,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::routing::{get, post};
-use lsplit_diffusion::{DevicePipeline, DiffusionError, DiffusionTrunk, UnetSplit};
-use lsplit_split::{DeviceModel, GenerateOptions, SessionKeys, Trunk, TrunkError};
+use lsplit_device::{Device, DiffusionTrunks};
+use lsplit_diffusion::{DevicePipeline, UnetSplit};
+use lsplit_split::GenerateOptions;
 use lsplit_wire::StepCodec;
 use tokio::sync::Semaphore;
 
 pub use error::EdgeError;
 pub use image_request::{DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS};
-
-/// Opens a new trunk session with the session's keys: called once per request.
-pub type OpenTrunk = Box<dyn Fn(&SessionKeys) -> Result<Box<dyn Trunk>, TrunkError> + Send + Sync>;
-
-/// Opens a new diffusion trunk session: called once per image, on the image's thread. The
-/// in-process trunk and a trunk server's client plug in alike.
-pub type OpenDiffusionTrunk =
-    Box<dyn Fn() -> Result<Box<dyn DiffusionTrunk>, DiffusionError> + Send + Sync>;
 
 /// The diffusion model behind `/v1/images/generations` and the page's image tab.
 pub struct ImageModel {
@@ -50,10 +44,8 @@ pub struct ImageModel {
     pub pipeline: DevicePipeline,
     /// The model's name in the API.
     pub model_id: String,
-    /// Where diffusion trunk sessions come from; `None` when the UNet is not split.
-    pub trunks: Option<OpenDiffusionTrunk>,
-    /// Where the trunk runs, for people: `in-process` or the server's URL.
-    pub trunk_location: String,
+    /// Where diffusion trunk sessions come from, one per image.
+    pub trunks: DiffusionTrunks,
     /// How step tensors are encoded on the wire.
     pub codec: StepCodec,
 }
@@ -67,14 +59,11 @@ impl ImageModel {
 
 /// What the edge server serves.
 pub struct EdgeConfig {
-    /// The device's share of the model: tokenizer, head and tail (or the whole model).
-    pub model: DeviceModel,
+    /// The device's share of the model (tokenizer, head and tail, or the whole model) and
+    /// where its trunk sessions come from.
+    pub device: Device,
     /// The model's name in the API (`model` of requests, `/v1/models`).
     pub model_id: String,
-    /// Where trunk sessions come from; `None` for the unsplit baseline.
-    pub trunks: Option<OpenTrunk>,
-    /// Where the trunk runs, for people: `in-process` or the server's URL.
-    pub trunk_location: String,
     /// Settings of requests that leave them out: `lsplit edge`'s flags.
     pub defaults: GenerateOptions,
     /// The key clients must send as `Authorization: Bearer KEY`; `None` lets every local client in.
@@ -87,10 +76,8 @@ pub struct EdgeConfig {
 
 /// Shared by every request.
 pub(crate) struct State {
-    model: DeviceModel,
+    device: Device,
     model_id: String,
-    trunks: Option<OpenTrunk>,
-    trunk_location: String,
     defaults: GenerateOptions,
     api_key: Option<String>,
     max_sessions: usize,
@@ -135,10 +122,8 @@ impl EdgeServer {
     pub fn new(config: EdgeConfig) -> Self {
         Self {
             state: Arc::new(State {
-                model: config.model,
+                device: config.device,
                 model_id: config.model_id,
-                trunks: config.trunks,
-                trunk_location: config.trunk_location,
                 defaults: config.defaults,
                 api_key: config.api_key,
                 max_sessions: config.max_sessions.max(1),

@@ -1,5 +1,5 @@
 //! The edge router in-process (`tower::ServiceExt::oneshot`, no socket), on the real default
-//! model split 3:27 with an in-process trunk: the exact status and body of the page, the model
+//! model with random split points (K1 from 1..=3, K2 from 27..=29) and an in-process trunk: the exact status and body of the page, the model
 //! list, a greedy chat completion (the text `lsplit generate` prints, computed here unsplit),
 //! and every error the API answers in OpenAI's shape.
 
@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
+use lsplit_device::{Device, DeviceOptions, PolicyChoice};
 use lsplit_edge::{EdgeConfig, EdgeServer};
 use lsplit_model::{ModelSource, SplitPlan};
-use lsplit_split::{DeviceModel, GenerateOptions, LocalTrunk, Trunk, load_tokenizer};
+use lsplit_split::{DeviceModel, GenerateOptions, Obfuscation, load_tokenizer};
 use lsplit_wire::Codec;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -24,22 +25,28 @@ fn source() -> ModelSource {
     ModelSource::open(&path).expect("open the default model")
 }
 
-/// The edge server over the default model split 3:27 (trunk in-process), greedy by default,
-/// with `api_key` if given.
+/// The edge server over the default model with random split points and an in-process trunk,
+/// greedy by default, with `api_key` if given.
 fn server(api_key: Option<&str>) -> EdgeServer {
     let source = source();
     let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
-    let device = candle_core::Device::Cpu;
-    let plan = SplitPlan::new(3, 27, source.config().num_layers).expect("plan");
-    let model = DeviceModel::split(&source, plan, tokenizer, Codec::F32, &device).expect("model");
-    let trunk = Arc::new(source.load_part(&plan.trunk(), &device).expect("trunk"));
+    let device = Device::load(DeviceOptions {
+        path: source.path().to_path_buf(),
+        split: Some(SplitPlan::new(3, 27, source.config().num_layers).expect("plan")),
+        source,
+        tokenizer,
+        cloud: None,
+        policy: PolicyChoice::Random {
+            k1: "1,2,3".into(),
+            k2: "27,28,29".into(),
+        },
+        obfuscation: Obfuscation::None,
+        codec: Codec::F32,
+    })
+    .expect("device");
     EdgeServer::new(EdgeConfig {
-        model,
+        device,
         model_id: MODEL_ID.into(),
-        trunks: Some(Box::new(move || {
-            Ok(Box::new(LocalTrunk::new(Arc::clone(&trunk))) as Box<dyn Trunk>)
-        })),
-        trunk_location: "in-process".into(),
         defaults: GenerateOptions::default(),
         api_key: api_key.map(str::to_string),
         max_sessions: 2,
@@ -176,7 +183,7 @@ async fn a_greedy_chat_completion_answers_what_generate_prints() {
             ..GenerateOptions::default()
         };
         model
-            .session(None)
+            .unsplit_session()
             .expect("session")
             .generate(&prompt, &options, &mut |_| {})
             .expect("generate")

@@ -8,11 +8,12 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
+use lsplit_device::{Device, TrunkSource};
 use lsplit_edge::{EdgeConfig, EdgeServer};
 use lsplit_model::{ModelSource, SplitPlan};
 use lsplit_split::{
-    DeviceModel, GenerateOptions, LocalTrunk, SplitPolicy, StepRows, Trunk, TrunkError,
-    load_tokenizer,
+    DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SplitPolicy, StepRows, Trunk,
+    TrunkError, load_tokenizer,
 };
 use lsplit_wire::{Codec, HiddenRows};
 use serde_json::Value;
@@ -56,16 +57,18 @@ fn serve(log: Log) -> (EdgeServer, SocketAddr, tokio::runtime::Runtime) {
     )
     .expect("model");
     let trunk = Arc::new(source.load_part(&plan.trunk(), &device).expect("trunk"));
-    let server = EdgeServer::new(EdgeConfig {
-        model,
-        model_id: "smol".into(),
-        trunks: Some(Box::new(move |keys| {
+    let trunks = TrunkSource::Custom {
+        location: "in-process".into(),
+        open: Box::new(move |keys| {
             Ok(Box::new(Recording {
                 inner: LocalTrunk::new(Arc::clone(&trunk), keys)?,
                 log: Arc::clone(&log),
             }) as Box<dyn Trunk>)
-        })),
-        trunk_location: "in-process".into(),
+        }),
+    };
+    let server = EdgeServer::new(EdgeConfig {
+        device: Device::new(path, model, Some(trunks), Obfuscation::None),
+        model_id: "smol".into(),
         defaults: GenerateOptions::default(),
         api_key: None,
         max_sessions: 2,

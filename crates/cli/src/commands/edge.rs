@@ -4,21 +4,16 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use lsplit_diffusion::{
-    DevicePipeline, DiffusionError, DiffusionTrunk, LocalDiffusionTrunk, UnetSplit,
-    load_trunk_model,
-};
-use lsplit_edge::{EdgeConfig, EdgeServer, ImageModel, OpenDiffusionTrunk, OpenTrunk};
-use lsplit_remote::RemoteDiffusionTrunk;
+use lsplit_device::{DiffusionTrunkChoice, DiffusionTrunks};
+use lsplit_diffusion::{DevicePipeline, UnetSplit};
+use lsplit_edge::{EdgeConfig, EdgeServer, ImageModel};
 use lsplit_split::GenerateOptions;
 use lsplit_wire::StepCodec;
 
-use crate::args::{ModelArgs, SamplingArgs, SplitArgs, TrunkArgs};
-use crate::device::{self, Device};
+use crate::args::{ModelArgs, PolicyArgs, SamplingArgs, SplitArgs, TrunkArgs, load_device};
 
 /// Options of `lsplit edge`.
 #[derive(Debug, Args)]
@@ -34,6 +29,8 @@ pub struct EdgeArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub split: SplitArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Sampling settings of requests that leave them out
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -99,50 +96,17 @@ fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
     let device = candle_core::Device::Cpu;
     let codec = args.step_codec;
     // With --image-cloud the server's handshake says where the UNet is cut.
-    let image_cloud = args
-        .image_cloud
-        .as_ref()
-        .map(|url| args.trunk.auth.files(url));
-    let split = match image_cloud.clone() {
-        Some(files) => RemoteDiffusionTrunk::connect_checked(&files, &[codec], dir)
-            .with_context(|| format!("connecting to the trunk server {}", files.url))?
-            .split(),
-        None => args.unet_split,
+    let choice = match &args.image_cloud {
+        Some(url) => DiffusionTrunkChoice::Cloud(args.trunk.auth.files(url)),
+        None => DiffusionTrunkChoice::Local(args.unet_split),
     };
-    let pipeline = DevicePipeline::load(dir, split, codec, &device)
+    let trunks = DiffusionTrunks::load(dir, choice, codec, &device)?;
+    let pipeline = DevicePipeline::load(dir, trunks.split(), codec, &device)
         .with_context(|| format!("loading the image model {}", dir.display()))?;
-    let (trunks, trunk_location) = match (split, image_cloud) {
-        (UnetSplit::None, _) => (None, "none (unsplit)".to_string()),
-        (_, Some(files)) => {
-            let location = files.url.clone();
-            let root = dir.clone();
-            let open: OpenDiffusionTrunk = Box::new(move || {
-                let trunk = RemoteDiffusionTrunk::connect_checked(&files, &[codec], &root)
-                    .map_err(|e| DiffusionError::Trunk(e.to_string()))?;
-                Ok(Box::new(trunk) as Box<dyn DiffusionTrunk>)
-            });
-            (Some(open), location)
-        }
-        (split, None) => {
-            let model = Arc::new(
-                load_trunk_model(dir, split, &device)
-                    .with_context(|| format!("loading the trunk of {}", dir.display()))?,
-            );
-            let open: OpenDiffusionTrunk = Box::new(move || {
-                Ok(Box::new(LocalDiffusionTrunk::new(
-                    Arc::clone(&model),
-                    codec,
-                    device.clone(),
-                )) as Box<dyn DiffusionTrunk>)
-            });
-            (Some(open), "in-process".to_string())
-        }
-    };
     Ok(Some(ImageModel {
         pipeline,
         model_id: model_id(dir),
         trunks,
-        trunk_location,
         codec,
     }))
 }
@@ -161,35 +125,26 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
         .auth
         .check_needed(args.trunk.cloud.is_some() || args.image_cloud.is_some())?;
     let images = load_images(&args)?;
-    let Device {
-        path,
-        model,
-        trunks,
-        ..
-    } = device::load(&args.model, &args.split, &args.trunk, None)?;
-    let trunk_location = trunks
-        .as_ref()
-        .map_or_else(|| "none (unsplit)".to_string(), |t| t.location());
-    let split = model
-        .plan()
-        .map_or_else(|| "none".to_string(), |p| p.to_string());
-    let codec = model.codec();
-    let model_id = model_id(&path);
+    let device = load_device(&args.model, &args.split, &args.trunk, &args.policy)?;
+    let trunk_location = device.trunk_location();
+    let split = match device.model.policy() {
+        Some(_) => device.describe(),
+        None => "none".to_string(),
+    };
+    let codec = device.model.codec();
+    let model_id = model_id(&device.path);
     let image_line = images.as_ref().map_or_else(String::new, |i| {
         format!(
             "; images {}, unet split {}, step codec {}, trunk {}",
             i.model_id,
             i.split(),
             i.codec,
-            i.trunk_location
+            i.trunks.location()
         )
     });
     let server = EdgeServer::new(EdgeConfig {
-        model,
+        device,
         model_id: model_id.clone(),
-        trunks: trunks
-            .map(|t| Box::new(move |keys: &lsplit_split::SessionKeys| t.open(keys)) as OpenTrunk),
-        trunk_location: trunk_location.clone(),
         defaults,
         api_key: args.api_key.clone(),
         max_sessions: args.max_sessions,

@@ -9,8 +9,7 @@ use clap::Args;
 use lsplit_attack::Truth;
 use lsplit_split::{CaptureWriter, GenerateOptions};
 
-use crate::args::{ModelArgs, PolicyArgs, SamplingArgs, SplitArgs, TrunkArgs};
-use crate::device;
+use crate::args::{ModelArgs, PolicyArgs, SamplingArgs, SplitArgs, TrunkArgs, load_device};
 
 /// Options of `lsplit generate`.
 #[derive(Debug, Args)]
@@ -53,7 +52,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ..GenerateOptions::default()
     };
     args.trunk.auth.check_needed(args.trunk.cloud.is_some())?;
-    let device = device::load(&args.model, &args.split, &args.trunk, Some(&args.policy))?;
+    let device = load_device(&args.model, &args.split, &args.trunk, &args.policy)?;
     let model = &device.model;
     let prompt = model.prompt_tokens(&args.prompt, args.raw)?;
     let mut session = device.session()?;

@@ -2,19 +2,18 @@
 //! cloud (`component`), the text encoders, the latents and the VAE always on this device.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use lsplit_device::{DiffusionTrunkChoice, DiffusionTrunks};
 use lsplit_diffusion::quality::{codecs, psnr, ssim};
 use lsplit_diffusion::{
-    DevicePipeline, DiffusionTrunk, Generated, ImageRequest, LocalDiffusionTrunk, RgbImage,
-    SchedulerKind, StepProgress, UnetSplit, load_trunk_model,
+    DevicePipeline, DiffusionTrunk, Generated, ImageRequest, RgbImage, SchedulerKind, StepProgress,
+    UnetSplit,
 };
-use lsplit_remote::RemoteDiffusionTrunk;
 use lsplit_wire::StepCodec;
 
 use crate::args::CloudArgs;
@@ -90,33 +89,13 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     if args.codec_table {
         return codec_table(&args, &device);
     }
-    let (split, mut trunk) = match args.cloud.files() {
-        Some(files) => {
-            let trunk = RemoteDiffusionTrunk::connect_checked(&files, &[args.codec], &args.model)
-                .with_context(|| format!("connecting to the trunk server {}", files.url))?;
-            (
-                trunk.split(),
-                Some(Box::new(trunk) as Box<dyn DiffusionTrunk>),
-            )
-        }
-        None => {
-            let trunk = match args.unet_split {
-                UnetSplit::None => None,
-                split => {
-                    let model =
-                        load_trunk_model(&args.model, split, &device).with_context(|| {
-                            format!("loading the trunk of {}", args.model.display())
-                        })?;
-                    Some(Box::new(LocalDiffusionTrunk::new(
-                        Arc::new(model),
-                        args.codec,
-                        device.clone(),
-                    )) as Box<dyn DiffusionTrunk>)
-                }
-            };
-            (args.unet_split, trunk)
-        }
+    let choice = match args.cloud.files() {
+        Some(files) => DiffusionTrunkChoice::Cloud(files),
+        None => DiffusionTrunkChoice::Local(args.unet_split),
     };
+    let trunks = DiffusionTrunks::load(&args.model, choice, args.codec, &device)?;
+    let split = trunks.split();
+    let mut trunk = trunks.open()?;
     let pipeline = DevicePipeline::load(&args.model, split, args.codec, &device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let seed = args.seed.unwrap_or_else(rand::random);

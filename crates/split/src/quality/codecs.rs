@@ -141,7 +141,15 @@ pub fn measure(
 ) -> Result<CodecQuality, SplitError> {
     let device = candle_core::Device::Cpu;
     let trunk = Arc::new(source.load_part(&plan.trunk(), &device)?);
-    let model = |codec| DeviceModel::split(source, SplitPolicy::fixed(plan), tokenizer.clone(), codec, &device);
+    let model = |codec| {
+        DeviceModel::split(
+            source,
+            SplitPolicy::fixed(plan),
+            tokenizer.clone(),
+            codec,
+            &device,
+        )
+    };
     let reference = model(Codec::F32)?;
     let lossy = [Codec::F16, Codec::Bf16, Codec::Int8];
     let lossy_models = lossy
