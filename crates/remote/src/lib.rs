@@ -16,10 +16,18 @@
 //! [`RemoteDiffusionTrunk`] is the same for the trunk of a split diffusion UNet: one stream per
 //! image, the image's setup sent again after a reconnection.
 
+mod backoff;
+mod channel;
 mod diffusion;
+mod error;
+mod link;
+mod options;
 mod tls;
 
-pub use diffusion::{CloudFiles, DiffusionServerInfo, RemoteDiffusionTrunk};
+pub use diffusion::{DiffusionServerInfo, RemoteDiffusionTrunk};
+pub use error::RemoteError;
+pub use link::ServerTerms;
+pub use options::{CloudFiles, RemoteOptions};
 
 use std::ops::Range;
 use std::time::Duration;
@@ -28,154 +36,17 @@ use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::trunk_client::TrunkClient;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
-use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb, error_chain};
+use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb};
 use lsplit_split::{SessionKeys, StepRows, Trunk, TrunkError};
 use lsplit_wire::{Codec, HiddenRows};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::AsciiMetadataValue;
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint, Uri};
-use tonic::{Code, Status, Streaming};
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
 
-/// Errors of the remote trunk client.
-#[derive(Debug, thiserror::Error)]
-pub enum RemoteError {
-    /// The options are contradictory or unusable.
-    #[error("{0}")]
-    Config(String),
-    /// The server could not be reached or the TLS handshake failed.
-    #[error("could not connect to the trunk server at {url}: {reason}")]
-    Connect {
-        /// The server's address.
-        url: String,
-        /// What went wrong, with its causes.
-        reason: String,
-    },
-    /// The server answered with an error status.
-    #[error("the trunk server refused: {message} ({code:?})")]
-    Refused {
-        /// The gRPC status code.
-        code: Code,
-        /// The server's message.
-        message: String,
-    },
-    /// The server runs different weights than the device's model.
-    #[error(
-        "the trunk server runs a different model: server trunk {server}, this device's model {local}"
-    )]
-    FingerprintMismatch {
-        /// The server's fingerprint.
-        server: Box<TrunkFingerprint>,
-        /// The device's fingerprint of the same layers.
-        local: Box<TrunkFingerprint>,
-    },
-    /// The diffusion server runs a different trunk than the device's model.
-    #[error(
-        "the diffusion trunk server runs a different model: server {server}, this device's model \
-         {local}"
-    )]
-    DiffusionFingerprintMismatch {
-        /// The server's fingerprint.
-        server: lsplit_diffusion::TrunkFingerprint,
-        /// The device's fingerprint of the same split.
-        local: lsplit_diffusion::TrunkFingerprint,
-    },
-    /// The server broke the protocol.
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    /// The server did not answer in time.
-    #[error("the trunk server did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The server stayed unreachable through every retry.
-    #[error(
-        "the trunk server at {url} stayed unreachable for {waited:?} ({attempts} attempts): {last}"
-    )]
-    GaveUp {
-        /// The server's address.
-        url: String,
-        /// Time spent retrying.
-        waited: Duration,
-        /// Connection attempts made.
-        attempts: u32,
-        /// The last failure.
-        last: String,
-    },
-}
-
-impl From<RemoteError> for TrunkError {
-    fn from(error: RemoteError) -> Self {
-        TrunkError::Transport(error.to_string())
-    }
-}
-
-/// How to reach and authenticate to a trunk server.
-#[derive(Debug, Clone)]
-pub struct RemoteOptions {
-    /// `https://HOST:PORT`, or `http://HOST:PORT` with `insecure`.
-    pub url: String,
-    /// CA certificate (PEM) the server must chain to; `None` uses the system's roots.
-    pub ca_pem: Option<Vec<u8>>,
-    /// Client certificate and key (PEM) for servers that require mutual TLS.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-    /// Bearer token sent with every request.
-    pub token: Option<String>,
-    /// Allow a plaintext `http://` URL.
-    pub insecure: bool,
-    /// Codecs the device accepts, most preferred first.
-    pub codecs: Vec<Codec>,
-    /// Bound on connecting (TCP and TLS).
-    pub connect_timeout: Duration,
-    /// Bound on one step's round trip.
-    pub step_timeout: Duration,
-    /// How long to keep retrying a lost server before giving up.
-    pub retry_for: Duration,
-}
-
-impl RemoteOptions {
-    /// Options with default timeouts for `url`, offering `codec`.
-    pub fn new(url: impl Into<String>, codec: Codec) -> Self {
-        Self {
-            url: url.into(),
-            ca_pem: None,
-            identity: None,
-            token: None,
-            insecure: false,
-            codecs: vec![codec],
-            connect_timeout: Duration::from_secs(10),
-            step_timeout: Duration::from_secs(120),
-            retry_for: Duration::from_secs(30),
-        }
-    }
-}
-
-/// Adds the bearer token to every request.
-#[derive(Clone)]
-struct Bearer(Option<AsciiMetadataValue>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// The bearer interceptor for `options`' token.
-fn bearer(options: &RemoteOptions) -> Result<Bearer, RemoteError> {
-    match &options.token {
-        Some(token) => Ok(Bearer(Some(
-            format!("Bearer {}", token.trim())
-                .parse()
-                .map_err(|_| RemoteError::Config("the token is not printable ASCII".into()))?,
-        ))),
-        None => Ok(Bearer(None)),
-    }
-}
+use crate::channel::{Bearer, bearer, connect, connect_failure, status_chain};
+use crate::error::{refused, retryable};
 
 type Client = TrunkClient<InterceptedService<Channel, Bearer>>;
 
@@ -411,35 +282,6 @@ impl Trunk for RemoteTrunk {
     }
 }
 
-/// Errors that a new connection and a replay may cure.
-fn retryable(error: &RemoteError) -> bool {
-    match error {
-        RemoteError::Connect { .. } | RemoteError::Timeout(_) => true,
-        RemoteError::Refused { code, .. } => matches!(
-            code,
-            Code::Unavailable
-                | Code::Unknown
-                | Code::Cancelled
-                | Code::Aborted
-                | Code::DeadlineExceeded
-        ),
-        _ => false,
-    }
-}
-
-fn refused(status: Status) -> RemoteError {
-    let message = status.message().to_string();
-    let message = if message.is_empty() {
-        format!("{status}")
-    } else {
-        message
-    };
-    RemoteError::Refused {
-        code: status.code(),
-        message,
-    }
-}
-
 /// Sends the kept `steps` again, exactly as they were first sent, to rebuild the session's KV
 /// cache on a new server session. The requests are pipelined: one round trip, not one per step.
 async fn replay(
@@ -580,98 +422,4 @@ async fn handshake(
             tls_version,
         },
     ))
-}
-
-/// Opens the channel: TLS 1.3 unless the URL is `http://` and `insecure` allows it. Returns
-/// the channel and the TLS version of its connection.
-async fn connect(options: &RemoteOptions) -> Result<(Channel, Option<String>), RemoteError> {
-    let url = &options.url;
-    let invalid =
-        |e: &dyn std::fmt::Display| RemoteError::Config(format!("`{url}` is not a valid URL: {e}"));
-    let uri: Uri = url.parse().map_err(|e| invalid(&e))?;
-    let configure = |endpoint: Endpoint| {
-        endpoint
-            .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-    };
-    match uri.scheme_str() {
-        Some("https") => {
-            let host = uri.host().ok_or_else(|| invalid(&"no host"))?;
-            let port = uri.port_u16().unwrap_or(443);
-            let authority = uri.authority().ok_or_else(|| invalid(&"no host"))?;
-            let config = tls::client_config(
-                options.ca_pem.as_deref(),
-                options
-                    .identity
-                    .as_ref()
-                    .map(|(cert, key)| (cert.as_slice(), key.as_slice())),
-            )?;
-            let dialer = tls::TlsDialer::new(host, port, config)?;
-            // tonic's connector only adds its own TLS to `https` URIs: dial an `http` URI
-            // through our TLS 1.3 dialer, and keep `https` as the origin of the requests.
-            let endpoint = Endpoint::from_shared(format!("http://{authority}"))
-                .map_err(|e| invalid(&e))?
-                .origin(uri.clone());
-            let channel = configure(endpoint)
-                .connect_with_connector(dialer.service())
-                .await
-                .map_err(|e| connect_failure(options, error_chain(&e)))?;
-            Ok((channel, dialer.negotiated().map(tls::version_name)))
-        }
-        Some("http") if options.insecure => {
-            tracing::warn!(%url, "connecting WITHOUT TLS (--insecure): hidden states travel in plaintext");
-            let endpoint = Endpoint::from_shared(url.clone()).map_err(|e| invalid(&e))?;
-            let channel = configure(endpoint)
-                .connect()
-                .await
-                .map_err(|e| connect_failure(options, error_chain(&e)))?;
-            Ok((channel, None))
-        }
-        Some("http") => Err(RemoteError::Config(format!(
-            "`{url}` is plaintext; use https:// or pass --insecure to send hidden states unencrypted"
-        ))),
-        _ => Err(RemoteError::Config(format!(
-            "`{url}` must start with https:// (or http:// with --insecure)"
-        ))),
-    }
-}
-
-/// A connection failure, with a hint at the usual cause of the transport's terse messages.
-fn connect_failure(options: &RemoteOptions, chain: String) -> RemoteError {
-    let tls = options.url.starts_with("https://");
-    let hint = if !tls {
-        " (if the server uses TLS, connect with https://)"
-    } else if chain.contains("InvalidContentType") {
-        " (the server does not speak TLS: was it started with --insecure?)"
-    } else if chain.contains("ProtocolVersion") {
-        " (the server does not offer TLS 1.3, which this device requires)"
-    } else if [
-        "broken pipe",
-        "connection reset",
-        "received fatal alert",
-        "close_notify",
-        "unexpected eof",
-    ]
-    .iter()
-    .any(|s| chain.to_lowercase().contains(s))
-    {
-        " (the server refused the TLS session: if it requires mutual TLS, give a client \
-         certificate signed by its client CA)"
-    } else {
-        ""
-    };
-    RemoteError::Connect {
-        url: options.url.clone(),
-        reason: format!("{chain}{hint}"),
-    }
-}
-
-fn status_chain(status: &Status) -> String {
-    use std::error::Error;
-    match status.source() {
-        Some(source) => format!("{}: {}", status.message(), error_chain(source)),
-        None => status.message().to_string(),
-    }
 }

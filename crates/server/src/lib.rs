@@ -13,27 +13,25 @@ mod certs;
 mod diffusion;
 mod engine;
 mod metrics;
+mod serve;
 mod service;
+mod session_loop;
+mod terms;
 mod tls;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lsplit_model::ModelPart;
-use lsplit_proto::{TrunkFingerprint, error_chain};
+use lsplit_proto::TrunkFingerprint;
 use lsplit_wire::Codec;
 use tokio::net::TcpListener;
-use tonic::service::Routes;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
-use crate::auth::TokenCheck;
 pub use crate::certs::DevCertificates;
 pub use crate::diffusion::{DiffusionLimits, DiffusionOptions, DiffusionServer};
 pub use crate::metrics::serve_metrics;
+use crate::serve::serve_service;
 use crate::service::{Shared, TrunkService};
 
 /// Errors starting or running the server.
@@ -48,6 +46,12 @@ pub enum ServerError {
     /// The listener or the gRPC transport failed.
     #[error("the server failed: {0}")]
     Transport(String),
+}
+
+impl From<lsplit_proto::PemError> for ServerError {
+    fn from(error: lsplit_proto::PemError) -> Self {
+        ServerError::Tls(error.to_string())
+    }
 }
 
 /// What the server accepts; announced to devices in the handshake.
@@ -135,7 +139,7 @@ impl ServerStats {
     pub fn sessions(&self) -> usize {
         match &self.source {
             StatsSource::Trunk(shared) => shared.active.load(Ordering::SeqCst),
-            StatsSource::Diffusion(shared) => shared.active.load(Ordering::SeqCst),
+            StatsSource::Diffusion(shared) => shared.sessions.active(),
         }
     }
 
@@ -254,64 +258,7 @@ impl TrunkServer {
         ))
         .max_decoding_message_size(self.options.limits.max_message_bytes)
         .max_encoding_message_size(self.options.limits.max_message_bytes);
-        let service = InterceptedService::new(service, TokenCheck::new(self.options.token));
-        let (reporter, health) = tonic_health::server::health_reporter();
-        let routes = Routes::new(health).add_service(service);
-        let name = lsplit_proto::pb::trunk_server::SERVICE_NAME;
-        serve_routes(
-            routes,
-            reporter,
-            name,
-            self.options.tls.as_ref(),
-            listener,
-            shutdown,
-        )
-        .await
+        let tls = self.options.tls.as_ref();
+        serve_service(service, self.options.token, tls, listener, shutdown).await
     }
-}
-
-/// Serves `routes` (a service named `name` and the health service of `reporter`) on
-/// `listener` until `shutdown` completes, then stops accepting, lets open requests finish and
-/// returns. With `tls`, only TLS 1.3 handshakes are accepted.
-///
-/// The health service answers for `name` without a token, so load balancers can probe it; it
-/// turns `NOT_SERVING` as soon as shutdown begins.
-pub(crate) async fn serve_routes(
-    routes: Routes,
-    reporter: tonic_health::server::HealthReporter,
-    name: &'static str,
-    tls: Option<&TlsFiles>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServerError> {
-    let local: Option<SocketAddr> = listener.local_addr().ok();
-    let tls = tls.map(tls::server_config).transpose()?;
-    reporter
-        .set_service_status(name, tonic_health::ServingStatus::Serving)
-        .await;
-    let shutdown = async move {
-        shutdown.await;
-        reporter
-            .set_service_status(name, tonic_health::ServingStatus::NotServing)
-            .await;
-    };
-    tracing::info!(addr = ?local, tls = tls.is_some(), service = name, "serving");
-    let router = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_routes(routes);
-    let served = match tls {
-        Some(config) => {
-            router
-                .serve_with_incoming_shutdown(tls::TlsIncoming::new(listener, config), shutdown)
-                .await
-        }
-        None => {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-        }
-    };
-    served.map_err(|e| ServerError::Transport(error_chain(&e)))
 }
