@@ -22,11 +22,10 @@ use lsplit_proto::diffusion::{
     DIFFUSION_PROTOCOL_VERSION, TensorError, tensor_to_pb, tensors_from_pb,
 };
 use lsplit_wire::{StepCodec, StepTensor};
-use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Counters;
-use crate::serve::serve_service;
+use crate::serve::{Endpoint, Server};
 use crate::session_loop::{ReplyStream, SessionKind, SessionNames, Sessions};
 use crate::terms::Terms;
 use crate::{ServerError, ServerStats, StatsSource, TlsFiles};
@@ -102,13 +101,11 @@ const IMAGE_SESSIONS: SessionNames = SessionNames {
     closed: "closed",
 };
 
-/// The diffusion trunk server: a loaded trunk, its fingerprint and the options it runs with.
-pub struct DiffusionServer {
-    shared: Arc<DiffusionShared>,
-    options: DiffusionOptions,
-}
+/// The diffusion trunk server: a loaded trunk and its fingerprint, served with
+/// [`DiffusionOptions`].
+pub type DiffusionServer = Server<DiffusionLimits>;
 
-impl DiffusionServer {
+impl Server<DiffusionLimits> {
     /// A server for `model`, whose fingerprint (computed from the same files) is `fingerprint`.
     pub fn new(
         model: TrunkModel,
@@ -151,40 +148,18 @@ impl DiffusionServer {
             sessions: Arc::new(sessions),
             counters,
         };
-        Ok(Self {
-            shared: Arc::new(shared),
-            options,
-        })
-    }
-
-    /// Counters that stay readable while the server runs.
-    pub fn stats(&self) -> ServerStats {
-        ServerStats {
-            source: StatsSource::Diffusion(self.shared.clone()),
-        }
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> &DiffusionLimits {
-        &self.options.limits
-    }
-
-    /// Serves on `listener` until `shutdown` completes, then stops accepting, lets open
-    /// requests finish and returns. With TLS, only TLS 1.3 handshakes are accepted; the gRPC
-    /// health service answers for the diffusion service without a token.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), ServerError> {
-        let bytes = self.options.limits.max_message_bytes;
+        let shared = Arc::new(shared);
+        let bytes = options.limits.max_message_bytes;
         let service = pb::diffusion_trunk_server::DiffusionTrunkServer::new(DiffusionService {
-            shared: self.shared.clone(),
+            shared: shared.clone(),
         })
         .max_decoding_message_size(bytes)
         .max_encoding_message_size(bytes);
-        let tls = self.options.tls.as_ref();
-        serve_service(service, self.options.token, tls, listener, shutdown).await
+        let stats = ServerStats {
+            source: StatsSource::Diffusion(shared),
+        };
+        let endpoint = Endpoint::new(service, options.token, options.tls);
+        Ok(Self::with(options.limits, stats, endpoint))
     }
 }
 

@@ -26,12 +26,12 @@ use std::time::Duration;
 use lsplit_model::ModelPart;
 use lsplit_proto::TrunkFingerprint;
 use lsplit_wire::Codec;
-use tokio::net::TcpListener;
 
 pub use crate::certs::DevCertificates;
 pub use crate::diffusion::{DiffusionLimits, DiffusionOptions, DiffusionServer};
 pub use crate::metrics::serve_metrics;
-use crate::serve::serve_service;
+use crate::serve::Endpoint;
+pub use crate::serve::Server;
 use crate::service::{Shared, TrunkService};
 
 /// Errors starting or running the server.
@@ -194,13 +194,11 @@ impl ServerStats {
     }
 }
 
-/// The trunk server: a loaded trunk part, its fingerprint and the options it runs with.
-pub struct TrunkServer {
-    shared: Arc<Shared>,
-    options: ServerOptions,
-}
+/// The language-model trunk server: a loaded trunk part and its fingerprint, served with
+/// [`ServerOptions`]; its [`Server::limits`] cap the context limit by the model's.
+pub type TrunkServer = Server<Limits>;
 
-impl TrunkServer {
+impl Server<Limits> {
     /// A server for `part`, which must be a trunk whose fingerprint is `fingerprint`.
     pub fn new(
         part: ModelPart,
@@ -223,42 +221,16 @@ impl TrunkServer {
             ));
         }
         options.limits.max_context = options.limits.max_context.min(part.config().context_length);
-        let shared = Shared::new(part, fingerprint, &options)?;
-        Ok(Self {
-            shared: Arc::new(shared),
-            options,
-        })
-    }
-
-    /// Counters that stay readable while the server runs.
-    pub fn stats(&self) -> ServerStats {
-        ServerStats {
-            source: StatsSource::Trunk(self.shared.clone()),
-        }
-    }
-
-    /// The limits in force (the context limit capped by the model's).
-    pub fn limits(&self) -> &Limits {
-        &self.options.limits
-    }
-
-    /// Serves on `listener` until `shutdown` completes, then stops accepting, lets open
-    /// requests finish and returns. With TLS, only TLS 1.3 handshakes are accepted.
-    ///
-    /// The standard gRPC health service (`grpc.health.v1.Health`) answers for the trunk
-    /// service without a token, so load balancers can probe it; it turns `NOT_SERVING` as
-    /// soon as shutdown begins.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), ServerError> {
-        let service = lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(
-            self.shared.clone(),
-        ))
-        .max_decoding_message_size(self.options.limits.max_message_bytes)
-        .max_encoding_message_size(self.options.limits.max_message_bytes);
-        let tls = self.options.tls.as_ref();
-        serve_service(service, self.options.token, tls, listener, shutdown).await
+        let shared = Arc::new(Shared::new(part, fingerprint, &options)?);
+        let bytes = options.limits.max_message_bytes;
+        let service =
+            lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(shared.clone()))
+                .max_decoding_message_size(bytes)
+                .max_encoding_message_size(bytes);
+        let stats = ServerStats {
+            source: StatsSource::Trunk(shared),
+        };
+        let endpoint = Endpoint::new(service, options.token, options.tls);
+        Ok(Self::with(options.limits, stats, endpoint))
     }
 }
