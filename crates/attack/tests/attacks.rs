@@ -10,8 +10,8 @@ use candle_core::Device;
 use lsplit_attack::{Attacker, Knowledge, Scores};
 use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_split::{
-    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys,
-    SessionSecret, SplitPolicy, Trunk, load_tokenizer, read_capture,
+    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SplitPolicy,
+    load_tokenizer, read_capture,
 };
 use lsplit_wire::Codec;
 
@@ -52,27 +52,11 @@ fn attack(policy: &SplitPolicy, obfuscation: Obfuscation, knowledge: Knowledge) 
                 .expect("trunk"),
         )
     };
-    let plain = policy.is_fixed() && obfuscation == Obfuscation::None;
-    let model = if plain {
-        let plan = SplitPlan::new(policy.k1s()[0], policy.k2s()[0], 30).expect("plan");
-        DeviceModel::split(source, plan, tokenizer, Codec::F32, &Device::Cpu)
-    } else {
-        DeviceModel::keyed(source, policy.clone(), tokenizer, Codec::F32, &Device::Cpu)
-    }
-    .expect("device model");
-    let keys = SessionKeys {
-        policy: policy.clone(),
-        obfuscation,
-        secret: SessionSecret::generate(),
-    };
-    let mut session = if plain {
-        let trunk: Box<dyn Trunk> = Box::new(LocalTrunk::new(trunk_part(policy.trunk_layers())));
-        model.session(Some(trunk))
-    } else {
-        let trunk = LocalTrunk::keyed(trunk_part(policy.trunk_layers()), &keys).expect("trunk");
-        model.keyed_session(Box::new(trunk), &keys)
-    }
-    .expect("session");
+    let model = DeviceModel::split(source, policy.clone(), tokenizer, Codec::F32, &Device::Cpu)
+        .expect("device model");
+    let keys = model.new_keys(obfuscation).expect("keys");
+    let trunk = LocalTrunk::new(trunk_part(policy.trunk_layers()), &keys).expect("trunk");
+    let mut session = model.session(Box::new(trunk), &keys).expect("session");
     session.capture(CaptureWriter::create(dir.path()).expect("capture"));
     let prompt = model.prompt_tokens(PROMPT, false).expect("prompt");
     let options = GenerateOptions {
@@ -102,7 +86,7 @@ fn known(k1: usize, k2: usize) -> Knowledge {
 
 #[test]
 fn replay_reads_every_generated_token_of_a_fixed_unpermuted_split() {
-    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan")).expect("policy");
+    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
     let (s, permuted) = attack(&policy, Obfuscation::None, known(2, 28));
     assert!(!permuted);
     assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");
@@ -133,7 +117,7 @@ fn matching_tries_every_boundary_when_the_split_points_are_secret() {
 
 #[test]
 fn the_permutation_is_recovered_by_matching_sorted_values() {
-    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan")).expect("policy");
+    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
     let (s, permuted) = attack(&policy, Obfuscation::Permute, known(2, 28));
     assert!(permuted, "{s:?}");
     assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");

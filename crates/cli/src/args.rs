@@ -128,7 +128,7 @@ impl PolicyArgs {
             }
             (PolicyKind::Fixed, None, None) => match (plan, self.obfuscate) {
                 (_, Obfuscation::None) => Ok(None),
-                (Some(plan), _) => Ok(Some(SplitPolicy::fixed(plan)?)),
+                (Some(plan), _) => Ok(Some(SplitPolicy::fixed(plan))),
                 (None, _) => anyhow::bail!("--obfuscate needs a split"),
             },
             (PolicyKind::Fixed, _, _) => {

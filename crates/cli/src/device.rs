@@ -10,7 +10,7 @@ use lsplit_model::{PartKind, PartSpec};
 use lsplit_proto::TrunkFingerprint;
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_split::{
-    DeviceModel, LocalTrunk, Obfuscation, Session, SessionKeys, SessionSecret, Trunk, TrunkError,
+    DeviceModel, LocalTrunk, Obfuscation, Session, SessionKeys, SplitPolicy, Trunk, TrunkError,
 };
 
 use crate::args::{ModelArgs, PolicyArgs, SplitArgs, TrunkArgs};
@@ -37,20 +37,12 @@ pub struct Cloud {
 }
 
 impl TrunkSource {
-    /// Opens a new trunk session; a server is connected to and checked again, except for the
+    /// Opens a new trunk session with the session's `keys` (a server receives them inside TLS
+    /// when the session opens); a server is connected to and checked again, except for the
     /// first session, which takes the connection made to learn the split.
-    pub fn open(&self) -> Result<Box<dyn Trunk>, TrunkError> {
+    pub fn open(&self, keys: &SessionKeys) -> Result<Box<dyn Trunk>, TrunkError> {
         match self {
-            Self::Local(part) => Ok(Box::new(LocalTrunk::new(Arc::clone(part)))),
-            Self::Cloud(cloud) => Ok(Box::new(cloud.connect()?)),
-        }
-    }
-
-    /// Opens a new keyed trunk session: split points drawn per step from `keys`, which a
-    /// server receives inside TLS when the session opens.
-    pub fn open_keyed(&self, keys: &SessionKeys) -> Result<Box<dyn Trunk>, TrunkError> {
-        match self {
-            Self::Local(part) => Ok(Box::new(LocalTrunk::keyed(Arc::clone(part), keys)?)),
+            Self::Local(part) => Ok(Box::new(LocalTrunk::new(Arc::clone(part), keys)?)),
             Self::Cloud(cloud) => Ok(Box::new(cloud.connect()?.with_keys(keys.clone()))),
         }
     }
@@ -95,32 +87,24 @@ pub struct Device {
 }
 
 impl Device {
-    /// The split for people: the plan, the policy and obfuscation of a keyed model, or none.
+    /// The split for people: the plan of a fixed split, the policy and obfuscation of a random
+    /// or obfuscated one, or none.
     pub fn describe(&self) -> String {
-        match (self.model.policy(), self.model.plan()) {
-            (Some(policy), _) => format!("{policy}, obfuscation {}", self.obfuscation),
-            (None, Some(plan)) => plan.to_string(),
-            (None, None) => "none (whole model in one part)".to_string(),
+        match (self.model.plan(), self.model.policy(), self.obfuscation) {
+            (Some(plan), _, Obfuscation::None) => plan.to_string(),
+            (_, Some(policy), obfuscation) => format!("{policy}, obfuscation {obfuscation}"),
+            (_, None, _) => "none (whole model in one part)".to_string(),
         }
     }
 
-    /// Starts a generation session with a fresh trunk session: a keyed model's session gets a
-    /// fresh secret, so no two sessions share draws, tags or permutation.
+    /// Starts a generation session with a fresh trunk session: a split model's session gets
+    /// fresh keys, so no two sessions share draws, tags or permutation.
     pub fn session(&self) -> anyhow::Result<Session<'_>> {
         let Some(trunks) = &self.trunks else {
-            return Ok(self.model.session(None)?);
+            return Ok(self.model.unsplit_session()?);
         };
-        Ok(match self.model.policy() {
-            Some(policy) => {
-                let keys = SessionKeys {
-                    policy: policy.clone(),
-                    obfuscation: self.obfuscation,
-                    secret: SessionSecret::generate(),
-                };
-                self.model.keyed_session(trunks.open_keyed(&keys)?, &keys)?
-            }
-            None => self.model.session(Some(trunks.open()?))?,
-        })
+        let keys = self.model.new_keys(self.obfuscation)?;
+        Ok(self.model.session(trunks.open(&keys)?, &keys)?)
     }
 }
 
@@ -144,27 +128,19 @@ pub fn load(
         None => split.plan(source.config().num_layers)?,
     };
     let layers = source.config().num_layers;
-    let keyed = match policy {
+    let random = match policy {
         Some(args) => args.policy(plan, layers)?,
         None => None,
     };
     let obfuscation = policy.map_or(Obfuscation::None, |args| args.obfuscate);
-    let (model, trunks) = match (plan, keyed) {
-        (None, _) => (DeviceModel::unsplit(&source, tokenizer, &device)?, None),
-        (Some(plan), None) => {
-            let model = DeviceModel::split(&source, plan, tokenizer, trunk.codec, &device)?;
-            let trunks = match cloud {
-                Some((cloud, _)) => cloud,
-                None => TrunkSource::Local(Arc::new(source.load_part(&plan.trunk(), &device)?)),
-            };
-            (model, Some(trunks))
-        }
-        (Some(_), Some(policy)) => {
+    let (model, trunks) = match random.or(plan.map(SplitPolicy::fixed)) {
+        None => (DeviceModel::unsplit(&source, tokenizer, &device)?, None),
+        Some(policy) => {
             let spec = PartSpec {
                 kind: PartKind::Trunk,
                 layers: policy.trunk_layers(),
             };
-            let model = DeviceModel::keyed(&source, policy, tokenizer, trunk.codec, &device)?;
+            let model = DeviceModel::split(&source, policy, tokenizer, trunk.codec, &device)?;
             let trunks = match cloud {
                 Some((cloud, _)) => cloud,
                 None => TrunkSource::Local(Arc::new(source.load_part(&spec, &device)?)),

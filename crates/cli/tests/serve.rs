@@ -12,9 +12,10 @@ use lsplit_model::{ModelSource, SplitPlan};
 use lsplit_proto::TrunkFingerprint;
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_split::{
-    DeviceModel, GenerateOptions, LocalTrunk, StepRows, Trunk, TrunkError, load_tokenizer,
+    DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SplitPolicy, StepRows, Trunk,
+    TrunkError, load_tokenizer,
 };
-use lsplit_wire::{Codec, HiddenRows};
+use lsplit_wire::Codec;
 
 fn lsplit() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_lsplit"));
@@ -245,11 +246,6 @@ impl Trunk for KilledMidway {
         self.inner.layers()
     }
 
-    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
-        self.kill_on_time();
-        self.inner.forward(rows)
-    }
-
     fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
         self.kill_on_time();
         self.inner.step(message)
@@ -279,7 +275,7 @@ fn device(model: &Path, plan: SplitPlan) -> DeviceModel {
     let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
     DeviceModel::split(
         &source,
-        plan,
+        SplitPolicy::fixed(plan),
         tokenizer,
         Codec::F32,
         &candle_core::Device::Cpu,
@@ -315,15 +311,21 @@ fn a_server_killed_and_restarted_mid_generation_leaves_the_text_unchanged() {
             .load_part(&plan.trunk(), &candle_core::Device::Cpu)
             .expect("trunk"),
     );
+    let keys = device.new_keys(Obfuscation::None).expect("keys");
     let expected = device
-        .session(Some(Box::new(LocalTrunk::new(part))))
+        .session(
+            Box::new(LocalTrunk::new(part, &keys).expect("trunk")),
+            &keys,
+        )
         .expect("session")
         .generate(&prompt, &generate_options, &mut |_| {})
         .expect("in-process generation");
     assert!(expected.tokens.len() > 6, "{expected:?}");
 
     let server = Server::start(&pki.dir(), "2:28", 0);
-    let inner = RemoteTrunk::connect(options(&pki.dir(), server.url())).expect("connect");
+    let inner = RemoteTrunk::connect(options(&pki.dir(), server.url()))
+        .expect("connect")
+        .with_keys(keys.clone());
     inner
         .verify(&TrunkFingerprint::compute(&source, 2..28).expect("fingerprint"))
         .expect("same model");
@@ -339,7 +341,7 @@ fn a_server_killed_and_restarted_mid_generation_leaves_the_text_unchanged() {
         killed: killed.clone(),
     };
     let got = device
-        .session(Some(Box::new(trunk)))
+        .session(Box::new(trunk), &keys)
         .expect("session")
         .generate(&prompt, &generate_options, &mut |_| {})
         .expect("generation survives the restart");
@@ -360,9 +362,11 @@ fn a_server_that_stays_down_gives_a_clear_error_in_bounded_time() {
     opts.connect_timeout = Duration::from_secs(1);
     let plan = SplitPlan::new(2, 28, source.config().num_layers).expect("plan");
     let device = device(&model, plan);
-    let mut session = device
-        .session(Some(Box::new(RemoteTrunk::connect(opts).expect("connect"))))
-        .expect("session");
+    let keys = device.new_keys(Obfuscation::None).expect("keys");
+    let trunk = RemoteTrunk::connect(opts)
+        .expect("connect")
+        .with_keys(keys.clone());
+    let mut session = device.session(Box::new(trunk), &keys).expect("session");
     session
         .forward(&[1, 2, 3])
         .expect("a step while the server is up");

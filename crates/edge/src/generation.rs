@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use lsplit_split::{GenerateOptions, Stats, StopReason, Trunk};
+use lsplit_split::{GenerateOptions, Obfuscation, Stats, StopReason, Trunk};
 use tokio::sync::mpsc;
 
 use crate::State;
@@ -121,21 +121,19 @@ pub(crate) fn start(state: &Arc<State>, job: Job) -> Result<mpsc::Receiver<Event
 /// Runs `job` to the end, or until nobody listens.
 fn run(state: &State, job: Job, events: &mpsc::Sender<Event>) {
     let exchanges: ExchangeSlot = Arc::new(Mutex::new(None));
-    let trunk = match &state.trunks {
-        None => None,
-        Some(open) => match open() {
-            Ok(trunk) if job.trace => {
-                Some(Box::new(ObservedTrunk::new(trunk, Arc::clone(&exchanges))) as Box<dyn Trunk>)
-            }
-            Ok(trunk) => Some(trunk),
-            Err(e) => {
-                let _ =
-                    events.blocking_send(Event::Failed(lsplit_split::SplitError::from(e).into()));
-                return;
-            }
-        },
+    let session = match &state.trunks {
+        None => state.model.unsplit_session(),
+        Some(open) => state.model.new_keys(Obfuscation::None).and_then(|keys| {
+            let trunk = open(&keys)?;
+            let trunk = if job.trace {
+                Box::new(ObservedTrunk::new(trunk, Arc::clone(&exchanges))) as Box<dyn Trunk>
+            } else {
+                trunk
+            };
+            state.model.session(trunk, &keys)
+        }),
     };
-    let mut session = match state.model.session(trunk) {
+    let mut session = match session {
         Ok(session) => session,
         Err(e) => {
             let _ = events.blocking_send(Event::Failed(e.into()));

@@ -29,15 +29,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use axum::Router;
 use axum::routing::{get, post};
 use lsplit_diffusion::{DevicePipeline, DiffusionError, DiffusionTrunk, UnetSplit};
-use lsplit_split::{DeviceModel, GenerateOptions, Trunk, TrunkError};
+use lsplit_split::{DeviceModel, GenerateOptions, SessionKeys, Trunk, TrunkError};
 use lsplit_wire::StepCodec;
 use tokio::sync::Semaphore;
 
 pub use error::EdgeError;
 pub use image_request::{DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS};
 
-/// Opens a new trunk session: called once per request.
-pub type OpenTrunk = Box<dyn Fn() -> Result<Box<dyn Trunk>, TrunkError> + Send + Sync>;
+/// Opens a new trunk session with the session's keys: called once per request.
+pub type OpenTrunk = Box<dyn Fn(&SessionKeys) -> Result<Box<dyn Trunk>, TrunkError> + Send + Sync>;
 
 /// Opens a new diffusion trunk session: called once per image, on the image's thread. The
 /// in-process trunk and a trunk server's client plug in alike.

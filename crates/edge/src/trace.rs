@@ -45,15 +45,6 @@ impl Trunk for ObservedTrunk {
         self.inner.in_process()
     }
 
-    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
-        let down = self.inner.forward(rows)?;
-        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(Exchange {
-            up: rows.clone(),
-            down: down.clone(),
-        });
-        Ok(down)
-    }
-
     fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
         let down = self.inner.step(message)?;
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(Exchange {

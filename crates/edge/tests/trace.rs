@@ -11,7 +11,8 @@ use base64::Engine;
 use lsplit_edge::{EdgeConfig, EdgeServer};
 use lsplit_model::{ModelSource, SplitPlan};
 use lsplit_split::{
-    DeviceModel, GenerateOptions, LocalTrunk, StepRows, Trunk, TrunkError, load_tokenizer,
+    DeviceModel, GenerateOptions, LocalTrunk, SplitPolicy, StepRows, Trunk, TrunkError,
+    load_tokenizer,
 };
 use lsplit_wire::{Codec, HiddenRows};
 use serde_json::Value;
@@ -30,17 +31,13 @@ impl Trunk for Recording {
         self.inner.layers()
     }
 
-    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
-        let out = self.inner.forward(rows)?;
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        let out = self.inner.step(message)?;
         self.log
             .lock()
             .expect("log")
-            .push((rows.clone(), out.clone()));
+            .push((message.rows.clone(), out.rows.clone()));
         Ok(out)
-    }
-
-    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
-        self.inner.step(message)
     }
 }
 
@@ -50,14 +47,21 @@ fn serve(log: Log) -> (EdgeServer, SocketAddr, tokio::runtime::Runtime) {
     let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
     let device = candle_core::Device::Cpu;
     let plan = SplitPlan::new(3, 27, source.config().num_layers).expect("plan");
-    let model = DeviceModel::split(&source, plan, tokenizer, Codec::F32, &device).expect("model");
+    let model = DeviceModel::split(
+        &source,
+        SplitPolicy::fixed(plan),
+        tokenizer,
+        Codec::F32,
+        &device,
+    )
+    .expect("model");
     let trunk = Arc::new(source.load_part(&plan.trunk(), &device).expect("trunk"));
     let server = EdgeServer::new(EdgeConfig {
         model,
         model_id: "smol".into(),
-        trunks: Some(Box::new(move || {
+        trunks: Some(Box::new(move |keys| {
             Ok(Box::new(Recording {
-                inner: LocalTrunk::new(Arc::clone(&trunk)),
+                inner: LocalTrunk::new(Arc::clone(&trunk), keys)?,
                 log: Arc::clone(&log),
             }) as Box<dyn Trunk>)
         })),

@@ -26,8 +26,9 @@ pub mod pb {
     tonic::include_proto!("lsplit.trunk.v1");
 }
 
-/// The protocol version this build speaks; both ends must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks; both ends must agree exactly. Version 2: every
+/// session carries keys in its `Open` and `Step` messages only (see `proto/trunk.proto`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Errors turning protocol messages into the crate's types.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -98,7 +99,7 @@ pub fn rows_from_pb(rows: pb::Rows) -> Result<HiddenRows, ProtoError> {
     })
 }
 
-/// The protocol message for a keyed step (the payload is copied).
+/// The protocol message for a step (the payload is copied).
 pub fn step_to_pb(step: &StepRows) -> pb::Step {
     pb::Step {
         step: step.step,
@@ -107,7 +108,7 @@ pub fn step_to_pb(step: &StepRows) -> pb::Step {
     }
 }
 
-/// A keyed step from its protocol message.
+/// A step from its protocol message.
 pub fn step_from_pb(step: pb::Step) -> Result<StepRows, ProtoError> {
     let tag = <[u8; 16]>::try_from(step.tag.as_slice()).map_err(|_| ProtoError::OutOfRange {
         field: "tag length",
@@ -200,21 +201,26 @@ mod tests {
             (Codec::Bf16, 1152),
             (Codec::Int8, 580),
         ] {
-            let rows = HiddenRows {
-                codec,
-                rows: 1,
-                width: 576,
-                start: 1000,
-                bytes: vec![0; payload],
+            let step = StepRows {
+                step: 1000,
+                rows: HiddenRows {
+                    codec,
+                    rows: 1,
+                    width: 576,
+                    start: 1000,
+                    bytes: vec![0; payload],
+                },
+                tag: [7; 16],
             };
             let request = pb::SessionRequest {
-                kind: Some(pb::session_request::Kind::Rows(rows_to_pb(&rows))),
+                kind: Some(pb::session_request::Kind::Step(step_to_pb(&step))),
             };
             let reply = pb::SessionReply {
-                kind: Some(pb::session_reply::Kind::Rows(rows_to_pb(&rows))),
+                kind: Some(pb::session_reply::Kind::Step(step_to_pb(&step))),
             };
-            assert_eq!(request.encoded_len(), payload + 16, "{codec}");
-            assert_eq!(reply.encoded_len(), payload + 16, "{codec}");
+
+            assert_eq!(request.encoded_len(), payload + 40, "{codec}");
+            assert_eq!(reply.encoded_len(), payload + 40, "{codec}");
         }
     }
 

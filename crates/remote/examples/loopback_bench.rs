@@ -17,7 +17,9 @@ use lsplit_proto::pb::SessionRequest;
 use lsplit_proto::pb::session_request::Kind;
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
-use lsplit_split::{DeviceModel, GenerateOptions, Generation, LocalTrunk, Trunk, load_tokenizer};
+use lsplit_split::{
+    DeviceModel, GenerateOptions, Generation, Obfuscation, StepRows, load_tokenizer,
+};
 use lsplit_wire::Codec;
 use prost::Message;
 
@@ -27,14 +29,20 @@ const TOKENS: usize = 64;
 const ROUNDS: usize = 7;
 const PROMPT_TEXT: &str = "Write a short story about a lighthouse keeper.";
 
-fn run(model: &DeviceModel, trunk: Option<Box<dyn Trunk>>) -> Generation {
+fn run(model: &DeviceModel, trunk: Option<Box<dyn Unkeyed>>) -> Generation {
     let prompt = model.prompt_tokens(PROMPT_TEXT, false).expect("prompt");
     let options = GenerateOptions {
         max_tokens: TOKENS,
         ..GenerateOptions::default()
     };
-    model
-        .session(trunk)
+    let session = match trunk {
+        Some(trunk) => {
+            let keys = model.new_keys(Obfuscation::None).expect("keys");
+            model.session(trunk.keyed(&keys), &keys)
+        }
+        None => model.unsplit_session(),
+    };
+    session
         .expect("session")
         .generate(&prompt, &options, &mut |_| {})
         .expect("generate")
@@ -42,9 +50,13 @@ fn run(model: &DeviceModel, trunk: Option<Box<dyn Trunk>>) -> Generation {
 
 /// gRPC message bytes of one decode step in `codec`: protobuf plus the 5-byte gRPC prefix.
 fn framed_step_bytes(codec: Codec) -> usize {
-    let rows = hidden_rows(codec, 100, 1);
+    let step = StepRows {
+        step: 100,
+        rows: hidden_rows(codec, 100, 1),
+        tag: [0; 16],
+    };
     let message = SessionRequest {
-        kind: Some(Kind::Rows(lsplit_proto::rows_to_pb(&rows))),
+        kind: Some(Kind::Step(lsplit_proto::step_to_pb(&step))),
     };
     message.encoded_len() + 5
 }
@@ -78,7 +90,7 @@ fn main() {
     for round in 0..ROUNDS {
         unsplit_rates.push(run(&unsplit, None).stats.decode_tokens_per_second());
         for (i, (model, &codec)) in models.iter().zip(&Codec::ALL).enumerate() {
-            let local = || run(model, Some(Box::new(LocalTrunk::new(part.clone()))));
+            let local = || run(model, Some(Box::new(part.clone())));
             let remote = || {
                 let trunk =
                     RemoteTrunk::connect(client_options(&server, &certs, codec)).expect("connect");

@@ -19,8 +19,10 @@ use common::*;
 use lsplit_model::ModelPart;
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
-use lsplit_split::{DeviceModel, GreedyRun, LocalTrunk, StepRows, Trunk, TrunkError};
-use lsplit_wire::{Codec, HiddenRows};
+use lsplit_split::{
+    DeviceModel, GreedyRun, LocalTrunk, Obfuscation, SessionKeys, StepRows, Trunk, TrunkError,
+};
+use lsplit_wire::Codec;
 
 const PROMPTS: [&str; 16] = [
     "What is the capital of France?",
@@ -51,8 +53,14 @@ const CODEC: Codec = Codec::F16;
 /// One step of a recorded generation: what the device sent and what the trunk answered.
 #[derive(Clone)]
 struct Exchange {
-    up: HiddenRows,
-    down: HiddenRows,
+    up: StepRows,
+    down: StepRows,
+}
+
+/// A recorded generation: its session's keys and its exchanges.
+struct Recording {
+    keys: SessionKeys,
+    exchanges: Vec<Exchange>,
 }
 
 /// An in-process trunk that records every exchange.
@@ -66,35 +74,31 @@ impl Trunk for RecordingTrunk {
         self.inner.layers()
     }
 
-    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
-        let down = self.inner.forward(rows)?;
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        let down = self.inner.step(message)?;
         self.log.lock().expect("log").push(Exchange {
-            up: rows.clone(),
+            up: message.clone(),
             down: down.clone(),
         });
         Ok(down)
     }
-
-    /// The benchmark records plain sessions; a keyed step is refused by the inner trunk.
-    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
-        self.inner.step(message)
-    }
 }
 
 /// The prefill exchange and then `DECODE_STEPS` decode exchanges of a real generation.
-fn record(model: &DeviceModel, part: &Arc<ModelPart>, prompt: &str) -> Vec<Exchange> {
+fn record(model: &DeviceModel, part: &Arc<ModelPart>, prompt: &str) -> Recording {
     let log = Arc::new(Mutex::new(Vec::new()));
+    let keys = model.new_keys(Obfuscation::None).expect("keys");
     let trunk = RecordingTrunk {
-        inner: LocalTrunk::new(part.clone()),
+        inner: LocalTrunk::new(part.clone(), &keys).expect("trunk"),
         log: log.clone(),
     };
     let prompt = model.prompt_tokens(prompt, false).expect("prompt");
-    let session = model.session(Some(Box::new(trunk))).expect("session");
+    let session = model.session(Box::new(trunk), &keys).expect("session");
     // The last of DECODE_STEPS + 1 tokens is chosen from the DECODE_STEPS-th decode exchange.
     GreedyRun::generate(session, &prompt, DECODE_STEPS + 1).expect("generate");
     let exchanges = log.lock().expect("log").clone();
     assert_eq!(exchanges.len(), DECODE_STEPS + 1);
-    exchanges
+    Recording { keys, exchanges }
 }
 
 /// Replays the recordings of the first `sessions` prompts at once; returns the time of their
@@ -102,7 +106,7 @@ fn record(model: &DeviceModel, part: &Arc<ModelPart>, prompt: &str) -> Vec<Excha
 fn replay(
     server: &TestServer,
     certs: &DevCertificates,
-    recordings: &Arc<Vec<Vec<Exchange>>>,
+    recordings: &Arc<Vec<Recording>>,
     sessions: usize,
 ) -> Duration {
     let barrier = Arc::new(Barrier::new(sessions + 1));
@@ -111,22 +115,21 @@ fn replay(
             let (recordings, barrier) = (recordings.clone(), barrier.clone());
             let options = client_options(server, certs, CODEC);
             std::thread::spawn(move || {
-                let mut trunk = RemoteTrunk::connect(options).expect("connect");
-                let check = |step: usize, got: HiddenRows, expected: &HiddenRows| {
+                let recording = &recordings[i];
+                let mut trunk = RemoteTrunk::connect(options)
+                    .expect("connect")
+                    .with_keys(recording.keys.clone());
+                let check = |step: usize, got: StepRows, expected: &StepRows| {
                     assert!(
                         got == *expected,
                         "session {i}: step {step} differs from its solo run"
                     );
                 };
-                let (prefill, decode) = recordings[i].split_first().expect("recording");
-                check(
-                    0,
-                    trunk.forward(&prefill.up).expect("prefill"),
-                    &prefill.down,
-                );
+                let (prefill, decode) = recording.exchanges.split_first().expect("recording");
+                check(0, trunk.step(&prefill.up).expect("prefill"), &prefill.down);
                 barrier.wait();
                 for (step, exchange) in decode.iter().enumerate() {
-                    let got = trunk.forward(&exchange.up).expect("decode step");
+                    let got = trunk.step(&exchange.up).expect("decode step");
                     check(step + 1, got, &exchange.down);
                 }
             })
@@ -160,7 +163,7 @@ fn main() {
             .expect("trunk"),
     );
     println!("recording {} generations...", PROMPTS.len());
-    let recordings: Arc<Vec<Vec<Exchange>>> = Arc::new(
+    let recordings: Arc<Vec<Recording>> = Arc::new(
         PROMPTS
             .iter()
             .map(|prompt| record(&model, &part, prompt))

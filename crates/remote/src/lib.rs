@@ -6,12 +6,12 @@
 //! tells the device which layers the server runs and the fingerprint of its weights; the device
 //! checks that fingerprint against its own model with [`RemoteTrunk::verify`] before use.
 //!
-//! If the connection drops mid-generation, the next step reconnects with backoff, opens a new
-//! session and replays the uplink rows of this session to rebuild the server's KV cache, so the
-//! generated text does not change.
-//!
-//! A keyed session ([`RemoteTrunk::with_keys`]) sends its keys, secret included, in the session's
+//! A session ([`RemoteTrunk::with_keys`]) sends its keys, secret included, in the session's
 //! `Open` message, inside TLS; its steps are tagged `Step` messages.
+//!
+//! If the connection drops mid-generation, the next step reconnects with backoff, opens a new
+//! session with the same keys and replays this session's steps to rebuild the server's state
+//! (KV cache, catch-up rows, step count), so the generated text does not change.
 //!
 //! [`RemoteDiffusionTrunk`] is the same for the trunk of a split diffusion UNet: one stream per
 //! image, the image's setup sent again after a reconnection.
@@ -38,7 +38,7 @@ use lsplit_proto::pb::trunk_client::TrunkClient;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb};
 use lsplit_split::{SessionKeys, StepRows, Trunk, TrunkError};
-use lsplit_wire::{Codec, HiddenRows};
+use lsplit_wire::Codec;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
@@ -78,6 +78,7 @@ pub struct RemoteTrunk {
     client: Client,
     info: ServerInfo,
     stream: Option<Stream>,
+    /// The session's keys, sent in its `Open`; set by [`RemoteTrunk::with_keys`].
     keys: Option<SessionKeys>,
     /// Every request of this session so far, kept to replay on a new server session.
     sent: Vec<RequestKind>,
@@ -122,8 +123,8 @@ impl RemoteTrunk {
         })
     }
 
-    /// Makes this a keyed session: `keys` go to the server when the session opens (inside
-    /// TLS), and steps travel as tagged `Step` messages.
+    /// Gives the session its keys: they go to the server when the session opens (inside TLS).
+    /// A session opens at its first step, so call this before it.
     pub fn with_keys(mut self, keys: SessionKeys) -> Self {
         self.keys = Some(keys);
         self
@@ -215,13 +216,16 @@ impl RemoteTrunk {
     }
 
     async fn open(&mut self) -> Result<Stream, RemoteError> {
+        let keys = self.keys.as_ref().ok_or_else(|| {
+            RemoteError::Config("a trunk session needs its keys: give them with_keys".into())
+        })?;
         let (requests, outbound) = mpsc::channel(4);
         let open = SessionRequest {
             kind: Some(RequestKind::Open(pb::Open {
                 protocol_version: PROTOCOL_VERSION,
                 codec: codec_to_pb(self.info.codec) as i32,
                 fingerprint_sha256: self.info.fingerprint.sha256.to_vec(),
-                keys: self.keys.as_ref().map(lsplit_proto::keys_to_pb),
+                keys: Some(lsplit_proto::keys_to_pb(keys)),
             })),
         };
         requests
@@ -241,7 +245,7 @@ impl RemoteTrunk {
                 requests,
                 replies,
             }),
-            ReplyKind::Rows(_) | ReplyKind::Step(_) => Err(RemoteError::Protocol(
+            ReplyKind::Step(_) => Err(RemoteError::Protocol(
                 "the server sent rows before opening the session".into(),
             )),
         }
@@ -253,31 +257,14 @@ impl Trunk for RemoteTrunk {
         self.info.fingerprint.layers.clone()
     }
 
-    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
-        if self.keys.is_some() {
-            return Err(TrunkError::Policy(
-                "this trunk session is keyed: it takes steps, not bare rows".into(),
-            ));
-        }
-        let request = RequestKind::Rows(lsplit_proto::rows_to_pb(rows));
-        match self.call(request)? {
-            ReplyKind::Rows(out) => Ok(lsplit_proto::rows_from_pb(out)
-                .map_err(|e| RemoteError::Protocol(e.to_string()))?),
-            _ => Err(RemoteError::Protocol("the server answered rows with a step".into()).into()),
-        }
-    }
-
     fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
-        if self.keys.is_none() {
-            return Err(TrunkError::Policy(
-                "this trunk session was opened without keys: it takes bare rows, not steps".into(),
-            ));
-        }
         let request = RequestKind::Step(lsplit_proto::step_to_pb(message));
         match self.call(request)? {
             ReplyKind::Step(out) => Ok(lsplit_proto::step_from_pb(out)
                 .map_err(|e| RemoteError::Protocol(e.to_string()))?),
-            _ => Err(RemoteError::Protocol("the server answered a step with rows".into()).into()),
+            ReplyKind::Opened(_) => {
+                Err(RemoteError::Protocol("the server answered a step without rows".into()).into())
+            }
         }
     }
 }
@@ -306,7 +293,6 @@ async fn replay(
     let result = async {
         for (i, sent) in steps.iter().enumerate() {
             let answered = match (sent, next_reply(&mut stream.replies, timeout).await?) {
-                (RequestKind::Rows(sent), ReplyKind::Rows(out)) => out.start == sent.start,
                 (RequestKind::Step(sent), ReplyKind::Step(out)) => out.step == sent.step,
                 _ => false,
             };

@@ -9,7 +9,7 @@ use common::*;
 use lsplit_proto::TrunkFingerprint;
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
-use lsplit_split::{LocalTrunk, Trunk};
+use lsplit_split::{Obfuscation, Trunk};
 use lsplit_wire::Codec;
 
 const PROMPTS: [&str; 8] = [
@@ -35,7 +35,7 @@ fn eight_concurrent_devices_each_get_their_solo_output() {
     );
     let solo: Vec<Vec<u32>> = PROMPTS
         .iter()
-        .map(|p| generate_from(&model, Box::new(LocalTrunk::new(part.clone())), p))
+        .map(|p| generate_from(&model, Box::new(part.clone()), p))
         .collect();
 
     let server = TestServer::start(&path, 2, 28, tls_options(&certs));
@@ -72,15 +72,19 @@ fn an_answered_session_is_awaited_until_its_next_step_or_its_end() {
     let path = model_path();
     let certs = DevCertificates::generate(&[]).expect("certificates");
     let server = TestServer::start(&path, 2, 28, tls_options(&certs));
-    let mut trunk =
-        RemoteTrunk::connect(client_options(&server, &certs, Codec::F32)).expect("connect");
+    let keys = device_model(&path, 2, 28, Codec::F32)
+        .new_keys(Obfuscation::None)
+        .expect("keys");
+    let mut trunk = RemoteTrunk::connect(client_options(&server, &certs, Codec::F32))
+        .expect("connect")
+        .with_keys(keys.clone());
     assert_eq!(server.stats.awaited(), 0);
     trunk
-        .forward(&hidden_rows(Codec::F32, 0, 3))
+        .step(&keys.uplink(0, hidden_rows(Codec::F32, 0, 3)))
         .expect("prefill");
     assert_eq!(server.stats.awaited(), 1);
     trunk
-        .forward(&hidden_rows(Codec::F32, 3, 1))
+        .step(&keys.uplink(1, hidden_rows(Codec::F32, 3, 1)))
         .expect("decode");
     assert_eq!(server.stats.awaited(), 1);
     assert!(

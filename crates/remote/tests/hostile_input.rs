@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use lsplit_model::KvPrecision;
+use lsplit_model::SplitPlan;
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::trunk_client::TrunkClient;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_to_pb, rows_to_pb};
 use lsplit_server::{DevCertificates, ServerOptions};
+use lsplit_split::{Obfuscation, SessionKeys, SplitPolicy};
 use lsplit_wire::Codec;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,6 +24,17 @@ use tonic::{Code, Streaming};
 struct RawSession {
     requests: mpsc::Sender<SessionRequest>,
     replies: Streaming<SessionReply>,
+    /// Steps answered so far: the index of the next one.
+    steps: u64,
+}
+
+/// The keys of every raw session here: the fixed split 2:28 the servers run.
+fn keys() -> &'static SessionKeys {
+    static KEYS: std::sync::OnceLock<SessionKeys> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let plan = SplitPlan::new(2, 28, 30).expect("plan");
+        SessionKeys::fresh(SplitPolicy::fixed(plan), Obfuscation::None)
+    })
 }
 
 fn open_request(fingerprint: &TrunkFingerprint, codec: Codec) -> SessionRequest {
@@ -30,14 +43,22 @@ fn open_request(fingerprint: &TrunkFingerprint, codec: Codec) -> SessionRequest 
             protocol_version: PROTOCOL_VERSION,
             codec: codec_to_pb(codec) as i32,
             fingerprint_sha256: fingerprint.sha256.to_vec(),
-            keys: None,
+            keys: Some(lsplit_proto::keys_to_pb(keys())),
         })),
     }
 }
 
-fn rows_request(rows: pb::Rows) -> SessionRequest {
+/// Step `step` carrying `rows`, tagged as a device would tag them (rows whose header names no
+/// codec get no valid tag: the server refuses them before looking at it).
+fn step_request(step: u64, rows: pb::Rows) -> SessionRequest {
+    let tag =
+        lsplit_proto::rows_from_pb(rows.clone()).map_or([0; 16], |r| keys().uplink(step, r).tag);
     SessionRequest {
-        kind: Some(RequestKind::Rows(rows)),
+        kind: Some(RequestKind::Step(pb::Step {
+            step,
+            rows: Some(rows),
+            tag: tag.to_vec(),
+        })),
     }
 }
 
@@ -52,7 +73,11 @@ impl RawSession {
             .session(ReceiverStream::new(outbound))
             .await?
             .into_inner();
-        Ok(Self { requests, replies })
+        Ok(Self {
+            requests,
+            replies,
+            steps: 0,
+        })
     }
 
     async fn open(
@@ -76,12 +101,21 @@ impl RawSession {
         Ok(reply.expect("a reply").kind.expect("a reply kind"))
     }
 
-    /// Sends `rows` and returns the server's answer.
+    /// Sends `rows` as the next step and returns the server's answer.
     async fn send(&mut self, rows: pb::Rows) -> Result<ReplyKind, tonic::Status> {
-        if self.requests.send(rows_request(rows)).await.is_err() {
+        if self
+            .requests
+            .send(step_request(self.steps, rows))
+            .await
+            .is_err()
+        {
             return self.next().await;
         }
-        self.next().await
+        let reply = self.next().await;
+        if reply.is_ok() {
+            self.steps += 1;
+        }
+        reply
     }
 }
 
@@ -163,7 +197,7 @@ fn malformed_messages_get_clear_errors_while_a_good_session_completes() {
         let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
         assert!(matches!(
             s.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 3))).await,
-            Ok(ReplyKind::Rows(_))
+            Ok(ReplyKind::Step(_))
         ));
         assert_status(
             s.send(rows_to_pb(&hidden_rows(Codec::F32, 2, 1))).await,
@@ -182,7 +216,7 @@ fn malformed_messages_get_clear_errors_while_a_good_session_completes() {
 
         let mut s = RawSession::start(
             &mut client,
-            rows_request(rows_to_pb(&hidden_rows(Codec::F32, 0, 1))),
+            step_request(0, rows_to_pb(&hidden_rows(Codec::F32, 0, 1))),
         )
         .await
         .expect("stream");
@@ -349,7 +383,7 @@ fn the_kv_budget_counts_the_trunks_cache_precision() {
             let mut a = RawSession::open(&mut client, &fp, Codec::F32).await;
             assert!(matches!(
                 a.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 6))).await,
-                Ok(ReplyKind::Rows(_))
+                Ok(ReplyKind::Step(_))
             ));
             assert_eq!(server.stats.kv_bytes(), 6 * per_position, "{precision}");
             assert_status(
@@ -398,7 +432,7 @@ fn session_context_and_kv_limits_are_enforced() {
 
         assert!(matches!(
             a.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 6))).await,
-            Ok(ReplyKind::Rows(_))
+            Ok(ReplyKind::Step(_))
         ));
         assert_eq!(server.stats.kv_bytes(), 6 * per_position);
         assert_status(
@@ -435,7 +469,7 @@ fn idle_sessions_are_reclaimed() {
         let mut c = RawSession::open(&mut client, &fp, Codec::F32).await;
         assert!(matches!(
             c.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 2))).await,
-            Ok(ReplyKind::Rows(_))
+            Ok(ReplyKind::Step(_))
         ));
         match c.next().await {
             Err(status) => {

@@ -17,7 +17,7 @@ use lsplit_split::{
     DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SessionSecret, SplitPolicy,
     StepRows, Trunk, TrunkError, load_tokenizer,
 };
-use lsplit_wire::{Codec, HiddenRows};
+use lsplit_wire::Codec;
 
 fn policy() -> SplitPolicy {
     SplitPolicy::parse("1,2,3,4", "26,27,28,29", 30).expect("policy")
@@ -34,7 +34,7 @@ fn keys(seed: u8) -> SessionKeys {
 fn keyed_model(codec: Codec) -> DeviceModel {
     let source = source(&model_path());
     let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
-    DeviceModel::keyed(&source, policy(), tokenizer, codec, &Device::Cpu).expect("keyed model")
+    DeviceModel::split(&source, policy(), tokenizer, codec, &Device::Cpu).expect("keyed model")
 }
 
 fn keyed_generate(model: &DeviceModel, trunk: Box<dyn Trunk>, keys: &SessionKeys) -> Vec<u32> {
@@ -43,7 +43,7 @@ fn keyed_generate(model: &DeviceModel, trunk: Box<dyn Trunk>, keys: &SessionKeys
         max_tokens: MAX_TOKENS,
         ..GenerateOptions::default()
     };
-    let mut session = model.keyed_session(trunk, keys).expect("keyed session");
+    let mut session = model.session(trunk, keys).expect("keyed session");
     session
         .generate(&prompt, &options, &mut |_| {})
         .expect("generate")
@@ -68,7 +68,7 @@ fn remote_keyed_output_equals_in_process_output() {
             &Device::Cpu,
         )
         .expect("trunk");
-    let local = LocalTrunk::keyed(Arc::new(part), &keys).expect("local keyed trunk");
+    let local = LocalTrunk::new(Arc::new(part), &keys).expect("local keyed trunk");
     let expected = keyed_generate(&model, Box::new(local), &keys);
     assert_eq!(
         expected,
@@ -96,10 +96,6 @@ struct KilledMidway {
 impl Trunk for KilledMidway {
     fn layers(&self) -> Range<usize> {
         self.inner.layers()
-    }
-
-    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
-        self.inner.forward(rows)
     }
 
     fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
@@ -162,9 +158,7 @@ fn different_secrets_stop_at_the_first_step() {
     let theirs = remote(&path, client_options(&server, &certs, Codec::F32))
         .expect("connect")
         .with_keys(keys(3));
-    let mut session = model
-        .keyed_session(Box::new(theirs), &keys(4))
-        .expect("session");
+    let mut session = model.session(Box::new(theirs), &keys(4)).expect("session");
     let prompt = model.prompt_tokens(PROMPT, true).expect("prompt");
     let err = session.forward(&prompt).expect_err("desync");
     assert_eq!(
@@ -179,11 +173,72 @@ fn different_secrets_stop_at_the_first_step() {
     let narrow = remote(&path, client_options(&narrow, &certs, Codec::F32))
         .expect("connect")
         .with_keys(keys(5));
-    match model.keyed_session(Box::new(narrow), &keys(5)) {
+    match model.session(Box::new(narrow), &keys(5)) {
         Ok(_) => panic!("a trunk without the union of layers must be refused"),
         Err(e) => assert_eq!(
             e.to_string(),
             "the trunk does not hold every layer the policy may draw"
         ),
     }
+}
+
+/// Random sessions whose draws give the trunk its whole part (here K1 = 1 of {1, 2}, K2 = 28)
+/// run those steps in the server's batches with other sessions' steps, and each still gets
+/// exactly its solo output.
+#[test]
+fn random_sessions_join_the_batches_when_their_draw_allows() {
+    const PROMPTS: [&str; 6] = [
+        "The three primary colors are",
+        "Once upon a time",
+        "The capital of France is",
+        "Water boils at",
+        "My favourite animal is",
+        "1, 2, 3, 4,",
+    ];
+    let path = model_path();
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let source = source(&path);
+    let policy = SplitPolicy::parse("1,2", "28", 30).expect("policy");
+    let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
+    let model = Arc::new(
+        DeviceModel::split(&source, policy.clone(), tokenizer, Codec::F32, &Device::Cpu)
+            .expect("model"),
+    );
+    let part = Arc::new(
+        source
+            .load_part(
+                &PartSpec {
+                    kind: PartKind::Trunk,
+                    layers: policy.trunk_layers(),
+                },
+                &Device::Cpu,
+            )
+            .expect("trunk"),
+    );
+    let solo: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| generate_from(&model, Box::new(part.clone()), p))
+        .collect();
+
+    let server = TestServer::start(&path, 1, 28, tls_options(&certs));
+    let barrier = Arc::new(std::sync::Barrier::new(PROMPTS.len()));
+    let devices: Vec<_> = PROMPTS
+        .iter()
+        .map(|prompt| {
+            let (model, barrier, path) = (model.clone(), barrier.clone(), path.clone());
+            let options = client_options(&server, &certs, Codec::F32);
+            std::thread::spawn(move || {
+                let trunk = remote(&path, options).expect("connect");
+                barrier.wait();
+                generate_from(&model, Box::new(trunk), prompt)
+            })
+        })
+        .collect();
+    for ((device, expected), prompt) in devices.into_iter().zip(&solo).zip(PROMPTS) {
+        assert_eq!(&device.join().expect("device"), expected, "{prompt}");
+    }
+    assert!(
+        server.stats.batched_steps() > 0,
+        "no two random sessions' steps ever shared a batch"
+    );
 }

@@ -5,26 +5,27 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use lsplit_model::{KvCache, ModelPart};
-use lsplit_wire::HiddenRows;
+use lsplit_split::{PreparedStep, StepRows, TrunkError, TrunkState};
 use tokio::sync::oneshot;
 use tonic::Status;
 
 use crate::metrics::Counters;
 
-/// One forward step of one session: its cache travels to the worker and back.
+/// One step of one session: its trunk state (KV cache included) travels to the worker and
+/// back.
 pub(crate) struct Step {
-    pub(crate) cache: KvCache,
-    pub(crate) rows: HiddenRows,
+    pub(crate) trunk: Box<TrunkState>,
+    pub(crate) message: StepRows,
     pub(crate) reply: oneshot::Sender<Done>,
     /// The ticket of the session's previous step, when it had one: the engine is waiting for
     /// this step.
     pub(crate) ticket: Option<Ticket>,
 }
 
-/// A finished step: the session's cache (advanced on success) and the output rows.
+/// A finished step: the session's trunk state (advanced on success) and its answer.
 pub(crate) struct Done {
-    pub(crate) cache: KvCache,
-    pub(crate) output: Result<HiddenRows, Status>,
+    pub(crate) trunk: Box<TrunkState>,
+    pub(crate) output: Result<StepRows, Status>,
     /// Present when the step succeeded: the session hands it back with its next step.
     pub(crate) ticket: Option<Ticket>,
 }
@@ -52,8 +53,11 @@ const MAX_BATCH: usize = 64;
 
 /// The thread that runs the trunk's layers for every session.
 ///
-/// Steps that are waiting at the same time run as one batch ([`ModelPart::forward_batch`]),
-/// so each weight is read once for all of them. While some sessions the engine answered have
+/// Steps that are waiting at the same time and whose drawn layers are the whole trunk (every
+/// step of a fixed split, the steps of a random one whose draw allows it) run as one batch
+/// ([`ModelPart::forward_batch`]), so each weight is read once for all of them; the others run
+/// alone on this thread. Each step is prepared and finished by the split crate's
+/// [`TrunkState`], so the server holds no split logic of its own. While some sessions the engine answered have
 /// not sent their next step yet (their [`Ticket`]s are out), it holds a batch open for a short
 /// while (a quarter of the previous batch's time, at most `batch_wait`) for them to come back.
 /// Without that, the sessions split into groups that run one after the other, each a smaller
@@ -128,72 +132,88 @@ fn arrived(mut step: Step) -> Step {
     step
 }
 
-/// Decodes every step, runs the decodable ones together and answers each; a panic in the
-/// model becomes an internal error of the steps of this batch only. The batch is counted
-/// before any step is answered, so a device never sees its step missing from the metrics.
-/// A step answered with rows carries a new [`Ticket`].
+/// The status a refused step answers with.
+fn refused(error: TrunkError) -> Status {
+    match error {
+        TrunkError::Desync(_) | TrunkError::Policy(_) => {
+            Status::failed_precondition(error.to_string())
+        }
+        _ => Status::invalid_argument(error.to_string()),
+    }
+}
+
+/// Prepares every step, runs the layers of the batchable ones together and the others alone,
+/// and answers each; a panic becomes an internal error of the steps it may have touched only.
+/// The batch is counted before any step is answered, so a device never sees its step missing
+/// from the metrics. A step answered with rows carries a new [`Ticket`].
 fn run_batch(part: &ModelPart, batch: Vec<Step>, counters: &Counters, out: &Arc<AtomicUsize>) {
     let t = Instant::now();
-    let size = batch.len();
-    let mut ready = Vec::with_capacity(size);
-    for step in batch {
-        match step.rows.decode(part.device()) {
-            Ok(hidden) => ready.push((step, hidden)),
-            Err(e) => {
-                let _ = step.reply.send(Done {
-                    cache: step.cache,
-                    output: Err(Status::invalid_argument(e.to_string())),
-                    ticket: None,
-                });
-            }
+    let mut together: Vec<(Step, PreparedStep)> = Vec::new();
+    let mut alone: Vec<(Step, PreparedStep)> = Vec::new();
+    let mut answered: Vec<(Step, Result<StepRows, Status>)> = Vec::new();
+    for mut step in batch {
+        let message = &step.message;
+        let trunk = &mut step.trunk;
+        match guarded(|| trunk.prepare(message).map_err(refused)) {
+            Ok(prepared) if step.trunk.batchable(&prepared) => together.push((step, prepared)),
+            Ok(prepared) => alone.push((step, prepared)),
+            Err(status) => answered.push((step, Err(status))),
         }
     }
-    let outputs: Vec<Result<Tensor, Status>> = if ready.len() == 1 {
-        let (step, hidden) = &mut ready[0];
-        vec![guarded(|| {
-            part.forward(hidden, step.rows.start, &mut step.cache)
-                .map_err(|e| Status::invalid_argument(e.to_string()))
-        })]
-    } else {
+    if together.len() == 1 {
+        alone.append(&mut together);
+    }
+    let shared = together.len();
+    if shared > 1 {
         // Sessions check positions, widths and context before queueing, so a batch only fails
         // on an internal error, which may have touched every cache: all its steps fail.
         let result = guarded(|| {
-            let mut items: Vec<(&Tensor, usize, &mut KvCache)> = ready
+            let mut items: Vec<(&Tensor, usize, &mut KvCache)> = together
                 .iter_mut()
-                .map(|(step, hidden)| (&*hidden, step.rows.start, &mut step.cache))
+                .map(|(step, prepared)| step.trunk.batch_input(prepared))
                 .collect();
             part.forward_batch(&mut items)
                 .map_err(|e| Status::internal(e.to_string()))
         });
         match result {
-            Ok(outputs) => outputs.into_iter().map(Ok).collect(),
-            Err(status) => ready.iter().map(|_| Err(status.clone())).collect(),
+            Ok(outputs) => {
+                for ((mut step, prepared), output) in together.into_iter().zip(outputs) {
+                    let trunk = &mut step.trunk;
+                    let answer =
+                        guarded(|| trunk.finish_batched(prepared, output).map_err(refused));
+                    answered.push((step, answer));
+                }
+            }
+            Err(status) => {
+                answered.extend(
+                    together
+                        .into_iter()
+                        .map(|(step, _)| (step, Err(status.clone()))),
+                );
+            }
         }
-    };
-    let encoded: Vec<_> = ready
-        .into_iter()
-        .zip(outputs)
-        .map(|((step, _), output)| {
-            let output = output.and_then(|out| {
-                step.rows
-                    .codec
-                    .encode(&out, step.rows.start)
-                    .map_err(|e| Status::internal(e.to_string()))
-            });
-            (step, output)
-        })
-        .collect();
-    counters.batch(size, t.elapsed());
-    for (step, output) in encoded {
+        counters.batch(shared, t.elapsed());
+    }
+    for (mut step, prepared) in alone {
+        let started = Instant::now();
+        let trunk = &mut step.trunk;
+        let answer = guarded(|| {
+            trunk.compute(&prepared).map_err(refused)?;
+            trunk.finish(prepared).map_err(refused)
+        });
+        counters.batch(1, started.elapsed());
+        answered.push((step, answer));
+    }
+    for (step, output) in answered {
         let ticket = output.is_ok().then(|| Ticket::new(out));
         let _ = step.reply.send(Done {
-            cache: step.cache,
+            trunk: step.trunk,
             output,
             ticket,
         });
     }
     tracing::debug!(
-        steps = size,
+        batched = shared,
         micros = t.elapsed().as_micros() as u64,
         "trunk batch"
     );

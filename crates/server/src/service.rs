@@ -2,12 +2,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use lsplit_model::{KvCache, ModelPart};
+use lsplit_model::ModelPart;
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, TrunkFingerprint, codec_from_pb, codec_to_pb};
-use lsplit_split::{KeyedTrunk, TrunkError};
+use lsplit_split::TrunkState;
 use lsplit_wire::{Codec, HiddenRows};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_stream::Stream;
@@ -178,15 +178,15 @@ impl pb::trunk_server::Trunk for TrunkService {
     }
 }
 
-/// One session: its KV cache and what it holds of the server's limits, released on drop.
+/// One session: its trunk state (KV cache included) and what it holds of the server's limits,
+/// released on drop.
 struct SessionState {
     shared: Arc<Shared>,
     _permit: OwnedSemaphorePermit,
     id: u64,
     codec: Option<Codec>,
-    cache: Option<KvCache>,
-    keyed: Option<Box<KeyedTrunk>>,
-    position: usize,
+    /// Present between steps; it travels to the engine during one.
+    trunk: Option<Box<TrunkState>>,
     reserved: u64,
     /// Handed back with the next step (see [`Ticket`]).
     ticket: Option<Ticket>,
@@ -211,9 +211,7 @@ impl SessionState {
             _permit: permit,
             id,
             codec: None,
-            cache: None,
-            keyed: None,
-            position: 0,
+            trunk: None,
             reserved: 0,
             ticket: None,
         }
@@ -241,8 +239,7 @@ impl SessionState {
             };
             let reply = match message.kind {
                 Some(RequestKind::Open(open)) => self.open(open)?,
-                Some(RequestKind::Rows(rows)) => self.step(rows).await?,
-                Some(RequestKind::Step(step)) => self.keyed_step(step).await?,
+                Some(RequestKind::Step(step)) => self.step(step).await?,
                 None => return Err(Status::invalid_argument("empty session request")),
             };
             let sent = tokio::time::timeout(idle, tx.send(Ok(SessionReply { kind: Some(reply) })));
@@ -286,29 +283,29 @@ impl SessionState {
                 "the device expects the trunk with sha256 {theirs} but this server runs {ours}"
             )));
         }
-        if let Some(keys) = &open.keys {
-            let keys = lsplit_proto::keys_from_pb(keys, ours.model_layers)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let keyed = KeyedTrunk::new(self.shared.part.clone(), &keys)
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
-            tracing::info!(session = self.id, policy = %keys.policy, obfuscation = %keys.obfuscation, "keyed session");
-            self.keyed = Some(Box::new(keyed));
-        }
+        let keys = open
+            .keys
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("the session's Open carries no keys"))?;
+        let keys = lsplit_proto::keys_from_pb(keys, ours.model_layers)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let trunk = TrunkState::new(self.shared.part.clone(), &keys)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        self.trunk = Some(Box::new(trunk));
         self.codec = Some(codec);
-        self.cache = Some(self.shared.part.new_cache());
         self.shared
             .counters
             .sessions_total
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(session = self.id, %codec, "session opened");
+        tracing::info!(session = self.id, %codec, policy = %keys.policy, obfuscation = %keys.obfuscation, "session opened");
         Ok(ReplyKind::Opened(pb::Opened {
             session_id: self.id,
         }))
     }
 
-    /// Checks rows against the session before anything runs; `position` is where the step's
-    /// new rows start. Reserves their KV cache and returns the position after them.
-    fn admit(&mut self, rows: &HiddenRows, position: usize) -> Result<usize, Status> {
+    /// Checks rows against the session before anything runs; `position` is where they must
+    /// start (the session's position, unless the step catches up). Reserves their KV cache.
+    fn admit(&mut self, rows: &HiddenRows, position: usize) -> Result<(), Status> {
         let Some(codec) = self.codec else {
             return Err(Status::failed_precondition(
                 "unknown session: rows arrived before the session was opened",
@@ -349,102 +346,47 @@ impl SessionState {
             .counters
             .bytes_in_total
             .fetch_add(rows.bytes.len() as u64, Ordering::Relaxed);
-        Ok(end)
+        Ok(())
     }
 
-    async fn step(&mut self, rows: pb::Rows) -> Result<ReplyKind, Status> {
-        if self.keyed.is_some() {
-            return Err(Status::invalid_argument(
-                "this session is keyed: it takes steps, not bare rows",
-            ));
-        }
-        let rows = lsplit_proto::rows_from_pb(rows)
+    /// Admits one step, then runs it on the engine, which batches it with other sessions'
+    /// steps when its drawn layers allow.
+    async fn step(&mut self, step: pb::Step) -> Result<ReplyKind, Status> {
+        let message = lsplit_proto::step_from_pb(step)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let end = self.admit(&rows, self.position)?;
-        let counters = &self.shared.counters;
-
-        let cache = self
-            .cache
+        // Before the session opens there is no trunk state: `admit` refuses the step.
+        let expected = self.trunk.as_ref().map_or(0, |t| t.expected_start());
+        self.admit(&message.rows, expected)?;
+        let trunk = self
+            .trunk
             .take()
-            .ok_or_else(|| Status::internal("session cache lost"))?;
+            .ok_or_else(|| Status::internal("session trunk lost"))?;
         let (reply, done) = oneshot::channel();
         self.shared.engine.submit(Step {
-            cache,
-            rows,
+            trunk,
+            message,
             reply,
             ticket: self.ticket.take(),
         })?;
         let Done {
-            cache,
+            trunk,
             output,
             ticket,
         } = done
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
-        self.cache = Some(cache);
+        self.trunk = Some(trunk);
         self.ticket = ticket;
         let output = output?;
-        self.position = end;
-        counters.steps_total.fetch_add(1, Ordering::Relaxed);
-        counters
-            .rows_total
-            .fetch_add(output.rows as u64, Ordering::Relaxed);
-        counters
-            .bytes_out_total
-            .fetch_add(output.bytes.len() as u64, Ordering::Relaxed);
-        Ok(ReplyKind::Rows(lsplit_proto::rows_to_pb(&output)))
-    }
-
-    /// Runs one step of a keyed session on a blocking thread: the session's catch-ups make its
-    /// steps differ from every other session's, so they do not join the engine's batches.
-    async fn keyed_step(&mut self, step: pb::Step) -> Result<ReplyKind, Status> {
-        if self.codec.is_none() {
-            return Err(Status::failed_precondition(
-                "unknown session: a step arrived before the session was opened",
-            ));
-        }
-        let Some(mut keyed) = self.keyed.take() else {
-            return Err(Status::invalid_argument(
-                "this session was opened without keys: it takes rows, not steps",
-            ));
-        };
-        let message =
-            lsplit_proto::step_from_pb(step).map_err(|e| Status::invalid_argument(e.to_string()));
-        let admitted = message.and_then(|m| {
-            // The catch-up rows come first: the step's new rows end where the message ends.
-            let start = m.rows.start;
-            self.admit(&m.rows, start).map(|end| (m, end))
-        });
-        let (message, end) = match admitted {
-            Ok(ok) => ok,
-            Err(status) => {
-                self.keyed = Some(keyed);
-                return Err(status);
-            }
-        };
-        let (keyed, result) = tokio::task::spawn_blocking(move || {
-            let result = keyed.step(&message);
-            (keyed, result)
-        })
-        .await
-        .map_err(|_| Status::internal("the trunk failed on this step"))?;
-        self.keyed = Some(keyed);
-        let reply = result.map_err(|e| match e {
-            TrunkError::Desync(_) | TrunkError::Policy(_) => {
-                Status::failed_precondition(e.to_string())
-            }
-            _ => Status::invalid_argument(e.to_string()),
-        })?;
-        self.position = end;
         let counters = &self.shared.counters;
         counters.steps_total.fetch_add(1, Ordering::Relaxed);
         counters
             .rows_total
-            .fetch_add(reply.rows.rows as u64, Ordering::Relaxed);
+            .fetch_add(output.rows.rows as u64, Ordering::Relaxed);
         counters
             .bytes_out_total
-            .fetch_add(reply.rows.bytes.len() as u64, Ordering::Relaxed);
-        Ok(ReplyKind::Step(lsplit_proto::step_to_pb(&reply)))
+            .fetch_add(output.rows.bytes.len() as u64, Ordering::Relaxed);
+        Ok(ReplyKind::Step(lsplit_proto::step_to_pb(&output)))
     }
 
     /// Grows this session's share of the KV budget to `bytes`, or refuses the step.

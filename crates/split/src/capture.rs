@@ -4,8 +4,8 @@
 //! - `messages.jsonl`: one JSON object per message, in the order they crossed: `direction`
 //!   (`"up"`, device to trunk, or `"down"`), `step` (the forward pass it belongs to), `start`
 //!   (sequence position of its first row), `rows`, `width` (values per row), `codec` (`f32`,
-//!   `f16`, `bf16` or `int8`, as in `lsplit-wire`), `tag` (the 16-byte tag of a keyed session's
-//!   message in hex, `null` in a plain session), `offset` and `bytes` (where its payload lies in
+//!   `f16`, `bf16` or `int8`, as in `lsplit-wire`), `tag` (the message's 16-byte tag in hex;
+//!   `null` in captures of untagged sessions, before every split was keyed), `offset` and `bytes` (where its payload lies in
 //!   the direction's payload file);
 //! - `up.bin` and `down.bin`: the payloads of the uplink and downlink messages, back to back,
 //!   exactly as encoded on the wire.

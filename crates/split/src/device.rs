@@ -7,19 +7,14 @@ use lsplit_tokenizer::{ChatMessage, Tokenizer};
 use lsplit_wire::Codec;
 
 use crate::session::Session;
-use crate::{SessionKeys, SplitError, SplitPolicy, Trunk};
+use crate::{Obfuscation, SessionKeys, SplitError, SplitPolicy, Trunk};
 
-/// What the device holds: either the whole model (the `--no-split` baseline), or the head and
-/// tail of a split whose trunk lives elsewhere.
+/// What the device holds: either the whole model (the `--no-split` baseline, the reference a
+/// split is checked against), or the head and tail of a split whose trunk lives elsewhere.
 #[derive(Debug)]
 pub(crate) enum Parts {
     Unsplit(Arc<ModelPart>),
     Split {
-        plan: SplitPlan,
-        head: Arc<ModelPart>,
-        tail: Arc<ModelPart>,
-    },
-    Keyed {
         policy: SplitPolicy,
         head: Arc<ModelPart>,
         tail: Arc<ModelPart>,
@@ -54,32 +49,10 @@ impl DeviceModel {
         })
     }
 
-    /// Loads the head and tail of `plan`; the trunk is supplied per session.
-    pub fn split(
-        source: &ModelSource,
-        plan: SplitPlan,
-        tokenizer: Arc<Tokenizer>,
-        codec: Codec,
-        device: &Device,
-    ) -> Result<Self, SplitError> {
-        let head = source.load_part(&plan.head(), device)?;
-        let tail = source.load_part(&plan.tail(), device)?;
-        Ok(Self {
-            tokenizer,
-            parts: Parts::Split {
-                plan,
-                head: Arc::new(head),
-                tail: Arc::new(tail),
-            },
-            codec,
-            context_length: source.config().context_length,
-            layers: source.config().num_layers,
-        })
-    }
-
     /// Loads a head and a tail holding every layer `policy` may give them (the deepest K1,
-    /// from the shallowest K2), for keyed sessions whose split points are drawn per step.
-    pub fn keyed(
+    /// from the shallowest K2); the trunk is supplied per session. A fixed split is
+    /// [`SplitPolicy::fixed`].
+    pub fn split(
         source: &ModelSource,
         policy: SplitPolicy,
         tokenizer: Arc<Tokenizer>,
@@ -108,7 +81,7 @@ impl DeviceModel {
         )?;
         Ok(Self {
             tokenizer,
-            parts: Parts::Keyed {
+            parts: Parts::Split {
                 policy,
                 head: Arc::new(head),
                 tail: Arc::new(tail),
@@ -129,30 +102,24 @@ impl DeviceModel {
         self.codec
     }
 
-    /// The split points of a plain split; `None` for the unsplit baseline and keyed splits.
+    /// The split points of a fixed split; `None` for the unsplit baseline and random splits.
     pub fn plan(&self) -> Option<SplitPlan> {
-        match &self.parts {
-            Parts::Split { plan, .. } => Some(*plan),
-            Parts::Unsplit(_) | Parts::Keyed { .. } => None,
-        }
+        let policy = self.policy().filter(|p| p.is_fixed())?;
+        SplitPlan::new(policy.k1s()[0], policy.k2s()[0], policy.layers()).ok()
     }
 
-    /// The policy of a keyed split.
+    /// The split policy; `None` for the unsplit baseline.
     pub fn policy(&self) -> Option<&SplitPolicy> {
         match &self.parts {
-            Parts::Keyed { policy, .. } => Some(policy),
-            Parts::Unsplit(_) | Parts::Split { .. } => None,
+            Parts::Split { policy, .. } => Some(policy),
+            Parts::Unsplit(_) => None,
         }
     }
 
-    /// The layers the trunk must hold for this device: `[k1, k2)`, or the union of every
-    /// draw's for a keyed split.
+    /// The layers the trunk must hold for this device: the union of every draw's (`[k1, k2)`
+    /// of a fixed split).
     pub fn trunk_layers(&self) -> Option<Range<usize>> {
-        match &self.parts {
-            Parts::Unsplit(_) => None,
-            Parts::Split { plan, .. } => Some(plan.k1..plan.k2),
-            Parts::Keyed { policy, .. } => Some(policy.trunk_layers()),
-        }
+        self.policy().map(SplitPolicy::trunk_layers)
     }
 
     /// Layers of the whole model.
@@ -169,7 +136,7 @@ impl DeviceModel {
     pub fn parts(&self) -> Vec<&ModelPart> {
         match &self.parts {
             Parts::Unsplit(whole) => vec![whole],
-            Parts::Split { head, tail, .. } | Parts::Keyed { head, tail, .. } => vec![head, tail],
+            Parts::Split { head, tail, .. } => vec![head, tail],
         }
     }
 
@@ -191,20 +158,26 @@ impl DeviceModel {
         Ok(tokens)
     }
 
-    /// Starts a generation session. A split model needs a trunk session whose layers match the
-    /// plan; the unsplit baseline takes none.
-    pub fn session(&self, trunk: Option<Box<dyn Trunk>>) -> Result<Session<'_>, SplitError> {
-        Session::new(self, trunk)
+    /// Keys for a new session of this split: its policy, `obfuscation` and a fresh secret.
+    pub fn new_keys(&self, obfuscation: Obfuscation) -> Result<SessionKeys, SplitError> {
+        let policy = self
+            .policy()
+            .ok_or(SplitError::Layout("an unsplit model takes no trunk"))?;
+        Ok(SessionKeys::fresh(policy.clone(), obfuscation))
     }
 
-    /// Starts a keyed session of a model loaded with [`DeviceModel::keyed`]: `keys` must be the
-    /// ones the trunk session was opened with.
-    pub fn keyed_session(
+    /// Starts a generation session of a split model: `trunk` must have been opened with `keys`.
+    pub fn session(
         &self,
         trunk: Box<dyn Trunk>,
         keys: &SessionKeys,
     ) -> Result<Session<'_>, SplitError> {
-        Session::keyed(self, trunk, keys)
+        Session::split(self, trunk, keys)
+    }
+
+    /// Starts a generation session of the unsplit baseline.
+    pub fn unsplit_session(&self) -> Result<Session<'_>, SplitError> {
+        Session::unsplit(self)
     }
 }
 

@@ -33,24 +33,10 @@ pub enum SplitError {
     /// A split session was started without a trunk, or an unsplit one with a trunk.
     #[error("{0}")]
     Layout(&'static str),
-    /// The trunk answered with rows that do not match what was sent.
-    #[error(
-        "the trunk answered {got_rows} rows at position {got_start}, expected {rows} at {start}"
-    )]
-    TrunkReply {
-        /// Rows sent.
-        rows: usize,
-        /// Position sent.
-        start: usize,
-        /// Rows received.
-        got_rows: usize,
-        /// Position received.
-        got_start: usize,
-    },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    /// Device and trunk disagree on a keyed session's steps: refused, never computed.
+    /// Device and trunk disagree on a session's steps: refused, never computed.
     #[error("desync: {0}")]
     Desync(String),
     /// Writing the wire capture failed.

@@ -4,14 +4,16 @@
 //! sampler → text. [`Session`] runs that loop; it sees the trunk only through the [`Trunk`]
 //! trait, so the in-process [`LocalTrunk`] and a remote trunk are interchangeable.
 //!
-//! A keyed session ([`DeviceModel::keyed`], [`SessionKeys`]) draws its split points per step
-//! from a secret shared with the trunk, catches up KV caches between parts, and may permute the
-//! hidden dimension on the wire; [`CaptureWriter`] records what crosses.
+//! Every split session runs one step path (`step.rs`): its [`SessionKeys`] hold the split policy
+//! (one draw for a fixed split, several for random split points) and a fresh secret shared with
+//! the trunk, from which each step's split points, the tags of its messages and the optional
+//! permutation of the hidden dimension derive; parts catch up their KV caches when the draws
+//! move. [`TrunkState`] is the trunk's side, shared by [`LocalTrunk`] and the trunk server.
+//! [`CaptureWriter`] records what crosses.
 
 mod capture;
 mod device;
 mod error;
-mod keyed;
 mod policy;
 mod quality;
 mod sampler;
@@ -19,16 +21,17 @@ mod secret;
 mod session;
 mod staged;
 mod stats;
+mod step;
 mod trunk;
 
 pub use capture::{CaptureError, CaptureWriter, CapturedMessage, Way, read_capture};
 pub use device::{DeviceModel, load_tokenizer};
 pub use error::SplitError;
-pub use keyed::KeyedTrunk;
 pub use policy::{Obfuscation, PolicyError, SessionKeys, SplitPolicy};
 pub use quality::{Agreement, GreedyRun};
 pub use sampler::{Sampler, SamplingParams};
 pub use secret::SessionSecret;
 pub use session::{GenerateOptions, Generation, Session, Step, StopReason};
 pub use stats::Stats;
+pub use step::{PreparedStep, TrunkState};
 pub use trunk::{LocalTrunk, StepRows, Trunk, TrunkError};

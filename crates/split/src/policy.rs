@@ -1,4 +1,4 @@
-//! Keyed splits: which split points a step may draw, how rows are disguised on the wire, and
+//! Split policies: which split points a step may draw, how rows are disguised on the wire, and
 //! the schedule both ends derive from the session secret.
 
 use std::fmt;
@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use lsplit_model::SplitPlan;
 use lsplit_wire::HiddenRows;
 
+use crate::StepRows;
 use crate::secret::{SessionSecret, hmac_sha256};
 
 /// Errors in a split policy's description.
@@ -50,8 +51,8 @@ pub enum PolicyError {
 /// The split points each step of a keyed session may use: one of `k1s` and one of `k2s`,
 /// drawn afresh for every step (a fixed split is one value of each).
 ///
-/// Every K1 is below every K2, so the trunk always runs at least one layer and each layer is
-/// shared by at most two parts.
+/// Every K1 is below every K2, so each layer is shared by at most two parts and the trunk always
+/// runs at least one layer (except in a fixed split that gives it none).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplitPolicy {
     k1s: Vec<usize>,
@@ -78,15 +79,21 @@ impl SplitPolicy {
         };
         let (k1s, k2s) = (set(k1s, "k1")?, set(k2s, "k2")?);
         let (k1, k2) = (k1s[k1s.len() - 1], k2s[0]);
-        if k1 >= k2 {
+        // A fixed split may leave the trunk no layer (`--split 15:15`): nothing is ever shared.
+        let fixed = k1s.len() == 1 && k2s.len() == 1;
+        if k1 > k2 || (k1 == k2 && !fixed) {
             return Err(PolicyError::Overlap { k1, k2 });
         }
         Ok(Self { k1s, k2s, layers })
     }
 
-    /// Always the split points of `plan`.
-    pub fn fixed(plan: SplitPlan) -> Result<Self, PolicyError> {
-        Self::random(&[plan.k1], &[plan.k2], plan.layers)
+    /// Always the split points of `plan` (which may give the trunk no layer).
+    pub fn fixed(plan: SplitPlan) -> Self {
+        Self {
+            k1s: vec![plan.k1],
+            k2s: vec![plan.k2],
+            layers: plan.layers,
+        }
     }
 
     /// Parses `--k1` and `--k2` lists such as `1,2,3,4`.
@@ -197,7 +204,11 @@ impl std::str::FromStr for Obfuscation {
     }
 }
 
-/// What both ends of a keyed session agree on when it opens, inside the encrypted channel.
+/// What both ends of a split session agree on when it opens, inside the encrypted channel.
+///
+/// Every split session has keys, a fixed split's as much as a random one's: a fixed policy
+/// draws the same split points at every step, but its messages are tagged under a fresh
+/// secret like any other, so the device, the trunk and the protocol have one kind of session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionKeys {
     /// The split points steps draw from.
@@ -206,6 +217,25 @@ pub struct SessionKeys {
     pub obfuscation: Obfuscation,
     /// The secret every draw, tag and permutation derives from.
     pub secret: SessionSecret,
+}
+
+impl SessionKeys {
+    /// Keys for a new session of `policy`, with a fresh secret: no two sessions share draws,
+    /// tags or permutation.
+    pub fn fresh(policy: SplitPolicy, obfuscation: Obfuscation) -> Self {
+        Self {
+            policy,
+            obfuscation,
+            secret: SessionSecret::generate(),
+        }
+    }
+
+    /// The uplink message of step `step` carrying `rows` as they are (not disguised), tagged
+    /// as a device's head tags it: for tools and tests that drive a trunk without a head.
+    pub fn uplink(&self, step: u64, rows: HiddenRows) -> StepRows {
+        let tag = Schedule::tags_only(self).tag(Direction::Up, step, &rows);
+        StepRows { step, rows, tag }
+    }
 }
 
 /// The split points of one step.
@@ -253,11 +283,19 @@ impl Schedule {
             }
         };
         Ok(Self {
+            permutation,
+            ..Self::tags_only(keys)
+        })
+    }
+
+    /// The draws and tags of `keys`, without the permutation.
+    fn tags_only(keys: &SessionKeys) -> Self {
+        Self {
             policy: keys.policy.clone(),
             draw_key: keys.secret.key("draw"),
             tag_key: keys.secret.key("tag"),
-            permutation,
-        })
+            permutation: None,
+        }
     }
 
     /// The policy drawn from.
@@ -355,7 +393,7 @@ mod tests {
             (0..4, 1..29, 26..30)
         );
         assert_eq!(p.to_string(), "random K1 {1,2,3,4} K2 {26,27,28,29}");
-        let fixed = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan")).expect("fixed");
+        let fixed = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
         assert!(fixed.is_fixed());
         assert_eq!(fixed.to_string(), "fixed 2:28");
         for (k1, k2, message) in [

@@ -5,7 +5,7 @@ use lsplit_model::KvCache;
 
 use crate::capture::{CaptureWriter, Way};
 use crate::device::Parts;
-use crate::keyed::{Exchange, KeyedDevice};
+use crate::step::{DeviceState, Exchange};
 use crate::{DeviceModel, Sampler, SamplingParams, SessionKeys, SplitError, Stats, Trunk};
 
 /// What a generation is asked to do.
@@ -64,16 +64,11 @@ pub struct Generation {
     pub stats: Stats,
 }
 
+/// What a session holds besides its position: the whole model's cache, or the state of a
+/// split's one step path.
 enum State {
-    Unsplit {
-        cache: KvCache,
-    },
-    Split {
-        head_cache: KvCache,
-        tail_cache: KvCache,
-        trunk: Box<dyn Trunk>,
-    },
-    Keyed(Box<KeyedDevice>),
+    Unsplit { cache: KvCache },
+    Split(Box<DeviceState>),
 }
 
 /// One generation session on the device: the KV caches of its parts, its trunk session, and
@@ -84,55 +79,29 @@ pub struct Session<'m> {
     position: usize,
     history: Vec<u32>,
     stats: Stats,
-    steps: u64,
     capture: Option<CaptureWriter>,
 }
 
 impl<'m> Session<'m> {
-    pub(crate) fn new(
-        model: &'m DeviceModel,
-        trunk: Option<Box<dyn Trunk>>,
-    ) -> Result<Self, SplitError> {
-        let state = match (&model.parts, trunk) {
-            (Parts::Unsplit(whole), None) => State::Unsplit {
-                cache: whole.new_cache(),
-            },
-            (Parts::Split { plan, head, tail }, Some(trunk)) => {
-                if trunk.layers() != (plan.k1..plan.k2) {
-                    return Err(SplitError::Layout(
-                        "the trunk's layers do not match the device's split points",
-                    ));
-                }
-                State::Split {
-                    head_cache: head.new_cache(),
-                    tail_cache: tail.new_cache(),
-                    trunk,
-                }
-            }
-            (Parts::Unsplit(_), Some(_)) => {
-                return Err(SplitError::Layout("an unsplit model takes no trunk"));
-            }
-            (Parts::Split { .. }, None) => {
-                return Err(SplitError::Layout("a split model needs a trunk session"));
-            }
-            (Parts::Keyed { .. }, _) => {
-                return Err(SplitError::Layout(
-                    "a keyed split needs session keys: start it with keyed_session",
-                ));
-            }
-        };
-        Ok(Self::with_state(model, state))
+    pub(crate) fn unsplit(model: &'m DeviceModel) -> Result<Self, SplitError> {
+        match &model.parts {
+            Parts::Unsplit(whole) => Ok(Self::with_state(
+                model,
+                State::Unsplit {
+                    cache: whole.new_cache(),
+                },
+            )),
+            Parts::Split { .. } => Err(SplitError::Layout("a split model needs a trunk session")),
+        }
     }
 
-    pub(crate) fn keyed(
+    pub(crate) fn split(
         model: &'m DeviceModel,
         trunk: Box<dyn Trunk>,
         keys: &SessionKeys,
     ) -> Result<Self, SplitError> {
-        let Parts::Keyed { policy, head, tail } = &model.parts else {
-            return Err(SplitError::Layout(
-                "session keys need a model loaded for a keyed split",
-            ));
+        let Parts::Split { policy, head, tail } = &model.parts else {
+            return Err(SplitError::Layout("an unsplit model takes no trunk"));
         };
         if keys.policy != *policy {
             return Err(SplitError::Layout(
@@ -140,13 +109,20 @@ impl<'m> Session<'m> {
             ));
         }
         let (needed, held) = (policy.trunk_layers(), trunk.layers());
+        // A fixed split's trunk is exactly its layers; a random one's holds at least every
+        // layer a draw may give it.
+        if policy.is_fixed() && held != needed {
+            return Err(SplitError::Layout(
+                "the trunk's layers do not match the device's split points",
+            ));
+        }
         if needed.start < held.start || needed.end > held.end {
             return Err(SplitError::Layout(
                 "the trunk does not hold every layer the policy may draw",
             ));
         }
-        let device = KeyedDevice::new(head.clone(), tail.clone(), trunk, keys)?;
-        Ok(Self::with_state(model, State::Keyed(Box::new(device))))
+        let device = DeviceState::new(head.clone(), tail.clone(), trunk, keys)?;
+        Ok(Self::with_state(model, State::Split(Box::new(device))))
     }
 
     fn with_state(model: &'m DeviceModel, state: State) -> Self {
@@ -156,7 +132,6 @@ impl<'m> Session<'m> {
             position: 0,
             history: Vec::new(),
             stats: Stats::default(),
-            steps: 0,
             capture: None,
         }
     }
@@ -182,8 +157,7 @@ impl<'m> Session<'m> {
         // With every part in-process, the step runs as one task of the compute pool instead of
         // entering it once per part; a network trunk's wait must not hold a pool thread.
         let in_process = match &self.state {
-            State::Split { trunk, .. } => trunk.in_process(),
-            State::Keyed(_) => false,
+            State::Split(device) => device.trunk.in_process(),
             State::Unsplit { .. } => true,
         };
         if in_process {
@@ -216,47 +190,7 @@ impl<'m> Session<'m> {
                 self.stats.layer_rows += (tokens.len() * layers) as u64;
                 logits
             }
-            (
-                Parts::Split { head, tail, .. },
-                State::Split {
-                    head_cache,
-                    tail_cache,
-                    trunk,
-                },
-            ) => {
-                let codec = self.model.codec();
-                let t = Instant::now();
-                let hidden = head.forward(&head.embed(tokens)?, start, head_cache)?;
-                let up = codec.encode(&hidden, start)?;
-                self.stats.head += t.elapsed();
-
-                let t = Instant::now();
-                let down = trunk.forward(&up)?;
-                self.stats.trunk += t.elapsed();
-                self.stats.bytes_up += up.bytes.len() as u64;
-                self.stats.bytes_down += down.bytes.len() as u64;
-                if (down.rows, down.start, down.width) != (up.rows, up.start, up.width) {
-                    return Err(SplitError::TrunkReply {
-                        rows: up.rows,
-                        start: up.start,
-                        got_rows: down.rows,
-                        got_start: down.start,
-                    });
-                }
-                if let Some(capture) = &mut self.capture {
-                    capture.record(Way::Up, self.steps, None, &up)?;
-                    capture.record(Way::Down, self.steps, None, &down)?;
-                }
-                self.stats.layer_rows += (tokens.len() * layers) as u64;
-
-                let t = Instant::now();
-                let hidden = down.decode(tail.device())?;
-                let hidden = tail.forward(&hidden, start, tail_cache)?;
-                let logits = tail.logits(&hidden)?.to_vec1::<f32>()?;
-                self.stats.tail += t.elapsed();
-                logits
-            }
-            (Parts::Keyed { .. }, State::Keyed(keyed)) => {
+            (Parts::Split { .. }, State::Split(device)) => {
                 let (stats, capture) = (&mut self.stats, &mut self.capture);
                 let mut exchanged = |e: &Exchange| -> Result<(), SplitError> {
                     stats.bytes_up += e.up.rows.bytes.len() as u64;
@@ -272,14 +206,13 @@ impl<'m> Session<'m> {
                     }
                     Ok(())
                 };
-                let logits = keyed.forward(tokens, start, self.model.codec(), &mut exchanged)?;
-                self.stats.layer_rows = keyed.layer_rows();
+                let logits = device.forward(tokens, start, self.model.codec(), &mut exchanged)?;
+                self.stats.layer_rows = device.layer_rows();
                 logits
             }
             _ => return Err(SplitError::Layout("session state does not match the model")),
         };
         self.position += tokens.len();
-        self.steps += 1;
         self.history.extend_from_slice(tokens);
         Ok(logits)
     }

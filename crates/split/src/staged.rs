@@ -96,6 +96,16 @@ impl StagedPart {
         }
     }
 
+    /// The part's KV cache.
+    pub(crate) fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// The part's KV cache, for a step its owner runs through the whole part itself.
+    pub(crate) fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
     /// Runs a new step of rows `x` starting at `start` through `layers`, after catching up
     /// every layer of `layers` that skipped earlier steps. Returns the rows at `layers.end`.
     pub(crate) fn step(
@@ -105,6 +115,19 @@ impl StagedPart {
         layers: Range<usize>,
         incoming: Option<Incoming<'_>>,
     ) -> Result<Tensor, StageError> {
+        self.begin(start, &x, layers.clone(), incoming)?;
+        self.run_last(x, layers)
+    }
+
+    /// Starts a new step of rows `x` at `start` that will run `layers`: checks its position
+    /// and catches up every layer of `layers` that skipped earlier steps.
+    pub(crate) fn begin(
+        &mut self,
+        start: usize,
+        x: &Tensor,
+        layers: Range<usize>,
+        incoming: Option<Incoming<'_>>,
+    ) -> Result<(), StageError> {
         if start != self.position() {
             return Err(StageError::Desync(format!(
                 "a step starts at position {start} but the {} part is at {}",
@@ -113,14 +136,45 @@ impl StagedPart {
             )));
         }
         self.catch_up(&layers, incoming.as_ref())?;
-        let rows = x.dims()[0];
         self.steps.push(StepRecord {
             start,
-            rows,
+            rows: x.dims()[0],
             kept: BTreeMap::new(),
         });
-        let index = self.steps.len() - 1;
-        self.run(index, x, layers)
+        Ok(())
+    }
+
+    /// Runs the rows `x` of the step begun last through `layers`.
+    pub(crate) fn run_last(
+        &mut self,
+        x: Tensor,
+        layers: Range<usize>,
+    ) -> Result<Tensor, StageError> {
+        self.run(self.steps.len() - 1, x, layers)
+    }
+
+    /// True when `layers` are all of the part's and keep no rows inside: the step begun last
+    /// may run them as one [`ModelPart::forward`] (or in a batch), then [`StagedPart::ran_whole`].
+    pub(crate) fn runs_whole(&self, layers: Range<usize>) -> bool {
+        layers == self.part.spec().layers
+            && !self
+                .keep_at
+                .iter()
+                .any(|&k| k > layers.start && k < layers.end)
+    }
+
+    /// Records that the step begun last ran `layers` (see [`StagedPart::runs_whole`]) from
+    /// `input` to `output`, keeping its rows where [`StagedPart::run`] would have.
+    pub(crate) fn ran_whole(&mut self, input: &Tensor, output: &Tensor, layers: Range<usize>) {
+        let Some(step) = self.steps.last_mut() else {
+            return;
+        };
+        for (layer, rows) in [(layers.start, input), (layers.end, output)] {
+            if self.keep_at.contains(&layer) {
+                step.kept.insert(layer, rows.clone());
+            }
+        }
+        self.layer_rows += (step.rows * layers.len()) as u64;
     }
 
     /// Runs, step after step, the layers of `layers` that each earlier step skipped.

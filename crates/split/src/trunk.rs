@@ -1,10 +1,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use lsplit_model::{KvCache, ModelError, ModelPart};
+use lsplit_model::{ModelError, ModelPart};
 use lsplit_wire::{HiddenRows, WireError};
 
-use crate::{KeyedTrunk, SessionKeys};
+use crate::{SessionKeys, TrunkState};
 
 /// Errors a trunk reports back to the device.
 #[derive(Debug, thiserror::Error)]
@@ -18,15 +18,15 @@ pub enum TrunkError {
     /// The transport to a remote trunk failed.
     #[error("{0}")]
     Transport(String),
-    /// Device and trunk disagree on a keyed session's steps: refused, never computed.
+    /// Device and trunk disagree on a session's steps: refused, never computed.
     #[error("desync: {0}")]
     Desync(String),
-    /// The session was opened for another kind of split, or the trunk cannot serve its policy.
+    /// The trunk cannot serve the session's policy.
     #[error("{0}")]
     Policy(String),
 }
 
-/// One message of a keyed session (random split points or obfuscation), either way.
+/// One message of a split session, either way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepRows {
     /// The step's index in the session: 0 for the first forward pass, then one per pass.
@@ -40,23 +40,17 @@ pub struct StepRows {
     pub tag: [u8; 16],
 }
 
-/// The cloud's side of the split, as the device sees it: one generation session of the trunk.
+/// The cloud's side of the split, as the device sees it: one generation session of the trunk,
+/// opened with the session's [`SessionKeys`].
 ///
-/// A plain session (a fixed split without keys) takes [`Trunk::forward`]: encoded hidden rows
-/// that start at the next position, answered by the trunk's output rows, same shape and codec.
-/// A keyed session (random split points, obfuscation) takes [`Trunk::step`]: each step's layer
-/// range comes from the session's secret schedule, and the rows carry the catch-up the trunk
-/// needs. Implementations keep the session's KV cache; the device never sees the trunk's
-/// weights.
+/// Each step's layer range comes from the keys' schedule, and the rows carry the catch-up the
+/// trunk needs (none for a fixed split). Implementations keep the session's KV cache; the
+/// device never sees the trunk's weights.
 pub trait Trunk: Send {
-    /// The decoder layers the trunk holds: `[k1, k2)` of a fixed split, the union of every
-    /// draw's for a keyed session.
+    /// The decoder layers the trunk holds: at least the union of every draw's.
     fn layers(&self) -> Range<usize>;
 
-    /// Runs the trunk over `rows` of a plain session and returns its output rows.
-    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError>;
-
-    /// Runs one step of a keyed session and returns the rows the tail needs.
+    /// Runs one step and returns the rows the tail needs.
     fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError>;
 
     /// True when the trunk computes in this process and never waits on a network, so a whole
@@ -66,45 +60,24 @@ pub trait Trunk: Send {
     }
 }
 
-#[derive(Debug)]
-enum Mode {
-    Plain(KvCache),
-    Keyed(Box<KeyedTrunk>),
-}
-
 /// A trunk that runs in the same process: the "cloud" of `lsplit generate` without `--cloud`.
 #[derive(Debug)]
 pub struct LocalTrunk {
     part: Arc<ModelPart>,
-    mode: Mode,
+    state: TrunkState,
 }
 
 impl LocalTrunk {
-    /// A plain session over a loaded trunk part (shareable between sessions).
-    pub fn new(part: Arc<ModelPart>) -> Self {
-        let cache = part.new_cache();
-        Self {
-            part,
-            mode: Mode::Plain(cache),
-        }
+    /// A session over a loaded trunk part (shareable between sessions) that holds every layer
+    /// `keys` may draw; `keys` stand for what the device sends when a session opens.
+    pub fn new(part: Arc<ModelPart>, keys: &SessionKeys) -> Result<Self, TrunkError> {
+        let state = TrunkState::new(part.clone(), keys)?;
+        Ok(Self { part, state })
     }
 
-    /// A keyed session over a loaded trunk part that holds every layer `keys` may draw; `keys`
-    /// stand for what the device sends in the session handshake.
-    pub fn keyed(part: Arc<ModelPart>, keys: &SessionKeys) -> Result<Self, TrunkError> {
-        let keyed = KeyedTrunk::new(part.clone(), keys)?;
-        Ok(Self {
-            part,
-            mode: Mode::Keyed(Box::new(keyed)),
-        })
-    }
-
-    /// Bytes held by this session's KV cache (a plain session's).
+    /// Bytes held by this session's KV cache.
     pub fn cache_bytes(&self) -> usize {
-        match &self.mode {
-            Mode::Plain(cache) => cache.bytes(),
-            Mode::Keyed(_) => 0,
-        }
+        self.state.cache_bytes()
     }
 }
 
@@ -117,23 +90,7 @@ impl Trunk for LocalTrunk {
         true
     }
 
-    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
-        let Mode::Plain(cache) = &mut self.mode else {
-            return Err(TrunkError::Policy(
-                "this trunk session is keyed: it takes steps, not bare rows".into(),
-            ));
-        };
-        let hidden = rows.decode(self.part.device())?;
-        let out = self.part.forward(&hidden, rows.start, cache)?;
-        Ok(rows.codec.encode(&out, rows.start)?)
-    }
-
     fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
-        match &mut self.mode {
-            Mode::Keyed(keyed) => keyed.step(message),
-            Mode::Plain(_) => Err(TrunkError::Policy(
-                "this trunk session was opened without keys: it takes bare rows, not steps".into(),
-            )),
-        }
+        self.state.step(message)
     }
 }

@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use lsplit_model::{ModelPart, ModelSource, SplitPlan};
-use lsplit_split::{Agreement, DeviceModel, GreedyRun, LocalTrunk, Session, load_tokenizer};
+use lsplit_split::{
+    Agreement, DeviceModel, GreedyRun, LocalTrunk, Obfuscation, Session, SplitPolicy,
+    load_tokenizer,
+};
 use lsplit_wire::Codec;
 
 /// Three of the prompts of `lsplit bench --quality`. f16 does not keep every prompt's greedy
@@ -35,8 +38,10 @@ const F16_AGREEING: usize = 36;
 const BOUNDS: [(Codec, f32); 3] = [(Codec::F16, 2.5), (Codec::Bf16, 2.5), (Codec::Int8, 5.0)];
 
 fn session<'m>(model: &'m DeviceModel, trunk: &Arc<ModelPart>) -> Session<'m> {
+    let keys = model.new_keys(Obfuscation::None).expect("keys");
+    let trunk = LocalTrunk::new(trunk.clone(), &keys).expect("trunk session");
     model
-        .session(Some(Box::new(LocalTrunk::new(trunk.clone()))))
+        .session(Box::new(trunk), &keys)
         .expect("split session")
 }
 
@@ -52,8 +57,14 @@ fn lossy_codecs_stay_close_to_f32_and_f16_keeps_most_of_the_greedy_output() {
             .expect("trunk"),
     );
     let model = |codec| {
-        DeviceModel::split(&source, plan, tokenizer.clone(), codec, &Device::Cpu)
-            .expect("device model")
+        DeviceModel::split(
+            &source,
+            SplitPolicy::fixed(plan),
+            tokenizer.clone(),
+            codec,
+            &Device::Cpu,
+        )
+        .expect("device model")
     };
     let reference = model(Codec::F32);
     let lossy: Vec<(Codec, f32, DeviceModel)> = BOUNDS

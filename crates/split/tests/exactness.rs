@@ -18,8 +18,8 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Device;
 use lsplit_model::{KvPrecision, ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_split::{
-    DeviceModel, GenerateOptions, Generation, LocalTrunk, Session, StopReason, Trunk,
-    load_tokenizer,
+    DeviceModel, GenerateOptions, Generation, LocalTrunk, Obfuscation, Session, SessionKeys,
+    SplitPolicy, StopReason, Trunk, load_tokenizer,
 };
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
@@ -60,7 +60,7 @@ fn fixture() -> &'static Fixture {
             .prompt_tokens("The three primary colours are", true)
             .expect("prompt");
         assert!(prompt.len() <= 8, "{prompt:?}");
-        let mut session = unsplit.session(None).expect("unsplit session");
+        let mut session = unsplit.unsplit_session().expect("unsplit session");
         let mut logits = vec![session.forward(&prompt).expect("prefill")];
         let mut tokens = Vec::new();
         for _ in 0..DECODE_STEPS {
@@ -87,7 +87,8 @@ fn fixture() -> &'static Fixture {
 /// The device side of `plan` with `codec`, and a fresh in-process trunk session for it.
 fn split_model(plan: SplitPlan, codec: Codec) -> (DeviceModel, Arc<lsplit_model::ModelPart>) {
     let f = fixture();
-    let device = DeviceModel::split(&f.source, plan, f.tokenizer.clone(), codec, &Device::Cpu)
+    let policy = SplitPolicy::fixed(plan);
+    let device = DeviceModel::split(&f.source, policy, f.tokenizer.clone(), codec, &Device::Cpu)
         .expect("load head and tail");
     let trunk = f
         .source
@@ -97,8 +98,11 @@ fn split_model(plan: SplitPlan, codec: Codec) -> (DeviceModel, Arc<lsplit_model:
 }
 
 fn session<'m>(model: &'m DeviceModel, trunk: &Arc<lsplit_model::ModelPart>) -> Session<'m> {
-    let trunk: Box<dyn Trunk> = Box::new(LocalTrunk::new(trunk.clone()));
-    model.session(Some(trunk)).expect("split session")
+    let keys = model.new_keys(Obfuscation::None).expect("keys");
+    let trunk = LocalTrunk::new(trunk.clone(), &keys).expect("trunk session");
+    model
+        .session(Box::new(trunk), &keys)
+        .expect("split session")
 }
 
 /// Runs the prompt and the reference's greedy tokens through split `k1:k2` and compares every
@@ -204,7 +208,7 @@ fn check_wire_bytes(g: &Generation, prompt: usize, bytes_per_value: u64) {
 #[test]
 fn greedy_generation_is_identical_across_splits() {
     let f = fixture();
-    let mut reference = f.unsplit.session(None).expect("unsplit session");
+    let mut reference = f.unsplit.unsplit_session().expect("unsplit session");
     let expected = generate(&mut reference, &f.prompt, GENERATED);
     assert_eq!(expected.stop, StopReason::MaxTokens, "{:?}", expected.text);
     assert_eq!(expected.tokens.len(), GENERATED);
@@ -231,7 +235,7 @@ const LONG: usize = 64;
 #[test]
 fn reduced_precision_kv_caches_keep_split_equal_to_unsplit() {
     let f = fixture();
-    let mut reference = f.unsplit.session(None).expect("unsplit session");
+    let mut reference = f.unsplit.unsplit_session().expect("unsplit session");
     let exact = generate(&mut reference, &f.prompt, LONG);
     let path = lsplit_fetch::ensure_default_model().expect("fetch the default model");
     for precision in [KvPrecision::F16, KvPrecision::Q8] {
@@ -241,14 +245,20 @@ fn reduced_precision_kv_caches_keep_split_equal_to_unsplit() {
             .expect("load the unsplit model");
         assert_eq!(unsplit.parts()[0].kv_precision(), precision);
         let expected = generate(
-            &mut unsplit.session(None).expect("session"),
+            &mut unsplit.unsplit_session().expect("session"),
             &f.prompt,
             LONG,
         );
         let plan = SplitPlan::new(3, 27, LAYERS).expect("plan");
-        let model =
-            DeviceModel::split(&source, plan, f.tokenizer.clone(), Codec::F32, &Device::Cpu)
-                .expect("load head and tail");
+        let policy = SplitPolicy::fixed(plan);
+        let model = DeviceModel::split(
+            &source,
+            policy,
+            f.tokenizer.clone(),
+            Codec::F32,
+            &Device::Cpu,
+        )
+        .expect("load head and tail");
         let trunk = Arc::new(
             source
                 .load_part(&plan.trunk(), &Device::Cpu)
@@ -260,9 +270,9 @@ fn reduced_precision_kv_caches_keep_split_equal_to_unsplit() {
 
         // Against the f32 cache, teacher-forced on its tokens: the same choice at nearly every
         // step, and logits within a bound.
-        let mut s = unsplit.session(None).expect("session");
+        let mut s = unsplit.unsplit_session().expect("session");
         let mut ours = vec![s.forward(&f.prompt).expect("prefill")];
-        let mut theirs = f.unsplit.session(None).expect("session");
+        let mut theirs = f.unsplit.unsplit_session().expect("session");
         let mut exact_logits = vec![theirs.forward(&f.prompt).expect("prefill")];
         for &token in &exact.tokens[..LONG - 1] {
             ours.push(s.forward(&[token]).expect("step"));
@@ -348,7 +358,7 @@ fn prompt_longer_than_the_context_is_refused() {
     let too_long = vec![f.prompt[0]; CONTEXT + 1];
     let message = "the prompt is 8193 tokens long but the model's context length is 8192";
 
-    let mut unsplit = f.unsplit.session(None).expect("unsplit session");
+    let mut unsplit = f.unsplit.unsplit_session().expect("unsplit session");
     let options = GenerateOptions::default();
     assert_eq!(
         unsplit
@@ -391,8 +401,12 @@ fn prompt_longer_than_the_context_is_refused() {
     assert_eq!(bits(&logits), bits(&f.logits[0]));
 }
 
-fn session_err(model: &DeviceModel, trunk: Option<Box<dyn Trunk>>) -> String {
-    match model.session(trunk) {
+fn session_err(model: &DeviceModel, trunk: Option<Box<dyn Trunk>>, keys: &SessionKeys) -> String {
+    let result = match trunk {
+        Some(trunk) => model.session(trunk, keys),
+        None => model.unsplit_session(),
+    };
+    match result {
         Ok(_) => panic!("the session must be refused"),
         Err(e) => e.to_string(),
     }
@@ -403,34 +417,45 @@ fn trunk_layers_must_match_the_plan() {
     let f = fixture();
     let plan = SplitPlan::new(3, 27, LAYERS).expect("plan");
     let (model, trunk) = split_model(plan, Codec::F32);
+    let keys = model.new_keys(Obfuscation::None).expect("keys");
     let message = "the trunk's layers do not match the device's split points";
     for layers in [3..26, 2..27, 4..28, 0..30] {
-        let part = f
-            .source
-            .load_part(
-                &PartSpec {
-                    kind: PartKind::Trunk,
-                    layers: layers.clone(),
-                },
-                &Device::Cpu,
-            )
-            .expect("load trunk");
-        let wrong: Box<dyn Trunk> = Box::new(LocalTrunk::new(Arc::new(part)));
-        assert_eq!(wrong.layers(), layers);
-        assert_eq!(session_err(&model, Some(wrong)), message, "{layers:?}");
+        let wrong: Box<dyn Trunk> = Box::new(Holding(layers.clone()));
+        assert_eq!(
+            session_err(&model, Some(wrong), &keys),
+            message,
+            "{layers:?}"
+        );
     }
+    // An in-process trunk session refuses keys whose draws need layers it does not hold.
+    let narrow = f
+        .source
+        .load_part(
+            &PartSpec {
+                kind: PartKind::Trunk,
+                layers: 4..27,
+            },
+            &Device::Cpu,
+        )
+        .expect("load trunk");
     assert_eq!(
-        session_err(&model, None),
+        LocalTrunk::new(Arc::new(narrow), &keys)
+            .expect_err("narrow")
+            .to_string(),
+        "the policy (fixed 3:27) needs trunk layers 3..27 but this trunk holds 4..27"
+    );
+    assert_eq!(
+        session_err(&model, None, &keys),
         "a split model needs a trunk session"
     );
-    let right: Box<dyn Trunk> = Box::new(LocalTrunk::new(trunk.clone()));
+    let right: Box<dyn Trunk> = Box::new(LocalTrunk::new(trunk.clone(), &keys).expect("trunk"));
     assert_eq!(
-        session_err(&f.unsplit, Some(right)),
+        session_err(&f.unsplit, Some(right), &keys),
         "an unsplit model takes no trunk"
     );
 
     // A trunk session refuses rows that skip positions.
-    let mut local = LocalTrunk::new(trunk);
+    let mut local = LocalTrunk::new(trunk, &keys).expect("trunk");
     let rows = Codec::F32
         .encode(
             &candle_core::Tensor::zeros((2, HIDDEN), candle_core::DType::F32, &Device::Cpu)
@@ -439,10 +464,29 @@ fn trunk_layers_must_match_the_plan() {
         )
         .expect("encode");
     assert_eq!(
-        local.forward(&rows).expect_err("wrong start").to_string(),
-        "rows start at position 5 but this part's KV cache holds 0 positions"
+        local
+            .step(&keys.uplink(0, rows))
+            .expect_err("wrong start")
+            .to_string(),
+        "desync: step 0 sends rows 5..7 but the trunk needs rows from 0 past 0"
     );
     assert_eq!(local.cache_bytes(), 0);
+}
+
+/// A trunk that holds `layers` and answers no step: what the device checks before a session.
+struct Holding(std::ops::Range<usize>);
+
+impl Trunk for Holding {
+    fn layers(&self) -> std::ops::Range<usize> {
+        self.0.clone()
+    }
+
+    fn step(
+        &mut self,
+        _: &lsplit_split::StepRows,
+    ) -> Result<lsplit_split::StepRows, lsplit_split::TrunkError> {
+        Err(lsplit_split::TrunkError::Transport("never reached".into()))
+    }
 }
 
 /// A trunk that records whether each of its steps ran on a thread of the compute pool.
@@ -457,21 +501,14 @@ impl Trunk for PoolProbe {
         self.inner.layers()
     }
 
-    fn forward(
-        &mut self,
-        rows: &lsplit_wire::HiddenRows,
-    ) -> Result<lsplit_wire::HiddenRows, lsplit_split::TrunkError> {
-        self.on_pool
-            .lock()
-            .expect("probe")
-            .push(rayon::current_thread_index().is_some());
-        self.inner.forward(rows)
-    }
-
     fn step(
         &mut self,
         message: &lsplit_split::StepRows,
     ) -> Result<lsplit_split::StepRows, lsplit_split::TrunkError> {
+        self.on_pool
+            .lock()
+            .expect("probe")
+            .push(rayon::current_thread_index().is_some());
         self.inner.step(message)
     }
 
@@ -489,12 +526,13 @@ fn only_an_in_process_trunk_runs_on_the_compute_pool() {
     let (model, trunk) = split_model(SplitPlan::new(2, 28, LAYERS).expect("plan"), Codec::F32);
     for in_process in [true, false] {
         let on_pool = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keys = model.new_keys(Obfuscation::None).expect("keys");
         let probe = PoolProbe {
-            inner: LocalTrunk::new(trunk.clone()),
+            inner: LocalTrunk::new(trunk.clone(), &keys).expect("trunk"),
             in_process,
             on_pool: on_pool.clone(),
         };
-        let mut session = model.session(Some(Box::new(probe))).expect("session");
+        let mut session = model.session(Box::new(probe), &keys).expect("session");
         let logits = session.forward(&f.prompt).expect("prefill");
         assert_eq!(
             bits(&logits),

@@ -20,7 +20,7 @@ use lsplit_split::{
     CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys,
     SessionSecret, SplitPolicy, StepRows, Trunk, TrunkError, Way, load_tokenizer, read_capture,
 };
-use lsplit_wire::{Codec, HiddenRows};
+use lsplit_wire::Codec;
 
 const LAYERS: usize = 30;
 const HIDDEN: usize = 576;
@@ -50,7 +50,7 @@ fn fixture() -> &'static Fixture {
             DeviceModel::unsplit(&source, tokenizer.clone(), &Device::Cpu).expect("unsplit model");
         let policy = SplitPolicy::random(&[1, 2, 3, 4], &[26, 27, 28, 29], LAYERS).expect("policy");
         let keyed =
-            DeviceModel::keyed(&source, policy.clone(), tokenizer, Codec::F32, &Device::Cpu)
+            DeviceModel::split(&source, policy.clone(), tokenizer, Codec::F32, &Device::Cpu)
                 .expect("keyed head and tail");
         assert_eq!(keyed.trunk_layers(), Some(1..29));
         let parts = keyed.parts();
@@ -81,7 +81,7 @@ fn fixture() -> &'static Fixture {
                 false,
             )
             .expect("prompt");
-        let mut session = unsplit.session(None).expect("unsplit session");
+        let mut session = unsplit.unsplit_session().expect("unsplit session");
         let mut logits = vec![session.forward(&prompt).expect("prefill")];
         let mut tokens = Vec::new();
         for _ in 0..GENERATED {
@@ -111,17 +111,14 @@ fn keys(seed: u8, obfuscation: Obfuscation) -> SessionKeys {
 }
 
 fn local(keys: &SessionKeys) -> Box<dyn Trunk> {
-    Box::new(LocalTrunk::keyed(fixture().trunk.clone(), keys).expect("keyed trunk"))
+    Box::new(LocalTrunk::new(fixture().trunk.clone(), keys).expect("keyed trunk"))
 }
 
 /// Runs the prompt and the reference's greedy tokens through a keyed session and compares every
 /// step's logits with the unsplit model's, bit for bit. Returns the session's stats.
 fn check_exact(keys: &SessionKeys) -> lsplit_split::Stats {
     let f = fixture();
-    let mut s = f
-        .keyed
-        .keyed_session(local(keys), keys)
-        .expect("keyed session");
+    let mut s = f.keyed.session(local(keys), keys).expect("keyed session");
     let mut logits = s.forward(&f.prompt).expect("prefill");
     for (step, expected) in f.logits.iter().enumerate() {
         assert!(
@@ -168,7 +165,7 @@ fn greedy_generation_matches_the_unsplit_model() {
         max_tokens: GENERATED,
         ..GenerateOptions::default()
     };
-    let mut reference = f.unsplit.session(None).expect("unsplit");
+    let mut reference = f.unsplit.unsplit_session().expect("unsplit");
     let expected = reference
         .generate(&f.prompt, &options, &mut |_| {})
         .expect("generate");
@@ -178,7 +175,7 @@ fn greedy_generation_matches_the_unsplit_model() {
             secret: SessionSecret::generate(),
             ..keys(0, obfuscation)
         };
-        let mut s = f.keyed.keyed_session(local(&keys), &keys).expect("session");
+        let mut s = f.keyed.session(local(&keys), &keys).expect("session");
         let got = s
             .generate(&f.prompt, &options, &mut |_| {})
             .expect("generate");
@@ -191,8 +188,8 @@ fn greedy_generation_matches_the_unsplit_model() {
 fn steps_of_several_tokens_catch_up_too() {
     let f = fixture();
     let keys = keys(5, Obfuscation::Permute);
-    let mut s = f.keyed.keyed_session(local(&keys), &keys).expect("session");
-    let mut whole = f.unsplit.session(None).expect("unsplit");
+    let mut s = f.keyed.session(local(&keys), &keys).expect("session");
+    let mut whole = f.unsplit.unsplit_session().expect("unsplit");
     let steps: [&[u32]; 5] = [
         &f.prompt[..3],
         &f.prompt[3..],
@@ -222,10 +219,6 @@ impl Trunk for Tamper {
         self.inner.layers()
     }
 
-    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
-        self.inner.forward(rows)
-    }
-
     fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
         let mut up = message.clone();
         let mut down = self.inner.step(&up)?;
@@ -238,7 +231,7 @@ impl Trunk for Tamper {
 /// The error of a keyed session whose trunk is `trunk`, within the first decode steps.
 fn desync(trunk: Box<dyn Trunk>, keys: &SessionKeys) -> String {
     let f = fixture();
-    let mut s = f.keyed.keyed_session(trunk, keys).expect("session");
+    let mut s = f.keyed.session(trunk, keys).expect("session");
     let mut result = s.forward(&f.prompt);
     for &token in &f.tokens[..6] {
         if result.is_err() {
@@ -303,18 +296,13 @@ fn a_desync_is_an_error_never_garbage() {
         },
     };
     assert_eq!(desync(Box::new(moved), &ours), message);
-    // Keys for another policy, or a plain trunk, are refused before any row is computed.
+    // Keys for another policy are refused before any row is computed.
     let f = fixture();
-    let plain: Box<dyn Trunk> = Box::new(LocalTrunk::new(f.trunk.clone()));
-    assert_eq!(
-        desync(plain, &ours),
-        "trunk: this trunk session was opened without keys: it takes bare rows, not steps"
-    );
     let other = SessionKeys {
         policy: SplitPolicy::random(&[1, 2], &[26], LAYERS).expect("policy"),
         ..ours.clone()
     };
-    match f.keyed.keyed_session(local(&ours), &other) {
+    match f.keyed.session(local(&ours), &other) {
         Ok(_) => panic!("keys of another policy must be refused"),
         Err(e) => assert_eq!(
             e.to_string(),
@@ -332,7 +320,7 @@ fn a_desync_is_an_error_never_garbage() {
         )
         .expect("narrow trunk");
     assert_eq!(
-        LocalTrunk::keyed(Arc::new(narrow), &ours)
+        LocalTrunk::new(Arc::new(narrow), &ours)
             .expect_err("narrow")
             .to_string(),
         "the policy (random K1 {1,2,3,4} K2 {26,27,28,29}) needs trunk layers 1..29 but this \
@@ -345,7 +333,7 @@ fn a_capture_holds_exactly_the_bytes_that_crossed() {
     let f = fixture();
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = keys(8, Obfuscation::Permute);
-    let mut s = f.keyed.keyed_session(local(&keys), &keys).expect("session");
+    let mut s = f.keyed.session(local(&keys), &keys).expect("session");
     s.capture(CaptureWriter::create(dir.path()).expect("capture"));
     let options = GenerateOptions {
         max_tokens: 12,
@@ -375,4 +363,39 @@ fn a_capture_holds_exactly_the_bytes_that_crossed() {
     };
     assert_eq!(total(Way::Up), g.stats.bytes_up);
     assert_eq!(total(Way::Down), g.stats.bytes_down);
+}
+
+/// A fixed split and a random split go through the same step path (fixed is the policy with
+/// one draw) and both generate the unsplit model's greedy tokens.
+#[test]
+fn fixed_and_random_splits_take_one_path_to_the_unsplit_tokens() {
+    let f = fixture();
+    let options = GenerateOptions {
+        max_tokens: GENERATED,
+        ..GenerateOptions::default()
+    };
+    let tokenizer = Arc::new(load_tokenizer(&f.source).expect("tokenizer"));
+    let plan = lsplit_model::SplitPlan::new(2, 28, LAYERS).expect("plan");
+    let fixed = DeviceModel::split(
+        &f.source,
+        SplitPolicy::fixed(plan),
+        tokenizer,
+        Codec::F32,
+        &Device::Cpu,
+    )
+    .expect("fixed head and tail");
+    let fixed_trunk = Arc::new(
+        f.source
+            .load_part(&plan.trunk(), &Device::Cpu)
+            .expect("fixed trunk"),
+    );
+    for (model, trunk) in [(&fixed, &fixed_trunk), (&f.keyed, &f.trunk)] {
+        let keys = model.new_keys(Obfuscation::None).expect("keys");
+        let local = LocalTrunk::new(trunk.clone(), &keys).expect("trunk session");
+        let mut s = model.session(Box::new(local), &keys).expect("session");
+        let got = s
+            .generate(&f.prompt, &options, &mut |_| {})
+            .expect("generate");
+        assert_eq!(got.tokens, f.tokens, "{}", keys.policy);
+    }
 }

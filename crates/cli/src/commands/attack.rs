@@ -12,8 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_attack::{Attacker, Knowledge, Rate, Recovery, Scores};
 use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_split::{
-    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys,
-    SessionSecret, SplitPolicy, read_capture,
+    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SplitPolicy, read_capture,
 };
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
@@ -283,7 +282,7 @@ fn table(
             k1 >= 1 && 2 * (k1 + 3) < layers,
             "--grid-k1 {k1} does not fit {layers} layers"
         );
-        let fixed = SplitPolicy::fixed(SplitPlan::new(k1, layers - k1, layers)?)?;
+        let fixed = SplitPolicy::fixed(SplitPlan::new(k1, layers - k1, layers)?);
         let random = SplitPolicy::random(
             &(k1..=k1 + 3).collect::<Vec<_>>(),
             &(layers - k1 - 3..=layers - k1).collect::<Vec<_>>(),
@@ -351,7 +350,7 @@ fn table(
             },
             &device,
         )?);
-        let model = DeviceModel::keyed(
+        let model = DeviceModel::split(
             source,
             setting.policy.clone(),
             Arc::clone(&tokenizer),
@@ -360,15 +359,9 @@ fn table(
         )?;
         let mut total = Scores::default();
         for prompt in &prompts {
-            let keys = SessionKeys {
-                policy: setting.policy.clone(),
-                obfuscation: setting.obfuscation,
-                secret: SessionSecret::generate(),
-            };
-            let mut session = model.keyed_session(
-                Box::new(LocalTrunk::keyed(Arc::clone(&trunk), &keys)?),
-                &keys,
-            )?;
+            let keys = model.new_keys(setting.obfuscation)?;
+            let mut session =
+                model.session(Box::new(LocalTrunk::new(Arc::clone(&trunk), &keys)?), &keys)?;
             if scratch.exists() {
                 std::fs::remove_dir_all(&scratch)?;
             }

@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_model::{ModelPart, SplitPlan};
-use lsplit_split::{DeviceModel, LocalTrunk, Sampler, SamplingParams, Session, Trunk};
+use lsplit_split::{
+    DeviceModel, LocalTrunk, Obfuscation, Sampler, SamplingParams, Session, SplitPolicy,
+};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
@@ -124,7 +126,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.only != Some(Config::Unsplit) {
         columns.push(Column {
             config: Config::Split,
-            model: DeviceModel::split(&source, plan, tokenizer.clone(), args.codec, &device)?,
+            model: DeviceModel::split(
+                &source,
+                SplitPolicy::fixed(plan),
+                tokenizer.clone(),
+                args.codec,
+                &device,
+            )?,
             trunk: Some(Arc::new(source.load_part(&plan.trunk(), &device)?)),
             measure: Measure::default(),
         });
@@ -196,10 +204,11 @@ fn session<'a>(
     model: &'a DeviceModel,
     trunk: &Option<Arc<ModelPart>>,
 ) -> anyhow::Result<Session<'a>> {
-    let trunk = trunk
-        .clone()
-        .map(|part| Box::new(LocalTrunk::new(part)) as Box<dyn Trunk>);
-    Ok(model.session(trunk)?)
+    let Some(part) = trunk else {
+        return Ok(model.unsplit_session()?);
+    };
+    let keys = model.new_keys(Obfuscation::None)?;
+    Ok(model.session(Box::new(LocalTrunk::new(part.clone(), &keys)?), &keys)?)
 }
 
 /// Prints the options, every run and the medians of each configuration as one JSON object.

@@ -7,10 +7,11 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_model::{ModelPart, ModelSource, SplitPlan};
 use lsplit_split::{
-    Agreement, DeviceModel, GreedyRun, LocalTrunk, Session, StepRows, Trunk, TrunkError,
+    Agreement, DeviceModel, GreedyRun, LocalTrunk, Obfuscation, Session, SplitPolicy, StepRows,
+    Trunk, TrunkError,
 };
 use lsplit_tokenizer::Tokenizer;
-use lsplit_wire::{Codec, HiddenRows};
+use lsplit_wire::Codec;
 
 /// The prompts, sent through the model's chat template: facts, arithmetic, code, stories,
 /// lists, translation, advice and reasoning, short and long.
@@ -50,17 +51,17 @@ impl Trunk for NudgedTrunk {
         self.0.layers()
     }
 
-    fn forward(&mut self, rows: &HiddenRows) -> Result<HiddenRows, TrunkError> {
-        let hidden = rows.decode(&candle_core::Device::Cpu)?;
-        let nudged = hidden
+    /// The tag covers the rows' shape, not their values: the nudged step keeps it.
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        let rows = &message.rows;
+        let nudged = rows
+            .decode(&candle_core::Device::Cpu)?
             .affine(1.0 + f64::from(f32::EPSILON), 0.0)
             .map_err(lsplit_model::ModelError::from)?;
-        self.0.forward(&Codec::F32.encode(&nudged, rows.start)?)
-    }
-
-    /// The quality bench runs plain sessions only; a keyed step is refused by the inner trunk.
-    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
-        self.0.step(message)
+        self.0.step(&StepRows {
+            rows: Codec::F32.encode(&nudged, rows.start)?,
+            ..message.clone()
+        })
     }
 }
 
@@ -97,7 +98,8 @@ impl CodecResult {
 }
 
 fn session<'a>(model: &'a DeviceModel, trunk: &Arc<ModelPart>) -> anyhow::Result<Session<'a>> {
-    Ok(model.session(Some(Box::new(LocalTrunk::new(trunk.clone()))))?)
+    let keys = model.new_keys(Obfuscation::None)?;
+    Ok(model.session(Box::new(LocalTrunk::new(trunk.clone(), &keys)?), &keys)?)
 }
 
 /// Measures f16, bf16 and int8 against f32 on split `plan`, `tokens` greedy tokens per prompt,
@@ -112,7 +114,15 @@ pub fn run(
     anyhow::ensure!(tokens > 0, "--decode-tokens must be at least 1");
     let device = candle_core::Device::Cpu;
     let trunk = Arc::new(source.load_part(&plan.trunk(), &device)?);
-    let model = |codec| DeviceModel::split(source, plan, tokenizer.clone(), codec, &device);
+    let model = |codec| {
+        DeviceModel::split(
+            source,
+            SplitPolicy::fixed(plan),
+            tokenizer.clone(),
+            codec,
+            &device,
+        )
+    };
     let reference = model(Codec::F32)?;
     let lossy = [Codec::F16, Codec::Bf16, Codec::Int8];
     let lossy_models = lossy
@@ -129,8 +139,9 @@ pub fn run(
         })
         .collect();
     let nudged = || -> anyhow::Result<Session<'_>> {
-        let trunk = Box::new(NudgedTrunk(LocalTrunk::new(trunk.clone())));
-        Ok(reference.session(Some(trunk))?)
+        let keys = reference.new_keys(Obfuscation::None)?;
+        let trunk = Box::new(NudgedTrunk(LocalTrunk::new(trunk.clone(), &keys)?));
+        Ok(reference.session(trunk, &keys)?)
     };
     let mut largest_logit = 0f32;
 

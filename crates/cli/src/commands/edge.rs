@@ -186,7 +186,8 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
     let server = EdgeServer::new(EdgeConfig {
         model,
         model_id: model_id.clone(),
-        trunks: trunks.map(|t| Box::new(move || t.open()) as OpenTrunk),
+        trunks: trunks
+            .map(|t| Box::new(move |keys: &lsplit_split::SessionKeys| t.open(keys)) as OpenTrunk),
         trunk_location: trunk_location.clone(),
         defaults,
         api_key: args.api_key.clone(),

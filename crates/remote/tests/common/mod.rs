@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
-use lsplit_model::{KvPrecision, ModelSource, SplitPlan};
+use lsplit_model::{KvPrecision, ModelPart, ModelSource, SplitPlan};
 use lsplit_proto::TrunkFingerprint;
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_server::{DevCertificates, Limits, ServerOptions, ServerStats, TlsFiles, TrunkServer};
-use lsplit_split::{DeviceModel, GenerateOptions, LocalTrunk, Trunk, load_tokenizer};
+use lsplit_split::{
+    DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SplitPolicy, Trunk,
+    load_tokenizer,
+};
 use lsplit_wire::Codec;
 
 pub const PROMPT: &str = "The three primary colors are";
@@ -156,22 +159,48 @@ pub fn device_model(path: &Path, k1: usize, k2: usize, codec: Codec) -> DeviceMo
     let source = source(path);
     let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
     let plan = SplitPlan::new(k1, k2, source.config().num_layers).expect("split");
-    DeviceModel::split(&source, plan, tokenizer, codec, &Device::Cpu).expect("device model")
+    DeviceModel::split(
+        &source,
+        SplitPolicy::fixed(plan),
+        tokenizer,
+        codec,
+        &Device::Cpu,
+    )
+    .expect("device model")
+}
+
+/// A trunk that opens its session with the keys a generation gives it.
+pub trait Unkeyed {
+    fn keyed(self: Box<Self>, keys: &SessionKeys) -> Box<dyn Trunk>;
+}
+
+impl Unkeyed for RemoteTrunk {
+    fn keyed(self: Box<Self>, keys: &SessionKeys) -> Box<dyn Trunk> {
+        Box::new(self.with_keys(keys.clone()))
+    }
+}
+
+impl Unkeyed for Arc<ModelPart> {
+    fn keyed(self: Box<Self>, keys: &SessionKeys) -> Box<dyn Trunk> {
+        Box::new(LocalTrunk::new(*self, keys).expect("trunk session"))
+    }
 }
 
 /// Generates greedily from [`PROMPT`] with `trunk`.
-pub fn generate(model: &DeviceModel, trunk: Box<dyn Trunk>) -> Vec<u32> {
+pub fn generate(model: &DeviceModel, trunk: Box<dyn Unkeyed>) -> Vec<u32> {
     generate_from(model, trunk, PROMPT)
 }
 
-/// Generates greedily from `prompt` (raw, no chat template) with `trunk`.
-pub fn generate_from(model: &DeviceModel, trunk: Box<dyn Trunk>, prompt: &str) -> Vec<u32> {
+/// Generates greedily from `prompt` (raw, no chat template) with `trunk`, in a session with
+/// fresh keys.
+pub fn generate_from(model: &DeviceModel, trunk: Box<dyn Unkeyed>, prompt: &str) -> Vec<u32> {
     let prompt = model.prompt_tokens(prompt, true).expect("prompt");
     let options = GenerateOptions {
         max_tokens: MAX_TOKENS,
         ..GenerateOptions::default()
     };
-    let mut session = model.session(Some(trunk)).expect("session");
+    let keys = model.new_keys(Obfuscation::None).expect("keys");
+    let mut session = model.session(trunk.keyed(&keys), &keys).expect("session");
     session
         .generate(&prompt, &options, &mut |_| {})
         .expect("generate")
@@ -188,7 +217,7 @@ pub fn in_process(path: &Path, k1: usize, k2: usize, codec: Codec) -> Vec<u32> {
             .load_part(&plan.trunk(), &Device::Cpu)
             .expect("trunk"),
     );
-    generate(&model, Box::new(LocalTrunk::new(part)))
+    generate(&model, Box::new(part))
 }
 
 /// Connects to `server` and checks its fingerprint against the device's own model.

@@ -1,6 +1,12 @@
-//! Both ends of a keyed session: split points drawn per step from the session secret, KV
-//! catch-up between parts, tags that turn any disagreement into an error, and the optional
-//! permutation of the hidden dimension on the wire.
+//! Both ends of one step of a split session: split points drawn per step from the session
+//! secret, KV catch-up between parts, tags that turn any disagreement into an error, and the
+//! optional permutation of the hidden dimension on the wire.
+//!
+//! Every split session runs this one path. A fixed split is the policy with one draw: it never
+//! catches up and never keeps rows past its step, so it costs what a bare forward pass costs
+//! plus two tags. Each session gets fresh [`SessionKeys`], fixed or random, so tags, capture
+//! and protocol are the same for both, and a fixed session's tags still catch a device and a
+//! trunk that disagree on the step or the rows.
 //!
 //! Each step `s` draws `(k1, k2)`. The head runs layers `[0, k1)`, the trunk `[k1, k2)`, the
 //! tail `[k2, L)`. A part that is given a layer it skipped at earlier steps first catches it up
@@ -8,17 +14,21 @@
 //! trunk has not run `k1` at (catch-up rows, then the step's own); the downlink carries the rows
 //! at layer `k2` from the first position the tail has not run `k2` at. Both ends know those
 //! positions from the draws, check them, and check each message's tag.
+//!
+//! A new kind of step (several tokens checked at once, a backward pass) is a new pair of
+//! methods here: [`DeviceState`] builds and reads the messages, [`TrunkState`] answers them in
+//! the same three stages the server's engine drives (prepare, layers, finish).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use lsplit_model::ModelPart;
+use lsplit_model::{KvCache, ModelPart};
 use lsplit_wire::Codec;
 
-use crate::policy::{Direction, Schedule};
+use crate::policy::{Direction, Draw, Schedule};
 use crate::staged::{Incoming, StageError, StagedPart};
-use crate::{SessionKeys, SplitError, StepRows, TrunkError};
+use crate::{SessionKeys, SplitError, StepRows, Trunk, TrunkError};
 
 impl From<StageError> for TrunkError {
     fn from(error: StageError) -> Self {
@@ -83,24 +93,48 @@ fn tag_mismatch(direction: &str, step: u64) -> String {
     )
 }
 
-/// The trunk's side of a keyed session, shared by the in-process trunk and the trunk server.
-pub struct KeyedTrunk {
+fn candle(error: candle_core::Error) -> TrunkError {
+    TrunkError::Model(error.into())
+}
+
+/// The trunk's side of a split session, shared by the in-process trunk and the trunk server.
+///
+/// [`TrunkState::step`] answers one message. The server's engine runs the same step in three
+/// stages so that steps of many sessions can share their layers' products:
+/// [`TrunkState::prepare`] (checks, tag, decode, catch-up), the drawn layers (alone with
+/// [`TrunkState::compute`], or in a batch through [`TrunkState::batch_input`]), then
+/// [`TrunkState::finish`] or [`TrunkState::finish_batched`] (the rows the tail needs,
+/// disguised, encoded and tagged).
+pub struct TrunkState {
     part: StagedPart,
     schedule: Schedule,
     next_step: u64,
     tail: Mirror,
 }
 
-impl std::fmt::Debug for KeyedTrunk {
+impl std::fmt::Debug for TrunkState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyedTrunk")
+        f.debug_struct("TrunkState")
             .field("policy", self.schedule.policy())
             .field("next_step", &self.next_step)
             .finish()
     }
 }
 
-impl KeyedTrunk {
+/// A step whose message passed its checks and whose catch-up ran: its own rows wait for the
+/// drawn layers.
+#[derive(Debug)]
+pub struct PreparedStep {
+    step: u64,
+    draw: Draw,
+    /// Where the step's own rows start.
+    position: usize,
+    /// The step's own rows at layer `draw.k1`.
+    input: Tensor,
+    codec: Codec,
+}
+
+impl TrunkState {
     /// A session over `part`, which must hold every layer the policy of `keys` may give the
     /// trunk.
     pub fn new(part: Arc<ModelPart>, keys: &SessionKeys) -> Result<Self, TrunkError> {
@@ -112,8 +146,8 @@ impl KeyedTrunk {
                 keys.policy
             )));
         }
-        let schedule = Schedule::new(keys, part.config().hidden_size, part.device())
-            .map_err(|e| TrunkError::Model(e.into()))?;
+        let schedule =
+            Schedule::new(keys, part.config().hidden_size, part.device()).map_err(candle)?;
         Ok(Self {
             part: StagedPart::new(part, keys.policy.k2s()),
             schedule,
@@ -132,9 +166,29 @@ impl KeyedTrunk {
         self.part.layer_rows()
     }
 
+    /// Where the next step's uplink rows must start: the first position the trunk has not run
+    /// that step's K1 at (the session's position, unless the trunk catches up).
+    pub fn expected_start(&self) -> usize {
+        let draw = self.schedule.draw(self.next_step);
+        self.part.layer_len(draw.k1, self.part.position())
+    }
+
+    /// Bytes held by this session's KV cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.part.cache().bytes()
+    }
+
     /// Runs one step: checks the message against this session's draw, catches up, runs the
     /// drawn layers and answers with the rows the tail needs.
     pub fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        let prepared = self.prepare(message)?;
+        self.compute(&prepared)?;
+        self.finish(prepared)
+    }
+
+    /// The first stage of [`TrunkState::step`]: checks the message's step, tag and rows,
+    /// decodes and reveals them, and catches up the drawn layers.
+    pub fn prepare(&mut self, message: &StepRows) -> Result<PreparedStep, TrunkError> {
         let step = message.step;
         if step != self.next_step {
             return Err(TrunkError::Desync(format!(
@@ -159,36 +213,89 @@ impl KeyedTrunk {
         let hidden = self
             .schedule
             .reveal(&rows.decode(self.part.part().device())?)
-            .map_err(|e| TrunkError::Model(e.into()))?;
-        let count = rows.start + rows.rows - position;
-        let current = hidden
-            .narrow(0, position - rows.start, count)
-            .map_err(|e| TrunkError::Model(e.into()))?;
+            .map_err(candle)?;
+        let input = hidden
+            .narrow(0, position - rows.start, rows.start + rows.rows - position)
+            .map_err(candle)?;
         let incoming = Incoming {
             layer: draw.k1,
             from: rows.start,
             rows: &hidden,
         };
         self.part
-            .step(position, current, draw.k1..draw.k2, Some(incoming))?;
-        let end = position + count;
+            .begin(position, &input, draw.k1..draw.k2, Some(incoming))?;
+        Ok(PreparedStep {
+            step,
+            draw,
+            position,
+            input,
+            codec: rows.codec,
+        })
+    }
+
+    /// True when a prepared step's drawn layers are the whole trunk part in one run, so
+    /// [`ModelPart::forward_batch`] may run it with other sessions' steps
+    /// ([`TrunkState::batch_input`]); otherwise it runs alone ([`TrunkState::compute`]).
+    pub fn batchable(&self, prepared: &PreparedStep) -> bool {
+        self.part.runs_whole(prepared.draw.k1..prepared.draw.k2)
+    }
+
+    /// The rows, position and KV cache of a [`TrunkState::batchable`] step, for
+    /// [`ModelPart::forward_batch`].
+    pub fn batch_input<'a>(
+        &'a mut self,
+        prepared: &'a PreparedStep,
+    ) -> (&'a Tensor, usize, &'a mut KvCache) {
+        (&prepared.input, prepared.position, self.part.cache_mut())
+    }
+
+    /// The last stage of a step whose layers ran in a batch ([`TrunkState::batch_input`]):
+    /// records their `output`, then [`TrunkState::finish`].
+    pub fn finish_batched(
+        &mut self,
+        prepared: PreparedStep,
+        output: Tensor,
+    ) -> Result<StepRows, TrunkError> {
+        let draw = prepared.draw;
+        self.part
+            .ran_whole(&prepared.input, &output, draw.k1..draw.k2);
+        self.finish(prepared)
+    }
+
+    /// Runs the drawn layers over a prepared step's rows on their own; the part keeps what
+    /// [`TrunkState::finish`] sends.
+    pub fn compute(&mut self, prepared: &PreparedStep) -> Result<(), TrunkError> {
+        let draw = prepared.draw;
+        self.part
+            .run_last(prepared.input.clone(), draw.k1..draw.k2)?;
+        Ok(())
+    }
+
+    /// The last stage of [`TrunkState::step`], after [`TrunkState::compute`]: answers with the
+    /// rows the tail needs.
+    pub fn finish(&mut self, prepared: PreparedStep) -> Result<StepRows, TrunkError> {
+        let PreparedStep {
+            step,
+            draw,
+            position,
+            input,
+            codec,
+        } = prepared;
+        let end = position + input.dims()[0];
         let from = self.tail.len(draw.k2, position);
         let reply = self.part.rows_at(draw.k2, from)?;
         self.tail.ran(draw.k2..self.schedule.policy().layers(), end);
         let tail = &self.tail;
         self.part.prune(|layer| tail.len(layer, end));
-        let wire = self
-            .schedule
-            .disguise(&reply)
-            .map_err(|e| TrunkError::Model(e.into()))?;
-        let rows = rows.codec.encode(&wire, from)?;
+        let wire = self.schedule.disguise(&reply).map_err(candle)?;
+        let rows = codec.encode(&wire, from)?;
         let tag = self.schedule.tag(Direction::Down, step, &rows);
         self.next_step += 1;
         Ok(StepRows { step, rows, tag })
     }
 }
 
-/// What one keyed step sent and received, for the session's stats and capture.
+/// What one step sent and received, for the session's stats and capture.
 pub(crate) struct Exchange {
     pub(crate) up: StepRows,
     pub(crate) down: StepRows,
@@ -200,23 +307,23 @@ pub(crate) struct Exchange {
     pub(crate) times: [Duration; 3],
 }
 
-/// The device's side of a keyed session: head and tail, the trunk it talks to, and what it
+/// The device's side of a split session: head and tail, the trunk it talks to, and what it
 /// knows of the trunk's caches.
-pub(crate) struct KeyedDevice {
+pub(crate) struct DeviceState {
     head: StagedPart,
     tail: StagedPart,
-    pub(crate) trunk: Box<dyn crate::Trunk>,
+    pub(crate) trunk: Box<dyn Trunk>,
     schedule: Schedule,
     next_step: u64,
     trunk_mirror: Mirror,
     trunk_layer_rows: u64,
 }
 
-impl KeyedDevice {
+impl DeviceState {
     pub(crate) fn new(
         head: Arc<ModelPart>,
         tail: Arc<ModelPart>,
-        trunk: Box<dyn crate::Trunk>,
+        trunk: Box<dyn Trunk>,
         keys: &SessionKeys,
     ) -> Result<Self, SplitError> {
         let schedule = Schedule::new(keys, head.config().hidden_size, head.device())?;
