@@ -85,15 +85,6 @@ pub(crate) struct DiffusionShared {
     pub(crate) counters: Arc<Counters>,
 }
 
-impl std::fmt::Debug for DiffusionShared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiffusionShared")
-            .field("fingerprint", &self.fingerprint)
-            .field("sessions", &self.sessions.active())
-            .finish()
-    }
-}
-
 /// How image sessions are named in statuses.
 const IMAGE_SESSIONS: SessionNames = SessionNames {
     one: "image session",

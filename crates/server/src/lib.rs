@@ -122,13 +122,21 @@ pub struct ServerOptions {
 }
 
 /// Live counters of a running server, shared with its handle.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerStats {
     source: StatsSource,
 }
 
+impl std::fmt::Debug for ServerStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerStats")
+            .field("sessions", &self.sessions())
+            .finish()
+    }
+}
+
 /// Which kind of server the counters belong to.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum StatsSource {
     Trunk(Arc<Shared>),
     Diffusion(Arc<diffusion::DiffusionShared>),
@@ -138,7 +146,7 @@ impl ServerStats {
     /// Sessions open now.
     pub fn sessions(&self) -> usize {
         match &self.source {
-            StatsSource::Trunk(shared) => shared.active.load(Ordering::SeqCst),
+            StatsSource::Trunk(shared) => shared.sessions.active(),
             StatsSource::Diffusion(shared) => shared.sessions.active(),
         }
     }
@@ -211,14 +219,6 @@ impl Server<Limits> {
                 fingerprint.layers,
                 part.spec().layers
             )));
-        }
-        if options.codecs.is_empty() {
-            return Err(ServerError::Config("the server must offer a codec".into()));
-        }
-        if options.limits.max_sessions == 0 {
-            return Err(ServerError::Config(
-                "--max-sessions must be at least 1".into(),
-            ));
         }
         options.limits.max_context = options.limits.max_context.min(part.config().context_length);
         let shared = Arc::new(Shared::new(part, fingerprint, &options)?);
