@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::metrics::Counters;
 use crate::serve::{Endpoint, Server};
 use crate::session_loop::{ReplyStream, SessionKind, SessionNames, Sessions};
-use crate::terms::Terms;
+use crate::terms::{Protocol, Terms};
 use crate::{ServerError, ServerStats, StatsSource, TlsFiles};
 
 /// What a diffusion trunk server accepts; announced to devices in the handshake.
@@ -85,12 +85,11 @@ pub(crate) struct DiffusionShared {
     pub(crate) counters: Arc<Counters>,
 }
 
+/// The diffusion protocol, as statuses name it.
+const DIFFUSION: Protocol = Protocol::new("diffusion", DIFFUSION_PROTOCOL_VERSION, "step codec");
+
 /// How image sessions are named in statuses.
-const IMAGE_SESSIONS: SessionNames = SessionNames {
-    one: "image session",
-    many: "image sessions",
-    closed: "closed",
-};
+const IMAGE_SESSIONS: SessionNames = SessionNames::new("image session", "image sessions", "closed");
 
 /// The diffusion trunk server: a loaded trunk and its fingerprint, served with
 /// [`DiffusionOptions`].
@@ -111,21 +110,13 @@ impl Server<DiffusionLimits> {
             )));
         }
         let terms = Terms::new(
-            "diffusion",
-            DIFFUSION_PROTOCOL_VERSION,
-            "step codec",
+            DIFFUSION,
             options.codecs.clone(),
             fingerprint.sha256,
             &fingerprint,
         )?;
-        let counters = Arc::new(Counters::default());
         let limits = &options.limits;
-        let sessions = Sessions::new(
-            IMAGE_SESSIONS,
-            limits.max_sessions,
-            limits.idle_timeout,
-            counters.clone(),
-        )?;
+        let sessions = Sessions::new(IMAGE_SESSIONS, limits.max_sessions, limits.idle_timeout)?;
         if options.limits.max_step_elements == 0 {
             return Err(ServerError::Config(
                 "--max-step-elements must be at least 1".into(),
@@ -136,8 +127,8 @@ impl Server<DiffusionLimits> {
             fingerprint,
             terms,
             limits: options.limits.clone(),
+            counters: sessions.counters().clone(),
             sessions: Arc::new(sessions),
-            counters,
         };
         let shared = Arc::new(shared);
         let bytes = options.limits.max_message_bytes;
@@ -208,13 +199,9 @@ impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeReply>, Status> {
         let request = request.into_inner();
-        let offered: Vec<StepCodec> = request
-            .codecs
-            .iter()
-            .filter_map(|&id| step_codec(id))
-            .collect();
+        let offered = request.codecs.iter().filter_map(|&id| step_codec(id));
         let terms = &self.shared.terms;
-        let codec = terms.agree(request.protocol_version, &offered)?;
+        let codec = terms.agree(request.protocol_version, offered)?;
         let limits = &self.shared.limits;
         Ok(Response::new(pb::HandshakeReply {
             protocol_version: terms.version(),

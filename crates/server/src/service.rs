@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::engine::{Done, Engine, Step, Ticket};
 use crate::metrics::Counters;
 use crate::session_loop::{ReplyStream, SessionKind, SessionNames, Sessions};
-use crate::terms::Terms;
+use crate::terms::{Protocol, Terms};
 use crate::{Limits, ServerError, ServerOptions};
 
 /// State every session and the handle share.
@@ -31,12 +31,12 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<Counters>,
 }
 
+/// The trunk protocol, as statuses name it.
+const TRUNK: Protocol = Protocol::new("trunk", PROTOCOL_VERSION, "codec");
+
 /// How language-model sessions are named in statuses.
-const TRUNK_SESSIONS: SessionNames = SessionNames {
-    one: "session",
-    many: "sessions",
-    closed: "closed and its KV cache freed",
-};
+const TRUNK_SESSIONS: SessionNames =
+    SessionNames::new("session", "sessions", "closed and its KV cache freed");
 
 impl Shared {
     pub(crate) fn new(
@@ -50,21 +50,14 @@ impl Shared {
             layers * 2 * (c.num_kv_heads * part.kv_precision().bytes_for(c.head_dim)) as u64;
         let hidden_size = c.hidden_size;
         let terms = Terms::new(
-            "trunk",
-            PROTOCOL_VERSION,
-            "codec",
+            TRUNK,
             options.codecs.clone(),
             fingerprint.sha256,
             &fingerprint,
         )?;
-        let counters = Arc::new(Counters::default());
         let limits = &options.limits;
-        let sessions = Sessions::new(
-            TRUNK_SESSIONS,
-            limits.max_sessions,
-            limits.idle_timeout,
-            counters.clone(),
-        )?;
+        let sessions = Sessions::new(TRUNK_SESSIONS, limits.max_sessions, limits.idle_timeout)?;
+        let counters = sessions.counters().clone();
         let part = Arc::new(part);
         let engine = Engine::start(part.clone(), counters.clone(), options.batch_wait)
             .map_err(|e| ServerError::Config(format!("starting the trunk worker: {e}")))?;
@@ -111,13 +104,9 @@ impl pb::trunk_server::Trunk for TrunkService {
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeReply>, Status> {
         let request = request.into_inner();
-        let offered: Vec<Codec> = request
-            .codecs
-            .iter()
-            .filter_map(|&c| codec_from_pb(c).ok())
-            .collect();
+        let offered = request.codecs.iter().filter_map(|&c| codec_from_pb(c).ok());
         let terms = &self.shared.terms;
-        let codec = terms.agree(request.protocol_version, &offered)?;
+        let codec = terms.agree(request.protocol_version, offered)?;
         Ok(Response::new(pb::HandshakeReply {
             protocol_version: terms.version(),
             codec: codec_to_pb(codec) as i32,

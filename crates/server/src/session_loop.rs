@@ -39,11 +39,17 @@ pub(crate) type ReplyStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SessionNames {
     /// One session: `session`, `image session`.
-    pub(crate) one: &'static str,
+    one: &'static str,
     /// Several: `sessions`, `image sessions`.
-    pub(crate) many: &'static str,
+    many: &'static str,
     /// What closing an idle session does: `closed and its KV cache freed`.
-    pub(crate) closed: &'static str,
+    closed: &'static str,
+}
+
+impl SessionNames {
+    pub(crate) const fn new(one: &'static str, many: &'static str, closed: &'static str) -> Self {
+        Self { one, many, closed }
+    }
 }
 
 /// Admission and bookkeeping of every session of one server.
@@ -60,12 +66,11 @@ pub(crate) struct Sessions {
 
 impl Sessions {
     /// Room for `max_sessions` sessions at once, each closed after `idle_timeout` without a
-    /// request (or without reading a reply); errors are counted in `counters`.
+    /// request (or without reading a reply), and the server's counters.
     pub(crate) fn new(
         names: SessionNames,
         max_sessions: usize,
         idle_timeout: Duration,
-        counters: Arc<Counters>,
     ) -> Result<Self, ServerError> {
         if max_sessions == 0 {
             return Err(ServerError::Config(
@@ -79,8 +84,13 @@ impl Sessions {
             slots: Arc::new(Semaphore::new(max_sessions)),
             active: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
-            counters,
+            counters: Arc::default(),
         })
+    }
+
+    /// The server's counters, which sessions' errors are counted in.
+    pub(crate) fn counters(&self) -> &Arc<Counters> {
+        &self.counters
     }
 
     /// Sessions open now.

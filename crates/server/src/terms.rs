@@ -7,14 +7,31 @@ use tonic::Status;
 
 use crate::ServerError;
 
-/// A server's protocol version, codecs (of type `C`) and trunk.
+/// A model kind's protocol: the version this build speaks, and how statuses name it and its
+/// codecs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Protocol {
+    /// `trunk`, `diffusion`.
+    name: &'static str,
+    version: u32,
+    /// `codec`, `step codec`.
+    codec: &'static str,
+}
+
+impl Protocol {
+    pub(crate) const fn new(name: &'static str, version: u32, codec: &'static str) -> Self {
+        Self {
+            name,
+            version,
+            codec,
+        }
+    }
+}
+
+/// A server's protocol, codecs (of type `C`) and trunk.
 #[derive(Debug)]
 pub(crate) struct Terms<C> {
-    /// The protocol's name in statuses: `trunk`, `diffusion`.
-    protocol: &'static str,
-    version: u32,
-    /// What a codec is called in statuses: `codec`, `step codec`.
-    codec_noun: &'static str,
+    protocol: Protocol,
     codecs: Vec<C>,
     sha256: [u8; 32],
     /// The trunk as statuses name it.
@@ -22,25 +39,22 @@ pub(crate) struct Terms<C> {
 }
 
 impl<C: Copy + PartialEq + Display> Terms<C> {
-    /// The terms of a server speaking `protocol` at `version`, offering `codecs` (at least
-    /// one) for the trunk `trunk` whose fingerprint is `sha256`.
+    /// The terms of a server speaking `protocol`, offering `codecs` (at least one) for the
+    /// trunk `trunk` whose fingerprint is `sha256`.
     pub(crate) fn new(
-        protocol: &'static str,
-        version: u32,
-        codec_noun: &'static str,
+        protocol: Protocol,
         codecs: Vec<C>,
         sha256: [u8; 32],
         trunk: &dyn Display,
     ) -> Result<Self, ServerError> {
         if codecs.is_empty() {
             return Err(ServerError::Config(format!(
-                "the server must offer a {codec_noun}"
+                "the server must offer a {}",
+                protocol.codec
             )));
         }
         Ok(Self {
             protocol,
-            version,
-            codec_noun,
             codecs,
             sha256,
             trunk: trunk.to_string(),
@@ -49,13 +63,18 @@ impl<C: Copy + PartialEq + Display> Terms<C> {
 
     /// The protocol version this server speaks.
     pub(crate) fn version(&self) -> u32 {
-        self.version
+        self.protocol.version
     }
 
     /// The handshake: the device's `version` must be ours; the first of its `offered` codecs
     /// that this server serves is chosen.
-    pub(crate) fn agree(&self, version: u32, offered: &[C]) -> Result<C, Status> {
+    pub(crate) fn agree(
+        &self,
+        version: u32,
+        offered: impl IntoIterator<Item = C>,
+    ) -> Result<C, Status> {
         self.check_version(version)?;
+        let offered: Vec<C> = offered.into_iter().collect();
         offered
             .iter()
             .copied()
@@ -63,8 +82,8 @@ impl<C: Copy + PartialEq + Display> Terms<C> {
             .ok_or_else(|| {
                 Status::failed_precondition(format!(
                     "no {} in common: the device offers [{}], this server serves [{}]",
-                    self.codec_noun,
-                    names(offered),
+                    self.protocol.codec,
+                    names(&offered),
                     names(&self.codecs)
                 ))
             })
@@ -83,7 +102,7 @@ impl<C: Copy + PartialEq + Display> Terms<C> {
         if !self.codecs.contains(&codec) {
             return Err(Status::failed_precondition(format!(
                 "{} {codec} is not served here (this server serves [{}])",
-                self.codec_noun,
+                self.protocol.codec,
                 names(&self.codecs)
             )));
         }
@@ -98,13 +117,17 @@ impl<C: Copy + PartialEq + Display> Terms<C> {
     }
 
     fn check_version(&self, version: u32) -> Result<(), Status> {
-        if version == self.version {
+        let Protocol {
+            name,
+            version: ours,
+            ..
+        } = self.protocol;
+        if version == ours {
             Ok(())
         } else {
             Err(Status::failed_precondition(format!(
-                "the device speaks {} protocol version {version} but this server speaks version \
-                 {}",
-                self.protocol, self.version
+                "the device speaks {name} protocol version {version} but this server speaks \
+                 version {ours}"
             )))
         }
     }
