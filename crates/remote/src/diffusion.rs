@@ -23,7 +23,7 @@ use lsplit_wire::{StepCodec, StepTensor};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status, Streaming};
 
-use crate::link::{BearerChannel, Link, Protocol, ServerTerms};
+use crate::link::{BearerChannel, Link, Protocol, ServerTerms, check_version};
 use crate::{CloudFiles, RemoteError, RemoteOptions};
 
 /// What the diffusion handshake told the device: the trunk with its split, the step codec of
@@ -37,12 +37,8 @@ struct Diffusion {
 
 impl Protocol for Diffusion {
     type Client = DiffusionTrunkClient<BearerChannel>;
-    type HandshakeReply = pb::HandshakeReply;
-    type Fingerprint = TrunkFingerprint;
-    type Codec = StepCodec;
-    type Limits = pb::Limits;
+    type Terms = DiffusionServerInfo;
     type Request = ImageRequest;
-    type RequestKind = RequestKind;
     type Reply = ImageReply;
     type ReplyKind = ReplyKind;
 
@@ -59,23 +55,51 @@ impl Protocol for Diffusion {
     async fn handshake(
         &self,
         client: &mut Self::Client,
-    ) -> Result<Response<pb::HandshakeReply>, Status> {
+        tls_version: Option<String>,
+    ) -> Result<Result<DiffusionServerInfo, RemoteError>, Status> {
+        let codecs = self.codecs.iter().map(|c| u32::from(c.id())).collect();
         let request = pb::HandshakeRequest {
             protocol_version: DIFFUSION_PROTOCOL_VERSION,
-            codecs: self.codecs.iter().map(|c| u32::from(c.id())).collect(),
+            codecs,
         };
-        client.handshake(request).await
+        let reply = client.handshake(request).await?.into_inner();
+        Ok(self.agreed(reply, tls_version))
     }
 
-    fn reply_version(reply: &pb::HandshakeReply) -> u32 {
-        reply.protocol_version
+    async fn stream(
+        client: &mut Self::Client,
+        requests: ReceiverStream<ImageRequest>,
+    ) -> Result<Response<Streaming<ImageReply>>, Status> {
+        client.image(requests).await
     }
 
+    fn reply(reply: ImageReply) -> Option<ReplyKind> {
+        reply.kind
+    }
+
+    fn opened(reply: ReplyKind) -> Result<u64, RemoteError> {
+        match reply {
+            ReplyKind::Ready(ready) => Ok(ready.session_id),
+            ReplyKind::Output(_) => Err(RemoteError::Protocol(
+                "the server sent a step's output before accepting the image".into(),
+            )),
+        }
+    }
+
+    /// Nothing is replayed: a new stream needs only the image's setup.
+    fn answers(_: &ImageRequest, _: &ReplyKind) -> bool {
+        false
+    }
+}
+
+impl Diffusion {
+    /// The terms of the server's handshake `reply`, over a connection of `tls_version`.
     fn agreed(
         &self,
         reply: pb::HandshakeReply,
         tls_version: Option<String>,
     ) -> Result<DiffusionServerInfo, RemoteError> {
+        check_version::<Self>(reply.protocol_version)?;
         let fingerprint = reply
             .fingerprint
             .ok_or_else(|| RemoteError::Protocol("the fingerprint field is missing".into()))?;
@@ -113,35 +137,6 @@ impl Protocol for Diffusion {
             limits,
             tls_version,
         })
-    }
-
-    async fn stream(
-        client: &mut Self::Client,
-        requests: ReceiverStream<ImageRequest>,
-    ) -> Result<Response<Streaming<ImageReply>>, Status> {
-        client.image(requests).await
-    }
-
-    fn request(kind: RequestKind) -> ImageRequest {
-        ImageRequest { kind: Some(kind) }
-    }
-
-    fn reply(reply: ImageReply) -> Option<ReplyKind> {
-        reply.kind
-    }
-
-    fn opened(reply: ReplyKind) -> Result<u64, RemoteError> {
-        match reply {
-            ReplyKind::Ready(ready) => Ok(ready.session_id),
-            ReplyKind::Output(_) => Err(RemoteError::Protocol(
-                "the server sent a step's output before accepting the image".into(),
-            )),
-        }
-    }
-
-    /// Nothing is replayed: a new stream needs only the image's setup.
-    fn answers(_: &RequestKind, _: &ReplyKind) -> bool {
-        false
     }
 }
 
@@ -246,7 +241,9 @@ impl DiffusionTrunk for RemoteDiffusionTrunk {
             conditioning: setup.conditioning.iter().map(tensor_to_pb).collect(),
             guidance: setup.guidance,
         };
-        self.link.begin(RequestKind::Setup(setup));
+        self.link.begin(ImageRequest {
+            kind: Some(RequestKind::Setup(setup)),
+        });
         Ok(self.link.open()?)
     }
 
@@ -256,10 +253,12 @@ impl DiffusionTrunk for RemoteDiffusionTrunk {
                 "a step before the image's conditioning was sent".into(),
             ));
         }
-        let step = RequestKind::Step(pb::Step {
-            inputs: request.inputs.iter().map(tensor_to_pb).collect(),
-            timestep: request.timestep,
-        });
+        let step = ImageRequest {
+            kind: Some(RequestKind::Step(pb::Step {
+                inputs: request.inputs.iter().map(tensor_to_pb).collect(),
+                timestep: request.timestep,
+            })),
+        };
         match self.link.call(step, false)? {
             ReplyKind::Output(output) => {
                 Ok(tensors_from_pb(output.outputs, self.codec(), u64::MAX)

@@ -31,18 +31,10 @@ pub(crate) type BearerChannel = InterceptedService<Channel, Bearer>;
 pub(crate) trait Protocol {
     /// The generated gRPC client.
     type Client;
-    /// The handshake's answer.
-    type HandshakeReply;
-    /// The fingerprint of the server's trunk.
-    type Fingerprint: PartialEq + Display;
-    /// The codec agreed in the handshake.
-    type Codec: PartialEq + Display;
-    /// The limits the server announces.
-    type Limits;
-    /// A message on the session stream, and what it carries.
-    type Request: Send + 'static;
-    /// What a request carries; kept to be sent again on a new stream.
-    type RequestKind: Clone;
+    /// What the handshake agrees: a [`ServerTerms`].
+    type Terms: Agreed;
+    /// A message on the session stream; a kept one is sent again on a new stream.
+    type Request: Clone + Send + 'static;
     /// A reply on the session stream.
     type Reply;
     /// What a reply carries.
@@ -57,33 +49,25 @@ pub(crate) trait Protocol {
 
     /// The generated client over `channel`.
     fn client(channel: BearerChannel) -> Self::Client;
-    /// Sends the handshake request, offering this device's codecs.
+    /// Runs the handshake, offering this device's codecs, over a connection of `tls_version`:
+    /// `Err` when the call fails, `Ok(Err)` when the answer is unusable (its version is
+    /// checked with [`check_version`]).
     async fn handshake(
         &self,
         client: &mut Self::Client,
-    ) -> Result<Response<Self::HandshakeReply>, Status>;
-    /// The protocol version the server answered with.
-    fn reply_version(reply: &Self::HandshakeReply) -> u32;
-    /// What the server's answer agrees: its trunk, the codec and its limits, over a
-    /// connection of `tls_version`.
-    fn agreed(
-        &self,
-        reply: Self::HandshakeReply,
         tls_version: Option<String>,
-    ) -> Result<Terms<Self>, RemoteError>;
+    ) -> Result<Result<Self::Terms, RemoteError>, Status>;
     /// Opens a session stream carrying `requests`.
     async fn stream(
         client: &mut Self::Client,
         requests: ReceiverStream<Self::Request>,
     ) -> Result<Response<Streaming<Self::Reply>>, Status>;
-    /// The message carrying `kind`.
-    fn request(kind: Self::RequestKind) -> Self::Request;
     /// What `reply` carries; `None` for an empty reply.
     fn reply(reply: Self::Reply) -> Option<Self::ReplyKind>;
     /// The session id of a reply that accepts the opening request, or what is wrong with it.
     fn opened(reply: Self::ReplyKind) -> Result<u64, RemoteError>;
     /// Whether `reply` is the answer to the replayed request `sent`.
-    fn answers(sent: &Self::RequestKind, reply: &Self::ReplyKind) -> bool;
+    fn answers(sent: &Self::Request, reply: &Self::ReplyKind) -> bool;
 }
 
 /// What the handshake told the device.
@@ -99,9 +83,42 @@ pub struct ServerTerms<F, C, L> {
     pub tls_version: Option<String>,
 }
 
-/// The terms of protocol `P`.
-pub(crate) type Terms<P> =
-    ServerTerms<<P as Protocol>::Fingerprint, <P as Protocol>::Codec, <P as Protocol>::Limits>;
+/// Terms logged on connecting and compared when the server comes back after a failure.
+pub(crate) trait Agreed {
+    /// The trunk, codec and TLS version, for the log.
+    fn summary(&self) -> String;
+    /// How these terms differ from `before` in trunk or codec, if they do.
+    fn changed_from(&self, before: &Self) -> Option<String>;
+}
+
+impl<F: PartialEq + Display, C: PartialEq + Display, L> Agreed for ServerTerms<F, C, L> {
+    fn summary(&self) -> String {
+        let tls = self.tls_version.as_deref().unwrap_or("no TLS");
+        format!("{}, codec {}, {tls}", self.fingerprint, self.codec)
+    }
+
+    fn changed_from(&self, before: &Self) -> Option<String> {
+        (self.fingerprint != before.fingerprint || self.codec != before.codec).then(|| {
+            format!(
+                "the server came back with {} and codec {}, not {} and codec {}",
+                self.fingerprint, self.codec, before.fingerprint, before.codec
+            )
+        })
+    }
+}
+
+/// Refuses a handshake answer in another version of `P` than this build's.
+pub(crate) fn check_version<P: Protocol>(version: u32) -> Result<(), RemoteError> {
+    if version == P::VERSION {
+        Ok(())
+    } else {
+        Err(RemoteError::Protocol(format!(
+            "the server speaks {} protocol version {version} but this device speaks {}",
+            P::NAME,
+            P::VERSION
+        )))
+    }
+}
 
 /// How long closing a stream waits for the server to finish it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -129,12 +146,12 @@ pub(crate) struct Link<P: Protocol> {
     bearer: Bearer,
     protocol: P,
     client: P::Client,
-    terms: Terms<P>,
+    terms: P::Terms,
     stream: Option<Stream<P>>,
     /// The request that opens every stream of this session.
-    opening: Option<P::RequestKind>,
+    opening: Option<P::Request>,
     /// The session's requests so far that a new stream must see again.
-    kept: Vec<P::RequestKind>,
+    kept: Vec<P::Request>,
     /// Whether the link failed since the last handshake.
     lost: bool,
 }
@@ -153,9 +170,7 @@ impl<P: Protocol> Link<P> {
         tracing::info!(
             url = %options.url,
             protocol = P::NAME,
-            trunk = %terms.fingerprint,
-            codec = %terms.codec,
-            tls = terms.tls_version.as_deref().unwrap_or("none"),
+            server = %terms.summary(),
             "connected to the trunk server"
         );
         Ok(Self {
@@ -173,7 +188,7 @@ impl<P: Protocol> Link<P> {
     }
 
     /// What the handshake told.
-    pub(crate) fn terms(&self) -> &Terms<P> {
+    pub(crate) fn terms(&self) -> &P::Terms {
         &self.terms
     }
 
@@ -188,7 +203,7 @@ impl<P: Protocol> Link<P> {
     }
 
     /// Starts a new session whose streams open with `opening`, closing the current one.
-    pub(crate) fn begin(&mut self, opening: P::RequestKind) {
+    pub(crate) fn begin(&mut self, opening: P::Request) {
         self.close();
         self.opening = Some(opening);
         self.kept.clear();
@@ -203,7 +218,7 @@ impl<P: Protocol> Link<P> {
     /// stream of the session, before anything new.
     pub(crate) fn call(
         &mut self,
-        request: P::RequestKind,
+        request: P::Request,
         kept: bool,
     ) -> Result<P::ReplyKind, RemoteError> {
         let reply = self
@@ -225,7 +240,7 @@ impl<P: Protocol> Link<P> {
     /// Runs [`Self::attempt`] until it succeeds, fails for good, or the retry bound passes.
     fn retrying(
         &mut self,
-        request: Option<&P::RequestKind>,
+        request: Option<&P::Request>,
     ) -> Result<Option<P::ReplyKind>, RemoteError> {
         let started = Instant::now();
         let mut attempts = 0u32;
@@ -260,16 +275,12 @@ impl<P: Protocol> Link<P> {
     /// none is open, with the kept requests replayed; then `request`.
     async fn attempt(
         &mut self,
-        request: Option<&P::RequestKind>,
+        request: Option<&P::Request>,
     ) -> Result<Option<P::ReplyKind>, RemoteError> {
         if self.lost {
             let (client, terms) = handshake(&self.protocol, &self.options, &self.bearer).await?;
-            let old = &self.terms;
-            if terms.fingerprint != old.fingerprint || terms.codec != old.codec {
-                return Err(RemoteError::Protocol(format!(
-                    "the server came back with {} and codec {}, not {} and codec {}",
-                    terms.fingerprint, terms.codec, old.fingerprint, old.codec
-                )));
+            if let Some(change) = terms.changed_from(&self.terms) {
+                return Err(RemoteError::Protocol(change));
             }
             self.client = client;
             self.lost = false;
@@ -314,11 +325,11 @@ async fn handshake<P: Protocol>(
     protocol: &P,
     options: &RemoteOptions,
     bearer: &Bearer,
-) -> Result<(P::Client, Terms<P>), RemoteError> {
+) -> Result<(P::Client, P::Terms), RemoteError> {
     let (channel, tls_version) = connect(options).await?;
     let mut client = P::client(InterceptedService::new(channel, bearer.clone()));
     let timeout = options.connect_timeout;
-    let reply = tokio::time::timeout(timeout, protocol.handshake(&mut client))
+    let terms = tokio::time::timeout(timeout, protocol.handshake(&mut client, tls_version))
         .await
         .map_err(|_| RemoteError::Timeout(timeout))?
         .map_err(|status| {
@@ -327,28 +338,19 @@ async fn handshake<P: Protocol>(
             } else {
                 refused(status)
             }
-        })?
-        .into_inner();
-    let version = P::reply_version(&reply);
-    if version != P::VERSION {
-        return Err(RemoteError::Protocol(format!(
-            "the server speaks {} protocol version {version} but this device speaks {}",
-            P::NAME,
-            P::VERSION
-        )));
-    }
-    Ok((client, protocol.agreed(reply, tls_version)?))
+        })??;
+    Ok((client, terms))
 }
 
 /// Opens a stream with `opening` and waits for the server to accept it.
 async fn open<P: Protocol>(
     client: &mut P::Client,
-    opening: P::RequestKind,
+    opening: P::Request,
     timeout: Duration,
 ) -> Result<Stream<P>, RemoteError> {
     let (requests, outbound) = mpsc::channel(4);
     requests
-        .send(P::request(opening))
+        .send(opening)
         .await
         .map_err(|_| RemoteError::Protocol(format!("the {} closed", P::STREAM)))?;
     let call = P::stream(client, ReceiverStream::new(outbound));
@@ -369,10 +371,10 @@ async fn open<P: Protocol>(
 /// state on a new stream. They are pipelined: one round trip, not one per request.
 async fn replay<P: Protocol>(
     stream: &mut Stream<P>,
-    kept: &[P::RequestKind],
+    kept: &[P::Request],
     timeout: Duration,
 ) -> Result<(), RemoteError> {
-    let requests: Vec<P::Request> = kept.iter().cloned().map(P::request).collect();
+    let requests = kept.to_vec();
     let sender = stream.requests.clone();
     let feeding = tokio::spawn(async move {
         for request in requests {
@@ -400,10 +402,10 @@ async fn replay<P: Protocol>(
 /// Sends `request` on an open stream and waits for the answer.
 async fn exchange<P: Protocol>(
     stream: &mut Stream<P>,
-    request: P::RequestKind,
+    request: P::Request,
     timeout: Duration,
 ) -> Result<P::ReplyKind, RemoteError> {
-    if stream.requests.send(P::request(request)).await.is_err() {
+    if stream.requests.send(request).await.is_err() {
         return Err(RemoteError::Refused {
             code: Code::Unavailable,
             message: format!("the {} closed", P::STREAM),

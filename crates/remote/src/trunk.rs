@@ -21,7 +21,7 @@ use lsplit_wire::Codec;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status, Streaming};
 
-use crate::link::{BearerChannel, Link, Protocol, ServerTerms};
+use crate::link::{BearerChannel, Link, Protocol, ServerTerms, check_version};
 use crate::{RemoteError, RemoteOptions};
 
 /// What the handshake told the device: the trunk's layers and fingerprint, the codec of this
@@ -35,12 +35,8 @@ struct TrunkProtocol {
 
 impl Protocol for TrunkProtocol {
     type Client = TrunkClient<BearerChannel>;
-    type HandshakeReply = pb::HandshakeReply;
-    type Fingerprint = TrunkFingerprint;
-    type Codec = Codec;
-    type Limits = pb::Limits;
+    type Terms = ServerInfo;
     type Request = SessionRequest;
-    type RequestKind = RequestKind;
     type Reply = SessionReply;
     type ReplyKind = ReplyKind;
 
@@ -57,41 +53,14 @@ impl Protocol for TrunkProtocol {
     async fn handshake(
         &self,
         client: &mut Self::Client,
-    ) -> Result<Response<pb::HandshakeReply>, Status> {
+        tls_version: Option<String>,
+    ) -> Result<Result<ServerInfo, RemoteError>, Status> {
         let request = pb::HandshakeRequest {
             protocol_version: PROTOCOL_VERSION,
             codecs: self.codecs.iter().map(|&c| codec_to_pb(c) as i32).collect(),
         };
-        client.handshake(request).await
-    }
-
-    fn reply_version(reply: &pb::HandshakeReply) -> u32 {
-        reply.protocol_version
-    }
-
-    fn agreed(
-        &self,
-        reply: pb::HandshakeReply,
-        tls_version: Option<String>,
-    ) -> Result<ServerInfo, RemoteError> {
-        let protocol = |e: ProtoError| RemoteError::Protocol(e.to_string());
-        let fingerprint = reply
-            .fingerprint
-            .as_ref()
-            .ok_or(ProtoError::Missing("fingerprint"))
-            .and_then(TrunkFingerprint::from_pb)
-            .map_err(protocol)?;
-        let codec = codec_from_pb(reply.codec).map_err(protocol)?;
-        let limits = reply
-            .limits
-            .ok_or(ProtoError::Missing("limits"))
-            .map_err(protocol)?;
-        Ok(ServerTerms {
-            fingerprint,
-            codec,
-            limits,
-            tls_version,
-        })
+        let reply = client.handshake(request).await?;
+        Ok(agreed(reply.into_inner(), tls_version))
     }
 
     async fn stream(
@@ -99,10 +68,6 @@ impl Protocol for TrunkProtocol {
         requests: ReceiverStream<SessionRequest>,
     ) -> Result<Response<Streaming<SessionReply>>, Status> {
         client.session(requests).await
-    }
-
-    fn request(kind: RequestKind) -> SessionRequest {
-        SessionRequest { kind: Some(kind) }
     }
 
     fn reply(reply: SessionReply) -> Option<ReplyKind> {
@@ -118,9 +83,38 @@ impl Protocol for TrunkProtocol {
         }
     }
 
-    fn answers(sent: &RequestKind, reply: &ReplyKind) -> bool {
-        matches!((sent, reply), (RequestKind::Step(sent), ReplyKind::Step(out)) if out.step == sent.step)
+    fn answers(sent: &SessionRequest, reply: &ReplyKind) -> bool {
+        matches!(
+            (&sent.kind, reply),
+            (Some(RequestKind::Step(sent)), ReplyKind::Step(out)) if out.step == sent.step
+        )
     }
+}
+
+/// The terms of the server's handshake `reply`, over a connection of `tls_version`.
+fn agreed(
+    reply: pb::HandshakeReply,
+    tls_version: Option<String>,
+) -> Result<ServerInfo, RemoteError> {
+    check_version::<TrunkProtocol>(reply.protocol_version)?;
+    let protocol = |e: ProtoError| RemoteError::Protocol(e.to_string());
+    let fingerprint = reply
+        .fingerprint
+        .as_ref()
+        .ok_or(ProtoError::Missing("fingerprint"))
+        .and_then(TrunkFingerprint::from_pb)
+        .map_err(protocol)?;
+    let codec = codec_from_pb(reply.codec).map_err(protocol)?;
+    let limits = reply
+        .limits
+        .ok_or(ProtoError::Missing("limits"))
+        .map_err(protocol)?;
+    Ok(ServerTerms {
+        fingerprint,
+        codec,
+        limits,
+        tls_version,
+    })
 }
 
 /// A trunk running on a server, for one generation session.
@@ -158,7 +152,9 @@ impl RemoteTrunk {
             fingerprint_sha256: info.fingerprint.sha256.to_vec(),
             keys: Some(lsplit_proto::keys_to_pb(&keys)),
         };
-        self.link.begin(RequestKind::Open(open));
+        self.link.begin(SessionRequest {
+            kind: Some(RequestKind::Open(open)),
+        });
         self
     }
 
@@ -194,7 +190,9 @@ impl Trunk for RemoteTrunk {
             )
             .into());
         }
-        let request = RequestKind::Step(lsplit_proto::step_to_pb(message));
+        let request = SessionRequest {
+            kind: Some(RequestKind::Step(lsplit_proto::step_to_pb(message))),
+        };
         match self.link.call(request, true)? {
             ReplyKind::Step(out) => Ok(lsplit_proto::step_from_pb(out)
                 .map_err(|e| RemoteError::Protocol(e.to_string()))?),
