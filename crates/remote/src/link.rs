@@ -230,9 +230,11 @@ impl<P: Protocol> Link<P> {
         Ok(reply)
     }
 
-    /// Closes the session's stream, if one is open.
+    /// Closes the session's stream, if one is open. Dropped inside another runtime, where it
+    /// cannot block, the stream is dropped instead (the server sees a broken stream).
     fn close(&mut self) {
-        if let Some(stream) = self.stream.take() {
+        let stream = self.stream.take();
+        if let Some(stream) = stream.filter(|_| tokio::runtime::Handle::try_current().is_err()) {
             self.runtime.block_on(stream.close());
         }
     }
