@@ -46,24 +46,21 @@ impl Protocol for Diffusion {
     const VERSION: u32 = DIFFUSION_PROTOCOL_VERSION;
     const STREAM: &'static str = "image stream";
 
-    fn client(channel: BearerChannel) -> Self::Client {
-        DiffusionTrunkClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
-    }
-
     async fn handshake(
         &self,
-        client: &mut Self::Client,
+        channel: BearerChannel,
         tls_version: Option<String>,
-    ) -> Result<Result<DiffusionServerInfo, RemoteError>, Status> {
+    ) -> Result<(Self::Client, Result<DiffusionServerInfo, RemoteError>), Status> {
+        let mut client = DiffusionTrunkClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
         let codecs = self.codecs.iter().map(|c| u32::from(c.id())).collect();
         let request = pb::HandshakeRequest {
             protocol_version: DIFFUSION_PROTOCOL_VERSION,
             codecs,
         };
         let reply = client.handshake(request).await?.into_inner();
-        Ok(self.agreed(reply, tls_version))
+        Ok((client, self.agreed(reply, tls_version)))
     }
 
     async fn stream(

@@ -47,16 +47,14 @@ pub(crate) trait Protocol {
     /// The session stream in messages: `session stream`, `image stream`.
     const STREAM: &'static str;
 
-    /// The generated client over `channel`.
-    fn client(channel: BearerChannel) -> Self::Client;
-    /// Runs the handshake, offering this device's codecs, over a connection of `tls_version`:
-    /// `Err` when the call fails, `Ok(Err)` when the answer is unusable (its version is
-    /// checked with [`check_version`]).
+    /// Builds the generated client over `channel` (a connection of `tls_version`) and runs
+    /// the handshake, offering this device's codecs: `Err` when the call fails, the client and
+    /// `Err` when the answer is unusable (its version is checked with [`check_version`]).
     async fn handshake(
         &self,
-        client: &mut Self::Client,
+        channel: BearerChannel,
         tls_version: Option<String>,
-    ) -> Result<Result<Self::Terms, RemoteError>, Status>;
+    ) -> Result<(Self::Client, Result<Self::Terms, RemoteError>), Status>;
     /// Opens a session stream carrying `requests`.
     async fn stream(
         client: &mut Self::Client,
@@ -329,9 +327,9 @@ async fn handshake<P: Protocol>(
     bearer: &Bearer,
 ) -> Result<(P::Client, P::Terms), RemoteError> {
     let (channel, tls_version) = connect(options).await?;
-    let mut client = P::client(InterceptedService::new(channel, bearer.clone()));
+    let channel = InterceptedService::new(channel, bearer.clone());
     let timeout = options.connect_timeout;
-    let terms = tokio::time::timeout(timeout, protocol.handshake(&mut client, tls_version))
+    let (client, terms) = tokio::time::timeout(timeout, protocol.handshake(channel, tls_version))
         .await
         .map_err(|_| RemoteError::Timeout(timeout))?
         .map_err(|status| {
@@ -340,8 +338,8 @@ async fn handshake<P: Protocol>(
             } else {
                 refused(status)
             }
-        })??;
-    Ok((client, terms))
+        })?;
+    Ok((client, terms?))
 }
 
 /// Opens a stream with `opening` and waits for the server to accept it.

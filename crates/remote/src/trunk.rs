@@ -44,23 +44,20 @@ impl Protocol for TrunkProtocol {
     const VERSION: u32 = PROTOCOL_VERSION;
     const STREAM: &'static str = "session stream";
 
-    fn client(channel: BearerChannel) -> Self::Client {
-        TrunkClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
-    }
-
     async fn handshake(
         &self,
-        client: &mut Self::Client,
+        channel: BearerChannel,
         tls_version: Option<String>,
-    ) -> Result<Result<ServerInfo, RemoteError>, Status> {
+    ) -> Result<(Self::Client, Result<ServerInfo, RemoteError>), Status> {
         let request = pb::HandshakeRequest {
             protocol_version: PROTOCOL_VERSION,
             codecs: self.codecs.iter().map(|&c| codec_to_pb(c) as i32).collect(),
         };
+        let mut client = TrunkClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
         let reply = client.handshake(request).await?;
-        Ok(agreed(reply.into_inner(), tls_version))
+        Ok((client, agreed(reply.into_inner(), tls_version)))
     }
 
     async fn stream(
