@@ -43,8 +43,8 @@ enum Source {
         codec: StepCodec,
         root: PathBuf,
         /// The connection made to learn the split, kept for the first image so that a single
-        /// image connects once.
-        first: Mutex<Option<RemoteDiffusionTrunk>>,
+        /// image connects once (boxed: a client is far larger than the other variants).
+        first: Box<Mutex<Option<RemoteDiffusionTrunk>>>,
     },
 }
 
@@ -72,7 +72,7 @@ impl DiffusionTrunks {
                         files,
                         codec,
                         root: dir.to_path_buf(),
-                        first: Mutex::new(Some(trunk)),
+                        first: Box::new(Mutex::new(Some(trunk))),
                     },
                 })
             }

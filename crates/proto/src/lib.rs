@@ -8,11 +8,15 @@
 //!
 //! `proto/diffusion.proto` is the protocol of a split diffusion model's trunk; [`diffusion`]
 //! holds its generated code and the checked conversion of its tensors.
+//!
+//! Both ends read their TLS certificates with [`certificates`].
 
 pub mod diffusion;
 mod fingerprint;
+mod pem;
 
 pub use fingerprint::{fingerprint_from_pb, fingerprint_to_pb};
+pub use pem::{PemError, certificates};
 
 use lsplit_split::{Obfuscation, SessionKeys, SessionSecret, SplitPolicy, StepRows};
 use lsplit_wire::{Codec, HiddenRows};

@@ -12,7 +12,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls::pki_types::{PrivateKeyDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, ProtocolVersion, RootCertStore, version};
 use tonic::transport::Uri;
 
@@ -28,7 +28,7 @@ pub(crate) fn client_config(
     let mut roots = RootCertStore::empty();
     match ca_pem {
         Some(pem) => {
-            for cert in certificates(pem, "CA")? {
+            for cert in lsplit_proto::certificates(pem, "CA")? {
                 roots
                     .add(cert)
                     .map_err(|e| setup(format!("the CA is not a usable certificate: {e}")))?;
@@ -56,28 +56,13 @@ pub(crate) fn client_config(
             let key = PrivateKeyDer::from_pem_slice(key)
                 .map_err(|e| setup(format!("the client key is not a PEM key: {e}")))?;
             builder
-                .with_client_auth_cert(certificates(cert, "client certificate")?, key)
+                .with_client_auth_cert(lsplit_proto::certificates(cert, "client certificate")?, key)
                 .map_err(|e| setup(format!("the client certificate and key: {e}")))?
         }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Every certificate in `pem`, which must hold at least one.
-fn certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, RemoteError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            RemoteError::Config(format!("TLS setup failed: the {what} is not PEM: {e}"))
-        })?;
-    if certs.is_empty() {
-        return Err(RemoteError::Config(format!(
-            "TLS setup failed: the {what} file holds no certificate"
-        )));
-    }
-    Ok(certs)
 }
 
 /// Dials `host:port` over TCP and runs a TLS 1.3 handshake for `host`, whatever URI tonic

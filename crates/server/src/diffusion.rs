@@ -7,9 +7,8 @@
 //! conditioning. Steps run on blocking threads, so sessions never wait on each other's compute
 //! beyond the machine's cores.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -23,17 +22,13 @@ use lsplit_proto::diffusion::{
     DIFFUSION_PROTOCOL_VERSION, TensorError, tensor_to_pb, tensors_from_pb,
 };
 use lsplit_wire::{StepCodec, StepTensor};
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::Routes;
-use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::TokenCheck;
 use crate::metrics::Counters;
-use crate::{ServerError, ServerStats, StatsSource, TlsFiles, serve_routes};
+use crate::serve::{Endpoint, Server};
+use crate::session_loop::{ReplyStream, SessionKind, SessionNames, Sessions};
+use crate::terms::{Protocol, Terms};
+use crate::{ServerError, ServerStats, StatsSource, TlsFiles};
 
 /// What a diffusion trunk server accepts; announced to devices in the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,30 +79,23 @@ pub struct DiffusionOptions {
 pub(crate) struct DiffusionShared {
     model: Arc<TrunkModel>,
     fingerprint: TrunkFingerprint,
-    codecs: Vec<StepCodec>,
+    terms: Terms<StepCodec>,
     limits: DiffusionLimits,
-    slots: Arc<Semaphore>,
-    pub(crate) active: AtomicUsize,
-    next_id: AtomicU64,
-    pub(crate) counters: Counters,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) counters: Arc<Counters>,
 }
 
-impl std::fmt::Debug for DiffusionShared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiffusionShared")
-            .field("fingerprint", &self.fingerprint)
-            .field("active", &self.active)
-            .finish()
-    }
-}
+/// The diffusion protocol, as statuses name it.
+const DIFFUSION: Protocol = Protocol::new("diffusion", DIFFUSION_PROTOCOL_VERSION, "step codec");
 
-/// The diffusion trunk server: a loaded trunk, its fingerprint and the options it runs with.
-pub struct DiffusionServer {
-    shared: Arc<DiffusionShared>,
-    options: DiffusionOptions,
-}
+/// How image sessions are named in statuses.
+const IMAGE_SESSIONS: SessionNames = SessionNames::new("image session", "image sessions", "closed");
 
-impl DiffusionServer {
+/// The diffusion trunk server: a loaded trunk and its fingerprint, served with
+/// [`DiffusionOptions`].
+pub type DiffusionServer = Server<DiffusionLimits>;
+
+impl Server<DiffusionLimits> {
     /// A server for `model`, whose fingerprint (computed from the same files) is `fingerprint`.
     pub fn new(
         model: TrunkModel,
@@ -121,16 +109,14 @@ impl DiffusionServer {
                 model.split()
             )));
         }
-        if options.codecs.is_empty() {
-            return Err(ServerError::Config(
-                "the server must offer a step codec".into(),
-            ));
-        }
-        if options.limits.max_sessions == 0 {
-            return Err(ServerError::Config(
-                "--max-sessions must be at least 1".into(),
-            ));
-        }
+        let terms = Terms::new(
+            DIFFUSION,
+            options.codecs.clone(),
+            fingerprint.sha256,
+            &fingerprint,
+        )?;
+        let limits = &options.limits;
+        let sessions = Sessions::new(IMAGE_SESSIONS, limits.max_sessions, limits.idle_timeout)?;
         if options.limits.max_step_elements == 0 {
             return Err(ServerError::Config(
                 "--max-step-elements must be at least 1".into(),
@@ -139,77 +125,23 @@ impl DiffusionServer {
         let shared = DiffusionShared {
             model: Arc::new(model),
             fingerprint,
-            codecs: options.codecs.clone(),
+            terms,
             limits: options.limits.clone(),
-            slots: Arc::new(Semaphore::new(options.limits.max_sessions)),
-            active: AtomicUsize::new(0),
-            next_id: AtomicU64::new(1),
-            counters: Counters::default(),
+            counters: sessions.counters().clone(),
+            sessions: Arc::new(sessions),
         };
-        Ok(Self {
-            shared: Arc::new(shared),
-            options,
-        })
-    }
-
-    /// Counters that stay readable while the server runs.
-    pub fn stats(&self) -> ServerStats {
-        ServerStats {
-            source: StatsSource::Diffusion(self.shared.clone()),
-        }
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> &DiffusionLimits {
-        &self.options.limits
-    }
-
-    /// Serves on `listener` until `shutdown` completes, then stops accepting, lets open
-    /// requests finish and returns. With TLS, only TLS 1.3 handshakes are accepted; the gRPC
-    /// health service answers for the diffusion service without a token.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), ServerError> {
-        let bytes = self.options.limits.max_message_bytes;
+        let shared = Arc::new(shared);
+        let bytes = options.limits.max_message_bytes;
         let service = pb::diffusion_trunk_server::DiffusionTrunkServer::new(DiffusionService {
-            shared: self.shared.clone(),
+            shared: shared.clone(),
         })
         .max_decoding_message_size(bytes)
         .max_encoding_message_size(bytes);
-        let service = InterceptedService::new(service, TokenCheck::new(self.options.token));
-        let (reporter, health) = tonic_health::server::health_reporter();
-        let routes = Routes::new(health).add_service(service);
-        let name = pb::diffusion_trunk_server::SERVICE_NAME;
-        serve_routes(
-            routes,
-            reporter,
-            name,
-            self.options.tls.as_ref(),
-            listener,
-            shutdown,
-        )
-        .await
-    }
-}
-
-fn codec_names(codecs: &[StepCodec]) -> String {
-    codecs
-        .iter()
-        .map(|c| c.name())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn check_version(version: u32) -> Result<(), Status> {
-    if version == DIFFUSION_PROTOCOL_VERSION {
-        Ok(())
-    } else {
-        Err(Status::failed_precondition(format!(
-            "the device speaks diffusion protocol version {version} but this server speaks \
-             version {DIFFUSION_PROTOCOL_VERSION}"
-        )))
+        let stats = ServerStats {
+            source: StatsSource::Diffusion(shared),
+        };
+        let endpoint = Endpoint::new(service, options.token, options.tls);
+        Ok(Self::with(options.limits, stats, endpoint))
     }
 }
 
@@ -244,6 +176,13 @@ async fn blocking<T: Send + 'static>(
         .map_err(trunk_status)
 }
 
+/// The step codec a protocol codec id names, if any.
+fn step_codec(id: u32) -> Option<StepCodec> {
+    u8::try_from(id)
+        .ok()
+        .and_then(|id| StepCodec::from_id(id).ok())
+}
+
 fn payload_bytes(tensors: &[StepTensor]) -> u64 {
     tensors.iter().map(|t| t.byte_len() as u64).sum()
 }
@@ -260,27 +199,12 @@ impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeReply>, Status> {
         let request = request.into_inner();
-        check_version(request.protocol_version)?;
-        let offered: Vec<StepCodec> = request
-            .codecs
-            .iter()
-            .filter_map(|&id| u8::try_from(id).ok())
-            .filter_map(|id| StepCodec::from_id(id).ok())
-            .collect();
-        let codec = offered
-            .iter()
-            .copied()
-            .find(|c| self.shared.codecs.contains(c))
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "no step codec in common: the device offers [{}], this server serves [{}]",
-                    codec_names(&offered),
-                    codec_names(&self.shared.codecs)
-                ))
-            })?;
+        let offered = request.codecs.iter().filter_map(|&id| step_codec(id));
+        let terms = &self.shared.terms;
+        let codec = terms.agree(request.protocol_version, offered)?;
         let limits = &self.shared.limits;
         Ok(Response::new(pb::HandshakeReply {
-            protocol_version: DIFFUSION_PROTOCOL_VERSION,
+            protocol_version: terms.version(),
             codec: u32::from(codec.id()),
             fingerprint: Some(pb::Fingerprint {
                 split: self.shared.fingerprint.split.to_string(),
@@ -295,133 +219,56 @@ impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
         }))
     }
 
-    type ImageStream = Pin<Box<dyn Stream<Item = Result<ImageReply, Status>> + Send>>;
+    type ImageStream = ReplyStream<ImageReply>;
 
     async fn image(
         &self,
         request: Request<Streaming<ImageRequest>>,
     ) -> Result<Response<Self::ImageStream>, Status> {
-        let permit = self.shared.slots.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "the server already serves its limit of {} image sessions",
-                self.shared.limits.max_sessions
-            ))
-        })?;
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(2);
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let mut session = ImageSession::new(shared.clone(), permit);
-            let id = session.id;
-            let result = session.run(inbound, &tx).await;
-            drop(session);
-            if let Err(status) = result {
-                shared.counters.errors_total.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(session = id, code = ?status.code(), message = status.message(), "image session ended with an error");
-                let idle = shared.limits.idle_timeout;
-                let _ = tokio::time::timeout(idle, tx.send(Err(status))).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let shared = &self.shared;
+        shared
+            .sessions
+            .serve(request.into_inner(), |id| ImageSession {
+                shared: shared.clone(),
+                id,
+                codec: None,
+                image: None,
+            })
     }
 }
 
-/// One image stream: the codec and the current image's conditioning, released on drop.
+/// One image stream: the codec and the current image's conditioning.
 struct ImageSession {
     shared: Arc<DiffusionShared>,
-    _permit: OwnedSemaphorePermit,
     id: u64,
     codec: Option<StepCodec>,
     image: Option<Arc<ImageState>>,
 }
 
-impl Drop for ImageSession {
-    fn drop(&mut self) {
-        self.shared.active.fetch_sub(1, Ordering::SeqCst);
-        tracing::debug!(session = self.id, "image session closed");
+impl SessionKind for ImageSession {
+    type Request = ImageRequest;
+    type Reply = ImageReply;
+
+    async fn handle(&mut self, request: ImageRequest) -> Result<ImageReply, Status> {
+        let reply = match request.kind {
+            Some(RequestKind::Setup(setup)) => self.setup(setup).await?,
+            Some(RequestKind::Step(step)) => self.step(step).await?,
+            None => return Err(Status::invalid_argument("empty image request")),
+        };
+        Ok(ImageReply { kind: Some(reply) })
     }
 }
 
 impl ImageSession {
-    fn new(shared: Arc<DiffusionShared>, permit: OwnedSemaphorePermit) -> Self {
-        shared.active.fetch_add(1, Ordering::SeqCst);
-        let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-        Self {
-            shared,
-            _permit: permit,
-            id,
-            codec: None,
-            image: None,
-        }
-    }
-
-    /// Serves the stream until the device closes it (`Ok`) or a request fails (`Err`).
-    async fn run(
-        &mut self,
-        mut inbound: Streaming<ImageRequest>,
-        tx: &mpsc::Sender<Result<ImageReply, Status>>,
-    ) -> Result<(), Status> {
-        let idle = self.shared.limits.idle_timeout;
-        loop {
-            let message = match tokio::time::timeout(idle, inbound.message()).await {
-                Err(_) => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "image session {} was idle for {} ms: closed",
-                        self.id,
-                        idle.as_millis()
-                    )));
-                }
-                Ok(Err(status)) => return Err(status),
-                Ok(Ok(None)) => return Ok(()),
-                Ok(Ok(Some(message))) => message,
-            };
-            let reply = match message.kind {
-                Some(RequestKind::Setup(setup)) => self.setup(setup).await?,
-                Some(RequestKind::Step(step)) => self.step(step).await?,
-                None => return Err(Status::invalid_argument("empty image request")),
-            };
-            let sent = tokio::time::timeout(idle, tx.send(Ok(ImageReply { kind: Some(reply) })));
-            match sent.await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Ok(()),
-                Err(_) => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "image session {} did not read its replies for {} ms: closed",
-                        self.id,
-                        idle.as_millis()
-                    )));
-                }
-            }
-        }
-    }
-
     /// Starts an image (a new one when the stream already had one).
     async fn setup(&mut self, setup: pb::Setup) -> Result<ReplyKind, Status> {
         self.image = None;
-        check_version(setup.protocol_version)?;
-        let codec = u8::try_from(setup.codec)
-            .ok()
-            .and_then(|id| StepCodec::from_id(id).ok())
-            .ok_or_else(|| {
-                Status::invalid_argument(format!("unknown step codec id {}", setup.codec))
-            })?;
-        if !self.shared.codecs.contains(&codec) {
-            return Err(Status::failed_precondition(format!(
-                "step codec {codec} is not served here (this server serves [{}])",
-                codec_names(&self.shared.codecs)
-            )));
-        }
-        let ours = &self.shared.fingerprint;
-        if setup.fingerprint_sha256 != ours.sha256 {
-            let theirs: String = setup
-                .fingerprint_sha256
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            return Err(Status::failed_precondition(format!(
-                "the device expects the trunk with sha256 {theirs} but this server runs {ours}"
-            )));
-        }
+        let codec =
+            step_codec(setup.codec).ok_or_else(|| format!("unknown step codec id {}", setup.codec));
+        let codec =
+            self.shared
+                .terms
+                .open(setup.protocol_version, codec, &setup.fingerprint_sha256)?;
         let conditioning = tensors_from_pb(
             setup.conditioning,
             codec,

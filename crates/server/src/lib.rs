@@ -13,27 +13,24 @@ mod certs;
 mod diffusion;
 mod engine;
 mod metrics;
+mod serve;
 mod service;
+mod session_loop;
+mod terms;
 mod tls;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lsplit_model::{ModelPart, TrunkFingerprint};
-use lsplit_proto::error_chain;
 use lsplit_wire::Codec;
-use tokio::net::TcpListener;
-use tonic::service::Routes;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
-use crate::auth::TokenCheck;
 pub use crate::certs::DevCertificates;
 pub use crate::diffusion::{DiffusionLimits, DiffusionOptions, DiffusionServer};
 pub use crate::metrics::serve_metrics;
+use crate::serve::Endpoint;
+pub use crate::serve::Server;
 use crate::service::{Shared, TrunkService};
 
 /// Errors starting or running the server.
@@ -48,6 +45,12 @@ pub enum ServerError {
     /// The listener or the gRPC transport failed.
     #[error("the server failed: {0}")]
     Transport(String),
+}
+
+impl From<lsplit_proto::PemError> for ServerError {
+    fn from(error: lsplit_proto::PemError) -> Self {
+        ServerError::Tls(error.to_string())
+    }
 }
 
 /// What the server accepts; announced to devices in the handshake.
@@ -118,13 +121,21 @@ pub struct ServerOptions {
 }
 
 /// Live counters of a running server, shared with its handle.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerStats {
     source: StatsSource,
 }
 
+impl std::fmt::Debug for ServerStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerStats")
+            .field("sessions", &self.sessions())
+            .finish()
+    }
+}
+
 /// Which kind of server the counters belong to.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum StatsSource {
     Trunk(Arc<Shared>),
     Diffusion(Arc<diffusion::DiffusionShared>),
@@ -134,8 +145,8 @@ impl ServerStats {
     /// Sessions open now.
     pub fn sessions(&self) -> usize {
         match &self.source {
-            StatsSource::Trunk(shared) => shared.active.load(Ordering::SeqCst),
-            StatsSource::Diffusion(shared) => shared.active.load(Ordering::SeqCst),
+            StatsSource::Trunk(shared) => shared.sessions.active(),
+            StatsSource::Diffusion(shared) => shared.sessions.active(),
         }
     }
 
@@ -190,13 +201,11 @@ impl ServerStats {
     }
 }
 
-/// The trunk server: a loaded trunk part, its fingerprint and the options it runs with.
-pub struct TrunkServer {
-    shared: Arc<Shared>,
-    options: ServerOptions,
-}
+/// The language-model trunk server: a loaded trunk part and its fingerprint, served with
+/// [`ServerOptions`]; its [`Server::limits`] cap the context limit by the model's.
+pub type TrunkServer = Server<Limits>;
 
-impl TrunkServer {
+impl Server<Limits> {
     /// A server for `part`, which must be a trunk whose fingerprint is `fingerprint`.
     pub fn new(
         part: ModelPart,
@@ -210,108 +219,17 @@ impl TrunkServer {
                 part.spec().layers
             )));
         }
-        if options.codecs.is_empty() {
-            return Err(ServerError::Config("the server must offer a codec".into()));
-        }
-        if options.limits.max_sessions == 0 {
-            return Err(ServerError::Config(
-                "--max-sessions must be at least 1".into(),
-            ));
-        }
         options.limits.max_context = options.limits.max_context.min(part.config().context_length);
-        let shared = Shared::new(part, fingerprint, &options)?;
-        Ok(Self {
-            shared: Arc::new(shared),
-            options,
-        })
+        let shared = Arc::new(Shared::new(part, fingerprint, &options)?);
+        let bytes = options.limits.max_message_bytes;
+        let service =
+            lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(shared.clone()))
+                .max_decoding_message_size(bytes)
+                .max_encoding_message_size(bytes);
+        let stats = ServerStats {
+            source: StatsSource::Trunk(shared),
+        };
+        let endpoint = Endpoint::new(service, options.token, options.tls);
+        Ok(Self::with(options.limits, stats, endpoint))
     }
-
-    /// Counters that stay readable while the server runs.
-    pub fn stats(&self) -> ServerStats {
-        ServerStats {
-            source: StatsSource::Trunk(self.shared.clone()),
-        }
-    }
-
-    /// The limits in force (the context limit capped by the model's).
-    pub fn limits(&self) -> &Limits {
-        &self.options.limits
-    }
-
-    /// Serves on `listener` until `shutdown` completes, then stops accepting, lets open
-    /// requests finish and returns. With TLS, only TLS 1.3 handshakes are accepted.
-    ///
-    /// The standard gRPC health service (`grpc.health.v1.Health`) answers for the trunk
-    /// service without a token, so load balancers can probe it; it turns `NOT_SERVING` as
-    /// soon as shutdown begins.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), ServerError> {
-        let service = lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(
-            self.shared.clone(),
-        ))
-        .max_decoding_message_size(self.options.limits.max_message_bytes)
-        .max_encoding_message_size(self.options.limits.max_message_bytes);
-        let service = InterceptedService::new(service, TokenCheck::new(self.options.token));
-        let (reporter, health) = tonic_health::server::health_reporter();
-        let routes = Routes::new(health).add_service(service);
-        let name = lsplit_proto::pb::trunk_server::SERVICE_NAME;
-        serve_routes(
-            routes,
-            reporter,
-            name,
-            self.options.tls.as_ref(),
-            listener,
-            shutdown,
-        )
-        .await
-    }
-}
-
-/// Serves `routes` (a service named `name` and the health service of `reporter`) on
-/// `listener` until `shutdown` completes, then stops accepting, lets open requests finish and
-/// returns. With `tls`, only TLS 1.3 handshakes are accepted.
-///
-/// The health service answers for `name` without a token, so load balancers can probe it; it
-/// turns `NOT_SERVING` as soon as shutdown begins.
-pub(crate) async fn serve_routes(
-    routes: Routes,
-    reporter: tonic_health::server::HealthReporter,
-    name: &'static str,
-    tls: Option<&TlsFiles>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServerError> {
-    let local: Option<SocketAddr> = listener.local_addr().ok();
-    let tls = tls.map(tls::server_config).transpose()?;
-    reporter
-        .set_service_status(name, tonic_health::ServingStatus::Serving)
-        .await;
-    let shutdown = async move {
-        shutdown.await;
-        reporter
-            .set_service_status(name, tonic_health::ServingStatus::NotServing)
-            .await;
-    };
-    tracing::info!(addr = ?local, tls = tls.is_some(), service = name, "serving");
-    let router = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_routes(routes);
-    let served = match tls {
-        Some(config) => {
-            router
-                .serve_with_incoming_shutdown(tls::TlsIncoming::new(listener, config), shutdown)
-                .await
-        }
-        None => {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-        }
-    };
-    served.map_err(|e| ServerError::Transport(error_chain(&e)))
 }

@@ -57,101 +57,90 @@ impl Counters {
     /// The Prometheus text exposition of every counter of a language-model trunk server, plus
     /// the gauges given.
     pub(crate) fn render(&self, sessions: usize, kv_bytes: u64, awaited: usize) -> String {
-        let mut out = String::new();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        metric(
-            &mut out,
-            "lsplit_sessions_open",
-            "gauge",
-            "Sessions open now.",
-            sessions as u64,
-        );
-        metric(
-            &mut out,
-            "lsplit_sessions_total",
-            "counter",
-            "Sessions opened.",
-            get(&self.sessions_total),
-        );
-        metric(
-            &mut out,
-            "lsplit_kv_bytes",
-            "gauge",
-            "Bytes of cached positions held by open sessions.",
-            kv_bytes,
-        );
-        metric(
-            &mut out,
-            "lsplit_sessions_awaited",
-            "gauge",
-            "Sessions answered whose next step has not reached the trunk yet.",
-            awaited as u64,
-        );
-        metric(
-            &mut out,
-            "lsplit_steps_total",
-            "counter",
-            "Trunk steps run.",
-            get(&self.steps_total),
-        );
-        metric(
-            &mut out,
-            "lsplit_rows_total",
-            "counter",
-            "Hidden rows run through the trunk.",
-            get(&self.rows_total),
-        );
-        metric(
-            &mut out,
-            "lsplit_batches_total",
-            "counter",
-            "Batches run through the trunk.",
-            get(&self.batches_total),
-        );
-        metric(
-            &mut out,
-            "lsplit_batched_steps_total",
-            "counter",
-            "Steps that shared a batch with another session's.",
-            get(&self.batched_steps_total),
-        );
-        self.render_traffic(&mut out);
-        out
+        let kv_help = "Bytes of cached positions held by open sessions.";
+        let awaited_help = "Sessions answered whose next step has not reached the trunk yet.";
+        let batched_help = "Steps that shared a batch with another session's.";
+        self.render_kind(
+            "Sessions",
+            sessions,
+            &[
+                ("lsplit_kv_bytes", "gauge", kv_help, kv_bytes),
+                (
+                    "lsplit_sessions_awaited",
+                    "gauge",
+                    awaited_help,
+                    awaited as u64,
+                ),
+                (
+                    "lsplit_steps_total",
+                    "counter",
+                    "Trunk steps run.",
+                    get(&self.steps_total),
+                ),
+                (
+                    "lsplit_rows_total",
+                    "counter",
+                    "Hidden rows run through the trunk.",
+                    get(&self.rows_total),
+                ),
+                (
+                    "lsplit_batches_total",
+                    "counter",
+                    "Batches run through the trunk.",
+                    get(&self.batches_total),
+                ),
+                (
+                    "lsplit_batched_steps_total",
+                    "counter",
+                    batched_help,
+                    get(&self.batched_steps_total),
+                ),
+            ],
+        )
     }
 
     /// The Prometheus text exposition of every counter of a diffusion trunk server, plus the
     /// sessions open now.
     pub(crate) fn render_diffusion(&self, sessions: usize) -> String {
+        let images = self.images_total.load(Ordering::Relaxed);
+        let steps = self.steps_total.load(Ordering::Relaxed);
+        let images_help = "Images set up (a session may draw several).";
+        let own = [
+            ("lsplit_images_total", "counter", images_help, images),
+            (
+                "lsplit_steps_total",
+                "counter",
+                "Denoising steps run through the trunk.",
+                steps,
+            ),
+        ];
+        self.render_kind("Image sessions", sessions, &own)
+    }
+
+    /// The sessions (`sessions` open now; `noun` in the help texts), a kind's `own` metrics
+    /// (name, type, help, value), then the traffic both kinds share.
+    fn render_kind(&self, noun: &str, sessions: usize, own: &[(&str, &str, &str, u64)]) -> String {
         let mut out = String::new();
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let opened = self.sessions_total.load(Ordering::Relaxed);
+        let open_help = format!("{noun} open now.");
         metric(
             &mut out,
             "lsplit_sessions_open",
             "gauge",
-            "Image sessions open now.",
+            &open_help,
             sessions as u64,
         );
         metric(
             &mut out,
             "lsplit_sessions_total",
             "counter",
-            "Image sessions opened.",
-            get(&self.sessions_total),
+            &format!("{noun} opened."),
+            opened,
         );
-        metric(
-            &mut out,
-            "lsplit_images_total",
-            "counter",
-            "Images set up (a session may draw several).",
-            get(&self.images_total),
-        );
-        metric(
-            &mut out,
-            "lsplit_steps_total",
-            "counter",
-            "Denoising steps run through the trunk.",
-            get(&self.steps_total),
-        );
+        for (name, kind, help, value) in own {
+            metric(&mut out, name, kind, help, *value);
+        }
         self.render_traffic(&mut out);
         out
     }

@@ -1,6 +1,5 @@
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use lsplit_model::{ModelPart, TrunkFingerprint};
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
@@ -9,13 +8,13 @@ use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, codec_from_pb, codec_to_pb, fingerprint_to_pb};
 use lsplit_split::TrunkState;
 use lsplit_wire::{Codec, HiddenRows};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Done, Engine, Step, Ticket};
 use crate::metrics::Counters;
+use crate::session_loop::{ReplyStream, SessionKind, SessionNames, Sessions};
+use crate::terms::{Protocol, Terms};
 use crate::{Limits, ServerError, ServerOptions};
 
 /// State every session and the handle share.
@@ -24,24 +23,20 @@ pub(crate) struct Shared {
     hidden_size: usize,
     kv_bytes_per_position: u64,
     fingerprint: TrunkFingerprint,
-    codecs: Vec<Codec>,
+    terms: Terms<Codec>,
     limits: Limits,
-    slots: Arc<Semaphore>,
-    pub(crate) active: AtomicUsize,
+    pub(crate) sessions: Arc<Sessions>,
     pub(crate) kv_reserved: AtomicU64,
-    next_id: AtomicU64,
     pub(crate) engine: Engine,
     pub(crate) counters: Arc<Counters>,
 }
 
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("fingerprint", &self.fingerprint)
-            .field("active", &self.active)
-            .finish()
-    }
-}
+/// The trunk protocol, as statuses name it.
+const TRUNK: Protocol = Protocol::new("trunk", PROTOCOL_VERSION, "codec");
+
+/// How language-model sessions are named in statuses.
+const TRUNK_SESSIONS: SessionNames =
+    SessionNames::new("session", "sessions", "closed and its KV cache freed");
 
 impl Shared {
     pub(crate) fn new(
@@ -54,7 +49,15 @@ impl Shared {
         let kv_bytes_per_position =
             layers * 2 * (c.num_kv_heads * part.kv_precision().bytes_for(c.head_dim)) as u64;
         let hidden_size = c.hidden_size;
-        let counters = Arc::new(Counters::default());
+        let terms = Terms::new(
+            TRUNK,
+            options.codecs.clone(),
+            fingerprint.sha256,
+            &fingerprint,
+        )?;
+        let limits = &options.limits;
+        let sessions = Sessions::new(TRUNK_SESSIONS, limits.max_sessions, limits.idle_timeout)?;
+        let counters = sessions.counters().clone();
         let part = Arc::new(part);
         let engine = Engine::start(part.clone(), counters.clone(), options.batch_wait)
             .map_err(|e| ServerError::Config(format!("starting the trunk worker: {e}")))?;
@@ -63,12 +66,10 @@ impl Shared {
             hidden_size,
             kv_bytes_per_position,
             fingerprint,
-            codecs: options.codecs.clone(),
+            terms,
             limits: options.limits.clone(),
-            slots: Arc::new(Semaphore::new(options.limits.max_sessions)),
-            active: AtomicUsize::new(0),
+            sessions: Arc::new(sessions),
             kv_reserved: AtomicU64::new(0),
-            next_id: AtomicU64::new(1),
             engine,
             counters,
         })
@@ -96,25 +97,6 @@ impl TrunkService {
     }
 }
 
-fn codec_names(codecs: &[Codec]) -> String {
-    codecs
-        .iter()
-        .map(|c| c.name())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn check_version(version: u32) -> Result<(), Status> {
-    if version == PROTOCOL_VERSION {
-        Ok(())
-    } else {
-        Err(Status::failed_precondition(format!(
-            "the device speaks trunk protocol version {version} but this server speaks version \
-             {PROTOCOL_VERSION}"
-        )))
-    }
-}
-
 #[tonic::async_trait]
 impl pb::trunk_server::Trunk for TrunkService {
     async fn handshake(
@@ -122,59 +104,34 @@ impl pb::trunk_server::Trunk for TrunkService {
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeReply>, Status> {
         let request = request.into_inner();
-        check_version(request.protocol_version)?;
-        let offered: Vec<Codec> = request
-            .codecs
-            .iter()
-            .filter_map(|&c| codec_from_pb(c).ok())
-            .collect();
-        let codec = offered
-            .iter()
-            .copied()
-            .find(|c| self.shared.codecs.contains(c))
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "no codec in common: the device offers [{}], this server serves [{}]",
-                    codec_names(&offered),
-                    codec_names(&self.shared.codecs)
-                ))
-            })?;
+        let offered = request.codecs.iter().filter_map(|&c| codec_from_pb(c).ok());
+        let terms = &self.shared.terms;
+        let codec = terms.agree(request.protocol_version, offered)?;
         Ok(Response::new(pb::HandshakeReply {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: terms.version(),
             codec: codec_to_pb(codec) as i32,
             fingerprint: Some(fingerprint_to_pb(&self.shared.fingerprint)),
             limits: Some(self.shared.limits_pb()),
         }))
     }
 
-    type SessionStream = Pin<Box<dyn Stream<Item = Result<SessionReply, Status>> + Send>>;
+    type SessionStream = ReplyStream<SessionReply>;
 
     async fn session(
         &self,
         request: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let permit = self.shared.slots.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "the server already serves its limit of {} sessions",
-                self.shared.limits.max_sessions
-            ))
-        })?;
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(2);
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let mut session = SessionState::new(shared.clone(), permit);
-            let id = session.id;
-            let result = session.run(inbound, &tx).await;
-            drop(session);
-            if let Err(status) = result {
-                shared.counters.errors_total.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(session = id, code = ?status.code(), message = status.message(), "session ended with an error");
-                let idle = shared.limits.idle_timeout;
-                let _ = tokio::time::timeout(idle, tx.send(Err(status))).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let shared = &self.shared;
+        shared
+            .sessions
+            .serve(request.into_inner(), |id| SessionState {
+                shared: shared.clone(),
+                id,
+                codec: None,
+                trunk: None,
+                reserved: 0,
+                ticket: None,
+            })
     }
 }
 
@@ -182,7 +139,6 @@ impl pb::trunk_server::Trunk for TrunkService {
 /// released on drop.
 struct SessionState {
     shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
     id: u64,
     codec: Option<Codec>,
     /// Present between steps; it travels to the engine during one.
@@ -197,97 +153,37 @@ impl Drop for SessionState {
         self.shared
             .kv_reserved
             .fetch_sub(self.reserved, Ordering::SeqCst);
-        self.shared.active.fetch_sub(1, Ordering::SeqCst);
-        tracing::debug!(session = self.id, "session closed, KV cache freed");
+    }
+}
+
+impl SessionKind for SessionState {
+    type Request = SessionRequest;
+    type Reply = SessionReply;
+
+    async fn handle(&mut self, request: SessionRequest) -> Result<SessionReply, Status> {
+        let reply = match request.kind {
+            Some(RequestKind::Open(open)) => self.open(open)?,
+            Some(RequestKind::Step(step)) => self.step(step).await?,
+            None => return Err(Status::invalid_argument("empty session request")),
+        };
+        Ok(SessionReply { kind: Some(reply) })
     }
 }
 
 impl SessionState {
-    fn new(shared: Arc<Shared>, permit: OwnedSemaphorePermit) -> Self {
-        shared.active.fetch_add(1, Ordering::SeqCst);
-        let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-        Self {
-            shared,
-            _permit: permit,
-            id,
-            codec: None,
-            trunk: None,
-            reserved: 0,
-            ticket: None,
-        }
-    }
-
-    /// Serves the stream until the device closes it (`Ok`) or a request fails (`Err`).
-    async fn run(
-        &mut self,
-        mut inbound: Streaming<SessionRequest>,
-        tx: &mpsc::Sender<Result<SessionReply, Status>>,
-    ) -> Result<(), Status> {
-        let idle = self.shared.limits.idle_timeout;
-        loop {
-            let message = match tokio::time::timeout(idle, inbound.message()).await {
-                Err(_) => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "session {} was idle for {} ms: closed and its KV cache freed",
-                        self.id,
-                        idle.as_millis()
-                    )));
-                }
-                Ok(Err(status)) => return Err(status),
-                Ok(Ok(None)) => return Ok(()),
-                Ok(Ok(Some(message))) => message,
-            };
-            let reply = match message.kind {
-                Some(RequestKind::Open(open)) => self.open(open)?,
-                Some(RequestKind::Step(step)) => self.step(step).await?,
-                None => return Err(Status::invalid_argument("empty session request")),
-            };
-            let sent = tokio::time::timeout(idle, tx.send(Ok(SessionReply { kind: Some(reply) })));
-            match sent.await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Ok(()),
-                Err(_) => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "session {} did not read its replies for {} ms: closed and its KV cache \
-                         freed",
-                        self.id,
-                        idle.as_millis()
-                    )));
-                }
-            }
-        }
-    }
-
     fn open(&mut self, open: pb::Open) -> Result<ReplyKind, Status> {
         if self.codec.is_some() {
             return Err(Status::invalid_argument("the session is already open"));
         }
-        check_version(open.protocol_version)?;
-        let codec =
-            codec_from_pb(open.codec).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !self.shared.codecs.contains(&codec) {
-            return Err(Status::failed_precondition(format!(
-                "codec {codec} is not served here (this server serves [{}])",
-                codec_names(&self.shared.codecs)
-            )));
-        }
-        let ours = &self.shared.fingerprint;
-        if open.fingerprint_sha256 != ours.sha256 {
-            let theirs: String = open
-                .fingerprint_sha256
-                .iter()
-                .take(8)
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            return Err(Status::failed_precondition(format!(
-                "the device expects the trunk with sha256 {theirs} but this server runs {ours}"
-            )));
-        }
+        let codec = codec_from_pb(open.codec).map_err(|e| e.to_string());
+        let terms = &self.shared.terms;
+        let codec = terms.open(open.protocol_version, codec, &open.fingerprint_sha256)?;
+        let layers = self.shared.fingerprint.model_layers;
         let keys = open
             .keys
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("the session's Open carries no keys"))?;
-        let keys = lsplit_proto::keys_from_pb(keys, ours.model_layers)
+        let keys = lsplit_proto::keys_from_pb(keys, layers)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let trunk = TrunkState::new(self.shared.part.clone(), &keys)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;

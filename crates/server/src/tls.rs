@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::rustls::crypto::ring;
+use tokio_rustls::rustls::pki_types::PrivateKeyDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig, version};
 use tokio_rustls::server::TlsStream;
@@ -37,7 +37,7 @@ pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, Serve
     let builder = match &files.client_ca_pem {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in certificates(ca, "client CA")? {
+            for cert in lsplit_proto::certificates(ca, "client CA")? {
                 roots.add(cert).map_err(|e| {
                     ServerError::Tls(format!("the client CA is not a usable certificate: {e}"))
                 })?;
@@ -52,23 +52,13 @@ pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, Serve
     let key = PrivateKeyDer::from_pem_slice(&files.key_pem)
         .map_err(|e| ServerError::Tls(format!("the private key is not a PEM key: {e}")))?;
     let mut config = builder
-        .with_single_cert(certificates(&files.cert_pem, "certificate")?, key)
+        .with_single_cert(
+            lsplit_proto::certificates(&files.cert_pem, "certificate")?,
+            key,
+        )
         .map_err(|e| ServerError::Tls(format!("the certificate and key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Every certificate in `pem`, which must hold at least one.
-fn certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, ServerError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ServerError::Tls(format!("the {what} is not PEM: {e}")))?;
-    if certs.is_empty() {
-        return Err(ServerError::Tls(format!(
-            "the {what} file holds no certificate"
-        )));
-    }
-    Ok(certs)
 }
 
 /// The name of a negotiated protocol version, for logs.

@@ -1,0 +1,434 @@
+//! The reconnecting client every model kind's remote trunk is built on.
+//!
+//! A [`Link`] owns a small tokio runtime and blocks at its boundary, so the device's loops stay
+//! synchronous. It connects and runs the handshake, opens the session's stream with the
+//! session's opening request, and sends requests one at a time. When the link fails it
+//! reconnects with jittered backoff, checks that the server came back with the same trunk and
+//! codec, opens a new stream and replays the session's kept requests before sending the
+//! pending one, within [`RemoteOptions::retry_for`].
+//!
+//! A model kind supplies only a [`Protocol`]: its generated client, its handshake and its
+//! session stream's messages.
+
+use std::fmt::Display;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Response, Status, Streaming};
+
+use crate::backoff::Backoff;
+use crate::channel::{Bearer, bearer, connect, connect_failure, status_chain};
+use crate::error::{refused, retryable};
+use crate::{RemoteError, RemoteOptions};
+
+/// The channel every generated client is built on: the bearer token on every request.
+pub(crate) type BearerChannel = InterceptedService<Channel, Bearer>;
+
+/// One model kind's protocol, as the client speaks it.
+pub(crate) trait Protocol {
+    /// The generated gRPC client.
+    type Client;
+    /// What the handshake agrees: a [`ServerTerms`].
+    type Terms: Agreed;
+    /// A message on the session stream; a kept one is sent again on a new stream.
+    type Request: Clone + Send + 'static;
+    /// A reply on the session stream.
+    type Reply;
+    /// What a reply carries.
+    type ReplyKind;
+
+    /// The protocol's name in messages: `trunk`, `diffusion`.
+    const NAME: &'static str;
+    /// The protocol version this build speaks.
+    const VERSION: u32;
+    /// The session stream in messages: `session stream`, `image stream`.
+    const STREAM: &'static str;
+
+    /// Builds the generated client over `channel` (a connection of `tls_version`) and runs
+    /// the handshake, offering this device's codecs: `Err` when the call fails, the client and
+    /// `Err` when the answer is unusable (its version is checked with [`check_version`]).
+    async fn handshake(
+        &self,
+        channel: BearerChannel,
+        tls_version: Option<String>,
+    ) -> Result<(Self::Client, Result<Self::Terms, RemoteError>), Status>;
+    /// Opens a session stream carrying `requests`.
+    async fn stream(
+        client: &mut Self::Client,
+        requests: ReceiverStream<Self::Request>,
+    ) -> Result<Response<Streaming<Self::Reply>>, Status>;
+    /// What `reply` carries; `None` for an empty reply.
+    fn reply(reply: Self::Reply) -> Option<Self::ReplyKind>;
+    /// The session id of a reply that accepts the opening request, or what is wrong with it.
+    fn opened(reply: Self::ReplyKind) -> Result<u64, RemoteError>;
+    /// Whether `reply` is the answer to the replayed request `sent`.
+    fn answers(sent: &Self::Request, reply: &Self::ReplyKind) -> bool;
+}
+
+/// What the handshake told the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTerms<F, C, L> {
+    /// The trunk the server runs.
+    pub fingerprint: F,
+    /// The codec agreed for everything this device sends and receives.
+    pub codec: C,
+    /// The server's limits.
+    pub limits: L,
+    /// The TLS version of the connection (always `TLS 1.3`); `None` over plaintext.
+    pub tls_version: Option<String>,
+}
+
+/// Terms logged on connecting and compared when the server comes back after a failure.
+pub(crate) trait Agreed {
+    /// The trunk, codec and TLS version, for the log.
+    fn summary(&self) -> String;
+    /// How these terms differ from `before` in trunk or codec, if they do.
+    fn changed_from(&self, before: &Self) -> Option<String>;
+}
+
+impl<F: PartialEq + Display, C: PartialEq + Display, L> Agreed for ServerTerms<F, C, L> {
+    fn summary(&self) -> String {
+        let tls = self.tls_version.as_deref().unwrap_or("no TLS");
+        format!("{}, codec {}, {tls}", self.fingerprint, self.codec)
+    }
+
+    fn changed_from(&self, before: &Self) -> Option<String> {
+        (self.fingerprint != before.fingerprint || self.codec != before.codec).then(|| {
+            format!(
+                "the server came back with {} and codec {}, not {} and codec {}",
+                self.fingerprint, self.codec, before.fingerprint, before.codec
+            )
+        })
+    }
+}
+
+/// Refuses a handshake answer in another version of `P` than this build's.
+pub(crate) fn check_version<P: Protocol>(version: u32) -> Result<(), RemoteError> {
+    if version == P::VERSION {
+        Ok(())
+    } else {
+        Err(RemoteError::Protocol(format!(
+            "the server speaks {} protocol version {version} but this device speaks {}",
+            P::NAME,
+            P::VERSION
+        )))
+    }
+}
+
+/// How long closing a stream waits for the server to finish it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// An open session stream.
+struct Stream<P: Protocol> {
+    id: u64,
+    requests: mpsc::Sender<P::Request>,
+    replies: Streaming<P::Reply>,
+}
+
+impl<P: Protocol> Stream<P> {
+    /// Ends the stream cleanly: the server sees the end of the session, not a broken
+    /// connection.
+    async fn close(mut self) {
+        drop(self.requests);
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.replies.message()).await;
+    }
+}
+
+/// A reconnecting session with a server speaking `P`.
+pub(crate) struct Link<P: Protocol> {
+    runtime: tokio::runtime::Runtime,
+    options: RemoteOptions,
+    bearer: Bearer,
+    protocol: P,
+    client: P::Client,
+    terms: P::Terms,
+    stream: Option<Stream<P>>,
+    /// The request that opens every stream of this session.
+    opening: Option<P::Request>,
+    /// The session's requests so far that a new stream must see again.
+    kept: Vec<P::Request>,
+    /// Whether the link failed since the last handshake.
+    lost: bool,
+}
+
+impl<P: Protocol> Link<P> {
+    /// Connects with `options` and runs `protocol`'s handshake; opens no session yet.
+    pub(crate) fn connect(options: RemoteOptions, protocol: P) -> Result<Self, RemoteError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lsplit-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| RemoteError::Config(format!("starting the network runtime: {e}")))?;
+        let bearer = bearer(&options)?;
+        let (client, terms) = runtime.block_on(handshake(&protocol, &options, &bearer))?;
+        tracing::info!(
+            url = %options.url,
+            protocol = P::NAME,
+            server = %terms.summary(),
+            "connected to the trunk server"
+        );
+        Ok(Self {
+            runtime,
+            options,
+            bearer,
+            protocol,
+            client,
+            terms,
+            stream: None,
+            opening: None,
+            kept: Vec::new(),
+            lost: false,
+        })
+    }
+
+    /// What the handshake told.
+    pub(crate) fn terms(&self) -> &P::Terms {
+        &self.terms
+    }
+
+    /// The server's address.
+    pub(crate) fn url(&self) -> &str {
+        &self.options.url
+    }
+
+    /// Whether a session was begun.
+    pub(crate) fn begun(&self) -> bool {
+        self.opening.is_some()
+    }
+
+    /// Starts a new session whose streams open with `opening`, closing the current one.
+    pub(crate) fn begin(&mut self, opening: P::Request) {
+        self.close();
+        self.opening = Some(opening);
+        self.kept.clear();
+    }
+
+    /// Opens the session's stream now, unless one is open.
+    pub(crate) fn open(&mut self) -> Result<(), RemoteError> {
+        self.retrying(None).map(|_| ())
+    }
+
+    /// Sends `request` and returns its reply; a `kept` request is sent again on every later
+    /// stream of the session, before anything new.
+    pub(crate) fn call(
+        &mut self,
+        request: P::Request,
+        kept: bool,
+    ) -> Result<P::ReplyKind, RemoteError> {
+        let reply = self
+            .retrying(Some(&request))?
+            .ok_or_else(|| RemoteError::Protocol("nothing was sent".into()))?;
+        if kept {
+            self.kept.push(request);
+        }
+        Ok(reply)
+    }
+
+    /// Closes the session's stream, if one is open. Dropped inside another runtime, where it
+    /// cannot block, the stream is dropped instead (the server sees a broken stream).
+    fn close(&mut self) {
+        let stream = self.stream.take();
+        if let Some(stream) = stream.filter(|_| tokio::runtime::Handle::try_current().is_err()) {
+            self.runtime.block_on(stream.close());
+        }
+    }
+
+    /// Runs [`Self::attempt`] until it succeeds, fails for good, or the retry bound passes.
+    fn retrying(
+        &mut self,
+        request: Option<&P::Request>,
+    ) -> Result<Option<P::ReplyKind>, RemoteError> {
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        let mut backoff = Backoff::new();
+        loop {
+            let runtime = self.runtime.handle().clone();
+            match runtime.block_on(self.attempt(request)) {
+                Ok(reply) => return Ok(reply),
+                Err(e) if retryable(&e) => {
+                    self.stream = None;
+                    self.lost = true;
+                    attempts += 1;
+                    let waited = started.elapsed();
+                    let wait = backoff.next_wait();
+                    if waited + wait > self.options.retry_for {
+                        return Err(RemoteError::GaveUp {
+                            url: self.options.url.clone(),
+                            waited,
+                            attempts,
+                            last: e.to_string(),
+                        });
+                    }
+                    tracing::warn!(error = %e, protocol = P::NAME, retry_in = ?wait, "lost the trunk server; retrying");
+                    std::thread::sleep(wait);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One attempt: after a failure, a new handshake with the same terms; then a stream if
+    /// none is open, with the kept requests replayed; then `request`.
+    async fn attempt(
+        &mut self,
+        request: Option<&P::Request>,
+    ) -> Result<Option<P::ReplyKind>, RemoteError> {
+        if self.lost {
+            let (client, terms) = handshake(&self.protocol, &self.options, &self.bearer).await?;
+            if let Some(change) = terms.changed_from(&self.terms) {
+                return Err(RemoteError::Protocol(change));
+            }
+            self.client = client;
+            self.lost = false;
+        }
+        let timeout = self.options.step_timeout;
+        let stream = match &mut self.stream {
+            Some(stream) => stream,
+            None => {
+                let opening = self
+                    .opening
+                    .clone()
+                    .ok_or_else(|| RemoteError::Protocol("no session was begun".into()))?;
+                let mut stream = open::<P>(&mut self.client, opening, timeout).await?;
+                replay(&mut stream, &self.kept, timeout).await?;
+                if self.kept.is_empty() {
+                    tracing::debug!(session = stream.id, "session opened on the server");
+                } else {
+                    tracing::info!(
+                        session = stream.id,
+                        requests = self.kept.len(),
+                        "session rebuilt on the server"
+                    );
+                }
+                self.stream.insert(stream)
+            }
+        };
+        match request {
+            Some(request) => exchange(stream, request.clone(), timeout).await.map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<P: Protocol> Drop for Link<P> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Connects, then runs the handshake and checks the server's answer.
+async fn handshake<P: Protocol>(
+    protocol: &P,
+    options: &RemoteOptions,
+    bearer: &Bearer,
+) -> Result<(P::Client, P::Terms), RemoteError> {
+    let (channel, tls_version) = connect(options).await?;
+    let channel = InterceptedService::new(channel, bearer.clone());
+    let timeout = options.connect_timeout;
+    let (client, terms) = tokio::time::timeout(timeout, protocol.handshake(channel, tls_version))
+        .await
+        .map_err(|_| RemoteError::Timeout(timeout))?
+        .map_err(|status| {
+            if status.code() == Code::Unavailable || status.code() == Code::Unknown {
+                connect_failure(options, status_chain(&status))
+            } else {
+                refused(status)
+            }
+        })?;
+    Ok((client, terms?))
+}
+
+/// Opens a stream with `opening` and waits for the server to accept it.
+async fn open<P: Protocol>(
+    client: &mut P::Client,
+    opening: P::Request,
+    timeout: Duration,
+) -> Result<Stream<P>, RemoteError> {
+    let (requests, outbound) = mpsc::channel(4);
+    requests
+        .send(opening)
+        .await
+        .map_err(|_| RemoteError::Protocol(format!("the {} closed", P::STREAM)))?;
+    let call = P::stream(client, ReceiverStream::new(outbound));
+    let mut replies = tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| RemoteError::Timeout(timeout))?
+        .map_err(refused)?
+        .into_inner();
+    let id = P::opened(next_reply::<P>(&mut replies, timeout).await?)?;
+    Ok(Stream {
+        id,
+        requests,
+        replies,
+    })
+}
+
+/// Sends the `kept` requests again, exactly as they were first sent, to rebuild the session's
+/// state on a new stream. They are pipelined: one round trip, not one per request.
+async fn replay<P: Protocol>(
+    stream: &mut Stream<P>,
+    kept: &[P::Request],
+    timeout: Duration,
+) -> Result<(), RemoteError> {
+    let requests = kept.to_vec();
+    let sender = stream.requests.clone();
+    let feeding = tokio::spawn(async move {
+        for request in requests {
+            if sender.send(request).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result = async {
+        for (i, sent) in kept.iter().enumerate() {
+            let reply = next_reply::<P>(&mut stream.replies, timeout).await?;
+            if !P::answers(sent, &reply) {
+                return Err(RemoteError::Protocol(format!(
+                    "replaying request {i}: the server answered out of order"
+                )));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    feeding.abort();
+    result
+}
+
+/// Sends `request` on an open stream and waits for the answer.
+async fn exchange<P: Protocol>(
+    stream: &mut Stream<P>,
+    request: P::Request,
+    timeout: Duration,
+) -> Result<P::ReplyKind, RemoteError> {
+    if stream.requests.send(request).await.is_err() {
+        return Err(RemoteError::Refused {
+            code: Code::Unavailable,
+            message: format!("the {} closed", P::STREAM),
+        });
+    }
+    next_reply::<P>(&mut stream.replies, timeout).await
+}
+
+/// The next reply on a stream, within `timeout`.
+async fn next_reply<P: Protocol>(
+    replies: &mut Streaming<P::Reply>,
+    timeout: Duration,
+) -> Result<P::ReplyKind, RemoteError> {
+    let reply = tokio::time::timeout(timeout, replies.message())
+        .await
+        .map_err(|_| RemoteError::Timeout(timeout))?
+        .map_err(refused)?;
+    match reply {
+        Some(reply) => P::reply(reply)
+            .ok_or_else(|| RemoteError::Protocol("the server sent an empty reply".into())),
+        None => Err(RemoteError::Refused {
+            code: Code::Unavailable,
+            message: format!("the server closed the {}", P::STREAM),
+        }),
+    }
+}

@@ -1,0 +1,202 @@
+//! The device's side of a remote language-model trunk: [`RemoteTrunk`] implements the split
+//! engine's [`Trunk`] over the protocol of `lsplit-proto`, on the reconnecting [`Link`].
+//!
+//! Connecting performs the handshake, which tells the device which layers the server runs and
+//! the fingerprint of its weights; the device checks that fingerprint against its own model
+//! with [`RemoteTrunk::verify`] before use. A session ([`RemoteTrunk::with_keys`]) sends its
+//! keys, secret included, in the session's `Open` message, inside TLS; its steps are tagged
+//! `Step` messages. If the connection drops mid-generation, the next step reconnects, opens a
+//! new session with the same keys and replays this session's steps to rebuild the server's
+//! state (KV cache, catch-up rows, step count), so the generated text does not change.
+
+use std::ops::Range;
+
+use lsplit_model::TrunkFingerprint;
+use lsplit_proto::pb::session_reply::Kind as ReplyKind;
+use lsplit_proto::pb::session_request::Kind as RequestKind;
+use lsplit_proto::pb::trunk_client::TrunkClient;
+use lsplit_proto::pb::{self, SessionReply, SessionRequest};
+use lsplit_proto::{PROTOCOL_VERSION, ProtoError, codec_from_pb, codec_to_pb, fingerprint_from_pb};
+use lsplit_split::{SessionKeys, StepRows, Trunk, TrunkError};
+use lsplit_wire::Codec;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Response, Status, Streaming};
+
+use crate::link::{BearerChannel, Link, Protocol, ServerTerms, check_version};
+use crate::{RemoteError, RemoteOptions};
+
+/// What the handshake told the device: the trunk's layers and fingerprint, the codec of this
+/// device's rows and the server's limits.
+pub type ServerInfo = ServerTerms<TrunkFingerprint, Codec, pb::Limits>;
+
+/// The trunk protocol, offering `codecs`.
+struct TrunkProtocol {
+    codecs: Vec<Codec>,
+}
+
+impl Protocol for TrunkProtocol {
+    type Client = TrunkClient<BearerChannel>;
+    type Terms = ServerInfo;
+    type Request = SessionRequest;
+    type Reply = SessionReply;
+    type ReplyKind = ReplyKind;
+
+    const NAME: &'static str = "trunk";
+    const VERSION: u32 = PROTOCOL_VERSION;
+    const STREAM: &'static str = "session stream";
+
+    async fn handshake(
+        &self,
+        channel: BearerChannel,
+        tls_version: Option<String>,
+    ) -> Result<(Self::Client, Result<ServerInfo, RemoteError>), Status> {
+        let request = pb::HandshakeRequest {
+            protocol_version: PROTOCOL_VERSION,
+            codecs: self.codecs.iter().map(|&c| codec_to_pb(c) as i32).collect(),
+        };
+        let mut client = TrunkClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let reply = client.handshake(request).await?;
+        Ok((client, agreed(reply.into_inner(), tls_version)))
+    }
+
+    async fn stream(
+        client: &mut Self::Client,
+        requests: ReceiverStream<SessionRequest>,
+    ) -> Result<Response<Streaming<SessionReply>>, Status> {
+        client.session(requests).await
+    }
+
+    fn reply(reply: SessionReply) -> Option<ReplyKind> {
+        reply.kind
+    }
+
+    fn opened(reply: ReplyKind) -> Result<u64, RemoteError> {
+        match reply {
+            ReplyKind::Opened(opened) => Ok(opened.session_id),
+            ReplyKind::Step(_) => Err(RemoteError::Protocol(
+                "the server sent rows before opening the session".into(),
+            )),
+        }
+    }
+
+    fn answers(sent: &SessionRequest, reply: &ReplyKind) -> bool {
+        matches!(
+            (&sent.kind, reply),
+            (Some(RequestKind::Step(sent)), ReplyKind::Step(out)) if out.step == sent.step
+        )
+    }
+}
+
+/// The terms of the server's handshake `reply`, over a connection of `tls_version`.
+fn agreed(
+    reply: pb::HandshakeReply,
+    tls_version: Option<String>,
+) -> Result<ServerInfo, RemoteError> {
+    check_version::<TrunkProtocol>(reply.protocol_version)?;
+    let protocol = |e: ProtoError| RemoteError::Protocol(e.to_string());
+    let fingerprint = reply
+        .fingerprint
+        .as_ref()
+        .ok_or(ProtoError::Missing("fingerprint"))
+        .and_then(fingerprint_from_pb)
+        .map_err(protocol)?;
+    let codec = codec_from_pb(reply.codec).map_err(protocol)?;
+    let limits = reply
+        .limits
+        .ok_or(ProtoError::Missing("limits"))
+        .map_err(protocol)?;
+    Ok(ServerTerms {
+        fingerprint,
+        codec,
+        limits,
+        tls_version,
+    })
+}
+
+/// A trunk running on a server, for one generation session.
+pub struct RemoteTrunk {
+    link: Link<TrunkProtocol>,
+}
+
+impl std::fmt::Debug for RemoteTrunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteTrunk")
+            .field("url", &self.link.url())
+            .field("info", self.info())
+            .finish()
+    }
+}
+
+impl RemoteTrunk {
+    /// Connects to the server and performs the handshake; opens no session yet.
+    pub fn connect(options: RemoteOptions) -> Result<Self, RemoteError> {
+        let protocol = TrunkProtocol {
+            codecs: options.codecs.clone(),
+        };
+        Ok(Self {
+            link: Link::connect(options, protocol)?,
+        })
+    }
+
+    /// Gives the session its keys: they go to the server when the session opens (inside TLS).
+    /// A session opens at its first step, so call this before it.
+    pub fn with_keys(mut self, keys: SessionKeys) -> Self {
+        let info = self.info();
+        let open = pb::Open {
+            protocol_version: PROTOCOL_VERSION,
+            codec: codec_to_pb(info.codec) as i32,
+            fingerprint_sha256: info.fingerprint.sha256.to_vec(),
+            keys: Some(lsplit_proto::keys_to_pb(&keys)),
+        };
+        self.link.begin(SessionRequest {
+            kind: Some(RequestKind::Open(open)),
+        });
+        self
+    }
+
+    /// What the handshake told: fingerprint, codec and limits.
+    pub fn info(&self) -> &ServerInfo {
+        self.link.terms()
+    }
+
+    /// Refuses a server whose trunk differs from `local`, the device's fingerprint of the same
+    /// layers of its own model.
+    pub fn verify(&self, local: &TrunkFingerprint) -> Result<(), RemoteError> {
+        let server = &self.info().fingerprint;
+        if local == server {
+            Ok(())
+        } else {
+            Err(RemoteError::FingerprintMismatch {
+                server: Box::new(server.clone()),
+                local: Box::new(local.clone()),
+            })
+        }
+    }
+}
+
+impl Trunk for RemoteTrunk {
+    fn layers(&self) -> Range<usize> {
+        self.info().fingerprint.layers.clone()
+    }
+
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        if !self.link.begun() {
+            return Err(RemoteError::Config(
+                "a trunk session needs its keys: give them with_keys".into(),
+            )
+            .into());
+        }
+        let request = SessionRequest {
+            kind: Some(RequestKind::Step(lsplit_proto::step_to_pb(message))),
+        };
+        match self.link.call(request, true)? {
+            ReplyKind::Step(out) => Ok(lsplit_proto::step_from_pb(out)
+                .map_err(|e| RemoteError::Protocol(e.to_string()))?),
+            ReplyKind::Opened(_) => {
+                Err(RemoteError::Protocol("the server answered a step without rows".into()).into())
+            }
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The server handle of every model kind, and its one `serve()` setup: bearer-token check,
+//! health service, HTTP/2 keepalive, TLS 1.3 (or plaintext) and graceful shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lsplit_proto::error_chain;
+use tokio::net::TcpListener;
+use tonic::body::Body;
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
+use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server as Transport;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+
+use crate::auth::TokenCheck;
+use crate::{ServerError, ServerStats, TlsFiles, tls};
+
+/// A trunk server of one model kind, ready to serve: [`crate::TrunkServer`] (`L` is
+/// [`crate::Limits`]) or [`crate::DiffusionServer`] (`L` is [`crate::DiffusionLimits`]).
+pub struct Server<L> {
+    limits: L,
+    stats: ServerStats,
+    endpoint: Endpoint,
+}
+
+impl<L> Server<L> {
+    /// A server with `limits` in force, counting in `stats`, answering on `endpoint`.
+    pub(crate) fn with(limits: L, stats: ServerStats, endpoint: Endpoint) -> Self {
+        Self {
+            limits,
+            stats,
+            endpoint,
+        }
+    }
+
+    /// Counters that stay readable while the server runs.
+    pub fn stats(&self) -> ServerStats {
+        self.stats.clone()
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &L {
+        &self.limits
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops accepting, lets open
+    /// requests finish and returns. With TLS, only TLS 1.3 handshakes are accepted.
+    ///
+    /// The standard gRPC health service (`grpc.health.v1.Health`) answers for the trunk
+    /// service without a token, so load balancers can probe it; it turns `NOT_SERVING` as
+    /// soon as shutdown begins.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        self.endpoint.serve(listener, shutdown).await
+    }
+}
+
+/// A model kind's gRPC service behind the token check, with the health service beside it.
+pub(crate) struct Endpoint {
+    routes: Routes,
+    reporter: HealthReporter,
+    name: &'static str,
+    tls: Option<TlsFiles>,
+}
+
+impl Endpoint {
+    /// `service` (a generated gRPC server, its message limits set), requiring `token` as a
+    /// bearer token when given, served over `tls` (plaintext when `None`).
+    pub(crate) fn new<S>(service: S, token: Option<String>, tls: Option<TlsFiles>) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let service = InterceptedService::new(service, TokenCheck::new(token));
+        let (reporter, health) = tonic_health::server::health_reporter();
+        Self {
+            routes: Routes::new(health).add_service(service),
+            reporter,
+            name: S::NAME,
+            tls,
+        }
+    }
+
+    async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        let Self {
+            routes,
+            reporter,
+            name,
+            tls,
+        } = self;
+        let local: Option<SocketAddr> = listener.local_addr().ok();
+        let tls = tls.as_ref().map(tls::server_config).transpose()?;
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+        let shutdown = async move {
+            shutdown.await;
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        };
+        tracing::info!(addr = ?local, tls = tls.is_some(), service = name, "serving");
+        let router = Transport::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_routes(routes);
+        let served = match tls {
+            Some(config) => {
+                router
+                    .serve_with_incoming_shutdown(tls::TlsIncoming::new(listener, config), shutdown)
+                    .await
+            }
+            None => {
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        };
+        served.map_err(|e| ServerError::Transport(error_chain(&e)))
+    }
+}

@@ -1,0 +1,143 @@
+//! What a server agrees to with a device, checked the same way for every model kind: the
+//! protocol version, a codec from the server's list, and the fingerprint of the trunk it runs.
+
+use std::fmt::Display;
+
+use tonic::Status;
+
+use crate::ServerError;
+
+/// A model kind's protocol: the version this build speaks, and how statuses name it and its
+/// codecs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Protocol {
+    /// `trunk`, `diffusion`.
+    name: &'static str,
+    version: u32,
+    /// `codec`, `step codec`.
+    codec: &'static str,
+}
+
+impl Protocol {
+    pub(crate) const fn new(name: &'static str, version: u32, codec: &'static str) -> Self {
+        Self {
+            name,
+            version,
+            codec,
+        }
+    }
+}
+
+/// A server's protocol, codecs (of type `C`) and trunk.
+#[derive(Debug)]
+pub(crate) struct Terms<C> {
+    protocol: Protocol,
+    codecs: Vec<C>,
+    sha256: [u8; 32],
+    /// The trunk as statuses name it.
+    trunk: String,
+}
+
+impl<C: Copy + PartialEq + Display> Terms<C> {
+    /// The terms of a server speaking `protocol`, offering `codecs` (at least one) for the
+    /// trunk `trunk` whose fingerprint is `sha256`.
+    pub(crate) fn new(
+        protocol: Protocol,
+        codecs: Vec<C>,
+        sha256: [u8; 32],
+        trunk: &dyn Display,
+    ) -> Result<Self, ServerError> {
+        if codecs.is_empty() {
+            return Err(ServerError::Config(format!(
+                "the server must offer a {}",
+                protocol.codec
+            )));
+        }
+        Ok(Self {
+            protocol,
+            codecs,
+            sha256,
+            trunk: trunk.to_string(),
+        })
+    }
+
+    /// The protocol version this server speaks.
+    pub(crate) fn version(&self) -> u32 {
+        self.protocol.version
+    }
+
+    /// The handshake: the device's `version` must be ours; the first of its `offered` codecs
+    /// that this server serves is chosen.
+    pub(crate) fn agree(
+        &self,
+        version: u32,
+        offered: impl IntoIterator<Item = C>,
+    ) -> Result<C, Status> {
+        self.check_version(version)?;
+        let offered: Vec<C> = offered.into_iter().collect();
+        offered
+            .iter()
+            .copied()
+            .find(|c| self.codecs.contains(c))
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "no {} in common: the device offers [{}], this server serves [{}]",
+                    self.protocol.codec,
+                    names(&offered),
+                    names(&self.codecs)
+                ))
+            })
+    }
+
+    /// A session's opening message: our `version`, a served `codec` (`Err` holds why the
+    /// device's codec value names none), and our trunk's fingerprint `sha256`.
+    pub(crate) fn open(
+        &self,
+        version: u32,
+        codec: Result<C, String>,
+        sha256: &[u8],
+    ) -> Result<C, Status> {
+        self.check_version(version)?;
+        let codec = codec.map_err(Status::invalid_argument)?;
+        if !self.codecs.contains(&codec) {
+            return Err(Status::failed_precondition(format!(
+                "{} {codec} is not served here (this server serves [{}])",
+                self.protocol.codec,
+                names(&self.codecs)
+            )));
+        }
+        if sha256 != self.sha256 {
+            let theirs: String = sha256.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            return Err(Status::failed_precondition(format!(
+                "the device expects the trunk with sha256 {theirs} but this server runs {}",
+                self.trunk
+            )));
+        }
+        Ok(codec)
+    }
+
+    fn check_version(&self, version: u32) -> Result<(), Status> {
+        let Protocol {
+            name,
+            version: ours,
+            ..
+        } = self.protocol;
+        if version == ours {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition(format!(
+                "the device speaks {name} protocol version {version} but this server speaks \
+                 version {ours}"
+            )))
+        }
+    }
+}
+
+/// Codec names, comma-separated.
+fn names<C: Display>(codecs: &[C]) -> String {
+    codecs
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
