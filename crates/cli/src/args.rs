@@ -132,32 +132,44 @@ impl PolicyArgs {
     }
 }
 
-/// Loads the device side the flags describe: the model, its split (or the split of the trunk
-/// server of `--cloud`, connected to and checked first) and how sessions draw and disguise.
-pub fn load_device(
-    model: &ModelArgs,
-    split: &SplitArgs,
-    trunk: &TrunkArgs,
-    policy: &PolicyArgs,
-) -> anyhow::Result<Device> {
-    let choice = policy.choice()?;
-    let path = model.path()?;
-    let (source, tokenizer) = model.open()?;
-    let split = split.plan(source.config().num_layers)?;
-    let cloud = match &trunk.cloud {
-        Some(url) => Some(trunk.auth.files(url).options()?),
-        None => None,
-    };
-    Ok(Device::load(DeviceOptions {
-        path,
-        source,
-        tokenizer,
-        split,
-        cloud,
-        policy: choice,
-        obfuscation: policy.obfuscate,
-        codec: trunk.codec,
-    })?)
+/// The device side of `lsplit generate` and `lsplit edge`: the model, where it is cut, how
+/// each step's split points are drawn, and where the trunk runs.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub split: SplitArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    #[command(flatten)]
+    pub trunk: TrunkArgs,
+}
+
+impl DeviceArgs {
+    /// Loads the device side the flags describe: the model, its split (or the split of the
+    /// trunk server of `--cloud`, connected to and checked first) and how sessions draw and
+    /// disguise.
+    pub fn load(&self) -> anyhow::Result<Device> {
+        let choice = self.policy.choice()?;
+        let path = self.model.path()?;
+        let (source, tokenizer) = self.model.open()?;
+        let split = self.split.plan(source.config().num_layers)?;
+        let cloud = match &self.trunk.cloud {
+            Some(url) => Some(self.trunk.auth.files(url).options()?),
+            None => None,
+        };
+        Ok(Device::load(DeviceOptions {
+            path,
+            source,
+            tokenizer,
+            split,
+            cloud,
+            policy: choice,
+            obfuscation: self.policy.obfuscate,
+            codec: self.trunk.codec,
+        })?)
+    }
 }
 
 /// Where the trunk runs and how hidden rows travel to it.

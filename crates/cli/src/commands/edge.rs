@@ -13,7 +13,7 @@ use lsplit_edge::{EdgeConfig, EdgeServer, ImageModel};
 use lsplit_split::GenerateOptions;
 use lsplit_wire::StepCodec;
 
-use crate::args::{ModelArgs, PolicyArgs, SamplingArgs, SplitArgs, TrunkArgs, load_device};
+use crate::args::{DeviceArgs, SamplingArgs};
 
 /// Options of `lsplit edge`.
 #[derive(Debug, Args)]
@@ -26,11 +26,7 @@ pub struct EdgeArgs {
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub split: SplitArgs,
-    #[command(flatten)]
-    pub policy: PolicyArgs,
+    pub device: DeviceArgs,
     /// Sampling settings of requests that leave them out
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -41,8 +37,6 @@ pub struct EdgeArgs {
     /// answered 429
     #[arg(long, default_value_t = 4)]
     pub max_sessions: usize,
-    #[command(flatten)]
-    pub trunk: TrunkArgs,
     /// A diffusers-format Stable Diffusion 1.x, 2.x or SDXL directory: serves
     /// /v1/images/generations and the page's image tab
     #[arg(long, value_name = "DIR")]
@@ -97,7 +91,7 @@ fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
     let codec = args.step_codec;
     // With --image-cloud the server's handshake says where the UNet is cut.
     let choice = match &args.image_cloud {
-        Some(url) => DiffusionTrunkChoice::Cloud(args.trunk.auth.files(url)),
+        Some(url) => DiffusionTrunkChoice::Cloud(args.device.trunk.auth.files(url)),
         None => DiffusionTrunkChoice::Local(args.unet_split),
     };
     let trunks = DiffusionTrunks::load(dir, choice, codec, &device)?;
@@ -121,11 +115,12 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");
     anyhow::ensure!(args.max_sessions > 0, "--max-sessions must be at least 1");
-    args.trunk
+    args.device
+        .trunk
         .auth
-        .check_needed(args.trunk.cloud.is_some() || args.image_cloud.is_some())?;
+        .check_needed(args.device.trunk.cloud.is_some() || args.image_cloud.is_some())?;
     let images = load_images(&args)?;
-    let device = load_device(&args.model, &args.split, &args.trunk, &args.policy)?;
+    let device = args.device.load()?;
     let trunk_location = device.trunk_location();
     let split = match device.model.policy() {
         Some(_) => device.describe(),

@@ -9,7 +9,7 @@ use clap::Args;
 use lsplit_attack::Truth;
 use lsplit_split::{CaptureWriter, GenerateOptions};
 
-use crate::args::{ModelArgs, PolicyArgs, SamplingArgs, SplitArgs, TrunkArgs, load_device};
+use crate::args::{DeviceArgs, SamplingArgs};
 
 /// Options of `lsplit generate`.
 #[derive(Debug, Args)]
@@ -17,11 +17,7 @@ pub struct GenerateArgs {
     /// The prompt (wrapped in the model's chat template unless --raw)
     pub prompt: String,
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub split: SplitArgs,
-    #[command(flatten)]
-    pub policy: PolicyArgs,
+    pub device: DeviceArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Maximum number of tokens to generate
@@ -40,8 +36,6 @@ pub struct GenerateArgs {
     /// --truth FILE` to score its guesses against; they never cross the wire
     #[arg(long, value_name = "FILE")]
     pub save_tokens: Option<PathBuf>,
-    #[command(flatten)]
-    pub trunk: TrunkArgs,
 }
 
 /// Runs the command.
@@ -51,8 +45,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         sampling: args.sampling.params()?,
         ..GenerateOptions::default()
     };
-    args.trunk.auth.check_needed(args.trunk.cloud.is_some())?;
-    let device = load_device(&args.model, &args.split, &args.trunk, &args.policy)?;
+    args.device
+        .trunk
+        .auth
+        .check_needed(args.device.trunk.cloud.is_some())?;
+    let device = args.device.load()?;
     let model = &device.model;
     let prompt = model.prompt_tokens(&args.prompt, args.raw)?;
     let mut session = device.session()?;
@@ -91,7 +88,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             generation.stop
         );
         eprintln!("{}", generation.stats);
-        if let Some(url) = &args.trunk.cloud {
+        if let Some(url) = &args.device.trunk.cloud {
             eprintln!("(trunk time is the round trips to {url}: network plus remote trunk)");
         }
     }
