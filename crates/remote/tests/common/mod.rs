@@ -2,7 +2,6 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +9,12 @@ use std::time::Duration;
 use candle_core::Device;
 use lsplit_model::{KvPrecision, ModelPart, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
-use lsplit_server::{DevCertificates, Limits, ServerOptions, ServerStats, TlsFiles, TrunkServer};
+use lsplit_server::{DevCertificates, Limits, ServerOptions, TlsFiles, TrunkServer};
 use lsplit_split::{
     DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SplitPolicy, Trunk,
     load_tokenizer,
 };
+use lsplit_testkit::RunningServer;
 use lsplit_wire::Codec;
 
 pub const PROMPT: &str = "The three primary colors are";
@@ -54,12 +54,14 @@ pub fn client_options(server: &TestServer, certs: &DevCertificates, codec: Codec
 }
 
 /// A trunk server running on its own runtime; dropping it kills it abruptly, like a crash.
-pub struct TestServer {
-    pub url: String,
-    pub addr: SocketAddr,
-    pub stats: ServerStats,
-    kill: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+pub struct TestServer(RunningServer);
+
+impl std::ops::Deref for TestServer {
+    type Target = RunningServer;
+
+    fn deref(&self) -> &RunningServer {
+        &self.0
+    }
 }
 
 impl TestServer {
@@ -97,59 +99,14 @@ impl TestServer {
             .load_part(&plan.trunk(), &Device::Cpu)
             .expect("trunk part");
         let fingerprint = TrunkFingerprint::compute(&source, k1..k2).expect("fingerprint");
-        let scheme = if options.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
+        let tls = options.tls.is_some();
         let server = TrunkServer::new(part, fingerprint, options).expect("server");
-        let stats = server.stats();
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("local address");
-        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(lsplit_server::default_io_threads())
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                tokio::select! {
-                    result = server.serve(listener, std::future::pending()) => result.expect("serve"),
-                    _ = killed => {}
-                }
-            });
-            runtime.shutdown_background();
-        });
-        Self {
-            url: format!("{scheme}://127.0.0.1:{}", addr.port()),
-            addr,
-            stats,
-            kill: Some(kill),
-            thread: Some(thread),
-        }
+        Self(RunningServer::start(server, port, "127.0.0.1", tls))
     }
 
     /// Kills the server: every connection drops, every session's KV cache is lost.
-    pub fn kill(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        if let Some(kill) = self.kill.take() {
-            let _ = kill.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.stop();
+    pub fn kill(self) {
+        self.0.kill();
     }
 }
 

@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +14,9 @@ use lsplit_diffusion::{
 };
 use lsplit_remote::{RemoteDiffusionTrunk, RemoteOptions};
 use lsplit_server::{
-    DevCertificates, DiffusionLimits, DiffusionOptions, DiffusionServer, ServerStats, TlsFiles,
+    DevCertificates, DiffusionLimits, DiffusionOptions, DiffusionServer, TlsFiles,
 };
+use lsplit_testkit::RunningServer;
 use lsplit_wire::{StepCodec, StepTensor};
 
 pub const TOKEN: &str = "s3cret-diffusion";
@@ -68,12 +68,14 @@ pub fn client_options(url: &str, certs: &DevCertificates) -> RemoteOptions {
 }
 
 /// A diffusion trunk server on its own runtime; dropping it kills it abruptly, like a crash.
-pub struct TestServer {
-    pub url: String,
-    pub addr: SocketAddr,
-    pub stats: ServerStats,
-    kill: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+pub struct TestServer(RunningServer);
+
+impl std::ops::Deref for TestServer {
+    type Target = RunningServer;
+
+    fn deref(&self) -> &RunningServer {
+        &self.0
+    }
 }
 
 impl TestServer {
@@ -83,53 +85,12 @@ impl TestServer {
         let model = load_trunk_model(&root, split, &Device::Cpu).expect("trunk model");
         let fingerprint = trunk_fingerprint(&root, split).expect("fingerprint");
         let server = DiffusionServer::new(model, fingerprint, options).expect("server");
-        let stats = server.stats();
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("local address");
-        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(lsplit_server::default_io_threads())
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                tokio::select! {
-                    result = server.serve(listener, std::future::pending()) => result.expect("serve"),
-                    _ = killed => {}
-                }
-            });
-            runtime.shutdown_background();
-        });
-        Self {
-            url: format!("https://localhost:{}", addr.port()),
-            addr,
-            stats,
-            kill: Some(kill),
-            thread: Some(thread),
-        }
+        Self(RunningServer::start(server, port, "localhost", true))
     }
 
     /// Kills the server: every connection drops, every image's state is lost.
-    pub fn kill(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        if let Some(kill) = self.kill.take() {
-            let _ = kill.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.stop();
+    pub fn kill(self) {
+        self.0.kill();
     }
 }
 
