@@ -3,7 +3,8 @@
 //!
 //! [`RunningServer`] serves a trunk server of either model kind (`TrunkServer` or
 //! `DiffusionServer`, both `lsplit_server::Server`) on loopback from its own runtime and
-//! thread; killing or dropping it ends every connection at once, as a crash does.
+//! thread; killing or dropping it ends every connection at once, as a crash does. [`RawBytes`]
+//! sends a hostile client's frames as given.
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -75,5 +76,52 @@ impl RunningServer {
 impl Drop for RunningServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A gRPC codec that sends frames as given: bytes that need not be a protobuf message at all,
+/// for tests of what a server does with a hostile client's garbage.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, len).to_vec()))
     }
 }
