@@ -8,8 +8,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_split::{
-    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SplitError, SplitPolicy,
-    read_capture,
+    CaptureWriter, DeviceModel, GenerateOptions, Obfuscation, SplitPolicy, read_capture,
 };
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
@@ -167,11 +166,7 @@ impl Table<'_> {
             )?;
             let mut total = Scores::default();
             for prompt in &self.prompts {
-                let keys = model.new_keys(setting.obfuscation)?;
-                let mut session = model.session(
-                    Box::new(LocalTrunk::new(Arc::clone(&trunk), &keys).map_err(SplitError::from)?),
-                    &keys,
-                )?;
+                let mut session = model.local_session(&trunk, setting.obfuscation)?;
                 clear(&self.scratch)?;
                 session.capture(CaptureWriter::create(&self.scratch)?);
                 let tokens = model.prompt_tokens(prompt, false)?;

@@ -7,7 +7,7 @@ use lsplit_tokenizer::{ChatMessage, Tokenizer};
 use lsplit_wire::Codec;
 
 use crate::session::Session;
-use crate::{Obfuscation, SessionKeys, SplitError, SplitPolicy, Trunk};
+use crate::{LocalTrunk, Obfuscation, SessionKeys, SplitError, SplitPolicy, Trunk};
 
 /// What the device holds: either the whole model (the `--no-split` baseline, the reference a
 /// split is checked against), or the head and tail of a split whose trunk lives elsewhere.
@@ -173,6 +173,17 @@ impl DeviceModel {
         keys: &SessionKeys,
     ) -> Result<Session<'_>, SplitError> {
         Session::split(self, trunk, keys)
+    }
+
+    /// Starts a session of a split model with fresh keys and a trunk session of `trunk` run in
+    /// this process (benchmarks and experiments play the cloud this way).
+    pub fn local_session(
+        &self,
+        trunk: &Arc<ModelPart>,
+        obfuscation: Obfuscation,
+    ) -> Result<Session<'_>, SplitError> {
+        let keys = self.new_keys(obfuscation)?;
+        self.session(Box::new(LocalTrunk::new(Arc::clone(trunk), &keys)?), &keys)
     }
 
     /// Starts a generation session of the unsplit baseline.

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_model::{ModelPart, SplitPlan};
-use lsplit_split::{DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, Session, SplitPolicy};
+use lsplit_split::{DeviceModel, GenerateOptions, Obfuscation, Session, SplitPolicy};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
@@ -205,8 +205,7 @@ fn session<'a>(
     let Some(part) = trunk else {
         return Ok(model.unsplit_session()?);
     };
-    let keys = model.new_keys(Obfuscation::None)?;
-    Ok(model.session(Box::new(LocalTrunk::new(part.clone(), &keys)?), &keys)?)
+    Ok(model.local_session(part, Obfuscation::None)?)
 }
 
 /// Prints the options, every run and the medians of each configuration as one JSON object.
