@@ -5,21 +5,17 @@
 //! server's own throughput, see the `trunk_throughput` example).
 //! Run: `cargo run --release -p lsplit-remote --example loopback_bench`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
-use common::*;
 use lsplit_proto::pb::SessionRequest;
 use lsplit_proto::pb::session_request::Kind;
 use lsplit_remote::RemoteTrunk;
-use lsplit_server::DevCertificates;
 use lsplit_split::{
     DeviceModel, GenerateOptions, Generation, Obfuscation, StepRows, load_tokenizer,
 };
+use lsplit_testkit::llm::*;
 use lsplit_wire::Codec;
 use prost::Message;
 
@@ -64,11 +60,11 @@ fn framed_step_bytes(codec: Codec) -> usize {
 fn main() {
     let path = model_path();
     let source = source(&path);
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = lsplit_testkit::certificates();
     let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
 
     let unsplit = DeviceModel::unsplit(&source, tokenizer, &Device::Cpu).expect("unsplit");
-    let server = TestServer::start(&path, 2, 28, tls_options(&certs));
+    let server = serve(&path, 2, 28, tls_options(&certs));
     let part = Arc::new(
         source
             .load_part(

@@ -7,21 +7,18 @@
 //! timed (no head, tail or LM head), so the 2 cores go to the server and the numbers show its
 //! batching. Run: `cargo run --release -p lsplit-remote --example trunk_throughput`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::ops::Range;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use common::*;
 use lsplit_model::ModelPart;
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
 use lsplit_split::{
     DeviceModel, GreedyRun, LocalTrunk, Obfuscation, SessionKeys, StepRows, Trunk, TrunkError,
 };
+use lsplit_testkit::llm::*;
 use lsplit_wire::Codec;
 
 const PROMPTS: [&str; 16] = [
@@ -104,7 +101,7 @@ fn record(model: &DeviceModel, part: &Arc<ModelPart>, prompt: &str) -> Recording
 /// Replays the recordings of the first `sessions` prompts at once; returns the time of their
 /// decode steps from the moment all sessions had prefilled.
 fn replay(
-    server: &TestServer,
+    server: &lsplit_testkit::RunningServer,
     certs: &DevCertificates,
     recordings: &Arc<Vec<Recording>>,
     sessions: usize,
@@ -155,7 +152,7 @@ fn best(values: &[f64]) -> f64 {
 
 fn main() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = lsplit_testkit::certificates();
     let model = device_model(&path, 2, 28, CODEC);
     let part = Arc::new(
         source(&path)
@@ -174,7 +171,7 @@ fn main() {
     let mut options = tls_options(&certs);
     // Room for the sessions of one measure while those of the previous one are closing.
     options.limits.max_sessions = 4 * PROMPTS.len();
-    let server = TestServer::start(&path, 2, 28, options);
+    let server = serve(&path, 2, 28, options);
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); CONCURRENCY.len()];
     let mut batched: Vec<u64> = vec![0; CONCURRENCY.len()];
     let mut batches: Vec<u64> = vec![0; CONCURRENCY.len()];

@@ -2,24 +2,18 @@
 //! for byte, negotiates lossy codecs, serves concurrent images, refuses the wrong model and the
 //! wrong token, and survives a server restart mid-image.
 
-mod diffusion_common;
-
 use std::time::{Duration, Instant};
 
-use diffusion_common::*;
 use lsplit_diffusion::{UnetSplit, trunk_fingerprint};
 use lsplit_remote::{RemoteDiffusionTrunk, RemoteError};
-use lsplit_server::DevCertificates;
+use lsplit_testkit::certificates;
+use lsplit_testkit::diffusion::*;
 use lsplit_wire::StepCodec;
 use tonic::Code;
 
-fn certs() -> DevCertificates {
-    DevCertificates::generate(&[]).expect("certificates")
-}
-
 #[test]
 fn remote_trunks_give_the_unsplit_image_for_both_modes_in_f32() {
-    let certs = certs();
+    let certs = certificates();
     for (family, splits) in [
         (
             "sd15",
@@ -33,7 +27,7 @@ fn remote_trunks_give_the_unsplit_image_for_both_modes_in_f32() {
     ] {
         let expected = unsplit(family, 42);
         for &split in splits {
-            let server = TestServer::start(family, split, server_options(&certs), 0);
+            let server = serve(family, split, server_options(&certs), 0);
             let mut trunk = connect(&server, &certs, &[StepCodec::F32], family);
             assert_eq!(trunk.split(), split, "the device learns the split");
             assert_eq!(trunk.codec(), StepCodec::F32);
@@ -72,9 +66,9 @@ fn remote_trunks_give_the_unsplit_image_for_both_modes_in_f32() {
 
 #[test]
 fn a_lossy_codec_is_negotiated_and_used_both_ways() {
-    let certs = certs();
+    let certs = certificates();
     let int8: StepCodec = "int8".parse().unwrap();
-    let server = TestServer::start("sd15", UnetSplit::Lambda(1), server_options(&certs), 0);
+    let server = serve("sd15", UnetSplit::Lambda(1), server_options(&certs), 0);
     let mut trunk = connect(&server, &certs, &[int8, StepCodec::F32], "sd15");
     assert_eq!(trunk.codec(), int8, "the device's first preference wins");
     let pipeline = pipeline("sd15", trunk.split(), trunk.codec());
@@ -95,7 +89,7 @@ fn a_lossy_codec_is_negotiated_and_used_both_ways() {
     let only_f16 = {
         let mut options = server_options(&certs);
         options.codecs = vec![StepCodec::F16];
-        TestServer::start("sd15", UnetSplit::Lambda(1), options, 0)
+        serve("sd15", UnetSplit::Lambda(1), options, 0)
     };
     let refused = RemoteDiffusionTrunk::connect(
         client_options(&only_f16.url, &certs),
@@ -111,8 +105,8 @@ fn a_lossy_codec_is_negotiated_and_used_both_ways() {
 
 #[test]
 fn concurrent_images_each_equal_their_solo_result() {
-    let certs = certs();
-    let server = TestServer::start("sd15", UnetSplit::Lambda(1), server_options(&certs), 0);
+    let certs = certificates();
+    let server = serve("sd15", UnetSplit::Lambda(1), server_options(&certs), 0);
     let seeds = [1u64, 2, 3, 4];
     let solo: Vec<Vec<u8>> = seeds
         .iter()
@@ -155,8 +149,8 @@ fn concurrent_images_each_equal_their_solo_result() {
 
 #[test]
 fn a_different_model_is_refused_naming_both_fingerprints() {
-    let certs = certs();
-    let server = TestServer::start("sd15", UnetSplit::Lambda(1), server_options(&certs), 0);
+    let certs = certificates();
+    let server = serve("sd15", UnetSplit::Lambda(1), server_options(&certs), 0);
     let trunk =
         RemoteDiffusionTrunk::connect(client_options(&server.url, &certs), &[StepCodec::F32])
             .expect("connect");
@@ -218,8 +212,8 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 
 #[test]
 fn a_wrong_token_is_refused() {
-    let certs = certs();
-    let server = TestServer::start("sd15", UnetSplit::Component, server_options(&certs), 0);
+    let certs = certificates();
+    let server = serve("sd15", UnetSplit::Component, server_options(&certs), 0);
     let mut options = client_options(&server.url, &certs);
     options.token = Some("guess".into());
     match RemoteDiffusionTrunk::connect(options.clone(), &[StepCodec::F32]).unwrap_err() {
@@ -239,10 +233,10 @@ fn a_wrong_token_is_refused() {
 
 #[test]
 fn a_server_restarted_mid_image_is_rejoined_and_the_image_is_unchanged() {
-    let certs = certs();
+    let certs = certificates();
     let split = UnetSplit::Component;
     let expected = unsplit("sdxl", 5);
-    let server = TestServer::start("sdxl", split, server_options(&certs), 0);
+    let server = serve("sdxl", split, server_options(&certs), 0);
     let port = server.addr.port();
     let mut trunk = connect(&server, &certs, &[StepCodec::F32], "sdxl");
     let pipeline = pipeline("sdxl", split, StepCodec::F32);
@@ -256,7 +250,7 @@ fn a_server_restarted_mid_image_is_rejoined_and_the_image_is_unchanged() {
                 let options = options.clone();
                 restarted = Some(std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_millis(300));
-                    TestServer::start("sdxl", split, options, port)
+                    serve("sdxl", split, options, port)
                 }));
             }
             Ok(())
@@ -278,8 +272,8 @@ fn a_server_restarted_mid_image_is_rejoined_and_the_image_is_unchanged() {
 
 #[test]
 fn a_server_that_stays_down_gives_a_clear_error_in_bounded_time() {
-    let certs = certs();
-    let server = TestServer::start("sd15", UnetSplit::Lambda(1), server_options(&certs), 0);
+    let certs = certificates();
+    let server = serve("sd15", UnetSplit::Lambda(1), server_options(&certs), 0);
     let url = server.url.clone();
     let mut trunk = connect(&server, &certs, &[StepCodec::F32], "sd15");
     let pipeline = pipeline("sd15", trunk.split(), trunk.codec());

@@ -4,19 +4,18 @@
 //! that loses the session mid-generation is rebuilt by replaying the tagged steps; a device
 //! and a server holding different secrets stop at the first step with a desync error.
 
-mod common;
-
 use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::Device;
-use common::*;
 use lsplit_model::{PartKind, PartSpec};
 use lsplit_server::DevCertificates;
 use lsplit_split::{
-    DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SessionSecret, SplitPolicy,
-    StepRows, Trunk, TrunkError, load_tokenizer,
+    DeviceModel, LocalTrunk, Obfuscation, SessionKeys, SessionSecret, SplitPolicy, StepRows, Trunk,
+    TrunkError,
 };
+use lsplit_testkit::certificates;
+use lsplit_testkit::llm::*;
 use lsplit_wire::Codec;
 
 fn policy() -> SplitPolicy {
@@ -32,30 +31,19 @@ fn keys(seed: u8) -> SessionKeys {
 }
 
 fn keyed_model(codec: Codec) -> DeviceModel {
-    let source = source(&model_path());
-    let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
-    DeviceModel::split(&source, policy(), tokenizer, codec, &Device::Cpu).expect("keyed model")
+    policy_model(&source(&model_path()), policy(), codec)
 }
 
 fn keyed_generate(model: &DeviceModel, trunk: Box<dyn Trunk>, keys: &SessionKeys) -> Vec<u32> {
-    let prompt = model.prompt_tokens(PROMPT, true).expect("prompt");
-    let options = GenerateOptions {
-        max_tokens: MAX_TOKENS,
-        ..GenerateOptions::default()
-    };
-    let mut session = model.session(trunk, keys).expect("keyed session");
-    session
-        .generate(&prompt, &options, &mut |_| {})
-        .expect("generate")
-        .tokens
+    generate_keyed(model, trunk, keys, PROMPT)
 }
 
 #[test]
 fn remote_keyed_output_equals_in_process_output() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let union = policy().trunk_layers();
-    let server = TestServer::start(&path, union.start, union.end, tls_options(&certs));
+    let server = serve(&path, union.start, union.end, tls_options(&certs));
     let model = keyed_model(Codec::F32);
     let keys = keys(1);
 
@@ -87,7 +75,7 @@ fn remote_keyed_output_equals_in_process_output() {
 /// the same port.
 struct KilledMidway {
     inner: Box<dyn Trunk>,
-    server: Option<TestServer>,
+    server: Option<lsplit_testkit::RunningServer>,
     steps: usize,
     kill_at: usize,
     union: Range<usize>,
@@ -104,7 +92,7 @@ impl Trunk for KilledMidway {
             let addr = server.addr;
             server.kill();
             let certs = CERTS.get().expect("certificates");
-            self.server = Some(TestServer::start_on(
+            self.server = Some(serve_on(
                 &model_path(),
                 self.union.start,
                 self.union.end,
@@ -122,9 +110,9 @@ static CERTS: std::sync::OnceLock<DevCertificates> = std::sync::OnceLock::new();
 #[test]
 fn a_keyed_session_is_replayed_onto_a_restarted_server() {
     let path = model_path();
-    let certs = CERTS.get_or_init(|| DevCertificates::generate(&[]).expect("certificates"));
+    let certs = CERTS.get_or_init(certificates);
     let union = policy().trunk_layers();
-    let server = TestServer::start(&path, union.start, union.end, tls_options(certs));
+    let server = serve(&path, union.start, union.end, tls_options(certs));
     let model = keyed_model(Codec::F16);
     let keys = keys(2);
     let mut options = client_options(&server, certs, Codec::F16);
@@ -151,9 +139,9 @@ fn a_keyed_session_is_replayed_onto_a_restarted_server() {
 #[test]
 fn different_secrets_stop_at_the_first_step() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let union = policy().trunk_layers();
-    let server = TestServer::start(&path, union.start, union.end, tls_options(&certs));
+    let server = serve(&path, union.start, union.end, tls_options(&certs));
     let model = keyed_model(Codec::F32);
     let theirs = remote(&path, client_options(&server, &certs, Codec::F32))
         .expect("connect")
@@ -169,7 +157,7 @@ fn different_secrets_stop_at_the_first_step() {
     );
 
     // A server that does not hold every layer the policy may draw refuses the session.
-    let narrow = TestServer::start(&path, 2, 28, tls_options(&certs));
+    let narrow = serve(&path, 2, 28, tls_options(&certs));
     let narrow = remote(&path, client_options(&narrow, &certs, Codec::F32))
         .expect("connect")
         .with_keys(keys(5));
@@ -180,65 +168,4 @@ fn different_secrets_stop_at_the_first_step() {
             "the trunk does not hold every layer the policy may draw"
         ),
     }
-}
-
-/// Random sessions whose draws give the trunk its whole part (here K1 = 1 of {1, 2}, K2 = 28)
-/// run those steps in the server's batches with other sessions' steps, and each still gets
-/// exactly its solo output.
-#[test]
-fn random_sessions_join_the_batches_when_their_draw_allows() {
-    const PROMPTS: [&str; 6] = [
-        "The three primary colors are",
-        "Once upon a time",
-        "The capital of France is",
-        "Water boils at",
-        "My favourite animal is",
-        "1, 2, 3, 4,",
-    ];
-    let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
-    let source = source(&path);
-    let policy = SplitPolicy::parse("1,2", "28", 30).expect("policy");
-    let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
-    let model = Arc::new(
-        DeviceModel::split(&source, policy.clone(), tokenizer, Codec::F32, &Device::Cpu)
-            .expect("model"),
-    );
-    let part = Arc::new(
-        source
-            .load_part(
-                &PartSpec {
-                    kind: PartKind::Trunk,
-                    layers: policy.trunk_layers(),
-                },
-                &Device::Cpu,
-            )
-            .expect("trunk"),
-    );
-    let solo: Vec<Vec<u32>> = PROMPTS
-        .iter()
-        .map(|p| generate_from(&model, Box::new(part.clone()), p))
-        .collect();
-
-    let server = TestServer::start(&path, 1, 28, tls_options(&certs));
-    let barrier = Arc::new(std::sync::Barrier::new(PROMPTS.len()));
-    let devices: Vec<_> = PROMPTS
-        .iter()
-        .map(|prompt| {
-            let (model, barrier, path) = (model.clone(), barrier.clone(), path.clone());
-            let options = client_options(&server, &certs, Codec::F32);
-            std::thread::spawn(move || {
-                let trunk = remote(&path, options).expect("connect");
-                barrier.wait();
-                generate_from(&model, Box::new(trunk), prompt)
-            })
-        })
-        .collect();
-    for ((device, expected), prompt) in devices.into_iter().zip(&solo).zip(PROMPTS) {
-        assert_eq!(&device.join().expect("device"), expected, "{prompt}");
-    }
-    assert!(
-        server.stats.batched_steps() > 0,
-        "no two random sessions' steps ever shared a batch"
-    );
 }

@@ -1,15 +1,14 @@
 //! The remote trunk over real TLS on loopback: same output as in-process, and refusals.
 
-mod common;
-
-use common::*;
 use lsplit_server::DevCertificates;
+use lsplit_testkit::certificates;
+use lsplit_testkit::llm::*;
 use lsplit_wire::Codec;
 
 #[test]
 fn remote_output_equals_in_process_output_for_several_splits() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     for (k1, k2, codec) in [
         (2, 28, Codec::F32),
         (7, 19, Codec::F16),
@@ -21,7 +20,7 @@ fn remote_output_equals_in_process_output_for_several_splits() {
             MAX_TOKENS,
             "{k1}:{k2} generated too few tokens"
         );
-        let server = TestServer::start(&path, k1, k2, tls_options(&certs));
+        let server = serve(&path, k1, k2, tls_options(&certs));
         let trunk = remote(&path, client_options(&server, &certs, codec)).expect("connect");
         assert_eq!(trunk.info().codec, codec);
         assert_eq!(trunk.info().fingerprint.layers, k1..k2);
@@ -40,10 +39,10 @@ fn connect_error(options: lsplit_remote::RemoteOptions) -> String {
 #[test]
 fn bearer_tokens_are_checked() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let mut options = tls_options(&certs);
     options.token = Some("correct horse".into());
-    let server = TestServer::start(&path, 2, 28, options);
+    let server = serve(&path, 2, 28, options);
 
     let mut client = client_options(&server, &certs, Codec::F32);
     assert_eq!(
@@ -64,9 +63,9 @@ fn bearer_tokens_are_checked() {
 #[test]
 fn a_server_signed_by_another_ca_is_refused() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let other = DevCertificates::generate(&[]).expect("other certificates");
-    let server = TestServer::start(&path, 2, 28, tls_options(&certs));
+    let server = serve(&path, 2, 28, tls_options(&certs));
     let message = connect_error(client_options(&server, &other, Codec::F32));
     assert!(
         message.starts_with(&format!(
@@ -81,11 +80,11 @@ fn a_server_signed_by_another_ca_is_refused() {
 #[test]
 fn plaintext_and_tls_do_not_mix() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
-    let tls_server = TestServer::start(&path, 2, 28, tls_options(&certs));
+    let certs = certificates();
+    let tls_server = serve(&path, 2, 28, tls_options(&certs));
     let mut plain_options = tls_options(&certs);
     plain_options.tls = None;
-    let plain_server = TestServer::start(&path, 2, 28, plain_options);
+    let plain_server = serve(&path, 2, 28, plain_options);
 
     let mut client = client_options(&tls_server, &certs, Codec::F32);
     client.url = tls_server.url.replace("https://", "http://");
@@ -146,8 +145,8 @@ fn a_server_with_different_weights_is_refused_naming_both() {
     file.write_all(&byte).expect("write");
     drop(file);
 
-    let certs = DevCertificates::generate(&[]).expect("certificates");
-    let server = TestServer::start(&altered, 2, 28, tls_options(&certs));
+    let certs = certificates();
+    let server = serve(&altered, 2, 28, tls_options(&certs));
     let ours = lsplit_model::TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
     let theirs =
         lsplit_model::TrunkFingerprint::compute(&source(&altered), 2..28).expect("fingerprint");
@@ -174,13 +173,13 @@ fn a_server_with_different_weights_is_refused_naming_both() {
 #[test]
 fn mutual_tls_requires_a_client_certificate() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let other = DevCertificates::generate(&[]).expect("other certificates");
     let mut options = tls_options(&certs);
     if let Some(tls) = options.tls.as_mut() {
         tls.client_ca_pem = Some(certs.ca_pem.clone().into_bytes());
     }
-    let server = TestServer::start(&path, 2, 28, options);
+    let server = serve(&path, 2, 28, options);
 
     let mut client = client_options(&server, &certs, Codec::F32);
     let hint = "(the server refused the TLS session: if it requires mutual TLS, give a client \
@@ -218,10 +217,10 @@ fn mutual_tls_requires_a_client_certificate() {
 #[test]
 fn codecs_are_negotiated() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let mut options = tls_options(&certs);
     options.codecs = vec![Codec::Bf16, Codec::Int8];
-    let server = TestServer::start(&path, 2, 28, options);
+    let server = serve(&path, 2, 28, options);
 
     let mut client = client_options(&server, &certs, Codec::F32);
     assert_eq!(

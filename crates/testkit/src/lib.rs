@@ -1,127 +1,56 @@
-//! Test support shared by the workspace's tests, so that each test file does not carry its own
-//! copy of the same fixtures.
+//! Test support shared by the workspace's tests: certificates, servers of either model kind on
+//! loopback, the default model and the tiny diffusion fixtures, so that no test file carries its
+//! own copy of the same fixtures.
 //!
-//! [`RunningServer`] serves a trunk server of either model kind (`TrunkServer` or
-//! `DiffusionServer`, both `lsplit_server::Server`) on loopback from its own runtime and
-//! thread; killing or dropping it ends every connection at once, as a crash does. [`RawBytes`]
-//! sends a hostile client's frames as given.
+//! - [`RunningServer`] serves a `TrunkServer` or `DiffusionServer` from its own runtime; killing
+//!   or dropping it ends every connection at once, as a crash does.
+//! - [`llm`] and [`diffusion`] start those servers on real models and give the in-process
+//!   reference a remote result is compared with.
+//! - [`raw_channel`], [`send_garbage`] and [`assert_status`] are for hostile-client tests.
 
-use std::net::SocketAddr;
-use std::thread::JoinHandle;
+pub mod diffusion;
+pub mod llm;
+mod raw;
+mod running;
 
-use lsplit_server::{Server, ServerStats};
-use tokio::sync::oneshot;
+use std::time::Duration;
 
-/// A server running on 127.0.0.1 in its own runtime; dropping it kills it abruptly.
-pub struct RunningServer {
-    /// `https://HOST:PORT` or `http://HOST:PORT`, as a device dials it.
-    pub url: String,
-    /// The address it listens on.
-    pub addr: SocketAddr,
-    /// Its live counters.
-    pub stats: ServerStats,
-    kill: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+use lsplit_remote::RemoteOptions;
+use lsplit_server::{DevCertificates, TlsFiles};
+use lsplit_wire::Codec;
+
+pub use raw::{assert_garbage_refused, assert_status, raw_channel, send_garbage};
+pub use running::RunningServer;
+
+/// A fresh CA and a server certificate for `localhost` and 127.0.0.1.
+pub fn certificates() -> DevCertificates {
+    DevCertificates::generate(&[]).expect("certificates")
 }
 
-impl RunningServer {
-    /// Serves `server` on 127.0.0.1 (port 0 picks a free one), with the network runtime the
-    /// server gets by default; the URL names `host` over `https` or, without `tls`, `http`.
-    pub fn start<L: Send + 'static>(server: Server<L>, port: u16, host: &str, tls: bool) -> Self {
-        let stats = server.stats();
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind loopback");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("local address");
-        let (kill, killed) = oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(lsplit_server::default_io_threads())
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                tokio::select! {
-                    result = server.serve(listener, std::future::pending()) => result.expect("serve"),
-                    _ = killed => {}
-                }
-            });
-            runtime.shutdown_background();
-        });
-        let scheme = if tls { "https" } else { "http" };
-        Self {
-            url: format!("{scheme}://{host}:{}", addr.port()),
-            addr,
-            stats,
-            kill: Some(kill),
-            thread: Some(thread),
-        }
-    }
-
-    /// Kills the server: every connection drops, every session's state is lost.
-    pub fn kill(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        if let Some(kill) = self.kill.take() {
-            let _ = kill.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+/// The server side of `certs`, without client authentication.
+pub fn tls_files(certs: &DevCertificates) -> TlsFiles {
+    TlsFiles {
+        cert_pem: certs.server_pem.clone().into_bytes(),
+        key_pem: certs.server_key.clone().into_bytes(),
+        client_ca_pem: None,
     }
 }
 
-impl Drop for RunningServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// Device options for `url` trusting `certs`' CA, with short connect and retry bounds.
+pub fn client_options(url: &str, certs: &DevCertificates, codec: Codec) -> RemoteOptions {
+    let mut options = RemoteOptions::new(url, codec);
+    options.ca_pem = Some(certs.ca_pem.clone().into_bytes());
+    options.connect_timeout = Duration::from_secs(5);
+    options.step_timeout = Duration::from_secs(60);
+    options.retry_for = Duration::from_secs(3);
+    options
 }
 
-/// A gRPC codec that sends frames as given: bytes that need not be a protobuf message at all,
-/// for tests of what a server does with a hostile client's garbage.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawBytes;
-
-impl tonic::codec::Codec for RawBytes {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawBytes;
-    type Decoder = RawBytes;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawBytes
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawBytes
-    }
-}
-
-impl tonic::codec::Encoder for RawBytes {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        bytes::BufMut::put_slice(dst, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawBytes {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let len = bytes::Buf::remaining(src);
-        Ok(Some(bytes::Buf::copy_to_bytes(src, len).to_vec()))
-    }
+/// A small runtime for a test's own async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }

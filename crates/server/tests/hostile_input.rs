@@ -1,20 +1,20 @@
 //! Malformed and hostile session messages, and requests past the server's limits: each gets a
 //! gRPC status with a clear message, and other sessions keep being served.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use lsplit_model::{KvPrecision, SplitPlan, TrunkFingerprint};
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::trunk_client::TrunkClient;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, codec_to_pb, rows_to_pb};
-use lsplit_server::{DevCertificates, ServerOptions};
+use lsplit_server::ServerOptions;
 use lsplit_split::{Obfuscation, SessionKeys, SplitPolicy};
-use lsplit_testkit::RawBytes;
+use lsplit_testkit::llm::*;
+use lsplit_testkit::{
+    assert_garbage_refused, assert_status, certificates, raw_channel, runtime, send_garbage,
+};
 use lsplit_wire::Codec;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -119,31 +119,13 @@ impl RawSession {
     }
 }
 
-fn assert_status(result: Result<ReplyKind, tonic::Status>, code: Code, message: &str) {
-    match result {
-        Err(status) => {
-            assert_eq!(status.code(), code, "{status:?}");
-            assert_eq!(status.message(), message);
-        }
-        Ok(reply) => panic!("expected {code:?} `{message}`, got {reply:?}"),
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 #[test]
 fn malformed_messages_get_clear_errors_while_a_good_session_completes() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let mut options: ServerOptions = tls_options(&certs);
     options.limits.max_message_bytes = 64 << 10;
-    let server = TestServer::start(&path, 2, 28, options);
+    let server = serve(&path, 2, 28, options);
     let fingerprint = TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
 
     let good = {
@@ -156,7 +138,7 @@ fn malformed_messages_get_clear_errors_while_a_good_session_completes() {
     };
 
     runtime().block_on(async {
-        let mut client = raw_client(&server, &certs).await;
+        let mut client = TrunkClient::new(raw_channel(&server.url, &certs).await);
         let fp = &fingerprint;
 
         let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
@@ -270,42 +252,11 @@ fn wait_until(done: impl Fn() -> bool) {
 #[test]
 fn garbage_bytes_are_refused_and_the_server_keeps_serving() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
-    let server = TestServer::start(&path, 2, 28, tls_options(&certs));
+    let certs = certificates();
+    let server = serve(&path, 2, 28, tls_options(&certs));
     runtime().block_on(async {
-        let channel = raw_channel(&server, &certs).await;
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.expect("ready");
-        let garbage = vec![0xff, 0xfe, 0x07, 0x00, 0x13, 0x37, 0xde, 0xad];
-        let path =
-            tonic::codegen::http::uri::PathAndQuery::from_static("/lsplit.trunk.v1.Trunk/Session");
-        let result = grpc
-            .streaming(
-                tonic::Request::new(tokio_stream::iter(vec![garbage])),
-                path,
-                RawBytes,
-            )
-            .await;
-        let status = match result {
-            Err(status) => status,
-            Ok(response) => {
-                let mut replies = response.into_inner();
-                match tokio::time::timeout(Duration::from_secs(10), replies.message())
-                    .await
-                    .expect("an answer in time")
-                {
-                    Err(status) => status,
-                    Ok(reply) => panic!("garbage was answered with {reply:?}"),
-                }
-            }
-        };
-        assert_eq!(status.code(), Code::Internal, "{status:?}");
-        assert!(
-            status
-                .message()
-                .starts_with("failed to decode Protobuf message"),
-            "{status:?}"
-        );
+        let channel = raw_channel(&server.url, &certs).await;
+        assert_garbage_refused(send_garbage(channel, "/lsplit.trunk.v1.Trunk/Session").await);
     });
     let model = device_model(&path, 2, 28, Codec::F32);
     let trunk = remote(&path, client_options(&server, &certs, Codec::F32)).expect("connect");
@@ -318,7 +269,7 @@ fn garbage_bytes_are_refused_and_the_server_keeps_serving() {
 #[test]
 fn the_kv_budget_counts_the_trunks_cache_precision() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let config = source(&path).config().clone();
     let (kv_heads, dim) = (config.num_kv_heads, config.head_dim);
     // Bytes per position of the 26 trunk layers' keys and values: f16 2 per value, q8 one per
@@ -330,10 +281,10 @@ fn the_kv_budget_counts_the_trunks_cache_precision() {
         let per_position = 26 * 2 * (kv_heads * row_bytes) as u64;
         let mut options = tls_options(&certs);
         options.limits.kv_budget_bytes = 10 * per_position;
-        let server = TestServer::start_with_kv(&path, 2, 28, options, precision);
+        let server = serve_with_kv(&path, 2, 28, options, precision);
         let fp = TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
         runtime().block_on(async {
-            let mut client = raw_client(&server, &certs).await;
+            let mut client = TrunkClient::new(raw_channel(&server.url, &certs).await);
             let mut a = RawSession::open(&mut client, &fp, Codec::F32).await;
             assert!(matches!(
                 a.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 6))).await,
@@ -358,18 +309,18 @@ fn the_kv_budget_counts_the_trunks_cache_precision() {
 #[test]
 fn session_context_and_kv_limits_are_enforced() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let config = source(&path).config().clone();
     let per_position = 26 * 2 * (config.num_kv_heads * config.head_dim) as u64 * 4;
     let mut options = tls_options(&certs);
     options.limits.max_sessions = 2;
     options.limits.max_context = 8;
     options.limits.kv_budget_bytes = 10 * per_position;
-    let server = TestServer::start(&path, 2, 28, options);
+    let server = serve(&path, 2, 28, options);
     let fp = TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
 
     runtime().block_on(async {
-        let mut client = raw_client(&server, &certs).await;
+        let mut client = TrunkClient::new(raw_channel(&server.url, &certs).await);
         let mut a = RawSession::open(&mut client, &fp, Codec::F32).await;
         let mut b = RawSession::open(&mut client, &fp, Codec::F32).await;
         let third = RawSession::start(&mut client, open_request(&fp, Codec::F32)).await;
@@ -412,14 +363,14 @@ fn session_context_and_kv_limits_are_enforced() {
 #[test]
 fn idle_sessions_are_reclaimed() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let mut options = tls_options(&certs);
     options.limits.idle_timeout = Duration::from_millis(300);
-    let server = TestServer::start(&path, 2, 28, options);
+    let server = serve(&path, 2, 28, options);
     let fp = TrunkFingerprint::compute(&source(&path), 2..28).expect("fingerprint");
 
     runtime().block_on(async {
-        let mut client = raw_client(&server, &certs).await;
+        let mut client = TrunkClient::new(raw_channel(&server.url, &certs).await);
         let mut c = RawSession::open(&mut client, &fp, Codec::F32).await;
         assert!(matches!(
             c.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 2))).await,

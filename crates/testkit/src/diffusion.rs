@@ -1,11 +1,8 @@
-//! A real diffusion trunk server on loopback with real TLS, the tiny diffusers fixtures, and
-//! the in-process reference to compare against.
-
-#![allow(dead_code)]
+//! The tiny random-weight diffusers fixtures split on a real diffusion trunk server, and the
+//! in-process reference that a remote image must equal byte for byte.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use candle_core::Device;
 use lsplit_diffusion::{
@@ -13,12 +10,12 @@ use lsplit_diffusion::{
     LocalDiffusionTrunk, StepRequest, UnetSplit, load_trunk_model, trunk_fingerprint,
 };
 use lsplit_remote::{RemoteDiffusionTrunk, RemoteOptions};
-use lsplit_server::{
-    DevCertificates, DiffusionLimits, DiffusionOptions, DiffusionServer, TlsFiles,
-};
-use lsplit_testkit::RunningServer;
+use lsplit_server::{DevCertificates, DiffusionLimits, DiffusionOptions, DiffusionServer};
+
+use crate::{RunningServer, tls_files};
 use lsplit_wire::{StepCodec, StepTensor};
 
+/// The bearer token the test servers ask for.
 pub const TOKEN: &str = "s3cret-diffusion";
 
 /// The tiny diffusers model of `family` (sd15, sd21, sdxl).
@@ -48,55 +45,35 @@ pub fn server_options(certs: &DevCertificates) -> DiffusionOptions {
         limits: DiffusionLimits::default(),
         codecs: StepCodec::all().to_vec(),
         token: Some(TOKEN.into()),
-        tls: Some(TlsFiles {
-            cert_pem: certs.server_pem.clone().into_bytes(),
-            key_pem: certs.server_key.clone().into_bytes(),
-            client_ca_pem: None,
-        }),
+        tls: Some(tls_files(certs)),
     }
 }
 
 /// Client options trusting `certs`' CA, with the right token and short retry bounds.
 pub fn client_options(url: &str, certs: &DevCertificates) -> RemoteOptions {
-    let mut options = RemoteOptions::new(url, lsplit_wire::Codec::F32);
-    options.ca_pem = Some(certs.ca_pem.clone().into_bytes());
+    let mut options = crate::client_options(url, certs, lsplit_wire::Codec::F32);
     options.token = Some(TOKEN.into());
-    options.connect_timeout = Duration::from_secs(5);
-    options.step_timeout = Duration::from_secs(60);
-    options.retry_for = Duration::from_secs(3);
     options
 }
 
-/// A diffusion trunk server on its own runtime; dropping it kills it abruptly, like a crash.
-pub struct TestServer(RunningServer);
-
-impl std::ops::Deref for TestServer {
-    type Target = RunningServer;
-
-    fn deref(&self) -> &RunningServer {
-        &self.0
-    }
-}
-
-impl TestServer {
-    /// Serves the `split` trunk of `family` on 127.0.0.1 (port 0 unless `port`).
-    pub fn start(family: &str, split: UnetSplit, options: DiffusionOptions, port: u16) -> Self {
-        let root = model_dir(family);
-        let model = load_trunk_model(&root, split, &Device::Cpu).expect("trunk model");
-        let fingerprint = trunk_fingerprint(&root, split).expect("fingerprint");
-        let server = DiffusionServer::new(model, fingerprint, options).expect("server");
-        Self(RunningServer::start(server, port, "localhost", true))
-    }
-
-    /// Kills the server: every connection drops, every image's state is lost.
-    pub fn kill(self) {
-        self.0.kill();
-    }
+/// Serves the `split` trunk of `family` on 127.0.0.1 (port 0 picks a free one), named
+/// `localhost` as the certificates are.
+pub fn serve(
+    family: &str,
+    split: UnetSplit,
+    options: DiffusionOptions,
+    port: u16,
+) -> RunningServer {
+    let root = model_dir(family);
+    let model = load_trunk_model(&root, split, &Device::Cpu).expect("trunk model");
+    let fingerprint = trunk_fingerprint(&root, split).expect("fingerprint");
+    let server = DiffusionServer::new(model, fingerprint, options).expect("server");
+    RunningServer::start(server, port, "localhost", true)
 }
 
 /// Connects to `server` offering `codecs` and checks its trunk against `family`'s files.
 pub fn connect(
-    server: &TestServer,
+    server: &RunningServer,
     certs: &DevCertificates,
     codecs: &[StepCodec],
     family: &str,
@@ -148,13 +125,17 @@ pub fn in_process(family: &str, split: UnetSplit, codec: StepCodec, seed: u64) -
 /// What a device sends for one image: its setup and every step, as encoded.
 #[derive(Debug, Clone, Default)]
 pub struct Captured {
+    /// The image's setup.
     pub setup: Option<ImageSetup>,
+    /// Every step request, in order.
     pub steps: Vec<StepRequest>,
 }
 
 /// An in-process trunk that records what crosses it.
 pub struct Capturing {
+    /// The trunk that computes.
     pub inner: LocalDiffusionTrunk,
+    /// What crossed it so far.
     pub captured: Captured,
 }
 

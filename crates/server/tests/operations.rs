@@ -1,12 +1,10 @@
 //! The health service and the Prometheus metrics of a running trunk server.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::*;
-use lsplit_server::DevCertificates;
+use lsplit_testkit::llm::*;
+use lsplit_testkit::{certificates, raw_channel};
 use lsplit_wire::Codec;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -32,10 +30,10 @@ fn scrape(addr: std::net::SocketAddr, path: &str) -> String {
 #[test]
 fn health_and_metrics_report_the_served_sessions() {
     let path = model_path();
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let mut options = tls_options(&certs);
     options.token = Some("health needs no token".into());
-    let server = TestServer::start(&path, 2, 28, options);
+    let server = serve(&path, 2, 28, options);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -43,7 +41,7 @@ fn health_and_metrics_report_the_served_sessions() {
         .build()
         .expect("runtime");
     let status = runtime.block_on(async {
-        let mut health = HealthClient::new(raw_channel(&server, &certs).await);
+        let mut health = HealthClient::new(raw_channel(&server.url, &certs).await);
         health
             .check(HealthCheckRequest {
                 service: "lsplit.trunk.v1.Trunk".into(),

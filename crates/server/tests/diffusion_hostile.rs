@@ -2,36 +2,23 @@
 //! status with a clear message, while a good device's image completes and the server keeps
 //! serving.
 
-mod diffusion_common;
-
 use std::time::Duration;
 
-use diffusion_common::*;
 use lsplit_diffusion::{UnetSplit, trunk_fingerprint};
 use lsplit_proto::diffusion::pb::diffusion_trunk_client::DiffusionTrunkClient;
 use lsplit_proto::diffusion::pb::image_reply::Kind as ReplyKind;
 use lsplit_proto::diffusion::pb::image_request::Kind as RequestKind;
 use lsplit_proto::diffusion::pb::{self, ImageReply, ImageRequest};
 use lsplit_proto::diffusion::{DIFFUSION_PROTOCOL_VERSION, tensor_to_pb};
-use lsplit_server::DevCertificates;
-use lsplit_testkit::RawBytes;
+use lsplit_testkit::diffusion::*;
+use lsplit_testkit::{
+    assert_garbage_refused, assert_status, certificates, raw_channel, send_garbage,
+};
 use lsplit_wire::StepCodec;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
-
-async fn channel(server: &TestServer, certs: &DevCertificates) -> Channel {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&certs.ca_pem));
-    tonic::transport::Endpoint::from_shared(server.url.clone())
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("connect")
-}
 
 /// One raw image stream.
 struct RawImage {
@@ -60,26 +47,16 @@ impl RawImage {
     }
 }
 
-fn assert_status(result: Result<ReplyKind, Status>, code: Code, message: &str) {
-    match result {
-        Err(status) => {
-            assert_eq!(status.code(), code, "{status:?}");
-            assert_eq!(status.message(), message);
-        }
-        Ok(reply) => panic!("expected {code:?} `{message}`, got {reply:?}"),
-    }
-}
-
 #[test]
 fn hostile_messages_get_clear_errors_while_a_good_image_completes() {
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let split = UnetSplit::Lambda(1);
     let mut options = server_options(&certs);
     options.token = None;
     options.limits.max_message_bytes = 1 << 20;
     options.limits.max_step_elements = 200_000;
     options.limits.max_attention_bytes = 1 << 20;
-    let server = TestServer::start("sd15", split, options, 0);
+    let server = serve("sd15", split, options, 0);
     let fingerprint = trunk_fingerprint(&model_dir("sd15"), split).unwrap();
     let captured = capture("sd15", split);
     let setup_tensors = captured.setup.clone().unwrap().conditioning;
@@ -126,7 +103,7 @@ fn hostile_messages_get_clear_errors_while_a_good_image_completes() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let mut client = DiffusionTrunkClient::new(channel(&server, &certs).await)
+        let mut client = DiffusionTrunkClient::new(raw_channel(&server.url, &certs).await)
             .max_encoding_message_size(usize::MAX);
         let hidden_shape = step_tensors[0].shape.clone();
 
@@ -331,32 +308,9 @@ fn hostile_messages_get_clear_errors_while_a_good_image_completes() {
         assert!(s.replies.message().await.expect("a clean end").is_none());
 
         // Garbage where a protobuf message belongs.
-        let mut grpc = tonic::client::Grpc::new(channel(&server, &certs).await);
-        grpc.ready().await.expect("ready");
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-            "/lsplit.diffusion.v1.DiffusionTrunk/Image",
-        );
-        let garbage = vec![0xff, 0xfe, 0x07, 0x00, 0x13, 0x37, 0xde, 0xad];
-        let status = match grpc
-            .streaming(
-                tonic::Request::new(tokio_stream::iter(vec![garbage])),
-                path,
-                RawBytes,
-            )
-            .await
-        {
-            Err(status) => status,
-            Ok(response) => match response.into_inner().message().await {
-                Err(status) => status,
-                Ok(reply) => panic!("garbage was answered with {reply:?}"),
-            },
-        };
-        assert_eq!(status.code(), Code::Internal, "{status:?}");
-        assert!(
-            status
-                .message()
-                .starts_with("failed to decode Protobuf message"),
-            "{status:?}"
+        let channel = raw_channel(&server.url, &certs).await;
+        assert_garbage_refused(
+            send_garbage(channel, "/lsplit.diffusion.v1.DiffusionTrunk/Image").await,
         );
     });
 
@@ -384,18 +338,18 @@ fn hostile_messages_get_clear_errors_while_a_good_image_completes() {
 
 #[test]
 fn image_sessions_past_the_limit_are_refused() {
-    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let certs = certificates();
     let mut options = server_options(&certs);
     options.token = None;
     options.limits.max_sessions = 1;
-    let server = TestServer::start("sd15", UnetSplit::Component, options, 0);
+    let server = serve("sd15", UnetSplit::Component, options, 0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let mut client = DiffusionTrunkClient::new(channel(&server, &certs).await);
+        let mut client = DiffusionTrunkClient::new(raw_channel(&server.url, &certs).await);
         let mut first = RawImage::start(&mut client).await;
         let (_requests, outbound) = mpsc::channel::<ImageRequest>(1);
         let status = client
