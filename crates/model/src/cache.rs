@@ -378,6 +378,24 @@ impl LayerCache {
         Ok(())
     }
 
+    /// Forgets the positions from `len` on; their storage reads as a fresh page's again, so a
+    /// cache cut back and grown holds exactly what one that never went past `len` would.
+    fn truncate(&mut self, len: usize) {
+        let zeros = vec![0f32; self.dim];
+        for p in len..self.len {
+            let page = &mut self.pages[p / PAGE];
+            let p = p % PAGE;
+            for g in 0..self.kv_heads {
+                let at = g * PAGE * self.dim;
+                page.v.write(at + p * self.dim, &zeros);
+                page.k
+                    .write_column(at + p / TILE * TILE * self.dim + p % TILE, &zeros);
+            }
+        }
+        self.pages.truncate(len.div_ceil(PAGE));
+        self.len = self.len.min(len);
+    }
+
     fn heads(&self) -> CachedHeads<'_> {
         CachedHeads {
             pages: &self.pages,
@@ -456,6 +474,15 @@ impl KvCache {
         let pages = self.layers.iter().flat_map(|l| &l.pages);
         self.precision
             .bytes_for(pages.map(|page| page.k.len() + page.v.len()).sum())
+    }
+
+    /// Keeps only the first `len` positions of every layer: the rows of a multi-token step past
+    /// the tokens the device accepted are forgotten, and the next step starts at `len`.
+    pub fn truncate(&mut self, len: usize) {
+        for layer in &mut self.layers {
+            layer.truncate(len);
+        }
+        self.len = self.len.min(len);
     }
 
     /// Forgets every position, keeping nothing allocated.
@@ -553,6 +580,50 @@ mod tests {
         cache.clear();
         assert!(cache.is_empty());
         assert_eq!(cache.bytes(), 0);
+        Ok(())
+    }
+
+    /// A cache cut back after a multi-token step and grown again holds exactly what one that
+    /// never went past the cut holds, whatever the precision and across page boundaries.
+    #[test]
+    fn truncating_and_growing_again_equals_never_going_past_the_cut() -> Result<()> {
+        let (kv_heads, dim) = (2, 32);
+        let row = |p: usize, salt: f32| -> Vec<f32> {
+            (0..kv_heads * dim)
+                .map(|i| ((p * 31 + i) % 17) as f32 * 0.25 - 2.0 + salt)
+                .collect()
+        };
+        for precision in [KvPrecision::F32, KvPrecision::F16, KvPrecision::Q8] {
+            for (past, cut) in [(300, 250), (260, 255), (40, 0), (20, 19)] {
+                let mut cut_back = KvCache::with_precision(1, precision);
+                let mut straight = KvCache::with_precision(1, precision);
+                for p in 0..past {
+                    let r = row(p, 0.5);
+                    cut_back.push(0, &r, &r, kv_heads, dim)?;
+                }
+                cut_back.reach(past);
+                cut_back.truncate(cut);
+                assert_eq!(cut_back.len(), cut);
+                assert_eq!(cut_back.layer_len(0), cut);
+                for p in 0..cut {
+                    let r = row(p, 0.5);
+                    straight.push(0, &r, &r, kv_heads, dim)?;
+                }
+                straight.reach(cut);
+                for cache in [&mut cut_back, &mut straight] {
+                    for p in cut..past + 5 {
+                        let r = row(p, -1.0);
+                        cache.push(0, &r, &r, kv_heads, dim)?;
+                    }
+                    cache.reach(past + 5);
+                }
+                assert_eq!(
+                    format!("{cut_back:?}"),
+                    format!("{straight:?}"),
+                    "{precision} cut at {cut} after {past}"
+                );
+            }
+        }
         Ok(())
     }
 

@@ -31,6 +31,11 @@ use crate::{
 /// per layer for SmolLM2) while the products still get many rows each.
 const PREFILL_CHUNK: usize = 256;
 
+/// The most rows a step after the first may carry and still be computed as that many one-row
+/// steps in a row: each row attends through the decode path, so a step that checks several
+/// drafted tokens at once gives bit for bit the logits of decoding them one by one.
+pub const MAX_STEP_ROWS: usize = 16;
+
 /// One decoder layer: pre-norm attention then pre-norm SwiGLU feed-forward.
 pub(crate) struct Layer {
     pub(crate) attn_norm: Tensor,
@@ -308,15 +313,28 @@ impl ModelPart {
 
     /// Final norm and LM head over the last hidden row: logits of shape `(vocab,)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let rows = self.check_shape(hidden)?;
+        Ok(self
+            .row_logits(&hidden.narrow(0, rows - 1, 1)?)?
+            .squeeze(0)?)
+    }
+
+    /// Final norm and LM head over every hidden row: logits of shape `(rows, vocab)`, each row
+    /// bit for bit what [`ModelPart::logits`] gives for it alone (a step that checks several
+    /// drafted tokens needs the prediction after each).
+    pub fn row_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let _enter = self.lm_head_span.enter();
         let output = self.output.as_ref().ok_or(ModelError::WrongPart {
             part: self.spec.kind.name(),
             action: "produce logits",
         })?;
-        let rows = self.check_shape(hidden)?;
-        let last = hidden.narrow(0, rows - 1, 1)?.contiguous()?;
-        let normed = rms_norm(&last, &output.norm, self.config.rms_norm_eps as f32)?;
-        Ok(output.lm_head.forward(&normed)?.squeeze(0)?)
+        self.check_shape(hidden)?;
+        let normed = rms_norm(
+            &hidden.contiguous()?,
+            &output.norm,
+            self.config.rms_norm_eps as f32,
+        )?;
+        Ok(output.lm_head.forward(&normed)?)
     }
 
     /// Attention of one session's rows from its query, key and value projections
@@ -331,15 +349,20 @@ impl ModelPart {
     ) -> Result<Tensor> {
         let c = &self.config;
         let rows = q.dim(1)?;
-        if rows == 1 {
-            let mut y = vec![0f32; c.num_heads * c.head_dim];
-            let row = (values(q)?, values(k)?, &values(v)?[..]);
-            self.decode_row(index, rotation, row, cache, &mut y)?;
-            return Ok(Tensor::from_vec(
-                y,
-                (1, 1, c.num_heads * c.head_dim),
-                &self.device,
-            )?);
+        if rows == 1 || (cache.layer_len(index) > 0 && rows <= MAX_STEP_ROWS) {
+            let (width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+            let (qs, ks, vs) = (values(q)?, values(k)?, values(v)?);
+            let mut y = vec![0f32; rows * width];
+            for (i, out) in y.chunks_exact_mut(width).enumerate() {
+                let row = |values: &[f32], w: usize| values[i * w..(i + 1) * w].to_vec();
+                let this = (
+                    row(&qs, width),
+                    row(&ks, kv_width),
+                    &vs[i * kv_width..(i + 1) * kv_width],
+                );
+                self.decode_row(index, rotation, i, this, cache, out)?;
+            }
+            return Ok(Tensor::from_vec(y, (1, rows, width), &self.device)?);
         }
         let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((1, rows, n, c.head_dim))?
@@ -366,7 +389,7 @@ impl ModelPart {
     }
 
     /// Attention of one decode row: rotates its query `q (heads * head_dim)` and key
-    /// `k (kv_heads * head_dim)` by `rotation` (of the row's position), appends the key and
+    /// `k (kv_heads * head_dim)` by the `row`-th angles of `rotation`, appends the key and
     /// the value `v` to the layer's cache and attends over every cached position, in place; writes
     /// `heads * head_dim` values into `y`. The solo and the batched paths both run it, so a
     /// batch computes exactly what each of its sessions would alone.
@@ -374,6 +397,7 @@ impl ModelPart {
         &self,
         index: usize,
         rotation: &Rotation,
+        row: usize,
         (mut q, mut k, v): (Vec<f32>, Vec<f32>, &[f32]),
         cache: &mut KvCache,
         y: &mut [f32],
@@ -383,7 +407,7 @@ impl ModelPart {
             .chunks_exact_mut(c.head_dim)
             .chain(k.chunks_exact_mut(c.head_dim))
         {
-            rotation.apply_row(head);
+            rotation.apply_row(row, head);
         }
         let cached = cache.push(index, &k, v, c.num_kv_heads, c.head_dim)?;
         attend_row(&q, cached, y)
@@ -481,11 +505,13 @@ impl Rotation {
         Ok(rope(x, &self.cos, &self.sin)?)
     }
 
-    /// Rotates one head's values `x (head_dim)` of a one-row run in place, with the same
-    /// arithmetic as candle's kernels in [`Rotation::apply`].
-    fn apply_row(&self, x: &mut [f32]) {
+    /// Rotates one head's values `x (head_dim)` by the run's `row`-th angles in place, with the
+    /// same arithmetic as candle's kernels in [`Rotation::apply`].
+    fn apply_row(&self, row: usize, x: &mut [f32]) {
         let half = x.len() / 2;
-        let angles = self.cos_values.iter().zip(&self.sin_values);
+        let angles = self.cos_values[row * half..]
+            .iter()
+            .zip(&self.sin_values[row * half..]);
         for (i, (&c, &s)) in angles.enumerate().take(half) {
             let (a, b) = if self.interleaved {
                 (2 * i, 2 * i + 1)

@@ -109,6 +109,7 @@ impl ModelPart {
                 self.decode_row(
                     index,
                     rotation,
+                    0,
                     (row(&qs, width), row(&ks, kv_width), &row(&vs, kv_width)),
                     cache,
                     y,
