@@ -27,9 +27,9 @@ pub mod pb {
     tonic::include_proto!("lsplit.trunk.v1");
 }
 
-/// The protocol version this build speaks; both ends must agree exactly. Version 2: every
-/// session carries keys in its `Open` and `Step` messages only (see `proto/trunk.proto`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// The protocol version this build speaks; both ends must agree exactly. Version 3: steps of
+/// several positions and their `rewind` (see `proto/trunk.proto`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Errors turning protocol messages into the crate's types.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -106,6 +106,7 @@ pub fn step_to_pb(step: &StepRows) -> pb::Step {
         step: step.step,
         rows: Some(rows_to_pb(&step.rows)),
         tag: step.tag.to_vec(),
+        rewind: step.rewind as u64,
     }
 }
 
@@ -115,9 +116,14 @@ pub fn step_from_pb(step: pb::Step) -> Result<StepRows, ProtoError> {
         field: "tag length",
         value: step.tag.len() as u64,
     })?;
+    let rewind = usize::try_from(step.rewind).map_err(|_| ProtoError::OutOfRange {
+        field: "rewind",
+        value: step.rewind,
+    })?;
     Ok(StepRows {
         step: step.step,
         rows: rows_from_pb(step.rows.ok_or(ProtoError::Missing("rows"))?)?,
+        rewind,
         tag,
     })
 }
@@ -211,6 +217,7 @@ mod tests {
                     start: 1000,
                     bytes: vec![0; payload],
                 },
+                rewind: 0,
                 tag: [7; 16],
             };
             let request = pb::SessionRequest {
@@ -254,6 +261,7 @@ mod tests {
                 start: 4,
                 bytes: vec![0; 4],
             },
+            rewind: 3,
             tag: [5; 16],
         };
         assert_eq!(step_from_pb(step_to_pb(&step)), Ok(step.clone()));

@@ -49,6 +49,7 @@ fn framed_step_bytes(codec: Codec) -> usize {
     let step = StepRows {
         step: 100,
         rows: hidden_rows(codec, 100, 1),
+        rewind: 0,
         tag: [0; 16],
     };
     let message = SessionRequest {

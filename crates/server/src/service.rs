@@ -251,7 +251,17 @@ impl SessionState {
         let message = lsplit_proto::step_from_pb(step)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // Before the session opens there is no trunk state: `admit` refuses the step.
-        let expected = self.trunk.as_ref().map_or(0, |t| t.expected_start());
+        let expected = match &self.trunk {
+            Some(trunk) => trunk.expected_start(message.rewind).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "step {} rewinds {} positions but the session holds {}",
+                    message.step,
+                    message.rewind,
+                    trunk.position()
+                ))
+            })?,
+            None => 0,
+        };
         self.admit(&message.rows, expected)?;
         let trunk = self
             .trunk

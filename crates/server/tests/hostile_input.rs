@@ -48,16 +48,18 @@ fn open_request(fingerprint: &TrunkFingerprint, codec: Codec) -> SessionRequest 
     }
 }
 
-/// Step `step` carrying `rows`, tagged as a device would tag them (rows whose header names no
-/// codec get no valid tag: the server refuses them before looking at it).
-fn step_request(step: u64, rows: pb::Rows) -> SessionRequest {
-    let tag =
-        lsplit_proto::rows_from_pb(rows.clone()).map_or([0; 16], |r| keys().uplink(step, r).tag);
+/// Step `step` carrying `rows` after forgetting `rewind` positions, tagged as a device would
+/// tag it (rows whose header names no codec get no valid tag: the server refuses them before
+/// looking at it).
+fn step_request(step: u64, rewind: usize, rows: pb::Rows) -> SessionRequest {
+    let tag = lsplit_proto::rows_from_pb(rows.clone())
+        .map_or([0; 16], |r| keys().uplink_rewinding(step, rewind, r).tag);
     SessionRequest {
         kind: Some(RequestKind::Step(pb::Step {
             step,
             rows: Some(rows),
             tag: tag.to_vec(),
+            rewind: rewind as u64,
         })),
     }
 }
@@ -103,9 +105,18 @@ impl RawSession {
 
     /// Sends `rows` as the next step and returns the server's answer.
     async fn send(&mut self, rows: pb::Rows) -> Result<ReplyKind, tonic::Status> {
+        self.send_rewinding(0, rows).await
+    }
+
+    /// Sends `rows` as the next step, which first forgets `rewind` positions.
+    async fn send_rewinding(
+        &mut self,
+        rewind: usize,
+        rows: pb::Rows,
+    ) -> Result<ReplyKind, tonic::Status> {
         if self
             .requests
-            .send(step_request(self.steps, rows))
+            .send(step_request(self.steps, rewind, rows))
             .await
             .is_err()
         {
@@ -187,6 +198,41 @@ fn malformed_messages_get_clear_errors_while_a_good_session_completes() {
             "rows start at position 2 but the session is at position 3",
         );
 
+        // A step may forget drafted positions, but never more than the session holds, and its
+        // rows must start where the rewind leaves the session.
+        let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
+        assert!(matches!(
+            s.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 3))).await,
+            Ok(ReplyKind::Step(_))
+        ));
+        match s
+            .send_rewinding(1, rows_to_pb(&hidden_rows(Codec::F32, 2, 2)))
+            .await
+        {
+            Ok(ReplyKind::Step(out)) => {
+                let rows = out.rows.expect("rows");
+                assert_eq!((rows.start, rows.rows), (2, 2));
+            }
+            other => panic!("expected the rewound step's rows, got {other:?}"),
+        }
+        assert_status(
+            s.send_rewinding(5, rows_to_pb(&hidden_rows(Codec::F32, 0, 1)))
+                .await,
+            Code::FailedPrecondition,
+            "step 2 rewinds 5 positions but the session holds 4",
+        );
+        let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
+        assert!(matches!(
+            s.send(rows_to_pb(&hidden_rows(Codec::F32, 0, 3))).await,
+            Ok(ReplyKind::Step(_))
+        ));
+        assert_status(
+            s.send_rewinding(1, rows_to_pb(&hidden_rows(Codec::F32, 3, 1)))
+                .await,
+            Code::InvalidArgument,
+            "rows start at position 3 but the session is at position 2",
+        );
+
         let mut s = RawSession::open(&mut client, fp, Codec::F32).await;
         let mut rows = rows_to_pb(&hidden_rows(Codec::F32, 0, 1));
         rows.codec = 9;
@@ -198,7 +244,7 @@ fn malformed_messages_get_clear_errors_while_a_good_session_completes() {
 
         let mut s = RawSession::start(
             &mut client,
-            step_request(0, rows_to_pb(&hidden_rows(Codec::F32, 0, 1))),
+            step_request(0, 0, rows_to_pb(&hidden_rows(Codec::F32, 0, 1))),
         )
         .await
         .expect("stream");

@@ -233,8 +233,18 @@ impl SessionKeys {
     /// The uplink message of step `step` carrying `rows` as they are (not disguised), tagged
     /// as a device's head tags it: for tools and tests that drive a trunk without a head.
     pub fn uplink(&self, step: u64, rows: HiddenRows) -> StepRows {
-        let tag = Schedule::tags_only(self).tag(Direction::Up, step, &rows);
-        StepRows { step, rows, tag }
+        self.uplink_rewinding(step, 0, rows)
+    }
+
+    /// [`SessionKeys::uplink`] for a step that first forgets the last `rewind` positions.
+    pub fn uplink_rewinding(&self, step: u64, rewind: usize, rows: HiddenRows) -> StepRows {
+        let tag = Schedule::tags_only(self).tag(Direction::Up, step, rewind, &rows);
+        StepRows {
+            step,
+            rows,
+            rewind,
+            tag,
+        }
     }
 }
 
@@ -316,9 +326,15 @@ impl Schedule {
         }
     }
 
-    /// The tag of a message: HMAC of its direction, step, the step's split points and the
-    /// rows' position, count, width and codec, truncated to 16 bytes.
-    pub(crate) fn tag(&self, direction: Direction, step: u64, rows: &HiddenRows) -> [u8; 16] {
+    /// The tag of a message: HMAC of its direction, step, the step's split points, its rewind
+    /// and the rows' position, count, width and codec, truncated to 16 bytes.
+    pub(crate) fn tag(
+        &self,
+        direction: Direction,
+        step: u64,
+        rewind: usize,
+        rows: &HiddenRows,
+    ) -> [u8; 16] {
         let draw = self.draw(step);
         let direction: &[u8] = match direction {
             Direction::Up => b"up",
@@ -331,6 +347,7 @@ impl Schedule {
                 &step.to_le_bytes(),
                 &(draw.k1 as u64).to_le_bytes(),
                 &(draw.k2 as u64).to_le_bytes(),
+                &(rewind as u64).to_le_bytes(),
                 &(rows.start as u64).to_le_bytes(),
                 &(rows.rows as u64).to_le_bytes(),
                 &(rows.width as u64).to_le_bytes(),
@@ -446,18 +463,19 @@ mod tests {
     }
 
     #[test]
-    fn tags_bind_direction_step_and_rows() -> candle_core::Result<()> {
+    fn tags_bind_direction_step_rewind_and_rows() -> candle_core::Result<()> {
         let s = Schedule::new(&keys(Obfuscation::None), 4, &Device::Cpu)?;
         let rows = Codec::F32
             .encode(&Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?, 3)
             .expect("encode");
-        let tag = s.tag(Direction::Up, 5, &rows);
-        assert_eq!(tag, s.tag(Direction::Up, 5, &rows));
-        assert_ne!(tag, s.tag(Direction::Down, 5, &rows));
-        assert_ne!(tag, s.tag(Direction::Up, 6, &rows));
+        let tag = s.tag(Direction::Up, 5, 0, &rows);
+        assert_eq!(tag, s.tag(Direction::Up, 5, 0, &rows));
+        assert_ne!(tag, s.tag(Direction::Down, 5, 0, &rows));
+        assert_ne!(tag, s.tag(Direction::Up, 6, 0, &rows));
+        assert_ne!(tag, s.tag(Direction::Up, 5, 1, &rows));
         let mut moved = rows.clone();
         moved.start = 4;
-        assert_ne!(tag, s.tag(Direction::Up, 5, &moved));
+        assert_ne!(tag, s.tag(Direction::Up, 5, 0, &moved));
         Ok(())
     }
 

@@ -1,3 +1,4 @@
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
@@ -5,8 +6,11 @@ use lsplit_model::KvCache;
 
 use crate::capture::{CaptureWriter, Way};
 use crate::device::Parts;
+use crate::speculate::Drafter;
 use crate::step::{DeviceState, Exchange};
-use crate::{DeviceModel, Sampler, SamplingParams, SessionKeys, SplitError, Stats, Trunk};
+use crate::{
+    DeviceModel, Sampler, SamplingParams, SessionKeys, Speculate, SplitError, Stats, Trunk,
+};
 
 /// What a generation is asked to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +22,9 @@ pub struct GenerateOptions {
     /// Keep going through end-of-sequence tokens, fed back like any other token, so that every
     /// run has `max_tokens` tokens (speed and codec measures).
     pub ignore_eos: bool,
+    /// Where drafted tokens come from, for steps that check several at once; the output is
+    /// the same whatever the source.
+    pub speculate: Speculate,
 }
 
 impl Default for GenerateOptions {
@@ -26,6 +33,7 @@ impl Default for GenerateOptions {
             max_tokens: 256,
             sampling: SamplingParams::default(),
             ignore_eos: false,
+            speculate: Speculate::Off,
         }
     }
 }
@@ -161,21 +169,54 @@ impl<'m> Session<'m> {
     /// Runs `tokens` (the prompt in one pass, or one new token) through head, trunk and tail,
     /// and returns the logits for the next token.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SplitError> {
-        // With every part in-process, the step runs as one task of the compute pool instead of
-        // entering it once per part; a network trunk's wait must not hold a pool thread.
-        let in_process = match &self.state {
+        let mut rows = self.run(tokens, false)?;
+        Ok(rows.pop().unwrap_or_default())
+    }
+
+    /// Runs `tokens` in one step, as [`Session::forward`] does, and returns the logits after
+    /// each of them. After the prompt, a step of up to [`lsplit_model::MAX_STEP_ROWS`] tokens
+    /// gives exactly the logits of one-token steps.
+    pub fn forward_rows(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, SplitError> {
+        self.run(tokens, true)
+    }
+
+    /// Forgets the positions from `len` on (drafted tokens that were not kept), in every part:
+    /// the trunk forgets them with the next step.
+    pub fn rewind(&mut self, len: usize) -> Result<(), SplitError> {
+        if len > self.position {
+            return Err(SplitError::Layout(
+                "a session cannot rewind past the positions it holds",
+            ));
+        }
+        match &mut self.state {
+            State::Unsplit { cache } => cache.truncate(len),
+            State::Split(device) => device.rewind(self.position, len)?,
+        }
+        self.position = len;
+        self.history.truncate(len);
+        Ok(())
+    }
+
+    /// True when the trunk runs in this process, so a step has no round trip.
+    fn in_process(&self) -> bool {
+        match &self.state {
             State::Split(device) => device.trunk.in_process(),
             State::Unsplit { .. } => true,
-        };
-        if in_process {
-            lsplit_model::on_pool(|| self.step(tokens))
-        } else {
-            self.step(tokens)
         }
     }
 
-    /// [`Session::forward`] on the current thread.
-    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SplitError> {
+    fn run(&mut self, tokens: &[u32], every_row: bool) -> Result<Vec<Vec<f32>>, SplitError> {
+        // With every part in-process, the step runs as one task of the compute pool instead of
+        // entering it once per part; a network trunk's wait must not hold a pool thread.
+        if self.in_process() {
+            lsplit_model::on_pool(|| self.step(tokens, every_row))
+        } else {
+            self.step(tokens, every_row)
+        }
+    }
+
+    /// One step on the current thread: the logits after every token, or after the last.
+    fn step(&mut self, tokens: &[u32], every_row: bool) -> Result<Vec<Vec<f32>>, SplitError> {
         if tokens.is_empty() {
             return Err(SplitError::EmptyPrompt);
         }
@@ -192,7 +233,11 @@ impl<'m> Session<'m> {
             (Parts::Unsplit(whole), State::Unsplit { cache }) => {
                 let t = Instant::now();
                 let hidden = whole.forward(&whole.embed(tokens)?, start, cache)?;
-                let logits = whole.logits(&hidden)?.to_vec1::<f32>()?;
+                let logits = if every_row {
+                    whole.row_logits(&hidden)?.to_vec2::<f32>()?
+                } else {
+                    vec![whole.logits(&hidden)?.to_vec1::<f32>()?]
+                };
                 self.stats.head += t.elapsed();
                 self.stats.layer_rows += (tokens.len() * layers) as u64;
                 logits
@@ -213,7 +258,8 @@ impl<'m> Session<'m> {
                     }
                     Ok(())
                 };
-                let logits = device.forward(tokens, start, self.model.codec(), &mut exchanged)?;
+                let codec = self.model.codec();
+                let logits = device.forward(tokens, start, codec, every_row, &mut exchanged)?;
                 self.stats.layer_rows = device.layer_rows();
                 logits
             }
@@ -271,17 +317,28 @@ impl<'m> Session<'m> {
         let mut generated = Vec::new();
 
         let t = Instant::now();
-        let mut logits = self.forward(prompt)?;
+        let prefilled = self.forward(prompt)?;
         self.stats.prefill += t.elapsed();
         self.stats.prompt_tokens += prompt.len();
 
+        // Logits waiting for a token choice, and the drafted tokens already run after them:
+        // `drafts[i]` was run after the choice from `pending[i]`, whose successor is
+        // `pending[i + 1]`. Without drafting both hold one set of logits and nothing.
+        let mut pending = VecDeque::from([prefilled]);
+        let mut drafts = VecDeque::<u32>::new();
+        let mut drafter = Drafter::new(options.speculate, self.in_process());
+        // The last step's drafted tokens, how many were kept so far, and its time.
+        let mut window = (0, 0, std::time::Duration::ZERO);
+        let base = self.position - prompt.len();
         let decode_start = Instant::now();
         let stop = loop {
+            let logits = pending.pop_front().expect("logits for the next choice");
             if generated.len() >= options.max_tokens {
                 break StopReason::MaxTokens;
             }
             let t = Instant::now();
-            let next = sampler.sample(&logits, &self.history);
+            let seen = self.history.len() - drafts.len();
+            let next = sampler.sample(&logits, &self.history[..seen]);
             self.stats.sampling += t.elapsed();
             if eos.contains(&next) && !options.ignore_eos {
                 break StopReason::Eos;
@@ -298,15 +355,55 @@ impl<'m> Session<'m> {
             if on_step(&step).is_break() {
                 break StopReason::Stopped;
             }
+            match drafts.pop_front() {
+                Some(drafted) if drafted == next => {
+                    // Already run: its successor's logits are next in line.
+                    self.stats.accepted_tokens += 1;
+                    self.stats.decode_tokens += 1;
+                    window.1 += 1;
+                    continue;
+                }
+                Some(_) => {
+                    // The first miss: forget it and every draft after it, then run the choice.
+                    self.rewind(self.position - drafts.len() - 1)?;
+                    drafts.clear();
+                    pending.clear();
+                }
+                None => {}
+            }
             if generated.len() >= options.max_tokens {
                 break StopReason::MaxTokens;
             }
             if self.position >= context {
                 break StopReason::ContextFull;
             }
-            logits = self.forward(&[next])?;
+            let room = (options.max_tokens - generated.len()).min(context - self.position - 1);
+            let mut tokens = self.history.clone();
+            tokens.push(next);
+            drafter.record(window.0, window.1, window.2);
+            let draft = drafter.draft(&tokens, room);
+            let t = Instant::now();
+            if draft.is_empty() {
+                pending.push_back(self.forward(&[next])?);
+            } else {
+                let mut run = vec![next];
+                run.extend_from_slice(&draft);
+                pending.extend(self.forward_rows(&run)?);
+                self.stats.drafted_tokens += draft.len();
+            }
+            window = (draft.len(), 0, t.elapsed());
+            drafts.extend(draft);
             self.stats.decode_steps += 1;
+            self.stats.decode_tokens += 1;
         };
+        // The session ends holding what one-token steps would have run: every generated token
+        // but the last (which was never run), unless the model ended the sequence. Drafts run
+        // past that are forgotten.
+        let unrun = usize::from(stop != StopReason::Eos && !generated.is_empty());
+        let end = base + prompt.len() + generated.len() - unrun;
+        if self.position > end {
+            self.rewind(end)?;
+        }
         self.stats.decode += decode_start.elapsed();
         self.stats.generated_tokens += generated.len();
         if let Some(piece) = decoder.finish()? {

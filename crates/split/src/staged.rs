@@ -272,6 +272,23 @@ impl StagedPart {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
+    /// Forgets every position from `len` on, in the cache and in the rows kept for
+    /// neighbours: the rejected tokens of a multi-token step, so that the next step starts at
+    /// `len` as if they had never run.
+    pub(crate) fn truncate(&mut self, len: usize) -> Result<(), StageError> {
+        self.steps.retain(|s| s.start < len);
+        if let Some(last) = self.steps.last_mut() {
+            if last.start + last.rows > len {
+                last.rows = len - last.start;
+                for rows in last.kept.values_mut() {
+                    *rows = rows.narrow(0, 0, last.rows)?;
+                }
+            }
+        }
+        self.cache.truncate(len);
+        Ok(())
+    }
+
     /// Drops kept rows no one can need any more: those the neighbour already ran (its layer
     /// holds their positions, per `neighbour_len`), unless the part may still grow from them.
     pub(crate) fn prune(&mut self, neighbour_len: impl Fn(usize) -> usize) {

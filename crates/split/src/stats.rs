@@ -24,8 +24,14 @@ pub struct Stats {
     pub bytes_up: u64,
     /// Encoded bytes received from the trunk.
     pub bytes_down: u64,
-    /// Number of one-token steps (for per-token averages).
+    /// Steps after the prompt: round trips to the trunk when split.
     pub decode_steps: usize,
+    /// Tokens those steps ran and kept (one per step without drafting).
+    pub decode_tokens: usize,
+    /// Drafted tokens sent for checking, and those kept.
+    pub drafted_tokens: usize,
+    /// Drafted tokens that were the model's own choice, kept without a step of their own.
+    pub accepted_tokens: usize,
     /// Compute: rows times decoder layers run by every part together, catch-ups included
     /// (positions times layers without random split points).
     pub layer_rows: u64,
@@ -41,14 +47,20 @@ impl Stats {
         per_second(self.prompt_tokens, self.prefill)
     }
 
-    /// Generated tokens per second of the one-token steps.
+    /// Tokens per second of the steps after the prompt.
     pub fn decode_tokens_per_second(&self) -> f64 {
-        per_second(self.decode_steps, self.decode)
+        per_second(self.decode_tokens, self.decode)
     }
 
-    /// Positions that crossed the split (prompt plus one-token steps).
+    /// Tokens kept per step after the prompt: 1 without drafting.
+    pub fn tokens_per_step(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode_steps.max(1) as f64
+    }
+
+    /// Positions kept (prompt plus the tokens the steps after it kept); per-token bytes count
+    /// rejected drafts against these.
     pub fn positions(&self) -> usize {
-        self.prompt_tokens + self.decode_steps
+        self.prompt_tokens + self.decode_tokens
     }
 }
 
@@ -95,6 +107,14 @@ impl fmt::Display for Stats {
             self.layer_rows as f64 / positions,
             self.catch_up_rows_up,
             self.catch_up_rows_down
+        )?;
+        writeln!(
+            f,
+            "steps: {} after the prompt, {:.2} tokens per step; drafted {}, accepted {}",
+            self.decode_steps,
+            self.tokens_per_step(),
+            self.drafted_tokens,
+            self.accepted_tokens
         )?;
         write!(
             f,

@@ -73,6 +73,11 @@ impl Mirror {
             .unwrap_or(position)
     }
 
+    /// Forgets every position from `len` on, as the part itself does on a rewind.
+    fn truncate(&mut self, len: usize) {
+        self.lens.iter_mut().for_each(|l| *l = (*l).min(len));
+    }
+
     /// Records that `layers` ran up to position `end`; returns the rows times layers that took.
     fn ran(&mut self, layers: std::ops::Range<usize>, end: usize) -> u64 {
         let mut work = 0;
@@ -166,11 +171,20 @@ impl TrunkState {
         self.part.layer_rows()
     }
 
-    /// Where the next step's uplink rows must start: the first position the trunk has not run
-    /// that step's K1 at (the session's position, unless the trunk catches up).
-    pub fn expected_start(&self) -> usize {
+    /// Where the next step's uplink rows must start when it rewinds `rewind` positions: the
+    /// first position the trunk has not run that step's K1 at (the session's position after
+    /// the rewind, unless the trunk catches up). `None` when the session holds fewer positions
+    /// than the rewind.
+    pub fn expected_start(&self, rewind: usize) -> Option<usize> {
         let draw = self.schedule.draw(self.next_step);
-        self.part.layer_len(draw.k1, self.part.position())
+        let position = self.part.position();
+        let keep = position.checked_sub(rewind)?;
+        Some(self.part.layer_len(draw.k1, position).min(keep))
+    }
+
+    /// Positions the session holds.
+    pub fn position(&self) -> usize {
+        self.part.position()
     }
 
     /// Bytes held by this session's KV cache.
@@ -197,8 +211,11 @@ impl TrunkState {
             )));
         }
         let rows = &message.rows;
-        if message.tag != self.schedule.tag(Direction::Up, step, rows) {
+        if message.tag != self.schedule.tag(Direction::Up, step, message.rewind, rows) {
             return Err(TrunkError::Desync(tag_mismatch("uplink", step)));
+        }
+        if message.rewind > 0 {
+            self.rewind(step, message.rewind)?;
         }
         let draw = self.schedule.draw(step);
         let position = self.part.position();
@@ -231,6 +248,20 @@ impl TrunkState {
             input,
             codec: rows.codec,
         })
+    }
+
+    /// Forgets the last `rewind` positions (drafted tokens the device rejected), on the trunk
+    /// and in what it knows of the tail, before step `step` runs.
+    fn rewind(&mut self, step: u64, rewind: usize) -> Result<(), TrunkError> {
+        let position = self.part.position();
+        let keep = position.checked_sub(rewind).ok_or_else(|| {
+            TrunkError::Desync(format!(
+                "step {step} rewinds {rewind} positions but the session holds {position}"
+            ))
+        })?;
+        self.part.truncate(keep)?;
+        self.tail.truncate(keep);
+        Ok(())
     }
 
     /// True when a prepared step's drawn layers are the whole trunk part in one run, so
@@ -289,9 +320,14 @@ impl TrunkState {
         self.part.prune(|layer| tail.len(layer, end));
         let wire = self.schedule.disguise(&reply).map_err(candle)?;
         let rows = codec.encode(&wire, from)?;
-        let tag = self.schedule.tag(Direction::Down, step, &rows);
+        let tag = self.schedule.tag(Direction::Down, step, 0, &rows);
         self.next_step += 1;
-        Ok(StepRows { step, rows, tag })
+        Ok(StepRows {
+            step,
+            rows,
+            rewind: 0,
+            tag,
+        })
     }
 }
 
@@ -317,6 +353,8 @@ pub(crate) struct DeviceState {
     next_step: u64,
     trunk_mirror: Mirror,
     trunk_layer_rows: u64,
+    /// Positions the trunk must forget before the next step.
+    rewind: usize,
 }
 
 impl DeviceState {
@@ -335,7 +373,18 @@ impl DeviceState {
             next_step: 0,
             trunk_mirror: Mirror::new(keys.policy.trunk_layers()),
             trunk_layer_rows: 0,
+            rewind: 0,
         })
+    }
+
+    /// Forgets positions `to..from` (drafted tokens that were rejected) in head and tail now,
+    /// and on the trunk with the next step's message.
+    pub(crate) fn rewind(&mut self, from: usize, to: usize) -> Result<(), SplitError> {
+        self.head.truncate(to)?;
+        self.tail.truncate(to)?;
+        self.trunk_mirror.truncate(to);
+        self.rewind += from - to;
+        Ok(())
     }
 
     /// Rows times layers run by head, trunk and tail together, catch-ups included.
@@ -343,14 +392,16 @@ impl DeviceState {
         self.head.layer_rows() + self.trunk_layer_rows + self.tail.layer_rows()
     }
 
-    /// One step: head, uplink, trunk, downlink, tail. Returns the last row's logits.
+    /// One step: head, uplink, trunk, downlink, tail. Returns the logits after every token
+    /// with `every_row`, else after the last one only.
     pub(crate) fn forward(
         &mut self,
         tokens: &[u32],
         start: usize,
         codec: Codec,
+        every_row: bool,
         exchanged: &mut dyn FnMut(&Exchange) -> Result<(), SplitError>,
-    ) -> Result<Vec<f32>, SplitError> {
+    ) -> Result<Vec<Vec<f32>>, SplitError> {
         let t = Instant::now();
         let step = self.next_step;
         let draw = self.schedule.draw(step);
@@ -363,9 +414,11 @@ impl DeviceState {
             &self.schedule.disguise(&self.head.rows_at(draw.k1, from)?)?,
             from,
         )?;
+        let rewind = std::mem::take(&mut self.rewind);
         let up = StepRows {
             step,
-            tag: self.schedule.tag(Direction::Up, step, &up_rows),
+            rewind,
+            tag: self.schedule.tag(Direction::Up, step, rewind, &up_rows),
             rows: up_rows,
         };
         let head_time = t.elapsed();
@@ -376,7 +429,10 @@ impl DeviceState {
         let t = Instant::now();
 
         let expected_from = self.tail.layer_len(draw.k2, start);
-        if down.step != step || down.tag != self.schedule.tag(Direction::Down, step, &down.rows) {
+        if down.step != step
+            || down.rewind != 0
+            || down.tag != self.schedule.tag(Direction::Down, step, 0, &down.rows)
+        {
             return Err(SplitError::Desync(tag_mismatch("downlink", step)));
         }
         let rows = &down.rows;
@@ -407,7 +463,12 @@ impl DeviceState {
         self.trunk_layer_rows += self.trunk_mirror.ran(draw.k1..draw.k2, end);
         let mirror = &self.trunk_mirror;
         self.head.prune(|layer| mirror.len(layer, end));
-        let logits = self.tail.part().logits(&out)?.to_vec1::<f32>()?;
+        let tail = self.tail.part();
+        let logits = if every_row {
+            tail.row_logits(&out)?.to_vec2::<f32>()?
+        } else {
+            vec![tail.logits(&out)?.to_vec1::<f32>()?]
+        };
         exchanged(&Exchange {
             catch_up_up: up.rows.rows - count,
             catch_up_down: down.rows.rows - count,

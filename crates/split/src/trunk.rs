@@ -34,9 +34,14 @@ pub struct StepRows {
     /// Rows at the step's boundary layer (K1 up, K2 down): rows of earlier positions the
     /// receiver must catch up at that layer, then the step's own rows.
     pub rows: HiddenRows,
+    /// Positions of the earlier steps that the receiver forgets before running this one: the
+    /// drafted tokens the device rejected after a multi-token step. Zero on downlinks and
+    /// whenever every drafted token was kept.
+    pub rewind: usize,
     /// HMAC-SHA256 under the session secret, cut to 16 bytes, of the direction, the step, its
-    /// drawn split points and the rows' position, count, width and codec: a receiver whose
-    /// draw or step differs refuses the message instead of computing garbage.
+    /// drawn split points, the rewind and the rows' position, count, width and codec: a
+    /// receiver whose draw, step or position differs refuses the message instead of computing
+    /// garbage.
     pub tag: [u8; 16],
 }
 

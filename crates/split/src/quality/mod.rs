@@ -6,7 +6,7 @@ pub mod codecs;
 
 use std::ops::ControlFlow;
 
-use crate::{GenerateOptions, SamplingParams, Session, SplitError};
+use crate::{GenerateOptions, Session, SplitError};
 
 /// A greedy continuation and the logits that chose each of its tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,8 +28,8 @@ impl GreedyRun {
     ) -> Result<Self, SplitError> {
         let options = GenerateOptions {
             max_tokens: count,
-            sampling: SamplingParams::default(),
             ignore_eos: true,
+            ..GenerateOptions::default()
         };
         let mut run = Self {
             tokens: Vec::with_capacity(count),
