@@ -4,15 +4,12 @@
 //! that loses the session mid-generation is rebuilt by replaying the tagged steps; a device
 //! and a server holding different secrets stop at the first step with a desync error.
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::Device;
 use lsplit_model::{PartKind, PartSpec};
-use lsplit_server::DevCertificates;
 use lsplit_split::{
-    DeviceModel, LocalTrunk, Obfuscation, SessionKeys, SessionSecret, SplitPolicy, StepRows, Trunk,
-    TrunkError,
+    DeviceModel, LocalTrunk, Obfuscation, SessionKeys, SessionSecret, SplitPolicy, Trunk,
 };
 use lsplit_testkit::certificates;
 use lsplit_testkit::llm::*;
@@ -71,46 +68,10 @@ fn remote_keyed_output_equals_in_process_output() {
     assert_eq!(keyed_generate(&model, Box::new(remote), &keys), expected);
 }
 
-/// The real remote trunk, whose server is killed before step `kill_at` and started again on
-/// the same port.
-struct KilledMidway {
-    inner: Box<dyn Trunk>,
-    server: Option<lsplit_testkit::RunningServer>,
-    steps: usize,
-    kill_at: usize,
-    union: Range<usize>,
-}
-
-impl Trunk for KilledMidway {
-    fn layers(&self) -> Range<usize> {
-        self.inner.layers()
-    }
-
-    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
-        if self.steps == self.kill_at {
-            let server = self.server.take().expect("the server runs");
-            let addr = server.addr;
-            server.kill();
-            let certs = CERTS.get().expect("certificates");
-            self.server = Some(serve_on(
-                &model_path(),
-                self.union.start,
-                self.union.end,
-                tls_options(certs),
-                addr.port(),
-            ));
-        }
-        self.steps += 1;
-        self.inner.step(message)
-    }
-}
-
-static CERTS: std::sync::OnceLock<DevCertificates> = std::sync::OnceLock::new();
-
 #[test]
 fn a_keyed_session_is_replayed_onto_a_restarted_server() {
     let path = model_path();
-    let certs = CERTS.get_or_init(certificates);
+    let certs = &certificates();
     let union = policy().trunk_layers();
     let server = serve(&path, union.start, union.end, tls_options(certs));
     let model = keyed_model(Codec::F16);
@@ -126,13 +87,7 @@ fn a_keyed_session_is_replayed_onto_a_restarted_server() {
     let inner = remote(&path, options)
         .expect("connect")
         .with_keys(keys.clone());
-    let killed = KilledMidway {
-        inner: Box::new(inner),
-        server: Some(server),
-        steps: 0,
-        kill_at: 4,
-        union,
-    };
+    let killed = RestartedMidway::new(Box::new(inner), server, 4, &path, tls_options(certs));
     assert_eq!(keyed_generate(&model, Box::new(killed), &keys), expected);
 }
 

@@ -1,6 +1,7 @@
 //! The default model (SmolLM2) split on a real trunk server, and the in-process reference that a
 //! remote generation must equal token for token.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 
@@ -9,8 +10,8 @@ use lsplit_model::{KvPrecision, ModelPart, ModelSource, SplitPlan, TrunkFingerpr
 use lsplit_remote::{RemoteError, RemoteOptions, RemoteTrunk};
 use lsplit_server::{DevCertificates, Limits, ServerOptions, TrunkServer};
 use lsplit_split::{
-    DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SplitPolicy, Trunk,
-    load_tokenizer,
+    DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SplitPolicy, StepRows,
+    Trunk, TrunkError, load_tokenizer,
 };
 use lsplit_wire::{Codec, HiddenRows};
 
@@ -217,4 +218,59 @@ pub fn hidden_rows(codec: Codec, start: usize, rows: usize) -> HiddenRows {
         .collect();
     let tensor = candle_core::Tensor::from_vec(values, (rows, 576), &Device::Cpu).expect("tensor");
     codec.encode(&tensor, start).expect("encode")
+}
+
+/// A remote trunk whose server is killed just before the trunk's `kill_at`-th step and started
+/// again on the same port, empty: the device must rebuild its session by replaying.
+pub struct RestartedMidway {
+    inner: Box<dyn Trunk>,
+    server: Option<RunningServer>,
+    steps: usize,
+    kill_at: usize,
+    path: PathBuf,
+    options: ServerOptions,
+}
+
+impl RestartedMidway {
+    /// Wraps `inner`, a trunk of `server` (which serves the model at `path` with `options`).
+    pub fn new(
+        inner: Box<dyn Trunk>,
+        server: RunningServer,
+        kill_at: usize,
+        path: &Path,
+        options: ServerOptions,
+    ) -> Self {
+        Self {
+            inner,
+            server: Some(server),
+            steps: 0,
+            kill_at,
+            path: path.to_owned(),
+            options,
+        }
+    }
+}
+
+impl Trunk for RestartedMidway {
+    fn layers(&self) -> Range<usize> {
+        self.inner.layers()
+    }
+
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        if self.steps == self.kill_at {
+            let server = self.server.take().expect("the server runs");
+            let port = server.addr.port();
+            server.kill();
+            let layers = self.inner.layers();
+            self.server = Some(serve_on(
+                &self.path,
+                layers.start,
+                layers.end,
+                self.options.clone(),
+                port,
+            ));
+        }
+        self.steps += 1;
+        self.inner.step(message)
+    }
 }
