@@ -72,6 +72,73 @@ fn stats_report_bytes_per_token_on_stderr() {
 }
 
 #[test]
+fn drafted_tokens_leave_the_text_unchanged_in_fewer_steps() {
+    let rewrite = [
+        "--raw",
+        "--split",
+        "2:28",
+        "--stats",
+        "<|im_start|>user\nRepeat exactly: the quick brown fox jumps over the lazy dog.<|im_end|>\n<|im_start|>assistant\n",
+    ];
+    let steps = |out: &Output| -> (usize, String) {
+        let err = stderr(out);
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("steps: "))
+            .unwrap_or_else(|| panic!("no steps line in {err}"));
+        let count = line["steps: ".len()..]
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no step count in {line}"));
+        (count, line.to_owned())
+    };
+    let off = lsplit(
+        &[
+            &["generate", "--model", &model(), "--max-tokens", "24"],
+            &rewrite[..],
+        ]
+        .concat(),
+    );
+    assert!(off.status.success(), "{}", stderr(&off));
+    let (off_steps, line) = steps(&off);
+    assert_eq!(off_steps, 23, "{line}");
+    for source in ["lookup", "auto"] {
+        let out = lsplit(
+            &[
+                &[
+                    "generate",
+                    "--model",
+                    &model(),
+                    "--max-tokens",
+                    "24",
+                    "--speculate",
+                    source,
+                ],
+                &rewrite[..],
+            ]
+            .concat(),
+        );
+        assert!(out.status.success(), "{source}: {}", stderr(&out));
+        assert_eq!(stdout(&out), stdout(&off), "{source}");
+        let (count, line) = steps(&out);
+        if source == "lookup" {
+            assert!(count < off_steps, "{line}");
+        } else {
+            // In-process, a step has no round trip to save: auto drafts nothing.
+            assert_eq!(count, off_steps, "{line}");
+        }
+    }
+    let out = generate(&["--speculate", "fast"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown speculation \"fast\": expected off, auto or lookup"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn invalid_split_names_the_model_layer_count() {
     let out = generate(&["--split", "12:31"]);
     assert!(!out.status.success());

@@ -284,6 +284,7 @@ impl Settings {
         Ok(GenerateOptions {
             max_tokens,
             sampling,
+            speculate: defaults.speculate,
             ..GenerateOptions::default()
         })
     }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_model::{ModelPart, SplitPlan};
-use lsplit_split::{DeviceModel, GenerateOptions, Obfuscation, Session, SplitPolicy};
+use lsplit_split::{DeviceModel, GenerateOptions, Obfuscation, Session, Speculate, SplitPolicy};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
@@ -37,6 +37,11 @@ pub struct BenchArgs {
     /// Measure only this configuration; only it is loaded, so the peak memory is its own
     #[arg(long, value_name = "CONFIG")]
     pub only: Option<Config>,
+    /// Check tokens drafted on the device several per step, saving round trips to the trunk (decode measure):
+    /// off, auto (prompt lookup while it pays over a remote trunk) or lookup (n-gram matches in
+    /// the prompt and output). The output is the same whichever is chosen
+    #[arg(long, value_name = "SOURCE", default_value_t = Speculate::Off)]
+    pub speculate: Speculate,
     /// Pass one token through each configuration, untimed, before the runs
     #[arg(long)]
     pub warmup: bool,
@@ -153,6 +158,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 session(&column.model, &column.trunk)?,
                 &prompt,
                 args.decode_tokens,
+                args.speculate,
                 &mut column.measure,
             )?;
             progress.inc(1);
@@ -165,10 +171,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "model: {} ({} layers), split {plan}, codec {}, {} runs (median)",
+        "model: {} ({} layers), split {plan}, codec {}, speculate {}, {} runs (median)",
         source.path().display(),
         config.num_layers,
         args.codec,
+        args.speculate,
         args.runs
     );
     print!("{:<28}", "measure");
@@ -227,8 +234,9 @@ fn print_json(args: &BenchArgs, layers: usize, plan: SplitPlan, columns: &[Colum
         })
         .collect();
     println!(
-        r#"{{"layers":{layers},"split":"{plan}","codec":"{}","prompt_tokens":{},"decode_tokens":{},"runs":{},{}}}"#,
+        r#"{{"layers":{layers},"split":"{plan}","codec":"{}","speculate":"{}","prompt_tokens":{},"decode_tokens":{},"runs":{},{}}}"#,
         args.codec,
+        args.speculate,
         args.prompt_tokens,
         args.decode_tokens,
         args.runs,
@@ -252,12 +260,14 @@ fn run_once(
     mut session: Session<'_>,
     prompt: &[u32],
     decode_tokens: usize,
+    speculate: Speculate,
     measure: &mut Measure,
 ) -> anyhow::Result<()> {
     // The last token is sampled after the `decode_tokens`-th decode step, and not run.
     let options = GenerateOptions {
         max_tokens: decode_tokens + 1,
         ignore_eos: true,
+        speculate,
         ..GenerateOptions::default()
     };
     let generation =

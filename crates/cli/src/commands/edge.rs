@@ -10,7 +10,7 @@ use clap::Args;
 use lsplit_device::{DiffusionTrunkChoice, DiffusionTrunks};
 use lsplit_diffusion::{DevicePipeline, UnetSplit};
 use lsplit_edge::{EdgeConfig, EdgeServer, ImageModel};
-use lsplit_split::GenerateOptions;
+use lsplit_split::{GenerateOptions, Speculate};
 use lsplit_wire::StepCodec;
 
 use crate::args::{DeviceArgs, SamplingArgs};
@@ -30,6 +30,11 @@ pub struct EdgeArgs {
     /// Sampling settings of requests that leave them out
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Check tokens drafted on the device several per step, saving round trips to the trunk:
+    /// off, auto (prompt lookup while it pays over a remote trunk) or lookup (n-gram matches in
+    /// the prompt and output). The output is the same whichever is chosen
+    #[arg(long, value_name = "SOURCE", default_value_t = Speculate::Off)]
+    pub speculate: Speculate,
     /// Tokens a request generates when it does not set max_tokens
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
@@ -111,6 +116,7 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
     let defaults = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params()?,
+        speculate: args.speculate,
         ..GenerateOptions::default()
     };
     anyhow::ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use lsplit_attack::Truth;
-use lsplit_split::{CaptureWriter, GenerateOptions};
+use lsplit_split::{CaptureWriter, GenerateOptions, Speculate};
 
 use crate::args::{DeviceArgs, SamplingArgs};
 
@@ -26,7 +26,12 @@ pub struct GenerateArgs {
     /// Send the prompt as is, without the chat template
     #[arg(long)]
     pub raw: bool,
-    /// Print per-part time, bytes per token and tokens/s to stderr
+    /// Check tokens drafted on the device several per step, saving round trips to the trunk:
+    /// off, auto (prompt lookup while it pays over a remote trunk) or lookup (n-gram matches in
+    /// the prompt and output). The output is the same whichever is chosen
+    #[arg(long, value_name = "SOURCE", default_value_t = Speculate::Off)]
+    pub speculate: Speculate,
+    /// Print per-part time, bytes per token, tokens per step and tokens/s to stderr
     #[arg(long)]
     pub stats: bool,
     /// Write every message that crosses to and from the trunk into DIR (see PRIVACY.md)
@@ -43,6 +48,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params()?,
+        speculate: args.speculate,
         ..GenerateOptions::default()
     };
     args.device
