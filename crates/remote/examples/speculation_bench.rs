@@ -1,0 +1,123 @@
+//! Decode speed of drafted steps against one-token steps over simulated round trips: a real
+//! trunk server (2:28, TLS) behind `lsplit-netsim` at 0, 20, 80 and 150 ms, the device
+//! generating greedily from chat prompts and from rewrite and summarize prompts (whose answers
+//! repeat their input, where prompt lookup drafts well), for each `--speculate` source.
+//! Run: `cargo run --release -p lsplit-remote --example speculation_bench`.
+
+use std::time::Duration;
+
+use lsplit_netsim::{Netsim, Profile};
+use lsplit_split::{DeviceModel, GenerateOptions, Obfuscation, Speculate, Stats, codecs};
+use lsplit_testkit::llm::*;
+use lsplit_wire::Codec;
+
+/// Prompts of each set, and tokens generated from each.
+const PROMPTS: usize = 8;
+const TOKENS: usize = 32;
+const ROUND_TRIPS_MS: [u64; 4] = [0, 20, 80, 150];
+
+/// Requests whose answers repeat their input.
+const REWRITES: [&str; PROMPTS] = [
+    "Repeat this sentence exactly: the quick brown fox jumps over the lazy dog near the river.",
+    "Rewrite in the past tense: I walk to the market, I buy some bread and I go home.",
+    "Summarize: The meeting is moved from Monday to Tuesday at ten in the main room. Everyone \
+     must bring their reports. The meeting is on Tuesday at ten in the main room.",
+    "Correct the spelling: The wether was realy nice and we went to the beech on saturday.",
+    "Rewrite politely: Send me the report now. I need the report now.",
+    "Turn into a bulleted list: apples, oranges, bananas, grapes and pears.",
+    "Repeat after me: one small step for a man, one giant leap for mankind.",
+    "Summarize in one sentence: The cat sat on the mat. The cat was happy on the mat. The mat \
+     was warm.",
+];
+
+/// Totals of one source over one set of prompts.
+#[derive(Default)]
+struct Total {
+    tokens: usize,
+    steps: usize,
+    decode: Duration,
+    bytes: u64,
+    positions: usize,
+}
+
+impl Total {
+    fn add(&mut self, stats: &Stats) {
+        self.tokens += stats.decode_tokens;
+        self.steps += stats.decode_steps;
+        self.decode += stats.decode;
+        self.bytes += stats.bytes_up + stats.bytes_down;
+        self.positions += stats.positions();
+    }
+
+    fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.decode.as_secs_f64()
+    }
+}
+
+fn main() {
+    let path = model_path();
+    let certs = lsplit_testkit::certificates();
+    let model = device_model(&path, 2, 28, Codec::F32);
+    let server = serve(&path, 2, 28, tls_options(&certs));
+    let sets: [(&str, Vec<&str>); 2] = [
+        ("chat", codecs::PROMPTS[..PROMPTS].to_vec()),
+        ("rewrite", REWRITES.to_vec()),
+    ];
+    println!(
+        "| round trip | prompts | source | decode tok/s | x off | tokens per round trip | bytes per token |"
+    );
+    println!("|---:|---|---|---:|---:|---:|---:|");
+    for rtt in ROUND_TRIPS_MS {
+        let link = (rtt > 0).then(|| {
+            Netsim::start(server.addr, Profile::round_trip(Duration::from_millis(rtt)))
+                .expect("simulated link")
+        });
+        let port = link
+            .as_ref()
+            .map_or(server.addr.port(), |l| l.addr().port());
+        let url = format!("https://127.0.0.1:{port}");
+        let options = lsplit_testkit::client_options(&url, &certs, Codec::F32);
+        for (set, prompts) in &sets {
+            let mut off = None;
+            for speculate in Speculate::ALL {
+                let mut total = Total::default();
+                for prompt in prompts {
+                    let trunk = remote(&path, options.clone()).expect("connect");
+                    total.add(&generate_one(&model, trunk, prompt, speculate));
+                }
+                let speed = total.tokens_per_second();
+                let base = *off.get_or_insert(speed);
+                println!(
+                    "| {rtt} ms | {set} | {speculate} | {speed:.1} | {:.2} | {:.2} | {:.0} |",
+                    speed / base,
+                    total.tokens as f64 / total.steps as f64,
+                    total.bytes as f64 / total.positions as f64
+                );
+                eprintln!("done: {rtt} ms {set} {speculate}");
+            }
+        }
+    }
+}
+
+fn generate_one(
+    model: &DeviceModel,
+    trunk: lsplit_remote::RemoteTrunk,
+    prompt: &str,
+    speculate: Speculate,
+) -> Stats {
+    let keys = model.new_keys(Obfuscation::None).expect("keys");
+    let prompt = model.prompt_tokens(prompt, false).expect("prompt");
+    let options = GenerateOptions {
+        max_tokens: TOKENS,
+        ignore_eos: true,
+        speculate,
+        ..GenerateOptions::default()
+    };
+    let mut session = model
+        .session(Box::new(trunk.with_keys(keys.clone())), &keys)
+        .expect("session");
+    session
+        .generate(&prompt, &options, &mut |_| {})
+        .expect("generate")
+        .stats
+}
