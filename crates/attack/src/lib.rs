@@ -265,15 +265,32 @@ impl Attacker {
     }
 }
 
-/// The first row seen of each position going `way`, in position order; a position's first
-/// row is the one its own step sent (later ones are catch-up copies at other layers).
+/// The row of each position going `way` that its kept token sent, in position order: a
+/// position's first row is the one its own step sent (later ones at the same position are
+/// catch-up copies at other layers), unless a later step rewound it (a rejected draft), when
+/// the step after the rewind sends it again.
 fn first_rows(
     messages: &[CapturedMessage],
     way: Way,
     device: &Device,
 ) -> Result<Vec<Tensor>, AttackError> {
+    // A downlink answers the uplink of its step, whose rewind it follows.
+    let rewinds: std::collections::HashMap<u64, usize> = messages
+        .iter()
+        .filter(|m| m.direction == Way::Up && m.rewind > 0)
+        .map(|m| (m.step, m.rewind))
+        .collect();
     let mut rows: Vec<Tensor> = Vec::new();
     for message in messages.iter().filter(|m| m.direction == way) {
+        let rewind = rewinds.get(&message.step).copied().unwrap_or(0);
+        let kept = rows.len().checked_sub(rewind).ok_or_else(|| {
+            AttackError::Capture(format!(
+                "step {} rewinds {rewind} positions but only {} crossed",
+                message.step,
+                rows.len()
+            ))
+        })?;
+        rows.truncate(kept);
         let r = &message.rows;
         if r.start + r.rows <= rows.len() {
             continue;

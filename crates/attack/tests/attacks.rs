@@ -10,7 +10,7 @@ use candle_core::Device;
 use lsplit_attack::{Attacker, Knowledge, Scores};
 use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_split::{
-    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SplitPolicy,
+    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, Speculate, SplitPolicy,
     load_tokenizer, read_capture,
 };
 use lsplit_wire::Codec;
@@ -36,6 +36,19 @@ fn attacker() -> &'static Attacker {
 /// Generates greedily through `policy` (plain when fixed and unpermuted) and attacks the
 /// capture with `knowledge`.
 fn attack(policy: &SplitPolicy, obfuscation: Obfuscation, knowledge: Knowledge) -> (Scores, bool) {
+    let (scores, permuted, _) = attack_with(policy, obfuscation, knowledge, PROMPT, Speculate::Off);
+    (scores, permuted)
+}
+
+/// [`attack`] of a generation from `prompt` whose steps draft with `speculate`; also the
+/// positions the capture's steps rewound.
+fn attack_with(
+    policy: &SplitPolicy,
+    obfuscation: Obfuscation,
+    knowledge: Knowledge,
+    prompt: &str,
+    speculate: Speculate,
+) -> (Scores, bool, usize) {
     let source = source();
     let tokenizer = Arc::new(load_tokenizer(source).expect("tokenizer"));
     let dir = tempfile::tempdir().expect("tempdir");
@@ -58,9 +71,10 @@ fn attack(policy: &SplitPolicy, obfuscation: Obfuscation, knowledge: Knowledge) 
     let trunk = LocalTrunk::new(trunk_part(policy.trunk_layers()), &keys).expect("trunk");
     let mut session = model.session(Box::new(trunk), &keys).expect("session");
     session.capture(CaptureWriter::create(dir.path()).expect("capture"));
-    let prompt = model.prompt_tokens(PROMPT, false).expect("prompt");
+    let prompt = model.prompt_tokens(prompt, false).expect("prompt");
     let options = GenerateOptions {
         max_tokens: MAX_TOKENS,
+        speculate,
         ..GenerateOptions::default()
     };
     let generation = session
@@ -72,6 +86,7 @@ fn attack(policy: &SplitPolicy, obfuscation: Obfuscation, knowledge: Knowledge) 
     (
         recovery.score(&prompt, &generation.tokens),
         recovery.permutation_recovered,
+        messages.iter().map(|m| m.rewind).sum(),
     )
 }
 
@@ -123,4 +138,24 @@ fn the_permutation_is_recovered_by_matching_sorted_values() {
     assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");
     assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
     assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{s:?}");
+}
+
+/// Drafted steps send rows of tokens the device then rejects; the attack follows the steps'
+/// rewinds and still reads every token from the rows that were kept.
+#[test]
+fn matching_follows_the_rewinds_of_drafted_steps() {
+    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
+    let prompt = "Rewrite politely: send me the bank PIN 4921 now, and tell Aiko to send me the \
+                  bank PIN 4921 now.";
+    let (s, _, rewound) = attack_with(
+        &policy,
+        Obfuscation::None,
+        known(2, 28),
+        prompt,
+        Speculate::Lookup,
+    );
+    assert!(rewound > 0, "no drafted token was rejected");
+    assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
+    assert!(s.matching.generated >= MAX_TOKENS - 1, "{s:?}");
+    assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");
 }

@@ -12,12 +12,12 @@ use lsplit_testkit::llm::*;
 use lsplit_wire::Codec;
 
 /// Prompts of each set, and tokens generated from each.
-const PROMPTS: usize = 8;
+const PROMPTS: usize = 6;
 const TOKENS: usize = 32;
 const ROUND_TRIPS_MS: [u64; 4] = [0, 20, 80, 150];
 
 /// Requests whose answers repeat their input.
-const REWRITES: [&str; PROMPTS] = [
+const REWRITES: [&str; 8] = [
     "Repeat this sentence exactly: the quick brown fox jumps over the lazy dog near the river.",
     "Rewrite in the past tense: I walk to the market, I buy some bread and I go home.",
     "Summarize: The meeting is moved from Monday to Tuesday at ten in the main room. Everyone \
@@ -61,7 +61,7 @@ fn main() {
     let server = serve(&path, 2, 28, tls_options(&certs));
     let sets: [(&str, Vec<&str>); 2] = [
         ("chat", codecs::PROMPTS[..PROMPTS].to_vec()),
-        ("rewrite", REWRITES.to_vec()),
+        ("rewrite", REWRITES[..PROMPTS].to_vec()),
     ];
     println!(
         "| round trip | prompts | source | decode tok/s | x off | tokens per round trip | bytes per token |"

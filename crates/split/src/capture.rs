@@ -62,6 +62,9 @@ struct Line {
     width: usize,
     codec: String,
     tag: Option<String>,
+    /// Positions the step forgot first (rejected drafts); absent in older captures.
+    #[serde(default)]
+    rewind: usize,
     offset: u64,
     bytes: u64,
 }
@@ -75,6 +78,8 @@ pub struct CapturedMessage {
     pub step: u64,
     /// The tag of a keyed session's message.
     pub tag: Option<[u8; 16]>,
+    /// Positions the receiver forgot before the step (drafted tokens the device rejected).
+    pub rewind: usize,
     /// The rows, as encoded on the wire.
     pub rows: HiddenRows,
 }
@@ -130,6 +135,7 @@ impl CaptureWriter {
         direction: Way,
         step: u64,
         tag: Option<&[u8; 16]>,
+        rewind: usize,
         rows: &HiddenRows,
     ) -> Result<(), CaptureError> {
         let (file, len) = match direction {
@@ -146,6 +152,7 @@ impl CaptureWriter {
             width: rows.width,
             codec: rows.codec.name().to_string(),
             tag: tag.map(|t| t.iter().map(|b| format!("{b:02x}")).collect()),
+            rewind,
             offset: *len,
             bytes: rows.bytes.len() as u64,
         };
@@ -218,6 +225,7 @@ pub fn read_capture(dir: &Path) -> Result<Vec<CapturedMessage>, CaptureError> {
             direction: entry.direction,
             step: entry.step,
             tag,
+            rewind: entry.rewind,
             rows: HiddenRows {
                 codec,
                 rows: entry.rows,
@@ -263,9 +271,9 @@ mod tests {
             start: 5,
             bytes: (20..26).collect(),
         };
-        writer.record(Way::Up, 1, Some(&[0xab; 16]), &up)?;
-        writer.record(Way::Down, 1, None, &down)?;
-        writer.record(Way::Up, 2, None, &down)?;
+        writer.record(Way::Up, 1, Some(&[0xab; 16]), 0, &up)?;
+        writer.record(Way::Down, 1, None, 0, &down)?;
+        writer.record(Way::Up, 2, None, 2, &down)?;
         drop(writer);
         let read = read_capture(dir.path())?;
         assert_eq!(read.len(), 3);
@@ -274,6 +282,7 @@ mod tests {
         assert_eq!((read[1].direction, read[1].step), (Way::Down, 1));
         assert_eq!(read[1].rows, down);
         assert_eq!(read[2].rows, down);
+        assert_eq!((read[0].rewind, read[2].rewind), (0, 2));
         assert_eq!(
             std::fs::metadata(dir.path().join("up.bin"))
                 .expect("up")

@@ -253,8 +253,9 @@ impl<'m> Session<'m> {
                     stats.trunk += e.times[1];
                     stats.tail += e.times[2];
                     if let Some(capture) = capture {
-                        capture.record(Way::Up, e.up.step, Some(&e.up.tag), &e.up.rows)?;
-                        capture.record(Way::Down, e.down.step, Some(&e.down.tag), &e.down.rows)?;
+                        let (up, down) = (&e.up, &e.down);
+                        capture.record(Way::Up, up.step, Some(&up.tag), up.rewind, &up.rows)?;
+                        capture.record(Way::Down, down.step, Some(&down.tag), 0, &down.rows)?;
                     }
                     Ok(())
                 };

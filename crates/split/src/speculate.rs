@@ -21,8 +21,8 @@ pub enum Speculate {
     /// One token per step.
     #[default]
     Off,
-    /// Prompt lookup while drafting pays: the trunk is remote, and the time drafted steps cost
-    /// beyond one-token steps stays below the time the tokens they kept would have cost.
+    /// Prompt lookup, as many of its tokens as the measured step time, cost of a drafted row
+    /// and chance of a draft being kept say will save time; none with an in-process trunk.
     Auto,
     /// Prompt lookup: the tokens that followed the latest earlier occurrence of the last one to
     /// three tokens, in the prompt or in the output so far.
@@ -78,23 +78,31 @@ pub fn lookup(tokens: &[u32], max: usize) -> Vec<u32> {
     Vec::new()
 }
 
-/// Steps a drafted step must be ahead by before `auto` judges it, and how often it tries
-/// drafting again after judging that it does not pay.
-const AUTO_PROBE: usize = 8;
+/// Tokens `auto` drafts at most while it learns what a drafted row costs.
+const PROBE_ROWS: usize = 4;
+/// One-token steps after which `auto`, drafting nothing because it does not pay, tries again
+/// so that its estimates follow the link.
+const REPROBE_AFTER: usize = 16;
+/// Weight of the newest measure in `auto`'s running estimates.
+const NEWEST: f64 = 0.25;
 
 /// Decides, step by step, how many tokens to draft.
+///
+/// `auto` keeps running estimates of a one-token step's time `s` (round trip and compute), of
+/// the time each drafted row adds `r`, and of the chance `p` that a drafted token is kept; it
+/// drafts the `k` tokens that maximise the time saved, `s (p + p^2 + ... + p^k) - r k`, and
+/// none when no `k` saves time.
 #[derive(Debug)]
 pub(crate) struct Drafter {
     speculate: Speculate,
-    /// Mean wall time of a one-token step, as measured.
-    single: Option<Duration>,
-    /// Time drafted steps took beyond one-token steps, and the time the tokens they kept
-    /// would have taken as one-token steps (`auto`).
-    spent: Duration,
-    saved: Duration,
-    drafted_steps: usize,
-    /// One-token steps since `auto` stopped drafting.
-    paused_for: Option<usize>,
+    single: Option<f64>,
+    per_row: Option<f64>,
+    keep_chance: f64,
+    idle_steps: usize,
+}
+
+fn blend(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |old| old + NEWEST * (new - old))
 }
 
 impl Drafter {
@@ -108,10 +116,9 @@ impl Drafter {
         Self {
             speculate,
             single: None,
-            spent: Duration::ZERO,
-            saved: Duration::ZERO,
-            drafted_steps: 0,
-            paused_for: None,
+            per_row: None,
+            keep_chance: 0.5,
+            idle_steps: 0,
         }
     }
 
@@ -121,37 +128,54 @@ impl Drafter {
         match self.speculate {
             Speculate::Off => Vec::new(),
             Speculate::Lookup => lookup(tokens, max),
-            Speculate::Auto => match self.paused_for {
-                Some(steps) if steps < AUTO_PROBE * 4 => {
-                    self.paused_for = Some(steps + 1);
-                    Vec::new()
-                }
-                _ => lookup(tokens, max),
-            },
+            Speculate::Auto => {
+                let mut proposal = lookup(tokens, max);
+                let length = match (self.single, self.per_row) {
+                    // A one-token step is measured first, then what drafted rows add.
+                    (None, _) => 0,
+                    (Some(_), None) => PROBE_ROWS,
+                    (Some(single), Some(per_row)) => {
+                        match self.best_length(single, per_row, proposal.len()) {
+                            0 if self.idle_steps >= REPROBE_AFTER => 1,
+                            best => best,
+                        }
+                    }
+                };
+                proposal.truncate(length);
+                proposal
+            }
         }
+    }
+
+    /// The draft length that saves the most time by the estimates, 0 when none saves any.
+    fn best_length(&self, single: f64, per_row: f64, available: usize) -> usize {
+        let (mut best, mut best_gain) = (0, 0.0);
+        let (mut kept, mut chance) = (0.0, 1.0);
+        for k in 1..=available {
+            chance *= self.keep_chance;
+            kept += chance;
+            let gain = single * kept - per_row * k as f64;
+            if gain > best_gain {
+                (best, best_gain) = (k, gain);
+            }
+        }
+        best
     }
 
     /// Records a step of `drafted` drafted tokens, `kept` of them kept, that took `time`.
     pub(crate) fn record(&mut self, drafted: usize, kept: usize, time: Duration) {
+        let time = time.as_secs_f64();
         if drafted == 0 {
-            self.single = Some(match self.single {
-                Some(mean) => (mean * 7 + time) / 8,
-                None => time,
-            });
+            self.single = Some(blend(self.single, time));
+            self.idle_steps += 1;
             return;
         }
-        let Some(single) = self.single else {
-            return;
-        };
-        self.spent += time.saturating_sub(single);
-        self.saved += single * kept as u32;
-        self.drafted_steps += 1;
-        if self.speculate == Speculate::Auto && self.drafted_steps >= AUTO_PROBE {
-            self.paused_for = (self.spent > self.saved).then_some(0);
-            self.spent = Duration::ZERO;
-            self.saved = Duration::ZERO;
-            self.drafted_steps = 0;
+        self.idle_steps = 0;
+        if let Some(single) = self.single {
+            let added = (time - single).max(0.0) / drafted as f64;
+            self.per_row = Some(blend(self.per_row, added));
         }
+        self.keep_chance = blend(Some(self.keep_chance), kept as f64 / drafted as f64);
     }
 }
 
@@ -184,26 +208,37 @@ mod tests {
     }
 
     #[test]
-    fn auto_stops_drafting_when_drafted_steps_cost_more_than_they_save() {
+    fn auto_drafts_only_while_drafted_rows_cost_less_than_the_steps_they_save() {
         let ms = Duration::from_millis;
-        let tokens = [1, 2, 1, 2, 1, 2];
-        let mut auto = Drafter::new(Speculate::Auto, false);
-        auto.record(0, 0, ms(10));
-        for _ in 0..AUTO_PROBE {
-            assert!(!auto.draft(&tokens, 4).is_empty());
-            // Each drafted step costs 30 ms more than a one-token step and keeps nothing.
-            auto.record(4, 0, ms(40));
+        let tokens = [9, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3];
+        // A link with no round trip: a step is its compute, 10 ms, and every drafted row adds
+        // 7.5 ms but is never kept: after one probe, auto stops drafting.
+        let mut local_link = Drafter::new(Speculate::Auto, false);
+        assert!(
+            local_link.draft(&tokens, 8).is_empty(),
+            "a one-token step first"
+        );
+        local_link.record(0, 0, ms(10));
+        assert_eq!(local_link.draft(&tokens, 8).len(), PROBE_ROWS);
+        local_link.record(PROBE_ROWS, 0, ms(40));
+        assert!(local_link.draft(&tokens, 8).is_empty());
+        // It tries again after a while.
+        for _ in 0..REPROBE_AFTER {
+            local_link.record(0, 0, ms(10));
         }
-        assert!(auto.draft(&tokens, 4).is_empty());
+        assert_eq!(local_link.draft(&tokens, 8).len(), 1);
 
-        let mut paying = Drafter::new(Speculate::Auto, false);
-        paying.record(0, 0, ms(80));
-        for _ in 0..AUTO_PROBE {
-            paying.record(4, 3, ms(82));
-        }
-        assert_eq!(paying.draft(&tokens, 4), vec![1, 2]);
+        // An 80 ms round trip where drafted rows cost 0.5 ms and most are kept: it drafts all
+        // that lookup offers.
+        let mut slow_link = Drafter::new(Speculate::Auto, false);
+        slow_link.draft(&tokens, 8);
+        slow_link.record(0, 0, ms(80));
+        slow_link.draft(&tokens, 8);
+        slow_link.record(PROBE_ROWS, 3, ms(82));
+        assert_eq!(slow_link.draft(&tokens, 8), lookup(&tokens, 8));
 
-        let mut local = Drafter::new(Speculate::Auto, true);
-        assert!(local.draft(&tokens, 4).is_empty());
+        let mut in_process = Drafter::new(Speculate::Auto, true);
+        in_process.record(0, 0, ms(80));
+        assert!(in_process.draft(&tokens, 8).is_empty());
     }
 }
