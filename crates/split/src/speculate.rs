@@ -80,7 +80,7 @@ pub fn lookup(tokens: &[u32], max: usize) -> Vec<u32> {
 
 /// Tokens `auto` drafts at most while it learns what a drafted row costs.
 const PROBE_ROWS: usize = 4;
-/// One-token steps after which `auto`, drafting nothing because it does not pay, tries again
+/// One-token steps after which `auto`, drafting nothing because it does not pay, probes again
 /// so that its estimates follow the link.
 const REPROBE_AFTER: usize = 16;
 /// Weight of the newest measure in `auto`'s running estimates.
@@ -89,20 +89,62 @@ const NEWEST: f64 = 0.25;
 /// Decides, step by step, how many tokens to draft.
 ///
 /// `auto` keeps running estimates of a one-token step's time `s` (round trip and compute), of
-/// the time each drafted row adds `r`, and of the chance `p` that a drafted token is kept; it
-/// drafts the `k` tokens that maximise the time saved, `s (p + p^2 + ... + p^k) - r k`, and
-/// none when no `k` saves time.
+/// the time a step of `k` drafted tokens adds to it, `a + b k` (a least-squares line through
+/// the drafted steps seen: the first drafted row costs more than the next ones), and of the
+/// chance `p` that a drafted token is kept given the one before it was. It drafts the `k`
+/// tokens that maximise the time saved, `s (p + p^2 + ... + p^k) - (a + b k)`, and none when no
+/// `k` saves time.
 #[derive(Debug)]
 pub(crate) struct Drafter {
     speculate: Speculate,
     single: Option<f64>,
-    per_row: Option<f64>,
-    keep_chance: f64,
+    cost: CostLine,
+    /// Running counts of drafted tokens kept, and of drafted steps that hit a rejection.
+    kept: f64,
+    missed: f64,
     idle_steps: usize,
 }
 
 fn blend(old: Option<f64>, new: f64) -> f64 {
     old.map_or(new, |old| old + NEWEST * (new - old))
+}
+
+/// The extra time of a drafted step against its draft length: running sums of a weighted
+/// least-squares line.
+#[derive(Debug, Default)]
+struct CostLine {
+    n: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+}
+
+impl CostLine {
+    fn add(&mut self, k: f64, extra: f64) {
+        let keep = 1.0 - NEWEST;
+        self.n = self.n * keep + 1.0;
+        self.x = self.x * keep + k;
+        self.y = self.y * keep + extra;
+        self.xx = self.xx * keep + k * k;
+        self.xy = self.xy * keep + k * extra;
+    }
+
+    /// The estimated extra time of `k` drafted tokens; `None` before any drafted step. With
+    /// one draft length seen so far, every length is taken to cost what it cost.
+    fn at(&self, k: f64) -> Option<f64> {
+        if self.n == 0.0 {
+            return None;
+        }
+        let (mx, my) = (self.x / self.n, self.y / self.n);
+        let var = self.xx / self.n - mx * mx;
+        let slope = if var > 1e-9 {
+            ((self.xy / self.n - mx * my) / var).max(0.0)
+        } else {
+            0.0
+        };
+        Some((my + slope * (k - mx)).max(0.0))
+    }
 }
 
 impl Drafter {
@@ -116,8 +158,9 @@ impl Drafter {
         Self {
             speculate,
             single: None,
-            per_row: None,
-            keep_chance: 0.5,
+            cost: CostLine::default(),
+            kept: 1.0,
+            missed: 1.0,
             idle_steps: 0,
         }
     }
@@ -130,16 +173,13 @@ impl Drafter {
             Speculate::Lookup => lookup(tokens, max),
             Speculate::Auto => {
                 let mut proposal = lookup(tokens, max);
-                let length = match (self.single, self.per_row) {
+                let length = match self.single {
                     // A one-token step is measured first, then what drafted rows add.
-                    (None, _) => 0,
-                    (Some(_), None) => PROBE_ROWS,
-                    (Some(single), Some(per_row)) => {
-                        match self.best_length(single, per_row, proposal.len()) {
-                            0 if self.idle_steps >= REPROBE_AFTER => 1,
-                            best => best,
-                        }
-                    }
+                    None => 0,
+                    Some(single) => match self.best_length(single, proposal.len()) {
+                        0 if self.idle_steps >= REPROBE_AFTER => PROBE_ROWS,
+                        best => best,
+                    },
                 };
                 proposal.truncate(length);
                 proposal
@@ -147,14 +187,19 @@ impl Drafter {
         }
     }
 
-    /// The draft length that saves the most time by the estimates, 0 when none saves any.
-    fn best_length(&self, single: f64, per_row: f64, available: usize) -> usize {
+    /// The draft length that saves the most time by the estimates, 0 when none saves any;
+    /// [`PROBE_ROWS`] while no drafted step has been measured.
+    fn best_length(&self, single: f64, available: usize) -> usize {
+        let chance = self.kept / (self.kept + self.missed);
         let (mut best, mut best_gain) = (0, 0.0);
-        let (mut kept, mut chance) = (0.0, 1.0);
+        let (mut expected, mut reach) = (0.0, 1.0);
         for k in 1..=available {
-            chance *= self.keep_chance;
-            kept += chance;
-            let gain = single * kept - per_row * k as f64;
+            let Some(cost) = self.cost.at(k as f64) else {
+                return PROBE_ROWS;
+            };
+            reach *= chance;
+            expected += reach;
+            let gain = single * expected - cost;
             if gain > best_gain {
                 (best, best_gain) = (k, gain);
             }
@@ -172,10 +217,11 @@ impl Drafter {
         }
         self.idle_steps = 0;
         if let Some(single) = self.single {
-            let added = (time - single).max(0.0) / drafted as f64;
-            self.per_row = Some(blend(self.per_row, added));
+            self.cost.add(drafted as f64, (time - single).max(0.0));
         }
-        self.keep_chance = blend(Some(self.keep_chance), kept as f64 / drafted as f64);
+        let keep = 1.0 - NEWEST;
+        self.kept = self.kept * keep + kept as f64;
+        self.missed = self.missed * keep + f64::from(u8::from(kept < drafted));
     }
 }
 
@@ -211,8 +257,8 @@ mod tests {
     fn auto_drafts_only_while_drafted_rows_cost_less_than_the_steps_they_save() {
         let ms = Duration::from_millis;
         let tokens = [9, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3];
-        // A link with no round trip: a step is its compute, 10 ms, and every drafted row adds
-        // 7.5 ms but is never kept: after one probe, auto stops drafting.
+        // A link with no round trip: a step is its compute, 10 ms; a drafted step adds 30 ms
+        // and keeps nothing. After one probe, auto stops drafting.
         let mut local_link = Drafter::new(Speculate::Auto, false);
         assert!(
             local_link.draft(&tokens, 8).is_empty(),
@@ -222,14 +268,14 @@ mod tests {
         assert_eq!(local_link.draft(&tokens, 8).len(), PROBE_ROWS);
         local_link.record(PROBE_ROWS, 0, ms(40));
         assert!(local_link.draft(&tokens, 8).is_empty());
-        // It tries again after a while.
+        // It probes again after a while.
         for _ in 0..REPROBE_AFTER {
             local_link.record(0, 0, ms(10));
         }
-        assert_eq!(local_link.draft(&tokens, 8).len(), 1);
+        assert_eq!(local_link.draft(&tokens, 8).len(), PROBE_ROWS);
 
-        // An 80 ms round trip where drafted rows cost 0.5 ms and most are kept: it drafts all
-        // that lookup offers.
+        // An 80 ms round trip where a drafted step adds 2 ms and most drafts are kept: it
+        // drafts all that lookup offers.
         let mut slow_link = Drafter::new(Speculate::Auto, false);
         slow_link.draft(&tokens, 8);
         slow_link.record(0, 0, ms(80));
@@ -240,5 +286,21 @@ mod tests {
         let mut in_process = Drafter::new(Speculate::Auto, true);
         in_process.record(0, 0, ms(80));
         assert!(in_process.draft(&tokens, 8).is_empty());
+    }
+
+    #[test]
+    fn the_cost_line_fits_a_fixed_and_a_per_row_part() {
+        let mut line = CostLine::default();
+        assert_eq!(line.at(3.0), None);
+        line.add(4.0, 0.030);
+        assert!((line.at(1.0).expect("one point") - 0.030).abs() < 1e-12);
+        // 15 ms for the first drafted row, 5 ms for each further one.
+        for k in [1.0, 8.0, 2.0, 16.0] {
+            line.add(k, 0.010 + 0.005 * k);
+        }
+        line.add(4.0, 0.030);
+        let at = |k: f64| line.at(k).expect("fitted");
+        assert!((at(1.0) - 0.015).abs() < 1e-9, "{}", at(1.0));
+        assert!((at(10.0) - 0.060).abs() < 1e-9, "{}", at(10.0));
     }
 }
