@@ -28,7 +28,7 @@ use crate::metrics::Counters;
 use crate::serve::{Endpoint, Server};
 use crate::session_loop::{ReplyStream, SessionKind, SessionNames, Sessions};
 use crate::terms::{Protocol, Terms};
-use crate::{ServerError, ServerStats, StatsSource, TlsFiles};
+use crate::{ServerError, ServerStats, StatsSource, TlsFiles, TransportLimits};
 
 /// What a diffusion trunk server accepts; announced to devices in the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +73,8 @@ pub struct DiffusionOptions {
     pub token: Option<String>,
     /// TLS identity; `None` serves plaintext (only with an explicit `--insecure`).
     pub tls: Option<TlsFiles>,
+    /// Caps on connections and streams.
+    pub transport: TransportLimits,
 }
 
 /// State every session and the handle share.
@@ -116,7 +118,12 @@ impl Server<DiffusionLimits> {
             &fingerprint,
         )?;
         let limits = &options.limits;
-        let sessions = Sessions::new(IMAGE_SESSIONS, limits.max_sessions, limits.idle_timeout)?;
+        let sessions = Sessions::new(
+            IMAGE_SESSIONS,
+            limits.max_sessions,
+            limits.idle_timeout,
+            &options.transport,
+        )?;
         if options.limits.max_step_elements == 0 {
             return Err(ServerError::Config(
                 "--max-step-elements must be at least 1".into(),
@@ -140,7 +147,7 @@ impl Server<DiffusionLimits> {
         let stats = ServerStats {
             source: StatsSource::Diffusion(shared),
         };
-        let endpoint = Endpoint::new(service, options.token, options.tls);
+        let endpoint = Endpoint::new(service, options.token, options.tls, options.transport);
         Ok(Self::with(options.limits, stats, endpoint))
     }
 }
@@ -225,11 +232,12 @@ impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
         &self,
         request: Request<Streaming<ImageRequest>>,
     ) -> Result<Response<Self::ImageStream>, Status> {
-        let shared = &self.shared;
-        shared
+        let shared = self.shared.clone();
+        let peer = request.remote_addr().map(|a| a.ip());
+        self.shared
             .sessions
-            .serve(request.into_inner(), |id| ImageSession {
-                shared: shared.clone(),
+            .serve(peer, request.into_inner(), move |id| ImageSession {
+                shared,
                 id,
                 codec: None,
                 image: None,

@@ -12,7 +12,10 @@ mod auth;
 mod certs;
 mod diffusion;
 mod engine;
+mod health;
+mod incoming;
 mod metrics;
+mod peers;
 mod serve;
 mod service;
 mod session_loop;
@@ -80,6 +83,45 @@ impl Default for Limits {
     }
 }
 
+/// What one client may hold of the server's connections and streams: limits of the transport,
+/// the same for every model kind, and not announced to devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// A session stream that sends no message in this long is closed. A stream holds a session
+    /// slot only from its first message, so silent streams never lock devices out.
+    pub handshake_timeout: Duration,
+    /// Sessions one peer address may hold at once (at most `max_sessions`).
+    pub max_sessions_per_peer: usize,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Connections one peer address may hold at once.
+    pub max_connections_per_peer: usize,
+    /// TLS handshakes in progress at once; past it, new connections wait in the backlog.
+    pub max_tls_handshakes: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_streams_per_connection: u32,
+    /// HTTP/2 streams one connection may make the server reset for its errors before the
+    /// connection is closed.
+    pub max_local_error_resets: usize,
+    /// Health `Watch` streams open at once (they need no token).
+    pub max_health_watches: usize,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            max_sessions_per_peer: usize::MAX,
+            max_connections: 512,
+            max_connections_per_peer: 64,
+            max_tls_handshakes: 64,
+            max_streams_per_connection: 32,
+            max_local_error_resets: 32,
+            max_health_watches: 64,
+        }
+    }
+}
+
 /// PEM files of the server's TLS identity and, for mutual TLS, the CA of client certificates.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -115,6 +157,8 @@ pub struct ServerOptions {
     pub token: Option<String>,
     /// TLS identity; `None` serves plaintext (only with an explicit `--insecure`).
     pub tls: Option<TlsFiles>,
+    /// Caps on connections and streams.
+    pub transport: TransportLimits,
     /// Longest a batch is held open for answered sessions to send their next step (and at most
     /// a quarter of the previous batch's time); zero runs whatever is waiting at once.
     pub batch_wait: Duration,
@@ -229,7 +273,7 @@ impl Server<Limits> {
         let stats = ServerStats {
             source: StatsSource::Trunk(shared),
         };
-        let endpoint = Endpoint::new(service, options.token, options.tls);
+        let endpoint = Endpoint::new(service, options.token, options.tls, options.transport);
         Ok(Self::with(options.limits, stats, endpoint))
     }
 }

@@ -56,7 +56,12 @@ impl Shared {
             &fingerprint,
         )?;
         let limits = &options.limits;
-        let sessions = Sessions::new(TRUNK_SESSIONS, limits.max_sessions, limits.idle_timeout)?;
+        let sessions = Sessions::new(
+            TRUNK_SESSIONS,
+            limits.max_sessions,
+            limits.idle_timeout,
+            &options.transport,
+        )?;
         let counters = sessions.counters().clone();
         let part = Arc::new(part);
         let engine = Engine::start(part.clone(), counters.clone(), options.batch_wait)
@@ -121,11 +126,12 @@ impl pb::trunk_server::Trunk for TrunkService {
         &self,
         request: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let shared = &self.shared;
-        shared
+        let shared = self.shared.clone();
+        let peer = request.remote_addr().map(|a| a.ip());
+        self.shared
             .sessions
-            .serve(request.into_inner(), |id| SessionState {
-                shared: shared.clone(),
+            .serve(peer, request.into_inner(), move |id| SessionState {
+                shared,
                 id,
                 codec: None,
                 trunk: None,

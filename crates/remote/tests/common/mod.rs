@@ -40,6 +40,7 @@ pub fn tls_options(certs: &DevCertificates) -> ServerOptions {
             client_ca_pem: None,
         }),
         batch_wait: lsplit_server::DEFAULT_BATCH_WAIT,
+        transport: lsplit_server::TransportLimits::default(),
     }
 }
 

@@ -53,6 +53,7 @@ pub fn server_options(certs: &DevCertificates) -> DiffusionOptions {
             key_pem: certs.server_key.clone().into_bytes(),
             client_ca_pem: None,
         }),
+        transport: lsplit_server::TransportLimits::default(),
     }
 }
 
