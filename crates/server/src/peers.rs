@@ -47,7 +47,9 @@ impl PeerCounts {
 
     fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         // The counts stay consistent even if a holder panicked: every change is one statement.
-        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Whether `peer` could take a place now.

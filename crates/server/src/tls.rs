@@ -6,12 +6,12 @@
 
 use std::sync::Arc;
 
+use tokio_rustls::rustls;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::PrivateKeyDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig, version};
-use tokio_rustls::rustls;
 
 use crate::{ServerError, TlsFiles};
 

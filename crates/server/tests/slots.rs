@@ -13,7 +13,9 @@ use lsplit_proto::pb::trunk_client::TrunkClient;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, codec_to_pb};
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
-use lsplit_server::{DevCertificates, Limits, ServerOptions, TlsFiles, TransportLimits, TrunkServer};
+use lsplit_server::{
+    DevCertificates, Limits, ServerOptions, TlsFiles, TransportLimits, TrunkServer,
+};
 use lsplit_split::{
     DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SplitPolicy, Trunk,
     load_tokenizer,
@@ -211,7 +213,11 @@ fn two_silent_streams_leave_both_slots_to_a_real_device() {
     let local = generate(&model, |keys| {
         let source = source();
         let plan = model.plan().expect("split");
-        let part = Arc::new(source.load_part(&plan.trunk(), &Device::Cpu).expect("trunk"));
+        let part = Arc::new(
+            source
+                .load_part(&plan.trunk(), &Device::Cpu)
+                .expect("trunk"),
+        );
         Box::new(LocalTrunk::new(part, keys).expect("local trunk"))
     });
     let mut options = RemoteOptions::new(server.url.clone(), Codec::F32);
@@ -232,7 +238,10 @@ fn two_silent_streams_leave_both_slots_to_a_real_device() {
     runtime.block_on(async {
         let stream = &mut silent[0];
         stream.requests.send(open_request()).await.expect("send");
-        assert!(matches!(stream.next().await, Ok(Some(ReplyKind::Opened(_)))));
+        assert!(matches!(
+            stream.next().await,
+            Ok(Some(ReplyKind::Opened(_)))
+        ));
     });
     assert_eq!(server.stats.sessions(), 1);
 }
