@@ -21,7 +21,7 @@ use tonic::{Code, Response, Status, Streaming};
 
 use crate::backoff::Backoff;
 use crate::channel::{Bearer, bearer, connect, connect_failure, status_chain};
-use crate::error::{refused, retryable};
+use crate::error::{at_capacity, refused, retryable};
 use crate::{RemoteError, RemoteOptions};
 
 /// The channel every generated client is built on: the bearer token on every request.
@@ -116,6 +116,18 @@ pub(crate) fn check_version<P: Protocol>(version: u32) -> Result<(), RemoteError
             P::VERSION
         )))
     }
+}
+
+/// Largest handshake reply a device decodes (a real one is a few hundred bytes).
+pub(crate) const MAX_HANDSHAKE_REPLY_BYTES: usize = 64 << 10;
+
+/// Largest message a device sends or decodes, whatever a server announces.
+const MAX_MESSAGE_BYTES: u64 = 256 << 20;
+
+/// The message size a device holds a server to: what it announced, within
+/// [`MAX_MESSAGE_BYTES`].
+pub(crate) fn message_limit(announced: u64) -> usize {
+    announced.min(MAX_MESSAGE_BYTES) as usize
 }
 
 /// How long closing a stream waits for the server to finish it.
@@ -247,9 +259,12 @@ impl<P: Protocol> Link<P> {
         let mut backoff = Backoff::new();
         loop {
             let runtime = self.runtime.handle().clone();
+            // A session rebuilt after a failure may be refused for capacity while the server
+            // still holds the broken stream's slot: that passes, so it is retried too.
+            let rebuilding = self.lost && !self.kept.is_empty();
             match runtime.block_on(self.attempt(request)) {
                 Ok(reply) => return Ok(reply),
-                Err(e) if retryable(&e) => {
+                Err(e) if retryable(&e) || (rebuilding && at_capacity(&e)) => {
                     self.stream = None;
                     self.lost = true;
                     attempts += 1;

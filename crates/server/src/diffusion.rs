@@ -183,6 +183,20 @@ async fn blocking<T: Send + 'static>(
         .map_err(trunk_status)
 }
 
+/// The tensors of a message, checked against `limits` and converted on a blocking thread:
+/// their bytes may be many megabytes, which the network threads should not spend time on.
+async fn decoded(
+    tensors: Vec<pb::Tensor>,
+    codec: StepCodec,
+    limits: &DiffusionLimits,
+) -> Result<Vec<StepTensor>, Status> {
+    let max = limits.max_step_elements;
+    tokio::task::spawn_blocking(move || tensors_from_pb(tensors, codec, max))
+        .await
+        .map_err(|_| Status::internal("the trunk failed on this request"))?
+        .map_err(tensor_status)
+}
+
 /// The step codec a protocol codec id names, if any.
 fn step_codec(id: u32) -> Option<StepCodec> {
     u8::try_from(id)
@@ -206,9 +220,8 @@ impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeReply>, Status> {
         let request = request.into_inner();
-        let offered = request.codecs.iter().filter_map(|&id| step_codec(id));
         let terms = &self.shared.terms;
-        let codec = terms.agree(request.protocol_version, offered)?;
+        let codec = terms.agree(request.protocol_version, &request.codecs, step_codec)?;
         let limits = &self.shared.limits;
         Ok(Response::new(pb::HandshakeReply {
             protocol_version: terms.version(),
@@ -277,12 +290,7 @@ impl ImageSession {
             self.shared
                 .terms
                 .open(setup.protocol_version, codec, &setup.fingerprint_sha256)?;
-        let conditioning = tensors_from_pb(
-            setup.conditioning,
-            codec,
-            self.shared.limits.max_step_elements,
-        )
-        .map_err(tensor_status)?;
+        let conditioning = decoded(setup.conditioning, codec, &self.shared.limits).await?;
         let counters = &self.shared.counters;
         counters
             .bytes_in_total
@@ -312,8 +320,7 @@ impl ImageSession {
                 "a step arrived before the image's setup",
             ));
         };
-        let inputs = tensors_from_pb(step.inputs, codec, self.shared.limits.max_step_elements)
-            .map_err(tensor_status)?;
+        let inputs = decoded(step.inputs, codec, &self.shared.limits).await?;
         let counters = &self.shared.counters;
         counters
             .bytes_in_total

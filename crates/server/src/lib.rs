@@ -48,6 +48,9 @@ pub enum ServerError {
     /// The listener or the gRPC transport failed.
     #[error("the server failed: {0}")]
     Transport(String),
+    /// The server stopped serving: its trunk worker died.
+    #[error("the server stopped: {0}")]
+    Failed(String),
 }
 
 impl From<lsplit_proto::PemError> for ServerError {
@@ -270,10 +273,11 @@ impl Server<Limits> {
             lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(shared.clone()))
                 .max_decoding_message_size(bytes)
                 .max_encoding_message_size(bytes);
+        let endpoint = Endpoint::new(service, options.token, options.tls, options.transport)
+            .failing_on(shared.engine.failure());
         let stats = ServerStats {
             source: StatsSource::Trunk(shared),
         };
-        let endpoint = Endpoint::new(service, options.token, options.tls, options.transport);
         Ok(Self::with(options.limits, stats, endpoint))
     }
 }

@@ -70,7 +70,12 @@ pub(crate) struct Endpoint {
     name: &'static str,
     tls: Option<TlsFiles>,
     transport: TransportLimits,
+    /// Completes, with the reason, if the server can no longer serve (its worker died).
+    fatal: Option<Fatal>,
 }
+
+/// A future that completes if the server can no longer serve, with the reason.
+pub(crate) type Fatal = std::pin::Pin<Box<dyn Future<Output = String> + Send>>;
 
 impl Endpoint {
     /// `service` (a generated gRPC server, its message limits set), requiring `token` as a
@@ -99,7 +104,17 @@ impl Endpoint {
             name: S::NAME,
             tls,
             transport,
+            fatal: None,
         }
+    }
+
+    /// Ends serving with an error, health turned `NOT_SERVING`, when `fatal` completes.
+    pub(crate) fn failing_on(
+        mut self,
+        fatal: impl Future<Output = String> + Send + 'static,
+    ) -> Self {
+        self.fatal = Some(Box::pin(fatal));
+        self
     }
 
     async fn serve(
@@ -113,17 +128,30 @@ impl Endpoint {
             name,
             tls,
             transport,
+            fatal,
         } = self;
         let local: Option<SocketAddr> = listener.local_addr().ok();
         let tls = tls.as_ref().map(tls::server_config).transpose()?;
         reporter
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
+        let failed = reporter.clone();
         let shutdown = async move {
             shutdown.await;
             reporter
                 .set_service_status(name, tonic_health::ServingStatus::NotServing)
                 .await;
+        };
+        let fatal = async move {
+            let reason = match fatal {
+                Some(fatal) => fatal.await,
+                None => std::future::pending().await,
+            };
+            failed
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+            tracing::error!(%reason, "the server cannot serve any more");
+            reason
         };
         tracing::info!(addr = ?local, tls = tls.is_some(), service = name, "serving");
         let served = Transport::builder()
@@ -132,8 +160,11 @@ impl Endpoint {
             .max_concurrent_streams(transport.max_streams_per_connection)
             .http2_max_local_error_reset_streams(Some(transport.max_local_error_resets))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(Incoming::new(listener, tls, &transport), shutdown)
-            .await;
+            .serve_with_incoming_shutdown(Incoming::new(listener, tls, &transport), shutdown);
+        let served = tokio::select! {
+            served = served => served,
+            reason = fatal => return Err(ServerError::Failed(reason)),
+        };
         served.map_err(|e| ServerError::Transport(error_chain(&e)))
     }
 }

@@ -109,9 +109,10 @@ impl pb::trunk_server::Trunk for TrunkService {
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeReply>, Status> {
         let request = request.into_inner();
-        let offered = request.codecs.iter().filter_map(|&c| codec_from_pb(c).ok());
         let terms = &self.shared.terms;
-        let codec = terms.agree(request.protocol_version, offered)?;
+        let codec = terms.agree(request.protocol_version, &request.codecs, |c| {
+            codec_from_pb(c).ok()
+        })?;
         Ok(Response::new(pb::HandshakeReply {
             protocol_version: terms.version(),
             codec: codec_to_pb(codec) as i32,
@@ -236,7 +237,7 @@ impl SessionState {
                 rows.start, position
             )));
         }
-        let end = position + rows.rows;
+        let end = rows.end();
         let limit = self.shared.limits.max_context;
         if end > limit {
             return Err(Status::resource_exhausted(format!(
@@ -274,9 +275,7 @@ impl SessionState {
             trunk,
             output,
             ticket,
-        } = done
-            .await
-            .map_err(|_| Status::unavailable("the server is shutting down"))?;
+        } = done.await.map_err(|_| self.shared.engine.lost())?;
         self.trunk = Some(trunk);
         self.ticket = ticket;
         let output = output?;

@@ -162,6 +162,7 @@ impl Sessions {
                 Err(status) => (None, Err(status)),
             };
             if let Err(status) = result {
+                let status = bounded(status);
                 sessions
                     .counters
                     .errors_total
@@ -172,6 +173,24 @@ impl Sessions {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Longest status message a session ends with, in bytes: messages may quote what a client
+/// sent, and neither the reply nor the log repeats more than this of it.
+pub(crate) const MAX_STATUS_BYTES: usize = 512;
+
+/// `status` with its message cut to [`MAX_STATUS_BYTES`] (at a character boundary, marked
+/// with `…`).
+fn bounded(status: Status) -> Status {
+    let message = status.message();
+    if message.len() <= MAX_STATUS_BYTES {
+        return status;
+    }
+    let mut end = MAX_STATUS_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Status::new(status.code(), format!("{}…", &message[..end]))
 }
 
 /// One admitted session's place: its id and its slot, given back on drop.
@@ -239,5 +258,20 @@ impl Drop for Seat {
             kind = self.sessions.names.one,
             "session closed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_status_messages_are_cut_at_a_character_boundary() {
+        let long = Status::invalid_argument("é".repeat(400));
+        let cut = bounded(long);
+        assert_eq!(cut.code(), tonic::Code::InvalidArgument);
+        assert_eq!(cut.message(), format!("{}…", "é".repeat(256)));
+        let short = bounded(Status::internal("short"));
+        assert_eq!(short.message(), "short");
     }
 }

@@ -1,5 +1,6 @@
-//! Session slots and transport limits against clients that hold places without using them:
-//! silent streams, many streams or connections from one address, health `Watch` floods.
+//! Session slots and transport limits against clients that hold places without using them
+//! (silent streams, many streams or connections from one address, health `Watch` floods), and
+//! caps on what a client's lists make the server parse or repeat.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -330,4 +331,34 @@ fn health_watches_and_connections_are_capped() {
     });
     // Once the first connection is gone, its place is free again.
     wait_until(|| runtime().block_on(channel(&server, &certs)).is_ok());
+}
+
+#[test]
+fn long_codec_lists_are_refused_before_they_are_parsed() {
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let server = server(&certs, Limits::default(), TransportLimits::default());
+    runtime().block_on(async {
+        let mut client = client(channel(&server, &certs).await.expect("connect"));
+        let handshake = |codecs: Vec<i32>| pb::HandshakeRequest {
+            protocol_version: PROTOCOL_VERSION,
+            codecs,
+        };
+        let status = client
+            .handshake(handshake(vec![99; 1000]))
+            .await
+            .expect_err("a list of 1000 codecs");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "the device offers 1000 codec values; at most 32 are accepted"
+        );
+        let mut codecs = vec![99; 31];
+        codecs.push(codec_to_pb(Codec::Int8) as i32);
+        let reply = client
+            .handshake(handshake(codecs))
+            .await
+            .expect("32 values, one of them known")
+            .into_inner();
+        assert_eq!(reply.codec, codec_to_pb(Codec::Int8) as i32);
+    });
 }
