@@ -272,7 +272,8 @@ impl Settings {
                     "max_tokens must be at least 1",
                 ));
             }
-            Some(asked) if prompt_tokens + asked > context => {
+            // Compared without adding: a count near usize::MAX must not wrap past the check.
+            Some(asked) if asked > left || prompt_tokens > context => {
                 return Err(context_exceeded(context, prompt_tokens, asked));
             }
             Some(asked) => asked,
@@ -299,7 +300,7 @@ fn context_exceeded(context: usize, prompt: usize, completion: usize) -> ApiErro
                 "This model's maximum context length is {context} tokens. However, you \
                  requested {} tokens ({prompt} in the messages, {completion} in the \
                  completion). Please reduce the length of the messages or completion.",
-                prompt + completion
+                prompt as u128 + completion as u128
             ),
         )
     }

@@ -376,7 +376,7 @@ fn image_job(state: &State, body: &Bytes, progress: bool) -> Result<ImageJob, Ap
         )));
     }
     Ok(ImageJob {
-        request: body.request(&images.pipeline)?,
+        request: body.request(&images.pipeline, images.max_attention_bytes)?,
         progress,
         preview_every: body.preview_every,
     })
