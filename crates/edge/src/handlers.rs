@@ -138,7 +138,7 @@ fn content(text: String) -> Value {
 }
 
 /// Parses a JSON body into `T`, or a 400 in OpenAI's shape.
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::malformed(&e))
 }
 

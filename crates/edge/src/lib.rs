@@ -36,7 +36,8 @@ use lsplit_split::GenerateOptions;
 use lsplit_wire::StepCodec;
 use tokio::sync::Semaphore;
 
-pub use error::EdgeError;
+pub use api::{BodyKind, check_body};
+pub use error::{ApiError, EdgeError};
 pub use guard::EdgeGuard;
 pub use image_request::{DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS};
 

@@ -2,190 +2,16 @@
 //! (silent streams, many streams or connections from one address, health `Watch` floods), and
 //! caps on what a client's lists make the server parse or repeat.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use candle_core::Device;
-use lsplit_model::{ModelSource, SplitPlan, TrunkFingerprint};
+use common::*;
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
-use lsplit_proto::pb::session_request::Kind as RequestKind;
-use lsplit_proto::pb::trunk_client::TrunkClient;
-use lsplit_proto::pb::{self, SessionReply, SessionRequest};
-use lsplit_proto::{PROTOCOL_VERSION, codec_to_pb};
-use lsplit_remote::{RemoteOptions, RemoteTrunk};
-use lsplit_server::{
-    DevCertificates, Limits, ServerOptions, TlsFiles, TransportLimits, TrunkServer,
-};
-use lsplit_split::{
-    DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SplitPolicy, Trunk,
-    load_tokenizer,
-};
-use lsplit_testkit::RunningServer;
+use lsplit_proto::{PROTOCOL_VERSION, codec_to_pb, pb};
+use lsplit_server::{DevCertificates, Limits, TransportLimits};
 use lsplit_wire::Codec;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status, Streaming};
-
-const TOKEN: &str = "tr0mb0ne";
-const PROMPT: &str = "The three primary colors are";
-
-fn model_path() -> PathBuf {
-    lsplit_fetch::ensure_default_model().expect("the default model (run `lsplit fetch`)")
-}
-
-fn source() -> ModelSource {
-    ModelSource::open(&model_path()).expect("open the model")
-}
-
-/// A trunk server of split 2:28 on loopback, over TLS, requiring [`TOKEN`].
-fn server(certs: &DevCertificates, limits: Limits, transport: TransportLimits) -> RunningServer {
-    let source = source();
-    let plan = SplitPlan::new(2, 28, source.config().num_layers).expect("split");
-    let part = source
-        .load_part(&plan.trunk(), &Device::Cpu)
-        .expect("trunk part");
-    let fingerprint = TrunkFingerprint::compute(&source, 2..28).expect("fingerprint");
-    let options = ServerOptions {
-        limits,
-        codecs: Codec::ALL.to_vec(),
-        token: Some(TOKEN.into()),
-        tls: Some(TlsFiles {
-            cert_pem: certs.server_pem.clone().into_bytes(),
-            key_pem: certs.server_key.clone().into_bytes(),
-            client_ca_pem: None,
-        }),
-        transport,
-        batch_wait: lsplit_server::DEFAULT_BATCH_WAIT,
-    };
-    let server = TrunkServer::new(part, fingerprint, options).expect("server");
-    RunningServer::start(server, 0, "127.0.0.1", true)
-}
-
-/// A TLS connection to `server`, trusting `certs`' CA.
-async fn channel(server: &RunningServer, certs: &DevCertificates) -> Result<Channel, String> {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&certs.ca_pem));
-    tonic::transport::Endpoint::from_shared(server.url.clone())
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| lsplit_proto::error_chain(&e))
-}
-
-type Bearer = fn(Request<()>) -> Result<Request<()>, Status>;
-
-fn bearer(mut request: Request<()>) -> Result<Request<()>, Status> {
-    let value = format!("Bearer {TOKEN}").parse().expect("header");
-    request.metadata_mut().insert("authorization", value);
-    Ok(request)
-}
-
-/// A protocol client carrying the valid token.
-fn client(channel: Channel) -> TrunkClient<InterceptedService<Channel, Bearer>> {
-    TrunkClient::with_interceptor(channel, bearer as Bearer)
-}
-
-/// A session stream whose requests are sent through `requests`.
-struct RawStream {
-    requests: mpsc::Sender<SessionRequest>,
-    replies: Streaming<SessionReply>,
-}
-
-impl RawStream {
-    /// Opens a stream and sends nothing on it.
-    async fn silent(
-        client: &mut TrunkClient<InterceptedService<Channel, Bearer>>,
-    ) -> Result<Self, Status> {
-        let (requests, outbound) = mpsc::channel(4);
-        let replies = client
-            .session(ReceiverStream::new(outbound))
-            .await?
-            .into_inner();
-        Ok(Self { requests, replies })
-    }
-
-    /// The server's next answer on the stream.
-    async fn next(&mut self) -> Result<Option<ReplyKind>, Status> {
-        let reply = tokio::time::timeout(Duration::from_secs(60), self.replies.message())
-            .await
-            .expect("the server answers in time")?;
-        Ok(reply.and_then(|r| r.kind))
-    }
-}
-
-fn keys() -> SessionKeys {
-    SessionKeys::fresh(
-        SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan")),
-        Obfuscation::None,
-    )
-}
-
-fn open_request() -> SessionRequest {
-    let fingerprint = TrunkFingerprint::compute(&source(), 2..28).expect("fingerprint");
-    SessionRequest {
-        kind: Some(RequestKind::Open(pb::Open {
-            protocol_version: PROTOCOL_VERSION,
-            codec: codec_to_pb(Codec::F32) as i32,
-            fingerprint_sha256: fingerprint.sha256.to_vec(),
-            keys: Some(lsplit_proto::keys_to_pb(&keys())),
-        })),
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// The device's model of split 2:28.
-fn device_model() -> DeviceModel {
-    let source = source();
-    let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
-    let plan = SplitPlan::new(2, 28, source.config().num_layers).expect("split");
-    DeviceModel::split(
-        &source,
-        SplitPolicy::fixed(plan),
-        tokenizer,
-        Codec::F32,
-        &Device::Cpu,
-    )
-    .expect("device model")
-}
-
-/// Eight greedy tokens from [`PROMPT`] with the trunk `trunk` makes from fresh keys.
-fn generate(model: &DeviceModel, trunk: impl FnOnce(&SessionKeys) -> Box<dyn Trunk>) -> Vec<u32> {
-    let prompt = model.prompt_tokens(PROMPT, true).expect("prompt");
-    let options = GenerateOptions {
-        max_tokens: 8,
-        ..GenerateOptions::default()
-    };
-    let keys = model.new_keys(Obfuscation::None).expect("keys");
-    let mut session = model.session(trunk(&keys), &keys).expect("session");
-    session
-        .generate(&prompt, &options, &mut |_| {})
-        .expect("generate")
-        .tokens
-}
-
-/// Waits until `condition` holds (each check 20 ms apart, at most a minute).
-fn wait_until(condition: impl Fn() -> bool) {
-    for _ in 0..3000 {
-        if condition() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("the condition never held");
-}
+use tonic::Code;
 
 #[test]
 fn two_silent_streams_leave_both_slots_to_a_real_device() {
@@ -211,27 +37,8 @@ fn two_silent_streams_leave_both_slots_to_a_real_device() {
     assert_eq!(server.stats.sessions(), 0, "silent streams hold no slot");
 
     let model = device_model();
-    let local = generate(&model, |keys| {
-        let source = source();
-        let plan = model.plan().expect("split");
-        let part = Arc::new(
-            source
-                .load_part(&plan.trunk(), &Device::Cpu)
-                .expect("trunk"),
-        );
-        Box::new(LocalTrunk::new(part, keys).expect("local trunk"))
-    });
-    let mut options = RemoteOptions::new(server.url.clone(), Codec::F32);
-    options.ca_pem = Some(certs.ca_pem.clone().into_bytes());
-    options.token = Some(TOKEN.into());
-    options.retry_for = Duration::ZERO;
-    let remote = generate(&model, |keys| {
-        Box::new(
-            RemoteTrunk::connect(options)
-                .expect("connect")
-                .with_keys(keys.clone()),
-        )
-    });
+    let local = local_tokens(&model);
+    let remote = remote_tokens(&model, &server, &certs, Duration::ZERO);
     assert_eq!(remote, local, "the device is served, bit for bit");
     assert_eq!(local.len(), 8);
 
