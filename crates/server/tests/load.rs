@@ -26,7 +26,10 @@ use tonic_health::pb::health_client::HealthClient;
 /// Hostile connections, all from one address.
 const CONNECTIONS: usize = 240;
 /// Honest devices generating at once.
-const HONEST: usize = 4;
+const HONEST: usize = 3;
+/// How often each oversized-frame or bad-rows connection sends (the test is bounded: 60 of
+/// each kind, so 60 MiB of refused frames a second).
+const PACE: Duration = Duration::from_secs(1);
 
 /// Resident memory of this process (server and clients), in bytes.
 fn rss() -> u64 {
@@ -144,19 +147,21 @@ async fn hostile(
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            // A frame past the message limit.
+            // A frame just past the message limit, once a second.
             2 => {
-                let code = session_status(&mut trunk, vec![step(576, 2 << 20)]).await;
+                let code = session_status(&mut trunk, vec![step(576, (1 << 20) + 1024)]).await;
                 if code == Some(Code::OutOfRange) || code == Some(Code::ResourceExhausted) {
                     count(&tally.oversized_refused);
                 }
+                tokio::time::sleep(PACE).await;
             }
-            // An open session, then rows of the wrong width.
+            // An open session, then rows of the wrong width, once a second.
             _ => {
                 let code = session_status(&mut trunk, vec![open_request(), step(3, 12)]).await;
                 if code == Some(Code::InvalidArgument) || code == Some(Code::ResourceExhausted) {
                     count(&tally.bad_rows_refused);
                 }
+                tokio::time::sleep(PACE).await;
             }
         }
     }
