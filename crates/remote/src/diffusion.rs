@@ -24,10 +24,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status, Streaming};
 
 use crate::link::{
-    BearerChannel, Link, MAX_HANDSHAKE_REPLY_BYTES, Protocol, ServerTerms, check_version,
+    BearerChannel, Binding, Link, MAX_HANDSHAKE_REPLY_BYTES, Protocol, ServerTerms, check_version,
     message_limit,
 };
 use crate::{CloudFiles, RemoteError, RemoteOptions};
+
+impl Binding for pb::Limits {
+    /// A diffusion trunk keeps no cache: nothing of its limits binds an image.
+    fn binding(&self) -> Option<String> {
+        None
+    }
+}
 
 /// What the diffusion handshake told the device: the trunk with its split, the step codec of
 /// every tensor both ways, and the server's limits.

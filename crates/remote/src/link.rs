@@ -89,17 +89,33 @@ pub(crate) trait Agreed {
     fn changed_from(&self, before: &Self) -> Option<String>;
 }
 
-impl<F: PartialEq + Display, C: PartialEq + Display, L> Agreed for ServerTerms<F, C, L> {
+/// What of a server's announced limits a session depends on: a server that comes back with
+/// another is refused, as one with another trunk is.
+pub(crate) trait Binding {
+    /// The binding part, for messages; `None` when nothing of the limits binds a session.
+    fn binding(&self) -> Option<String>;
+}
+
+impl<F: PartialEq + Display, C: PartialEq + Display, L: Binding> Agreed for ServerTerms<F, C, L> {
     fn summary(&self) -> String {
         let tls = self.tls_version.as_deref().unwrap_or("no TLS");
         format!("{}, codec {}, {tls}", self.fingerprint, self.codec)
     }
 
     fn changed_from(&self, before: &Self) -> Option<String> {
-        (self.fingerprint != before.fingerprint || self.codec != before.codec).then(|| {
-            format!(
+        if self.fingerprint != before.fingerprint || self.codec != before.codec {
+            return Some(format!(
                 "the server came back with {} and codec {}, not {} and codec {}",
                 self.fingerprint, self.codec, before.fingerprint, before.codec
+            ));
+        }
+        let (now, then) = (self.limits.binding(), before.limits.binding());
+        (now != then).then(|| {
+            format!(
+                "the server came back with {}, not {}: the session's replay would compute \
+                 other text",
+                now.unwrap_or_default(),
+                then.unwrap_or_default()
             )
         })
     }

@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status, Streaming};
 
 use crate::link::{
-    BearerChannel, Link, MAX_HANDSHAKE_REPLY_BYTES, Protocol, ServerTerms, check_version,
+    BearerChannel, Binding, Link, MAX_HANDSHAKE_REPLY_BYTES, Protocol, ServerTerms, check_version,
     message_limit,
 };
 use crate::{RemoteError, RemoteOptions};
@@ -100,6 +100,12 @@ impl Protocol for TrunkProtocol {
             (&sent.kind, reply),
             (Some(RequestKind::Step(sent)), ReplyKind::Step(out)) if out.step == sent.step
         )
+    }
+}
+
+impl Binding for pb::Limits {
+    fn binding(&self) -> Option<String> {
+        Some(format!("KV cache precision {}", self.kv_precision))
     }
 }
 

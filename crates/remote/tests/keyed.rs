@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use common::*;
-use lsplit_model::{PartKind, PartSpec};
+use lsplit_model::{KvPrecision, PartKind, PartSpec};
 use lsplit_server::DevCertificates;
 use lsplit_split::{
     DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SessionSecret, SplitPolicy,
@@ -84,13 +84,14 @@ fn remote_keyed_output_equals_in_process_output() {
 }
 
 /// The real remote trunk, whose server is killed before step `kill_at` and started again on
-/// the same port.
+/// the same port, its KV caches at `precision`.
 struct KilledMidway {
     inner: Box<dyn Trunk>,
     server: Option<TestServer>,
     steps: usize,
     kill_at: usize,
     union: Range<usize>,
+    precision: KvPrecision,
 }
 
 impl Trunk for KilledMidway {
@@ -104,11 +105,12 @@ impl Trunk for KilledMidway {
             let addr = server.addr;
             server.kill();
             let certs = CERTS.get().expect("certificates");
-            self.server = Some(TestServer::start_on(
+            self.server = Some(TestServer::start_with_kv_on(
                 &model_path(),
                 self.union.start,
                 self.union.end,
                 tls_options(certs),
+                self.precision,
                 addr.port(),
             ));
         }
@@ -143,9 +145,47 @@ fn a_keyed_session_is_replayed_onto_a_restarted_server() {
         server: Some(server),
         steps: 0,
         kill_at: 4,
-        union,
+        union: union.clone(),
+        precision: KvPrecision::F32,
     };
     assert_eq!(keyed_generate(&model, Box::new(killed), &keys), expected);
+}
+
+#[test]
+fn a_server_restarted_with_another_kv_precision_is_refused() {
+    let path = model_path();
+    let certs = CERTS.get_or_init(|| DevCertificates::generate(&[]).expect("certificates"));
+    let union = policy().trunk_layers();
+    let server = TestServer::start(&path, union.start, union.end, tls_options(certs));
+    let model = keyed_model(Codec::F32);
+    let keys = keys(6);
+    let mut options = client_options(&server, certs, Codec::F32);
+    options.retry_for = std::time::Duration::from_secs(30);
+    let inner = remote(&path, options)
+        .expect("connect")
+        .with_keys(keys.clone());
+    let killed = KilledMidway {
+        inner: Box::new(inner),
+        server: Some(server),
+        steps: 0,
+        kill_at: 3,
+        union,
+        precision: KvPrecision::F16,
+    };
+    let prompt = model.prompt_tokens(PROMPT, true).expect("prompt");
+    let options = GenerateOptions {
+        max_tokens: MAX_TOKENS,
+        ..GenerateOptions::default()
+    };
+    let mut session = model.session(Box::new(killed), &keys).expect("session");
+    let error = session
+        .generate(&prompt, &options, &mut |_| {})
+        .expect_err("a replay onto other KV precision");
+    assert_eq!(
+        error.to_string(),
+        "trunk: protocol error: the server came back with KV cache precision f16, not KV cache \
+         precision f32: the session's replay would compute other text"
+    );
 }
 
 #[test]

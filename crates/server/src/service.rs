@@ -87,6 +87,7 @@ impl Shared {
             max_message_bytes: self.limits.max_message_bytes as u64,
             idle_timeout_ms: self.limits.idle_timeout.as_millis() as u64,
             kv_budget_bytes: self.limits.kv_budget_bytes,
+            kv_precision: self.part.kv_precision().to_string(),
         }
     }
 }

@@ -83,9 +83,21 @@ impl TestServer {
         options: ServerOptions,
         precision: KvPrecision,
     ) -> Self {
+        Self::start_with_kv_on(path, k1, k2, options, precision, 0)
+    }
+
+    /// A server whose trunk keeps its KV caches at `precision`, on `port`.
+    pub fn start_with_kv_on(
+        path: &Path,
+        k1: usize,
+        k2: usize,
+        options: ServerOptions,
+        precision: KvPrecision,
+        port: u16,
+    ) -> Self {
         let mut source = source(path);
         source.set_kv_precision(precision);
-        Self::launch(source, k1, k2, options, 0)
+        Self::launch(source, k1, k2, options, port)
     }
 
     fn launch(
