@@ -171,6 +171,24 @@ impl DevicePipeline {
         self.unet_config.sample_size.unwrap_or(64) * self.vae.scale()
     }
 
+    /// Bytes of the largest attention-score matrix this device allocates for an image of
+    /// `width` x `height`: the UNet levels it runs (both guidance halves at once) and the VAE
+    /// decoder's single-head attention over every latent position. Like the trunk's, it grows
+    /// with the square of the image area, so the edge bounds it.
+    pub fn attention_bytes(&self, width: usize, height: usize) -> u64 {
+        let scale = self.vae.scale();
+        let latent = (height / scale, width / scale);
+        let levels = match self.split {
+            UnetSplit::None => 0..self.unet_config.levels(),
+            UnetSplit::Component => 0..0,
+            UnetSplit::Lambda(n) => 0..n.min(self.unet_config.levels()),
+        };
+        let unet = self.unet_config.attention_bytes(levels, 2, latent);
+        let positions = (latent.0 as u64).saturating_mul(latent.1 as u64);
+        let vae = positions.saturating_mul(positions).saturating_mul(4);
+        unet.max(vae)
+    }
+
     /// The latent shape of an image of `width` x `height`, after checking the sizes.
     pub fn latent_shape(&self, width: usize, height: usize) -> Result<[usize; 4], DiffusionError> {
         let multiple = self.vae.scale() * self.unet_config.downsample_factor();

@@ -201,6 +201,29 @@ fn bad_requests_get_clear_errors() {
     assert_eq!(e.to_string(), "UNet split none runs without a trunk");
 }
 
+/// The device's own attention for an image (the UNet levels it runs, both guidance halves,
+/// and the VAE's single head over every latent position) grows with the square of the area:
+/// the edge bounds it before drawing.
+#[test]
+fn the_device_s_attention_memory_follows_the_image_area() {
+    let root = model_dir("sd15");
+    let bytes = |split, side| {
+        DevicePipeline::load(&root, split, StepCodec::F32, &Device::Cpu)
+            .unwrap()
+            .attention_bytes(side, side)
+    };
+    let got = [
+        bytes(UnetSplit::Lambda(1), 64),
+        bytes(UnetSplit::Lambda(1), 8192),
+        bytes(UnetSplit::Component, 64),
+        bytes(UnetSplit::None, 64),
+    ];
+    // 64x64 is an 8x8 latent: level 0 attends over 64 positions with 2 heads for both halves
+    // (2 x 2 x 64² floats), the VAE over 64 positions with one (64² floats); 8192x8192 is a
+    // 1024x1024 latent, 2^20 positions: 2 x 2 x 2^40 floats.
+    assert_eq!(got, [65536, 17592186044416, 16384, 65536]);
+}
+
 /// The trunk refuses, from the shapes alone, a step whose attention would not fit its budget:
 /// attention memory grows with the square of the image area.
 #[test]

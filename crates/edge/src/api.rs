@@ -8,6 +8,50 @@ use lsplit_tokenizer::ChatMessage;
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use crate::handlers::parse;
+use crate::image_request::ImageBody;
+
+/// The API's request bodies, as [`check_body`] reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completion,
+    /// `POST /v1/images/generations` and `/lsplit/images/stream`.
+    Image,
+}
+
+/// Every check of a request body that needs no model, in the order the handlers run them:
+/// the JSON shape of `kind`'s request, its messages or prompt, and its settings for a prompt
+/// of `prompt_tokens` in a context of `context`. The fuzz targets feed it arbitrary bytes: it
+/// must answer an error, never panic.
+pub fn check_body(
+    kind: BodyKind,
+    body: &[u8],
+    prompt_tokens: usize,
+    context: usize,
+) -> Result<(), ApiError> {
+    let settings = match kind {
+        BodyKind::Chat => {
+            let request: ChatRequest = parse(body)?;
+            request.conversation()?;
+            request.settings
+        }
+        BodyKind::Completion => {
+            let request: CompletionRequest = parse(body)?;
+            request.text()?;
+            request.settings
+        }
+        BodyKind::Image => {
+            parse::<ImageBody>(body)?;
+            return Ok(());
+        }
+    };
+    settings.options(&GenerateOptions::default(), prompt_tokens, context)?;
+    settings.stop_sequences()?;
+    Ok(())
+}
 
 /// The settings chat and text completions share, OpenAI's names first, then llama.cpp's
 /// extensions (`top_k`, `repeat_penalty`, `repeat_last_n`) and lsplit's (`lsplit_trace`).
@@ -272,7 +316,8 @@ impl Settings {
                     "max_tokens must be at least 1",
                 ));
             }
-            Some(asked) if prompt_tokens + asked > context => {
+            // Compared without adding: a count near usize::MAX must not wrap past the check.
+            Some(asked) if asked > left || prompt_tokens > context => {
                 return Err(context_exceeded(context, prompt_tokens, asked));
             }
             Some(asked) => asked,
@@ -300,7 +345,7 @@ fn context_exceeded(context: usize, prompt: usize, completion: usize) -> ApiErro
                 "This model's maximum context length is {context} tokens. However, you \
                  requested {} tokens ({prompt} in the messages, {completion} in the \
                  completion). Please reduce the length of the messages or completion.",
-                prompt + completion
+                prompt as u128 + completion as u128
             ),
         )
     }

@@ -138,7 +138,7 @@ fn content(text: String) -> Value {
 }
 
 /// Parses a JSON body into `T`, or a 400 in OpenAI's shape.
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::malformed(&e))
 }
 
@@ -376,7 +376,7 @@ fn image_job(state: &State, body: &Bytes, progress: bool) -> Result<ImageJob, Ap
         )));
     }
     Ok(ImageJob {
-        request: body.request(&images.pipeline)?,
+        request: body.request(&images.pipeline, images.max_attention_bytes)?,
         progress,
         preview_every: body.preview_every,
     })

@@ -44,8 +44,12 @@ fn parse_size(size: &str) -> Option<(usize, usize)> {
 
 impl ImageBody {
     /// The pipeline request, after checking every field against what this server and
-    /// `pipeline` support.
-    pub fn request(&self, pipeline: &DevicePipeline) -> Result<ImageRequest, ApiError> {
+    /// `pipeline` support, and the image's attention against `max_attention_bytes`.
+    pub fn request(
+        &self,
+        pipeline: &DevicePipeline,
+        max_attention_bytes: u64,
+    ) -> Result<ImageRequest, ApiError> {
         if self.prompt.trim().is_empty() {
             return Err(ApiError::invalid(
                 Some("prompt"),
@@ -99,6 +103,18 @@ impl ImageBody {
         pipeline
             .latent_shape(width, height)
             .map_err(|e| ApiError::invalid(Some("size"), e.to_string()))?;
+        let needed = pipeline.attention_bytes(width, height);
+        if needed > max_attention_bytes {
+            return Err(ApiError::invalid(
+                Some("size"),
+                format!(
+                    "an image of {width}x{height} needs {} MiB for attention on this device, past \
+                     this server's limit of {} MiB (--max-attention-mib)",
+                    needed >> 20,
+                    max_attention_bytes >> 20
+                ),
+            ));
+        }
         let steps = self.steps.unwrap_or(DEFAULT_STEPS);
         if !(1..=MAX_STEPS).contains(&steps) {
             return Err(ApiError::invalid(

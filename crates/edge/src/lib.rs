@@ -14,6 +14,7 @@ mod api;
 mod auth;
 mod error;
 mod generation;
+mod guard;
 mod handlers;
 mod image_job;
 mod image_request;
@@ -35,7 +36,9 @@ use lsplit_split::GenerateOptions;
 use lsplit_wire::StepCodec;
 use tokio::sync::Semaphore;
 
-pub use error::EdgeError;
+pub use api::{BodyKind, check_body};
+pub use error::{ApiError, EdgeError};
+pub use guard::EdgeGuard;
 pub use image_request::{DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS};
 
 /// The diffusion model behind `/v1/images/generations` and the page's image tab.
@@ -48,6 +51,9 @@ pub struct ImageModel {
     pub trunks: DiffusionTrunks,
     /// How step tensors are encoded on the wire.
     pub codec: StepCodec,
+    /// Most bytes an image's attention may allocate at once on this device: images larger
+    /// than that are refused (400).
+    pub max_attention_bytes: u64,
 }
 
 impl ImageModel {
@@ -80,6 +86,8 @@ pub(crate) struct State {
     model_id: String,
     defaults: GenerateOptions,
     api_key: Option<String>,
+    /// Which hosts, origins and content types are answered.
+    guard: EdgeGuard,
     max_sessions: usize,
     /// Generations and images (and so trunk sessions) open or waiting now.
     sessions: AtomicUsize,
@@ -118,14 +126,20 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 impl EdgeServer {
-    /// A server over `config`.
+    /// A server over `config`, answering its own page and loopback names only.
     pub fn new(config: EdgeConfig) -> Self {
+        Self::guarded(config, EdgeGuard::default())
+    }
+
+    /// A server over `config` that answers the hosts and origins `guard` allows.
+    pub fn guarded(config: EdgeConfig, guard: EdgeGuard) -> Self {
         Self {
             state: Arc::new(State {
                 device: config.device,
                 model_id: config.model_id,
                 defaults: config.defaults,
                 api_key: config.api_key,
+                guard,
                 max_sessions: config.max_sessions.max(1),
                 sessions: AtomicUsize::new(0),
                 images: config.images,
@@ -142,7 +156,8 @@ impl EdgeServer {
         self.state.sessions.load(Ordering::SeqCst)
     }
 
-    /// The routes: the API (behind the key, if any) and the page.
+    /// The routes: the API (behind the key, if any) and the page, all behind the checks of
+    /// `Host`, `Origin` and `Content-Type` (see [`EdgeGuard`]).
     pub fn router(&self) -> Router {
         let api = Router::new()
             .route("/v1/chat/completions", post(handlers::chat_completions))
@@ -160,6 +175,10 @@ impl EdgeServer {
             .merge(api)
             .merge(page::routes())
             .fallback(handlers::no_route)
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&self.state),
+                guard::check,
+            ))
             .with_state(Arc::clone(&self.state))
     }
 

@@ -28,6 +28,11 @@ fn source() -> ModelSource {
 /// The edge server over the default model with random split points and an in-process trunk,
 /// greedy by default, with `api_key` if given.
 fn server(api_key: Option<&str>) -> EdgeServer {
+    EdgeServer::new(config(api_key))
+}
+
+/// The configuration of [`server`].
+fn config(api_key: Option<&str>) -> EdgeConfig {
     let source = source();
     let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
     let device = Device::load(DeviceOptions {
@@ -44,14 +49,14 @@ fn server(api_key: Option<&str>) -> EdgeServer {
         codec: Codec::F32,
     })
     .expect("device");
-    EdgeServer::new(EdgeConfig {
+    EdgeConfig {
         device,
         model_id: MODEL_ID.into(),
         defaults: GenerateOptions::default(),
         api_key: api_key.map(str::to_string),
         max_sessions: 2,
         images: None,
-    })
+    }
 }
 
 /// What the router answers: status, content type and body.
@@ -83,6 +88,11 @@ async fn send(
         request = request.header(header::CONTENT_TYPE, "application/json");
     }
     let request = request.body(Body::from(body.to_string())).expect("request");
+    exchange(server, request).await
+}
+
+/// Sends `request` through the router as it is, without a socket.
+async fn exchange(server: &EdgeServer, request: Request<Body>) -> Reply {
     let response = server.router().oneshot(request).await.expect("infallible");
     let status = response.status();
     let content_type = response
@@ -362,4 +372,168 @@ async fn an_unknown_route_gets_404() {
             Some("unknown_url"),
         );
     }
+}
+
+/// A chat request with `headers` (and no others) whose body asks for `max_tokens`.
+fn raw_chat(headers: &[(&str, &str)], max_tokens: &str) -> Request<Body> {
+    let mut request = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let body = format!(
+        r#"{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": {max_tokens}}}"#
+    );
+    request.body(Body::from(body)).expect("request")
+}
+
+/// Asserts that `reply` is `status` with OpenAI's error body of `message` and `code`.
+fn assert_refused(reply: &Reply, status: StatusCode, message: &str, code: &str) {
+    assert_error(reply, status, message, None, Some(code));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_cross_site_page_can_send_is_refused() {
+    let server = server(None);
+    let json = ("content-type", "application/json");
+    // A form or a no-preflight fetch can only send text/plain and form types.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        assert_refused(
+            &exchange(&server, raw_chat(&[("content-type", content_type)], "1")).await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &format!(
+                "the request body must be JSON sent as Content-Type: application/json (got \
+                 `{content_type}`)"
+            ),
+            "unsupported_media_type",
+        );
+    }
+    assert_refused(
+        &exchange(&server, raw_chat(&[], "1")).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "the request body must be JSON sent as Content-Type: application/json (got no \
+         Content-Type)",
+        "unsupported_media_type",
+    );
+    // DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1.
+    assert_refused(
+        &exchange(&server, raw_chat(&[json, ("host", "evil.example")], "1")).await,
+        StatusCode::FORBIDDEN,
+        "the Host header `evil.example` does not name this server; start lsplit edge with \
+         --allowed-host NAME to answer to another name",
+        "host_not_allowed",
+    );
+    let page = exchange(
+        &server,
+        Request::builder()
+            .uri("/")
+            .header("host", "evil.example:8080")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN, "the page too");
+    // Another site's page, from the browser of someone using this server.
+    let foreign = [
+        json,
+        ("host", "127.0.0.1:8080"),
+        ("origin", "http://evil.example"),
+    ];
+    assert_refused(
+        &exchange(&server, raw_chat(&foreign, "1")).await,
+        StatusCode::FORBIDDEN,
+        "requests from pages of `http://evil.example` are refused; start lsplit edge with \
+         --cors-origin ORIGIN to allow that site",
+        "origin_not_allowed",
+    );
+    // A count that would wrap past the context check.
+    let model = unsplit();
+    let prompt = model.prompt_tokens("hi", false).expect("prompt").len();
+    assert_error(
+        &exchange(&server, raw_chat(&[json], "18446744073709551615")).await,
+        StatusCode::BAD_REQUEST,
+        &format!(
+            "This model's maximum context length is {CONTEXT} tokens. However, you requested {} \
+             tokens ({prompt} in the messages, 18446744073709551615 in the completion). Please \
+             reduce the length of the messages or completion.",
+            prompt as u128 + 18446744073709551615
+        ),
+        Some("messages"),
+        Some("context_length_exceeded"),
+    );
+    assert_error(
+        &exchange(&server, raw_chat(&[json], "18446744073709551616")).await,
+        StatusCode::BAD_REQUEST,
+        "invalid request body: invalid type: floating point `1.8446744073709552e+19`, expected \
+         usize at line 1 column 85",
+        None,
+        None,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_itself_and_allowed_sites_are_answered() {
+    let guard = lsplit_edge::EdgeGuard {
+        listen: Some("127.0.0.1:8080".parse().expect("addr")),
+        allowed_hosts: vec!["edge.lan".into()],
+        cors_origins: vec!["http://localhost:3000".into()],
+    };
+    let server = EdgeServer::guarded(config(None), guard);
+    let models = |headers: &[(&str, &str)]| {
+        let mut request = Request::builder().uri("/v1/models");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(Body::empty()).expect("request")
+    };
+    for headers in [
+        &[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "http://127.0.0.1:8080"),
+        ][..],
+        &[("host", "localhost:8080")],
+        &[
+            ("host", "edge.lan:8080"),
+            ("origin", "http://edge.lan:8080"),
+        ],
+    ] {
+        let reply = exchange(&server, models(headers)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{headers:?}: {}", reply.body);
+    }
+    let response = server
+        .router()
+        .oneshot(models(&[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "http://localhost:3000"),
+        ]))
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+    let preflight = Request::builder()
+        .method("OPTIONS")
+        .uri("/v1/chat/completions")
+        .header("host", "127.0.0.1:8080")
+        .header("origin", "http://localhost:3000")
+        .header("access-control-request-method", "POST")
+        .body(Body::empty())
+        .expect("request");
+    let response = server
+        .router()
+        .oneshot(preflight)
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        response.headers()["access-control-allow-methods"],
+        "GET, POST"
+    );
+    assert_eq!(
+        response.headers()["access-control-allow-headers"],
+        "authorization, content-type"
+    );
 }

@@ -142,9 +142,21 @@ pub fn keys_to_pb(keys: &SessionKeys) -> pb::SessionKeys {
     }
 }
 
-/// Session keys from their protocol message, for a model of `layers` layers.
+/// Session keys from their protocol message, for a model of `layers` layers. Each list of
+/// split points holds at most `layers + 1` values (every point there is), so a hostile list
+/// is refused before it is widened and sorted.
 pub fn keys_from_pb(keys: &pb::SessionKeys, layers: usize) -> Result<SessionKeys, ProtoError> {
     let list = |v: &[u32]| v.iter().map(|&k| k as usize).collect::<Vec<_>>();
+    for (name, list) in [("k1", &keys.k1), ("k2", &keys.k2)] {
+        if list.len() > layers.saturating_add(1) {
+            return Err(ProtoError::Keys(format!(
+                "the {name} list has {} values but a model of {layers} layers has only {} split \
+                 points",
+                list.len(),
+                layers.saturating_add(1)
+            )));
+        }
+    }
     let policy = SplitPolicy::random(&list(&keys.k1), &list(&keys.k2), layers)
         .map_err(|e| ProtoError::Keys(e.to_string()))?;
     let obfuscation = match pb::Obfuscation::try_from(keys.obfuscation) {
@@ -245,6 +257,13 @@ mod tests {
         assert_eq!(
             keys_from_pb(&short, 30).unwrap_err().to_string(),
             "session keys: the secret is 31 bytes, not 32"
+        );
+        let mut long = keys_to_pb(&keys);
+        long.k2 = vec![29; 32];
+        assert_eq!(
+            keys_from_pb(&long, 30).unwrap_err().to_string(),
+            "session keys: the k2 list has 32 values but a model of 30 layers has only 31 split \
+             points"
         );
         assert_eq!(
             keys_from_pb(&keys_to_pb(&keys), 20)

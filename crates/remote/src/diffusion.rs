@@ -23,8 +23,18 @@ use lsplit_wire::{StepCodec, StepTensor};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status, Streaming};
 
-use crate::link::{BearerChannel, Link, Protocol, ServerTerms, check_version};
+use crate::link::{
+    BearerChannel, Binding, Link, MAX_HANDSHAKE_REPLY_BYTES, Protocol, ServerTerms, check_version,
+    message_limit,
+};
 use crate::{CloudFiles, RemoteError, RemoteOptions};
+
+impl Binding for pb::Limits {
+    /// A diffusion trunk keeps no cache: nothing of its limits binds an image.
+    fn binding(&self) -> Option<String> {
+        None
+    }
+}
 
 /// What the diffusion handshake told the device: the trunk with its split, the step codec of
 /// every tensor both ways, and the server's limits.
@@ -52,7 +62,7 @@ impl Protocol for Diffusion {
         tls_version: Option<String>,
     ) -> Result<(Self::Client, Result<DiffusionServerInfo, RemoteError>), Status> {
         let mut client = DiffusionTrunkClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
+            .max_decoding_message_size(MAX_HANDSHAKE_REPLY_BYTES)
             .max_encoding_message_size(usize::MAX);
         let codecs = self.codecs.iter().map(|c| u32::from(c.id())).collect();
         let request = pb::HandshakeRequest {
@@ -60,7 +70,18 @@ impl Protocol for Diffusion {
             codecs,
         };
         let reply = client.handshake(request).await?.into_inner();
-        Ok((client, self.agreed(reply, tls_version)))
+        let terms = self.agreed(reply, tls_version);
+        // From here on, both directions are held to the message limit the server announced.
+        let client = match &terms {
+            Ok(terms) => {
+                let limit = message_limit(terms.limits.max_message_bytes);
+                client
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit)
+            }
+            Err(_) => client,
+        };
+        Ok((client, terms))
     }
 
     async fn stream(

@@ -99,6 +99,17 @@ pub(crate) fn retryable(error: &RemoteError) -> bool {
     }
 }
 
+/// Whether the server refused for lack of room (sessions, budget), which may pass.
+pub(crate) fn at_capacity(error: &RemoteError) -> bool {
+    matches!(
+        error,
+        RemoteError::Refused {
+            code: Code::ResourceExhausted,
+            ..
+        }
+    )
+}
+
 /// The error for a status the server answered with.
 pub(crate) fn refused(status: Status) -> RemoteError {
     let message = status.message().to_string();

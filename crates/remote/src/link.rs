@@ -21,7 +21,7 @@ use tonic::{Code, Response, Status, Streaming};
 
 use crate::backoff::Backoff;
 use crate::channel::{Bearer, bearer, connect, connect_failure, status_chain};
-use crate::error::{refused, retryable};
+use crate::error::{at_capacity, refused, retryable};
 use crate::{RemoteError, RemoteOptions};
 
 /// The channel every generated client is built on: the bearer token on every request.
@@ -89,17 +89,33 @@ pub(crate) trait Agreed {
     fn changed_from(&self, before: &Self) -> Option<String>;
 }
 
-impl<F: PartialEq + Display, C: PartialEq + Display, L> Agreed for ServerTerms<F, C, L> {
+/// What of a server's announced limits a session depends on: a server that comes back with
+/// another is refused, as one with another trunk is.
+pub(crate) trait Binding {
+    /// The binding part, for messages; `None` when nothing of the limits binds a session.
+    fn binding(&self) -> Option<String>;
+}
+
+impl<F: PartialEq + Display, C: PartialEq + Display, L: Binding> Agreed for ServerTerms<F, C, L> {
     fn summary(&self) -> String {
         let tls = self.tls_version.as_deref().unwrap_or("no TLS");
         format!("{}, codec {}, {tls}", self.fingerprint, self.codec)
     }
 
     fn changed_from(&self, before: &Self) -> Option<String> {
-        (self.fingerprint != before.fingerprint || self.codec != before.codec).then(|| {
-            format!(
+        if self.fingerprint != before.fingerprint || self.codec != before.codec {
+            return Some(format!(
                 "the server came back with {} and codec {}, not {} and codec {}",
                 self.fingerprint, self.codec, before.fingerprint, before.codec
+            ));
+        }
+        let (now, then) = (self.limits.binding(), before.limits.binding());
+        (now != then).then(|| {
+            format!(
+                "the server came back with {}, not {}: the session's replay would compute \
+                 other text",
+                now.unwrap_or_default(),
+                then.unwrap_or_default()
             )
         })
     }
@@ -116,6 +132,18 @@ pub(crate) fn check_version<P: Protocol>(version: u32) -> Result<(), RemoteError
             P::VERSION
         )))
     }
+}
+
+/// Largest handshake reply a device decodes (a real one is a few hundred bytes).
+pub(crate) const MAX_HANDSHAKE_REPLY_BYTES: usize = 64 << 10;
+
+/// Largest message a device sends or decodes, whatever a server announces.
+const MAX_MESSAGE_BYTES: u64 = 256 << 20;
+
+/// The message size a device holds a server to: what it announced, within
+/// [`MAX_MESSAGE_BYTES`].
+pub(crate) fn message_limit(announced: u64) -> usize {
+    announced.min(MAX_MESSAGE_BYTES) as usize
 }
 
 /// How long closing a stream waits for the server to finish it.
@@ -247,9 +275,12 @@ impl<P: Protocol> Link<P> {
         let mut backoff = Backoff::new();
         loop {
             let runtime = self.runtime.handle().clone();
+            // A session rebuilt after a failure may be refused for capacity while the server
+            // still holds the broken stream's slot: that passes, so it is retried too.
+            let rebuilding = self.lost && !self.kept.is_empty();
             match runtime.block_on(self.attempt(request)) {
                 Ok(reply) => return Ok(reply),
-                Err(e) if retryable(&e) => {
+                Err(e) if retryable(&e) || (rebuilding && at_capacity(&e)) => {
                     self.stream = None;
                     self.lost = true;
                     attempts += 1;

@@ -22,7 +22,10 @@ use lsplit_wire::Codec;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status, Streaming};
 
-use crate::link::{BearerChannel, Link, Protocol, ServerTerms, check_version};
+use crate::link::{
+    BearerChannel, Binding, Link, MAX_HANDSHAKE_REPLY_BYTES, Protocol, ServerTerms, check_version,
+    message_limit,
+};
 use crate::{RemoteError, RemoteOptions};
 
 /// What the handshake told the device: the trunk's layers and fingerprint, the codec of this
@@ -55,10 +58,21 @@ impl Protocol for TrunkProtocol {
             codecs: self.codecs.iter().map(|&c| codec_to_pb(c) as i32).collect(),
         };
         let mut client = TrunkClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
+            .max_decoding_message_size(MAX_HANDSHAKE_REPLY_BYTES)
             .max_encoding_message_size(usize::MAX);
         let reply = client.handshake(request).await?;
-        Ok((client, agreed(reply.into_inner(), tls_version)))
+        let terms = agreed(reply.into_inner(), tls_version);
+        // From here on, both directions are held to the message limit the server announced.
+        let client = match &terms {
+            Ok(terms) => {
+                let limit = message_limit(terms.limits.max_message_bytes);
+                client
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit)
+            }
+            Err(_) => client,
+        };
+        Ok((client, terms))
     }
 
     async fn stream(
@@ -86,6 +100,12 @@ impl Protocol for TrunkProtocol {
             (&sent.kind, reply),
             (Some(RequestKind::Step(sent)), ReplyKind::Step(out)) if out.step == sent.step
         )
+    }
+}
+
+impl Binding for pb::Limits {
+    fn binding(&self) -> Option<String> {
+        Some(format!("KV cache precision {}", self.kv_precision))
     }
 }
 

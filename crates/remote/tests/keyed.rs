@@ -7,9 +7,10 @@
 use std::sync::Arc;
 
 use candle_core::Device;
-use lsplit_model::{PartKind, PartSpec};
+use lsplit_model::{KvPrecision, PartKind, PartSpec};
 use lsplit_split::{
-    DeviceModel, LocalTrunk, Obfuscation, SessionKeys, SessionSecret, SplitPolicy, Trunk,
+    DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SessionSecret, SplitPolicy,
+    Trunk,
 };
 use lsplit_testkit::certificates;
 use lsplit_testkit::llm::*;
@@ -89,6 +90,37 @@ fn a_keyed_session_is_replayed_onto_a_restarted_server() {
         .with_keys(keys.clone());
     let killed = RestartedMidway::new(Box::new(inner), server, 4, &path, tls_options(certs));
     assert_eq!(keyed_generate(&model, Box::new(killed), &keys), expected);
+}
+
+#[test]
+fn a_server_restarted_with_another_kv_precision_is_refused() {
+    let path = model_path();
+    let certs = &certificates();
+    let union = policy().trunk_layers();
+    let server = serve(&path, union.start, union.end, tls_options(certs));
+    let model = keyed_model(Codec::F32);
+    let keys = keys(6);
+    let mut options = client_options(&server, certs, Codec::F32);
+    options.retry_for = std::time::Duration::from_secs(30);
+    let inner = remote(&path, options)
+        .expect("connect")
+        .with_keys(keys.clone());
+    let killed = RestartedMidway::new(Box::new(inner), server, 3, &path, tls_options(certs))
+        .with_kv_precision(KvPrecision::F16);
+    let prompt = model.prompt_tokens(PROMPT, true).expect("prompt");
+    let options = GenerateOptions {
+        max_tokens: MAX_TOKENS,
+        ..GenerateOptions::default()
+    };
+    let mut session = model.session(Box::new(killed), &keys).expect("session");
+    let error = session
+        .generate(&prompt, &options, &mut |_| {})
+        .expect_err("a replay onto other KV precision");
+    assert_eq!(
+        error.to_string(),
+        "trunk: protocol error: the server came back with KV cache precision f16, not KV cache \
+         precision f32: the session's replay would compute other text"
+    );
 }
 
 #[test]

@@ -28,7 +28,7 @@ use crate::metrics::Counters;
 use crate::serve::{Endpoint, Server};
 use crate::session_loop::{ReplyStream, SessionKind, SessionNames, Sessions};
 use crate::terms::{Protocol, Terms};
-use crate::{ServerError, ServerStats, StatsSource, TlsFiles};
+use crate::{ServerError, ServerStats, StatsSource, TlsFiles, TransportLimits};
 
 /// What a diffusion trunk server accepts; announced to devices in the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +73,8 @@ pub struct DiffusionOptions {
     pub token: Option<String>,
     /// TLS identity; `None` serves plaintext (only with an explicit `--insecure`).
     pub tls: Option<TlsFiles>,
+    /// Caps on connections and streams.
+    pub transport: TransportLimits,
 }
 
 /// State every session and the handle share.
@@ -116,7 +118,12 @@ impl Server<DiffusionLimits> {
             &fingerprint,
         )?;
         let limits = &options.limits;
-        let sessions = Sessions::new(IMAGE_SESSIONS, limits.max_sessions, limits.idle_timeout)?;
+        let sessions = Sessions::new(
+            IMAGE_SESSIONS,
+            limits.max_sessions,
+            limits.idle_timeout,
+            &options.transport,
+        )?;
         if options.limits.max_step_elements == 0 {
             return Err(ServerError::Config(
                 "--max-step-elements must be at least 1".into(),
@@ -140,7 +147,7 @@ impl Server<DiffusionLimits> {
         let stats = ServerStats {
             source: StatsSource::Diffusion(shared),
         };
-        let endpoint = Endpoint::new(service, options.token, options.tls);
+        let endpoint = Endpoint::new(service, options.token, options.tls, options.transport);
         Ok(Self::with(options.limits, stats, endpoint))
     }
 }
@@ -176,6 +183,20 @@ async fn blocking<T: Send + 'static>(
         .map_err(trunk_status)
 }
 
+/// The tensors of a message, checked against `limits` and converted on a blocking thread:
+/// their bytes may be many megabytes, which the network threads should not spend time on.
+async fn decoded(
+    tensors: Vec<pb::Tensor>,
+    codec: StepCodec,
+    limits: &DiffusionLimits,
+) -> Result<Vec<StepTensor>, Status> {
+    let max = limits.max_step_elements;
+    tokio::task::spawn_blocking(move || tensors_from_pb(tensors, codec, max))
+        .await
+        .map_err(|_| Status::internal("the trunk failed on this request"))?
+        .map_err(tensor_status)
+}
+
 /// The step codec a protocol codec id names, if any.
 fn step_codec(id: u32) -> Option<StepCodec> {
     u8::try_from(id)
@@ -199,9 +220,8 @@ impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeReply>, Status> {
         let request = request.into_inner();
-        let offered = request.codecs.iter().filter_map(|&id| step_codec(id));
         let terms = &self.shared.terms;
-        let codec = terms.agree(request.protocol_version, offered)?;
+        let codec = terms.agree(request.protocol_version, &request.codecs, step_codec)?;
         let limits = &self.shared.limits;
         Ok(Response::new(pb::HandshakeReply {
             protocol_version: terms.version(),
@@ -225,11 +245,12 @@ impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
         &self,
         request: Request<Streaming<ImageRequest>>,
     ) -> Result<Response<Self::ImageStream>, Status> {
-        let shared = &self.shared;
-        shared
+        let shared = self.shared.clone();
+        let peer = request.remote_addr().map(|a| a.ip());
+        self.shared
             .sessions
-            .serve(request.into_inner(), |id| ImageSession {
-                shared: shared.clone(),
+            .serve(peer, request.into_inner(), move |id| ImageSession {
+                shared,
                 id,
                 codec: None,
                 image: None,
@@ -269,12 +290,7 @@ impl ImageSession {
             self.shared
                 .terms
                 .open(setup.protocol_version, codec, &setup.fingerprint_sha256)?;
-        let conditioning = tensors_from_pb(
-            setup.conditioning,
-            codec,
-            self.shared.limits.max_step_elements,
-        )
-        .map_err(tensor_status)?;
+        let conditioning = decoded(setup.conditioning, codec, &self.shared.limits).await?;
         let counters = &self.shared.counters;
         counters
             .bytes_in_total
@@ -304,8 +320,7 @@ impl ImageSession {
                 "a step arrived before the image's setup",
             ));
         };
-        let inputs = tensors_from_pb(step.inputs, codec, self.shared.limits.max_step_elements)
-            .map_err(tensor_status)?;
+        let inputs = decoded(step.inputs, codec, &self.shared.limits).await?;
         let counters = &self.shared.counters;
         counters
             .bytes_in_total

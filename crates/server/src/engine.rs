@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use lsplit_model::{KvCache, ModelPart};
 use lsplit_split::{PreparedStep, StepRows, TrunkError, TrunkState};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tonic::Status;
 
 use crate::metrics::Counters;
@@ -63,9 +63,13 @@ const MAX_BATCH: usize = 64;
 /// Without that, the sessions split into groups that run one after the other, each a smaller
 /// batch. Sessions only wait on it asynchronously, so the gRPC runtime never blocks on model
 /// compute.
+///
+/// A panic anywhere in a batch fails only that batch's steps. If the thread itself dies,
+/// [`Engine::failure`] completes, so the server can report `NOT_SERVING` and exit.
 pub(crate) struct Engine {
     queue: Mutex<mpsc::Sender<Step>>,
     out: Arc<AtomicUsize>,
+    failed: watch::Receiver<Option<String>>,
 }
 
 impl Engine {
@@ -77,38 +81,49 @@ impl Engine {
         let (queue, steps) = mpsc::channel::<Step>();
         let out = Arc::new(AtomicUsize::new(0));
         let outstanding = out.clone();
+        let (failure, failed) = watch::channel(None);
         std::thread::Builder::new()
             .name("lsplit-trunk".into())
             .spawn(move || {
-                let mut last = Duration::ZERO;
-                while let Ok(first) = steps.recv() {
-                    let deadline = Instant::now() + batch_wait.min(last / 4);
-                    let mut batch = vec![arrived(first)];
-                    while batch.len() < MAX_BATCH {
-                        match steps.try_recv() {
-                            Ok(step) => batch.push(arrived(step)),
-                            Err(mpsc::TryRecvError::Disconnected) => break,
-                            Err(mpsc::TryRecvError::Empty) => {
-                                let left = deadline.saturating_duration_since(Instant::now());
-                                if outstanding.load(Ordering::SeqCst) == 0 || left.is_zero() {
-                                    break;
-                                }
-                                match steps.recv_timeout(left) {
-                                    Ok(step) => batch.push(arrived(step)),
-                                    Err(_) => break,
-                                }
-                            }
-                        }
-                    }
-                    let t = Instant::now();
-                    run_batch(&part, batch, &counters, &outstanding);
-                    last = t.elapsed();
+                let worked = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    work(&part, &steps, &counters, &outstanding, batch_wait)
+                }));
+                if worked.is_err() {
+                    tracing::error!("the trunk worker thread died");
+                    failure.send_replace(Some("the trunk worker thread died".into()));
                 }
             })?;
         Ok(Self {
             queue: Mutex::new(queue),
             out,
+            failed,
         })
+    }
+
+    /// Completes with the reason if the worker thread dies; never while it runs.
+    pub(crate) fn failure(&self) -> impl Future<Output = String> + Send + 'static {
+        let mut failed = self.failed.clone();
+        async move {
+            let reason = match failed.wait_for(Option::is_some).await {
+                Ok(reason) => reason.clone(),
+                Err(_) => None,
+            };
+            match reason {
+                Some(reason) => reason,
+                // The worker ended without failing: the server is shutting down.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// The status of a step whose answer never came: its batch panicked, or the worker is
+    /// gone.
+    pub(crate) fn lost(&self) -> Status {
+        if self.failed.borrow().is_some() {
+            Status::unavailable("the trunk worker died: the server is shutting down")
+        } else {
+            Status::internal("the trunk failed on this step's batch")
+        }
     }
 
     /// Sessions answered whose next step has not arrived (their tickets alive).
@@ -123,6 +138,47 @@ impl Engine {
             .map_err(|_| Status::internal("the trunk worker is gone"))?
             .send(step)
             .map_err(|_| Status::unavailable("the server is shutting down"))
+    }
+}
+
+/// The worker thread's loop: gathers each batch from `steps` and runs it, until the engine is
+/// dropped.
+fn work(
+    part: &ModelPart,
+    steps: &mpsc::Receiver<Step>,
+    counters: &Counters,
+    outstanding: &Arc<AtomicUsize>,
+    batch_wait: Duration,
+) {
+    let mut last = Duration::ZERO;
+    while let Ok(first) = steps.recv() {
+        let deadline = Instant::now() + batch_wait.min(last / 4);
+        let mut batch = vec![arrived(first)];
+        while batch.len() < MAX_BATCH {
+            match steps.try_recv() {
+                Ok(step) => batch.push(arrived(step)),
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if outstanding.load(Ordering::SeqCst) == 0 || left.is_zero() {
+                        break;
+                    }
+                    match steps.recv_timeout(left) {
+                        Ok(step) => batch.push(arrived(step)),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        let t = Instant::now();
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            run_batch(part, batch, counters, outstanding)
+        }));
+        if ran.is_err() {
+            // The batch's steps went with the panic: their sessions see their answers lost.
+            tracing::error!("a trunk batch panicked; its sessions fail");
+        }
+        last = t.elapsed();
     }
 }
 

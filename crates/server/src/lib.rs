@@ -12,7 +12,10 @@ mod auth;
 mod certs;
 mod diffusion;
 mod engine;
+mod health;
+mod incoming;
 mod metrics;
+mod peers;
 mod serve;
 mod service;
 mod session_loop;
@@ -45,6 +48,9 @@ pub enum ServerError {
     /// The listener or the gRPC transport failed.
     #[error("the server failed: {0}")]
     Transport(String),
+    /// The server stopped serving: its trunk worker died.
+    #[error("the server stopped: {0}")]
+    Failed(String),
 }
 
 impl From<lsplit_proto::PemError> for ServerError {
@@ -76,6 +82,45 @@ impl Default for Limits {
             max_message_bytes: 16 << 20,
             idle_timeout: Duration::from_secs(300),
             kv_budget_bytes: 2 << 30,
+        }
+    }
+}
+
+/// What one client may hold of the server's connections and streams: limits of the transport,
+/// the same for every model kind, and not announced to devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// A session stream that sends no message in this long is closed. A stream holds a session
+    /// slot only from its first message, so silent streams never lock devices out.
+    pub handshake_timeout: Duration,
+    /// Sessions one peer address may hold at once (at most `max_sessions`).
+    pub max_sessions_per_peer: usize,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Connections one peer address may hold at once.
+    pub max_connections_per_peer: usize,
+    /// TLS handshakes in progress at once; past it, new connections wait in the backlog.
+    pub max_tls_handshakes: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_streams_per_connection: u32,
+    /// HTTP/2 streams one connection may make the server reset for its errors before the
+    /// connection is closed.
+    pub max_local_error_resets: usize,
+    /// Health `Watch` streams open at once (they need no token).
+    pub max_health_watches: usize,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            max_sessions_per_peer: usize::MAX,
+            max_connections: 512,
+            max_connections_per_peer: 64,
+            max_tls_handshakes: 64,
+            max_streams_per_connection: 32,
+            max_local_error_resets: 32,
+            max_health_watches: 64,
         }
     }
 }
@@ -115,6 +160,8 @@ pub struct ServerOptions {
     pub token: Option<String>,
     /// TLS identity; `None` serves plaintext (only with an explicit `--insecure`).
     pub tls: Option<TlsFiles>,
+    /// Caps on connections and streams.
+    pub transport: TransportLimits,
     /// Longest a batch is held open for answered sessions to send their next step (and at most
     /// a quarter of the previous batch's time); zero runs whatever is waiting at once.
     pub batch_wait: Duration,
@@ -226,10 +273,11 @@ impl Server<Limits> {
             lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(shared.clone()))
                 .max_decoding_message_size(bytes)
                 .max_encoding_message_size(bytes);
+        let endpoint = Endpoint::new(service, options.token, options.tls, options.transport)
+            .failing_on(shared.engine.failure());
         let stats = ServerStats {
             source: StatsSource::Trunk(shared),
         };
-        let endpoint = Endpoint::new(service, options.token, options.tls);
         Ok(Self::with(options.limits, stats, endpoint))
     }
 }

@@ -13,11 +13,12 @@ use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server as Transport;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use crate::auth::TokenCheck;
-use crate::{ServerError, ServerStats, TlsFiles, tls};
+use crate::health::BoundedHealth;
+use crate::incoming::Incoming;
+use crate::{ServerError, ServerStats, TlsFiles, TransportLimits, tls};
 
 /// A trunk server of one model kind, ready to serve: [`crate::TrunkServer`] (`L` is
 /// [`crate::Limits`]) or [`crate::DiffusionServer`] (`L` is [`crate::DiffusionLimits`]).
@@ -68,12 +69,23 @@ pub(crate) struct Endpoint {
     reporter: HealthReporter,
     name: &'static str,
     tls: Option<TlsFiles>,
+    transport: TransportLimits,
+    /// Completes, with the reason, if the server can no longer serve (its worker died).
+    fatal: Option<Fatal>,
 }
+
+/// A future that completes if the server can no longer serve, with the reason.
+pub(crate) type Fatal = std::pin::Pin<Box<dyn Future<Output = String> + Send>>;
 
 impl Endpoint {
     /// `service` (a generated gRPC server, its message limits set), requiring `token` as a
-    /// bearer token when given, served over `tls` (plaintext when `None`).
-    pub(crate) fn new<S>(service: S, token: Option<String>, tls: Option<TlsFiles>) -> Self
+    /// bearer token when given, served over `tls` (plaintext when `None`) within `transport`.
+    pub(crate) fn new<S>(
+        service: S,
+        token: Option<String>,
+        tls: Option<TlsFiles>,
+        transport: TransportLimits,
+    ) -> Self
     where
         S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
             + NamedService
@@ -84,13 +96,25 @@ impl Endpoint {
         S::Future: Send + 'static,
     {
         let service = InterceptedService::new(service, TokenCheck::new(token));
-        let (reporter, health) = tonic_health::server::health_reporter();
+        let reporter = HealthReporter::new();
+        let health = BoundedHealth::server(reporter.clone(), transport.max_health_watches);
         Self {
             routes: Routes::new(health).add_service(service),
             reporter,
             name: S::NAME,
             tls,
+            transport,
+            fatal: None,
         }
+    }
+
+    /// Ends serving with an error, health turned `NOT_SERVING`, when `fatal` completes.
+    pub(crate) fn failing_on(
+        mut self,
+        fatal: impl Future<Output = String> + Send + 'static,
+    ) -> Self {
+        self.fatal = Some(Box::pin(fatal));
+        self
     }
 
     async fn serve(
@@ -103,35 +127,43 @@ impl Endpoint {
             reporter,
             name,
             tls,
+            transport,
+            fatal,
         } = self;
         let local: Option<SocketAddr> = listener.local_addr().ok();
         let tls = tls.as_ref().map(tls::server_config).transpose()?;
         reporter
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
+        let failed = reporter.clone();
         let shutdown = async move {
             shutdown.await;
             reporter
                 .set_service_status(name, tonic_health::ServingStatus::NotServing)
                 .await;
         };
+        let fatal = async move {
+            let reason = match fatal {
+                Some(fatal) => fatal.await,
+                None => std::future::pending().await,
+            };
+            failed
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+            tracing::error!(%reason, "the server cannot serve any more");
+            reason
+        };
         tracing::info!(addr = ?local, tls = tls.is_some(), service = name, "serving");
-        let router = Transport::builder()
+        let served = Transport::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_routes(routes);
-        let served = match tls {
-            Some(config) => {
-                router
-                    .serve_with_incoming_shutdown(tls::TlsIncoming::new(listener, config), shutdown)
-                    .await
-            }
-            None => {
-                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-                router
-                    .serve_with_incoming_shutdown(incoming, shutdown)
-                    .await
-            }
+            .max_concurrent_streams(transport.max_streams_per_connection)
+            .http2_max_local_error_reset_streams(Some(transport.max_local_error_resets))
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(Incoming::new(listener, tls, &transport), shutdown);
+        let served = tokio::select! {
+            served = served => served,
+            reason = fatal => return Err(ServerError::Failed(reason)),
         };
         served.map_err(|e| ServerError::Transport(error_chain(&e)))
     }

@@ -56,7 +56,12 @@ impl Shared {
             &fingerprint,
         )?;
         let limits = &options.limits;
-        let sessions = Sessions::new(TRUNK_SESSIONS, limits.max_sessions, limits.idle_timeout)?;
+        let sessions = Sessions::new(
+            TRUNK_SESSIONS,
+            limits.max_sessions,
+            limits.idle_timeout,
+            &options.transport,
+        )?;
         let counters = sessions.counters().clone();
         let part = Arc::new(part);
         let engine = Engine::start(part.clone(), counters.clone(), options.batch_wait)
@@ -82,6 +87,7 @@ impl Shared {
             max_message_bytes: self.limits.max_message_bytes as u64,
             idle_timeout_ms: self.limits.idle_timeout.as_millis() as u64,
             kv_budget_bytes: self.limits.kv_budget_bytes,
+            kv_precision: self.part.kv_precision().to_string(),
         }
     }
 }
@@ -104,9 +110,10 @@ impl pb::trunk_server::Trunk for TrunkService {
         request: Request<pb::HandshakeRequest>,
     ) -> Result<Response<pb::HandshakeReply>, Status> {
         let request = request.into_inner();
-        let offered = request.codecs.iter().filter_map(|&c| codec_from_pb(c).ok());
         let terms = &self.shared.terms;
-        let codec = terms.agree(request.protocol_version, offered)?;
+        let codec = terms.agree(request.protocol_version, &request.codecs, |c| {
+            codec_from_pb(c).ok()
+        })?;
         Ok(Response::new(pb::HandshakeReply {
             protocol_version: terms.version(),
             codec: codec_to_pb(codec) as i32,
@@ -121,11 +128,12 @@ impl pb::trunk_server::Trunk for TrunkService {
         &self,
         request: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let shared = &self.shared;
-        shared
+        let shared = self.shared.clone();
+        let peer = request.remote_addr().map(|a| a.ip());
+        self.shared
             .sessions
-            .serve(request.into_inner(), |id| SessionState {
-                shared: shared.clone(),
+            .serve(peer, request.into_inner(), move |id| SessionState {
+                shared,
                 id,
                 codec: None,
                 trunk: None,
@@ -230,7 +238,7 @@ impl SessionState {
                 rows.start, position
             )));
         }
-        let end = position + rows.rows;
+        let end = rows.end();
         let limit = self.shared.limits.max_context;
         if end > limit {
             return Err(Status::resource_exhausted(format!(
@@ -278,9 +286,7 @@ impl SessionState {
             trunk,
             output,
             ticket,
-        } = done
-            .await
-            .map_err(|_| Status::unavailable("the server is shutting down"))?;
+        } = done.await.map_err(|_| self.shared.engine.lost())?;
         self.trunk = Some(trunk);
         self.ticket = ticket;
         let output = output?;

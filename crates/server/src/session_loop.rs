@@ -1,22 +1,29 @@
 //! The session skeleton every model kind's service shares: admission against the session
-//! limit, session ids, the count of open sessions, one task per stream, the idle timeout on
-//! requests and on replies, and the status a failed session ends with.
+//! limits (in total and per peer), session ids, the count of open sessions, one task per
+//! stream, the handshake timeout on the first request, the idle timeout on later requests and
+//! on replies, and the status a failed session ends with.
+//!
+//! A stream takes a session slot only when its first request (the `Open` or `Setup`) arrives,
+//! so streams that stay silent cannot lock devices out; they are closed after the handshake
+//! timeout.
 //!
 //! A model kind supplies only a [`SessionKind`]: its stream's messages and how one request
 //! becomes one reply.
 
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status, Streaming};
 
-use crate::ServerError;
 use crate::metrics::Counters;
+use crate::peers::{Full, PeerCounts, PeerHold};
+use crate::{ServerError, TransportLimits};
 
 /// One session of a model kind: what it holds between requests, and its compute.
 pub(crate) trait SessionKind: Send + 'static {
@@ -56,33 +63,38 @@ impl SessionNames {
 #[derive(Debug)]
 pub(crate) struct Sessions {
     names: SessionNames,
-    max_sessions: usize,
     idle_timeout: Duration,
-    slots: Arc<Semaphore>,
-    active: AtomicUsize,
+    handshake_timeout: Duration,
+    slots: Arc<PeerCounts>,
     next_id: AtomicU64,
     counters: Arc<Counters>,
 }
 
 impl Sessions {
-    /// Room for `max_sessions` sessions at once, each closed after `idle_timeout` without a
-    /// request (or without reading a reply), and the server's counters.
+    /// Room for `max_sessions` sessions at once (and as many per peer as `transport` allows),
+    /// each closed after `idle_timeout` without a request (or without reading a reply), and the
+    /// server's counters.
     pub(crate) fn new(
         names: SessionNames,
         max_sessions: usize,
         idle_timeout: Duration,
+        transport: &TransportLimits,
     ) -> Result<Self, ServerError> {
         if max_sessions == 0 {
             return Err(ServerError::Config(
                 "--max-sessions must be at least 1".into(),
             ));
         }
+        if transport.max_sessions_per_peer == 0 {
+            return Err(ServerError::Config(
+                "--max-sessions-per-peer must be at least 1".into(),
+            ));
+        }
         Ok(Self {
             names,
-            max_sessions,
             idle_timeout,
-            slots: Arc::new(Semaphore::new(max_sessions)),
-            active: AtomicUsize::new(0),
+            handshake_timeout: transport.handshake_timeout,
+            slots: PeerCounts::new(max_sessions, transport.max_sessions_per_peer),
             next_id: AtomicU64::new(1),
             counters: Arc::default(),
         })
@@ -95,33 +107,62 @@ impl Sessions {
 
     /// Sessions open now.
     pub(crate) fn active(&self) -> usize {
-        self.active.load(Ordering::SeqCst)
+        self.slots.total()
     }
 
-    /// Admits the stream `inbound` (or refuses it past the session limit), makes its state with
-    /// `open` from the new session's id, and serves it on its own task.
+    /// The status refusing a session when `full`.
+    fn refusal(&self, full: Full) -> Status {
+        Status::resource_exhausted(match full {
+            Full::Total(limit) => format!(
+                "the server already serves its limit of {limit} {}",
+                self.names.many
+            ),
+            Full::Peer(limit) => format!(
+                "this address already holds its limit of {limit} {}",
+                self.names.many
+            ),
+        })
+    }
+
+    /// Serves the stream `inbound` from `peer` on its own task: refused at once when no slot
+    /// is free, it takes one when its first request arrives (within the handshake timeout) and
+    /// makes its state with `open` from the new session's id.
     pub(crate) fn serve<K: SessionKind>(
         self: &Arc<Self>,
-        inbound: Streaming<K::Request>,
-        open: impl FnOnce(u64) -> K,
+        peer: Option<IpAddr>,
+        mut inbound: Streaming<K::Request>,
+        open: impl FnOnce(u64) -> K + Send + 'static,
     ) -> Result<Response<ReplyStream<K::Reply>>, Status> {
-        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "the server already serves its limit of {} {}",
-                self.max_sessions, self.names.many
-            ))
-        })?;
-        let seat = Seat::new(self.clone(), permit);
-        let kind = open(seat.id);
+        self.slots.room(peer).map_err(|full| self.refusal(full))?;
         let (tx, rx) = mpsc::channel(2);
+        let sessions = self.clone();
         tokio::spawn(async move {
-            let mut kind = kind;
-            let result = seat.run(&mut kind, inbound, &tx).await;
-            drop(kind);
-            let sessions = seat.sessions.clone();
-            let id = seat.id;
-            drop(seat);
+            let wait = sessions.handshake_timeout;
+            let first = match tokio::time::timeout(wait, inbound.message()).await {
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "no request within {} ms of opening the stream: it is closed",
+                    wait.as_millis()
+                ))),
+                Ok(Err(status)) => Err(status),
+                Ok(Ok(None)) => return,
+                Ok(Ok(Some(first))) => Ok(first),
+            };
+            let seat = first.and_then(|first| {
+                let place = sessions.slots.take(peer).map_err(|f| sessions.refusal(f))?;
+                Ok((first, Seat::new(sessions.clone(), place)))
+            });
+            let (id, result) = match seat {
+                Ok((first, seat)) => {
+                    let mut kind = open(seat.id);
+                    let result = seat.run(&mut kind, first, inbound, &tx).await;
+                    // The session's state (its share of the budgets) goes before its slot.
+                    drop(kind);
+                    (Some(seat.id), result)
+                }
+                Err(status) => (None, Err(status)),
+            };
             if let Err(status) = result {
+                let status = bounded(status);
                 sessions
                     .counters
                     .errors_total
@@ -134,28 +175,47 @@ impl Sessions {
     }
 }
 
+/// Longest status message a session ends with, in bytes: messages may quote what a client
+/// sent, and neither the reply nor the log repeats more than this of it.
+pub(crate) const MAX_STATUS_BYTES: usize = 512;
+
+/// `status` with its message cut to [`MAX_STATUS_BYTES`] (at a character boundary, marked
+/// with `…`).
+fn bounded(status: Status) -> Status {
+    let message = status.message();
+    if message.len() <= MAX_STATUS_BYTES {
+        return status;
+    }
+    let mut end = MAX_STATUS_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Status::new(status.code(), format!("{}…", &message[..end]))
+}
+
 /// One admitted session's place: its id and its slot, given back on drop.
 struct Seat {
     sessions: Arc<Sessions>,
-    _permit: OwnedSemaphorePermit,
+    _place: PeerHold,
     id: u64,
 }
 
 impl Seat {
-    fn new(sessions: Arc<Sessions>, permit: OwnedSemaphorePermit) -> Self {
-        sessions.active.fetch_add(1, Ordering::SeqCst);
+    fn new(sessions: Arc<Sessions>, place: PeerHold) -> Self {
         let id = sessions.next_id.fetch_add(1, Ordering::SeqCst);
         Self {
             sessions,
-            _permit: permit,
+            _place: place,
             id,
         }
     }
 
-    /// Serves the stream until the device closes it (`Ok`) or a request fails (`Err`).
+    /// Serves the stream, starting with its `first` request, until the device closes it (`Ok`)
+    /// or a request fails (`Err`).
     async fn run<K: SessionKind>(
         &self,
         kind: &mut K,
+        first: K::Request,
         mut inbound: Streaming<K::Request>,
         tx: &mpsc::Sender<Result<K::Reply, Status>>,
     ) -> Result<(), Status> {
@@ -170,12 +230,16 @@ impl Seat {
                 names.closed
             ))
         };
+        let mut next = Some(first);
         loop {
-            let request = match tokio::time::timeout(idle, inbound.message()).await {
-                Err(_) => return Err(closed("was idle")),
-                Ok(Err(status)) => return Err(status),
-                Ok(Ok(None)) => return Ok(()),
-                Ok(Ok(Some(request))) => request,
+            let request = match next.take() {
+                Some(request) => request,
+                None => match tokio::time::timeout(idle, inbound.message()).await {
+                    Err(_) => return Err(closed("was idle")),
+                    Ok(Err(status)) => return Err(status),
+                    Ok(Ok(None)) => return Ok(()),
+                    Ok(Ok(Some(request))) => request,
+                },
             };
             let reply = kind.handle(request).await?;
             match tokio::time::timeout(idle, tx.send(Ok(reply))).await {
@@ -189,11 +253,25 @@ impl Seat {
 
 impl Drop for Seat {
     fn drop(&mut self) {
-        self.sessions.active.fetch_sub(1, Ordering::SeqCst);
         tracing::debug!(
             session = self.id,
             kind = self.sessions.names.one,
             "session closed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_status_messages_are_cut_at_a_character_boundary() {
+        let long = Status::invalid_argument("é".repeat(400));
+        let cut = bounded(long);
+        assert_eq!(cut.code(), tonic::Code::InvalidArgument);
+        assert_eq!(cut.message(), format!("{}…", "é".repeat(256)));
+        let short = bounded(Status::internal("short"));
+        assert_eq!(short.message(), "short");
     }
 }

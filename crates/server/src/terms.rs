@@ -7,6 +7,10 @@ use tonic::Status;
 
 use crate::ServerError;
 
+/// Most codecs a device may offer in its handshake: every codec there is fits, and a longer
+/// list is refused before it is parsed or repeated in a status.
+pub(crate) const MAX_OFFERED_CODECS: usize = 32;
+
 /// A model kind's protocol: the version this build speaks, and how statuses name it and its
 /// codecs.
 #[derive(Debug, Clone, Copy)]
@@ -66,15 +70,24 @@ impl<C: Copy + PartialEq + Display> Terms<C> {
         self.protocol.version
     }
 
-    /// The handshake: the device's `version` must be ours; the first of its `offered` codecs
-    /// that this server serves is chosen.
-    pub(crate) fn agree(
+    /// The handshake: the device's `version` must be ours; the first of its `offered` codec
+    /// values (at most [`MAX_OFFERED_CODECS`]) that names a codec, with `parse`, this server
+    /// serves is chosen.
+    pub(crate) fn agree<R: Copy>(
         &self,
         version: u32,
-        offered: impl IntoIterator<Item = C>,
+        offered: &[R],
+        parse: impl Fn(R) -> Option<C>,
     ) -> Result<C, Status> {
         self.check_version(version)?;
-        let offered: Vec<C> = offered.into_iter().collect();
+        if offered.len() > MAX_OFFERED_CODECS {
+            return Err(Status::invalid_argument(format!(
+                "the device offers {} {} values; at most {MAX_OFFERED_CODECS} are accepted",
+                offered.len(),
+                self.protocol.codec
+            )));
+        }
+        let offered: Vec<C> = offered.iter().filter_map(|&c| parse(c)).collect();
         offered
             .iter()
             .copied()

@@ -1,31 +1,19 @@
-//! TLS 1.3 only: the server's rustls configuration and the stream of connections that
-//! completed a handshake, which tonic serves.
+//! TLS 1.3 only: the server's rustls configuration.
 //!
 //! tonic's own TLS settings accept TLS 1.2 as well; the trunk protocol requires 1.3, so the
-//! server builds its rustls configuration itself and hands tonic finished TLS streams.
+//! server builds its rustls configuration itself and hands tonic finished TLS streams (see
+//! `crate::incoming`).
 
-use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio_rustls::rustls;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::PrivateKeyDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig, version};
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::{TlsAcceptor, rustls};
-use tokio_stream::Stream;
 
 use crate::{ServerError, TlsFiles};
-
-/// A handshake that has not finished in this long is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server's rustls configuration: TLS 1.3 only, ALPN `h2`, the identity of `files` and,
 /// when `files` names a client CA, mandatory client certificates signed by it.
@@ -62,77 +50,8 @@ pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, Serve
 }
 
 /// The name of a negotiated protocol version, for logs.
-fn version_name(version: Option<rustls::ProtocolVersion>) -> String {
+pub(crate) fn version_name(version: Option<rustls::ProtocolVersion>) -> String {
     version.map_or_else(|| "none".into(), |v| format!("{v:?}"))
-}
-
-/// Connections accepted on a listener whose TLS handshake succeeded.
-///
-/// Handshakes run concurrently, each bounded by [`HANDSHAKE_TIMEOUT`], so a slow or silent
-/// client never holds up the next one. A failed handshake (a client offering only TLS 1.2, a
-/// client certificate from the wrong CA, plaintext) is logged and skipped.
-pub(crate) struct TlsIncoming {
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    handshakes: JoinSet<(SocketAddr, io::Result<TlsStream<TcpStream>>)>,
-}
-
-impl TlsIncoming {
-    pub(crate) fn new(listener: TcpListener, config: Arc<ServerConfig>) -> Self {
-        Self {
-            listener,
-            acceptor: TlsAcceptor::from(config),
-            handshakes: JoinSet::new(),
-        }
-    }
-
-    fn start_handshake(&mut self, stream: TcpStream, peer: SocketAddr) {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
-        }
-        let accept = self.acceptor.accept(stream);
-        self.handshakes.spawn(async move {
-            let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-                Ok(result) => result,
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
-                )),
-            };
-            (peer, result)
-        });
-    }
-}
-
-impl Stream for TlsIncoming {
-    type Item = io::Result<TlsStream<TcpStream>>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        loop {
-            match this.listener.poll_accept(cx) {
-                Poll::Ready(Ok((stream, peer))) => this.start_handshake(stream, peer),
-                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
-                Poll::Pending => break,
-            }
-        }
-        loop {
-            match this.handshakes.poll_join_next(cx) {
-                Poll::Ready(Some(Ok((peer, Ok(stream))))) => {
-                    let version = version_name(stream.get_ref().1.protocol_version());
-                    tracing::debug!(%peer, %version, "TLS handshake done");
-                    return Poll::Ready(Some(Ok(stream)));
-                }
-                Poll::Ready(Some(Ok((peer, Err(e))))) => {
-                    tracing::info!(%peer, error = %e, "refused a TLS handshake");
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "a TLS handshake task failed");
-                }
-                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
 }
 
 #[cfg(test)]

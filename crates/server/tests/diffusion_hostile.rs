@@ -343,6 +343,8 @@ fn image_sessions_past_the_limit_are_refused() {
     options.token = None;
     options.limits.max_sessions = 1;
     let server = serve("sd15", UnetSplit::Component, options, 0);
+    let fingerprint = trunk_fingerprint(&model_dir("sd15"), UnetSplit::Component).unwrap();
+    let setup = capture("sd15", UnetSplit::Component).setup.unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -350,7 +352,18 @@ fn image_sessions_past_the_limit_are_refused() {
         .expect("runtime");
     runtime.block_on(async {
         let mut client = DiffusionTrunkClient::new(raw_channel(&server.url, &certs).await);
+        // A stream takes its slot with its first request, a setup here.
         let mut first = RawImage::start(&mut client).await;
+        let ready = first
+            .send(RequestKind::Setup(pb::Setup {
+                protocol_version: DIFFUSION_PROTOCOL_VERSION,
+                codec: u32::from(StepCodec::F32.id()),
+                fingerprint_sha256: fingerprint.sha256.to_vec(),
+                conditioning: setup.conditioning.iter().map(tensor_to_pb).collect(),
+                guidance: setup.guidance,
+            }))
+            .await;
+        assert!(matches!(ready, Ok(ReplyKind::Ready(_))), "{ready:?}");
         let (_requests, outbound) = mpsc::channel::<ImageRequest>(1);
         let status = client
             .image(ReceiverStream::new(outbound))
@@ -361,6 +374,12 @@ fn image_sessions_past_the_limit_are_refused() {
             status.message(),
             "the server already serves its limit of 1 image sessions"
         );
+        // Once the slot is free, a new stream opening with a step is refused for that.
+        drop(first);
+        while server.stats.sessions() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut first = RawImage::start(&mut client).await;
         assert_status(
             first
                 .send(RequestKind::Step(pb::Step {

@@ -1,7 +1,7 @@
 //! Malformed and hostile session messages, and requests past the server's limits: each gets a
 //! gRPC status with a clear message, and other sessions keep being served.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lsplit_model::{KvPrecision, SplitPlan, TrunkFingerprint};
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
@@ -14,6 +14,7 @@ use lsplit_split::{Obfuscation, SessionKeys, SplitPolicy};
 use lsplit_testkit::llm::*;
 use lsplit_testkit::{
     assert_garbage_refused, assert_status, certificates, raw_channel, runtime, send_garbage,
+    wait_until,
 };
 use lsplit_wire::Codec;
 use tokio::sync::mpsc;
@@ -287,13 +288,6 @@ fn malformed_messages_get_clear_errors_while_a_good_session_completes() {
 }
 
 /// Polls `done` for up to 10 s: the server frees a session right after its stream ends.
-fn wait_until(done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn garbage_bytes_are_refused_and_the_server_keeps_serving() {

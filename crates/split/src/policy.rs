@@ -246,6 +246,18 @@ impl SessionKeys {
             tag,
         }
     }
+
+    /// The downlink message of step `step` carrying `rows`, tagged as a trunk tags it: what a
+    /// server holding the keys can send, for tests of a device facing a hostile server.
+    pub fn downlink(&self, step: u64, rows: HiddenRows) -> StepRows {
+        let tag = Schedule::tags_only(self).tag(Direction::Down, step, 0, &rows);
+        StepRows {
+            step,
+            rows,
+            rewind: 0,
+            tag,
+        }
+    }
 }
 
 /// The split points of one step.

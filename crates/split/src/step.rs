@@ -220,11 +220,11 @@ impl TrunkState {
         let draw = self.schedule.draw(step);
         let position = self.part.position();
         let from = self.part.layer_len(draw.k1, position);
-        if rows.start != from || rows.start + rows.rows <= position {
+        if rows.start != from || rows.end() <= position {
             return Err(TrunkError::Desync(format!(
                 "step {step} sends rows {}..{} but the trunk needs rows from {from} past {position}",
                 rows.start,
-                rows.start + rows.rows
+                rows.end()
             )));
         }
         let hidden = self
@@ -232,7 +232,7 @@ impl TrunkState {
             .reveal(&rows.decode(self.part.part().device())?)
             .map_err(candle)?;
         let input = hidden
-            .narrow(0, position - rows.start, rows.start + rows.rows - position)
+            .narrow(0, position - rows.start, rows.end() - position)
             .map_err(candle)?;
         let incoming = Incoming {
             layer: draw.k1,
@@ -436,13 +436,13 @@ impl DeviceState {
             return Err(SplitError::Desync(tag_mismatch("downlink", step)));
         }
         let rows = &down.rows;
-        if rows.start != expected_from || rows.start + rows.rows != end || rows.codec != codec {
+        if rows.start != expected_from || rows.end() != end || rows.codec != codec {
             return Err(SplitError::Desync(format!(
                 "the downlink of step {step} holds {} rows {}..{} but the tail needs {codec} rows \
                  {expected_from}..{end}",
                 rows.codec,
                 rows.start,
-                rows.start + rows.rows
+                rows.end()
             )));
         }
         let hidden = self

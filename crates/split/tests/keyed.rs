@@ -296,6 +296,25 @@ fn a_desync_is_an_error_never_garbage() {
         },
     };
     assert_eq!(desync(Box::new(moved), &ours), message);
+    // A server holds the keys, so it can tag whatever it sends: positions that overflow are
+    // refused, not a panic.
+    let overflowing = Tamper {
+        inner: local(&ours),
+        steps: 0,
+        change: |step, _, down, _| {
+            if step == 3 {
+                let mut rows = down.rows.clone();
+                rows.start = usize::MAX - 1;
+                *down = keys(6, Obfuscation::None).downlink(step, rows);
+            }
+            Ok(())
+        },
+    };
+    assert_eq!(
+        desync(Box::new(overflowing), &ours),
+        "desync: the downlink of step 3 holds f32 rows 18446744073709551614..18446744073709551615 \
+         but the tail needs f32 rows 0..44"
+    );
     // Keys for another policy are refused before any row is computed.
     let f = fixture();
     let other = SessionKeys {

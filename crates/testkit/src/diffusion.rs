@@ -46,6 +46,7 @@ pub fn server_options(certs: &DevCertificates) -> DiffusionOptions {
         codecs: StepCodec::all().to_vec(),
         token: Some(TOKEN.into()),
         tls: Some(tls_files(certs)),
+        transport: lsplit_server::TransportLimits::default(),
     }
 }
 

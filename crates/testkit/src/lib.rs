@@ -54,3 +54,14 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("runtime")
 }
+
+/// Waits until `condition` holds (each check 20 ms apart, at most a minute).
+pub fn wait_until(condition: impl Fn() -> bool) {
+    for _ in 0..3000 {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the condition never held");
+}

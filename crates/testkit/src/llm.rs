@@ -40,6 +40,7 @@ pub fn tls_options(certs: &DevCertificates) -> ServerOptions {
         token: None,
         tls: Some(tls_files(certs)),
         batch_wait: lsplit_server::DEFAULT_BATCH_WAIT,
+        transport: lsplit_server::TransportLimits::default(),
     }
 }
 
@@ -76,9 +77,21 @@ pub fn serve_with_kv(
     options: ServerOptions,
     precision: KvPrecision,
 ) -> RunningServer {
+    serve_with_kv_on(path, k1, k2, options, precision, 0)
+}
+
+/// [`serve_with_kv`] on `port`, as a server restarted with another precision comes back.
+pub fn serve_with_kv_on(
+    path: &Path,
+    k1: usize,
+    k2: usize,
+    options: ServerOptions,
+    precision: KvPrecision,
+    port: u16,
+) -> RunningServer {
     let mut source = source(path);
     source.set_kv_precision(precision);
-    serve_source(source, k1, k2, options, 0)
+    serve_source(source, k1, k2, options, port)
 }
 
 fn serve_source(
@@ -229,6 +242,7 @@ pub struct RestartedMidway {
     kill_at: usize,
     path: PathBuf,
     options: ServerOptions,
+    precision: KvPrecision,
 }
 
 impl RestartedMidway {
@@ -247,7 +261,14 @@ impl RestartedMidway {
             kill_at,
             path: path.to_owned(),
             options,
+            precision: KvPrecision::F32,
         }
+    }
+
+    /// The server comes back keeping its KV caches at `precision`.
+    pub fn with_kv_precision(mut self, precision: KvPrecision) -> Self {
+        self.precision = precision;
+        self
     }
 }
 
@@ -262,11 +283,12 @@ impl Trunk for RestartedMidway {
             let port = server.addr.port();
             server.kill();
             let layers = self.inner.layers();
-            self.server = Some(serve_on(
+            self.server = Some(serve_with_kv_on(
                 &self.path,
                 layers.start,
                 layers.end,
                 self.options.clone(),
+                self.precision,
                 port,
             ));
         }

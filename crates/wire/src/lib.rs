@@ -139,13 +139,14 @@ impl Codec {
         }
     }
 
-    /// Encoded size of `rows` rows of `width` values, scales included.
+    /// Encoded size of `rows` rows of `width` values, scales included. Shapes read from the
+    /// network may be absurd: the size saturates at `usize::MAX`, which no payload matches.
     pub fn payload_len(self, rows: usize, width: usize) -> usize {
-        let values = rows * width;
+        let values = rows.saturating_mul(width);
         match self {
-            Self::F32 => values * 4,
-            Self::F16 | Self::Bf16 => values * 2,
-            Self::Int8 => values + rows * 4,
+            Self::F32 => values.saturating_mul(4),
+            Self::F16 | Self::Bf16 => values.saturating_mul(2),
+            Self::Int8 => values.saturating_add(rows.saturating_mul(4)),
         }
     }
 
@@ -225,6 +226,12 @@ pub struct HiddenRows {
 }
 
 impl HiddenRows {
+    /// The position after the last row. Positions read from the network may be absurd: the
+    /// end saturates at `usize::MAX`, past any context, instead of overflowing.
+    pub fn end(&self) -> usize {
+        self.start.saturating_add(self.rows)
+    }
+
     /// Decodes into an f32 tensor `(rows, width)` on `device`, checking the payload size and
     /// that every value is finite.
     pub fn decode(&self, device: &Device) -> Result<Tensor, WireError> {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use lsplit_device::{DiffusionTrunkChoice, DiffusionTrunks};
 use lsplit_diffusion::{DevicePipeline, UnetSplit};
-use lsplit_edge::{EdgeConfig, EdgeServer, ImageModel};
+use lsplit_edge::{EdgeConfig, EdgeGuard, EdgeServer, ImageModel};
 use lsplit_split::{GenerateOptions, Speculate};
 use lsplit_wire::StepCodec;
 
@@ -74,6 +74,23 @@ pub struct EdgeArgs {
         requires = "image_model"
     )]
     pub step_codec: StepCodec,
+    /// Images: most MiB an image's attention may allocate at once on this device (it grows
+    /// with the square of the image area); larger images are refused
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 4096,
+        requires = "image_model"
+    )]
+    pub max_attention_mib: u64,
+    /// Another name the Host header may carry (repeatable); the listen address and, on
+    /// loopback, localhost are always answered. Other names are refused against DNS rebinding
+    #[arg(long, value_name = "HOST")]
+    pub allowed_host: Vec<String>,
+    /// A web origin (e.g. http://localhost:3000, or *) whose pages may call the API
+    /// (repeatable); pages of other sites are refused
+    #[arg(long, value_name = "ORIGIN")]
+    pub cors_origin: Vec<String>,
 }
 
 /// The model's name in the API: the file name without its extension, or the directory's name.
@@ -107,6 +124,7 @@ fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
         model_id: model_id(dir),
         trunks,
         codec,
+        max_attention_bytes: args.max_attention_mib.saturating_mul(1 << 20),
     }))
 }
 
@@ -143,14 +161,20 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
             i.trunks.location()
         )
     });
-    let server = EdgeServer::new(EdgeConfig {
+    let guard = EdgeGuard {
+        listen: Some(args.listen),
+        allowed_hosts: args.allowed_host.clone(),
+        cors_origins: args.cors_origin.clone(),
+    };
+    let config = EdgeConfig {
         device,
         model_id: model_id.clone(),
         defaults,
         api_key: args.api_key.clone(),
         max_sessions: args.max_sessions,
         images,
-    });
+    };
+    let server = EdgeServer::guarded(config, guard);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -14,7 +14,7 @@ use lsplit_diffusion::{UnetSplit, load_trunk_model, trunk_fingerprint};
 use lsplit_model::{KvPrecision, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_server::{
     DiffusionLimits, DiffusionOptions, DiffusionServer, Limits, ServerError, ServerOptions,
-    ServerStats, TlsFiles, TrunkServer,
+    ServerStats, TlsFiles, TransportLimits, TrunkServer,
 };
 use lsplit_wire::{Codec, StepCodec};
 
@@ -108,6 +108,28 @@ pub struct ServeArgs {
     /// whatever is waiting at once. It never exceeds a quarter of the previous batch's time
     #[arg(long, default_value_t = 2.0, value_parser = non_negative_ms)]
     pub batch_wait_ms: f64,
+    /// Seconds a new session stream may take to send its first message (Open or Setup)
+    /// before it is closed; a stream holds a session slot only from that message
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+    /// Sessions one client address may hold at once [default: --max-sessions]
+    #[arg(long)]
+    pub max_sessions_per_peer: Option<usize>,
+    /// Connections open at once [default: 512]
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Connections one client address may hold at once [default: 64]
+    #[arg(long)]
+    pub max_connections_per_peer: Option<usize>,
+    /// TLS handshakes in progress at once; later connections wait [default: 64]
+    #[arg(long)]
+    pub max_tls_handshakes: Option<usize>,
+    /// HTTP/2 streams one connection may have open at once [default: 32]
+    #[arg(long)]
+    pub max_streams_per_connection: Option<u32>,
+    /// Health Watch streams (which need no token) open at once [default: 64]
+    #[arg(long)]
+    pub max_health_watches: Option<usize>,
     /// Also serve Prometheus metrics at http://ADDR/metrics
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
@@ -159,6 +181,29 @@ fn security(args: &ServeArgs) -> anyhow::Result<(Option<String>, Option<TlsFiles
         tracing::warn!("no --token-file: any client that reaches this address can use the trunk");
     }
     Ok((token, tls))
+}
+
+/// The transport limits from the command line, the library's defaults where a flag is absent.
+fn transport(args: &ServeArgs) -> TransportLimits {
+    let defaults = TransportLimits::default();
+    TransportLimits {
+        handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
+        max_sessions_per_peer: args.max_sessions_per_peer.unwrap_or(args.max_sessions),
+        max_connections: args.max_connections.unwrap_or(defaults.max_connections),
+        max_connections_per_peer: args
+            .max_connections_per_peer
+            .unwrap_or(defaults.max_connections_per_peer),
+        max_tls_handshakes: args
+            .max_tls_handshakes
+            .unwrap_or(defaults.max_tls_handshakes),
+        max_streams_per_connection: args
+            .max_streams_per_connection
+            .unwrap_or(defaults.max_streams_per_connection),
+        max_health_watches: args
+            .max_health_watches
+            .unwrap_or(defaults.max_health_watches),
+        ..defaults
+    }
 }
 
 /// Parses `--codecs` with `parse`, or returns `default` when it is absent.
@@ -232,6 +277,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         codecs,
         token,
         tls,
+        transport: transport(&args),
         batch_wait: Duration::from_secs_f64(args.batch_wait_ms / 1000.0),
     };
     let scheme = scheme(&options.tls);
@@ -287,6 +333,7 @@ fn run_diffusion(args: ServeArgs, path: &Path) -> anyhow::Result<()> {
         codecs,
         token,
         tls,
+        transport: transport(&args),
     };
     let scheme = scheme(&options.tls);
     let server = DiffusionServer::new(model, fingerprint, options)?;
