@@ -3,8 +3,8 @@
 //! requests, and trunk sessions freed when clients leave mid-stream, in-process and on a
 //! trunk server over TLS.
 //!
-//! The Python packages come from `tests/edge/requirements.txt`, installed by `.ci/run` into
-//! `$LSPLIT_CACHE_DIR/edge-test-venv` (override with `LSPLIT_TEST_PYTHON`).
+//! The Python packages come from `tests/edge/requirements.txt`, installed by `scripts/test.sh`
+//! into `$LSPLIT_CACHE_DIR/edge-test-venv` (override with `LSPLIT_TEST_PYTHON`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -49,15 +49,36 @@ fn python() -> PathBuf {
         .join("edge-test-venv/bin/python");
     assert!(
         python.exists(),
-        "{} is missing: .ci/run creates it (python3 -m venv DIR && DIR/bin/pip install -r \
-         crates/cli/tests/edge/requirements.txt), or set LSPLIT_TEST_PYTHON",
+        "{} is missing: run scripts/test.sh, which creates it (or python3 -m venv DIR && \
+         DIR/bin/pip install -r crates/cli/tests/edge/requirements.txt), or set \
+         LSPLIT_TEST_PYTHON",
         python.display()
     );
     python
 }
 
+/// Fails, saying how to get them, when the browser scripts' Chromium or chromedriver is
+/// missing (the paths browser.py and image_browser.py use: $CHROMIUM, $CHROMEDRIVER).
+fn require_browser() {
+    for (variable, default, package) in [
+        ("CHROMIUM", "/usr/bin/chromium", "chromium"),
+        ("CHROMEDRIVER", "/usr/bin/chromedriver", "chromium-driver"),
+    ] {
+        let path = std::env::var_os(variable).map_or_else(|| PathBuf::from(default), PathBuf::from);
+        assert!(
+            path.is_file(),
+            "{} is missing: run scripts/test.sh, which installs it (apt-get install {package}), \
+             or set {variable}",
+            path.display()
+        );
+    }
+}
+
 /// Runs a script of `tests/edge` with `args`; returns the JSON object it prints.
 fn run_script(name: &str, args: &[&str]) -> Value {
+    if name.ends_with("browser.py") {
+        require_browser();
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/edge")
         .join(name);
