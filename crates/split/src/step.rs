@@ -197,7 +197,10 @@ impl TrunkState {
             )));
         }
         let rows = &message.rows;
-        if message.tag != self.schedule.tag(Direction::Up, step, rows) {
+        if !self
+            .schedule
+            .verify(Direction::Up, step, rows, &message.tag)
+        {
             return Err(TrunkError::Desync(tag_mismatch("uplink", step)));
         }
         let draw = self.schedule.draw(step);
@@ -376,7 +379,11 @@ impl DeviceState {
         let t = Instant::now();
 
         let expected_from = self.tail.layer_len(draw.k2, start);
-        if down.step != step || down.tag != self.schedule.tag(Direction::Down, step, &down.rows) {
+        if down.step != step
+            || !self
+                .schedule
+                .verify(Direction::Down, step, &down.rows, &down.tag)
+        {
             return Err(SplitError::Desync(tag_mismatch("downlink", step)));
         }
         let rows = &down.rows;
