@@ -4,7 +4,7 @@ mod args;
 mod commands;
 mod signal;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::args::LogFormat;
 
@@ -59,7 +59,7 @@ impl Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let command = Cli::parse().command;
+    let command = parse().command;
     args::init_logging(command.log_format());
     if !matches!(command, Command::Serve(_)) {
         one_malloc_arena();
@@ -79,6 +79,18 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The command line, with `--version` naming the kernels this CPU runs (chosen at run time),
+/// e.g. `lsplit 0.1.0 (kernels: avx512-vnni)`.
+fn parse() -> Cli {
+    let version = format!(
+        "{} (kernels: {})",
+        env!("CARGO_PKG_VERSION"),
+        lsplit_model::KernelPath::active()
+    );
+    let matches = Cli::command().version(version).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// On the device, keeps glibc's allocator to one arena. glibc gives each thread that allocates

@@ -273,3 +273,22 @@ fn completions_are_printed_for_bash_zsh_and_fish() {
         stderr(&out)
     );
 }
+
+#[test]
+fn version_names_the_kernels_chosen_at_run_time() {
+    let out = lsplit(&["--version"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let version = stdout(&out);
+    assert!(
+        ["avx512-vnni", "avx2", "portable"]
+            .iter()
+            .any(|path| version == format!("lsplit 0.1.0 (kernels: {path})\n")),
+        "{version}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lsplit"))
+        .arg("--version")
+        .env("LSPLIT_KERNELS", "portable")
+        .output()
+        .expect("run lsplit");
+    assert_eq!(stdout(&out), "lsplit 0.1.0 (kernels: portable)\n");
+}
