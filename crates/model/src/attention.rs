@@ -40,6 +40,16 @@ const PARALLEL_ATTENTION: usize = 1 << 16;
 /// place: no copy of the cache per token (which repeating the KV heads would make), so a decode
 /// step costs only the reads and the arithmetic. Writes the `heads * dim` outputs into `out`.
 pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) -> Result<()> {
+    attend_row_on(KernelPath::active(), q, cached, out)
+}
+
+/// [`attend_row`] on `path`.
+fn attend_row_on(
+    path: KernelPath,
+    q: &[f32],
+    cached: CachedHeads<'_>,
+    out: &mut [f32],
+) -> Result<()> {
     let CachedHeads {
         kv_heads, dim, len, ..
     } = cached;
@@ -69,10 +79,10 @@ pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) ->
         };
         match (keys, values) {
             (Values::F32(keys), Values::F32(values)) => {
-                attend_chunk(queries, Task::plain(keys, values, place))
+                attend_chunk(path, queries, Task::plain(keys, values, place))
             }
             (Values::F16(keys), Values::F16(values)) => {
-                attend_chunk(queries, Task::plain(keys, values, place))
+                attend_chunk(path, queries, Task::plain(keys, values, place))
             }
             (
                 Values::Q8 {
@@ -84,6 +94,7 @@ pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) ->
                     scales: value_scales,
                 },
             ) => attend_chunk(
+                path,
                 queries,
                 Task {
                     keys,
@@ -102,7 +113,7 @@ pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) ->
         (0..kv_heads * chunks).into_par_iter().map(attend).collect()
     };
     for (g, ys) in out.chunks_exact_mut(group * dim).enumerate() {
-        merge(partials.iter().skip(g).step_by(kv_heads), ys, dim);
+        merge(path, partials.iter().skip(g).step_by(kv_heads), ys, dim);
     }
     Ok(())
 }
@@ -229,9 +240,9 @@ fn scales_of(scales: &[f32], range: Range<usize>) -> &[f32] {
 const HEADS_AT_ONCE: usize = 4;
 
 /// Attention of the group's query heads `queries (group * dim)` over the task's positions, by
-/// the clone of the CPU's [`KernelPath`].
-fn attend_chunk<E: Element>(queries: &[f32], task: Task<'_, E>) -> Partial {
-    match KernelPath::active() {
+/// the clone of `path`.
+fn attend_chunk<E: Element>(path: KernelPath, queries: &[f32], task: Task<'_, E>) -> Partial {
+    match path {
         // SAFETY: a path runs only where the CPU has its features.
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx512Vnni => unsafe { attend_chunk_avx512(queries, task) },
@@ -558,8 +569,39 @@ fn largest(scores: &[f32]) -> f32 {
     lanes[0]
 }
 
-/// Merges the partials of one group's chunks into its output rows `ys (group * dim)`.
-fn merge<'a>(parts: impl Iterator<Item = &'a Partial> + Clone, ys: &mut [f32], dim: usize) {
+/// Merges the partials of one group's chunks into its output rows `ys (group * dim)`, with
+/// FMA instructions on the SIMD paths (`mul_add` is a library call without).
+fn merge<'a>(
+    path: KernelPath,
+    parts: impl Iterator<Item = &'a Partial> + Clone,
+    ys: &mut [f32],
+    dim: usize,
+) {
+    match path {
+        // SAFETY: both SIMD paths run only where the CPU has FMA.
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::Avx512Vnni => unsafe { merge_fma(parts, ys, dim) },
+        _ => merge_on(parts, ys, dim),
+    }
+}
+
+/// [`merge_on`] compiled with FMA.
+///
+/// # Safety
+/// The CPU has FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn merge_fma<'a>(
+    parts: impl Iterator<Item = &'a Partial> + Clone,
+    ys: &mut [f32],
+    dim: usize,
+) {
+    merge_on(parts, ys, dim)
+}
+
+/// See [`merge`].
+#[inline(always)]
+fn merge_on<'a>(parts: impl Iterator<Item = &'a Partial> + Clone, ys: &mut [f32], dim: usize) {
     for (h, y) in ys.chunks_exact_mut(dim).enumerate() {
         let top = parts
             .clone()
@@ -694,11 +736,22 @@ mod tests {
     /// [`attend_row`] of `q (1, heads, 1, dim)` over keys and values `k`, `v (1, kv_heads, len,
     /// dim)` held in a KV cache at `precision`, as a `(1, 1, heads * dim)` tensor.
     fn single_row(q: &Tensor, k: &Tensor, v: &Tensor, precision: KvPrecision) -> Result<Tensor> {
+        single_row_on(KernelPath::active(), q, k, v, precision)
+    }
+
+    /// [`single_row`] on `path`.
+    fn single_row_on(
+        path: KernelPath,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        precision: KvPrecision,
+    ) -> Result<Tensor> {
         let mut cache = KvCache::with_precision(1, precision);
         cache.append(0, k, v)?;
         let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
         let mut out = vec![0f32; q.len()];
-        attend_row(&q, cache.heads(0), &mut out)?;
+        attend_row_on(path, &q, cache.heads(0), &mut out)?;
         Ok(Tensor::from_vec(out, (1, 1, q.len()), &Device::Cpu)?)
     }
 
@@ -775,6 +828,19 @@ mod tests {
                     diff < 1e-5,
                     "{precision}: heads {heads}/{kv_heads}, dim {dim}, len {len}: {diff}"
                 );
+                // Every path the CPU runs: as close to the reference, and the two SIMD clones
+                // (the same operations) bit for bit equal.
+                let mut simd: Option<Vec<u32>> = None;
+                for path in KernelPath::all_supported() {
+                    let ours = single_row_on(path, &q, &k, &v, precision)?;
+                    let diff = max_diff(&ours, &expected)?;
+                    assert!(diff < 1e-5, "{path} {precision}: {diff}");
+                    if path != KernelPath::Portable {
+                        let bits = ours.flatten_all()?.to_vec1::<f32>()?;
+                        let bits: Vec<u32> = bits.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(simd.get_or_insert_with(|| bits.clone()), &bits, "{path}");
+                    }
+                }
             }
         }
         Ok(())
