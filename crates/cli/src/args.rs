@@ -12,6 +12,40 @@ use lsplit_split::{Obfuscation, SamplingParams, load_tokenizer};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
+/// How `serve` and `edge` write their log to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people
+    Text,
+    /// One JSON object per event, for log collectors
+    Json,
+}
+
+/// Logging flags of the long-running commands.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// How the log on stderr is written (what is logged: LSPLIT_LOG, else RUST_LOG, else warn)
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Starts the log on stderr in `format`, filtered by `LSPLIT_LOG` or, when that is unset,
+/// the ecosystem's `RUST_LOG` (both in `tracing`'s filter syntax, e.g. `lsplit_server=debug`),
+/// warnings and errors only when neither is set.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("LSPLIT_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    let log = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => log.init(),
+        LogFormat::Json => log.json().init(),
+    }
+}
+
 /// Which model to run.
 #[derive(Debug, Args)]
 pub struct ModelArgs {

@@ -4,14 +4,16 @@ mod args;
 mod commands;
 mod signal;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::args::LogFormat;
 
 /// Privacy-preserving split computing for generative AI.
 ///
 /// The model is cut into a head and a tail that run on this device and a trunk (the heavy
 /// middle) that runs in the cloud; only hidden states cross between them.
 #[derive(Debug, Parser)]
-#[command(name = "lsplit", version, about, long_about = None)]
+#[command(name = "lsplit", version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,17 +39,28 @@ enum Command {
     Attack(commands::attack::AttackArgs),
     /// Write a development CA, server certificate and client certificate for `serve`.
     Cert(commands::cert::CertArgs),
+    /// Print a shell completion script, e.g. `lsplit completions bash > ~/.local/share/bash-completion/completions/lsplit`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+}
+
+impl Command {
+    /// How this command writes its log: `--log-format` of `serve` and `edge`, text elsewhere.
+    fn log_format(&self) -> LogFormat {
+        match self {
+            Command::Serve(args) => args.log.log_format,
+            Command::Edge(args) => args.log.log_format,
+            _ => LogFormat::Text,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LSPLIT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
-    let command = Cli::parse().command;
+    let command = parse().command;
+    args::init_logging(command.log_format());
     if !matches!(command, Command::Serve(_)) {
         one_malloc_arena();
     }
@@ -61,7 +74,23 @@ fn main() -> anyhow::Result<()> {
         Command::Cert(args) => commands::cert::run(args),
         Command::Edge(args) => commands::edge::run(args),
         Command::Attack(args) => commands::attack::run(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lsplit", &mut std::io::stdout());
+            Ok(())
+        }
     }
+}
+
+/// The command line, with `--version` naming the kernels this CPU runs (chosen at run time),
+/// e.g. `lsplit 0.1.0 (kernels: avx512-vnni)`.
+fn parse() -> Cli {
+    let version = format!(
+        "{} (kernels: {})",
+        env!("CARGO_PKG_VERSION"),
+        lsplit_model::KernelPath::active()
+    );
+    let matches = Cli::command().version(version).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// On the device, keeps glibc's allocator to one arena. glibc gives each thread that allocates

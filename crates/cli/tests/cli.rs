@@ -303,3 +303,59 @@ fn bench_reports_both_configurations_and_can_measure_one() {
         stderr(&out)
     );
 }
+
+#[test]
+fn help_shows_the_long_description() {
+    let out = lsplit(&["--help"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(
+            "Privacy-preserving split computing for generative AI.\n\nThe model is cut into a \
+             head and a tail that run on this device and a trunk (the heavy middle) that runs in \
+             the cloud; only hidden states cross between them.\n"
+        ),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn completions_are_printed_for_bash_zsh_and_fish() {
+    for (shell, start) in [
+        ("bash", "_lsplit() {"),
+        ("zsh", "#compdef lsplit"),
+        ("fish", "# Print an optspec for argparse"),
+    ] {
+        let out = lsplit(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let script = stdout(&out);
+        assert!(script.starts_with(start), "{shell}: {script}");
+        assert!(script.contains("served-model-name"), "{shell}: {script}");
+    }
+    let out = lsplit(&["completions", "tcsh"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid value 'tcsh' for '<SHELL>'"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn version_names_the_kernels_chosen_at_run_time() {
+    let out = lsplit(&["--version"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let version = stdout(&out);
+    assert!(
+        ["avx512-vnni", "avx2", "portable"]
+            .iter()
+            .any(|path| version == format!("lsplit 0.1.0 (kernels: {path})\n")),
+        "{version}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lsplit"))
+        .arg("--version")
+        .env("LSPLIT_KERNELS", "portable")
+        .output()
+        .expect("run lsplit");
+    assert_eq!(stdout(&out), "lsplit 0.1.0 (kernels: portable)\n");
+}

@@ -3,8 +3,8 @@
 //! requests, and trunk sessions freed when clients leave mid-stream, in-process and on a
 //! trunk server over TLS.
 //!
-//! The Python packages come from `tests/edge/requirements.txt`, installed by `.ci/run` into
-//! `$LSPLIT_CACHE_DIR/edge-test-venv` (override with `LSPLIT_TEST_PYTHON`).
+//! The Python packages come from `tests/edge/requirements.txt`, installed by `scripts/test.sh`
+//! into `$LSPLIT_CACHE_DIR/edge-test-venv` (override with `LSPLIT_TEST_PYTHON`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -49,15 +49,36 @@ fn python() -> PathBuf {
         .join("edge-test-venv/bin/python");
     assert!(
         python.exists(),
-        "{} is missing: .ci/run creates it (python3 -m venv DIR && DIR/bin/pip install -r \
-         crates/cli/tests/edge/requirements.txt), or set LSPLIT_TEST_PYTHON",
+        "{} is missing: run scripts/test.sh, which creates it (or python3 -m venv DIR && \
+         DIR/bin/pip install -r crates/cli/tests/edge/requirements.txt), or set \
+         LSPLIT_TEST_PYTHON",
         python.display()
     );
     python
 }
 
+/// Fails, saying how to get them, when the browser scripts' Chromium or chromedriver is
+/// missing (the paths browser.py and image_browser.py use: $CHROMIUM, $CHROMEDRIVER).
+fn require_browser() {
+    for (variable, default, package) in [
+        ("CHROMIUM", "/usr/bin/chromium", "chromium"),
+        ("CHROMEDRIVER", "/usr/bin/chromedriver", "chromium-driver"),
+    ] {
+        let path = std::env::var_os(variable).map_or_else(|| PathBuf::from(default), PathBuf::from);
+        assert!(
+            path.is_file(),
+            "{} is missing: run scripts/test.sh, which installs it (apt-get install {package}), \
+             or set {variable}",
+            path.display()
+        );
+    }
+}
+
 /// Runs a script of `tests/edge` with `args`; returns the JSON object it prints.
 fn run_script(name: &str, args: &[&str]) -> Value {
+    if name.ends_with("browser.py") {
+        require_browser();
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/edge")
         .join(name);
@@ -1221,4 +1242,94 @@ fn the_page_draws_an_image_in_headless_chromium() {
     assert_eq!(got["chat_visible"], json!(true));
     assert_eq!(got["image_hidden"], json!(true));
     assert_eq!(got["console_errors"], json!([]));
+}
+
+#[test]
+fn the_api_key_can_come_from_a_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "  s3cret \nignored second line\n").expect("key file");
+    let edge = Edge::start(&["--api-key-file", &key_file.display().to_string()]);
+    let (status, _) = http(edge.addr, "GET", "/v1/models", &[], "");
+    assert_eq!(status, 401);
+    let (status, body) = http(
+        edge.addr,
+        "GET",
+        "/v1/models",
+        &["Authorization: Bearer s3cret"],
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").expect("empty key file");
+    let out = lsplit()
+        .args(["edge", "--listen", "127.0.0.1:0", "--api-key-file"])
+        .arg(&empty)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the API key is empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = lsplit()
+        .args(["edge", "--api-key", "a", "--api-key-file"])
+        .arg(&key_file)
+        .output()
+        .expect("run");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("the argument '--api-key <KEY>' cannot be used with '--api-key-file <FILE>'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_second_ctrl_c_stops_edge_at_once() {
+    let mut child = lsplit()
+        .env("LSPLIT_LOG", "info")
+        .args(["edge", "--listen", "127.0.0.1:0", "--model"])
+        .arg(model())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lsplit edge");
+    let line = first_lines(&mut child, 1, "lsplit edge");
+    let addr = address_after(&line, "http://");
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // An open stream keeps a gracefully stopping server running.
+    let _stream = streaming_client(addr);
+    let pid = child.id().to_string();
+    let signal = || {
+        let status = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    signal();
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("lsplit edge logs that it is shutting down");
+        if line.contains("shutting down: open requests finish; a second Ctrl-C stops at once") {
+            break;
+        }
+    }
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "exited with a stream open"
+    );
+    signal();
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "{status}");
 }

@@ -490,3 +490,103 @@ fn batch_wait_outside_zero_to_a_second_is_refused() {
         );
     }
 }
+
+/// The gRPC health status of the trunk service at `addr`, over a fresh plaintext connection.
+fn health(addr: &str) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("the server accepts a connection");
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "lsplit.trunk.v1.Trunk".into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status
+    })
+}
+
+/// Lines of a child's stderr, as they come.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The first JSON log line of `lines` whose message is `message`, or fails after a minute.
+fn json_event(lines: &std::sync::mpsc::Receiver<String>, message: &str) -> serde_json::Value {
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no `{message}` event on stderr"));
+        let event: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+        if event["fields"]["message"] == message {
+            return event;
+        }
+    }
+}
+
+#[test]
+fn drain_reports_not_serving_while_still_accepting_and_rust_log_is_honoured_in_json() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lsplit"))
+        .env_remove("LSPLIT_LOG")
+        .env("RUST_LOG", "lsplit_server=info,warn")
+        .args(["serve", "--insecure", "--listen", "127.0.0.1:0", "--model"])
+        .arg(model())
+        .args(["--drain-secs", "600", "--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lsplit serve");
+    let lines = stderr_lines(&mut child);
+    let mut banner = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut banner)
+        .expect("banner");
+    let addr = banner
+        .trim()
+        .rsplit("http://")
+        .next()
+        .expect("address")
+        .to_string();
+    let serving = json_event(&lines, "serving");
+    assert_eq!(serving["level"], "INFO");
+    assert_eq!(serving["target"], "lsplit_server::serve");
+    assert_eq!(serving["fields"]["service"], "lsplit.trunk.v1.Trunk");
+    assert_eq!(health(&addr), ServingStatus::Serving as i32);
+
+    run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let draining = json_event(
+        &lines,
+        "draining: health says NOT_SERVING, sessions still accepted",
+    );
+    assert_eq!(draining["fields"]["seconds"], 600.0);
+    // A new connection is still accepted, and its health check says NOT_SERVING.
+    assert_eq!(health(&addr), ServingStatus::NotServing as i32);
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "exited while draining"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -3,11 +3,10 @@
 //! stops at the next token and its session, trunk session included, is dropped.
 
 use std::ops::ControlFlow;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use lsplit_split::{GenerateOptions, Stats, StopReason};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::State;
 use crate::error::ApiError;
@@ -69,32 +68,28 @@ pub(crate) enum Event {
     Failed(ApiError),
 }
 
-/// A taken session slot (a generation or an image, each with its own trunk session); frees it
-/// when dropped.
-pub(crate) struct Slot(Arc<State>);
+/// A taken session slot (a generation or an image, each with its own trunk session): a permit
+/// of the server's semaphore, given back when dropped.
+pub(crate) struct Slot {
+    state: Arc<State>,
+    _permit: OwnedSemaphorePermit,
+}
 
 impl Slot {
     /// Takes a slot, or answers 429 when all `max_sessions` are taken.
     pub fn take(state: &Arc<State>) -> Result<Self, ApiError> {
-        let max = state.max_sessions;
-        state
-            .sessions
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .map_err(|_| ApiError::busy(max))?;
-        Ok(Self(Arc::clone(state)))
+        let permit = Arc::clone(&state.slots)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::busy(state.max_sessions))?;
+        Ok(Self {
+            state: Arc::clone(state),
+            _permit: permit,
+        })
     }
 
     /// The server's state.
     pub fn state(&self) -> &State {
-        &self.0
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.sessions.fetch_sub(1, Ordering::SeqCst);
+        &self.state
     }
 }
 

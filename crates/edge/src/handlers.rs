@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{Path, State as Shared};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{Method, Uri};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -142,13 +142,19 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Ap
     serde_json::from_slice(body).map_err(|e| ApiError::malformed(&e))
 }
 
-/// Refuses a request for a model other than the one served.
+/// Refuses a request for a model other than the one served (under its id or an alias).
 fn check_model(state: &State, model: Option<&str>) -> Result<(), ApiError> {
     match model {
-        Some(name) if name != state.model_id => Err(ApiError::model_not_found(format!(
-            "The model `{name}` does not exist: this server serves `{}`",
-            state.model_id
-        ))),
+        Some(name) if !state.serves(name) => {
+            let also = match state.aliases.as_slice() {
+                [] => String::new(),
+                aliases => format!(" (also as `{}`)", aliases.join("`, `")),
+            };
+            Err(ApiError::model_not_found(format!(
+                "The model `{name}` does not exist: this server serves `{}`{also}",
+                state.model_id
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -309,9 +315,10 @@ fn ended_early() -> ApiError {
     }
 }
 
-fn model_entry(state: &State) -> Value {
+/// The text model's `/v1/models` entry under the name `id` (its id or an alias).
+fn model_entry(state: &State, id: &str) -> Value {
     json!({
-        "id": state.model_id,
+        "id": id,
         "object": "model",
         "created": state.started,
         "owned_by": "lsplit",
@@ -329,9 +336,16 @@ fn image_model_entry(state: &State) -> Option<Value> {
     })
 }
 
-/// `GET /v1/models`: the text model, then the image model if one is loaded.
+/// `GET /health`: 200 with an empty body while the server runs, without a key, for load
+/// balancers and supervisors (as vLLM's).
+pub(crate) async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+/// `GET /v1/models`: the text model, its aliases, then the image model if one is loaded.
 pub(crate) async fn models(Shared(state): Shared<Arc<State>>) -> Response {
-    let mut data = vec![model_entry(&state)];
+    let names = std::iter::once(&state.model_id).chain(&state.aliases);
+    let mut data: Vec<Value> = names.map(|name| model_entry(&state, name)).collect();
     data.extend(image_model_entry(&state));
     json_response(&json!({ "object": "list", "data": data }))
 }
@@ -342,7 +356,7 @@ pub(crate) async fn model(Shared(state): Shared<Arc<State>>, Path(id): Path<Stri
         return json_response(&entry);
     }
     match check_model(&state, Some(&id)) {
-        Ok(()) => json_response(&model_entry(&state)),
+        Ok(()) => json_response(&model_entry(&state, &id)),
         Err(e) => e.into_response(),
     }
 }
@@ -531,7 +545,7 @@ pub(crate) async fn info(Shared(state): Shared<Arc<State>>) -> Response {
         "trunk": state.device.trunk_location(),
         "chat_template": state.device.model.tokenizer().chat_template().is_some(),
         "images": image_info(&state),
-        "sessions_open": state.sessions.load(Ordering::SeqCst),
+        "sessions_open": state.sessions_open(),
         "max_sessions": state.max_sessions,
         "defaults": {
             "max_tokens": state.defaults.max_tokens,

@@ -26,7 +26,7 @@ mod trace;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use axum::Router;
 use axum::routing::{get, post};
@@ -70,6 +70,9 @@ pub struct EdgeConfig {
     pub device: Device,
     /// The model's name in the API (`model` of requests, `/v1/models`).
     pub model_id: String,
+    /// More names the `model` field of requests accepts for the same model (`lsplit edge
+    /// --served-model-name`, as in vLLM); `/v1/models` lists them after `model_id`.
+    pub aliases: Vec<String>,
     /// Settings of requests that leave them out: `lsplit edge`'s flags.
     pub defaults: GenerateOptions,
     /// The key clients must send as `Authorization: Bearer KEY`; `None` lets every local client in.
@@ -84,13 +87,14 @@ pub struct EdgeConfig {
 pub(crate) struct State {
     device: Device,
     model_id: String,
+    aliases: Vec<String>,
     defaults: GenerateOptions,
     api_key: Option<String>,
     /// Which hosts, origins and content types are answered.
     guard: EdgeGuard,
     max_sessions: usize,
-    /// Generations and images (and so trunk sessions) open or waiting now.
-    sessions: AtomicUsize,
+    /// One permit per generation or image (and so trunk session) open or waiting.
+    slots: Arc<Semaphore>,
     images: Option<ImageModel>,
     /// Held by the image being drawn: images are drawn one at a time.
     image_turn: Arc<Semaphore>,
@@ -118,6 +122,18 @@ pub fn check_listen(addr: SocketAddr, api_key: Option<&str>) -> Result<(), EdgeE
     }
 }
 
+impl State {
+    /// Generations and images (and so trunk sessions) open or waiting now.
+    pub(crate) fn sessions_open(&self) -> usize {
+        self.max_sessions - self.slots.available_permits()
+    }
+
+    /// Whether `name` names the text model: its id or one of its aliases.
+    pub(crate) fn serves(&self, name: &str) -> bool {
+        name == self.model_id || self.aliases.iter().any(|alias| alias == name)
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -137,11 +153,12 @@ impl EdgeServer {
             state: Arc::new(State {
                 device: config.device,
                 model_id: config.model_id,
+                aliases: config.aliases,
                 defaults: config.defaults,
                 api_key: config.api_key,
                 guard,
                 max_sessions: config.max_sessions.max(1),
-                sessions: AtomicUsize::new(0),
+                slots: Arc::new(Semaphore::new(config.max_sessions.max(1))),
                 images: config.images,
                 image_turn: Arc::new(Semaphore::new(1)),
                 images_drawn: AtomicU64::new(0),
@@ -153,7 +170,7 @@ impl EdgeServer {
 
     /// Generations, and so trunk sessions, open now.
     pub fn sessions_open(&self) -> usize {
-        self.state.sessions.load(Ordering::SeqCst)
+        self.state.sessions_open()
     }
 
     /// The routes: the API (behind the key, if any) and the page, all behind the checks of
@@ -172,6 +189,7 @@ impl EdgeServer {
                 auth::require_key,
             ));
         Router::new()
+            .route("/health", get(handlers::health))
             .merge(api)
             .merge(page::routes())
             .fallback(handlers::no_route)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
+use axum::response::Response;
 use lsplit_device::{Device, DeviceOptions, PolicyChoice};
 use lsplit_edge::{EdgeConfig, EdgeServer};
 use lsplit_model::{ModelSource, SplitPlan};
@@ -28,11 +29,16 @@ fn source() -> ModelSource {
 /// The edge server over the default model with random split points and an in-process trunk,
 /// greedy by default, with `api_key` if given.
 fn server(api_key: Option<&str>) -> EdgeServer {
-    EdgeServer::new(config(api_key))
+    EdgeServer::new(config(api_key, &[]))
 }
 
-/// The configuration of [`server`].
-fn config(api_key: Option<&str>) -> EdgeConfig {
+/// [`server`], whose model also answers to `aliases` (`--served-model-name`).
+fn server_named(api_key: Option<&str>, aliases: &[&str]) -> EdgeServer {
+    EdgeServer::new(config(api_key, aliases))
+}
+
+/// The configuration of [`server_named`].
+fn config(api_key: Option<&str>, aliases: &[&str]) -> EdgeConfig {
     let source = source();
     let tokenizer = Arc::new(load_tokenizer(&source).expect("tokenizer"));
     let device = Device::load(DeviceOptions {
@@ -52,6 +58,7 @@ fn config(api_key: Option<&str>) -> EdgeConfig {
     EdgeConfig {
         device,
         model_id: MODEL_ID.into(),
+        aliases: aliases.iter().map(|a| a.to_string()).collect(),
         defaults: GenerateOptions::default(),
         api_key: api_key.map(str::to_string),
         max_sessions: 2,
@@ -80,6 +87,22 @@ async fn send(
     key: Option<&str>,
     body: &str,
 ) -> Reply {
+    read(respond(server, method, path, key, body).await).await
+}
+
+/// Sends `request` through the router as it is, without a socket.
+async fn exchange(server: &EdgeServer, request: Request<Body>) -> Reply {
+    read(server.router().oneshot(request).await.expect("infallible")).await
+}
+
+/// The router's response to one request, its body unread.
+async fn respond(
+    server: &EdgeServer,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> Response {
     let mut request = Request::builder().method(method).uri(path);
     if let Some(key) = key {
         request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
@@ -88,12 +111,11 @@ async fn send(
         request = request.header(header::CONTENT_TYPE, "application/json");
     }
     let request = request.body(Body::from(body.to_string())).expect("request");
-    exchange(server, request).await
+    server.router().oneshot(request).await.expect("infallible")
 }
 
-/// Sends `request` through the router as it is, without a socket.
-async fn exchange(server: &EdgeServer, request: Request<Body>) -> Reply {
-    let response = server.router().oneshot(request).await.expect("infallible");
+/// Reads a whole response: status, content type and body.
+async fn read(response: Response) -> Reply {
     let status = response.status();
     let content_type = response
         .headers()
@@ -479,7 +501,7 @@ async fn the_page_itself_and_allowed_sites_are_answered() {
         allowed_hosts: vec!["edge.lan".into()],
         cors_origins: vec!["http://localhost:3000".into()],
     };
-    let server = EdgeServer::guarded(config(None), guard);
+    let server = EdgeServer::guarded(config(None, &[]), guard);
     let models = |headers: &[(&str, &str)]| {
         let mut request = Request::builder().uri("/v1/models");
         for (name, value) in headers {
@@ -535,5 +557,74 @@ async fn the_page_itself_and_allowed_sites_are_answered() {
     assert_eq!(
         response.headers()["access-control-allow-headers"],
         "authorization, content-type"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_answers_200_without_a_key() {
+    let server = server(Some(KEY));
+    let reply = send(&server, "GET", "/health", None, "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn served_model_names_are_accepted_and_listed() {
+    let server = server_named(None, &["gpt-4o-mini", "local"]);
+    let list = send(&server, "GET", "/v1/models", None, "").await.json();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, ["smol", "gpt-4o-mini", "local"]);
+    let reply = send(&server, "GET", "/v1/models/local", None, "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["id"], "local");
+    let body = r#"{"model": "gpt-4o-mini", "prompt": "The sea is", "max_tokens": 2}"#;
+    let reply = send(&server, "POST", "/v1/completions", None, body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.json()["model"], MODEL_ID);
+    let body = r#"{"model": "gpt-4o", "prompt": "The sea is", "max_tokens": 2}"#;
+    assert_error(
+        &send(&server, "POST", "/v1/completions", None, body).await,
+        StatusCode::NOT_FOUND,
+        "The model `gpt-4o` does not exist: this server serves `smol` (also as `gpt-4o-mini`, \
+         `local`)",
+        Some("model"),
+        Some("model_not_found"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_past_max_sessions_gets_429_with_retry_after() {
+    let server = server(None);
+    // Streams whose bodies are never read: each generation fills its channel and waits,
+    // holding its slot, until its response is dropped.
+    let body = r#"{"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 256, "stream": true}"#;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let response = respond(&server, "POST", "/v1/completions", None, body).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        held.push(response);
+    }
+    assert_eq!(server.sessions_open(), 2);
+    let response = respond(&server, "POST", "/v1/completions", None, body).await;
+    assert_eq!(
+        response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let reply = read(response).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        reply.json(),
+        json!({"error": {
+            "message": "all 2 generation sessions are busy; retry when one finishes",
+            "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"
+        }})
     );
 }

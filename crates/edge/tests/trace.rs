@@ -69,6 +69,7 @@ fn serve(log: Log) -> (EdgeServer, SocketAddr, tokio::runtime::Runtime) {
     let server = EdgeServer::new(EdgeConfig {
         device: Device::new(path, model, Some(trunks), Obfuscation::None),
         model_id: "smol".into(),
+        aliases: Vec::new(),
         defaults: GenerateOptions::default(),
         api_key: None,
         max_sessions: 2,

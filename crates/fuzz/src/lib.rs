@@ -218,10 +218,17 @@ fn keyed_steps(u: &mut Unstructured) -> arbitrary::Result<()> {
         } else {
             trunk.next_step()
         };
-        let start = if u.ratio(1, 8)? {
+        // Mostly none, sometimes a few positions of drafted tokens, rarely anything.
+        let rewind = if u.ratio(1, 16)? {
             u.arbitrary()?
+        } else if u.ratio(1, 4)? {
+            u.int_in_range(1..=3)?
         } else {
-            trunk.expected_start()
+            0
+        };
+        let start = match trunk.expected_start(rewind) {
+            Some(start) if !u.ratio(1, 8)? => start,
+            _ => u.arbitrary()?,
         };
         let rows = if u.ratio(1, 16)? {
             u.arbitrary::<u32>()? as usize
@@ -248,11 +255,12 @@ fn keyed_steps(u: &mut Unstructured) -> arbitrary::Result<()> {
             bytes,
         };
         let message = if u.ratio(7, 8)? {
-            keys.uplink(step, rows)
+            keys.uplink_rewinding(step, rewind, rows)
         } else {
             StepRows {
                 step,
                 rows,
+                rewind,
                 tag: u.arbitrary()?,
             }
         };

@@ -15,7 +15,8 @@
 //! [`HEADS_AT_ONCE`] query heads their 16 scores with no sums across lanes, and each value row
 //! is read once for all of them. Cached f16 and 8-bit values are widened to f32 as they are
 //! read. Only `exp` has a hand-written AVX2 version beside the portable one; they agree to
-//! within float rounding.
+//! within float rounding. The whole pass is compiled twice more, with AVX2, FMA and F16C and
+//! with AVX-512 too, and the CPU's [`KernelPath`] picks one at run time.
 //!
 //! In a decode step the cache is cold: the layer's weights went through the CPU's caches in
 //! between. So the kernels prefetch the next block's keys and values a line or two at a time as
@@ -27,7 +28,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::cache::{CachedHeads, PAGE, Q8_GROUP, TILE, Values};
-use crate::{ModelError, Result};
+use crate::{KernelPath, ModelError, Result};
 
 /// Positions scored, exponentiated and summed into the values at once: whole tiles.
 const BLOCK: usize = 2 * TILE;
@@ -39,6 +40,16 @@ const PARALLEL_ATTENTION: usize = 1 << 16;
 /// place: no copy of the cache per token (which repeating the KV heads would make), so a decode
 /// step costs only the reads and the arithmetic. Writes the `heads * dim` outputs into `out`.
 pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) -> Result<()> {
+    attend_row_on(KernelPath::active(), q, cached, out)
+}
+
+/// [`attend_row`] on `path`.
+fn attend_row_on(
+    path: KernelPath,
+    q: &[f32],
+    cached: CachedHeads<'_>,
+    out: &mut [f32],
+) -> Result<()> {
     let CachedHeads {
         kv_heads, dim, len, ..
     } = cached;
@@ -68,10 +79,10 @@ pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) ->
         };
         match (keys, values) {
             (Values::F32(keys), Values::F32(values)) => {
-                attend_chunk(queries, Task::plain(keys, values, place))
+                attend_chunk(path, queries, Task::plain(keys, values, place))
             }
             (Values::F16(keys), Values::F16(values)) => {
-                attend_chunk(queries, Task::plain(keys, values, place))
+                attend_chunk(path, queries, Task::plain(keys, values, place))
             }
             (
                 Values::Q8 {
@@ -83,6 +94,7 @@ pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) ->
                     scales: value_scales,
                 },
             ) => attend_chunk(
+                path,
                 queries,
                 Task {
                     keys,
@@ -101,7 +113,7 @@ pub(crate) fn attend_row(q: &[f32], cached: CachedHeads<'_>, out: &mut [f32]) ->
         (0..kv_heads * chunks).into_par_iter().map(attend).collect()
     };
     for (g, ys) in out.chunks_exact_mut(group * dim).enumerate() {
-        merge(partials.iter().skip(g).step_by(kv_heads), ys, dim);
+        merge(path, partials.iter().skip(g).step_by(kv_heads), ys, dim);
     }
     Ok(())
 }
@@ -115,19 +127,19 @@ struct Partial {
 }
 
 /// A cached number the kernels read: f32 as it is, f16 widened sixteen at a time (with F16C
-/// where the target has it), 8-bit integers as their values (their scales apply afterwards).
+/// in the vector clone, `V`), 8-bit integers as their values (their scales apply afterwards).
 trait Element: Copy + Send + Sync {
     /// Whether the values come with 8-bit scales.
     const SCALED: bool = false;
 
-    /// The first [`TILE`] values of `from` as f32.
-    fn widen(from: &[Self]) -> [f32; TILE];
+    /// The first [`TILE`] values of `from` as f32; `V`: inside the vector clone (F16C).
+    fn widen<const V: bool>(from: &[Self]) -> [f32; TILE];
 
     /// The values of `from` (fewer than [`TILE`]) as f32, zeros after them.
-    fn widen_part(from: &[Self]) -> [f32; TILE] {
+    fn widen_part<const V: bool>(from: &[Self]) -> [f32; TILE] {
         let mut whole = [from[0]; TILE];
         whole[..from.len()].copy_from_slice(from);
-        let mut out = Self::widen(&whole);
+        let mut out = Self::widen::<V>(&whole);
         out[from.len()..].fill(0.0);
         out
     }
@@ -135,7 +147,7 @@ trait Element: Copy + Send + Sync {
 
 impl Element for f32 {
     #[inline(always)]
-    fn widen(from: &[f32]) -> [f32; TILE] {
+    fn widen<const V: bool>(from: &[f32]) -> [f32; TILE] {
         let mut out = [0f32; TILE];
         out.copy_from_slice(&from[..TILE]);
         out
@@ -144,30 +156,27 @@ impl Element for f32 {
 
 impl Element for f16 {
     #[inline(always)]
-    fn widen(from: &[f16]) -> [f32; TILE] {
+    fn widen<const V: bool>(from: &[f16]) -> [f32; TILE] {
         let from = &from[..TILE];
-        #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
-        {
+        #[cfg(target_arch = "x86_64")]
+        if V {
             use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
             let mut out = [0f32; TILE];
-            // SAFETY: the target has F16C; `from` holds 16 halves, read as two groups of eight,
-            // and `out` has room for 16 floats.
+            // SAFETY: the vector clone runs only where the CPU has F16C; `from` holds 16
+            // halves, read as two groups of eight, and `out` has room for 16 floats.
             unsafe {
                 for i in 0..2 {
                     let half = _mm_loadu_si128(from.as_ptr().add(8 * i).cast::<__m128i>());
                     _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), _mm256_cvtph_ps(half));
                 }
             }
-            out
+            return out;
         }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "f16c")))]
-        {
-            let mut out = [0f32; TILE];
-            for (out, x) in out.iter_mut().zip(from) {
-                *out = x.to_f32();
-            }
-            out
+        let mut out = [0f32; TILE];
+        for (out, x) in out.iter_mut().zip(from) {
+            *out = x.to_f32();
         }
+        out
     }
 }
 
@@ -175,7 +184,7 @@ impl Element for i8 {
     const SCALED: bool = true;
 
     #[inline(always)]
-    fn widen(from: &[i8]) -> [f32; TILE] {
+    fn widen<const V: bool>(from: &[i8]) -> [f32; TILE] {
         let mut out = [0f32; TILE];
         for (out, &x) in out.iter_mut().zip(&from[..TILE]) {
             *out = f32::from(x);
@@ -230,8 +239,43 @@ fn scales_of(scales: &[f32], range: Range<usize>) -> &[f32] {
 /// widened) once for all of them, and their running sums fit the vector registers.
 const HEADS_AT_ONCE: usize = 4;
 
-/// Attention of the group's query heads `queries (group * dim)` over the task's positions.
-fn attend_chunk<E: Element>(queries: &[f32], task: Task<'_, E>) -> Partial {
+/// Attention of the group's query heads `queries (group * dim)` over the task's positions, by
+/// the clone of `path`.
+fn attend_chunk<E: Element>(path: KernelPath, queries: &[f32], task: Task<'_, E>) -> Partial {
+    match path {
+        // SAFETY: a path runs only where the CPU has its features.
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512Vnni => unsafe { attend_chunk_avx512(queries, task) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => unsafe { attend_chunk_avx2(queries, task) },
+        _ => attend_chunk_on::<E, false>(queries, task),
+    }
+}
+
+/// [`attend_chunk_on`] compiled with AVX2, FMA and F16C.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_chunk_avx2<E: Element>(queries: &[f32], task: Task<'_, E>) -> Partial {
+    attend_chunk_on::<E, true>(queries, task)
+}
+
+/// [`attend_chunk_on`] compiled with AVX-512 as well (the same operations, so the same bits).
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW and VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+unsafe fn attend_chunk_avx512<E: Element>(queries: &[f32], task: Task<'_, E>) -> Partial {
+    attend_chunk_on::<E, true>(queries, task)
+}
+
+/// The pass itself, inlined into each clone; `V`: the clone has AVX2, FMA and F16C.
+#[inline(always)]
+fn attend_chunk_on<E: Element, const V: bool>(queries: &[f32], task: Task<'_, E>) -> Partial {
     let dim = task.place.cached.dim;
     let group = queries.len() / dim;
     let mut part = Partial {
@@ -249,10 +293,10 @@ fn attend_chunk<E: Element>(queries: &[f32], task: Task<'_, E>) -> Partial {
             acc: &mut part.acc[heads.start * dim..heads.end * dim],
         };
         match heads.len() {
-            1 => run.attend::<E, 1>(&task),
-            2 => run.attend::<E, 2>(&task),
-            3 => run.attend::<E, 3>(&task),
-            _ => run.attend::<E, HEADS_AT_ONCE>(&task),
+            1 => run.attend::<E, 1, V>(&task),
+            2 => run.attend::<E, 2, V>(&task),
+            3 => run.attend::<E, 3, V>(&task),
+            _ => run.attend::<E, HEADS_AT_ONCE, V>(&task),
         }
         first = heads.end;
     }
@@ -271,7 +315,7 @@ impl Heads<'_> {
     /// Folds the task's positions into `G` heads' running maximum, sum and weighted values, a
     /// block at a time.
     #[inline(always)]
-    fn attend<E: Element, const G: usize>(self, task: &Task<'_, E>) {
+    fn attend<E: Element, const G: usize, const V: bool>(self, task: &Task<'_, E>) {
         let Place {
             cached,
             g,
@@ -301,10 +345,10 @@ impl Heads<'_> {
             let row_scales = scales_of(task.value_scales, rows.clone());
             for (t, tile) in task.keys[tiles].chunks_exact(TILE * dim).enumerate() {
                 let sums = if !E::SCALED {
-                    tile_scores::<E, G>(&by_dimension, tile, ahead)
+                    tile_scores::<E, G, V>(&by_dimension, tile, ahead)
                 } else {
                     let scales = &tile_scales[t * TILE * dim / Q8_GROUP..][..TILE * dim / Q8_GROUP];
-                    scaled_tile_scores::<E, G>(&by_dimension, tile, scales, ahead)
+                    scaled_tile_scores::<E, G, V>(&by_dimension, tile, scales, ahead)
                 };
                 for (score, sum) in scores.iter_mut().zip(sums) {
                     for (s, &x) in score[t * TILE..(t + 1) * TILE].iter_mut().zip(&sum) {
@@ -323,10 +367,10 @@ impl Heads<'_> {
                         .for_each(|a| *a *= shrink);
                     self.max[h] = top;
                 }
-                self.sum[h] += block::exp_sum(score, self.max[h]);
+                self.sum[h] += exp_sum::<V>(score, self.max[h]);
             }
             let rows = (&task.values[rows], row_scales);
-            weigh_values::<E, G>(&scores, rows, dim, ahead, self.acc);
+            weigh_values::<E, G, V>(&scores, rows, dim, ahead, self.acc);
         }
     }
 }
@@ -366,7 +410,7 @@ fn prefetch_at<E>(data: &[E], ahead: usize) {
 /// into its own running sums, to overlap the additions' latency. Loads the keys `ahead`
 /// elements on into the CPU's caches as it goes.
 #[inline(always)]
-fn tile_scores<E: Element, const G: usize>(
+fn tile_scores<E: Element, const G: usize, const V: bool>(
     queries: &[[f32; G]],
     tile: &[E],
     ahead: usize,
@@ -376,7 +420,7 @@ fn tile_scores<E: Element, const G: usize>(
     let mut keys = tile.chunks_exact(2 * TILE);
     for (q, k) in (&mut pairs).zip(&mut keys) {
         prefetch_at(k, ahead);
-        let (k0, k1) = (E::widen(&k[..TILE]), E::widen(&k[TILE..]));
+        let (k0, k1) = (E::widen::<V>(&k[..TILE]), E::widen::<V>(&k[TILE..]));
         for h in 0..G {
             for l in 0..TILE {
                 even[h][l] = q[0][h].mul_add(k0[l], even[h][l]);
@@ -385,7 +429,7 @@ fn tile_scores<E: Element, const G: usize>(
         }
     }
     if let [q] = pairs.remainder() {
-        let k = E::widen(keys.remainder());
+        let k = E::widen::<V>(keys.remainder());
         for h in 0..G {
             for l in 0..TILE {
                 even[h][l] = q[h].mul_add(k[l], even[h][l]);
@@ -403,7 +447,7 @@ fn tile_scores<E: Element, const G: usize>(
 /// [`tile_scores`] of an 8-bit tile, whose dimensions `[32 b, 32 b + 32)` of lane `l` have
 /// the scale `scales[16 b + l]`.
 #[inline(always)]
-fn scaled_tile_scores<E: Element, const G: usize>(
+fn scaled_tile_scores<E: Element, const G: usize, const V: bool>(
     queries: &[[f32; G]],
     tile: &[E],
     scales: &[f32],
@@ -415,7 +459,7 @@ fn scaled_tile_scores<E: Element, const G: usize>(
         .zip(tile.chunks_exact(Q8_GROUP * TILE))
         .zip(scales.chunks_exact(TILE));
     for ((queries, keys), scales) in groups {
-        let sums = tile_scores::<E, G>(queries, keys, ahead);
+        let sums = tile_scores::<E, G, V>(queries, keys, ahead);
         for h in 0..G {
             for l in 0..TILE {
                 total[h][l] = sums[h][l].mul_add(scales[l], total[h][l]);
@@ -430,7 +474,7 @@ fn scaled_tile_scores<E: Element, const G: usize>(
 /// the `G` heads stay in registers. Loads the values `ahead` elements on into the CPU's caches
 /// as it goes.
 #[inline(always)]
-fn weigh_values<E: Element, const G: usize>(
+fn weigh_values<E: Element, const G: usize, const V: bool>(
     weights: &[[f32; BLOCK]; G],
     rows: (&[E], &[f32]),
     dim: usize,
@@ -440,18 +484,18 @@ fn weigh_values<E: Element, const G: usize>(
     let whole = dim / (4 * TILE) * (4 * TILE);
     for at in (0..whole).step_by(4 * TILE) {
         let span = at..at + 4 * TILE;
-        weigh_slabs::<E, G, 4>(weights, rows, (dim, span, ahead), acc);
+        weigh_slabs::<E, G, 4, V>(weights, rows, (dim, span, ahead), acc);
     }
     for at in (whole..dim).step_by(TILE) {
         let span = at..dim.min(at + TILE);
-        weigh_slabs::<E, G, 1>(weights, rows, (dim, span, ahead), acc);
+        weigh_slabs::<E, G, 1, V>(weights, rows, (dim, span, ahead), acc);
     }
 }
 
 /// [`weigh_values`] for the values `span` of every row, `S` slabs (the last may be partial);
 /// 8-bit rows come with their scales, which multiply the weights.
 #[inline(always)]
-fn weigh_slabs<E: Element, const G: usize, const S: usize>(
+fn weigh_slabs<E: Element, const G: usize, const S: usize, const V: bool>(
     weights: &[[f32; BLOCK]; G],
     (rows, scales): (&[E], &[f32]),
     (dim, span, ahead): (usize, Range<usize>, usize),
@@ -467,7 +511,7 @@ fn weigh_slabs<E: Element, const G: usize, const S: usize>(
         let mut values = [[0f32; TILE]; S];
         let mut scale = [1f32; S];
         for s in 0..S {
-            values[s] = slab_of::<E>(&row[s * TILE..], TILE.min(width - s * TILE));
+            values[s] = slab_of::<E, V>(&row[s * TILE..], TILE.min(width - s * TILE));
             if E::SCALED {
                 scale[s] = scales[(t * dim + span.start + s * TILE) / Q8_GROUP];
             }
@@ -495,17 +539,16 @@ fn weigh_slabs<E: Element, const G: usize, const S: usize>(
 
 /// The `width` values at the start of `row` (a whole tile's or fewer) as f32.
 #[inline(always)]
-fn slab_of<E: Element>(row: &[E], width: usize) -> [f32; TILE] {
+fn slab_of<E: Element, const V: bool>(row: &[E], width: usize) -> [f32; TILE] {
     if width == TILE {
-        E::widen(row)
+        E::widen::<V>(row)
     } else {
-        E::widen_part(&row[..width])
+        E::widen_part::<V>(&row[..width])
     }
 }
 
-/// The largest of `scores`: lane by lane over tiles, then across the lanes (in registers,
-/// where the target has AVX-512), so that it vectorizes (a fold of `f32::max`, which must
-/// skip NaNs one at a time, does not).
+/// The largest of `scores`: lane by lane over tiles, then across the lanes in halves, so that
+/// it vectorizes (a fold of `f32::max`, which must skip NaNs one at a time, does not).
 #[inline(always)]
 fn largest(scores: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; TILE];
@@ -514,33 +557,51 @@ fn largest(scores: &[f32]) -> f32 {
             *lane = if s > *lane { s } else { *lane };
         }
     }
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    {
-        use std::arch::x86_64::{_mm512_loadu_ps, _mm512_reduce_max_ps};
-        // SAFETY: the target has AVX-512F; `lanes` holds 16 floats. (AVX-512 intrinsics are
-        // stable since Rust 1.89, which an AVX-512 target needs, as the VNNI kernels do.)
-        #[allow(clippy::incompatible_msrv)]
-        unsafe {
-            _mm512_reduce_max_ps(_mm512_loadu_ps(lanes.as_ptr()))
-        }
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-    {
-        let mut width = TILE / 2;
-        while width > 0 {
-            for i in 0..width {
-                if lanes[i + width] > lanes[i] {
-                    lanes[i] = lanes[i + width];
-                }
+    let mut width = TILE / 2;
+    while width > 0 {
+        for i in 0..width {
+            if lanes[i + width] > lanes[i] {
+                lanes[i] = lanes[i + width];
             }
-            width /= 2;
         }
-        lanes[0]
+        width /= 2;
+    }
+    lanes[0]
+}
+
+/// Merges the partials of one group's chunks into its output rows `ys (group * dim)`, with
+/// FMA instructions on the SIMD paths (`mul_add` is a library call without).
+fn merge<'a>(
+    path: KernelPath,
+    parts: impl Iterator<Item = &'a Partial> + Clone,
+    ys: &mut [f32],
+    dim: usize,
+) {
+    match path {
+        // SAFETY: both SIMD paths run only where the CPU has FMA.
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 | KernelPath::Avx512Vnni => unsafe { merge_fma(parts, ys, dim) },
+        _ => merge_on(parts, ys, dim),
     }
 }
 
-/// Merges the partials of one group's chunks into its output rows `ys (group * dim)`.
-fn merge<'a>(parts: impl Iterator<Item = &'a Partial> + Clone, ys: &mut [f32], dim: usize) {
+/// [`merge_on`] compiled with FMA.
+///
+/// # Safety
+/// The CPU has FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn merge_fma<'a>(
+    parts: impl Iterator<Item = &'a Partial> + Clone,
+    ys: &mut [f32],
+    dim: usize,
+) {
+    merge_on(parts, ys, dim)
+}
+
+/// See [`merge`].
+#[inline(always)]
+fn merge_on<'a>(parts: impl Iterator<Item = &'a Partial> + Clone, ys: &mut [f32], dim: usize) {
     for (h, y) in ys.chunks_exact_mut(dim).enumerate() {
         let top = parts
             .clone()
@@ -557,28 +618,19 @@ fn merge<'a>(parts: impl Iterator<Item = &'a Partial> + Clone, ys: &mut [f32], d
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
-use avx2 as block;
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-)))]
-use portable as block;
+/// Replaces each score `s` by `exp(s - max)`; returns their sum. `V`: inside the vector
+/// clone, with the AVX2 version.
+#[inline(always)]
+fn exp_sum<const V: bool>(scores: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if V {
+        // SAFETY: the vector clone runs only where the CPU has AVX2 and FMA.
+        return unsafe { avx2::exp_sum(scores, max) };
+    }
+    portable::exp_sum(scores, max)
+}
 
 /// Block primitives in plain Rust.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
 mod portable {
     /// Replaces each score `s` by `exp(s - max)`; returns their sum.
     pub(super) fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
@@ -590,33 +642,29 @@ mod portable {
 }
 
 /// Block primitives with AVX2 and FMA.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
     /// Sum of eight lanes.
-    ///
-    /// # Safety
-    /// AVX.
-    #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
-        // SAFETY: the target has AVX.
-        unsafe {
-            let s = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            _mm_cvtss_f32(s)
-        }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(x: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
     }
 
-    /// See [`portable::exp_sum`].
-    pub(super) fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
+    /// See [`super::portable::exp_sum`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
         let whole = scores.len() / 8 * 8;
-        // SAFETY: the target has AVX2 and FMA; every load and store is one of the chunks.
+        // SAFETY: every load and store is one of the chunks.
         let mut total = unsafe {
             let shift = _mm256_set1_ps(max);
             let mut total = _mm256_setzero_ps();
@@ -640,42 +688,38 @@ mod avx2 {
     /// Cephes' method: `x = n ln2 + r` with `|r| <= ln2 / 2`, a degree 6 polynomial for `e^r`,
     /// and `2^n` put in the exponent bits.
     ///
-    /// # Safety
-    /// AVX2 and FMA.
-    #[inline(always)]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        // SAFETY: the target has AVX2 and FMA.
-        unsafe {
-            let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));
-            let tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_LT_OQ);
-            let n = _mm256_round_ps(
-                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-            );
-            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-            let mut p = _mm256_set1_ps(1.987_569_1e-4);
-            for c in [
-                1.398_199_9e-3,
-                8.333_452e-3,
-                4.166_579_6e-2,
-                1.666_666_5e-1,
-                0.5,
-            ] {
-                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-            }
-            let p = _mm256_fmadd_ps(
-                p,
-                _mm256_mul_ps(r, r),
-                _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-            );
-            let bits = _mm256_slli_epi32(
-                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-                23,
-            );
-            let e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-            _mm256_andnot_ps(tiny, e)
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));
+        let tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_LT_OQ);
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
+        let p = _mm256_fmadd_ps(
+            p,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let bits = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        let e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+        _mm256_andnot_ps(tiny, e)
     }
 }
 
@@ -692,11 +736,22 @@ mod tests {
     /// [`attend_row`] of `q (1, heads, 1, dim)` over keys and values `k`, `v (1, kv_heads, len,
     /// dim)` held in a KV cache at `precision`, as a `(1, 1, heads * dim)` tensor.
     fn single_row(q: &Tensor, k: &Tensor, v: &Tensor, precision: KvPrecision) -> Result<Tensor> {
+        single_row_on(KernelPath::active(), q, k, v, precision)
+    }
+
+    /// [`single_row`] on `path`.
+    fn single_row_on(
+        path: KernelPath,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        precision: KvPrecision,
+    ) -> Result<Tensor> {
         let mut cache = KvCache::with_precision(1, precision);
         cache.append(0, k, v)?;
         let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
         let mut out = vec![0f32; q.len()];
-        attend_row(&q, cache.heads(0), &mut out)?;
+        attend_row_on(path, &q, cache.heads(0), &mut out)?;
         Ok(Tensor::from_vec(out, (1, 1, q.len()), &Device::Cpu)?)
     }
 
@@ -773,6 +828,19 @@ mod tests {
                     diff < 1e-5,
                     "{precision}: heads {heads}/{kv_heads}, dim {dim}, len {len}: {diff}"
                 );
+                // Every path the CPU runs: as close to the reference, and the two SIMD clones
+                // (the same operations) bit for bit equal.
+                let mut simd: Option<Vec<u32>> = None;
+                for path in KernelPath::all_supported() {
+                    let ours = single_row_on(path, &q, &k, &v, precision)?;
+                    let diff = max_diff(&ours, &expected)?;
+                    assert!(diff < 1e-5, "{path} {precision}: {diff}");
+                    if path != KernelPath::Portable {
+                        let bits = ours.flatten_all()?.to_vec1::<f32>()?;
+                        let bits: Vec<u32> = bits.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(simd.get_or_insert_with(|| bits.clone()), &bits, "{path}");
+                    }
+                }
             }
         }
         Ok(())
@@ -829,7 +897,7 @@ mod tests {
             let by_dimension: Vec<[f32; 3]> = (0..dim)
                 .map(|d| std::array::from_fn(|h| queries[h * dim + d]))
                 .collect();
-            let ours = tile_scores::<f32, 3>(&by_dimension, &tile, 0);
+            let ours = tile_scores::<f32, 3, false>(&by_dimension, &tile, 0);
             for (h, query) in queries.chunks_exact(dim).enumerate() {
                 for (p, key) in keys.iter().enumerate() {
                     let expected: f32 = query.iter().zip(key).map(|(q, k)| q * k).sum();
@@ -856,7 +924,7 @@ mod tests {
             }
         }
         let mut acc = vec![1.0f32; 2 * dim];
-        weigh_values::<f32, 2>(&weights, (&rows, &[]), dim, 0, &mut acc);
+        weigh_values::<f32, 2, false>(&weights, (&rows, &[]), dim, 0, &mut acc);
         for h in 0..2 {
             for d in 0..dim {
                 let expected = 1.0
@@ -873,10 +941,16 @@ mod tests {
         let wide: Vec<f32> = (0..TILE + 5).map(|i| i as f32 * 0.375 - 3.0).collect();
         let narrow: Vec<f16> = wide.iter().map(|&x| f16::from_f32(x)).collect();
         assert_eq!(
-            <f16 as Element>::widen(&narrow),
-            <f32 as Element>::widen(&wide)
+            <f16 as Element>::widen::<false>(&narrow),
+            <f32 as Element>::widen::<false>(&wide)
         );
-        let part = <f16 as Element>::widen_part(&narrow[TILE..]);
+        if KernelPath::Avx2.supported() {
+            assert_eq!(
+                <f16 as Element>::widen::<true>(&narrow),
+                <f16 as Element>::widen::<false>(&narrow)
+            );
+        }
+        let part = <f16 as Element>::widen_part::<false>(&narrow[TILE..]);
         assert_eq!(part[..5], wide[TILE..]);
         assert_eq!(part[5..], [0.0; TILE - 5]);
     }
@@ -897,7 +971,12 @@ mod tests {
                 .collect();
             let mut ours = theirs.clone();
             let top = theirs.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let ours_total = block::exp_sum(&mut ours, top);
+            if !KernelPath::Avx2.supported() {
+                eprintln!("this CPU lacks AVX2: only the portable exp runs here");
+                return;
+            }
+            // SAFETY: the CPU has AVX2 and FMA.
+            let ours_total = unsafe { avx2::exp_sum(&mut ours, top) };
             let theirs_total = portable::exp_sum(&mut theirs, top);
             assert!((ours_total - theirs_total).abs() <= 1e-6 * theirs_total);
             for (a, b) in ours.iter().zip(&theirs) {

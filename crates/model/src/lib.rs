@@ -21,6 +21,7 @@ pub use cache::{KvCache, KvPrecision};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::ModelError;
 pub use fingerprint::TrunkFingerprint;
+pub use kernels::KernelPath;
 pub use llama::{MAX_STEP_ROWS, ModelPart, on_pool};
 pub use plan::{PartKind, PartSpec, SplitPlan};
 pub use source::{ModelFormat, ModelSource, TensorRecord, TokenizerSource};

@@ -23,16 +23,17 @@ use lsplit_wire::{StepCodec, StepTensor};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status, Streaming};
 
-use crate::link::{
-    BearerChannel, Binding, Link, MAX_HANDSHAKE_REPLY_BYTES, Protocol, ServerTerms, check_version,
-    message_limit,
-};
+use crate::link::{Announced, BearerChannel, Link, Protocol, ServerTerms, check_version};
 use crate::{CloudFiles, RemoteError, RemoteOptions};
 
-impl Binding for pb::Limits {
+impl Announced for pb::Limits {
     /// A diffusion trunk keeps no cache: nothing of its limits binds an image.
     fn binding(&self) -> Option<String> {
         None
+    }
+
+    fn max_message_bytes(&self) -> u64 {
+        self.max_message_bytes
     }
 }
 
@@ -56,32 +57,24 @@ impl Protocol for Diffusion {
     const VERSION: u32 = DIFFUSION_PROTOCOL_VERSION;
     const STREAM: &'static str = "image stream";
 
+    fn client(channel: BearerChannel, decode: usize, encode: usize) -> Self::Client {
+        DiffusionTrunkClient::new(channel)
+            .max_decoding_message_size(decode)
+            .max_encoding_message_size(encode)
+    }
+
     async fn handshake(
         &self,
-        channel: BearerChannel,
+        client: &mut Self::Client,
         tls_version: Option<String>,
-    ) -> Result<(Self::Client, Result<DiffusionServerInfo, RemoteError>), Status> {
-        let mut client = DiffusionTrunkClient::new(channel)
-            .max_decoding_message_size(MAX_HANDSHAKE_REPLY_BYTES)
-            .max_encoding_message_size(usize::MAX);
+    ) -> Result<Result<DiffusionServerInfo, RemoteError>, Status> {
         let codecs = self.codecs.iter().map(|c| u32::from(c.id())).collect();
         let request = pb::HandshakeRequest {
             protocol_version: DIFFUSION_PROTOCOL_VERSION,
             codecs,
         };
         let reply = client.handshake(request).await?.into_inner();
-        let terms = self.agreed(reply, tls_version);
-        // From here on, both directions are held to the message limit the server announced.
-        let client = match &terms {
-            Ok(terms) => {
-                let limit = message_limit(terms.limits.max_message_bytes);
-                client
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(limit)
-            }
-            Err(_) => client,
-        };
-        Ok((client, terms))
+        Ok(self.agreed(reply, tls_version))
     }
 
     async fn stream(

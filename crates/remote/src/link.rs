@@ -47,14 +47,17 @@ pub(crate) trait Protocol {
     /// The session stream in messages: `session stream`, `image stream`.
     const STREAM: &'static str;
 
-    /// Builds the generated client over `channel` (a connection of `tls_version`) and runs
-    /// the handshake, offering this device's codecs: `Err` when the call fails, the client and
-    /// `Err` when the answer is unusable (its version is checked with [`check_version`]).
+    /// The generated client over `channel`, decoding messages of at most `decode` bytes and
+    /// sending at most `encode`.
+    fn client(channel: BearerChannel, decode: usize, encode: usize) -> Self::Client;
+    /// Runs the handshake over a connection of `tls_version`, offering this device's codecs:
+    /// `Err` when the call fails, `Ok(Err)` when the answer is unusable (its version is
+    /// checked with [`check_version`]).
     async fn handshake(
         &self,
-        channel: BearerChannel,
+        client: &mut Self::Client,
         tls_version: Option<String>,
-    ) -> Result<(Self::Client, Result<Self::Terms, RemoteError>), Status>;
+    ) -> Result<Result<Self::Terms, RemoteError>, Status>;
     /// Opens a session stream carrying `requests`.
     async fn stream(
         client: &mut Self::Client,
@@ -87,16 +90,25 @@ pub(crate) trait Agreed {
     fn summary(&self) -> String;
     /// How these terms differ from `before` in trunk or codec, if they do.
     fn changed_from(&self, before: &Self) -> Option<String>;
+    /// The size of message the device holds both directions to: what the server announced,
+    /// within [`MAX_MESSAGE_BYTES`].
+    fn message_limit(&self) -> usize;
 }
 
-/// What of a server's announced limits a session depends on: a server that comes back with
-/// another is refused, as one with another trunk is.
-pub(crate) trait Binding {
-    /// The binding part, for messages; `None` when nothing of the limits binds a session.
+/// What the device reads of a server's announced limits.
+pub(crate) trait Announced {
+    /// What of them a session depends on, for messages: a server that comes back with another
+    /// is refused, as one with another trunk is. `None` when nothing binds a session.
     fn binding(&self) -> Option<String>;
+    /// The largest message the server sends or accepts.
+    fn max_message_bytes(&self) -> u64;
 }
 
-impl<F: PartialEq + Display, C: PartialEq + Display, L: Binding> Agreed for ServerTerms<F, C, L> {
+impl<F: PartialEq + Display, C: PartialEq + Display, L: Announced> Agreed for ServerTerms<F, C, L> {
+    fn message_limit(&self) -> usize {
+        self.limits.max_message_bytes().min(MAX_MESSAGE_BYTES) as usize
+    }
+
     fn summary(&self) -> String {
         let tls = self.tls_version.as_deref().unwrap_or("no TLS");
         format!("{}, codec {}, {tls}", self.fingerprint, self.codec)
@@ -135,16 +147,10 @@ pub(crate) fn check_version<P: Protocol>(version: u32) -> Result<(), RemoteError
 }
 
 /// Largest handshake reply a device decodes (a real one is a few hundred bytes).
-pub(crate) const MAX_HANDSHAKE_REPLY_BYTES: usize = 64 << 10;
+const MAX_HANDSHAKE_REPLY_BYTES: usize = 64 << 10;
 
 /// Largest message a device sends or decodes, whatever a server announces.
 const MAX_MESSAGE_BYTES: u64 = 256 << 20;
-
-/// The message size a device holds a server to: what it announced, within
-/// [`MAX_MESSAGE_BYTES`].
-pub(crate) fn message_limit(announced: u64) -> usize {
-    announced.min(MAX_MESSAGE_BYTES) as usize
-}
 
 /// How long closing a stream waits for the server to finish it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -360,7 +366,8 @@ async fn handshake<P: Protocol>(
     let (channel, tls_version) = connect(options).await?;
     let channel = InterceptedService::new(channel, bearer.clone());
     let timeout = options.connect_timeout;
-    let (client, terms) = tokio::time::timeout(timeout, protocol.handshake(channel, tls_version))
+    let mut client = P::client(channel.clone(), MAX_HANDSHAKE_REPLY_BYTES, usize::MAX);
+    let terms = tokio::time::timeout(timeout, protocol.handshake(&mut client, tls_version))
         .await
         .map_err(|_| RemoteError::Timeout(timeout))?
         .map_err(|status| {
@@ -370,7 +377,10 @@ async fn handshake<P: Protocol>(
                 refused(status)
             }
         })?;
-    Ok((client, terms?))
+    let terms = terms?;
+    // From here on, both directions are held to the message limit the server announced.
+    let limit = terms.message_limit();
+    Ok((P::client(channel, limit, limit), terms))
 }
 
 /// Opens a stream with `opening` and waits for the server to accept it.

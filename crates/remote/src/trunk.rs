@@ -22,10 +22,7 @@ use lsplit_wire::Codec;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status, Streaming};
 
-use crate::link::{
-    BearerChannel, Binding, Link, MAX_HANDSHAKE_REPLY_BYTES, Protocol, ServerTerms, check_version,
-    message_limit,
-};
+use crate::link::{Announced, BearerChannel, Link, Protocol, ServerTerms, check_version};
 use crate::{RemoteError, RemoteOptions};
 
 /// What the handshake told the device: the trunk's layers and fingerprint, the codec of this
@@ -48,31 +45,23 @@ impl Protocol for TrunkProtocol {
     const VERSION: u32 = PROTOCOL_VERSION;
     const STREAM: &'static str = "session stream";
 
+    fn client(channel: BearerChannel, decode: usize, encode: usize) -> Self::Client {
+        TrunkClient::new(channel)
+            .max_decoding_message_size(decode)
+            .max_encoding_message_size(encode)
+    }
+
     async fn handshake(
         &self,
-        channel: BearerChannel,
+        client: &mut Self::Client,
         tls_version: Option<String>,
-    ) -> Result<(Self::Client, Result<ServerInfo, RemoteError>), Status> {
+    ) -> Result<Result<ServerInfo, RemoteError>, Status> {
         let request = pb::HandshakeRequest {
             protocol_version: PROTOCOL_VERSION,
             codecs: self.codecs.iter().map(|&c| codec_to_pb(c) as i32).collect(),
         };
-        let mut client = TrunkClient::new(channel)
-            .max_decoding_message_size(MAX_HANDSHAKE_REPLY_BYTES)
-            .max_encoding_message_size(usize::MAX);
         let reply = client.handshake(request).await?;
-        let terms = agreed(reply.into_inner(), tls_version);
-        // From here on, both directions are held to the message limit the server announced.
-        let client = match &terms {
-            Ok(terms) => {
-                let limit = message_limit(terms.limits.max_message_bytes);
-                client
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(limit)
-            }
-            Err(_) => client,
-        };
-        Ok((client, terms))
+        Ok(agreed(reply.into_inner(), tls_version))
     }
 
     async fn stream(
@@ -103,9 +92,13 @@ impl Protocol for TrunkProtocol {
     }
 }
 
-impl Binding for pb::Limits {
+impl Announced for pb::Limits {
     fn binding(&self) -> Option<String> {
         Some(format!("KV cache precision {}", self.kv_precision))
+    }
+
+    fn max_message_bytes(&self) -> u64 {
+        self.max_message_bytes
     }
 }
 

@@ -44,14 +44,14 @@ fn remote_trunks_give_the_unsplit_image_for_both_modes_in_f32() {
             assert!(metrics.contains("lsplit_images_total 1\n"), "{metrics}");
             assert!(
                 metrics.contains(&format!(
-                    "lsplit_bytes_out_total {}\n",
+                    "lsplit_payload_bytes_total{{direction=\"out\"}} {}\n",
                     generated.bytes.down
                 )),
                 "{metrics}"
             );
             assert!(
                 metrics.contains(&format!(
-                    "lsplit_bytes_in_total {}\n",
+                    "lsplit_payload_bytes_total{{direction=\"in\"}} {}\n",
                     generated.bytes.setup + generated.bytes.up
                 )),
                 "{metrics}"

@@ -246,15 +246,12 @@ impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
         request: Request<Streaming<ImageRequest>>,
     ) -> Result<Response<Self::ImageStream>, Status> {
         let shared = self.shared.clone();
-        let peer = request.remote_addr().map(|a| a.ip());
-        self.shared
-            .sessions
-            .serve(peer, request.into_inner(), move |id| ImageSession {
-                shared,
-                id,
-                codec: None,
-                image: None,
-            })
+        self.shared.sessions.serve(request, move |id| ImageSession {
+            shared,
+            id,
+            codec: None,
+            image: None,
+        })
     }
 }
 

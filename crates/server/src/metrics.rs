@@ -1,8 +1,15 @@
+//! The server's Prometheus metrics: lock-free counters, their text exposition (names carry
+//! their units, as Prometheus's naming guide asks) and the `/metrics` endpoint.
+
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::ServerStats;
@@ -122,6 +129,12 @@ impl Counters {
     /// (name, type, help, value), then the traffic both kinds share.
     fn render_kind(&self, noun: &str, sessions: usize, own: &[(&str, &str, &str, u64)]) -> String {
         let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP lsplit_build_info The server's version.\n# TYPE lsplit_build_info gauge\n\
+             lsplit_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         let opened = self.sessions_total.load(Ordering::Relaxed);
         let open_help = format!("{noun} open now.");
         metric(
@@ -148,19 +161,21 @@ impl Counters {
     /// Bytes, errors and the step latency histogram, which both kinds of server share.
     fn render_traffic(&self, out: &mut String) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        metric(
+        let name = "lsplit_payload_bytes_total";
+        let _ = writeln!(
             out,
-            "lsplit_bytes_in_total",
-            "counter",
-            "Payload bytes received.",
-            get(&self.bytes_in_total),
+            "# HELP {name} Payload bytes received (in) and sent (out)."
         );
-        metric(
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(
             out,
-            "lsplit_bytes_out_total",
-            "counter",
-            "Payload bytes sent.",
-            get(&self.bytes_out_total),
+            "{name}{{direction=\"in\"}} {}",
+            get(&self.bytes_in_total)
+        );
+        let _ = writeln!(
+            out,
+            "{name}{{direction=\"out\"}} {}",
+            get(&self.bytes_out_total)
         );
         metric(
             out,
@@ -194,62 +209,67 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     );
 }
 
-/// Serves `GET /metrics` in the Prometheus text format on `listener` until `shutdown`.
-///
-/// A deliberately tiny HTTP/1.1 responder: one request per connection, bounded in time.
+/// Serves `GET /metrics` in the Prometheus text format on `listener` until `shutdown`; any
+/// other path is a 404. Every response closes its connection (one request per connection), so
+/// that no idle keep-alive connection holds a socket open between scrapes.
 pub async fn serve_metrics(
     listener: TcpListener,
     stats: ServerStats,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (mut socket, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener failed to accept");
-                    continue;
-                }
-            },
-        };
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            // Read the whole request head: closing a socket with unread bytes resets the
-            // connection, and the client may lose the response.
-            let mut request = Vec::with_capacity(1024);
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut chunk = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 << 10 {
-                    match socket.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => request.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-            if read.await.is_err() || request.is_empty() {
-                return;
-            }
-            let line = String::from_utf8_lossy(&request);
-            let (status, body) = if line.starts_with("GET /metrics ") {
-                ("200 OK", stats.prometheus())
-            } else {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(stats): State<ServerStats>| async move {
                 (
-                    "404 Not Found",
-                    "only GET /metrics is served here\n".to_string(),
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    stats.prometheus(),
                 )
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: \
-                 {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+            }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "only GET /metrics is served here\n") })
+        .layer(axum::middleware::map_response(close_connection))
+        .with_state(stats);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::warn!(error = %e, "the metrics endpoint failed");
+    }
+}
+
+/// Marks a response as the last on its connection.
+async fn close_connection(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_units_and_build_info_names_the_version() {
+        let counters = Counters::default();
+        counters.bytes_in_total.store(7, Ordering::Relaxed);
+        counters.bytes_out_total.store(9, Ordering::Relaxed);
+        for text in [counters.render(0, 0, 0), counters.render_diffusion(0)] {
+            let build = format!(
+                "\nlsplit_build_info{{version=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
             );
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                socket.write_all(response.as_bytes()).await?;
-                socket.shutdown().await
-            })
-            .await;
-        });
+            assert!(text.contains(&build), "{text}");
+            assert!(
+                text.contains(
+                    "# TYPE lsplit_payload_bytes_total counter\n\
+                     lsplit_payload_bytes_total{direction=\"in\"} 7\n\
+                     lsplit_payload_bytes_total{direction=\"out\"} 9\n"
+                ),
+                "{text}"
+            );
+            assert!(!text.contains("lsplit_bytes_in_total"), "{text}");
+        }
     }
 }

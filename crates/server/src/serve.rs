@@ -59,7 +59,20 @@ impl<L> Server<L> {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
-        self.endpoint.serve(listener, shutdown).await
+        self.serve_draining(listener, shutdown, Duration::ZERO)
+            .await
+    }
+
+    /// [`Server::serve`], but when `shutdown` completes health turns `NOT_SERVING` for `drain`
+    /// while the server still accepts sessions (`lsplit serve --drain-secs`), so that a load
+    /// balancer moves new sessions elsewhere before this one stops accepting.
+    pub async fn serve_draining(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+        drain: Duration,
+    ) -> Result<(), ServerError> {
+        self.endpoint.serve(listener, shutdown, drain).await
     }
 }
 
@@ -121,6 +134,7 @@ impl Endpoint {
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
+        drain: Duration,
     ) -> Result<(), ServerError> {
         let Self {
             routes,
@@ -141,6 +155,13 @@ impl Endpoint {
             reporter
                 .set_service_status(name, tonic_health::ServingStatus::NotServing)
                 .await;
+            if !drain.is_zero() {
+                tracing::info!(
+                    seconds = drain.as_secs_f64(),
+                    "draining: health says NOT_SERVING, sessions still accepted"
+                );
+                tokio::time::sleep(drain).await;
+            }
         };
         let fatal = async move {
             let reason = match fatal {

@@ -129,17 +129,14 @@ impl pb::trunk_server::Trunk for TrunkService {
         request: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let shared = self.shared.clone();
-        let peer = request.remote_addr().map(|a| a.ip());
-        self.shared
-            .sessions
-            .serve(peer, request.into_inner(), move |id| SessionState {
-                shared,
-                id,
-                codec: None,
-                trunk: None,
-                reserved: 0,
-                ticket: None,
-            })
+        self.shared.sessions.serve(request, move |id| SessionState {
+            shared,
+            id,
+            codec: None,
+            trunk: None,
+            reserved: 0,
+            ticket: None,
+        })
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Counters;
 use crate::peers::{Full, PeerCounts, PeerHold};
@@ -124,15 +124,16 @@ impl Sessions {
         })
     }
 
-    /// Serves the stream `inbound` from `peer` on its own task: refused at once when no slot
-    /// is free, it takes one when its first request arrives (within the handshake timeout) and
-    /// makes its state with `open` from the new session's id.
+    /// Serves the stream of `request` on its own task: refused at once when no slot is free
+    /// for its peer, it takes one when its first request arrives (within the handshake
+    /// timeout) and makes its state with `open` from the new session's id.
     pub(crate) fn serve<K: SessionKind>(
         self: &Arc<Self>,
-        peer: Option<IpAddr>,
-        mut inbound: Streaming<K::Request>,
+        request: Request<Streaming<K::Request>>,
         open: impl FnOnce(u64) -> K + Send + 'static,
     ) -> Result<Response<ReplyStream<K::Reply>>, Status> {
+        let peer: Option<IpAddr> = request.remote_addr().map(|a| a.ip());
+        let mut inbound = request.into_inner();
         self.slots.room(peer).map_err(|full| self.refusal(full))?;
         let (tx, rx) = mpsc::channel(2);
         let sessions = self.clone();

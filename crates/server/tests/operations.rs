@@ -80,8 +80,14 @@ fn health_and_metrics_report_the_served_sessions() {
     assert_eq!(metric(body, "lsplit_sessions_total"), 1);
     assert_eq!(metric(body, "lsplit_steps_total"), steps);
     assert_eq!(metric(body, "lsplit_rows_total"), rows);
-    assert_eq!(metric(body, "lsplit_bytes_in_total"), rows * 576 * 2);
-    assert_eq!(metric(body, "lsplit_bytes_out_total"), rows * 576 * 2);
+    assert_eq!(
+        metric(body, "lsplit_payload_bytes_total{direction=\"in\"}"),
+        rows * 576 * 2
+    );
+    assert_eq!(
+        metric(body, "lsplit_payload_bytes_total{direction=\"out\"}"),
+        rows * 576 * 2
+    );
     assert_eq!(metric(body, "lsplit_step_seconds_count"), steps);
     assert_eq!(
         metric(body, "lsplit_step_seconds_bucket{le=\"+Inf\"}"),

@@ -5,11 +5,13 @@ use std::fmt;
 use std::ops::Range;
 
 use candle_core::{Device, Tensor};
+use hmac::{Hmac, Mac};
 use lsplit_model::SplitPlan;
 use lsplit_wire::HiddenRows;
+use sha2::Sha256;
 
 use crate::StepRows;
-use crate::secret::{SessionSecret, hmac_sha256};
+use crate::secret::{SessionSecret, hmac_sha256, keyed_mac};
 
 /// Errors in a split policy's description.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -347,12 +349,42 @@ impl Schedule {
         rewind: usize,
         rows: &HiddenRows,
     ) -> [u8; 16] {
+        let mac = self
+            .tag_mac(direction, step, rewind, rows)
+            .finalize()
+            .into_bytes();
+        mac[..16].try_into().expect("16 bytes")
+    }
+
+    /// Whether `tag` is the tag of a message (see [`Schedule::tag`]), compared in constant
+    /// time so that its timing tells a forger nothing about how many bytes matched.
+    pub(crate) fn verify(
+        &self,
+        direction: Direction,
+        step: u64,
+        rewind: usize,
+        rows: &HiddenRows,
+        tag: &[u8; 16],
+    ) -> bool {
+        self.tag_mac(direction, step, rewind, rows)
+            .verify_truncated_left(tag)
+            .is_ok()
+    }
+
+    /// The HMAC of a message's tag, before truncation.
+    fn tag_mac(
+        &self,
+        direction: Direction,
+        step: u64,
+        rewind: usize,
+        rows: &HiddenRows,
+    ) -> Hmac<Sha256> {
         let draw = self.draw(step);
         let direction: &[u8] = match direction {
             Direction::Up => b"up",
             Direction::Down => b"down",
         };
-        let mac = hmac_sha256(
+        keyed_mac(
             &self.tag_key,
             &[
                 direction,
@@ -365,8 +397,7 @@ impl Schedule {
                 &(rows.width as u64).to_le_bytes(),
                 rows.codec.name().as_bytes(),
             ],
-        );
-        mac[..16].try_into().expect("16 bytes")
+        )
     }
 
     /// Rows as they go on the wire: permuted when the session permutes.
@@ -488,6 +519,13 @@ mod tests {
         let mut moved = rows.clone();
         moved.start = 4;
         assert_ne!(tag, s.tag(Direction::Up, 5, 0, &moved));
+        assert!(s.verify(Direction::Up, 5, 0, &rows, &tag));
+        assert!(!s.verify(Direction::Down, 5, 0, &rows, &tag));
+        assert!(!s.verify(Direction::Up, 5, 1, &rows, &tag));
+        assert!(!s.verify(Direction::Up, 5, 0, &moved, &tag));
+        let mut forged = tag;
+        forged[15] ^= 1;
+        assert!(!s.verify(Direction::Up, 5, 0, &rows, &forged));
         Ok(())
     }
 

@@ -5,26 +5,22 @@
 //! inside the encrypted channel when the session opens, with HMAC-SHA256 (RFC 2104) under
 //! distinct labels. Nothing is derived from a seed given on a command line.
 
-use sha2::{Digest, Sha256};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// HMAC-SHA256 (RFC 2104) over the concatenation of `parts` under `key`, not yet finalized:
+/// finalize it for the tag, or verify a received tag against it in constant time.
+pub(crate) fn keyed_mac(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256>>::new_from_slice(key).expect("HMAC takes keys of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac
+}
 
 /// HMAC-SHA256 of the concatenation of `parts` under `key`.
 pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut block = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        block[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let mut inner = Sha256::new();
-    inner.update(block.map(|b| b ^ 0x36));
-    for part in parts {
-        inner.update(part);
-    }
-    let mut outer = Sha256::new();
-    outer.update(block.map(|b| b ^ 0x5c));
-    outer.update(inner.finalize());
-    outer.finalize().into()
+    keyed_mac(key, parts).finalize().into_bytes().into()
 }
 
 /// 32 random bytes agreed by the device and the trunk when a keyed session opens.

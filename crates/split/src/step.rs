@@ -211,7 +211,10 @@ impl TrunkState {
             )));
         }
         let rows = &message.rows;
-        if message.tag != self.schedule.tag(Direction::Up, step, message.rewind, rows) {
+        if !self
+            .schedule
+            .verify(Direction::Up, step, message.rewind, rows, &message.tag)
+        {
             return Err(TrunkError::Desync(tag_mismatch("uplink", step)));
         }
         if message.rewind > 0 {
@@ -431,7 +434,9 @@ impl DeviceState {
         let expected_from = self.tail.layer_len(draw.k2, start);
         if down.step != step
             || down.rewind != 0
-            || down.tag != self.schedule.tag(Direction::Down, step, 0, &down.rows)
+            || !self
+                .schedule
+                .verify(Direction::Down, step, 0, &down.rows, &down.tag)
         {
             return Err(SplitError::Desync(tag_mismatch("downlink", step)));
         }

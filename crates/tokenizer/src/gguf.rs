@@ -236,12 +236,13 @@ pub(crate) fn build(metadata: &HashMap<String, Value>) -> Result<Parts, Tokenize
             Some(AddedToken::from(text, special).normalized(false))
         })
         .collect();
-    inner.add_tokens(&added);
+    let n_added = added.len();
+    inner.add_tokens(added).map_err(TokenizerError::Build)?;
     tracing::debug!(
         model,
         pre = meta.string(PRE)?,
         n_tokens = n,
-        n_added = added.len(),
+        n_added,
         "built tokenizer from GGUF metadata"
     );
 
@@ -401,6 +402,7 @@ fn sentencepiece(
     let mut tokenizer = tokenizers::Tokenizer::new(bpe);
     tokenizer
         .with_normalizer(Some(NormalizerSequence::new(normalizers)))
+        .map_err(TokenizerError::Build)?
         .with_decoder(Some(DecoderSequence::new(decoders)));
     Ok(tokenizer)
 }

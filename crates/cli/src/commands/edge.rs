@@ -13,7 +13,11 @@ use lsplit_edge::{EdgeConfig, EdgeGuard, EdgeServer, ImageModel};
 use lsplit_split::{GenerateOptions, Speculate};
 use lsplit_wire::StepCodec;
 
-use crate::args::{DeviceArgs, SamplingArgs};
+use crate::args::{DeviceArgs, LogArgs, SamplingArgs};
+
+/// The exit status when a second signal cuts open requests off: 128 + SIGINT, as a shell
+/// reports a process stopped by Ctrl-C.
+const SECOND_SIGNAL_EXIT: i32 = 130;
 
 /// Options of `lsplit edge`.
 #[derive(Debug, Args)]
@@ -22,9 +26,20 @@ pub struct EdgeArgs {
     /// loopback needs --api-key
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Key every API request must carry as `Authorization: Bearer KEY`
-    #[arg(long, value_name = "KEY")]
+    /// Key every API request must carry as `Authorization: Bearer KEY` (visible to other
+    /// users of this machine in the process list: prefer --api-key-file)
+    #[arg(long, value_name = "KEY", conflicts_with = "api_key_file")]
     pub api_key: Option<String>,
+    /// File holding the API key (its first line, surrounding whitespace trimmed), so that the
+    /// key stays out of the command line
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Another name the `model` field of requests accepts for the text model, listed in
+    /// /v1/models (repeatable, as vLLM's)
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Vec<String>,
+    #[command(flatten)]
+    pub log: LogArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Sampling settings of requests that leave them out
@@ -128,9 +143,20 @@ fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
     }))
 }
 
-/// Runs the command until SIGTERM or SIGINT.
+/// The API key of `--api-key` or `--api-key-file`, if either is given.
+fn api_key(args: &EdgeArgs) -> anyhow::Result<Option<String>> {
+    let Some(file) = &args.api_key_file else {
+        return Ok(args.api_key.clone());
+    };
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the API key file {}", file.display()))?;
+    Ok(Some(text.lines().next().unwrap_or("").trim().to_string()))
+}
+
+/// Runs the command until SIGTERM or SIGINT; a second signal stops it at once.
 pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
-    lsplit_edge::check_listen(args.listen, args.api_key.as_deref())?;
+    let api_key = api_key(&args)?;
+    lsplit_edge::check_listen(args.listen, api_key.as_deref())?;
     let defaults = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params()?,
@@ -169,8 +195,9 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
     let config = EdgeConfig {
         device,
         model_id: model_id.clone(),
+        aliases: args.served_model_name.clone(),
         defaults,
-        api_key: args.api_key.clone(),
+        api_key,
         max_sessions: args.max_sessions,
         images,
     };
@@ -188,12 +215,25 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
             "lsplit edge: http://{addr} (model {model_id}, split {split}, codec {codec}, trunk \
              {trunk_location}{image_line})"
         );
-        server
-            .serve(listener, async {
-                crate::signal::wait_for_signal().await;
-                tracing::info!("shutting down: open requests finish");
-            })
-            .await?;
+        let (signalled, first_signal) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            crate::signal::wait_for_signal().await;
+            tracing::info!("shutting down: open requests finish; a second Ctrl-C stops at once");
+            let _ = signalled.send(());
+        };
+        tokio::select! {
+            served = server.serve(listener, shutdown) => served?,
+            _ = async {
+                if first_signal.await.is_ok() {
+                    crate::signal::wait_for_signal().await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                tracing::warn!("second signal: stopping now, open requests are cut off");
+                std::process::exit(SECOND_SIGNAL_EXIT);
+            }
+        }
         Ok(())
     })
 }

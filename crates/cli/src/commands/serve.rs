@@ -20,7 +20,7 @@ use lsplit_wire::{Codec, StepCodec};
 
 use lsplit_split::SplitPolicy;
 
-use crate::args::{DEFAULT_LOCAL_LAYERS, PolicyKind};
+use crate::args::{DEFAULT_LOCAL_LAYERS, LogArgs, PolicyKind};
 
 /// How long open sessions may run on after SIGTERM/SIGINT before the server exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -133,6 +133,13 @@ pub struct ServeArgs {
     /// Also serve Prometheus metrics at http://ADDR/metrics
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// On SIGTERM or SIGINT, report NOT_SERVING on gRPC health for N seconds while still
+    /// accepting sessions, so that a load balancer moves new sessions elsewhere first; then
+    /// stop accepting and let open sessions finish
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub drain_secs: u64,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -287,7 +294,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         &args,
         stats,
         |addr| format!("lsplit serve: trunk {fingerprint} on {scheme}://{addr}"),
-        |listener, shutdown| server.serve(listener, shutdown),
+        |listener, shutdown, drain| server.serve_draining(listener, shutdown, drain),
     )
 }
 
@@ -342,7 +349,7 @@ fn run_diffusion(args: ServeArgs, path: &Path) -> anyhow::Result<()> {
         &args,
         stats,
         |addr| format!("lsplit serve: {fingerprint} on {scheme}://{addr}"),
-        |listener, shutdown| server.serve(listener, shutdown),
+        |listener, shutdown, drain| server.serve_draining(listener, shutdown, drain),
     )
 }
 
@@ -354,12 +361,13 @@ fn scheme(tls: &Option<TlsFiles>) -> &'static str {
 type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Listens on `--listen` (and `--metrics`), prints `banner` of the bound address, and runs
-/// `serve` until SIGTERM or SIGINT, giving open sessions [`SHUTDOWN_GRACE`] to finish.
+/// `serve` until SIGTERM or SIGINT, then drains for `--drain-secs` and gives open sessions
+/// [`SHUTDOWN_GRACE`] to finish.
 fn serve_until_signal<Served>(
     args: &ServeArgs,
     stats: ServerStats,
     banner: impl FnOnce(SocketAddr) -> String,
-    serve: impl FnOnce(tokio::net::TcpListener, Shutdown) -> Served,
+    serve: impl FnOnce(tokio::net::TcpListener, Shutdown, Duration) -> Served,
 ) -> anyhow::Result<()>
 where
     Served: Future<Output = Result<(), ServerError>>,
@@ -372,6 +380,7 @@ where
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let drain = Duration::from_secs(args.drain_secs);
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -395,11 +404,11 @@ where
             let _ = signalled.send(());
         };
         tokio::select! {
-            result = serve(listener, Box::pin(shutdown)) => result?,
+            result = serve(listener, Box::pin(shutdown), drain) => result?,
             _ = async {
                 let _ = grace.await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => tracing::warn!("sessions still open {SHUTDOWN_GRACE:?} after the signal; exiting"),
+                tokio::time::sleep(drain + SHUTDOWN_GRACE).await;
+            } => tracing::warn!("sessions still open {SHUTDOWN_GRACE:?} after draining; exiting"),
         }
         Ok(())
     })

@@ -17,10 +17,12 @@
 //! per block instead of candle's eight lanes: fewer instructions and no rounding inside a
 //! block), so its outputs differ from candle's by rounding.
 //!
-//! Two implementations compute bit-identical results: an AVX2 one (with VNNI's `vpdpbusd` when
-//! the target has it) and a portable one.
+//! Three implementations compute bit-identical results, chosen at run time by
+//! [`KernelPath`]: AVX2 (with FMA and F16C), the same with VNNI's `vpdpbusd`, and portable Rust.
 
 use half::f16;
+
+use super::KernelPath;
 
 /// Values per quantization block, for weights and activations alike.
 pub(crate) const BLOCK: usize = 32;
@@ -40,25 +42,18 @@ pub(crate) struct ActBlock {
 }
 
 impl ActBlock {
-    /// Quantizes 32 values the way candle's (and ggml's) reference Q8_0/Q8_1 code does, with
-    /// AVX-512 where the target has it (same results).
-    pub(crate) fn quantize(xs: &[f32]) -> Self {
-        let xs: &[f32; BLOCK] = xs.try_into().expect("a block of 32 values");
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx512f",
-            target_feature = "avx512bw"
-        ))]
-        // SAFETY: the target has AVX-512 F and BW.
-        unsafe {
-            avx512::quantize(xs)
+    /// Quantizes each block of 32 values of `xs` the way candle's (and ggml's) reference
+    /// Q8_0/Q8_1 code does, with AVX-512 on that path (same results).
+    pub(crate) fn quantize_all(path: KernelPath, xs: &[f32]) -> Vec<Self> {
+        match path {
+            // SAFETY: the path runs only where the CPU has AVX-512 F and BW.
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Vnni => unsafe { avx512::quantize_all(xs) },
+            _ => xs
+                .chunks_exact(BLOCK)
+                .map(|xs| portable::quantize(xs.try_into().expect("a block of 32 values")))
+                .collect(),
         }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx512f",
-            target_feature = "avx512bw"
-        )))]
-        portable::quantize(xs)
     }
 
     /// The block with scale `d` (before rounding through f16), quants `q` summing to `sum`.
@@ -74,28 +69,34 @@ impl ActBlock {
 }
 
 /// Quantization of activations with AVX-512.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "avx512bw"
-))]
-// AVX-512 intrinsics are stable since Rust 1.89: building for an AVX-512 target needs that
-// toolchain; the workspace's older MSRV holds for every other target.
-#[allow(clippy::incompatible_msrv)]
+#[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{ActBlock, BLOCK};
 
-    /// See [`ActBlock::quantize`]: the scalar code's operations on sixteen lanes. NaN counts
-    /// as 0 in the maximum (as `f32::max` skips it) and becomes 0, and the conversion to i8
-    /// saturates, as `as i8` does; rounding is half away from zero, as `f32::round`.
+    /// See [`ActBlock::quantize_all`].
     ///
     /// # Safety
-    /// The target has AVX-512 F and BW.
-    #[inline(always)]
-    pub(super) unsafe fn quantize(xs: &[f32; BLOCK]) -> ActBlock {
-        // SAFETY: the target has AVX-512 F and BW; `xs` holds 32 values.
+    /// The CPU has AVX-512 F and BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_all(xs: &[f32]) -> Vec<ActBlock> {
+        xs.chunks_exact(BLOCK)
+            // SAFETY: the CPU has AVX-512 F and BW (see above).
+            .map(|xs| unsafe { quantize(xs.try_into().expect("a block of 32 values")) })
+            .collect()
+    }
+
+    /// The scalar code's operations on sixteen lanes. NaN counts as 0 in the maximum (as
+    /// `f32::max` skips it) and becomes 0, and the conversion to i8 saturates, as `as i8` does;
+    /// rounding is half away from zero, as `f32::round`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BW.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn quantize(xs: &[f32; BLOCK]) -> ActBlock {
+        // SAFETY: the CPU has AVX-512 F and BW; `xs` holds 32 values.
         unsafe {
             let x = [
                 _mm512_loadu_ps(xs.as_ptr()),
@@ -199,8 +200,9 @@ pub(crate) fn repack(format: Format, gguf: &[u8], rows: usize, blocks: usize) ->
 }
 
 /// Dots one tile (`blocks` blocks of four rows, as [`repack`] lays them out) with each of the
-/// `R` activation rows: `out[r][w]` is weight row `w` times activation row `r`.
+/// `R` activation rows on `path`: `out[r][w]` is weight row `w` times activation row `r`.
 pub(crate) fn dot_tile<const R: usize>(
+    path: KernelPath,
     format: Format,
     tile: &[u8],
     acts: [&[ActBlock]; R],
@@ -209,43 +211,25 @@ pub(crate) fn dot_tile<const R: usize>(
     let blocks = tile.len() / (TILE * format.block_bytes());
     assert!(acts.iter().all(|a| a.len() == blocks));
     assert_eq!(tile.len(), blocks * TILE * format.block_bytes());
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        // SAFETY: the target has AVX2, FMA and F16C, and every load stays inside `tile` and
-        // `acts`, whose lengths were checked above.
-        unsafe { avx2::dot_tile(format, tile, blocks, acts, out) }
+    // SAFETY (both SIMD paths): a path runs only where the CPU has its features, and every
+    // load stays inside `tile` and `acts`, whose lengths were checked above.
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512Vnni => unsafe { vnni::dot_tile(format, tile, blocks, acts, out) },
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => unsafe { avx2::dot_tile(format, tile, blocks, acts, out) },
+        _ => portable::dot_tile(format, tile, blocks, acts, out),
     }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
-    portable::dot_tile(format, tile, blocks, acts, out)
 }
 
 /// Portable kernels: for Q8_0 eight float lanes, lane `u` holding the products of values
 /// `4u..4u+4` (candle's arithmetic); for Q4_0 and Q4_1 one exact integer sum per block.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ),
-    allow(dead_code)
-)]
 pub(crate) mod portable {
     use half::f16;
 
     use super::{ActBlock, BLOCK, Format, TILE};
 
-    /// See [`ActBlock::quantize`].
+    /// See [`ActBlock::quantize_all`].
     pub(crate) fn quantize(xs: &[f32; BLOCK]) -> ActBlock {
         let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
         let d = amax / 127.0;
@@ -345,184 +329,186 @@ pub(crate) mod portable {
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-mod avx2 {
-    use std::arch::x86_64::*;
+/// The AVX2 kernels, written once and compiled twice: into `avx2` for AVX2, FMA and F16C, and
+/// into `vnni` with AVX-512 VNNI and VL too, whose `vpdpbusd` does the byte products.
+macro_rules! avx2_kernels {
+    ($module:ident, $features:literal, |$w:ident, $y:ident| $dot:expr) => {
+        mod $module {
+            use std::arch::x86_64::*;
 
-    use super::{ActBlock, Format, TILE};
+            use super::{ActBlock, Format, TILE};
 
-    /// Unsigned bytes times signed bytes, summed in groups of four into eight i32 lanes.
-    #[inline(always)]
-    unsafe fn dot_u8_i8(w: __m256i, y: __m256i) -> __m256i {
-        #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
-        // SAFETY: the target has AVX512-VNNI and AVX512-VL.
-        // Stable since Rust 1.89: building for a VNNI target needs that toolchain; the
-        // workspace's older MSRV holds for every other target.
-        #[allow(clippy::incompatible_msrv)]
-        unsafe {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, y)
-        }
-        #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
-        // SAFETY: the target has AVX2.
-        unsafe {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1))
-        }
-    }
+            /// Unsigned bytes times signed bytes, summed in groups of four into eight i32 lanes.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn dot_u8_i8($w: __m256i, $y: __m256i) -> __m256i {
+                $dot
+            }
 
-    /// Exact sums of four vectors of eight i32 lanes: `[Σv0, Σv1, Σv2, Σv3]`.
-    #[inline(always)]
-    unsafe fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
-        // SAFETY: the target has AVX2.
-        unsafe {
-            let a = _mm256_hadd_epi32(v[0], v[1]);
-            let b = _mm256_hadd_epi32(v[2], v[3]);
-            let c = _mm256_hadd_epi32(a, b);
-            _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1))
-        }
-    }
+            /// Exact sums of four vectors of eight i32 lanes: `[Σv0, Σv1, Σv2, Σv3]`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
+                let a = _mm256_hadd_epi32(v[0], v[1]);
+                let b = _mm256_hadd_epi32(v[2], v[3]);
+                let c = _mm256_hadd_epi32(a, b);
+                _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1))
+            }
 
-    /// Sum of eight float lanes in the order of candle's `hsum_float_8`.
-    #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
-        // SAFETY: the target has AVX.
-        unsafe {
-            let hi = _mm256_extractf128_ps(x, 1);
-            let s = _mm_add_ps(hi, _mm256_castps256_ps128(x));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            _mm_cvtss_f32(s)
-        }
-    }
+            /// Sum of eight float lanes in the order of candle's `hsum_float_8`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn hsum(x: __m256) -> f32 {
+                let hi = _mm256_extractf128_ps(x, 1);
+                let s = _mm_add_ps(hi, _mm256_castps256_ps128(x));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                _mm_cvtss_f32(s)
+            }
 
-    /// Sixteen packed bytes at `p` to 32 nibbles: low nibbles first, then high ones.
-    #[inline(always)]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
-        // SAFETY: the caller passes 16 readable bytes; the target has AVX2.
-        unsafe {
-            let qs = _mm_loadu_si128(p as *const __m128i);
-            let both = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
-            _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
-        }
-    }
-
-    /// 32 bytes at `p`.
-    #[inline(always)]
-    unsafe fn load32(p: *const u8) -> __m256i {
-        // SAFETY: the caller passes 32 readable bytes; the target has AVX.
-        unsafe { _mm256_loadu_si256(p as *const __m256i) }
-    }
-
-    /// Four f16 at `p` as f32 (exact, as `half` converts them).
-    #[inline(always)]
-    unsafe fn f16x4(p: *const u8) -> __m128 {
-        // SAFETY: the caller passes 8 readable bytes; the target has F16C.
-        unsafe { _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i)) }
-    }
-
-    /// See [`super::dot_tile`]. Signed weights use the sign trick (|w| times y with w's sign)
-    /// so that one unsigned-by-signed product serves every format.
-    ///
-    /// # Safety
-    /// `tile` holds `blocks` tile blocks of `format` and every row of `acts` `blocks` blocks.
-    // Block `b` addresses both the tile's bytes and each activation row.
-    #[allow(clippy::needless_range_loop)]
-    #[inline(always)]
-    pub(super) unsafe fn dot_tile<const R: usize>(
-        format: Format,
-        tile: &[u8],
-        blocks: usize,
-        acts: [&[ActBlock]; R],
-        out: &mut [[f32; TILE]; R],
-    ) {
-        let bytes = TILE * format.block_bytes();
-        // SAFETY: the target has AVX2, FMA and F16C; loads stay inside the blocks (see above).
-        unsafe {
-            match format {
-                Format::Q4_1 => {
-                    let mut sums = [_mm_setzero_ps(); R];
-                    for b in 0..blocks {
-                        let p = tile.as_ptr().add(b * bytes);
-                        let d = f16x4(p);
-                        let min = f16x4(p.add(8));
-                        let wq: [__m256i; TILE] =
-                            std::array::from_fn(|w| nibbles(p.add(16 + 16 * w)));
-                        for r in 0..R {
-                            let a = &acts[r][b];
-                            let y = load32(a.q.as_ptr().cast());
-                            let dots = hsum4_i32(wq.map(|w| dot_u8_i8(w, y)));
-                            // ((Σ * d) * d_act) + (min * s_act), then accumulated: candle's order.
-                            let t =
-                                _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(dots), d), _mm_set1_ps(a.d));
-                            let t = _mm_add_ps(t, _mm_mul_ps(min, _mm_set1_ps(a.s)));
-                            sums[r] = _mm_add_ps(sums[r], t);
-                        }
-                    }
-                    for r in 0..R {
-                        _mm_storeu_ps(out[r].as_mut_ptr(), sums[r]);
-                    }
+            /// Sixteen packed bytes at `p` to 32 nibbles: low nibbles first, then high ones.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn nibbles(p: *const u8) -> __m256i {
+                // SAFETY: the caller passes 16 readable bytes; the CPU has AVX2.
+                unsafe {
+                    let qs = _mm_loadu_si128(p as *const __m128i);
+                    let both = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
+                    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
                 }
-                Format::Q4_0 => {
-                    // As Q4_1 without the minimum: Σ (w - 8) y = Σ w y - 8 Σ y, so the
-                    // unsigned nibbles go into the product as they are.
-                    let mut sums = [_mm_setzero_ps(); R];
-                    for b in 0..blocks {
-                        let p = tile.as_ptr().add(b * bytes);
-                        let d = f16x4(p);
-                        let wq: [__m256i; TILE] =
-                            std::array::from_fn(|w| nibbles(p.add(8 + 16 * w)));
-                        for r in 0..R {
-                            let a = &acts[r][b];
-                            let y = load32(a.q.as_ptr().cast());
-                            let dots = _mm_sub_epi32(
-                                hsum4_i32(wq.map(|w| dot_u8_i8(w, y))),
-                                _mm_set1_epi32(8 * a.sum),
-                            );
-                            let t =
-                                _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(dots), d), _mm_set1_ps(a.d));
-                            sums[r] = _mm_add_ps(sums[r], t);
-                        }
-                    }
-                    for r in 0..R {
-                        _mm_storeu_ps(out[r].as_mut_ptr(), sums[r]);
-                    }
-                }
-                Format::Q8_0 => {
-                    let mut acc = [[_mm256_setzero_ps(); TILE]; R];
-                    for b in 0..blocks {
-                        let p = tile.as_ptr().add(b * bytes);
-                        let mut d = [0f32; TILE];
-                        _mm_storeu_ps(d.as_mut_ptr(), f16x4(p));
-                        let wq: [__m256i; TILE] =
-                            std::array::from_fn(|w| load32(p.add(8 + 32 * w)));
-                        let wabs = wq.map(|w| _mm256_sign_epi8(w, w));
-                        for r in 0..R {
-                            let a = &acts[r][b];
-                            let y = load32(a.q.as_ptr().cast());
-                            for w in 0..TILE {
-                                let dot = dot_u8_i8(wabs[w], _mm256_sign_epi8(y, wq[w]));
-                                acc[r][w] = _mm256_fmadd_ps(
-                                    _mm256_set1_ps(d[w] * a.d),
-                                    _mm256_cvtepi32_ps(dot),
-                                    acc[r][w],
-                                );
+            }
+
+            /// 32 bytes at `p`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn load32(p: *const u8) -> __m256i {
+                // SAFETY: the caller passes 32 readable bytes; the CPU has AVX.
+                unsafe { _mm256_loadu_si256(p as *const __m256i) }
+            }
+
+            /// Four f16 at `p` as f32 (exact, as `half` converts them).
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn f16x4(p: *const u8) -> __m128 {
+                // SAFETY: the caller passes 8 readable bytes; the CPU has F16C.
+                unsafe { _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i)) }
+            }
+
+            /// See [`super::dot_tile`]. Signed weights use the sign trick (|w| times y with w's sign)
+            /// so that one unsigned-by-signed product serves every format.
+            ///
+            /// # Safety
+            /// `tile` holds `blocks` tile blocks of `format` and every row of `acts` `blocks` blocks.
+            // Block `b` addresses both the tile's bytes and each activation row.
+            #[allow(clippy::needless_range_loop)]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn dot_tile<const R: usize>(
+                format: Format,
+                tile: &[u8],
+                blocks: usize,
+                acts: [&[ActBlock]; R],
+                out: &mut [[f32; TILE]; R],
+            ) {
+                let bytes = TILE * format.block_bytes();
+                // SAFETY: the CPU has AVX2, FMA and F16C; loads stay inside the blocks (see above).
+                unsafe {
+                    match format {
+                        Format::Q4_1 => {
+                            let mut sums = [_mm_setzero_ps(); R];
+                            for b in 0..blocks {
+                                let p = tile.as_ptr().add(b * bytes);
+                                let d = f16x4(p);
+                                let min = f16x4(p.add(8));
+                                let wq: [__m256i; TILE] =
+                                    std::array::from_fn(|w| nibbles(p.add(16 + 16 * w)));
+                                for r in 0..R {
+                                    let a = &acts[r][b];
+                                    let y = load32(a.q.as_ptr().cast());
+                                    let dots = hsum4_i32(wq.map(|w| dot_u8_i8(w, y)));
+                                    // ((Σ * d) * d_act) + (min * s_act), then accumulated: candle's order.
+                                    let t = _mm_mul_ps(
+                                        _mm_mul_ps(_mm_cvtepi32_ps(dots), d),
+                                        _mm_set1_ps(a.d),
+                                    );
+                                    let t = _mm_add_ps(t, _mm_mul_ps(min, _mm_set1_ps(a.s)));
+                                    sums[r] = _mm_add_ps(sums[r], t);
+                                }
+                            }
+                            for r in 0..R {
+                                _mm_storeu_ps(out[r].as_mut_ptr(), sums[r]);
                             }
                         }
-                    }
-                    for r in 0..R {
-                        for w in 0..TILE {
-                            out[r][w] = hsum(acc[r][w]);
+                        Format::Q4_0 => {
+                            // As Q4_1 without the minimum: Σ (w - 8) y = Σ w y - 8 Σ y, so the
+                            // unsigned nibbles go into the product as they are.
+                            let mut sums = [_mm_setzero_ps(); R];
+                            for b in 0..blocks {
+                                let p = tile.as_ptr().add(b * bytes);
+                                let d = f16x4(p);
+                                let wq: [__m256i; TILE] =
+                                    std::array::from_fn(|w| nibbles(p.add(8 + 16 * w)));
+                                for r in 0..R {
+                                    let a = &acts[r][b];
+                                    let y = load32(a.q.as_ptr().cast());
+                                    let dots = _mm_sub_epi32(
+                                        hsum4_i32(wq.map(|w| dot_u8_i8(w, y))),
+                                        _mm_set1_epi32(8 * a.sum),
+                                    );
+                                    let t = _mm_mul_ps(
+                                        _mm_mul_ps(_mm_cvtepi32_ps(dots), d),
+                                        _mm_set1_ps(a.d),
+                                    );
+                                    sums[r] = _mm_add_ps(sums[r], t);
+                                }
+                            }
+                            for r in 0..R {
+                                _mm_storeu_ps(out[r].as_mut_ptr(), sums[r]);
+                            }
+                        }
+                        Format::Q8_0 => {
+                            let mut acc = [[_mm256_setzero_ps(); TILE]; R];
+                            for b in 0..blocks {
+                                let p = tile.as_ptr().add(b * bytes);
+                                let mut d = [0f32; TILE];
+                                _mm_storeu_ps(d.as_mut_ptr(), f16x4(p));
+                                let wq: [__m256i; TILE] =
+                                    std::array::from_fn(|w| load32(p.add(8 + 32 * w)));
+                                let wabs = wq.map(|w| _mm256_sign_epi8(w, w));
+                                for r in 0..R {
+                                    let a = &acts[r][b];
+                                    let y = load32(a.q.as_ptr().cast());
+                                    for w in 0..TILE {
+                                        let dot = dot_u8_i8(wabs[w], _mm256_sign_epi8(y, wq[w]));
+                                        acc[r][w] = _mm256_fmadd_ps(
+                                            _mm256_set1_ps(d[w] * a.d),
+                                            _mm256_cvtepi32_ps(dot),
+                                            acc[r][w],
+                                        );
+                                    }
+                                }
+                            }
+                            for r in 0..R {
+                                for w in 0..TILE {
+                                    out[r][w] = hsum(acc[r][w]);
+                                }
+                            }
                         }
                     }
                 }
             }
         }
-    }
+    };
 }
+
+#[cfg(target_arch = "x86_64")]
+avx2_kernels!(avx2, "avx2,fma,f16c", |w, y| _mm256_madd_epi16(
+    _mm256_maddubs_epi16(w, y),
+    _mm256_set1_epi16(1)
+));
+#[cfg(target_arch = "x86_64")]
+avx2_kernels!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |w, y| {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, y)
+});
 
 #[cfg(test)]
 pub(super) mod tests {
@@ -557,10 +543,18 @@ pub(super) mod tests {
         w
     }
 
+    /// Every path this CPU runs (each is checked against the portable code), with each format.
+    fn paths_and_formats() -> Vec<(KernelPath, Format)> {
+        KernelPath::all_supported()
+            .into_iter()
+            .flat_map(|path| [Format::Q4_0, Format::Q4_1, Format::Q8_0].map(|f| (path, f)))
+            .collect()
+    }
+
     pub(in crate::kernels) fn act_row(blocks: usize, seed: u64) -> Vec<ActBlock> {
         let raw = bytes(seed, blocks * BLOCK);
         let xs: Vec<f32> = raw.iter().map(|&b| (b as f32 - 127.5) / 40.0).collect();
-        xs.chunks(BLOCK).map(ActBlock::quantize).collect()
+        ActBlock::quantize_all(KernelPath::Portable, &xs)
     }
 
     /// Weight row `w` times `acts` in f64 from the dequantized values, for an accuracy check.
@@ -608,7 +602,7 @@ pub(super) mod tests {
 
     #[test]
     fn kernels_agree_with_the_portable_code_bit_for_bit_and_with_exact_math() {
-        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+        for (path, format) in paths_and_formats() {
             for blocks in [1, 18, 48] {
                 let tile = repack(
                     format,
@@ -620,16 +614,17 @@ pub(super) mod tests {
                     (0..4).map(|i| act_row(blocks, 100 + i as u64)).collect();
                 let four = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
                 let mut fast = [[0f32; TILE]; 4];
-                dot_tile(format, &tile, four, &mut fast);
+                dot_tile(path, format, &tile, four, &mut fast);
                 let mut reference = [[0f32; TILE]; 4];
                 portable::dot_tile(format, &tile, blocks, four, &mut reference);
                 assert_eq!(
                     fast.map(|r| r.map(f32::to_bits)),
-                    reference.map(|r| r.map(f32::to_bits))
+                    reference.map(|r| r.map(f32::to_bits)),
+                    "{path} {format:?}"
                 );
                 for (r, row) in rows.iter().enumerate() {
                     let mut one = [[0f32; TILE]; 1];
-                    dot_tile(format, &tile, [row], &mut one);
+                    dot_tile(path, format, &tile, [row], &mut one);
                     assert_eq!(
                         one[0].map(f32::to_bits),
                         fast[r].map(f32::to_bits),
@@ -679,8 +674,12 @@ pub(super) mod tests {
         blocks.push([-0.0; BLOCK]);
         blocks.push(std::array::from_fn(|i| i as f32 * 1e-44));
         blocks.push(std::array::from_fn(|i| (i as f32 - 16.0) * 1e37));
-        for xs in &blocks {
-            let (fast, reference) = (ActBlock::quantize(xs), portable::quantize(xs));
+        for (path, xs) in KernelPath::all_supported()
+            .into_iter()
+            .flat_map(|path| blocks.iter().map(move |xs| (path, xs)))
+        {
+            let fast = ActBlock::quantize_all(path, xs)[0];
+            let reference = portable::quantize(xs);
             assert_eq!(
                 (fast.d.to_bits(), fast.s.to_bits(), fast.q, fast.sum),
                 (
@@ -689,7 +688,7 @@ pub(super) mod tests {
                     reference.q,
                     reference.sum
                 ),
-                "{xs:?}"
+                "{path} {xs:?}"
             );
             assert_eq!(fast.sum, fast.q.iter().map(|&q| i32::from(q)).sum::<i32>());
         }
@@ -698,10 +697,10 @@ pub(super) mod tests {
     #[test]
     fn quantize_matches_the_reference_rounding() {
         let xs: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
-        let a = ActBlock::quantize(&xs);
+        let a = ActBlock::quantize_all(KernelPath::Portable, &xs)[0];
         assert_eq!(a.d, f16::from_f32(15.5 / 127.0).to_f32());
         assert_eq!((a.q[0], a.q[16], a.q[31]), (-127, 4, 127));
-        let zeros = ActBlock::quantize(&[0.0; 32]);
+        let zeros = ActBlock::quantize_all(KernelPath::Portable, &[0.0; 32])[0];
         assert_eq!((zeros.d, zeros.s, zeros.q), (0.0, 0.0, [0; 32]));
     }
 }

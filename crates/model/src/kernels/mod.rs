@@ -3,19 +3,17 @@
 //! candle has no SIMD kernel for Q4_1 (the default model's format) and dots each activation row
 //! with each weight row on its own. Here each weight block is unpacked once and dotted with up
 //! to four activation rows ([`dot`]) using AVX2 or VNNI, which speeds up decode. Where the
-//! target has AVX-512 with VNNI, batches (prefill, the trunk server's shared steps) go through
+//! CPU has AVX-512 with VNNI, batches (prefill, the trunk server's shared steps) go through
 //! the `wide` kernel in groups of four rows, sixteen (weight row, activation row) pairs per
-//! instruction. All kernels compute the same bits. Formats we do not cover keep candle's.
+//! instruction. The CPU's best [`KernelPath`] is chosen at run time; all paths compute the same
+//! bits. Formats we do not cover keep candle's (whose x86 kernels also choose AVX2 at run time).
 
 mod dot;
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "avx512bw",
-    target_feature = "avx512vl",
-    target_feature = "avx512vnni"
-))]
+mod path;
+#[cfg(target_arch = "x86_64")]
 mod wide;
+
+pub use path::KernelPath;
 
 use std::sync::Arc;
 
@@ -167,6 +165,7 @@ impl CustomOp1 for QuantMatrix {
         let x = &storage.as_slice::<f32>()?[layout.start_offset()..][..m * self.cols];
         let mut out = vec![0f32; m * self.rows];
         matmul(
+            KernelPath::active(),
             self.format,
             &self.tiles,
             (m, self.cols, self.rows),
@@ -179,8 +178,10 @@ impl CustomOp1 for QuantMatrix {
     }
 }
 
-/// `out (m, n) = x (m, k) @ Wᵀ` for weights of `n` rows in `format`, repacked into `tiles`.
+/// `out (m, n) = x (m, k) @ Wᵀ` for weights of `n` rows in `format`, repacked into `tiles`,
+/// on `path`.
 fn matmul(
+    path: KernelPath,
     format: Format,
     tiles: &[u8],
     (m, k, n): (usize, usize, usize),
@@ -189,15 +190,9 @@ fn matmul(
 ) {
     let blocks = k / BLOCK;
     let tile_bytes = TILE * blocks * format.block_bytes();
-    let acts: Vec<ActBlock> = x.chunks_exact(BLOCK).map(ActBlock::quantize).collect();
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx512f",
-        target_feature = "avx512bw",
-        target_feature = "avx512vl",
-        target_feature = "avx512vnni"
-    ))]
-    let groups = wide::groups(format, &acts, blocks);
+    let acts = ActBlock::quantize_all(path, x);
+    #[cfg(target_arch = "x86_64")]
+    let groups = (path == KernelPath::Avx512Vnni).then(|| wide::groups(format, &acts, blocks));
     let threads = rayon::current_num_threads();
     let tiles_per_task = (n / TILE).div_ceil(threads * 4).max(4);
     // Each task fills whole columns (four weight rows against every activation row), so the
@@ -206,28 +201,21 @@ fn matmul(
     let task = |(c, dst): (usize, &mut [f32])| {
         let first = c * tiles_per_task * tile_bytes;
         let weights = &tiles[first..first + dst.len() / (TILE * m) * tile_bytes];
-        // Groups of four activation rows go through the wide kernel where the target has it.
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx512f",
-            target_feature = "avx512bw",
-            target_feature = "avx512vl",
-            target_feature = "avx512vnni"
-        ))]
-        let done = wide::dot_columns(format, weights, &groups, blocks, m, dst);
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx512f",
-            target_feature = "avx512bw",
-            target_feature = "avx512vl",
-            target_feature = "avx512vnni"
-        )))]
+        // Groups of four activation rows go through the wide kernel on the AVX-512 VNNI path.
+        #[cfg(target_arch = "x86_64")]
+        let done = match &groups {
+            // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only where
+            // the CPU has AVX-512 F, BW, VL and VNNI.
+            Some(groups) => unsafe { wide::dot_columns(format, weights, groups, blocks, m, dst) },
+            None => 0,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
         let done = 0;
         for (tile, columns) in weights
             .chunks_exact(tile_bytes)
             .zip(dst.chunks_exact_mut(TILE * m))
         {
-            dot_columns(format, tile, &acts, blocks, done, columns);
+            dot_columns(path, format, tile, &acts, blocks, done, columns);
         }
     };
     let chunk = tiles_per_task * TILE * m;
@@ -252,6 +240,7 @@ fn matmul(
 /// One tile of four weight rows against activation rows `from..`, up to four at a time;
 /// `columns` holds the four weight rows' results over all the rows one after the other.
 fn dot_columns(
+    path: KernelPath,
     format: Format,
     tile: &[u8],
     acts: &[ActBlock],
@@ -272,6 +261,7 @@ fn dot_columns(
     while i + 4 <= m {
         let mut o = [[0f32; TILE]; 4];
         dot_tile(
+            path,
             format,
             tile,
             [row(i), row(i + 1), row(i + 2), row(i + 3)],
@@ -283,17 +273,17 @@ fn dot_columns(
     match m - i {
         3 => {
             let mut o = [[0f32; TILE]; 3];
-            dot_tile(format, tile, [row(i), row(i + 1), row(i + 2)], &mut o);
+            dot_tile(path, format, tile, [row(i), row(i + 1), row(i + 2)], &mut o);
             store(i, &o);
         }
         2 => {
             let mut o = [[0f32; TILE]; 2];
-            dot_tile(format, tile, [row(i), row(i + 1)], &mut o);
+            dot_tile(path, format, tile, [row(i), row(i + 1)], &mut o);
             store(i, &o);
         }
         1 => {
             let mut o = [[0f32; TILE]; 1];
-            dot_tile(format, tile, [row(i)], &mut o);
+            dot_tile(path, format, tile, [row(i)], &mut o);
             store(i, &o);
         }
         _ => {}
@@ -416,6 +406,32 @@ mod tests {
     }
 
     #[test]
+    fn every_kernel_path_this_cpu_runs_equals_the_portable_one_bit_for_bit()
+    -> candle_core::Result<()> {
+        let paths = KernelPath::all_supported();
+        eprintln!("kernel paths checked: {paths:?}");
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let Linear::Quant(q) = Linear::new(QMatMul::QTensor(weights(dtype, 200, 128)?)) else {
+                panic!("{dtype:?} uses our kernels");
+            };
+            // Single rows, the four-row tiles' tails and several of the wide kernel's groups.
+            for m in [1, 3, 4, 7, 16, 33] {
+                let x = input(m, 128, 5)?.flatten_all()?.to_vec1::<f32>()?;
+                let run = |path| {
+                    let mut out = vec![0f32; m * 200];
+                    matmul(path, q.format, &q.tiles, (m, 128, 200), &x, &mut out);
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                let reference = run(KernelPath::Portable);
+                for &path in &paths {
+                    assert_eq!(run(path), reference, "{path} {dtype:?} m={m}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn embedding_rows_equal_candles_dequantization() -> candle_core::Result<()> {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let w = weights(dtype, 40, 64)?;
@@ -498,18 +514,23 @@ mod tests {
                         .map(|_| (random() % 2001) as f32 / 1000.0 - 1.0)
                         .collect();
                     let mut out = vec![0f32; m * n];
-                    let (runs, ns) = one_thread.install(|| {
-                        matmul(format, &tiles, (m, k, n), &x, &mut out);
-                        let (start, cpu) = (std::time::Instant::now(), thread_cpu_ns());
-                        let mut runs = 0;
-                        while runs < 3 || start.elapsed().as_secs_f64() < 0.5 {
-                            matmul(format, &tiles, (m, k, n), &x, &mut out);
-                            runs += 1;
-                        }
-                        (runs, thread_cpu_ns() - cpu)
-                    });
-                    let rate = (m * k * n * runs) as f64 / ns as f64;
-                    println!("{format:?} m={m:3} k={k:4} n={n:4}: {rate:6.2} G multiply-adds/s");
+                    for path in KernelPath::all_supported() {
+                        let (runs, ns) = one_thread.install(|| {
+                            matmul(path, format, &tiles, (m, k, n), &x, &mut out);
+                            let (start, cpu) = (std::time::Instant::now(), thread_cpu_ns());
+                            let mut runs = 0;
+                            while runs < 3 || start.elapsed().as_secs_f64() < 0.5 {
+                                matmul(path, format, &tiles, (m, k, n), &x, &mut out);
+                                runs += 1;
+                            }
+                            (runs, thread_cpu_ns() - cpu)
+                        });
+                        let rate = (m * k * n * runs) as f64 / ns as f64;
+                        println!(
+                            "{path:11} {format:?} m={m:3} k={k:4} n={n:4}: {rate:6.2} G \
+                             multiply-adds/s"
+                        );
+                    }
                 }
             }
         }

@@ -13,9 +13,8 @@
 //! one pair per lane) and sums them at the end in candle's order. So the results equal the other
 //! kernels' bit for bit, and a pair's result never depends on the rows batched with it.
 
-// AVX-512 intrinsics are stable since Rust 1.89: building for an AVX-512 target needs that
-// toolchain; the workspace's older MSRV holds for every other target.
-#![allow(clippy::incompatible_msrv)]
+//!
+//! Built into every x86-64 binary; it runs only on the AVX-512 VNNI [`super::KernelPath`].
 
 use std::arch::x86_64::*;
 
@@ -74,7 +73,12 @@ impl ActGroup {
 /// Dots one tile (`blocks` blocks of four weight rows, as [`super::dot::repack`] lays them
 /// out) with `G` groups of four activation rows: `out[i][w][r]` is weight row `w` times row
 /// `r` of group `i`.
-pub(crate) fn dot_tile<const G: usize>(
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW, VL and VNNI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+pub(crate) unsafe fn dot_tile<const G: usize>(
     format: Format,
     tile: &[u8],
     groups: [&[ActGroup]; G],
@@ -83,37 +87,38 @@ pub(crate) fn dot_tile<const G: usize>(
     let blocks = tile.len() / (TILE * format.block_bytes());
     assert!(groups.iter().all(|a| a.len() == blocks));
     assert_eq!(tile.len(), blocks * TILE * format.block_bytes());
-    // SAFETY: this module is only built for targets with AVX-512 F, BW, VL and VNNI, and every
-    // load stays inside `tile` and `groups`, whose lengths were checked above.
+    // SAFETY: the CPU has AVX-512 F, BW, VL and VNNI (see above), and every load stays inside
+    // `tile` and `groups`, whose lengths were checked above.
     unsafe { kernel(format, tile, blocks, groups, out) }
 }
 
 /// `[x0, x1, x2, x3]` to `[x0 ×4, x1 ×4, x2 ×4, x3 ×4]`: weight row `w`'s value in its quarter.
-#[inline(always)]
-unsafe fn per_weight_row(x: __m128) -> __m512 {
-    // SAFETY: the target has AVX-512 F.
-    unsafe {
-        let index = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-        _mm512_permutexvar_ps(index, _mm512_castps128_ps512(x))
-    }
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+fn per_weight_row(x: __m128) -> __m512 {
+    let index = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    _mm512_permutexvar_ps(index, _mm512_castps128_ps512(x))
 }
 
 /// Four f16 at `p` as f32 (exact, as `half` converts them).
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 unsafe fn f16x4(p: *const u8) -> __m128 {
     // SAFETY: the caller passes 8 readable bytes; the target has F16C.
     unsafe { _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i)) }
 }
 
 /// 16 bytes at `p` in each quarter.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 unsafe fn broadcast16(p: *const u8) -> __m512i {
     // SAFETY: the caller passes 16 readable bytes; the target has AVX-512 F.
     unsafe { _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i)) }
 }
 
 /// 64 bytes at `p`.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 unsafe fn load64(p: *const u8) -> __m512i {
     // SAFETY: the caller passes 64 readable bytes; the target has AVX-512 F.
     unsafe { _mm512_loadu_si512(p as *const __m512i) }
@@ -122,25 +127,24 @@ unsafe fn load64(p: *const u8) -> __m512i {
 /// The tile block's weights as unsigned bytes, one register per group of four values: in
 /// quarter `w`, weight row `w`'s values `4g..4g+4` four times. `lo` holds each row's values
 /// 0..16 in its quarter, `hi` values 16..32.
-#[inline(always)]
-unsafe fn weight_groups(lo: __m512i, hi: __m512i) -> [__m512i; 8] {
-    // SAFETY: the target has AVX-512 F.
-    unsafe {
-        [
-            _mm512_shuffle_epi32::<0x00>(lo),
-            _mm512_shuffle_epi32::<0x55>(lo),
-            _mm512_shuffle_epi32::<0xaa>(lo),
-            _mm512_shuffle_epi32::<0xff>(lo),
-            _mm512_shuffle_epi32::<0x00>(hi),
-            _mm512_shuffle_epi32::<0x55>(hi),
-            _mm512_shuffle_epi32::<0xaa>(hi),
-            _mm512_shuffle_epi32::<0xff>(hi),
-        ]
-    }
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+fn weight_groups(lo: __m512i, hi: __m512i) -> [__m512i; 8] {
+    [
+        _mm512_shuffle_epi32::<0x00>(lo),
+        _mm512_shuffle_epi32::<0x55>(lo),
+        _mm512_shuffle_epi32::<0xaa>(lo),
+        _mm512_shuffle_epi32::<0xff>(lo),
+        _mm512_shuffle_epi32::<0x00>(hi),
+        _mm512_shuffle_epi32::<0x55>(hi),
+        _mm512_shuffle_epi32::<0xaa>(hi),
+        _mm512_shuffle_epi32::<0xff>(hi),
+    ]
 }
 
 /// Sixteen nibble bytes per row (four rows at `p`) to their low and high nibbles.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 unsafe fn nibbles(p: *const u8) -> (__m512i, __m512i) {
     // SAFETY: the caller passes 64 readable bytes; the target has AVX-512 F and BW.
     unsafe {
@@ -179,7 +183,8 @@ fn unrolled<const G: usize>(mut f: impl FnMut(usize)) {
 /// and every slice of `groups` `blocks` blocks.
 // Block `b` addresses both the tile's bytes and each group of activation rows.
 #[allow(clippy::needless_range_loop)]
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 unsafe fn kernel<const G: usize>(
     format: Format,
     tile: &[u8],
@@ -299,7 +304,11 @@ pub(crate) fn groups(format: Format, acts: &[ActBlock], blocks: usize) -> Vec<Ac
 /// Each pass over a run of tiles takes several groups (one unpacking of a weight block serves
 /// them all); the run is short enough to stay in the core's cache for every pass, so the
 /// weights come from memory once, not once per pass.
-pub(crate) fn dot_columns(
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW, VL and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+pub(crate) unsafe fn dot_columns(
     format: Format,
     tiles: &[u8],
     groups: &[ActGroup],
@@ -329,18 +338,21 @@ pub(crate) fn dot_columns(
                 let mut pass = pass.clone();
                 let mut group = || pass.next().expect("a group per pass");
                 let at = first * GROUP;
-                match take {
-                    4 => store(
-                        format,
-                        tile,
-                        [group(), group(), group(), group()],
-                        m,
-                        at,
-                        columns,
-                    ),
-                    3 => store(format, tile, [group(), group(), group()], m, at, columns),
-                    2 => store(format, tile, [group(), group()], m, at, columns),
-                    _ => store(format, tile, [group()], m, at, columns),
+                // SAFETY: the CPU has the features (see above).
+                unsafe {
+                    match take {
+                        4 => store(
+                            format,
+                            tile,
+                            [group(), group(), group(), group()],
+                            m,
+                            at,
+                            columns,
+                        ),
+                        3 => store(format, tile, [group(), group(), group()], m, at, columns),
+                        2 => store(format, tile, [group(), group()], m, at, columns),
+                        _ => store(format, tile, [group()], m, at, columns),
+                    }
                 }
             }
             first += take;
@@ -351,7 +363,12 @@ pub(crate) fn dot_columns(
 
 /// Runs [`dot_tile`] on `G` groups starting at activation row `at` and stores the results in
 /// the tile's `columns`.
-fn store<const G: usize>(
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW, VL and VNNI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn store<const G: usize>(
     format: Format,
     tile: &[u8],
     groups: [&[ActGroup]; G],
@@ -360,7 +377,8 @@ fn store<const G: usize>(
     columns: &mut [f32],
 ) {
     let mut out = [[[0f32; GROUP]; TILE]; G];
-    dot_tile(format, tile, groups, &mut out);
+    // SAFETY: the CPU has the features (see above).
+    unsafe { dot_tile(format, tile, groups, &mut out) };
     for (i, group) in out.iter().enumerate() {
         for (w, rows) in group.iter().enumerate() {
             let start = w * m + at + i * GROUP;
@@ -371,6 +389,7 @@ fn store<const G: usize>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::KernelPath;
     use super::super::dot::tests::{act_row, gguf_rows};
     use super::super::dot::{portable, repack};
     use super::*;
@@ -381,12 +400,15 @@ mod tests {
         let flat: Vec<ActBlock> = rows.iter().flatten().copied().collect();
         let all = groups(format, &flat, blocks);
         let mut out = [[[0f32; GROUP]; TILE]; G];
-        dot_tile(
-            format,
-            tile,
-            std::array::from_fn(|i| &all[i * blocks..(i + 1) * blocks]),
-            &mut out,
-        );
+        // SAFETY: the test runs only where the CPU has the features.
+        unsafe {
+            dot_tile(
+                format,
+                tile,
+                std::array::from_fn(|i| &all[i * blocks..(i + 1) * blocks]),
+                &mut out,
+            )
+        };
         // Per activation row, its four weight rows' results.
         (0..G * GROUP)
             .map(|r| std::array::from_fn(|w| out[r / GROUP][w][r % GROUP]))
@@ -395,6 +417,10 @@ mod tests {
 
     #[test]
     fn wide_kernel_equals_the_portable_code_bit_for_bit_for_any_grouping() {
+        if !KernelPath::Avx512Vnni.supported() {
+            eprintln!("this CPU lacks AVX-512 VNNI: its wide kernel is not run here");
+            return;
+        }
         for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
             for blocks in [1, 18, 64] {
                 let gguf = gguf_rows(format, blocks, 3 + blocks as u64);
@@ -408,9 +434,9 @@ mod tests {
                         a.sum = i32::from(value) * BLOCK as i32;
                     });
                 }
-                rows[7]
-                    .iter_mut()
-                    .for_each(|a| *a = ActBlock::quantize(&[0.0; BLOCK]));
+                rows[7].iter_mut().for_each(|a| {
+                    *a = ActBlock::quantize_all(KernelPath::Portable, &[0.0; BLOCK])[0]
+                });
                 let reference: Vec<[u32; 4]> = rows
                     .iter()
                     .map(|row| {
