@@ -267,7 +267,7 @@ fn bench_reports_both_configurations_and_can_measure_one() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.contains("split 4:26, codec f32, 2 runs (median)"),
+        text.contains("split 4:26, codec f32, speculate off, 2 runs (median)"),
         "{text}"
     );
     for row in ["prefill 8 tokens (tok/s)", "decode 3 tokens (tok/s)"] {
