@@ -71,16 +71,10 @@ impl Protocol for Diffusion {
         };
         let reply = client.handshake(request).await?.into_inner();
         let terms = self.agreed(reply, tls_version);
-        // From here on, both directions are held to the message limit the server announced.
-        let client = match &terms {
-            Ok(terms) => {
-                let limit = message_limit(terms.limits.max_message_bytes);
-                client
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(limit)
-            }
-            Err(_) => client,
-        };
+        let limit = message_limit(&terms, |limits| limits.max_message_bytes);
+        let client = client
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
         Ok((client, terms))
     }
 

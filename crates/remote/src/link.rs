@@ -140,10 +140,16 @@ pub(crate) const MAX_HANDSHAKE_REPLY_BYTES: usize = 64 << 10;
 /// Largest message a device sends or decodes, whatever a server announces.
 const MAX_MESSAGE_BYTES: u64 = 256 << 20;
 
-/// The message size a device holds a server to: what it announced, within
-/// [`MAX_MESSAGE_BYTES`].
-pub(crate) fn message_limit(announced: u64) -> usize {
-    announced.min(MAX_MESSAGE_BYTES) as usize
+/// The message size a device holds a server to from its handshake on, both ways: what the
+/// server announced in `terms` (read by `announced`), within [`MAX_MESSAGE_BYTES`]; after a
+/// handshake that failed, the handshake's own bound.
+pub(crate) fn message_limit<F, C, L>(
+    terms: &Result<ServerTerms<F, C, L>, RemoteError>,
+    announced: impl Fn(&L) -> u64,
+) -> usize {
+    terms.as_ref().map_or(MAX_HANDSHAKE_REPLY_BYTES, |terms| {
+        announced(&terms.limits).min(MAX_MESSAGE_BYTES) as usize
+    })
 }
 
 /// How long closing a stream waits for the server to finish it.

@@ -62,16 +62,10 @@ impl Protocol for TrunkProtocol {
             .max_encoding_message_size(usize::MAX);
         let reply = client.handshake(request).await?;
         let terms = agreed(reply.into_inner(), tls_version);
-        // From here on, both directions are held to the message limit the server announced.
-        let client = match &terms {
-            Ok(terms) => {
-                let limit = message_limit(terms.limits.max_message_bytes);
-                client
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(limit)
-            }
-            Err(_) => client,
-        };
+        let limit = message_limit(&terms, |limits| limits.max_message_bytes);
+        let client = client
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
         Ok((client, terms))
     }
 

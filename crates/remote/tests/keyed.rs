@@ -94,6 +94,30 @@ struct KilledMidway {
     precision: KvPrecision,
 }
 
+impl KilledMidway {
+    /// A session with `keys` on `server`, connected with `options`, whose server is killed
+    /// before step `kill_at` and comes back with its KV caches at `precision`.
+    fn new(
+        server: TestServer,
+        options: lsplit_remote::RemoteOptions,
+        keys: &SessionKeys,
+        kill_at: usize,
+        precision: KvPrecision,
+    ) -> Self {
+        let inner = remote(&model_path(), options)
+            .expect("connect")
+            .with_keys(keys.clone());
+        Self {
+            inner: Box::new(inner),
+            server: Some(server),
+            steps: 0,
+            kill_at,
+            union: policy().trunk_layers(),
+            precision,
+        }
+    }
+}
+
 impl Trunk for KilledMidway {
     fn layers(&self) -> Range<usize> {
         self.inner.layers()
@@ -137,17 +161,7 @@ fn a_keyed_session_is_replayed_onto_a_restarted_server() {
         .with_keys(keys.clone());
     let expected = keyed_generate(&model, Box::new(steady), &keys);
 
-    let inner = remote(&path, options)
-        .expect("connect")
-        .with_keys(keys.clone());
-    let killed = KilledMidway {
-        inner: Box::new(inner),
-        server: Some(server),
-        steps: 0,
-        kill_at: 4,
-        union: union.clone(),
-        precision: KvPrecision::F32,
-    };
+    let killed = KilledMidway::new(server, options, &keys, 4, KvPrecision::F32);
     assert_eq!(keyed_generate(&model, Box::new(killed), &keys), expected);
 }
 
@@ -161,17 +175,7 @@ fn a_server_restarted_with_another_kv_precision_is_refused() {
     let keys = keys(6);
     let mut options = client_options(&server, certs, Codec::F32);
     options.retry_for = std::time::Duration::from_secs(30);
-    let inner = remote(&path, options)
-        .expect("connect")
-        .with_keys(keys.clone());
-    let killed = KilledMidway {
-        inner: Box::new(inner),
-        server: Some(server),
-        steps: 0,
-        kill_at: 3,
-        union,
-        precision: KvPrecision::F16,
-    };
+    let killed = KilledMidway::new(server, options, &keys, 3, KvPrecision::F16);
     let prompt = model.prompt_tokens(PROMPT, true).expect("prompt");
     let options = GenerateOptions {
         max_tokens: MAX_TOKENS,
