@@ -22,13 +22,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 async fn channel(server: &TestServer, certs: &DevCertificates) -> Channel {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&certs.ca_pem));
-    tonic::transport::Endpoint::from_shared(server.url.clone())
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
+    lsplit_testkit::tls_channel(&server.url, &certs.ca_pem, None)
         .await
         .expect("connect")
 }

@@ -4,7 +4,7 @@
 //! [`RunningServer`] serves a trunk server of either model kind (`TrunkServer` or
 //! `DiffusionServer`, both `lsplit_server::Server`) on loopback from its own runtime and
 //! thread; killing or dropping it ends every connection at once, as a crash does. [`RawBytes`]
-//! sends a hostile client's frames as given.
+//! sends a hostile client's frames as given; [`tls_channel`] connects a raw client.
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -77,6 +77,23 @@ impl Drop for RunningServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A TLS connection to `url`, trusting the CA `ca_pem`, from the local address `local` when
+/// given (any loopback address works on Linux, so a test can be several peers).
+pub async fn tls_channel(
+    url: &str,
+    ca_pem: &str,
+    local: Option<std::net::IpAddr>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+    tonic::transport::Endpoint::from_shared(url.to_string())?
+        .tls_config(tls)?
+        .local_address(local)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
 }
 
 /// A gRPC codec that sends frames as given: bytes that need not be a protobuf message at all,

@@ -213,14 +213,7 @@ pub async fn raw_channel(
     server: &TestServer,
     certs: &DevCertificates,
 ) -> tonic::transport::Channel {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&certs.ca_pem));
-    tonic::transport::Endpoint::from_shared(server.url.clone())
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
+    lsplit_testkit::tls_channel(&server.url, &certs.ca_pem, None)
         .await
         .expect("connect")
 }
