@@ -19,7 +19,7 @@ use lsplit_remote::RemoteOptions;
 use lsplit_server::{DevCertificates, TlsFiles};
 use lsplit_wire::Codec;
 
-pub use raw::{assert_garbage_refused, assert_status, raw_channel, send_garbage};
+pub use raw::{assert_garbage_refused, assert_status, raw_channel, send_garbage, tls_channel};
 pub use running::RunningServer;
 
 /// A fresh CA and a server certificate for `localhost` and 127.0.0.1.

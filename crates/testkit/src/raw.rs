@@ -55,15 +55,25 @@ impl tonic::codec::Decoder for RawBytes {
 
 /// A TLS channel to `url` trusting `certs`' CA, for clients that speak the protocol by hand.
 pub async fn raw_channel(url: &str, certs: &DevCertificates) -> Channel {
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&certs.ca_pem));
-    Endpoint::from_shared(url.to_owned())
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
+    tls_channel(url, &certs.ca_pem, None)
+        .await
+        .expect("connect")
+}
+
+/// A TLS connection to `url`, trusting the CA `ca_pem`, from the local address `local` when
+/// given (any loopback address works on Linux, so a test can be several peers).
+pub async fn tls_channel(
+    url: &str,
+    ca_pem: &str,
+    local: Option<std::net::IpAddr>,
+) -> Result<Channel, tonic::transport::Error> {
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+    Endpoint::from_shared(url.to_owned())?
+        .tls_config(tls)?
+        .local_address(local)
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .expect("connect")
 }
 
 /// Asserts that a server answered with exactly `code` and `message`.

@@ -67,15 +67,7 @@ pub async fn channel_from(
     certs: &DevCertificates,
     local: Option<std::net::IpAddr>,
 ) -> Result<Channel, String> {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&certs.ca_pem));
-    tonic::transport::Endpoint::from_shared(server.url.clone())
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .local_address(local)
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
+    lsplit_testkit::tls_channel(&server.url, &certs.ca_pem, local)
         .await
         .map_err(|e| lsplit_proto::error_chain(&e))
 }
