@@ -14,16 +14,14 @@ use lsplit_diffusion::{
     DiffusionError, DiffusionTrunk, ImageSetup, StepRequest, TrunkFingerprint, UnetSplit,
     trunk_fingerprint,
 };
-use lsplit_proto::diffusion::pb::diffusion_trunk_client::DiffusionTrunkClient;
+use lsplit_proto::diffusion::pb::diffusion_trunk_server::SERVICE_NAME;
 use lsplit_proto::diffusion::pb::image_reply::Kind as ReplyKind;
 use lsplit_proto::diffusion::pb::image_request::Kind as RequestKind;
 use lsplit_proto::diffusion::pb::{self, ImageReply, ImageRequest};
 use lsplit_proto::diffusion::{DIFFUSION_PROTOCOL_VERSION, tensor_to_pb, tensors_from_pb};
 use lsplit_wire::{StepCodec, StepTensor};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Response, Status, Streaming};
 
-use crate::link::{Announced, BearerChannel, Link, Protocol, ServerTerms, check_version};
+use crate::link::{Announced, Link, Protocol, ServerTerms, Wire, check_version};
 use crate::{CloudFiles, RemoteError, RemoteOptions};
 
 impl Announced for pb::Limits {
@@ -47,64 +45,26 @@ struct Diffusion {
 }
 
 impl Protocol for Diffusion {
-    type Client = DiffusionTrunkClient<BearerChannel>;
     type Terms = DiffusionServerInfo;
+    type Hello = pb::HandshakeRequest;
+    type Welcome = pb::HandshakeReply;
     type Request = ImageRequest;
     type Reply = ImageReply;
-    type ReplyKind = ReplyKind;
 
-    const NAME: &'static str = "diffusion";
-    const VERSION: u32 = DIFFUSION_PROTOCOL_VERSION;
-    const STREAM: &'static str = "image stream";
+    const WIRE: Wire = Wire::new(
+        SERVICE_NAME,
+        "Image",
+        "diffusion",
+        DIFFUSION_PROTOCOL_VERSION,
+    );
 
-    fn client(channel: BearerChannel, decode: usize, encode: usize) -> Self::Client {
-        DiffusionTrunkClient::new(channel)
-            .max_decoding_message_size(decode)
-            .max_encoding_message_size(encode)
-    }
-
-    async fn handshake(
-        &self,
-        client: &mut Self::Client,
-        tls_version: Option<String>,
-    ) -> Result<Result<DiffusionServerInfo, RemoteError>, Status> {
-        let codecs = self.codecs.iter().map(|c| u32::from(c.id())).collect();
-        let request = pb::HandshakeRequest {
+    fn hello(&self) -> pb::HandshakeRequest {
+        pb::HandshakeRequest {
             protocol_version: DIFFUSION_PROTOCOL_VERSION,
-            codecs,
-        };
-        let reply = client.handshake(request).await?.into_inner();
-        Ok(self.agreed(reply, tls_version))
-    }
-
-    async fn stream(
-        client: &mut Self::Client,
-        requests: ReceiverStream<ImageRequest>,
-    ) -> Result<Response<Streaming<ImageReply>>, Status> {
-        client.image(requests).await
-    }
-
-    fn reply(reply: ImageReply) -> Option<ReplyKind> {
-        reply.kind
-    }
-
-    fn opened(reply: ReplyKind) -> Result<u64, RemoteError> {
-        match reply {
-            ReplyKind::Ready(ready) => Ok(ready.session_id),
-            ReplyKind::Output(_) => Err(RemoteError::Protocol(
-                "the server sent a step's output before accepting the image".into(),
-            )),
+            codecs: self.codecs.iter().map(|c| u32::from(c.id())).collect(),
         }
     }
 
-    /// Nothing is replayed: a new stream needs only the image's setup.
-    fn answers(_: &ImageRequest, _: &ReplyKind) -> bool {
-        false
-    }
-}
-
-impl Diffusion {
-    /// The terms of the server's handshake `reply`, over a connection of `tls_version`.
     fn agreed(
         &self,
         reply: pb::HandshakeReply,
@@ -139,30 +99,27 @@ impl Diffusion {
                     reply.codec
                 ))
             })?;
-        let limits = reply
-            .limits
-            .ok_or_else(|| RemoteError::Protocol("the limits field is missing".into()))?;
-        Ok(ServerTerms {
-            fingerprint: TrunkFingerprint { split, sha256 },
-            codec,
-            limits,
-            tls_version,
-        })
+        let fingerprint = TrunkFingerprint { split, sha256 };
+        ServerTerms::new(fingerprint, codec, reply.limits, tls_version)
+    }
+
+    fn session_id(reply: &ImageReply) -> Option<u64> {
+        match &reply.kind {
+            Some(ReplyKind::Ready(ready)) => Some(ready.session_id),
+            _ => None,
+        }
+    }
+
+    /// Nothing is replayed: a new stream needs only the image's setup.
+    fn answers(_: &ImageRequest, _: &ImageReply) -> bool {
+        false
     }
 }
 
 /// A diffusion trunk running on a server.
+#[derive(Debug)]
 pub struct RemoteDiffusionTrunk {
     link: Link<Diffusion>,
-}
-
-impl std::fmt::Debug for RemoteDiffusionTrunk {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteDiffusionTrunk")
-            .field("url", &self.link.url())
-            .field("info", self.info())
-            .finish()
-    }
 }
 
 impl RemoteDiffusionTrunk {
@@ -270,15 +227,15 @@ impl DiffusionTrunk for RemoteDiffusionTrunk {
                 timestep: request.timestep,
             })),
         };
-        match self.link.call(step, false)? {
-            ReplyKind::Output(output) => {
+        match self.link.call(step, false)?.kind {
+            Some(ReplyKind::Output(output)) => {
                 Ok(tensors_from_pb(output.outputs, self.codec(), u64::MAX)
                     .map_err(|e| RemoteError::Protocol(e.to_string()))?)
             }
-            ReplyKind::Ready(_) => Err(RemoteError::Protocol(
-                "the server answered a step by accepting an image".into(),
-            )
-            .into()),
+            _ => Err(
+                RemoteError::Protocol("the server answered a step without its output".into())
+                    .into(),
+            ),
         }
     }
 }

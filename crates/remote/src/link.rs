@@ -7,68 +7,104 @@
 //! codec, opens a new stream and replays the session's kept requests before sending the
 //! pending one, within [`RemoteOptions::retry_for`].
 //!
-//! A model kind supplies only a [`Protocol`]: its generated client, its handshake and its
-//! session stream's messages.
+//! A model kind supplies only a [`Protocol`]: the names of its gRPC service, its handshake
+//! messages and its session stream's messages. Both kinds are called through one generic
+//! gRPC client, [`Client`].
 
 use std::fmt::Display;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::client::Grpc;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Response, Status, Streaming};
+use tonic::{Code, Request, Status, Streaming};
+use tonic_prost::ProstCodec;
 
 use crate::backoff::Backoff;
 use crate::channel::{Bearer, bearer, connect, connect_failure, status_chain};
 use crate::error::{at_capacity, refused, retryable};
 use crate::{RemoteError, RemoteOptions};
 
-/// The channel every generated client is built on: the bearer token on every request.
+/// The channel every call goes over: the bearer token on every request.
 pub(crate) type BearerChannel = InterceptedService<Channel, Bearer>;
+
+/// The gRPC client of every protocol: the generated clients differ only in their paths and
+/// message types, which a [`Protocol`] names, so one generic client serves both kinds.
+type Client = Grpc<BearerChannel>;
+
+/// How a protocol is reached and named: its gRPC service and session method, and its name and
+/// version in messages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wire {
+    /// The service's full name, as the generated server's `SERVICE_NAME` gives it.
+    service: &'static str,
+    /// The bidirectional session method: `Session`, `Image`.
+    method: &'static str,
+    /// The protocol in messages: `trunk`, `diffusion`.
+    name: &'static str,
+    /// The protocol version this build speaks.
+    version: u32,
+}
+
+impl Wire {
+    pub(crate) const fn new(
+        service: &'static str,
+        method: &'static str,
+        name: &'static str,
+        version: u32,
+    ) -> Self {
+        Self {
+            service,
+            method,
+            name,
+            version,
+        }
+    }
+
+    /// The path of the service's `method`.
+    fn path(&self, method: &str) -> Result<PathAndQuery, RemoteError> {
+        PathAndQuery::try_from(format!("/{}/{method}", self.service))
+            .map_err(|e| RemoteError::Config(format!("the gRPC path of {method}: {e}")))
+    }
+
+    /// The session stream in messages: `session stream`, `image stream`.
+    fn stream(&self) -> String {
+        format!("{} stream", self.method.to_lowercase())
+    }
+}
 
 /// One model kind's protocol, as the client speaks it.
 pub(crate) trait Protocol {
-    /// The generated gRPC client.
-    type Client;
     /// What the handshake agrees: a [`ServerTerms`].
-    type Terms: Agreed;
+    type Terms: Agreed + std::fmt::Debug;
+    /// The handshake's request.
+    type Hello: prost::Message + Send + Sync + 'static;
+    /// The handshake's reply.
+    type Welcome: prost::Message + Default + Send + 'static;
     /// A message on the session stream; a kept one is sent again on a new stream.
-    type Request: Clone + Send + 'static;
+    type Request: prost::Message + Clone + Send + Sync + 'static;
     /// A reply on the session stream.
-    type Reply;
-    /// What a reply carries.
-    type ReplyKind;
+    type Reply: prost::Message + Default + Send + 'static;
 
-    /// The protocol's name in messages: `trunk`, `diffusion`.
-    const NAME: &'static str;
-    /// The protocol version this build speaks.
-    const VERSION: u32;
-    /// The session stream in messages: `session stream`, `image stream`.
-    const STREAM: &'static str;
+    /// The service, its session method, name and version.
+    const WIRE: Wire;
 
-    /// The generated client over `channel`, decoding messages of at most `decode` bytes and
-    /// sending at most `encode`.
-    fn client(channel: BearerChannel, decode: usize, encode: usize) -> Self::Client;
-    /// Runs the handshake over a connection of `tls_version`, offering this device's codecs:
-    /// `Err` when the call fails, `Ok(Err)` when the answer is unusable (its version is
-    /// checked with [`check_version`]).
-    async fn handshake(
+    /// The handshake request offering this device's codecs.
+    fn hello(&self) -> Self::Hello;
+    /// The terms of the server's handshake reply over a connection of `tls_version`, or what
+    /// makes it unusable (its version is checked with [`check_version`]).
+    fn agreed(
         &self,
-        client: &mut Self::Client,
+        welcome: Self::Welcome,
         tls_version: Option<String>,
-    ) -> Result<Result<Self::Terms, RemoteError>, Status>;
-    /// Opens a session stream carrying `requests`.
-    async fn stream(
-        client: &mut Self::Client,
-        requests: ReceiverStream<Self::Request>,
-    ) -> Result<Response<Streaming<Self::Reply>>, Status>;
-    /// What `reply` carries; `None` for an empty reply.
-    fn reply(reply: Self::Reply) -> Option<Self::ReplyKind>;
-    /// The session id of a reply that accepts the opening request, or what is wrong with it.
-    fn opened(reply: Self::ReplyKind) -> Result<u64, RemoteError>;
+    ) -> Result<Self::Terms, RemoteError>;
+    /// The session id when `reply` accepts the opening request; `None` for any other reply.
+    fn session_id(reply: &Self::Reply) -> Option<u64>;
     /// Whether `reply` is the answer to the replayed request `sent`.
-    fn answers(sent: &Self::Request, reply: &Self::ReplyKind) -> bool;
+    fn answers(sent: &Self::Request, reply: &Self::Reply) -> bool;
 }
 
 /// What the handshake told the device.
@@ -82,6 +118,26 @@ pub struct ServerTerms<F, C, L> {
     pub limits: L,
     /// The TLS version of the connection (always `TLS 1.3`); `None` over plaintext.
     pub tls_version: Option<String>,
+}
+
+impl<F, C, L> ServerTerms<F, C, L> {
+    /// The terms of a handshake reply of the trunk `fingerprint`, choosing `codec`, with the
+    /// server's `limits` (a reply without them is refused).
+    pub(crate) fn new(
+        fingerprint: F,
+        codec: C,
+        limits: Option<L>,
+        tls_version: Option<String>,
+    ) -> Result<Self, RemoteError> {
+        let limits =
+            limits.ok_or_else(|| RemoteError::Protocol("the limits field is missing".into()))?;
+        Ok(Self {
+            fingerprint,
+            codec,
+            limits,
+            tls_version,
+        })
+    }
 }
 
 /// Terms logged on connecting and compared when the server comes back after a failure.
@@ -135,13 +191,13 @@ impl<F: PartialEq + Display, C: PartialEq + Display, L: Announced> Agreed for Se
 
 /// Refuses a handshake answer in another version of `P` than this build's.
 pub(crate) fn check_version<P: Protocol>(version: u32) -> Result<(), RemoteError> {
-    if version == P::VERSION {
+    let wire = P::WIRE;
+    if version == wire.version {
         Ok(())
     } else {
         Err(RemoteError::Protocol(format!(
             "the server speaks {} protocol version {version} but this device speaks {}",
-            P::NAME,
-            P::VERSION
+            wire.name, wire.version
         )))
     }
 }
@@ -177,7 +233,7 @@ pub(crate) struct Link<P: Protocol> {
     options: RemoteOptions,
     bearer: Bearer,
     protocol: P,
-    client: P::Client,
+    client: Client,
     terms: P::Terms,
     stream: Option<Stream<P>>,
     /// The request that opens every stream of this session.
@@ -186,6 +242,16 @@ pub(crate) struct Link<P: Protocol> {
     kept: Vec<P::Request>,
     /// Whether the link failed since the last handshake.
     lost: bool,
+}
+
+/// The server's address and terms: what a remote trunk shows of itself.
+impl<P: Protocol> std::fmt::Debug for Link<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("url", &self.url())
+            .field("terms", &self.terms)
+            .finish()
+    }
 }
 
 impl<P: Protocol> Link<P> {
@@ -201,7 +267,7 @@ impl<P: Protocol> Link<P> {
         let (client, terms) = runtime.block_on(handshake(&protocol, &options, &bearer))?;
         tracing::info!(
             url = %options.url,
-            protocol = P::NAME,
+            protocol = P::WIRE.name,
             server = %terms.summary(),
             "connected to the trunk server"
         );
@@ -252,7 +318,7 @@ impl<P: Protocol> Link<P> {
         &mut self,
         request: P::Request,
         kept: bool,
-    ) -> Result<P::ReplyKind, RemoteError> {
+    ) -> Result<P::Reply, RemoteError> {
         let reply = self
             .retrying(Some(&request))?
             .ok_or_else(|| RemoteError::Protocol("nothing was sent".into()))?;
@@ -272,10 +338,7 @@ impl<P: Protocol> Link<P> {
     }
 
     /// Runs [`Self::attempt`] until it succeeds, fails for good, or the retry bound passes.
-    fn retrying(
-        &mut self,
-        request: Option<&P::Request>,
-    ) -> Result<Option<P::ReplyKind>, RemoteError> {
+    fn retrying(&mut self, request: Option<&P::Request>) -> Result<Option<P::Reply>, RemoteError> {
         let started = Instant::now();
         let mut attempts = 0u32;
         let mut backoff = Backoff::new();
@@ -300,7 +363,7 @@ impl<P: Protocol> Link<P> {
                             last: e.to_string(),
                         });
                     }
-                    tracing::warn!(error = %e, protocol = P::NAME, retry_in = ?wait, "lost the trunk server; retrying");
+                    tracing::warn!(error = %e, protocol = P::WIRE.name, retry_in = ?wait, "lost the trunk server; retrying");
                     std::thread::sleep(wait);
                 }
                 Err(e) => return Err(e),
@@ -313,7 +376,7 @@ impl<P: Protocol> Link<P> {
     async fn attempt(
         &mut self,
         request: Option<&P::Request>,
-    ) -> Result<Option<P::ReplyKind>, RemoteError> {
+    ) -> Result<Option<P::Reply>, RemoteError> {
         if self.lost {
             let (client, terms) = handshake(&self.protocol, &self.options, &self.bearer).await?;
             if let Some(change) = terms.changed_from(&self.terms) {
@@ -362,12 +425,20 @@ async fn handshake<P: Protocol>(
     protocol: &P,
     options: &RemoteOptions,
     bearer: &Bearer,
-) -> Result<(P::Client, P::Terms), RemoteError> {
+) -> Result<(Client, P::Terms), RemoteError> {
     let (channel, tls_version) = connect(options).await?;
     let channel = InterceptedService::new(channel, bearer.clone());
     let timeout = options.connect_timeout;
-    let mut client = P::client(channel.clone(), MAX_HANDSHAKE_REPLY_BYTES, usize::MAX);
-    let terms = tokio::time::timeout(timeout, protocol.handshake(&mut client, tls_version))
+    let mut client = grpc_client(channel.clone(), MAX_HANDSHAKE_REPLY_BYTES, usize::MAX);
+    let path = P::WIRE.path("Handshake")?;
+    let call = async {
+        ready(&mut client).await?;
+        let welcome = client
+            .unary(Request::new(protocol.hello()), path, ProstCodec::default())
+            .await?;
+        Ok::<_, Status>(protocol.agreed(welcome.into_inner(), tls_version))
+    };
+    let terms = tokio::time::timeout(timeout, call)
         .await
         .map_err(|_| RemoteError::Timeout(timeout))?
         .map_err(|status| {
@@ -380,12 +451,28 @@ async fn handshake<P: Protocol>(
     let terms = terms?;
     // From here on, both directions are held to the message limit the server announced.
     let limit = terms.message_limit();
-    Ok((P::client(channel, limit, limit), terms))
+    Ok((grpc_client(channel, limit, limit), terms))
+}
+
+/// A client over `channel`, decoding messages of at most `decode` bytes and sending at most
+/// `encode`.
+fn grpc_client(channel: BearerChannel, decode: usize, encode: usize) -> Client {
+    Grpc::new(channel)
+        .max_decoding_message_size(decode)
+        .max_encoding_message_size(encode)
+}
+
+/// Waits until `client`'s channel can take a call, as the generated clients do first.
+async fn ready(client: &mut Client) -> Result<(), Status> {
+    client
+        .ready()
+        .await
+        .map_err(|e| Status::unknown(format!("the channel is not ready: {e}")))
 }
 
 /// Opens a stream with `opening` and waits for the server to accept it.
 async fn open<P: Protocol>(
-    client: &mut P::Client,
+    client: &mut Client,
     opening: P::Request,
     timeout: Duration,
 ) -> Result<Stream<P>, RemoteError> {
@@ -393,14 +480,26 @@ async fn open<P: Protocol>(
     requests
         .send(opening)
         .await
-        .map_err(|_| RemoteError::Protocol(format!("the {} closed", P::STREAM)))?;
-    let call = P::stream(client, ReceiverStream::new(outbound));
+        .map_err(|_| RemoteError::Protocol(format!("the {} closed", P::WIRE.stream())))?;
+    let path = P::WIRE.path(P::WIRE.method)?;
+    let call = async {
+        ready(client).await?;
+        let requests = Request::new(ReceiverStream::new(outbound));
+        client
+            .streaming(requests, path, ProstCodec::default())
+            .await
+    };
     let mut replies = tokio::time::timeout(timeout, call)
         .await
         .map_err(|_| RemoteError::Timeout(timeout))?
         .map_err(refused)?
         .into_inner();
-    let id = P::opened(next_reply::<P>(&mut replies, timeout).await?)?;
+    let id = P::session_id(&next_reply::<P>(&mut replies, timeout).await?).ok_or_else(|| {
+        RemoteError::Protocol(format!(
+            "the server answered the opening of the {} with something other than accepting it",
+            P::WIRE.stream()
+        ))
+    })?;
     Ok(Stream {
         id,
         requests,
@@ -445,11 +544,11 @@ async fn exchange<P: Protocol>(
     stream: &mut Stream<P>,
     request: P::Request,
     timeout: Duration,
-) -> Result<P::ReplyKind, RemoteError> {
+) -> Result<P::Reply, RemoteError> {
     if stream.requests.send(request).await.is_err() {
         return Err(RemoteError::Refused {
             code: Code::Unavailable,
-            message: format!("the {} closed", P::STREAM),
+            message: format!("the {} closed", P::WIRE.stream()),
         });
     }
     next_reply::<P>(&mut stream.replies, timeout).await
@@ -459,17 +558,16 @@ async fn exchange<P: Protocol>(
 async fn next_reply<P: Protocol>(
     replies: &mut Streaming<P::Reply>,
     timeout: Duration,
-) -> Result<P::ReplyKind, RemoteError> {
+) -> Result<P::Reply, RemoteError> {
     let reply = tokio::time::timeout(timeout, replies.message())
         .await
         .map_err(|_| RemoteError::Timeout(timeout))?
         .map_err(refused)?;
     match reply {
-        Some(reply) => P::reply(reply)
-            .ok_or_else(|| RemoteError::Protocol("the server sent an empty reply".into())),
+        Some(reply) => Ok(reply),
         None => Err(RemoteError::Refused {
             code: Code::Unavailable,
-            message: format!("the server closed the {}", P::STREAM),
+            message: format!("the server closed the {}", P::WIRE.stream()),
         }),
     }
 }

@@ -14,15 +14,13 @@ use std::ops::Range;
 use lsplit_model::TrunkFingerprint;
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
-use lsplit_proto::pb::trunk_client::TrunkClient;
+use lsplit_proto::pb::trunk_server::SERVICE_NAME;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, ProtoError, codec_from_pb, codec_to_pb, fingerprint_from_pb};
 use lsplit_split::{SessionKeys, StepRows, Trunk, TrunkError};
 use lsplit_wire::Codec;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Response, Status, Streaming};
 
-use crate::link::{Announced, BearerChannel, Link, Protocol, ServerTerms, check_version};
+use crate::link::{Announced, Link, Protocol, ServerTerms, Wire, check_version};
 use crate::{RemoteError, RemoteOptions};
 
 /// What the handshake told the device: the trunk's layers and fingerprint, the codec of this
@@ -35,59 +33,49 @@ struct TrunkProtocol {
 }
 
 impl Protocol for TrunkProtocol {
-    type Client = TrunkClient<BearerChannel>;
     type Terms = ServerInfo;
+    type Hello = pb::HandshakeRequest;
+    type Welcome = pb::HandshakeReply;
     type Request = SessionRequest;
     type Reply = SessionReply;
-    type ReplyKind = ReplyKind;
 
-    const NAME: &'static str = "trunk";
-    const VERSION: u32 = PROTOCOL_VERSION;
-    const STREAM: &'static str = "session stream";
+    const WIRE: Wire = Wire::new(SERVICE_NAME, "Session", "trunk", PROTOCOL_VERSION);
 
-    fn client(channel: BearerChannel, decode: usize, encode: usize) -> Self::Client {
-        TrunkClient::new(channel)
-            .max_decoding_message_size(decode)
-            .max_encoding_message_size(encode)
-    }
-
-    async fn handshake(
-        &self,
-        client: &mut Self::Client,
-        tls_version: Option<String>,
-    ) -> Result<Result<ServerInfo, RemoteError>, Status> {
-        let request = pb::HandshakeRequest {
+    fn hello(&self) -> pb::HandshakeRequest {
+        pb::HandshakeRequest {
             protocol_version: PROTOCOL_VERSION,
             codecs: self.codecs.iter().map(|&c| codec_to_pb(c) as i32).collect(),
-        };
-        let reply = client.handshake(request).await?;
-        Ok(agreed(reply.into_inner(), tls_version))
-    }
-
-    async fn stream(
-        client: &mut Self::Client,
-        requests: ReceiverStream<SessionRequest>,
-    ) -> Result<Response<Streaming<SessionReply>>, Status> {
-        client.session(requests).await
-    }
-
-    fn reply(reply: SessionReply) -> Option<ReplyKind> {
-        reply.kind
-    }
-
-    fn opened(reply: ReplyKind) -> Result<u64, RemoteError> {
-        match reply {
-            ReplyKind::Opened(opened) => Ok(opened.session_id),
-            ReplyKind::Step(_) => Err(RemoteError::Protocol(
-                "the server sent rows before opening the session".into(),
-            )),
         }
     }
 
-    fn answers(sent: &SessionRequest, reply: &ReplyKind) -> bool {
+    fn agreed(
+        &self,
+        reply: pb::HandshakeReply,
+        tls_version: Option<String>,
+    ) -> Result<ServerInfo, RemoteError> {
+        check_version::<Self>(reply.protocol_version)?;
+        let protocol = |e: ProtoError| RemoteError::Protocol(e.to_string());
+        let fingerprint = reply
+            .fingerprint
+            .as_ref()
+            .ok_or(ProtoError::Missing("fingerprint"))
+            .and_then(fingerprint_from_pb)
+            .map_err(protocol)?;
+        let codec = codec_from_pb(reply.codec).map_err(protocol)?;
+        ServerTerms::new(fingerprint, codec, reply.limits, tls_version)
+    }
+
+    fn session_id(reply: &SessionReply) -> Option<u64> {
+        match &reply.kind {
+            Some(ReplyKind::Opened(opened)) => Some(opened.session_id),
+            _ => None,
+        }
+    }
+
+    fn answers(sent: &SessionRequest, reply: &SessionReply) -> bool {
         matches!(
-            (&sent.kind, reply),
-            (Some(RequestKind::Step(sent)), ReplyKind::Step(out)) if out.step == sent.step
+            (&sent.kind, &reply.kind),
+            (Some(RequestKind::Step(sent)), Some(ReplyKind::Step(out))) if out.step == sent.step
         )
     }
 }
@@ -102,44 +90,10 @@ impl Announced for pb::Limits {
     }
 }
 
-/// The terms of the server's handshake `reply`, over a connection of `tls_version`.
-fn agreed(
-    reply: pb::HandshakeReply,
-    tls_version: Option<String>,
-) -> Result<ServerInfo, RemoteError> {
-    check_version::<TrunkProtocol>(reply.protocol_version)?;
-    let protocol = |e: ProtoError| RemoteError::Protocol(e.to_string());
-    let fingerprint = reply
-        .fingerprint
-        .as_ref()
-        .ok_or(ProtoError::Missing("fingerprint"))
-        .and_then(fingerprint_from_pb)
-        .map_err(protocol)?;
-    let codec = codec_from_pb(reply.codec).map_err(protocol)?;
-    let limits = reply
-        .limits
-        .ok_or(ProtoError::Missing("limits"))
-        .map_err(protocol)?;
-    Ok(ServerTerms {
-        fingerprint,
-        codec,
-        limits,
-        tls_version,
-    })
-}
-
 /// A trunk running on a server, for one generation session.
+#[derive(Debug)]
 pub struct RemoteTrunk {
     link: Link<TrunkProtocol>,
-}
-
-impl std::fmt::Debug for RemoteTrunk {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteTrunk")
-            .field("url", &self.link.url())
-            .field("info", self.info())
-            .finish()
-    }
 }
 
 impl RemoteTrunk {
@@ -204,10 +158,10 @@ impl Trunk for RemoteTrunk {
         let request = SessionRequest {
             kind: Some(RequestKind::Step(lsplit_proto::step_to_pb(message))),
         };
-        match self.link.call(request, true)? {
-            ReplyKind::Step(out) => Ok(lsplit_proto::step_from_pb(out)
+        match self.link.call(request, true)?.kind {
+            Some(ReplyKind::Step(out)) => Ok(lsplit_proto::step_from_pb(out)
                 .map_err(|e| RemoteError::Protocol(e.to_string()))?),
-            ReplyKind::Opened(_) => {
+            _ => {
                 Err(RemoteError::Protocol("the server answered a step without rows".into()).into())
             }
         }

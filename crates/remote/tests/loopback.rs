@@ -41,7 +41,7 @@ fn bearer_tokens_are_checked() {
     let path = model_path();
     let certs = certificates();
     let mut options = tls_options(&certs);
-    options.token = Some("correct horse".into());
+    options.access.token = Some("correct horse".into());
     let server = serve(&path, 2, 28, options);
 
     let mut client = client_options(&server, &certs, Codec::F32);
@@ -83,7 +83,7 @@ fn plaintext_and_tls_do_not_mix() {
     let certs = certificates();
     let tls_server = serve(&path, 2, 28, tls_options(&certs));
     let mut plain_options = tls_options(&certs);
-    plain_options.tls = None;
+    plain_options.access.tls = None;
     let plain_server = serve(&path, 2, 28, plain_options);
 
     let mut client = client_options(&tls_server, &certs, Codec::F32);
@@ -176,7 +176,7 @@ fn mutual_tls_requires_a_client_certificate() {
     let certs = certificates();
     let other = DevCertificates::generate(&[]).expect("other certificates");
     let mut options = tls_options(&certs);
-    if let Some(tls) = options.tls.as_mut() {
+    if let Some(tls) = options.access.tls.as_mut() {
         tls.client_ca_pem = Some(certs.ca_pem.clone().into_bytes());
     }
     let server = serve(&path, 2, 28, options);

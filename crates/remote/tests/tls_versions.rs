@@ -76,7 +76,7 @@ fn a_plaintext_connection_reports_no_tls_version() {
     let path = model_path();
     let certs = certificates();
     let mut options = tls_options(&certs);
-    options.tls = None;
+    options.access.tls = None;
     let server = serve(&path, 2, 28, options);
     let mut client = client_options(&server, &certs, Codec::F32);
     client.insecure = true;

@@ -28,7 +28,7 @@ use crate::metrics::Counters;
 use crate::serve::{Endpoint, Server};
 use crate::session_loop::{ReplyStream, SessionKind, SessionNames, Sessions};
 use crate::terms::{Protocol, Terms};
-use crate::{ServerError, ServerStats, StatsSource, TlsFiles, TransportLimits};
+use crate::{Access, ServerError, ServerStats, StatsSource};
 
 /// What a diffusion trunk server accepts; announced to devices in the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,12 +69,8 @@ pub struct DiffusionOptions {
     pub limits: DiffusionLimits,
     /// Step codecs offered to devices.
     pub codecs: Vec<StepCodec>,
-    /// When set, every request must carry `authorization: Bearer <token>`.
-    pub token: Option<String>,
-    /// TLS identity; `None` serves plaintext (only with an explicit `--insecure`).
-    pub tls: Option<TlsFiles>,
-    /// Caps on connections and streams.
-    pub transport: TransportLimits,
+    /// Who may connect, and how.
+    pub access: Access,
 }
 
 /// State every session and the handle share.
@@ -87,11 +83,13 @@ pub(crate) struct DiffusionShared {
     pub(crate) counters: Arc<Counters>,
 }
 
-/// The diffusion protocol, as statuses name it.
-const DIFFUSION: Protocol = Protocol::new("diffusion", DIFFUSION_PROTOCOL_VERSION, "step codec");
-
-/// How image sessions are named in statuses.
-const IMAGE_SESSIONS: SessionNames = SessionNames::new("image session", "image sessions", "closed");
+/// The diffusion protocol, as statuses name it and its sessions.
+const DIFFUSION: Protocol = Protocol::new(
+    "diffusion",
+    DIFFUSION_PROTOCOL_VERSION,
+    "step codec",
+    SessionNames::new("image session", "image sessions", "closed"),
+);
 
 /// The diffusion trunk server: a loaded trunk and its fingerprint, served with
 /// [`DiffusionOptions`].
@@ -117,12 +115,12 @@ impl Server<DiffusionLimits> {
             fingerprint.sha256,
             &fingerprint,
         )?;
-        let limits = &options.limits;
+        let (limits, transport) = (&options.limits, &options.access.transport);
         let sessions = Sessions::new(
-            IMAGE_SESSIONS,
+            DIFFUSION,
             limits.max_sessions,
             limits.idle_timeout,
-            &options.transport,
+            transport,
         )?;
         if options.limits.max_step_elements == 0 {
             return Err(ServerError::Config(
@@ -147,7 +145,7 @@ impl Server<DiffusionLimits> {
         let stats = ServerStats {
             source: StatsSource::Diffusion(shared),
         };
-        let endpoint = Endpoint::new(service, options.token, options.tls, options.transport);
+        let endpoint = Endpoint::new(service, options.access);
         Ok(Self::with(options.limits, stats, endpoint))
     }
 }
@@ -215,6 +213,8 @@ struct DiffusionService {
 
 #[tonic::async_trait]
 impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
+    type ImageStream = ReplyStream<ImageReply>;
+
     async fn handshake(
         &self,
         request: Request<pb::HandshakeRequest>,
@@ -239,19 +239,13 @@ impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
         }))
     }
 
-    type ImageStream = ReplyStream<ImageReply>;
-
     async fn image(
         &self,
         request: Request<Streaming<ImageRequest>>,
     ) -> Result<Response<Self::ImageStream>, Status> {
-        let shared = self.shared.clone();
-        self.shared.sessions.serve(request, move |id| ImageSession {
-            shared,
-            id,
-            codec: None,
-            image: None,
-        })
+        self.shared
+            .sessions
+            .serve::<ImageSession>(request, &self.shared)
     }
 }
 
@@ -266,6 +260,16 @@ struct ImageSession {
 impl SessionKind for ImageSession {
     type Request = ImageRequest;
     type Reply = ImageReply;
+    type Shared = DiffusionShared;
+
+    fn open(shared: Arc<DiffusionShared>, id: u64) -> Self {
+        Self {
+            shared,
+            id,
+            codec: None,
+            image: None,
+        }
+    }
 
     async fn handle(&mut self, request: ImageRequest) -> Result<ImageReply, Status> {
         let reply = match request.kind {

@@ -136,6 +136,18 @@ pub struct TlsFiles {
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
+/// Who may connect to a server and how, the same for every kind of trunk: the bearer token,
+/// the TLS identity and the transport's caps.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// When set, every request must carry `authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// TLS identity; `None` serves plaintext (only with an explicit `--insecure`).
+    pub tls: Option<TlsFiles>,
+    /// Caps on connections and streams.
+    pub transport: TransportLimits,
+}
+
 /// Threads a server's network runtime gets by default: a quarter of the cores, at least one.
 /// The trunk's compute pool needs the rest, and a step passes through fewer threads on its way
 /// (on 2 cores, one network thread instead of two took loopback decode from 0.88–0.93 to
@@ -156,12 +168,8 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// Codecs offered to devices, in the server's order of support.
     pub codecs: Vec<Codec>,
-    /// When set, every request must carry `authorization: Bearer <token>`.
-    pub token: Option<String>,
-    /// TLS identity; `None` serves plaintext (only with an explicit `--insecure`).
-    pub tls: Option<TlsFiles>,
-    /// Caps on connections and streams.
-    pub transport: TransportLimits,
+    /// Who may connect, and how.
+    pub access: Access,
     /// Longest a batch is held open for answered sessions to send their next step (and at most
     /// a quarter of the previous batch's time); zero runs whatever is waiting at once.
     pub batch_wait: Duration,
@@ -273,8 +281,7 @@ impl Server<Limits> {
             lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(shared.clone()))
                 .max_decoding_message_size(bytes)
                 .max_encoding_message_size(bytes);
-        let endpoint = Endpoint::new(service, options.token, options.tls, options.transport)
-            .failing_on(shared.engine.failure());
+        let endpoint = Endpoint::new(service, options.access).failing_on(shared.engine.failure());
         let stats = ServerStats {
             source: StatsSource::Trunk(shared),
         };

@@ -18,7 +18,7 @@ use tonic_health::server::HealthReporter;
 use crate::auth::TokenCheck;
 use crate::health::BoundedHealth;
 use crate::incoming::Incoming;
-use crate::{ServerError, ServerStats, TlsFiles, TransportLimits, tls};
+use crate::{Access, ServerError, ServerStats, TlsFiles, TransportLimits, tls};
 
 /// A trunk server of one model kind, ready to serve: [`crate::TrunkServer`] (`L` is
 /// [`crate::Limits`]) or [`crate::DiffusionServer`] (`L` is [`crate::DiffusionLimits`]).
@@ -91,14 +91,10 @@ pub(crate) struct Endpoint {
 pub(crate) type Fatal = std::pin::Pin<Box<dyn Future<Output = String> + Send>>;
 
 impl Endpoint {
-    /// `service` (a generated gRPC server, its message limits set), requiring `token` as a
-    /// bearer token when given, served over `tls` (plaintext when `None`) within `transport`.
-    pub(crate) fn new<S>(
-        service: S,
-        token: Option<String>,
-        tls: Option<TlsFiles>,
-        transport: TransportLimits,
-    ) -> Self
+    /// `service` (a generated gRPC server, its message limits set), served as `access` says:
+    /// its bearer token required when given, over its TLS (plaintext when `None`), within its
+    /// transport caps.
+    pub(crate) fn new<S>(service: S, access: Access) -> Self
     where
         S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
             + NamedService
@@ -108,6 +104,11 @@ impl Endpoint {
             + 'static,
         S::Future: Send + 'static,
     {
+        let Access {
+            token,
+            tls,
+            transport,
+        } = access;
         let service = InterceptedService::new(service, TokenCheck::new(token));
         let reporter = HealthReporter::new();
         let health = BoundedHealth::server(reporter.clone(), transport.max_health_watches);

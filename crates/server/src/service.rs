@@ -31,12 +31,13 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<Counters>,
 }
 
-/// The trunk protocol, as statuses name it.
-const TRUNK: Protocol = Protocol::new("trunk", PROTOCOL_VERSION, "codec");
-
-/// How language-model sessions are named in statuses.
-const TRUNK_SESSIONS: SessionNames =
-    SessionNames::new("session", "sessions", "closed and its KV cache freed");
+/// The trunk protocol, as statuses name it and its sessions.
+const TRUNK: Protocol = Protocol::new(
+    "trunk",
+    PROTOCOL_VERSION,
+    "codec",
+    SessionNames::new("session", "sessions", "closed and its KV cache freed"),
+);
 
 impl Shared {
     pub(crate) fn new(
@@ -55,13 +56,8 @@ impl Shared {
             fingerprint.sha256,
             &fingerprint,
         )?;
-        let limits = &options.limits;
-        let sessions = Sessions::new(
-            TRUNK_SESSIONS,
-            limits.max_sessions,
-            limits.idle_timeout,
-            &options.transport,
-        )?;
+        let (limits, transport) = (&options.limits, &options.access.transport);
+        let sessions = Sessions::new(TRUNK, limits.max_sessions, limits.idle_timeout, transport)?;
         let counters = sessions.counters().clone();
         let part = Arc::new(part);
         let engine = Engine::start(part.clone(), counters.clone(), options.batch_wait)
@@ -105,6 +101,8 @@ impl TrunkService {
 
 #[tonic::async_trait]
 impl pb::trunk_server::Trunk for TrunkService {
+    type SessionStream = ReplyStream<SessionReply>;
+
     async fn handshake(
         &self,
         request: Request<pb::HandshakeRequest>,
@@ -122,21 +120,13 @@ impl pb::trunk_server::Trunk for TrunkService {
         }))
     }
 
-    type SessionStream = ReplyStream<SessionReply>;
-
     async fn session(
         &self,
         request: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let shared = self.shared.clone();
-        self.shared.sessions.serve(request, move |id| SessionState {
-            shared,
-            id,
-            codec: None,
-            trunk: None,
-            reserved: 0,
-            ticket: None,
-        })
+        self.shared
+            .sessions
+            .serve::<SessionState>(request, &self.shared)
     }
 }
 
@@ -164,6 +154,18 @@ impl Drop for SessionState {
 impl SessionKind for SessionState {
     type Request = SessionRequest;
     type Reply = SessionReply;
+    type Shared = Shared;
+
+    fn open(shared: Arc<Shared>, id: u64) -> Self {
+        Self {
+            shared,
+            id,
+            codec: None,
+            trunk: None,
+            reserved: 0,
+            ticket: None,
+        }
+    }
 
     async fn handle(&mut self, request: SessionRequest) -> Result<SessionReply, Status> {
         let reply = match request.kind {

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Counters;
 use crate::peers::{Full, PeerCounts, PeerHold};
+use crate::terms::Protocol;
 use crate::{ServerError, TransportLimits};
 
 /// One session of a model kind: what it holds between requests, and its compute.
@@ -31,6 +32,11 @@ pub(crate) trait SessionKind: Send + 'static {
     type Request: Send + 'static;
     /// A message the server answers with.
     type Reply: Send + 'static;
+    /// What every session of the server shares: the trunk, its terms and limits.
+    type Shared: Send + Sync + 'static;
+
+    /// A new session numbered `id`.
+    fn open(shared: Arc<Self::Shared>, id: u64) -> Self;
 
     /// Turns one request into its reply; an error ends the session with that status.
     fn handle(
@@ -71,11 +77,11 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
-    /// Room for `max_sessions` sessions at once (and as many per peer as `transport` allows),
-    /// each closed after `idle_timeout` without a request (or without reading a reply), and the
-    /// server's counters.
+    /// Room for `max_sessions` sessions of `protocol` at once (and as many per peer as
+    /// `transport` allows), each closed after `idle_timeout` without a request (or without
+    /// reading a reply), and the server's counters.
     pub(crate) fn new(
-        names: SessionNames,
+        protocol: Protocol,
         max_sessions: usize,
         idle_timeout: Duration,
         transport: &TransportLimits,
@@ -91,7 +97,7 @@ impl Sessions {
             ));
         }
         Ok(Self {
-            names,
+            names: protocol.sessions,
             idle_timeout,
             handshake_timeout: transport.handshake_timeout,
             slots: PeerCounts::new(max_sessions, transport.max_sessions_per_peer),
@@ -126,12 +132,13 @@ impl Sessions {
 
     /// Serves the stream of `request` on its own task: refused at once when no slot is free
     /// for its peer, it takes one when its first request arrives (within the handshake
-    /// timeout) and makes its state with `open` from the new session's id.
+    /// timeout) and opens a session of kind `K` over `shared` with the new session's id.
     pub(crate) fn serve<K: SessionKind>(
         self: &Arc<Self>,
         request: Request<Streaming<K::Request>>,
-        open: impl FnOnce(u64) -> K + Send + 'static,
+        shared: &Arc<K::Shared>,
     ) -> Result<Response<ReplyStream<K::Reply>>, Status> {
+        let shared = shared.clone();
         let peer: Option<IpAddr> = request.remote_addr().map(|a| a.ip());
         let mut inbound = request.into_inner();
         self.slots.room(peer).map_err(|full| self.refusal(full))?;
@@ -154,7 +161,7 @@ impl Sessions {
             });
             let (id, result) = match seat {
                 Ok((first, seat)) => {
-                    let mut kind = open(seat.id);
+                    let mut kind = K::open(shared, seat.id);
                     let result = seat.run(&mut kind, first, inbound, &tx).await;
                     // The session's state (its share of the budgets) goes before its slot.
                     drop(kind);

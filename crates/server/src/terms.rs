@@ -6,13 +6,14 @@ use std::fmt::Display;
 use tonic::Status;
 
 use crate::ServerError;
+use crate::session_loop::SessionNames;
 
 /// Most codecs a device may offer in its handshake: every codec there is fits, and a longer
 /// list is refused before it is parsed or repeated in a status.
 pub(crate) const MAX_OFFERED_CODECS: usize = 32;
 
-/// A model kind's protocol: the version this build speaks, and how statuses name it and its
-/// codecs.
+/// A model kind's protocol: the version this build speaks, and how statuses name it, its
+/// codecs and its sessions.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Protocol {
     /// `trunk`, `diffusion`.
@@ -20,14 +21,22 @@ pub(crate) struct Protocol {
     version: u32,
     /// `codec`, `step codec`.
     codec: &'static str,
+    /// How its sessions are named.
+    pub(crate) sessions: SessionNames,
 }
 
 impl Protocol {
-    pub(crate) const fn new(name: &'static str, version: u32, codec: &'static str) -> Self {
+    pub(crate) const fn new(
+        name: &'static str,
+        version: u32,
+        codec: &'static str,
+        sessions: SessionNames,
+    ) -> Self {
         Self {
             name,
             version,
             codec,
+            sessions,
         }
     }
 }

@@ -52,7 +52,7 @@ fn hostile_messages_get_clear_errors_while_a_good_image_completes() {
     let certs = certificates();
     let split = UnetSplit::Lambda(1);
     let mut options = server_options(&certs);
-    options.token = None;
+    options.access.token = None;
     options.limits.max_message_bytes = 1 << 20;
     options.limits.max_step_elements = 200_000;
     options.limits.max_attention_bytes = 1 << 20;
@@ -340,7 +340,7 @@ fn hostile_messages_get_clear_errors_while_a_good_image_completes() {
 fn image_sessions_past_the_limit_are_refused() {
     let certs = certificates();
     let mut options = server_options(&certs);
-    options.token = None;
+    options.access.token = None;
     options.limits.max_sessions = 1;
     let server = serve("sd15", UnetSplit::Component, options, 0);
     let fingerprint = trunk_fingerprint(&model_dir("sd15"), UnetSplit::Component).unwrap();

@@ -32,7 +32,7 @@ fn health_and_metrics_report_the_served_sessions() {
     let path = model_path();
     let certs = certificates();
     let mut options = tls_options(&certs);
-    options.token = Some("health needs no token".into());
+    options.access.token = Some("health needs no token".into());
     let server = serve(&path, 2, 28, options);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

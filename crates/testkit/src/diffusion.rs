@@ -10,9 +10,9 @@ use lsplit_diffusion::{
     LocalDiffusionTrunk, StepRequest, UnetSplit, load_trunk_model, trunk_fingerprint,
 };
 use lsplit_remote::{RemoteDiffusionTrunk, RemoteOptions};
-use lsplit_server::{DevCertificates, DiffusionLimits, DiffusionOptions, DiffusionServer};
+use lsplit_server::{Access, DevCertificates, DiffusionLimits, DiffusionOptions, DiffusionServer};
 
-use crate::{RunningServer, tls_files};
+use crate::{RunningServer, tls_access};
 use lsplit_wire::{StepCodec, StepTensor};
 
 /// The bearer token the test servers ask for.
@@ -44,9 +44,10 @@ pub fn server_options(certs: &DevCertificates) -> DiffusionOptions {
     DiffusionOptions {
         limits: DiffusionLimits::default(),
         codecs: StepCodec::all().to_vec(),
-        token: Some(TOKEN.into()),
-        tls: Some(tls_files(certs)),
-        transport: lsplit_server::TransportLimits::default(),
+        access: Access {
+            token: Some(TOKEN.into()),
+            ..tls_access(certs)
+        },
     }
 }
 

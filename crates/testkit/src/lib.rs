@@ -16,7 +16,7 @@ mod running;
 use std::time::Duration;
 
 use lsplit_remote::RemoteOptions;
-use lsplit_server::{DevCertificates, TlsFiles};
+use lsplit_server::{Access, DevCertificates, TlsFiles, TransportLimits};
 use lsplit_wire::Codec;
 
 pub use raw::{assert_garbage_refused, assert_status, raw_channel, send_garbage, tls_channel};
@@ -33,6 +33,15 @@ pub fn tls_files(certs: &DevCertificates) -> TlsFiles {
         cert_pem: certs.server_pem.clone().into_bytes(),
         key_pem: certs.server_key.clone().into_bytes(),
         client_ca_pem: None,
+    }
+}
+
+/// Serving over TLS with `certs`, no token and the default transport caps.
+pub fn tls_access(certs: &DevCertificates) -> Access {
+    Access {
+        token: None,
+        tls: Some(tls_files(certs)),
+        transport: TransportLimits::default(),
     }
 }
 

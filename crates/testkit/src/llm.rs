@@ -15,7 +15,7 @@ use lsplit_split::{
 };
 use lsplit_wire::{Codec, HiddenRows};
 
-use crate::{RunningServer, tls_files};
+use crate::RunningServer;
 
 /// The prompt most tests generate from.
 pub const PROMPT: &str = "The three primary colors are";
@@ -37,10 +37,8 @@ pub fn tls_options(certs: &DevCertificates) -> ServerOptions {
     ServerOptions {
         limits: Limits::default(),
         codecs: Codec::ALL.to_vec(),
-        token: None,
-        tls: Some(tls_files(certs)),
+        access: crate::tls_access(certs),
         batch_wait: lsplit_server::DEFAULT_BATCH_WAIT,
-        transport: lsplit_server::TransportLimits::default(),
     }
 }
 
@@ -106,7 +104,7 @@ fn serve_source(
         .load_part(&plan.trunk(), &Device::Cpu)
         .expect("trunk part");
     let fingerprint = TrunkFingerprint::compute(&source, k1..k2).expect("fingerprint");
-    let tls = options.tls.is_some();
+    let tls = options.access.tls.is_some();
     let server = TrunkServer::new(part, fingerprint, options).expect("server");
     RunningServer::start(server, port, "127.0.0.1", tls)
 }

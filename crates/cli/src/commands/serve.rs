@@ -13,7 +13,7 @@ use clap::Args;
 use lsplit_diffusion::{UnetSplit, load_trunk_model, trunk_fingerprint};
 use lsplit_model::{KvPrecision, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_server::{
-    DiffusionLimits, DiffusionOptions, DiffusionServer, Limits, ServerError, ServerOptions,
+    Access, DiffusionLimits, DiffusionOptions, DiffusionServer, Limits, ServerError, ServerOptions,
     ServerStats, TlsFiles, TransportLimits, TrunkServer,
 };
 use lsplit_wire::{Codec, StepCodec};
@@ -151,9 +151,9 @@ fn is_diffusers(path: &Path) -> bool {
     path.join("model_index.json").is_file()
 }
 
-/// The bearer token and TLS identity from the command line, with the warnings each absence
-/// deserves.
-fn security(args: &ServeArgs) -> anyhow::Result<(Option<String>, Option<TlsFiles>)> {
+/// The bearer token, TLS identity and transport caps from the command line, with the warnings
+/// each absence deserves.
+fn access(args: &ServeArgs) -> anyhow::Result<Access> {
     let token = match &args.token_file {
         Some(file) => {
             let token = String::from_utf8(read(file, "token file")?)
@@ -187,7 +187,11 @@ fn security(args: &ServeArgs) -> anyhow::Result<(Option<String>, Option<TlsFiles
     if token.is_none() {
         tracing::warn!("no --token-file: any client that reaches this address can use the trunk");
     }
-    Ok((token, tls))
+    Ok(Access {
+        token,
+        tls,
+        transport: transport(args),
+    })
 }
 
 /// The transport limits from the command line, the library's defaults where a flag is absent.
@@ -272,7 +276,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let part = source.load_part(&plan.trunk(), &candle_core::Device::Cpu)?;
     let fingerprint = TrunkFingerprint::compute(&source, plan.k1..plan.k2)?;
-    let (token, tls) = security(&args)?;
     let options = ServerOptions {
         limits: Limits {
             max_sessions: args.max_sessions,
@@ -282,12 +285,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             kv_budget_bytes: args.kv_budget_mib << 20,
         },
         codecs,
-        token,
-        tls,
-        transport: transport(&args),
+        access: access(&args)?,
         batch_wait: Duration::from_secs_f64(args.batch_wait_ms / 1000.0),
     };
-    let scheme = scheme(&options.tls);
+    let scheme = scheme(&options.access.tls);
     let server = TrunkServer::new(part, fingerprint.clone(), options)?;
     let stats = server.stats();
     serve_until_signal(
@@ -323,7 +324,6 @@ fn run_diffusion(args: ServeArgs, path: &Path) -> anyhow::Result<()> {
     let model = load_trunk_model(path, split, &candle_core::Device::Cpu)
         .with_context(|| format!("loading the {split} trunk of {}", path.display()))?;
     let fingerprint = trunk_fingerprint(path, split)?;
-    let (token, tls) = security(&args)?;
     let defaults = DiffusionLimits::default();
     let options = DiffusionOptions {
         limits: DiffusionLimits {
@@ -338,11 +338,9 @@ fn run_diffusion(args: ServeArgs, path: &Path) -> anyhow::Result<()> {
                 }),
         },
         codecs,
-        token,
-        tls,
-        transport: transport(&args),
+        access: access(&args)?,
     };
-    let scheme = scheme(&options.tls);
+    let scheme = scheme(&options.access.tls);
     let server = DiffusionServer::new(model, fingerprint, options)?;
     let stats = server.stats();
     serve_until_signal(

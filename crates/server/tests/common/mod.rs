@@ -15,12 +15,12 @@ use lsplit_proto::pb::trunk_client::TrunkClient;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, codec_to_pb};
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
-use lsplit_server::{DevCertificates, Limits, ServerOptions, TransportLimits, TrunkServer};
+use lsplit_server::{Access, DevCertificates, Limits, ServerOptions, TransportLimits, TrunkServer};
 use lsplit_split::{
     DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, SplitPolicy, Trunk,
 };
 pub use lsplit_testkit::llm::{model_path, source};
-pub use lsplit_testkit::{RunningServer, runtime, tls_files};
+pub use lsplit_testkit::{RunningServer, runtime, tls_access};
 use lsplit_wire::Codec;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -46,9 +46,11 @@ pub fn server(
     let options = ServerOptions {
         limits,
         codecs: Codec::ALL.to_vec(),
-        token: Some(TOKEN.into()),
-        tls: Some(tls_files(certs)),
-        transport,
+        access: Access {
+            token: Some(TOKEN.into()),
+            transport,
+            ..tls_access(certs)
+        },
         batch_wait: lsplit_server::DEFAULT_BATCH_WAIT,
     };
     let server = TrunkServer::new(part, fingerprint, options).expect("server");
