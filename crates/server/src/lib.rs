@@ -108,6 +108,11 @@ pub struct TransportLimits {
     pub max_local_error_resets: usize,
     /// Health `Watch` streams open at once (they need no token).
     pub max_health_watches: usize,
+    /// Session streams open at once that have not sent their first request (they hold no
+    /// session slot yet, so without this only connections × streams bound them).
+    pub max_waiting_streams: usize,
+    /// Of those, the streams one peer address may hold.
+    pub max_waiting_streams_per_peer: usize,
 }
 
 impl Default for TransportLimits {
@@ -121,6 +126,8 @@ impl Default for TransportLimits {
             max_streams_per_connection: 32,
             max_local_error_resets: 32,
             max_health_watches: 64,
+            max_waiting_streams: 256,
+            max_waiting_streams_per_peer: 32,
         }
     }
 }

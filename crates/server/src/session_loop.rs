@@ -72,6 +72,8 @@ pub(crate) struct Sessions {
     idle_timeout: Duration,
     handshake_timeout: Duration,
     slots: Arc<PeerCounts>,
+    /// Streams that have not sent their first request yet.
+    waiting: Arc<PeerCounts>,
     next_id: AtomicU64,
     counters: Arc<Counters>,
 }
@@ -91,16 +93,27 @@ impl Sessions {
                 "--max-sessions must be at least 1".into(),
             ));
         }
-        if transport.max_sessions_per_peer == 0 {
-            return Err(ServerError::Config(
-                "--max-sessions-per-peer must be at least 1".into(),
-            ));
+        for (value, flag) in [
+            (transport.max_sessions_per_peer, "--max-sessions-per-peer"),
+            (transport.max_waiting_streams, "--max-waiting-streams"),
+            (
+                transport.max_waiting_streams_per_peer,
+                "--max-waiting-streams-per-peer",
+            ),
+        ] {
+            if value == 0 {
+                return Err(ServerError::Config(format!("{flag} must be at least 1")));
+            }
         }
         Ok(Self {
             names: protocol.sessions,
             idle_timeout,
             handshake_timeout: transport.handshake_timeout,
             slots: PeerCounts::new(max_sessions, transport.max_sessions_per_peer),
+            waiting: PeerCounts::new(
+                transport.max_waiting_streams,
+                transport.max_waiting_streams_per_peer,
+            ),
             next_id: AtomicU64::new(1),
             counters: Arc::default(),
         })
@@ -130,9 +143,22 @@ impl Sessions {
         })
     }
 
+    /// The status refusing a new stream when the streams waiting for their first request are
+    /// `full`.
+    fn waiting_refusal(full: Full) -> Status {
+        Status::resource_exhausted(match full {
+            Full::Total(limit) => format!(
+                "the server already holds its limit of {limit} streams waiting for their first request"
+            ),
+            Full::Peer(limit) => format!(
+                "this address already holds its limit of {limit} streams waiting for their first request"
+            ),
+        })
+    }
+
     /// Serves the stream of `request` on its own task: refused at once when no slot is free
-    /// for its peer, it takes one when its first request arrives (within the handshake
-    /// timeout) and opens a session of kind `K` over `shared` with the new session's id.
+    /// for its peer or too many streams wait for their first request, it takes a slot when its
+    /// first request arrives (within the handshake timeout) and opens a session of kind `K` over `shared` with the new session's id.
     pub(crate) fn serve<K: SessionKind>(
         self: &Arc<Self>,
         request: Request<Streaming<K::Request>>,
@@ -142,11 +168,14 @@ impl Sessions {
         let peer: Option<IpAddr> = request.remote_addr().map(|a| a.ip());
         let mut inbound = request.into_inner();
         self.slots.room(peer).map_err(|full| self.refusal(full))?;
+        let waiting = self.waiting.take(peer).map_err(Self::waiting_refusal)?;
         let (tx, rx) = mpsc::channel(2);
         let sessions = self.clone();
         tokio::spawn(async move {
             let wait = sessions.handshake_timeout;
-            let first = match tokio::time::timeout(wait, inbound.message()).await {
+            let first = tokio::time::timeout(wait, inbound.message()).await;
+            drop(waiting);
+            let first = match first {
                 Err(_) => Err(Status::deadline_exceeded(format!(
                     "no request within {} ms of opening the stream: it is closed",
                     wait.as_millis()

@@ -77,6 +77,61 @@ fn a_stream_silent_past_the_handshake_timeout_is_closed() {
 }
 
 #[test]
+fn streams_waiting_for_their_first_request_are_capped_per_address() {
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let transport = TransportLimits {
+        handshake_timeout: Duration::from_secs(600),
+        max_waiting_streams_per_peer: 2,
+        ..TransportLimits::default()
+    };
+    let server = server(&certs, Limits::default(), transport);
+    runtime().block_on(async {
+        let mut client = client(channel(&server, &certs).await.expect("connect"));
+        let mut first = RawStream::silent(&mut client).await.expect("first stream");
+        let _second = RawStream::silent(&mut client).await.expect("second stream");
+        let status = RawStream::silent(&mut client)
+            .await
+            .err()
+            .expect("a third silent stream from the same address is refused");
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "this address already holds its limit of 2 streams waiting for their first request"
+        );
+        // A stream that sends its first request no longer waits: there is room again.
+        first.requests.send(open_request()).await.expect("send");
+        assert!(matches!(first.next().await, Ok(Some(ReplyKind::Opened(_)))));
+        RawStream::silent(&mut client)
+            .await
+            .expect("a new stream fits once one has opened its session");
+    });
+}
+
+#[test]
+fn streams_waiting_for_their_first_request_are_capped_in_total() {
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let transport = TransportLimits {
+        handshake_timeout: Duration::from_secs(600),
+        max_waiting_streams: 1,
+        ..TransportLimits::default()
+    };
+    let server = server(&certs, Limits::default(), transport);
+    runtime().block_on(async {
+        let mut client = client(channel(&server, &certs).await.expect("connect"));
+        let _waiting = RawStream::silent(&mut client).await.expect("first stream");
+        let status = RawStream::silent(&mut client)
+            .await
+            .err()
+            .expect("a second silent stream is refused");
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "the server already holds its limit of 1 streams waiting for their first request"
+        );
+    });
+}
+
+#[test]
 fn one_address_holds_at_most_its_share_of_sessions() {
     let certs = DevCertificates::generate(&[]).expect("certificates");
     let transport = TransportLimits {

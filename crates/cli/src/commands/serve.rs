@@ -130,6 +130,12 @@ pub struct ServeArgs {
     /// Health Watch streams (which need no token) open at once [default: 64]
     #[arg(long)]
     pub max_health_watches: Option<usize>,
+    /// Session streams open at once that have not sent their first request [default: 256]
+    #[arg(long)]
+    pub max_waiting_streams: Option<usize>,
+    /// Of those, the streams one client address may hold [default: 32]
+    #[arg(long)]
+    pub max_waiting_streams_per_peer: Option<usize>,
     /// Also serve Prometheus metrics at http://ADDR/metrics
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
@@ -213,6 +219,12 @@ fn transport(args: &ServeArgs) -> TransportLimits {
         max_health_watches: args
             .max_health_watches
             .unwrap_or(defaults.max_health_watches),
+        max_waiting_streams: args
+            .max_waiting_streams
+            .unwrap_or(defaults.max_waiting_streams),
+        max_waiting_streams_per_peer: args
+            .max_waiting_streams_per_peer
+            .unwrap_or(defaults.max_waiting_streams_per_peer),
         ..defaults
     }
 }
