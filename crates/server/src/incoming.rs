@@ -60,7 +60,37 @@ pub(crate) struct Incoming {
     /// Set after an accept error: no accepting until it elapses.
     pause: Option<Pin<Box<Sleep>>>,
     /// The pause after the next accept error.
-    next_pause: Duration,
+    backoff: AcceptBackoff,
+}
+
+/// The pause after an accept error (EMFILE and the like), doubling from
+/// [`FIRST_ACCEPT_PAUSE`] to [`MAX_ACCEPT_PAUSE`] while errors repeat, so that a listener out
+/// of file descriptors does not spin.
+#[derive(Debug)]
+pub(crate) struct AcceptBackoff {
+    next: Duration,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        Self {
+            next: FIRST_ACCEPT_PAUSE,
+        }
+    }
+}
+
+impl AcceptBackoff {
+    /// An accept succeeded: the next error pauses briefly again.
+    pub(crate) fn reset(&mut self) {
+        self.next = FIRST_ACCEPT_PAUSE;
+    }
+
+    /// An accept failed: how long to pause before the next.
+    pub(crate) fn failed(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (wait * 2).min(MAX_ACCEPT_PAUSE);
+        wait
+    }
 }
 
 impl Incoming {
@@ -77,7 +107,7 @@ impl Incoming {
             max_handshakes: limits.max_tls_handshakes.max(1),
             handshakes: JoinSet::new(),
             pause: None,
-            next_pause: FIRST_ACCEPT_PAUSE,
+            backoff: AcceptBackoff::default(),
         }
     }
 
@@ -136,7 +166,7 @@ impl Incoming {
         while self.handshakes.len() < self.max_handshakes {
             match self.listener.poll_accept(cx) {
                 Poll::Ready(Ok((stream, peer))) => {
-                    self.next_pause = FIRST_ACCEPT_PAUSE;
+                    self.backoff.reset();
                     let Some((stream, place)) = self.admit(stream, peer) else {
                         continue;
                     };
@@ -153,8 +183,7 @@ impl Incoming {
                     }
                 }
                 Poll::Ready(Err(e)) => {
-                    let wait = self.next_pause;
-                    self.next_pause = (wait * 2).min(MAX_ACCEPT_PAUSE);
+                    let wait = self.backoff.failed();
                     tracing::warn!(error = %e, pause = ?wait, "accepting a connection failed");
                     let mut pause = Box::pin(tokio::time::sleep(wait));
                     // Registers the waker; a fresh sleep of a positive duration is pending.

@@ -2,6 +2,7 @@
 //! their units, as Prometheus's naming guide asks) and the `/metrics` endpoint.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -10,9 +11,13 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use axum::routing::get;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
 
 use crate::ServerStats;
+use crate::incoming::AcceptBackoff;
 
 /// Upper bounds of the step latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -209,9 +214,18 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     );
 }
 
+/// Longest one metrics connection may stay open. Each carries one request and a scrape takes
+/// milliseconds, so a client that sends its request slowly, or never, is cut off instead of
+/// holding a socket.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most metrics connections open at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 64;
+
 /// Serves `GET /metrics` in the Prometheus text format on `listener` until `shutdown`; any
 /// other path is a 404. Every response closes its connection (one request per connection), so
-/// that no idle keep-alive connection holds a socket open between scrapes.
+/// that no idle keep-alive connection holds a socket open between scrapes; a connection lives
+/// at most [`CONNECTION_TIMEOUT`], and at most [`MAX_CONNECTIONS`] are open at once.
 pub async fn serve_metrics(
     listener: TcpListener,
     stats: ServerStats,
@@ -230,11 +244,42 @@ pub async fn serve_metrics(
         .fallback(|| async { (StatusCode::NOT_FOUND, "only GET /metrics is served here\n") })
         .layer(axum::middleware::map_response(close_connection))
         .with_state(stats);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::warn!(error = %e, "the metrics endpoint failed");
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff = AcceptBackoff::default();
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff.reset();
+                    stream
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the metrics endpoint could not accept a connection");
+                    tokio::time::sleep(backoff.failed()).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            tracing::info!("closed a metrics connection past {MAX_CONNECTIONS} open at once");
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _place = place;
+            let service = hyper::service::service_fn(move |request| app.clone().oneshot(request));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            if tokio::time::timeout(CONNECTION_TIMEOUT, connection)
+                .await
+                .is_err()
+            {
+                tracing::debug!("a metrics connection ran past its time limit and was closed");
+            }
+        });
     }
 }
 

@@ -1,6 +1,7 @@
 //! The health service and the Prometheus metrics of a running trunk server.
 
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use lsplit_testkit::llm::*;
@@ -17,7 +18,7 @@ fn metric(text: &str, name: &str) -> u64 {
 }
 
 fn scrape(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut socket = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    let mut socket = TcpStream::connect(addr).expect("connect to metrics");
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
@@ -98,4 +99,22 @@ fn health_and_metrics_report_the_served_sessions() {
         "{body}"
     );
     assert!(scrape(metrics_addr, "/").starts_with("HTTP/1.1 404 Not Found\r\n"));
+
+    // Clients that send nothing, or never finish their request, are cut off rather than
+    // holding their sockets; the endpoint still answers afterwards.
+    let mut silent = TcpStream::connect(metrics_addr).expect("connect");
+    let mut slow = TcpStream::connect(metrics_addr).expect("connect");
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .expect("half a request");
+    for socket in [&mut silent, &mut slow] {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("read timeout");
+        let mut byte = [0u8; 1];
+        let read = socket
+            .read(&mut byte)
+            .expect("the server closes the connection");
+        assert_eq!(read, 0, "closed without an answer");
+    }
+    assert!(scrape(metrics_addr, "/metrics").starts_with("HTTP/1.1 200 OK\r\n"));
 }
