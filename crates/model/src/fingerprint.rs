@@ -6,7 +6,9 @@ use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 
-use crate::{LlamaConfig, ModelError, ModelSource, PartKind, PartSpec, RopeScaling, TensorRecord};
+use crate::{
+    Adapter, LlamaConfig, ModelError, ModelSource, PartKind, PartSpec, RopeScaling, TensorRecord,
+};
 
 /// Identity of a trunk: its layers within the model and a SHA-256 over the model's
 /// configuration and the trunk tensors' names, shapes, types and stored bytes.
@@ -52,6 +54,42 @@ impl TrunkFingerprint {
         })
     }
 
+    /// This fingerprint extended over the updates `adapter` makes to the trunk's layers, or
+    /// unchanged when it makes none: a server that adapts its own layers announces it, so a
+    /// device that holds only the public weights refuses its different trunk.
+    ///
+    /// The new digest is the SHA-256 of: the tag `lsplit trunk adapter v1`; the base digest's
+    /// 32 bytes; the number of updates; then for each, by layer then target (q, k, v, o, gate,
+    /// up, down): the layer, the module name (`q_proj`...), the scale (`f64`), and `A (r, in)`
+    /// then `B (out, r)` as applied (B of q and k in a GGUF model's row order), each as its
+    /// value count then its `f32` values row by row (same encodings as above).
+    pub fn with_adapter(self, adapter: &Adapter) -> Result<Self, ModelError> {
+        let updates: Vec<_> = adapter.updates_in(self.layers.clone()).collect();
+        if updates.is_empty() {
+            return Ok(self);
+        }
+        let mut fields = FieldBytes::default();
+        fields.bytes(ADAPTER_TAG);
+        fields.raw(&self.sha256);
+        fields.usize(updates.len());
+        for (layer, target, lora) in updates {
+            let (scale, a, b) = lora.digest_parts()?;
+            fields.usize(layer);
+            fields.bytes(target.module().as_bytes());
+            fields.f64(scale);
+            for matrix in [a, b] {
+                fields.usize(matrix.len());
+                for value in matrix {
+                    fields.f32(value);
+                }
+            }
+        }
+        Ok(Self {
+            sha256: Sha256::digest(&fields.0).into(),
+            ..self
+        })
+    }
+
     /// The digest in hexadecimal.
     pub fn hex(&self) -> String {
         self.sha256.iter().map(|b| format!("{b:02x}")).collect()
@@ -92,6 +130,9 @@ fn digest(
 
 /// Opens every fingerprint digest; the version changes whenever the layout below does.
 const TAG: &[u8] = b"lsplit trunk fingerprint v1";
+
+/// Opens the digest of a trunk whose layers carry an adapter's updates.
+const ADAPTER_TAG: &[u8] = b"lsplit trunk adapter v1";
 
 /// The fields of a digest's input, written in the documented fixed layout.
 #[derive(Default)]
