@@ -1,5 +1,8 @@
 //! Running the `lsplit` binary from the integration tests.
 
+// Each test file uses the helpers it needs (`adapter.rs` runs its own tiny model, not `model`).
+#![allow(dead_code)]
+
 use std::process::{Command, Output};
 
 /// Runs `lsplit` with `args`, logging only warnings.
