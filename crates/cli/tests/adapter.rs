@@ -7,12 +7,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use common::{lsplit, stderr, stdout};
+use common::{banner, lsplit, stderr, stdout};
 use lsplit_model::{ModelSource, TrunkFingerprint};
 
 fn data(name: &str) -> String {
@@ -270,16 +268,7 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn lsplit serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let banner = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("lsplit serve announces its address");
+        let banner = banner(&mut child);
         Self { child, banner }
     }
 

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use common::{SplitRun, argmax, bits, max_abs_diff, whole_step};
-use lsplit_model::{ModelError, ModelSource, PartSpec, SplitPlan, TrunkFingerprint};
+use common::{argmax, assert_splits_exact, max_abs_diff, ours_greedy, whole_step};
+use lsplit_model::{ModelError, ModelSource, PartSpec, TrunkFingerprint};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
@@ -67,7 +67,6 @@ fn stepwise(source: &ModelSource, ids: &[u32]) -> Vec<Vec<f32>> {
 fn check_golden(model: &str, adapter: &str, splits: &[(usize, usize)]) {
     let golden = golden(adapter);
     let source = adapted(&data(model), adapter);
-    let layers = source.config().num_layers;
     for (pos, (logits, expected)) in stepwise(&source, &golden.input_ids)
         .iter()
         .zip(&golden.logits)
@@ -96,37 +95,13 @@ fn check_golden(model: &str, adapter: &str, splits: &[(usize, usize)]) {
     assert!(moved > 1000.0 * TOLERANCE, "{adapter}: moved only {moved}");
 
     // The prompt in one pass, then greedy decoding with the cache.
-    let part = whole(&source);
-    let mut cache = part.new_cache();
-    let mut logits = whole_step(&part, &mut cache, &golden.input_ids);
-    let diff = max_abs_diff(&logits, golden.logits.last().expect("rows"));
+    let (greedy, steps) = ours_greedy(&source, &golden.input_ids, 16);
+    let diff = max_abs_diff(&steps[0], golden.logits.last().expect("rows"));
     assert!(diff <= TOLERANCE, "{adapter}: prefill: max abs diff {diff}");
-    let mut greedy = Vec::new();
-    let mut steps = vec![logits.clone()];
-    for _ in 0..16 {
-        greedy.push(argmax(&logits));
-        logits = whole_step(&part, &mut cache, &[*greedy.last().expect("token")]);
-        steps.push(logits.clone());
-    }
     assert_eq!(greedy, golden.greedy_next_16, "{adapter}: greedy tokens");
 
     // Split runs give the unsplit run's logits bit for bit, prefill and every decode step.
-    for &(k1, k2) in splits {
-        let plan = SplitPlan::new(k1, k2, layers).expect("plan");
-        let load = |spec: PartSpec| source.load_part(&spec, &Device::Cpu).expect("part");
-        let (head, trunk, tail) = (load(plan.head()), load(plan.trunk()), load(plan.tail()));
-        let mut run = SplitRun::new(&head, &trunk, &tail);
-        let mut split_logits = run.step(&golden.input_ids);
-        for (step, expected) in steps.iter().enumerate() {
-            assert!(
-                bits(&split_logits) == bits(expected),
-                "{adapter}: split {plan} differs from the unsplit run at step {step}"
-            );
-            if step < greedy.len() {
-                split_logits = run.step(&[greedy[step]]);
-            }
-        }
-    }
+    assert_splits_exact(&source, splits, &golden.input_ids, &greedy, &steps, adapter);
 }
 
 #[test]

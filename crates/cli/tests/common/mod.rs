@@ -3,7 +3,9 @@
 // Each test file uses the helpers it needs (`adapter.rs` runs its own tiny model, not `model`).
 #![allow(dead_code)]
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
 
 /// Runs `lsplit` with `args`, logging only warnings.
 pub fn lsplit(args: &[&str]) -> Output {
@@ -30,4 +32,18 @@ pub fn model() -> String {
         .expect("default model")
         .display()
         .to_string()
+}
+
+/// The first line a spawned `lsplit serve` prints on its piped stdout: the banner that names
+/// its trunk and address, waited for up to a minute.
+pub fn banner(child: &mut Child) -> String {
+    let stdout = child.stdout.take().expect("a piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("lsplit serve announces its address")
 }
