@@ -1,6 +1,7 @@
 //! `lsplit cert`, `lsplit serve` and `lsplit generate --cloud` as separate processes over
 //! loopback TLS, including a server killed and restarted mid-generation.
 
+#[allow(dead_code)]
 mod common;
 
 use std::ffi::OsString;

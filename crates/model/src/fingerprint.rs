@@ -362,6 +362,69 @@ mod tests {
     }
 
     #[test]
+    fn an_adapter_is_hashed_in_the_documented_layout() {
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let model = ModelSource::open(&data.join("tiny-llama-hf")).expect("model");
+        let dir = data.join("lora-head-tail");
+        let adapter = Adapter::open(&dir, model.config(), model.format()).expect("adapter");
+        let file = dir.join("adapter_model.safetensors");
+        let tensors =
+            candle_core::safetensors::load(file, &candle_core::Device::Cpu).expect("load");
+        let base = TrunkFingerprint {
+            layers: 1..4,
+            model_layers: 4,
+            hidden_size: 64,
+            sha256: [7; 32],
+        };
+
+        let mut expected = Vec::new();
+        let mut push = |bytes: &[u8]| expected.extend_from_slice(bytes);
+        push(&23u64.to_le_bytes());
+        push(b"lsplit trunk adapter v1");
+        push(&[7; 32]);
+        push(&7u64.to_le_bytes());
+        let modules = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ];
+        for path in modules {
+            let module = path.rsplit('.').next().expect("module");
+            push(&3u64.to_le_bytes());
+            push(&(module.len() as u64).to_le_bytes());
+            push(module.as_bytes());
+            push(&2f64.to_le_bytes());
+            for half in ["A", "B"] {
+                let name = format!("base_model.model.model.layers.3.{path}.lora_{half}.weight");
+                let values: Vec<f32> = tensors[&name]
+                    .flatten_all()
+                    .expect("flat")
+                    .to_vec1()
+                    .expect("values");
+                push(&(values.len() as u64).to_le_bytes());
+                for v in values {
+                    push(&v.to_le_bytes());
+                }
+            }
+        }
+        let adapted = base.clone().with_adapter(&adapter).expect("fingerprint");
+        assert_eq!(adapted.sha256, <[u8; 32]>::from(Sha256::digest(&expected)));
+        assert_eq!((adapted.layers, adapted.model_layers), (1..4, 4));
+        let untouched = TrunkFingerprint {
+            layers: 1..3,
+            ..base
+        };
+        assert_eq!(
+            untouched.clone().with_adapter(&adapter).expect("fp"),
+            untouched
+        );
+    }
+
+    #[test]
     fn layers_names_shapes_types_and_bytes_all_count() {
         let base = sha(&config());
         let with = |layers: Range<usize>, records: Vec<TensorRecord>, bytes: Vec<u8>| {

@@ -1,8 +1,5 @@
 //! Running the `lsplit` binary from the integration tests.
 
-// Each test file uses the helpers it needs (`adapter.rs` runs its own tiny model, not `model`).
-#![allow(dead_code)]
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output};
 use std::time::Duration;
@@ -35,7 +32,8 @@ pub fn model() -> String {
 }
 
 /// The first line a spawned `lsplit serve` prints on its piped stdout: the banner that names
-/// its trunk and address, waited for up to a minute.
+/// its trunk and address, waited for up to a minute. (Only the files that start servers use it.)
+#[allow(dead_code)]
 pub fn banner(child: &mut Child) -> String {
     let stdout = child.stdout.take().expect("a piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
