@@ -58,6 +58,10 @@ pub struct ModelArgs {
     /// (8-bit values with a scale per 32: 0.28x f32's memory; head dimensions a multiple of 32)
     #[arg(long, value_name = "PRECISION", default_value_t = KvPrecision::F32)]
     pub kv_cache: KvPrecision,
+    /// A LoRA adapter in PEFT's format (adapter_config.json, adapter_model.safetensors) for
+    /// the device's layers; one that updates a trunk layer is refused
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -69,11 +73,15 @@ impl ModelArgs {
         }
     }
 
-    /// Opens the model (fetching the default one if needed) and builds its tokenizer.
+    /// Opens the model (fetching the default one if needed), with `--adapter` if given, and
+    /// builds its tokenizer.
     pub fn open(&self) -> anyhow::Result<(ModelSource, Arc<Tokenizer>)> {
         let path = self.path()?;
         let mut source = ModelSource::open(&path)?;
         source.set_kv_precision(self.kv_cache);
+        if let Some(dir) = &self.adapter {
+            source.load_adapter(dir)?;
+        }
         let tokenizer = load_tokenizer(&source)
             .with_context(|| format!("building the tokenizer of {}", path.display()))?;
         Ok((source, Arc::new(tokenizer)))

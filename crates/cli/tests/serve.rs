@@ -1,6 +1,9 @@
 //! `lsplit cert`, `lsplit serve` and `lsplit generate --cloud` as separate processes over
 //! loopback TLS, including a server killed and restarted mid-generation.
 
+#[allow(dead_code)]
+mod common;
+
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -94,16 +97,7 @@ impl Server {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn lsplit serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("lsplit serve announces its address");
+        let line = common::banner(&mut child);
         let port = line
             .trim()
             .rsplit(':')

@@ -25,7 +25,7 @@ use prost::Message;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its corpus directory and libFuzzer binary.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("trunk_request", trunk_request),
     ("diffusion_request", diffusion_request),
     ("gguf_header", gguf_header),
@@ -33,6 +33,7 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("tokenizer_gguf", tokenizer_gguf),
     ("edge_body", edge_body),
     ("keyed_session", keyed_session),
+    ("lora_adapter", lora_adapter),
 ];
 
 /// Layers of the model the trunk protocol's keys are checked against (SmolLM2-135M's).
@@ -128,6 +129,28 @@ pub fn safetensors_header(data: &[u8]) {
             layers: 1..3,
         };
         let _ = source.load_part(&spec, &Device::Cpu);
+    }
+}
+
+/// A LoRA adapter directory whose `adapter_config.json` is `data` up to its first zero byte
+/// and whose `adapter_model.safetensors` is the rest, read for the tiny fixture as `--adapter`
+/// reads it; one that loads is then run over two tokens.
+pub fn lora_adapter(data: &[u8]) {
+    let split = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+    let (config, tensors) = data.split_at(split);
+    let dir = scratch().join("lora");
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    std::fs::write(dir.join("adapter_config.json"), config).expect("write the scratch file");
+    let tensors = tensors.get(1..).unwrap_or_default();
+    std::fs::write(dir.join("adapter_model.safetensors"), tensors).expect("write the scratch file");
+    let mut source = ModelSource::open(&tiny_model()).expect("the tiny fixture");
+    if source.load_adapter(&dir).is_ok() {
+        let whole = source
+            .load_part(&PartSpec::whole(4), &Device::Cpu)
+            .expect("the tiny fixture's layers");
+        let mut cache = whole.new_cache();
+        let rows = whole.embed(&[1, 2]).expect("two tokens");
+        let _ = whole.forward(&rows, 0, &mut cache);
     }
 }
 

@@ -100,6 +100,27 @@ pub enum ModelError {
         /// Vocabulary size.
         vocab: usize,
     },
+    /// A LoRA adapter directory that cannot be applied to this model.
+    #[error("{dir}: adapter: {reason}")]
+    Adapter {
+        /// The adapter's directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A device adapter that updates layers the trunk runs.
+    #[error(
+        "{dir}: the adapter updates layers {layers:?}, which the trunk (layers {trunk:?}) runs: \
+         a device adapter may only update the head's and the tail's layers"
+    )]
+    AdapterOnTrunk {
+        /// The adapter's directory.
+        dir: PathBuf,
+        /// The trunk layers it updates.
+        layers: Vec<usize>,
+        /// The trunk's layers.
+        trunk: std::ops::Range<usize>,
+    },
     /// An error raised by candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -6,7 +6,9 @@ use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 
-use crate::{LlamaConfig, ModelError, ModelSource, PartKind, PartSpec, RopeScaling, TensorRecord};
+use crate::{
+    Adapter, LlamaConfig, ModelError, ModelSource, PartKind, PartSpec, RopeScaling, TensorRecord,
+};
 
 /// Identity of a trunk: its layers within the model and a SHA-256 over the model's
 /// configuration and the trunk tensors' names, shapes, types and stored bytes.
@@ -52,6 +54,42 @@ impl TrunkFingerprint {
         })
     }
 
+    /// This fingerprint extended over the updates `adapter` makes to the trunk's layers, or
+    /// unchanged when it makes none: a server that adapts its own layers announces it, so a
+    /// device that holds only the public weights refuses its different trunk.
+    ///
+    /// The new digest is the SHA-256 of: the tag `lsplit trunk adapter v1`; the base digest's
+    /// 32 bytes; the number of updates; then for each, by layer then target (q, k, v, o, gate,
+    /// up, down): the layer, the module name (`q_proj`...), the scale (`f64`), and `A (r, in)`
+    /// then `B (out, r)` as applied (B of q and k in a GGUF model's row order), each as its
+    /// value count then its `f32` values row by row (same encodings as above).
+    pub fn with_adapter(self, adapter: &Adapter) -> Result<Self, ModelError> {
+        let updates: Vec<_> = adapter.updates_in(self.layers.clone()).collect();
+        if updates.is_empty() {
+            return Ok(self);
+        }
+        let mut fields = FieldBytes::default();
+        fields.bytes(ADAPTER_TAG);
+        fields.raw(&self.sha256);
+        fields.usize(updates.len());
+        for (layer, target, lora) in updates {
+            let (scale, a, b) = lora.digest_parts()?;
+            fields.usize(layer);
+            fields.bytes(target.module().as_bytes());
+            fields.f64(scale);
+            for matrix in [a, b] {
+                fields.usize(matrix.len());
+                for value in matrix {
+                    fields.f32(value);
+                }
+            }
+        }
+        Ok(Self {
+            sha256: Sha256::digest(&fields.0).into(),
+            ..self
+        })
+    }
+
     /// The digest in hexadecimal.
     pub fn hex(&self) -> String {
         self.sha256.iter().map(|b| format!("{b:02x}")).collect()
@@ -92,6 +130,9 @@ fn digest(
 
 /// Opens every fingerprint digest; the version changes whenever the layout below does.
 const TAG: &[u8] = b"lsplit trunk fingerprint v1";
+
+/// Opens the digest of a trunk whose layers carry an adapter's updates.
+const ADAPTER_TAG: &[u8] = b"lsplit trunk adapter v1";
 
 /// The fields of a digest's input, written in the documented fixed layout.
 #[derive(Default)]
@@ -318,6 +359,69 @@ mod tests {
             );
             seen.push(digest);
         }
+    }
+
+    #[test]
+    fn an_adapter_is_hashed_in_the_documented_layout() {
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let model = ModelSource::open(&data.join("tiny-llama-hf")).expect("model");
+        let dir = data.join("lora-head-tail");
+        let adapter = Adapter::open(&dir, model.config(), model.format()).expect("adapter");
+        let file = dir.join("adapter_model.safetensors");
+        let tensors =
+            candle_core::safetensors::load(file, &candle_core::Device::Cpu).expect("load");
+        let base = TrunkFingerprint {
+            layers: 1..4,
+            model_layers: 4,
+            hidden_size: 64,
+            sha256: [7; 32],
+        };
+
+        let mut expected = Vec::new();
+        let mut push = |bytes: &[u8]| expected.extend_from_slice(bytes);
+        push(&23u64.to_le_bytes());
+        push(b"lsplit trunk adapter v1");
+        push(&[7; 32]);
+        push(&7u64.to_le_bytes());
+        let modules = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ];
+        for path in modules {
+            let module = path.rsplit('.').next().expect("module");
+            push(&3u64.to_le_bytes());
+            push(&(module.len() as u64).to_le_bytes());
+            push(module.as_bytes());
+            push(&2f64.to_le_bytes());
+            for half in ["A", "B"] {
+                let name = format!("base_model.model.model.layers.3.{path}.lora_{half}.weight");
+                let values: Vec<f32> = tensors[&name]
+                    .flatten_all()
+                    .expect("flat")
+                    .to_vec1()
+                    .expect("values");
+                push(&(values.len() as u64).to_le_bytes());
+                for v in values {
+                    push(&v.to_le_bytes());
+                }
+            }
+        }
+        let adapted = base.clone().with_adapter(&adapter).expect("fingerprint");
+        assert_eq!(adapted.sha256, <[u8; 32]>::from(Sha256::digest(&expected)));
+        assert_eq!((adapted.layers, adapted.model_layers), (1..4, 4));
+        let untouched = TrunkFingerprint {
+            layers: 1..3,
+            ..base
+        };
+        assert_eq!(
+            untouched.clone().with_adapter(&adapter).expect("fp"),
+            untouched
+        );
     }
 
     #[test]

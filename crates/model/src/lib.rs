@@ -7,6 +7,7 @@
 //! [`TrunkFingerprint`] hashes a trunk's weights, so that both ends of a split can check that
 //! they hold the same ones.
 
+mod adapter;
 mod attention;
 mod cache;
 mod config;
@@ -17,6 +18,7 @@ mod llama;
 mod plan;
 mod source;
 
+pub use adapter::{Adapter, Target};
 pub use cache::{KvCache, KvPrecision};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::ModelError;

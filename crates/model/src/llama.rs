@@ -20,6 +20,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::ops::rms_norm;
 use tracing::{Span, trace_span};
 
+use crate::adapter::{LayerLora, Target};
 use crate::attention::attend_row;
 use crate::kernels::Linear;
 use crate::{
@@ -47,6 +48,8 @@ pub(crate) struct Layer {
     pub(crate) w_gate: Linear,
     pub(crate) w_up: Linear,
     pub(crate) w_down: Linear,
+    /// The LoRA updates of this layer's projections (none without an adapter).
+    pub(crate) lora: LayerLora,
     pub(crate) spans: LayerSpans,
 }
 
@@ -96,19 +99,38 @@ impl Layer {
     ) -> Result<Tensor> {
         let _enter = self.spans.attention.enter();
         let y = attend(
-            &self.wq.forward(h)?,
-            &self.wk.forward(h)?,
-            &self.wv.forward(h)?,
+            &self.project(Target::Q, h)?,
+            &self.project(Target::K, h)?,
+            &self.project(Target::V, h)?,
         )?;
-        Ok(self.wo.forward(&y)?)
+        self.project(Target::O, &y)
     }
 
     /// The SwiGLU feed-forward of the normed rows `h`: `w_down(silu(w_gate(h)) * w_up(h))`.
     fn mlp(&self, h: &Tensor) -> Result<Tensor> {
         let _enter = self.spans.mlp.enter();
-        let gate = candle_nn::ops::silu(&self.w_gate.forward(h)?)?;
-        let up = self.w_up.forward(h)?;
-        Ok(self.w_down.forward(&(gate * up)?)?)
+        let gate = candle_nn::ops::silu(&self.project(Target::Gate, h)?)?;
+        let up = self.project(Target::Up, h)?;
+        self.project(Target::Down, &(gate * up)?)
+    }
+
+    /// The projection `target` of rows `x`: its weight's product, plus the adapter's update
+    /// when the layer has one for it.
+    fn project(&self, target: Target, x: &Tensor) -> Result<Tensor> {
+        let weight = match target {
+            Target::Q => &self.wq,
+            Target::K => &self.wk,
+            Target::V => &self.wv,
+            Target::O => &self.wo,
+            Target::Gate => &self.w_gate,
+            Target::Up => &self.w_up,
+            Target::Down => &self.w_down,
+        };
+        let y = weight.forward(x)?;
+        match self.lora.get(target) {
+            Some(lora) => lora.add(x, y),
+            None => Ok(y),
+        }
     }
 }
 

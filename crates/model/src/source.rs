@@ -9,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use crate::adapter::Adapter;
 use crate::kernels::Linear;
 use crate::llama::{Layer, LayerSpans, ModelPart, OutputHead};
 use crate::{KvPrecision, LlamaConfig, ModelError, PartSpec, Result};
@@ -158,6 +159,7 @@ pub struct ModelSource {
     config: LlamaConfig,
     store: Store,
     kv_precision: KvPrecision,
+    adapter: Option<Arc<Adapter>>,
 }
 
 impl std::fmt::Debug for ModelSource {
@@ -167,6 +169,7 @@ impl std::fmt::Debug for ModelSource {
             .field("format", &self.format)
             .field("config", &self.config)
             .field("kv_precision", &self.kv_precision)
+            .field("adapter", &self.adapter.as_ref().map(|a| a.dir()))
             .finish()
     }
 }
@@ -236,6 +239,7 @@ impl ModelSource {
             format: ModelFormat::Gguf,
             config,
             kv_precision: KvPrecision::default(),
+            adapter: None,
             store: Store::Gguf {
                 path: path.to_path_buf(),
                 content,
@@ -269,6 +273,7 @@ impl ModelSource {
             format: ModelFormat::HuggingFace,
             config,
             kv_precision: KvPrecision::default(),
+            adapter: None,
             store: Store::Safetensors {
                 dir: dir.to_path_buf(),
                 files,
@@ -410,7 +415,21 @@ impl ModelSource {
         self.kv_precision = precision;
     }
 
-    /// Loads one part of the model onto `device`, reading only the tensors it holds.
+    /// Reads the LoRA adapter in `dir` (PEFT's format) for this model: the parts loaded from
+    /// now on apply its updates on the layers they run.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let adapter = Adapter::open(dir, &self.config, self.format)?;
+        self.adapter = Some(Arc::new(adapter));
+        Ok(())
+    }
+
+    /// The adapter the parts loaded from now on apply, if any.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_deref()
+    }
+
+    /// Loads one part of the model onto `device`, reading only the tensors it holds (and the
+    /// adapter's updates of its layers, when an adapter is loaded).
     pub fn load_part(&self, spec: &PartSpec, device: &Device) -> Result<ModelPart> {
         let records = self.part_tensors(spec)?;
         let mut loader = Loader::new(self, device)?;
@@ -433,6 +452,11 @@ impl ModelSource {
                     w_gate: loader.linear(Weight::Gate(i))?,
                     w_up: loader.linear(Weight::Up(i))?,
                     w_down: loader.linear(Weight::Down(i))?,
+                    lora: self
+                        .adapter
+                        .as_ref()
+                        .map(|a| a.layer(i))
+                        .unwrap_or_default(),
                     spans: LayerSpans::new(i),
                 })
             })

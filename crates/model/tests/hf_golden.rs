@@ -16,7 +16,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use common::{SplitRun, argmax, bits, max_abs_diff, whole_step};
+use common::{argmax, assert_splits_exact, max_abs_diff, whole_step};
 use lsplit_model::{ModelFormat, ModelSource, PartSpec, RopeScaling, SplitPlan};
 use lsplit_tokenizer::{ChatMessage, Tokenizer};
 use serde::Deserialize;
@@ -109,22 +109,14 @@ fn check_logits(name: &str) {
     assert_eq!(greedy, golden.greedy_next_16, "{name}: greedy tokens");
 
     // Splits are bit-identical to the unsplit run, prefill and every decode step.
-    for (k1, k2) in [(0, 0), (0, 4), (4, 4), (1, 3), (2, 2), (3, 4), (0, 1)] {
-        let plan = SplitPlan::new(k1, k2, layers).expect("plan");
-        let load = |spec: PartSpec| source.load_part(&spec, &Device::Cpu).expect("load part");
-        let (head, trunk, tail) = (load(plan.head()), load(plan.trunk()), load(plan.tail()));
-        let mut run = SplitRun::new(&head, &trunk, &tail);
-        let mut split_logits = run.step(&golden.input_ids);
-        for (step, expected) in steps.iter().enumerate() {
-            assert!(
-                bits(&split_logits) == bits(expected),
-                "{name}: split {plan} differs from the unsplit model at step {step}"
-            );
-            if step < greedy.len() {
-                split_logits = run.step(&[greedy[step]]);
-            }
-        }
-    }
+    assert_splits_exact(
+        &source,
+        &[(0, 0), (0, 4), (4, 4), (1, 3), (2, 2), (3, 4), (0, 1)],
+        &golden.input_ids,
+        &greedy,
+        &steps,
+        name,
+    );
 }
 
 #[test]

@@ -51,7 +51,8 @@ impl DeviceModel {
 
     /// Loads a head and a tail holding every layer `policy` may give them (the deepest K1,
     /// from the shallowest K2); the trunk is supplied per session. A fixed split is
-    /// [`SplitPolicy::fixed`].
+    /// [`SplitPolicy::fixed`]. The source's adapter, if any, must update no layer that any
+    /// draw of `policy` gives the trunk: a device adapter stays on the device.
     pub fn split(
         source: &ModelSource,
         policy: SplitPolicy,
@@ -64,6 +65,9 @@ impl DeviceModel {
             return Err(SplitError::Layout(
                 "the policy is for a model with another number of layers",
             ));
+        }
+        if let Some(adapter) = source.adapter() {
+            adapter.check_off_trunk(policy.trunk_layers())?;
         }
         let head = source.load_part(
             &PartSpec {

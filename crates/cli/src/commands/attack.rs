@@ -1,6 +1,10 @@
 //! `lsplit attack`: what an eavesdropper who strips TLS, or the cloud operator, reads from a
 //! wire capture with the public weights alone; `--table` measures it over a grid of splits
 //! (the table of PRIVACY.md).
+//!
+//! With `--adapter DIR`, `--table`'s sessions run with that device adapter while the attacker
+//! still holds only the public weights (what a private adapter is worth); attacking one
+//! `--capture`, the attacker is given the adapter (what a leaked one exposes).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -202,7 +206,9 @@ fn table(
         }
     }
     let settings = Setting::grid(&k1s, policies, layers, args.budget.unwrap_or(usize::MAX))?;
-    let attacker = build_attacker(source, &tokenizer, table::deepest(&settings))?;
+    let mut public = ModelSource::open(path)?;
+    public.set_kv_precision(args.model.kv_cache);
+    let attacker = build_attacker(&public, &tokenizer, table::deepest(&settings))?;
     let progress = ProgressBar::new((settings.len() * prompts.len()) as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
             .context("progress bar template")?,

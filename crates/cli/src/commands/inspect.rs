@@ -44,9 +44,15 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         }
         Some(plan) => {
             println!("split: {plan}");
+            if let Some(adapter) = source.adapter() {
+                adapter.check_off_trunk(plan.k1..plan.k2)?;
+            }
             vec![plan.head(), plan.trunk(), plan.tail()]
         }
     };
+    if let Some(adapter) = source.adapter() {
+        println!("adapter: {}", adapter.describe());
+    }
     println!(
         "{:<6} {:<10} {:>8} {:>14} {:>14}  where",
         "part", "layers", "tensors", "parameters", "bytes"
@@ -67,6 +73,15 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             params,
             bytes
         );
+        if let Some(adapter) = source.adapter() {
+            match adapter.layers_in(spec.layers.clone()) {
+                layers if layers.is_empty() => println!("       adapter: none"),
+                layers => println!(
+                    "       adapter: {} on layers {layers:?}",
+                    adapter.dir().display()
+                ),
+            }
+        }
         if args.tensors {
             for t in &tensors {
                 println!(

@@ -96,6 +96,11 @@ pub struct ServeArgs {
     /// 32: 0.28x f32's memory) [default: f32]
     #[arg(long, value_name = "PRECISION")]
     pub kv_cache: Option<KvPrecision>,
+    /// A public LoRA adapter in PEFT's format for the trunk's own layers (it may update no
+    /// other); the fingerprint devices check then covers it, so only devices that hold the
+    /// same adapter's trunk share connect
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// MiB all sessions' KV caches may hold together
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mib: u64,
@@ -286,8 +291,30 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         (PolicyKind::Fixed, Some(text), ..) => SplitPlan::parse(text, layers)?,
         (PolicyKind::Fixed, None, ..) => SplitPlan::symmetric(DEFAULT_LOCAL_LAYERS, layers)?,
     };
+    let mut fingerprint = TrunkFingerprint::compute(&source, plan.k1..plan.k2)?;
+    if let Some(dir) = &args.adapter {
+        source.load_adapter(dir)?;
+        let adapter = source.adapter().context("the adapter just loaded")?;
+        let outside: Vec<usize> = adapter
+            .layers()
+            .into_iter()
+            .filter(|l| !(plan.k1..plan.k2).contains(l))
+            .collect();
+        anyhow::ensure!(
+            outside.is_empty(),
+            "{}: the adapter updates layers {outside:?}, outside the trunk's layers {}..{}: \
+             a server adapts its own layers only",
+            dir.display(),
+            plan.k1,
+            plan.k2
+        );
+        fingerprint = fingerprint.with_adapter(adapter)?;
+    }
+    let adapted = source
+        .adapter()
+        .map(|a| format!(" with adapter {} on layers {:?}", a.describe(), a.layers()))
+        .unwrap_or_default();
     let part = source.load_part(&plan.trunk(), &candle_core::Device::Cpu)?;
-    let fingerprint = TrunkFingerprint::compute(&source, plan.k1..plan.k2)?;
     let options = ServerOptions {
         limits: Limits {
             max_sessions: args.max_sessions,
@@ -306,7 +333,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     serve_until_signal(
         &args,
         stats,
-        |addr| format!("lsplit serve: trunk {fingerprint} on {scheme}://{addr}"),
+        |addr| format!("lsplit serve: trunk {fingerprint}{adapted} on {scheme}://{addr}"),
         |listener, shutdown, drain| server.serve_draining(listener, shutdown, drain),
     )
 }
@@ -319,6 +346,7 @@ fn run_diffusion(args: ServeArgs, path: &Path) -> anyhow::Result<()> {
         ("--split-policy", args.split_policy != PolicyKind::Fixed),
         ("--max-context", args.max_context.is_some()),
         ("--kv-cache", args.kv_cache.is_some()),
+        ("--adapter", args.adapter.is_some()),
     ];
     for (flag, given) in language_only {
         anyhow::ensure!(

@@ -1,6 +1,8 @@
 //! Running the `lsplit` binary from the integration tests.
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
 
 /// Runs `lsplit` with `args`, logging only warnings.
 pub fn lsplit(args: &[&str]) -> Output {
@@ -27,4 +29,19 @@ pub fn model() -> String {
         .expect("default model")
         .display()
         .to_string()
+}
+
+/// The first line a spawned `lsplit serve` prints on its piped stdout: the banner that names
+/// its trunk and address, waited for up to a minute. (Only the files that start servers use it.)
+#[allow(dead_code)]
+pub fn banner(child: &mut Child) -> String {
+    let stdout = child.stdout.take().expect("a piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("lsplit serve announces its address")
 }

@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use lsplit_model::{KvCache, ModelPart, ModelSource, PartSpec};
+use lsplit_model::{KvCache, ModelPart, ModelSource, PartSpec, SplitPlan};
 
 /// Shape of the synthetic models: big enough for K-quants' 256-value blocks, small enough to
 /// quantize and run in milliseconds.
@@ -272,6 +272,36 @@ fn decode(
         }
     }
     (tokens, logits)
+}
+
+/// Runs `source` split at each `(k1, k2)` of `splits` over `prompt`, then over `tokens` one at
+/// a time, and asserts that every step's logits equal `expected`'s (the unsplit run's, prefill
+/// first) bit for bit.
+pub fn assert_splits_exact(
+    source: &ModelSource,
+    splits: &[(usize, usize)],
+    prompt: &[u32],
+    tokens: &[u32],
+    expected: &[Vec<f32>],
+    label: &str,
+) {
+    let layers = source.config().num_layers;
+    for &(k1, k2) in splits {
+        let plan = SplitPlan::new(k1, k2, layers).expect("plan");
+        let load = |spec: PartSpec| source.load_part(&spec, &Device::Cpu).expect("load part");
+        let (head, trunk, tail) = (load(plan.head()), load(plan.trunk()), load(plan.tail()));
+        let mut run = SplitRun::new(&head, &trunk, &tail);
+        let mut split_logits = run.step(prompt);
+        for (step, expected) in expected.iter().enumerate() {
+            assert!(
+                bits(&split_logits) == bits(expected),
+                "{label}: split {plan} differs from the unsplit model at step {step}"
+            );
+            if step < tokens.len() {
+                split_logits = run.step(&[tokens[step]]);
+            }
+        }
+    }
 }
 
 /// A split run as three parts, each with its own cache, passing hidden rows as f32 tensors.
