@@ -207,6 +207,7 @@ impl DeviceArgs {
             tokenizer,
             split,
             cloud,
+            trunk_adapter: self.trunk.trunk_adapter.clone(),
             policy: choice,
             obfuscation: self.policy.obfuscate,
             codec: self.trunk.codec,
@@ -223,6 +224,10 @@ pub struct TrunkArgs {
     /// Run the trunk on this server (https://HOST:PORT); the split points come from it
     #[arg(long, value_name = "URL", conflicts_with_all = ["split", "local_layers", "no_split"])]
     pub cloud: Option<String>,
+    /// The public LoRA adapter the server of --cloud applies to its layers (its `serve
+    /// --adapter`): checked in the server's fingerprint, never applied on the device
+    #[arg(long, value_name = "DIR", requires = "cloud")]
+    pub trunk_adapter: Option<PathBuf>,
     #[command(flatten)]
     pub auth: CloudAuthArgs,
 }

@@ -373,4 +373,13 @@ fn the_server_never_sees_a_device_adapter_and_announces_its_own() {
         "{}",
         stderr(&out)
     );
+
+    // A device that names the server's public adapter checks it in the fingerprint (and never
+    // applies it itself): it is served, and the text is the adapted model's.
+    let mut args = args;
+    args.extend(["--trunk-adapter", &adapter]);
+    assert_eq!(
+        ok_text(&args),
+        ok_text(&["--no-split", "--adapter", &adapter])
+    );
 }

@@ -16,6 +16,7 @@
 //!     tokenizer,
 //!     split: Some(lsplit_model::SplitPlan::symmetric(2, 30)?),
 //!     cloud: None,
+//!     trunk_adapter: None,
 //!     policy: PolicyChoice::Fixed,
 //!     obfuscation: lsplit_split::Obfuscation::None,
 //!     codec: lsplit_wire::Codec::F32,
@@ -67,6 +68,9 @@ pub struct DeviceOptions {
     pub split: Option<SplitPlan>,
     /// The trunk server to run the trunk on, instead of in this process.
     pub cloud: Option<RemoteOptions>,
+    /// The public LoRA adapter the trunk server applies to its own layers (`lsplit serve
+    /// --adapter`): the device holds it only to check the server's fingerprint, never applies it.
+    pub trunk_adapter: Option<PathBuf>,
     /// How each step's split points are chosen.
     pub policy: PolicyChoice,
     /// How rows are disguised on the wire.
@@ -114,6 +118,7 @@ impl Device {
             tokenizer,
             split,
             cloud,
+            trunk_adapter,
             policy,
             obfuscation,
             codec,
@@ -123,7 +128,16 @@ impl Device {
         let cloud = match cloud {
             Some(mut remote) => {
                 remote.codecs = vec![codec];
-                Some(TrunkSource::connect(remote, &source)?)
+                Some(TrunkSource::connect(
+                    remote,
+                    &source,
+                    trunk_adapter.as_deref(),
+                )?)
+            }
+            None if trunk_adapter.is_some() => {
+                return Err(DeviceError::Config(
+                    "--trunk-adapter names a trunk server's adapter: it needs --cloud".into(),
+                ));
             }
             None => None,
         };

@@ -1,8 +1,9 @@
 //! Where a language model's trunk sessions are opened: in this process, or on a trunk server.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use lsplit_model::{ModelPart, ModelSource, SplitPlan, TrunkFingerprint};
+use lsplit_model::{Adapter, ModelPart, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_split::{LocalTrunk, SessionKeys, Trunk, TrunkError};
 
@@ -53,10 +54,12 @@ pub struct Cloud {
 
 impl TrunkSource {
     /// Connects to the trunk server, learns its split and checks its fingerprint against this
-    /// device's copy of the model.
+    /// device's copy of the model, with the public `adapter` the server applies to its layers
+    /// when it has one.
     pub(crate) fn connect(
         options: RemoteOptions,
         source: &ModelSource,
+        adapter: Option<&Path>,
     ) -> Result<(Self, SplitPlan), DeviceError> {
         let remote = RemoteTrunk::connect(options.clone())?;
         let server = &remote.info().fingerprint;
@@ -71,7 +74,11 @@ impl TrunkSource {
                 e,
             )
         })?;
-        let fingerprint = TrunkFingerprint::compute(source, server.layers.clone())?;
+        let mut fingerprint = TrunkFingerprint::compute(source, server.layers.clone())?;
+        if let Some(dir) = adapter {
+            let adapter = Adapter::open(dir, source.config(), source.format())?;
+            fingerprint = fingerprint.with_adapter(&adapter)?;
+        }
         remote.verify(&fingerprint)?;
         let cloud = Cloud {
             options,

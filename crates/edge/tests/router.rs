@@ -47,6 +47,7 @@ fn config(api_key: Option<&str>, aliases: &[&str]) -> EdgeConfig {
         source,
         tokenizer,
         cloud: None,
+        trunk_adapter: None,
         policy: PolicyChoice::Random {
             k1: "1,2,3".into(),
             k2: "27,28,29".into(),
