@@ -1,0 +1,424 @@
+//! A pool of `lsplit serve` processes behind the real HAProxy, run with
+//! `deploy/haproxy/trunk-pool.cfg` as it is: sessions spread over the backends, a backend
+//! killed mid-generation leaves every device's text unchanged, and a rolling restart under
+//! load (`--drain-secs`: health says NOT_SERVING, HAProxy's check takes the backend out, live
+//! sessions finish) loses no generation.
+
+mod served;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::ops::Range;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use lsplit_remote::RemoteOptions;
+use lsplit_split::{
+    DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, StepRows, Trunk, TrunkError,
+};
+use lsplit_testkit::llm::{device_model, local_trunk, remote};
+use lsplit_testkit::wait_until;
+use lsplit_wire::Codec;
+use served::{Pki, Server, file, model, run};
+
+/// The split every backend serves.
+const SPLIT: &str = "2:28";
+/// Seconds a backend drains (health NOT_SERVING, still accepting) before it stops accepting:
+/// several times what HAProxy's checks (every 250 ms, down after 2 failures) take to see it.
+const DRAIN_SECS: &str = "3";
+/// Tokens each generation makes.
+const MAX_TOKENS: usize = 32;
+/// The prompts the devices generate from (raw text, no chat template), one per device.
+const PROMPTS: [&str; 4] = [
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+];
+
+/// Fails the test, with what to install, when HAProxy is not on PATH: CI installs it
+/// (scripts/test.sh), so its absence is an error, not a skip.
+fn haproxy() -> Command {
+    match Command::new("haproxy").arg("-v").output() {
+        Ok(out) if out.status.success() => Command::new("haproxy"),
+        Ok(out) => panic!(
+            "`haproxy -v` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!(
+            "the pool tests run the real HAProxy, and `haproxy` could not be run ({e}): \
+             install Debian's package (`apt-get install haproxy`; scripts/test.sh does)"
+        ),
+    }
+}
+
+/// The repository's HAProxy configuration for a trunk pool.
+fn config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/haproxy/trunk-pool.cfg")
+}
+
+/// Two `lsplit serve` backends (draining on SIGTERM, with metrics) behind HAProxy.
+struct Pool {
+    pki: Pki,
+    backends: Vec<Server>,
+    haproxy: Child,
+    port: u16,
+}
+
+impl Pool {
+    fn start() -> Self {
+        let haproxy_command = haproxy();
+        let pki = Pki::new();
+        let backends: Vec<Server> = (0..2).map(|_| backend(&pki.dir(), 0)).collect();
+        let port = free_port();
+        let dir = pki.dir();
+        let log = std::fs::File::create(dir.join("haproxy.log")).expect("haproxy log");
+        let mut command = haproxy_command;
+        command
+            .arg("-db")
+            .arg("-f")
+            .arg(config())
+            .env("LSPLIT_POOL_BIND", format!("127.0.0.1:{port}"))
+            .env("LSPLIT_POOL_ADMIN", dir.join("admin.sock"))
+            .env("LSPLIT_TRUNK_NAME", "localhost")
+            .env("LSPLIT_TRUNK_CA", file(&dir, "ca.pem"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (i, backend) in backends.iter().enumerate() {
+            command.env(
+                format!("LSPLIT_TRUNK{}", i + 1),
+                format!("127.0.0.1:{}", backend.port),
+            );
+        }
+        let haproxy = command.spawn().expect("spawn haproxy");
+        let mut pool = Self {
+            pki,
+            backends,
+            haproxy,
+            port,
+        };
+        for i in 0..pool.backends.len() {
+            pool.wait_for(i, "UP");
+        }
+        pool
+    }
+
+    /// What devices dial: the balancer, under the name the backends' certificates hold.
+    fn options(&self) -> RemoteOptions {
+        let mut options =
+            RemoteOptions::new(format!("https://localhost:{}", self.port), Codec::F32);
+        options.ca_pem = Some(std::fs::read(file(&self.pki.dir(), "ca.pem")).expect("ca.pem"));
+        options.token = Some("tr0mb0ne".into());
+        options.retry_for = Duration::from_secs(60);
+        options
+    }
+
+    /// HAProxy's status of backend `i` (`UP`, `DOWN`, `UP 1/2`, ...) from its runtime API, or
+    /// `None` while that API is not up yet.
+    fn status(&self, i: usize) -> Option<String> {
+        let mut socket = UnixStream::connect(self.pki.dir().join("admin.sock")).ok()?;
+        socket.write_all(b"show stat\n").expect("ask");
+        let mut csv = String::new();
+        socket.read_to_string(&mut csv).expect("read stats");
+        let mut lines = csv.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .expect("a header")
+            .trim_start_matches("# ")
+            .split(',')
+            .collect();
+        let column = |name: &str| header.iter().position(|h| *h == name).expect(name);
+        let (proxy, server, status) = (column("pxname"), column("svname"), column("status"));
+        let name = format!("trunk{}", i + 1);
+        let status = lines
+            .map(|line| line.split(',').collect::<Vec<_>>())
+            .find(|fields| fields[proxy] == "trunks" && fields[server] == name)
+            .map(|fields| fields[status].to_string())
+            .unwrap_or_else(|| panic!("no {name} in HAProxy's stats: {csv}"));
+        Some(status)
+    }
+
+    /// Waits until HAProxy's checks report backend `i` as `status`.
+    fn wait_for(&mut self, i: usize, status: &str) {
+        for _ in 0..1500 {
+            if let Some(exit) = self.haproxy.try_wait().expect("wait") {
+                panic!("haproxy exited with {exit}: {}", self.log());
+            }
+            if self.status(i).as_deref() == Some(status) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "backend {} never became {status} (it is {:?}); HAProxy's log:\n{}",
+            i + 1,
+            self.status(i),
+            self.log()
+        );
+    }
+
+    /// What HAProxy has logged.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.pki.dir().join("haproxy.log")).unwrap_or_default()
+    }
+
+    /// Sessions opened on each backend since it (last) started.
+    fn sessions_total(&self) -> Vec<u64> {
+        self.backends
+            .iter()
+            .map(|b| metric(b, "lsplit_sessions_total"))
+            .collect()
+    }
+
+    /// The backend holding the one open session.
+    fn holder(&self) -> usize {
+        let open: Vec<u64> = self
+            .backends
+            .iter()
+            .map(|b| metric(b, "lsplit_sessions_open"))
+            .collect();
+        assert_eq!(open.iter().sum::<u64>(), 1, "open sessions: {open:?}");
+        open.iter().position(|n| *n == 1).expect("a holder")
+    }
+
+    /// Kills backend `i` (SIGKILL: its sessions' state is lost) and starts it again on its port.
+    fn kill_and_restart(&mut self, i: usize) {
+        let old = &mut self.backends[i].child;
+        old.kill().expect("kill");
+        old.wait().expect("wait");
+        self.backends[i] = backend(&self.pki.dir(), self.backends[i].port);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = self.haproxy.kill();
+        let _ = self.haproxy.wait();
+    }
+}
+
+/// A backend on `port` (0: a free one) that drains for [`DRAIN_SECS`] on SIGTERM.
+fn backend(pki: &Path, port: u16) -> Server {
+    Server::start_with(
+        pki,
+        SPLIT,
+        port,
+        &["--drain-secs", DRAIN_SECS, "--metrics", "127.0.0.1:0"],
+    )
+}
+
+/// A port free on loopback now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The value of the unlabelled metric `name` on `backend`'s `/metrics`.
+fn metric(backend: &Server, name: &str) -> u64 {
+    let addr: SocketAddr = backend.metrics.expect("started with --metrics");
+    let mut stream = TcpStream::connect(addr).expect("the metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {response}"))
+}
+
+/// A device's generation: tokens and text.
+type Generated = (Vec<u32>, String);
+
+/// Generates greedily from `prompt` (raw) in a session with fresh keys, on the trunk `trunk`
+/// opens under them.
+fn generate(
+    model: &DeviceModel,
+    prompt: &str,
+    trunk: impl FnOnce(&SessionKeys) -> Box<dyn Trunk>,
+) -> Generated {
+    let keys = model.new_keys(Obfuscation::None).expect("keys");
+    let prompt = model.prompt_tokens(prompt, true).expect("prompt");
+    let options = GenerateOptions {
+        max_tokens: MAX_TOKENS,
+        ..GenerateOptions::default()
+    };
+    let generated = model
+        .session(trunk(&keys), &keys)
+        .expect("session")
+        .generate(&prompt, &options, &mut |_| {})
+        .expect("the generation completes");
+    (generated.tokens, generated.text)
+}
+
+/// A session through the pool, keyed with `keys`.
+fn through(path: &Path, options: &RemoteOptions, keys: &SessionKeys) -> Box<dyn Trunk> {
+    let trunk = remote(path, options.clone()).expect("connect through HAProxy");
+    Box::new(trunk.with_keys(keys.clone()))
+}
+
+/// The in-process reference of each prompt in [`PROMPTS`].
+fn references(path: &Path, model: &DeviceModel) -> Vec<Generated> {
+    let part = local_trunk(path, model);
+    PROMPTS
+        .iter()
+        .map(|prompt| {
+            generate(model, prompt, |keys| {
+                Box::new(LocalTrunk::new(part.clone(), keys).expect("trunk"))
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn sessions_spread_over_the_backends_and_every_text_is_the_in_process_one() {
+    let pool = Pool::start();
+    let path = model();
+    let device = device_model(&path, 2, 28, Codec::F32);
+    let expected = references(&path, &device);
+    assert!(
+        expected.iter().all(|(tokens, _)| tokens.len() > 8),
+        "{expected:?}"
+    );
+    let options = pool.options();
+    // Every device connects before any generates, so HAProxy places four connections at once.
+    let barrier = Barrier::new(PROMPTS.len());
+    let got: Vec<Generated> = std::thread::scope(|scope| {
+        let devices: Vec<_> = PROMPTS
+            .iter()
+            .map(|prompt| {
+                let (path, options, device, barrier) = (&path, &options, &device, &barrier);
+                scope.spawn(move || {
+                    let trunk = remote(path, options.clone()).expect("connect through HAProxy");
+                    barrier.wait();
+                    generate(device, prompt, |keys| {
+                        Box::new(trunk.with_keys(keys.clone()))
+                    })
+                })
+            })
+            .collect();
+        devices
+            .into_iter()
+            .map(|d| d.join().expect("device"))
+            .collect()
+    });
+    assert_eq!(got, expected);
+    // leastconn: the four sessions, open at once, split two and two.
+    assert_eq!(pool.sessions_total(), vec![2, 2]);
+}
+
+/// A trunk through the pool whose backend (whichever holds the session) is killed before the
+/// steps in `kill_at`, and started again on its port, empty.
+struct KillsItsBackend {
+    inner: Box<dyn Trunk>,
+    pool: Arc<Mutex<Pool>>,
+    steps: usize,
+    kill_at: &'static [usize],
+    killed: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Trunk for KillsItsBackend {
+    fn layers(&self) -> Range<usize> {
+        self.inner.layers()
+    }
+
+    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
+        if self.kill_at.contains(&self.steps) {
+            let mut pool = self.pool.lock().expect("pool");
+            let holder = pool.holder();
+            pool.kill_and_restart(holder);
+            self.killed.lock().expect("killed").push(holder);
+        }
+        self.steps += 1;
+        self.inner.step(message)
+    }
+}
+
+#[test]
+fn a_backend_killed_mid_generation_leaves_the_text_unchanged() {
+    let pool = Arc::new(Mutex::new(Pool::start()));
+    let path = model();
+    let device = device_model(&path, 2, 28, Codec::F32);
+    let expected = references(&path, &device);
+    let options = pool.lock().expect("pool").options();
+    let killed = Arc::new(Mutex::new(Vec::new()));
+    for (prompt, expected) in PROMPTS.iter().zip(&expected).take(2) {
+        let got = generate(&device, prompt, |keys| {
+            Box::new(KillsItsBackend {
+                inner: through(&path, &options, keys),
+                pool: pool.clone(),
+                steps: 0,
+                kill_at: &[3, 12],
+                killed: killed.clone(),
+            })
+        });
+        assert_eq!(&got, expected);
+    }
+    // Two generations, the backend holding each killed twice.
+    assert_eq!(killed.lock().expect("killed").len(), 4);
+}
+
+#[test]
+fn a_rolling_restart_under_load_loses_no_generation_and_changes_no_text() {
+    let mut pool = Pool::start();
+    let path = model();
+    let device = device_model(&path, 2, 28, Codec::F32);
+    let expected = references(&path, &device);
+    let options = pool.options();
+    let finished = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let devices: Vec<_> = PROMPTS
+            .iter()
+            .zip(&expected)
+            .map(|(prompt, expected)| {
+                let (path, options, device) = (&path, &options, &device);
+                let (finished, stop) = (&finished, &stop);
+                scope.spawn(move || {
+                    // Bounded: at most 60 generations per device.
+                    for _ in 0..60 {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let got = generate(device, prompt, |keys| through(path, options, keys));
+                        assert_eq!(&got, expected, "a generation through the pool changed");
+                        finished.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+
+        wait_until(|| finished.load(Ordering::SeqCst) >= PROMPTS.len());
+        let before = finished.load(Ordering::SeqCst);
+        for i in 0..pool.backends.len() {
+            let pid = pool.backends[i].child.id().to_string();
+            run(Command::new("kill").args(["-TERM", &pid]));
+            // HAProxy takes the backend out on its health alone: it still runs and accepts.
+            pool.wait_for(i, "DOWN");
+            assert!(
+                pool.backends[i].child.try_wait().expect("wait").is_none(),
+                "backend {} exited before HAProxy's health check took it out",
+                i + 1
+            );
+            let status = pool.backends[i].child.wait().expect("wait");
+            assert!(status.success(), "backend {} exited with {status}", i + 1);
+            pool.backends[i] = backend(&pool.pki.dir(), pool.backends[i].port);
+            pool.wait_for(i, "UP");
+        }
+        stop.store(true, Ordering::SeqCst);
+        for device in devices {
+            device.join().expect("a device lost a generation");
+        }
+        assert!(
+            finished.load(Ordering::SeqCst) > before,
+            "no generation finished during the restart"
+        );
+    });
+}
