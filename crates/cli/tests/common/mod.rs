@@ -1,5 +1,9 @@
-//! Running the `lsplit` binary from the integration tests.
+//! Running the `lsplit` binary from the integration tests, and the test venv's Python.
 
+// Each test file that includes this module uses a part of it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 /// Runs `lsplit` with `args`, logging only warnings.
@@ -27,4 +31,23 @@ pub fn model() -> String {
         .expect("default model")
         .display()
         .to_string()
+}
+
+/// The Python interpreter of the test venv: the `edge` tests' clients and the `deploy` tests'
+/// validators.
+pub fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("LSPLIT_TEST_PYTHON") {
+        return python.into();
+    }
+    let python = lsplit_fetch::cache_dir()
+        .expect("cache dir")
+        .join("edge-test-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test.sh, which creates it (or python3 -m venv DIR && \
+         DIR/bin/pip install -r crates/cli/tests/edge/requirements.txt -r \
+         crates/cli/tests/deploy/requirements.txt), or set LSPLIT_TEST_PYTHON",
+        python.display()
+    );
+    python
 }
