@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::python;
+use lsplit_testkit::process::announced;
 use serde_json::Value;
-use served::{Pki, file, lines, model, run};
+use served::{Pki, file, model, run};
 
 /// A file of `deploy/`.
 fn deploy(path: &str) -> PathBuf {
@@ -73,14 +74,8 @@ fn serves_and_reports_health(serve: &[String], health: &[String]) {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn the file's lsplit serve");
-    let banner = lines(server.stdout.take().expect("stdout"))
-        .recv_timeout(std::time::Duration::from_secs(60))
-        .expect("lsplit serve announces its address");
-    let port: u16 = banner
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no port in `{banner}`"));
+    let announced = announced(&mut server, false);
+    let (banner, port) = (announced.banner, announced.port);
     assert!(
         banner.starts_with("lsplit serve: trunk layers 2..28 of 30"),
         "{banner}"

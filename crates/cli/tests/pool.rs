@@ -9,9 +9,8 @@ mod served;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::ops::Range;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
@@ -21,7 +20,7 @@ use lsplit_split::{
     DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, StepRows, Trunk, TrunkError,
 };
 use lsplit_testkit::llm::{device_model, local_trunk, remote};
-use lsplit_testkit::wait_until;
+use lsplit_testkit::{Haproxy, wait_until};
 use lsplit_wire::Codec;
 use served::{Pki, Server, file, model, run};
 
@@ -40,136 +39,40 @@ const PROMPTS: [&str; 4] = [
     "Once upon a time, in a small village,",
 ];
 
-/// HAProxy, from PATH or where Debian's package puts it (/usr/sbin, outside a user's PATH).
-/// Fails the test, saying what to install, when there is none: CI installs it
-/// (scripts/test.sh), so its absence is an error, not a skip.
-fn haproxy() -> Command {
-    let mut tried = Vec::new();
-    for program in ["haproxy", "/usr/sbin/haproxy"] {
-        match Command::new(program).arg("-v").output() {
-            Ok(out) if out.status.success() => return Command::new(program),
-            Ok(out) => tried.push(format!(
-                "`{program} -v` failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )),
-            Err(e) => tried.push(format!("{program}: {e}")),
-        }
-    }
-    panic!(
-        "the pool tests run the real HAProxy, and none could be run ({}): install Debian's \
-         package (`apt-get install haproxy`; scripts/test.sh does)",
-        tried.join("; ")
-    )
-}
-
-/// The repository's HAProxy configuration for a trunk pool.
-fn config() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/haproxy/trunk-pool.cfg")
-}
-
 /// Two `lsplit serve` backends (draining on SIGTERM, with metrics) behind HAProxy.
 struct Pool {
     pki: Pki,
     backends: Vec<Server>,
-    haproxy: Child,
-    port: u16,
+    haproxy: Haproxy,
 }
 
 impl Pool {
     fn start() -> Self {
-        let haproxy_command = haproxy();
         let pki = Pki::new();
         let backends: Vec<Server> = (0..2).map(|_| backend(&pki.dir(), 0)).collect();
-        let port = free_port();
         let dir = pki.dir();
-        let log = std::fs::File::create(dir.join("haproxy.log")).expect("haproxy log");
-        let mut command = haproxy_command;
-        command
-            .arg("-db")
-            .arg("-f")
-            .arg(config())
-            .env("LSPLIT_POOL_BIND", format!("127.0.0.1:{port}"))
-            .env("LSPLIT_POOL_ADMIN", dir.join("admin.sock"))
-            .env("LSPLIT_TRUNK_NAME", "localhost")
-            .env("LSPLIT_TRUNK_CA", file(&dir, "ca.pem"))
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        for (i, backend) in backends.iter().enumerate() {
-            command.env(
-                format!("LSPLIT_TRUNK{}", i + 1),
-                format!("127.0.0.1:{}", backend.port),
-            );
-        }
-        let haproxy = command.spawn().expect("spawn haproxy");
-        let mut pool = Self {
+        let haproxy = Haproxy::start(
+            [backends[0].port, backends[1].port],
+            &file(&dir, "ca.pem"),
+            &dir,
+        );
+        Self {
             pki,
             backends,
             haproxy,
-            port,
-        };
-        for i in 0..pool.backends.len() {
-            pool.wait_for(i, "UP");
         }
-        pool
     }
 
     /// What devices dial: the balancer, under the name the backends' certificates hold.
     fn options(&self) -> RemoteOptions {
-        let mut options =
-            RemoteOptions::new(format!("https://localhost:{}", self.port), Codec::F32);
+        let mut options = RemoteOptions::new(
+            format!("https://localhost:{}", self.haproxy.port),
+            Codec::F32,
+        );
         options.ca_pem = Some(std::fs::read(file(&self.pki.dir(), "ca.pem")).expect("ca.pem"));
         options.token = Some("tr0mb0ne".into());
         options.retry_for = Duration::from_secs(60);
         options
-    }
-
-    /// HAProxy's status of backend `i` (`UP`, `DOWN`, `UP 1/2`, ...) from its runtime API, or
-    /// `None` while that API is not up yet.
-    fn status(&self, i: usize) -> Option<String> {
-        let mut socket = UnixStream::connect(self.pki.dir().join("admin.sock")).ok()?;
-        socket.write_all(b"show stat\n").expect("ask");
-        let mut csv = String::new();
-        socket.read_to_string(&mut csv).expect("read stats");
-        let mut lines = csv.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .expect("a header")
-            .trim_start_matches("# ")
-            .split(',')
-            .collect();
-        let column = |name: &str| header.iter().position(|h| *h == name).expect(name);
-        let (proxy, server, status) = (column("pxname"), column("svname"), column("status"));
-        let name = format!("trunk{}", i + 1);
-        let status = lines
-            .map(|line| line.split(',').collect::<Vec<_>>())
-            .find(|fields| fields[proxy] == "trunks" && fields[server] == name)
-            .map(|fields| fields[status].to_string())
-            .unwrap_or_else(|| panic!("no {name} in HAProxy's stats: {csv}"));
-        Some(status)
-    }
-
-    /// Waits until HAProxy's checks report backend `i` as `status`.
-    fn wait_for(&mut self, i: usize, status: &str) {
-        for _ in 0..1500 {
-            if let Some(exit) = self.haproxy.try_wait().expect("wait") {
-                panic!("haproxy exited with {exit}: {}", self.log());
-            }
-            if self.status(i).as_deref() == Some(status) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "backend {} never became {status} (it is {:?}); HAProxy's log:\n{}",
-            i + 1,
-            self.status(i),
-            self.log()
-        );
-    }
-
-    /// What HAProxy has logged.
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.pki.dir().join("haproxy.log")).unwrap_or_default()
     }
 
     /// Sessions opened on each backend since it (last) started.
@@ -200,13 +103,6 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
-    fn drop(&mut self) {
-        let _ = self.haproxy.kill();
-        let _ = self.haproxy.wait();
-    }
-}
-
 /// A backend on `port` (0: a free one) that drains for [`DRAIN_SECS`] on SIGTERM.
 fn backend(pki: &Path, port: u16) -> Server {
     Server::start_with(
@@ -215,14 +111,6 @@ fn backend(pki: &Path, port: u16) -> Server {
         port,
         &["--drain-secs", DRAIN_SECS, "--metrics", "127.0.0.1:0"],
     )
-}
-
-/// A port free on loopback now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// The value of the unlabelled metric `name` on `backend`'s `/metrics`.
@@ -407,7 +295,7 @@ fn a_rolling_restart_under_load_loses_no_generation_and_changes_no_text() {
             let pid = pool.backends[i].child.id().to_string();
             run(Command::new("kill").args(["-TERM", &pid]));
             // HAProxy takes the backend out on its health alone: it still runs and accepts.
-            pool.wait_for(i, "DOWN");
+            pool.haproxy.wait_for(i, "DOWN");
             assert!(
                 pool.backends[i].child.try_wait().expect("wait").is_none(),
                 "backend {} exited before HAProxy's health check took it out",
@@ -416,7 +304,7 @@ fn a_rolling_restart_under_load_loses_no_generation_and_changes_no_text() {
             let status = pool.backends[i].child.wait().expect("wait");
             assert!(status.success(), "backend {} exited with {status}", i + 1);
             pool.backends[i] = backend(&pool.pki.dir(), pool.backends[i].port);
-            pool.wait_for(i, "UP");
+            pool.haproxy.wait_for(i, "UP");
         }
         stop.store(true, Ordering::SeqCst);
         for device in devices {

@@ -432,7 +432,7 @@ fn drain_reports_not_serving_while_still_accepting_and_rust_log_is_honoured_in_j
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn lsplit serve");
-    let lines = served::lines(child.stderr.take().expect("stderr"));
+    let lines = lsplit_testkit::process::lines(child.stderr.take().expect("stderr"));
     let mut banner = String::new();
     BufReader::new(child.stdout.take().expect("stdout"))
         .read_line(&mut banner)

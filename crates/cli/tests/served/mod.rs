@@ -5,12 +5,11 @@
 #![allow(dead_code)]
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::Receiver;
-use std::time::Duration;
+
+use lsplit_testkit::process::announced;
 
 /// `lsplit`, logging only warnings.
 pub fn lsplit() -> Command {
@@ -103,30 +102,16 @@ impl Server {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn lsplit serve");
-        let lines = lines(child.stdout.take().expect("stdout"));
-        let line = lines
-            .recv_timeout(Duration::from_secs(60))
-            .expect("lsplit serve announces its address");
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in `{line}`"));
-        assert!(line.starts_with(&format!(
-            "lsplit serve: trunk layers {}",
-            split.replace(':', "..")
-        )));
-        let metrics = options.iter().any(|o| o == "--metrics").then(|| {
-            let line = lines
-                .recv_timeout(Duration::from_secs(60))
-                .expect("lsplit serve announces its metrics address");
-            line.trim()
-                .strip_prefix("metrics on http://")
-                .and_then(|rest| rest.strip_suffix("/metrics"))
-                .and_then(|addr| addr.parse().ok())
-                .unwrap_or_else(|| panic!("no metrics address in `{line}`"))
-        });
+        let announced = announced(&mut child, options.iter().any(|o| o == "--metrics"));
+        assert!(
+            announced.banner.starts_with(&format!(
+                "lsplit serve: trunk layers {}",
+                split.replace(':', "..")
+            )),
+            "{}",
+            announced.banner
+        );
+        let (port, metrics) = (announced.port, announced.metrics);
         Self {
             child,
             port,
@@ -144,19 +129,4 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Lines of a child's output `stream`, as they come; the pipe stays read until the child
-/// closes it, so that a late line never meets a closed pipe.
-pub fn lines(stream: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
