@@ -42,6 +42,8 @@ const ROUNDS: usize = 5;
 const KILLS: usize = 4;
 /// Decode steps the pool serves between two kills.
 const STEPS_BETWEEN_KILLS: usize = 200;
+/// The bearer token the backends require.
+const TOKEN: &str = "pool-bench";
 /// Seconds a backend drains in the rolling restart.
 const DRAIN_SECS: &str = "2";
 
@@ -65,6 +67,8 @@ impl Backend {
             .arg(pki.join("server.pem"))
             .arg("--key")
             .arg(pki.join("server.key"))
+            .arg("--token-file")
+            .arg(pki.join("token"))
             .args(["--drain-secs", DRAIN_SECS, "--io-threads", "1"])
             .args(["--max-sessions", "64", "--model"])
             .arg(model_path())
@@ -128,6 +132,7 @@ fn lsplit() -> PathBuf {
 fn options(haproxy: &Haproxy, pki: &Path) -> RemoteOptions {
     let mut options = RemoteOptions::new(format!("https://localhost:{}", haproxy.port), Codec::F32);
     options.ca_pem = Some(std::fs::read(pki.join("ca.pem")).expect("ca.pem"));
+    options.token = Some(TOKEN.into());
     options.retry_for = Duration::from_secs(60);
     options
 }
@@ -263,6 +268,7 @@ fn main() {
     ] {
         std::fs::write(pki.join(name), pem).expect("PKI file");
     }
+    std::fs::write(pki.join("token"), TOKEN).expect("token file");
     let one_dir = tempfile::tempdir().expect("temp dir");
     let two_dir = tempfile::tempdir().expect("temp dir");
     let single = Backend::start(pki, 0, 0);
