@@ -21,7 +21,7 @@ use candle_core::Device;
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_testkit::llm::{device_model, model_path, source};
 use lsplit_testkit::process::announced;
-use lsplit_testkit::{Haproxy, Recording};
+use lsplit_testkit::{Haproxy, Recording, best, median};
 use lsplit_wire::Codec;
 
 const PROMPTS: [&str; 8] = [
@@ -224,16 +224,6 @@ fn under_faults(
         lost,
         seconds: start.elapsed().as_secs_f64(),
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
-}
-
-fn best(values: &[f64]) -> f64 {
-    values.iter().copied().fold(0.0, f64::max)
 }
 
 /// Waits until `steps` reaches `target`.

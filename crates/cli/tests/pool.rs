@@ -12,14 +12,14 @@ use std::ops::Range;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lsplit_remote::RemoteOptions;
 use lsplit_split::{
     DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys, StepRows, Trunk, TrunkError,
 };
-use lsplit_testkit::llm::{device_model, local_trunk, remote};
+use lsplit_testkit::llm::{concurrent_devices, device_model, generate_from, local_trunk, remote};
 use lsplit_testkit::{Haproxy, wait_until};
 use lsplit_wire::Codec;
 use served::{Pki, Server, file, model, run};
@@ -176,33 +176,13 @@ fn sessions_spread_over_the_backends_and_every_text_is_the_in_process_one() {
     let pool = Pool::start();
     let path = model();
     let device = device_model(&path, 2, 28, Codec::F32);
-    let expected = references(&path, &device);
-    assert!(
-        expected.iter().all(|(tokens, _)| tokens.len() > 8),
-        "{expected:?}"
-    );
-    let options = pool.options();
+    let part = local_trunk(&path, &device);
+    let expected: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|prompt| generate_from(&device, Box::new(part.clone()), prompt))
+        .collect();
     // Every device connects before any generates, so HAProxy places four connections at once.
-    let barrier = Barrier::new(PROMPTS.len());
-    let got: Vec<Generated> = std::thread::scope(|scope| {
-        let devices: Vec<_> = PROMPTS
-            .iter()
-            .map(|prompt| {
-                let (path, options, device, barrier) = (&path, &options, &device, &barrier);
-                scope.spawn(move || {
-                    let trunk = remote(path, options.clone()).expect("connect through HAProxy");
-                    barrier.wait();
-                    generate(device, prompt, |keys| {
-                        Box::new(trunk.with_keys(keys.clone()))
-                    })
-                })
-            })
-            .collect();
-        devices
-            .into_iter()
-            .map(|d| d.join().expect("device"))
-            .collect()
-    });
+    let got = concurrent_devices(&path, &device, &PROMPTS, &pool.options());
     assert_eq!(got, expected);
     // leastconn: the four sessions, open at once, split two and two.
     assert_eq!(pool.sessions_total(), vec![2, 2]);

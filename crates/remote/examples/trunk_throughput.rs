@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
-use lsplit_testkit::Recording;
+use lsplit_testkit::{Recording, best, median};
 use lsplit_testkit::llm::*;
 use lsplit_wire::Codec;
 
@@ -73,16 +73,6 @@ fn replay(
         thread.join().expect("session");
     }
     start.elapsed()
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
-}
-
-fn best(values: &[f64]) -> f64 {
-    values.iter().copied().fold(0.0, f64::max)
 }
 
 fn main() {

@@ -73,3 +73,15 @@ pub fn wait_until(condition: impl Fn() -> bool) {
     }
     panic!("the condition never held");
 }
+
+/// The median of a benchmark's rounds (the upper middle of an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// The best (largest) of a benchmark's rates.
+pub fn best(values: &[f64]) -> f64 {
+    values.iter().copied().fold(0.0, f64::max)
+}
