@@ -274,12 +274,15 @@ fn a_rolling_restart_under_load_loses_no_generation_and_changes_no_text() {
         for i in 0..pool.backends.len() {
             let pid = pool.backends[i].child.id().to_string();
             run(Command::new("kill").args(["-TERM", &pid]));
-            // HAProxy takes the backend out on its health alone: it still runs and accepts.
+            // HAProxy takes the backend out on its health answer (L7RSP: NOT_SERVING), while
+            // it still accepts, not on a refused connection (L4CON) once it stops accepting.
             pool.haproxy.wait_for(i, "DOWN");
-            assert!(
-                pool.backends[i].child.try_wait().expect("wait").is_none(),
-                "backend {} exited before HAProxy's health check took it out",
-                i + 1
+            assert_eq!(
+                pool.haproxy.stat(i, "check_status").as_deref(),
+                Some("L7RSP"),
+                "backend {} was not taken out by its health answer: {}",
+                i + 1,
+                pool.haproxy.log()
             );
             let status = pool.backends[i].child.wait().expect("wait");
             assert!(status.success(), "backend {} exited with {status}", i + 1);

@@ -49,6 +49,13 @@ impl Haproxy {
     /// HAProxy's status of backend `i` (`UP`, `DOWN`, `UP 1/2`, ...) from its runtime API, or
     /// `None` while that API is not up yet.
     pub fn status(&self, i: usize) -> Option<String> {
+        self.stat(i, "status")
+    }
+
+    /// The column `column` of HAProxy's `show stat` for backend `i` (e.g. `check_status`:
+    /// `L7OK`, `L7RSP` for an answer its check refused, `L4CON` for a refused connection), or
+    /// `None` while the runtime API is not up yet.
+    pub fn stat(&self, i: usize, column: &str) -> Option<String> {
         let mut socket = UnixStream::connect(self.dir.join("admin.sock")).ok()?;
         socket.write_all(b"show stat\n").expect("ask");
         let mut csv = String::new();
@@ -60,15 +67,15 @@ impl Haproxy {
             .trim_start_matches("# ")
             .split(',')
             .collect();
-        let column = |name: &str| header.iter().position(|h| *h == name).expect(name);
-        let (proxy, server, status) = (column("pxname"), column("svname"), column("status"));
+        let index = |name: &str| header.iter().position(|h| *h == name).expect(name);
+        let (proxy, server, wanted) = (index("pxname"), index("svname"), index(column));
         let name = format!("trunk{}", i + 1);
-        let status = lines
+        let value = lines
             .map(|line| line.split(',').collect::<Vec<_>>())
             .find(|fields| fields[proxy] == "trunks" && fields[server] == name)
-            .map(|fields| fields[status].to_string())
+            .map(|fields| fields[wanted].to_string())
             .unwrap_or_else(|| panic!("no {name} in HAProxy's stats: {csv}"));
-        Some(status)
+        Some(value)
     }
 
     /// Waits (a minute at most) until HAProxy's checks report backend `i` as `status`.
