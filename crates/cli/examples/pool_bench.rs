@@ -322,12 +322,6 @@ fn main() {
             backend.rolling_restart(pki, &mut two, i);
         }
     });
-    // What HAProxy saw: each backend taken out and back, and any moment with none left.
-    for line in two.log().lines() {
-        if line.starts_with('[') && (line.contains(" is DOWN") || line.contains("no server")) {
-            println!("haproxy: {line}");
-        }
-    }
     println!("\n| fault (two backends) | generations completed, text unchanged | lost | seconds |");
     println!("| --- | ---: | ---: | ---: |");
     println!(
