@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
-use lsplit_testkit::{Recording, best, median};
 use lsplit_testkit::llm::*;
+use lsplit_testkit::{Recording, best, median};
 use lsplit_wire::Codec;
 
 const PROMPTS: [&str; 16] = [
