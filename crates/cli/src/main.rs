@@ -33,6 +33,8 @@ enum Command {
     Fetch,
     /// Serve the trunk layers of a split model to devices over gRPC and TLS.
     Serve(commands::serve::ServeArgs),
+    /// Ask a trunk server's gRPC health service whether it serves (exit status 0 only if so).
+    Health(commands::health::HealthArgs),
     /// Serve the model on this device as an OpenAI-compatible API and a web page.
     Edge(commands::edge::EdgeArgs),
     /// Read a wire capture with the public weights: how much text the hidden states give away.
@@ -71,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => commands::bench::run(args),
         Command::Fetch => commands::fetch::run(),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Health(args) => commands::health::run(args),
         Command::Cert(args) => commands::cert::run(args),
         Command::Edge(args) => commands::edge::run(args),
         Command::Attack(args) => commands::attack::run(args),

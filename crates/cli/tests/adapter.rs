@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::{banner, lsplit, stderr, stdout};
+use common::{lsplit, stderr, stdout};
 use lsplit_model::{ModelSource, TrunkFingerprint};
 
 fn data(name: &str) -> String {
@@ -243,6 +243,7 @@ fn inspect_shows_which_part_holds_the_adapter() {
 struct Server {
     child: Child,
     banner: String,
+    port: u16,
 }
 
 impl Server {
@@ -269,13 +270,16 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn lsplit serve");
-        let banner = banner(&mut child);
-        Self { child, banner }
+        let announced = lsplit_testkit::process::announced(&mut child, false);
+        Self {
+            child,
+            banner: announced.banner,
+            port: announced.port,
+        }
     }
 
     fn url(&self) -> String {
-        let port = self.banner.trim().rsplit(':').next().expect("port");
-        format!("https://localhost:{port}")
+        format!("https://localhost:{}", self.port)
     }
 }
 

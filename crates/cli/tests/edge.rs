@@ -6,6 +6,10 @@
 //! The Python packages come from `tests/edge/requirements.txt`, installed by `scripts/test.sh`
 //! into `$LSPLIT_CACHE_DIR/edge-test-venv` (override with `LSPLIT_TEST_PYTHON`).
 
+mod common;
+
+use common::python;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -37,24 +41,6 @@ fn lsplit() -> Command {
 
 fn model() -> PathBuf {
     lsplit_fetch::ensure_default_model().expect("default model")
-}
-
-/// The Python interpreter of the test venv (openai, selenium).
-fn python() -> PathBuf {
-    if let Some(python) = std::env::var_os("LSPLIT_TEST_PYTHON") {
-        return python.into();
-    }
-    let python = lsplit_fetch::cache_dir()
-        .expect("cache dir")
-        .join("edge-test-venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test.sh, which creates it (or python3 -m venv DIR && \
-         DIR/bin/pip install -r crates/cli/tests/edge/requirements.txt), or set \
-         LSPLIT_TEST_PYTHON",
-        python.display()
-    );
-    python
 }
 
 /// Fails, saying how to get them, when the browser scripts' Chromium or chromedriver is

@@ -1,8 +1,6 @@
 //! `lsplit image` end to end on the tiny random-weight SD 1.5-like model of the diffusion crate's
 //! fixtures (not a real model: its images are noise-like, but every weight is used).
 
-// The image tests use the tiny diffusion fixtures, not the default LLM of `common::model`.
-#[allow(dead_code)]
 mod common;
 
 use std::path::PathBuf;

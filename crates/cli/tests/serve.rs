@@ -1,13 +1,10 @@
 //! `lsplit cert`, `lsplit serve` and `lsplit generate --cloud` as separate processes over
 //! loopback TLS, including a server killed and restarted mid-generation.
 
-#[allow(dead_code)]
-mod common;
+mod served;
 
-use std::ffi::OsString;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,110 +15,7 @@ use lsplit_split::{
     TrunkError, load_tokenizer,
 };
 use lsplit_wire::Codec;
-
-fn lsplit() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lsplit"));
-    command.env("LSPLIT_LOG", "warn");
-    command
-}
-
-fn model() -> PathBuf {
-    lsplit_fetch::ensure_default_model().expect("default model")
-}
-
-fn run(command: &mut Command) -> Output {
-    let out = command.output().expect("run lsplit");
-    assert!(
-        out.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A development PKI and token in a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        run(lsplit().args(["cert", "--out"]).arg(dir.path().join("pki")));
-        std::fs::write(dir.path().join("token"), "tr0mb0ne\n").expect("token file");
-        Self { dir }
-    }
-
-    fn dir(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
-    }
-}
-
-/// A file `lsplit cert` wrote (or the token) in the PKI directory `dir`.
-fn file(dir: &Path, name: &str) -> PathBuf {
-    match name {
-        "token" => dir.join(name),
-        _ => dir.join("pki").join(name),
-    }
-}
-
-/// An `lsplit serve` process; killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(pki: &Path, split: &str, port: u16) -> Self {
-        let mut command = lsplit();
-        command.stderr(Stdio::null());
-        let security = [
-            "--cert".into(),
-            file(pki, "server.pem").into_os_string(),
-            "--key".into(),
-            file(pki, "server.key").into_os_string(),
-            "--token-file".into(),
-            file(pki, "token").into_os_string(),
-        ];
-        Self::spawn(command, split, port, &security)
-    }
-
-    /// Runs `command` as `lsplit serve` with the `security` options and waits for its address.
-    fn spawn(mut command: Command, split: &str, port: u16, security: &[OsString]) -> Self {
-        let mut child = command
-            .args(["serve", "--split", split, "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--model")
-            .arg(model())
-            .args(security)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn lsplit serve");
-        let line = common::banner(&mut child);
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in `{line}`"));
-        assert!(line.starts_with(&format!(
-            "lsplit serve: trunk layers {}",
-            split.replace(':', "..")
-        )));
-        Self { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("https://localhost:{}", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use served::{Pki, Server, file, lsplit, model, run};
 
 fn generate_cli(extra: &[&str], model: &Path) -> String {
     let out = run(lsplit()
@@ -510,21 +404,6 @@ fn health(addr: &str) -> i32 {
     })
 }
 
-/// Lines of a child's stderr, as they come.
-fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 /// The first JSON log line of `lines` whose message is `message`, or fails after a minute.
 fn json_event(lines: &std::sync::mpsc::Receiver<String>, message: &str) -> serde_json::Value {
     loop {
@@ -552,11 +431,8 @@ fn drain_reports_not_serving_while_still_accepting_and_rust_log_is_honoured_in_j
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn lsplit serve");
-    let lines = stderr_lines(&mut child);
-    let mut banner = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut banner)
-        .expect("banner");
+    let lines = lsplit_testkit::process::lines(child.stderr.take().expect("stderr"));
+    let banner = lsplit_testkit::process::announced(&mut child, false).banner;
     let addr = banner
         .trim()
         .rsplit("http://")

@@ -7,18 +7,14 @@
 //! timed (no head, tail or LM head), so the 2 cores go to the server and the numbers show its
 //! batching. Run: `cargo run --release -p lsplit-remote --example trunk_throughput`.
 
-use std::ops::Range;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use lsplit_model::ModelPart;
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
-use lsplit_split::{
-    DeviceModel, GreedyRun, LocalTrunk, Obfuscation, SessionKeys, StepRows, Trunk, TrunkError,
-};
 use lsplit_testkit::llm::*;
+use lsplit_testkit::{Recording, best, median};
 use lsplit_wire::Codec;
 
 const PROMPTS: [&str; 16] = [
@@ -47,57 +43,6 @@ const CONCURRENCY: [usize; 3] = [1, 4, 16];
 const ROUNDS: usize = 7;
 const CODEC: Codec = Codec::F16;
 
-/// One step of a recorded generation: what the device sent and what the trunk answered.
-#[derive(Clone)]
-struct Exchange {
-    up: StepRows,
-    down: StepRows,
-}
-
-/// A recorded generation: its session's keys and its exchanges.
-struct Recording {
-    keys: SessionKeys,
-    exchanges: Vec<Exchange>,
-}
-
-/// An in-process trunk that records every exchange.
-struct RecordingTrunk {
-    inner: LocalTrunk,
-    log: Arc<Mutex<Vec<Exchange>>>,
-}
-
-impl Trunk for RecordingTrunk {
-    fn layers(&self) -> Range<usize> {
-        self.inner.layers()
-    }
-
-    fn step(&mut self, message: &StepRows) -> Result<StepRows, TrunkError> {
-        let down = self.inner.step(message)?;
-        self.log.lock().expect("log").push(Exchange {
-            up: message.clone(),
-            down: down.clone(),
-        });
-        Ok(down)
-    }
-}
-
-/// The prefill exchange and then `DECODE_STEPS` decode exchanges of a real generation.
-fn record(model: &DeviceModel, part: &Arc<ModelPart>, prompt: &str) -> Recording {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let keys = model.new_keys(Obfuscation::None).expect("keys");
-    let trunk = RecordingTrunk {
-        inner: LocalTrunk::new(part.clone(), &keys).expect("trunk"),
-        log: log.clone(),
-    };
-    let prompt = model.prompt_tokens(prompt, false).expect("prompt");
-    let session = model.session(Box::new(trunk), &keys).expect("session");
-    // The last of DECODE_STEPS + 1 tokens is chosen from the DECODE_STEPS-th decode exchange.
-    GreedyRun::generate(session, &prompt, DECODE_STEPS + 1).expect("generate");
-    let exchanges = log.lock().expect("log").clone();
-    assert_eq!(exchanges.len(), DECODE_STEPS + 1);
-    Recording { keys, exchanges }
-}
-
 /// Replays the recordings of the first `sessions` prompts at once; returns the time of their
 /// decode steps from the moment all sessions had prefilled.
 fn replay(
@@ -116,19 +61,9 @@ fn replay(
                 let mut trunk = RemoteTrunk::connect(options)
                     .expect("connect")
                     .with_keys(recording.keys.clone());
-                let check = |step: usize, got: StepRows, expected: &StepRows| {
-                    assert!(
-                        got == *expected,
-                        "session {i}: step {step} differs from its solo run"
-                    );
-                };
-                let (prefill, decode) = recording.exchanges.split_first().expect("recording");
-                check(0, trunk.step(&prefill.up).expect("prefill"), &prefill.down);
+                recording.prefill(&mut trunk).expect("prefill");
                 barrier.wait();
-                for (step, exchange) in decode.iter().enumerate() {
-                    let got = trunk.step(&exchange.up).expect("decode step");
-                    check(step + 1, got, &exchange.down);
-                }
+                recording.decode(&mut trunk, &mut || {}).expect("decode");
             })
         })
         .collect();
@@ -138,16 +73,6 @@ fn replay(
         thread.join().expect("session");
     }
     start.elapsed()
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
-}
-
-fn best(values: &[f64]) -> f64 {
-    values.iter().copied().fold(0.0, f64::max)
 }
 
 fn main() {
@@ -163,7 +88,7 @@ fn main() {
     let recordings: Arc<Vec<Recording>> = Arc::new(
         PROMPTS
             .iter()
-            .map(|prompt| record(&model, &part, prompt))
+            .map(|prompt| Recording::record(&model, &part, prompt, DECODE_STEPS))
             .collect(),
     );
     drop(part);

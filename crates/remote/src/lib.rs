@@ -15,6 +15,7 @@ mod backoff;
 mod channel;
 mod diffusion;
 mod error;
+mod health;
 mod link;
 mod options;
 mod tls;
@@ -22,6 +23,7 @@ mod trunk;
 
 pub use diffusion::{DiffusionServerInfo, RemoteDiffusionTrunk};
 pub use error::RemoteError;
+pub use health::{ServingStatus, TRUNK_SERVICE, check_health};
 pub use link::ServerTerms;
 pub use options::{CloudFiles, RemoteOptions};
 pub use trunk::{RemoteTrunk, ServerInfo};

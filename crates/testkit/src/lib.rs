@@ -7,10 +7,16 @@
 //! - [`llm`] and [`diffusion`] start those servers on real models and give the in-process
 //!   reference a remote result is compared with.
 //! - [`raw_channel`], [`send_garbage`] and [`assert_status`] are for hostile-client tests.
+//! - [`Haproxy`] runs the real HAProxy with `deploy/haproxy/trunk-pool.cfg` in front of two
+//!   servers; [`process`] reads what an `lsplit serve` process announces.
+//! - [`Recording`] records a real generation's rows and replays them against a server.
 
 pub mod diffusion;
+mod haproxy;
 pub mod llm;
+pub mod process;
 mod raw;
+mod recording;
 mod running;
 
 use std::time::Duration;
@@ -19,7 +25,9 @@ use lsplit_remote::RemoteOptions;
 use lsplit_server::{Access, DevCertificates, TlsFiles, TransportLimits};
 use lsplit_wire::Codec;
 
+pub use haproxy::Haproxy;
 pub use raw::{assert_garbage_refused, assert_status, raw_channel, send_garbage, tls_channel};
+pub use recording::Recording;
 pub use running::RunningServer;
 
 /// A fresh CA and a server certificate for `localhost` and 127.0.0.1.
@@ -73,4 +81,16 @@ pub fn wait_until(condition: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("the condition never held");
+}
+
+/// The median of a benchmark's rounds (the upper middle of an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// The best (largest) of a benchmark's rates.
+pub fn best(values: &[f64]) -> f64 {
+    values.iter().copied().fold(0.0, f64::max)
 }

@@ -7,6 +7,7 @@ pub mod codec_quality;
 pub mod edge;
 pub mod fetch;
 pub mod generate;
+pub mod health;
 pub mod image;
 pub mod inspect;
 pub mod serve;

@@ -1,8 +1,10 @@
-//! Running the `lsplit` binary from the integration tests.
+//! Running the `lsplit` binary from the integration tests, and the test venv's Python.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output};
-use std::time::Duration;
+// Each test file that includes this module uses a part of it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
 
 /// Runs `lsplit` with `args`, logging only warnings.
 pub fn lsplit(args: &[&str]) -> Output {
@@ -31,17 +33,21 @@ pub fn model() -> String {
         .to_string()
 }
 
-/// The first line a spawned `lsplit serve` prints on its piped stdout: the banner that names
-/// its trunk and address, waited for up to a minute. (Only the files that start servers use it.)
-#[allow(dead_code)]
-pub fn banner(child: &mut Child) -> String {
-    let stdout = child.stdout.take().expect("a piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("lsplit serve announces its address")
+/// The Python interpreter of the test venv: the `edge` tests' clients and the `deploy` tests'
+/// validators.
+pub fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("LSPLIT_TEST_PYTHON") {
+        return python.into();
+    }
+    let python = lsplit_fetch::cache_dir()
+        .expect("cache dir")
+        .join("edge-test-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test.sh, which creates it (or python3 -m venv DIR && \
+         DIR/bin/pip install -r crates/cli/tests/edge/requirements.txt -r \
+         crates/cli/tests/deploy/requirements.txt), or set LSPLIT_TEST_PYTHON",
+        python.display()
+    );
+    python
 }
