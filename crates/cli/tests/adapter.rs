@@ -5,7 +5,6 @@
 //! command, naming the layers; `inspect` shows which part holds what; `serve --adapter` adapts
 //! its own layers only, and its fingerprint then turns away devices with the public weights.
 
-#[allow(dead_code)]
 mod common;
 
 use std::path::{Path, PathBuf};
