@@ -5,7 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,6 +44,16 @@ pub(crate) struct Connection {
     _place: PeerHold,
 }
 
+/// The listening socket, shared with the server's shutdown so that it can close it (`None`)
+/// when the server stops accepting: a connection then meets a refusal, which a load balancer
+/// retries elsewhere, instead of a handshake nobody answers.
+pub(crate) type SharedListener = Arc<Mutex<Option<TcpListener>>>;
+
+/// The shared listener, its lock never poisoned (it only holds the socket).
+pub(crate) fn lock(listener: &SharedListener) -> MutexGuard<'_, Option<TcpListener>> {
+    listener.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Connections accepted on a listener, within [`TransportLimits`].
 ///
 /// Handshakes run concurrently, each bounded by [`HANDSHAKE_TIMEOUT`], so a slow or silent
@@ -52,7 +62,7 @@ pub(crate) struct Connection {
 /// closed at once; a failed handshake (a client offering only TLS 1.2, a client certificate
 /// from the wrong CA, plaintext) is logged and skipped.
 pub(crate) struct Incoming {
-    listener: TcpListener,
+    listener: SharedListener,
     tls: Option<TlsAcceptor>,
     places: Arc<PeerCounts>,
     max_handshakes: usize,
@@ -96,7 +106,7 @@ impl AcceptBackoff {
 impl Incoming {
     /// Connections on `listener`, over TLS with `tls` (plaintext when `None`), within `limits`.
     pub(crate) fn new(
-        listener: TcpListener,
+        listener: SharedListener,
         tls: Option<Arc<ServerConfig>>,
         limits: &TransportLimits,
     ) -> Self {
@@ -164,7 +174,11 @@ impl Incoming {
             self.pause = None;
         }
         while self.handshakes.len() < self.max_handshakes {
-            match self.listener.poll_accept(cx) {
+            let accepted = match &*lock(&self.listener) {
+                Some(listener) => listener.poll_accept(cx),
+                None => return Poll::Pending,
+            };
+            match accepted {
                 Poll::Ready(Ok((stream, peer))) => {
                     self.backoff.reset();
                     let Some((stream, place)) = self.admit(stream, peer) else {

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lsplit_proto::error_chain;
@@ -17,7 +18,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::auth::TokenCheck;
 use crate::health::BoundedHealth;
-use crate::incoming::Incoming;
+use crate::incoming::{self, Incoming, SharedListener};
 use crate::{Access, ServerError, ServerStats, TlsFiles, TransportLimits, tls};
 
 /// A trunk server of one model kind, ready to serve: [`crate::TrunkServer`] (`L` is
@@ -151,6 +152,8 @@ impl Endpoint {
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
         let failed = reporter.clone();
+        let listener: SharedListener = Arc::new(Mutex::new(Some(listener)));
+        let closing = listener.clone();
         let shutdown = async move {
             shutdown.await;
             reporter
@@ -163,6 +166,9 @@ impl Endpoint {
                 );
                 tokio::time::sleep(drain).await;
             }
+            // New connections are refused from here on; open sessions finish.
+            drop(incoming::lock(&closing).take());
+            tracing::info!("stopped accepting: the listening socket is closed");
         };
         let fatal = async move {
             let reason = match fatal {

@@ -132,6 +132,58 @@ fn streams_waiting_for_their_first_request_are_capped_in_total() {
 }
 
 #[test]
+fn when_the_drain_ends_new_connections_are_refused_and_open_sessions_finish() {
+    let certs = DevCertificates::generate(&[]).expect("certificates");
+    let trunk = trunk_server(&certs, Limits::default(), TransportLimits::default());
+    let runtime = runtime();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let url = format!("https://127.0.0.1:{}", addr.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let drain = Duration::from_millis(300);
+    let served = runtime.spawn(trunk.serve_draining(
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+        drain,
+    ));
+    runtime.block_on(async {
+        let channel = lsplit_testkit::tls_channel(&url, &certs.ca_pem, None)
+            .await
+            .expect("connect");
+        let mut session = RawStream::silent(&mut client(channel))
+            .await
+            .expect("stream");
+        session.requests.send(open_request()).await.expect("send");
+        assert!(matches!(
+            session.next().await,
+            Ok(Some(ReplyKind::Opened(_)))
+        ));
+
+        stop.send(()).expect("shut down");
+        tokio::time::sleep(drain * 2).await;
+        let refused = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect_err("the listening socket is closed after the drain");
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        // The session opened before goes on until the device closes it.
+        assert!(
+            !served.is_finished(),
+            "the server waits for its open session"
+        );
+        drop(session);
+        tokio::time::timeout(Duration::from_secs(30), served)
+            .await
+            .expect("the server stops once its session is closed")
+            .expect("join")
+            .expect("served");
+    });
+}
+
+#[test]
 fn one_address_holds_at_most_its_share_of_sessions() {
     let certs = DevCertificates::generate(&[]).expect("certificates");
     let transport = TransportLimits {

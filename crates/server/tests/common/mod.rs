@@ -37,6 +37,15 @@ pub fn server(
     limits: Limits,
     transport: TransportLimits,
 ) -> RunningServer {
+    RunningServer::start(trunk_server(certs, limits, transport), 0, "127.0.0.1", true)
+}
+
+/// The trunk server of [`server`], not yet serving.
+pub fn trunk_server(
+    certs: &DevCertificates,
+    limits: Limits,
+    transport: TransportLimits,
+) -> TrunkServer {
     let source = source(&model_path());
     let plan = SplitPlan::new(2, 28, source.config().num_layers).expect("split");
     let part = source
@@ -53,8 +62,7 @@ pub fn server(
         },
         batch_wait: lsplit_server::DEFAULT_BATCH_WAIT,
     };
-    let server = TrunkServer::new(part, fingerprint, options).expect("server");
-    RunningServer::start(server, 0, "127.0.0.1", true)
+    TrunkServer::new(part, fingerprint, options).expect("server")
 }
 
 /// A TLS connection to `server`, trusting `certs`' CA.
