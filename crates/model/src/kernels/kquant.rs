@@ -1,5 +1,5 @@
-//! Dot products of a tile of four Q4_K weight rows with up to four activation rows quantized to
-//! Q8_K, the K-quant counterpart of [`super::dot`].
+//! Dot products of a tile of four Q4_K or Q6_K weight rows with up to four activation rows
+//! quantized to Q8_K, the K-quant counterpart of [`super::dot`].
 //!
 //! A Q4_K super-block holds 256 weights: an f16 scale `d` and minimum scale `dmin`, eight 6-bit
 //! scales and eight 6-bit minimums (one of each per sub-block of 32 values, packed into 12
@@ -13,12 +13,19 @@
 //! low and high nibbles (and one 64-byte load four). The tile is 4 bytes per row bigger than the
 //! GGUF blocks (148 bytes instead of 144).
 //!
-//! The arithmetic is candle's AVX2 kernel's, operation for operation: per (weight row,
+//! A Q6_K super-block holds an f16 `d`, sixteen i8 scales (one per 16 values) and 6-bit quants
+//! biased by 32 (128 bytes of low nibbles, 64 of high bit pairs); weight = `d·sc·(q − 32)`. Its
+//! GGUF quants already give whole registers of 32 values, in order, from 32-byte loads; the tile
+//! only puts the four rows' `d` and scales side by side (210 bytes a row, as in GGUF).
+//!
+//! The arithmetic is candle's AVX2 kernels', operation for operation: per (weight row,
 //! activation row) pair, eight i32 lanes, lane `l` summing `sc·(q·y)` over values `4l..4l+4` of
-//! every sub-block; per super-block, eight float lanes `+= d·d_y · lane` (fused) and four lanes
-//! for the minimums (lane `l`: sub-blocks `2l` and `2l+1`) `+= −d_y·dmin · (m·Σy)`, summed at
-//! the end in candle's order. So outputs equal candle's bit for bit on x86-64 CPUs with AVX2
-//! (candle's portable fallback orders its sums differently).
+//! every register of 32 values; per super-block, eight float lanes `+= d·d_y · lane` (fused)
+//! and, for Q4_K, four lanes for the minimums (lane `l`: sub-blocks `2l` and `2l+1`)
+//! `+= −d_y·dmin · (m·Σy)`, summed at the end in candle's order. So outputs equal those of
+//! candle's `vec_dot` kernels on x86-64 CPUs with AVX2 bit for bit (candle's portable fallback
+//! orders its sums differently, and its repacked x86 kernels, which it uses for matrices of a
+//! multiple of 16 rows, round each sub-block's sum on its own).
 //!
 //! Three implementations compute the same bits, chosen at run time by [`KernelPath`]: portable
 //! Rust, AVX2 (`maddubs` then `madd` with the scale), and AVX-512 VNNI, whose `vpdpwssd` fuses
@@ -32,27 +39,56 @@ use super::dot::TILE;
 /// Values per super-block (weights and activations alike).
 pub(crate) const SUPER: usize = 256;
 
-/// Values per sub-block, which has its own scale and minimum.
+/// Values per Q4_K sub-block, which has its own scale and minimum.
 const SUB: usize = 32;
 
-/// Sub-blocks per super-block.
+/// Q4_K sub-blocks per super-block.
 const SUBS: usize = SUPER / SUB;
 
-/// Bytes of a GGUF Q4_K block: `d`, `dmin`, 12 bytes of packed scales, 128 of nibbles.
-pub(crate) const GGUF_BYTES: usize = 144;
+/// Values per Q6_K scale.
+const SUB6: usize = 16;
 
-/// Bytes of one row's super-block in a tile (see the module doc).
-const ROW_BYTES: usize = 148;
+/// The K-quant formats these kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KFormat {
+    Q4K,
+    Q6K,
+}
 
-/// Bytes of one super-block of a tile of four rows.
-pub(crate) const TILE_BYTES: usize = TILE * ROW_BYTES;
+impl KFormat {
+    /// Bytes of a GGUF block: Q4_K's `d`, `dmin`, 12 bytes of packed scales and 128 of nibbles;
+    /// Q6_K's 128 bytes of low nibbles, 64 of high bits, 16 scales and `d`.
+    pub(crate) fn gguf_bytes(self) -> usize {
+        match self {
+            Self::Q4K => 144,
+            Self::Q6K => 210,
+        }
+    }
 
-/// Offsets in a tile block: the four `d`, the four `dmin`, the scales, the minimums, the quants.
+    /// Bytes of one super-block of a tile of four rows (see the module doc).
+    pub(crate) fn tile_bytes(self) -> usize {
+        TILE * match self {
+            Self::Q4K => 148,
+            Self::Q6K => 210,
+        }
+    }
+}
+
+/// Offsets in a Q4_K tile block: the four `d`, the four `dmin`, the scales, the minimums, the
+/// quants.
 const D: usize = 0;
 const DMIN: usize = 8;
 const SCALES: usize = 16;
 const MINS: usize = SCALES + TILE * SUBS;
 const QUANTS: usize = MINS + TILE * SUBS;
+
+/// Offsets in a Q6_K tile block: the four `d`, the four rows' sixteen scales, then each row's
+/// low nibbles and high bits as in GGUF.
+const SCALES6: usize = 8;
+const QUANTS6: usize = SCALES6 + TILE * SUPER / SUB6;
+
+/// Bytes of one row's Q6_K quants.
+const QUANT6_BYTES: usize = SUPER / 2 + SUPER / 4;
 
 /// 256 activations quantized to 8 bits (candle's and ggml's Q8_K): value ≈ `d · q`, and
 /// `sums[i]` = `Σq` over sub-block `i`.
@@ -119,29 +155,27 @@ fn scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Repacks `rows` rows (a multiple of [`TILE`]) of `blocks` GGUF Q4_K blocks each into tiles
-/// (see the module doc).
-pub(crate) fn repack(gguf: &[u8], rows: usize, blocks: usize) -> Vec<u8> {
-    let mut packed = vec![0u8; rows * blocks * ROW_BYTES];
-    for (t, tile) in packed.chunks_exact_mut(blocks * TILE_BYTES).enumerate() {
-        for (b, out) in tile.chunks_exact_mut(TILE_BYTES).enumerate() {
+/// Repacks `rows` rows (a multiple of [`TILE`]) of `blocks` GGUF blocks each into tiles (see
+/// the module doc).
+pub(crate) fn repack(format: KFormat, gguf: &[u8], rows: usize, blocks: usize) -> Vec<u8> {
+    let gguf_bytes = format.gguf_bytes();
+    let mut packed = vec![0u8; rows / TILE * blocks * format.tile_bytes()];
+    for (t, tile) in packed
+        .chunks_exact_mut(blocks * format.tile_bytes())
+        .enumerate()
+    {
+        for (b, out) in tile.chunks_exact_mut(format.tile_bytes()).enumerate() {
             for w in 0..TILE {
-                let at = ((t * TILE + w) * blocks + b) * GGUF_BYTES;
-                let block = &gguf[at..at + GGUF_BYTES];
-                out[D + 2 * w..D + 2 * w + 2].copy_from_slice(&block[0..2]);
-                out[DMIN + 2 * w..DMIN + 2 * w + 2].copy_from_slice(&block[2..4]);
-                for j in 0..SUBS {
-                    let (sc, m) = scale_min(j, &block[4..16]);
-                    out[SCALES + SUBS * w + j] = sc;
-                    out[MINS + SUBS * w + j] = m;
-                }
-                let quants = &mut out[QUANTS + 128 * w..QUANTS + 128 * (w + 1)];
-                // GGUF: byte 32c + l holds value 64c + l low and 64c + 32 + l high.
-                for (i, &byte) in block[16..].iter().enumerate() {
-                    let (c, l) = (i / 32, i % 32);
-                    for (v, q) in [(64 * c + l, byte & 0x0f), (64 * c + 32 + l, byte >> 4)] {
-                        let (at, high) = nibble_at(v);
-                        quants[at] |= if high { q << 4 } else { q };
+                let at = ((t * TILE + w) * blocks + b) * gguf_bytes;
+                let block = &gguf[at..at + gguf_bytes];
+                match format {
+                    KFormat::Q4K => repack_q4k(block, w, out),
+                    KFormat::Q6K => {
+                        out[D + 2 * w..D + 2 * w + 2].copy_from_slice(&block[208..210]);
+                        let scales = SCALES6 + 16 * w;
+                        out[scales..scales + 16].copy_from_slice(&block[192..208]);
+                        let quants = QUANTS6 + QUANT6_BYTES * w;
+                        out[quants..quants + QUANT6_BYTES].copy_from_slice(&block[..192]);
                     }
                 }
             }
@@ -150,37 +184,63 @@ pub(crate) fn repack(gguf: &[u8], rows: usize, blocks: usize) -> Vec<u8> {
     packed
 }
 
+/// Row `w` of a Q4_K tile block `out` from its GGUF `block`.
+fn repack_q4k(block: &[u8], w: usize, out: &mut [u8]) {
+    out[D + 2 * w..D + 2 * w + 2].copy_from_slice(&block[0..2]);
+    out[DMIN + 2 * w..DMIN + 2 * w + 2].copy_from_slice(&block[2..4]);
+    for j in 0..SUBS {
+        let (sc, m) = scale_min(j, &block[4..16]);
+        out[SCALES + SUBS * w + j] = sc;
+        out[MINS + SUBS * w + j] = m;
+    }
+    let quants = &mut out[QUANTS + 128 * w..QUANTS + 128 * (w + 1)];
+    // GGUF: byte 32c + l holds value 64c + l low and 64c + 32 + l high.
+    for (i, &byte) in block[16..].iter().enumerate() {
+        let (c, l) = (i / 32, i % 32);
+        for (v, q) in [(64 * c + l, byte & 0x0f), (64 * c + 32 + l, byte >> 4)] {
+            let (at, high) = nibble_at(v);
+            quants[at] |= if high { q << 4 } else { q };
+        }
+    }
+}
+
 /// Dots one tile (`blocks` super-blocks of four rows, as [`repack`] lays them out) with each of
 /// the `R` activation rows on `path`: `out[r][w]` is weight row `w` times activation row `r`.
 pub(crate) fn dot_tile<const R: usize>(
     path: KernelPath,
+    format: KFormat,
     tile: &[u8],
     acts: [&[KActBlock]; R],
     out: &mut [[f32; TILE]; R],
 ) {
-    let blocks = tile.len() / TILE_BYTES;
+    let blocks = tile.len() / format.tile_bytes();
     assert!(acts.iter().all(|a| a.len() == blocks));
-    assert_eq!(tile.len(), blocks * TILE_BYTES);
+    assert_eq!(tile.len(), blocks * format.tile_bytes());
     // SAFETY (both SIMD paths): a path runs only where the CPU has its features, and every
     // load stays inside `tile` and `acts`, whose lengths were checked above.
-    match path {
+    match (path, format) {
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512Vnni => unsafe { vnni::dot_tile(tile, blocks, acts, out) },
+        (KernelPath::Avx512Vnni, KFormat::Q4K) => unsafe { vnni::q4k(tile, blocks, acts, out) },
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2 => unsafe { avx2::dot_tile(tile, blocks, acts, out) },
-        _ => portable::dot_tile(tile, blocks, acts, out),
+        (KernelPath::Avx512Vnni, KFormat::Q6K) => unsafe { vnni::q6k(tile, blocks, acts, out) },
+        #[cfg(target_arch = "x86_64")]
+        (KernelPath::Avx2, KFormat::Q4K) => unsafe { avx2::q4k(tile, blocks, acts, out) },
+        #[cfg(target_arch = "x86_64")]
+        (KernelPath::Avx2, KFormat::Q6K) => unsafe { avx2::q6k(tile, blocks, acts, out) },
+        _ => portable::dot_tile(format, tile, blocks, acts, out),
     }
 }
 
-/// The portable kernel, lane by lane as candle's AVX2 one (see the module doc).
+/// The portable kernel, lane by lane as candle's AVX2 ones (see the module doc).
 pub(crate) mod portable {
     use super::*;
 
-    /// One row of a tile block: its 256 quants in order, scales, minimums, `d` and `dmin`.
+    /// One row of a tile block: its 256 weights as integers (Q6_K's less its bias of 32), the
+    /// scale of each 16 values, the minimum of each 32 (zero for Q6_K), `d` and `dmin`.
     pub(crate) struct Row {
-        pub(crate) q: [u8; SUPER],
-        pub(crate) scales: [u8; SUBS],
-        pub(crate) mins: [u8; SUBS],
+        pub(crate) q: [i32; SUPER],
+        pub(crate) scales: [i32; SUPER / SUB6],
+        pub(crate) mins: [i32; SUBS],
         pub(crate) d: f32,
         pub(crate) dmin: f32,
     }
@@ -190,79 +250,107 @@ pub(crate) mod portable {
     }
 
     /// Row `w` of one tile block.
-    pub(crate) fn unpack(block: &[u8], w: usize) -> Row {
-        let quants = &block[QUANTS + 128 * w..QUANTS + 128 * (w + 1)];
-        let sub = |from: usize| -> [u8; SUBS] {
-            block[from + SUBS * w..from + SUBS * (w + 1)]
-                .try_into()
-                .expect("eight bytes")
-        };
-        Row {
-            q: std::array::from_fn(|v| {
-                let (at, high) = nibble_at(v);
-                if high {
-                    quants[at] >> 4
-                } else {
-                    quants[at] & 0x0f
+    pub(crate) fn unpack(format: KFormat, block: &[u8], w: usize) -> Row {
+        match format {
+            KFormat::Q4K => {
+                let quants = &block[QUANTS + 128 * w..QUANTS + 128 * (w + 1)];
+                let sub = |from: usize, i: usize| i32::from(block[from + SUBS * w + i]);
+                Row {
+                    q: std::array::from_fn(|v| {
+                        let (at, high) = nibble_at(v);
+                        i32::from(if high {
+                            quants[at] >> 4
+                        } else {
+                            quants[at] & 0x0f
+                        })
+                    }),
+                    scales: std::array::from_fn(|i| sub(SCALES, i / 2)),
+                    mins: std::array::from_fn(|i| sub(MINS, i)),
+                    d: f16_at(block, D + 2 * w),
+                    dmin: f16_at(block, DMIN + 2 * w),
                 }
-            }),
-            scales: sub(SCALES),
-            mins: sub(MINS),
-            d: f16_at(block, D + 2 * w),
-            dmin: f16_at(block, DMIN + 2 * w),
+            }
+            KFormat::Q6K => {
+                let quants = &block[QUANTS6 + QUANT6_BYTES * w..][..QUANT6_BYTES];
+                let (low, high) = quants.split_at(SUPER / 2);
+                Row {
+                    // Value 128n + 32j + l: low nibble (j even) or high (j odd) of byte
+                    // 64n + 32(j % 2) + l, its top bits at bit 2j of high byte 32n + l.
+                    q: std::array::from_fn(|v| {
+                        let (n, j, l) = (v / 128, v % 128 / 32, v % 32);
+                        let nibble = low[64 * n + 32 * (j % 2) + l] >> (4 * (j / 2)) & 0x0f;
+                        let top = high[32 * n + l] >> (2 * j) & 3;
+                        i32::from(nibble | top << 4) - 32
+                    }),
+                    scales: std::array::from_fn(|i| {
+                        i32::from(block[SCALES6 + SUPER / SUB6 * w + i] as i8)
+                    }),
+                    mins: [0; SUBS],
+                    d: f16_at(block, D + 2 * w),
+                    dmin: 0.0,
+                }
+            }
         }
     }
 
-    /// Sum of eight lanes in candle's order (`hsum_float_8`), then its four minimum lanes.
-    fn total(lanes: [f32; 8], mins: [f32; 4]) -> f32 {
+    /// Sum of eight lanes in the order of candle's `hsum_float_8`.
+    fn hsum8(lanes: [f32; 8]) -> f32 {
         let a = [
             lanes[4] + lanes[0],
             lanes[5] + lanes[1],
             lanes[6] + lanes[2],
             lanes[7] + lanes[3],
         ];
-        (a[0] + a[2]) + (a[1] + a[3]) + ((mins[0] + mins[2]) + (mins[1] + mins[3]))
+        (a[0] + a[2]) + (a[1] + a[3])
     }
 
     /// See [`super::dot_tile`].
     pub(crate) fn dot_tile<const R: usize>(
+        format: KFormat,
         tile: &[u8],
         blocks: usize,
         acts: [&[KActBlock]; R],
         out: &mut [[f32; TILE]; R],
     ) {
+        let bytes = format.tile_bytes();
         let mut lanes = [[[0f32; 8]; TILE]; R];
         let mut mins = [[[0f32; 4]; TILE]; R];
         for b in 0..blocks {
-            let block = &tile[b * TILE_BYTES..(b + 1) * TILE_BYTES];
+            let block = &tile[b * bytes..(b + 1) * bytes];
             for w in 0..TILE {
-                let row = unpack(block, w);
+                let row = unpack(format, block, w);
                 for r in 0..R {
                     let a = &acts[r][b];
+                    // Lane `l`: values 4l..4l+4 of every 32, each four times its scale.
                     let mut sums = [0i32; 8];
-                    for (i, &sc) in row.scales.iter().enumerate() {
+                    for k in 0..SUPER / 32 {
                         for (l, sum) in sums.iter_mut().enumerate() {
-                            let dot: i32 = (SUB * i + 4 * l..SUB * i + 4 * l + 4)
-                                .map(|t| i32::from(row.q[t]) * i32::from(a.q[t]))
-                                .sum();
-                            *sum += i32::from(sc) * dot;
+                            let t = 32 * k + 4 * l;
+                            let dot: i32 = (t..t + 4).map(|t| row.q[t] * i32::from(a.q[t])).sum();
+                            *sum += row.scales[t / SUB6] * dot;
                         }
                     }
                     let scale = a.d * row.d;
                     for (lane, &sum) in lanes[r][w].iter_mut().zip(&sums) {
                         *lane = scale.mul_add(sum as f32, *lane);
                     }
-                    let scale = -a.d * row.dmin;
-                    for (l, lane) in mins[r][w].iter_mut().enumerate() {
-                        let m = |i: usize| i32::from(row.mins[i]) * i32::from(a.sums[i]);
-                        *lane = scale.mul_add((m(2 * l) + m(2 * l + 1)) as f32, *lane);
+                    if format == KFormat::Q4K {
+                        let scale = -a.d * row.dmin;
+                        for (l, lane) in mins[r][w].iter_mut().enumerate() {
+                            let m = |i: usize| row.mins[i] * i32::from(a.sums[i]);
+                            *lane = scale.mul_add((m(2 * l) + m(2 * l + 1)) as f32, *lane);
+                        }
                     }
                 }
             }
         }
         for r in 0..R {
             for w in 0..TILE {
-                out[r][w] = total(lanes[r][w], mins[r][w]);
+                out[r][w] = hsum8(lanes[r][w]);
+                if format == KFormat::Q4K {
+                    let m = mins[r][w];
+                    out[r][w] += (m[0] + m[2]) + (m[1] + m[3]);
+                }
             }
         }
     }
@@ -306,19 +394,35 @@ macro_rules! k_kernels {
                 _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
             }
 
-            /// See [`super::dot_tile`].
+            /// The four `d` of a tile block at `p`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn scales_d(p: *const u8) -> [f32; TILE] {
+                let mut d = [0f32; TILE];
+                // SAFETY: the caller passes a tile block; the CPU has F16C.
+                unsafe {
+                    _mm_storeu_ps(
+                        d.as_mut_ptr(),
+                        _mm_cvtph_ps(_mm_loadl_epi64(p.add(D).cast())),
+                    )
+                };
+                d
+            }
+
+            /// Q4_K: see [`super::dot_tile`].
             ///
             /// # Safety
             /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
             // Block `b` addresses both the tile's bytes and each activation row.
             #[allow(clippy::needless_range_loop)]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn dot_tile<const R: usize>(
+            pub(super) unsafe fn q4k<const R: usize>(
                 tile: &[u8],
                 blocks: usize,
                 acts: [&[KActBlock]; R],
                 out: &mut [[f32; TILE]; R],
             ) {
+                let bytes = KFormat::Q4K.tile_bytes();
                 // SAFETY: the CPU has the features; loads stay inside the blocks (see above).
                 unsafe {
                     let nibble = _mm256_set1_epi8(0x0f);
@@ -326,12 +430,8 @@ macro_rules! k_kernels {
                     // Rows 0 and 1 (four lanes each), then rows 2 and 3.
                     let mut mins = [[_mm256_setzero_ps(); 2]; R];
                     for b in 0..blocks {
-                        let p = tile.as_ptr().add(b * TILE_BYTES);
-                        let mut d = [0f32; TILE];
-                        _mm_storeu_ps(
-                            d.as_mut_ptr(),
-                            _mm_cvtph_ps(_mm_loadl_epi64(p.add(D).cast())),
-                        );
+                        let p = tile.as_ptr().add(b * bytes);
+                        let d = scales_d(p);
                         let dmin = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(
                             p.add(DMIN).cast(),
                         )));
@@ -407,6 +507,90 @@ macro_rules! k_kernels {
                     }
                 }
             }
+
+            /// Q6_K: see [`super::dot_tile`]. Each register of 32 values takes the products of
+            /// the unsigned quants, less 32 times the activations (exact in i16), times the
+            /// scales of its two sixteens.
+            ///
+            /// # Safety
+            /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
+            // Block `b` addresses both the tile's bytes and each activation row.
+            #[allow(clippy::needless_range_loop)]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn q6k<const R: usize>(
+                tile: &[u8],
+                blocks: usize,
+                acts: [&[KActBlock]; R],
+                out: &mut [[f32; TILE]; R],
+            ) {
+                let bytes = KFormat::Q6K.tile_bytes();
+                // SAFETY: the CPU has the features; loads stay inside the blocks (see above).
+                unsafe {
+                    let (nibble, two_bits) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
+                    let bias = _mm256_set1_epi8(32);
+                    let mut lanes = [[_mm256_setzero_ps(); TILE]; R];
+                    for b in 0..blocks {
+                        let p = tile.as_ptr().add(b * bytes);
+                        let d = scales_d(p);
+                        for w in 0..TILE {
+                            let scales = _mm_loadu_si128(p.add(SCALES6 + SUPER / SUB6 * w).cast());
+                            // Register `k` takes scales 2k (its first 16 values) and 2k + 1.
+                            let scale = |k: i64| {
+                                let pick = _mm_set_epi64x(
+                                    (2 * k + 1) * 0x0101_0101_0101_0101,
+                                    2 * k * 0x0101_0101_0101_0101,
+                                );
+                                _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick))
+                            };
+                            let quants = p.add(QUANTS6 + QUANT6_BYTES * w);
+                            let q: [__m256i; 8] = std::array::from_fn(|k| {
+                                let (n, j) = (k / 4, k % 4);
+                                let low =
+                                    _mm256_loadu_si256(quants.add(64 * n + 32 * (j % 2)).cast());
+                                let low = if j < 2 {
+                                    low
+                                } else {
+                                    _mm256_srli_epi16::<4>(low)
+                                };
+                                let high = _mm256_loadu_si256(quants.add(128 + 32 * n).cast());
+                                let high = match j {
+                                    0 => high,
+                                    1 => _mm256_srli_epi16::<2>(high),
+                                    2 => _mm256_srli_epi16::<4>(high),
+                                    _ => _mm256_srli_epi16::<6>(high),
+                                };
+                                _mm256_or_si256(
+                                    _mm256_and_si256(low, nibble),
+                                    _mm256_slli_epi16::<4>(_mm256_and_si256(high, two_bits)),
+                                )
+                            });
+                            for r in 0..R {
+                                let a = &acts[r][b];
+                                let y = a.q.as_ptr();
+                                let mut sum = _mm256_setzero_si256();
+                                for (k, &q) in q.iter().enumerate() {
+                                    let ys = _mm256_loadu_si256(y.add(32 * k).cast());
+                                    let products = _mm256_sub_epi16(
+                                        _mm256_maddubs_epi16(q, ys),
+                                        _mm256_maddubs_epi16(bias, ys),
+                                    );
+                                    sum = add_scaled(sum, products, scale(k as i64));
+                                }
+                                lanes[r][w] = _mm256_fmadd_ps(
+                                    _mm256_set1_ps(a.d * d[w]),
+                                    _mm256_cvtepi32_ps(sum),
+                                    lanes[r][w],
+                                );
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        for w in 0..TILE {
+                            out[r][w] = hsum8(lanes[r][w]);
+                        }
+                    }
+                }
+            }
         }
     };
 }
@@ -442,36 +626,54 @@ mod tests {
             .collect()
     }
 
-    /// `rows` GGUF Q4_K rows of `blocks` super-blocks, quantized by candle.
-    fn gguf_rows(rows: usize, blocks: usize, seed: u64) -> Vec<u8> {
+    /// `rows` GGUF rows of `blocks` super-blocks, quantized by candle.
+    fn gguf_rows(format: KFormat, rows: usize, blocks: usize, seed: u64) -> Vec<u8> {
         let t = Tensor::from_vec(
             values(seed, rows * blocks * SUPER),
             (rows, blocks * SUPER),
             &Device::Cpu,
         )
         .expect("tensor");
-        let q = QTensor::quantize(&t, GgmlDType::Q4K).expect("quantize");
+        let dtype = match format {
+            KFormat::Q4K => GgmlDType::Q4K,
+            KFormat::Q6K => GgmlDType::Q6K,
+        };
+        let q = QTensor::quantize(&t, dtype).expect("quantize");
         q.data().expect("bytes").to_vec()
     }
 
     #[test]
     fn repacking_keeps_each_values_quant_scale_and_minimum() {
-        let gguf = gguf_rows(TILE, 2, 9);
-        let tile = repack(&gguf, TILE, 2);
-        assert_eq!(tile.len(), 2 * TILE_BYTES);
-        for b in 0..2 {
-            for w in 0..TILE {
-                let row = portable::unpack(&tile[b * TILE_BYTES..], w);
-                let block = &gguf[(w * 2 + b) * GGUF_BYTES..][..GGUF_BYTES];
-                assert_eq!(row.d, f16::from_le_bytes([block[0], block[1]]).to_f32());
-                assert_eq!(row.dmin, f16::from_le_bytes([block[2], block[3]]).to_f32());
-                // Value 64c + 32 + l is the high nibble of byte 32c + l.
-                assert_eq!(row.q[64 + 32 + 5], block[16 + 32 + 5] >> 4);
-                assert_eq!(row.q[200], block[16 + 96 + 8] & 0x0f);
-                // Sub-block 5: low nibble of byte 9, top bits of byte 1.
-                let packed = &block[4..16];
-                assert_eq!(row.scales[5], (packed[9] & 0x0f) | ((packed[1] >> 6) << 4));
-                assert_eq!(row.mins[2], packed[6] & 63);
+        for format in [KFormat::Q4K, KFormat::Q6K] {
+            let (bytes, gguf_bytes) = (format.tile_bytes(), format.gguf_bytes());
+            let gguf = gguf_rows(format, TILE, 2, 9);
+            let tile = repack(format, &gguf, TILE, 2);
+            assert_eq!(tile.len(), 2 * bytes);
+            for b in 0..2 {
+                for w in 0..TILE {
+                    let row = portable::unpack(format, &tile[b * bytes..], w);
+                    let block = &gguf[(w * 2 + b) * gguf_bytes..][..gguf_bytes];
+                    let f16_at = |at: usize| f16::from_le_bytes([block[at], block[at + 1]]);
+                    if format == KFormat::Q6K {
+                        assert_eq!(row.d, f16_at(208).to_f32());
+                        // Value 128 + 64 + 32 + 3: high nibble of byte 64 + 32 + 3, bits 6-7
+                        // of high byte 128 + 32 + 3; scale 12 is scale byte 12.
+                        let q = (block[99] >> 4) | ((block[163] >> 6) << 4);
+                        assert_eq!(row.q[227], i32::from(q) - 32);
+                        assert_eq!(row.scales[12], i32::from(block[192 + 12] as i8));
+                        continue;
+                    }
+                    assert_eq!(row.d, f16_at(0).to_f32());
+                    assert_eq!(row.dmin, f16_at(2).to_f32());
+                    // Value 64c + 32 + l is the high nibble of byte 32c + l.
+                    assert_eq!(row.q[64 + 32 + 5], i32::from(block[16 + 32 + 5] >> 4));
+                    assert_eq!(row.q[200], i32::from(block[16 + 96 + 8] & 0x0f));
+                    // Sub-block 5: low nibble of byte 9, top bits of byte 1.
+                    let packed = &block[4..16];
+                    let five = (packed[9] & 0x0f) | ((packed[1] >> 6) << 4);
+                    assert_eq!(row.scales[10..12], [i32::from(five); 2]);
+                    assert_eq!(row.mins[2], i32::from(packed[6] & 63));
+                }
             }
         }
     }
@@ -493,30 +695,30 @@ mod tests {
 
     #[test]
     fn every_path_equals_the_portable_code_bit_for_bit() {
-        for blocks in [1, 3] {
-            let tile = repack(&gguf_rows(TILE, blocks, 11 + blocks as u64), TILE, blocks);
-            let rows: Vec<Vec<KActBlock>> = (0..4)
-                .map(|i| KActBlock::quantize_all(&values(50 + i, blocks * SUPER)))
-                .collect();
-            let four = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
-            let mut reference = [[0f32; TILE]; 4];
-            portable::dot_tile(&tile, blocks, four, &mut reference);
-            for path in KernelPath::all_supported() {
-                let mut fast = [[0f32; TILE]; 4];
-                dot_tile(path, &tile, four, &mut fast);
-                assert_eq!(
-                    fast.map(|r| r.map(f32::to_bits)),
-                    reference.map(|r| r.map(f32::to_bits)),
-                    "{path}"
-                );
-                for (r, row) in rows.iter().enumerate() {
-                    let mut one = [[0f32; TILE]; 1];
-                    dot_tile(path, &tile, [row], &mut one);
+        for format in [KFormat::Q4K, KFormat::Q6K] {
+            for blocks in [1, 3] {
+                let gguf = gguf_rows(format, TILE, blocks, 11 + blocks as u64);
+                let tile = repack(format, &gguf, TILE, blocks);
+                let rows: Vec<Vec<KActBlock>> = (0..4)
+                    .map(|i| KActBlock::quantize_all(&values(50 + i, blocks * SUPER)))
+                    .collect();
+                let four = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
+                let mut reference = [[0f32; TILE]; 4];
+                portable::dot_tile(format, &tile, blocks, four, &mut reference);
+                for path in KernelPath::all_supported() {
+                    let mut fast = [[0f32; TILE]; 4];
+                    dot_tile(path, format, &tile, four, &mut fast);
                     assert_eq!(
-                        one[0].map(f32::to_bits),
-                        fast[r].map(f32::to_bits),
-                        "{path}"
+                        fast.map(|r| r.map(f32::to_bits)),
+                        reference.map(|r| r.map(f32::to_bits)),
+                        "{path} {format:?}"
                     );
+                    for (r, row) in rows.iter().enumerate() {
+                        let mut one = [[0f32; TILE]; 1];
+                        dot_tile(path, format, &tile, [row], &mut one);
+                        let alone = one[0].map(f32::to_bits);
+                        assert_eq!(alone, fast[r].map(f32::to_bits), "{path} {format:?}");
+                    }
                 }
             }
         }

@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Tensor};
 use rayon::prelude::*;
 
 use dot::{ActBlock, BLOCK, Format, TILE, dot_tile, repack};
-use kquant::{KActBlock, SUPER};
+use kquant::{KActBlock, KFormat, SUPER};
 
 /// Below this many multiply-adds a product runs on the calling thread: waking the thread pool
 /// costs more than it saves. Since a forward pass runs on a pool thread ([`crate::on_pool`]),
@@ -37,7 +37,7 @@ const SERIAL_WORK: usize = 1 << 16;
 /// candle's otherwise.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
-    /// Q4_0, Q4_1, Q8_0 or Q4_K weights on the CPU.
+    /// Q4_0, Q4_1, Q8_0, Q4_K or Q6_K weights on the CPU.
     Quant(QuantMatrix),
     /// Every other format or device.
     Candle(QMatMul),
@@ -77,7 +77,7 @@ enum Kind {
     /// Blocks of 32 weights ([`dot`]).
     Blocks(Format),
     /// Super-blocks of 256 weights ([`kquant`]).
-    Q4K,
+    K(KFormat),
 }
 
 impl Kind {
@@ -86,7 +86,8 @@ impl Kind {
             GgmlDType::Q4_0 => Self::Blocks(Format::Q4_0),
             GgmlDType::Q4_1 => Self::Blocks(Format::Q4_1),
             GgmlDType::Q8_0 => Self::Blocks(Format::Q8_0),
-            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q4K => Self::K(KFormat::Q4K),
+            GgmlDType::Q6K => Self::K(KFormat::Q6K),
             _ => return None,
         })
     }
@@ -95,7 +96,7 @@ impl Kind {
     fn block(self) -> usize {
         match self {
             Self::Blocks(_) => BLOCK,
-            Self::Q4K => SUPER,
+            Self::K(_) => SUPER,
         }
     }
 
@@ -103,7 +104,7 @@ impl Kind {
     fn gguf_bytes(self) -> usize {
         match self {
             Self::Blocks(format) => format.block_bytes(),
-            Self::Q4K => kquant::GGUF_BYTES,
+            Self::K(format) => format.gguf_bytes(),
         }
     }
 
@@ -111,7 +112,7 @@ impl Kind {
     fn row_bytes(self, cols: usize) -> usize {
         match self {
             Self::Blocks(format) => cols / BLOCK * format.block_bytes(),
-            Self::Q4K => cols / SUPER * kquant::TILE_BYTES / TILE,
+            Self::K(format) => cols / SUPER * format.tile_bytes() / TILE,
         }
     }
 }
@@ -141,7 +142,7 @@ impl QuantMatrix {
         let gguf = tensor.data().ok()?;
         let tiles = match kind {
             Kind::Blocks(format) => repack(format, &gguf, rows, blocks),
-            Kind::Q4K => kquant::repack(&gguf, rows, blocks),
+            Kind::K(format) => kquant::repack(format, &gguf, rows, blocks),
         };
         Some(Self {
             tiles: Arc::new(tiles),
@@ -154,7 +155,7 @@ impl QuantMatrix {
 
 impl QuantMatrix {
     /// Rows `ids` dequantized exactly as candle's `to_float` does (`q * d`, plus `m` for Q4_1;
-    /// `(d * sc) * q - dmin * m` for Q4_K).
+    /// `(d * sc) * q - dmin * m` for Q4_K, `(d * sc) * q` for Q6_K).
     fn rows_f32(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let blocks = self.cols / self.kind.block();
         let tile_bytes = TILE * self.kind.row_bytes(self.cols);
@@ -174,12 +175,14 @@ impl QuantMatrix {
                             Format::Q4_0 | Format::Q8_0 => q as f32 * d,
                         }));
                     }
-                    Kind::Q4K => {
-                        let row = kquant::portable::unpack(block, id % TILE);
-                        for (i, q) in row.q.chunks_exact(SUPER / 8).enumerate() {
-                            let d = row.d * f32::from(row.scales[i]);
-                            let m = row.dmin * f32::from(row.mins[i]);
-                            values.extend(q.iter().map(|&q| d * f32::from(q) - m));
+                    Kind::K(format) => {
+                        let row = kquant::portable::unpack(format, block, id % TILE);
+                        for (t, &q) in row.q.iter().enumerate() {
+                            let d = row.d * row.scales[t / 16] as f32;
+                            values.push(match format {
+                                KFormat::Q4K => d * q as f32 - row.dmin * row.mins[t / 32] as f32,
+                                KFormat::Q6K => d * q as f32,
+                            });
                         }
                     }
                 }
@@ -259,8 +262,8 @@ impl TileKernel for BlockKernel {
     }
 }
 
-/// The Q4_K kernels of [`kquant`].
-struct KKernel(KernelPath);
+/// The K-quant kernels of [`kquant`].
+struct KKernel(KernelPath, KFormat);
 
 impl TileKernel for KKernel {
     type Act = KActBlock;
@@ -271,7 +274,7 @@ impl TileKernel for KKernel {
         acts: [&[KActBlock]; R],
         out: &mut [[f32; TILE]; R],
     ) {
-        kquant::dot_tile(self.0, tile, acts, out);
+        kquant::dot_tile(self.0, self.1, tile, acts, out);
     }
 }
 
@@ -307,10 +310,10 @@ fn matmul(
             let kernel = BlockKernel(path, format);
             by_columns(&kernel, tiles, tile_bytes, &acts, (m, k, n), out, wide);
         }
-        Kind::Q4K => {
+        Kind::K(format) => {
             let acts = KActBlock::quantize_all(x);
             by_columns(
-                &KKernel(path),
+                &KKernel(path, format),
                 tiles,
                 tile_bytes,
                 &acts,
@@ -425,16 +428,21 @@ mod tests {
     use super::*;
 
     /// The formats our kernels cover.
-    const OURS: [GgmlDType; 4] = [
+    const OURS: [GgmlDType; 5] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
+        GgmlDType::Q6K,
     ];
 
-    /// Columns of the test matrices: one Q4_K super-block, four blocks of the others.
+    /// Columns of the test matrices: one K-quant super-block, four blocks of the others.
     fn width(dtype: GgmlDType) -> usize {
-        if dtype == GgmlDType::Q4K { 256 } else { 128 }
+        if Kind::of(dtype).is_some_and(|k| k.block() == SUPER) {
+            256
+        } else {
+            128
+        }
     }
 
     fn weights(dtype: GgmlDType, rows: usize, cols: usize) -> candle_core::Result<Arc<QTensor>> {
@@ -460,9 +468,9 @@ mod tests {
             .collect())
     }
 
-    /// Q4_1, Q8_0 and Q4_K outputs equal candle's bit for bit (Q4_K: candle's AVX2 kernel, which
-    /// it uses for these 200 rows, not a multiple of its repacked kernel's 16; on CPUs without
-    /// AVX2 candle orders its sums differently); Q4_0's, which sums each block in integers where
+    /// Q4_1, Q8_0, Q4_K and Q6_K outputs equal candle's bit for bit (the K-quants: candle's AVX2
+    /// kernels, which it uses for these 200 rows, not a multiple of its repacked kernels' 16; on
+    /// CPUs without AVX2 candle orders its sums differently); Q4_0's, which sums each block in integers where
     /// candle keeps eight float lanes, equal them up to float rounding.
     fn like_candle(
         dtype: GgmlDType,
@@ -471,7 +479,8 @@ mod tests {
         what: &str,
     ) -> candle_core::Result<()> {
         let avx2 = KernelPath::Avx2.supported();
-        if dtype != GgmlDType::Q4_0 && (dtype != GgmlDType::Q4K || avx2) {
+        let k_quant = Kind::of(dtype).is_some_and(|k| k.block() == SUPER);
+        if dtype != GgmlDType::Q4_0 && (!k_quant || avx2) {
             assert_eq!(bits(ours)?, bits(theirs)?, "{dtype:?} {what} vs candle");
             return Ok(());
         }
@@ -598,7 +607,7 @@ mod tests {
 
     #[test]
     fn other_formats_keep_candles_kernels() -> candle_core::Result<()> {
-        let w = weights(GgmlDType::Q6K, 16, 256)?;
+        let w = weights(GgmlDType::Q5K, 16, 256)?;
         assert!(matches!(
             Linear::new(QMatMul::QTensor(w)),
             Linear::Candle(_)
@@ -643,7 +652,10 @@ mod tests {
             .build()
             .expect("a thread pool");
         let kinds = [Format::Q4_0, Format::Q4_1, Format::Q8_0].map(Kind::Blocks);
-        for kind in kinds.into_iter().chain([Kind::Q4K]) {
+        for kind in kinds
+            .into_iter()
+            .chain([KFormat::Q4K, KFormat::Q6K].map(Kind::K))
+        {
             for (k, n) in [(576, 576), (2048, 5632)] {
                 if k % kind.block() != 0 {
                     continue;
@@ -657,13 +669,14 @@ mod tests {
                         Kind::Blocks(Format::Q4_1) => {
                             block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes())
                         }
-                        Kind::Q4K => block[2..4].copy_from_slice(&scale.to_le_bytes()),
+                        Kind::K(KFormat::Q4K) => block[2..4].copy_from_slice(&scale.to_le_bytes()),
+                        Kind::K(KFormat::Q6K) => block[208..].copy_from_slice(&scale.to_le_bytes()),
                         Kind::Blocks(_) => {}
                     }
                 }
                 let tiles = match kind {
                     Kind::Blocks(format) => repack(format, &gguf, n, blocks),
-                    Kind::Q4K => kquant::repack(&gguf, n, blocks),
+                    Kind::K(format) => kquant::repack(format, &gguf, n, blocks),
                 };
                 for m in [1, 16, 64, 256] {
                     let x: Vec<f32> = (0..m * k)
