@@ -1,4 +1,4 @@
-//! Dot products of a tile of four Q4_K or Q6_K weight rows with up to four activation rows
+//! Dot products of a tile of four Q4_K, Q5_K or Q6_K weight rows with up to four activation rows
 //! quantized to Q8_K, the K-quant counterpart of [`super::dot`].
 //!
 //! A Q4_K super-block holds 256 weights: an f16 scale `d` and minimum scale `dmin`, eight 6-bit
@@ -13,6 +13,9 @@
 //! low and high nibbles (and one 64-byte load four). The tile is 4 bytes per row bigger than the
 //! GGUF blocks (148 bytes instead of 144).
 //!
+//! Q5_K is Q4_K with a fifth bit per weight (32 bytes: bit `i` of byte `l` for value `l` of
+//! sub-block `i`), which the tile keeps as it is after the nibbles (180 bytes a row).
+//!
 //! A Q6_K super-block holds an f16 `d`, sixteen i8 scales (one per 16 values) and 6-bit quants
 //! biased by 32 (128 bytes of low nibbles, 64 of high bit pairs); weight = `d·sc·(q − 32)`. Its
 //! GGUF quants already give whole registers of 32 values, in order, from 32-byte loads; the tile
@@ -22,7 +25,8 @@
 //! activation row) pair, eight i32 lanes, lane `l` summing `sc·(q·y)` over values `4l..4l+4` of
 //! every register of 32 values; per super-block, eight float lanes `+= d·d_y · lane` (fused)
 //! and, for Q4_K, four lanes for the minimums (lane `l`: sub-blocks `2l` and `2l+1`)
-//! `+= −d_y·dmin · (m·Σy)`, summed at the end in candle's order. So outputs equal those of
+//! `+= −d_y·dmin · (m·Σy)`, summed at the end in candle's order (Q5_K: one float,
+//! `+= −d_y·dmin · Σ m·Σy` unfused, added last). So outputs equal those of
 //! candle's `vec_dot` kernels on x86-64 CPUs with AVX2 bit for bit (candle's portable fallback
 //! orders its sums differently, and its repacked x86 kernels, which it uses for matrices of a
 //! multiple of 16 rows, round each sub-block's sum on its own).
@@ -52,15 +56,18 @@ const SUB6: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KFormat {
     Q4K,
+    Q5K,
     Q6K,
 }
 
 impl KFormat {
     /// Bytes of a GGUF block: Q4_K's `d`, `dmin`, 12 bytes of packed scales and 128 of nibbles;
-    /// Q6_K's 128 bytes of low nibbles, 64 of high bits, 16 scales and `d`.
+    /// Q5_K's the same with 32 bytes of fifth bits before the nibbles; Q6_K's 128 bytes of low
+    /// nibbles, 64 of high bits, 16 scales and `d`.
     pub(crate) fn gguf_bytes(self) -> usize {
         match self {
             Self::Q4K => 144,
+            Self::Q5K => 176,
             Self::Q6K => 210,
         }
     }
@@ -69,6 +76,7 @@ impl KFormat {
     pub(crate) fn tile_bytes(self) -> usize {
         TILE * match self {
             Self::Q4K => 148,
+            Self::Q5K => 180,
             Self::Q6K => 210,
         }
     }
@@ -81,6 +89,8 @@ const DMIN: usize = 8;
 const SCALES: usize = 16;
 const MINS: usize = SCALES + TILE * SUBS;
 const QUANTS: usize = MINS + TILE * SUBS;
+/// Q5_K's fifth bits, after the quants.
+const FIFTH: usize = QUANTS + TILE * SUPER / 2;
 
 /// Offsets in a Q6_K tile block: the four `d`, the four rows' sixteen scales, then each row's
 /// low nibbles and high bits as in GGUF.
@@ -169,7 +179,11 @@ pub(crate) fn repack(format: KFormat, gguf: &[u8], rows: usize, blocks: usize) -
                 let at = ((t * TILE + w) * blocks + b) * gguf_bytes;
                 let block = &gguf[at..at + gguf_bytes];
                 match format {
-                    KFormat::Q4K => repack_q4k(block, w, out),
+                    KFormat::Q4K => repack_q4k(block, &block[16..], w, out),
+                    KFormat::Q5K => {
+                        repack_q4k(block, &block[48..], w, out);
+                        out[FIFTH + 32 * w..FIFTH + 32 * (w + 1)].copy_from_slice(&block[16..48]);
+                    }
                     KFormat::Q6K => {
                         out[D + 2 * w..D + 2 * w + 2].copy_from_slice(&block[208..210]);
                         let scales = SCALES6 + 16 * w;
@@ -184,8 +198,9 @@ pub(crate) fn repack(format: KFormat, gguf: &[u8], rows: usize, blocks: usize) -
     packed
 }
 
-/// Row `w` of a Q4_K tile block `out` from its GGUF `block`.
-fn repack_q4k(block: &[u8], w: usize, out: &mut [u8]) {
+/// Row `w` of a Q4_K tile block `out` (or all but Q5_K's fifth bits) from its GGUF `block`,
+/// whose nibbles are `nibbles`.
+fn repack_q4k(block: &[u8], nibbles: &[u8], w: usize, out: &mut [u8]) {
     out[D + 2 * w..D + 2 * w + 2].copy_from_slice(&block[0..2]);
     out[DMIN + 2 * w..DMIN + 2 * w + 2].copy_from_slice(&block[2..4]);
     for j in 0..SUBS {
@@ -195,7 +210,7 @@ fn repack_q4k(block: &[u8], w: usize, out: &mut [u8]) {
     }
     let quants = &mut out[QUANTS + 128 * w..QUANTS + 128 * (w + 1)];
     // GGUF: byte 32c + l holds value 64c + l low and 64c + 32 + l high.
-    for (i, &byte) in block[16..].iter().enumerate() {
+    for (i, &byte) in nibbles.iter().enumerate() {
         let (c, l) = (i / 32, i % 32);
         for (v, q) in [(64 * c + l, byte & 0x0f), (64 * c + 32 + l, byte >> 4)] {
             let (at, high) = nibble_at(v);
@@ -220,11 +235,23 @@ pub(crate) fn dot_tile<const R: usize>(
     // load stays inside `tile` and `acts`, whose lengths were checked above.
     match (path, format) {
         #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx512Vnni, KFormat::Q4K) => unsafe { vnni::q4k(tile, blocks, acts, out) },
+        (KernelPath::Avx512Vnni, KFormat::Q4K) => unsafe {
+            vnni::q4k::<R, false>(tile, blocks, acts, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        (KernelPath::Avx512Vnni, KFormat::Q5K) => unsafe {
+            vnni::q4k::<R, true>(tile, blocks, acts, out)
+        },
         #[cfg(target_arch = "x86_64")]
         (KernelPath::Avx512Vnni, KFormat::Q6K) => unsafe { vnni::q6k(tile, blocks, acts, out) },
         #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx2, KFormat::Q4K) => unsafe { avx2::q4k(tile, blocks, acts, out) },
+        (KernelPath::Avx2, KFormat::Q4K) => unsafe {
+            avx2::q4k::<R, false>(tile, blocks, acts, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        (KernelPath::Avx2, KFormat::Q5K) => unsafe {
+            avx2::q4k::<R, true>(tile, blocks, acts, out)
+        },
         #[cfg(target_arch = "x86_64")]
         (KernelPath::Avx2, KFormat::Q6K) => unsafe { avx2::q6k(tile, blocks, acts, out) },
         _ => portable::dot_tile(format, tile, blocks, acts, out),
@@ -252,17 +279,26 @@ pub(crate) mod portable {
     /// Row `w` of one tile block.
     pub(crate) fn unpack(format: KFormat, block: &[u8], w: usize) -> Row {
         match format {
-            KFormat::Q4K => {
+            KFormat::Q4K | KFormat::Q5K => {
                 let quants = &block[QUANTS + 128 * w..QUANTS + 128 * (w + 1)];
+                let fifth = |v: usize| {
+                    if format == KFormat::Q5K {
+                        let byte = block[FIFTH + 32 * w + v % SUB];
+                        i32::from(byte >> (v / SUB) & 1) << 4
+                    } else {
+                        0
+                    }
+                };
                 let sub = |from: usize, i: usize| i32::from(block[from + SUBS * w + i]);
                 Row {
                     q: std::array::from_fn(|v| {
                         let (at, high) = nibble_at(v);
-                        i32::from(if high {
+                        let nibble = if high {
                             quants[at] >> 4
                         } else {
                             quants[at] & 0x0f
-                        })
+                        };
+                        i32::from(nibble) + fifth(v)
                     }),
                     scales: std::array::from_fn(|i| sub(SCALES, i / 2)),
                     mins: std::array::from_fn(|i| sub(MINS, i)),
@@ -315,6 +351,7 @@ pub(crate) mod portable {
         let bytes = format.tile_bytes();
         let mut lanes = [[[0f32; 8]; TILE]; R];
         let mut mins = [[[0f32; 4]; TILE]; R];
+        let mut summs = [[0f32; TILE]; R];
         for b in 0..blocks {
             let block = &tile[b * bytes..(b + 1) * bytes];
             for w in 0..TILE {
@@ -334,12 +371,16 @@ pub(crate) mod portable {
                     for (lane, &sum) in lanes[r][w].iter_mut().zip(&sums) {
                         *lane = scale.mul_add(sum as f32, *lane);
                     }
-                    if format == KFormat::Q4K {
-                        let scale = -a.d * row.dmin;
-                        for (l, lane) in mins[r][w].iter_mut().enumerate() {
-                            let m = |i: usize| row.mins[i] * i32::from(a.sums[i]);
-                            *lane = scale.mul_add((m(2 * l) + m(2 * l + 1)) as f32, *lane);
+                    let scale = -a.d * row.dmin;
+                    let m = |i: usize| row.mins[i] * i32::from(a.sums[i]);
+                    match format {
+                        KFormat::Q4K => {
+                            for (l, lane) in mins[r][w].iter_mut().enumerate() {
+                                *lane = scale.mul_add((m(2 * l) + m(2 * l + 1)) as f32, *lane);
+                            }
                         }
+                        KFormat::Q5K => summs[r][w] += scale * (0..SUBS).map(m).sum::<i32>() as f32,
+                        KFormat::Q6K => {}
                     }
                 }
             }
@@ -347,9 +388,13 @@ pub(crate) mod portable {
         for r in 0..R {
             for w in 0..TILE {
                 out[r][w] = hsum8(lanes[r][w]);
-                if format == KFormat::Q4K {
-                    let m = mins[r][w];
-                    out[r][w] += (m[0] + m[2]) + (m[1] + m[3]);
+                match format {
+                    KFormat::Q4K => {
+                        let m = mins[r][w];
+                        out[r][w] += (m[0] + m[2]) + (m[1] + m[3]);
+                    }
+                    KFormat::Q5K => out[r][w] += summs[r][w],
+                    KFormat::Q6K => {}
                 }
             }
         }
@@ -409,26 +454,28 @@ macro_rules! k_kernels {
                 d
             }
 
-            /// Q4_K: see [`super::dot_tile`].
+            /// Q4_K, or Q5_K when `FIVE`: see [`super::dot_tile`].
             ///
             /// # Safety
             /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
             // Block `b` addresses both the tile's bytes and each activation row.
             #[allow(clippy::needless_range_loop)]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn q4k<const R: usize>(
+            pub(super) unsafe fn q4k<const R: usize, const FIVE: bool>(
                 tile: &[u8],
                 blocks: usize,
                 acts: [&[KActBlock]; R],
                 out: &mut [[f32; TILE]; R],
             ) {
-                let bytes = KFormat::Q4K.tile_bytes();
+                let format = if FIVE { KFormat::Q5K } else { KFormat::Q4K };
+                let bytes = format.tile_bytes();
                 // SAFETY: the CPU has the features; loads stay inside the blocks (see above).
                 unsafe {
                     let nibble = _mm256_set1_epi8(0x0f);
                     let mut lanes = [[_mm256_setzero_ps(); TILE]; R];
                     // Rows 0 and 1 (four lanes each), then rows 2 and 3.
                     let mut mins = [[_mm256_setzero_ps(); 2]; R];
+                    let mut summs = [[0f32; TILE]; R];
                     for b in 0..blocks {
                         let p = tile.as_ptr().add(b * bytes);
                         let d = scales_d(p);
@@ -450,6 +497,21 @@ macro_rules! k_kernels {
                         });
                         for r in 0..R {
                             let a = &acts[r][b];
+                            if FIVE {
+                                let mut dmin = [0f32; TILE];
+                                _mm_storeu_ps(
+                                    dmin.as_mut_ptr(),
+                                    _mm_cvtph_ps(_mm_loadl_epi64(p.add(DMIN).cast())),
+                                );
+                                for w in 0..TILE {
+                                    let m = p.add(MINS + SUBS * w);
+                                    let sum: i32 = (0..SUBS)
+                                        .map(|i| i32::from(*m.add(i)) * i32::from(a.sums[i]))
+                                        .sum();
+                                    summs[r][w] += -a.d * dmin[w] * sum as f32;
+                                }
+                                continue;
+                            }
                             let sums = _mm256_broadcastsi128_si256(_mm_loadu_si128(
                                 a.sums.as_ptr().cast(),
                             ));
@@ -466,12 +528,26 @@ macro_rules! k_kernels {
                             let scales = p.add(SCALES + SUBS * w);
                             let scale = |i: usize| _mm256_set1_epi16(i16::from(*scales.add(i)));
                             let quants = p.add(QUANTS + 128 * w);
+                            // Sub-block `i`'s fifth bits (bit `i` of each byte) as 16 or 0.
+                            let plus_fifth = |q: __m256i, i: usize| {
+                                if !FIVE {
+                                    return q;
+                                }
+                                let fifth = _mm256_loadu_si256(p.add(FIFTH + 32 * w).cast());
+                                let bit = _mm256_set1_epi8((1u8 << i) as i8);
+                                let set = _mm256_cmpeq_epi8(_mm256_and_si256(fifth, bit), bit);
+                                _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)))
+                            };
                             // Load `g` holds sub-blocks 4h + c (low nibbles) and 4h + 2 + c.
                             let subs: [[__m256i; 2]; 4] = std::array::from_fn(|g| {
                                 let x = _mm256_loadu_si256(quants.add(32 * g).cast());
+                                let i = 4 * (g / 2) + g % 2;
                                 [
-                                    _mm256_and_si256(x, nibble),
-                                    _mm256_and_si256(_mm256_srli_epi16::<4>(x), nibble),
+                                    plus_fifth(_mm256_and_si256(x, nibble), i),
+                                    plus_fifth(
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(x), nibble),
+                                        i + 2,
+                                    ),
                                 ]
                             });
                             for r in 0..R {
@@ -502,7 +578,8 @@ macro_rules! k_kernels {
                             } else {
                                 _mm256_extractf128_ps::<1>(pair)
                             };
-                            out[r][w] = hsum8(lanes[r][w]) + hsum4(m);
+                            out[r][w] =
+                                hsum8(lanes[r][w]) + if FIVE { summs[r][w] } else { hsum4(m) };
                         }
                     }
                 }
@@ -636,6 +713,7 @@ mod tests {
         .expect("tensor");
         let dtype = match format {
             KFormat::Q4K => GgmlDType::Q4K,
+            KFormat::Q5K => GgmlDType::Q5K,
             KFormat::Q6K => GgmlDType::Q6K,
         };
         let q = QTensor::quantize(&t, dtype).expect("quantize");
@@ -644,7 +722,7 @@ mod tests {
 
     #[test]
     fn repacking_keeps_each_values_quant_scale_and_minimum() {
-        for format in [KFormat::Q4K, KFormat::Q6K] {
+        for format in [KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
             let (bytes, gguf_bytes) = (format.tile_bytes(), format.gguf_bytes());
             let gguf = gguf_rows(format, TILE, 2, 9);
             let tile = repack(format, &gguf, TILE, 2);
@@ -665,9 +743,17 @@ mod tests {
                     }
                     assert_eq!(row.d, f16_at(0).to_f32());
                     assert_eq!(row.dmin, f16_at(2).to_f32());
-                    // Value 64c + 32 + l is the high nibble of byte 32c + l.
-                    assert_eq!(row.q[64 + 32 + 5], i32::from(block[16 + 32 + 5] >> 4));
-                    assert_eq!(row.q[200], i32::from(block[16 + 96 + 8] & 0x0f));
+                    // Value 64c + 32 + l is the high nibble of byte 32c + l; Q5_K's fifth bit
+                    // of value 32i + l is bit i of byte l.
+                    let (nibbles, five) = match format {
+                        KFormat::Q5K => (48, 1),
+                        _ => (16, 0),
+                    };
+                    let fifth = |l: usize, i: usize| five * (block[16 + l] >> i & 1);
+                    let q = (block[nibbles + 32 + 5] >> 4) + 16 * fifth(5, 3);
+                    assert_eq!(row.q[64 + 32 + 5], i32::from(q));
+                    let q = (block[nibbles + 96 + 8] & 0x0f) + 16 * fifth(8, 6);
+                    assert_eq!(row.q[200], i32::from(q));
                     // Sub-block 5: low nibble of byte 9, top bits of byte 1.
                     let packed = &block[4..16];
                     let five = (packed[9] & 0x0f) | ((packed[1] >> 6) << 4);
@@ -695,7 +781,7 @@ mod tests {
 
     #[test]
     fn every_path_equals_the_portable_code_bit_for_bit() {
-        for format in [KFormat::Q4K, KFormat::Q6K] {
+        for format in [KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
             for blocks in [1, 3] {
                 let gguf = gguf_rows(format, TILE, blocks, 11 + blocks as u64);
                 let tile = repack(format, &gguf, TILE, blocks);

@@ -37,7 +37,7 @@ const SERIAL_WORK: usize = 1 << 16;
 /// candle's otherwise.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
-    /// Q4_0, Q4_1, Q8_0, Q4_K or Q6_K weights on the CPU.
+    /// Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K weights on the CPU.
     Quant(QuantMatrix),
     /// Every other format or device.
     Candle(QMatMul),
@@ -87,6 +87,7 @@ impl Kind {
             GgmlDType::Q4_1 => Self::Blocks(Format::Q4_1),
             GgmlDType::Q8_0 => Self::Blocks(Format::Q8_0),
             GgmlDType::Q4K => Self::K(KFormat::Q4K),
+            GgmlDType::Q5K => Self::K(KFormat::Q5K),
             GgmlDType::Q6K => Self::K(KFormat::Q6K),
             _ => return None,
         })
@@ -155,7 +156,7 @@ impl QuantMatrix {
 
 impl QuantMatrix {
     /// Rows `ids` dequantized exactly as candle's `to_float` does (`q * d`, plus `m` for Q4_1;
-    /// `(d * sc) * q - dmin * m` for Q4_K, `(d * sc) * q` for Q6_K).
+    /// `(d * sc) * q - dmin * m` for Q4_K and Q5_K, `(d * sc) * q` for Q6_K).
     fn rows_f32(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let blocks = self.cols / self.kind.block();
         let tile_bytes = TILE * self.kind.row_bytes(self.cols);
@@ -180,7 +181,9 @@ impl QuantMatrix {
                         for (t, &q) in row.q.iter().enumerate() {
                             let d = row.d * row.scales[t / 16] as f32;
                             values.push(match format {
-                                KFormat::Q4K => d * q as f32 - row.dmin * row.mins[t / 32] as f32,
+                                KFormat::Q4K | KFormat::Q5K => {
+                                    d * q as f32 - row.dmin * row.mins[t / 32] as f32
+                                }
                                 KFormat::Q6K => d * q as f32,
                             });
                         }
@@ -428,11 +431,12 @@ mod tests {
     use super::*;
 
     /// The formats our kernels cover.
-    const OURS: [GgmlDType; 5] = [
+    const OURS: [GgmlDType; 6] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
+        GgmlDType::Q5K,
         GgmlDType::Q6K,
     ];
 
@@ -468,7 +472,7 @@ mod tests {
             .collect())
     }
 
-    /// Q4_1, Q8_0, Q4_K and Q6_K outputs equal candle's bit for bit (the K-quants: candle's AVX2
+    /// Q4_1, Q8_0, Q4_K, Q5_K and Q6_K outputs equal candle's bit for bit (the K-quants: candle's AVX2
     /// kernels, which it uses for these 200 rows, not a multiple of its repacked kernels' 16; on
     /// CPUs without AVX2 candle orders its sums differently); Q4_0's, which sums each block in integers where
     /// candle keeps eight float lanes, equal them up to float rounding.
@@ -607,7 +611,7 @@ mod tests {
 
     #[test]
     fn other_formats_keep_candles_kernels() -> candle_core::Result<()> {
-        let w = weights(GgmlDType::Q5K, 16, 256)?;
+        let w = weights(GgmlDType::Q3K, 16, 256)?;
         assert!(matches!(
             Linear::new(QMatMul::QTensor(w)),
             Linear::Candle(_)
@@ -654,7 +658,7 @@ mod tests {
         let kinds = [Format::Q4_0, Format::Q4_1, Format::Q8_0].map(Kind::Blocks);
         for kind in kinds
             .into_iter()
-            .chain([KFormat::Q4K, KFormat::Q6K].map(Kind::K))
+            .chain([KFormat::Q4K, KFormat::Q5K, KFormat::Q6K].map(Kind::K))
         {
             for (k, n) in [(576, 576), (2048, 5632)] {
                 if k % kind.block() != 0 {
@@ -669,7 +673,9 @@ mod tests {
                         Kind::Blocks(Format::Q4_1) => {
                             block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes())
                         }
-                        Kind::K(KFormat::Q4K) => block[2..4].copy_from_slice(&scale.to_le_bytes()),
+                        Kind::K(KFormat::Q4K | KFormat::Q5K) => {
+                            block[2..4].copy_from_slice(&scale.to_le_bytes())
+                        }
                         Kind::K(KFormat::Q6K) => block[208..].copy_from_slice(&scale.to_le_bytes()),
                         Kind::Blocks(_) => {}
                     }
