@@ -17,7 +17,9 @@ Set-up, all cached and reused:
 - the models: `smollm2` is SmolLM2-135M-Instruct Q4_1 (`lsplit fetch`); `tiny-q4_0` and
   `tiny-q8_0` are synthetic models of TinyLlama-1.1B's shape with random weights, written by
   `bench/make_synthetic_gguf.py` into ~/.cache/lambda-split/synthetic on first use (random
-  weights are fine for speed). A path to any other GGUF file works too. LSPLIT_CACHE_DIR moves
+  weights are fine for speed); `tiny-q4_k_m`, `tiny-q5_k_m` and `tiny-q6_k` are `tiny-q8_0`
+  requantized by llama.cpp's own quantizer (`bench/requantize_gguf.py`), next to it: the K-quant
+  mixes people download. A path to any other GGUF file works too. LSPLIT_CACHE_DIR moves
   ~/.cache/lambda-split, as it does for lsplit.
 
 What it measures, for each model and each engine (llama.cpp, lsplit unsplit, lsplit split with
@@ -62,10 +64,15 @@ CACHE = Path(os.environ.get("LSPLIT_CACHE_DIR", Path.home() / ".cache" / "lambda
 LLAMA_CPP_VERSION = "0.3.36"
 CONTEXT = 2048
 SYNTHETIC = {"tiny-q4_0": "q4_0", "tiny-q8_0": "q8_0"}
+# Made from tiny-q8_0 by llama.cpp's quantizer (bench/requantize_gguf.py), as people make theirs.
+REQUANTIZED = {"tiny-q4_k_m": "q4_k_m", "tiny-q5_k_m": "q5_k_m", "tiny-q6_k": "q6_k"}
 MODEL_LABELS = {
     "smollm2": "SmolLM2-135M-Instruct Q4_1",
     "tiny-q4_0": "1.1B shape (random) Q4_0",
     "tiny-q8_0": "1.1B shape (random) Q8_0",
+    "tiny-q4_k_m": "1.1B shape (random) Q4_K_M",
+    "tiny-q5_k_m": "1.1B shape (random) Q5_K_M",
+    "tiny-q6_k": "1.1B shape (random) Q6_K",
 }
 ENGINES = ["llama.cpp", "unsplit", "split"]
 
@@ -120,20 +127,26 @@ def last_line(command: list, **kwargs) -> str:
 def resolve_models(names: list[str], lsplit: Path, python: Path) -> dict[str, Path]:
     """Model name (or path) -> GGUF path, fetching or generating the models as needed."""
     smollm2 = Path(last_line([lsplit, "fetch"]))
+    def synthetic(qtype: str) -> Path:
+        return Path(last_line([python, BENCH / "make_synthetic_gguf.py",
+                               "--tokenizer-from", smollm2, "--type", qtype,
+                               "--out-dir", CACHE / "synthetic"]))
+
     models = {}
     for name in names:
         if name == "smollm2":
             models[name] = smollm2
         elif name in SYNTHETIC:
-            models[name] = Path(last_line([python, BENCH / "make_synthetic_gguf.py",
-                                           "--tokenizer-from", smollm2,
-                                           "--type", SYNTHETIC[name],
-                                           "--out-dir", CACHE / "synthetic"]))
+            models[name] = synthetic(SYNTHETIC[name])
+        elif name in REQUANTIZED:
+            models[name] = Path(last_line([python, BENCH / "requantize_gguf.py",
+                                           "--from", synthetic("q8_0"),
+                                           "--type", REQUANTIZED[name]]))
         elif Path(name).is_file():
             models[name] = Path(name)
         else:
-            raise SystemExit(f"unknown model {name!r}: give smollm2, tiny-q4_0, tiny-q8_0 or a "
-                             "path to a GGUF file")
+            raise SystemExit(f"unknown model {name!r}: give one of {', '.join(MODEL_LABELS)} "
+                             "or a path to a GGUF file")
     return models
 
 
@@ -253,8 +266,8 @@ def table(results: dict, models: dict[str, Path], args, command: str, minutes: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="smollm2,tiny-q4_0,tiny-q8_0",
-                        help="comma-separated names (smollm2, tiny-q4_0, tiny-q8_0) or GGUF "
-                        "paths [default: all three names]")
+                        help=f"comma-separated names ({', '.join(MODEL_LABELS)}) or GGUF paths "
+                        "[default: %(default)s]")
     parser.add_argument("--runs", type=int, default=5,
                         help="runs of each measure; medians are reported [default: 5]")
     parser.add_argument("--threads", type=int, default=2,
