@@ -6,7 +6,9 @@
 //! CPU has AVX-512 with VNNI, batches (prefill, the trunk server's shared steps) go through
 //! the `wide` kernel in groups of four rows, sixteen (weight row, activation row) pairs per
 //! instruction. The CPU's best [`KernelPath`] is chosen at run time; all paths compute the same
-//! bits. Formats we do not cover keep candle's (whose x86 kernels also choose AVX2 at run time).
+//! bits. Q5_0 and Q5_1 go through the same four-row kernels, and the K-quants Q4_K, Q5_K and
+//! Q6_K through [`kquant`]'s, with activations quantized per 256 values. Formats we do not cover
+//! (Q2_K, Q3_K, floats) keep candle's (whose x86 kernels also choose AVX2 at run time).
 
 mod dot;
 mod kquant;
@@ -37,7 +39,7 @@ const SERIAL_WORK: usize = 1 << 16;
 /// candle's otherwise.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
-    /// Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K weights on the CPU.
+    /// Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K weights on the CPU.
     Quant(QuantMatrix),
     /// Every other format or device.
     Candle(QMatMul),
@@ -86,6 +88,8 @@ impl Kind {
             GgmlDType::Q4_0 => Self::Blocks(Format::Q4_0),
             GgmlDType::Q4_1 => Self::Blocks(Format::Q4_1),
             GgmlDType::Q8_0 => Self::Blocks(Format::Q8_0),
+            GgmlDType::Q5_0 => Self::Blocks(Format::Q5_0),
+            GgmlDType::Q5_1 => Self::Blocks(Format::Q5_1),
             GgmlDType::Q4K => Self::K(KFormat::Q4K),
             GgmlDType::Q5K => Self::K(KFormat::Q5K),
             GgmlDType::Q6K => Self::K(KFormat::Q6K),
@@ -172,8 +176,8 @@ impl QuantMatrix {
                     Kind::Blocks(format) => {
                         let (v, d, min) = dot::portable::unpack(format, block)[id % TILE];
                         values.extend(v.iter().map(|&q| match format {
-                            Format::Q4_1 => q as f32 * d + min,
-                            Format::Q4_0 | Format::Q8_0 => q as f32 * d,
+                            Format::Q4_1 | Format::Q5_1 => q as f32 * d + min,
+                            Format::Q4_0 | Format::Q8_0 | Format::Q5_0 => q as f32 * d,
                         }));
                     }
                     Kind::K(format) => {
@@ -297,8 +301,8 @@ fn matmul(
             let blocks = k / BLOCK;
             let acts = ActBlock::quantize_all(path, x);
             #[cfg(target_arch = "x86_64")]
-            let groups =
-                (path == KernelPath::Avx512Vnni).then(|| wide::groups(format, &acts, blocks));
+            let groups = (path == KernelPath::Avx512Vnni && wide::covers(format))
+                .then(|| wide::groups(format, &acts, blocks));
             // Groups of four activation rows go through the wide kernel on the AVX-512 VNNI
             // path.
             let wide = |_weights: &[u8], _dst: &mut [f32]| -> usize {
@@ -431,10 +435,12 @@ mod tests {
     use super::*;
 
     /// The formats our kernels cover.
-    const OURS: [GgmlDType; 6] = [
+    const OURS: [GgmlDType; 8] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
@@ -472,7 +478,7 @@ mod tests {
             .collect())
     }
 
-    /// Q4_1, Q8_0, Q4_K, Q5_K and Q6_K outputs equal candle's bit for bit (the K-quants: candle's AVX2
+    /// Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K outputs equal candle's bit for bit (the K-quants: candle's AVX2
     /// kernels, which it uses for these 200 rows, not a multiple of its repacked kernels' 16; on
     /// CPUs without AVX2 candle orders its sums differently); Q4_0's, which sums each block in integers where
     /// candle keeps eight float lanes, equal them up to float rounding.
