@@ -36,6 +36,7 @@
 //! the scale's multiply-add.
 
 use half::f16;
+use rayon::prelude::*;
 
 use super::KernelPath;
 use super::dot::TILE;
@@ -112,8 +113,13 @@ pub(crate) struct KActBlock {
 impl KActBlock {
     /// Quantizes each block of 256 values of `xs` as candle's Q8_K code does: the value of
     /// largest magnitude (the first, on ties) maps to −127, `q = round(x · −127/max)`.
+    /// Long inputs (prefill, batches) are quantized on the thread pool.
     pub(crate) fn quantize_all(xs: &[f32]) -> Vec<Self> {
-        xs.chunks_exact(SUPER).map(Self::quantize).collect()
+        if xs.len() < 16 * SUPER {
+            xs.chunks_exact(SUPER).map(Self::quantize).collect()
+        } else {
+            xs.par_chunks_exact(SUPER).map(Self::quantize).collect()
+        }
     }
 
     fn quantize(xs: &[f32]) -> Self {
@@ -134,13 +140,25 @@ impl KActBlock {
         }
         let iscale = -127.0 / max;
         for (q, &x) in block.q.iter_mut().zip(xs) {
-            *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
+            *q = round(iscale * x).clamp(-128.0, 127.0) as i8;
         }
         for (sum, q) in block.sums.iter_mut().zip(block.q.chunks_exact(SUB)) {
             *sum = q.iter().map(|&q| i16::from(q)).sum();
         }
         block.d = 1.0 / iscale;
         block
+    }
+}
+
+/// `v.round()` (half away from zero; NaN to 0, which `as i8` makes of NaN anyway) without the
+/// library call that `round` is on x86-64 CPUs before SSE4.1, so that the loop vectorizes:
+/// `v - trunc(v)` is exact, and any `v` beyond `i32` saturates to a value clamped later.
+fn round(v: f32) -> f32 {
+    let t = v as i32 as f32;
+    if (v - t).abs() >= 0.5 {
+        t + 1f32.copysign(v)
+    } else {
+        t
     }
 }
 
@@ -777,6 +795,44 @@ mod tests {
             a[0].q[96..128].iter().map(|&q| i16::from(q)).sum::<i16>()
         );
         assert_eq!((a[1].d, a[1].q, a[1].sums), (0.0, [0; SUPER], [0; SUBS]));
+    }
+
+    #[test]
+    fn activations_equal_candles_q8k_bit_for_bit() {
+        let mut xs = values(8, 6 * SUPER);
+        // Ties (the largest value 127 makes the scale -1), ties of the largest magnitude,
+        // infinities, NaN, zeros, tiny and huge values.
+        for (i, x) in xs[..SUPER].iter_mut().enumerate() {
+            *x = if i == 0 {
+                -127.0
+            } else {
+                (i as f32 - 128.0) / 2.0
+            };
+        }
+        xs[SUPER + 3] = 0.9999;
+        xs[SUPER + 9] = -0.9999;
+        xs[2 * SUPER + 1] = f32::INFINITY;
+        xs[3 * SUPER + 2] = f32::NAN;
+        xs[4 * SUPER..5 * SUPER]
+            .iter_mut()
+            .for_each(|x| *x *= 1e-40);
+        xs[5 * SUPER..].iter_mut().for_each(|x| *x *= 1e30);
+        let ours = KActBlock::quantize_all(&xs);
+        let t = Tensor::from_vec(xs, (6, SUPER), &Device::Cpu).expect("tensor");
+        let theirs = QTensor::quantize(&t, GgmlDType::Q8K).expect("quantize");
+        let theirs = theirs.data().expect("bytes");
+        // candle's block: d (f32), 256 quants, sixteen i16 sums of 16.
+        for (a, block) in ours.iter().zip(theirs.chunks_exact(4 + SUPER + 32)) {
+            let d = f32::from_le_bytes(block[..4].try_into().expect("4 bytes"));
+            assert_eq!(a.d.to_bits(), d.to_bits());
+            assert_eq!(a.q.map(|q| q as u8), block[4..4 + SUPER]);
+            let sums16: Vec<i16> = block[4 + SUPER..]
+                .chunks_exact(2)
+                .map(|b| i16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            let sums32: Vec<i16> = sums16.chunks_exact(2).map(|s| s[0] + s[1]).collect();
+            assert_eq!(a.sums[..], sums32);
+        }
     }
 
     #[test]
