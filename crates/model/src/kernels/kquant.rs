@@ -420,9 +420,12 @@ pub(crate) mod portable {
 }
 
 /// The SIMD kernels, written once and compiled twice: into `avx2` for AVX2, FMA and F16C, and
-/// into `vnni` with AVX-512 VNNI and VL too, whose `vpdpwssd` adds the scaled products.
+/// into `vnni` with AVX-512 BW, VL and VNNI too. They differ in how each (weight row,
+/// activation row) pair's eight integer lanes are summed over a super-block: [`sums256`] a
+/// register of 32 values at a time, [`sums512`] 64 with `vpdpwssd` adding the scaled products
+/// (and its halves added at the end: the lanes' integer sums are the same).
 macro_rules! k_kernels {
-    ($module:ident, $features:literal, |$acc:ident, $products:ident, $scale:ident| $add:expr) => {
+    ($module:ident, $features:literal, $sums:ident) => {
         // VNNI's intrinsic is stable since Rust 1.89, which an x86-64 build needs; the
         // workspace's older MSRV holds for other targets.
         #[allow(clippy::incompatible_msrv)]
@@ -430,13 +433,6 @@ macro_rules! k_kernels {
             use std::arch::x86_64::*;
 
             use super::*;
-
-            /// `acc` plus the pairs of i16 `products` times the i16 `scale`, summed in pairs.
-            #[inline]
-            #[target_feature(enable = $features)]
-            fn add_scaled($acc: __m256i, $products: __m256i, $scale: __m256i) -> __m256i {
-                $add
-            }
 
             /// Sum of eight float lanes in the order of candle's `hsum_float_8`.
             #[inline]
@@ -489,7 +485,6 @@ macro_rules! k_kernels {
                 let bytes = format.tile_bytes();
                 // SAFETY: the CPU has the features; loads stay inside the blocks (see above).
                 unsafe {
-                    let nibble = _mm256_set1_epi8(0x0f);
                     let mut lanes = [[_mm256_setzero_ps(); TILE]; R];
                     // Rows 0 and 1 (four lanes each), then rows 2 and 3.
                     let mut mins = [[_mm256_setzero_ps(); 2]; R];
@@ -542,47 +537,13 @@ macro_rules! k_kernels {
                                 );
                             }
                         }
+                        let rows: [&KActBlock; R] = std::array::from_fn(|r| &acts[r][b]);
                         for w in 0..TILE {
-                            let scales = p.add(SCALES + SUBS * w);
-                            let scale = |i: usize| _mm256_set1_epi16(i16::from(*scales.add(i)));
-                            let quants = p.add(QUANTS + 128 * w);
-                            // Sub-block `i`'s fifth bits (bit `i` of each byte) as 16 or 0.
-                            let plus_fifth = |q: __m256i, i: usize| {
-                                if !FIVE {
-                                    return q;
-                                }
-                                let fifth = _mm256_loadu_si256(p.add(FIFTH + 32 * w).cast());
-                                let bit = _mm256_set1_epi8((1u8 << i) as i8);
-                                let set = _mm256_cmpeq_epi8(_mm256_and_si256(fifth, bit), bit);
-                                _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)))
-                            };
-                            // Load `g` holds sub-blocks 4h + c (low nibbles) and 4h + 2 + c.
-                            let subs: [[__m256i; 2]; 4] = std::array::from_fn(|g| {
-                                let x = _mm256_loadu_si256(quants.add(32 * g).cast());
-                                let i = 4 * (g / 2) + g % 2;
-                                [
-                                    plus_fifth(_mm256_and_si256(x, nibble), i),
-                                    plus_fifth(
-                                        _mm256_and_si256(_mm256_srli_epi16::<4>(x), nibble),
-                                        i + 2,
-                                    ),
-                                ]
-                            });
-                            for r in 0..R {
-                                let a = &acts[r][b];
-                                let y = a.q.as_ptr();
-                                let mut sum = _mm256_setzero_si256();
-                                for (g, pair) in subs.iter().enumerate() {
-                                    for (half, &q) in pair.iter().enumerate() {
-                                        let i = 4 * (g / 2) + g % 2 + 2 * half;
-                                        let ys = _mm256_loadu_si256(y.add(SUB * i).cast());
-                                        sum =
-                                            add_scaled(sum, _mm256_maddubs_epi16(q, ys), scale(i));
-                                    }
-                                }
+                            let sums = $sums::q4k::<R, FIVE>(p, w, rows);
+                            for (r, a) in rows.iter().enumerate() {
                                 lanes[r][w] = _mm256_fmadd_ps(
                                     _mm256_set1_ps(a.d * d[w]),
-                                    _mm256_cvtepi32_ps(sum),
+                                    _mm256_cvtepi32_ps(sums[r]),
                                     lanes[r][w],
                                 );
                             }
@@ -621,59 +582,17 @@ macro_rules! k_kernels {
                 let bytes = KFormat::Q6K.tile_bytes();
                 // SAFETY: the CPU has the features; loads stay inside the blocks (see above).
                 unsafe {
-                    let (nibble, two_bits) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
-                    let bias = _mm256_set1_epi8(32);
                     let mut lanes = [[_mm256_setzero_ps(); TILE]; R];
                     for b in 0..blocks {
                         let p = tile.as_ptr().add(b * bytes);
                         let d = scales_d(p);
+                        let rows: [&KActBlock; R] = std::array::from_fn(|r| &acts[r][b]);
                         for w in 0..TILE {
-                            let scales = _mm_loadu_si128(p.add(SCALES6 + SUPER / SUB6 * w).cast());
-                            // Register `k` takes scales 2k (its first 16 values) and 2k + 1.
-                            let scale = |k: i64| {
-                                let pick = _mm_set_epi64x(
-                                    (2 * k + 1) * 0x0101_0101_0101_0101,
-                                    2 * k * 0x0101_0101_0101_0101,
-                                );
-                                _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick))
-                            };
-                            let quants = p.add(QUANTS6 + QUANT6_BYTES * w);
-                            let q: [__m256i; 8] = std::array::from_fn(|k| {
-                                let (n, j) = (k / 4, k % 4);
-                                let low =
-                                    _mm256_loadu_si256(quants.add(64 * n + 32 * (j % 2)).cast());
-                                let low = if j < 2 {
-                                    low
-                                } else {
-                                    _mm256_srli_epi16::<4>(low)
-                                };
-                                let high = _mm256_loadu_si256(quants.add(128 + 32 * n).cast());
-                                let high = match j {
-                                    0 => high,
-                                    1 => _mm256_srli_epi16::<2>(high),
-                                    2 => _mm256_srli_epi16::<4>(high),
-                                    _ => _mm256_srli_epi16::<6>(high),
-                                };
-                                _mm256_or_si256(
-                                    _mm256_and_si256(low, nibble),
-                                    _mm256_slli_epi16::<4>(_mm256_and_si256(high, two_bits)),
-                                )
-                            });
-                            for r in 0..R {
-                                let a = &acts[r][b];
-                                let y = a.q.as_ptr();
-                                let mut sum = _mm256_setzero_si256();
-                                for (k, &q) in q.iter().enumerate() {
-                                    let ys = _mm256_loadu_si256(y.add(32 * k).cast());
-                                    let products = _mm256_sub_epi16(
-                                        _mm256_maddubs_epi16(q, ys),
-                                        _mm256_maddubs_epi16(bias, ys),
-                                    );
-                                    sum = add_scaled(sum, products, scale(k as i64));
-                                }
+                            let sums = $sums::q6k::<R>(p, w, rows);
+                            for (r, a) in rows.iter().enumerate() {
                                 lanes[r][w] = _mm256_fmadd_ps(
                                     _mm256_set1_ps(a.d * d[w]),
-                                    _mm256_cvtepi32_ps(sum),
+                                    _mm256_cvtepi32_ps(sums[r]),
                                     lanes[r][w],
                                 );
                             }
@@ -691,15 +610,299 @@ macro_rules! k_kernels {
 }
 
 #[cfg(target_arch = "x86_64")]
-k_kernels!(avx2, "avx2,fma,f16c", |acc, products, scale| {
-    _mm256_add_epi32(acc, _mm256_madd_epi16(products, scale))
-});
+k_kernels!(avx2, "avx2,fma,f16c", sums256);
 #[cfg(target_arch = "x86_64")]
 k_kernels!(
     vnni,
-    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-    |acc, products, scale| _mm256_dpwssd_epi32(acc, products, scale)
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    sums512
 );
+
+/// Each pair's eight integer lanes over one super-block, 256 bits at a time (AVX2).
+#[cfg(target_arch = "x86_64")]
+mod sums256 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// Q4_K, or Q5_K when `FIVE`: row `w` of the tile block at `p` against each of `acts`.
+    ///
+    /// # Safety
+    /// `p` is a tile block of the format; the CPU has AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4k<const R: usize, const FIVE: bool>(
+        p: *const u8,
+        w: usize,
+        acts: [&KActBlock; R],
+    ) -> [__m256i; R] {
+        // SAFETY: loads stay inside the tile block and the activation blocks (see above).
+        unsafe {
+            let nibble = _mm256_set1_epi8(0x0f);
+            let scales = p.add(SCALES + SUBS * w);
+            let scale = |i: usize| _mm256_set1_epi16(i16::from(*scales.add(i)));
+            let quants = p.add(QUANTS + 128 * w);
+            // Sub-block `i`'s fifth bits (bit `i` of each byte) as 16 or 0.
+            let plus_fifth = |q: __m256i, i: usize| {
+                if !FIVE {
+                    return q;
+                }
+                let fifth = _mm256_loadu_si256(p.add(FIFTH + 32 * w).cast());
+                let bit = _mm256_set1_epi8((1u8 << i) as i8);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(fifth, bit), bit);
+                _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)))
+            };
+            // Load `g` holds sub-blocks 4h + c (low nibbles) and 4h + 2 + c.
+            let subs: [[__m256i; 2]; 4] = std::array::from_fn(|g| {
+                let x = _mm256_loadu_si256(quants.add(32 * g).cast());
+                let i = 4 * (g / 2) + g % 2;
+                [
+                    plus_fifth(_mm256_and_si256(x, nibble), i),
+                    plus_fifth(_mm256_and_si256(_mm256_srli_epi16::<4>(x), nibble), i + 2),
+                ]
+            });
+            acts.map(|a| {
+                let y = a.q.as_ptr();
+                let mut sum = _mm256_setzero_si256();
+                for (g, pair) in subs.iter().enumerate() {
+                    for (half, &q) in pair.iter().enumerate() {
+                        let i = 4 * (g / 2) + g % 2 + 2 * half;
+                        let ys = _mm256_loadu_si256(y.add(SUB * i).cast());
+                        let products = _mm256_maddubs_epi16(q, ys);
+                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(products, scale(i)));
+                    }
+                }
+                sum
+            })
+        }
+    }
+
+    /// Q6_K: row `w` of the tile block at `p` against each of `acts`. Each register of 32
+    /// values takes the products of the unsigned quants, less 32 times the activations (exact
+    /// in i16), times the scales of its two sixteens.
+    ///
+    /// # Safety
+    /// `p` is a Q6_K tile block; the CPU has AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q6k<const R: usize>(
+        p: *const u8,
+        w: usize,
+        acts: [&KActBlock; R],
+    ) -> [__m256i; R] {
+        // SAFETY: loads stay inside the tile block and the activation blocks (see above).
+        unsafe {
+            let (nibble, two_bits) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
+            let bias = _mm256_set1_epi8(32);
+            let scales = _mm_loadu_si128(p.add(SCALES6 + SUPER / SUB6 * w).cast());
+            // Register `k` takes scales 2k (its first 16 values) and 2k + 1.
+            let scale = |k: i64| {
+                let pick = _mm_set_epi64x(
+                    (2 * k + 1) * 0x0101_0101_0101_0101,
+                    2 * k * 0x0101_0101_0101_0101,
+                );
+                _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick))
+            };
+            let quants = p.add(QUANTS6 + QUANT6_BYTES * w);
+            let q: [__m256i; 8] = std::array::from_fn(|k| {
+                let (n, j) = (k / 4, k % 4);
+                let low = _mm256_loadu_si256(quants.add(64 * n + 32 * (j % 2)).cast());
+                let low = if j < 2 {
+                    low
+                } else {
+                    _mm256_srli_epi16::<4>(low)
+                };
+                let high = _mm256_loadu_si256(quants.add(128 + 32 * n).cast());
+                let high = match j {
+                    0 => high,
+                    1 => _mm256_srli_epi16::<2>(high),
+                    2 => _mm256_srli_epi16::<4>(high),
+                    _ => _mm256_srli_epi16::<6>(high),
+                };
+                _mm256_or_si256(
+                    _mm256_and_si256(low, nibble),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(high, two_bits)),
+                )
+            });
+            acts.map(|a| {
+                let y = a.q.as_ptr();
+                let mut sum = _mm256_setzero_si256();
+                for (k, &q) in q.iter().enumerate() {
+                    let ys = _mm256_loadu_si256(y.add(32 * k).cast());
+                    let products = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(q, ys),
+                        _mm256_maddubs_epi16(bias, ys),
+                    );
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(products, scale(k as i64)));
+                }
+                sum
+            })
+        }
+    }
+}
+
+/// Each pair's eight integer lanes over one super-block, 512 bits at a time (AVX-512 BW and
+/// VNNI): registers of 64 values, two Q4_K sub-blocks or four Q6_K sixteens, whose halves are
+/// added at the end.
+#[cfg(target_arch = "x86_64")]
+// AVX-512 intrinsics are stable since Rust 1.89, which an x86-64 build needs; the workspace's
+// older MSRV holds for other targets.
+#[allow(clippy::incompatible_msrv)]
+mod sums512 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// The two halves of `x` added: lane `l` of every 32 values' lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn fold(x: __m512i) -> __m256i {
+        _mm256_add_epi32(_mm512_castsi512_si256(x), _mm512_extracti64x4_epi64::<1>(x))
+    }
+
+    /// See [`super::sums256::q4k`].
+    ///
+    /// # Safety
+    /// `p` is a tile block of the format; the CPU has AVX-512 BW and VNNI.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q4k<const R: usize, const FIVE: bool>(
+        p: *const u8,
+        w: usize,
+        acts: [&KActBlock; R],
+    ) -> [__m256i; R] {
+        // SAFETY: loads stay inside the tile block and the activation blocks (see above).
+        unsafe {
+            let nibble = _mm512_set1_epi8(0x0f);
+            let second = 0xffff_ffff_0000_0000u64;
+            let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(
+                p.add(SCALES + SUBS * w).cast(),
+            )));
+            // The register of sub-blocks `i` and `i + 1`: scale `i` in its first 16 i16 lanes.
+            let scale = |i: usize| {
+                let pick = _mm512_mask_blend_epi16(
+                    0xffff_0000,
+                    _mm512_set1_epi16(i as i16),
+                    _mm512_set1_epi16(i as i16 + 1),
+                );
+                _mm512_permutexvar_epi16(pick, scales)
+            };
+            let fifth = if FIVE {
+                _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(FIFTH + 32 * w).cast()))
+            } else {
+                _mm512_setzero_si512()
+            };
+            // Register `k`: half `h = k / 2`, low nibbles (sub-blocks 4h and 4h + 1) or high
+            // ones (4h + 2 and 4h + 3).
+            let quants = p.add(QUANTS + 128 * w);
+            let subs: [(__m512i, usize); 4] = std::array::from_fn(|k| {
+                let (h, high) = (k / 2, k % 2);
+                let x = _mm512_loadu_si512(quants.add(64 * h).cast());
+                let x = if high == 1 {
+                    _mm512_srli_epi16::<4>(x)
+                } else {
+                    x
+                };
+                let q = _mm512_and_si512(x, nibble);
+                let i = 4 * h + 2 * high;
+                let q = if FIVE {
+                    let bits = _mm512_mask_blend_epi8(
+                        second,
+                        _mm512_set1_epi8((1u8 << i) as i8),
+                        _mm512_set1_epi8((1u8 << (i + 1)) as i8),
+                    );
+                    let set = _mm512_test_epi8_mask(fifth, bits);
+                    _mm512_mask_add_epi8(q, set, q, _mm512_set1_epi8(16))
+                } else {
+                    q
+                };
+                (q, i)
+            });
+            let scales = subs.map(|(_, i)| scale(i));
+            acts.map(|a| {
+                let y = a.q.as_ptr();
+                let mut sum = _mm512_setzero_si512();
+                for (&(q, i), &scale) in subs.iter().zip(&scales) {
+                    let ys = _mm512_loadu_si512(y.add(SUB * i).cast());
+                    sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(q, ys), scale);
+                }
+                fold(sum)
+            })
+        }
+    }
+
+    /// See [`super::sums256::q6k`].
+    ///
+    /// # Safety
+    /// `p` is a Q6_K tile block; the CPU has AVX-512 BW and VNNI.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q6k<const R: usize>(
+        p: *const u8,
+        w: usize,
+        acts: [&KActBlock; R],
+    ) -> [__m256i; R] {
+        // SAFETY: loads stay inside the tile block and the activation blocks (see above).
+        unsafe {
+            let (nibble, two_bits) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(3));
+            let bias = _mm512_set1_epi8(32);
+            let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                p.add(SCALES6 + SUPER / SUB6 * w).cast(),
+            )));
+            // Register `k` of 64 values: i16 lane `j` takes scale 4k + j / 8.
+            let eighths = _mm512_set_epi64(
+                3 * 0x0001_0001_0001_0001,
+                3 * 0x0001_0001_0001_0001,
+                2 * 0x0001_0001_0001_0001,
+                2 * 0x0001_0001_0001_0001,
+                0x0001_0001_0001_0001,
+                0x0001_0001_0001_0001,
+                0,
+                0,
+            );
+            let scale = |k: usize| {
+                let pick = _mm512_add_epi16(eighths, _mm512_set1_epi16(4 * k as i16));
+                _mm512_permutexvar_epi16(pick, scales)
+            };
+            // Register `k`: values 64k..64k+64, the low (k even) or high nibbles of 64 bytes,
+            // their top bits at bits 0 and 2 (k even) or 4 and 6 of 32 bytes.
+            let quants = p.add(QUANTS6 + QUANT6_BYTES * w);
+            let q: [__m512i; 4] = std::array::from_fn(|k| {
+                let (n, high) = (k / 2, k % 2);
+                let low = _mm512_loadu_si512(quants.add(64 * n).cast());
+                let low = if high == 1 {
+                    _mm512_srli_epi16::<4>(low)
+                } else {
+                    low
+                };
+                let top =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(quants.add(128 + 32 * n).cast()));
+                let shift = 4 * high as i16;
+                let shifts = _mm512_mask_blend_epi16(
+                    0xffff_0000,
+                    _mm512_set1_epi16(shift),
+                    _mm512_set1_epi16(shift + 2),
+                );
+                let top = _mm512_and_si512(_mm512_srlv_epi16(top, shifts), two_bits);
+                _mm512_or_si512(_mm512_and_si512(low, nibble), _mm512_slli_epi16::<4>(top))
+            });
+            let scales: [__m512i; 4] = std::array::from_fn(scale);
+            acts.map(|a| {
+                let y = a.q.as_ptr();
+                let mut sum = _mm512_setzero_si512();
+                for (k, (&q, &scale)) in q.iter().zip(&scales).enumerate() {
+                    let ys = _mm512_loadu_si512(y.add(64 * k).cast());
+                    let products = _mm512_sub_epi16(
+                        _mm512_maddubs_epi16(q, ys),
+                        _mm512_maddubs_epi16(bias, ys),
+                    );
+                    sum = _mm512_dpwssd_epi32(sum, products, scale);
+                }
+                fold(sum)
+            })
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
