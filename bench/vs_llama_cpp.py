@@ -28,6 +28,7 @@ What it measures, for each model and each engine (llama.cpp, lsplit unsplit, lsp
 - decode tokens/s for 64 greedy tokens after a 1000-token prompt (positions 1000..1063);
 - prefill tokens/s of a 256-token prompt;
 - the peak resident memory (RSS) of the engine's processes.
+`--measures` picks some of the three (e.g. `short,prefill` for a quicker run).
 Each measure of each engine runs in a process of its own (llama.cpp: `bench/llama_cpp_worker.py`;
 lsplit: `lsplit bench --runs 1 --only unsplit|split --warmup --json`), which first passes one token
 through the model untimed. The engines take turns, measure by measure, `--runs` times, and the
@@ -95,7 +96,7 @@ class Measure:
 SHORT = Measure(prompt_tokens=10, decode_tokens=128, rate="decode")
 LONG = Measure(prompt_tokens=1000, decode_tokens=64, rate="decode")
 PREFILL = Measure(prompt_tokens=256, decode_tokens=0, rate="prefill")
-MEASURES = [SHORT, LONG, PREFILL]
+MEASURES = {"short": SHORT, "long": LONG, "prefill": PREFILL}
 
 
 def log(message: str) -> None:
@@ -188,10 +189,10 @@ def run_engine(engine: str, model: Path, measure: Measure, args, python: Path,
 
 def benchmark(name: str, model: Path, args, python: Path, lsplit: Path) -> dict:
     """Rates per (measure label, engine) and peak RSS per engine, over all runs."""
-    rates = {(m.label, e): [] for m in MEASURES for e in ENGINES}
+    rates = {(m.label, e): [] for m in args.measures for e in ENGINES}
     peak = dict.fromkeys(ENGINES, 0.0)
     for run in range(args.runs):
-        for measure in MEASURES:
+        for measure in args.measures:
             order = ENGINES[run % len(ENGINES):] + ENGINES[:run % len(ENGINES)]
             for engine in order:
                 rate, rss = run_engine(engine, model, measure, args, python, lsplit)
@@ -240,14 +241,17 @@ def table(results: dict, models: dict[str, Path], args, command: str, minutes: f
     for name, result in results.items():
         label = MODEL_LABELS.get(name, models[name].name)
         rates = result["rates"]
-        for measure in MEASURES:
+        for measure in args.measures:
             llama, whole, parts = (rates[measure.label, e] for e in ENGINES)
             lines.append(f"| {label} | {measure.label} | {llama:.1f} | {whole:.1f} | {parts:.1f} "
                          f"| {ratio(whole, llama)} | {ratio(parts, llama)} "
                          f"| {ratio(parts, whole)} |")
-        llama, whole, parts = (ratio(rates[LONG.label, e], rates[SHORT.label, e]) for e in ENGINES)
-        lines.append(f"| {label} | decode from position {LONG.prompt_tokens} / from position "
-                     f"{SHORT.prompt_tokens} | {llama} | {whole} | {parts} | | | |")
+        if LONG in args.measures and SHORT in args.measures:
+            llama, whole, parts = (ratio(rates[LONG.label, e], rates[SHORT.label, e])
+                                   for e in ENGINES)
+            lines.append(f"| {label} | decode from position {LONG.prompt_tokens} / from "
+                         f"position {SHORT.prompt_tokens} | {llama} | {whole} | {parts} "
+                         "| | | |")
         llama, whole, parts = (result["peak"][e] for e in ENGINES)
         lines.append(f"| {label} | peak RSS (MiB) | {llama:.0f} | {whole:.0f} | {parts:.0f} "
                      f"| {ratio(whole, llama)} | {ratio(parts, llama)} | {ratio(parts, whole)} |")
@@ -268,6 +272,9 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,tiny-q4_0,tiny-q8_0",
                         help=f"comma-separated names ({', '.join(MODEL_LABELS)}) or GGUF paths "
                         "[default: %(default)s]")
+    parser.add_argument("--measures", default="short,long,prefill",
+                        help="comma-separated measures: short (decode from position 10), long "
+                        "(decode from position 1000), prefill [default: %(default)s]")
     parser.add_argument("--runs", type=int, default=5,
                         help="runs of each measure; medians are reported [default: 5]")
     parser.add_argument("--threads", type=int, default=2,
@@ -284,6 +291,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    unknown = set(args.measures.split(",")) - set(MEASURES)
+    if unknown:
+        parser.error(f"unknown measures {sorted(unknown)}: give {', '.join(MEASURES)}")
+    args.measures = [MEASURES[m] for m in args.measures.split(",")]
 
     started = time.monotonic()
     python = ensure_venv(args.venv)

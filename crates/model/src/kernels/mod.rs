@@ -258,7 +258,7 @@ trait TileKernel: Sync {
     fn dot<const R: usize>(&self, tile: &[u8], acts: [&[Self::Act]; R], out: &mut [[f32; TILE]; R]);
 }
 
-/// The Q4_0, Q4_1 and Q8_0 kernels of [`dot`].
+/// The Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 kernels of [`dot`].
 struct BlockKernel(KernelPath, Format);
 
 impl TileKernel for BlockKernel {
