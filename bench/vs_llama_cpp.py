@@ -17,7 +17,9 @@ Set-up, all cached and reused:
 - the models: `smollm2` is SmolLM2-135M-Instruct Q4_1 (`lsplit fetch`); `tiny-q4_0` and
   `tiny-q8_0` are synthetic models of TinyLlama-1.1B's shape with random weights, written by
   `bench/make_synthetic_gguf.py` into ~/.cache/lambda-split/synthetic on first use (random
-  weights are fine for speed). A path to any other GGUF file works too. LSPLIT_CACHE_DIR moves
+  weights are fine for speed); `tiny-q4_k_m`, `tiny-q5_k_m` and `tiny-q6_k` are `tiny-q8_0`
+  requantized by llama.cpp's own quantizer (`bench/requantize_gguf.py`), next to it: the K-quant
+  mixes people download. A path to any other GGUF file works too. LSPLIT_CACHE_DIR moves
   ~/.cache/lambda-split, as it does for lsplit.
 
 What it measures, for each model and each engine (llama.cpp, lsplit unsplit, lsplit split with
@@ -26,6 +28,7 @@ What it measures, for each model and each engine (llama.cpp, lsplit unsplit, lsp
 - decode tokens/s for 64 greedy tokens after a 1000-token prompt (positions 1000..1063);
 - prefill tokens/s of a 256-token prompt;
 - the peak resident memory (RSS) of the engine's processes.
+`--measures` picks some of the three (e.g. `short,prefill` for a quicker run).
 Each measure of each engine runs in a process of its own (llama.cpp: `bench/llama_cpp_worker.py`;
 lsplit: `lsplit bench --runs 1 --only unsplit|split --warmup --json`), which first passes one token
 through the model untimed. The engines take turns, measure by measure, `--runs` times, and the
@@ -62,10 +65,15 @@ CACHE = Path(os.environ.get("LSPLIT_CACHE_DIR", Path.home() / ".cache" / "lambda
 LLAMA_CPP_VERSION = "0.3.36"
 CONTEXT = 2048
 SYNTHETIC = {"tiny-q4_0": "q4_0", "tiny-q8_0": "q8_0"}
+# Made from tiny-q8_0 by llama.cpp's quantizer (bench/requantize_gguf.py), as people make theirs.
+REQUANTIZED = {"tiny-q4_k_m": "q4_k_m", "tiny-q5_k_m": "q5_k_m", "tiny-q6_k": "q6_k"}
 MODEL_LABELS = {
     "smollm2": "SmolLM2-135M-Instruct Q4_1",
     "tiny-q4_0": "1.1B shape (random) Q4_0",
     "tiny-q8_0": "1.1B shape (random) Q8_0",
+    "tiny-q4_k_m": "1.1B shape (random) Q4_K_M",
+    "tiny-q5_k_m": "1.1B shape (random) Q5_K_M",
+    "tiny-q6_k": "1.1B shape (random) Q6_K",
 }
 ENGINES = ["llama.cpp", "unsplit", "split"]
 
@@ -88,7 +96,7 @@ class Measure:
 SHORT = Measure(prompt_tokens=10, decode_tokens=128, rate="decode")
 LONG = Measure(prompt_tokens=1000, decode_tokens=64, rate="decode")
 PREFILL = Measure(prompt_tokens=256, decode_tokens=0, rate="prefill")
-MEASURES = [SHORT, LONG, PREFILL]
+MEASURES = {"short": SHORT, "long": LONG, "prefill": PREFILL}
 
 
 def log(message: str) -> None:
@@ -120,20 +128,26 @@ def last_line(command: list, **kwargs) -> str:
 def resolve_models(names: list[str], lsplit: Path, python: Path) -> dict[str, Path]:
     """Model name (or path) -> GGUF path, fetching or generating the models as needed."""
     smollm2 = Path(last_line([lsplit, "fetch"]))
+    def synthetic(qtype: str) -> Path:
+        return Path(last_line([python, BENCH / "make_synthetic_gguf.py",
+                               "--tokenizer-from", smollm2, "--type", qtype,
+                               "--out-dir", CACHE / "synthetic"]))
+
     models = {}
     for name in names:
         if name == "smollm2":
             models[name] = smollm2
         elif name in SYNTHETIC:
-            models[name] = Path(last_line([python, BENCH / "make_synthetic_gguf.py",
-                                           "--tokenizer-from", smollm2,
-                                           "--type", SYNTHETIC[name],
-                                           "--out-dir", CACHE / "synthetic"]))
+            models[name] = synthetic(SYNTHETIC[name])
+        elif name in REQUANTIZED:
+            models[name] = Path(last_line([python, BENCH / "requantize_gguf.py",
+                                           "--from", synthetic("q8_0"),
+                                           "--type", REQUANTIZED[name]]))
         elif Path(name).is_file():
             models[name] = Path(name)
         else:
-            raise SystemExit(f"unknown model {name!r}: give smollm2, tiny-q4_0, tiny-q8_0 or a "
-                             "path to a GGUF file")
+            raise SystemExit(f"unknown model {name!r}: give one of {', '.join(MODEL_LABELS)} "
+                             "or a path to a GGUF file")
     return models
 
 
@@ -175,10 +189,10 @@ def run_engine(engine: str, model: Path, measure: Measure, args, python: Path,
 
 def benchmark(name: str, model: Path, args, python: Path, lsplit: Path) -> dict:
     """Rates per (measure label, engine) and peak RSS per engine, over all runs."""
-    rates = {(m.label, e): [] for m in MEASURES for e in ENGINES}
+    rates = {(m.label, e): [] for m in args.measures for e in ENGINES}
     peak = dict.fromkeys(ENGINES, 0.0)
     for run in range(args.runs):
-        for measure in MEASURES:
+        for measure in args.measures:
             order = ENGINES[run % len(ENGINES):] + ENGINES[:run % len(ENGINES)]
             for engine in order:
                 rate, rss = run_engine(engine, model, measure, args, python, lsplit)
@@ -227,14 +241,17 @@ def table(results: dict, models: dict[str, Path], args, command: str, minutes: f
     for name, result in results.items():
         label = MODEL_LABELS.get(name, models[name].name)
         rates = result["rates"]
-        for measure in MEASURES:
+        for measure in args.measures:
             llama, whole, parts = (rates[measure.label, e] for e in ENGINES)
             lines.append(f"| {label} | {measure.label} | {llama:.1f} | {whole:.1f} | {parts:.1f} "
                          f"| {ratio(whole, llama)} | {ratio(parts, llama)} "
                          f"| {ratio(parts, whole)} |")
-        llama, whole, parts = (ratio(rates[LONG.label, e], rates[SHORT.label, e]) for e in ENGINES)
-        lines.append(f"| {label} | decode from position {LONG.prompt_tokens} / from position "
-                     f"{SHORT.prompt_tokens} | {llama} | {whole} | {parts} | | | |")
+        if LONG in args.measures and SHORT in args.measures:
+            llama, whole, parts = (ratio(rates[LONG.label, e], rates[SHORT.label, e])
+                                   for e in ENGINES)
+            lines.append(f"| {label} | decode from position {LONG.prompt_tokens} / from "
+                         f"position {SHORT.prompt_tokens} | {llama} | {whole} | {parts} "
+                         "| | | |")
         llama, whole, parts = (result["peak"][e] for e in ENGINES)
         lines.append(f"| {label} | peak RSS (MiB) | {llama:.0f} | {whole:.0f} | {parts:.0f} "
                      f"| {ratio(whole, llama)} | {ratio(parts, llama)} | {ratio(parts, whole)} |")
@@ -253,8 +270,11 @@ def table(results: dict, models: dict[str, Path], args, command: str, minutes: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="smollm2,tiny-q4_0,tiny-q8_0",
-                        help="comma-separated names (smollm2, tiny-q4_0, tiny-q8_0) or GGUF "
-                        "paths [default: all three names]")
+                        help=f"comma-separated names ({', '.join(MODEL_LABELS)}) or GGUF paths "
+                        "[default: %(default)s]")
+    parser.add_argument("--measures", default="short,long,prefill",
+                        help="comma-separated measures: short (decode from position 10), long "
+                        "(decode from position 1000), prefill [default: %(default)s]")
     parser.add_argument("--runs", type=int, default=5,
                         help="runs of each measure; medians are reported [default: 5]")
     parser.add_argument("--threads", type=int, default=2,
@@ -271,6 +291,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    unknown = set(args.measures.split(",")) - set(MEASURES)
+    if unknown:
+        parser.error(f"unknown measures {sorted(unknown)}: give {', '.join(MEASURES)}")
+    args.measures = [MEASURES[m] for m in args.measures.split(",")]
 
     started = time.monotonic()
     python = ensure_venv(args.venv)

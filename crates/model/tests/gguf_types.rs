@@ -2,8 +2,9 @@
 //! written with its matrices in that type (tied and untied LM head), then
 //! - our whole model's prompt logits are bit-identical to candle-transformers'
 //!   `quantized_llama`'s (but for Q4_0, whose blocks our kernels sum in integers, and Q8_0 on
-//!   VNNI CPUs, below), and fed candle's 16 greedy tokens it chooses the same tokens with
-//!   logits within 10% of the largest (measured: at most 3%, and 6% for the prompt in Q8_0,
+//!   VNNI CPUs and Q4K on x86-64, where candle uses repacked kernels of its own, below), and
+//!   fed candle's 16 greedy tokens it chooses the same tokens with logits within 10% of the
+//!   largest (measured: at most 3%, and 6% for the prompt in Q8_0,
 //!   whose 256-wide rows candle multiplies with a kernel of its own on VNNI CPUs), and
 //! - split runs (head → trunk → tail) give logits bit-identical to the unsplit run.
 //!
@@ -55,11 +56,18 @@ fn check_splits(source: &ModelSource, tokens: &[u32], whole_logits: &[Vec<f32>],
 }
 
 fn check_type(dtype: GgmlDType, seed: u64) {
+    check_models(dtype, seed, |_| {});
+}
+
+/// [`check_type`] on the models of `dtype` after `edit` (which may change some tensors' types).
+fn check_models(dtype: GgmlDType, seed: u64, edit: impl Fn(&mut GgufModel)) {
     for tied in [true, false] {
         let label = format!("{dtype:?} {}", if tied { "tied" } else { "untied" });
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("model.gguf");
-        GgufModel::new(dtype, tied, seed).write(&path);
+        let mut model = GgufModel::new(dtype, tied, seed);
+        edit(&mut model);
+        model.write(&path);
 
         let source = ModelSource::open(&path).expect("open synthetic model");
         assert_eq!(source.config().tied_embeddings, tied, "{label}");
@@ -79,8 +87,11 @@ fn check_type(dtype: GgmlDType, seed: u64) {
         // bit-identical. Except Q8_0 on a CPU with VNNI (candle then multiplies these 256-wide
         // rows with its own repacked kernel, whose copy of the weights doubles their memory,
         // while we keep ours) and Q4_0 (our kernels sum each block in integers, candle in
-        // eight float lanes); the bound below applies to them as to the decode steps.
-        if dtype != GgmlDType::Q8_0 && dtype != GgmlDType::Q4_0 {
+        // eight float lanes) and Q4K (our kernels do candle's AVX2 `vec_dot` arithmetic, but on
+        // x86-64 candle multiplies matrices of a multiple of 16 rows with its repacked kernel,
+        // which rounds each sub-block's sum to float on its own); the bound below applies to
+        // them as to the decode steps.
+        if ![GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K].contains(&dtype) {
             assert!(
                 bits(&logits[0]) == bits(&ref_logits[0]),
                 "{label}: prompt logits differ from candle-transformers by {}",
@@ -140,6 +151,32 @@ type_tests! {
     q4k_weights: GgmlDType::Q4K, 12;
     q5k_weights: GgmlDType::Q5K, 13;
     q6k_weights: GgmlDType::Q6K, 14;
+}
+
+/// A Q4_K file as llama.cpp's Q4_K_M writes them: some matrices in Q6_K, and in Q5_0 or Q8_0
+/// where a row is not a multiple of 256 (here: chosen matrices). Each matrix goes through the
+/// kernels of its own type, in one model.
+#[test]
+fn mixed_types_like_q4_k_m() {
+    check_models(GgmlDType::Q4K, 15, |model| {
+        for (name, dtype) in [
+            ("blk.0.attn_v.weight", GgmlDType::Q6K),
+            ("blk.1.ffn_down.weight", GgmlDType::Q6K),
+            ("blk.0.attn_q.weight", GgmlDType::Q5_0),
+            ("blk.2.ffn_up.weight", GgmlDType::Q8_0),
+            ("blk.3.attn_output.weight", GgmlDType::Q4_1),
+        ] {
+            let (_, tensor) = model
+                .tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .expect("a tensor of the model");
+            let values = tensor.dequantize(&Device::Cpu).expect("dequantize");
+            let requantized =
+                candle_core::quantized::QTensor::quantize(&values, dtype).expect("quantize");
+            model.set_tensor(name, requantized);
+        }
+    });
 }
 
 /// candle can quantize and write Q8_1 and Q8K (the types llama.cpp only uses for activations)

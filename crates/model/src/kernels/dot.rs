@@ -8,9 +8,9 @@
 //! its own accumulator and sees the same operations in the same order whatever else shares the
 //! call, so a row's result never depends on which other rows are in the batch.
 //!
-//! Q4_1 and Q8_0 do candle's arithmetic, operation for operation: Q8_0 accumulates in eight
-//! float lanes summed in the order of candle's AVX2 kernel, Q4_1 sums each block exactly in
-//! integers and accumulates sequentially as candle's generic kernel does. So those models'
+//! Q4_1, Q5_0, Q5_1 and Q8_0 do candle's arithmetic, operation for operation: Q8_0 accumulates in
+//! eight float lanes summed in the order of candle's AVX2 kernel, Q4_1 and the five-bit formats
+//! sum each block exactly in integers and accumulate sequentially as candle's generic kernels do. So those models'
 //! outputs equal candle-transformers' bit for bit; that matters because every product
 //! re-quantizes its input to 8 bits, which turns any rounding difference into a visible one a
 //! few layers later. Q4_0 sums each block exactly in integers as Q4_1 does (one float product
@@ -147,6 +147,10 @@ pub(crate) enum Format {
     Q4_1,
     /// f16 scale, 32 signed bytes.
     Q8_0,
+    /// f16 scale, 32 five-bit values biased by 16: their fifth bits (4 bytes), then nibbles.
+    Q5_0,
+    /// f16 scale and minimum, 32 five-bit values: their fifth bits (4 bytes), then nibbles.
+    Q5_1,
 }
 
 impl Format {
@@ -156,15 +160,19 @@ impl Format {
             Format::Q4_0 => 18,
             Format::Q4_1 => 20,
             Format::Q8_0 => 34,
+            Format::Q5_0 => 22,
+            Format::Q5_1 => 24,
         }
+    }
+
+    /// Whether blocks carry a minimum (weight = `d·q + m`).
+    pub(crate) fn has_min(self) -> bool {
+        matches!(self, Format::Q4_1 | Format::Q5_1)
     }
 
     /// Bytes of the scales (and minimums) that start a GGUF block.
     fn header_bytes(self) -> usize {
-        match self {
-            Format::Q4_1 => 4,
-            Format::Q4_0 | Format::Q8_0 => 2,
-        }
+        if self.has_min() { 4 } else { 2 }
     }
 
     /// Bytes of the quants of one row in one block.
@@ -174,7 +182,8 @@ impl Format {
 }
 
 /// Repacks `rows` rows (a multiple of [`TILE`]) of `blocks` GGUF blocks each into tiles: per
-/// tile and block, the four scales, then for Q4_1 the four minimums, then the four rows' quants.
+/// tile and block, the four scales, then for Q4_1 and Q5_1 the four minimums, then the four rows'
+/// quants.
 /// The size is unchanged.
 pub(crate) fn repack(format: Format, gguf: &[u8], rows: usize, blocks: usize) -> Vec<u8> {
     let bb = format.block_bytes();
@@ -189,7 +198,7 @@ pub(crate) fn repack(format: Format, gguf: &[u8], rows: usize, blocks: usize) ->
             for w in 0..TILE {
                 packed.extend_from_slice(&block(w)[0..2]);
             }
-            if format == Format::Q4_1 {
+            if format.has_min() {
                 for w in 0..TILE {
                     packed.extend_from_slice(&block(w)[2..4]);
                 }
@@ -259,11 +268,24 @@ pub(crate) mod portable {
             let qs = &block[quants + w * qb..quants + (w + 1) * qb];
             let mut v = [0i32; BLOCK];
             match format {
-                Format::Q4_0 | Format::Q4_1 => {
-                    let bias = if format == Format::Q4_0 { 8 } else { 0 };
-                    for (j, &b) in qs.iter().enumerate() {
-                        v[j] = i32::from(b & 0x0f) - bias;
-                        v[j + 16] = i32::from(b >> 4) - bias;
+                Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 => {
+                    let bias = match format {
+                        Format::Q4_0 => 8,
+                        Format::Q5_0 => 16,
+                        _ => 0,
+                    };
+                    let (fifth, nibbles) = match format {
+                        Format::Q5_0 | Format::Q5_1 => {
+                            let (fifth, nibbles) = qs.split_at(4);
+                            let fifth = u32::from_le_bytes(fifth.try_into().expect("4 bytes"));
+                            (fifth, nibbles)
+                        }
+                        _ => (0, qs),
+                    };
+                    let high = |j: usize| ((fifth >> j & 1) << 4) as i32;
+                    for (j, &b) in nibbles.iter().enumerate() {
+                        v[j] = (i32::from(b & 0x0f) | high(j)) - bias;
+                        v[j + 16] = (i32::from(b >> 4) | high(j + 16)) - bias;
                     }
                 }
                 Format::Q8_0 => {
@@ -272,7 +294,7 @@ pub(crate) mod portable {
                     }
                 }
             }
-            let min = if format == Format::Q4_1 {
+            let min = if format.has_min() {
                 f16_at(block, 2 * TILE + 2 * w)
             } else {
                 0.0
@@ -307,9 +329,9 @@ pub(crate) mod portable {
                     let dot = |t: std::ops::Range<usize>| -> i32 {
                         t.map(|t| v[t] * i32::from(a.q[t])).sum()
                     };
-                    if format == Format::Q4_1 {
+                    if format.has_min() {
                         sums[r][w] += dot(0..BLOCK) as f32 * d * a.d + min * a.s;
-                    } else if format == Format::Q4_0 {
+                    } else if format != Format::Q8_0 {
                         sums[r][w] += dot(0..BLOCK) as f32 * d * a.d;
                     } else {
                         let scale = d * a.d;
@@ -384,6 +406,37 @@ macro_rules! avx2_kernels {
                 }
             }
 
+            /// Row `w`'s 32 unsigned values of a four- or five-bit format, whose tile block's
+            /// quants start at `quants`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn values(format: Format, quants: *const u8, w: usize) -> __m256i {
+                // SAFETY: the caller passes a tile block's quants; the CPU has AVX2.
+                unsafe {
+                    match format {
+                        Format::Q5_0 | Format::Q5_1 => {
+                            let p = quants.add(20 * w);
+                            // Byte j takes byte j / 8 of the fifth bits, then its bit j % 8.
+                            let bits = _mm256_set1_epi32(std::ptr::read_unaligned(p.cast::<i32>()));
+                            let spread = _mm256_shuffle_epi8(
+                                bits,
+                                _mm256_setr_epi64x(
+                                    0,
+                                    0x0101_0101_0101_0101,
+                                    0x0202_0202_0202_0202,
+                                    0x0303_0303_0303_0303,
+                                ),
+                            );
+                            let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+                            let sixteen = _mm256_and_si256(set, _mm256_set1_epi8(16));
+                            _mm256_or_si256(nibbles(p.add(4)), sixteen)
+                        }
+                        _ => nibbles(quants.add(16 * w)),
+                    }
+                }
+            }
+
             /// 32 bytes at `p`.
             #[inline]
             #[target_feature(enable = $features)]
@@ -419,14 +472,14 @@ macro_rules! avx2_kernels {
                 // SAFETY: the CPU has AVX2, FMA and F16C; loads stay inside the blocks (see above).
                 unsafe {
                     match format {
-                        Format::Q4_1 => {
+                        Format::Q4_1 | Format::Q5_1 => {
                             let mut sums = [_mm_setzero_ps(); R];
                             for b in 0..blocks {
                                 let p = tile.as_ptr().add(b * bytes);
                                 let d = f16x4(p);
                                 let min = f16x4(p.add(8));
                                 let wq: [__m256i; TILE] =
-                                    std::array::from_fn(|w| nibbles(p.add(16 + 16 * w)));
+                                    std::array::from_fn(|w| values(format, p.add(16), w));
                                 for r in 0..R {
                                     let a = &acts[r][b];
                                     let y = load32(a.q.as_ptr().cast());
@@ -444,21 +497,22 @@ macro_rules! avx2_kernels {
                                 _mm_storeu_ps(out[r].as_mut_ptr(), sums[r]);
                             }
                         }
-                        Format::Q4_0 => {
-                            // As Q4_1 without the minimum: Σ (w - 8) y = Σ w y - 8 Σ y, so the
-                            // unsigned nibbles go into the product as they are.
+                        Format::Q4_0 | Format::Q5_0 => {
+                            // As Q4_1 without the minimum: Σ (w - 8) y = Σ w y - 8 Σ y (16 for
+                            // Q5_0), so the unsigned values go into the product as they are.
+                            let bias = if format == Format::Q4_0 { 8 } else { 16 };
                             let mut sums = [_mm_setzero_ps(); R];
                             for b in 0..blocks {
                                 let p = tile.as_ptr().add(b * bytes);
                                 let d = f16x4(p);
                                 let wq: [__m256i; TILE] =
-                                    std::array::from_fn(|w| nibbles(p.add(8 + 16 * w)));
+                                    std::array::from_fn(|w| values(format, p.add(8), w));
                                 for r in 0..R {
                                     let a = &acts[r][b];
                                     let y = load32(a.q.as_ptr().cast());
                                     let dots = _mm_sub_epi32(
                                         hsum4_i32(wq.map(|w| dot_u8_i8(w, y))),
-                                        _mm_set1_epi32(8 * a.sum),
+                                        _mm_set1_epi32(bias * a.sum),
                                     );
                                     let t = _mm_mul_ps(
                                         _mm_mul_ps(_mm_cvtepi32_ps(dots), d),
@@ -541,7 +595,7 @@ pub(super) mod tests {
             let at = i * bb;
             let scale = f16::from_f32(0.01 + (i % 7) as f32 * 0.003).to_le_bytes();
             w[at..at + 2].copy_from_slice(&scale);
-            if format == Format::Q4_1 {
+            if format.has_min() {
                 let min = f16::from_f32(-0.05 + (i % 5) as f32 * 0.01).to_le_bytes();
                 w[at + 2..at + 4].copy_from_slice(&min);
             }
@@ -549,11 +603,20 @@ pub(super) mod tests {
         w
     }
 
+    /// Every format.
+    const FORMATS: [Format; 5] = [
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q8_0,
+        Format::Q5_0,
+        Format::Q5_1,
+    ];
+
     /// Every path this CPU runs (each is checked against the portable code), with each format.
     fn paths_and_formats() -> Vec<(KernelPath, Format)> {
         KernelPath::all_supported()
             .into_iter()
-            .flat_map(|path| [Format::Q4_0, Format::Q4_1, Format::Q8_0].map(|f| (path, f)))
+            .flat_map(|path| FORMATS.map(|f| (path, f)))
             .collect()
     }
 
@@ -582,7 +645,7 @@ pub(super) mod tests {
 
     #[test]
     fn repacking_keeps_each_rows_scales_and_quants() {
-        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+        for format in FORMATS {
             let gguf = gguf_rows(format, 3, 5);
             let tile = repack(format, &gguf, TILE, 3);
             assert_eq!(tile.len(), gguf.len());
@@ -599,6 +662,8 @@ pub(super) mod tests {
                         Format::Q8_0 => i32::from(block[2] as i8),
                         Format::Q4_0 => i32::from(block[2] & 0x0f) - 8,
                         Format::Q4_1 => i32::from(block[4] & 0x0f),
+                        Format::Q5_0 => i32::from(block[6] & 0x0f | (block[2] & 1) << 4) - 16,
+                        Format::Q5_1 => i32::from(block[8] & 0x0f | (block[4] & 1) << 4),
                     };
                     assert_eq!(v[0], first, "{format:?} block {b} row {w}");
                 }
@@ -638,7 +703,7 @@ pub(super) mod tests {
                     );
                     for (w, &got) in fast[r].iter().enumerate() {
                         // Q4_1's minimum term uses the f16-rounded Σq·d, as candle does.
-                        let tolerance = if format == Format::Q4_1 { 2e-2 } else { 1e-3 };
+                        let tolerance = if format.has_min() { 2e-2 } else { 1e-3 };
                         let want = exact(format, &tile, w, row);
                         let got = f64::from(got);
                         assert!(

@@ -6,9 +6,12 @@
 //! CPU has AVX-512 with VNNI, batches (prefill, the trunk server's shared steps) go through
 //! the `wide` kernel in groups of four rows, sixteen (weight row, activation row) pairs per
 //! instruction. The CPU's best [`KernelPath`] is chosen at run time; all paths compute the same
-//! bits. Formats we do not cover keep candle's (whose x86 kernels also choose AVX2 at run time).
+//! bits. Q5_0 and Q5_1 go through the same four-row kernels, and the K-quants Q4_K, Q5_K and
+//! Q6_K through [`kquant`]'s, with activations quantized per 256 values. Formats we do not cover
+//! (Q2_K, Q3_K, floats) keep candle's (whose x86 kernels also choose AVX2 at run time).
 
 mod dot;
+mod kquant;
 mod path;
 #[cfg(target_arch = "x86_64")]
 mod wide;
@@ -22,6 +25,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Tensor};
 use rayon::prelude::*;
 
 use dot::{ActBlock, BLOCK, Format, TILE, dot_tile, repack};
+use kquant::{KActBlock, KFormat, SUPER};
 
 /// Below this many multiply-adds a product runs on the calling thread: waking the thread pool
 /// costs more than it saves. Since a forward pass runs on a pool thread ([`crate::on_pool`]),
@@ -35,7 +39,7 @@ const SERIAL_WORK: usize = 1 << 16;
 /// candle's otherwise.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
-    /// Q4_0, Q4_1 or Q8_0 weights on the CPU.
+    /// Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K weights on the CPU.
     Quant(QuantMatrix),
     /// Every other format or device.
     Candle(QMatMul),
@@ -69,11 +73,61 @@ impl Linear {
     }
 }
 
-/// Q4_0, Q4_1 or Q8_0 weights `(rows, cols)`, repacked into tiles of four rows.
+/// The GGUF formats our kernels cover, by the kernels that read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Blocks of 32 weights ([`dot`]).
+    Blocks(Format),
+    /// Super-blocks of 256 weights ([`kquant`]).
+    K(KFormat),
+}
+
+impl Kind {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => Self::Blocks(Format::Q4_0),
+            GgmlDType::Q4_1 => Self::Blocks(Format::Q4_1),
+            GgmlDType::Q8_0 => Self::Blocks(Format::Q8_0),
+            GgmlDType::Q5_0 => Self::Blocks(Format::Q5_0),
+            GgmlDType::Q5_1 => Self::Blocks(Format::Q5_1),
+            GgmlDType::Q4K => Self::K(KFormat::Q4K),
+            GgmlDType::Q5K => Self::K(KFormat::Q5K),
+            GgmlDType::Q6K => Self::K(KFormat::Q6K),
+            _ => return None,
+        })
+    }
+
+    /// Weights per block.
+    fn block(self) -> usize {
+        match self {
+            Self::Blocks(_) => BLOCK,
+            Self::K(_) => SUPER,
+        }
+    }
+
+    /// Bytes of one GGUF block.
+    fn gguf_bytes(self) -> usize {
+        match self {
+            Self::Blocks(format) => format.block_bytes(),
+            Self::K(format) => format.gguf_bytes(),
+        }
+    }
+
+    /// Bytes of one repacked row of `cols` weights.
+    fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            Self::Blocks(format) => cols / BLOCK * format.block_bytes(),
+            Self::K(format) => cols / SUPER * format.tile_bytes() / TILE,
+        }
+    }
+}
+
+/// Quantized weights `(rows, cols)` in a format our kernels cover, repacked into tiles of four
+/// rows.
 #[derive(Clone)]
 pub(crate) struct QuantMatrix {
     tiles: Arc<Vec<u8>>,
-    format: Format,
+    kind: Kind,
     rows: usize,
     cols: usize,
 }
@@ -81,24 +135,23 @@ pub(crate) struct QuantMatrix {
 impl QuantMatrix {
     /// `None` when the format, device or shape is not one these kernels handle.
     fn new(tensor: Arc<QTensor>) -> Option<Self> {
-        let format = match tensor.dtype() {
-            GgmlDType::Q4_0 => Format::Q4_0,
-            GgmlDType::Q4_1 => Format::Q4_1,
-            GgmlDType::Q8_0 => Format::Q8_0,
-            _ => return None,
-        };
+        let kind = Kind::of(tensor.dtype())?;
         let (rows, cols) = tensor.shape().dims2().ok()?;
         let cpu = tensor.device().is_cpu();
-        let blocks = cols / BLOCK;
-        let bytes = rows * blocks * format.block_bytes();
-        let fits = cols % BLOCK == 0 && rows % TILE == 0;
+        let blocks = cols / kind.block();
+        let bytes = rows * blocks * kind.gguf_bytes();
+        let fits = cols % kind.block() == 0 && rows % TILE == 0;
         if !cpu || !fits || tensor.storage_size_in_bytes() != bytes {
             return None;
         }
         let gguf = tensor.data().ok()?;
+        let tiles = match kind {
+            Kind::Blocks(format) => repack(format, &gguf, rows, blocks),
+            Kind::K(format) => kquant::repack(format, &gguf, rows, blocks),
+        };
         Some(Self {
-            tiles: Arc::new(repack(format, &gguf, rows, blocks)),
-            format,
+            tiles: Arc::new(tiles),
+            kind,
             rows,
             cols,
         })
@@ -106,10 +159,11 @@ impl QuantMatrix {
 }
 
 impl QuantMatrix {
-    /// Rows `ids` dequantized exactly as candle's `to_float` does (`q * d`, plus `m` for Q4_1).
+    /// Rows `ids` dequantized exactly as candle's `to_float` does (`q * d`, plus `m` for Q4_1;
+    /// `(d * sc) * q - dmin * m` for Q4_K and Q5_K, `(d * sc) * q` for Q6_K).
     fn rows_f32(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
-        let blocks = self.cols / BLOCK;
-        let tile_bytes = TILE * blocks * self.format.block_bytes();
+        let blocks = self.cols / self.kind.block();
+        let tile_bytes = TILE * self.kind.row_bytes(self.cols);
         let mut values = Vec::with_capacity(ids.len() * self.cols);
         for &id in ids {
             let id = id as usize;
@@ -118,11 +172,27 @@ impl QuantMatrix {
             }
             let tile = &self.tiles[id / TILE * tile_bytes..][..tile_bytes];
             for block in tile.chunks_exact(tile_bytes / blocks) {
-                let (v, d, min) = dot::portable::unpack(self.format, block)[id % TILE];
-                values.extend(v.iter().map(|&q| match self.format {
-                    Format::Q4_1 => q as f32 * d + min,
-                    Format::Q4_0 | Format::Q8_0 => q as f32 * d,
-                }));
+                match self.kind {
+                    Kind::Blocks(format) => {
+                        let (v, d, min) = dot::portable::unpack(format, block)[id % TILE];
+                        values.extend(v.iter().map(|&q| match format {
+                            Format::Q4_1 | Format::Q5_1 => q as f32 * d + min,
+                            Format::Q4_0 | Format::Q8_0 | Format::Q5_0 => q as f32 * d,
+                        }));
+                    }
+                    Kind::K(format) => {
+                        let row = kquant::portable::unpack(format, block, id % TILE);
+                        for (t, &q) in row.q.iter().enumerate() {
+                            let d = row.d * row.scales[t / 16] as f32;
+                            values.push(match format {
+                                KFormat::Q4K | KFormat::Q5K => {
+                                    d * q as f32 - row.dmin * row.mins[t / 32] as f32
+                                }
+                                KFormat::Q6K => d * q as f32,
+                            });
+                        }
+                    }
+                }
             }
         }
         Tensor::from_vec(values, (ids.len(), self.cols), &Device::Cpu)
@@ -132,7 +202,7 @@ impl QuantMatrix {
 impl std::fmt::Debug for QuantMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QuantMatrix")
-            .field("format", &self.format)
+            .field("kind", &self.kind)
             .field("rows", &self.rows)
             .field("cols", &self.cols)
             .finish()
@@ -166,7 +236,7 @@ impl CustomOp1 for QuantMatrix {
         let mut out = vec![0f32; m * self.rows];
         matmul(
             KernelPath::active(),
-            self.format,
+            self.kind,
             &self.tiles,
             (m, self.cols, self.rows),
             x,
@@ -178,21 +248,103 @@ impl CustomOp1 for QuantMatrix {
     }
 }
 
-/// `out (m, n) = x (m, k) @ Wᵀ` for weights of `n` rows in `format`, repacked into `tiles`,
-/// on `path`.
+/// What a product needs of a tile kernel: the dot of one tile of [`TILE`] weight rows with up
+/// to four activation rows.
+trait TileKernel: Sync {
+    /// One block of quantized activations.
+    type Act: Sync;
+
+    /// `out[r][w]`: weight row `w` of `tile` times activation row `r`.
+    fn dot<const R: usize>(&self, tile: &[u8], acts: [&[Self::Act]; R], out: &mut [[f32; TILE]; R]);
+}
+
+/// The Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 kernels of [`dot`].
+struct BlockKernel(KernelPath, Format);
+
+impl TileKernel for BlockKernel {
+    type Act = ActBlock;
+
+    fn dot<const R: usize>(&self, tile: &[u8], acts: [&[ActBlock]; R], out: &mut [[f32; TILE]; R]) {
+        dot_tile(self.0, self.1, tile, acts, out);
+    }
+}
+
+/// The K-quant kernels of [`kquant`].
+struct KKernel(KernelPath, KFormat);
+
+impl TileKernel for KKernel {
+    type Act = KActBlock;
+
+    fn dot<const R: usize>(
+        &self,
+        tile: &[u8],
+        acts: [&[KActBlock]; R],
+        out: &mut [[f32; TILE]; R],
+    ) {
+        kquant::dot_tile(self.0, self.1, tile, acts, out);
+    }
+}
+
+/// `out (m, n) = x (m, k) @ Wᵀ` for weights of `n` rows of `kind`, repacked into `tiles`, on
+/// `path`.
 fn matmul(
     path: KernelPath,
-    format: Format,
+    kind: Kind,
     tiles: &[u8],
     (m, k, n): (usize, usize, usize),
     x: &[f32],
     out: &mut [f32],
 ) {
-    let blocks = k / BLOCK;
-    let tile_bytes = TILE * blocks * format.block_bytes();
-    let acts = ActBlock::quantize_all(path, x);
-    #[cfg(target_arch = "x86_64")]
-    let groups = (path == KernelPath::Avx512Vnni).then(|| wide::groups(format, &acts, blocks));
+    let tile_bytes = TILE * kind.row_bytes(k);
+    match kind {
+        Kind::Blocks(format) => {
+            let blocks = k / BLOCK;
+            let acts = ActBlock::quantize_all(path, x);
+            #[cfg(target_arch = "x86_64")]
+            let groups = (path == KernelPath::Avx512Vnni && wide::covers(format))
+                .then(|| wide::groups(format, &acts, blocks));
+            // Groups of four activation rows go through the wide kernel on the AVX-512 VNNI
+            // path.
+            let wide = |_weights: &[u8], _dst: &mut [f32]| -> usize {
+                #[cfg(target_arch = "x86_64")]
+                if let Some(groups) = &groups {
+                    // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only
+                    // where the CPU has AVX-512 F, BW, VL and VNNI.
+                    return unsafe { wide::dot_columns(format, _weights, groups, blocks, m, _dst) };
+                }
+                0
+            };
+            let kernel = BlockKernel(path, format);
+            by_columns(&kernel, tiles, tile_bytes, &acts, (m, k, n), out, wide);
+        }
+        Kind::K(format) => {
+            let acts = KActBlock::quantize_all(x);
+            by_columns(
+                &KKernel(path, format),
+                tiles,
+                tile_bytes,
+                &acts,
+                (m, k, n),
+                out,
+                |_, _| 0,
+            );
+        }
+    }
+}
+
+/// `out (m, n)`: every tile of `tiles` against the `m` rows of quantized activations `acts`,
+/// spread over the thread pool. `wide` may do a leading set of activation rows of a run of
+/// tiles first (it fills their columns and returns how many rows it did).
+fn by_columns<K: TileKernel>(
+    kernel: &K,
+    tiles: &[u8],
+    tile_bytes: usize,
+    acts: &[K::Act],
+    (m, k, n): (usize, usize, usize),
+    out: &mut [f32],
+    wide: impl Fn(&[u8], &mut [f32]) -> usize + Sync,
+) {
+    let blocks = acts.len() / m;
     let threads = rayon::current_num_threads();
     let tiles_per_task = (n / TILE).div_ceil(threads * 4).max(4);
     // Each task fills whole columns (four weight rows against every activation row), so the
@@ -201,21 +353,12 @@ fn matmul(
     let task = |(c, dst): (usize, &mut [f32])| {
         let first = c * tiles_per_task * tile_bytes;
         let weights = &tiles[first..first + dst.len() / (TILE * m) * tile_bytes];
-        // Groups of four activation rows go through the wide kernel on the AVX-512 VNNI path.
-        #[cfg(target_arch = "x86_64")]
-        let done = match &groups {
-            // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only where
-            // the CPU has AVX-512 F, BW, VL and VNNI.
-            Some(groups) => unsafe { wide::dot_columns(format, weights, groups, blocks, m, dst) },
-            None => 0,
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let done = 0;
+        let done = wide(weights, dst);
         for (tile, columns) in weights
             .chunks_exact(tile_bytes)
             .zip(dst.chunks_exact_mut(TILE * m))
         {
-            dot_columns(path, format, tile, &acts, blocks, done, columns);
+            dot_columns(kernel, tile, acts, blocks, done, columns);
         }
     };
     let chunk = tiles_per_task * TILE * m;
@@ -239,11 +382,10 @@ fn matmul(
 
 /// One tile of four weight rows against activation rows `from..`, up to four at a time;
 /// `columns` holds the four weight rows' results over all the rows one after the other.
-fn dot_columns(
-    path: KernelPath,
-    format: Format,
+fn dot_columns<K: TileKernel>(
+    kernel: &K,
     tile: &[u8],
-    acts: &[ActBlock],
+    acts: &[K::Act],
     blocks: usize,
     from: usize,
     columns: &mut [f32],
@@ -260,30 +402,24 @@ fn dot_columns(
     let mut i = from;
     while i + 4 <= m {
         let mut o = [[0f32; TILE]; 4];
-        dot_tile(
-            path,
-            format,
-            tile,
-            [row(i), row(i + 1), row(i + 2), row(i + 3)],
-            &mut o,
-        );
+        kernel.dot(tile, [row(i), row(i + 1), row(i + 2), row(i + 3)], &mut o);
         store(i, &o);
         i += 4;
     }
     match m - i {
         3 => {
             let mut o = [[0f32; TILE]; 3];
-            dot_tile(path, format, tile, [row(i), row(i + 1), row(i + 2)], &mut o);
+            kernel.dot(tile, [row(i), row(i + 1), row(i + 2)], &mut o);
             store(i, &o);
         }
         2 => {
             let mut o = [[0f32; TILE]; 2];
-            dot_tile(path, format, tile, [row(i), row(i + 1)], &mut o);
+            kernel.dot(tile, [row(i), row(i + 1)], &mut o);
             store(i, &o);
         }
         1 => {
             let mut o = [[0f32; TILE]; 1];
-            dot_tile(path, format, tile, [row(i)], &mut o);
+            kernel.dot(tile, [row(i)], &mut o);
             store(i, &o);
         }
         _ => {}
@@ -297,6 +433,27 @@ mod tests {
     use half::f16;
 
     use super::*;
+
+    /// The formats our kernels cover.
+    const OURS: [GgmlDType; 8] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+
+    /// Columns of the test matrices: one K-quant super-block, four blocks of the others.
+    fn width(dtype: GgmlDType) -> usize {
+        if Kind::of(dtype).is_some_and(|k| k.block() == SUPER) {
+            256
+        } else {
+            128
+        }
+    }
 
     fn weights(dtype: GgmlDType, rows: usize, cols: usize) -> candle_core::Result<Arc<QTensor>> {
         let values: Vec<f32> = (0..rows * cols)
@@ -321,15 +478,19 @@ mod tests {
             .collect())
     }
 
-    /// Q4_1 and Q8_0 outputs equal candle's bit for bit; Q4_0's, which sums each block in
-    /// integers where candle keeps eight float lanes, equal them up to float rounding.
+    /// Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K outputs equal candle's bit for bit (the K-quants: candle's AVX2
+    /// kernels, which it uses for these 200 rows, not a multiple of its repacked kernels' 16; on
+    /// CPUs without AVX2 candle orders its sums differently); Q4_0's, which sums each block in integers where
+    /// candle keeps eight float lanes, equal them up to float rounding.
     fn like_candle(
         dtype: GgmlDType,
         ours: &Tensor,
         theirs: &Tensor,
         what: &str,
     ) -> candle_core::Result<()> {
-        if dtype != GgmlDType::Q4_0 {
+        let avx2 = KernelPath::Avx2.supported();
+        let k_quant = Kind::of(dtype).is_some_and(|k| k.block() == SUPER);
+        if dtype != GgmlDType::Q4_0 && (!k_quant || avx2) {
             assert_eq!(bits(ours)?, bits(theirs)?, "{dtype:?} {what} vs candle");
             return Ok(());
         }
@@ -351,15 +512,16 @@ mod tests {
 
     #[test]
     fn batched_rows_equal_rows_alone_and_candles_kernels() -> candle_core::Result<()> {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let w = weights(dtype, 200, 128)?;
+        for dtype in OURS {
+            let k = width(dtype);
+            let w = weights(dtype, 200, k)?;
             let ours = Linear::new(QMatMul::QTensor(w.clone()));
             assert!(
                 matches!(ours, Linear::Quant(_)),
                 "{dtype:?} uses our kernels"
             );
             let theirs = QMatMul::QTensor(w);
-            let x = input(7, 128, 3)?;
+            let x = input(7, k, 3)?;
             let batch = ours.forward(&x)?;
             assert_eq!(batch.dims(), &[1, 7, 200]);
             for i in 0..7 {
@@ -379,11 +541,12 @@ mod tests {
 
     #[test]
     fn every_batch_size_equals_rows_alone_and_candles_kernels() -> candle_core::Result<()> {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let w = weights(dtype, 200, 128)?;
+        for dtype in OURS {
+            let k = width(dtype);
+            let w = weights(dtype, 200, k)?;
             let ours = Linear::new(QMatMul::QTensor(w.clone()));
             let theirs = QMatMul::QTensor(w);
-            let x = input(71, 128, 11)?;
+            let x = input(71, k, 11)?;
             let alone: Vec<Vec<u32>> = (0..71)
                 .map(|i| bits(&ours.forward(&x.narrow(1, i, 1)?)?))
                 .collect::<candle_core::Result<_>>()?;
@@ -410,16 +573,17 @@ mod tests {
     -> candle_core::Result<()> {
         let paths = KernelPath::all_supported();
         eprintln!("kernel paths checked: {paths:?}");
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let Linear::Quant(q) = Linear::new(QMatMul::QTensor(weights(dtype, 200, 128)?)) else {
+        for dtype in OURS {
+            let k = width(dtype);
+            let Linear::Quant(q) = Linear::new(QMatMul::QTensor(weights(dtype, 200, k)?)) else {
                 panic!("{dtype:?} uses our kernels");
             };
             // Single rows, the four-row tiles' tails and several of the wide kernel's groups.
             for m in [1, 3, 4, 7, 16, 33] {
-                let x = input(m, 128, 5)?.flatten_all()?.to_vec1::<f32>()?;
+                let x = input(m, k, 5)?.flatten_all()?.to_vec1::<f32>()?;
                 let run = |path| {
                     let mut out = vec![0f32; m * 200];
-                    matmul(path, q.format, &q.tiles, (m, 128, 200), &x, &mut out);
+                    matmul(path, q.kind, &q.tiles, (m, k, 200), &x, &mut out);
                     out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
                 let reference = run(KernelPath::Portable);
@@ -433,8 +597,8 @@ mod tests {
 
     #[test]
     fn embedding_rows_equal_candles_dequantization() -> candle_core::Result<()> {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let w = weights(dtype, 40, 64)?;
+        for dtype in OURS {
+            let w = weights(dtype, 40, width(dtype))?;
             let ours = Linear::new(QMatMul::QTensor(w.clone()));
             let ids = [0u32, 39, 5, 5, 22];
             let theirs = QMatMul::QTensor(w).embedding(&Tensor::new(&ids, &Device::Cpu)?)?;
@@ -453,7 +617,7 @@ mod tests {
 
     #[test]
     fn other_formats_keep_candles_kernels() -> candle_core::Result<()> {
-        let w = weights(GgmlDType::Q4K, 16, 256)?;
+        let w = weights(GgmlDType::Q3K, 16, 256)?;
         assert!(matches!(
             Linear::new(QMatMul::QTensor(w)),
             Linear::Candle(_)
@@ -497,18 +661,35 @@ mod tests {
             .num_threads(1)
             .build()
             .expect("a thread pool");
-        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+        let kinds = [Format::Q4_0, Format::Q4_1, Format::Q8_0].map(Kind::Blocks);
+        for kind in kinds
+            .into_iter()
+            .chain([KFormat::Q4K, KFormat::Q5K, KFormat::Q6K].map(Kind::K))
+        {
             for (k, n) in [(576, 576), (2048, 5632)] {
-                let (blocks, bb) = (k / BLOCK, format.block_bytes());
+                if k % kind.block() != 0 {
+                    continue;
+                }
+                let (blocks, bb) = (k / kind.block(), kind.gguf_bytes());
                 let mut gguf: Vec<u8> = (0..n * blocks * bb).map(|_| random() as u8).collect();
                 for block in gguf.chunks_exact_mut(bb) {
                     let scale = f16::from_f32(0.01 + (random() % 100) as f32 * 1e-4);
                     block[..2].copy_from_slice(&scale.to_le_bytes());
-                    if format == Format::Q4_1 {
-                        block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+                    match kind {
+                        Kind::Blocks(Format::Q4_1) => {
+                            block[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes())
+                        }
+                        Kind::K(KFormat::Q4K | KFormat::Q5K) => {
+                            block[2..4].copy_from_slice(&scale.to_le_bytes())
+                        }
+                        Kind::K(KFormat::Q6K) => block[208..].copy_from_slice(&scale.to_le_bytes()),
+                        Kind::Blocks(_) => {}
                     }
                 }
-                let tiles = repack(format, &gguf, n, blocks);
+                let tiles = match kind {
+                    Kind::Blocks(format) => repack(format, &gguf, n, blocks),
+                    Kind::K(format) => kquant::repack(format, &gguf, n, blocks),
+                };
                 for m in [1, 16, 64, 256] {
                     let x: Vec<f32> = (0..m * k)
                         .map(|_| (random() % 2001) as f32 / 1000.0 - 1.0)
@@ -516,18 +697,18 @@ mod tests {
                     let mut out = vec![0f32; m * n];
                     for path in KernelPath::all_supported() {
                         let (runs, ns) = one_thread.install(|| {
-                            matmul(path, format, &tiles, (m, k, n), &x, &mut out);
+                            matmul(path, kind, &tiles, (m, k, n), &x, &mut out);
                             let (start, cpu) = (std::time::Instant::now(), thread_cpu_ns());
                             let mut runs = 0;
                             while runs < 3 || start.elapsed().as_secs_f64() < 0.5 {
-                                matmul(path, format, &tiles, (m, k, n), &x, &mut out);
+                                matmul(path, kind, &tiles, (m, k, n), &x, &mut out);
                                 runs += 1;
                             }
                             (runs, thread_cpu_ns() - cpu)
                         });
                         let rate = (m * k * n * runs) as f64 / ns as f64;
                         println!(
-                            "{path:11} {format:?} m={m:3} k={k:4} n={n:4}: {rate:6.2} G \
+                            "{path:11} {kind:?} m={m:3} k={k:4} n={n:4}: {rate:6.2} G \
                              multiply-adds/s"
                         );
                     }

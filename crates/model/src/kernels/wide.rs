@@ -24,6 +24,12 @@ use std::arch::x86_64::*;
 
 use super::dot::{ActBlock, BLOCK, Format, TILE};
 
+/// Whether the kernel reads `format` (Q4_0, Q4_1 and Q8_0; the five-bit formats go through
+/// [`super::dot`]'s four-row kernels).
+pub(crate) fn covers(format: Format) -> bool {
+    matches!(format, Format::Q4_0 | Format::Q4_1 | Format::Q8_0)
+}
+
 /// Activation rows per group.
 pub(crate) const GROUP: usize = 4;
 
@@ -280,6 +286,9 @@ unsafe fn kernel<const G: usize>(
                     let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
                     _mm512_storeu_ps(out[i].as_mut_ptr().cast(), sum);
                 }
+            }
+            Format::Q5_0 | Format::Q5_1 => {
+                unreachable!("the wide kernel covers no five-bit format")
             }
         }
     }
