@@ -1,29 +1,32 @@
 //! Attacks on a wire capture of a split model: what an eavesdropper who strips TLS, or the
 //! cloud operator, can read from the hidden rows with the public weights alone.
 //!
-//! Three attacks, each giving a token guess per position:
+//! The attacks, each giving a token guess per position:
 //! - **replay**: the downlink rows through the public tail, greedy; it reads the generated
 //!   text (position `p`'s row predicts token `p + 1`);
 //! - **vocabulary matching**: at each position, candidate tokens are run through the public
-//!   head after the already recovered prefix, and the one whose row matches the uplink row is
-//!   taken. Candidates are tried in the order of two rankings merged: the public whole model's
-//!   next-token prediction after the recovered prefix (text is predictable, so the true token
-//!   is usually among the first few), and the nearness of each token's row in a table made by
-//!   running the whole vocabulary through the head once, after a one-token context. They go
-//!   through the head in growing chunks until one matches (to
-//!   a relative distance of [`MATCH_TOLERANCE`], or of [`LOOSE_TOLERANCE`] with every other
-//!   token [`SEPARATION`] times farther) or the budget (by default the whole
-//!   vocabulary) is spent. With the whole vocabulary and rows as computed (f32, f16 or bf16 on
-//!   the wire), the true token always matches, so a known split is inverted exactly;
+//!   head after the already recovered prefix, and the one whose row is nearest the uplink row
+//!   wins (the argmin over the candidates tried; by default the budget is the whole
+//!   vocabulary). Candidates are tried in the order of rankings merged: the public whole
+//!   model's next-token prediction after the recovered prefix (text is predictable, so the true
+//!   token is usually among the first few), the nearness of each token's row in a table made by
+//!   running the whole vocabulary through the head once after a one-token context, and the
+//!   logit lens. They go through the head in growing chunks; trying stops early, for speed
+//!   only, once a candidate reproduces the row (within
+//!   [`MATCH_TOLERANCE`], or within [`LOOSE_TOLERANCE`] with every other token tried
+//!   [`SEPARATION`] times farther): [`Options::exhaustive`] turns the early exit off, and tests
+//!   check that it changes no guess;
 //! - **logit lens**: the uplink row through the public final norm and LM head (with tied
-//!   embeddings, the nearest embedding by dot product), the baseline.
+//!   embeddings, the nearest embedding by dot product), the baseline. Rows are unpermuted
+//!   first once matching has recovered the permutation.
 //!
 //! Unknown split points (a random policy) are handled by trying every boundary up to a depth
-//! and keeping the best match. Permuted rows are matched on their sorted values, which a
-//! permutation leaves unchanged; the first exact match then gives the permutation itself, and
-//! the attack goes on unpermuted.
+//! and keeping the nearest candidate. Permuted rows are also matched on their sorted values,
+//! which a permutation leaves unchanged; the first reproduced row then gives the permutation
+//! itself, and the attacks go on unpermuted.
 //!
-//! [`Recovery::score`] scores the guesses against the session's true tokens ([`Truth`]);
+//! Every attack reads only the capture, the public weights and what [`Knowledge`] says;
+//! [`Recovery::score`] then scores the guesses against the session's true tokens ([`Truth`]);
 //! [`table`] runs the whole experiment of PRIVACY.md over a grid of splits.
 
 mod matching;
@@ -39,7 +42,7 @@ use lsplit_split::{CaptureError, CapturedMessage, PolicyError, SplitError, Way};
 use lsplit_wire::WireError;
 
 pub use matching::{LOOSE_TOLERANCE, MATCH_TOLERANCE, SEPARATION};
-use matching::{Mode, TokenRows};
+use matching::{Mode, Search, TokenRows};
 pub use score::{Rate, Scores, Truth};
 
 /// Errors of an attack.
@@ -97,6 +100,15 @@ pub struct Knowledge {
     /// Most candidate tokens tried per position by vocabulary matching (`usize::MAX`: the
     /// whole vocabulary, which makes matching exact).
     pub budget: usize,
+}
+
+/// How hard the attacks try, beyond what is known of the split.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Vocabulary matching tries every candidate of the budget at every position, even after
+    /// one reproduced the row: the guess is then the argmin over them all. Off, trying stops
+    /// at a reproduced row ([`MATCH_TOLERANCE`]), which gives the same guesses much sooner.
+    pub exhaustive: bool,
 }
 
 /// The attacks' guesses, per sequence position that crossed the wire.
@@ -176,11 +188,22 @@ impl Attacker {
         })
     }
 
-    /// Runs every attack on the messages of one capture.
+    /// Runs every attack on the messages of one capture, with the default [`Options`].
     pub fn run(
         &self,
         messages: &[CapturedMessage],
         knowledge: &Knowledge,
+    ) -> Result<Recovery, AttackError> {
+        self.run_with(messages, knowledge, &Options::default())
+    }
+
+    /// Runs every attack on the messages of one capture. It reads nothing but `messages`, the
+    /// public weights and `knowledge`: the true tokens only ever score the result.
+    pub fn run_with(
+        &self,
+        messages: &[CapturedMessage],
+        knowledge: &Knowledge,
+        options: &Options,
     ) -> Result<Recovery, AttackError> {
         let up = first_rows(messages, Way::Up, self.head.device())?;
         let down = first_rows(messages, Way::Down, self.head.device())?;
@@ -208,14 +231,19 @@ impl Attacker {
             }
             None => 0..knowledge.max_k.min(self.max_k) + 1,
         };
-        let matched = self.vocabulary_matching(&up, boundaries, knowledge.budget)?;
-        let down: Vec<Tensor> = match &matched.mode {
-            Mode::Permuted(inverse) => down
-                .iter()
-                .map(|row| row.index_select(inverse, 0))
-                .collect::<Result<_, _>>()?,
-            Mode::Unknown | Mode::Plain => down,
+        let search = Search {
+            part: &self.head,
+            boundaries,
+            tables: true,
+            budget: knowledge.budget,
+            exhaustive: options.exhaustive,
         };
+        let matched = self.vocabulary_matching(&up, &search, Mode::Unknown)?;
+        let lens = self.logit_lens(&up, &matched.mode)?;
+        let down: Vec<Tensor> = down
+            .iter()
+            .map(|row| matched.mode.unpermute(row))
+            .collect::<Result<_, _>>()?;
         let k2s = match knowledge.k2 {
             Some(k) if k + self.max_k >= self.layers => k..k + 1,
             Some(k) => {
@@ -232,9 +260,20 @@ impl Attacker {
             replay_k2,
             matching: matched.tokens,
             exact_matches: matched.exact,
-            lens: matched.lens,
+            lens,
             permutation_recovered: matches!(matched.mode, Mode::Permuted(_)),
         })
+    }
+
+    /// The logit lens: each uplink row, unpermuted once matching has recovered the
+    /// permutation, through the public final norm and LM head; its most likely token.
+    fn logit_lens(&self, up: &[Tensor], mode: &Mode) -> Result<Vec<u32>, AttackError> {
+        let rows: Vec<Tensor> = up
+            .iter()
+            .map(|row| mode.unpermute(row))
+            .collect::<Result<_, _>>()?;
+        let logits = self.tail.row_logits(&Tensor::stack(&rows, 0)?)?;
+        Ok(logits.argmax(1)?.to_vec1::<u32>()?)
     }
 
     /// Runs the downlink rows through the tail from each candidate boundary and keeps, per

@@ -7,16 +7,18 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
-use lsplit_attack::{Attacker, Knowledge, Scores};
+use lsplit_attack::{Attacker, Knowledge, Options, Scores};
 use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_split::{
-    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, Speculate, SplitPolicy,
-    load_tokenizer, read_capture,
+    CaptureWriter, CapturedMessage, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation,
+    Speculate, SplitPolicy, load_tokenizer, read_capture,
 };
 use lsplit_wire::Codec;
 
 const PROMPT: &str = "List three uses of copper.";
 const MAX_TOKENS: usize = 10;
+/// Tokens of [`PROMPT`] in the chat template.
+const PROMPT_POSITIONS: usize = 36;
 
 fn source() -> &'static ModelSource {
     static SOURCE: OnceLock<ModelSource> = OnceLock::new();
@@ -49,6 +51,33 @@ fn attack_with(
     prompt: &str,
     speculate: Speculate,
 ) -> (Scores, bool, usize) {
+    let captured = capture(policy, obfuscation, Codec::F32, prompt, speculate);
+    let recovery = attacker()
+        .run(&captured.messages, &knowledge)
+        .expect("attack");
+    (
+        recovery.score(&captured.prompt, &captured.generated),
+        recovery.permutation_recovered,
+        captured.messages.iter().map(|m| m.rewind).sum(),
+    )
+}
+
+/// A session's wire capture and its true tokens.
+struct Captured {
+    messages: Vec<CapturedMessage>,
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+}
+
+/// Generates greedily from `prompt` through `policy` with rows sent as `codec`, and reads the
+/// wire capture back.
+fn capture(
+    policy: &SplitPolicy,
+    obfuscation: Obfuscation,
+    codec: Codec,
+    prompt: &str,
+    speculate: Speculate,
+) -> Captured {
     let source = source();
     let tokenizer = Arc::new(load_tokenizer(source).expect("tokenizer"));
     let dir = tempfile::tempdir().expect("tempdir");
@@ -65,7 +94,7 @@ fn attack_with(
                 .expect("trunk"),
         )
     };
-    let model = DeviceModel::split(source, policy.clone(), tokenizer, Codec::F32, &Device::Cpu)
+    let model = DeviceModel::split(source, policy.clone(), tokenizer, codec, &Device::Cpu)
         .expect("device model");
     let keys = model.new_keys(obfuscation).expect("keys");
     let trunk = LocalTrunk::new(trunk_part(policy.trunk_layers()), &keys).expect("trunk");
@@ -81,13 +110,12 @@ fn attack_with(
         .generate(&prompt, &options, &mut |_| {})
         .expect("generate");
     assert_eq!(generation.tokens.len(), MAX_TOKENS);
-    let messages = read_capture(dir.path()).expect("read capture");
-    let recovery = attacker().run(&messages, &knowledge).expect("attack");
-    (
-        recovery.score(&prompt, &generation.tokens),
-        recovery.permutation_recovered,
-        messages.iter().map(|m| m.rewind).sum(),
-    )
+    drop(session);
+    Captured {
+        messages: read_capture(dir.path()).expect("read capture"),
+        prompt,
+        generated: generation.tokens,
+    }
 }
 
 fn known(k1: usize, k2: usize) -> Knowledge {
@@ -158,4 +186,50 @@ fn matching_follows_the_rewinds_of_drafted_steps() {
     assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
     assert!(s.matching.generated >= MAX_TOKENS - 1, "{s:?}");
     assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");
+}
+
+/// The guess at each position is the nearest candidate tried: stopping at the first row
+/// reproduced to rounding gives the same guesses as trying every candidate of the budget, on
+/// rows sent in every codec, and matching reads the text back from each.
+#[test]
+fn the_early_exit_gives_the_argmin_of_every_candidate_tried() {
+    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
+    let budget = Knowledge {
+        budget: 96,
+        ..known(2, 28)
+    };
+    let exhaustive = Options {
+        exhaustive: true,
+        ..Options::default()
+    };
+    for codec in Codec::ALL {
+        let captured = capture(&policy, Obfuscation::None, codec, PROMPT, Speculate::Off);
+        let early = attacker().run(&captured.messages, &budget).expect("attack");
+        let every = attacker()
+            .run_with(&captured.messages, &budget, &exhaustive)
+            .expect("attack");
+        assert_eq!(early.matching, every.matching, "{codec}");
+        let s = every.score(&captured.prompt, &captured.generated);
+        // The budget is small for speed: a few template tokens rank beyond it.
+        assert!(s.matching.prompt >= 30, "{codec}: {s:?}");
+        assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{codec}: {s:?}");
+    }
+}
+
+/// Once matching has recovered the permutation, the logit lens reads unpermuted rows: it
+/// guesses exactly what it guesses without the permutation.
+#[test]
+fn the_logit_lens_reads_rows_unpermuted_once_the_permutation_is_recovered() {
+    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
+    let lens = |obfuscation| {
+        let captured = capture(&policy, obfuscation, Codec::F32, PROMPT, Speculate::Off);
+        let recovery = attacker()
+            .run(&captured.messages, &known(2, 28))
+            .expect("attack");
+        assert!(recovery.permutation_recovered == (obfuscation == Obfuscation::Permute));
+        recovery.lens
+    };
+    let plain = lens(Obfuscation::None);
+    assert_eq!(plain.len(), PROMPT_POSITIONS + MAX_TOKENS - 1);
+    assert_eq!(lens(Obfuscation::Permute), plain);
 }

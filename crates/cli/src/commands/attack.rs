@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_attack::table::{self, Policies, Setting, Table};
-use lsplit_attack::{Attacker, Knowledge, Rate, Scores, Truth};
+use lsplit_attack::{Attacker, Knowledge, Options, Rate, Scores, Truth};
 use lsplit_model::ModelSource;
 use lsplit_split::read_capture;
 use lsplit_tokenizer::Tokenizer;
@@ -43,6 +43,11 @@ pub struct AttackArgs {
     /// vocabulary, which makes it exact]
     #[arg(long)]
     pub budget: Option<usize>,
+    /// Try every candidate of the budget at every position, even after one reproduced the
+    /// row: the guess is then the nearest of them all (slow; by default trying stops at a
+    /// reproduced row, which gives the same guesses)
+    #[arg(long)]
+    pub exhaustive: bool,
     /// Instead of one capture, generate and attack every prompt of --prompts under every
     /// split of the grid (--grid-k1: fixed and random, with and without permutation) and
     /// print the table of PRIVACY.md
@@ -101,7 +106,10 @@ pub fn run(args: AttackArgs) -> anyhow::Result<()> {
         max_k,
         budget: args.budget.unwrap_or(usize::MAX),
     };
-    let recovery = attacker.run(&messages, &knowledge)?;
+    let options = Options {
+        exhaustive: args.exhaustive,
+    };
+    let recovery = attacker.run_with(&messages, &knowledge, &options)?;
     let text = |ids: &[u32]| tokenizer.decode(ids).map_err(anyhow::Error::from);
     println!("positions: {}", recovery.matching.len());
     println!(
