@@ -16,6 +16,15 @@
 //!   [`MATCH_TOLERANCE`], or within [`LOOSE_TOLERANCE`] with every other token tried
 //!   [`SEPARATION`] times farther): [`Options::exhaustive`] turns the early exit off, and tests
 //!   check that it changes no guess;
+//! - **downlink inversion**: vocabulary matching on the downlink rows, the candidates run
+//!   through the public layers below K2 (the head and trunk together) after the recovered
+//!   prefix. Unlike replay, which reads the next token, it reads the prompt too. Candidates
+//!   are ranked by the public model's prediction after the recovered prefix, then by id; each
+//!   costs K2 layers (the uplink's cost K1), so a budget matters more here;
+//! - **known plaintext**: vocabulary matching through a linear map learned by ridge
+//!   regression from the positions whose tokens are public (the chat template's opening) and
+//!   then from each position recovered (see `plaintext.rs`); it sees through a fixed linear
+//!   distortion of the rows. It needs K1;
 //! - **logit lens**: the uplink row through the public final norm and LM head (with tied
 //!   embeddings, the nearest embedding by dot product), the baseline. Rows are unpermuted
 //!   first once matching has recovered the permutation.
@@ -30,6 +39,7 @@
 //! [`table`] runs the whole experiment of PRIVACY.md over a grid of splits.
 
 mod matching;
+mod plaintext;
 mod score;
 pub mod table;
 
@@ -51,6 +61,9 @@ pub enum AttackError {
     /// Loading or running the public weights failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The chat template could not be applied.
+    #[error(transparent)]
+    Tokenizer(#[from] lsplit_tokenizer::TokenizerError),
     /// A captured payload does not decode.
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -103,12 +116,53 @@ pub struct Knowledge {
 }
 
 /// How hard the attacks try, beyond what is known of the split.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     /// Vocabulary matching tries every candidate of the budget at every position, even after
     /// one reproduced the row: the guess is then the argmin over them all. Off, trying stops
     /// at a reproduced row ([`MATCH_TOLERANCE`]), which gives the same guesses much sooner.
     pub exhaustive: bool,
+    /// Tokens the attacker knows at the first positions (the chat template's opening, see
+    /// [`template_prefix`]): the known-plaintext attack learns its map from them. Empty: that
+    /// attack is not run.
+    pub known_prefix: Vec<u32>,
+    /// Most candidates downlink inversion tries per position. Each costs K2 layers, and
+    /// after that many layers the attacker's rows differ from the device's by more than the
+    /// early exit's tolerance, so every candidate of this budget is usually tried.
+    pub inversion_budget: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            exhaustive: false,
+            known_prefix: Vec::new(),
+            inversion_budget: DEFAULT_INVERSION_BUDGET,
+        }
+    }
+}
+
+/// [`Options::inversion_budget`] by default: the public model's prediction after the
+/// recovered prefix usually ranks the true token among the first few.
+pub const DEFAULT_INVERSION_BUDGET: usize = 32;
+
+/// The tokens every chat-templated prompt of `tokenizer` starts with (system prompt
+/// included): public knowledge, at known positions. Empty without a chat template.
+pub fn template_prefix(tokenizer: &lsplit_tokenizer::Tokenizer) -> Result<Vec<u32>, AttackError> {
+    if tokenizer.chat_template().is_none() {
+        return Ok(Vec::new());
+    }
+    let encode = |text: &str| -> Result<Vec<u32>, AttackError> {
+        let messages = [lsplit_tokenizer::ChatMessage::new("user", text)];
+        let templated = tokenizer.apply_chat_template(&messages, true)?;
+        Ok(tokenizer.encode(&templated, false)?)
+    };
+    let (a, b) = (encode("a")?, encode("b")?);
+    Ok(a.iter()
+        .zip(&b)
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| *x)
+        .collect())
 }
 
 /// The attacks' guesses, per sequence position that crossed the wire.
@@ -126,6 +180,13 @@ pub struct Recovery {
     pub lens: Vec<u32>,
     /// True when the rows were permuted and matching recovered the permutation.
     pub permutation_recovered: bool,
+    /// Downlink inversion: the token guessed at each position from its downlink row.
+    pub inversion: Vec<u32>,
+    /// Positions whose downlink row a candidate reproduced.
+    pub inverted_exactly: usize,
+    /// The known-plaintext attack: the token guessed at each position (empty when it was
+    /// not run: no known prefix, or a secret K1).
+    pub known_plaintext: Vec<u32>,
 }
 
 /// The public weights an attacker runs: a head as deep as the deepest boundary tried, a tail
@@ -237,8 +298,22 @@ impl Attacker {
             tables: true,
             budget: knowledge.budget,
             exhaustive: options.exhaustive,
+            known: &[],
+            ridge: false,
         };
         let matched = self.vocabulary_matching(&up, &search, Mode::Unknown)?;
+        let known_plaintext = match (&options.known_prefix[..], knowledge.k1) {
+            ([], _) | (_, None) => Vec::new(),
+            (known, Some(k)) => {
+                let search = Search {
+                    boundaries: k..k + 1,
+                    known,
+                    ridge: true,
+                    ..search
+                };
+                self.vocabulary_matching(&up, &search, Mode::Plain)?.tokens
+            }
+        };
         let lens = self.logit_lens(&up, &matched.mode)?;
         let down: Vec<Tensor> = down
             .iter()
@@ -254,7 +329,22 @@ impl Attacker {
             }
             None => self.layers - knowledge.max_k.min(self.max_k)..self.layers + 1,
         };
-        let (replay_k2, replay_next) = self.replay(&down, k2s)?;
+        let (replay_k2, replay_next) = self.replay(&down, k2s.clone())?;
+        let inversion = Search {
+            part: &self.whole,
+            boundaries: k2s,
+            tables: false,
+            budget: options.inversion_budget,
+            exhaustive: options.exhaustive,
+            known: &[],
+            ridge: false,
+        };
+        // The downlink rows are already unpermuted when the uplink gave the permutation away.
+        let down_mode = match matched.mode {
+            Mode::Unknown => Mode::Unknown,
+            Mode::Plain | Mode::Permuted(_) => Mode::Plain,
+        };
+        let inverted = self.vocabulary_matching(&down, &inversion, down_mode)?;
         Ok(Recovery {
             replay_next,
             replay_k2,
@@ -262,6 +352,9 @@ impl Attacker {
             exact_matches: matched.exact,
             lens,
             permutation_recovered: matches!(matched.mode, Mode::Permuted(_)),
+            inversion: inverted.tokens,
+            inverted_exactly: inverted.exact,
+            known_plaintext,
         })
     }
 

@@ -6,6 +6,7 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 use lsplit_model::ModelPart;
 
+use crate::plaintext::Ridge;
 use crate::{AttackError, Attacker};
 
 /// Relative L2 distance under which a candidate's row is taken to be the observed row, and
@@ -123,6 +124,11 @@ pub(crate) struct Search<'a> {
     /// Whether every candidate of the budget is tried even after one matched (see
     /// [`crate::Options::exhaustive`]).
     pub(crate) exhaustive: bool,
+    /// Tokens known at the first positions: taken as they are, not matched.
+    pub(crate) known: &'a [u32],
+    /// Whether to match through a map learned from the positions seen (the known-plaintext
+    /// attack, see [`Ridge`]); the boundary must then be known.
+    pub(crate) ridge: bool,
 }
 
 impl Attacker {
@@ -145,21 +151,39 @@ impl Attacker {
         };
         let boundaries = search.boundaries.clone();
         let deepest = boundaries.end - 1;
+        let mut ridge = Ridge::new();
         for (position, observed) in rows.iter().enumerate() {
             let observed = matched.mode.unpermute(observed)?;
+            let raw = search
+                .ridge
+                .then(|| observed.to_vec1::<f32>())
+                .transpose()?;
+            let observed = if search.ridge {
+                ridge.fit(observed.device())?;
+                ridge.map(&observed)?
+            } else {
+                observed
+            };
             let values = observed.to_vec1::<f32>()?;
             let direct_only = !matches!(matched.mode, Mode::Unknown);
-            let mut orders = vec![std::mem::take(&mut predicted)];
-            if search.tables {
-                let lens = self.tail.logits(&observed.unsqueeze(0)?)?;
-                orders.push(self.rank(&values, boundaries.clone(), direct_only)?);
-                orders.push(self.rank(&values, 0..1, direct_only)?);
-                orders.push(descending(&lens.to_vec1::<f32>()?));
-            } else {
-                orders.push((0..self.whole.config().vocab_size as u32).collect());
-            }
-            let ranking = interleave(&orders);
+            let ranking = match search.known.get(position) {
+                Some(&token) => vec![token],
+                None => {
+                    let mut orders = vec![std::mem::take(&mut predicted)];
+                    if search.tables {
+                        let lens = self.tail.logits(&observed.unsqueeze(0)?)?;
+                        orders.push(self.rank(&values, boundaries.clone(), direct_only)?);
+                        orders.push(self.rank(&values, 0..1, direct_only)?);
+                        orders.push(descending(&lens.to_vec1::<f32>()?));
+                    } else {
+                        orders.push((0..self.whole.config().vocab_size as u32).collect());
+                    }
+                    interleave(&orders)
+                }
+            };
             let mut best = Candidate::none();
+            // The row of the best candidate as the public weights give it (before projection).
+            let mut best_public = Vec::new();
             let budget = search.budget.clamp(1, ranking.len());
             let mut tried = 0;
             while tried < budget && (search.exhaustive || !best.matches()) {
@@ -174,10 +198,26 @@ impl Attacker {
                 };
                 for k in boundaries.clone() {
                     let at_k = if k == 0 { &embedded } else { &outputs[k - 1] };
-                    for (i, candidate) in at_k.to_vec2::<f32>()?.into_iter().enumerate() {
-                        best.consider(chunk[i], candidate, &values, direct_only);
+                    let rows = at_k.to_vec2::<f32>()?;
+                    let seen = match search.ridge {
+                        true => ridge.project(at_k)?.to_vec2::<f32>()?,
+                        false => rows.clone(),
+                    };
+                    for (i, candidate) in seen.into_iter().enumerate() {
+                        let mut nearer = best.consider(chunk[i], candidate, &values, direct_only);
+                        // Through the map or as is, whichever is nearer: the map adds to plain
+                        // matching, never takes from it.
+                        if let Some(raw) = &raw {
+                            nearer |= best.consider(chunk[i], rows[i].clone(), raw, true);
+                        }
+                        if nearer {
+                            best_public = rows[i].clone();
+                        }
                     }
                 }
+            }
+            if let Some(raw) = raw {
+                ridge.add(raw, std::mem::take(&mut best_public));
             }
             tracing::debug!(
                 position,
@@ -287,7 +327,8 @@ impl Candidate {
 
     /// Keeps `row` (the candidate `token`'s hidden state) if it is closer to `observed` than
     /// the best so far: as is, or (unless `direct_only`) on sorted values.
-    fn consider(&mut self, token: u32, row: Vec<f32>, observed: &[f32], direct_only: bool) {
+    /// Returns whether `row` became the best.
+    fn consider(&mut self, token: u32, row: Vec<f32>, observed: &[f32], direct_only: bool) -> bool {
         let direct = relative_distance(&row, observed);
         let (distance, sorted) = if direct_only {
             (direct, false)
@@ -316,9 +357,12 @@ impl Candidate {
                 sorted,
                 row,
             };
-        } else if token != self.token && distance < self.runner_up {
+            return true;
+        }
+        if token != self.token && distance < self.runner_up {
             self.runner_up = distance;
         }
+        false
     }
 }
 
