@@ -95,9 +95,9 @@ fn solve_ridge(rows: &[Vec<f32>]) -> Result<Vec<f32>, AttackError> {
             .sum()
     };
     let mut gram = vec![0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let v = dot(&rows[i], &rows[j]);
+    for (i, a) in rows.iter().enumerate() {
+        for (j, b) in rows.iter().enumerate().take(i + 1) {
+            let v = dot(a, b);
             gram[i * n + j] = v;
             gram[j * n + i] = v;
         }
@@ -131,22 +131,22 @@ fn solve_ridge(rows: &[Vec<f32>]) -> Result<Vec<f32>, AttackError> {
     let mut column = vec![0f64; n];
     for c in 0..d {
         // L y = a, then Lᵀ z = y.
-        for i in 0..n {
-            let mut v = f64::from(rows[i][c]);
-            for k in 0..i {
-                v -= gram[i * n + k] * column[k];
+        for (i, row) in rows.iter().enumerate() {
+            let mut v = f64::from(row[c]);
+            for (k, z) in column.iter().enumerate().take(i) {
+                v -= gram[i * n + k] * z;
             }
             column[i] = v / gram[i * n + i];
         }
         for i in (0..n).rev() {
             let mut v = column[i];
-            for k in i + 1..n {
-                v -= gram[k * n + i] * column[k];
+            for (k, z) in column.iter().enumerate().skip(i + 1) {
+                v -= gram[k * n + i] * z;
             }
             column[i] = v / gram[i * n + i];
         }
-        for i in 0..n {
-            out[i * d + c] = column[i] as f32;
+        for (i, z) in column.iter().enumerate() {
+            out[i * d + c] = *z as f32;
         }
     }
     Ok(out)

@@ -118,6 +118,12 @@ fn capture(
     }
 }
 
+/// [`capture`] of [`PROMPT`] through the fixed split 2:28, without drafts.
+fn fixed_capture(obfuscation: Obfuscation, codec: Codec) -> Captured {
+    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
+    capture(&policy, obfuscation, codec, PROMPT, Speculate::Off)
+}
+
 fn known(k1: usize, k2: usize) -> Knowledge {
     Knowledge {
         k1: Some(k1),
@@ -193,7 +199,6 @@ fn matching_follows_the_rewinds_of_drafted_steps() {
 /// rows sent in every codec, and matching reads the text back from each.
 #[test]
 fn the_early_exit_gives_the_argmin_of_every_candidate_tried() {
-    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
     let budget = Knowledge {
         budget: 96,
         ..known(2, 28)
@@ -203,7 +208,7 @@ fn the_early_exit_gives_the_argmin_of_every_candidate_tried() {
         ..Options::default()
     };
     for codec in Codec::ALL {
-        let captured = capture(&policy, Obfuscation::None, codec, PROMPT, Speculate::Off);
+        let captured = fixed_capture(Obfuscation::None, codec);
         let early = attacker().run(&captured.messages, &budget).expect("attack");
         let every = attacker()
             .run_with(&captured.messages, &budget, &exhaustive)
@@ -220,9 +225,8 @@ fn the_early_exit_gives_the_argmin_of_every_candidate_tried() {
 /// guesses exactly what it guesses without the permutation.
 #[test]
 fn the_logit_lens_reads_rows_unpermuted_once_the_permutation_is_recovered() {
-    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
     let lens = |obfuscation| {
-        let captured = capture(&policy, obfuscation, Codec::F32, PROMPT, Speculate::Off);
+        let captured = fixed_capture(obfuscation, Codec::F32);
         let recovery = attacker()
             .run(&captured.messages, &known(2, 28))
             .expect("attack");
@@ -238,14 +242,7 @@ fn the_logit_lens_reads_rows_unpermuted_once_the_permutation_is_recovered() {
 /// the next token) mostly cannot.
 #[test]
 fn downlink_inversion_reads_the_prompt_from_the_rows_coming_back() {
-    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
-    let captured = capture(
-        &policy,
-        Obfuscation::None,
-        Codec::F32,
-        PROMPT,
-        Speculate::Off,
-    );
+    let captured = fixed_capture(Obfuscation::None, Codec::F32);
     let knowledge = Knowledge {
         budget: 32,
         ..known(2, 28)
@@ -287,14 +284,7 @@ fn rotation(n: usize) -> Tensor {
 /// of the uplink rows, which plain matching cannot.
 #[test]
 fn the_known_plaintext_attack_sees_through_a_rotation_of_the_rows() {
-    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
-    let captured = capture(
-        &policy,
-        Obfuscation::None,
-        Codec::F32,
-        PROMPT,
-        Speculate::Off,
-    );
+    let captured = fixed_capture(Obfuscation::None, Codec::F32);
     let tokenizer = load_tokenizer(source()).expect("tokenizer");
     let options = Options {
         known_prefix: template_prefix(&tokenizer).expect("template"),
