@@ -330,7 +330,10 @@ impl Candidate {
     /// Returns whether `row` became the best.
     fn consider(&mut self, token: u32, row: Vec<f32>, observed: &[f32], direct_only: bool) -> bool {
         let direct = relative_distance(&row, observed);
-        let (distance, sorted) = if direct_only {
+        // A row reproduced as is is read as is: sorting both rows never moves them apart, so
+        // with any rounding (f16, bf16, int8) sorted values would always look nearer and fake
+        // a permutation.
+        let (distance, sorted) = if direct_only || direct < LOOSE_TOLERANCE {
             (direct, false)
         } else {
             let mut a = row.clone();

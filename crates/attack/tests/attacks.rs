@@ -218,6 +218,9 @@ fn the_early_exit_gives_the_argmin_of_every_candidate_tried() {
         // The budget is small for speed: a few template tokens rank beyond it.
         assert!(s.matching.prompt >= 30, "{codec}: {s:?}");
         assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{codec}: {s:?}");
+        // Rounded rows are not mistaken for permuted ones, so replay reads them too.
+        assert!(!every.permutation_recovered, "{codec}");
+        assert_eq!(s.replay.generated, MAX_TOKENS, "{codec}: {s:?}");
     }
 }
 
