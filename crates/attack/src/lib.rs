@@ -1,32 +1,45 @@
 //! Attacks on a wire capture of a split model: what an eavesdropper who strips TLS, or the
 //! cloud operator, can read from the hidden rows with the public weights alone.
 //!
-//! Three attacks, each giving a token guess per position:
+//! The attacks, each giving a token guess per position:
 //! - **replay**: the downlink rows through the public tail, greedy; it reads the generated
 //!   text (position `p`'s row predicts token `p + 1`);
 //! - **vocabulary matching**: at each position, candidate tokens are run through the public
-//!   head after the already recovered prefix, and the one whose row matches the uplink row is
-//!   taken. Candidates are tried in the order of two rankings merged: the public whole model's
-//!   next-token prediction after the recovered prefix (text is predictable, so the true token
-//!   is usually among the first few), and the nearness of each token's row in a table made by
-//!   running the whole vocabulary through the head once, after a one-token context. They go
-//!   through the head in growing chunks until one matches (to
-//!   a relative distance of [`MATCH_TOLERANCE`], or of [`LOOSE_TOLERANCE`] with every other
-//!   token [`SEPARATION`] times farther) or the budget (by default the whole
-//!   vocabulary) is spent. With the whole vocabulary and rows as computed (f32, f16 or bf16 on
-//!   the wire), the true token always matches, so a known split is inverted exactly;
+//!   head after the already recovered prefix, and the one whose row is nearest the uplink row
+//!   wins (the argmin over the candidates tried; by default the budget is the whole
+//!   vocabulary). Candidates are tried in the order of rankings merged: the public whole
+//!   model's next-token prediction after the recovered prefix (text is predictable, so the true
+//!   token is usually among the first few), the nearness of each token's row in a table made by
+//!   running the whole vocabulary through the head once after a one-token context, and the
+//!   logit lens. They go through the head in growing chunks; trying stops early, for speed
+//!   only, once a candidate reproduces the row (within
+//!   [`MATCH_TOLERANCE`], or within [`LOOSE_TOLERANCE`] with every other token tried
+//!   [`SEPARATION`] times farther): [`Options::exhaustive`] turns the early exit off, and tests
+//!   check that it changes no guess;
+//! - **downlink inversion**: vocabulary matching on the downlink rows, the candidates run
+//!   through the public layers below K2 (the head and trunk together) after the recovered
+//!   prefix. Unlike replay, which reads the next token, it reads the prompt too. Candidates
+//!   are ranked by the public model's prediction after the recovered prefix, then by id; each
+//!   costs K2 layers (the uplink's cost K1), so a budget matters more here;
+//! - **known plaintext**: vocabulary matching through a linear map learned by ridge
+//!   regression from the positions whose tokens are public (the chat template's opening) and
+//!   then from each position recovered (see `plaintext.rs`); it sees through a fixed linear
+//!   distortion of the rows. It needs K1;
 //! - **logit lens**: the uplink row through the public final norm and LM head (with tied
-//!   embeddings, the nearest embedding by dot product), the baseline.
+//!   embeddings, the nearest embedding by dot product), the baseline. Rows are unpermuted
+//!   first once matching has recovered the permutation.
 //!
 //! Unknown split points (a random policy) are handled by trying every boundary up to a depth
-//! and keeping the best match. Permuted rows are matched on their sorted values, which a
-//! permutation leaves unchanged; the first exact match then gives the permutation itself, and
-//! the attack goes on unpermuted.
+//! and keeping the nearest candidate. Permuted rows are also matched on their sorted values,
+//! which a permutation leaves unchanged; the first reproduced row then gives the permutation
+//! itself, and the attacks go on unpermuted.
 //!
-//! [`Recovery::score`] scores the guesses against the session's true tokens ([`Truth`]);
+//! Every attack reads only the capture, the public weights and what [`Knowledge`] says;
+//! [`Recovery::score`] then scores the guesses against the session's true tokens ([`Truth`]);
 //! [`table`] runs the whole experiment of PRIVACY.md over a grid of splits.
 
 mod matching;
+mod plaintext;
 mod score;
 pub mod table;
 
@@ -39,7 +52,7 @@ use lsplit_split::{CaptureError, CapturedMessage, PolicyError, SplitError, Way};
 use lsplit_wire::WireError;
 
 pub use matching::{LOOSE_TOLERANCE, MATCH_TOLERANCE, SEPARATION};
-use matching::{Mode, TokenRows};
+use matching::{Mode, Search, TokenRows};
 pub use score::{Rate, Scores, Truth};
 
 /// Errors of an attack.
@@ -48,6 +61,9 @@ pub enum AttackError {
     /// Loading or running the public weights failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The chat template could not be applied.
+    #[error(transparent)]
+    Tokenizer(#[from] lsplit_tokenizer::TokenizerError),
     /// A captured payload does not decode.
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -99,6 +115,56 @@ pub struct Knowledge {
     pub budget: usize,
 }
 
+/// How hard the attacks try, beyond what is known of the split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Vocabulary matching tries every candidate of the budget at every position, even after
+    /// one reproduced the row: the guess is then the argmin over them all. Off, trying stops
+    /// at a reproduced row ([`MATCH_TOLERANCE`]), which gives the same guesses much sooner.
+    pub exhaustive: bool,
+    /// Tokens the attacker knows at the first positions (the chat template's opening, see
+    /// [`template_prefix`]): the known-plaintext attack learns its map from them. Empty: that
+    /// attack is not run.
+    pub known_prefix: Vec<u32>,
+    /// Most candidates downlink inversion tries per position. Each costs K2 layers, and
+    /// after that many layers the attacker's rows differ from the device's by more than the
+    /// early exit's tolerance, so every candidate of this budget is usually tried.
+    pub inversion_budget: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            exhaustive: false,
+            known_prefix: Vec::new(),
+            inversion_budget: DEFAULT_INVERSION_BUDGET,
+        }
+    }
+}
+
+/// [`Options::inversion_budget`] by default: the public model's prediction after the
+/// recovered prefix usually ranks the true token among the first few.
+pub const DEFAULT_INVERSION_BUDGET: usize = 32;
+
+/// The tokens every chat-templated prompt of `tokenizer` starts with (system prompt
+/// included): public knowledge, at known positions. Empty without a chat template.
+pub fn template_prefix(tokenizer: &lsplit_tokenizer::Tokenizer) -> Result<Vec<u32>, AttackError> {
+    if tokenizer.chat_template().is_none() {
+        return Ok(Vec::new());
+    }
+    let encode = |text: &str| -> Result<Vec<u32>, AttackError> {
+        let messages = [lsplit_tokenizer::ChatMessage::new("user", text)];
+        let templated = tokenizer.apply_chat_template(&messages, true)?;
+        Ok(tokenizer.encode(&templated, false)?)
+    };
+    let (a, b) = (encode("a")?, encode("b")?);
+    Ok(a.iter()
+        .zip(&b)
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| *x)
+        .collect())
+}
+
 /// The attacks' guesses, per sequence position that crossed the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovery {
@@ -114,6 +180,13 @@ pub struct Recovery {
     pub lens: Vec<u32>,
     /// True when the rows were permuted and matching recovered the permutation.
     pub permutation_recovered: bool,
+    /// Downlink inversion: the token guessed at each position from its downlink row.
+    pub inversion: Vec<u32>,
+    /// Positions whose downlink row a candidate reproduced.
+    pub inverted_exactly: usize,
+    /// The known-plaintext attack: the token guessed at each position (empty when it was
+    /// not run: no known prefix, or a secret K1).
+    pub known_plaintext: Vec<u32>,
 }
 
 /// The public weights an attacker runs: a head as deep as the deepest boundary tried, a tail
@@ -176,11 +249,22 @@ impl Attacker {
         })
     }
 
-    /// Runs every attack on the messages of one capture.
+    /// Runs every attack on the messages of one capture, with the default [`Options`].
     pub fn run(
         &self,
         messages: &[CapturedMessage],
         knowledge: &Knowledge,
+    ) -> Result<Recovery, AttackError> {
+        self.run_with(messages, knowledge, &Options::default())
+    }
+
+    /// Runs every attack on the messages of one capture. It reads nothing but `messages`, the
+    /// public weights and `knowledge`: the true tokens only ever score the result.
+    pub fn run_with(
+        &self,
+        messages: &[CapturedMessage],
+        knowledge: &Knowledge,
+        options: &Options,
     ) -> Result<Recovery, AttackError> {
         let up = first_rows(messages, Way::Up, self.head.device())?;
         let down = first_rows(messages, Way::Down, self.head.device())?;
@@ -208,14 +292,33 @@ impl Attacker {
             }
             None => 0..knowledge.max_k.min(self.max_k) + 1,
         };
-        let matched = self.vocabulary_matching(&up, boundaries, knowledge.budget)?;
-        let down: Vec<Tensor> = match &matched.mode {
-            Mode::Permuted(inverse) => down
-                .iter()
-                .map(|row| row.index_select(inverse, 0))
-                .collect::<Result<_, _>>()?,
-            Mode::Unknown | Mode::Plain => down,
+        let search = Search {
+            part: &self.head,
+            boundaries,
+            tables: true,
+            budget: knowledge.budget,
+            exhaustive: options.exhaustive,
+            known: &[],
+            ridge: false,
         };
+        let matched = self.vocabulary_matching(&up, &search, Mode::Unknown)?;
+        let known_plaintext = match (&options.known_prefix[..], knowledge.k1) {
+            ([], _) | (_, None) => Vec::new(),
+            (known, Some(k)) => {
+                let search = Search {
+                    boundaries: k..k + 1,
+                    known,
+                    ridge: true,
+                    ..search
+                };
+                self.vocabulary_matching(&up, &search, Mode::Plain)?.tokens
+            }
+        };
+        let lens = self.logit_lens(&up, &matched.mode)?;
+        let down: Vec<Tensor> = down
+            .iter()
+            .map(|row| matched.mode.unpermute(row))
+            .collect::<Result<_, _>>()?;
         let k2s = match knowledge.k2 {
             Some(k) if k + self.max_k >= self.layers => k..k + 1,
             Some(k) => {
@@ -226,15 +329,44 @@ impl Attacker {
             }
             None => self.layers - knowledge.max_k.min(self.max_k)..self.layers + 1,
         };
-        let (replay_k2, replay_next) = self.replay(&down, k2s)?;
+        let (replay_k2, replay_next) = self.replay(&down, k2s.clone())?;
+        let inversion = Search {
+            part: &self.whole,
+            boundaries: k2s,
+            tables: false,
+            budget: options.inversion_budget,
+            exhaustive: options.exhaustive,
+            known: &[],
+            ridge: false,
+        };
+        // The downlink rows are already unpermuted when the uplink gave the permutation away.
+        let down_mode = match matched.mode {
+            Mode::Unknown => Mode::Unknown,
+            Mode::Plain | Mode::Permuted(_) => Mode::Plain,
+        };
+        let inverted = self.vocabulary_matching(&down, &inversion, down_mode)?;
         Ok(Recovery {
             replay_next,
             replay_k2,
             matching: matched.tokens,
             exact_matches: matched.exact,
-            lens: matched.lens,
+            lens,
             permutation_recovered: matches!(matched.mode, Mode::Permuted(_)),
+            inversion: inverted.tokens,
+            inverted_exactly: inverted.exact,
+            known_plaintext,
         })
+    }
+
+    /// The logit lens: each uplink row, unpermuted once matching has recovered the
+    /// permutation, through the public final norm and LM head; its most likely token.
+    fn logit_lens(&self, up: &[Tensor], mode: &Mode) -> Result<Vec<u32>, AttackError> {
+        let rows: Vec<Tensor> = up
+            .iter()
+            .map(|row| mode.unpermute(row))
+            .collect::<Result<_, _>>()?;
+        let logits = self.tail.row_logits(&Tensor::stack(&rows, 0)?)?;
+        Ok(logits.argmax(1)?.to_vec1::<u32>()?)
     }
 
     /// Runs the downlink rows through the tail from each candidate boundary and keeps, per

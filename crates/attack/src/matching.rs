@@ -1,16 +1,18 @@
-//! Vocabulary matching: each uplink row inverted to the token that produced it, by running
-//! ranked candidate tokens through the public head until one reproduces the row (see the crate
-//! doc); also the logit-lens baseline, read from the same rows.
+//! Vocabulary matching: each row inverted to the token that produced it, the nearest of ranked
+//! candidate tokens run through the public weights (see the crate doc).
 
 use std::ops::Range;
 
 use candle_core::{Device, Tensor};
 use lsplit_model::ModelPart;
 
+use crate::plaintext::Ridge;
 use crate::{AttackError, Attacker};
 
-/// Relative L2 distance under which a candidate's row is taken to be the observed row: above
-/// f16/bf16 rounding (about 0.001 and 0.004), far below the distance between different
+/// Relative L2 distance under which a candidate's row is taken to be the observed row, and
+/// trying more candidates stops (an early exit for speed only: the guess is the nearest
+/// candidate tried either way, and tests check that trying the whole budget gives the same):
+/// above f16/bf16 rounding (about 0.001 and 0.004), far below the distance between different
 /// tokens' rows (above 0.1 after one layer).
 pub const MATCH_TOLERANCE: f32 = 0.008;
 
@@ -108,64 +110,114 @@ pub(crate) fn vocabulary_tables(
         .collect()
 }
 
+/// Where vocabulary matching looks for the tokens behind a run of rows.
+pub(crate) struct Search<'a> {
+    /// The public part whose layers the candidates go through: the head for the uplink, the
+    /// whole model for the downlink.
+    pub(crate) part: &'a ModelPart,
+    /// The boundaries the rows may have left from (more than one when the split is secret).
+    pub(crate) boundaries: Range<usize>,
+    /// Whether the vocabulary tables rank the candidates (they hold the head's boundaries only).
+    pub(crate) tables: bool,
+    /// Most candidates tried per position.
+    pub(crate) budget: usize,
+    /// Whether every candidate of the budget is tried even after one matched (see
+    /// [`crate::Options::exhaustive`]).
+    pub(crate) exhaustive: bool,
+    /// Tokens known at the first positions: taken as they are, not matched.
+    pub(crate) known: &'a [u32],
+    /// Whether to match through a map learned from the positions seen (the known-plaintext
+    /// attack, see [`Ridge`]); the boundary must then be known.
+    pub(crate) ridge: bool,
+}
+
 impl Attacker {
-    /// Vocabulary matching and the logit lens over the uplink rows `up`, trying the
-    /// `boundaries` and at most `budget` candidates per position.
+    /// Vocabulary matching over the rows `observed`: at each position the nearest candidate
+    /// of those tried wins (the argmin); trying stops early once one [`Candidate::matches`],
+    /// unless `search.exhaustive`. `mode` is what is known of the permutation so far.
     pub(crate) fn vocabulary_matching(
         &self,
-        up: &[Tensor],
-        boundaries: Range<usize>,
-        budget: usize,
+        rows: &[Tensor],
+        search: &Search,
+        mode: Mode,
     ) -> Result<Matched, AttackError> {
-        let mut cache = self.head.new_cache();
+        let part = search.part;
+        let mut cache = part.new_cache();
         let mut whole_cache = self.whole.new_cache();
         let mut predicted: Vec<u32> = Vec::new();
-        let mut matched = Matched::default();
+        let mut matched = Matched {
+            mode,
+            ..Matched::default()
+        };
+        let boundaries = search.boundaries.clone();
         let deepest = boundaries.end - 1;
-        for (position, observed) in up.iter().enumerate() {
-            let observed = match &matched.mode {
-                Mode::Permuted(inverse) => observed.index_select(inverse, 0)?,
-                Mode::Unknown | Mode::Plain => observed.clone(),
+        let mut ridge = Ridge::new();
+        for (position, observed) in rows.iter().enumerate() {
+            let observed = matched.mode.unpermute(observed)?;
+            let raw = search
+                .ridge
+                .then(|| observed.to_vec1::<f32>())
+                .transpose()?;
+            let observed = if search.ridge {
+                ridge.fit(observed.device())?;
+                ridge.map(&observed)?
+            } else {
+                observed
             };
             let values = observed.to_vec1::<f32>()?;
-            let lens = self
-                .tail
-                .logits(&observed.unsqueeze(0)?)?
-                .to_vec1::<f32>()?;
             let direct_only = !matches!(matched.mode, Mode::Unknown);
-            let ranking = interleave(&[
-                std::mem::take(&mut predicted),
-                self.rank(&values, boundaries.clone(), direct_only)?,
-                self.rank(&values, 0..1, direct_only)?,
-                descending(&lens),
-            ]);
-            matched.lens.push(match matched.mode {
-                Mode::Plain => descending(&lens)[0],
-                Mode::Unknown | Mode::Permuted(_) => {
-                    let nearest = self.tables[0].distances(&values, true)?;
-                    nearest.argmin(0)?.to_scalar::<u32>()?
+            let ranking = match search.known.get(position) {
+                Some(&token) => vec![token],
+                None => {
+                    let mut orders = vec![std::mem::take(&mut predicted)];
+                    if search.tables {
+                        let lens = self.tail.logits(&observed.unsqueeze(0)?)?;
+                        orders.push(self.rank(&values, boundaries.clone(), direct_only)?);
+                        orders.push(self.rank(&values, 0..1, direct_only)?);
+                        orders.push(descending(&lens.to_vec1::<f32>()?));
+                    } else {
+                        orders.push((0..self.whole.config().vocab_size as u32).collect());
+                    }
+                    interleave(&orders)
                 }
-            });
+            };
             let mut best = Candidate::none();
-            let budget = budget.clamp(1, ranking.len());
+            // The row of the best candidate as the public weights give it (before projection).
+            let mut best_public = Vec::new();
+            let budget = search.budget.clamp(1, ranking.len());
             let mut tried = 0;
-            while tried < budget && !best.matches() {
+            while tried < budget && (search.exhaustive || !best.matches()) {
                 let size = if tried == 0 { FIRST_CHUNK } else { CHUNK };
                 let chunk = &ranking[tried..(tried + size).min(budget)];
                 tried += chunk.len();
-                let rows = self.head.embed(chunk)?;
+                let embedded = part.embed(chunk)?;
                 let outputs = if deepest == 0 {
                     Vec::new()
                 } else {
-                    self.head
-                        .forward_alternatives(&rows, position, 0..deepest, &cache)?
+                    part.forward_alternatives(&embedded, position, 0..deepest, &cache)?
                 };
                 for k in boundaries.clone() {
-                    let at_k = if k == 0 { &rows } else { &outputs[k - 1] };
-                    for (i, candidate) in at_k.to_vec2::<f32>()?.into_iter().enumerate() {
-                        best.consider(chunk[i], candidate, &values, direct_only);
+                    let at_k = if k == 0 { &embedded } else { &outputs[k - 1] };
+                    let rows = at_k.to_vec2::<f32>()?;
+                    let seen = match search.ridge {
+                        true => ridge.project(at_k)?.to_vec2::<f32>()?,
+                        false => rows.clone(),
+                    };
+                    for (i, candidate) in seen.into_iter().enumerate() {
+                        let mut nearer = best.consider(chunk[i], candidate, &values, direct_only);
+                        // Through the map or as is, whichever is nearer: the map adds to plain
+                        // matching, never takes from it.
+                        if let Some(raw) = &raw {
+                            nearer |= best.consider(chunk[i], rows[i].clone(), raw, true);
+                        }
+                        if nearer {
+                            best_public = rows[i].clone();
+                        }
                     }
                 }
+            }
+            if let Some(raw) = raw {
+                ridge.add(raw, std::mem::take(&mut best_public));
             }
             tracing::debug!(
                 position,
@@ -185,9 +237,9 @@ impl Attacker {
                 }
             }
             matched.tokens.push(best.token);
-            let row = self.head.embed(&[best.token])?;
-            self.head.forward(&row, position, &mut cache)?;
-            if position + 1 < up.len() {
+            let row = part.embed(&[best.token])?;
+            part.forward(&row, position, &mut cache)?;
+            if position + 1 < rows.len() {
                 let out = self.whole.forward(&row, position, &mut whole_cache)?;
                 predicted = descending(&self.whole.logits(&out)?.to_vec1::<f32>()?);
             }
@@ -234,11 +286,20 @@ pub(crate) enum Mode {
     Permuted(Tensor),
 }
 
+impl Mode {
+    /// `row` back in the model's order, as far as the permutation is known.
+    pub(crate) fn unpermute(&self, row: &Tensor) -> Result<Tensor, AttackError> {
+        Ok(match self {
+            Mode::Permuted(inverse) => row.index_select(inverse, 0)?,
+            Mode::Unknown | Mode::Plain => row.clone(),
+        })
+    }
+}
+
 /// What vocabulary matching found.
 #[derive(Default)]
 pub(crate) struct Matched {
     pub(crate) tokens: Vec<u32>,
-    pub(crate) lens: Vec<u32>,
     pub(crate) exact: usize,
     pub(crate) mode: Mode,
 }
@@ -266,8 +327,12 @@ impl Candidate {
 
     /// Keeps `row` (the candidate `token`'s hidden state) if it is closer to `observed` than
     /// the best so far: as is, or (unless `direct_only`) on sorted values.
-    fn consider(&mut self, token: u32, row: Vec<f32>, observed: &[f32], direct_only: bool) {
+    /// Returns whether `row` became the best.
+    fn consider(&mut self, token: u32, row: Vec<f32>, observed: &[f32], direct_only: bool) -> bool {
         let direct = relative_distance(&row, observed);
+        // A row reproduced as is is read as is: sorting both rows never moves them apart, so
+        // with any rounding (f16, bf16, int8) sorted values would always look nearer and fake
+        // a permutation.
         let (distance, sorted) = if direct_only || direct < LOOSE_TOLERANCE {
             (direct, false)
         } else {
@@ -295,9 +360,12 @@ impl Candidate {
                 sorted,
                 row,
             };
-        } else if token != self.token && distance < self.runner_up {
+            return true;
+        }
+        if token != self.token && distance < self.runner_up {
             self.runner_up = distance;
         }
+        false
     }
 }
 

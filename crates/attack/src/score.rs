@@ -57,6 +57,10 @@ pub struct Scores {
     pub matching: Rate,
     /// Logit lens on the uplink.
     pub lens: Rate,
+    /// Inversion of the downlink.
+    pub inversion: Rate,
+    /// The known-plaintext attack on the uplink.
+    pub known_plaintext: Rate,
 }
 
 impl Recovery {
@@ -93,6 +97,8 @@ impl Recovery {
             replay: rate(&self.replay_next, true),
             matching: rate(&self.matching, false),
             lens: rate(&self.lens, false),
+            inversion: rate(&self.inversion, false),
+            known_plaintext: rate(&self.known_plaintext, false),
         }
     }
 }
@@ -166,11 +172,16 @@ mod tests {
             exact_matches: 4,
             lens: vec![0, 5, 0, 0],
             permutation_recovered: false,
+            inversion: vec![1, 5, 6, 0],
+            inverted_exactly: 3,
+            known_plaintext: vec![1, 5],
         };
         let s = recovery.score(&[1, 5, 6], &[7, 9]);
         assert_eq!((s.matching.prompt, s.matching.generated), (3, 1));
         assert_eq!((s.replay.prompt, s.replay.generated), (2, 2));
         assert_eq!((s.lens.prompt, s.lens.generated), (1, 0));
+        assert_eq!((s.inversion.prompt, s.inversion.generated), (3, 0));
+        assert_eq!(s.known_plaintext.prompt, 2);
         assert_eq!(s.matching.generated_total, 2);
         assert!((s.replay.prompt_percent() - 66.666).abs() < 0.01);
     }

@@ -178,6 +178,7 @@ impl Table<'_> {
                 total.replay.add(scores.replay);
                 total.matching.add(scores.matching);
                 total.lens.add(scores.lens);
+                total.inversion.add(scores.inversion);
                 on_prompt(setting);
             }
             on_row(setting, &total);

@@ -6,17 +6,19 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::Device;
-use lsplit_attack::{Attacker, Knowledge, Scores};
+use candle_core::{Device, Tensor};
+use lsplit_attack::{Attacker, Knowledge, Options, Scores, template_prefix};
 use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_split::{
-    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, Speculate, SplitPolicy,
-    load_tokenizer, read_capture,
+    CaptureWriter, CapturedMessage, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation,
+    Speculate, SplitPolicy, Way, load_tokenizer, read_capture,
 };
 use lsplit_wire::Codec;
 
 const PROMPT: &str = "List three uses of copper.";
 const MAX_TOKENS: usize = 10;
+/// Tokens of [`PROMPT`] in the chat template.
+const PROMPT_POSITIONS: usize = 36;
 
 fn source() -> &'static ModelSource {
     static SOURCE: OnceLock<ModelSource> = OnceLock::new();
@@ -49,6 +51,33 @@ fn attack_with(
     prompt: &str,
     speculate: Speculate,
 ) -> (Scores, bool, usize) {
+    let captured = capture(policy, obfuscation, Codec::F32, prompt, speculate);
+    let recovery = attacker()
+        .run(&captured.messages, &knowledge)
+        .expect("attack");
+    (
+        recovery.score(&captured.prompt, &captured.generated),
+        recovery.permutation_recovered,
+        captured.messages.iter().map(|m| m.rewind).sum(),
+    )
+}
+
+/// A session's wire capture and its true tokens.
+struct Captured {
+    messages: Vec<CapturedMessage>,
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+}
+
+/// Generates greedily from `prompt` through `policy` with rows sent as `codec`, and reads the
+/// wire capture back.
+fn capture(
+    policy: &SplitPolicy,
+    obfuscation: Obfuscation,
+    codec: Codec,
+    prompt: &str,
+    speculate: Speculate,
+) -> Captured {
     let source = source();
     let tokenizer = Arc::new(load_tokenizer(source).expect("tokenizer"));
     let dir = tempfile::tempdir().expect("tempdir");
@@ -65,7 +94,7 @@ fn attack_with(
                 .expect("trunk"),
         )
     };
-    let model = DeviceModel::split(source, policy.clone(), tokenizer, Codec::F32, &Device::Cpu)
+    let model = DeviceModel::split(source, policy.clone(), tokenizer, codec, &Device::Cpu)
         .expect("device model");
     let keys = model.new_keys(obfuscation).expect("keys");
     let trunk = LocalTrunk::new(trunk_part(policy.trunk_layers()), &keys).expect("trunk");
@@ -81,13 +110,18 @@ fn attack_with(
         .generate(&prompt, &options, &mut |_| {})
         .expect("generate");
     assert_eq!(generation.tokens.len(), MAX_TOKENS);
-    let messages = read_capture(dir.path()).expect("read capture");
-    let recovery = attacker().run(&messages, &knowledge).expect("attack");
-    (
-        recovery.score(&prompt, &generation.tokens),
-        recovery.permutation_recovered,
-        messages.iter().map(|m| m.rewind).sum(),
-    )
+    drop(session);
+    Captured {
+        messages: read_capture(dir.path()).expect("read capture"),
+        prompt,
+        generated: generation.tokens,
+    }
+}
+
+/// [`capture`] of [`PROMPT`] through the fixed split 2:28, without drafts.
+fn fixed_capture(obfuscation: Obfuscation, codec: Codec) -> Captured {
+    let policy = SplitPolicy::fixed(SplitPlan::new(2, 28, 30).expect("plan"));
+    capture(&policy, obfuscation, codec, PROMPT, Speculate::Off)
 }
 
 fn known(k1: usize, k2: usize) -> Knowledge {
@@ -158,4 +192,142 @@ fn matching_follows_the_rewinds_of_drafted_steps() {
     assert_eq!(s.matching.prompt, s.matching.prompt_total, "{s:?}");
     assert!(s.matching.generated >= MAX_TOKENS - 1, "{s:?}");
     assert_eq!(s.replay.generated, MAX_TOKENS, "{s:?}");
+}
+
+/// The guess at each position is the nearest candidate tried: stopping at the first row
+/// reproduced to rounding gives the same guesses as trying every candidate of the budget, on
+/// rows sent in every codec, and matching reads the text back from each.
+#[test]
+fn the_early_exit_gives_the_argmin_of_every_candidate_tried() {
+    let budget = Knowledge {
+        budget: 96,
+        ..known(2, 28)
+    };
+    let exhaustive = Options {
+        exhaustive: true,
+        ..Options::default()
+    };
+    for codec in Codec::ALL {
+        let captured = fixed_capture(Obfuscation::None, codec);
+        let early = attacker().run(&captured.messages, &budget).expect("attack");
+        let every = attacker()
+            .run_with(&captured.messages, &budget, &exhaustive)
+            .expect("attack");
+        assert_eq!(early.matching, every.matching, "{codec}");
+        let s = every.score(&captured.prompt, &captured.generated);
+        // The budget is small for speed: a few template tokens rank beyond it.
+        assert!(s.matching.prompt >= 30, "{codec}: {s:?}");
+        assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{codec}: {s:?}");
+        // Rounded rows are not mistaken for permuted ones, so replay reads them too.
+        assert!(!every.permutation_recovered, "{codec}");
+        assert_eq!(s.replay.generated, MAX_TOKENS, "{codec}: {s:?}");
+    }
+}
+
+/// Once matching has recovered the permutation, the logit lens reads unpermuted rows: it
+/// guesses exactly what it guesses without the permutation.
+#[test]
+fn the_logit_lens_reads_rows_unpermuted_once_the_permutation_is_recovered() {
+    let lens = |obfuscation| {
+        let captured = fixed_capture(obfuscation, Codec::F32);
+        let recovery = attacker()
+            .run(&captured.messages, &known(2, 28))
+            .expect("attack");
+        assert!(recovery.permutation_recovered == (obfuscation == Obfuscation::Permute));
+        recovery.lens
+    };
+    let plain = lens(Obfuscation::None);
+    assert_eq!(plain.len(), PROMPT_POSITIONS + MAX_TOKENS - 1);
+    assert_eq!(lens(Obfuscation::Permute), plain);
+}
+
+/// Downlink inversion reads the prompt back from the rows coming down, which replay (reading
+/// the next token) mostly cannot.
+#[test]
+fn downlink_inversion_reads_the_prompt_from_the_rows_coming_back() {
+    let captured = fixed_capture(Obfuscation::None, Codec::F32);
+    let knowledge = Knowledge {
+        budget: 32,
+        ..known(2, 28)
+    };
+    let recovery = attacker()
+        .run(&captured.messages, &knowledge)
+        .expect("attack");
+    let s = recovery.score(&captured.prompt, &captured.generated);
+    // 21 of 36 and 6 of 10 when measured, against replay's 13 prompt tokens.
+    assert!(s.inversion.prompt > s.replay.prompt, "{s:?}");
+    assert!(s.inversion.generated > 0, "{s:?}");
+}
+
+/// A deterministic random rotation of `n` dimensions: Gram-Schmidt on pseudo-random columns.
+fn rotation(n: usize) -> Tensor {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    let mut basis: Vec<Vec<f64>> = Vec::with_capacity(n);
+    while basis.len() < n {
+        let mut v: Vec<f64> = (0..n).map(|_| next()).collect();
+        for b in &basis {
+            let dot: f64 = v.iter().zip(b).map(|(x, y)| x * y).sum();
+            v.iter_mut().zip(b).for_each(|(x, y)| *x -= dot * y);
+        }
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        basis.push(v.into_iter().map(|x| x / norm).collect());
+    }
+    let values: Vec<f32> = basis.concat().into_iter().map(|x| x as f32).collect();
+    Tensor::from_vec(values, (n, n), &Device::Cpu).expect("rotation")
+}
+
+/// The known-plaintext attack learns its map from the chat template's opening: without a
+/// defence it reads what plain matching reads, and it sees through a fixed random rotation
+/// of the uplink rows, which plain matching cannot.
+#[test]
+fn the_known_plaintext_attack_sees_through_a_rotation_of_the_rows() {
+    let captured = fixed_capture(Obfuscation::None, Codec::F32);
+    let tokenizer = load_tokenizer(source()).expect("tokenizer");
+    let options = Options {
+        known_prefix: template_prefix(&tokenizer).expect("template"),
+        ..Options::default()
+    };
+    let prefix = options.known_prefix.len();
+    assert!(prefix > 10 && prefix < PROMPT_POSITIONS, "{prefix}");
+    let score = |messages: &[CapturedMessage], knowledge: &Knowledge| {
+        attacker()
+            .run_with(messages, knowledge, &options)
+            .expect("attack")
+            .score(&captured.prompt, &captured.generated)
+    };
+    let s = score(&captured.messages, &known(2, 28));
+    assert!(s.known_plaintext.prompt >= s.matching.prompt, "{s:?}");
+    assert!(s.known_plaintext.generated >= s.matching.generated, "{s:?}");
+    let q = rotation(576);
+    let rotated: Vec<CapturedMessage> = captured
+        .messages
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            if m.direction == Way::Up {
+                let rows = m.rows.decode(&Device::Cpu).expect("decode");
+                let turned = rows.matmul(&q).expect("rotate");
+                m.rows = Codec::F32.encode(&turned, m.rows.start).expect("encode");
+            }
+            m
+        })
+        .collect();
+    // Plain matching finds no row it reproduces and would try the whole vocabulary: a budget.
+    let budget = Knowledge {
+        budget: 64,
+        ..known(2, 28)
+    };
+    let s = score(&rotated, &budget);
+    assert!(s.matching.prompt < prefix / 2, "{s:?}");
+    assert_eq!((s.matching.generated, s.lens.prompt), (0, 0), "{s:?}");
+    // The few misses are the budget's: plain matching of the undistorted rows misses as many
+    // with 64 candidates.
+    assert!(s.known_plaintext.prompt >= 33, "{s:?}");
+    assert!(s.known_plaintext.generated >= 7, "{s:?}");
 }

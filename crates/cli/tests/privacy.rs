@@ -184,6 +184,17 @@ fn attack_reads_a_fixed_unpermuted_capture_back() {
         line(&report, "vocabulary matching: \"").contains("List three uses of copper."),
         "{report}"
     );
+    // Only what the capture holds: without the token file the attacks guess the same, and
+    // only the score lines are missing.
+    let out = attack(&["--k1", "2", "--k2", "28"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let is_score = |l: &&str| {
+        l.split_once(": ")
+            .is_some_and(|(_, rest)| rest.starts_with("prompt "))
+    };
+    let unscored: Vec<&str> = report.lines().filter(|l| !is_score(l)).collect();
+    assert_eq!(report.lines().filter(is_score).count(), 5, "{report}");
+    assert_eq!(stdout(&out).lines().collect::<Vec<_>>(), unscored);
     // A token file of another session is refused, not scored.
     let other = dir.path().join("other.json");
     std::fs::write(&other, r#"{"prompt":[1,2,3],"generated":[4]}"#).expect("write");

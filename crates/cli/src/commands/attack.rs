@@ -14,7 +14,9 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_attack::table::{self, Policies, Setting, Table};
-use lsplit_attack::{Attacker, Knowledge, Rate, Scores, Truth};
+use lsplit_attack::{
+    Attacker, DEFAULT_INVERSION_BUDGET, Knowledge, Options, Rate, Scores, Truth, template_prefix,
+};
 use lsplit_model::ModelSource;
 use lsplit_split::read_capture;
 use lsplit_tokenizer::Tokenizer;
@@ -47,6 +49,14 @@ pub struct AttackArgs {
     /// vocabulary, which makes it exact]
     #[arg(long)]
     pub budget: Option<usize>,
+    /// Try every candidate of the budget at every position, even after one reproduced the
+    /// row: the guess is then the nearest of them all (slow; by default trying stops at a
+    /// reproduced row, which gives the same guesses)
+    #[arg(long)]
+    pub exhaustive: bool,
+    /// Most candidate tokens downlink inversion runs per position (each through K2 layers)
+    #[arg(long, default_value_t = DEFAULT_INVERSION_BUDGET)]
+    pub inversion_budget: usize,
     /// Instead of one capture, generate and attack every prompt of --prompts under every
     /// split of the grid (--grid-k1: fixed and random, with and without permutation) and
     /// print the table of PRIVACY.md
@@ -105,7 +115,12 @@ pub fn run(args: AttackArgs) -> anyhow::Result<()> {
         max_k,
         budget: args.budget.unwrap_or(usize::MAX),
     };
-    let recovery = attacker.run(&messages, &knowledge)?;
+    let options = Options {
+        exhaustive: args.exhaustive,
+        known_prefix: template_prefix(&tokenizer)?,
+        inversion_budget: args.inversion_budget,
+    };
+    let recovery = attacker.run_with(&messages, &knowledge, &options)?;
     let text = |ids: &[u32]| tokenizer.decode(ids).map_err(anyhow::Error::from);
     println!("positions: {}", recovery.matching.len());
     println!(
@@ -121,6 +136,15 @@ pub fn run(args: AttackArgs) -> anyhow::Result<()> {
     println!("replay (next tokens): {:?}", text(&recovery.replay_next)?);
     println!("vocabulary matching: {:?}", text(&recovery.matching)?);
     println!("logit lens: {:?}", text(&recovery.lens)?);
+    println!(
+        "downlink rows matched exactly: {} of {}",
+        recovery.inverted_exactly,
+        recovery.inversion.len()
+    );
+    println!("downlink inversion: {:?}", text(&recovery.inversion)?);
+    if !recovery.known_plaintext.is_empty() {
+        println!("known plaintext: {:?}", text(&recovery.known_plaintext)?);
+    }
     if let Some(file) = &args.truth {
         let truth = Truth::load(file)?;
         truth.check(&recovery)?;
@@ -147,6 +171,8 @@ fn score_lines(scores: &Scores) -> String {
         line("replay", &scores.replay),
         line("vocabulary matching", &scores.matching),
         line("logit lens", &scores.lens),
+        line("downlink inversion", &scores.inversion),
+        line("known plaintext", &scores.known_plaintext),
     ]
     .concat()
 }
@@ -227,9 +253,10 @@ fn table(
     writeln!(
         out,
         "| k1 | split | obfuscation | replay prompt | replay generated | matching prompt | \
-         matching generated | logit lens prompt | logit lens generated |"
+         matching generated | logit lens prompt | logit lens generated | downlink inversion \
+         prompt | downlink inversion generated |"
     )?;
-    writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     let label = |s: &Setting| format!("| {} | {} | {} |", s.k1, s.policy, s.obfuscation);
     let run = Table {
         source,
@@ -253,11 +280,12 @@ fn table(
             let cell =
                 |r: &Rate| format!("{:.1}% | {:.1}%", r.prompt_percent(), r.generated_percent());
             let row = format!(
-                "{} {} | {} | {} |",
+                "{} {} | {} | {} | {} |",
                 label(setting),
                 cell(&total.replay),
                 cell(&total.matching),
-                cell(&total.lens)
+                cell(&total.lens),
+                cell(&total.inversion)
             );
             progress.suspend(|| eprintln!("{row}"));
             rows.push(row);
