@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lsplit_model::{ModelSource, SplitPlan, TrunkFingerprint};
-use lsplit_remote::{RemoteOptions, RemoteTrunk};
+use lsplit_remote::{RemoteOptions, RemoteTrunk, ServingStatus, TRUNK_SERVICE};
 use lsplit_split::{
     DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SplitPolicy, StepRows, Trunk,
     TrunkError, load_tokenizer,
@@ -380,28 +380,10 @@ fn batch_wait_outside_zero_to_a_second_is_refused() {
 }
 
 /// The gRPC health status of the trunk service at `addr`, over a fresh plaintext connection.
-fn health(addr: &str) -> i32 {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("url")
-            .connect()
-            .await
-            .expect("the server accepts a connection");
-        HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: "lsplit.trunk.v1.Trunk".into(),
-            })
-            .await
-            .expect("health check")
-            .into_inner()
-            .status
-    })
+fn health(addr: &str) -> ServingStatus {
+    let mut options = RemoteOptions::new(format!("http://{addr}"), Codec::F32);
+    options.insecure = true;
+    lsplit_remote::check_health(&options, TRUNK_SERVICE).expect("health check")
 }
 
 /// The first JSON log line of `lines` whose message is `message`, or fails after a minute.
@@ -420,7 +402,6 @@ fn json_event(lines: &std::sync::mpsc::Receiver<String>, message: &str) -> serde
 
 #[test]
 fn drain_reports_not_serving_while_still_accepting_and_rust_log_is_honoured_in_json() {
-    use tonic_health::pb::health_check_response::ServingStatus;
     let mut child = Command::new(env!("CARGO_BIN_EXE_lsplit"))
         .env_remove("LSPLIT_LOG")
         .env("RUST_LOG", "lsplit_server=info,warn")
@@ -443,7 +424,7 @@ fn drain_reports_not_serving_while_still_accepting_and_rust_log_is_honoured_in_j
     assert_eq!(serving["level"], "INFO");
     assert_eq!(serving["target"], "lsplit_server::serve");
     assert_eq!(serving["fields"]["service"], "lsplit.trunk.v1.Trunk");
-    assert_eq!(health(&addr), ServingStatus::Serving as i32);
+    assert_eq!(health(&addr), ServingStatus::Serving);
 
     run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
     let draining = json_event(
@@ -452,7 +433,7 @@ fn drain_reports_not_serving_while_still_accepting_and_rust_log_is_honoured_in_j
     );
     assert_eq!(draining["fields"]["seconds"], 600.0);
     // A new connection is still accepted, and its health check says NOT_SERVING.
-    assert_eq!(health(&addr), ServingStatus::NotServing as i32);
+    assert_eq!(health(&addr), ServingStatus::NotServing);
     assert!(
         child.try_wait().expect("wait").is_none(),
         "exited while draining"

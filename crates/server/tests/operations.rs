@@ -4,12 +4,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use lsplit_remote::{ServingStatus, TRUNK_SERVICE};
+use lsplit_testkit::certificates;
 use lsplit_testkit::llm::*;
-use lsplit_testkit::{certificates, raw_channel};
 use lsplit_wire::Codec;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
@@ -41,18 +39,11 @@ fn health_and_metrics_report_the_served_sessions() {
         .enable_all()
         .build()
         .expect("runtime");
-    let status = runtime.block_on(async {
-        let mut health = HealthClient::new(raw_channel(&server.url, &certs).await);
-        health
-            .check(HealthCheckRequest {
-                service: "lsplit.trunk.v1.Trunk".into(),
-            })
-            .await
-            .expect("health check")
-            .into_inner()
-            .status
-    });
-    assert_eq!(status, ServingStatus::Serving as i32);
+    // Health needs no token: the device's options here carry none.
+    let status =
+        lsplit_remote::check_health(&client_options(&server, &certs, Codec::F16), TRUNK_SERVICE)
+            .expect("health check");
+    assert_eq!(status, ServingStatus::Serving);
 
     let listener = runtime.block_on(async {
         tokio::net::TcpListener::bind("127.0.0.1:0")
