@@ -303,8 +303,9 @@ pub(crate) mod portable {
         })
     }
 
-    /// Sum of eight lanes in the order of the AVX2 kernel's horizontal sum.
-    fn hsum8(x: [f32; 8]) -> f32 {
+    /// Sum of eight lanes in the order of the AVX2 kernel's horizontal sum (candle's
+    /// `hsum_float_8`), shared with the portable K-quant kernels.
+    pub(in crate::kernels) fn hsum8(x: [f32; 8]) -> f32 {
         let a = [x[4] + x[0], x[5] + x[1], x[6] + x[2], x[7] + x[3]];
         let b = [a[0] + a[2], a[1] + a[3]];
         b[0] + b[1]
@@ -361,7 +362,7 @@ macro_rules! avx2_kernels {
         // VNNI's intrinsic is stable since Rust 1.89, which an x86-64 build needs; the
         // workspace's older MSRV holds for other targets.
         #[allow(clippy::incompatible_msrv)]
-        mod $module {
+        pub(super) mod $module {
             use std::arch::x86_64::*;
 
             use super::{ActBlock, Format, TILE};
@@ -383,10 +384,11 @@ macro_rules! avx2_kernels {
                 _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1))
             }
 
-            /// Sum of eight float lanes in the order of candle's `hsum_float_8`.
+            /// Sum of eight float lanes in the order of candle's `hsum_float_8` (the K-quant
+            /// kernels of the same module name share it).
             #[inline]
             #[target_feature(enable = $features)]
-            fn hsum(x: __m256) -> f32 {
+            pub(in crate::kernels) fn hsum(x: __m256) -> f32 {
                 let hi = _mm256_extractf128_ps(x, 1);
                 let s = _mm_add_ps(hi, _mm256_castps256_ps128(x));
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -279,6 +279,7 @@ pub(crate) fn dot_tile<const R: usize>(
 /// The portable kernel, lane by lane as candle's AVX2 ones (see the module doc).
 pub(crate) mod portable {
     use super::*;
+    use crate::kernels::dot::portable::hsum8;
 
     /// One row of a tile block: its 256 weights as integers (Q6_K's less its bias of 32), the
     /// scale of each 16 values, the minimum of each 32 (zero for Q6_K), `d` and `dmin`.
@@ -345,17 +346,6 @@ pub(crate) mod portable {
                 }
             }
         }
-    }
-
-    /// Sum of eight lanes in the order of candle's `hsum_float_8`.
-    fn hsum8(lanes: [f32; 8]) -> f32 {
-        let a = [
-            lanes[4] + lanes[0],
-            lanes[5] + lanes[1],
-            lanes[6] + lanes[2],
-            lanes[7] + lanes[3],
-        ];
-        (a[0] + a[2]) + (a[1] + a[3])
     }
 
     /// See [`super::dot_tile`].
@@ -433,17 +423,7 @@ macro_rules! k_kernels {
             use std::arch::x86_64::*;
 
             use super::*;
-
-            /// Sum of eight float lanes in the order of candle's `hsum_float_8`.
-            #[inline]
-            #[target_feature(enable = $features)]
-            fn hsum8(x: __m256) -> f32 {
-                let hi = _mm256_extractf128_ps(x, 1);
-                let s = _mm_add_ps(hi, _mm256_castps256_ps128(x));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                _mm_cvtss_f32(s)
-            }
+            use crate::kernels::dot::$module::hsum as hsum8;
 
             /// Sum of four float lanes in candle's order: `(x0 + x2) + (x1 + x3)`.
             #[inline]
