@@ -3,7 +3,8 @@
 
 use lsplit_wire::{StepCodec, StepTensor};
 
-/// Generated protobuf messages and gRPC stubs of package `lsplit.diffusion.v1`.
+/// Generated protobuf messages, gRPC client and [`crate::Service`] of package
+/// `lsplit.diffusion.v1`.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("lsplit.diffusion.v1");

@@ -1,10 +1,10 @@
 //! The trunk protocol between a device and `lsplit serve`.
 //!
 //! `proto/trunk.proto` is the documented source of truth; [`pb`] is the Rust generated from it
-//! (messages, client and server stubs). This crate adds what both ends share: conversions
-//! between the wire crate's [`HiddenRows`] and the protocol's `Rows`, and between the model
-//! crate's [`TrunkFingerprint`](lsplit_model::TrunkFingerprint) and the handshake's
-//! `Fingerprint`.
+//! (messages, client stubs and the [`Service`] description that the generic client and server
+//! use). This crate adds what both ends share: conversions between the wire crate's
+//! [`HiddenRows`] and the protocol's `Rows`, and between the model crate's
+//! [`TrunkFingerprint`](lsplit_model::TrunkFingerprint) and the handshake's `Fingerprint`.
 //!
 //! `proto/diffusion.proto` is the protocol of a split diffusion model's trunk; [`diffusion`]
 //! holds its generated code and the checked conversion of its tensors.
@@ -14,14 +14,16 @@
 pub mod diffusion;
 mod fingerprint;
 mod pem;
+mod service;
 
 pub use fingerprint::{fingerprint_from_pb, fingerprint_to_pb};
 pub use pem::{PemError, certificates};
+pub use service::Service;
 
 use lsplit_split::{Obfuscation, SessionKeys, SessionSecret, SplitPolicy, StepRows};
 use lsplit_wire::{Codec, HiddenRows};
 
-/// Generated protobuf messages and gRPC stubs of package `lsplit.trunk.v1`.
+/// Generated protobuf messages, gRPC client and [`Service`] of package `lsplit.trunk.v1`.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("lsplit.trunk.v1");

@@ -14,14 +14,13 @@ use lsplit_diffusion::{
     DiffusionError, DiffusionTrunk, ImageSetup, StepRequest, TrunkFingerprint, UnetSplit,
     trunk_fingerprint,
 };
-use lsplit_proto::diffusion::pb::diffusion_trunk_server::SERVICE_NAME;
 use lsplit_proto::diffusion::pb::image_reply::Kind as ReplyKind;
 use lsplit_proto::diffusion::pb::image_request::Kind as RequestKind;
 use lsplit_proto::diffusion::pb::{self, ImageReply, ImageRequest};
 use lsplit_proto::diffusion::{DIFFUSION_PROTOCOL_VERSION, tensor_to_pb, tensors_from_pb};
 use lsplit_wire::{StepCodec, StepTensor};
 
-use crate::link::{Announced, Link, Protocol, ServerTerms, Wire, check_version};
+use crate::link::{Announced, Link, Offering, Protocol, ServerTerms, Wire};
 use crate::{CloudFiles, RemoteError, RemoteOptions};
 
 impl Announced for pb::Limits {
@@ -39,39 +38,25 @@ impl Announced for pb::Limits {
 /// every tensor both ways, and the server's limits.
 pub type DiffusionServerInfo = ServerTerms<TrunkFingerprint, StepCodec, pb::Limits>;
 
-/// The diffusion protocol, offering `codecs`.
-struct Diffusion {
-    codecs: Vec<StepCodec>,
-}
-
-impl Protocol for Diffusion {
+impl Protocol for Offering<StepCodec> {
+    type Service = pb::DiffusionTrunk;
     type Terms = DiffusionServerInfo;
-    type Hello = pb::HandshakeRequest;
-    type Welcome = pb::HandshakeReply;
-    type Request = ImageRequest;
-    type Reply = ImageReply;
-
-    const WIRE: Wire = Wire::new(
-        SERVICE_NAME,
-        "Image",
-        "diffusion",
-        DIFFUSION_PROTOCOL_VERSION,
-    );
+    const WIRE: Wire = Wire::new("diffusion", DIFFUSION_PROTOCOL_VERSION);
 
     fn hello(&self) -> pb::HandshakeRequest {
+        let codecs = self.codecs.iter().map(|c| u32::from(c.id()));
         pb::HandshakeRequest {
             protocol_version: DIFFUSION_PROTOCOL_VERSION,
-            codecs: self.codecs.iter().map(|c| u32::from(c.id())).collect(),
+            codecs: codecs.collect(),
         }
     }
 
     fn agreed(
         &self,
-        reply: pb::HandshakeReply,
-        tls_version: Option<String>,
+        welcome: pb::HandshakeReply,
+        tls: Option<String>,
     ) -> Result<DiffusionServerInfo, RemoteError> {
-        check_version::<Self>(reply.protocol_version)?;
-        let fingerprint = reply
+        let fingerprint = welcome
             .fingerprint
             .ok_or_else(|| RemoteError::Protocol("the fingerprint field is missing".into()))?;
         let split: UnetSplit = fingerprint
@@ -89,18 +74,18 @@ impl Protocol for Diffusion {
                 fingerprint.sha256.len()
             ))
         })?;
-        let codec = u8::try_from(reply.codec)
+        let codec = u8::try_from(welcome.codec)
             .ok()
             .and_then(|id| StepCodec::from_id(id).ok())
             .filter(|codec| self.codecs.contains(codec))
             .ok_or_else(|| {
                 RemoteError::Protocol(format!(
                     "the server chose step codec id {}, which this device did not offer",
-                    reply.codec
+                    welcome.codec
                 ))
             })?;
         let fingerprint = TrunkFingerprint { split, sha256 };
-        ServerTerms::new(fingerprint, codec, reply.limits, tls_version)
+        ServerTerms::new(fingerprint, codec, welcome.limits, tls)
     }
 
     fn session_id(reply: &ImageReply) -> Option<u64> {
@@ -119,7 +104,7 @@ impl Protocol for Diffusion {
 /// A diffusion trunk running on a server.
 #[derive(Debug)]
 pub struct RemoteDiffusionTrunk {
-    link: Link<Diffusion>,
+    link: Link<Offering<StepCodec>>,
 }
 
 impl RemoteDiffusionTrunk {
@@ -132,7 +117,7 @@ impl RemoteDiffusionTrunk {
                 "offer the server at least one step codec".into(),
             ));
         }
-        let protocol = Diffusion {
+        let protocol = Offering {
             codecs: codecs.to_vec(),
         };
         Ok(Self {

@@ -35,4 +35,4 @@ pub fn check_health(options: &RemoteOptions, service: &str) -> Result<ServingSta
 }
 
 /// The service name a language model's trunk server reports on.
-pub const TRUNK_SERVICE: &str = lsplit_proto::pb::trunk_server::SERVICE_NAME;
+pub const TRUNK_SERVICE: &str = <lsplit_proto::pb::Trunk as lsplit_proto::Service>::NAME;

@@ -7,13 +7,15 @@
 //! codec, opens a new stream and replays the session's kept requests before sending the
 //! pending one, within [`RemoteOptions::retry_for`].
 //!
-//! A model kind supplies only a [`Protocol`]: the names of its gRPC service, its handshake
-//! messages and its session stream's messages. Both kinds are called through one generic
-//! gRPC client, [`Client`].
+//! A model kind supplies only a [`Protocol`]: its gRPC service (whose paths and messages
+//! lsplit-proto generates from the .proto), its handshake's offer and terms, and how its
+//! replies name a session and answer a replayed request. Both kinds are called through one
+//! generic gRPC client, [`Client`].
 
 use std::fmt::Display;
 use std::time::{Duration, Instant};
 
+use lsplit_proto::Service;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::client::Grpc;
@@ -35,14 +37,18 @@ pub(crate) type BearerChannel = InterceptedService<Channel, Bearer>;
 /// message types, which a [`Protocol`] names, so one generic client serves both kinds.
 type Client = Grpc<BearerChannel>;
 
-/// How a protocol is reached and named: its gRPC service and session method, and its name and
-/// version in messages.
+/// The handshake's request of `P`'s service.
+pub(crate) type Hello<P> = <<P as Protocol>::Service as Service>::Hello;
+/// The handshake's reply of `P`'s service.
+pub(crate) type Welcome<P> = <<P as Protocol>::Service as Service>::Welcome;
+/// A session request of `P`'s service; a kept one is sent again on a new stream.
+pub(crate) type RequestOf<P> = <<P as Protocol>::Service as Service>::Request;
+/// A session reply of `P`'s service.
+pub(crate) type ReplyOf<P> = <<P as Protocol>::Service as Service>::Reply;
+
+/// How a protocol is named in messages, and the version of it this build speaks.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Wire {
-    /// The service's full name, as the generated server's `SERVICE_NAME` gives it.
-    service: &'static str,
-    /// The bidirectional session method: `Session`, `Image`.
-    method: &'static str,
     /// The protocol in messages: `trunk`, `diffusion`.
     name: &'static str,
     /// The protocol version this build speaks.
@@ -50,61 +56,50 @@ pub(crate) struct Wire {
 }
 
 impl Wire {
-    pub(crate) const fn new(
-        service: &'static str,
-        method: &'static str,
-        name: &'static str,
-        version: u32,
-    ) -> Self {
-        Self {
-            service,
-            method,
-            name,
-            version,
-        }
+    pub(crate) const fn new(name: &'static str, version: u32) -> Self {
+        Self { name, version }
     }
+}
 
-    /// The path of the service's `method`.
-    fn path(&self, method: &str) -> Result<PathAndQuery, RemoteError> {
-        PathAndQuery::try_from(format!("/{}/{method}", self.service))
-            .map_err(|e| RemoteError::Config(format!("the gRPC path of {method}: {e}")))
-    }
+/// The gRPC path of `P`'s `method`.
+fn path<P: Protocol>(method: &str) -> Result<PathAndQuery, RemoteError> {
+    PathAndQuery::try_from(format!("/{}/{method}", P::Service::NAME))
+        .map_err(|e| RemoteError::Config(format!("the gRPC path of {method}: {e}")))
+}
 
-    /// The session stream in messages: `session stream`, `image stream`.
-    fn stream(&self) -> String {
-        format!("{} stream", self.method.to_lowercase())
-    }
+/// `P`'s session stream in messages: `session stream`, `image stream`.
+fn stream_name<P: Protocol>() -> String {
+    format!("{} stream", P::Service::SESSION.to_lowercase())
+}
+
+/// A model kind's protocol offering the codecs of type `C`, most preferred first.
+#[derive(Debug)]
+pub(crate) struct Offering<C> {
+    pub(crate) codecs: Vec<C>,
 }
 
 /// One model kind's protocol, as the client speaks it.
 pub(crate) trait Protocol {
+    /// The gRPC service: its paths and messages.
+    type Service: Service;
     /// What the handshake agrees: a [`ServerTerms`].
     type Terms: Agreed + std::fmt::Debug;
-    /// The handshake's request.
-    type Hello: prost::Message + Send + Sync + 'static;
-    /// The handshake's reply.
-    type Welcome: prost::Message + Default + Send + 'static;
-    /// A message on the session stream; a kept one is sent again on a new stream.
-    type Request: prost::Message + Clone + Send + Sync + 'static;
-    /// A reply on the session stream.
-    type Reply: prost::Message + Default + Send + 'static;
-
-    /// The service, its session method, name and version.
+    /// The protocol's name and version.
     const WIRE: Wire;
 
     /// The handshake request offering this device's codecs.
-    fn hello(&self) -> Self::Hello;
-    /// The terms of the server's handshake reply over a connection of `tls_version`, or what
-    /// makes it unusable (its version is checked with [`check_version`]).
+    fn hello(&self) -> Hello<Self>;
+    /// The terms of the server's handshake reply (of this build's version) over a connection
+    /// of `tls`, or what makes it unusable.
     fn agreed(
         &self,
-        welcome: Self::Welcome,
-        tls_version: Option<String>,
+        welcome: Welcome<Self>,
+        tls: Option<String>,
     ) -> Result<Self::Terms, RemoteError>;
     /// The session id when `reply` accepts the opening request; `None` for any other reply.
-    fn session_id(reply: &Self::Reply) -> Option<u64>;
+    fn session_id(reply: &ReplyOf<Self>) -> Option<u64>;
     /// Whether `reply` is the answer to the replayed request `sent`.
-    fn answers(sent: &Self::Request, reply: &Self::Reply) -> bool;
+    fn answers(sent: &RequestOf<Self>, reply: &ReplyOf<Self>) -> bool;
 }
 
 /// What the handshake told the device.
@@ -190,7 +185,7 @@ impl<F: PartialEq + Display, C: PartialEq + Display, L: Announced> Agreed for Se
 }
 
 /// Refuses a handshake answer in another version of `P` than this build's.
-pub(crate) fn check_version<P: Protocol>(version: u32) -> Result<(), RemoteError> {
+fn check_version<P: Protocol>(version: u32) -> Result<(), RemoteError> {
     let wire = P::WIRE;
     if version == wire.version {
         Ok(())
@@ -214,8 +209,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// An open session stream.
 struct Stream<P: Protocol> {
     id: u64,
-    requests: mpsc::Sender<P::Request>,
-    replies: Streaming<P::Reply>,
+    requests: mpsc::Sender<RequestOf<P>>,
+    replies: Streaming<ReplyOf<P>>,
 }
 
 impl<P: Protocol> Stream<P> {
@@ -237,9 +232,9 @@ pub(crate) struct Link<P: Protocol> {
     terms: P::Terms,
     stream: Option<Stream<P>>,
     /// The request that opens every stream of this session.
-    opening: Option<P::Request>,
+    opening: Option<RequestOf<P>>,
     /// The session's requests so far that a new stream must see again.
-    kept: Vec<P::Request>,
+    kept: Vec<RequestOf<P>>,
     /// Whether the link failed since the last handshake.
     lost: bool,
 }
@@ -301,7 +296,7 @@ impl<P: Protocol> Link<P> {
     }
 
     /// Starts a new session whose streams open with `opening`, closing the current one.
-    pub(crate) fn begin(&mut self, opening: P::Request) {
+    pub(crate) fn begin(&mut self, opening: RequestOf<P>) {
         self.close();
         self.opening = Some(opening);
         self.kept.clear();
@@ -316,9 +311,9 @@ impl<P: Protocol> Link<P> {
     /// stream of the session, before anything new.
     pub(crate) fn call(
         &mut self,
-        request: P::Request,
+        request: RequestOf<P>,
         kept: bool,
-    ) -> Result<P::Reply, RemoteError> {
+    ) -> Result<ReplyOf<P>, RemoteError> {
         let reply = self
             .retrying(Some(&request))?
             .ok_or_else(|| RemoteError::Protocol("nothing was sent".into()))?;
@@ -338,7 +333,10 @@ impl<P: Protocol> Link<P> {
     }
 
     /// Runs [`Self::attempt`] until it succeeds, fails for good, or the retry bound passes.
-    fn retrying(&mut self, request: Option<&P::Request>) -> Result<Option<P::Reply>, RemoteError> {
+    fn retrying(
+        &mut self,
+        request: Option<&RequestOf<P>>,
+    ) -> Result<Option<ReplyOf<P>>, RemoteError> {
         let started = Instant::now();
         let mut attempts = 0u32;
         let mut backoff = Backoff::new();
@@ -375,8 +373,8 @@ impl<P: Protocol> Link<P> {
     /// none is open, with the kept requests replayed; then `request`.
     async fn attempt(
         &mut self,
-        request: Option<&P::Request>,
-    ) -> Result<Option<P::Reply>, RemoteError> {
+        request: Option<&RequestOf<P>>,
+    ) -> Result<Option<ReplyOf<P>>, RemoteError> {
         if self.lost {
             let (client, terms) = handshake(&self.protocol, &self.options, &self.bearer).await?;
             if let Some(change) = terms.changed_from(&self.terms) {
@@ -430,13 +428,15 @@ async fn handshake<P: Protocol>(
     let channel = InterceptedService::new(channel, bearer.clone());
     let timeout = options.connect_timeout;
     let mut client = grpc_client(channel.clone(), MAX_HANDSHAKE_REPLY_BYTES, usize::MAX);
-    let path = P::WIRE.path("Handshake")?;
+    let path = path::<P>("Handshake")?;
     let call = async {
         ready(&mut client).await?;
         let welcome = client
             .unary(Request::new(protocol.hello()), path, ProstCodec::default())
             .await?;
-        Ok::<_, Status>(protocol.agreed(welcome.into_inner(), tls_version))
+        let welcome = welcome.into_inner();
+        let version = check_version::<P>(P::Service::welcome_version(&welcome));
+        Ok::<_, Status>(version.and_then(|()| protocol.agreed(welcome, tls_version)))
     };
     let terms = tokio::time::timeout(timeout, call)
         .await
@@ -473,15 +473,15 @@ async fn ready(client: &mut Client) -> Result<(), Status> {
 /// Opens a stream with `opening` and waits for the server to accept it.
 async fn open<P: Protocol>(
     client: &mut Client,
-    opening: P::Request,
+    opening: RequestOf<P>,
     timeout: Duration,
 ) -> Result<Stream<P>, RemoteError> {
     let (requests, outbound) = mpsc::channel(4);
     requests
         .send(opening)
         .await
-        .map_err(|_| RemoteError::Protocol(format!("the {} closed", P::WIRE.stream())))?;
-    let path = P::WIRE.path(P::WIRE.method)?;
+        .map_err(|_| RemoteError::Protocol(format!("the {} closed", stream_name::<P>())))?;
+    let path = path::<P>(P::Service::SESSION)?;
     let call = async {
         ready(client).await?;
         let requests = Request::new(ReceiverStream::new(outbound));
@@ -497,7 +497,7 @@ async fn open<P: Protocol>(
     let id = P::session_id(&next_reply::<P>(&mut replies, timeout).await?).ok_or_else(|| {
         RemoteError::Protocol(format!(
             "the server answered the opening of the {} with something other than accepting it",
-            P::WIRE.stream()
+            stream_name::<P>()
         ))
     })?;
     Ok(Stream {
@@ -511,7 +511,7 @@ async fn open<P: Protocol>(
 /// state on a new stream. They are pipelined: one round trip, not one per request.
 async fn replay<P: Protocol>(
     stream: &mut Stream<P>,
-    kept: &[P::Request],
+    kept: &[RequestOf<P>],
     timeout: Duration,
 ) -> Result<(), RemoteError> {
     let requests = kept.to_vec();
@@ -542,13 +542,13 @@ async fn replay<P: Protocol>(
 /// Sends `request` on an open stream and waits for the answer.
 async fn exchange<P: Protocol>(
     stream: &mut Stream<P>,
-    request: P::Request,
+    request: RequestOf<P>,
     timeout: Duration,
-) -> Result<P::Reply, RemoteError> {
+) -> Result<ReplyOf<P>, RemoteError> {
     if stream.requests.send(request).await.is_err() {
         return Err(RemoteError::Refused {
             code: Code::Unavailable,
-            message: format!("the {} closed", P::WIRE.stream()),
+            message: format!("the {} closed", stream_name::<P>()),
         });
     }
     next_reply::<P>(&mut stream.replies, timeout).await
@@ -556,9 +556,9 @@ async fn exchange<P: Protocol>(
 
 /// The next reply on a stream, within `timeout`.
 async fn next_reply<P: Protocol>(
-    replies: &mut Streaming<P::Reply>,
+    replies: &mut Streaming<ReplyOf<P>>,
     timeout: Duration,
-) -> Result<P::Reply, RemoteError> {
+) -> Result<ReplyOf<P>, RemoteError> {
     let reply = tokio::time::timeout(timeout, replies.message())
         .await
         .map_err(|_| RemoteError::Timeout(timeout))?
@@ -567,7 +567,7 @@ async fn next_reply<P: Protocol>(
         Some(reply) => Ok(reply),
         None => Err(RemoteError::Refused {
             code: Code::Unavailable,
-            message: format!("the server closed the {}", P::WIRE.stream()),
+            message: format!("the server closed the {}", stream_name::<P>()),
         }),
     }
 }

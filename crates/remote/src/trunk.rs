@@ -14,55 +14,45 @@ use std::ops::Range;
 use lsplit_model::TrunkFingerprint;
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
-use lsplit_proto::pb::trunk_server::SERVICE_NAME;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
 use lsplit_proto::{PROTOCOL_VERSION, ProtoError, codec_from_pb, codec_to_pb, fingerprint_from_pb};
 use lsplit_split::{SessionKeys, StepRows, Trunk, TrunkError};
 use lsplit_wire::Codec;
 
-use crate::link::{Announced, Link, Protocol, ServerTerms, Wire, check_version};
+use crate::link::{Announced, Link, Offering, Protocol, ServerTerms, Wire};
 use crate::{RemoteError, RemoteOptions};
 
 /// What the handshake told the device: the trunk's layers and fingerprint, the codec of this
 /// device's rows and the server's limits.
 pub type ServerInfo = ServerTerms<TrunkFingerprint, Codec, pb::Limits>;
 
-/// The trunk protocol, offering `codecs`.
-struct TrunkProtocol {
-    codecs: Vec<Codec>,
-}
-
-impl Protocol for TrunkProtocol {
+impl Protocol for Offering<Codec> {
+    type Service = pb::Trunk;
     type Terms = ServerInfo;
-    type Hello = pb::HandshakeRequest;
-    type Welcome = pb::HandshakeReply;
-    type Request = SessionRequest;
-    type Reply = SessionReply;
-
-    const WIRE: Wire = Wire::new(SERVICE_NAME, "Session", "trunk", PROTOCOL_VERSION);
-
-    fn hello(&self) -> pb::HandshakeRequest {
-        pb::HandshakeRequest {
-            protocol_version: PROTOCOL_VERSION,
-            codecs: self.codecs.iter().map(|&c| codec_to_pb(c) as i32).collect(),
-        }
-    }
+    const WIRE: Wire = Wire::new("trunk", PROTOCOL_VERSION);
 
     fn agreed(
         &self,
-        reply: pb::HandshakeReply,
-        tls_version: Option<String>,
+        welcome: pb::HandshakeReply,
+        tls: Option<String>,
     ) -> Result<ServerInfo, RemoteError> {
-        check_version::<Self>(reply.protocol_version)?;
         let protocol = |e: ProtoError| RemoteError::Protocol(e.to_string());
-        let fingerprint = reply
+        let fingerprint = welcome
             .fingerprint
             .as_ref()
             .ok_or(ProtoError::Missing("fingerprint"))
             .and_then(fingerprint_from_pb)
             .map_err(protocol)?;
-        let codec = codec_from_pb(reply.codec).map_err(protocol)?;
-        ServerTerms::new(fingerprint, codec, reply.limits, tls_version)
+        let codec = codec_from_pb(welcome.codec).map_err(protocol)?;
+        ServerTerms::new(fingerprint, codec, welcome.limits, tls)
+    }
+
+    fn hello(&self) -> pb::HandshakeRequest {
+        let codecs = self.codecs.iter().map(|&c| codec_to_pb(c) as i32);
+        pb::HandshakeRequest {
+            protocol_version: PROTOCOL_VERSION,
+            codecs: codecs.collect(),
+        }
     }
 
     fn session_id(reply: &SessionReply) -> Option<u64> {
@@ -93,13 +83,13 @@ impl Announced for pb::Limits {
 /// A trunk running on a server, for one generation session.
 #[derive(Debug)]
 pub struct RemoteTrunk {
-    link: Link<TrunkProtocol>,
+    link: Link<Offering<Codec>>,
 }
 
 impl RemoteTrunk {
     /// Connects to the server and performs the handshake; opens no session yet.
     pub fn connect(options: RemoteOptions) -> Result<Self, RemoteError> {
-        let protocol = TrunkProtocol {
+        let protocol = Offering {
             codecs: options.codecs.clone(),
         };
         Ok(Self {

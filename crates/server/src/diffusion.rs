@@ -22,11 +22,12 @@ use lsplit_proto::diffusion::{
     DIFFUSION_PROTOCOL_VERSION, TensorError, tensor_to_pb, tensors_from_pb,
 };
 use lsplit_wire::{StepCodec, StepTensor};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
+use crate::grpc::{GrpcServer, Served};
 use crate::metrics::Counters;
 use crate::serve::{Endpoint, Server};
-use crate::session_loop::{ReplyStream, SessionKind, SessionNames, Sessions};
+use crate::session_loop::{SessionKind, SessionNames, Sessions};
 use crate::terms::{Protocol, Terms};
 use crate::{Access, ServerError, ServerStats, StatsSource};
 
@@ -83,12 +84,12 @@ pub(crate) struct DiffusionShared {
     pub(crate) counters: Arc<Counters>,
 }
 
-/// The diffusion protocol, as statuses name it and its sessions.
+/// The diffusion protocol, as statuses name it.
 const DIFFUSION: Protocol = Protocol::new(
     "diffusion",
     DIFFUSION_PROTOCOL_VERSION,
     "step codec",
-    SessionNames::new("image session", "image sessions", "closed"),
+    IMAGE_SESSIONS,
 );
 
 /// The diffusion trunk server: a loaded trunk and its fingerprint, served with
@@ -109,12 +110,7 @@ impl Server<DiffusionLimits> {
                 model.split()
             )));
         }
-        let terms = Terms::new(
-            DIFFUSION,
-            options.codecs.clone(),
-            fingerprint.sha256,
-            &fingerprint,
-        )?;
+        let terms = Terms::new(DIFFUSION, &options.codecs, fingerprint.sha256, &fingerprint)?;
         let (limits, transport) = (&options.limits, &options.access.transport);
         let sessions = Sessions::new(
             DIFFUSION,
@@ -136,12 +132,11 @@ impl Server<DiffusionLimits> {
             sessions: Arc::new(sessions),
         };
         let shared = Arc::new(shared);
-        let bytes = options.limits.max_message_bytes;
-        let service = pb::diffusion_trunk_server::DiffusionTrunkServer::new(DiffusionService {
-            shared: shared.clone(),
-        })
-        .max_decoding_message_size(bytes)
-        .max_encoding_message_size(bytes);
+        let service = GrpcServer::new(
+            shared.clone(),
+            shared.sessions.clone(),
+            options.limits.max_message_bytes,
+        );
         let stats = ServerStats {
             source: StatsSource::Diffusion(shared),
         };
@@ -206,29 +201,21 @@ fn payload_bytes(tensors: &[StepTensor]) -> u64 {
     tensors.iter().map(|t| t.byte_len() as u64).sum()
 }
 
-/// The gRPC service: the handshake and one task per image stream.
-struct DiffusionService {
-    shared: Arc<DiffusionShared>,
-}
+impl Served for DiffusionShared {
+    type Service = pb::DiffusionTrunk;
+    type Session = ImageSession;
 
-#[tonic::async_trait]
-impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
-    type ImageStream = ReplyStream<ImageReply>;
-
-    async fn handshake(
-        &self,
-        request: Request<pb::HandshakeRequest>,
-    ) -> Result<Response<pb::HandshakeReply>, Status> {
-        let request = request.into_inner();
-        let terms = &self.shared.terms;
-        let codec = terms.agree(request.protocol_version, &request.codecs, step_codec)?;
-        let limits = &self.shared.limits;
-        Ok(Response::new(pb::HandshakeReply {
-            protocol_version: terms.version(),
+    fn welcome(&self, hello: pb::HandshakeRequest) -> Result<pb::HandshakeReply, Status> {
+        let codec = self
+            .terms
+            .agree(hello.protocol_version, &hello.codecs, step_codec)?;
+        let (fingerprint, limits) = (&self.fingerprint, &self.limits);
+        Ok(pb::HandshakeReply {
+            protocol_version: self.terms.version(),
             codec: u32::from(codec.id()),
             fingerprint: Some(pb::Fingerprint {
-                split: self.shared.fingerprint.split.to_string(),
-                sha256: self.shared.fingerprint.sha256.to_vec(),
+                split: fingerprint.split.to_string(),
+                sha256: fingerprint.sha256.to_vec(),
             }),
             limits: Some(pb::Limits {
                 max_sessions: limits.max_sessions as u32,
@@ -236,21 +223,15 @@ impl pb::diffusion_trunk_server::DiffusionTrunk for DiffusionService {
                 idle_timeout_ms: limits.idle_timeout.as_millis() as u64,
                 max_step_elements: limits.max_step_elements,
             }),
-        }))
-    }
-
-    async fn image(
-        &self,
-        request: Request<Streaming<ImageRequest>>,
-    ) -> Result<Response<Self::ImageStream>, Status> {
-        self.shared
-            .sessions
-            .serve::<ImageSession>(request, &self.shared)
+        })
     }
 }
 
+/// How statuses name image sessions.
+const IMAGE_SESSIONS: SessionNames = SessionNames::new("image session", "image sessions", "closed");
+
 /// One image stream: the codec and the current image's conditioning.
-struct ImageSession {
+pub(crate) struct ImageSession {
     shared: Arc<DiffusionShared>,
     id: u64,
     codec: Option<StepCodec>,
@@ -258,16 +239,14 @@ struct ImageSession {
 }
 
 impl SessionKind for ImageSession {
-    type Request = ImageRequest;
-    type Reply = ImageReply;
     type Shared = DiffusionShared;
 
     fn open(shared: Arc<DiffusionShared>, id: u64) -> Self {
         Self {
-            shared,
-            id,
             codec: None,
             image: None,
+            shared,
+            id,
         }
     }
 

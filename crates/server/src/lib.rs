@@ -12,6 +12,7 @@ mod auth;
 mod certs;
 mod diffusion;
 mod engine;
+mod grpc;
 mod health;
 mod incoming;
 mod metrics;
@@ -31,10 +32,11 @@ use lsplit_wire::Codec;
 
 pub use crate::certs::DevCertificates;
 pub use crate::diffusion::{DiffusionLimits, DiffusionOptions, DiffusionServer};
+use crate::grpc::GrpcServer;
 pub use crate::metrics::serve_metrics;
 use crate::serve::Endpoint;
 pub use crate::serve::Server;
-use crate::service::{Shared, TrunkService};
+use crate::service::Shared;
 
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -283,11 +285,11 @@ impl Server<Limits> {
         }
         options.limits.max_context = options.limits.max_context.min(part.config().context_length);
         let shared = Arc::new(Shared::new(part, fingerprint, &options)?);
-        let bytes = options.limits.max_message_bytes;
-        let service =
-            lsplit_proto::pb::trunk_server::TrunkServer::new(TrunkService::new(shared.clone()))
-                .max_decoding_message_size(bytes)
-                .max_encoding_message_size(bytes);
+        let service = GrpcServer::new(
+            shared.clone(),
+            shared.sessions.clone(),
+            options.limits.max_message_bytes,
+        );
         let endpoint = Endpoint::new(service, options.access).failing_on(shared.engine.failure());
         let stats = ServerStats {
             source: StatsSource::Trunk(shared),

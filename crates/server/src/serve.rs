@@ -1,15 +1,12 @@
 //! The server handle of every model kind, and its one `serve()` setup: bearer-token check,
 //! health service, HTTP/2 keepalive, TLS 1.3 (or plaintext) and graceful shutdown.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lsplit_proto::error_chain;
 use tokio::net::TcpListener;
-use tonic::body::Body;
-use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
@@ -17,6 +14,7 @@ use tonic::transport::Server as Transport;
 use tonic_health::server::HealthReporter;
 
 use crate::auth::TokenCheck;
+use crate::grpc::{GrpcServer, Served};
 use crate::health::BoundedHealth;
 use crate::incoming::{self, Incoming, SharedListener};
 use crate::{Access, ServerError, ServerStats, TlsFiles, TransportLimits, tls};
@@ -92,19 +90,9 @@ pub(crate) struct Endpoint {
 pub(crate) type Fatal = std::pin::Pin<Box<dyn Future<Output = String> + Send>>;
 
 impl Endpoint {
-    /// `service` (a generated gRPC server, its message limits set), served as `access` says:
-    /// its bearer token required when given, over its TLS (plaintext when `None`), within its
-    /// transport caps.
-    pub(crate) fn new<S>(service: S, access: Access) -> Self
-    where
-        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    /// A model kind's `service`, served as `access` says: its bearer token required when
+    /// given, over its TLS (plaintext when `None`), within its transport caps.
+    pub(crate) fn new<S: Served>(service: GrpcServer<S>, access: Access) -> Self {
         let Access {
             token,
             tls,
@@ -116,7 +104,7 @@ impl Endpoint {
         Self {
             routes: Routes::new(health).add_service(service),
             reporter,
-            name: S::NAME,
+            name: GrpcServer::<S>::NAME,
             tls,
             transport,
             fatal: None,

@@ -9,11 +9,12 @@ use lsplit_proto::{PROTOCOL_VERSION, codec_from_pb, codec_to_pb, fingerprint_to_
 use lsplit_split::TrunkState;
 use lsplit_wire::{Codec, HiddenRows};
 use tokio::sync::oneshot;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
 use crate::engine::{Done, Engine, Step, Ticket};
+use crate::grpc::Served;
 use crate::metrics::Counters;
-use crate::session_loop::{ReplyStream, SessionKind, SessionNames, Sessions};
+use crate::session_loop::{SessionKind, SessionNames, Sessions};
 use crate::terms::{Protocol, Terms};
 use crate::{Limits, ServerError, ServerOptions};
 
@@ -31,13 +32,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<Counters>,
 }
 
-/// The trunk protocol, as statuses name it and its sessions.
-const TRUNK: Protocol = Protocol::new(
-    "trunk",
-    PROTOCOL_VERSION,
-    "codec",
-    SessionNames::new("session", "sessions", "closed and its KV cache freed"),
-);
+/// The trunk protocol, as statuses name it.
+const TRUNK: Protocol = Protocol::new("trunk", PROTOCOL_VERSION, "codec", SESSIONS);
 
 impl Shared {
     pub(crate) fn new(
@@ -50,12 +46,7 @@ impl Shared {
         let kv_bytes_per_position =
             layers * 2 * (c.num_kv_heads * part.kv_precision().bytes_for(c.head_dim)) as u64;
         let hidden_size = c.hidden_size;
-        let terms = Terms::new(
-            TRUNK,
-            options.codecs.clone(),
-            fingerprint.sha256,
-            &fingerprint,
-        )?;
+        let terms = Terms::new(TRUNK, &options.codecs, fingerprint.sha256, &fingerprint)?;
         let (limits, transport) = (&options.limits, &options.access.transport);
         let sessions = Sessions::new(TRUNK, limits.max_sessions, limits.idle_timeout, transport)?;
         let counters = sessions.counters().clone();
@@ -88,51 +79,31 @@ impl Shared {
     }
 }
 
-/// The gRPC service: the handshake and one task per session stream.
-pub(crate) struct TrunkService {
-    shared: Arc<Shared>,
-}
+impl Served for Shared {
+    type Service = pb::Trunk;
+    type Session = SessionState;
 
-impl TrunkService {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
-    }
-}
-
-#[tonic::async_trait]
-impl pb::trunk_server::Trunk for TrunkService {
-    type SessionStream = ReplyStream<SessionReply>;
-
-    async fn handshake(
-        &self,
-        request: Request<pb::HandshakeRequest>,
-    ) -> Result<Response<pb::HandshakeReply>, Status> {
-        let request = request.into_inner();
-        let terms = &self.shared.terms;
-        let codec = terms.agree(request.protocol_version, &request.codecs, |c| {
-            codec_from_pb(c).ok()
-        })?;
-        Ok(Response::new(pb::HandshakeReply {
-            protocol_version: terms.version(),
+    fn welcome(&self, hello: pb::HandshakeRequest) -> Result<pb::HandshakeReply, Status> {
+        let codec = |c| codec_from_pb(c).ok();
+        let codec = self
+            .terms
+            .agree(hello.protocol_version, &hello.codecs, codec)?;
+        Ok(pb::HandshakeReply {
+            protocol_version: self.terms.version(),
             codec: codec_to_pb(codec) as i32,
-            fingerprint: Some(fingerprint_to_pb(&self.shared.fingerprint)),
-            limits: Some(self.shared.limits_pb()),
-        }))
-    }
-
-    async fn session(
-        &self,
-        request: Request<Streaming<SessionRequest>>,
-    ) -> Result<Response<Self::SessionStream>, Status> {
-        self.shared
-            .sessions
-            .serve::<SessionState>(request, &self.shared)
+            fingerprint: Some(fingerprint_to_pb(&self.fingerprint)),
+            limits: Some(self.limits_pb()),
+        })
     }
 }
+
+/// How statuses name the trunk's sessions; closing one frees its share of the KV budget.
+const SESSIONS: SessionNames =
+    SessionNames::new("session", "sessions", "closed and its KV cache freed");
 
 /// One session: its trunk state (KV cache included) and what it holds of the server's limits,
 /// released on drop.
-struct SessionState {
+pub(crate) struct SessionState {
     shared: Arc<Shared>,
     id: u64,
     codec: Option<Codec>,
@@ -152,8 +123,6 @@ impl Drop for SessionState {
 }
 
 impl SessionKind for SessionState {
-    type Request = SessionRequest;
-    type Reply = SessionReply;
     type Shared = Shared;
 
     fn open(shared: Arc<Shared>, id: u64) -> Self {
@@ -168,10 +137,12 @@ impl SessionKind for SessionState {
     }
 
     async fn handle(&mut self, request: SessionRequest) -> Result<SessionReply, Status> {
-        let reply = match request.kind {
-            Some(RequestKind::Open(open)) => self.open(open)?,
-            Some(RequestKind::Step(step)) => self.step(step).await?,
-            None => return Err(Status::invalid_argument("empty session request")),
+        let Some(kind) = request.kind else {
+            return Err(Status::invalid_argument("empty session request"));
+        };
+        let reply = match kind {
+            RequestKind::Open(open) => self.open(open)?,
+            RequestKind::Step(step) => self.step(step).await?,
         };
         Ok(SessionReply { kind: Some(reply) })
     }

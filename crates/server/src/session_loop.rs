@@ -7,8 +7,8 @@
 //! so streams that stay silent cannot lock devices out; they are closed after the handshake
 //! timeout.
 //!
-//! A model kind supplies only a [`SessionKind`]: its stream's messages and how one request
-//! becomes one reply.
+//! A model kind supplies only a [`SessionKind`]: how one request becomes one reply (its
+//! stream's messages are its [`Served`] service's).
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -21,6 +21,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::grpc::{ReplyOf, RequestOf, Served};
 use crate::metrics::Counters;
 use crate::peers::{Full, PeerCounts, PeerHold};
 use crate::terms::Protocol;
@@ -28,12 +29,9 @@ use crate::{ServerError, TransportLimits};
 
 /// One session of a model kind: what it holds between requests, and its compute.
 pub(crate) trait SessionKind: Send + 'static {
-    /// A message the device sends on the session stream.
-    type Request: Send + 'static;
-    /// A message the server answers with.
-    type Reply: Send + 'static;
-    /// What every session of the server shares: the trunk, its terms and limits.
-    type Shared: Send + Sync + 'static;
+    /// What every session of the server shares: the trunk, its terms and limits; it names the
+    /// kind's service, and so the stream's messages.
+    type Shared: Served<Session = Self>;
 
     /// A new session numbered `id`.
     fn open(shared: Arc<Self::Shared>, id: u64) -> Self;
@@ -41,8 +39,8 @@ pub(crate) trait SessionKind: Send + 'static {
     /// Turns one request into its reply; an error ends the session with that status.
     fn handle(
         &mut self,
-        request: Self::Request,
-    ) -> impl Future<Output = Result<Self::Reply, Status>> + Send;
+        request: RequestOf<Self::Shared>,
+    ) -> impl Future<Output = Result<ReplyOf<Self::Shared>, Status>> + Send;
 }
 
 /// The replies of one session stream, as tonic serves them.
@@ -161,9 +159,9 @@ impl Sessions {
     /// first request arrives (within the handshake timeout) and opens a session of kind `K` over `shared` with the new session's id.
     pub(crate) fn serve<K: SessionKind>(
         self: &Arc<Self>,
-        request: Request<Streaming<K::Request>>,
+        request: Request<Streaming<RequestOf<K::Shared>>>,
         shared: &Arc<K::Shared>,
-    ) -> Result<Response<ReplyStream<K::Reply>>, Status> {
+    ) -> Result<Response<ReplyStream<ReplyOf<K::Shared>>>, Status> {
         let shared = shared.clone();
         let peer: Option<IpAddr> = request.remote_addr().map(|a| a.ip());
         let mut inbound = request.into_inner();
@@ -252,9 +250,9 @@ impl Seat {
     async fn run<K: SessionKind>(
         &self,
         kind: &mut K,
-        first: K::Request,
-        mut inbound: Streaming<K::Request>,
-        tx: &mpsc::Sender<Result<K::Reply, Status>>,
+        first: RequestOf<K::Shared>,
+        mut inbound: Streaming<RequestOf<K::Shared>>,
+        tx: &mpsc::Sender<Result<ReplyOf<K::Shared>, Status>>,
     ) -> Result<(), Status> {
         let idle = self.sessions.idle_timeout;
         let names = self.sessions.names;

@@ -56,7 +56,7 @@ impl<C: Copy + PartialEq + Display> Terms<C> {
     /// trunk `trunk` whose fingerprint is `sha256`.
     pub(crate) fn new(
         protocol: Protocol,
-        codecs: Vec<C>,
+        codecs: &[C],
         sha256: [u8; 32],
         trunk: &dyn Display,
     ) -> Result<Self, ServerError> {
@@ -68,7 +68,7 @@ impl<C: Copy + PartialEq + Display> Terms<C> {
         }
         Ok(Self {
             protocol,
-            codecs,
+            codecs: codecs.to_vec(),
             sha256,
             trunk: trunk.to_string(),
         })

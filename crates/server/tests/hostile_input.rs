@@ -19,8 +19,10 @@ use lsplit_testkit::{
 use lsplit_wire::Codec;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
+use tonic_prost::ProstCodec;
 
 struct RawSession {
     requests: mpsc::Sender<SessionRequest>,
@@ -287,16 +289,32 @@ fn malformed_messages_get_clear_errors_while_a_good_session_completes() {
     wait_until(|| server.stats.sessions() == 0 && server.stats.kv_bytes() == 0);
 }
 
-/// Polls `done` for up to 10 s: the server frees a session right after its stream ends.
-
 #[test]
-fn garbage_bytes_are_refused_and_the_server_keeps_serving() {
+fn garbage_bytes_and_unknown_methods_are_refused_and_the_server_keeps_serving() {
     let path = model_path();
     let certs = certificates();
     let server = serve(&path, 2, 28, tls_options(&certs));
     runtime().block_on(async {
         let channel = raw_channel(&server.url, &certs).await;
-        assert_garbage_refused(send_garbage(channel, "/lsplit.trunk.v1.Trunk/Session").await);
+        assert_garbage_refused(
+            send_garbage(channel.clone(), "/lsplit.trunk.v1.Trunk/Session").await,
+        );
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.expect("ready");
+        let path = PathAndQuery::from_static("/lsplit.trunk.v1.Trunk/Image");
+        let hello = pb::HandshakeRequest::default();
+        let reply = grpc
+            .unary::<_, pb::HandshakeReply, _>(
+                tonic::Request::new(hello),
+                path,
+                ProstCodec::default(),
+            )
+            .await;
+        assert_status(
+            reply,
+            Code::Unimplemented,
+            "lsplit.trunk.v1.Trunk has no method /lsplit.trunk.v1.Trunk/Image",
+        );
     });
     let model = device_model(&path, 2, 28, Codec::F32);
     let trunk = remote(&path, client_options(&server, &certs, Codec::F32)).expect("connect");
