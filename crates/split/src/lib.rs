@@ -9,10 +9,12 @@
 //! the trunk, from which each step's split points, the tags of its messages and the optional
 //! permutation of the hidden dimension derive; parts catch up their KV caches when the draws
 //! move. [`TrunkState`] is the trunk's side, shared by [`LocalTrunk`] and the trunk server.
+//! [`DividedTrunk`] relays a session through a trunk divided over several servers.
 //! [`CaptureWriter`] records what crosses.
 
 mod capture;
 mod device;
+mod divided;
 mod error;
 mod policy;
 mod quality;
@@ -27,6 +29,7 @@ mod trunk;
 
 pub use capture::{CaptureError, CaptureWriter, CapturedMessage, Way, read_capture};
 pub use device::{DeviceModel, load_tokenizer};
+pub use divided::{DividedTrunk, Hop};
 pub use error::SplitError;
 pub use policy::{Obfuscation, PolicyError, SessionKeys, SplitPolicy};
 pub use quality::{Agreement, GreedyRun, codecs};

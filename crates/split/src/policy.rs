@@ -249,6 +249,12 @@ impl SessionKeys {
         }
     }
 
+    /// Whether `message` carries the tag a trunk of this session gives its downlink.
+    pub fn verifies_downlink(&self, message: &StepRows) -> bool {
+        let rows = &message.rows;
+        Schedule::tags_only(self).verify(Direction::Down, message.step, 0, rows, &message.tag)
+    }
+
     /// The downlink message of step `step` carrying `rows`, tagged as a trunk tags it: what a
     /// server holding the keys can send, for tests of a device facing a hostile server.
     pub fn downlink(&self, step: u64, rows: HiddenRows) -> StepRows {

@@ -17,8 +17,9 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Device;
 use lsplit_model::{ModelPart, ModelSource, PartKind, PartSpec};
 use lsplit_split::{
-    CaptureWriter, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation, SessionKeys,
-    SessionSecret, SplitPolicy, StepRows, Trunk, TrunkError, Way, load_tokenizer, read_capture,
+    CaptureWriter, DeviceModel, DividedTrunk, GenerateOptions, Hop, LocalTrunk, Obfuscation,
+    SessionKeys, SessionSecret, SplitPolicy, StepRows, Trunk, TrunkError, Way, load_tokenizer,
+    read_capture,
 };
 use lsplit_wire::Codec;
 
@@ -117,8 +118,13 @@ fn local(keys: &SessionKeys) -> Box<dyn Trunk> {
 /// Runs the prompt and the reference's greedy tokens through a keyed session and compares every
 /// step's logits with the unsplit model's, bit for bit. Returns the session's stats.
 fn check_exact(keys: &SessionKeys) -> lsplit_split::Stats {
+    check_exact_through(keys, local(keys))
+}
+
+/// [`check_exact`] with the session's trunk `trunk`.
+fn check_exact_through(keys: &SessionKeys, trunk: Box<dyn Trunk>) -> lsplit_split::Stats {
     let f = fixture();
-    let mut s = f.keyed.session(local(keys), keys).expect("keyed session");
+    let mut s = f.keyed.session(trunk, keys).expect("keyed session");
     let mut logits = s.forward(&f.prompt).expect("prefill");
     for (step, expected) in f.logits.iter().enumerate() {
         assert!(
@@ -156,6 +162,60 @@ fn random_split_points_compute_exactly_what_the_unsplit_model_does() {
 #[test]
 fn permuted_random_split_is_exact_too() {
     check_exact(&keys(4, Obfuscation::Permute));
+}
+
+/// The in-process trunk session of `keys` over layers `layers` only.
+fn hop(keys: &SessionKeys, layers: Range<usize>, first: bool, last: bool) -> Hop {
+    let spec = PartSpec {
+        kind: PartKind::Trunk,
+        layers: layers.clone(),
+    };
+    let part = Arc::new(
+        fixture()
+            .source
+            .load_part(&spec, &Device::Cpu)
+            .expect("hop"),
+    );
+    let keys = keys.for_hop(layers, first, last).expect("hop keys");
+    let trunk = Box::new(LocalTrunk::new(part, &keys).expect("hop session"));
+    Hop { trunk, keys }
+}
+
+#[test]
+fn a_trunk_divided_over_three_hops_is_exact_with_random_points_and_the_permutation() {
+    let keys = keys(6, Obfuscation::Permute);
+    let hops = vec![
+        hop(&keys, 1..10, true, false),
+        hop(&keys, 10..20, false, false),
+        hop(&keys, 20..29, false, true),
+    ];
+    let divided = DividedTrunk::new(keys.clone(), hops).expect("divided trunk");
+    assert_eq!(divided.layers(), 1..29);
+    let stats = check_exact_through(&keys, Box::new(divided));
+    assert!(stats.catch_up_rows_up > 0, "the draws moved K1 across hops");
+}
+
+#[test]
+fn hops_that_cannot_serve_the_policy_or_leave_a_gap_are_refused() {
+    let keys = keys(7, Obfuscation::None);
+    let error = keys
+        .for_hop(1..3, true, false)
+        .err()
+        .expect("K1 = 4 is past the hop");
+    assert_eq!(
+        error.to_string(),
+        "the hop running layers 1..3 cannot serve a split point at layer 4 of the policy \
+         random K1 {1,2,3,4} K2 {26,27,28,29}"
+    );
+    let hops = vec![
+        hop(&keys, 1..10, true, false),
+        hop(&keys, 12..29, false, true),
+    ];
+    let error = DividedTrunk::new(keys, hops).err().expect("a gap");
+    assert_eq!(
+        error.to_string(),
+        "the trunk's hops must follow each other: layers 1..10 then 12..29"
+    );
 }
 
 #[test]
