@@ -197,10 +197,13 @@ impl DeviceArgs {
         let path = self.model.path()?;
         let (source, tokenizer) = self.model.open()?;
         let split = self.split.plan(source.config().num_layers)?;
-        let cloud = match &self.trunk.cloud {
-            Some(url) => Some(self.trunk.auth.files(url).options()?),
-            None => None,
-        };
+        let cloud = self
+            .trunk
+            .auth
+            .hops(&self.trunk.cloud)?
+            .iter()
+            .map(CloudFiles::options)
+            .collect::<Result<_, _>>()?;
         Ok(Device::load(DeviceOptions {
             path,
             source,
@@ -221,9 +224,15 @@ pub struct TrunkArgs {
     /// How hidden rows are encoded on the wire: f32 (lossless), f16, bf16, int8
     #[arg(long, default_value_t = Codec::F32)]
     pub codec: Codec,
-    /// Run the trunk on this server (https://HOST:PORT); the split points come from it
-    #[arg(long, value_name = "URL", conflicts_with_all = ["split", "local_layers", "no_split"])]
-    pub cloud: Option<String>,
+    /// Run the trunk on this server (https://HOST:PORT), or on several that divide its layers
+    /// (URL1,URL2: each runs the layers after the previous one's); the split comes from them
+    #[arg(
+        long,
+        value_name = "URL",
+        value_delimiter = ',',
+        conflicts_with_all = ["split", "local_layers", "no_split"]
+    )]
+    pub cloud: Vec<String>,
     /// The public LoRA adapter the server of --cloud applies to its layers (its `serve
     /// --adapter`): checked in the server's fingerprint, never applied on the device
     #[arg(long, value_name = "DIR", requires = "cloud")]
@@ -244,27 +253,41 @@ pub struct CloudArgs {
 
 impl CloudArgs {
     /// The connection of `--cloud`, if given.
-    pub fn files(&self) -> Option<CloudFiles> {
-        Some(self.auth.files(self.cloud.as_ref()?))
+    pub fn files(&self) -> anyhow::Result<Option<CloudFiles>> {
+        self.cloud
+            .as_deref()
+            .map(|url| self.auth.files(url))
+            .transpose()
     }
 }
 
 /// How the device proves who it is to a trunk server and checks the server (with `--cloud`, or
-/// `lsplit edge --image-cloud`).
+/// `lsplit edge --image-cloud`). With several servers in `--cloud`, each file flag names one
+/// file for all of them or one per server, in the same order.
 #[derive(Debug, Args)]
 pub struct CloudAuthArgs {
     /// CA certificate (PEM) the server must chain to [default: the system's roots]
-    #[arg(long, value_name = "FILE")]
-    pub ca: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", value_delimiter = ',')]
+    pub ca: Vec<PathBuf>,
     /// File holding the bearer token the server expects
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", value_delimiter = ',')]
+    pub token_file: Vec<PathBuf>,
     /// Client certificate (PEM) for a server that requires mutual TLS
-    #[arg(long, value_name = "FILE", requires = "client_key")]
-    pub client_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        value_name = "FILE",
+        value_delimiter = ',',
+        requires = "client_key"
+    )]
+    pub client_cert: Vec<PathBuf>,
     /// Private key (PEM) of --client-cert
-    #[arg(long, value_name = "FILE", requires = "client_cert")]
-    pub client_key: Option<PathBuf>,
+    #[arg(
+        long,
+        value_name = "FILE",
+        value_delimiter = ',',
+        requires = "client_cert"
+    )]
+    pub client_key: Vec<PathBuf>,
     /// Allow a plaintext http:// server: what crosses travels unencrypted
     #[arg(long)]
     pub insecure: bool,
@@ -274,9 +297,9 @@ impl CloudAuthArgs {
     /// Refuses these flags when no trunk server is named (they would be silently ignored).
     pub fn check_needed(&self, server: bool) -> anyhow::Result<()> {
         let given = [
-            ("--ca", self.ca.is_some()),
-            ("--token-file", self.token_file.is_some()),
-            ("--client-cert", self.client_cert.is_some()),
+            ("--ca", !self.ca.is_empty()),
+            ("--token-file", !self.token_file.is_empty()),
+            ("--client-cert", !self.client_cert.is_empty()),
             ("--insecure", self.insecure),
         ];
         match given.iter().find(|(_, set)| *set) {
@@ -287,16 +310,36 @@ impl CloudAuthArgs {
         }
     }
 
+    /// The connections to `urls`, in order.
+    pub fn hops(&self, urls: &[String]) -> anyhow::Result<Vec<CloudFiles>> {
+        let hops = urls.len();
+        let pick = |files: &[PathBuf], flag: &str, hop: usize| match files.len() {
+            0 => Ok(None),
+            1 => Ok(Some(files[0].clone())),
+            n if n == hops => Ok(Some(files[hop].clone())),
+            n => Err(anyhow::anyhow!(
+                "{flag} names {n} files for {hops} trunk servers: give one for all of them or \
+                 one per server, in the order of --cloud"
+            )),
+        };
+        (0..hops)
+            .map(|hop| {
+                Ok(CloudFiles {
+                    url: urls[hop].clone(),
+                    ca: pick(&self.ca, "--ca", hop)?,
+                    token_file: pick(&self.token_file, "--token-file", hop)?,
+                    client_cert: pick(&self.client_cert, "--client-cert", hop)?,
+                    client_key: pick(&self.client_key, "--client-key", hop)?,
+                    insecure: self.insecure,
+                })
+            })
+            .collect()
+    }
+
     /// The connection to `url` with these files.
-    pub fn files(&self, url: &str) -> CloudFiles {
-        CloudFiles {
-            url: url.to_string(),
-            ca: self.ca.clone(),
-            token_file: self.token_file.clone(),
-            client_cert: self.client_cert.clone(),
-            client_key: self.client_key.clone(),
-            insecure: self.insecure,
-        }
+    pub fn files(&self, url: &str) -> anyhow::Result<CloudFiles> {
+        let mut hops = self.hops(&[url.to_string()])?;
+        Ok(hops.remove(0))
     }
 }
 

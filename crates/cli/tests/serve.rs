@@ -107,6 +107,75 @@ fn generate_against_a_served_trunk_prints_the_in_process_text() {
     }
 }
 
+#[test]
+fn generate_through_a_trunk_divided_over_two_servers_prints_the_single_trunks_text() {
+    // Each server has its own CA and token: the device names both, in the order of --cloud.
+    let (first, second) = (Pki::new(), Pki::new());
+    std::fs::write(file(&second.dir(), "token"), "s3cond-h0p\n").expect("second token");
+    let front = Server::start(&first.dir(), "3:15", 0);
+    let back = Server::start(&second.dir(), "15:27", 0);
+    let model = model();
+    let both = |name| {
+        let paths = [file(&first.dir(), name), file(&second.dir(), name)];
+        paths.map(|p| p.display().to_string()).join(",")
+    };
+    let cloud = format!("{},{}", front.url(), back.url());
+    let (ca, token) = (both("ca.pem"), both("token"));
+    let divided = generate_cli(
+        &["--cloud", &cloud, "--ca", &ca, "--token-file", &token],
+        &model,
+    );
+    let local = generate_cli(&["--split", "3:27"], &model);
+    assert!(local.trim().len() > 10, "{local}");
+    assert_eq!(divided, local);
+
+    let refused = |args: &[&str]| {
+        let out = lsplit()
+            .args(["generate", "hi", "--max-tokens", "2", "--model"])
+            .arg(&model)
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let three = format!("{ca},{}", file(&first.dir(), "ca.pem").display());
+    let stderr = refused(&["--cloud", &cloud, "--ca", &three, "--token-file", &token]);
+    assert!(
+        stderr.contains(
+            "--ca names 3 files for 2 trunk servers: give one for all of them or one per server, \
+             in the order of --cloud"
+        ),
+        "{stderr}"
+    );
+    let reversed = format!("{},{}", back.url(), front.url());
+    let stderr = refused(&[
+        "--cloud",
+        &reversed,
+        "--ca",
+        &format!(
+            "{},{}",
+            file(&second.dir(), "ca.pem").display(),
+            file(&first.dir(), "ca.pem").display()
+        ),
+        "--token-file",
+        &format!(
+            "{},{}",
+            file(&second.dir(), "token").display(),
+            file(&first.dir(), "token").display()
+        ),
+    ]);
+    assert!(
+        stderr.contains(&format!(
+            "the servers of --cloud must run consecutive layers, in order: {} runs 15..27 and {} \
+             runs 3..15",
+            back.url(),
+            front.url()
+        )),
+        "{stderr}"
+    );
+}
+
 /// The real remote trunk, with the server process killed before step `kill_at` and started
 /// again on the same port after a pause.
 struct KilledMidway {

@@ -15,7 +15,7 @@
 //!     source,
 //!     tokenizer,
 //!     split: Some(lsplit_model::SplitPlan::symmetric(2, 30)?),
-//!     cloud: None,
+//!     cloud: Vec::new(),
 //!     trunk_adapter: None,
 //!     policy: PolicyChoice::Fixed,
 //!     obfuscation: lsplit_split::Obfuscation::None,
@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_remote::RemoteOptions;
-use lsplit_split::{DeviceModel, Obfuscation, Session, SplitPolicy, Trunk};
+use lsplit_split::{DeviceModel, Obfuscation, Session, SessionKeys, SplitPolicy, Trunk};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
@@ -66,8 +66,9 @@ pub struct DeviceOptions {
     pub tokenizer: Arc<Tokenizer>,
     /// The split, or `None` for the unsplit baseline; a trunk server's split replaces it.
     pub split: Option<SplitPlan>,
-    /// The trunk server to run the trunk on, instead of in this process.
-    pub cloud: Option<RemoteOptions>,
+    /// The trunk server to run the trunk on instead of in this process, or several servers
+    /// that divide the trunk's layers, in layer order; empty for in-process.
+    pub cloud: Vec<RemoteOptions>,
     /// The public LoRA adapter the trunk server applies to its own layers (`lsplit serve
     /// --adapter`): the device holds it only to check the server's fingerprint, never applies it.
     pub trunk_adapter: Option<PathBuf>,
@@ -125,21 +126,25 @@ impl Device {
         } = options;
         let device = candle_core::Device::Cpu;
         let layers = source.config().num_layers;
-        let cloud = match cloud {
-            Some(mut remote) => {
-                remote.codecs = vec![codec];
-                Some(TrunkSource::connect(
-                    remote,
-                    &source,
-                    trunk_adapter.as_deref(),
-                )?)
-            }
-            None if trunk_adapter.is_some() => {
-                return Err(DeviceError::Config(
-                    "--trunk-adapter names a trunk server's adapter: it needs --cloud".into(),
-                ));
-            }
-            None => None,
+        let cloud = if !cloud.is_empty() {
+            let hops = cloud
+                .into_iter()
+                .map(|remote| RemoteOptions {
+                    codecs: vec![codec],
+                    ..remote
+                })
+                .collect();
+            Some(TrunkSource::connect(
+                hops,
+                &source,
+                trunk_adapter.as_deref(),
+            )?)
+        } else if trunk_adapter.is_some() {
+            return Err(DeviceError::Config(
+                "--trunk-adapter names a trunk server's adapter: it needs --cloud".into(),
+            ));
+        } else {
+            None
         };
         let plan = match &cloud {
             Some((_, plan)) => Some(*plan),
@@ -167,8 +172,12 @@ impl Device {
                     kind: PartKind::Trunk,
                     layers: policy.trunk_layers(),
                 };
-                let model = DeviceModel::split(&source, policy, tokenizer, codec, &device)?;
+                let model = DeviceModel::split(&source, policy.clone(), tokenizer, codec, &device)?;
                 let trunks = match cloud {
+                    Some((TrunkSource::Cloud(cloud), _)) => {
+                        cloud.check(&SessionKeys::fresh(policy.clone(), obfuscation))?;
+                        TrunkSource::Cloud(cloud)
+                    }
                     Some((cloud, _)) => cloud,
                     None => TrunkSource::Local(Arc::new(source.load_part(&spec, &device)?)),
                 };
@@ -190,7 +199,7 @@ impl Device {
         }
     }
 
-    /// Where the trunk runs, for people: `in-process`, the server's URL, or `none (unsplit)`.
+    /// Where the trunk runs, for people: `in-process`, the servers' URLs, or `none (unsplit)`.
     pub fn trunk_location(&self) -> String {
         self.trunks
             .as_ref()

@@ -46,7 +46,7 @@ fn config(api_key: Option<&str>, aliases: &[&str]) -> EdgeConfig {
         split: Some(SplitPlan::new(3, 27, source.config().num_layers).expect("plan")),
         source,
         tokenizer,
-        cloud: None,
+        cloud: Vec::new(),
         trunk_adapter: None,
         policy: PolicyChoice::Random {
             k1: "1,2,3".into(),

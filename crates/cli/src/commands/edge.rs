@@ -128,7 +128,7 @@ fn load_images(args: &EdgeArgs) -> anyhow::Result<Option<ImageModel>> {
     let codec = args.step_codec;
     // With --image-cloud the server's handshake says where the UNet is cut.
     let choice = match &args.image_cloud {
-        Some(url) => DiffusionTrunkChoice::Cloud(args.device.trunk.auth.files(url)),
+        Some(url) => DiffusionTrunkChoice::Cloud(args.device.trunk.auth.files(url)?),
         None => DiffusionTrunkChoice::Local(args.unet_split),
     };
     let trunks = DiffusionTrunks::load(dir, choice, codec, &device)?;
@@ -168,7 +168,7 @@ pub fn run(args: EdgeArgs) -> anyhow::Result<()> {
     args.device
         .trunk
         .auth
-        .check_needed(args.device.trunk.cloud.is_some() || args.image_cloud.is_some())?;
+        .check_needed(!args.device.trunk.cloud.is_empty() || args.image_cloud.is_some())?;
     let images = load_images(&args)?;
     let device = args.device.load()?;
     let trunk_location = device.trunk_location();

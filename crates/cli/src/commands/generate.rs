@@ -54,7 +54,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     args.device
         .trunk
         .auth
-        .check_needed(args.device.trunk.cloud.is_some())?;
+        .check_needed(!args.device.trunk.cloud.is_empty())?;
     let device = args.device.load()?;
     let model = &device.model;
     let prompt = model.prompt_tokens(&args.prompt, args.raw)?;
@@ -94,8 +94,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             generation.stop
         );
         eprintln!("{}", generation.stats);
-        if let Some(url) = &args.device.trunk.cloud {
-            eprintln!("(trunk time is the round trips to {url}: network plus remote trunk)");
+        if !args.device.trunk.cloud.is_empty() {
+            let servers = args.device.trunk.cloud.join(" then ");
+            eprintln!("(trunk time is the round trips to {servers}: network plus remote trunk)");
         }
     }
     Ok(())

@@ -27,7 +27,7 @@ pub struct HealthArgs {
 
 /// Prints the status; fails unless it is SERVING.
 pub fn run(args: HealthArgs) -> anyhow::Result<()> {
-    let mut options = args.auth.files(&args.url).options()?;
+    let mut options = args.auth.files(&args.url)?.options()?;
     options.connect_timeout = Duration::from_secs(args.timeout_secs);
     options.step_timeout = Duration::from_secs(args.timeout_secs);
     let status = check_health(&options, &args.service)?;

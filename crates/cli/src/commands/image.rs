@@ -89,7 +89,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     if args.codec_table {
         return codec_table(&args, &device);
     }
-    let choice = match args.cloud.files() {
+    let choice = match args.cloud.files()? {
         Some(files) => DiffusionTrunkChoice::Cloud(files),
         None => DiffusionTrunkChoice::Local(args.unet_split),
     };

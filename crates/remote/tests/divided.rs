@@ -1,0 +1,112 @@
+//! A trunk divided over two real trunk servers on loopback TLS (layers 2..15 and 15..28): the
+//! device relays every step through both, each hop a session of its own with its own keys, and
+//! the text equals a single trunk's token for token; a hop killed mid-generation (each in
+//! turn) is rebuilt by replay on that hop alone.
+
+use lsplit_remote::RemoteTrunk;
+use lsplit_server::DevCertificates;
+use lsplit_split::{DividedTrunk, Hop, Obfuscation, SessionKeys, Trunk};
+use lsplit_testkit::llm::*;
+use lsplit_testkit::{RunningServer, certificates};
+use lsplit_wire::Codec;
+
+/// The hops' layers, in order.
+const HOPS: [(usize, usize); 2] = [(2, 15), (15, 28)];
+
+/// A session of `keys` over `servers` (one per hop, in order), each hop passed through
+/// `wrap` with its index, its server and its trunk.
+fn divided(
+    certs: &DevCertificates,
+    keys: &SessionKeys,
+    servers: Vec<RunningServer>,
+    mut wrap: impl FnMut(usize, RunningServer, Box<dyn Trunk>) -> Box<dyn Trunk>,
+) -> DividedTrunk {
+    let hops = servers
+        .into_iter()
+        .enumerate()
+        .map(|(index, server)| {
+            let (k1, k2) = HOPS[index];
+            let hop_keys = keys
+                .for_hop(k1..k2, index == 0, index == 1)
+                .expect("hop keys");
+            let options = client_options(&server, certs, Codec::F32);
+            let remote = RemoteTrunk::connect(options).expect("connect to the hop");
+            let trunk = Box::new(remote.with_keys(hop_keys.clone()));
+            Hop {
+                trunk: wrap(index, server, trunk),
+                keys: hop_keys,
+            }
+        })
+        .collect();
+    DividedTrunk::new(keys.clone(), hops).expect("divided trunk")
+}
+
+/// One server per hop, trusted through `certs`.
+fn servers(certs: &DevCertificates) -> Vec<RunningServer> {
+    let path = model_path();
+    HOPS.iter()
+        .map(|&(k1, k2)| serve(&path, k1, k2, tls_options(certs)))
+        .collect()
+}
+
+#[test]
+fn two_hops_give_a_single_trunks_text_and_survive_each_hop_being_killed() {
+    let path = model_path();
+    let certs = certificates();
+    let model = device_model(&path, 2, 28, Codec::F32);
+    let expected = in_process(&path, 2, 28, Codec::F32);
+
+    let keys = model.new_keys(Obfuscation::None).expect("keys");
+    let kept = divided(&certs, &keys, servers(&certs), |_, server, trunk| {
+        // The servers live as long as their hop.
+        Box::new(Kept {
+            trunk,
+            _server: server,
+        })
+    });
+    assert_eq!(kept.layers(), 2..28);
+    assert_eq!(
+        generate_keyed(&model, Box::new(kept), &keys, PROMPT),
+        expected
+    );
+
+    for killed in 0..HOPS.len() {
+        let keys = model.new_keys(Obfuscation::Permute).expect("keys");
+        let trunk = divided(&certs, &keys, servers(&certs), |index, server, trunk| {
+            if index == killed {
+                let options = tls_options(&certs);
+                Box::new(RestartedMidway::new(trunk, server, 5, &path, options))
+            } else {
+                Box::new(Kept {
+                    trunk,
+                    _server: server,
+                })
+            }
+        });
+        assert_eq!(
+            generate_keyed(&model, Box::new(trunk), &keys, PROMPT),
+            expected,
+            "hop {} killed at its fifth step",
+            killed + 1
+        );
+    }
+}
+
+/// A hop's trunk that keeps its server running while it lives.
+struct Kept {
+    trunk: Box<dyn Trunk>,
+    _server: RunningServer,
+}
+
+impl Trunk for Kept {
+    fn layers(&self) -> std::ops::Range<usize> {
+        self.trunk.layers()
+    }
+
+    fn step(
+        &mut self,
+        message: &lsplit_split::StepRows,
+    ) -> Result<lsplit_split::StepRows, lsplit_split::TrunkError> {
+        self.trunk.step(message)
+    }
+}
