@@ -1,11 +1,14 @@
 //! A trunk divided over two real trunk servers on loopback TLS (layers 2..15 and 15..28): the
 //! device relays every step through both, each hop a session of its own with its own keys, and
 //! the text equals a single trunk's token for token; a hop killed mid-generation (each in
-//! turn) is rebuilt by replay on that hop alone.
+//! turn) is rebuilt by replay on that hop alone; drafted steps of several tokens, and the
+//! rewinds of rejected drafts, pass through both hops.
 
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
-use lsplit_split::{DividedTrunk, Hop, Obfuscation, SessionKeys, Trunk};
+use lsplit_split::{
+    DividedTrunk, GenerateOptions, Hop, Obfuscation, SessionKeys, Speculate, Trunk,
+};
 use lsplit_testkit::llm::*;
 use lsplit_testkit::{RunningServer, certificates};
 use lsplit_wire::Codec;
@@ -90,6 +93,41 @@ fn two_hops_give_a_single_trunks_text_and_survive_each_hop_being_killed() {
             killed + 1
         );
     }
+}
+
+#[test]
+fn drafted_multi_token_steps_and_their_rewinds_flow_through_every_hop() {
+    let path = model_path();
+    let certs = certificates();
+    let model = device_model(&path, 2, 28, Codec::F32);
+    let rewrite = "Repeat this sentence exactly: the quick brown fox jumps over the lazy dog.";
+    let prompt = model.prompt_tokens(rewrite, true).expect("prompt");
+    let run = |speculate| {
+        let keys = model.new_keys(Obfuscation::None).expect("keys");
+        let trunk = divided(&certs, &keys, servers(&certs), |_, server, trunk| {
+            Box::new(Kept {
+                trunk,
+                _server: server,
+            })
+        });
+        let options = GenerateOptions {
+            max_tokens: 24,
+            speculate,
+            ..GenerateOptions::default()
+        };
+        let mut session = model.session(Box::new(trunk), &keys).expect("session");
+        session
+            .generate(&prompt, &options, &mut |_| {})
+            .expect("generate")
+    };
+    let (off, lookup) = (run(Speculate::Off), run(Speculate::Lookup));
+    assert_eq!(lookup.tokens, off.tokens);
+    assert!(lookup.stats.accepted_tokens > 0, "{:?}", lookup.stats);
+    assert!(
+        lookup.stats.drafted_tokens > lookup.stats.accepted_tokens,
+        "some drafts were rejected, so the hops rewound: {:?}",
+        lookup.stats
+    );
 }
 
 /// A hop's trunk that keeps its server running while it lives.
