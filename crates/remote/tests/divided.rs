@@ -2,7 +2,8 @@
 //! device relays every step through both, each hop a session of its own with its own keys, and
 //! the text equals a single trunk's token for token; a hop killed mid-generation (each in
 //! turn) is rebuilt by replay on that hop alone; drafted steps of several tokens, and the
-//! rewinds of rejected drafts, pass through both hops.
+//! rewinds of rejected drafts, pass through both hops; each hop batches the steps of
+//! concurrent sessions.
 
 use lsplit_remote::RemoteTrunk;
 use lsplit_server::DevCertificates;
@@ -128,6 +129,64 @@ fn drafted_multi_token_steps_and_their_rewinds_flow_through_every_hop() {
         "some drafts were rejected, so the hops rewound: {:?}",
         lookup.stats
     );
+}
+
+#[test]
+fn each_hop_batches_the_steps_of_concurrent_sessions_and_every_device_gets_its_solo_text() {
+    let path = model_path();
+    let certs = certificates();
+    let model = device_model(&path, 2, 28, Codec::F32);
+    let prompts = [
+        "Once upon a time",
+        "The capital of France is",
+        "Water boils at",
+        "1, 2, 3,",
+    ];
+    let part = local_trunk(&path, &model);
+    let solo: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| generate_from(&model, Box::new(part.clone()), p))
+        .collect();
+    let servers = servers(&certs);
+    let barrier = std::sync::Barrier::new(prompts.len());
+    let outputs: Vec<Vec<u32>> = std::thread::scope(|scope| {
+        let devices: Vec<_> = prompts
+            .iter()
+            .map(|prompt| {
+                let (barrier, servers, certs, model) = (&barrier, &servers, &certs, &model);
+                scope.spawn(move || {
+                    let keys = model.new_keys(Obfuscation::None).expect("keys");
+                    let hops = servers
+                        .iter()
+                        .enumerate()
+                        .map(|(index, server)| {
+                            let (k1, k2) = HOPS[index];
+                            let keys = keys.for_hop(k1..k2, index == 0, index == 1).expect("keys");
+                            let options = client_options(server, certs, Codec::F32);
+                            let remote = RemoteTrunk::connect(options).expect("connect");
+                            let trunk = Box::new(remote.with_keys(keys.clone()));
+                            Hop { trunk, keys }
+                        })
+                        .collect();
+                    let trunk = DividedTrunk::new(keys.clone(), hops).expect("divided");
+                    barrier.wait();
+                    generate_keyed(model, Box::new(trunk), &keys, prompt)
+                })
+            })
+            .collect();
+        devices
+            .into_iter()
+            .map(|d| d.join().expect("device"))
+            .collect()
+    });
+    assert_eq!(outputs, solo);
+    for (index, server) in servers.iter().enumerate() {
+        assert!(
+            server.stats.batched_steps() > 0,
+            "hop {} never batched two sessions' steps",
+            index + 1
+        );
+    }
 }
 
 /// A hop's trunk that keeps its server running while it lives.
