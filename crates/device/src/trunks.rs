@@ -78,9 +78,10 @@ impl TrunkSource {
         for options in hops {
             let remote = RemoteTrunk::connect(options.clone())?;
             let layers = remote.info().fingerprint.layers.clone();
-            if let Some(before) = checked.last()
-                && before.fingerprint.layers.end != layers.start
-            {
+            let gap = checked
+                .last()
+                .filter(|before| before.fingerprint.layers.end != layers.start);
+            if let Some(before) = gap {
                 return Err(DeviceError::Config(format!(
                     "the servers of --cloud must run consecutive layers, in order: {} runs \
                      {:?} and {} runs {layers:?}",
