@@ -166,7 +166,9 @@ impl ClipTextModel {
             }
         };
         if config.num_attention_heads == 0
-            || config.hidden_size % config.num_attention_heads != 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
             || config.num_hidden_layers < 2
         {
             return Err(DiffusionError::Config(format!(

@@ -194,8 +194,8 @@ impl DevicePipeline {
         let multiple = self.vae.scale() * self.unet_config.downsample_factor();
         if width == 0
             || height == 0
-            || width % multiple != 0
-            || height % multiple != 0
+            || !width.is_multiple_of(multiple)
+            || !height.is_multiple_of(multiple)
             || width > 8192
             || height > 8192
         {

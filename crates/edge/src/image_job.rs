@@ -236,7 +236,7 @@ fn draw(
         }
         let preview = job.preview_every.filter(|every| *every > 0);
         let preview_png = match preview {
-            Some(every) if p.step % every == 0 && p.step < p.total => {
+            Some(every) if p.step.is_multiple_of(every) && p.step < p.total => {
                 Some(preview_png(&pipeline.decode(p.latents)?)?)
             }
             _ => None,

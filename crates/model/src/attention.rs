@@ -53,7 +53,7 @@ fn attend_row_on(
     let CachedHeads {
         kv_heads, dim, len, ..
     } = cached;
-    if len == 0 || dim == 0 || q.len() % (kv_heads * dim) != 0 || out.len() != q.len() {
+    if len == 0 || dim == 0 || !q.len().is_multiple_of(kv_heads * dim) || out.len() != q.len() {
         return Err(ModelError::Config(format!(
             "attention of {} query values over {len} cached positions of {kv_heads} heads of {dim}",
             q.len()

@@ -338,7 +338,7 @@ impl LayerCache {
         if (kv_heads, dim) != (self.kv_heads, self.dim)
             || kv_heads * dim == 0
             || k.len() != v.len()
-            || k.len() % (kv_heads * dim) != 0
+            || !k.len().is_multiple_of(kv_heads * dim)
         {
             return Err(ModelError::Config(format!(
                 "KV rows of {} values for {kv_heads} heads of {dim} do not fit a cache of {} \
@@ -348,7 +348,7 @@ impl LayerCache {
                 self.dim
             )));
         }
-        if self.precision == KvPrecision::Q8 && dim % Q8_GROUP != 0 {
+        if self.precision == KvPrecision::Q8 && !dim.is_multiple_of(Q8_GROUP) {
             return Err(ModelError::Config(format!(
                 "an 8-bit KV cache needs a head dimension that is a multiple of {Q8_GROUP}, not \
                  {dim}: use --kv-cache f16 or f32"

@@ -251,13 +251,13 @@ impl LlamaConfig {
         if self.hidden_size == 0 || self.num_heads == 0 || self.num_kv_heads == 0 {
             return bad("hidden size and head counts must be positive");
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(ModelError::Config(format!(
                 "{} attention heads cannot be grouped over {} key/value heads",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(ModelError::Config(format!(
                 "head dimension {} must be even and positive",
                 self.head_dim

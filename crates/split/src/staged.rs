@@ -277,12 +277,12 @@ impl StagedPart {
     /// `len` as if they had never run.
     pub(crate) fn truncate(&mut self, len: usize) -> Result<(), StageError> {
         self.steps.retain(|s| s.start < len);
-        if let Some(last) = self.steps.last_mut() {
-            if last.start + last.rows > len {
-                last.rows = len - last.start;
-                for rows in last.kept.values_mut() {
-                    *rows = rows.narrow(0, 0, last.rows)?;
-                }
+        if let Some(last) = self.steps.last_mut()
+            && last.start + last.rows > len
+        {
+            last.rows = len - last.start;
+            for rows in last.kept.values_mut() {
+                *rows = rows.narrow(0, 0, last.rows)?;
             }
         }
         self.cache.truncate(len);

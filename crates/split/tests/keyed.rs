@@ -200,8 +200,7 @@ fn hops_that_cannot_serve_the_policy_or_leave_a_gap_are_refused() {
     let keys = keys(7, Obfuscation::None);
     let error = keys
         .for_hop(1..3, true, false)
-        .err()
-        .expect("K1 = 4 is past the hop");
+        .expect_err("K1 = 4 is past the hop");
     assert_eq!(
         error.to_string(),
         "the hop running layers 1..3 cannot serve a split point at layer 4 of the policy \
@@ -211,7 +210,7 @@ fn hops_that_cannot_serve_the_policy_or_leave_a_gap_are_refused() {
         hop(&keys, 1..10, true, false),
         hop(&keys, 12..29, false, true),
     ];
-    let error = DividedTrunk::new(keys, hops).err().expect("a gap");
+    let error = DividedTrunk::new(keys, hops).expect_err("a gap");
     assert_eq!(
         error.to_string(),
         "the trunk's hops must follow each other: layers 1..10 then 12..29"

@@ -134,10 +134,10 @@ impl Tokenizer {
             .encode_fast(text, false)
             .map_err(TokenizerError::Encode)?;
         let mut ids = encoding.get_ids().to_vec();
-        if let Some(bos) = self.bos.filter(|_| add_bos && self.add_bos) {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
+        if let Some(bos) = self.bos.filter(|_| add_bos && self.add_bos)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
         }
         Ok(ids)
     }

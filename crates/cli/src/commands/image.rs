@@ -229,13 +229,14 @@ fn generate(
     let previews = args.preview_every.filter(|_| label == "image");
     let mut on_step = |p: &StepProgress<'_>| {
         progress.set_position(p.step as u64);
-        if let Some(every) = previews {
-            if p.step % every == 0 && p.step < p.total {
-                let image = pipeline.decode(p.latents)?;
-                let path = preview_path(&args.output, p.step);
-                write_png(&image, &path)
-                    .map_err(|e| lsplit_diffusion::DiffusionError::Request(format!("{e:#}")))?;
-            }
+        if let Some(every) = previews
+            && p.step.is_multiple_of(every)
+            && p.step < p.total
+        {
+            let image = pipeline.decode(p.latents)?;
+            let path = preview_path(&args.output, p.step);
+            write_png(&image, &path)
+                .map_err(|e| lsplit_diffusion::DiffusionError::Request(format!("{e:#}")))?;
         }
         Ok(())
     };

@@ -167,14 +167,14 @@ impl UnetConfig {
                 ));
             }
             let channels = self.block_out_channels[i];
-            if channels % self.norm_num_groups != 0 {
+            if !channels.is_multiple_of(self.norm_num_groups) {
                 return bad(format!(
                     "block {i} has {channels} channels, not a multiple of norm_num_groups {}",
                     self.norm_num_groups
                 ));
             }
             let heads = self.heads(i)?;
-            if heads == 0 || channels % heads != 0 {
+            if heads == 0 || !channels.is_multiple_of(heads) {
                 return bad(format!(
                     "block {i}: {channels} channels do not split into {heads} heads"
                 ));
@@ -202,10 +202,10 @@ impl UnetConfig {
             ),
         ];
         for (field, value, allowed) in unsupported {
-            if let Some(value) = value {
-                if Some(value) != allowed {
-                    return bad(format!("{field} {value:?} is not supported"));
-                }
+            if let Some(value) = value
+                && Some(value) != allowed
+            {
+                return bad(format!("{field} {value:?} is not supported"));
             }
         }
         if self.time_cond_proj_dim.is_some() {

@@ -70,9 +70,6 @@ impl ActBlock {
 
 /// Quantization of activations with AVX-512.
 #[cfg(target_arch = "x86_64")]
-// AVX-512 intrinsics are stable since Rust 1.89, which an x86-64 build needs; the workspace's
-// older MSRV holds for other targets.
-#[allow(clippy::incompatible_msrv)]
 mod avx512 {
     use std::arch::x86_64::*;
 
@@ -359,9 +356,6 @@ pub(crate) mod portable {
 /// into `vnni` with AVX-512 VNNI and VL too, whose `vpdpbusd` does the byte products.
 macro_rules! avx2_kernels {
     ($module:ident, $features:literal, |$w:ident, $y:ident| $dot:expr) => {
-        // VNNI's intrinsic is stable since Rust 1.89, which an x86-64 build needs; the
-        // workspace's older MSRV holds for other targets.
-        #[allow(clippy::incompatible_msrv)]
         pub(super) mod $module {
             use std::arch::x86_64::*;
 

@@ -416,9 +416,6 @@ pub(crate) mod portable {
 /// (and its halves added at the end: the lanes' integer sums are the same).
 macro_rules! k_kernels {
     ($module:ident, $features:literal, $sums:ident) => {
-        // VNNI's intrinsic is stable since Rust 1.89, which an x86-64 build needs; the
-        // workspace's older MSRV holds for other targets.
-        #[allow(clippy::incompatible_msrv)]
         mod $module {
             use std::arch::x86_64::*;
 
@@ -725,9 +722,6 @@ mod sums256 {
 /// VNNI): registers of 64 values, two Q4_K sub-blocks or four Q6_K sixteens, whose halves are
 /// added at the end.
 #[cfg(target_arch = "x86_64")]
-// AVX-512 intrinsics are stable since Rust 1.89, which an x86-64 build needs; the workspace's
-// older MSRV holds for other targets.
-#[allow(clippy::incompatible_msrv)]
 mod sums512 {
     use std::arch::x86_64::*;
 

@@ -16,10 +16,6 @@
 //!
 //! Built into every x86-64 binary; it runs only on the AVX-512 VNNI [`super::KernelPath`].
 
-// AVX-512 intrinsics are stable since Rust 1.89, which an x86-64 build needs (this module is in
-// every one); the workspace's older MSRV holds for other targets.
-#![allow(clippy::incompatible_msrv)]
-
 use std::arch::x86_64::*;
 
 use super::dot::{ActBlock, BLOCK, Format, TILE};
