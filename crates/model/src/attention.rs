@@ -955,6 +955,7 @@ mod tests {
         assert_eq!(part[5..], [0.0; TILE - 5]);
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_simd_primitives_agree_with_the_portable_ones() {
         let values: Vec<f32> = (0..BLOCK * 64)

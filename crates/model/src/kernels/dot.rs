@@ -17,8 +17,9 @@
 //! per block instead of candle's eight lanes: fewer instructions and no rounding inside a
 //! block), so its outputs differ from candle's by rounding.
 //!
-//! Three implementations compute bit-identical results, chosen at run time by
-//! [`KernelPath`]: AVX2 (with FMA and F16C), the same with VNNI's `vpdpbusd`, and portable Rust.
+//! Four implementations compute bit-identical results, chosen at run time by [`KernelPath`]:
+//! AVX2 (with FMA and F16C), the same with VNNI's `vpdpbusd`, NEON on aarch64, and portable
+//! Rust.
 
 use half::f16;
 
@@ -227,6 +228,8 @@ pub(crate) fn dot_tile<const R: usize>(
         KernelPath::Avx512Vnni => unsafe { vnni::dot_tile(format, tile, blocks, acts, out) },
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 => unsafe { avx2::dot_tile(format, tile, blocks, acts, out) },
+        #[cfg(target_arch = "aarch64")]
+        KernelPath::Neon => unsafe { neon::dot_tile(format, tile, blocks, acts, out) },
         _ => portable::dot_tile(format, tile, blocks, acts, out),
     }
 }
@@ -354,6 +357,7 @@ pub(crate) mod portable {
 
 /// The AVX2 kernels, written once and compiled twice: into `avx2` for AVX2, FMA and F16C, and
 /// into `vnni` with AVX-512 VNNI and VL too, whose `vpdpbusd` does the byte products.
+#[cfg(target_arch = "x86_64")]
 macro_rules! avx2_kernels {
     ($module:ident, $features:literal, |$w:ident, $y:ident| $dot:expr) => {
         pub(super) mod $module {
@@ -565,6 +569,173 @@ avx2_kernels!(avx2, "avx2,fma,f16c", |w, y| _mm256_madd_epi16(
 avx2_kernels!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |w, y| {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, y)
 });
+
+/// The NEON kernels (aarch64): the portable code's arithmetic on 128-bit vectors. Values are
+/// widened to exact 32-bit integer sums per block (per group of four for Q8_0's eight lanes),
+/// and the float operations are the portable code's, in its order, four weight rows at a time.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use half::f16;
+
+    use super::{ActBlock, Format, TILE};
+
+    /// Four f16 at `p` as f32 (exact).
+    ///
+    /// # Safety
+    /// `p` points to 8 readable bytes.
+    #[inline]
+    unsafe fn f16x4(p: *const u8) -> [f32; TILE] {
+        // SAFETY: the caller passes 8 readable bytes.
+        std::array::from_fn(|w| unsafe {
+            f16::from_le_bytes([*p.add(2 * w), *p.add(2 * w + 1)]).to_f32()
+        })
+    }
+
+    /// Row `w`'s 32 values of a tile block whose quants start at `quants`, signed as the
+    /// portable code unpacks them (the bias of Q4_0 and Q5_0 taken off), as two vectors.
+    ///
+    /// # Safety
+    /// `quants` points to a tile block's quants of `format`; the CPU has NEON.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn values(format: Format, quants: *const u8, w: usize) -> [int8x16_t; 2] {
+        // SAFETY: the loads stay inside row `w`'s quants (see above).
+        unsafe {
+            let nibbles = |p: *const u8| {
+                let qs = vld1q_u8(p);
+                [vandq_u8(qs, vdupq_n_u8(0x0f)), vshrq_n_u8::<4>(qs)]
+            };
+            let (unsigned, bias) = match format {
+                Format::Q8_0 => {
+                    let p = quants.add(32 * w).cast::<i8>();
+                    return [vld1q_s8(p), vld1q_s8(p.add(16))];
+                }
+                Format::Q4_0 | Format::Q4_1 => (nibbles(quants.add(16 * w)), 8),
+                Format::Q5_0 | Format::Q5_1 => {
+                    let p = quants.add(20 * w);
+                    // Value j takes bit j of the fifth bits: byte j / 8, bit j % 8.
+                    let bit = vcombine_u8(
+                        vcreate_u8(0x8040_2010_0804_0201),
+                        vcreate_u8(0x8040_2010_0804_0201),
+                    );
+                    let fifth = |lo: usize| {
+                        let bytes = vcombine_u8(vdup_n_u8(*p.add(lo)), vdup_n_u8(*p.add(lo + 1)));
+                        vandq_u8(vtstq_u8(bytes, bit), vdupq_n_u8(16))
+                    };
+                    let [low, high] = nibbles(p.add(4));
+                    ([vorrq_u8(low, fifth(0)), vorrq_u8(high, fifth(2))], 16)
+                }
+            };
+            let bias = if format.has_min() { 0 } else { bias };
+            unsigned.map(|v| vsubq_s8(vreinterpretq_s8_u8(v), vdupq_n_s8(bias)))
+        }
+    }
+
+    /// Products of 16 values, summed in pairs: `[v0y0 + v1y1, ..., v14y14 + v15y15]` as two
+    /// vectors of four (exact).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn pairs(v: int8x16_t, y: int8x16_t) -> [int32x4_t; 2] {
+        [
+            vpaddlq_s16(vmull_s8(vget_low_s8(v), vget_low_s8(y))),
+            vpaddlq_s16(vmull_high_s8(v, y)),
+        ]
+    }
+
+    /// The exact dot product of 32 values with 32 activations.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn dot32(v: [int8x16_t; 2], y: [int8x16_t; 2]) -> i32 {
+        let [a, b] = pairs(v[0], y[0]);
+        let [c, d] = pairs(v[1], y[1]);
+        vaddvq_s32(vaddq_s32(vaddq_s32(a, b), vaddq_s32(c, d)))
+    }
+
+    /// The eight lanes of Q8_0: lane `u` the exact sum of products `4u..4u+4`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn lanes8(v: [int8x16_t; 2], y: [int8x16_t; 2]) -> [int32x4_t; 2] {
+        let [a, b] = pairs(v[0], y[0]);
+        let [c, d] = pairs(v[1], y[1]);
+        [vpaddq_s32(a, b), vpaddq_s32(c, d)]
+    }
+
+    /// See [`super::dot_tile`].
+    ///
+    /// # Safety
+    /// `tile` holds `blocks` tile blocks of `format` and every row of `acts` `blocks` blocks;
+    /// the CPU has NEON.
+    // Block `b` addresses both the tile's bytes and each activation row.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot_tile<const R: usize>(
+        format: Format,
+        tile: &[u8],
+        blocks: usize,
+        acts: [&[ActBlock]; R],
+        out: &mut [[f32; TILE]; R],
+    ) {
+        let bytes = TILE * format.block_bytes();
+        let quants = TILE * if format.has_min() { 4 } else { 2 };
+        let mut sums = [vdupq_n_f32(0.0); R];
+        let mut lanes = [[[vdupq_n_f32(0.0); 2]; TILE]; R];
+        // SAFETY: every load stays inside block `b` of `tile` and of each row of `acts`.
+        unsafe {
+            for b in 0..blocks {
+                let p = tile.as_ptr().add(b * bytes);
+                let d = f16x4(p);
+                let min = if format.has_min() {
+                    f16x4(p.add(8))
+                } else {
+                    [0.0; TILE]
+                };
+                let rows: [[int8x16_t; 2]; TILE] =
+                    std::array::from_fn(|w| values(format, p.add(quants), w));
+                for r in 0..R {
+                    let a = &acts[r][b];
+                    let q = a.q.as_ptr();
+                    let y = [vld1q_s8(q), vld1q_s8(q.add(16))];
+                    if format == Format::Q8_0 {
+                        for w in 0..TILE {
+                            let scale = vdupq_n_f32(d[w] * a.d);
+                            let dots = lanes8(rows[w], y);
+                            for (lane, dot) in lanes[r][w].iter_mut().zip(dots) {
+                                *lane = vfmaq_f32(*lane, scale, vcvtq_f32_s32(dot));
+                            }
+                        }
+                        continue;
+                    }
+                    // ((Σ * d) * d_act) [+ (min * s_act)], then accumulated, as portable.
+                    let dots: [i32; TILE] = std::array::from_fn(|w| dot32(rows[w], y));
+                    let t = vmulq_f32(
+                        vcvtq_f32_s32(vld1q_s32(dots.as_ptr())),
+                        vld1q_f32(d.as_ptr()),
+                    );
+                    let mut t = vmulq_f32(t, vdupq_n_f32(a.d));
+                    if format.has_min() {
+                        t = vaddq_f32(t, vmulq_f32(vld1q_f32(min.as_ptr()), vdupq_n_f32(a.s)));
+                    }
+                    sums[r] = vaddq_f32(sums[r], t);
+                }
+            }
+            for r in 0..R {
+                if format == Format::Q8_0 {
+                    for w in 0..TILE {
+                        // The portable `hsum8`'s order: [x4 + x0, ...], then halves, then the two.
+                        let [low, high] = lanes[r][w];
+                        let a = vaddq_f32(high, low);
+                        let b = vadd_f32(vget_low_f32(a), vget_high_f32(a));
+                        out[r][w] = vget_lane_f32::<0>(b) + vget_lane_f32::<1>(b);
+                    }
+                } else {
+                    vst1q_f32(out[r].as_mut_ptr(), sums[r]);
+                }
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 pub(super) mod tests {

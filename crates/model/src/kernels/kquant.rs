@@ -414,6 +414,7 @@ pub(crate) mod portable {
 /// activation row) pair's eight integer lanes are summed over a super-block: [`sums256`] a
 /// register of 32 values at a time, [`sums512`] 64 with `vpdpwssd` adding the scaled products
 /// (and its halves added at the end: the lanes' integer sums are the same).
+#[cfg(target_arch = "x86_64")]
 macro_rules! k_kernels {
     ($module:ident, $features:literal, $sums:ident) => {
         mod $module {

@@ -298,6 +298,7 @@ fn matmul(
     let tile_bytes = TILE * kind.row_bytes(k);
     match kind {
         Kind::Blocks(format) => {
+            #[cfg(target_arch = "x86_64")]
             let blocks = k / BLOCK;
             let acts = ActBlock::quantize_all(path, x);
             #[cfg(target_arch = "x86_64")]

@@ -1,7 +1,7 @@
 //! Which kernels this CPU runs, chosen once at run time, so that one binary runs at full speed
-//! on every x86-64 CPU: AVX-512 VNNI, else AVX2 with FMA and F16C, else portable Rust. Every
-//! path computes the same bits (the kernels' tests compare each path the CPU has with the
-//! portable one).
+//! on every x86-64 CPU: AVX-512 VNNI, else AVX2 with FMA and F16C, else portable Rust; NEON on
+//! aarch64. Every path computes the same bits (the kernels' tests compare each path the CPU has
+//! with the portable one).
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -16,13 +16,17 @@ pub enum KernelPath {
     /// The AVX2 kernels with VNNI's `vpdpbusd`, AVX-512 activation quantization and the
     /// 512-bit batch kernel (AVX-512 F, BW, VL and VNNI).
     Avx512Vnni,
+    /// NEON (aarch64): the block kernels of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0; the rest runs
+    /// the portable code.
+    Neon,
 }
 
 /// Every path, most portable first.
-const ALL: [KernelPath; 3] = [
+const ALL: [KernelPath; 4] = [
     KernelPath::Portable,
     KernelPath::Avx2,
     KernelPath::Avx512Vnni,
+    KernelPath::Neon,
 ];
 
 impl KernelPath {
@@ -32,6 +36,7 @@ impl KernelPath {
             Self::Portable => "portable",
             Self::Avx2 => "avx2",
             Self::Avx512Vnni => "avx512-vnni",
+            Self::Neon => "neon",
         }
     }
 
@@ -53,7 +58,8 @@ impl KernelPath {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             _ => false,
         }
     }
@@ -79,7 +85,7 @@ impl KernelPath {
                         requested = name,
                         using = best.name(),
                         "LSPLIT_KERNELS names no kernel path this CPU runs (portable, avx2, \
-                         avx512-vnni)"
+                         avx512-vnni, neon)"
                     );
                     best
                 }
