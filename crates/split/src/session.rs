@@ -242,6 +242,9 @@ impl<'m> Session<'m> {
         next: u32,
         room: usize,
     ) -> Result<(Option<Source>, Vec<u32>), SplitError> {
+        if !drafter.drafts() {
+            return Ok((None, Vec::new()));
+        }
         let mut tokens = self.history.clone();
         tokens.push(next);
         let proposal = lookup(&tokens, room);

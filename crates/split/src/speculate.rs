@@ -231,6 +231,11 @@ impl Drafter {
         }
     }
 
+    /// False when it never drafts (`off`, or `auto` with an in-process trunk).
+    pub(crate) fn drafts(&self) -> bool {
+        self.speculate != Speculate::Off
+    }
+
     /// The source to draft from after the last token, and how many tokens, given how many
     /// each available source offers (lookup: its proposal; a source that runs layers: the
     /// room left); `None` to draft nothing.
