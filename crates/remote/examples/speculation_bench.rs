@@ -15,8 +15,9 @@ use lsplit_split::{
 use lsplit_testkit::llm::*;
 use lsplit_wire::Codec;
 
-/// Chat prompts (of the 24 built-in ones), and tokens generated from each prompt.
-const CHAT_PROMPTS: usize = 12;
+/// Prompts of each set (the first of the 24 built-in chat prompts; of the rewrites), and
+/// tokens generated from each prompt.
+const PROMPTS: usize = 4;
 const TOKENS: usize = 32;
 const ROUND_TRIPS_MS: [u64; 4] = [0, 20, 80, 150];
 
@@ -67,8 +68,8 @@ fn main() {
     let model = model.with_draft_model(draft);
     let server = serve(&path, 2, 28, tls_options(&certs));
     let sets: [(&str, Vec<&str>); 2] = [
-        ("chat", codecs::PROMPTS[..CHAT_PROMPTS].to_vec()),
-        ("rewrite", REWRITES.to_vec()),
+        ("chat", codecs::PROMPTS[..PROMPTS].to_vec()),
+        ("rewrite", REWRITES[..PROMPTS].to_vec()),
     ];
     println!(
         "| round trip | prompts | source | decode tok/s | x off | tokens per round trip | bytes per token |"
