@@ -220,6 +220,18 @@ impl<'m> Session<'m> {
         }
     }
 
+    /// Layers of the draft model per layer the device runs in a step: what a drafted token
+    /// costs against the device's share of a step (1 without a draft model or a split).
+    fn draft_scale(&self) -> f64 {
+        match (self.model.draft_model(), &self.model.parts) {
+            (Some(draft), Parts::Split { head, tail, .. }) => {
+                let local = head.spec().layers.len() + tail.spec().layers.len();
+                draft.part().spec().layers.len() as f64 / local.max(1) as f64
+            }
+            _ => 1.0,
+        }
+    }
+
     /// Refuses a source this session cannot draft from.
     fn check_source(&self, speculate: Speculate) -> Result<(), SplitError> {
         match (speculate, &self.state) {
@@ -398,6 +410,7 @@ impl<'m> Session<'m> {
         let mut drafts = VecDeque::<u32>::new();
         let mut drafter = Drafter::new(options.speculate, self.in_process());
         let mut window = Window::default();
+        let draft_scale = self.draft_scale();
         let base = self.position - prompt.len();
         let decode_start = Instant::now();
         let stop = loop {
@@ -461,7 +474,11 @@ impl<'m> Session<'m> {
             self.stats.drafting += drafting;
             let t = Instant::now();
             if draft.is_empty() {
+                let local = self.stats.head + self.stats.tail;
                 pending.push_back(self.forward(&[next])?);
+                let local = self.stats.head + self.stats.tail - local;
+                drafter.expect(Source::EarlyExit, local);
+                drafter.expect(Source::Model, local.mul_f64(draft_scale));
             } else {
                 let mut run = vec![next];
                 run.extend_from_slice(&draft);

@@ -140,6 +140,8 @@ struct Learnt {
     kept: f64,
     missed: f64,
     per_token: Option<f64>,
+    /// The drafting time per token expected before any is measured (see [`Drafter::expect`]).
+    prior: Option<f64>,
 }
 
 impl Default for Learnt {
@@ -148,6 +150,7 @@ impl Default for Learnt {
             kept: 1.0,
             missed: 1.0,
             per_token: None,
+            prior: None,
         }
     }
 }
@@ -293,13 +296,13 @@ impl Drafter {
     fn best_length(&self, source: Source, single: f64, available: usize) -> (usize, f64) {
         let learnt = &self.learnt[source.index()];
         let chance = learnt.kept / (learnt.kept + learnt.missed);
-        let Some(per_token) = learnt
-            .per_token
-            .or((source == Source::Lookup).then_some(0.0))
-        else {
-            // A source that runs layers is first tried with one token: its drafting time is
-            // unknown and may exceed a step's.
-            return (available.min(1), f64::INFINITY);
+        // A source that runs layers is first tried with one token, and only where its
+        // expected drafting time leaves a gain; with no expectation, it is tried.
+        let (per_token, available) = match (source, learnt.per_token, learnt.prior) {
+            (Source::Lookup, ..) => (0.0, available),
+            (_, Some(measured), _) => (measured, available),
+            (_, None, Some(prior)) => (prior, available.min(1)),
+            (_, None, None) => return (available.min(1), f64::INFINITY),
         };
         let (mut best, mut best_gain) = (0, 0.0);
         let (mut expected, mut reach) = (0.0, 1.0);
@@ -315,6 +318,14 @@ impl Drafter {
             }
         }
         (best, best_gain)
+    }
+
+    /// Sets the time `source` is expected to take to draft a token until one is measured:
+    /// the device's share of a one-token step for early exit, scaled by layers for a draft
+    /// model. `auto` then never tries a source that could not pay (at a low round trip, a draft
+    /// model as large as the model itself).
+    pub(crate) fn expect(&mut self, source: Source, per_token: Duration) {
+        self.learnt[source.index()].prior = Some(per_token.as_secs_f64());
     }
 
     /// Records a step of `drafted` tokens drafted by `source` in `drafting`, `kept` of them
@@ -455,6 +466,19 @@ mod tests {
         local.record(Some(Source::Model), 4, 4, ms(7), ms(80));
         local.record(Some(Source::EarlyExit), 4, 0, ms(7), ms(4));
         assert_eq!(local.plan(&offers), None);
+        // Expected to draft a token in 30 ms, a source is never tried on a 5 ms link, and is
+        // tried with one token on an 80 ms one.
+        let model_only = [(Source::Model, 8)];
+        let mut low = Drafter::new(Speculate::Auto, false);
+        low.record(None, 0, 0, ms(5), Duration::ZERO);
+        low.record(Some(Source::Lookup), 4, 0, ms(7), Duration::ZERO);
+        low.expect(Source::Model, ms(30));
+        assert_eq!(low.plan(&model_only), None);
+        let mut high = Drafter::new(Speculate::Auto, false);
+        high.record(None, 0, 0, ms(80), Duration::ZERO);
+        high.record(Some(Source::Lookup), 4, 0, ms(82), Duration::ZERO);
+        high.expect(Source::Model, ms(30));
+        assert_eq!(high.plan(&model_only), Some((Source::Model, 1)));
         // A fixed source drafts at least one token even where it does not pay.
         let mut fixed = Drafter::new(Speculate::EarlyExit, true);
         assert_eq!(fixed.plan(&offers), Some((Source::EarlyExit, PROBE_ROWS)));
