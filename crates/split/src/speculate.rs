@@ -279,7 +279,12 @@ impl Drafter {
         if self.idle_steps < REPROBE_AFTER {
             return None;
         }
-        let open: Vec<_> = offers.iter().filter(|&&(s, _)| offered(s) > 0).collect();
+        // Probes only sources that draft a token in under half a step: a slower one (a draft
+        // model as large as the model, where the round trip is short) cannot pay.
+        let open: Vec<_> = offers
+            .iter()
+            .filter(|&&(s, _)| offered(s) > 0 && self.per_token(s).is_none_or(|t| 2.0 * t < single))
+            .collect();
         let &&(source, _) = open.get(self.probes % open.len().max(1))?;
         self.probes += 1;
         let probe = if source == Source::Lookup {
@@ -318,6 +323,15 @@ impl Drafter {
             }
         }
         (best, best_gain)
+    }
+
+    /// The measured or expected time `source` takes to draft a token; `None` when unknown.
+    fn per_token(&self, source: Source) -> Option<f64> {
+        let learnt = &self.learnt[source.index()];
+        match source {
+            Source::Lookup => Some(0.0),
+            _ => learnt.per_token.or(learnt.prior),
+        }
     }
 
     /// Sets the time `source` is expected to take to draft a token until one is measured:
@@ -473,6 +487,11 @@ mod tests {
         low.record(None, 0, 0, ms(5), Duration::ZERO);
         low.record(Some(Source::Lookup), 4, 0, ms(7), Duration::ZERO);
         low.expect(Source::Model, ms(30));
+        assert_eq!(low.plan(&model_only), None);
+        // Nor when auto probes again.
+        for _ in 0..REPROBE_AFTER {
+            low.record(None, 0, 0, ms(5), Duration::ZERO);
+        }
         assert_eq!(low.plan(&model_only), None);
         let mut high = Drafter::new(Speculate::Auto, false);
         high.record(None, 0, 0, ms(80), Duration::ZERO);
