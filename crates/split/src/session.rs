@@ -459,7 +459,9 @@ impl<'m> Session<'m> {
             if self.position >= context {
                 break StopReason::ContextFull;
             }
-            let room = (options.max_tokens - generated.len()).min(context - self.position - 1);
+            // Drafts stop before the last token to generate: it is chosen from the logits after
+            // the one before it and, as with one-token steps, never run.
+            let room = (options.max_tokens - generated.len() - 1).min(context - self.position - 1);
             let Window {
                 source,
                 drafted,
