@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use lsplit_device::{Device, DeviceOptions, PolicyChoice};
 use lsplit_model::{KvPrecision, ModelSource, SplitPlan};
 use lsplit_remote::CloudFiles;
-use lsplit_split::{Obfuscation, SamplingParams, load_tokenizer};
+use lsplit_split::{DraftModel, Obfuscation, SamplingParams, load_tokenizer};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
@@ -186,6 +186,29 @@ pub struct DeviceArgs {
     pub policy: PolicyArgs,
     #[command(flatten)]
     pub trunk: TrunkArgs,
+    #[command(flatten)]
+    pub draft: DraftArgs,
+}
+
+/// The draft model of `--speculate draft`.
+#[derive(Debug, Args)]
+pub struct DraftArgs {
+    /// A model with this model's tokenizer (GGUF file or Hugging Face directory), run whole on
+    /// this device to draft tokens for --speculate draft; auto considers it too
+    #[arg(long, value_name = "PATH")]
+    pub draft_model: Option<PathBuf>,
+}
+
+impl DraftArgs {
+    /// Loads the draft model, if one was given, checked against the model's `tokenizer`.
+    pub fn load(&self, tokenizer: &Tokenizer) -> anyhow::Result<Option<DraftModel>> {
+        let Some(path) = &self.draft_model else {
+            return Ok(None);
+        };
+        let draft = DraftModel::load(path, tokenizer, &candle_core::Device::Cpu)
+            .with_context(|| format!("loading the draft model {}", path.display()))?;
+        Ok(Some(draft))
+    }
 }
 
 impl DeviceArgs {
@@ -204,7 +227,8 @@ impl DeviceArgs {
             .iter()
             .map(CloudFiles::options)
             .collect::<Result<_, _>>()?;
-        Ok(Device::load(DeviceOptions {
+        let draft = self.draft.load(&tokenizer)?;
+        let mut device = Device::load(DeviceOptions {
             path,
             source,
             tokenizer,
@@ -214,7 +238,11 @@ impl DeviceArgs {
             policy: choice,
             obfuscation: self.policy.obfuscate,
             codec: self.trunk.codec,
-        })?)
+        })?;
+        if let Some(draft) = draft {
+            device.model = device.model.with_draft_model(draft);
+        }
+        Ok(device)
     }
 }
 

@@ -139,6 +139,49 @@ fn drafted_tokens_leave_the_text_unchanged_in_fewer_steps() {
 }
 
 #[test]
+fn a_draft_model_leaves_the_text_unchanged_in_fewer_steps_and_a_wrong_one_is_refused() {
+    let model = model();
+    let off = generate(&["--split", "2:28", "--stats"]);
+    assert!(off.status.success(), "{}", stderr(&off));
+    let out = generate(&[
+        "--split",
+        "2:28",
+        "--stats",
+        "--speculate",
+        "draft",
+        "--draft-model",
+        &model,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), stdout(&off));
+    let err = stderr(&out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("steps: "))
+        .expect("steps line");
+    assert!(!line.starts_with("steps: 23 "), "{line}");
+
+    let out = generate(&["--speculate", "draft"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--speculate draft needs a draft model (--draft-model PATH)"),
+        "{}",
+        stderr(&out)
+    );
+    let tiny = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../model/tests/data/tiny-llama-hf"
+    );
+    let out = generate(&["--speculate", "draft", "--draft-model", tiny]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("a draft model needs the model's tokenizer"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn invalid_split_names_the_model_layer_count() {
     let out = generate(&["--split", "12:31"]);
     assert!(!out.status.success());

@@ -1,18 +1,23 @@
 //! Decode speed of drafted steps against one-token steps over simulated round trips: a real
 //! trunk server (2:28, TLS) behind `lsplit-netsim` at 0, 20, 80 and 150 ms, the device
 //! generating greedily from chat prompts and from rewrite and summarize prompts (whose answers
-//! repeat their input, where prompt lookup drafts well), for each `--speculate` source.
+//! repeat their input, where prompt lookup drafts well), for each `--speculate` source. The
+//! draft model is the default model itself (the only one at hand with its tokenizer). Each
+//! prompt runs every source in turn, so that a loaded machine slows them alike.
 //! Run: `cargo run --release -p lsplit-remote --example speculation_bench`.
 
 use std::time::Duration;
 
 use lsplit_netsim::{Netsim, Profile};
-use lsplit_split::{DeviceModel, GenerateOptions, Obfuscation, Speculate, Stats, codecs};
+use lsplit_split::{
+    DeviceModel, DraftModel, GenerateOptions, Obfuscation, Speculate, Stats, codecs,
+};
 use lsplit_testkit::llm::*;
 use lsplit_wire::Codec;
 
-/// Prompts of each set, and tokens generated from each.
-const PROMPTS: usize = 6;
+/// Prompts of each set (the first of the 24 built-in chat prompts; of the rewrites), and
+/// tokens generated from each prompt.
+const PROMPTS: usize = 4;
 const TOKENS: usize = 32;
 const ROUND_TRIPS_MS: [u64; 4] = [0, 20, 80, 150];
 
@@ -58,6 +63,9 @@ fn main() {
     let path = model_path();
     let certs = lsplit_testkit::certificates();
     let model = device_model(&path, 2, 28, Codec::F32);
+    let draft = DraftModel::load(&path, model.tokenizer(), &candle_core::Device::Cpu)
+        .expect("the draft model");
+    let model = model.with_draft_model(draft);
     let server = serve(&path, 2, 28, tls_options(&certs));
     let sets: [(&str, Vec<&str>); 2] = [
         ("chat", codecs::PROMPTS[..PROMPTS].to_vec()),
@@ -78,23 +86,24 @@ fn main() {
         let url = format!("https://127.0.0.1:{port}");
         let options = lsplit_testkit::client_options(&url, &certs, Codec::F32);
         for (set, prompts) in &sets {
-            let mut off = None;
-            for speculate in Speculate::ALL {
-                let mut total = Total::default();
-                for prompt in prompts {
+            let mut totals: Vec<Total> = Speculate::ALL.iter().map(|_| Total::default()).collect();
+            for prompt in prompts {
+                for (speculate, total) in Speculate::ALL.into_iter().zip(&mut totals) {
                     let trunk = remote(&path, options.clone()).expect("connect");
                     total.add(&generate_one(&model, trunk, prompt, speculate));
                 }
+            }
+            let base = totals[0].tokens_per_second();
+            for (speculate, total) in Speculate::ALL.into_iter().zip(&totals) {
                 let speed = total.tokens_per_second();
-                let base = *off.get_or_insert(speed);
                 println!(
                     "| {rtt} ms | {set} | {speculate} | {speed:.1} | {:.2} | {:.2} | {:.0} |",
                     speed / base,
                     total.tokens as f64 / total.steps as f64,
                     total.bytes as f64 / total.positions as f64
                 );
-                eprintln!("done: {rtt} ms {set} {speculate}");
             }
+            eprintln!("done: {rtt} ms {set}");
         }
     }
 }

@@ -1,13 +1,17 @@
 //! Steps that check drafted tokens, through a real trunk server over TLS behind a simulated
-//! 20 ms round trip: the output is exactly that of one-token steps, the drafts kept save round
-//! trips, a server restarted mid-generation is rebuilt by replaying steps and their rewinds,
+//! 20 ms round trip: the output is exactly that of one-token steps (greedy and sampled, for
+//! every draft source: lookup, early exit, a draft model, auto among them), the drafts kept
+//! save round trips, a server restarted mid-generation is rebuilt by replaying steps and their rewinds,
 //! and sessions that draft still share the server's batches with sessions that do not.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use lsplit_netsim::{Netsim, Profile};
-use lsplit_split::{DeviceModel, GenerateOptions, Generation, Obfuscation, Speculate, Trunk};
+use lsplit_split::{
+    DeviceModel, DraftModel, GenerateOptions, Generation, Obfuscation, SamplingParams, Speculate,
+    Trunk,
+};
 use lsplit_testkit::certificates;
 use lsplit_testkit::llm::*;
 use lsplit_wire::Codec;
@@ -29,12 +33,22 @@ fn run_keyed(
     keys: &lsplit_split::SessionKeys,
     speculate: Speculate,
 ) -> Generation {
+    run_sampled(model, trunk, keys, speculate, SamplingParams::default())
+}
+
+fn run_sampled(
+    model: &DeviceModel,
+    trunk: Box<dyn Trunk>,
+    keys: &lsplit_split::SessionKeys,
+    speculate: Speculate,
+    sampling: SamplingParams,
+) -> Generation {
     let prompt = model.prompt_tokens(REWRITE, false).expect("prompt");
     let options = GenerateOptions {
         max_tokens: TOKENS,
         ignore_eos: true,
         speculate,
-        ..GenerateOptions::default()
+        sampling,
     };
     model
         .session(trunk, keys)
@@ -66,6 +80,46 @@ fn drafted_steps_over_a_slow_link_give_the_one_token_output_in_fewer_round_trips
         } else {
             assert!(stats.accepted_tokens > 0, "{speculate} kept no draft");
             assert_eq!(stats.decode_steps, TOKENS - 1 - stats.accepted_tokens);
+        }
+    }
+}
+
+#[test]
+fn early_exit_and_a_draft_model_over_a_slow_link_give_the_one_token_output() {
+    let path = model_path();
+    let certs = certificates();
+    let model = device_model(&path, 2, 28, Codec::F32);
+    let draft = DraftModel::load(&path, model.tokenizer(), &candle_core::Device::Cpu)
+        .expect("the model as its own draft model");
+    let model = model.with_draft_model(draft);
+    let server = serve(&path, 2, 28, tls_options(&certs));
+    let link = Netsim::start(server.addr, Profile::round_trip(Duration::from_millis(20)))
+        .expect("simulated link");
+    let url = format!("https://127.0.0.1:{}", link.addr().port());
+    let options = lsplit_testkit::client_options(&url, &certs, Codec::F32);
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        seed: 11,
+        ..SamplingParams::default()
+    };
+    for sampling in [SamplingParams::default(), sampled] {
+        let generate = |speculate| {
+            let trunk = remote(&path, options.clone()).expect("connect through the link");
+            let keys = model.new_keys(Obfuscation::None).expect("keys");
+            let trunk = trunk.with_keys(keys.clone());
+            run_sampled(&model, Box::new(trunk), &keys, speculate, sampling.clone())
+        };
+        let off = generate(Speculate::Off);
+        for speculate in [Speculate::EarlyExit, Speculate::Draft, Speculate::Auto] {
+            let generation = generate(speculate);
+            assert_eq!(generation.tokens, off.tokens, "{speculate}, {sampling:?}");
+            let stats = &generation.stats;
+            assert_eq!(stats.decode_tokens, TOKENS - 1, "{speculate}");
+            assert_eq!(stats.decode_steps, TOKENS - 1 - stats.accepted_tokens);
+            assert!(stats.drafted_tokens > 0, "{speculate} drafted nothing");
+            if speculate == Speculate::Draft {
+                assert!(stats.accepted_tokens > 0, "the draft model kept no draft");
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use lsplit_model::{ModelPart, ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_tokenizer::{ChatMessage, Tokenizer};
 use lsplit_wire::Codec;
 
+use crate::draft::DraftModel;
 use crate::session::Session;
 use crate::{LocalTrunk, Obfuscation, SessionKeys, SplitError, SplitPolicy, Trunk};
 
@@ -30,6 +31,7 @@ pub struct DeviceModel {
     codec: Codec,
     context_length: usize,
     layers: usize,
+    draft: Option<DraftModel>,
 }
 
 impl DeviceModel {
@@ -46,6 +48,7 @@ impl DeviceModel {
             codec: Codec::F32,
             context_length: source.config().context_length,
             layers: source.config().num_layers,
+            draft: None,
         })
     }
 
@@ -93,7 +96,22 @@ impl DeviceModel {
             codec,
             context_length: source.config().context_length,
             layers,
+            draft: None,
         })
+    }
+
+    /// Adds a draft model (`--speculate draft`, and a source `auto` considers), loaded with
+    /// this model's tokenizer checked.
+    pub fn with_draft_model(self, draft: DraftModel) -> Self {
+        Self {
+            draft: Some(draft),
+            ..self
+        }
+    }
+
+    /// The draft model, if one was added.
+    pub fn draft_model(&self) -> Option<&DraftModel> {
+        self.draft.as_ref()
     }
 
     /// The tokenizer shared by every session.

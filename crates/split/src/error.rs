@@ -33,6 +33,9 @@ pub enum SplitError {
     /// A split session was started without a trunk, or an unsplit one with a trunk.
     #[error("{0}")]
     Layout(&'static str),
+    /// The draft model cannot draft for this model.
+    #[error("draft model: {0}")]
+    DraftModel(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -15,6 +15,7 @@
 mod capture;
 mod device;
 mod divided;
+mod draft;
 mod error;
 mod policy;
 mod quality;
@@ -30,6 +31,7 @@ mod trunk;
 pub use capture::{CaptureError, CaptureWriter, CapturedMessage, Way, read_capture};
 pub use device::{DeviceModel, load_tokenizer};
 pub use divided::{DividedTrunk, Hop};
+pub use draft::DraftModel;
 pub use error::SplitError;
 pub use policy::{Obfuscation, PolicyError, SessionKeys, SplitPolicy};
 pub use quality::{Agreement, GreedyRun, codecs};

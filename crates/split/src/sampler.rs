@@ -116,7 +116,7 @@ impl Sampler {
 }
 
 /// Index of the largest logit; the lowest index wins a tie.
-fn argmax(logits: &[f32]) -> u32 {
+pub(crate) fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
         if l > logits[best] {

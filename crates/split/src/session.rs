@@ -1,12 +1,13 @@
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lsplit_model::KvCache;
 
 use crate::capture::{CaptureWriter, Way};
 use crate::device::Parts;
-use crate::speculate::Drafter;
+use crate::draft::DraftCache;
+use crate::speculate::{Drafter, Source, lookup};
 use crate::step::{DeviceState, Exchange};
 use crate::{
     DeviceModel, Sampler, SamplingParams, SessionKeys, Speculate, SplitError, Stats, Trunk,
@@ -95,6 +96,19 @@ pub struct Session<'m> {
     history: Vec<u32>,
     stats: Stats,
     capture: Option<CaptureWriter>,
+    /// The draft model's cache, made at its first draft.
+    draft: Option<DraftCache>,
+}
+
+/// The last step's drafting: its source, tokens drafted and kept so far, the step's time and
+/// the time drafting took.
+#[derive(Default)]
+struct Window {
+    source: Option<Source>,
+    drafted: usize,
+    kept: usize,
+    time: Duration,
+    drafting: Duration,
 }
 
 impl<'m> Session<'m> {
@@ -148,6 +162,7 @@ impl<'m> Session<'m> {
             history: Vec::new(),
             stats: Stats::default(),
             capture: None,
+            draft: None,
         }
     }
 
@@ -203,6 +218,71 @@ impl<'m> Session<'m> {
             State::Split(device) => device.trunk.in_process(),
             State::Unsplit { .. } => true,
         }
+    }
+
+    /// Layers of the draft model per layer the device runs in a step: what a drafted token
+    /// costs against the device's share of a step (1 without a draft model or a split).
+    fn draft_scale(&self) -> f64 {
+        match (self.model.draft_model(), &self.model.parts) {
+            (Some(draft), Parts::Split { head, tail, .. }) => {
+                let local = head.spec().layers.len() + tail.spec().layers.len();
+                draft.part().spec().layers.len() as f64 / local.max(1) as f64
+            }
+            _ => 1.0,
+        }
+    }
+
+    /// Refuses a source this session cannot draft from.
+    fn check_source(&self, speculate: Speculate) -> Result<(), SplitError> {
+        match (speculate, &self.state) {
+            (Speculate::EarlyExit, State::Unsplit { .. }) => Err(SplitError::Layout(
+                "--speculate early-exit sends the head's output straight to the tail: it needs \
+                 a split",
+            )),
+            (Speculate::Draft, _) if self.model.draft_model().is_none() => Err(SplitError::Layout(
+                "--speculate draft needs a draft model (--draft-model PATH)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Tokens to check after `next` (chosen, not yet run), at most `room`, from the source
+    /// `drafter` picks among those this session has, and that source.
+    fn draft(
+        &mut self,
+        drafter: &mut Drafter,
+        next: u32,
+        room: usize,
+    ) -> Result<(Option<Source>, Vec<u32>), SplitError> {
+        if !drafter.drafts() {
+            return Ok((None, Vec::new()));
+        }
+        let mut tokens = self.history.clone();
+        tokens.push(next);
+        let proposal = lookup(&tokens, room);
+        let mut offers = vec![(Source::Lookup, proposal.len())];
+        if matches!(self.state, State::Split(_)) {
+            offers.push((Source::EarlyExit, room));
+        }
+        if self.model.draft_model().is_some() {
+            offers.push((Source::Model, room));
+        }
+        let Some((source, count)) = drafter.plan(&offers) else {
+            return Ok((None, Vec::new()));
+        };
+        let draft = match (source, &mut self.state, self.model.draft_model()) {
+            (Source::Lookup, _, _) => proposal[..count].to_vec(),
+            (Source::EarlyExit, State::Split(device), _) => {
+                device.draft_early_exit(next, self.position, count)?
+            }
+            (Source::Model, _, Some(model)) => {
+                let vocab = self.model.parts()[0].config().vocab_size;
+                let cache = self.draft.get_or_insert_with(|| DraftCache::new(model));
+                cache.draft(&tokens, count, vocab)?
+            }
+            _ => Vec::new(),
+        };
+        Ok((Some(source), draft))
     }
 
     fn run(&mut self, tokens: &[u32], every_row: bool) -> Result<Vec<Vec<f32>>, SplitError> {
@@ -310,6 +390,7 @@ impl<'m> Session<'m> {
                 context,
             });
         }
+        self.check_source(options.speculate)?;
         let tokenizer = self.model.tokenizer();
         let eos = tokenizer.eos_tokens().to_vec();
         let mut sampler = Sampler::new(options.sampling.clone());
@@ -328,8 +409,8 @@ impl<'m> Session<'m> {
         let mut pending = VecDeque::from([prefilled]);
         let mut drafts = VecDeque::<u32>::new();
         let mut drafter = Drafter::new(options.speculate, self.in_process());
-        // The last step's drafted tokens, how many were kept so far, and its time.
-        let mut window = (0, 0, std::time::Duration::ZERO);
+        let mut window = Window::default();
+        let draft_scale = self.draft_scale();
         let base = self.position - prompt.len();
         let decode_start = Instant::now();
         let stop = loop {
@@ -361,7 +442,7 @@ impl<'m> Session<'m> {
                     // Already run: its successor's logits are next in line.
                     self.stats.accepted_tokens += 1;
                     self.stats.decode_tokens += 1;
-                    window.1 += 1;
+                    window.kept += 1;
                     continue;
                 }
                 Some(_) => {
@@ -378,21 +459,41 @@ impl<'m> Session<'m> {
             if self.position >= context {
                 break StopReason::ContextFull;
             }
-            let room = (options.max_tokens - generated.len()).min(context - self.position - 1);
-            let mut tokens = self.history.clone();
-            tokens.push(next);
-            drafter.record(window.0, window.1, window.2);
-            let draft = drafter.draft(&tokens, room);
+            // Drafts stop before the last token to generate: it is chosen from the logits after
+            // the one before it and, as with one-token steps, never run.
+            let room = (options.max_tokens - generated.len() - 1).min(context - self.position - 1);
+            let Window {
+                source,
+                drafted,
+                kept,
+                time,
+                drafting,
+            } = window;
+            drafter.record(source, drafted, kept, time, drafting);
+            let t = Instant::now();
+            let (source, draft) = self.draft(&mut drafter, next, room)?;
+            let drafting = t.elapsed();
+            self.stats.drafting += drafting;
             let t = Instant::now();
             if draft.is_empty() {
+                let local = self.stats.head + self.stats.tail;
                 pending.push_back(self.forward(&[next])?);
+                let local = self.stats.head + self.stats.tail - local;
+                drafter.expect(Source::EarlyExit, local);
+                drafter.expect(Source::Model, local.mul_f64(draft_scale));
             } else {
                 let mut run = vec![next];
                 run.extend_from_slice(&draft);
                 pending.extend(self.forward_rows(&run)?);
                 self.stats.drafted_tokens += draft.len();
             }
-            window = (draft.len(), 0, t.elapsed());
+            window = Window {
+                source,
+                drafted: draft.len(),
+                kept: 0,
+                time: t.elapsed(),
+                drafting,
+            };
             drafts.extend(draft);
             self.stats.decode_steps += 1;
             self.stats.decode_tokens += 1;

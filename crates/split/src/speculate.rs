@@ -5,6 +5,11 @@
 //! after the tokens before it, with the same random draws as one-token steps; the first miss is
 //! replaced by that pick. The output is therefore exactly that of one-token steps, greedy or
 //! sampled, and a draft source only changes how many round trips it takes.
+//!
+//! Sources: prompt lookup (free), early exit (the device's head straight into its tail,
+//! skipping the trunk, LayerSkip-style: Elhoushi et al. 2024) and a draft model run whole on
+//! the device (Leviathan et al. 2023). The two that run layers draft greedily, token after
+//! token, and leave the caches they used as they found them.
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,17 +26,29 @@ pub enum Speculate {
     /// One token per step.
     #[default]
     Off,
-    /// Prompt lookup, as many of its tokens as the measured step time, cost of a drafted row
-    /// and chance of a draft being kept say will save time; none with an in-process trunk.
+    /// Whichever available source, and as many of its tokens, as the measured step time, cost
+    /// of a drafted row, drafting time and each source's chance of a draft being kept say will
+    /// save the most time; none with an in-process trunk.
     Auto,
     /// Prompt lookup: the tokens that followed the latest earlier occurrence of the last one to
     /// three tokens, in the prompt or in the output so far.
     Lookup,
+    /// Early exit: the head's output goes straight into the tail, skipping the trunk; local,
+    /// no network cost (a split only).
+    EarlyExit,
+    /// The draft model of `--draft-model`, run whole on the device.
+    Draft,
 }
 
 impl Speculate {
     /// Every value, in the order `--speculate` lists them.
-    pub const ALL: [Speculate; 3] = [Speculate::Off, Speculate::Auto, Speculate::Lookup];
+    pub const ALL: [Speculate; 5] = [
+        Speculate::Off,
+        Speculate::Auto,
+        Speculate::Lookup,
+        Speculate::EarlyExit,
+        Speculate::Draft,
+    ];
 
     /// The name `--speculate` takes.
     pub fn name(self) -> &'static str {
@@ -39,6 +56,18 @@ impl Speculate {
             Speculate::Off => "off",
             Speculate::Auto => "auto",
             Speculate::Lookup => "lookup",
+            Speculate::EarlyExit => "early-exit",
+            Speculate::Draft => "draft",
+        }
+    }
+
+    /// The one source this value drafts from; `None` for `off` and `auto`.
+    pub(crate) fn source(self) -> Option<Source> {
+        match self {
+            Speculate::Off | Speculate::Auto => None,
+            Speculate::Lookup => Some(Source::Lookup),
+            Speculate::EarlyExit => Some(Source::EarlyExit),
+            Speculate::Draft => Some(Source::Model),
         }
     }
 }
@@ -53,10 +82,28 @@ impl FromStr for Speculate {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Speculate::ALL
-            .into_iter()
-            .find(|v| v.name() == s)
-            .ok_or_else(|| format!("unknown speculation {s:?}: expected off, auto or lookup"))
+        Speculate::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| {
+            format!(
+                "unknown speculation {s:?}: expected off, auto or lookup, or a source that runs \
+                 layers: early-exit, or draft (with --draft-model)"
+            )
+        })
+    }
+}
+
+/// One source of drafted tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Lookup,
+    EarlyExit,
+    Model,
+}
+
+impl Source {
+    const COUNT: usize = 3;
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -81,34 +128,56 @@ pub fn lookup(tokens: &[u32], max: usize) -> Vec<u32> {
 /// Tokens `auto` drafts at most while it learns what a drafted row costs.
 const PROBE_ROWS: usize = 4;
 /// One-token steps after which `auto`, drafting nothing because it does not pay, probes again
-/// so that its estimates follow the link.
+/// (each source in turn) so that its estimates follow the link.
 const REPROBE_AFTER: usize = 16;
 /// Weight of the newest measure in `auto`'s running estimates.
 const NEWEST: f64 = 0.25;
 
-/// Decides, step by step, how many tokens to draft.
+/// What the drafter has learnt of one source: running counts of drafted tokens kept and of
+/// drafted steps that hit a rejection, and the time it takes to draft one token.
+#[derive(Debug, Clone, Copy)]
+struct Learnt {
+    kept: f64,
+    missed: f64,
+    per_token: Option<f64>,
+    /// The drafting time per token expected before any is measured (see [`Drafter::expect`]).
+    prior: Option<f64>,
+}
+
+impl Default for Learnt {
+    fn default() -> Self {
+        Self {
+            kept: 1.0,
+            missed: 1.0,
+            per_token: None,
+            prior: None,
+        }
+    }
+}
+
+/// Decides, step by step, which source drafts and how many tokens.
 ///
-/// `auto` keeps running estimates of a one-token step's time `s` (round trip and compute), of
-/// the time a step of `k` drafted tokens adds to it, `a + b k` (a least-squares line through
-/// the drafted steps seen: the first drafted row costs more than the next ones), and of the
-/// chance `p` that a drafted token is kept given the one before it was. It drafts the `k`
-/// tokens that maximise the time saved, `s (p + p^2 + ... + p^k) - (a + b k)`, and none when no
-/// `k` saves time.
+/// It keeps running estimates of a one-token step's time `s` (round trip and compute), of the
+/// time a step of `k` drafted tokens adds to it, `a + b k` (a least-squares line through the
+/// drafted steps seen: the first drafted row costs more than the next ones), and, for each
+/// source, of the chance `p` that a drafted token is kept given the one before it was and of
+/// the time `d` it takes to draft a token. A source that drafts `k` tokens saves
+/// `s (p + p^2 + ... + p^k) - (a + b k) - d k`; `auto` drafts from the source and length that
+/// save the most, and nothing when none saves time. A chosen source that runs layers drafts
+/// that source's best length, at least one token.
 #[derive(Debug)]
 pub(crate) struct Drafter {
     speculate: Speculate,
     single: Option<f64>,
     cost: CostLine,
-    /// Running counts of drafted tokens kept, and of drafted steps that hit a rejection.
-    kept: f64,
-    missed: f64,
+    learnt: [Learnt; Source::COUNT],
     idle_steps: usize,
+    probes: usize,
 }
 
 fn blend(old: Option<f64>, new: f64) -> f64 {
     old.map_or(new, |old| old + NEWEST * (new - old))
 }
-
 /// The extra time of a drafted step against its draft length: running sums of a weighted
 /// least-squares line.
 #[derive(Debug, Default)]
@@ -159,69 +228,146 @@ impl Drafter {
             speculate,
             single: None,
             cost: CostLine::default(),
-            kept: 1.0,
-            missed: 1.0,
+            learnt: [Learnt::default(); Source::COUNT],
             idle_steps: 0,
+            probes: 0,
         }
     }
 
-    /// Tokens to check after the last of `tokens`, at most `max`.
-    pub(crate) fn draft(&mut self, tokens: &[u32], max: usize) -> Vec<u32> {
-        let max = max.min(MAX_DRAFT);
-        match self.speculate {
-            Speculate::Off => Vec::new(),
-            Speculate::Lookup => lookup(tokens, max),
-            Speculate::Auto => {
-                let mut proposal = lookup(tokens, max);
-                let length = match self.single {
-                    // A one-token step is measured first, then what drafted rows add.
-                    None => 0,
-                    Some(single) => match self.best_length(single, proposal.len()) {
-                        0 if self.idle_steps >= REPROBE_AFTER => PROBE_ROWS,
-                        best => best,
-                    },
-                };
-                proposal.truncate(length);
-                proposal
-            }
-        }
+    /// False when it never drafts (`off`, or `auto` with an in-process trunk).
+    pub(crate) fn drafts(&self) -> bool {
+        self.speculate != Speculate::Off
     }
 
-    /// The draft length that saves the most time by the estimates, 0 when none saves any;
-    /// [`PROBE_ROWS`] while no drafted step has been measured.
-    fn best_length(&self, single: f64, available: usize) -> usize {
-        let chance = self.kept / (self.kept + self.missed);
+    /// The source to draft from after the last token, and how many tokens, given how many
+    /// each available source offers (lookup: its proposal; a source that runs layers: the
+    /// room left); `None` to draft nothing.
+    pub(crate) fn plan(&mut self, offers: &[(Source, usize)]) -> Option<(Source, usize)> {
+        let offered = |source: Source| {
+            offers
+                .iter()
+                .find(|(s, _)| *s == source)
+                .map_or(0, |&(_, n)| n.min(MAX_DRAFT))
+        };
+        if let Some(source) = self.speculate.source() {
+            let available = offered(source);
+            let length = match (source, self.single) {
+                (Source::Lookup, _) => available,
+                (_, None) => PROBE_ROWS,
+                (_, Some(single)) => self.best_length(source, single, available).0.max(1),
+            };
+            return (available > 0).then_some((source, length.min(available)));
+        }
+        if self.speculate == Speculate::Off {
+            return None;
+        }
+        // A one-token step is measured first, then what drafted rows add.
+        let single = self.single?;
+        // Ties go to the source offered first (lookup, which costs nothing to draft).
+        let best = offers
+            .iter()
+            .rev()
+            .map(|&(source, _)| {
+                let (length, gain) = self.best_length(source, single, offered(source));
+                (source, length, gain)
+            })
+            .filter(|&(_, length, _)| length > 0)
+            .max_by(|a, b| a.2.total_cmp(&b.2));
+        if let Some((source, length, _)) = best {
+            return Some((source, length));
+        }
+        if self.idle_steps < REPROBE_AFTER {
+            return None;
+        }
+        // Probes only sources that draft a token in under half a step: a slower one (a draft
+        // model as large as the model, where the round trip is short) cannot pay.
+        let open: Vec<_> = offers
+            .iter()
+            .filter(|&&(s, _)| offered(s) > 0 && self.per_token(s).is_none_or(|t| 2.0 * t < single))
+            .collect();
+        let &&(source, _) = open.get(self.probes % open.len().max(1))?;
+        self.probes += 1;
+        let probe = if source == Source::Lookup {
+            PROBE_ROWS
+        } else {
+            1
+        };
+        Some((source, probe.min(offered(source))))
+    }
+
+    /// The length of `source`'s draft that saves the most time by the estimates, and the time
+    /// it saves; length 0 when none saves any, [`PROBE_ROWS`] (saving without bound) while no
+    /// drafted step has been measured.
+    fn best_length(&self, source: Source, single: f64, available: usize) -> (usize, f64) {
+        let learnt = &self.learnt[source.index()];
+        let chance = learnt.kept / (learnt.kept + learnt.missed);
+        // A source that runs layers is first tried with one token, and only where its
+        // expected drafting time leaves a gain; with no expectation, it is tried.
+        let (per_token, available) = match (source, learnt.per_token, learnt.prior) {
+            (Source::Lookup, ..) => (0.0, available),
+            (_, Some(measured), _) => (measured, available),
+            (_, None, Some(prior)) => (prior, available.min(1)),
+            (_, None, None) => return (available.min(1), f64::INFINITY),
+        };
         let (mut best, mut best_gain) = (0, 0.0);
         let (mut expected, mut reach) = (0.0, 1.0);
         for k in 1..=available {
             let Some(cost) = self.cost.at(k as f64) else {
-                return PROBE_ROWS;
+                return (PROBE_ROWS.min(available), f64::INFINITY);
             };
             reach *= chance;
             expected += reach;
-            let gain = single * expected - cost;
+            let gain = single * expected - cost - per_token * k as f64;
             if gain > best_gain {
                 (best, best_gain) = (k, gain);
             }
         }
-        best
+        (best, best_gain)
     }
 
-    /// Records a step of `drafted` drafted tokens, `kept` of them kept, that took `time`.
-    pub(crate) fn record(&mut self, drafted: usize, kept: usize, time: Duration) {
+    /// The measured or expected time `source` takes to draft a token; `None` when unknown.
+    fn per_token(&self, source: Source) -> Option<f64> {
+        let learnt = &self.learnt[source.index()];
+        match source {
+            Source::Lookup => Some(0.0),
+            _ => learnt.per_token.or(learnt.prior),
+        }
+    }
+
+    /// Sets the time `source` is expected to take to draft a token until one is measured:
+    /// the device's share of a one-token step for early exit, scaled by layers for a draft
+    /// model. `auto` then never tries a source that could not pay (at a low round trip, a draft
+    /// model as large as the model itself).
+    pub(crate) fn expect(&mut self, source: Source, per_token: Duration) {
+        self.learnt[source.index()].prior = Some(per_token.as_secs_f64());
+    }
+
+    /// Records a step of `drafted` tokens drafted by `source` in `drafting`, `kept` of them
+    /// kept, whose step took `time`.
+    pub(crate) fn record(
+        &mut self,
+        source: Option<Source>,
+        drafted: usize,
+        kept: usize,
+        time: Duration,
+        drafting: Duration,
+    ) {
         let time = time.as_secs_f64();
-        if drafted == 0 {
+        let Some(source) = source.filter(|_| drafted > 0) else {
             self.single = Some(blend(self.single, time));
             self.idle_steps += 1;
             return;
-        }
+        };
         self.idle_steps = 0;
         if let Some(single) = self.single {
             self.cost.add(drafted as f64, (time - single).max(0.0));
         }
+        let learnt = &mut self.learnt[source.index()];
         let keep = 1.0 - NEWEST;
-        self.kept = self.kept * keep + kept as f64;
-        self.missed = self.missed * keep + f64::from(u8::from(kept < drafted));
+        learnt.kept = learnt.kept * keep + kept as f64;
+        learnt.missed = learnt.missed * keep + f64::from(u8::from(kept < drafted));
+        let per_token = drafting.as_secs_f64() / drafted as f64;
+        learnt.per_token = Some(blend(learnt.per_token, per_token));
     }
 }
 
@@ -249,8 +395,23 @@ mod tests {
         }
         assert_eq!(
             "fast".parse::<Speculate>().unwrap_err(),
-            "unknown speculation \"fast\": expected off, auto or lookup"
+            "unknown speculation \"fast\": expected off, auto or lookup, or a source that runs \
+             layers: early-exit, or draft (with --draft-model)"
         );
+    }
+
+    /// What `drafter` drafts from lookup alone, as a session does.
+    fn draft(drafter: &mut Drafter, tokens: &[u32], max: usize) -> Vec<u32> {
+        let mut proposal = lookup(tokens, max);
+        let plan = drafter.plan(&[(Source::Lookup, proposal.len())]);
+        proposal.truncate(plan.map_or(0, |(_, k)| k));
+        proposal
+    }
+
+    /// Records a lookup step, drafting taking no time.
+    fn record(drafter: &mut Drafter, drafted: usize, kept: usize, time: Duration) {
+        let source = Some(Source::Lookup);
+        drafter.record(source, drafted, kept, time, Duration::ZERO);
     }
 
     #[test]
@@ -261,31 +422,88 @@ mod tests {
         // and keeps nothing. After one probe, auto stops drafting.
         let mut local_link = Drafter::new(Speculate::Auto, false);
         assert!(
-            local_link.draft(&tokens, 8).is_empty(),
+            draft(&mut local_link, &tokens, 8).is_empty(),
             "a one-token step first"
         );
-        local_link.record(0, 0, ms(10));
-        assert_eq!(local_link.draft(&tokens, 8).len(), PROBE_ROWS);
-        local_link.record(PROBE_ROWS, 0, ms(40));
-        assert!(local_link.draft(&tokens, 8).is_empty());
+        record(&mut local_link, 0, 0, ms(10));
+        assert_eq!(draft(&mut local_link, &tokens, 8).len(), PROBE_ROWS);
+        record(&mut local_link, PROBE_ROWS, 0, ms(40));
+        assert!(draft(&mut local_link, &tokens, 8).is_empty());
         // It probes again after a while.
         for _ in 0..REPROBE_AFTER {
-            local_link.record(0, 0, ms(10));
+            record(&mut local_link, 0, 0, ms(10));
         }
-        assert_eq!(local_link.draft(&tokens, 8).len(), PROBE_ROWS);
+        assert_eq!(draft(&mut local_link, &tokens, 8).len(), PROBE_ROWS);
 
         // An 80 ms round trip where a drafted step adds 2 ms and most drafts are kept: it
         // drafts all that lookup offers.
         let mut slow_link = Drafter::new(Speculate::Auto, false);
-        slow_link.draft(&tokens, 8);
-        slow_link.record(0, 0, ms(80));
-        slow_link.draft(&tokens, 8);
-        slow_link.record(PROBE_ROWS, 3, ms(82));
-        assert_eq!(slow_link.draft(&tokens, 8), lookup(&tokens, 8));
+        draft(&mut slow_link, &tokens, 8);
+        record(&mut slow_link, 0, 0, ms(80));
+        draft(&mut slow_link, &tokens, 8);
+        record(&mut slow_link, PROBE_ROWS, 3, ms(82));
+        assert_eq!(draft(&mut slow_link, &tokens, 8), lookup(&tokens, 8));
 
         let mut in_process = Drafter::new(Speculate::Auto, true);
-        in_process.record(0, 0, ms(80));
-        assert!(in_process.draft(&tokens, 8).is_empty());
+        record(&mut in_process, 0, 0, ms(80));
+        assert!(draft(&mut in_process, &tokens, 8).is_empty());
+    }
+
+    #[test]
+    fn auto_picks_the_source_that_saves_the_most_and_stops_one_that_costs_more_than_it_saves() {
+        let ms = Duration::from_millis;
+        let mut drafter = Drafter::new(Speculate::Auto, false);
+        // Lookup offers nothing; early exit and a draft model could draft up to 8 tokens.
+        let offers = [
+            (Source::Lookup, 0),
+            (Source::EarlyExit, 8),
+            (Source::Model, 8),
+        ];
+        assert_eq!(drafter.plan(&offers), None, "a one-token step first");
+        drafter.record(None, 0, 0, ms(80), Duration::ZERO);
+        // Nothing measured of either: the first source that offers tokens probes, with one
+        // token since its drafting time is unknown.
+        assert_eq!(drafter.plan(&offers), Some((Source::EarlyExit, 1)));
+        // Early exit drafts a token in 1 ms and it is not kept; a drafted step adds 2 ms.
+        drafter.record(Some(Source::EarlyExit), 1, 0, ms(82), ms(1));
+        // The draft model, never tried, is tried next.
+        assert_eq!(drafter.plan(&offers), Some((Source::Model, 1)));
+        // It takes 20 ms a token and keeps all: it drafts the length that saves the most
+        // (the next tokens' chance falls as p^k, while their cost grows linearly).
+        drafter.record(Some(Source::Model), 4, 4, ms(82), ms(80));
+        let (source, length) = drafter.plan(&offers).expect("drafts");
+        assert_eq!(source, Source::Model);
+        assert!((1..=8).contains(&length), "{length}");
+        // On a link with no round trip, a draft that costs 20 ms a token never pays.
+        let mut local = Drafter::new(Speculate::Auto, false);
+        local.record(None, 0, 0, ms(5), Duration::ZERO);
+        local.record(Some(Source::Model), 4, 4, ms(7), ms(80));
+        local.record(Some(Source::EarlyExit), 4, 0, ms(7), ms(4));
+        assert_eq!(local.plan(&offers), None);
+        // Expected to draft a token in 30 ms, a source is never tried on a 5 ms link, and is
+        // tried with one token on an 80 ms one.
+        let model_only = [(Source::Model, 8)];
+        let mut low = Drafter::new(Speculate::Auto, false);
+        low.record(None, 0, 0, ms(5), Duration::ZERO);
+        low.record(Some(Source::Lookup), 4, 0, ms(7), Duration::ZERO);
+        low.expect(Source::Model, ms(30));
+        assert_eq!(low.plan(&model_only), None);
+        // Nor when auto probes again.
+        for _ in 0..REPROBE_AFTER {
+            low.record(None, 0, 0, ms(5), Duration::ZERO);
+        }
+        assert_eq!(low.plan(&model_only), None);
+        let mut high = Drafter::new(Speculate::Auto, false);
+        high.record(None, 0, 0, ms(80), Duration::ZERO);
+        high.record(Some(Source::Lookup), 4, 0, ms(82), Duration::ZERO);
+        high.expect(Source::Model, ms(30));
+        assert_eq!(high.plan(&model_only), Some((Source::Model, 1)));
+        // A fixed source drafts at least one token even where it does not pay.
+        let mut fixed = Drafter::new(Speculate::EarlyExit, true);
+        assert_eq!(fixed.plan(&offers), Some((Source::EarlyExit, PROBE_ROWS)));
+        fixed.record(None, 0, 0, ms(5), Duration::ZERO);
+        fixed.record(Some(Source::EarlyExit), 4, 0, ms(7), ms(4));
+        assert_eq!(fixed.plan(&offers), Some((Source::EarlyExit, 1)));
     }
 
     #[test]

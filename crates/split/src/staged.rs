@@ -75,6 +75,18 @@ impl StagedPart {
         &self.part
     }
 
+    /// Runs rows `x` at `position` through `layers` in the cache alone, outside the steps:
+    /// a draft, whose positions the caller forgets with `cache_mut().truncate`.
+    pub(crate) fn run_draft(
+        &mut self,
+        x: &Tensor,
+        position: usize,
+        layers: Range<usize>,
+    ) -> Result<Tensor, ModelError> {
+        self.part
+            .forward_layers(x, position, layers, &mut self.cache)
+    }
+
     /// Rows times layers run so far.
     pub(crate) fn layer_rows(&self) -> u64 {
         self.layer_rows

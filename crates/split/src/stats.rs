@@ -32,6 +32,8 @@ pub struct Stats {
     pub drafted_tokens: usize,
     /// Drafted tokens that were the model's own choice, kept without a step of their own.
     pub accepted_tokens: usize,
+    /// Time drafting tokens on the device (early exit, draft model, lookup).
+    pub drafting: Duration,
     /// Compute: rows times decoder layers run by every part together, catch-ups included
     /// (positions times layers without random split points).
     pub layer_rows: u64,
@@ -110,11 +112,13 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "steps: {} after the prompt, {:.2} tokens per step; drafted {}, accepted {}",
+            "steps: {} after the prompt, {:.2} tokens per step; drafted {}, accepted {} \
+             (drafting {:.1} ms)",
             self.decode_steps,
             self.tokens_per_step(),
             self.drafted_tokens,
-            self.accepted_tokens
+            self.accepted_tokens,
+            ms(self.drafting)
         )?;
         write!(
             f,

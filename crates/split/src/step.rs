@@ -27,6 +27,7 @@ use lsplit_model::{KvCache, ModelPart};
 use lsplit_wire::Codec;
 
 use crate::policy::{Direction, Draw, Schedule};
+use crate::sampler::argmax;
 use crate::staged::{Incoming, StageError, StagedPart};
 use crate::{SessionKeys, SplitError, StepRows, Trunk, TrunkError};
 
@@ -388,6 +389,54 @@ impl DeviceState {
         self.trunk_mirror.truncate(to);
         self.rewind += from - to;
         Ok(())
+    }
+
+    /// Early exit: up to `count` tokens drafted greedily after `next` (the token at position
+    /// `start`, not yet run) by the head's output going straight into the tail, skipping the
+    /// trunk. It runs the head's layers and the tail's that hold every position before
+    /// `start`, then forgets the drafted positions in both caches, which end as they began.
+    pub(crate) fn draft_early_exit(
+        &mut self,
+        next: u32,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<u32>, SplitError> {
+        let layers = self.schedule.policy().layers();
+        let held = |part: &StagedPart, layer: usize| part.layer_len(layer, start) == start;
+        let head_end = self.head.part().spec().layers.end;
+        let exit = (0..head_end)
+            .find(|&j| !held(&self.head, j))
+            .unwrap_or(head_end);
+        let tail_start = self.tail.part().spec().layers.start;
+        let entry = (tail_start..layers)
+            .rev()
+            .find(|&j| !held(&self.tail, j))
+            .map_or(tail_start, |j| j + 1);
+        let drafted = self.exit_early(next, start, count, 0..exit, entry..layers);
+        self.head.cache_mut().truncate(start);
+        self.tail.cache_mut().truncate(start);
+        drafted
+    }
+
+    /// The greedy chain of [`DeviceState::draft_early_exit`] through the head's layers `head`
+    /// and the tail's layers `tail`, leaving the drafted positions in both caches.
+    fn exit_early(
+        &mut self,
+        mut token: u32,
+        start: usize,
+        count: usize,
+        head: std::ops::Range<usize>,
+        tail: std::ops::Range<usize>,
+    ) -> Result<Vec<u32>, SplitError> {
+        let mut drafted = Vec::with_capacity(count);
+        for position in start..start + count {
+            let x = self.head.part().embed(&[token])?;
+            let x = self.head.run_draft(&x, position, head.clone())?;
+            let x = self.tail.run_draft(&x, position, tail.clone())?;
+            token = argmax(&self.tail.part().logits(&x)?.to_vec1::<f32>()?);
+            drafted.push(token);
+        }
+        Ok(drafted)
     }
 
     /// Rows times layers run by head, trunk and tail together, catch-ups included.

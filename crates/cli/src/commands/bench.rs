@@ -12,7 +12,7 @@ use lsplit_split::{DeviceModel, GenerateOptions, Obfuscation, Session, Speculate
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
-use crate::args::{ModelArgs, SplitArgs};
+use crate::args::{DraftArgs, ModelArgs, SplitArgs};
 
 /// Options of `lsplit bench`.
 #[derive(Debug, Args)]
@@ -37,11 +37,15 @@ pub struct BenchArgs {
     /// Measure only this configuration; only it is loaded, so the peak memory is its own
     #[arg(long, value_name = "CONFIG")]
     pub only: Option<Config>,
-    /// Check tokens drafted on the device several per step, saving round trips to the trunk (decode measure):
-    /// off, auto (prompt lookup while it pays over a remote trunk) or lookup (n-gram matches in
-    /// the prompt and output). The output is the same whichever is chosen
+    /// Check tokens drafted on the device several per step, saving round trips to the trunk
+    /// (decode measure): off, auto (the source and length that pay over a remote trunk), lookup
+    /// (n-gram matches in the prompt and output), early-exit (head straight into tail; the
+    /// unsplit column runs off) or draft (--draft-model). The output is the same whichever is
+    /// chosen
     #[arg(long, value_name = "SOURCE", default_value_t = Speculate::Off)]
     pub speculate: Speculate,
+    #[command(flatten)]
+    pub draft: DraftArgs,
     /// Pass one token through each configuration, untimed, before the runs
     #[arg(long)]
     pub warmup: bool,
@@ -68,6 +72,15 @@ impl Config {
         match self {
             Self::Unsplit => "unsplit",
             Self::Split => "split",
+        }
+    }
+
+    /// The drafting this configuration measures: early exit needs a split, so the unsplit
+    /// model runs one-token steps instead.
+    fn speculate(self, speculate: Speculate) -> Speculate {
+        match (self, speculate) {
+            (Self::Unsplit, Speculate::EarlyExit) => Speculate::Off,
+            (_, other) => other,
         }
     }
 }
@@ -117,11 +130,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let device = candle_core::Device::Cpu;
+    let draft = args.draft.load(&tokenizer)?;
+    let with_draft = |model: DeviceModel| match &draft {
+        Some(draft) => model.with_draft_model(draft.clone()),
+        None => model,
+    };
     let mut columns = Vec::new();
     if args.only != Some(Config::Split) {
         columns.push(Column {
             config: Config::Unsplit,
-            model: DeviceModel::unsplit(&source, tokenizer.clone(), &device)?,
+            model: with_draft(DeviceModel::unsplit(&source, tokenizer.clone(), &device)?),
             trunk: None,
             measure: Measure::default(),
         });
@@ -129,13 +147,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.only != Some(Config::Unsplit) {
         columns.push(Column {
             config: Config::Split,
-            model: DeviceModel::split(
+            model: with_draft(DeviceModel::split(
                 &source,
                 SplitPolicy::fixed(plan),
                 tokenizer.clone(),
                 args.codec,
                 &device,
-            )?,
+            )?),
             trunk: Some(Arc::new(source.load_part(&plan.trunk(), &device)?)),
             measure: Measure::default(),
         });
@@ -158,7 +176,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 session(&column.model, &column.trunk)?,
                 &prompt,
                 args.decode_tokens,
-                args.speculate,
+                column.config.speculate(args.speculate),
                 &mut column.measure,
             )?;
             progress.inc(1);

@@ -46,8 +46,9 @@ pub struct EdgeArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Check tokens drafted on the device several per step, saving round trips to the trunk:
-    /// off, auto (prompt lookup while it pays over a remote trunk) or lookup (n-gram matches in
-    /// the prompt and output). The output is the same whichever is chosen
+    /// off, auto (the source and length that pay over a remote trunk), lookup (n-gram matches
+    /// in the prompt and output), early-exit (head straight into tail, skipping the trunk) or
+    /// draft (--draft-model). The output is the same whichever is chosen
     #[arg(long, value_name = "SOURCE", default_value_t = Speculate::Off)]
     pub speculate: Speculate,
     /// Tokens a request generates when it does not set max_tokens
