@@ -9,11 +9,13 @@
 //! the trunk, from which each step's split points, the tags of its messages and the optional
 //! permutation of the hidden dimension derive; parts catch up their KV caches when the draws
 //! move. [`TrunkState`] is the trunk's side, shared by [`LocalTrunk`] and the trunk server.
-//! [`CaptureWriter`] records what crosses.
+//! [`UplinkNoise`] is the device's calibrated noise on the uplink. [`CaptureWriter`] records
+//! what crosses.
 
 mod capture;
 mod device;
 mod error;
+mod noise;
 mod policy;
 mod quality;
 mod sampler;
@@ -28,6 +30,7 @@ mod trunk;
 pub use capture::{CaptureError, CaptureWriter, CapturedMessage, Way, read_capture};
 pub use device::{DeviceModel, load_tokenizer};
 pub use error::SplitError;
+pub use noise::{MAX_SIGMA, UplinkNoise, add_noise, epsilon};
 pub use policy::{Obfuscation, PolicyError, SessionKeys, SplitPolicy};
 pub use quality::{Agreement, GreedyRun, codecs};
 pub use sampler::{Sampler, SamplingParams};
