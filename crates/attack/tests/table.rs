@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::Device;
-use lsplit_attack::table::{self, Policies, Setting, Table};
+use lsplit_attack::table::{self, Measure, Policies, Setting, Table};
 use lsplit_attack::{Attacker, Scores};
 use lsplit_model::ModelSource;
 use lsplit_split::{Obfuscation, load_tokenizer};
@@ -33,9 +33,11 @@ fn a_known_split_is_read_back_with_or_without_permutation() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let run = Table {
         source: &source,
+        adapted: None,
         tokenizer,
         prompts: vec![table::PROMPTS[1].to_string()],
         max_tokens: MAX_TOKENS,
+        inversion_budget: 4,
         scratch: scratch.path().join("capture"),
     };
     let mut prompts_done = 0;
@@ -45,9 +47,12 @@ fn a_known_split_is_read_back_with_or_without_permutation() {
             &attacker,
             &settings,
             &mut |_| prompts_done += 1,
-            &mut |setting, scores| reported.push((setting.obfuscation, *scores)),
+            &mut |setting, measures| {
+                reported.push((setting.obfuscation, Measure::total(measures).scores))
+            },
         )
         .expect("table");
+    let rows: Vec<Scores> = rows.iter().map(|m| Measure::total(m).scores).collect();
     assert_eq!(prompts_done, 2);
     assert_eq!(
         reported.iter().map(|r| r.0).collect::<Vec<_>>(),
