@@ -113,7 +113,7 @@ fn bad_noise_settings_are_refused_with_the_reason() {
             .contains("--uplink-noise must be a number in (0, 10000], not 0")
     );
     assert!(
-        run(&["--uplink-noise", "0.1", "--uplink-clip", "-1"])
+        run(&["--uplink-noise", "0.1", "--uplink-clip=-1"])
             .contains("--uplink-clip must be a positive finite RMS, not -1")
     );
     assert!(run(&["--uplink-clip", "1"]).contains("--uplink-noise <SIGMA>"));
@@ -196,7 +196,7 @@ fn privacy_md_recommends_the_setting_its_table_chooses() {
     let tuning = rows(&privacy, "Tuning prompts");
     let held_out = rows(&privacy, "Held-out prompts");
     assert!(tuning.len() >= 10, "{tuning:?}");
-    let names = |rows: &[Vec<&str>]| rows.iter().map(|r| r[0]).collect::<Vec<_>>();
+    let names = |rows: &[Vec<&str>]| rows.iter().map(|r| r[0].to_string()).collect::<Vec<_>>();
     assert_eq!(names(&tuning), names(&held_out));
     let summaries: Vec<Summary> = tuning
         .iter()
