@@ -704,7 +704,7 @@ mod tests {
         assert!(settings.iter().all(|s| s.knowledge.budget == 64));
         assert_eq!(settings[0].epsilon(576), None);
         let eps = settings[5].epsilon(576).expect("noise");
-        assert_eq!(eps, lsplit_split::epsilon(2.0 * 24.0 / 0.1f64, DELTA));
+        assert_eq!(eps, lsplit_split::epsilon(48.0 / f64::from(0.1f32), DELTA));
         assert!(
             eps > settings[7].epsilon(576).expect("noise"),
             "more noise, less loss"
