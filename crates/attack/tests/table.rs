@@ -53,7 +53,7 @@ fn a_known_split_is_read_back_with_or_without_permutation() {
             },
         )
         .expect("table");
-    for (i, m) in rows.iter().map(|m| Measure::total(m)).enumerate() {
+    for (i, m) in rows.iter().map(Measure::total).enumerate() {
         // f32 rows, no noise: the split is the unsplit model, token for token and bit for bit.
         assert_eq!(m.perplexity_ratio(), 1.0, "{m:?}");
         assert_eq!(m.agreement_percent(), 100.0, "{m:?}");
