@@ -15,8 +15,8 @@ import math
 import sys
 from xml.sax.saxutils import escape
 
-WIDTH, HEIGHT = 1060, 460
-LEFT, RIGHT, TOP, BOTTOM = 70, 520, 30, 60
+WIDTH, HEIGHT = 1130, 460
+LEFT, RIGHT, TOP, BOTTOM = 70, 590, 30, 60
 GOAL_PERPLEXITY, GOAL_RECOVERY, GOAL_AGREEMENT = 10.0, 20.0, 90.0
 
 
