@@ -63,7 +63,10 @@ fn a_known_split_is_read_back_with_or_without_permutation() {
         // The known-plaintext attacker knows K1 here: it reads the whole plain prompt too.
         let s = m.scores;
         if i == 0 {
-            assert_eq!(s.known_plaintext.prompt, s.known_plaintext.prompt_total, "{s:?}");
+            assert_eq!(
+                s.known_plaintext.prompt, s.known_plaintext.prompt_total,
+                "{s:?}"
+            );
         }
         assert_eq!(m.best_prompt_attack(), (100.0, "matching"));
     }
