@@ -36,8 +36,10 @@
 //!
 //! Every attack reads only the capture, the public weights and what [`Knowledge`] says;
 //! [`Recovery::score`] then scores the guesses against the session's true tokens ([`Truth`]);
-//! [`table`] runs the whole experiment of PRIVACY.md over a grid of splits.
+//! [`table`] runs the experiments of PRIVACY.md over a grid of splits and over the defences
+//! ([`adapter`] writes the private adapter they use).
 
+pub mod adapter;
 mod matching;
 mod plaintext;
 mod score;

@@ -34,6 +34,11 @@ const FIRST_CHUNK: usize = 32;
 /// weight four at a time, so big chunks amortise the weights.
 const CHUNK: usize = 512;
 
+/// Relative distance below which a candidate is compared as is only, never on sorted values:
+/// noise of up to half a row's RMS keeps the true row nearer than this, and a permuted row is
+/// about √2 away from its unpermuted self.
+const PERMUTED_DISTANCE: f32 = 0.8;
+
 /// Every vocabulary token's row at one boundary, as is and sorted within the row.
 pub(crate) struct TokenRows {
     rows: Tensor,
@@ -330,10 +335,11 @@ impl Candidate {
     /// Returns whether `row` became the best.
     fn consider(&mut self, token: u32, row: Vec<f32>, observed: &[f32], direct_only: bool) -> bool {
         let direct = relative_distance(&row, observed);
-        // A row reproduced as is is read as is: sorting both rows never moves them apart, so
-        // with any rounding (f16, bf16, int8) sorted values would always look nearer and fake
-        // a permutation.
-        let (distance, sorted) = if direct_only || direct < LOOSE_TOLERANCE {
+        // A row near the candidate as is is read as is: sorting both rows never moves them
+        // apart, so with any rounding (f16, bf16, int8) or noise (`--uplink-noise`) sorted
+        // values would always look nearer and fake a permutation. A permuted row is about as
+        // far from its unpermuted self as from any other row.
+        let (distance, sorted) = if direct_only || direct < PERMUTED_DISTANCE {
             (direct, false)
         } else {
             let mut a = row.clone();

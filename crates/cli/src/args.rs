@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use lsplit_device::{Device, DeviceOptions, PolicyChoice};
 use lsplit_model::{KvPrecision, ModelSource, SplitPlan};
 use lsplit_remote::CloudFiles;
-use lsplit_split::{DraftModel, Obfuscation, SamplingParams, load_tokenizer};
+use lsplit_split::{DraftModel, Obfuscation, SamplingParams, UplinkNoise, load_tokenizer};
 use lsplit_tokenizer::Tokenizer;
 use lsplit_wire::Codec;
 
@@ -146,9 +146,23 @@ pub struct PolicyArgs {
     #[arg(long, value_name = "LIST", requires = "k1")]
     pub k2: Option<String>,
     /// Disguise rows on the wire: none, or permute (a secret per-session permutation of the
-    /// hidden dimension, undone on the other side)
+    /// hidden dimension, undone on the other side). The permutation is broken from one row:
+    /// matching one row with the public weights reveals it, and the cloud receives it anyway
+    /// (PRIVACY.md)
     #[arg(long, value_name = "HOW", default_value_t = Obfuscation::None)]
     pub obfuscate: Obfuscation,
+    /// Add Gaussian noise to every uplink row on this device before it is sent: SIGMA times
+    /// the row's RMS (after --uplink-clip). PRIVACY.md gives each SIGMA's epsilon and what it
+    /// costs in accuracy
+    #[arg(long, value_name = "SIGMA")]
+    pub uplink_noise: Option<f32>,
+    /// Clip each uplink row's RMS to at most RMS before the noise is added
+    #[arg(long, value_name = "RMS", requires = "uplink_noise")]
+    pub uplink_clip: Option<f32>,
+    /// Seed of the uplink noise, so that a run repeats exactly [default: fresh from the
+    /// operating system each session: a seed the cloud can guess lets it remove the noise]
+    #[arg(long, value_name = "N", requires = "uplink_noise")]
+    pub noise_seed: Option<u64>,
 }
 
 impl PolicyArgs {
@@ -171,6 +185,14 @@ impl PolicyArgs {
                 )
             }
         }
+    }
+
+    /// The uplink noise these flags ask for, if any.
+    pub fn noise(&self) -> anyhow::Result<Option<UplinkNoise>> {
+        self.uplink_noise
+            .map(|sigma| UplinkNoise::new(sigma, self.uplink_clip, self.noise_seed))
+            .transpose()
+            .map_err(anyhow::Error::from)
     }
 }
 
@@ -214,9 +236,10 @@ impl DraftArgs {
 impl DeviceArgs {
     /// Loads the device side the flags describe: the model, its split (or the split of the
     /// trunk server of `--cloud`, connected to and checked first) and how sessions draw and
-    /// disguise.
+    /// disguise and noise their rows.
     pub fn load(&self) -> anyhow::Result<Device> {
         let choice = self.policy.choice()?;
+        let noise = self.policy.noise()?;
         let path = self.model.path()?;
         let (source, tokenizer) = self.model.open()?;
         let split = self.split.plan(source.config().num_layers)?;
@@ -242,6 +265,7 @@ impl DeviceArgs {
         if let Some(draft) = draft {
             device.model = device.model.with_draft_model(draft);
         }
+        device.model.set_uplink_noise(noise)?;
         Ok(device)
     }
 }

@@ -8,10 +8,12 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::args::LogFormat;
 
-/// Privacy-preserving split computing for generative AI.
+/// Split computing for generative AI; the split does not hide the text from the trunk's operator.
 ///
 /// The model is cut into a head and a tail that run on this device and a trunk (the heavy
-/// middle) that runs in the cloud; only hidden states cross between them.
+/// middle) that runs in the cloud; only hidden states cross between them, and with the public
+/// weights they give the prompt and the reply back, under every defence measured (PRIVACY.md:
+/// `lsplit attack --table`).
 #[derive(Debug, Parser)]
 #[command(name = "lsplit", version, about)]
 struct Cli {

@@ -353,9 +353,11 @@ fn help_shows_the_long_description() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stdout(&out).starts_with(
-            "Privacy-preserving split computing for generative AI.\n\nThe model is cut into a \
-             head and a tail that run on this device and a trunk (the heavy middle) that runs in \
-             the cloud; only hidden states cross between them.\n"
+            "Split computing for generative AI; the split does not hide the text from the \
+             trunk's operator.\n\nThe model is cut into a head and a tail that run on this \
+             device and a trunk (the heavy middle) that runs in the cloud; only hidden states \
+             cross between them, and with the public weights they give the prompt and the reply \
+             back, under every defence measured (PRIVACY.md: `lsplit attack --table`).\n"
         ),
         "{}",
         stdout(&out)

@@ -80,6 +80,21 @@ impl Target {
         format!("{block}.{}", self.module())
     }
 
+    /// PEFT's names and shapes of this projection's `A` and `B` matrices in `layer` at rank
+    /// `r` under `c`: what an adapter file holds for it (for tools that write adapters).
+    pub fn lora_matrices(
+        self,
+        layer: usize,
+        r: usize,
+        c: &LlamaConfig,
+    ) -> [(String, [usize; 2]); 2] {
+        let (out, inp) = self.widths(c);
+        [
+            (name(layer, self, Half::A), [r, inp]),
+            (name(layer, self, Half::B), [out, r]),
+        ]
+    }
+
     /// The projection's `(out, in)` widths under `c`.
     fn widths(self, c: &LlamaConfig) -> (usize, usize) {
         let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);

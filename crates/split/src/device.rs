@@ -8,7 +8,7 @@ use lsplit_wire::Codec;
 
 use crate::draft::DraftModel;
 use crate::session::Session;
-use crate::{LocalTrunk, Obfuscation, SessionKeys, SplitError, SplitPolicy, Trunk};
+use crate::{LocalTrunk, Obfuscation, SessionKeys, SplitError, SplitPolicy, Trunk, UplinkNoise};
 
 /// What the device holds: either the whole model (the `--no-split` baseline, the reference a
 /// split is checked against), or the head and tail of a split whose trunk lives elsewhere.
@@ -22,13 +22,14 @@ pub(crate) enum Parts {
     },
 }
 
-/// The device's share of a model: tokenizer, head and tail (or the whole model), and the codec
-/// its hidden rows cross the wire in.
+/// The device's share of a model: tokenizer, head and tail (or the whole model), the codec
+/// its hidden rows cross the wire in, and the noise its uplink rows get, if any.
 #[derive(Debug)]
 pub struct DeviceModel {
     tokenizer: Arc<Tokenizer>,
     pub(crate) parts: Parts,
     codec: Codec,
+    pub(crate) uplink_noise: Option<UplinkNoise>,
     context_length: usize,
     layers: usize,
     draft: Option<DraftModel>,
@@ -46,6 +47,7 @@ impl DeviceModel {
             tokenizer,
             parts: Parts::Unsplit(Arc::new(whole)),
             codec: Codec::F32,
+            uplink_noise: None,
             context_length: source.config().context_length,
             layers: source.config().num_layers,
             draft: None,
@@ -94,6 +96,7 @@ impl DeviceModel {
                 tail: Arc::new(tail),
             },
             codec,
+            uplink_noise: None,
             context_length: source.config().context_length,
             layers,
             draft: None,
@@ -122,6 +125,23 @@ impl DeviceModel {
     /// The codec hidden rows are sent in.
     pub fn codec(&self) -> Codec {
         self.codec
+    }
+
+    /// Makes every session started afterwards add `noise` to its uplink rows (`None`: none);
+    /// the unsplit baseline has no uplink to add it to.
+    pub fn set_uplink_noise(&mut self, noise: Option<UplinkNoise>) -> Result<(), SplitError> {
+        if noise.is_some() && matches!(self.parts, Parts::Unsplit(_)) {
+            return Err(SplitError::Layout(
+                "uplink noise needs a split: the unsplit model sends nothing",
+            ));
+        }
+        self.uplink_noise = noise;
+        Ok(())
+    }
+
+    /// The noise sessions add to their uplink rows, if any.
+    pub fn uplink_noise(&self) -> Option<&UplinkNoise> {
+        self.uplink_noise.as_ref()
     }
 
     /// The split points of a fixed split; `None` for the unsplit baseline and random splits.

@@ -42,6 +42,9 @@ pub enum SplitError {
     /// Device and trunk disagree on a session's steps: refused, never computed.
     #[error("desync: {0}")]
     Desync(String),
+    /// The uplink noise's settings are out of range.
+    #[error("{0}")]
+    Noise(String),
     /// Writing the wire capture failed.
     #[error(transparent)]
     Capture(#[from] CaptureError),

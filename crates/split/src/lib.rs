@@ -10,13 +10,15 @@
 //! permutation of the hidden dimension derive; parts catch up their KV caches when the draws
 //! move. [`TrunkState`] is the trunk's side, shared by [`LocalTrunk`] and the trunk server.
 //! [`DividedTrunk`] relays a session through a trunk divided over several servers.
-//! [`CaptureWriter`] records what crosses.
+//! [`UplinkNoise`] is the device's calibrated noise on the uplink. [`CaptureWriter`] records
+//! what crosses.
 
 mod capture;
 mod device;
 mod divided;
 mod draft;
 mod error;
+mod noise;
 mod policy;
 mod quality;
 mod sampler;
@@ -33,6 +35,7 @@ pub use device::{DeviceModel, load_tokenizer};
 pub use divided::{DividedTrunk, Hop};
 pub use draft::DraftModel;
 pub use error::SplitError;
+pub use noise::{MAX_SIGMA, UplinkNoise, add_noise, epsilon};
 pub use policy::{Obfuscation, PolicyError, SessionKeys, SplitPolicy};
 pub use quality::{Agreement, GreedyRun, codecs};
 pub use sampler::{Sampler, SamplingParams};

@@ -150,7 +150,8 @@ impl<'m> Session<'m> {
                 "the trunk does not hold every layer the policy may draw",
             ));
         }
-        let device = DeviceState::new(head.clone(), tail.clone(), trunk, keys)?;
+        let noise = model.uplink_noise.map(|n| n.stream());
+        let device = DeviceState::new(head.clone(), tail.clone(), trunk, keys, noise)?;
         Ok(Self::with_state(model, State::Split(Box::new(device))))
     }
 

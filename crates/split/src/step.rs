@@ -26,6 +26,7 @@ use candle_core::Tensor;
 use lsplit_model::{KvCache, ModelPart};
 use lsplit_wire::Codec;
 
+use crate::noise::NoiseStream;
 use crate::policy::{Direction, Draw, Schedule};
 use crate::sampler::argmax;
 use crate::staged::{Incoming, StageError, StagedPart};
@@ -359,6 +360,8 @@ pub(crate) struct DeviceState {
     trunk_layer_rows: u64,
     /// Positions the trunk must forget before the next step.
     rewind: usize,
+    /// The noise added to the uplink rows before they are disguised and encoded.
+    noise: Option<NoiseStream>,
 }
 
 impl DeviceState {
@@ -367,6 +370,7 @@ impl DeviceState {
         tail: Arc<ModelPart>,
         trunk: Box<dyn Trunk>,
         keys: &SessionKeys,
+        noise: Option<NoiseStream>,
     ) -> Result<Self, SplitError> {
         let schedule = Schedule::new(keys, head.config().hidden_size, head.device())?;
         Ok(Self {
@@ -378,6 +382,7 @@ impl DeviceState {
             trunk_mirror: Mirror::new(keys.policy.trunk_layers()),
             trunk_layer_rows: 0,
             rewind: 0,
+            noise,
         })
     }
 
@@ -462,10 +467,11 @@ impl DeviceState {
         let embedded = self.head.part().embed(tokens)?;
         self.head.step(start, embedded, 0..draw.k1, None)?;
         let from = self.trunk_mirror.len(draw.k1, start);
-        let up_rows = codec.encode(
-            &self.schedule.disguise(&self.head.rows_at(draw.k1, from)?)?,
-            from,
-        )?;
+        let mut sent = self.head.rows_at(draw.k1, from)?;
+        if let Some(noise) = &mut self.noise {
+            sent = noise.apply(&sent)?;
+        }
+        let up_rows = codec.encode(&self.schedule.disguise(&sent)?, from)?;
         let rewind = std::mem::take(&mut self.rewind);
         let up = StepRows {
             step,

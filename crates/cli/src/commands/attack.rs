@@ -1,8 +1,9 @@
 //! `lsplit attack`: what an eavesdropper who strips TLS, or the cloud operator, reads from a
-//! wire capture with the public weights alone; `--table` measures it over a grid of splits
-//! (the table of PRIVACY.md).
+//! wire capture with the public weights alone; `--table` measures it under every defence, or
+//! over a grid of splits with `--grid-k1` (the tables of PRIVACY.md).
 //!
-//! With `--adapter DIR`, `--table`'s sessions run with that device adapter while the attacker
+//! With `--adapter DIR`, `--table`'s private adapter is that device adapter (the defences
+//! table otherwise generates a random one; the grid's sessions all run it) while the attacker
 //! still holds only the public weights (what a private adapter is worth); attacking one
 //! `--capture`, the attacker is given the adapter (what a leaked one exposes).
 
@@ -13,7 +14,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lsplit_attack::table::{self, Policies, Setting, Table};
+use lsplit_attack::adapter::write_random_adapter;
+use lsplit_attack::table::{self, Measure, Policies, Setting, Table};
 use lsplit_attack::{
     Attacker, DEFAULT_INVERSION_BUDGET, Knowledge, Options, Rate, Scores, Truth, template_prefix,
 };
@@ -58,22 +60,21 @@ pub struct AttackArgs {
     #[arg(long, default_value_t = DEFAULT_INVERSION_BUDGET)]
     pub inversion_budget: usize,
     /// Instead of one capture, generate and attack every prompt of --prompts under every
-    /// split of the grid (--grid-k1: fixed and random, with and without permutation) and
-    /// print the table of PRIVACY.md
+    /// defence (random split points, the permutation, a private adapter, uplink noise, and
+    /// combinations) and print the table of PRIVACY.md: each attack's recovery, the utility
+    /// left, the cost, and the recommended defence (chosen on the first half of the prompts,
+    /// measured on the held-out half)
     #[arg(long)]
     pub table: bool,
-    /// Prompts of --table, one per line [default: the 20 built-in prompts]
+    /// Prompts of --table, one per line; the first half tunes, the second is held out
+    /// [default: the 20 built-in prompts]
     #[arg(long, value_name = "FILE", requires = "table")]
     pub prompts: Option<PathBuf>,
-    /// K1 values of the --table grid: a fixed split K1:L-K1, and a random policy drawing K1
-    /// from K1..K1+3 and K2 from L-K1-3..L-K1
-    #[arg(
-        long,
-        value_name = "LIST",
-        default_value = "1,2,4,8",
-        requires = "table"
-    )]
-    pub grid_k1: String,
+    /// Instead of the defences, the grid of splits: for each K1 of LIST (e.g. 1,2,4,8) a fixed
+    /// split K1:L-K1, and a random policy drawing K1 from K1..K1+3 and K2 from L-K1-3..L-K1,
+    /// each with and without permutation
+    #[arg(long, value_name = "LIST", requires = "table")]
+    pub grid_k1: Option<String>,
     /// Policies of the --table grid: fixed, random or both
     #[arg(
         long,
@@ -83,9 +84,22 @@ pub struct AttackArgs {
     )]
     pub grid_policies: String,
     /// Tokens generated per prompt by --table
-    #[arg(long, default_value_t = 16, requires = "table")]
+    #[arg(long, default_value_t = 8, requires = "table")]
     pub max_tokens: usize,
+    /// Write the defences table's held-out rows as CSV to FILE, for `bench/frontier.py` to
+    /// plot
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "table",
+        conflicts_with = "grid_k1"
+    )]
+    pub csv: Option<PathBuf>,
 }
+
+/// Candidates vocabulary matching tries per position in the defences table unless --budget
+/// says otherwise: noisy rows never reproduce exactly, so every position spends its budget.
+const DEFENCES_BUDGET: usize = 256;
 
 /// Runs the command.
 pub fn run(args: AttackArgs) -> anyhow::Result<()> {
@@ -200,15 +214,8 @@ fn build_attacker(
     Ok(attacker)
 }
 
-/// Generates every prompt under every setting of the grid, attacks each capture and prints
-/// the table.
-fn table(
-    args: &AttackArgs,
-    source: &ModelSource,
-    tokenizer: Arc<Tokenizer>,
-    path: &Path,
-) -> anyhow::Result<()> {
-    let layers = source.config().num_layers;
+/// The table's prompts: --prompts, or the built-in ones.
+fn prompts(args: &AttackArgs) -> anyhow::Result<Vec<String>> {
     let prompts: Vec<String> = match &args.prompts {
         Some(file) => std::fs::read_to_string(file)
             .with_context(|| format!("reading {}", file.display()))?
@@ -219,7 +226,42 @@ fn table(
         None => table::PROMPTS.iter().map(|p| p.to_string()).collect(),
     };
     anyhow::ensure!(!prompts.is_empty(), "no prompts");
-    let k1s = parse_list(&args.grid_k1)?;
+    Ok(prompts)
+}
+
+/// A progress bar over `len` generations.
+fn bar(len: usize) -> anyhow::Result<ProgressBar> {
+    Ok(ProgressBar::new(len as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .context("progress bar template")?,
+    ))
+}
+
+/// The model file's name, for the table's caption.
+fn model_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// Generates every prompt under every setting (the defences, or the grid of splits), attacks
+/// each capture and prints the table.
+fn table(
+    args: &AttackArgs,
+    source: &ModelSource,
+    tokenizer: Arc<Tokenizer>,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let layers = source.config().num_layers;
+    let prompts = prompts(args)?;
+    let mut public = ModelSource::open(path)?;
+    public.set_kv_precision(args.model.kv_cache);
+    let scratch = std::env::temp_dir().join(format!("lsplit-attack-{}", std::process::id()));
+    let Some(grid_k1) = &args.grid_k1 else {
+        return defences(args, &public, tokenizer, path, prompts, &scratch);
+    };
+    let k1s = parse_list(grid_k1)?;
     let mut policies = Policies {
         fixed: false,
         random: false,
@@ -232,21 +274,13 @@ fn table(
         }
     }
     let settings = Setting::grid(&k1s, policies, layers, args.budget.unwrap_or(usize::MAX))?;
-    let mut public = ModelSource::open(path)?;
-    public.set_kv_precision(args.model.kv_cache);
     let attacker = build_attacker(&public, &tokenizer, table::deepest(&settings))?;
-    let progress = ProgressBar::new((settings.len() * prompts.len()) as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
-            .context("progress bar template")?,
-    );
+    let progress = bar(settings.len() * prompts.len())?;
     let mut out = String::new();
     writeln!(
         out,
         "Model {}, {} prompts, {} generated tokens at most each, greedy, f32 on the wire.\n",
-        path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned()
-        ),
+        model_name(path),
         prompts.len(),
         args.max_tokens
     )?;
@@ -260,10 +294,12 @@ fn table(
     let label = |s: &Setting| format!("| {} | {} | {} |", s.k1, s.policy, s.obfuscation);
     let run = Table {
         source,
+        adapted: None,
         tokenizer,
         prompts,
         max_tokens: args.max_tokens,
-        scratch: std::env::temp_dir().join(format!("lsplit-attack-{}", std::process::id())),
+        inversion_budget: args.inversion_budget,
+        scratch,
     };
     if let Some(first) = settings.first() {
         progress.set_message(label(first));
@@ -276,7 +312,8 @@ fn table(
             progress.set_message(label(setting));
             progress.inc(1);
         },
-        &mut |setting, total| {
+        &mut |setting, measures| {
+            let total = Measure::total(measures).scores;
             let cell =
                 |r: &Rate| format!("{:.1}% | {:.1}%", r.prompt_percent(), r.generated_percent());
             let row = format!(
@@ -294,6 +331,154 @@ fn table(
     progress.finish_and_clear();
     for row in rows {
         writeln!(out, "{row}")?;
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// The defences table: every defence at 2:28 over the prompts, the first half choosing the
+/// recommended setting and the held-out half measuring it.
+fn defences(
+    args: &AttackArgs,
+    public: &ModelSource,
+    tokenizer: Arc<Tokenizer>,
+    path: &Path,
+    prompts: Vec<String>,
+    scratch: &Path,
+) -> anyhow::Result<()> {
+    let config = public.config().clone();
+    let budget = args.budget.unwrap_or(DEFENCES_BUDGET);
+    let settings = Setting::defences(config.num_layers, budget)?;
+    let mut adapted = ModelSource::open(path)?;
+    adapted.set_kv_precision(args.model.kv_cache);
+    let generated = scratch.with_extension("adapter");
+    let adapter_dir = match &args.model.adapter {
+        Some(dir) => dir.clone(),
+        None => {
+            let layers = [0, 1, config.num_layers - 2, config.num_layers - 1];
+            write_random_adapter(&generated, &config, &layers, table::ADAPTER_STRENGTH, 20)?;
+            generated.clone()
+        }
+    };
+    adapted.load_adapter(&adapter_dir)?;
+    let attacker = build_attacker(public, &tokenizer, table::deepest(&settings))?;
+    let tuning = prompts.len() / 2;
+    let run = Table {
+        source: public,
+        adapted: Some(&adapted),
+        tokenizer,
+        max_tokens: args.max_tokens,
+        inversion_budget: args.inversion_budget,
+        scratch: scratch.to_path_buf(),
+        prompts,
+    };
+    let progress = bar(settings.len() * run.prompts.len())?;
+    let flags = |s: &Setting| s.flags("DIR");
+    if let Some(first) = settings.first() {
+        progress.set_message(flags(first));
+    }
+    let rows = run.run(
+        &attacker,
+        &settings,
+        &mut |setting| {
+            progress.set_message(flags(setting));
+            progress.inc(1);
+        },
+        &mut |setting, measures| {
+            let held_out = Measure::total(&measures[tuning..]);
+            let row = table::defence_row(
+                &flags(setting),
+                setting.epsilon(config.hidden_size),
+                &held_out,
+            );
+            progress.suspend(|| eprintln!("{row}"));
+        },
+    )?;
+    progress.finish_and_clear();
+    if args.model.adapter.is_none() {
+        std::fs::remove_dir_all(&generated).ok();
+    }
+    let halves: Vec<(Measure, Measure)> = rows
+        .iter()
+        .map(|m| (Measure::total(&m[..tuning]), Measure::total(&m[tuning..])))
+        .collect();
+    let mut out = String::new();
+    writeln!(
+        out,
+        "Model {}, split 2:28, {} prompts ({tuning} tuning, {} held out), {} greedy tokens at \
+         most each, f32 on the wire; matching tries {budget} candidates per position, downlink \
+         inversion {}. Cells of attacks: prompt / generated tokens recovered. epsilon: the \
+         noise's worst case between two rows at delta = {:e}. The private adapter (DIR): {}.\n",
+        model_name(path),
+        run.prompts.len(),
+        run.prompts.len() - tuning,
+        args.max_tokens,
+        args.inversion_budget,
+        table::DELTA,
+        match &args.model.adapter {
+            Some(dir) => dir.display().to_string(),
+            None => format!(
+                "random, rank {}, strength {}, on layers 0, 1, {} and {}",
+                lsplit_attack::adapter::RANK,
+                table::ADAPTER_STRENGTH,
+                config.num_layers - 2,
+                config.num_layers - 1
+            ),
+        }
+    )?;
+    for (title, pick) in [("Held-out prompts", 1), ("Tuning prompts", 0)] {
+        writeln!(out, "{title}:\n\n{}", table::DEFENCES_HEADER)?;
+        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for (setting, half) in settings.iter().zip(&halves) {
+            let m = if pick == 1 { &half.1 } else { &half.0 };
+            writeln!(
+                out,
+                "{}",
+                table::defence_row(&flags(setting), setting.epsilon(config.hidden_size), m)
+            )?;
+        }
+        writeln!(out)?;
+    }
+    let tuning_measures: Vec<Measure> = halves.iter().map(|h| h.0).collect();
+    match table::recommend(&settings, &tuning_measures) {
+        Some(best) => {
+            let held_out = &halves[best].1;
+            writeln!(
+                out,
+                "{}\n",
+                table::recommended_line(&flags(&settings[best]))
+            )?;
+            let reached =
+                held_out.keeps_utility() && held_out.best_prompt_attack().0 < table::GOAL_PERCENT;
+            writeln!(
+                out,
+                "Goal (perplexity within +10%, greedy agreement >= 90%, best attack's prompt \
+                 recovery < {}%) on the held-out prompts: {}",
+                table::GOAL_PERCENT,
+                if reached { "reached" } else { "not reached" }
+            )?;
+        }
+        None => writeln!(
+            out,
+            "No defended setting keeps perplexity within +10% and greedy agreement >= 90% on \
+             the tuning prompts: no defence to recommend."
+        )?,
+    }
+    if let Some(file) = &args.csv {
+        let mut csv =
+            String::from("flags,epsilon,perplexity_ratio,agreement_percent,best_prompt_percent\n");
+        for (setting, half) in settings.iter().zip(&halves) {
+            writeln!(
+                csv,
+                "\"{}\",{},{},{},{}",
+                flags(setting),
+                setting.epsilon(config.hidden_size).unwrap_or(f64::INFINITY),
+                half.1.perplexity_ratio(),
+                half.1.agreement_percent(),
+                half.1.best_prompt_attack().0
+            )?;
+        }
+        std::fs::write(file, csv).with_context(|| format!("writing {}", file.display()))?;
     }
     print!("{out}");
     Ok(())
