@@ -57,10 +57,27 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L native=$link"
 cd "$root"
 cargo build --release --locked --features cuda -p lsplit --target-dir target/cuda
 
-# 4. The folder to copy.
-mkdir -p "$out"
+# 4. The folder to copy: the stripped binary (also xz-compressed, for a size-limited copy),
+#    run.sh, and what scripts/gpu-check.sh needs there: the `gguf` wheel and SmolLM2's
+#    tokenizer keys (the synthetic models are generated there), and SmolLM2 itself in pieces
+#    of at most 30 MiB in OUT_DIR-smollm2 (to carry over several copies where one is limited).
+mkdir -p "$out/wheels"
 cp target/cuda/release/lsplit "$out/lsplit"
 strip "$out/lsplit"
+xz -T0 -6 -k -f "$out/lsplit"
 cp scripts/cuda-run.sh "$out/run.sh"
 chmod +x "$out/run.sh"
-echo "built $out/lsplit ($(du -h "$out/lsplit" | cut -f1)); run it there as $out/run.sh ARGS"
+"$venv/bin/pip" install --quiet --disable-pip-version-check "gguf==0.19.0" numpy
+"$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps "gguf==0.19.0" \
+    -d "$out/wheels"
+smol=${LSPLIT_SMOLLM2:-$HOME/.cache/lambda-split/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+if [ -f "$smol" ]; then
+    "$venv/bin/python" bench/make_synthetic_gguf.py --tokenizer-from "$smol" \
+        --tokenizer-only "$out/tokenizer.gguf" >/dev/null
+    mkdir -p "$out-smollm2"
+    split -b 30M -d "$smol" "$out-smollm2/SmolLM2.part-"
+    sha256sum <"$smol" | cut -d' ' -f1 >"$out/SmolLM2.sha256"
+else
+    echo "no SmolLM2 at $smol (run \`lsplit fetch\`): tokenizer.gguf and the pieces are missing" >&2
+fi
+echo "built $out: lsplit $(du -h "$out/lsplit" | cut -f1), lsplit.xz $(du -h "$out/lsplit.xz" | cut -f1)"

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use lsplit_model::{Adapter, ModelPart, ModelSource, SplitPlan, TrunkFingerprint};
+use lsplit_model::{Adapter, ComputeDevice, ModelPart, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_split::{LocalTrunk, SessionKeys, Trunk, TrunkError};
 
@@ -47,6 +47,8 @@ pub struct Cloud {
     options: RemoteOptions,
     /// The device's fingerprint of the server's layers.
     fingerprint: TrunkFingerprint,
+    /// Where the server said its trunk computes (`cpu`, `cuda:0`; empty from older servers).
+    trunk_device: String,
     /// The connection made (and checked) to learn the server's split, kept for the first
     /// session, so that a single generation connects once.
     first: Mutex<Option<RemoteTrunk>>,
@@ -80,9 +82,11 @@ impl TrunkSource {
             fingerprint = fingerprint.with_adapter(&adapter)?;
         }
         remote.verify(&fingerprint)?;
+        let trunk_device = remote.info().limits.trunk_device.clone();
         let cloud = Cloud {
             options,
             fingerprint,
+            trunk_device,
             first: Mutex::new(Some(remote)),
         };
         Ok((Self::Cloud(Box::new(cloud)), plan))
@@ -105,6 +109,16 @@ impl TrunkSource {
             Self::Local(_) => "in-process".to_string(),
             Self::Cloud(cloud) => cloud.options.url.clone(),
             Self::Custom { location, .. } => location.clone(),
+        }
+    }
+
+    /// What the trunk computes on (`cpu`, `cuda:0`), when known: a local part's device, or
+    /// what the server's handshake said.
+    pub fn compute_device(&self) -> Option<String> {
+        match self {
+            Self::Local(part) => Some(ComputeDevice::of(part.device()).to_string()),
+            Self::Cloud(cloud) => Some(cloud.trunk_device.clone()).filter(|d| !d.is_empty()),
+            Self::Custom { .. } => None,
         }
     }
 }

@@ -29,7 +29,7 @@ pub use capture::{CaptureError, CaptureWriter, CapturedMessage, Way, read_captur
 pub use device::{DeviceModel, load_tokenizer};
 pub use error::SplitError;
 pub use policy::{Obfuscation, PolicyError, SessionKeys, SplitPolicy};
-pub use quality::{Agreement, GreedyRun, codecs};
+pub use quality::{Agreement, GreedyRun, codecs, devices};
 pub use sampler::{Sampler, SamplingParams};
 pub use secret::SessionSecret;
 pub use session::{GenerateOptions, Generation, Session, Step, StopReason};

@@ -95,7 +95,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
         eprintln!("{}", generation.stats);
         if let Some(url) = &args.device.trunk.cloud {
-            eprintln!("(trunk time is the round trips to {url}: network plus remote trunk)");
+            let on = device
+                .trunk_device()
+                .map(|d| format!(", computed on {d}"))
+                .unwrap_or_default();
+            eprintln!("(trunk time is the round trips to {url}: network plus remote trunk{on})");
         }
     }
     Ok(())
