@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the CUDA build of `lsplit` (scripts/build-cuda.sh) on a GPU machine: finds the CUDA 13
-# libraries it links against (cuBLAS, cuBLASLt, cuRAND, NVRTC, the CUDA runtime) in a CUDA
+# libraries it links against (cuBLAS and its cuBLASLt, cuRAND, the CUDA runtime) in a CUDA
 # toolkit or in a Python environment's `nvidia` wheels (PyTorch ships them), and runs it.
 #
 #   run.sh ARGS...        e.g. run.sh serve --device cuda --model model.gguf ...
@@ -8,7 +8,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-needed=(libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13)
+needed=(libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10)
 candidates=()
 [ -n "${LSPLIT_CUDA_LIBS:-}" ] && candidates+=("$LSPLIT_CUDA_LIBS")
 candidates+=(/usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda/targets/x86_64-linux/lib)

@@ -3,13 +3,14 @@
 #
 #   scripts/gpu-check.sh DIST OUT        e.g. scripts/gpu-check.sh dist/lsplit-cuda "$OUT"
 #
-# DIST is what scripts/build-cuda.sh wrote (lsplit and run.sh), plus, for the models:
+# DIST is what scripts/build-cuda.sh wrote (lsplit or lsplit.xz, run.sh), plus, for the models:
 #   - tokenizer.gguf: SmolLM2's tokenizer keys (bench/make_synthetic_gguf.py --tokenizer-only),
 #     from which the synthetic 1.1B-shape Q4_0 and 7B-shape Q4_K_M models are generated here
-#     (random quantized blocks: speed only; python3 with numpy and the `gguf` package, whose
-#     wheel may sit in DIST/wheels);
-#   - SmolLM2-135M-Instruct.Q4_1.gguf, or its pieces SmolLM2.part-* (carried over two calls,
-#     each under the carry limit), for the correctness check on a trained model.
+#     (python3 with numpy and the `gguf` package, whose wheel sits in DIST/wheels);
+#   - SmolLM2-135M-Instruct.Q4_1.gguf, or its pieces SmolLM2.part-* with SmolLM2.sha256: pieces
+#     in DIST-smollm2 or already in the work folder ($LSPLIT_GPU_WORK, default /tmp/lsplit-gpu;
+#     earlier calls may leave pieces there when one copy cannot carry them all). Without them
+#     the SmolLM2 steps are skipped and the summary says so.
 # Steps (each under its own timeout; a failed step is recorded and the next one runs):
 #   1. nvidia-smi, and the binary's view of the GPU (`lsplit inspect --device cuda`);
 #   2. correctness against the CPU trunk on the same file: greedy tokens over the 24 built-in
@@ -80,13 +81,15 @@ fi
 tokenizer=$dist/tokenizer.gguf
 [ -f "$tokenizer" ] || tokenizer=$smol
 export PYTHONPATH=$(printf '%s:' "$dist"/wheels/*.whl)${PYTHONPATH:-}
-make_model() { # SHAPE TYPE -> prints the path
+make_model() { # SHAPE TYPE [--random-blocks] -> prints the path
     python3 "$here/bench/make_synthetic_gguf.py" --tokenizer-from "$tokenizer" \
-        --shape "$1" --type "$2" --random-blocks --out-dir "$work"
+        --shape "$1" --type "$2" "${@:3}" --out-dir "$work"
 }
-step make-1.1b-q4_0 120 make_model 1.1b q4_0 || true
-step make-7b-q4_k_m 240 make_model 7b q4_k_m || true
-tiny=$work/tinyllama-1.1b-shape-random.blocks.q4_0.gguf
+# The 1.1B shape from quantized normal weights (its logits mean something to compare); the 7B
+# shape from random blocks (speed only; quantizing 7B weights in numpy would take minutes).
+step make-1.1b-q4_0 240 make_model 1.1b q4_0 || true
+step make-7b-q4_k_m 180 make_model 7b q4_k_m --random-blocks || true
+tiny=$work/tinyllama-1.1b-shape-random.q4_0.gguf
 big=$work/llama-7b-shape-random.blocks.q4_k_m.gguf
 
 # 3. Correctness against the CPU trunk (and batched against solo on the GPU).

@@ -23,7 +23,7 @@ pub struct TrunkCheckArgs {
     #[arg(long, value_name = "DEVICE", default_value_t = ComputeDevice::Cpu)]
     pub device: ComputeDevice,
     /// Built-in prompts (those of `lsplit bench --quality`) of the agreement check; 0 skips it
-    #[arg(long, default_value_t = PROMPTS.len(), value_parser = clap::value_parser!(u64).range(0..=PROMPTS.len() as u64))]
+    #[arg(long, default_value_t = PROMPTS.len() as u64, value_parser = clap::value_parser!(u64).range(0..=PROMPTS.len() as u64))]
     pub prompts: u64,
     /// Greedy tokens per prompt of the agreement check
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
