@@ -81,14 +81,12 @@ fi
 tokenizer=$dist/tokenizer.gguf
 [ -f "$tokenizer" ] || tokenizer=$smol
 export PYTHONPATH=$(printf '%s:' "$dist"/wheels/*.whl)${PYTHONPATH:-}
-make_model() { # SHAPE TYPE [--random-blocks] -> prints the path
-    python3 "$here/bench/make_synthetic_gguf.py" --tokenizer-from "$tokenizer" \
-        --shape "$1" --type "$2" "${@:3}" --out-dir "$work"
-}
+make_model=(python3 "$here/bench/make_synthetic_gguf.py" --tokenizer-from "$tokenizer"
+    --out-dir "$work")
 # The 1.1B shape from quantized normal weights (its logits mean something to compare); the 7B
 # shape from random blocks (speed only; quantizing 7B weights in numpy would take minutes).
-step make-1.1b-q4_0 240 make_model 1.1b q4_0 || true
-step make-7b-q4_k_m 180 make_model 7b q4_k_m --random-blocks || true
+step make-1.1b-q4_0 240 "${make_model[@]}" --shape 1.1b --type q4_0 || true
+step make-7b-q4_k_m 180 "${make_model[@]}" --shape 7b --type q4_k_m --random-blocks || true
 tiny=$work/tinyllama-1.1b-shape-random.q4_0.gguf
 big=$work/llama-7b-shape-random.blocks.q4_k_m.gguf
 
@@ -96,7 +94,6 @@ big=$work/llama-7b-shape-random.blocks.q4_k_m.gguf
 if [ -f "$smol" ]; then
     step check-smollm2 150 "${lsplit[@]}" trunk-check --model "$smol" --device cuda \
         --prompts 24 --tokens 32 --batch-sessions 16 --batch-steps 8 --json || true
-    cp "$out/check-smollm2.log" "$out/check-smollm2.json" 2>/dev/null
 fi
 if [ -f "$tiny" ]; then
     step check-1.1b 150 "${lsplit[@]}" trunk-check --model "$tiny" --device cuda \
@@ -122,6 +119,7 @@ if [ -f "$smol" ]; then
     server=$!
     for _ in $(seq 60); do
         grep -q "on http" "$out/serve.log" && break
+        kill -0 "$server" 2>/dev/null || break
         sleep 1
     done
     step loopback 120 "${lsplit[@]}" generate --model "$smol" --cloud http://127.0.0.1:50071 \
