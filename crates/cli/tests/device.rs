@@ -70,7 +70,7 @@ fn the_trunk_runs_on_the_cpu_by_default_and_says_so() {
         .args(["inspect", "--split", "3:27", "--model"])
         .arg(&model));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("\ntrunk computes on: cpu\n"), "{text}");
+    assert!(text.contains("\nwhere the trunk computes: cpu\n"), "{text}");
 
     // The server announces it and tells devices in the handshake.
     let pki = Pki::new();

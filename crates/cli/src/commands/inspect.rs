@@ -48,7 +48,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         }
         Some(plan) => {
             println!("split: {plan}");
-            println!("trunk computes on: {device}");
+            println!("where the trunk computes: {device}");
             if let Some(adapter) = source.adapter() {
                 adapter.check_off_trunk(plan.k1..plan.k2)?;
             }
