@@ -97,7 +97,7 @@ if [ -f "$smol" ]; then
 fi
 if [ -f "$tiny" ]; then
     step check-1.1b 150 "${lsplit[@]}" trunk-check --model "$tiny" --device cuda \
-        --prompts 4 --tokens 16 --batch-sessions 16 --batch-steps 8 --json || true
+        --prompts 24 --tokens 16 --batch-sessions 16 --batch-steps 8 --json || true
 fi
 
 # 4. Aggregate trunk steps/s: the GPU at 1, 16, 64 and 256 sessions; two CPU cores for the
