@@ -32,12 +32,14 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
-LAYERS = 22
-HIDDEN = 2048
-HEADS = 32
-KV_HEADS = 4
+# --shape: (file name stem, layers, hidden size, heads, KV heads, FFN size). `7b` is
+# Llama-2-7B's shape (multi-head attention), for the GPU trunk's benchmark (issue 22).
+SHAPES = {
+    "1.1b": ("tinyllama-1.1b-shape-random", 22, 2048, 32, 4, 5632),
+    "7b": ("llama-7b-shape-random", 32, 4096, 32, 32, 11008),
+}
+LAYERS, HIDDEN, HEADS, KV_HEADS, FFN = SHAPES["1.1b"][1:]
 HEAD_DIM = HIDDEN // HEADS
-FFN = 5632
 VOCAB = 49152
 CONTEXT = 2048
 ROPE_BASE = 10000.0
@@ -47,7 +49,48 @@ WEIGHT_STD = 0.02
 TYPES = {
     "q4_0": (GGMLQuantizationType.Q4_0, 2),  # (tensor type, general.file_type)
     "q8_0": (GGMLQuantizationType.Q8_0, 7),
+    # Random blocks only (--random-blocks): Q4_K matrices, with attn_v, ffn_down and the LM head
+    # in Q6_K, as llama.cpp's Q4_K_M mix holds (it keeps some of those in Q4_K too).
+    "q4_k_m": (GGMLQuantizationType.Q4_K, 15),
 }
+
+# Bytes of one block, and where its f16 scales sit: (block bytes, offsets of f16 scales).
+# Random bytes elsewhere are valid quants; the scales are set so that no value is NaN or huge.
+RANDOM_BLOCKS = {
+    GGMLQuantizationType.Q4_0: (18, (0,)),
+    GGMLQuantizationType.Q8_0: (34, (0,)),
+    GGMLQuantizationType.Q4_K: (144, (0, 2)),
+    GGMLQuantizationType.Q6_K: (210, (208,)),
+}
+
+
+def set_shape(name: str) -> None:
+    """Makes `name` (a key of SHAPES) the shape the functions below write."""
+    global LAYERS, HIDDEN, HEADS, KV_HEADS, FFN, HEAD_DIM
+    LAYERS, HIDDEN, HEADS, KV_HEADS, FFN = SHAPES[name][1:]
+    HEAD_DIM = HIDDEN // HEADS
+
+
+def tensor_type(name: str, qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """The type of matrix `name` in a file of type `qtype` (Q4_K_M's mix for Q4_K)."""
+    q6k = ("attn_v.weight", "ffn_down.weight", "output.weight")
+    if qtype == GGMLQuantizationType.Q4_K and name.endswith(q6k):
+        return GGMLQuantizationType.Q6_K
+    return qtype
+
+
+def random_blocks(rng: np.random.Generator, shape: tuple[int, ...],
+                  qtype: GGMLQuantizationType) -> np.ndarray:
+    """Random quantized bytes of a matrix of `shape`, every block's f16 scale set to 2^-12:
+    the speed of real weights of that type, in seconds rather than minutes for a 7B shape."""
+    block_bytes, scales = RANDOM_BLOCKS[qtype]
+    byte_shape = quant_shape_to_byte_shape(shape, qtype)
+    data = rng.integers(0, 256, size=byte_shape, dtype=np.uint8)
+    blocks = data.reshape(-1, block_bytes)
+    scale = np.frombuffer(np.float16(2.0 ** -12).tobytes(), dtype=np.uint8)
+    for offset in scales:
+        blocks[:, offset:offset + 2] = scale
+    return data
 
 DEFAULT_OUT_DIR = Path.home() / ".cache" / "lambda-split" / "synthetic"
 
@@ -87,9 +130,9 @@ def copy_tokenizer_metadata(writer: GGUFWriter, source: Path) -> None:
 
 
 def write_model(path: Path, qtype: GGMLQuantizationType, file_type: int, tokenizer_from: Path,
-                seed: int) -> None:
+                seed: int, random: bool = False, title: str = "TinyLlama-1.1B shape") -> None:
     writer = GGUFWriter(path, "llama")
-    writer.add_name(f"TinyLlama-1.1B shape, random weights (seed {seed})")
+    writer.add_name(f"{title}, random weights (seed {seed})")
     writer.add_description("Synthetic benchmark model: random weights, not a trained model")
     writer.add_context_length(CONTEXT)
     writer.add_embedding_length(HIDDEN)
@@ -111,9 +154,9 @@ def write_model(path: Path, qtype: GGMLQuantizationType, file_type: int, tokeniz
         if len(shape) == 1:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])
         else:
-            byte_shape = quant_shape_to_byte_shape(shape, qtype)
+            byte_shape = quant_shape_to_byte_shape(shape, tensor_type(name, qtype))
             writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8),
-                                   int(np.prod(byte_shape)), raw_dtype=qtype)
+                                   int(np.prod(byte_shape)), raw_dtype=tensor_type(name, qtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -121,6 +164,8 @@ def write_model(path: Path, qtype: GGMLQuantizationType, file_type: int, tokeniz
     for n, (name, shape) in enumerate(shapes, 1):
         if len(shape) == 1:
             data = np.ones(shape, dtype=np.float32)
+        elif random:
+            data = random_blocks(rng, shape, tensor_type(name, qtype))
         else:
             weights = rng.standard_normal(shape, dtype=np.float32) * np.float32(WEIGHT_STD)
             data = quantize(weights, qtype)
@@ -134,19 +179,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer-from", type=Path, required=True,
                         help="a GGUF file with SmolLM2's tokenizer (the default lsplit model)")
-    parser.add_argument("--type", choices=sorted(TYPES), required=True,
-                        help="tensor type of the matrices")
+    parser.add_argument("--type", choices=sorted(TYPES),
+                        help="tensor type of the matrices (required unless --tokenizer-only)")
+    parser.add_argument("--tokenizer-only", type=Path, metavar="OUT",
+                        help="only write a GGUF file holding the tokenizer's keys to OUT (a few "
+                             "MB, to carry where the real model cannot go), then stop")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.1b",
+                        help="TinyLlama-1.1B's or Llama-2-7B's shape [default: 1.1b]")
+    parser.add_argument("--random-blocks", action="store_true",
+                        help="random quantized bytes with a fixed scale instead of quantized "
+                             "normal weights: fast, for speed measures only (q4_k_m needs it)")
     parser.add_argument("--force", action="store_true", help="rewrite an existing file")
     args = parser.parse_args()
+    if args.tokenizer_only:
+        writer = GGUFWriter(args.tokenizer_only, "llama")
+        copy_tokenizer_metadata(writer, args.tokenizer_from)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        print(args.tokenizer_only)
+        return
+    if args.type is None:
+        parser.error("--type is required")
+    if args.type == "q4_k_m" and not args.random_blocks:
+        parser.error("--type q4_k_m is written with --random-blocks only")
+    set_shape(args.shape)
 
-    path = args.out_dir / f"tinyllama-1.1b-shape-random.{args.type}.gguf"
+    stem = SHAPES[args.shape][0]
+    suffix = ".blocks" if args.random_blocks else ""
+    path = args.out_dir / f"{stem}{suffix}.{args.type}.gguf"
     if args.force or not path.exists():
         args.out_dir.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         qtype, file_type = TYPES[args.type]
-        write_model(partial, qtype, file_type, args.tokenizer_from, args.seed)
+        title = {"1.1b": "TinyLlama-1.1B shape", "7b": "Llama-2-7B shape"}[args.shape]
+        write_model(partial, qtype, file_type, args.tokenizer_from, args.seed,
+                    args.random_blocks, title)
         os.replace(partial, path)
     print(path)
 

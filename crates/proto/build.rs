@@ -84,6 +84,10 @@ fn main() -> std::io::Result<()> {
         config.protoc_executable(protoc);
     }
     println!("cargo:rerun-if-env-changed=PROTOC");
+    // Printing any rerun line turns off cargo's default of rerunning on every file change.
+    for file in ["build.rs", "proto/trunk.proto", "proto/diffusion.proto"] {
+        println!("cargo:rerun-if-changed={file}");
+    }
     // The servers are one generic service in lsplit-server; tests still call the clients.
     let tonic = tonic_prost_build::configure()
         .build_server(false)

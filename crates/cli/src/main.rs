@@ -31,6 +31,9 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Measure prefill and decode speed, unsplit and split, in one run.
     Bench(commands::bench::BenchArgs),
+    /// Check the trunk on a device (a GPU) against the CPU's: greedy agreement, largest logit
+    /// difference, batched against solo, and trunk steps/s with many sessions.
+    TrunkCheck(commands::trunk_check::TrunkCheckArgs),
     /// Download and verify the default model into the cache, and print its path.
     Fetch,
     /// Serve the trunk layers of a split model to devices over gRPC and TLS.
@@ -73,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Command::Image(args) => commands::image::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::TrunkCheck(args) => commands::trunk_check::run(args),
         Command::Fetch => commands::fetch::run(),
         Command::Serve(args) => commands::serve::run(args),
         Command::Health(args) => commands::health::run(args),

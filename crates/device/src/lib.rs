@@ -206,6 +206,11 @@ impl Device {
             .map_or_else(|| "none (unsplit)".to_string(), TrunkSource::location)
     }
 
+    /// What the trunk computes on (`cpu`, `cuda:0`), when known.
+    pub fn trunk_device(&self) -> Option<String> {
+        self.trunks.as_ref().and_then(TrunkSource::compute_device)
+    }
+
     /// Starts a generation session with a fresh trunk session: a split model's session gets
     /// fresh keys, so no two sessions share draws, tags or permutation.
     pub fn session(&self) -> Result<Session<'_>, DeviceError> {

@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use lsplit_model::{Adapter, ModelPart, ModelSource, SplitPlan, TrunkFingerprint};
+use lsplit_model::{Adapter, ComputeDevice, ModelPart, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_remote::{RemoteOptions, RemoteTrunk};
 use lsplit_split::{DividedTrunk, Hop, LocalTrunk, SessionKeys, Trunk, TrunkError};
 
@@ -55,6 +55,8 @@ struct CloudHop {
     options: RemoteOptions,
     /// The device's fingerprint of the server's layers.
     fingerprint: TrunkFingerprint,
+    /// Where the server said its trunk computes (`cpu`, `cuda:0`; empty from older servers).
+    trunk_device: String,
     /// The connection made (and checked) to learn the server's layers, kept for the first
     /// session, so that a single generation connects once.
     first: Mutex<Option<RemoteTrunk>>,
@@ -96,6 +98,7 @@ impl TrunkSource {
             checked.push(CloudHop {
                 options,
                 fingerprint,
+                trunk_device: remote.info().limits.trunk_device.clone(),
                 first: Mutex::new(Some(remote)),
             });
         }
@@ -135,6 +138,24 @@ impl TrunkSource {
                 .collect::<Vec<_>>()
                 .join(", "),
             Self::Custom { location, .. } => location.clone(),
+        }
+    }
+
+    /// What the trunk computes on (`cpu`, `cuda:0`), when known: a local part's device, or
+    /// what each server's handshake said (in layer order).
+    pub fn compute_device(&self) -> Option<String> {
+        match self {
+            Self::Local(part) => Some(ComputeDevice::of(part.device()).to_string()),
+            Self::Cloud(cloud) => {
+                let devices: Vec<&str> = cloud
+                    .hops
+                    .iter()
+                    .map(|hop| hop.trunk_device.as_str())
+                    .filter(|d| !d.is_empty())
+                    .collect();
+                Some(devices.join(", ")).filter(|d| !d.is_empty())
+            }
+            Self::Custom { .. } => None,
         }
     }
 }

@@ -121,6 +121,9 @@ pub enum ModelError {
         /// The trunk's layers.
         trunk: std::ops::Range<usize>,
     },
+    /// A GPU was asked for, but this build has no CUDA backend.
+    #[error("this lsplit was built without the `cuda` feature; see scripts/build-cuda.sh")]
+    CudaNotBuilt,
     /// An error raised by candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -243,6 +243,9 @@ impl ModelPart {
 
     /// Runs this part's layers over hidden rows `(rows, hidden)` that start at sequence
     /// position `start`, appending to `cache`; returns rows of the same shape.
+    ///
+    /// On a part loaded on a GPU the rows cross to it and the result comes back to the device
+    /// `hidden` is on (the trunk's boundary); the KV cache stays in host memory either way.
     pub fn forward(&self, hidden: &Tensor, start: usize, cache: &mut KvCache) -> Result<Tensor> {
         on_pool(|| {
             let rows = self.check_rows(hidden, start, cache)?;
@@ -250,7 +253,13 @@ impl ModelPart {
                 cache.advance(rows);
                 return Ok(hidden.clone());
             }
-            self.run_layers(hidden, start, 0..self.layers.len(), cache)
+            let out = self.run_layers(
+                &hidden.to_device(&self.device)?,
+                start,
+                0..self.layers.len(),
+                cache,
+            )?;
+            Ok(out.to_device(hidden.device())?)
         })
     }
 
@@ -291,12 +300,13 @@ impl ModelPart {
             if layers.is_empty() {
                 return Ok(hidden.clone());
             }
-            self.run_layers(
-                hidden,
+            let out = self.run_layers(
+                &hidden.to_device(&self.device)?,
                 start,
                 layers.start - own.start..layers.end - own.start,
                 cache,
-            )
+            )?;
+            Ok(out.to_device(hidden.device())?)
         })
     }
 

@@ -431,6 +431,13 @@ impl ModelSource {
     /// Loads one part of the model onto `device`, reading only the tensors it holds (and the
     /// adapter's updates of its layers, when an adapter is loaded).
     pub fn load_part(&self, spec: &PartSpec, device: &Device) -> Result<ModelPart> {
+        if self.adapter.is_some() && !device.is_cpu() {
+            return Err(ModelError::Config(
+                "a LoRA adapter is applied on the CPU only: load the part with the adapter on the \
+                 CPU"
+                .into(),
+            ));
+        }
         let records = self.part_tensors(spec)?;
         let mut loader = Loader::new(self, device)?;
         let embeddings = if spec.kind.has_embeddings() || self.tied_output(spec) {
@@ -523,31 +530,31 @@ impl<'a> Loader<'a> {
                     path: path.clone(),
                     reason: format!("reading `{name}`: {e}"),
                 }),
-            (Store::Safetensors { files, .. }, _) => {
-                let t = files
-                    .load(&name, self.device)
-                    .map_err(|_| ModelError::MissingTensor(name.clone()))?;
-                Ok(Either::Float(t.to_dtype(DType::F32)?))
-            }
+            (Store::Safetensors { files, .. }, _) => files
+                .load(&name, self.device)
+                .map(Either::Float)
+                .map_err(|_| ModelError::MissingTensor(name.clone())),
             (Store::Gguf { path, .. }, None) => Err(ModelError::NotAModel { path: path.clone() }),
         }
     }
 
-    fn matrix(&mut self, weight: Weight) -> Result<QMatMul> {
-        Ok(match self.read(weight)? {
-            Either::Quantized(q) => QMatMul::from_arc(Arc::new(q))?,
-            Either::Float(t) => QMatMul::Tensor(t),
-        })
-    }
-
+    /// A weight matrix: quantized as stored; float weights in f32 on the CPU, and on a GPU in
+    /// half precision (bf16 kept as stored, anything else as f16), where its products run.
     fn linear(&mut self, weight: Weight) -> Result<Linear> {
-        Ok(Linear::new(self.matrix(weight)?))
+        Ok(match self.read(weight)? {
+            Either::Quantized(q) => Linear::new(QMatMul::from_arc(Arc::new(q))?),
+            Either::Float(t) if self.device.is_cpu() => {
+                Linear::new(QMatMul::Tensor(t.to_dtype(DType::F32)?))
+            }
+            Either::Float(t) if t.dtype() == DType::BF16 => Linear::Half(t),
+            Either::Float(t) => Linear::Half(t.to_dtype(DType::F16)?),
+        })
     }
 
     fn vector(&mut self, weight: Weight) -> Result<Tensor> {
         Ok(match self.read(weight)? {
             Either::Quantized(q) => q.dequantize(self.device)?,
-            Either::Float(t) => t,
+            Either::Float(t) => t.to_dtype(DType::F32)?,
         })
     }
 }

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lsplit_model::{ModelPart, TrunkFingerprint};
+use lsplit_model::{ComputeDevice, ModelPart, TrunkFingerprint};
 use lsplit_proto::pb::session_reply::Kind as ReplyKind;
 use lsplit_proto::pb::session_request::Kind as RequestKind;
 use lsplit_proto::pb::{self, SessionReply, SessionRequest};
@@ -75,6 +75,7 @@ impl Shared {
             idle_timeout_ms: self.limits.idle_timeout.as_millis() as u64,
             kv_budget_bytes: self.limits.kv_budget_bytes,
             kv_precision: self.part.kv_precision().to_string(),
+            trunk_device: ComputeDevice::of(self.part.device()).to_string(),
         }
     }
 }

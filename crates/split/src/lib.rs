@@ -37,7 +37,7 @@ pub use draft::DraftModel;
 pub use error::SplitError;
 pub use noise::{MAX_SIGMA, UplinkNoise, add_noise, epsilon};
 pub use policy::{Obfuscation, PolicyError, SessionKeys, SplitPolicy};
-pub use quality::{Agreement, GreedyRun, codecs};
+pub use quality::{Agreement, GreedyRun, codecs, devices};
 pub use sampler::{Sampler, SamplingParams};
 pub use secret::SessionSecret;
 pub use session::{GenerateOptions, Generation, Session, Step, StopReason};

@@ -97,7 +97,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("{}", generation.stats);
         if !args.device.trunk.cloud.is_empty() {
             let servers = args.device.trunk.cloud.join(" then ");
-            eprintln!("(trunk time is the round trips to {servers}: network plus remote trunk)");
+            let on = device
+                .trunk_device()
+                .map(|d| format!(", computed on {d}"))
+                .unwrap_or_default();
+            eprintln!(
+                "(trunk time is the round trips to {servers}: network plus remote trunk{on})"
+            );
         }
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! `lsplit inspect`: what each part of a split holds.
 
 use clap::Args;
-use lsplit_model::PartSpec;
+use lsplit_model::{ComputeDevice, PartSpec};
 
 use crate::args::{ModelArgs, SplitArgs};
 
@@ -15,10 +15,14 @@ pub struct InspectArgs {
     /// Also list every tensor of every part
     #[arg(long)]
     pub tensors: bool,
+    /// Where the trunk would compute (`lsplit serve --device`): cpu, cuda or cuda:N
+    #[arg(long, value_name = "DEVICE", default_value_t = ComputeDevice::Cpu)]
+    pub device: ComputeDevice,
 }
 
 /// Runs the command.
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    let device = args.device.available()?;
     let (source, _) = args.model.open()?;
     let config = source.config();
     println!("model: {}", source.path().display());
@@ -44,6 +48,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         }
         Some(plan) => {
             println!("split: {plan}");
+            println!("where the trunk computes: {device}");
             if let Some(adapter) = source.adapter() {
                 adapter.check_off_trunk(plan.k1..plan.k2)?;
             }

@@ -11,3 +11,4 @@ pub mod health;
 pub mod image;
 pub mod inspect;
 pub mod serve;
+pub mod trunk_check;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use lsplit_diffusion::{UnetSplit, load_trunk_model, trunk_fingerprint};
-use lsplit_model::{KvPrecision, ModelSource, SplitPlan, TrunkFingerprint};
+use lsplit_model::{ComputeDevice, KvPrecision, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_server::{
     Access, DiffusionLimits, DiffusionOptions, DiffusionServer, Limits, ServerError, ServerOptions,
     ServerStats, TlsFiles, TransportLimits, TrunkServer,
@@ -101,6 +101,11 @@ pub struct ServeArgs {
     /// same adapter's trunk share connect
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// Where the trunk of a language model computes: cpu, or a GPU (cuda, cuda:N) in a build
+    /// with the `cuda` feature (scripts/build-cuda.sh). Only the trunk's layers go to the GPU;
+    /// its KV caches stay in host memory
+    #[arg(long, value_name = "DEVICE", default_value_t = ComputeDevice::Cpu)]
+    pub device: ComputeDevice,
     /// MiB all sessions' KV caches may hold together
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mib: u64,
@@ -274,6 +279,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         path.display()
     );
     let codecs = codecs(&args, Codec::ALL.to_vec(), str::parse::<Codec>)?;
+    anyhow::ensure!(
+        args.adapter.is_none() || args.device == ComputeDevice::Cpu,
+        "--adapter runs on the CPU only: leave out --device {}",
+        args.device
+    );
+    let device = args.device.open()?;
     let mut source = ModelSource::open(&path)?;
     source.set_kv_precision(args.kv_cache.unwrap_or_default());
     let layers = source.config().num_layers;
@@ -314,7 +325,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .adapter()
         .map(|a| format!(" with adapter {} on layers {:?}", a.describe(), a.layers()))
         .unwrap_or_default();
-    let part = source.load_part(&plan.trunk(), &candle_core::Device::Cpu)?;
+    let part = source.load_part(&plan.trunk(), &device)?;
     let options = ServerOptions {
         limits: Limits {
             max_sessions: args.max_sessions,
@@ -333,7 +344,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     serve_until_signal(
         &args,
         stats,
-        |addr| format!("lsplit serve: trunk {fingerprint}{adapted} on {scheme}://{addr}"),
+        |addr| {
+            format!(
+                "lsplit serve: trunk {fingerprint} (on {}){adapted} on {scheme}://{addr}",
+                args.device
+            )
+        },
         |listener, shutdown, drain| server.serve_draining(listener, shutdown, drain),
     )
 }
@@ -347,6 +363,7 @@ fn run_diffusion(args: ServeArgs, path: &Path) -> anyhow::Result<()> {
         ("--max-context", args.max_context.is_some()),
         ("--kv-cache", args.kv_cache.is_some()),
         ("--adapter", args.adapter.is_some()),
+        ("--device", args.device != ComputeDevice::Cpu),
     ];
     for (flag, given) in language_only {
         anyhow::ensure!(

@@ -43,6 +43,9 @@ pub(crate) enum Linear {
     Quant(QuantMatrix),
     /// Every other format or device.
     Candle(QMatMul),
+    /// f16 or bf16 weights on a GPU: each product runs in the weights' precision, its rows
+    /// converted in and the result back to f32.
+    Half(Tensor),
 }
 
 impl Linear {
@@ -61,6 +64,9 @@ impl Linear {
         match self {
             Self::Quant(m) => m.rows_f32(ids),
             Self::Candle(m) => m.embedding(&Tensor::new(ids, device)?),
+            Self::Half(w) => w
+                .embedding(&Tensor::new(ids, device)?)?
+                .to_dtype(candle_core::DType::F32),
         }
     }
 
@@ -69,6 +75,10 @@ impl Linear {
         match self {
             Self::Quant(m) => x.contiguous()?.apply_op1_no_bwd(m),
             Self::Candle(m) => m.forward(x),
+            Self::Half(w) => x
+                .to_dtype(w.dtype())?
+                .broadcast_matmul(&w.t()?)?
+                .to_dtype(x.dtype()),
         }
     }
 }

@@ -59,14 +59,18 @@ impl ModelPart {
             }
             let total: usize = rows.iter().sum();
             let hiddens: Vec<&Tensor> = batch.iter().map(|(h, _, _)| *h).collect();
-            let mut x = Tensor::cat(&hiddens, 0)?.reshape((1, total, width))?;
+            // The batch's rows cross to the part's device together, and come back together.
+            let origin = hiddens[0].device().clone();
+            let mut x = Tensor::cat(&hiddens, 0)?
+                .to_device(&self.device)?
+                .reshape((1, total, width))?;
             let eps = self.config.rms_norm_eps as f32;
             for (index, layer) in self.layers.iter().enumerate() {
                 x = layer.forward(&x, eps, |q, k, v| {
                     self.batch_attention(index, batch, &rows, &tables, (q, k, v))
                 })?;
             }
-            let x = x.reshape((total, width))?;
+            let x = x.reshape((total, width))?.to_device(&origin)?;
             let mut outputs = Vec::with_capacity(batch.len());
             let mut offset = 0;
             for ((_, _, cache), &r) in batch.iter_mut().zip(&rows) {

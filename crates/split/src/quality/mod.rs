@@ -3,6 +3,7 @@
 //! --quality`; the codec tests use the same measures.
 
 pub mod codecs;
+pub mod devices;
 
 use std::ops::ControlFlow;
 
