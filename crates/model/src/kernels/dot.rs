@@ -255,7 +255,7 @@ pub(crate) mod portable {
         ActBlock::new(d, q, sum)
     }
 
-    fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    pub(super) fn f16_at(bytes: &[u8], at: usize) -> f32 {
         f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
     }
 
@@ -577,20 +577,11 @@ avx2_kernels!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |w, y| {
 mod neon {
     use std::arch::aarch64::*;
 
-    use half::f16;
+    use super::{ActBlock, Format, TILE, portable};
 
-    use super::{ActBlock, Format, TILE};
-
-    /// Four f16 at `p` as f32 (exact).
-    ///
-    /// # Safety
-    /// `p` points to 8 readable bytes.
-    #[inline]
-    unsafe fn f16x4(p: *const u8) -> [f32; TILE] {
-        // SAFETY: the caller passes 8 readable bytes.
-        std::array::from_fn(|w| unsafe {
-            f16::from_le_bytes([*p.add(2 * w), *p.add(2 * w + 1)]).to_f32()
-        })
+    /// The four f16 at the start of `bytes` as f32 (exact).
+    fn f16x4(bytes: &[u8]) -> [f32; TILE] {
+        std::array::from_fn(|w| portable::f16_at(bytes, 2 * w))
     }
 
     /// Row `w`'s 32 values of a tile block whose quants start at `quants`, signed as the
@@ -684,10 +675,11 @@ mod neon {
         // SAFETY: every load stays inside block `b` of `tile` and of each row of `acts`.
         unsafe {
             for b in 0..blocks {
-                let p = tile.as_ptr().add(b * bytes);
-                let d = f16x4(p);
+                let block = &tile[b * bytes..(b + 1) * bytes];
+                let p = block.as_ptr();
+                let d = f16x4(block);
                 let min = if format.has_min() {
-                    f16x4(p.add(8))
+                    f16x4(&block[2 * TILE..])
                 } else {
                     [0.0; TILE]
                 };
