@@ -975,6 +975,9 @@ mod tests {
         assert_eq!((a[1].d, a[1].q, a[1].sums), (0.0, [0; SUPER], [0; SUBS]));
     }
 
+    /// candle's portable Q8_K quantizer, the one it runs on x86-64; on aarch64 its NEON
+    /// quantizer scales by the absolute maximum instead, so there is nothing to compare with.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn activations_equal_candles_q8k_bit_for_bit() {
         let mut xs = values(8, 6 * SUPER);
