@@ -170,8 +170,12 @@ fn work(
                 }
             }
         }
+        #[cfg(feature = "fault-injection")]
+        crate::fault::in_worker();
         let t = Instant::now();
         let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            #[cfg(feature = "fault-injection")]
+            crate::fault::in_batch();
             run_batch(part, batch, counters, outstanding)
         }));
         if ran.is_err() {

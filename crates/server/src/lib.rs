@@ -12,6 +12,8 @@ mod auth;
 mod certs;
 mod diffusion;
 mod engine;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 mod grpc;
 mod health;
 mod incoming;
