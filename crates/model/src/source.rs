@@ -1,6 +1,6 @@
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -195,8 +195,15 @@ impl ModelSource {
     fn open_gguf(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(io_err(path))?;
         let mut reader = BufReader::new(file);
-        // candle's reader panics on some crafted headers (a zero `general.alignment` divides
-        // by zero): a bad file must be an error, never a crash.
+        if zero_alignment(&mut reader).unwrap_or(false) {
+            return Err(ModelError::MalformedGguf {
+                path: path.to_path_buf(),
+                reason: "general.alignment is 0".into(),
+            });
+        }
+        reader.rewind().map_err(io_err(path))?;
+        // Should candle's reader still panic on some other crafted header, a bad file must be
+        // an error, never a crash.
         let read =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
         let content = match read {
@@ -615,4 +622,100 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         )));
     }
     Ok(files)
+}
+
+/// Whether a GGUF header sets `general.alignment` to 0, which candle's reader (0.11) divides by
+/// and panics on. It walks the metadata as the format lays it out, skipping every other value;
+/// anything unreadable is left to candle's own checks (`Err` or `false`). Each value read moves
+/// forward in the file, so the walk ends by the file's end. Hand-written because candle keeps its
+/// value reader private; remove it once candle refuses a zero alignment.
+fn zero_alignment(reader: &mut (impl Read + Seek)) -> std::io::Result<bool> {
+    let mut magic = [0; 4];
+    reader.read_exact(&mut magic)?;
+    if &magic != b"GGUF" {
+        return Ok(false);
+    }
+    // GGUF v1 counts and lengths are 32-bit, later versions' 64-bit.
+    let v1 = read_u32(reader)? == 1;
+    let _tensors = read_length(reader, v1)?;
+    let entries = read_length(reader, v1)?;
+    // candle keeps the last of repeated keys.
+    let mut zero = false;
+    for _ in 0..entries {
+        let key_len = read_length(reader, v1)?;
+        if key_len > 65_536 {
+            return Ok(false);
+        }
+        let mut key = vec![0; key_len as usize];
+        reader.read_exact(&mut key)?;
+        let kind = read_u32(reader)?;
+        // u8, i8, u16, i16, u32 and i32: the types candle takes the alignment from.
+        let size = match kind {
+            0 | 1 => 1,
+            2 | 3 => 2,
+            4 | 5 => 4,
+            _ => 0,
+        };
+        if key == b"general.alignment" && size > 0 {
+            let mut value = [0u8; 4];
+            reader.read_exact(&mut value[..size])?;
+            zero = value == [0; 4];
+        } else {
+            zero &= key != b"general.alignment";
+            skip_value(reader, kind, v1, 0)?;
+        }
+    }
+    Ok(zero)
+}
+
+fn read_u32(reader: &mut impl Read) -> std::io::Result<u32> {
+    let mut b = [0; 4];
+    reader.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+/// A GGUF count or string length: 32-bit in version 1, 64-bit after.
+fn read_length(reader: &mut impl Read, v1: bool) -> std::io::Result<u64> {
+    if v1 {
+        return read_u32(reader).map(u64::from);
+    }
+    let mut b = [0; 8];
+    reader.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Skips one GGUF metadata value of type `kind` (arrays nest at most 4 deep here).
+fn skip_value(
+    reader: &mut (impl Read + Seek),
+    kind: u32,
+    v1: bool,
+    depth: u32,
+) -> std::io::Result<()> {
+    let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidData);
+    let fixed = |kind| match kind {
+        0 | 1 | 7 => Some(1u64),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    };
+    let bytes = match kind {
+        8 => read_length(reader, v1)?,
+        9 if depth < 4 => {
+            let item = read_u32(reader)?;
+            let count = read_length(reader, v1)?;
+            match fixed(item) {
+                Some(size) => count.checked_mul(size).ok_or_else(invalid)?,
+                None => {
+                    for _ in 0..count {
+                        skip_value(reader, item, v1, depth + 1)?;
+                    }
+                    0
+                }
+            }
+        }
+        _ => fixed(kind).ok_or_else(invalid)?,
+    };
+    let bytes = i64::try_from(bytes).map_err(|_| invalid())?;
+    reader.seek_relative(bytes)
 }

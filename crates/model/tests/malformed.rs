@@ -342,7 +342,17 @@ fn crafted_headers_are_errors_not_panics() {
     assert_eq!(
         open_err(&path),
         format!(
-            "{}: malformed GGUF file: the GGUF reader failed: attempt to divide by zero",
+            "{}: malformed GGUF file: general.alignment is 0",
+            path.display()
+        )
+    );
+    let path = synthetic(dir.path(), "align0-u8.gguf", |m| {
+        m.set_metadata("general.alignment", Value::U8(0))
+    });
+    assert_eq!(
+        open_err(&path),
+        format!(
+            "{}: malformed GGUF file: general.alignment is 0",
             path.display()
         )
     );
