@@ -20,7 +20,7 @@ mod plan;
 mod source;
 mod train;
 
-pub use adapter::{Adapter, Target};
+pub use adapter::{Adapter, LoraShape, Target, lora_scale, write_peft};
 pub use cache::{KvCache, KvPrecision};
 pub use config::{LlamaConfig, RopeScaling};
 pub use device::ComputeDevice;

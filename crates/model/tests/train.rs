@@ -19,7 +19,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{GgufModel, Rng, bits, max_abs_diff};
 use lsplit_model::{
-    DenseLayer, DenseTrunk, LayerPairs, LoraPair, ModelSource, PartSpec, Pass, SplitPlan, Target,
+    DenseLayer, DenseTrunk, LayerPairs, LoraPair, LoraShape, ModelFormat, ModelSource, PartSpec,
+    Pass, SplitPlan, Target, write_peft,
 };
 use serde::Deserialize;
 
@@ -379,4 +380,46 @@ fn split_gradients_equal_the_unsplit_model_bit_for_bit() {
             "budget {budget}"
         );
     }
+}
+
+/// An adapter written for a GGUF model (its query and key rows in GGUF's order, as the training
+/// pass holds them) goes to disk in Hugging Face's order and comes back where it was: the
+/// inference path with it gives the training pass's logits.
+#[test]
+fn an_adapter_written_for_a_gguf_model_loads_back_onto_the_same_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("model.gguf");
+    GgufModel::new(GgmlDType::F32, false, 9).write(&path);
+    let source = ModelSource::open(&path).expect("open gguf");
+    let vars = random_vars(&source, &[0, 3], 21);
+    let shape = LoraShape {
+        rank: 2,
+        alpha: 4.0,
+        rslora: false,
+        targets: Target::ALL.to_vec(),
+        layers: vec![0, 3],
+    };
+    let matrices = vars
+        .iter()
+        .map(|(&key, [a, b])| (key, (a.as_tensor().clone(), b.as_tensor().clone())))
+        .collect();
+    let adapter = dir.path().join("adapter");
+    write_peft(
+        &adapter,
+        &shape,
+        &matrices,
+        source.config(),
+        ModelFormat::Gguf,
+    )
+    .expect("write");
+    let expected = dense_logits(&source, &IDS, &pairs_of(&vars));
+    let mut adapted = ModelSource::open(&path).expect("open gguf");
+    adapted.load_adapter(&adapter).expect("load");
+    let inference = inference_logits(&adapted, &IDS);
+    assert_rows_close(&expected, &inference, "gguf adapter");
+    let base = inference_logits(&source, &IDS);
+    assert!(
+        max_abs_diff(&base[3], &inference[3]) > 1e-2,
+        "the adapter moves the logits"
+    );
 }
