@@ -9,9 +9,11 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use lsplit_model::{DenseTrunk, ModelSource, SplitPlan, Target};
+use lsplit_model::{DenseTrunk, ModelSource, SplitPlan, Target, TrunkFingerprint};
+use lsplit_remote::RemoteTrainTrunk;
 use lsplit_split::load_tokenizer;
 use lsplit_train::{Dataset, LocalTrainTrunk, Schedule, TrainOptions, TrainTrunk, Trainer};
+use lsplit_wire::Codec;
 
 use crate::args::{CloudArgs, SplitArgs};
 
@@ -88,6 +90,10 @@ pub struct FinetuneArgs {
     pub seed: u64,
     #[command(flatten)]
     pub cloud: CloudArgs,
+    /// How rows and gradients are encoded to and from the trunk server: f32 (exact), f16,
+    /// bf16, int8
+    #[arg(long, default_value_t = Codec::F32, requires = "cloud")]
+    pub codec: Codec,
 }
 
 /// `--schedule`.
@@ -144,19 +150,31 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         args.eval_fraction,
         args.seed,
     )?;
-    let plan = match args.split.plan(layers)? {
-        Some(plan) => plan,
-        None => SplitPlan::new(layers, layers, layers)?,
-    };
-    let trunk: Box<dyn TrainTrunk> = match &args.cloud.cloud {
-        Some(_) => anyhow::bail!("--cloud: the trunk servers do not answer training steps yet"),
+    let (plan, trunk): (SplitPlan, Box<dyn TrainTrunk>) = match args.cloud.files()? {
+        Some(files) => {
+            anyhow::ensure!(
+                args.split.split.is_none()
+                    && args.split.local_layers.is_none()
+                    && !args.split.no_split,
+                "--cloud: the split comes from the trunk server; leave out --split, -n and --no-split"
+            );
+            let mut options = files.options()?;
+            options.codecs = vec![args.codec];
+            let remote = RemoteTrainTrunk::connect(options)
+                .with_context(|| format!("connecting to the trunk server {}", files.url))?;
+            let layers_there = remote.layers();
+            remote.verify(&TrunkFingerprint::compute(&source, layers_there.clone())?)?;
+            let plan = SplitPlan::new(layers_there.start, layers_there.end, layers)?;
+            (plan, Box::new(remote))
+        }
         None => {
             args.cloud.auth.check_needed(false)?;
-            Box::new(LocalTrainTrunk::new(DenseTrunk::new(
-                source.clone(),
-                plan.k1..plan.k2,
-                TRUNK_BUDGET,
-            )?))
+            let plan = match args.split.plan(layers)? {
+                Some(plan) => plan,
+                None => SplitPlan::new(layers, layers, layers)?,
+            };
+            let local = DenseTrunk::new(source.clone(), plan.k1..plan.k2, TRUNK_BUDGET)?;
+            (plan, Box::new(LocalTrainTrunk::new(local)))
         }
     };
     let options = TrainOptions {
