@@ -1,13 +1,14 @@
 //! `lsplit finetune` as a user runs it, on the tiny Hugging Face model of `crates/model/tests`:
 //! the held-out loss falls, the adapter it writes is one that `generate --adapter` loads and
-//! that changes the output, a run resumes from its checkpoint, and bad options are refused
-//! saying why.
+//! that changes the output, a run resumes from its checkpoint, bad options are refused saying
+//! why, and over loopback TLS against `lsplit serve --training` (f32 codec) the adapter comes out
+//! bit for bit the in-process run's.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{lsplit, stderr, stdout};
+use common::{TinyServer, lsplit, stderr, stdout};
 
 fn tiny() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -169,4 +170,99 @@ fn bad_options_are_refused_saying_why() {
     }
     let out = finetune(&dir.path().join("missing.jsonl"), &out_dir, &[]);
     assert!(stderr(&out).contains("missing.jsonl"), "{}", stderr(&out));
+}
+
+#[test]
+fn finetune_over_tls_writes_the_in_process_adapter_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = lsplit(&[
+        "cert",
+        "--out",
+        &dir.path().join("pki").display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(dir.path().join("token"), "s3cret\n").expect("token");
+    let data = data(dir.path());
+    let steps = ["--steps", "6"];
+    let local = dir.path().join("local");
+    let out = finetune(&data, &local, &steps);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let server = TinyServer::start(dir.path(), "1:3", &["--training"]);
+    assert!(server.banner.contains("training too"), "{}", server.banner);
+    let (ca, token) = (
+        dir.path().join("pki/ca.pem").display().to_string(),
+        dir.path().join("token").display().to_string(),
+    );
+    let url = server.url();
+    let cloud = |out: &Path, token: &str| {
+        let (model, data, out) = (
+            tiny(),
+            data.display().to_string(),
+            out.display().to_string(),
+        );
+        lsplit(&[
+            "finetune",
+            "--data",
+            &data,
+            "--out",
+            &out,
+            "--model",
+            &model,
+            "--lr",
+            "1e-2",
+            "--steps",
+            "6",
+            "--cloud",
+            &url,
+            "--ca",
+            &ca,
+            "--token-file",
+            token,
+        ])
+    };
+    let remote = dir.path().join("remote");
+    let out = cloud(&remote, &token);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("(split 1:3)"), "{}", stdout(&out));
+    let bytes = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).expect("read");
+    assert_eq!(bytes(&remote), bytes(&local));
+
+    // The server's token is required.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "guess\n").expect("token");
+    let out = cloud(&dir.path().join("refused"), &wrong.display().to_string());
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the bearer token is not valid"),
+        "{}",
+        stderr(&out)
+    );
+    drop(server);
+
+    // A server that does not serve training says so.
+    let server = TinyServer::start(dir.path(), "1:3", &[]);
+    let url = server.url();
+    let (model, data_arg, out_arg) = (
+        tiny(),
+        data.display().to_string(),
+        dir.path().join("none").display().to_string(),
+    );
+    let out = lsplit(&[
+        "finetune",
+        "--data",
+        &data_arg,
+        "--out",
+        &out_arg,
+        "--model",
+        &model,
+        "--cloud",
+        &url,
+        "--ca",
+        &ca,
+        "--token-file",
+        &token,
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("TrainTrunk"), "{}", stderr(&out));
 }
