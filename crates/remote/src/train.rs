@@ -10,14 +10,12 @@ use lsplit_model::TrunkFingerprint;
 use lsplit_proto::pb::train_reply::Kind as ReplyKind;
 use lsplit_proto::pb::train_request::Kind as RequestKind;
 use lsplit_proto::pb::{self, TrainReply, TrainRequest};
-use lsplit_proto::{
-    ProtoError, TRAIN_PROTOCOL_VERSION, codec_from_pb, codec_to_pb, fingerprint_from_pb,
-    rows_from_pb, rows_to_pb,
-};
+use lsplit_proto::{TRAIN_PROTOCOL_VERSION, codec_to_pb, rows_from_pb, rows_to_pb};
 use lsplit_train::{TrainError, TrainTrunk};
 use lsplit_wire::Codec;
 
-use crate::link::{Link, Protocol, ServerTerms, Wire};
+use crate::link::{Link, Protocol, Wire};
+use crate::trunk::server_info;
 use crate::{RemoteError, RemoteOptions, ServerInfo};
 
 /// The training protocol offering the device's codecs, most preferred first.
@@ -43,15 +41,7 @@ impl Protocol for Training {
         welcome: pb::HandshakeReply,
         tls: Option<String>,
     ) -> Result<ServerInfo, RemoteError> {
-        let protocol = |e: ProtoError| RemoteError::Protocol(e.to_string());
-        let fingerprint = welcome
-            .fingerprint
-            .as_ref()
-            .ok_or(ProtoError::Missing("fingerprint"))
-            .and_then(fingerprint_from_pb)
-            .map_err(protocol)?;
-        let codec = codec_from_pb(welcome.codec).map_err(protocol)?;
-        ServerTerms::new(fingerprint, codec, welcome.limits, tls)
+        server_info(welcome, tls)
     }
 
     fn session_id(reply: &TrainReply) -> Option<u64> {

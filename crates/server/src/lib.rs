@@ -318,7 +318,7 @@ impl Server<Limits> {
             shared.fingerprint.clone(),
             budget,
             shared.terms.codecs(),
-            &limits,
+            (&limits, shared.limits_pb()),
             endpoint.transport(),
         )?);
         let service = GrpcServer::new(

@@ -12,14 +12,13 @@ use lsplit_model::{DenseTrunk, ModelSource, TrunkActivations, TrunkFingerprint};
 use lsplit_proto::pb::train_reply::Kind as ReplyKind;
 use lsplit_proto::pb::train_request::Kind as RequestKind;
 use lsplit_proto::pb::{self, TrainReply, TrainRequest};
-use lsplit_proto::{
-    TRAIN_PROTOCOL_VERSION, codec_from_pb, codec_to_pb, fingerprint_to_pb, rows_from_pb, rows_to_pb,
-};
+use lsplit_proto::{TRAIN_PROTOCOL_VERSION, codec_from_pb, rows_from_pb, rows_to_pb};
 use lsplit_wire::Codec;
 use tonic::Status;
 
 use crate::grpc::Served;
 use crate::metrics::Counters;
+use crate::service::welcome;
 use crate::session_loop::{SessionKind, SessionNames, Sessions};
 use crate::terms::{Protocol, Terms};
 use crate::{Limits, ServerError, TransportLimits};
@@ -41,19 +40,22 @@ pub(crate) struct TrainShared {
     fingerprint: TrunkFingerprint,
     terms: Terms<Codec>,
     limits: Limits,
+    /// The limits the handshake announces: the trunk's.
+    announced: pb::Limits,
     pub(crate) sessions: Arc<Sessions>,
     counters: Arc<Counters>,
 }
 
 impl TrainShared {
     /// Training over the layers of `fingerprint` of `source`, each session keeping at most
-    /// `budget` bytes of layer inputs, offering `codecs`, within the trunk's `limits`.
+    /// `budget` bytes of layer inputs, offering `codecs`, within the trunk's `limits` (announced
+    /// as `announced`).
     pub(crate) fn new(
         source: Arc<ModelSource>,
         fingerprint: TrunkFingerprint,
         budget: usize,
         codecs: &[Codec],
-        limits: &Limits,
+        (limits, announced): (&Limits, pb::Limits),
         transport: &TransportLimits,
     ) -> Result<Self, ServerError> {
         let hidden_size = source.config().hidden_size;
@@ -67,6 +69,7 @@ impl TrainShared {
             fingerprint,
             terms,
             limits: limits.clone(),
+            announced,
             counters: sessions.counters().clone(),
             sessions: Arc::new(sessions),
         })
@@ -78,24 +81,12 @@ impl Served for TrainShared {
     type Session = TrainSession;
 
     fn welcome(&self, hello: pb::HandshakeRequest) -> Result<pb::HandshakeReply, Status> {
-        let codec = |c| codec_from_pb(c).ok();
-        let codec = self
-            .terms
-            .agree(hello.protocol_version, &hello.codecs, codec)?;
-        Ok(pb::HandshakeReply {
-            protocol_version: self.terms.version(),
-            codec: codec_to_pb(codec) as i32,
-            fingerprint: Some(fingerprint_to_pb(&self.fingerprint)),
-            limits: Some(pb::Limits {
-                max_sessions: self.limits.max_sessions as u32,
-                max_context: self.limits.max_context as u32,
-                max_message_bytes: self.limits.max_message_bytes as u64,
-                idle_timeout_ms: self.limits.idle_timeout.as_millis() as u64,
-                kv_budget_bytes: 0,
-                kv_precision: "none".into(),
-                trunk_device: "cpu".into(),
-            }),
-        })
+        welcome(
+            &self.terms,
+            &self.fingerprint,
+            self.announced.clone(),
+            hello,
+        )
     }
 }
 
