@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{D, Device, Tensor};
 use candle_nn::ops::{rms_norm_slow, softmax};
@@ -227,15 +227,44 @@ fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
 }
 
 /// The trunk's side of training over the model layers `layers`: the forward pass of rows, and
-/// the gradient of its input rows from that of its output rows. It holds no weights between
-/// calls (each layer is read and dequantized when it runs) and keeps at most `budget` bytes of
-/// layer inputs from a forward pass; the inputs it did not keep are recomputed from the nearest
-/// kept one.
+/// the gradient of its input rows from that of its output rows. Each layer is read and
+/// dequantized when it runs, and kept for later passes only within its weight cache
+/// ([`DenseTrunk::with_weight_cache`]); a forward pass keeps at most `budget` bytes of layer
+/// inputs, and the inputs it did not keep are recomputed from the nearest kept one.
 #[derive(Debug, Clone)]
 pub struct DenseTrunk {
     source: Arc<ModelSource>,
     layers: Range<usize>,
     budget: usize,
+    weights: Arc<WeightCache>,
+}
+
+/// Dequantized layers kept between passes, up to a number of bytes: reading and dequantizing a
+/// layer costs more than its pass over a short sequence. Shared by every clone of a trunk.
+#[derive(Debug, Default)]
+struct WeightCache {
+    limit: usize,
+    held: Mutex<(usize, BTreeMap<usize, Arc<DenseLayer>>)>,
+}
+
+impl DenseLayer {
+    /// Bytes its weights hold.
+    fn bytes(&self) -> usize {
+        [
+            &self.attn_norm,
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.ffn_norm,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]
+        .iter()
+        .map(|t| t.elem_count() * 4)
+        .sum()
+    }
 }
 
 /// The layer inputs a [`DenseTrunk`]'s forward pass kept for its backward pass: the first
@@ -272,7 +301,35 @@ impl DenseTrunk {
             source,
             layers,
             budget,
+            weights: Arc::default(),
         })
+    }
+
+    /// The same trunk keeping up to `bytes` of dequantized layers between passes (none unless
+    /// set), shared by its clones.
+    pub fn with_weight_cache(mut self, bytes: usize) -> Self {
+        self.weights = Arc::new(WeightCache {
+            limit: bytes,
+            held: Mutex::default(),
+        });
+        self
+    }
+
+    /// Model layer `layer`'s weights: kept, or read (and kept while the cache has room).
+    fn layer(&self, layer: usize) -> Result<Arc<DenseLayer>> {
+        let cache = &self.weights;
+        let lock = || cache.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(kept) = lock().1.get(&layer) {
+            return Ok(kept.clone());
+        }
+        let read = Arc::new(self.source.dense_layer(layer)?);
+        let mut held = lock();
+        let bytes = read.bytes();
+        if held.0 + bytes <= cache.limit && !held.1.contains_key(&layer) {
+            held.0 += bytes;
+            held.1.insert(layer, read.clone());
+        }
+        Ok(read)
     }
 
     /// The model layers it runs.
@@ -296,7 +353,7 @@ impl DenseTrunk {
             } else {
                 inputs.push(None);
             }
-            x = self.source.dense_layer(layer)?.forward(&x, None, &pass)?;
+            x = self.layer(layer)?.forward(&x, None, &pass)?;
         }
         Ok((x, TrunkActivations { inputs }))
     }
@@ -319,7 +376,7 @@ impl DenseTrunk {
         pass.check(grad)?;
         let mut grad = grad.detach();
         for (i, layer) in self.layers.clone().enumerate().rev() {
-            let weights = self.source.dense_layer(layer)?;
+            let weights = self.layer(layer)?;
             let input = self.input(activations, i, &pass)?;
             let var = candle_core::Var::from_tensor(&input)?;
             let out = weights.forward(var.as_tensor(), None, &pass)?;
@@ -327,7 +384,7 @@ impl DenseTrunk {
             grad = grads
                 .get(var.as_tensor())
                 .ok_or_else(|| ModelError::Config("no gradient reached the layer input".into()))?
-                .clone();
+                .detach();
         }
         Ok(grad)
     }
@@ -342,10 +399,7 @@ impl DenseTrunk {
             .clone()
             .ok_or_else(|| ModelError::Config("the first layer's input was not kept".into()))?;
         for j in kept..i {
-            x = self
-                .source
-                .dense_layer(self.layers.start + j)?
-                .forward(&x, None, pass)?;
+            x = self.layer(self.layers.start + j)?.forward(&x, None, pass)?;
         }
         Ok(x)
     }

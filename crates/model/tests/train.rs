@@ -343,9 +343,12 @@ fn split_gradients_equal_the_unsplit_model_bit_for_bit() {
 
     let pass = Pass::new(source.config(), IDS.len()).expect("pass");
     let layer = |i: usize| -> DenseLayer { source.dense_layer(i).expect("layer") };
-    // Budget 0 keeps only the trunk's input: its second layer's input is recomputed.
-    for budget in [usize::MAX, 0] {
-        let trunk = DenseTrunk::new(source.clone(), 1..3, budget).expect("trunk");
+    // Budget 0 keeps only the trunk's input: its second layer's input is recomputed. With a
+    // weight cache, the layers of the backward pass are the forward pass's, kept.
+    for (budget, cache) in [(usize::MAX, 0), (0, 0), (0, usize::MAX)] {
+        let trunk = DenseTrunk::new(source.clone(), 1..3, budget)
+            .expect("trunk")
+            .with_weight_cache(cache);
         let head = layer(0)
             .forward(&embed(&source, &IDS), pairs.get(&0), &pass)
             .expect("head");
@@ -377,7 +380,7 @@ fn split_gradients_equal_the_unsplit_model_bit_for_bit() {
         assert_eq!(
             grad_bits(&[&tail_grads, &head_grads], &vars),
             expected,
-            "budget {budget}"
+            "budget {budget}, cache {cache}"
         );
     }
 }

@@ -31,7 +31,7 @@ fn serve(
     let part = source.load_part(&plan.trunk(), &Device::Cpu).expect("part");
     let server = TrunkServer::new(part, fingerprint, tls_options(certs))
         .expect("server")
-        .with_training(source.clone(), 1 << 20)
+        .with_training(source.clone(), 1 << 20, 0)
         .expect("training");
     RunningServer::start(server, port, "localhost", true)
 }

@@ -301,11 +301,13 @@ impl Server<Limits> {
     /// The same server also answering split fine-tuning (`TrainTrunk`, `lsplit serve
     /// --training`): the forward and backward passes of its layers of `source`, which must be
     /// the model the trunk was loaded from, with at most `budget` bytes of activations held per
-    /// training session, under the same codecs, limits, token and TLS.
+    /// training session and `weights` bytes of dequantized layers kept for all of them, under
+    /// the same codecs, limits, token and TLS.
     pub fn with_training(
         self,
         source: Arc<ModelSource>,
         budget: usize,
+        weights: usize,
     ) -> Result<Self, ServerError> {
         let (limits, stats, endpoint) = self.into_parts();
         let StatsSource::Trunk(shared) = &stats.source else {
@@ -316,7 +318,7 @@ impl Server<Limits> {
         let train = Arc::new(train::TrainShared::new(
             source,
             shared.fingerprint.clone(),
-            budget,
+            (budget, weights),
             shared.terms.codecs(),
             (&limits, shared.limits_pb()),
             endpoint.transport(),

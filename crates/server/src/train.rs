@@ -48,19 +48,21 @@ pub(crate) struct TrainShared {
 
 impl TrainShared {
     /// Training over the layers of `fingerprint` of `source`, each session keeping at most
-    /// `budget` bytes of layer inputs, offering `codecs`, within the trunk's `limits` (announced
+    /// `budget` bytes of layer inputs, all of them `weights` bytes of dequantized layers,
+    /// offering `codecs`, within the trunk's `limits` (announced
     /// as `announced`).
     pub(crate) fn new(
         source: Arc<ModelSource>,
         fingerprint: TrunkFingerprint,
-        budget: usize,
+        (budget, weights): (usize, usize),
         codecs: &[Codec],
         (limits, announced): (&Limits, pb::Limits),
         transport: &TransportLimits,
     ) -> Result<Self, ServerError> {
         let hidden_size = source.config().hidden_size;
         let trunk = DenseTrunk::new(source, fingerprint.layers.clone(), budget)
-            .map_err(|e| ServerError::Config(e.to_string()))?;
+            .map_err(|e| ServerError::Config(e.to_string()))?
+            .with_weight_cache(weights);
         let terms = Terms::new(TRAIN, codecs, fingerprint.sha256, &fingerprint)?;
         let sessions = Sessions::new(TRAIN, limits.max_sessions, limits.idle_timeout, transport)?;
         Ok(Self {

@@ -119,7 +119,7 @@ fn training_passes_match_the_in_process_trunk_and_refuse_what_is_out_of_order() 
         .expect("trunk part");
     let server = TrunkServer::new(part, fingerprint.clone(), tls_options(&certs))
         .expect("server")
-        .with_training(source.clone(), 0)
+        .with_training(source.clone(), 0, usize::MAX)
         .expect("training");
     let server = RunningServer::start(server, 0, "localhost", true);
     let open = |version: u32| pb::TrainOpen {

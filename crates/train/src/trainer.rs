@@ -192,7 +192,8 @@ impl Trainer {
             let row_grad = tail_grads
                 .get(tail_in.as_tensor())
                 .ok_or_else(|| TrainError::Trunk("no gradient reached the tail's input".into()))?;
-            let up_grad = self.trunk.backward(row_grad)?;
+            // Detached: what crosses to the trunk and back is values, never a graph.
+            let up_grad = self.trunk.backward(&row_grad.detach())?.detach();
             let head_grads = match head_out {
                 Some(rows) => Some((rows * up_grad)?.sum_all()?.backward()?),
                 None => None,
@@ -201,10 +202,10 @@ impl Trainer {
                 let grad = tail_grads
                     .get(var.as_tensor())
                     .or_else(|| head_grads.as_ref().and_then(|g| g.get(var.as_tensor())));
-                if let Some(grad) = grad {
+                if let Some(grad) = grad.map(Tensor::detach) {
                     *sum = Some(match sum.take() {
                         Some(s) => (s + grad)?,
-                        None => grad.clone(),
+                        None => grad,
                     });
                 }
             }

@@ -21,6 +21,10 @@ use crate::args::{CloudArgs, SplitArgs};
 /// passes; the rest are recomputed.
 const TRUNK_BUDGET: usize = 256 << 20;
 
+/// Bytes of dequantized trunk layers the in-process trunk keeps between passes (SmolLM2-135M's
+/// 26 trunk layers take 370 MB); layers past it are read again at each pass.
+const TRUNK_WEIGHTS: usize = 1 << 30;
+
 /// Options of `lsplit finetune`.
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
@@ -173,7 +177,8 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
                 Some(plan) => plan,
                 None => SplitPlan::new(layers, layers, layers)?,
             };
-            let local = DenseTrunk::new(source.clone(), plan.k1..plan.k2, TRUNK_BUDGET)?;
+            let local = DenseTrunk::new(source.clone(), plan.k1..plan.k2, TRUNK_BUDGET)?
+                .with_weight_cache(TRUNK_WEIGHTS);
             (plan, Box::new(LocalTrainTrunk::new(local)))
         }
     };

@@ -118,6 +118,10 @@ pub struct ServeArgs {
     /// passes; the rest are recomputed
     #[arg(long, default_value_t = 64, requires = "training")]
     pub training_budget_mib: usize,
+    /// MiB of the trunk's layers kept dequantized (f32) for training sessions, shared by all of
+    /// them; layers past it are dequantized at each pass
+    #[arg(long, default_value_t = 1024, requires = "training")]
+    pub training_weights_mib: usize,
     /// Threads for the network (TLS, HTTP/2, sessions) [default: a quarter of the cores, at
     /// least one]; the trunk's compute uses its own pool (RAYON_NUM_THREADS)
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -350,7 +354,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let scheme = scheme(&options.access.tls);
     let mut server = TrunkServer::new(part, fingerprint.clone(), options)?;
     if args.training {
-        server = server.with_training(Arc::new(source), args.training_budget_mib << 20)?;
+        server = server.with_training(
+            Arc::new(source),
+            args.training_budget_mib << 20,
+            args.training_weights_mib << 20,
+        )?;
     }
     let stats = server.stats();
     serve_until_signal(
