@@ -27,6 +27,9 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     /// Draw an image with Stable Diffusion, the UNet split between this device and a trunk.
     Image(commands::image::ImageArgs),
+    /// Train a LoRA adapter on the device's layers on your own data, the trunk computing its
+    /// forward and backward passes in-process or on a trunk server.
+    Finetune(commands::finetune::FinetuneArgs),
     /// Show what each part of a split holds: layers, tensors, parameters, bytes.
     Inspect(commands::inspect::InspectArgs),
     /// Measure prefill and decode speed, unsplit and split, in one run.
@@ -74,6 +77,7 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Generate(args) => commands::generate::run(args),
         Command::Image(args) => commands::image::run(args),
+        Command::Finetune(args) => commands::finetune::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::TrunkCheck(args) => commands::trunk_check::run(args),

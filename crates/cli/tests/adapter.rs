@@ -8,9 +8,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
-use common::{lsplit, stderr, stdout};
+use common::{TinyServer, lsplit, stderr, stdout};
 use lsplit_model::{ModelSource, TrunkFingerprint};
 
 fn data(name: &str) -> String {
@@ -238,57 +237,6 @@ fn inspect_shows_which_part_holds_the_adapter() {
     );
 }
 
-/// An `lsplit serve` of the tiny model over TLS; killed when dropped.
-struct Server {
-    child: Child,
-    banner: String,
-    port: u16,
-}
-
-impl Server {
-    fn start(pki: &Path, split: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lsplit"))
-            .env("LSPLIT_LOG", "warn")
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--split",
-                split,
-                "--model",
-            ])
-            .arg(data("tiny-llama-hf"))
-            .arg("--cert")
-            .arg(pki.join("pki/server.pem"))
-            .arg("--key")
-            .arg(pki.join("pki/server.key"))
-            .arg("--token-file")
-            .arg(pki.join("token"))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn lsplit serve");
-        let announced = lsplit_testkit::process::announced(&mut child, false);
-        Self {
-            child,
-            banner: announced.banner,
-            port: announced.port,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("https://localhost:{}", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn the_server_never_sees_a_device_adapter_and_announces_its_own() {
     let pki = tempfile::tempdir().expect("tempdir");
@@ -299,7 +247,7 @@ fn the_server_never_sees_a_device_adapter_and_announces_its_own() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     std::fs::write(pki.path().join("token"), "s3cret\n").expect("token");
-    let cloud = |server: &Server| -> Vec<String> {
+    let cloud = |server: &TinyServer| -> Vec<String> {
         let file = |name: &str| -> PathBuf { pki.path().join(name) };
         vec![
             "--cloud".into(),
@@ -316,7 +264,7 @@ fn the_server_never_sees_a_device_adapter_and_announces_its_own() {
 
     // A plain server: its fingerprint is the public weights', and a device with its own
     // adapter on layers 0 and 3 generates what it does alone.
-    let server = Server::start(pki.path(), "1:3", &[]);
+    let server = TinyServer::start(pki.path(), "1:3", &[]);
     assert!(
         server.banner.contains(&base(1..3).to_string()) && !server.banner.contains("adapter"),
         "{}",
@@ -353,7 +301,7 @@ fn the_server_never_sees_a_device_adapter_and_announces_its_own() {
 
     // Adapting them, it announces a fingerprint of its own, which devices holding the public
     // weights refuse.
-    let server = Server::start(pki.path(), "0:4", &["--adapter", &adapter]);
+    let server = TinyServer::start(pki.path(), "0:4", &["--adapter", &adapter]);
     assert!(
         server.banner.contains(&format!(
             "with adapter {adapter} (LoRA r 4, alpha 8, q_proj, k_proj, v_proj, o_proj, \

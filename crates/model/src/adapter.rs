@@ -242,11 +242,7 @@ impl Adapter {
                 config.num_layers
             )));
         }
-        let scale = if peft.use_rslora {
-            peft.lora_alpha / (peft.r as f64).sqrt()
-        } else {
-            peft.lora_alpha / peft.r as f64
-        };
+        let scale = lora_scale(peft.lora_alpha, peft.r, peft.use_rslora);
 
         let limit = layers.len() as u64
             * targets
@@ -399,6 +395,76 @@ impl Adapter {
     }
 }
 
+/// The factor of a LoRA update: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+pub fn lora_scale(alpha: f64, rank: usize, rslora: bool) -> f64 {
+    if rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
+/// What an adapter written by [`write_peft`] is, besides its matrices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraShape {
+    /// The rank `r`.
+    pub rank: usize,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// rsLoRA's scale, `alpha / sqrt(r)`.
+    pub rslora: bool,
+    /// The projections updated, in each of `layers`.
+    pub targets: Vec<Target>,
+    /// The model layers updated (`layers_to_transform`).
+    pub layers: Vec<usize>,
+}
+
+/// Writes an adapter in PEFT's format into `dir` (created if needed): `adapter_config.json` and
+/// `adapter_model.safetensors` with `matrices`, each `(A (r, in), B (out, r))` by layer and
+/// target in the row order of the model's file; for a GGUF model the query and key `B` rows go
+/// back to Hugging Face's order, so that Python peft and [`Adapter::open`] both read it.
+pub fn write_peft(
+    dir: &Path,
+    shape: &LoraShape,
+    matrices: &BTreeMap<(usize, Target), (Tensor, Tensor)>,
+    config: &LlamaConfig,
+    format: ModelFormat,
+) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut tensors = std::collections::HashMap::new();
+    for (&(layer, target), (a, b)) in matrices {
+        let b = match (format, target) {
+            (ModelFormat::Gguf, Target::Q) => deinterleave_heads(b, config.num_heads)?,
+            (ModelFormat::Gguf, Target::K) => deinterleave_heads(b, config.num_kv_heads)?,
+            _ => b.clone(),
+        };
+        tensors.insert(name(layer, target, Half::A), a.contiguous()?);
+        tensors.insert(name(layer, target, Half::B), b.contiguous()?);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+    let modules: Vec<&str> = shape.targets.iter().map(|t| t.module()).collect();
+    let json = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": shape.rank,
+        "lora_alpha": shape.alpha,
+        "use_rslora": shape.rslora,
+        "lora_dropout": 0.0,
+        "target_modules": modules,
+        "layers_to_transform": shape.layers,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+    });
+    let path = dir.join("adapter_config.json");
+    let text = serde_json::to_string_pretty(&json).expect("a JSON value serializes");
+    std::fs::write(&path, text).map_err(io(&path))
+}
+
 /// Which of a LoRA pair's matrices a tensor is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Half {
@@ -510,6 +576,16 @@ fn layer_list(value: &serde_json::Value) -> std::result::Result<BTreeSet<usize>,
         serde_json::Value::Array(items) => items.iter().map(index).collect(),
         single => Ok(BTreeSet::from([index(single)?])),
     }
+}
+
+/// The inverse of [`interleave_heads`]: GGUF's rows of `b` back in Hugging Face's order.
+fn deinterleave_heads(b: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, r) = b.dims2()?;
+    let half = rows / heads / 2;
+    Ok(b.reshape((heads, half, 2, r))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, r))?)
 }
 
 /// The rows of `b (heads * head_dim, r)` in GGUF's order: within each head, the two halves

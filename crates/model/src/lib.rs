@@ -18,8 +18,9 @@ mod kernels;
 mod llama;
 mod plan;
 mod source;
+mod train;
 
-pub use adapter::{Adapter, Target};
+pub use adapter::{Adapter, LoraShape, Target, lora_scale, write_peft};
 pub use cache::{KvCache, KvPrecision};
 pub use config::{LlamaConfig, RopeScaling};
 pub use device::ComputeDevice;
@@ -29,6 +30,9 @@ pub use kernels::KernelPath;
 pub use llama::{MAX_STEP_ROWS, ModelPart, on_pool};
 pub use plan::{PartKind, PartSpec, SplitPlan};
 pub use source::{ModelFormat, ModelSource, TensorRecord, TokenizerSource};
+pub use train::{
+    DenseLayer, DenseOutput, DenseTrunk, LayerPairs, LoraPair, Pass, TrunkActivations,
+};
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, ModelError>;

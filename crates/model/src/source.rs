@@ -54,7 +54,7 @@ impl TensorRecord {
 
 /// What a weight is for, independent of how a file format names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Weight {
+pub(crate) enum Weight {
     Embeddings,
     Output,
     FinalNorm,
@@ -71,7 +71,7 @@ enum Weight {
 }
 
 impl Weight {
-    fn layer(i: usize) -> [Self; 9] {
+    pub(crate) fn layer(i: usize) -> [Self; 9] {
         [
             Self::AttnNorm(i),
             Self::Q(i),
@@ -498,6 +498,19 @@ impl ModelSource {
             device.clone(),
         )
         .map(|part| part.with_kv_precision(self.kv_precision))
+    }
+
+    /// The weights `weights`, checked against the configuration's shapes and read as f32 on
+    /// the CPU (quantized ones dequantized): the training pass's dense copy of one layer or of
+    /// the output head, read when needed so that only that much is held at once.
+    pub(crate) fn dense<const N: usize>(&self, weights: [Weight; N]) -> Result<[Tensor; N]> {
+        let mut loader = Loader::new(self, &Device::Cpu)?;
+        let mut read = Vec::with_capacity(N);
+        for weight in weights {
+            self.record(weight)?;
+            read.push(loader.vector(weight)?);
+        }
+        Ok(read.try_into().expect("one tensor per weight"))
     }
 
     fn tied_output(&self, spec: &PartSpec) -> bool {

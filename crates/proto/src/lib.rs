@@ -33,6 +33,10 @@ pub mod pb {
 /// several positions and their `rewind` (see `proto/trunk.proto`).
 pub const PROTOCOL_VERSION: u32 = 3;
 
+/// The version of the `TrainTrunk` service (split fine-tuning) this build speaks; both ends must
+/// agree exactly. Version 1: `Forward` and `Backward` passes (see `proto/trunk.proto`).
+pub const TRAIN_PROTOCOL_VERSION: u32 = 1;
+
 /// Errors turning protocol messages into the crate's types.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtoError {

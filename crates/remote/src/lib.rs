@@ -19,6 +19,7 @@ mod health;
 mod link;
 mod options;
 mod tls;
+mod train;
 mod trunk;
 
 pub use diffusion::{DiffusionServerInfo, RemoteDiffusionTrunk};
@@ -26,4 +27,5 @@ pub use error::RemoteError;
 pub use health::{ServingStatus, TRUNK_SERVICE, check_health};
 pub use link::ServerTerms;
 pub use options::{CloudFiles, RemoteOptions};
+pub use train::RemoteTrainTrunk;
 pub use trunk::{RemoteTrunk, ServerInfo};

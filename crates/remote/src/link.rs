@@ -302,6 +302,12 @@ impl<P: Protocol> Link<P> {
         self.kept.clear();
     }
 
+    /// Stops replaying the session's kept requests on later streams (a training session keeps
+    /// only its latest forward pass).
+    pub(crate) fn forget(&mut self) {
+        self.kept.clear();
+    }
+
     /// Opens the session's stream now, unless one is open.
     pub(crate) fn open(&mut self) -> Result<(), RemoteError> {
         self.retrying(None).map(|_| ())

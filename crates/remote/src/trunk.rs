@@ -36,15 +36,7 @@ impl Protocol for Offering<Codec> {
         welcome: pb::HandshakeReply,
         tls: Option<String>,
     ) -> Result<ServerInfo, RemoteError> {
-        let protocol = |e: ProtoError| RemoteError::Protocol(e.to_string());
-        let fingerprint = welcome
-            .fingerprint
-            .as_ref()
-            .ok_or(ProtoError::Missing("fingerprint"))
-            .and_then(fingerprint_from_pb)
-            .map_err(protocol)?;
-        let codec = codec_from_pb(welcome.codec).map_err(protocol)?;
-        ServerTerms::new(fingerprint, codec, welcome.limits, tls)
+        server_info(welcome, tls)
     }
 
     fn hello(&self) -> pb::HandshakeRequest {
@@ -68,6 +60,23 @@ impl Protocol for Offering<Codec> {
             (Some(RequestKind::Step(sent)), Some(ReplyKind::Step(out))) if out.step == sent.step
         )
     }
+}
+
+/// The terms of a language-model trunk's handshake reply (the trunk's and the training
+/// service's) over a connection of `tls`.
+pub(crate) fn server_info(
+    welcome: pb::HandshakeReply,
+    tls: Option<String>,
+) -> Result<ServerInfo, RemoteError> {
+    let protocol = |e: ProtoError| RemoteError::Protocol(e.to_string());
+    let fingerprint = welcome
+        .fingerprint
+        .as_ref()
+        .ok_or(ProtoError::Missing("fingerprint"))
+        .and_then(fingerprint_from_pb)
+        .map_err(protocol)?;
+    let codec = codec_from_pb(welcome.codec).map_err(protocol)?;
+    ServerTerms::new(fingerprint, codec, welcome.limits, tls)
 }
 
 impl Announced for pb::Limits {

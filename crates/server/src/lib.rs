@@ -24,12 +24,13 @@ mod service;
 mod session_loop;
 mod terms;
 mod tls;
+mod train;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use lsplit_model::{ModelPart, TrunkFingerprint};
+use lsplit_model::{ModelPart, ModelSource, TrunkFingerprint};
 use lsplit_wire::Codec;
 
 pub use crate::certs::DevCertificates;
@@ -297,5 +298,39 @@ impl Server<Limits> {
             source: StatsSource::Trunk(shared),
         };
         Ok(Self::with(options.limits, stats, endpoint))
+    }
+
+    /// The same server also answering split fine-tuning (`TrainTrunk`, `lsplit serve
+    /// --training`): the forward and backward passes of its layers of `source`, which must be
+    /// the model the trunk was loaded from, with at most `budget` bytes of activations held per
+    /// training session and `weights` bytes of dequantized layers kept for all of them, under
+    /// the same codecs, limits, token and TLS.
+    pub fn with_training(
+        self,
+        source: Arc<ModelSource>,
+        budget: usize,
+        weights: usize,
+    ) -> Result<Self, ServerError> {
+        let (limits, stats, endpoint) = self.into_parts();
+        let StatsSource::Trunk(shared) = &stats.source else {
+            return Err(ServerError::Config(
+                "training is served for language models only".into(),
+            ));
+        };
+        let train = Arc::new(train::TrainShared::new(
+            source,
+            shared.fingerprint.clone(),
+            (budget, weights),
+            shared.terms.codecs(),
+            (&limits, shared.limits_pb()),
+            endpoint.transport(),
+        )?);
+        let service = GrpcServer::new(
+            train.clone(),
+            train.sessions.clone(),
+            limits.max_message_bytes,
+        );
+        let endpoint = endpoint.also(service);
+        Ok(Self::with(limits, stats, endpoint))
     }
 }

@@ -37,6 +37,11 @@ impl<L> Server<L> {
         }
     }
 
+    /// Its limits, counters and endpoint, to build on.
+    pub(crate) fn into_parts(self) -> (L, ServerStats, Endpoint) {
+        (self.limits, self.stats, self.endpoint)
+    }
+
     /// Counters that stay readable while the server runs.
     pub fn stats(&self) -> ServerStats {
         self.stats.clone()
@@ -80,6 +85,8 @@ pub(crate) struct Endpoint {
     routes: Routes,
     reporter: HealthReporter,
     name: &'static str,
+    /// The bearer token every service of the endpoint requires.
+    token: Option<String>,
     tls: Option<TlsFiles>,
     transport: TransportLimits,
     /// Completes, with the reason, if the server can no longer serve (its worker died).
@@ -98,17 +105,30 @@ impl Endpoint {
             tls,
             transport,
         } = access;
-        let service = InterceptedService::new(service, TokenCheck::new(token));
+        let service = InterceptedService::new(service, TokenCheck::new(token.clone()));
         let reporter = HealthReporter::new();
         let health = BoundedHealth::server(reporter.clone(), transport.max_health_watches);
         Self {
             routes: Routes::new(health).add_service(service),
             reporter,
             name: GrpcServer::<S>::NAME,
+            token,
             tls,
             transport,
             fatal: None,
         }
+    }
+
+    /// The endpoint serving `service` too, behind the same token, TLS and transport caps.
+    pub(crate) fn also<S: Served>(mut self, service: GrpcServer<S>) -> Self {
+        let service = InterceptedService::new(service, TokenCheck::new(self.token.clone()));
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// The transport caps it serves within.
+    pub(crate) fn transport(&self) -> &TransportLimits {
+        &self.transport
     }
 
     /// Ends serving with an error, health turned `NOT_SERVING`, when `fatal` completes.
@@ -130,6 +150,7 @@ impl Endpoint {
             routes,
             reporter,
             name,
+            token: _,
             tls,
             transport,
             fatal,

@@ -23,9 +23,9 @@ pub(crate) struct Shared {
     part: Arc<ModelPart>,
     hidden_size: usize,
     kv_bytes_per_position: u64,
-    fingerprint: TrunkFingerprint,
-    terms: Terms<Codec>,
-    limits: Limits,
+    pub(crate) fingerprint: TrunkFingerprint,
+    pub(crate) terms: Terms<Codec>,
+    pub(crate) limits: Limits,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) kv_reserved: AtomicU64,
     pub(crate) engine: Engine,
@@ -67,7 +67,8 @@ impl Shared {
         })
     }
 
-    fn limits_pb(&self) -> pb::Limits {
+    /// The limits the handshake announces.
+    pub(crate) fn limits_pb(&self) -> pb::Limits {
         pb::Limits {
             max_sessions: self.limits.max_sessions as u32,
             max_context: self.limits.max_context as u32,
@@ -85,17 +86,26 @@ impl Served for Shared {
     type Session = SessionState;
 
     fn welcome(&self, hello: pb::HandshakeRequest) -> Result<pb::HandshakeReply, Status> {
-        let codec = |c| codec_from_pb(c).ok();
-        let codec = self
-            .terms
-            .agree(hello.protocol_version, &hello.codecs, codec)?;
-        Ok(pb::HandshakeReply {
-            protocol_version: self.terms.version(),
-            codec: codec_to_pb(codec) as i32,
-            fingerprint: Some(fingerprint_to_pb(&self.fingerprint)),
-            limits: Some(self.limits_pb()),
-        })
+        welcome(&self.terms, &self.fingerprint, self.limits_pb(), hello)
     }
+}
+
+/// The handshake's reply to `hello` of a service of a language-model trunk (`Trunk`, and
+/// `TrainTrunk` beside it) on `terms`, announcing `fingerprint` and `limits`.
+pub(crate) fn welcome(
+    terms: &Terms<Codec>,
+    fingerprint: &TrunkFingerprint,
+    limits: pb::Limits,
+    hello: pb::HandshakeRequest,
+) -> Result<pb::HandshakeReply, Status> {
+    let codec = |c| codec_from_pb(c).ok();
+    let codec = terms.agree(hello.protocol_version, &hello.codecs, codec)?;
+    Ok(pb::HandshakeReply {
+        protocol_version: terms.version(),
+        codec: codec_to_pb(codec) as i32,
+        fingerprint: Some(fingerprint_to_pb(fingerprint)),
+        limits: Some(limits),
+    })
 }
 
 /// How statuses name the trunk's sessions; closing one frees its share of the KV budget.

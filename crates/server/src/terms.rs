@@ -74,6 +74,11 @@ impl<C: Copy + PartialEq + Display> Terms<C> {
         })
     }
 
+    /// The codecs this server serves.
+    pub(crate) fn codecs(&self) -> &[C] {
+        &self.codecs
+    }
+
     /// The protocol version this server speaks.
     pub(crate) fn version(&self) -> u32 {
         self.protocol.version

@@ -6,6 +6,7 @@ pub mod cert;
 pub mod codec_quality;
 pub mod edge;
 pub mod fetch;
+pub mod finetune;
 pub mod generate;
 pub mod health;
 pub mod image;

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -109,6 +110,18 @@ pub struct ServeArgs {
     /// MiB all sessions' KV caches may hold together
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mib: u64,
+    /// Also serve split fine-tuning (`lsplit finetune --cloud`): the forward and backward
+    /// passes of the trunk's layers, computed on the CPU in f32 one layer at a time
+    #[arg(long, conflicts_with = "adapter")]
+    pub training: bool,
+    /// MiB of layer inputs one training session keeps between its forward and backward
+    /// passes; the rest are recomputed
+    #[arg(long, default_value_t = 64, requires = "training")]
+    pub training_budget_mib: usize,
+    /// MiB of the trunk's layers kept dequantized (f32) for training sessions, shared by all of
+    /// them; layers past it are dequantized at each pass
+    #[arg(long, default_value_t = 1024, requires = "training")]
+    pub training_weights_mib: usize,
     /// Threads for the network (TLS, HTTP/2, sessions) [default: a quarter of the cores, at
     /// least one]; the trunk's compute uses its own pool (RAYON_NUM_THREADS)
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -339,15 +352,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         batch_wait: Duration::from_secs_f64(args.batch_wait_ms / 1000.0),
     };
     let scheme = scheme(&options.access.tls);
-    let server = TrunkServer::new(part, fingerprint.clone(), options)?;
+    let mut server = TrunkServer::new(part, fingerprint.clone(), options)?;
+    if args.training {
+        server = server.with_training(
+            Arc::new(source),
+            args.training_budget_mib << 20,
+            args.training_weights_mib << 20,
+        )?;
+    }
     let stats = server.stats();
     serve_until_signal(
         &args,
         stats,
         |addr| {
             format!(
-                "lsplit serve: trunk {fingerprint} (on {}){adapted} on {scheme}://{addr}",
-                args.device
+                "lsplit serve: trunk {fingerprint} (on {}){adapted}{} on {scheme}://{addr}",
+                args.device,
+                if args.training { ", training too" } else { "" }
             )
         },
         |listener, shutdown, drain| server.serve_draining(listener, shutdown, drain),

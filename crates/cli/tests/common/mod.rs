@@ -51,3 +51,63 @@ pub fn python() -> PathBuf {
     );
     python
 }
+
+/// The tiny Hugging Face model of `crates/model/tests`.
+pub fn tiny_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/data/tiny-llama-hf")
+}
+
+/// An `lsplit serve` of the tiny model over TLS; killed when dropped.
+pub struct TinyServer {
+    child: std::process::Child,
+    /// What it printed first: `lsplit serve: trunk ... on https://ADDR`.
+    pub banner: String,
+    port: u16,
+}
+
+impl TinyServer {
+    /// Serves layers `split` with the certificate and key of `pki/pki` (as `lsplit cert`
+    /// writes them) and the token in `pki/token`, with `extra` flags.
+    pub fn start(pki: &std::path::Path, split: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lsplit"))
+            .env("LSPLIT_LOG", "warn")
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--split",
+                split,
+                "--model",
+            ])
+            .arg(tiny_model())
+            .arg("--cert")
+            .arg(pki.join("pki/server.pem"))
+            .arg("--key")
+            .arg(pki.join("pki/server.key"))
+            .arg("--token-file")
+            .arg(pki.join("token"))
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn lsplit serve");
+        let announced = lsplit_testkit::process::announced(&mut child, false);
+        Self {
+            child,
+            banner: announced.banner,
+            port: announced.port,
+        }
+    }
+
+    /// Its address.
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+}
+
+impl Drop for TinyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

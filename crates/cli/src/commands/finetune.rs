@@ -1,0 +1,267 @@
+//! `lsplit finetune`: train a LoRA adapter on the device's layers (head and tail) on the user's
+//! own data, while the trunk computes its layers' forward and backward passes, in-process or on
+//! a trunk server (`--cloud`), which sees hidden rows and their gradients only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use lsplit_model::{DenseTrunk, ModelSource, SplitPlan, Target, TrunkFingerprint};
+use lsplit_remote::RemoteTrainTrunk;
+use lsplit_split::load_tokenizer;
+use lsplit_train::{Dataset, LocalTrainTrunk, Schedule, TrainOptions, TrainTrunk, Trainer};
+use lsplit_wire::Codec;
+
+use crate::args::{CloudArgs, SplitArgs};
+
+/// Bytes of layer inputs the in-process trunk keeps between a step's forward and backward
+/// passes; the rest are recomputed.
+const TRUNK_BUDGET: usize = 256 << 20;
+
+/// Bytes of dequantized trunk layers the in-process trunk keeps between passes (SmolLM2-135M's
+/// 26 trunk layers take 370 MB); layers past it are read again at each pass.
+const TRUNK_WEIGHTS: usize = 1 << 30;
+
+/// Options of `lsplit finetune`.
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// Training data: JSONL, one {"text": ...} or {"messages": [{"role", "content"}...]} per
+    /// line (with messages, the assistant's turns are what is learnt)
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Where the adapter goes, in PEFT's format (adapter_config.json,
+    /// adapter_model.safetensors); checkpoints go to DIR/checkpoint
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// A GGUF file or a Hugging Face model directory [default: SmolLM2-135M-Instruct Q4_1,
+    /// fetched on first use]
+    #[arg(long, short = 'm', value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub split: SplitArgs,
+    /// Optimizer steps
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub steps: usize,
+    /// Peak learning rate
+    #[arg(long, value_name = "X", default_value_t = 1e-3)]
+    pub lr: f64,
+    /// LoRA rank
+    #[arg(long, value_name = "R", default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha [default: twice the rank]
+    #[arg(long, value_name = "ALPHA")]
+    pub alpha: Option<f64>,
+    /// Scale the update by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
+    #[arg(long)]
+    pub rslora: bool,
+    /// Projections adapted in each device layer: q, k, v, o, gate, up, down, comma-separated
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "q,k,v,o,gate,up,down"
+    )]
+    pub targets: Vec<String>,
+    /// Examples whose gradients are summed into each step
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub accumulate: usize,
+    /// Steps of linear warmup [default: a tenth of the steps]
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<usize>,
+    /// The learning rate after warmup
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    pub schedule: ScheduleArg,
+    /// AdamW's decoupled weight decay
+    #[arg(long, value_name = "X", default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Share of the examples held out to measure the loss on, before and after
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.1)]
+    pub eval_fraction: f64,
+    /// Longest training sequence in tokens; longer ones are cut into windows
+    #[arg(long, value_name = "TOKENS", default_value_t = 256)]
+    pub max_len: usize,
+    /// Write a checkpoint to OUT/checkpoint every N steps (0: only at the end)
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// Continue the run checkpointed in OUT/checkpoint
+    #[arg(long)]
+    pub resume: bool,
+    /// Seeds the adapter's initialisation, the held-out draw and the order of examples
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub cloud: CloudArgs,
+    /// How rows and gradients are encoded to and from the trunk server: f32 (exact), f16,
+    /// bf16, int8
+    #[arg(long, default_value_t = Codec::F32, requires = "cloud")]
+    pub codec: Codec,
+}
+
+/// `--schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    /// Half a cosine down to 0
+    Cosine,
+    /// A line down to 0
+    Linear,
+    /// Held
+    Constant,
+}
+
+impl From<ScheduleArg> for Schedule {
+    fn from(arg: ScheduleArg) -> Self {
+        match arg {
+            ScheduleArg::Cosine => Schedule::Cosine,
+            ScheduleArg::Linear => Schedule::Linear,
+            ScheduleArg::Constant => Schedule::Constant,
+        }
+    }
+}
+
+/// The targets `--targets` names.
+fn targets(names: &[String]) -> anyhow::Result<Vec<Target>> {
+    names
+        .iter()
+        .map(|name| {
+            let name = name.trim();
+            Target::ALL
+                .into_iter()
+                .find(|t| t.module() == name || t.module().strip_suffix("_proj") == Some(name))
+                .with_context(|| {
+                    format!("--targets: unknown projection `{name}` (q, k, v, o, gate, up, down)")
+                })
+        })
+        .collect()
+}
+
+/// Runs the command.
+pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
+    let path = match &args.model {
+        Some(path) => path.clone(),
+        None => lsplit_fetch::ensure_default_model_with_progress()?,
+    };
+    let source = Arc::new(ModelSource::open(&path)?);
+    let layers = source.config().num_layers;
+    let tokenizer = load_tokenizer(&source)
+        .with_context(|| format!("building the tokenizer of {}", path.display()))?;
+    let data = Dataset::read(
+        &args.data,
+        &tokenizer,
+        args.max_len,
+        args.eval_fraction,
+        args.seed,
+    )?;
+    let (plan, trunk): (SplitPlan, Box<dyn TrainTrunk>) = match args.cloud.files()? {
+        Some(files) => {
+            anyhow::ensure!(
+                args.split.split.is_none()
+                    && args.split.local_layers.is_none()
+                    && !args.split.no_split,
+                "--cloud: the split comes from the trunk server; leave out --split, -n and --no-split"
+            );
+            let mut options = files.options()?;
+            options.codecs = vec![args.codec];
+            let remote = RemoteTrainTrunk::connect(options)
+                .with_context(|| format!("connecting to the trunk server {}", files.url))?;
+            let layers_there = remote.layers();
+            remote.verify(&TrunkFingerprint::compute(&source, layers_there.clone())?)?;
+            let plan = SplitPlan::new(layers_there.start, layers_there.end, layers)?;
+            (plan, Box::new(remote))
+        }
+        None => {
+            args.cloud.auth.check_needed(false)?;
+            let plan = match args.split.plan(layers)? {
+                Some(plan) => plan,
+                None => SplitPlan::new(layers, layers, layers)?,
+            };
+            let local = DenseTrunk::new(source.clone(), plan.k1..plan.k2, TRUNK_BUDGET)?
+                .with_weight_cache(TRUNK_WEIGHTS);
+            (plan, Box::new(LocalTrainTrunk::new(local)))
+        }
+    };
+    let options = TrainOptions {
+        rank: args.rank,
+        alpha: args.alpha.unwrap_or(2.0 * args.rank as f64),
+        rslora: args.rslora,
+        targets: targets(&args.targets)?,
+        lr: args.lr,
+        steps: args.steps,
+        warmup: args.warmup.unwrap_or(args.steps / 10),
+        schedule: args.schedule.into(),
+        accumulate: args.accumulate,
+        weight_decay: args.weight_decay,
+        seed: args.seed,
+    };
+    let mut trainer = Trainer::new(source, plan, options, trunk)?;
+    let checkpoint = args.out.join("checkpoint");
+    if args.resume {
+        trainer.resume(&checkpoint)?;
+        println!("resuming at step {}", trainer.steps_done());
+    }
+    println!(
+        "training {} adapter values on layers {:?} (split {plan}) with {} examples, {} held out",
+        trainer.adapter().params(),
+        trainer.adapter().shape().layers,
+        data.train.len(),
+        data.held_out.len()
+    );
+    if !data.held_out.is_empty() {
+        let before = trainer.evaluate(&data.held_out)?;
+        println!(
+            "held-out loss before: {:.4} (perplexity {:.3}, {} tokens)",
+            before.loss,
+            before.perplexity(),
+            before.tokens
+        );
+    }
+    let start_step = trainer.steps_done();
+    let bar = ProgressBar::new(args.steps as u64).with_position(start_step as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .expect("a valid template"),
+    );
+    let started = Instant::now();
+    let mut tokens = 0;
+    let (mut first, mut last) = (None, None);
+    while trainer.steps_done() < args.steps {
+        let report = trainer.step(&data.train)?;
+        tokens += report.tokens;
+        first.get_or_insert(report.loss);
+        last = Some(report.loss);
+        bar.set_position(report.step as u64);
+        bar.set_message(format!(
+            "loss {:.4} · lr {:.2e} · {:.0} tok/s",
+            report.loss,
+            report.lr,
+            tokens as f64 / started.elapsed().as_secs_f64()
+        ));
+        if args.checkpoint_every > 0 && report.step % args.checkpoint_every == 0 {
+            trainer.checkpoint(&checkpoint)?;
+        }
+    }
+    bar.finish();
+    let seconds = started.elapsed().as_secs_f64();
+    trainer.checkpoint(&checkpoint)?;
+    trainer.save(&args.out)?;
+    if let (Some(first), Some(last)) = (first, last) {
+        println!(
+            "training loss: first step {first:.4}, last step {last:.4}; {:.1} tokens/s over {} steps",
+            tokens as f64 / seconds,
+            trainer.steps_done() - start_step
+        );
+    }
+    if !data.held_out.is_empty() {
+        let after = trainer.evaluate(&data.held_out)?;
+        println!(
+            "held-out loss after: {:.4} (perplexity {:.3}, {} tokens)",
+            after.loss,
+            after.perplexity(),
+            after.tokens
+        );
+    }
+    println!("adapter written to {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! `lsplit finetune` as a user runs it, on the tiny Hugging Face model of `crates/model/tests`:
+//! the held-out loss falls, the adapter it writes is one that `generate --adapter` loads and
+//! that changes the output, a run resumes from its checkpoint, bad options are refused saying
+//! why, and over loopback TLS against `lsplit serve --training` (f32 codec) the adapter comes out
+//! bit for bit the in-process run's.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{TinyServer, lsplit, stderr, stdout};
+
+fn tiny() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../model/tests/data/tiny-llama-hf")
+        .display()
+        .to_string()
+}
+
+/// Twenty lines of text and chat, repeated so that the held-out lines are like the others.
+fn data(dir: &Path) -> PathBuf {
+    let path = dir.join("data.jsonl");
+    let lines: Vec<&str> = (0..10)
+        .flat_map(|_| {
+            [
+                r#"{"text": "the quick brown fox jumps over the lazy dog and the sea"}"#,
+                r#"{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris is the capital."}]}"#,
+            ]
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n")).expect("write data");
+    path
+}
+
+/// `lsplit finetune` of `data` into `out` on the tiny model, at `--split 1:3` unless `extra`
+/// names a split.
+fn finetune(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let (model, data, out) = (
+        tiny(),
+        data.display().to_string(),
+        out.display().to_string(),
+    );
+    let mut args = vec![
+        "finetune", "--data", &data, "--out", &out, "--model", &model, "--lr", "1e-2",
+    ];
+    if !extra.contains(&"--split") {
+        args.extend(["--split", "1:3"]);
+    }
+    args.extend_from_slice(extra);
+    lsplit(&args)
+}
+
+/// The loss of a `held-out loss WHEN: X (...)` line.
+fn held_out(text: &str, when: &str) -> f64 {
+    let prefix = format!("held-out loss {when}: ");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in {text}"));
+    line.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a loss")
+}
+
+fn generate(extra: &[&str]) -> String {
+    let model = tiny();
+    let mut args = vec![
+        "generate",
+        "the quick brown",
+        "--raw",
+        "--model",
+        &model,
+        "--max-tokens",
+        "8",
+        "--split",
+        "1:3",
+    ];
+    args.extend_from_slice(extra);
+    let out = lsplit(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+}
+
+#[test]
+fn finetune_lowers_the_held_out_loss_and_writes_an_adapter_generate_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data(dir.path());
+    let out_dir = dir.path().join("adapter");
+    let out = finetune(
+        &data,
+        &out_dir,
+        &["--steps", "30", "--checkpoint-every", "10"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("on layers [0, 3] (split 1:3) with 18 examples, 2 held out"),
+        "{text}"
+    );
+    let (before, after) = (held_out(&text, "before"), held_out(&text, "after"));
+    assert!(after < 0.5 * before, "held-out loss {before} -> {after}");
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(out_dir.join(file).is_file(), "{file}");
+        assert!(
+            out_dir.join("checkpoint").join(file).is_file(),
+            "checkpoint {file}"
+        );
+    }
+    let adapter = out_dir.display().to_string();
+    assert_ne!(
+        generate(&["--adapter", &adapter]),
+        generate(&[]),
+        "the adapter counts"
+    );
+}
+
+#[test]
+fn a_run_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data(dir.path());
+    let out_dir = dir.path().join("adapter");
+    let first = finetune(
+        &data,
+        &out_dir,
+        &["--steps", "4", "--checkpoint-every", "2"],
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    let second = finetune(&data, &out_dir, &["--steps", "6", "--resume"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    let text = stdout(&second);
+    assert!(text.contains("resuming at step 4"), "{text}");
+    assert!(text.contains("over 2 steps"), "{text}");
+    // Another rank is another run: its checkpoint is refused.
+    let third = finetune(
+        &data,
+        &out_dir,
+        &["--steps", "8", "--resume", "--rank", "2"],
+    );
+    assert!(!third.status.success());
+    assert!(
+        stderr(&third).contains("it is of another run"),
+        "{}",
+        stderr(&third)
+    );
+}
+
+#[test]
+fn bad_options_are_refused_saying_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data(dir.path());
+    let out_dir = dir.path().join("adapter");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--targets", "q,bogus"], "unknown projection `bogus`"),
+        (&["--split", "0:4"], "leaves the device no layers to adapt"),
+        (
+            &["--eval-fraction", "1.5"],
+            "held-out fraction 1.5 is not within [0, 1)",
+        ),
+        (&["--ca", "ca.pem"], "--ca is for a trunk server"),
+    ];
+    for (extra, expected) in cases {
+        let out = finetune(&data, &out_dir, extra);
+        assert!(!out.status.success(), "{extra:?}");
+        assert!(
+            stderr(&out).contains(expected),
+            "{extra:?}: {}",
+            stderr(&out)
+        );
+    }
+    let out = finetune(&dir.path().join("missing.jsonl"), &out_dir, &[]);
+    assert!(stderr(&out).contains("missing.jsonl"), "{}", stderr(&out));
+}
+
+#[test]
+fn finetune_over_tls_writes_the_in_process_adapter_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = lsplit(&[
+        "cert",
+        "--out",
+        &dir.path().join("pki").display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(dir.path().join("token"), "s3cret\n").expect("token");
+    let data = data(dir.path());
+    let steps = ["--steps", "6"];
+    let local = dir.path().join("local");
+    let out = finetune(&data, &local, &steps);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let server = TinyServer::start(dir.path(), "1:3", &["--training"]);
+    assert!(server.banner.contains("training too"), "{}", server.banner);
+    let (ca, token) = (
+        dir.path().join("pki/ca.pem").display().to_string(),
+        dir.path().join("token").display().to_string(),
+    );
+    let url = server.url();
+    let cloud = |out: &Path, token: &str| {
+        let (model, data, out) = (
+            tiny(),
+            data.display().to_string(),
+            out.display().to_string(),
+        );
+        lsplit(&[
+            "finetune",
+            "--data",
+            &data,
+            "--out",
+            &out,
+            "--model",
+            &model,
+            "--lr",
+            "1e-2",
+            "--steps",
+            "6",
+            "--cloud",
+            &url,
+            "--ca",
+            &ca,
+            "--token-file",
+            token,
+        ])
+    };
+    let remote = dir.path().join("remote");
+    let out = cloud(&remote, &token);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("(split 1:3)"), "{}", stdout(&out));
+    let bytes = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).expect("read");
+    assert_eq!(bytes(&remote), bytes(&local));
+
+    // The server's token is required.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "guess\n").expect("token");
+    let out = cloud(&dir.path().join("refused"), &wrong.display().to_string());
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the bearer token is not valid"),
+        "{}",
+        stderr(&out)
+    );
+    drop(server);
+
+    // A server that does not serve training says so.
+    let server = TinyServer::start(dir.path(), "1:3", &[]);
+    let url = server.url();
+    let (model, data_arg, out_arg) = (
+        tiny(),
+        data.display().to_string(),
+        dir.path().join("none").display().to_string(),
+    );
+    let out = lsplit(&[
+        "finetune",
+        "--data",
+        &data_arg,
+        "--out",
+        &out_arg,
+        "--model",
+        &model,
+        "--cloud",
+        &url,
+        "--ca",
+        &ca,
+        "--token-file",
+        &token,
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("TrainTrunk"), "{}", stderr(&out));
+}
