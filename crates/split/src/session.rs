@@ -248,15 +248,17 @@ impl<'m> Session<'m> {
     }
 
     /// Tokens to check after `next` (chosen, not yet run), at most `room`, from the source
-    /// `drafter` picks among those this session has, and that source.
+    /// `drafter` picks among those this session has, that source, and the time spent running
+    /// the sequence so far into a draft model that had not seen it (its prefill, which is no
+    /// part of what drafting a token costs).
     fn draft(
         &mut self,
         drafter: &mut Drafter,
         next: u32,
         room: usize,
-    ) -> Result<(Option<Source>, Vec<u32>), SplitError> {
+    ) -> Result<(Option<Source>, Vec<u32>, Duration), SplitError> {
         if !drafter.drafts() {
-            return Ok((None, Vec::new()));
+            return Ok((None, Vec::new(), Duration::ZERO));
         }
         let mut tokens = self.history.clone();
         tokens.push(next);
@@ -269,8 +271,9 @@ impl<'m> Session<'m> {
             offers.push((Source::Model, room));
         }
         let Some((source, count)) = drafter.plan(&offers) else {
-            return Ok((None, Vec::new()));
+            return Ok((None, Vec::new(), Duration::ZERO));
         };
+        let mut prefill = Duration::ZERO;
         let draft = match (source, &mut self.state, self.model.draft_model()) {
             (Source::Lookup, _, _) => proposal[..count].to_vec(),
             (Source::EarlyExit, State::Split(device), _) => {
@@ -278,12 +281,21 @@ impl<'m> Session<'m> {
             }
             (Source::Model, _, Some(model)) => {
                 let vocab = self.model.parts()[0].config().vocab_size;
-                let cache = self.draft.get_or_insert_with(|| DraftCache::new(model));
+                let cache = match &mut self.draft {
+                    Some(cache) => cache,
+                    None => {
+                        let t = Instant::now();
+                        let mut cache = DraftCache::new(model);
+                        cache.prefill(&self.history)?;
+                        prefill = t.elapsed();
+                        self.draft.insert(cache)
+                    }
+                };
                 cache.draft(&tokens, count, vocab)?
             }
             _ => Vec::new(),
         };
-        Ok((Some(source), draft))
+        Ok((Some(source), draft, prefill))
     }
 
     fn run(&mut self, tokens: &[u32], every_row: bool) -> Result<Vec<Vec<f32>>, SplitError> {
@@ -409,7 +421,12 @@ impl<'m> Session<'m> {
         // `pending[i + 1]`. Without drafting both hold one set of logits and nothing.
         let mut pending = VecDeque::from([prefilled]);
         let mut drafts = VecDeque::<u32>::new();
-        let mut drafter = Drafter::new(options.speculate, self.in_process());
+        // `auto` over a network link goes on from what the device's earlier sessions learnt.
+        let keeps = options.speculate == Speculate::Auto && !self.in_process();
+        let mut drafter = keeps
+            .then(|| self.model.take_drafter())
+            .flatten()
+            .unwrap_or_else(|| Drafter::new(options.speculate, self.in_process()));
         let mut window = Window::default();
         let draft_scale = self.draft_scale();
         let base = self.position - prompt.len();
@@ -472,9 +489,9 @@ impl<'m> Session<'m> {
             } = window;
             drafter.record(source, drafted, kept, time, drafting);
             let t = Instant::now();
-            let (source, draft) = self.draft(&mut drafter, next, room)?;
-            let drafting = t.elapsed();
-            self.stats.drafting += drafting;
+            let (source, draft, prefill) = self.draft(&mut drafter, next, room)?;
+            self.stats.drafting += t.elapsed();
+            let drafting = t.elapsed().saturating_sub(prefill);
             let t = Instant::now();
             if draft.is_empty() {
                 let local = self.stats.head + self.stats.tail;
@@ -509,6 +526,9 @@ impl<'m> Session<'m> {
         }
         self.stats.decode += decode_start.elapsed();
         self.stats.generated_tokens += generated.len();
+        if keeps {
+            self.model.keep_drafter(drafter);
+        }
         if let Some(piece) = decoder.finish()? {
             text.push_str(&piece);
         }

@@ -130,6 +130,10 @@ const PROBE_ROWS: usize = 4;
 /// One-token steps after which `auto`, drafting nothing because it does not pay, probes again
 /// (each source in turn) so that its estimates follow the link.
 const REPROBE_AFTER: usize = 16;
+/// The longest wait between probes: each probe that finds nothing worth drafting doubles the
+/// wait up to this, so that where drafting never pays (a link with no round trip) probes cost
+/// almost nothing; the best-gain rule alone resumes drafting when the link slows down.
+const MAX_REPROBE_AFTER: usize = 32 * REPROBE_AFTER;
 /// Weight of the newest measure in `auto`'s running estimates.
 const NEWEST: f64 = 0.25;
 
@@ -165,7 +169,10 @@ impl Default for Learnt {
 /// `s (p + p^2 + ... + p^k) - (a + b k) - d k`; `auto` drafts from the source and length that
 /// save the most, and nothing when none saves time. A chosen source that runs layers drafts
 /// that source's best length, at least one token.
-#[derive(Debug)]
+///
+/// A device keeps `auto`'s drafter across its sessions (`DeviceModel::keep_drafter`), so a new
+/// generation starts from what earlier ones measured instead of probing again.
+#[derive(Debug, Clone)]
 pub(crate) struct Drafter {
     speculate: Speculate,
     single: Option<f64>,
@@ -173,6 +180,8 @@ pub(crate) struct Drafter {
     learnt: [Learnt; Source::COUNT],
     idle_steps: usize,
     probes: usize,
+    /// One-token steps to wait before the next probe (see [`MAX_REPROBE_AFTER`]).
+    reprobe_after: usize,
 }
 
 fn blend(old: Option<f64>, new: f64) -> f64 {
@@ -180,7 +189,7 @@ fn blend(old: Option<f64>, new: f64) -> f64 {
 }
 /// The extra time of a drafted step against its draft length: running sums of a weighted
 /// least-squares line.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct CostLine {
     n: f64,
     x: f64,
@@ -231,6 +240,7 @@ impl Drafter {
             learnt: [Learnt::default(); Source::COUNT],
             idle_steps: 0,
             probes: 0,
+            reprobe_after: REPROBE_AFTER,
         }
     }
 
@@ -274,9 +284,10 @@ impl Drafter {
             .filter(|&(_, length, _)| length > 0)
             .max_by(|a, b| a.2.total_cmp(&b.2));
         if let Some((source, length, _)) = best {
+            self.reprobe_after = REPROBE_AFTER;
             return Some((source, length));
         }
-        if self.idle_steps < REPROBE_AFTER {
+        if self.idle_steps < self.reprobe_after {
             return None;
         }
         // Probes only sources that draft a token in under half a step: a slower one (a draft
@@ -287,6 +298,7 @@ impl Drafter {
             .collect();
         let &&(source, _) = open.get(self.probes % open.len().max(1))?;
         self.probes += 1;
+        self.reprobe_after = (2 * self.reprobe_after).min(MAX_REPROBE_AFTER);
         let probe = if source == Source::Lookup {
             PROBE_ROWS
         } else {
@@ -504,6 +516,45 @@ mod tests {
         fixed.record(None, 0, 0, ms(5), Duration::ZERO);
         fixed.record(Some(Source::EarlyExit), 4, 0, ms(7), ms(4));
         assert_eq!(fixed.plan(&offers), Some((Source::EarlyExit, 1)));
+    }
+
+    #[test]
+    fn auto_on_a_link_with_no_round_trip_drafts_nothing_and_probes_ever_more_rarely() {
+        let ms = Duration::from_millis;
+        let offers = [
+            (Source::Lookup, 4),
+            (Source::EarlyExit, 8),
+            (Source::Model, 8),
+        ];
+        // Measured on a loopback link: a one-token step takes 10 ms; a step with drafted rows
+        // costs 2x (15 ms more); lookup keeps one drafted token in four, early exit none; the
+        // draft model, as large as the model, is expected to take 9 ms a token.
+        let mut drafter = Drafter::new(Speculate::Auto, false);
+        drafter.record(None, 0, 0, ms(10), Duration::ZERO);
+        drafter.record(Some(Source::Lookup), 4, 1, ms(25), Duration::ZERO);
+        drafter.record(Some(Source::EarlyExit), 1, 0, ms(19), ms(2));
+        drafter.expect(Source::Model, ms(9));
+        let mut probes = Vec::new();
+        for step in 0..1000 {
+            match drafter.plan(&offers) {
+                None => drafter.record(None, 0, 0, ms(10), Duration::ZERO),
+                Some((source, k)) => {
+                    // Each probe confirms that drafting costs more than it saves.
+                    assert!(k <= PROBE_ROWS, "a probe, not a draft: {source:?} {k}");
+                    probes.push(step);
+                    let kept = usize::from(source == Source::Lookup);
+                    drafter.record(Some(source), k, kept, ms(25), ms(2 * k as u64));
+                }
+            }
+        }
+        // The waits double from 16 steps: 5 probes in 1000 steps, never the draft model.
+        assert_eq!(probes, [16, 49, 114, 243, 500], "{probes:?}");
+        // The same estimates on an 80 ms link: lookup pays at once, without a probe.
+        drafter.record(None, 0, 0, ms(80), Duration::ZERO);
+        for _ in 0..8 {
+            drafter.record(None, 0, 0, ms(80), Duration::ZERO);
+        }
+        assert_eq!(drafter.plan(&offers).map(|(s, _)| s), Some(Source::Lookup));
     }
 
     #[test]
