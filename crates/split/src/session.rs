@@ -7,6 +7,8 @@ use lsplit_model::KvCache;
 use crate::capture::{CaptureWriter, Way};
 use crate::device::Parts;
 use crate::draft::DraftCache;
+use crate::lookahead::Lookahead;
+use crate::sampler::argmax;
 use crate::speculate::{Drafter, Source, lookup};
 use crate::step::{DeviceState, Exchange};
 use crate::{
@@ -98,6 +100,8 @@ pub struct Session<'m> {
     capture: Option<CaptureWriter>,
     /// The draft model's cache, made at its first draft.
     draft: Option<DraftCache>,
+    /// Lookahead decoding's Jacobi iterate and n-gram pool.
+    lookahead: Lookahead,
 }
 
 /// The last step's drafting: its source, tokens drafted and kept so far, the step's time and
@@ -164,6 +168,7 @@ impl<'m> Session<'m> {
             stats: Stats::default(),
             capture: None,
             draft: None,
+            lookahead: Lookahead::default(),
         }
     }
 
@@ -263,7 +268,11 @@ impl<'m> Session<'m> {
         let mut tokens = self.history.clone();
         tokens.push(next);
         let proposal = lookup(&tokens, room);
-        let mut offers = vec![(Source::Lookup, proposal.len())];
+        let guesses = self.lookahead.propose(&tokens, room);
+        let mut offers = vec![
+            (Source::Lookup, proposal.len()),
+            (Source::Lookahead, guesses.len()),
+        ];
         if matches!(self.state, State::Split(_)) {
             offers.push((Source::EarlyExit, room));
         }
@@ -276,6 +285,7 @@ impl<'m> Session<'m> {
         let mut prefill = Duration::ZERO;
         let draft = match (source, &mut self.state, self.model.draft_model()) {
             (Source::Lookup, _, _) => proposal[..count].to_vec(),
+            (Source::Lookahead, _, _) => guesses[..count].to_vec(),
             (Source::EarlyExit, State::Split(device), _) => {
                 device.draft_early_exit(next, self.position, count)?
             }
@@ -502,7 +512,13 @@ impl<'m> Session<'m> {
             } else {
                 let mut run = vec![next];
                 run.extend_from_slice(&draft);
-                pending.extend(self.forward_rows(&run)?);
+                let at = self.position;
+                let rows = self.forward_rows(&run)?;
+                if source == Some(Source::Lookahead) {
+                    let outputs: Vec<u32> = rows.iter().map(|row| argmax(row)).collect();
+                    self.lookahead.observe(at, &run, &outputs);
+                }
+                pending.extend(rows);
                 self.stats.drafted_tokens += draft.len();
             }
             window = Window {

@@ -6,10 +6,11 @@
 //! replaced by that pick. The output is therefore exactly that of one-token steps, greedy or
 //! sampled, and a draft source only changes how many round trips it takes.
 //!
-//! Sources: prompt lookup (free), early exit (the device's head straight into its tail,
-//! skipping the trunk, LayerSkip-style: Elhoushi et al. 2024) and a draft model run whole on
-//! the device (Leviathan et al. 2023). The two that run layers draft greedily, token after
-//! token, and leave the caches they used as they found them.
+//! Sources: prompt lookup and lookahead decoding (Fu et al. 2024; `crate::lookahead`), both
+//! free to draft, early exit (the device's head straight into its tail, skipping the trunk,
+//! LayerSkip-style: Elhoushi et al. 2024) and a draft model run whole on the device (Leviathan
+//! et al. 2023). The two that run layers draft greedily, token after token, and leave the
+//! caches they used as they found them.
 
 use std::fmt;
 use std::str::FromStr;
@@ -33,6 +34,9 @@ pub enum Speculate {
     /// Prompt lookup: the tokens that followed the latest earlier occurrence of the last one to
     /// three tokens, in the prompt or in the output so far.
     Lookup,
+    /// Lookahead decoding: Jacobi iterations over a window of guesses, and the n-grams their
+    /// trajectories produced (a causal form of Fu et al. 2024: `crate::lookahead`).
+    Lookahead,
     /// Early exit: the head's output goes straight into the tail, skipping the trunk; local,
     /// no network cost (a split only).
     EarlyExit,
@@ -42,10 +46,11 @@ pub enum Speculate {
 
 impl Speculate {
     /// Every value, in the order `--speculate` lists them.
-    pub const ALL: [Speculate; 5] = [
+    pub const ALL: [Speculate; 6] = [
         Speculate::Off,
         Speculate::Auto,
         Speculate::Lookup,
+        Speculate::Lookahead,
         Speculate::EarlyExit,
         Speculate::Draft,
     ];
@@ -56,6 +61,7 @@ impl Speculate {
             Speculate::Off => "off",
             Speculate::Auto => "auto",
             Speculate::Lookup => "lookup",
+            Speculate::Lookahead => "lookahead",
             Speculate::EarlyExit => "early-exit",
             Speculate::Draft => "draft",
         }
@@ -66,6 +72,7 @@ impl Speculate {
         match self {
             Speculate::Off | Speculate::Auto => None,
             Speculate::Lookup => Some(Source::Lookup),
+            Speculate::Lookahead => Some(Source::Lookahead),
             Speculate::EarlyExit => Some(Source::EarlyExit),
             Speculate::Draft => Some(Source::Model),
         }
@@ -84,8 +91,8 @@ impl FromStr for Speculate {
     fn from_str(s: &str) -> Result<Self, String> {
         Speculate::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| {
             format!(
-                "unknown speculation {s:?}: expected off, auto or lookup, or a source that runs \
-                 layers: early-exit, or draft (with --draft-model)"
+                "unknown speculation {s:?}: expected off, auto, lookup or lookahead, or a source \
+                 that runs layers: early-exit, or draft (with --draft-model)"
             )
         })
     }
@@ -95,15 +102,22 @@ impl FromStr for Speculate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
     Lookup,
+    Lookahead,
     EarlyExit,
     Model,
 }
 
 impl Source {
-    const COUNT: usize = 3;
+    const COUNT: usize = 4;
 
     fn index(self) -> usize {
         self as usize
+    }
+
+    /// True for a source that drafts without running layers: its proposal is made before
+    /// planning and costs nothing to draft.
+    fn free(self) -> bool {
+        matches!(self, Source::Lookup | Source::Lookahead)
     }
 }
 
@@ -262,7 +276,7 @@ impl Drafter {
         if let Some(source) = self.speculate.source() {
             let available = offered(source);
             let length = match (source, self.single) {
-                (Source::Lookup, _) => available,
+                (s, _) if s.free() => available,
                 (_, None) => PROBE_ROWS,
                 (_, Some(single)) => self.best_length(source, single, available).0.max(1),
             };
@@ -299,11 +313,7 @@ impl Drafter {
         let &&(source, _) = open.get(self.probes % open.len().max(1))?;
         self.probes += 1;
         self.reprobe_after = (2 * self.reprobe_after).min(MAX_REPROBE_AFTER);
-        let probe = if source == Source::Lookup {
-            PROBE_ROWS
-        } else {
-            1
-        };
+        let probe = if source.free() { PROBE_ROWS } else { 1 };
         Some((source, probe.min(offered(source))))
     }
 
@@ -316,7 +326,7 @@ impl Drafter {
         // A source that runs layers is first tried with one token, and only where its
         // expected drafting time leaves a gain; with no expectation, it is tried.
         let (per_token, available) = match (source, learnt.per_token, learnt.prior) {
-            (Source::Lookup, ..) => (0.0, available),
+            (s, ..) if s.free() => (0.0, available),
             (_, Some(measured), _) => (measured, available),
             (_, None, Some(prior)) => (prior, available.min(1)),
             (_, None, None) => return (available.min(1), f64::INFINITY),
@@ -340,10 +350,10 @@ impl Drafter {
     /// The measured or expected time `source` takes to draft a token; `None` when unknown.
     fn per_token(&self, source: Source) -> Option<f64> {
         let learnt = &self.learnt[source.index()];
-        match source {
-            Source::Lookup => Some(0.0),
-            _ => learnt.per_token.or(learnt.prior),
+        if source.free() {
+            return Some(0.0);
         }
+        learnt.per_token.or(learnt.prior)
     }
 
     /// Sets the time `source` is expected to take to draft a token until one is measured:
@@ -407,8 +417,8 @@ mod tests {
         }
         assert_eq!(
             "fast".parse::<Speculate>().unwrap_err(),
-            "unknown speculation \"fast\": expected off, auto or lookup, or a source that runs \
-             layers: early-exit, or draft (with --draft-model)"
+            "unknown speculation \"fast\": expected off, auto, lookup or lookahead, or a source \
+             that runs layers: early-exit, or draft (with --draft-model)"
         );
     }
 
