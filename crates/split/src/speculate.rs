@@ -89,12 +89,16 @@ impl FromStr for Speculate {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Speculate::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| {
-            format!(
-                "unknown speculation {s:?}: expected off, auto, lookup or lookahead, or a source \
-                 that runs layers: early-exit, or draft (with --draft-model)"
-            )
-        })
+        Speculate::ALL
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown speculation {s:?}: expected off, auto or lookup or lookahead (sources \
+                 that run no layers), or a source that runs layers: early-exit, or draft (with \
+                 --draft-model)"
+                )
+            })
     }
 }
 
@@ -326,6 +330,9 @@ impl Drafter {
         // A source that runs layers is first tried with one token, and only where its
         // expected drafting time leaves a gain; with no expectation, it is tried.
         let (per_token, available) = match (source, learnt.per_token, learnt.prior) {
+            // A free source is tried once, as long a draft as it offers up to a probe's, before
+            // its chance counts: the prior chance would rank an untried one below a tried one.
+            (s, None, _) if s.free() => return (PROBE_ROWS.min(available), f64::INFINITY),
             (s, ..) if s.free() => (0.0, available),
             (_, Some(measured), _) => (measured, available),
             (_, None, Some(prior)) => (prior, available.min(1)),
@@ -417,8 +424,9 @@ mod tests {
         }
         assert_eq!(
             "fast".parse::<Speculate>().unwrap_err(),
-            "unknown speculation \"fast\": expected off, auto, lookup or lookahead, or a source \
-             that runs layers: early-exit, or draft (with --draft-model)"
+            "unknown speculation \"fast\": expected off, auto or lookup or lookahead (sources that \
+             run no layers), or a source that runs layers: early-exit, or draft (with \
+             --draft-model)"
         );
     }
 
