@@ -89,16 +89,14 @@ impl FromStr for Speculate {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Speculate::ALL
-            .into_iter()
-            .find(|v| v.name() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown speculation {s:?}: expected off, auto or lookup or lookahead (sources \
+        let known = Speculate::ALL.into_iter().find(|v| v.name() == s);
+        known.ok_or_else(|| {
+            format!(
+                "unknown speculation {s:?}: expected off, auto or lookup or lookahead (sources \
                  that run no layers), or a source that runs layers: early-exit, or draft (with \
                  --draft-model)"
-                )
-            })
+            )
+        })
     }
 }
 
@@ -152,6 +150,10 @@ const REPROBE_AFTER: usize = 16;
 /// wait up to this, so that where drafting never pays (a link with no round trip) probes cost
 /// almost nothing; the best-gain rule alone resumes drafting when the link slows down.
 const MAX_REPROBE_AFTER: usize = 32 * REPROBE_AFTER;
+/// The least time a draft must be expected to save, as a share of a one-token step: estimates
+/// are noisy, and a draft that saves next to nothing by them costs time as often as it saves it
+/// (at a low round trip, where a drafted row costs about what it saves).
+const MARGIN: f64 = 0.05;
 /// Weight of the newest measure in `auto`'s running estimates.
 const NEWEST: f64 = 0.25;
 
@@ -185,12 +187,12 @@ impl Default for Learnt {
 /// source, of the chance `p` that a drafted token is kept given the one before it was and of
 /// the time `d` it takes to draft a token. A source that drafts `k` tokens saves
 /// `s (p + p^2 + ... + p^k) - (a + b k) - d k`; `auto` drafts from the source and length that
-/// save the most, and nothing when none saves time. A chosen source that runs layers drafts
-/// that source's best length, at least one token.
+/// save the most, and nothing when none saves more than [`MARGIN`] of a step. A chosen source
+/// that runs layers drafts that source's best length, at least one token.
 ///
 /// A device keeps `auto`'s drafter across its sessions (`DeviceModel::keep_drafter`), so a new
 /// generation starts from what earlier ones measured instead of probing again.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Drafter {
     speculate: Speculate,
     single: Option<f64>,
@@ -207,7 +209,7 @@ fn blend(old: Option<f64>, new: f64) -> f64 {
 }
 /// The extra time of a drafted step against its draft length: running sums of a weighted
 /// least-squares line.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct CostLine {
     n: f64,
     x: f64,
@@ -322,23 +324,27 @@ impl Drafter {
     }
 
     /// The length of `source`'s draft that saves the most time by the estimates, and the time
-    /// it saves; length 0 when none saves any, [`PROBE_ROWS`] (saving without bound) while no
-    /// drafted step has been measured.
+    /// it saves; length 0 when none saves more than [`MARGIN`] of a step, [`PROBE_ROWS`]
+    /// (saving without bound) while no drafted step has been measured.
     fn best_length(&self, source: Source, single: f64, available: usize) -> (usize, f64) {
         let learnt = &self.learnt[source.index()];
-        let chance = learnt.kept / (learnt.kept + learnt.missed);
-        // A source that runs layers is first tried with one token, and only where its
-        // expected drafting time leaves a gain; with no expectation, it is tried.
+        let mut chance = learnt.kept / (learnt.kept + learnt.missed);
         let (per_token, available) = match (source, learnt.per_token, learnt.prior) {
             // A free source is tried once, as long a draft as it offers up to a probe's, before
             // its chance counts: the prior chance would rank an untried one below a tried one.
             (s, None, _) if s.free() => return (PROBE_ROWS.min(available), f64::INFINITY),
             (s, ..) if s.free() => (0.0, available),
             (_, Some(measured), _) => (measured, available),
-            (_, None, Some(prior)) => (prior, available.min(1)),
+            // A source that runs layers is first tried with one token, where that token would
+            // save time if kept given its expected drafting time (a draft model as large as the
+            // model pays only over a slow link); with no expectation, it is tried.
+            (_, None, Some(prior)) => {
+                chance = 1.0;
+                (prior, available.min(1))
+            }
             (_, None, None) => return (available.min(1), f64::INFINITY),
         };
-        let (mut best, mut best_gain) = (0, 0.0);
+        let (mut best, mut best_gain) = (0, MARGIN * single);
         let (mut expected, mut reach) = (0.0, 1.0);
         for k in 1..=available {
             let Some(cost) = self.cost.at(k as f64) else {
@@ -567,12 +573,16 @@ mod tests {
         }
         // The waits double from 16 steps: 5 probes in 1000 steps, never the draft model.
         assert_eq!(probes, [16, 49, 114, 243, 500], "{probes:?}");
-        // The same estimates on an 80 ms link: lookup pays at once, without a probe.
-        drafter.record(None, 0, 0, ms(80), Duration::ZERO);
+        // The same estimates on an 80 ms link: drafting pays at once, without waiting for a
+        // probe, and the draft model, never tried, is tried with one token.
         for _ in 0..8 {
             drafter.record(None, 0, 0, ms(80), Duration::ZERO);
         }
-        assert_eq!(drafter.plan(&offers).map(|(s, _)| s), Some(Source::Lookup));
+        assert!(drafter.plan(&offers).is_some());
+        assert_eq!(
+            drafter.plan(&[(Source::Model, 8)]),
+            Some((Source::Model, 1))
+        );
     }
 
     #[test]
