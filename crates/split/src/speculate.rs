@@ -344,6 +344,13 @@ impl Drafter {
             }
             (_, None, None) => return (available.min(1), f64::INFINITY),
         };
+        // Drafting a token in half a step or more saves at most half a step per token before
+        // its rows' cost, within the estimates' noise: measured, such a source (a draft model as
+        // large as the model, over a fast link) loses time, so `auto` leaves it, as it leaves
+        // it out of probes.
+        if !source.free() && 2.0 * per_token >= single {
+            return (0, 0.0);
+        }
         let (mut best, mut best_gain) = (0, MARGIN * single);
         let (mut expected, mut reach) = (0.0, 1.0);
         for k in 1..=available {
