@@ -593,6 +593,26 @@ mod tests {
     }
 
     #[test]
+    fn auto_leaves_a_source_that_takes_half_a_step_to_draft_a_token() {
+        let ms = Duration::from_millis;
+        let model_only = [(Source::Model, 8)];
+        // A 10 ms step; the draft model drafts 4 tokens in 20 ms, all kept, and its step adds
+        // 1 ms: by the estimates 4 tokens would save about 7 ms, but at 5 ms a token (half a
+        // step) auto leaves it.
+        let mut fast = Drafter::new(Speculate::Auto, false);
+        fast.record(None, 0, 0, ms(10), Duration::ZERO);
+        fast.record(Some(Source::Model), 4, 4, ms(11), ms(20));
+        assert_eq!(fast.plan(&model_only), None);
+        // The same source over an 80 ms link drafts several tokens.
+        for _ in 0..16 {
+            fast.record(None, 0, 0, ms(80), Duration::ZERO);
+        }
+        let (source, length) = fast.plan(&model_only).expect("drafts");
+        assert_eq!(source, Source::Model);
+        assert!(length > 1, "{length}");
+    }
+
+    #[test]
     fn the_cost_line_fits_a_fixed_and_a_per_row_part() {
         let mut line = CostLine::default();
         assert_eq!(line.at(3.0), None);
