@@ -4,9 +4,12 @@
 //! repeat their input, where prompt lookup drafts well), for each `--speculate` source. The
 //! draft model is the default model itself (the only one at hand with its tokenizer). Each
 //! prompt runs every source in turn, so that a loaded machine slows them alike.
-//! Run: `cargo run --release -p lsplit-remote --example speculation_bench`.
+//! Run: `cargo run --release -p lsplit-remote --example speculation_bench` (`-- --help` for
+//! the round trips and the number of prompts).
 
 use std::time::Duration;
+
+use clap::Parser;
 
 use lsplit_netsim::{Netsim, Profile};
 use lsplit_split::{
@@ -15,11 +18,20 @@ use lsplit_split::{
 use lsplit_testkit::llm::*;
 use lsplit_wire::Codec;
 
-/// Prompts of each set (the first of the 24 built-in chat prompts; of the rewrites), and
-/// tokens generated from each prompt.
-const PROMPTS: usize = 4;
+/// Tokens generated from each prompt.
 const TOKENS: usize = 32;
-const ROUND_TRIPS_MS: [u64; 4] = [0, 20, 80, 150];
+
+/// What to measure.
+#[derive(Parser)]
+struct Args {
+    /// Round trips of the simulated link, in milliseconds (0: straight to the server)
+    #[arg(long, value_delimiter = ',', default_value = "0,20,80,150")]
+    round_trips: Vec<u64>,
+    /// Prompts of each set: the first of the 24 built-in chat prompts, and of the 8 rewrites
+    /// (all 8 from 8 on)
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=24))]
+    prompts: u16,
+}
 
 /// Requests whose answers repeat their input.
 const REWRITES: [&str; 8] = [
@@ -60,6 +72,8 @@ impl Total {
 }
 
 fn main() {
+    let args = Args::parse();
+    let prompts = usize::from(args.prompts);
     let path = model_path();
     let certs = lsplit_testkit::certificates();
     let model = device_model(&path, 2, 28, Codec::F32);
@@ -68,14 +82,14 @@ fn main() {
     let model = model.with_draft_model(draft);
     let server = serve(&path, 2, 28, tls_options(&certs));
     let sets: [(&str, Vec<&str>); 2] = [
-        ("chat", codecs::PROMPTS[..PROMPTS].to_vec()),
-        ("rewrite", REWRITES[..PROMPTS].to_vec()),
+        ("chat", codecs::PROMPTS[..prompts].to_vec()),
+        ("rewrite", REWRITES[..prompts.min(REWRITES.len())].to_vec()),
     ];
     println!(
         "| round trip | prompts | source | decode tok/s | x off | tokens per round trip | bytes per token |"
     );
     println!("|---:|---|---|---:|---:|---:|---:|");
-    for rtt in ROUND_TRIPS_MS {
+    for rtt in args.round_trips {
         let link = (rtt > 0).then(|| {
             Netsim::start(server.addr, Profile::round_trip(Duration::from_millis(rtt)))
                 .expect("simulated link")

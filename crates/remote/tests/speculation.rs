@@ -1,6 +1,6 @@
 //! Steps that check drafted tokens, through a real trunk server over TLS behind a simulated
 //! 20 ms round trip: the output is exactly that of one-token steps (greedy and sampled, for
-//! every draft source: lookup, early exit, a draft model, auto among them), the drafts kept
+//! every draft source: lookup, lookahead, early exit, a draft model, auto among them), the drafts kept
 //! save round trips, a server restarted mid-generation is rebuilt by replaying steps and their rewinds,
 //! and sessions that draft still share the server's batches with sessions that do not.
 
@@ -69,7 +69,12 @@ fn drafted_steps_over_a_slow_link_give_the_one_token_output_in_fewer_round_trips
         .expect("simulated link");
     let url = format!("https://127.0.0.1:{}", link.addr().port());
     let options = lsplit_testkit::client_options(&url, &certs, Codec::F32);
-    for speculate in [Speculate::Off, Speculate::Lookup, Speculate::Auto] {
+    for speculate in [
+        Speculate::Off,
+        Speculate::Lookup,
+        Speculate::Lookahead,
+        Speculate::Auto,
+    ] {
         let trunk = remote(&path, options.clone()).expect("connect through the link");
         let generation = run(&model, Box::new(trunk), speculate);
         assert_eq!(generation.tokens, expected.tokens, "{speculate}");
@@ -110,7 +115,12 @@ fn early_exit_and_a_draft_model_over_a_slow_link_give_the_one_token_output() {
             run_sampled(&model, Box::new(trunk), &keys, speculate, sampling.clone())
         };
         let off = generate(Speculate::Off);
-        for speculate in [Speculate::EarlyExit, Speculate::Draft, Speculate::Auto] {
+        for speculate in [
+            Speculate::EarlyExit,
+            Speculate::Draft,
+            Speculate::Lookahead,
+            Speculate::Auto,
+        ] {
             let generation = generate(speculate);
             assert_eq!(generation.tokens, off.tokens, "{speculate}, {sampling:?}");
             let stats = &generation.stats;

@@ -1,5 +1,5 @@
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::Device;
 use lsplit_model::{ModelPart, ModelSource, PartKind, PartSpec, SplitPlan};
@@ -8,6 +8,7 @@ use lsplit_wire::Codec;
 
 use crate::draft::DraftModel;
 use crate::session::Session;
+use crate::speculate::Drafter;
 use crate::{LocalTrunk, Obfuscation, SessionKeys, SplitError, SplitPolicy, Trunk, UplinkNoise};
 
 /// What the device holds: either the whole model (the `--no-split` baseline, the reference a
@@ -33,6 +34,9 @@ pub struct DeviceModel {
     context_length: usize,
     layers: usize,
     draft: Option<DraftModel>,
+    /// What `--speculate auto` has learnt of the link and the draft sources, handed from one
+    /// session to the next so that each generation need not measure them again.
+    drafter: Mutex<Option<Drafter>>,
 }
 
 impl DeviceModel {
@@ -51,6 +55,7 @@ impl DeviceModel {
             context_length: source.config().context_length,
             layers: source.config().num_layers,
             draft: None,
+            drafter: Mutex::default(),
         })
     }
 
@@ -100,6 +105,7 @@ impl DeviceModel {
             context_length: source.config().context_length,
             layers,
             draft: None,
+            drafter: Mutex::default(),
         })
     }
 
@@ -115,6 +121,18 @@ impl DeviceModel {
     /// The draft model, if one was added.
     pub fn draft_model(&self) -> Option<&DraftModel> {
         self.draft.as_ref()
+    }
+
+    /// The drafter `auto` left after this device's last session over a network link, if any.
+    pub(crate) fn take_drafter(&self) -> Option<Drafter> {
+        self.drafter.lock().ok()?.take()
+    }
+
+    /// Keeps `drafter` for this device's next session that drafts with `auto`.
+    pub(crate) fn keep_drafter(&self, drafter: Drafter) {
+        if let Ok(mut kept) = self.drafter.lock() {
+            *kept = Some(drafter);
+        }
     }
 
     /// The tokenizer shared by every session.

@@ -79,6 +79,19 @@ impl DraftCache {
         }
     }
 
+    /// Runs `tokens` (the sequence so far) into an empty cache in one pass, as a prompt is
+    /// run, so that the first draft costs what later ones do: the tokens new to the model.
+    pub(crate) fn prefill(&mut self, tokens: &[u32]) -> Result<(), SplitError> {
+        let tokens = &tokens[..tokens.len().min(self.context)];
+        if tokens.is_empty() || !self.tokens.is_empty() {
+            return Ok(());
+        }
+        let model = &self.model;
+        model.forward(&model.embed(tokens)?, 0, &mut self.cache)?;
+        self.tokens = tokens.to_vec();
+        Ok(())
+    }
+
     /// Up to `count` tokens the draft model picks greedily after `tokens`, each one below
     /// `vocab` (the split model's vocabulary). The cache keeps what it ran; the next call
     /// forgets what no longer agrees with its tokens (the drafts that were not kept), so a

@@ -18,6 +18,7 @@ mod device;
 mod divided;
 mod draft;
 mod error;
+mod lookahead;
 mod noise;
 mod policy;
 mod quality;

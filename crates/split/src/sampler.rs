@@ -31,6 +31,13 @@ impl Default for SamplingParams {
     }
 }
 
+/// What a sampler chooses from: one sure token (greedy), or tokens weighted by their
+/// probabilities (after top-p, not normalised again) to draw one from.
+enum Choice {
+    Sure(u32),
+    Draw(Vec<(u32, f64)>),
+}
+
 /// Chooses tokens from logits according to [`SamplingParams`], with its own seeded generator.
 #[derive(Debug, Clone)]
 pub struct Sampler {
@@ -47,10 +54,40 @@ impl Sampler {
 
     /// Picks the next token given the logits and the tokens seen so far (prompt included).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let weights = match self.choice(logits, history) {
+            Choice::Sure(token) => return token,
+            Choice::Draw(weights) => weights,
+        };
+        let total: f64 = weights.iter().map(|&(_, w)| w).sum();
+        let mut draw = self.rng.random::<f64>() * total;
+        for &(token, w) in &weights {
+            draw -= w;
+            if draw < 0.0 {
+                return token;
+            }
+        }
+        weights[weights.len() - 1].0
+    }
+
+    /// The tokens [`Sampler::sample`] may pick after `logits` given `history`, with the
+    /// probability of each (they add up to 1): what sampling with drafts must keep (tests
+    /// compare drafted generations against it).
+    pub fn distribution(&self, logits: &[f32], history: &[u32]) -> Vec<(u32, f64)> {
+        match self.choice(logits, history) {
+            Choice::Sure(token) => vec![(token, 1.0)],
+            Choice::Draw(weights) => {
+                let total: f64 = weights.iter().map(|&(_, w)| w).sum();
+                weights.into_iter().map(|(t, w)| (t, w / total)).collect()
+            }
+        }
+    }
+
+    /// What the next token is chosen from: penalty, temperature, top-k and top-p applied.
+    fn choice(&self, logits: &[f32], history: &[u32]) -> Choice {
         let mut logits = logits.to_vec();
         self.penalize(&mut logits, history);
         if self.params.temperature <= 0.0 {
-            return argmax(&logits);
+            return Choice::Sure(argmax(&logits));
         }
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
@@ -59,7 +96,7 @@ impl Sampler {
             .map(|(i, &l)| (i as u32, l / self.params.temperature))
             .collect();
         if candidates.is_empty() {
-            return argmax(&logits);
+            return Choice::Sure(argmax(&logits));
         }
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
@@ -83,15 +120,7 @@ impl Sampler {
                 .map_or(probs.len(), |i| i + 1);
             probs.truncate(keep);
         }
-        let total: f64 = probs.iter().sum();
-        let mut draw = self.rng.random::<f64>() * total;
-        for (i, p) in probs.iter().enumerate() {
-            draw -= p;
-            if draw < 0.0 {
-                return candidates[i].0;
-            }
-        }
-        candidates[probs.len() - 1].0
+        Choice::Draw(candidates.iter().map(|&(t, _)| t).zip(probs).collect())
     }
 
     fn penalize(&self, logits: &mut [f32], history: &[u32]) {

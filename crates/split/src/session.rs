@@ -7,6 +7,8 @@ use lsplit_model::KvCache;
 use crate::capture::{CaptureWriter, Way};
 use crate::device::Parts;
 use crate::draft::DraftCache;
+use crate::lookahead::Lookahead;
+use crate::sampler::argmax;
 use crate::speculate::{Drafter, Source, lookup};
 use crate::step::{DeviceState, Exchange};
 use crate::{
@@ -98,6 +100,8 @@ pub struct Session<'m> {
     capture: Option<CaptureWriter>,
     /// The draft model's cache, made at its first draft.
     draft: Option<DraftCache>,
+    /// Lookahead decoding's Jacobi iterate and n-gram pool.
+    lookahead: Lookahead,
 }
 
 /// The last step's drafting: its source, tokens drafted and kept so far, the step's time and
@@ -164,6 +168,7 @@ impl<'m> Session<'m> {
             stats: Stats::default(),
             capture: None,
             draft: None,
+            lookahead: Lookahead::default(),
         }
     }
 
@@ -248,20 +253,26 @@ impl<'m> Session<'m> {
     }
 
     /// Tokens to check after `next` (chosen, not yet run), at most `room`, from the source
-    /// `drafter` picks among those this session has, and that source.
+    /// `drafter` picks among those this session has, that source, and the time spent running
+    /// the sequence so far into a draft model that had not seen it (its prefill, which is no
+    /// part of what drafting a token costs).
     fn draft(
         &mut self,
         drafter: &mut Drafter,
         next: u32,
         room: usize,
-    ) -> Result<(Option<Source>, Vec<u32>), SplitError> {
+    ) -> Result<(Option<Source>, Vec<u32>, Duration), SplitError> {
         if !drafter.drafts() {
-            return Ok((None, Vec::new()));
+            return Ok((None, Vec::new(), Duration::ZERO));
         }
         let mut tokens = self.history.clone();
         tokens.push(next);
         let proposal = lookup(&tokens, room);
-        let mut offers = vec![(Source::Lookup, proposal.len())];
+        let guesses = self.lookahead.propose(&tokens, room);
+        let mut offers = vec![
+            (Source::Lookup, proposal.len()),
+            (Source::Lookahead, guesses.len()),
+        ];
         if matches!(self.state, State::Split(_)) {
             offers.push((Source::EarlyExit, room));
         }
@@ -269,21 +280,32 @@ impl<'m> Session<'m> {
             offers.push((Source::Model, room));
         }
         let Some((source, count)) = drafter.plan(&offers) else {
-            return Ok((None, Vec::new()));
+            return Ok((None, Vec::new(), Duration::ZERO));
         };
+        let mut prefill = Duration::ZERO;
         let draft = match (source, &mut self.state, self.model.draft_model()) {
             (Source::Lookup, _, _) => proposal[..count].to_vec(),
+            (Source::Lookahead, _, _) => guesses[..count].to_vec(),
             (Source::EarlyExit, State::Split(device), _) => {
                 device.draft_early_exit(next, self.position, count)?
             }
             (Source::Model, _, Some(model)) => {
                 let vocab = self.model.parts()[0].config().vocab_size;
-                let cache = self.draft.get_or_insert_with(|| DraftCache::new(model));
+                let cache = match &mut self.draft {
+                    Some(cache) => cache,
+                    None => {
+                        let t = Instant::now();
+                        let mut cache = DraftCache::new(model);
+                        cache.prefill(&self.history)?;
+                        prefill = t.elapsed();
+                        self.draft.insert(cache)
+                    }
+                };
                 cache.draft(&tokens, count, vocab)?
             }
             _ => Vec::new(),
         };
-        Ok((Some(source), draft))
+        Ok((Some(source), draft, prefill))
     }
 
     fn run(&mut self, tokens: &[u32], every_row: bool) -> Result<Vec<Vec<f32>>, SplitError> {
@@ -409,7 +431,12 @@ impl<'m> Session<'m> {
         // `pending[i + 1]`. Without drafting both hold one set of logits and nothing.
         let mut pending = VecDeque::from([prefilled]);
         let mut drafts = VecDeque::<u32>::new();
-        let mut drafter = Drafter::new(options.speculate, self.in_process());
+        // `auto` over a network link goes on from what the device's earlier sessions learnt.
+        let keeps = options.speculate == Speculate::Auto && !self.in_process();
+        let mut drafter = keeps
+            .then(|| self.model.take_drafter())
+            .flatten()
+            .unwrap_or_else(|| Drafter::new(options.speculate, self.in_process()));
         let mut window = Window::default();
         let draft_scale = self.draft_scale();
         let base = self.position - prompt.len();
@@ -472,9 +499,9 @@ impl<'m> Session<'m> {
             } = window;
             drafter.record(source, drafted, kept, time, drafting);
             let t = Instant::now();
-            let (source, draft) = self.draft(&mut drafter, next, room)?;
-            let drafting = t.elapsed();
-            self.stats.drafting += drafting;
+            let (source, draft, prefill) = self.draft(&mut drafter, next, room)?;
+            self.stats.drafting += t.elapsed();
+            let drafting = t.elapsed().saturating_sub(prefill);
             let t = Instant::now();
             if draft.is_empty() {
                 let local = self.stats.head + self.stats.tail;
@@ -485,7 +512,13 @@ impl<'m> Session<'m> {
             } else {
                 let mut run = vec![next];
                 run.extend_from_slice(&draft);
-                pending.extend(self.forward_rows(&run)?);
+                let at = self.position;
+                let rows = self.forward_rows(&run)?;
+                if source == Some(Source::Lookahead) {
+                    let outputs: Vec<u32> = rows.iter().map(|row| argmax(row)).collect();
+                    self.lookahead.observe(at, &run, &outputs);
+                }
+                pending.extend(rows);
                 self.stats.drafted_tokens += draft.len();
             }
             window = Window {
@@ -509,6 +542,9 @@ impl<'m> Session<'m> {
         }
         self.stats.decode += decode_start.elapsed();
         self.stats.generated_tokens += generated.len();
+        if keeps {
+            self.model.keep_drafter(drafter);
+        }
         if let Some(piece) = decoder.finish()? {
             text.push_str(&piece);
         }

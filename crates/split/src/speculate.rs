@@ -6,10 +6,11 @@
 //! replaced by that pick. The output is therefore exactly that of one-token steps, greedy or
 //! sampled, and a draft source only changes how many round trips it takes.
 //!
-//! Sources: prompt lookup (free), early exit (the device's head straight into its tail,
-//! skipping the trunk, LayerSkip-style: Elhoushi et al. 2024) and a draft model run whole on
-//! the device (Leviathan et al. 2023). The two that run layers draft greedily, token after
-//! token, and leave the caches they used as they found them.
+//! Sources: prompt lookup and lookahead decoding (Fu et al. 2024; `crate::lookahead`), both
+//! free to draft, early exit (the device's head straight into its tail, skipping the trunk,
+//! LayerSkip-style: Elhoushi et al. 2024) and a draft model run whole on the device (Leviathan
+//! et al. 2023). The two that run layers draft greedily, token after token, and leave the
+//! caches they used as they found them.
 
 use std::fmt;
 use std::str::FromStr;
@@ -33,6 +34,9 @@ pub enum Speculate {
     /// Prompt lookup: the tokens that followed the latest earlier occurrence of the last one to
     /// three tokens, in the prompt or in the output so far.
     Lookup,
+    /// Lookahead decoding: Jacobi iterations over a window of guesses, and the n-grams their
+    /// trajectories produced (a causal form of Fu et al. 2024: `crate::lookahead`).
+    Lookahead,
     /// Early exit: the head's output goes straight into the tail, skipping the trunk; local,
     /// no network cost (a split only).
     EarlyExit,
@@ -42,10 +46,11 @@ pub enum Speculate {
 
 impl Speculate {
     /// Every value, in the order `--speculate` lists them.
-    pub const ALL: [Speculate; 5] = [
+    pub const ALL: [Speculate; 6] = [
         Speculate::Off,
         Speculate::Auto,
         Speculate::Lookup,
+        Speculate::Lookahead,
         Speculate::EarlyExit,
         Speculate::Draft,
     ];
@@ -56,6 +61,7 @@ impl Speculate {
             Speculate::Off => "off",
             Speculate::Auto => "auto",
             Speculate::Lookup => "lookup",
+            Speculate::Lookahead => "lookahead",
             Speculate::EarlyExit => "early-exit",
             Speculate::Draft => "draft",
         }
@@ -66,6 +72,7 @@ impl Speculate {
         match self {
             Speculate::Off | Speculate::Auto => None,
             Speculate::Lookup => Some(Source::Lookup),
+            Speculate::Lookahead => Some(Source::Lookahead),
             Speculate::EarlyExit => Some(Source::EarlyExit),
             Speculate::Draft => Some(Source::Model),
         }
@@ -82,10 +89,12 @@ impl FromStr for Speculate {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Speculate::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| {
+        let known = Speculate::ALL.into_iter().find(|v| v.name() == s);
+        known.ok_or_else(|| {
             format!(
-                "unknown speculation {s:?}: expected off, auto or lookup, or a source that runs \
-                 layers: early-exit, or draft (with --draft-model)"
+                "unknown speculation {s:?}: expected off, auto or lookup or lookahead (sources \
+                 that run no layers), or a source that runs layers: early-exit, or draft (with \
+                 --draft-model)"
             )
         })
     }
@@ -95,15 +104,22 @@ impl FromStr for Speculate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
     Lookup,
+    Lookahead,
     EarlyExit,
     Model,
 }
 
 impl Source {
-    const COUNT: usize = 3;
+    const COUNT: usize = 4;
 
     fn index(self) -> usize {
         self as usize
+    }
+
+    /// True for a source that drafts without running layers: its proposal is made before
+    /// planning and costs nothing to draft.
+    fn free(self) -> bool {
+        matches!(self, Source::Lookup | Source::Lookahead)
     }
 }
 
@@ -130,6 +146,14 @@ const PROBE_ROWS: usize = 4;
 /// One-token steps after which `auto`, drafting nothing because it does not pay, probes again
 /// (each source in turn) so that its estimates follow the link.
 const REPROBE_AFTER: usize = 16;
+/// The longest wait between probes: each probe that finds nothing worth drafting doubles the
+/// wait up to this, so that where drafting never pays (a link with no round trip) probes cost
+/// almost nothing; the best-gain rule alone resumes drafting when the link slows down.
+const MAX_REPROBE_AFTER: usize = 32 * REPROBE_AFTER;
+/// The least time a draft must be expected to save, as a share of a one-token step: estimates
+/// are noisy, and a draft that saves next to nothing by them costs time as often as it saves it
+/// (at a low round trip, where a drafted row costs about what it saves).
+const MARGIN: f64 = 0.05;
 /// Weight of the newest measure in `auto`'s running estimates.
 const NEWEST: f64 = 0.25;
 
@@ -163,8 +187,11 @@ impl Default for Learnt {
 /// source, of the chance `p` that a drafted token is kept given the one before it was and of
 /// the time `d` it takes to draft a token. A source that drafts `k` tokens saves
 /// `s (p + p^2 + ... + p^k) - (a + b k) - d k`; `auto` drafts from the source and length that
-/// save the most, and nothing when none saves time. A chosen source that runs layers drafts
-/// that source's best length, at least one token.
+/// save the most, and nothing when none saves more than [`MARGIN`] of a step. A chosen source
+/// that runs layers drafts that source's best length, at least one token.
+///
+/// A device keeps `auto`'s drafter across its sessions (`DeviceModel::keep_drafter`), so a new
+/// generation starts from what earlier ones measured instead of probing again.
 #[derive(Debug)]
 pub(crate) struct Drafter {
     speculate: Speculate,
@@ -173,6 +200,8 @@ pub(crate) struct Drafter {
     learnt: [Learnt; Source::COUNT],
     idle_steps: usize,
     probes: usize,
+    /// One-token steps to wait before the next probe (see [`MAX_REPROBE_AFTER`]).
+    reprobe_after: usize,
 }
 
 fn blend(old: Option<f64>, new: f64) -> f64 {
@@ -231,6 +260,7 @@ impl Drafter {
             learnt: [Learnt::default(); Source::COUNT],
             idle_steps: 0,
             probes: 0,
+            reprobe_after: REPROBE_AFTER,
         }
     }
 
@@ -252,7 +282,7 @@ impl Drafter {
         if let Some(source) = self.speculate.source() {
             let available = offered(source);
             let length = match (source, self.single) {
-                (Source::Lookup, _) => available,
+                (s, _) if s.free() => available,
                 (_, None) => PROBE_ROWS,
                 (_, Some(single)) => self.best_length(source, single, available).0.max(1),
             };
@@ -274,9 +304,10 @@ impl Drafter {
             .filter(|&(_, length, _)| length > 0)
             .max_by(|a, b| a.2.total_cmp(&b.2));
         if let Some((source, length, _)) = best {
+            self.reprobe_after = REPROBE_AFTER;
             return Some((source, length));
         }
-        if self.idle_steps < REPROBE_AFTER {
+        if self.idle_steps < self.reprobe_after {
             return None;
         }
         // Probes only sources that draft a token in under half a step: a slower one (a draft
@@ -287,29 +318,40 @@ impl Drafter {
             .collect();
         let &&(source, _) = open.get(self.probes % open.len().max(1))?;
         self.probes += 1;
-        let probe = if source == Source::Lookup {
-            PROBE_ROWS
-        } else {
-            1
-        };
+        self.reprobe_after = (2 * self.reprobe_after).min(MAX_REPROBE_AFTER);
+        let probe = if source.free() { PROBE_ROWS } else { 1 };
         Some((source, probe.min(offered(source))))
     }
 
     /// The length of `source`'s draft that saves the most time by the estimates, and the time
-    /// it saves; length 0 when none saves any, [`PROBE_ROWS`] (saving without bound) while no
-    /// drafted step has been measured.
+    /// it saves; length 0 when none saves more than [`MARGIN`] of a step, [`PROBE_ROWS`]
+    /// (saving without bound) while no drafted step has been measured.
     fn best_length(&self, source: Source, single: f64, available: usize) -> (usize, f64) {
         let learnt = &self.learnt[source.index()];
-        let chance = learnt.kept / (learnt.kept + learnt.missed);
-        // A source that runs layers is first tried with one token, and only where its
-        // expected drafting time leaves a gain; with no expectation, it is tried.
+        let mut chance = learnt.kept / (learnt.kept + learnt.missed);
         let (per_token, available) = match (source, learnt.per_token, learnt.prior) {
-            (Source::Lookup, ..) => (0.0, available),
+            // A free source is tried once, as long a draft as it offers up to a probe's, before
+            // its chance counts: the prior chance would rank an untried one below a tried one.
+            (s, None, _) if s.free() => return (PROBE_ROWS.min(available), f64::INFINITY),
+            (s, ..) if s.free() => (0.0, available),
             (_, Some(measured), _) => (measured, available),
-            (_, None, Some(prior)) => (prior, available.min(1)),
+            // A source that runs layers is first tried with one token, where that token would
+            // save time if kept given its expected drafting time (a draft model as large as the
+            // model pays only over a slow link); with no expectation, it is tried.
+            (_, None, Some(prior)) => {
+                chance = 1.0;
+                (prior, available.min(1))
+            }
             (_, None, None) => return (available.min(1), f64::INFINITY),
         };
-        let (mut best, mut best_gain) = (0, 0.0);
+        // Drafting a token in half a step or more saves at most half a step per token before
+        // its rows' cost, within the estimates' noise: measured, such a source (a draft model as
+        // large as the model, over a fast link) loses time, so `auto` leaves it, as it leaves
+        // it out of probes.
+        if !source.free() && 2.0 * per_token >= single {
+            return (0, 0.0);
+        }
+        let (mut best, mut best_gain) = (0, MARGIN * single);
         let (mut expected, mut reach) = (0.0, 1.0);
         for k in 1..=available {
             let Some(cost) = self.cost.at(k as f64) else {
@@ -328,10 +370,10 @@ impl Drafter {
     /// The measured or expected time `source` takes to draft a token; `None` when unknown.
     fn per_token(&self, source: Source) -> Option<f64> {
         let learnt = &self.learnt[source.index()];
-        match source {
-            Source::Lookup => Some(0.0),
-            _ => learnt.per_token.or(learnt.prior),
+        if source.free() {
+            return Some(0.0);
         }
+        learnt.per_token.or(learnt.prior)
     }
 
     /// Sets the time `source` is expected to take to draft a token until one is measured:
@@ -395,8 +437,9 @@ mod tests {
         }
         assert_eq!(
             "fast".parse::<Speculate>().unwrap_err(),
-            "unknown speculation \"fast\": expected off, auto or lookup, or a source that runs \
-             layers: early-exit, or draft (with --draft-model)"
+            "unknown speculation \"fast\": expected off, auto or lookup or lookahead (sources that \
+             run no layers), or a source that runs layers: early-exit, or draft (with \
+             --draft-model)"
         );
     }
 
@@ -504,6 +547,69 @@ mod tests {
         fixed.record(None, 0, 0, ms(5), Duration::ZERO);
         fixed.record(Some(Source::EarlyExit), 4, 0, ms(7), ms(4));
         assert_eq!(fixed.plan(&offers), Some((Source::EarlyExit, 1)));
+    }
+
+    #[test]
+    fn auto_on_a_link_with_no_round_trip_drafts_nothing_and_probes_ever_more_rarely() {
+        let ms = Duration::from_millis;
+        let offers = [
+            (Source::Lookup, 4),
+            (Source::EarlyExit, 8),
+            (Source::Model, 8),
+        ];
+        // Measured on a loopback link: a one-token step takes 10 ms; a step with drafted rows
+        // costs 2x (15 ms more); lookup keeps one drafted token in four, early exit none; the
+        // draft model, as large as the model, is expected to take 9 ms a token.
+        let mut drafter = Drafter::new(Speculate::Auto, false);
+        drafter.record(None, 0, 0, ms(10), Duration::ZERO);
+        drafter.record(Some(Source::Lookup), 4, 1, ms(25), Duration::ZERO);
+        drafter.record(Some(Source::EarlyExit), 1, 0, ms(19), ms(2));
+        drafter.expect(Source::Model, ms(9));
+        let mut probes = Vec::new();
+        for step in 0..1000 {
+            match drafter.plan(&offers) {
+                None => drafter.record(None, 0, 0, ms(10), Duration::ZERO),
+                Some((source, k)) => {
+                    // Each probe confirms that drafting costs more than it saves.
+                    assert!(k <= PROBE_ROWS, "a probe, not a draft: {source:?} {k}");
+                    probes.push(step);
+                    let kept = usize::from(source == Source::Lookup);
+                    drafter.record(Some(source), k, kept, ms(25), ms(2 * k as u64));
+                }
+            }
+        }
+        // The waits double from 16 steps: 5 probes in 1000 steps, never the draft model.
+        assert_eq!(probes, [16, 49, 114, 243, 500], "{probes:?}");
+        // The same estimates on an 80 ms link: drafting pays at once, without waiting for a
+        // probe, and the draft model, never tried, is tried with one token.
+        for _ in 0..8 {
+            drafter.record(None, 0, 0, ms(80), Duration::ZERO);
+        }
+        assert!(drafter.plan(&offers).is_some());
+        assert_eq!(
+            drafter.plan(&[(Source::Model, 8)]),
+            Some((Source::Model, 1))
+        );
+    }
+
+    #[test]
+    fn auto_leaves_a_source_that_takes_half_a_step_to_draft_a_token() {
+        let ms = Duration::from_millis;
+        let model_only = [(Source::Model, 8)];
+        // A 10 ms step; the draft model drafts 4 tokens in 20 ms, all kept, and its step adds
+        // 1 ms: by the estimates 4 tokens would save about 7 ms, but at 5 ms a token (half a
+        // step) auto leaves it.
+        let mut fast = Drafter::new(Speculate::Auto, false);
+        fast.record(None, 0, 0, ms(10), Duration::ZERO);
+        fast.record(Some(Source::Model), 4, 4, ms(11), ms(20));
+        assert_eq!(fast.plan(&model_only), None);
+        // The same source over an 80 ms link drafts several tokens.
+        for _ in 0..16 {
+            fast.record(None, 0, 0, ms(80), Duration::ZERO);
+        }
+        let (source, length) = fast.plan(&model_only).expect("drafts");
+        assert_eq!(source, Source::Model);
+        assert!(length > 1, "{length}");
     }
 
     #[test]

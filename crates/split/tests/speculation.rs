@@ -1,7 +1,7 @@
 //! Steps that check drafted tokens give exactly the output of one-token steps, on the real
 //! SmolLM2: greedy and sampled, unsplit, at a fixed split and at random split points with the
 //! permutation, while the drafts that were kept cut the number of steps; for every source
-//! (prompt lookup, early exit, a draft model).
+//! (prompt lookup, lookahead decoding, early exit, a draft model).
 
 use std::sync::{Arc, OnceLock};
 
@@ -184,6 +184,19 @@ fn a_draft_model_gives_the_output_of_one_token_steps_unsplit_and_split() {
         stats.accepted_tokens,
         stats.drafted_tokens
     );
+}
+
+#[test]
+fn lookahead_gives_the_output_of_one_token_steps_unsplit_and_split() {
+    assert_source_matches_off(
+        &model(None),
+        Obfuscation::None,
+        Speculate::Lookahead,
+        "unsplit",
+    );
+    let policy = SplitPolicy::parse("1,2,3", "27,28,29", 30).expect("policy");
+    let split = model(Some(policy));
+    assert_source_matches_off(&split, Obfuscation::Permute, Speculate::Lookahead, "random");
 }
 
 #[test]

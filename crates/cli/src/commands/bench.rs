@@ -39,9 +39,9 @@ pub struct BenchArgs {
     pub only: Option<Config>,
     /// Check tokens drafted on the device several per step, saving round trips to the trunk
     /// (decode measure): off, auto (the source and length that pay over a remote trunk), lookup
-    /// (n-gram matches in the prompt and output), early-exit (head straight into tail; the
-    /// unsplit column runs off) or draft (--draft-model). The output is the same whichever is
-    /// chosen
+    /// (n-gram matches in the prompt and output), lookahead (Jacobi iterations and their
+    /// n-grams), early-exit (head straight into tail; the unsplit column runs off) or draft
+    /// (--draft-model). The output is the same whichever is chosen
     #[arg(long, value_name = "SOURCE", default_value_t = Speculate::Off)]
     pub speculate: Speculate,
     #[command(flatten)]

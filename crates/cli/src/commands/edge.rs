@@ -47,8 +47,9 @@ pub struct EdgeArgs {
     pub sampling: SamplingArgs,
     /// Check tokens drafted on the device several per step, saving round trips to the trunk:
     /// off, auto (the source and length that pay over a remote trunk), lookup (n-gram matches
-    /// in the prompt and output), early-exit (head straight into tail, skipping the trunk) or
-    /// draft (--draft-model). The output is the same whichever is chosen
+    /// in the prompt and output), lookahead (Jacobi iterations and their n-grams), early-exit
+    /// (head straight into tail, skipping the trunk) or draft (--draft-model). The output is the
+    /// same whichever is chosen
     #[arg(long, value_name = "SOURCE", default_value_t = Speculate::Off)]
     pub speculate: Speculate,
     /// Tokens a request generates when it does not set max_tokens

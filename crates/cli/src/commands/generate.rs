@@ -28,8 +28,9 @@ pub struct GenerateArgs {
     pub raw: bool,
     /// Check tokens drafted on the device several per step, saving round trips to the trunk:
     /// off, auto (the source and length that pay over a remote trunk), lookup (n-gram matches
-    /// in the prompt and output), early-exit (head straight into tail, skipping the trunk) or
-    /// draft (--draft-model). The output is the same whichever is chosen
+    /// in the prompt and output), lookahead (Jacobi iterations and their n-grams), early-exit
+    /// (head straight into tail, skipping the trunk) or draft (--draft-model). The output is the
+    /// same whichever is chosen
     #[arg(long, value_name = "SOURCE", default_value_t = Speculate::Off)]
     pub speculate: Speculate,
     /// Print per-part time, bytes per token, tokens per step and tokens/s to stderr
