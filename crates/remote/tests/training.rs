@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use lsplit_model::{DenseTrunk, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_remote::RemoteTrainTrunk;
-use lsplit_server::TrunkServer;
+use lsplit_server::{TrainingLimits, TrunkServer};
 use lsplit_testkit::llm::tls_options;
 use lsplit_testkit::{RunningServer, certificates, client_options};
 use lsplit_train::TrainTrunk;
@@ -31,7 +31,14 @@ fn serve(
     let part = source.load_part(&plan.trunk(), &Device::Cpu).expect("part");
     let server = TrunkServer::new(part, fingerprint, tls_options(certs))
         .expect("server")
-        .with_training(source.clone(), 1 << 20, 0)
+        .with_training(
+            source.clone(),
+            TrainingLimits {
+                activation_bytes: 1 << 20,
+                weight_bytes: 0,
+                ..TrainingLimits::default()
+            },
+        )
         .expect("training");
     RunningServer::start(server, port, "localhost", true)
 }

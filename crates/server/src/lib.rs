@@ -91,6 +91,30 @@ impl Default for Limits {
     }
 }
 
+/// What split fine-tuning (`lsplit serve --training`) may hold and compute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainingLimits {
+    /// Bytes of layer inputs one training session keeps between its forward and backward
+    /// passes; the rest are recomputed.
+    pub activation_bytes: usize,
+    /// Bytes of the trunk's layers kept dequantized (f32) for all training sessions; layers
+    /// past it are dequantized at each pass.
+    pub weight_bytes: usize,
+    /// Most positions of one training sequence: the training pass attends over a whole
+    /// sequence at once, so its memory grows with the square of this.
+    pub max_rows: usize,
+}
+
+impl Default for TrainingLimits {
+    fn default() -> Self {
+        Self {
+            activation_bytes: 64 << 20,
+            weight_bytes: 1 << 30,
+            max_rows: 1024,
+        }
+    }
+}
+
 /// What one client may hold of the server's connections and streams: limits of the transport,
 /// the same for every model kind, and not announced to devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,14 +326,12 @@ impl Server<Limits> {
 
     /// The same server also answering split fine-tuning (`TrainTrunk`, `lsplit serve
     /// --training`): the forward and backward passes of its layers of `source`, which must be
-    /// the model the trunk was loaded from, with at most `budget` bytes of activations held per
-    /// training session and `weights` bytes of dequantized layers kept for all of them, under
-    /// the same codecs, limits, token and TLS.
+    /// the model the trunk was loaded from, within `training`'s bounds, under the same codecs,
+    /// limits, token and TLS.
     pub fn with_training(
         self,
         source: Arc<ModelSource>,
-        budget: usize,
-        weights: usize,
+        training: TrainingLimits,
     ) -> Result<Self, ServerError> {
         let (limits, stats, endpoint) = self.into_parts();
         let StatsSource::Trunk(shared) = &stats.source else {
@@ -320,7 +342,7 @@ impl Server<Limits> {
         let train = Arc::new(train::TrainShared::new(
             source,
             shared.fingerprint.clone(),
-            (budget, weights),
+            training,
             shared.terms.codecs(),
             (&limits, shared.limits_pb()),
             endpoint.transport(),

@@ -21,7 +21,7 @@ use crate::metrics::Counters;
 use crate::service::welcome;
 use crate::session_loop::{SessionKind, SessionNames, Sessions};
 use crate::terms::{Protocol, Terms};
-use crate::{Limits, ServerError, TransportLimits};
+use crate::{Limits, ServerError, TrainingLimits, TransportLimits};
 
 /// How statuses name training sessions; closing one frees the activations it held.
 const SESSIONS: SessionNames = SessionNames::new(
@@ -40,6 +40,8 @@ pub(crate) struct TrainShared {
     fingerprint: TrunkFingerprint,
     terms: Terms<Codec>,
     limits: Limits,
+    /// Most positions of one training sequence.
+    max_rows: usize,
     /// The limits the handshake announces: the trunk's.
     announced: pb::Limits,
     pub(crate) sessions: Arc<Sessions>,
@@ -54,15 +56,19 @@ impl TrainShared {
     pub(crate) fn new(
         source: Arc<ModelSource>,
         fingerprint: TrunkFingerprint,
-        (budget, weights): (usize, usize),
+        training: TrainingLimits,
         codecs: &[Codec],
         (limits, announced): (&Limits, pb::Limits),
         transport: &TransportLimits,
     ) -> Result<Self, ServerError> {
         let hidden_size = source.config().hidden_size;
-        let trunk = DenseTrunk::new(source, fingerprint.layers.clone(), budget)
-            .map_err(|e| ServerError::Config(e.to_string()))?
-            .with_weight_cache(weights);
+        let trunk = DenseTrunk::new(
+            source,
+            fingerprint.layers.clone(),
+            training.activation_bytes,
+        )
+        .map_err(|e| ServerError::Config(e.to_string()))?
+        .with_weight_cache(training.weight_bytes);
         let terms = Terms::new(TRAIN, codecs, fingerprint.sha256, &fingerprint)?;
         let sessions = Sessions::new(TRAIN, limits.max_sessions, limits.idle_timeout, transport)?;
         Ok(Self {
@@ -71,6 +77,7 @@ impl TrainShared {
             fingerprint,
             terms,
             limits: limits.clone(),
+            max_rows: training.max_rows,
             announced,
             counters: sessions.counters().clone(),
             sessions: Arc::new(sessions),
@@ -170,6 +177,14 @@ impl TrainSession {
         if rows.rows > limit {
             return Err(Status::resource_exhausted(format!(
                 "{} rows are past this server's limit of {limit} positions",
+                rows.rows
+            )));
+        }
+        let limit = self.shared.max_rows;
+        if rows.rows > limit {
+            return Err(Status::resource_exhausted(format!(
+                "a training sequence of {} positions is past this server's limit of {limit} \
+                 (--training-max-rows)",
                 rows.rows
             )));
         }

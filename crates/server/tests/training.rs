@@ -13,7 +13,7 @@ use lsplit_proto::pb::train_request::Kind as RequestKind;
 use lsplit_proto::pb::train_trunk_client::TrainTrunkClient;
 use lsplit_proto::pb::{self, TrainReply, TrainRequest};
 use lsplit_proto::{TRAIN_PROTOCOL_VERSION, codec_to_pb, rows_from_pb, rows_to_pb};
-use lsplit_server::TrunkServer;
+use lsplit_server::{TrainingLimits, TrunkServer};
 use lsplit_testkit::llm::tls_options;
 use lsplit_testkit::{RunningServer, assert_status, certificates, raw_channel, runtime};
 use lsplit_wire::Codec;
@@ -119,7 +119,14 @@ fn training_passes_match_the_in_process_trunk_and_refuse_what_is_out_of_order() 
         .expect("trunk part");
     let server = TrunkServer::new(part, fingerprint.clone(), tls_options(&certs))
         .expect("server")
-        .with_training(source.clone(), 0, usize::MAX)
+        .with_training(
+            source.clone(),
+            TrainingLimits {
+                activation_bytes: 0,
+                weight_bytes: usize::MAX,
+                max_rows: 7,
+            },
+        )
         .expect("training");
     let server = RunningServer::start(server, 0, "localhost", true);
     let open = |version: u32| pb::TrainOpen {
@@ -182,6 +189,17 @@ fn training_passes_match_the_in_process_trunk_and_refuse_what_is_out_of_order() 
             session.call(backward(3, &g)).await,
             Code::FailedPrecondition,
             "backward pass 3 has no forward pass: a backward answers the latest forward pass, once",
+        );
+
+        // One row past --training-max-rows (7 here).
+        let mut session = Session::open(&server.url, &certs, open(TRAIN_PROTOCOL_VERSION))
+            .await
+            .expect("open");
+        assert_status(
+            session.call(forward(0, &rows(8, 3), 0)).await,
+            Code::ResourceExhausted,
+            "a training sequence of 8 positions is past this server's limit of 7 \
+             (--training-max-rows)",
         );
 
         assert_status(

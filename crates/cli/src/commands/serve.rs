@@ -15,7 +15,7 @@ use lsplit_diffusion::{UnetSplit, load_trunk_model, trunk_fingerprint};
 use lsplit_model::{ComputeDevice, KvPrecision, ModelSource, SplitPlan, TrunkFingerprint};
 use lsplit_server::{
     Access, DiffusionLimits, DiffusionOptions, DiffusionServer, Limits, ServerError, ServerOptions,
-    ServerStats, TlsFiles, TransportLimits, TrunkServer,
+    ServerStats, TlsFiles, TrainingLimits, TransportLimits, TrunkServer,
 };
 use lsplit_wire::{Codec, StepCodec};
 
@@ -122,6 +122,15 @@ pub struct ServeArgs {
     /// them; layers past it are dequantized at each pass
     #[arg(long, default_value_t = 1024, requires = "training")]
     pub training_weights_mib: usize,
+    /// Most positions of one training sequence (the training pass attends over a whole
+    /// sequence at once, so its memory grows with the square of this); longer ones are refused
+    #[arg(
+        long,
+        value_name = "ROWS",
+        default_value_t = 1024,
+        requires = "training"
+    )]
+    pub training_max_rows: usize,
     /// Threads for the network (TLS, HTTP/2, sessions) [default: a quarter of the cores, at
     /// least one]; the trunk's compute uses its own pool (RAYON_NUM_THREADS)
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -356,8 +365,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.training {
         server = server.with_training(
             Arc::new(source),
-            args.training_budget_mib << 20,
-            args.training_weights_mib << 20,
+            TrainingLimits {
+                activation_bytes: args.training_budget_mib << 20,
+                weight_bytes: args.training_weights_mib << 20,
+                max_rows: args.training_max_rows,
+            },
         )?;
     }
     let stats = server.stats();
