@@ -14,8 +14,9 @@ use lsplit_edge::BodyKind;
 use lsplit_model::{ModelPart, ModelSource, PartKind, PartSpec};
 use lsplit_proto::diffusion::pb::ImageRequest;
 use lsplit_proto::diffusion::pb::image_request::Kind as ImageKind;
-use lsplit_proto::pb::SessionRequest;
 use lsplit_proto::pb::session_request::Kind as SessionKind;
+use lsplit_proto::pb::train_request::Kind as TrainKind;
+use lsplit_proto::pb::{SessionRequest, TrainRequest};
 use lsplit_split::{Obfuscation, SessionKeys, SessionSecret, SplitPolicy, StepRows, TrunkState};
 use lsplit_tokenizer::{ChatMessage, Tokenizer};
 use lsplit_wire::{Codec, HiddenRows, StepCodec};
@@ -25,8 +26,9 @@ use prost::Message;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its corpus directory and libFuzzer binary.
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("trunk_request", trunk_request),
+    ("train_request", train_request),
     ("diffusion_request", diffusion_request),
     ("gguf_header", gguf_header),
     ("safetensors_header", safetensors_header),
@@ -63,6 +65,26 @@ pub fn trunk_request(data: &[u8]) {
             }
         }
         None => {}
+    }
+}
+
+/// A `TrainRequest` of split fine-tuning as the server reads it: the protobuf, then the
+/// `TrainOpen`'s codec, or a `Forward`'s rows or a `Backward`'s gradient decoded.
+pub fn train_request(data: &[u8]) {
+    let Ok(request) = TrainRequest::decode(data) else {
+        return;
+    };
+    let rows = match request.kind {
+        Some(TrainKind::Open(open)) => {
+            let _ = lsplit_proto::codec_from_pb(open.codec);
+            return;
+        }
+        Some(TrainKind::Forward(forward)) => forward.rows,
+        Some(TrainKind::Backward(backward)) => backward.grad,
+        None => return,
+    };
+    if let Some(Ok(rows)) = rows.map(lsplit_proto::rows_from_pb) {
+        let _ = rows.decode(&Device::Cpu);
     }
 }
 
