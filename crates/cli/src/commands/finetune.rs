@@ -12,7 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_model::{DenseTrunk, ModelSource, SplitPlan, Target, TrunkFingerprint};
 use lsplit_remote::RemoteTrainTrunk;
 use lsplit_split::load_tokenizer;
-use lsplit_train::{Dataset, LocalTrainTrunk, Schedule, TrainOptions, TrainTrunk, Trainer};
+use lsplit_train::{
+    Dataset, Example, LocalTrainTrunk, Schedule, TrainOptions, TrainTrunk, Trainer,
+};
 use lsplit_wire::Codec;
 
 use crate::args::{CloudArgs, SplitArgs};
@@ -80,6 +82,11 @@ pub struct FinetuneArgs {
     /// Share of the examples held out to measure the loss on, before and after
     #[arg(long, value_name = "FRACTION", default_value_t = 0.1)]
     pub eval_fraction: f64,
+    /// Also report the loss and perplexity on FILE (JSONL like --data, every line counted)
+    /// before and after training, e.g. a general text, to see what else the adapter changed;
+    /// repeatable
+    #[arg(long, value_name = "FILE")]
+    pub eval_data: Vec<PathBuf>,
     /// Longest training sequence in tokens; longer ones are cut into windows
     #[arg(long, value_name = "TOKENS", default_value_t = 256)]
     pub max_len: usize,
@@ -154,6 +161,14 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         args.eval_fraction,
         args.seed,
     )?;
+    let evals = args
+        .eval_data
+        .iter()
+        .map(|path| {
+            let set = Dataset::read(path, &tokenizer, args.max_len, 0.0, args.seed)?;
+            Ok((path.display().to_string(), set.train))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let (plan, trunk): (SplitPlan, Box<dyn TrainTrunk>) = match args.cloud.files()? {
         Some(files) => {
             anyhow::ensure!(
@@ -208,15 +223,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         data.train.len(),
         data.held_out.len()
     );
-    if !data.held_out.is_empty() {
-        let before = trainer.evaluate(&data.held_out)?;
-        println!(
-            "held-out loss before: {:.4} (perplexity {:.3}, {} tokens)",
-            before.loss,
-            before.perplexity(),
-            before.tokens
-        );
-    }
+    report_losses(&mut trainer, &data.held_out, &evals, "before")?;
     let start_step = trainer.steps_done();
     let bar = ProgressBar::new(args.steps as u64).with_position(start_step as u64);
     bar.set_style(
@@ -248,20 +255,36 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     trainer.save(&args.out)?;
     if let (Some(first), Some(last)) = (first, last) {
         println!(
-            "training loss: first step {first:.4}, last step {last:.4}; {:.1} tokens/s over {} steps",
+            "training loss: first step {first:.4}, last step {last:.4}; {:.1} tokens/s over {} steps ({tokens} tokens)",
             tokens as f64 / seconds,
             trainer.steps_done() - start_step
         );
     }
-    if !data.held_out.is_empty() {
-        let after = trainer.evaluate(&data.held_out)?;
+    report_losses(&mut trainer, &data.held_out, &evals, "after")?;
+    println!("adapter written to {}", args.out.display());
+    Ok(())
+}
+
+/// Prints the loss and perplexity on the held-out examples (if any) and on each `--eval-data`
+/// file, `when` ("before" or "after") training.
+fn report_losses(
+    trainer: &mut Trainer,
+    held_out: &[Example],
+    evals: &[(String, Vec<Example>)],
+    when: &str,
+) -> anyhow::Result<()> {
+    let held_out = (!held_out.is_empty()).then(|| ("held-out".to_string(), held_out));
+    let named = evals
+        .iter()
+        .map(|(path, set)| (path.clone(), set.as_slice()));
+    for (name, set) in held_out.into_iter().chain(named) {
+        let eval = trainer.evaluate(set)?;
         println!(
-            "held-out loss after: {:.4} (perplexity {:.3}, {} tokens)",
-            after.loss,
-            after.perplexity(),
-            after.tokens
+            "{name} loss {when}: {:.4} (perplexity {:.3}, {} tokens)",
+            eval.loss,
+            eval.perplexity(),
+            eval.tokens
         );
     }
-    println!("adapter written to {}", args.out.display());
     Ok(())
 }
