@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training throughput of `lsplit finetune` in-process and over loopback TLS (`lsplit serve
 # --training` on 127.0.0.1, `--cloud`), alternated ROUNDS times with the same settings, and the
-# bytes each way per training token read from the server's metrics. Run by hand after
+# payload bytes each way per training token that the client counted. Run by hand after
 # `python3 bench/finetune_data.py`; not run by CI. Each cloud run gets a fresh server, so both
 # sides start with no dequantized layers cached.
 #
@@ -21,30 +21,22 @@ SETTINGS=(--data "$DATA" --steps "$STEPS" --accumulate 2 --max-len 128 --eval-fr
 echo s3cret >"$WORK/token"
 
 tokens_per_s() { sed -n 's/.*; \([0-9.]*\) tokens\/s over.*/\1/p' "$1"; }
-# The server's payload bytes, $1 = in (device to server) or out.
-metric() {
-  curl -s "http://127.0.0.1:$2/metrics" |
-    awk -v m="lsplit_payload_bytes_total{direction=\"$1\"}" '$1 == m { print $2 }'
-}
 
 for round in $(seq "$ROUNDS"); do
   "$LSPLIT" finetune "${SETTINGS[@]}" --out "$WORK/local" >"$WORK/local.log" 2>/dev/null
   echo "round $round in-process: $(tokens_per_s "$WORK/local.log") tokens/s; $(grep "training loss" "$WORK/local.log")"
 
-  "$LSPLIT" serve --listen 127.0.0.1:0 --metrics 127.0.0.1:0 --training \
+  "$LSPLIT" serve --listen 127.0.0.1:0 --training \
     --training-budget-mib 256 --training-weights-mib 1024 \
     --cert "$WORK/pki/server.pem" --key "$WORK/pki/server.key" --token-file "$WORK/token" \
     >"$WORK/serve.log" 2>&1 &
   SERVER=$!
-  until grep -q "metrics on" "$WORK/serve.log"; do sleep 0.5; done
+  until grep -q "^lsplit serve: " "$WORK/serve.log"; do sleep 0.5; done
   port=$(sed -n 's/^lsplit serve: .* on https:\/\/[^ ]*:\([0-9]*\)$/\1/p' "$WORK/serve.log")
-  mport=$(sed -n 's/.*metrics on http:\/\/[^ ]*:\([0-9]*\)\/metrics.*/\1/p' "$WORK/serve.log")
   "$LSPLIT" finetune "${SETTINGS[@]}" --out "$WORK/cloud" --cloud "https://localhost:$port" \
     --ca "$WORK/pki/ca.pem" --token-file "$WORK/token" >"$WORK/cloud.log" 2>/dev/null
-  up=$(metric in "$mport")
-  down=$(metric out "$mport")
   echo "round $round loopback TLS: $(tokens_per_s "$WORK/cloud.log") tokens/s;" \
-    "server payload bytes in $up, out $down; $(grep 'training loss' "$WORK/cloud.log")"
+    "$(grep 'training loss' "$WORK/cloud.log"); $(grep '^payload' "$WORK/cloud.log")"
   kill "$SERVER"
   wait "$SERVER" 2>/dev/null || true
   unset SERVER

@@ -289,7 +289,23 @@ fn finetune_over_tls_writes_the_in_process_adapter_bit_for_bit() {
     let remote = dir.path().join("remote");
     let out = cloud(&remote, &token);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("(split 1:3)"), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains("(split 1:3)"), "{text}");
+    // f32 rows of 64 values: 256 bytes a token for the forward rows and as much for their
+    // gradient, each way, counted by the client.
+    let tokens: u64 = text
+        .split_once("over 6 steps (")
+        .and_then(|(_, rest)| rest.split_once(" tokens)"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token count in {text}"));
+    let each_way = 512 * tokens;
+    assert!(
+        text.contains(&format!(
+            "payload over {tokens} training tokens: {each_way} bytes sent to the trunk server \
+             (512 per token), {each_way} received (512 per token)"
+        )),
+        "{text}"
+    );
     let bytes = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).expect("read");
     assert_eq!(bytes(&remote), bytes(&local));
 

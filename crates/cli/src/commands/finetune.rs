@@ -4,13 +4,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_model::{DenseTrunk, ModelSource, SplitPlan, Target, TrunkFingerprint};
-use lsplit_remote::RemoteTrainTrunk;
+use lsplit_remote::{RemoteTrainTrunk, Traffic};
 use lsplit_split::load_tokenizer;
 use lsplit_train::{
     Dataset, Example, LocalTrainTrunk, Schedule, TrainOptions, TrainTrunk, Trainer,
@@ -169,6 +170,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             Ok((path.display().to_string(), set.train))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut traffic = None;
     let (plan, trunk): (SplitPlan, Box<dyn TrainTrunk>) = match args.cloud.files()? {
         Some(files) => {
             anyhow::ensure!(
@@ -184,6 +186,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             let layers_there = remote.layers();
             remote.verify(&TrunkFingerprint::compute(&source, layers_there.clone())?)?;
             let plan = SplitPlan::new(layers_there.start, layers_there.end, layers)?;
+            traffic = Some(remote.traffic());
             (plan, Box::new(remote))
         }
         None => {
@@ -231,6 +234,13 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             .expect("a valid template"),
     );
     let started = Instant::now();
+    let payload = |t: &Traffic| {
+        (
+            t.sent.load(Ordering::Relaxed),
+            t.received.load(Ordering::Relaxed),
+        )
+    };
+    let payload_before = traffic.as_deref().map(payload);
     let mut tokens = 0;
     let (mut first, mut last) = (None, None);
     while trainer.steps_done() < args.steps {
@@ -258,6 +268,17 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             "training loss: first step {first:.4}, last step {last:.4}; {:.1} tokens/s over {} steps ({tokens} tokens)",
             tokens as f64 / seconds,
             trainer.steps_done() - start_step
+        );
+    }
+    if let (Some(traffic), Some((sent0, received0))) = (&traffic, payload_before) {
+        let (sent, received) = payload(traffic);
+        let (sent, received) = (sent - sent0, received - received0);
+        let per_token = |bytes: u64| bytes as f64 / tokens.max(1) as f64;
+        println!(
+            "payload over {} training tokens: {sent} bytes sent to the trunk server ({:.0} per token), {received} received ({:.0} per token)",
+            tokens,
+            per_token(sent),
+            per_token(received)
         );
     }
     report_losses(&mut trainer, &data.held_out, &evals, "after")?;
