@@ -23,7 +23,7 @@ echo s3cret >"$WORK/token"
 tokens_per_s() { sed -n 's/.*; \([0-9.]*\) tokens\/s over.*/\1/p' "$1"; }
 
 for round in $(seq "$ROUNDS"); do
-  "$LSPLIT" finetune "${SETTINGS[@]}" --out "$WORK/local" >"$WORK/local.log" 2>/dev/null
+  "$LSPLIT" finetune "${SETTINGS[@]}" --out "$WORK/local" >"$WORK/local.log" 2>"$WORK/local.err" || { cat "$WORK/local.err" >&2; exit 1; }
   echo "round $round in-process: $(tokens_per_s "$WORK/local.log") tokens/s; $(grep "training loss" "$WORK/local.log")"
 
   "$LSPLIT" serve --listen 127.0.0.1:0 --training \
@@ -34,7 +34,7 @@ for round in $(seq "$ROUNDS"); do
   until grep -q "^lsplit serve: " "$WORK/serve.log"; do sleep 0.5; done
   port=$(sed -n 's/^lsplit serve: .* on https:\/\/[^ ]*:\([0-9]*\)$/\1/p' "$WORK/serve.log")
   "$LSPLIT" finetune "${SETTINGS[@]}" --out "$WORK/cloud" --cloud "https://localhost:$port" \
-    --ca "$WORK/pki/ca.pem" --token-file "$WORK/token" >"$WORK/cloud.log" 2>/dev/null
+    --ca "$WORK/pki/ca.pem" --token-file "$WORK/token" >"$WORK/cloud.log" 2>"$WORK/cloud.err" || { cat "$WORK/cloud.err" "$WORK/serve.log" >&2; exit 1; }
   echo "round $round loopback TLS: $(tokens_per_s "$WORK/cloud.log") tokens/s;" \
     "$(grep 'training loss' "$WORK/cloud.log"); $(grep '^payload' "$WORK/cloud.log")"
   kill "$SERVER"
