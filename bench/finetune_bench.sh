@@ -31,8 +31,12 @@ for round in $(seq "$ROUNDS"); do
     --cert "$WORK/pki/server.pem" --key "$WORK/pki/server.key" --token-file "$WORK/token" \
     >"$WORK/serve.log" 2>&1 &
   SERVER=$!
-  until grep -q "^lsplit serve: " "$WORK/serve.log"; do sleep 0.5; done
-  port=$(sed -n 's/^lsplit serve: .* on https:\/\/[^ ]*:\([0-9]*\)$/\1/p' "$WORK/serve.log")
+  port=
+  # The banner may be read half written: wait until it holds the port.
+  until [ -n "$port" ]; do
+    sleep 0.5
+    port=$(sed -n 's/^lsplit serve: .* on https:\/\/[^ ]*:\([0-9][0-9]*\)$/\1/p' "$WORK/serve.log")
+  done
   "$LSPLIT" finetune "${SETTINGS[@]}" --out "$WORK/cloud" --cloud "https://localhost:$port" \
     --ca "$WORK/pki/ca.pem" --token-file "$WORK/token" >"$WORK/cloud.log" 2>"$WORK/cloud.err" || { cat "$WORK/cloud.err" "$WORK/serve.log" >&2; exit 1; }
   echo "round $round loopback TLS: $(tokens_per_s "$WORK/cloud.log") tokens/s;" \
