@@ -35,6 +35,8 @@ for round in $(seq "$ROUNDS"); do
   # The banner may be read half written: wait until it holds the port.
   until [ -n "$port" ]; do
     sleep 0.5
+    # (a whole line ends in a newline, which $(...) strips to nothing)
+    [ -s "$WORK/serve.log" ] && [ -z "$(tail -c1 "$WORK/serve.log")" ] || continue
     port=$(sed -n 's/^lsplit serve: .* on https:\/\/[^ ]*:\([0-9][0-9]*\)$/\1/p' "$WORK/serve.log")
   done
   "$LSPLIT" finetune "${SETTINGS[@]}" --out "$WORK/cloud" --cloud "https://localhost:$port" \
