@@ -8,6 +8,10 @@ PEFT's format (adapter_config.json, adapter_model.safetensors), loads it back fr
 user would, and writes golden_logits.json beside it: the logits of every position of a fixed
 prompt and the 16 greedy tokens after it.
 
+A case with "trained" instead of "config" is an adapter that `lsplit finetune` trained and wrote
+(committed as it came out, see the case): the script only loads it with peft and writes its
+golden logits, which checks that peft reads what we write and computes what we compute.
+
 Needs torch (CPU is enough), transformers and peft, e.g.:
     python3 -m venv venv && venv/bin/pip install torch transformers peft safetensors
     venv/bin/python scripts/golden_lora.py
@@ -58,6 +62,13 @@ CASES = [
             use_rslora=True,
         ),
     },
+    # Trained by `lsplit finetune` (r 4, every module of layers 0 and 3), on the 20 lines of
+    # crates/cli/tests/finetune.rs's `data` (written to data.jsonl):
+    #   lsplit finetune --data data.jsonl --out lora-finetuned \
+    #     --model crates/model/tests/data/tiny-llama-hf --split 1:3 --steps 30 --lr 1e-2 \
+    #     --rank 4 --checkpoint-every 0
+    # then its checkpoint/ folder removed.
+    {"model": "tiny-llama-hf", "adapter": "lora-finetuned", "trained": True},
 ]
 
 
@@ -76,15 +87,16 @@ def greedy(model, ids, steps):
 def make(case):
     os.chdir(DATA)
     out = case["adapter"]
-    shutil.rmtree(out, ignore_errors=True)
-    base = AutoModelForCausalLM.from_pretrained(case["model"], torch_dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **case["config"]))
-    gen = torch.Generator().manual_seed(case["seed"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    model.save_pretrained(out)
+    if not case.get("trained"):
+        shutil.rmtree(out, ignore_errors=True)
+        base = AutoModelForCausalLM.from_pretrained(case["model"], torch_dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **case["config"]))
+        gen = torch.Generator().manual_seed(case["seed"])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        model.save_pretrained(out)
 
     base = AutoModelForCausalLM.from_pretrained(case["model"], torch_dtype=torch.float32)
     model = PeftModel.from_pretrained(base, out).eval()

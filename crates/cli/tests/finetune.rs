@@ -115,6 +115,71 @@ fn finetune_lowers_the_held_out_loss_and_writes_an_adapter_generate_loads() {
     );
 }
 
+/// The `FILE loss WHEN: ...` line of `--eval-data FILE`, whole.
+fn eval_line<'a>(text: &'a str, file: &Path, when: &str) -> &'a str {
+    let prefix = format!("{} loss {when}: ", file.display());
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in {text}"))
+}
+
+#[test]
+fn eval_data_reports_each_files_loss_before_and_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data(dir.path());
+    let line = r#"{"text": "the quick brown fox jumps over the lazy dog and the sea"}"#;
+    let (once, twice) = (
+        dir.path().join("once.jsonl"),
+        dir.path().join("twice.jsonl"),
+    );
+    std::fs::write(&once, line).expect("once");
+    std::fs::write(&twice, format!("{line}\n\n{line}\n")).expect("twice");
+    let out_dir = dir.path().join("adapter");
+    let (once_arg, twice_arg) = (once.display().to_string(), twice.display().to_string());
+    let extra = [
+        "--steps",
+        "30",
+        "--eval-data",
+        &once_arg,
+        "--eval-data",
+        &twice_arg,
+    ];
+    let out = finetune(&data, &out_dir, &extra);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    // Every line counts: the same line twice is the same mean loss over twice the tokens.
+    let (before_once, before_twice) = (
+        eval_line(&text, &once, "before"),
+        eval_line(&text, &twice, "before"),
+    );
+    let tokens = |line: &str| -> usize {
+        let count = line.rsplit(", ").next().expect("tokens");
+        count.trim_end_matches(" tokens)").parse().expect("a count")
+    };
+    assert_eq!(tokens(before_twice), 2 * tokens(before_once), "{text}");
+    let loss = |line: &str| line.split(' ').next().expect("loss").to_string();
+    assert_eq!(loss(before_once), loss(before_twice), "{text}");
+    // Trained on that very line, the adapter lowers its loss.
+    let after: f64 = loss(eval_line(&text, &once, "after"))
+        .parse()
+        .expect("after");
+    let before: f64 = loss(before_once).parse().expect("before");
+    assert!(after < 0.5 * before, "{before} -> {after}");
+    // The held-out report is still there, first.
+    assert!(
+        text.find("held-out loss before").expect("held-out") < text.find(&once_arg).expect("eval")
+    );
+
+    let missing = dir.path().join("missing-eval.jsonl").display().to_string();
+    let out = finetune(&data, &out_dir, &["--eval-data", &missing]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("missing-eval.jsonl"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn a_run_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -224,7 +289,23 @@ fn finetune_over_tls_writes_the_in_process_adapter_bit_for_bit() {
     let remote = dir.path().join("remote");
     let out = cloud(&remote, &token);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("(split 1:3)"), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains("(split 1:3)"), "{text}");
+    // f32 rows of 64 values: 256 bytes a token for the forward rows and as much for their
+    // gradient, each way, counted by the client.
+    let tokens: u64 = text
+        .split_once("over 6 steps (")
+        .and_then(|(_, rest)| rest.split_once(" tokens)"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token count in {text}"));
+    let each_way = 512 * tokens;
+    assert!(
+        text.contains(&format!(
+            "payload over {tokens} training tokens: {each_way} bytes sent to the trunk server \
+             (512 per token), {each_way} received (512 per token)"
+        )),
+        "{text}"
+    );
     let bytes = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).expect("read");
     assert_eq!(bytes(&remote), bytes(&local));
 

@@ -1,7 +1,8 @@
 //! LoRA adapters in PEFT's format against Python transformers + peft: two adapters with seeded
 //! random weights (`tests/data/lora-head-tail`: r 4, alpha 8, every module of layers 0 and 3
 //! of `tiny-llama-hf`; `tests/data/lora-rslora-tied`: rsLoRA r 8, alpha 4, q, v and down of
-//! every layer of `tiny-llama-hf-tied`) and the logits and greedy tokens peft computed with
+//! every layer of `tiny-llama-hf-tied`), one that `lsplit finetune` trained
+//! (`tests/data/lora-finetuned`: r 4, every module of layers 0 and 3) and the logits and greedy tokens peft computed with
 //! them (`scripts/golden_lora.py`).
 //!
 //! Tolerance: as `hf_golden.rs`, 1e-4 absolute on the logits (different kernels, same f32
@@ -113,6 +114,13 @@ fn every_module_on_head_and_tail_layers_matches_peft() {
         "lora-head-tail",
         &[(1, 3), (1, 1), (2, 2), (0, 4), (1, 4), (0, 0), (4, 4)],
     );
+}
+
+#[test]
+fn an_adapter_trained_by_lsplit_finetune_matches_peft() {
+    // Written by `lsplit finetune` (the command of scripts/golden_lora.py's trained case), the
+    // golden logits from peft loading it as it came out: peft reads what we write.
+    check_golden("tiny-llama-hf", "lora-finetuned", &[(1, 3), (0, 0), (4, 4)]);
 }
 
 #[test]

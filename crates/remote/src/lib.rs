@@ -27,5 +27,5 @@ pub use error::RemoteError;
 pub use health::{ServingStatus, TRUNK_SERVICE, check_health};
 pub use link::ServerTerms;
 pub use options::{CloudFiles, RemoteOptions};
-pub use train::RemoteTrainTrunk;
+pub use train::{RemoteTrainTrunk, Traffic};
 pub use trunk::{RemoteTrunk, ServerInfo};

@@ -4,6 +4,8 @@
 //! forward pass and its backward pass rebuilds the server's activations before the backward.
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{Device, Tensor};
 use lsplit_model::TrunkFingerprint;
@@ -59,10 +61,21 @@ impl Protocol for Training {
     }
 }
 
+/// Payload bytes (encoded rows and gradients, replays included) that a training session sent
+/// to its server and received from it: what `lsplit finetune --cloud` reports per token.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Device to server: forward rows and output gradients.
+    pub sent: AtomicU64,
+    /// Server to device: output rows and input gradients.
+    pub received: AtomicU64,
+}
+
 /// A trunk on a server computing the forward and backward passes of a device's training.
 #[derive(Debug)]
 pub struct RemoteTrainTrunk {
     link: Link<Training>,
+    traffic: Arc<Traffic>,
     /// The latest forward pass's index, awaiting its backward pass.
     pass: Option<u64>,
     passes: u64,
@@ -87,6 +100,7 @@ impl RemoteTrainTrunk {
         });
         Ok(Self {
             link,
+            traffic: Arc::default(),
             pass: None,
             passes: 0,
         })
@@ -95,6 +109,11 @@ impl RemoteTrainTrunk {
     /// What the handshake told: fingerprint, codec and limits.
     pub fn info(&self) -> &ServerInfo {
         self.link.terms()
+    }
+
+    /// The session's payload counters, shared (they stay readable once the trunk is boxed).
+    pub fn traffic(&self) -> Arc<Traffic> {
+        self.traffic.clone()
     }
 
     /// The model layers the server runs.
@@ -123,14 +142,20 @@ impl RemoteTrainTrunk {
             .codec
             .encode(t, 0)
             .map_err(|e| TrainError::Trunk(e.to_string()))?;
+        self.traffic
+            .sent
+            .fetch_add(rows.bytes.len() as u64, Ordering::Relaxed);
         Ok(rows_to_pb(&rows))
     }
 
     /// Rows of a reply, checked to have `like`'s shape.
-    fn decode(rows: Option<pb::Rows>, like: &Tensor) -> Result<Tensor, TrainError> {
+    fn decode(&self, rows: Option<pb::Rows>, like: &Tensor) -> Result<Tensor, TrainError> {
         let bad = |e: String| TrainError::Trunk(e);
         let rows = rows_from_pb(rows.ok_or_else(|| bad("a reply without rows".into()))?)
             .map_err(|e| bad(e.to_string()))?;
+        self.traffic
+            .received
+            .fetch_add(rows.bytes.len() as u64, Ordering::Relaxed);
         let t = rows.decode(&Device::Cpu).map_err(|e| bad(e.to_string()))?;
         if t.dims() != like.dims() {
             return Err(bad(format!(
@@ -161,7 +186,7 @@ impl TrainTrunk for RemoteTrainTrunk {
         match reply.kind {
             Some(ReplyKind::Forward(out)) if out.pass == pass => {
                 self.pass = Some(pass);
-                Self::decode(out.rows, rows)
+                self.decode(out.rows, rows)
             }
             _ => Err(TrainError::Trunk(
                 "the server answered a forward pass with something else".into(),
@@ -182,7 +207,7 @@ impl TrainTrunk for RemoteTrainTrunk {
         };
         let reply = self.link.call(request, false).map_err(remote)?;
         match reply.kind {
-            Some(ReplyKind::Backward(out)) if out.pass == pass => Self::decode(out.grad, grad),
+            Some(ReplyKind::Backward(out)) if out.pass == pass => self.decode(out.grad, grad),
             _ => Err(TrainError::Trunk(
                 "the server answered a backward pass with something else".into(),
             )),

@@ -4,15 +4,18 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_model::{DenseTrunk, ModelSource, SplitPlan, Target, TrunkFingerprint};
-use lsplit_remote::RemoteTrainTrunk;
+use lsplit_remote::{RemoteTrainTrunk, Traffic};
 use lsplit_split::load_tokenizer;
-use lsplit_train::{Dataset, LocalTrainTrunk, Schedule, TrainOptions, TrainTrunk, Trainer};
+use lsplit_train::{
+    Dataset, Example, LocalTrainTrunk, Schedule, TrainOptions, TrainTrunk, Trainer,
+};
 use lsplit_wire::Codec;
 
 use crate::args::{CloudArgs, SplitArgs};
@@ -80,6 +83,11 @@ pub struct FinetuneArgs {
     /// Share of the examples held out to measure the loss on, before and after
     #[arg(long, value_name = "FRACTION", default_value_t = 0.1)]
     pub eval_fraction: f64,
+    /// Also report the loss and perplexity on FILE (JSONL like --data, every line counted)
+    /// before and after training, e.g. a general text, to see what else the adapter changed;
+    /// repeatable
+    #[arg(long, value_name = "FILE")]
+    pub eval_data: Vec<PathBuf>,
     /// Longest training sequence in tokens; longer ones are cut into windows
     #[arg(long, value_name = "TOKENS", default_value_t = 256)]
     pub max_len: usize,
@@ -154,6 +162,15 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         args.eval_fraction,
         args.seed,
     )?;
+    let evals = args
+        .eval_data
+        .iter()
+        .map(|path| {
+            let set = Dataset::read(path, &tokenizer, args.max_len, 0.0, args.seed)?;
+            Ok((path.display().to_string(), set.train))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut traffic = None;
     let (plan, trunk): (SplitPlan, Box<dyn TrainTrunk>) = match args.cloud.files()? {
         Some(files) => {
             anyhow::ensure!(
@@ -169,6 +186,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             let layers_there = remote.layers();
             remote.verify(&TrunkFingerprint::compute(&source, layers_there.clone())?)?;
             let plan = SplitPlan::new(layers_there.start, layers_there.end, layers)?;
+            traffic = Some(remote.traffic());
             (plan, Box::new(remote))
         }
         None => {
@@ -208,15 +226,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         data.train.len(),
         data.held_out.len()
     );
-    if !data.held_out.is_empty() {
-        let before = trainer.evaluate(&data.held_out)?;
-        println!(
-            "held-out loss before: {:.4} (perplexity {:.3}, {} tokens)",
-            before.loss,
-            before.perplexity(),
-            before.tokens
-        );
-    }
+    report_losses(&mut trainer, &data.held_out, &evals, "before")?;
     let start_step = trainer.steps_done();
     let bar = ProgressBar::new(args.steps as u64).with_position(start_step as u64);
     bar.set_style(
@@ -224,6 +234,13 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             .expect("a valid template"),
     );
     let started = Instant::now();
+    let payload = |t: &Traffic| {
+        (
+            t.sent.load(Ordering::Relaxed),
+            t.received.load(Ordering::Relaxed),
+        )
+    };
+    let payload_before = traffic.as_deref().map(payload);
     let mut tokens = 0;
     let (mut first, mut last) = (None, None);
     while trainer.steps_done() < args.steps {
@@ -248,20 +265,47 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     trainer.save(&args.out)?;
     if let (Some(first), Some(last)) = (first, last) {
         println!(
-            "training loss: first step {first:.4}, last step {last:.4}; {:.1} tokens/s over {} steps",
+            "training loss: first step {first:.4}, last step {last:.4}; {:.1} tokens/s over {} steps ({tokens} tokens)",
             tokens as f64 / seconds,
             trainer.steps_done() - start_step
         );
     }
-    if !data.held_out.is_empty() {
-        let after = trainer.evaluate(&data.held_out)?;
+    if let (Some(traffic), Some((sent0, received0))) = (&traffic, payload_before) {
+        let (sent, received) = payload(traffic);
+        let (sent, received) = (sent - sent0, received - received0);
+        let per_token = |bytes: u64| bytes as f64 / tokens.max(1) as f64;
         println!(
-            "held-out loss after: {:.4} (perplexity {:.3}, {} tokens)",
-            after.loss,
-            after.perplexity(),
-            after.tokens
+            "payload over {} training tokens: {sent} bytes sent to the trunk server ({:.0} per token), {received} received ({:.0} per token)",
+            tokens,
+            per_token(sent),
+            per_token(received)
         );
     }
+    report_losses(&mut trainer, &data.held_out, &evals, "after")?;
     println!("adapter written to {}", args.out.display());
+    Ok(())
+}
+
+/// Prints the loss and perplexity on the held-out examples (if any) and on each `--eval-data`
+/// file, `when` ("before" or "after") training.
+fn report_losses(
+    trainer: &mut Trainer,
+    held_out: &[Example],
+    evals: &[(String, Vec<Example>)],
+    when: &str,
+) -> anyhow::Result<()> {
+    let held_out = (!held_out.is_empty()).then(|| ("held-out".to_string(), held_out));
+    let named = evals
+        .iter()
+        .map(|(path, set)| (path.clone(), set.as_slice()));
+    for (name, set) in held_out.into_iter().chain(named) {
+        let eval = trainer.evaluate(set)?;
+        println!(
+            "{name} loss {when}: {:.4} (perplexity {:.3}, {} tokens)",
+            eval.loss,
+            eval.perplexity(),
+            eval.tokens
+        );
+    }
     Ok(())
 }
