@@ -139,6 +139,7 @@ impl Server<DiffusionLimits> {
         );
         let stats = ServerStats {
             source: StatsSource::Diffusion(shared),
+            training: None,
         };
         let endpoint = Endpoint::new(service, options.access);
         Ok(Self::with(options.limits, stats, endpoint))

@@ -215,6 +215,8 @@ pub struct ServerOptions {
 #[derive(Clone)]
 pub struct ServerStats {
     source: StatsSource,
+    /// Split fine-tuning's service, when the server also answers it (`--training`).
+    training: Option<Arc<train::TrainShared>>,
 }
 
 impl std::fmt::Debug for ServerStats {
@@ -280,15 +282,29 @@ impl ServerStats {
         }
     }
 
+    /// Training sessions open now (none without `--training`).
+    pub fn training_sessions(&self) -> usize {
+        self.training.as_ref().map_or(0, |t| t.sessions.active())
+    }
+
     /// Every metric in the Prometheus text format.
     pub fn prometheus(&self) -> String {
-        match &self.source {
+        let mut out = match &self.source {
             StatsSource::Trunk(_) => {
                 self.counters()
                     .render(self.sessions(), self.kv_bytes(), self.awaited())
             }
             StatsSource::Diffusion(_) => self.counters().render_diffusion(self.sessions()),
+        };
+        if let Some(training) = &self.training {
+            out.push_str(
+                &training
+                    .sessions
+                    .counters()
+                    .render_training(self.training_sessions()),
+            );
         }
+        out
     }
 }
 
@@ -320,6 +336,7 @@ impl Server<Limits> {
         let endpoint = Endpoint::new(service, options.access).failing_on(shared.engine.failure());
         let stats = ServerStats {
             source: StatsSource::Trunk(shared),
+            training: None,
         };
         Ok(Self::with(options.limits, stats, endpoint))
     }
@@ -333,7 +350,7 @@ impl Server<Limits> {
         source: Arc<ModelSource>,
         training: TrainingLimits,
     ) -> Result<Self, ServerError> {
-        let (limits, stats, endpoint) = self.into_parts();
+        let (limits, mut stats, endpoint) = self.into_parts();
         let StatsSource::Trunk(shared) = &stats.source else {
             return Err(ServerError::Config(
                 "training is served for language models only".into(),
@@ -353,6 +370,7 @@ impl Server<Limits> {
             limits.max_message_bytes,
         );
         let endpoint = endpoint.also(service);
+        stats.training = Some(train);
         Ok(Self::with(limits, stats, endpoint))
     }
 }

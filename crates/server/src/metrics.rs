@@ -130,6 +130,52 @@ impl Counters {
         self.render_kind("Image sessions", sessions, &own)
     }
 
+    /// The Prometheus text exposition of split fine-tuning's counters (`lsplit serve
+    /// --training`), `sessions` open now, under names of their own.
+    pub(crate) fn render_training(&self, sessions: usize) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        metric(
+            &mut out,
+            "lsplit_training_sessions_open",
+            "gauge",
+            "Training sessions open now.",
+            sessions as u64,
+        );
+        metric(
+            &mut out,
+            "lsplit_training_sessions_total",
+            "counter",
+            "Training sessions opened.",
+            get(&self.sessions_total),
+        );
+        metric(
+            &mut out,
+            "lsplit_training_forward_passes_total",
+            "counter",
+            "Forward passes run for training sessions.",
+            get(&self.steps_total),
+        );
+        let name = "lsplit_training_payload_bytes_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Training payload bytes received (in: rows and gradients) and sent \
+             (out)."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "{name}{{direction=\"in\"}} {}",
+            get(&self.bytes_in_total)
+        );
+        let _ = writeln!(
+            out,
+            "{name}{{direction=\"out\"}} {}",
+            get(&self.bytes_out_total)
+        );
+        out
+    }
+
     /// The sessions (`sessions` open now; `noun` in the help texts), a kind's `own` metrics
     /// (name, type, help, value), then the traffic both kinds share.
     fn render_kind(&self, noun: &str, sessions: usize, own: &[(&str, &str, &str, u64)]) -> String {

@@ -1,7 +1,7 @@
 //! The `TrainTrunk` service of `lsplit serve --training` against a hand-driven client over TLS:
 //! forward and backward passes equal the in-process trunk's bit for bit with the f32 codec, a
-//! backward pass answers the latest forward pass once, and malformed or out-of-order requests
-//! get statuses that say what is wrong.
+//! backward pass answers the latest forward pass once, malformed or out-of-order requests
+//! get statuses that say what is wrong, and a session's state goes with its stream.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -210,4 +210,23 @@ fn training_passes_match_the_in_process_trunk_and_refuse_what_is_out_of_order() 
             "the device speaks training protocol version 9 but this server speaks version 1",
         );
     });
+
+    // Every session went with its stream, and /metrics counts what crossed: rows and gradients
+    // of 7 x 64 f32 values (1792 bytes) in: session 1's refused backward (decoded first), session
+    // 2's forward, backward and repeated backward, session 4's forward and refused backward; out,
+    // session 2's two answers and session 4's one.
+    lsplit_testkit::wait_until(|| server.stats.training_sessions() == 0);
+    let metrics = server.stats.prometheus();
+    for line in [
+        "lsplit_training_sessions_open 0",
+        "lsplit_training_sessions_total 5",
+        "lsplit_training_forward_passes_total 2",
+        "lsplit_training_payload_bytes_total{direction=\"in\"} 10752",
+        "lsplit_training_payload_bytes_total{direction=\"out\"} 5376",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
 }
