@@ -156,13 +156,18 @@ impl Counters {
             "Forward passes run for training sessions.",
             get(&self.steps_total),
         );
-        let name = "lsplit_training_payload_bytes_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Training payload bytes received (in: rows and gradients) and sent \
-             (out)."
+        self.render_payload(
+            &mut out,
+            "lsplit_training_payload_bytes_total",
+            "Training payload bytes received (in: rows and gradients) and sent (out).",
         );
-        let _ = writeln!(out, "# TYPE {name} counter");
+        out
+    }
+
+    /// The payload bytes received and sent, as the counter `name` with a `direction` label.
+    fn render_payload(&self, out: &mut String, name: &str, help: &str) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         let _ = writeln!(
             out,
             "{name}{{direction=\"in\"}} {}",
@@ -173,7 +178,6 @@ impl Counters {
             "{name}{{direction=\"out\"}} {}",
             get(&self.bytes_out_total)
         );
-        out
     }
 
     /// The sessions (`sessions` open now; `noun` in the help texts), a kind's `own` metrics
@@ -212,21 +216,10 @@ impl Counters {
     /// Bytes, errors and the step latency histogram, which both kinds of server share.
     fn render_traffic(&self, out: &mut String) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let name = "lsplit_payload_bytes_total";
-        let _ = writeln!(
+        self.render_payload(
             out,
-            "# HELP {name} Payload bytes received (in) and sent (out)."
-        );
-        let _ = writeln!(out, "# TYPE {name} counter");
-        let _ = writeln!(
-            out,
-            "{name}{{direction=\"in\"}} {}",
-            get(&self.bytes_in_total)
-        );
-        let _ = writeln!(
-            out,
-            "{name}{{direction=\"out\"}} {}",
-            get(&self.bytes_out_total)
+            "lsplit_payload_bytes_total",
+            "Payload bytes received (in) and sent (out).",
         );
         metric(
             out,
