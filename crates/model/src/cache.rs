@@ -137,7 +137,20 @@ impl Buffer {
         let lanes = (at..).step_by(TILE);
         match self {
             Buffer::F32(b) => lanes.zip(from).for_each(|(i, &x)| b[i] = x),
-            Buffer::F16(b) => lanes.zip(from).for_each(|(i, &x)| b[i] = f16::from_f32(x)),
+            Buffer::F16(b) => {
+                // Converted a chunk at a time with `half`'s slice conversion, which picks F16C
+                // once per chunk (its per-value conversion checks the CPU on every call).
+                let mut narrow = [f16::ZERO; 256];
+                let mut lanes = lanes;
+                for chunk in from.chunks(narrow.len()) {
+                    let narrow = &mut narrow[..chunk.len()];
+                    narrow.convert_from_f32_slice(chunk);
+                    lanes
+                        .by_ref()
+                        .zip(narrow.iter())
+                        .for_each(|(i, &x)| b[i] = x);
+                }
+            }
             Buffer::Q8 { quants, scales } => {
                 let lane = at % TILE;
                 for (g, group) in from.chunks(Q8_GROUP).enumerate() {

@@ -47,7 +47,7 @@ impl ActBlock {
     /// Q8_0/Q8_1 code does, with AVX-512 on that path (same results).
     pub(crate) fn quantize_all(path: KernelPath, xs: &[f32]) -> Vec<Self> {
         match path {
-            // SAFETY: the path runs only where the CPU has AVX-512 F and BW.
+            // SAFETY: the path runs only where the CPU has AVX-512 F and BW, and F16C.
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx512Vnni => unsafe { avx512::quantize_all(xs) },
             _ => xs
@@ -76,16 +76,21 @@ mod avx512 {
 
     use super::{ActBlock, BLOCK};
 
-    /// See [`ActBlock::quantize_all`].
+    /// See [`ActBlock::quantize_all`]. A loop rather than an iterator chain, and helper
+    /// functions rather than closures, so that all of it is compiled with AVX-512 (a closure
+    /// does not get its function's target features, and in a plain build was left a call per
+    /// vector).
     ///
     /// # Safety
-    /// The CPU has AVX-512 F and BW.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    /// The CPU has AVX-512 F and BW, and F16C.
+    #[target_feature(enable = "avx512f,avx512bw,f16c")]
     pub(super) unsafe fn quantize_all(xs: &[f32]) -> Vec<ActBlock> {
-        xs.chunks_exact(BLOCK)
-            // SAFETY: the CPU has AVX-512 F and BW (see above).
-            .map(|xs| unsafe { quantize(xs.try_into().expect("a block of 32 values")) })
-            .collect()
+        let mut blocks = Vec::with_capacity(xs.len() / BLOCK);
+        for xs in xs.chunks_exact(BLOCK) {
+            // SAFETY: the CPU has AVX-512 F and BW, and F16C (see above).
+            blocks.push(unsafe { quantize(xs.try_into().expect("a block of 32 values")) });
+        }
+        blocks
     }
 
     /// The scalar code's operations on sixteen lanes. NaN counts as 0 in the maximum (as
@@ -93,9 +98,9 @@ mod avx512 {
     /// rounding is half away from zero, as `f32::round`.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F and BW.
+    /// The CPU has AVX-512 F and BW, and F16C.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,f16c")]
     unsafe fn quantize(xs: &[f32; BLOCK]) -> ActBlock {
         // SAFETY: the CPU has AVX-512 F and BW; `xs` holds 32 values.
         unsafe {
@@ -103,27 +108,10 @@ mod avx512 {
                 _mm512_loadu_ps(xs.as_ptr()),
                 _mm512_loadu_ps(xs.as_ptr().add(16)),
             ];
-            let ordered = |v: __m512| _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
-            let abs = x.map(|v| _mm512_maskz_mov_ps(ordered(v), _mm512_abs_ps(v)));
-            let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs[0], abs[1]));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs_or_zero(x[0]), abs_or_zero(x[1])));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let q = x.map(|x| {
-                let v = _mm512_mul_ps(x, _mm512_set1_ps(id));
-                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-                // `v - t` is exact; a fraction of at least one half rounds away from zero.
-                let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(
-                    _mm512_abs_ps(_mm512_sub_ps(v, t)),
-                    _mm512_set1_ps(0.5),
-                );
-                let sign = _mm512_and_ps(v, _mm512_set1_ps(-0.0));
-                let r = _mm512_mask_add_ps(t, away, t, _mm512_or_ps(_mm512_set1_ps(1.0), sign));
-                let r = _mm512_min_ps(
-                    _mm512_max_ps(r, _mm512_set1_ps(-128.0)),
-                    _mm512_set1_ps(127.0),
-                );
-                _mm512_maskz_mov_epi32(ordered(v), _mm512_cvtps_epi32(r))
-            });
+            let q = [round_to_i32(x[0], id), round_to_i32(x[1], id)];
             let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
             let mut bytes = [0i8; BLOCK];
             _mm_storeu_si128(bytes.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q[0]));
@@ -131,8 +119,57 @@ mod avx512 {
                 bytes.as_mut_ptr().add(16).cast(),
                 _mm512_cvtepi32_epi8(q[1]),
             );
-            ActBlock::new(d, bytes, sum)
+            // What `ActBlock::new` computes with `half`, with the F16C instructions (both round
+            // to nearest even), so that no call to `half` is left per block.
+            let d16 = to_f16(d);
+            ActBlock {
+                d: d16,
+                s: to_f16(to_f16(sum as f32) * d16),
+                sum,
+                q: bytes,
+            }
         }
+    }
+
+    /// `|v|` in each lane, with NaN as 0.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn abs_or_zero(v: __m512) -> __m512 {
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v), _mm512_abs_ps(v))
+    }
+
+    /// Each lane of `x · id` rounded half away from zero, saturated to i8's range (NaN as 0).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn round_to_i32(x: __m512, id: f32) -> __m512i {
+        let v = _mm512_mul_ps(x, _mm512_set1_ps(id));
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+        // `v - t` is exact; a fraction of at least one half rounds away from zero.
+        let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(
+            _mm512_abs_ps(_mm512_sub_ps(v, t)),
+            _mm512_set1_ps(0.5),
+        );
+        // ±1 with `v`'s sign, by integer and/or (the float forms need AVX-512 DQ).
+        let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
+        let one = _mm512_or_si512(_mm512_castps_si512(_mm512_set1_ps(1.0)), sign);
+        let r = _mm512_mask_add_ps(t, away, t, _mm512_castsi512_ps(one));
+        let r = _mm512_min_ps(
+            _mm512_max_ps(r, _mm512_set1_ps(-128.0)),
+            _mm512_set1_ps(127.0),
+        );
+        _mm512_maskz_mov_epi32(
+            _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v),
+            _mm512_cvtps_epi32(r),
+        )
+    }
+
+    /// `x` rounded through f16 (to nearest even, as `half::f16::from_f32`).
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    fn to_f16(x: f32) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+            _mm_set_ss(x),
+        )))
     }
 }
 
