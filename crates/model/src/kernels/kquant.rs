@@ -48,7 +48,7 @@ pub(crate) const SUPER: usize = 256;
 const SUB: usize = 32;
 
 /// Q4_K sub-blocks per super-block.
-const SUBS: usize = SUPER / SUB;
+pub(super) const SUBS: usize = SUPER / SUB;
 
 /// Values per Q6_K scale.
 const SUB6: usize = 16;
@@ -85,21 +85,21 @@ impl KFormat {
 
 /// Offsets in a Q4_K tile block: the four `d`, the four `dmin`, the scales, the minimums, the
 /// quants.
-const D: usize = 0;
-const DMIN: usize = 8;
-const SCALES: usize = 16;
-const MINS: usize = SCALES + TILE * SUBS;
-const QUANTS: usize = MINS + TILE * SUBS;
+pub(super) const D: usize = 0;
+pub(super) const DMIN: usize = 8;
+pub(super) const SCALES: usize = 16;
+pub(super) const MINS: usize = SCALES + TILE * SUBS;
+pub(super) const QUANTS: usize = MINS + TILE * SUBS;
 /// Q5_K's fifth bits, after the quants.
-const FIFTH: usize = QUANTS + TILE * SUPER / 2;
+pub(super) const FIFTH: usize = QUANTS + TILE * SUPER / 2;
 
 /// Offsets in a Q6_K tile block: the four `d`, the four rows' sixteen scales, then each row's
 /// low nibbles and high bits as in GGUF.
-const SCALES6: usize = 8;
-const QUANTS6: usize = SCALES6 + TILE * SUPER / SUB6;
+pub(super) const SCALES6: usize = 8;
+pub(super) const QUANTS6: usize = SCALES6 + TILE * SUPER / SUB6;
 
 /// Bytes of one row's Q6_K quants.
-const QUANT6_BYTES: usize = SUPER / 2 + SUPER / 4;
+pub(super) const QUANT6_BYTES: usize = SUPER / 2 + SUPER / 4;
 
 /// 256 activations quantized to 8 bits (candle's and ggml's Q8_K): value ≈ `d · q`, and
 /// `sums[i]` = `Σq` over sub-block `i`.
@@ -880,14 +880,14 @@ mod sums512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
     use super::*;
 
     /// Deterministic values in about [-1, 1] (xorshift), so the test needs no extra crate.
-    fn values(seed: u64, n: usize) -> Vec<f32> {
+    pub(in crate::kernels) fn values(seed: u64, n: usize) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -900,7 +900,12 @@ mod tests {
     }
 
     /// `rows` GGUF rows of `blocks` super-blocks, quantized by candle.
-    fn gguf_rows(format: KFormat, rows: usize, blocks: usize, seed: u64) -> Vec<u8> {
+    pub(in crate::kernels) fn gguf_rows(
+        format: KFormat,
+        rows: usize,
+        blocks: usize,
+        seed: u64,
+    ) -> Vec<u8> {
         let t = Tensor::from_vec(
             values(seed, rows * blocks * SUPER),
             (rows, blocks * SUPER),

@@ -12,6 +12,8 @@
 
 mod dot;
 mod kquant;
+#[cfg(target_arch = "x86_64")]
+mod kwide;
 mod path;
 #[cfg(target_arch = "x86_64")]
 mod wide;
@@ -329,7 +331,25 @@ fn matmul(
             by_columns(&kernel, tiles, tile_bytes, &acts, (m, k, n), out, wide);
         }
         Kind::K(format) => {
+            #[cfg(target_arch = "x86_64")]
+            let blocks = k / SUPER;
             let acts = KActBlock::quantize_all(x);
+            #[cfg(target_arch = "x86_64")]
+            let groups = (path == KernelPath::Avx512Vnni && m >= wide::GROUP)
+                .then(|| kwide::groups(format, &acts, blocks));
+            // Groups of four activation rows go through the wide K-quant kernel on the
+            // AVX-512 VNNI path.
+            let wide = |_weights: &[u8], _dst: &mut [f32]| -> usize {
+                #[cfg(target_arch = "x86_64")]
+                if let Some(groups) = &groups {
+                    // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only
+                    // where the CPU has AVX-512 F, BW, VL and VNNI.
+                    return unsafe {
+                        kwide::dot_columns(format, _weights, groups, blocks, m, _dst)
+                    };
+                }
+                0
+            };
             by_columns(
                 &KKernel(path, format),
                 tiles,
@@ -337,7 +357,7 @@ fn matmul(
                 &acts,
                 (m, k, n),
                 out,
-                |_, _| 0,
+                wide,
             );
         }
     }
