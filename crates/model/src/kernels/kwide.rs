@@ -18,7 +18,6 @@
 
 use std::arch::x86_64::*;
 
-use super::dot::TILE;
 use super::kquant::{
     D, DMIN, FIFTH, KActBlock, KFormat, MINS, QUANT6_BYTES, QUANTS, QUANTS6, SCALES, SCALES6, SUBS,
     SUPER,
@@ -31,8 +30,9 @@ const QUADS: usize = SUPER / 4;
 /// Scales per super-block of the widest kind (Q6_K's, one per 16 values).
 const CHUNKS: usize = SUPER / 16;
 
-/// Most groups of activation rows one call of [`dot_tile`] takes.
-pub(crate) const MAX_GROUPS: usize = 4;
+/// Most groups of activation rows one call of [`dot_tile`] takes: each unpacking of a weight
+/// block serves them all (their accumulators live in memory, not registers).
+pub(crate) const MAX_GROUPS: usize = wide::MAX_PASS;
 
 /// One super-block of four activation rows, laid out for the kernel.
 #[derive(Debug, Clone, Copy)]
@@ -383,8 +383,9 @@ pub(crate) unsafe fn dot_columns(
 #[cfg(test)]
 mod tests {
     use super::super::KernelPath;
-    use super::super::kquant::{self, portable};
+    use super::super::dot::TILE;
     use super::super::kquant::tests::{gguf_rows, values};
+    use super::super::kquant::{self, portable};
     use super::*;
 
     #[test]

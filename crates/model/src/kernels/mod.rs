@@ -20,6 +20,7 @@ mod wide;
 
 pub use path::KernelPath;
 
+use std::io::Read;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -59,6 +60,24 @@ impl Linear {
             }
             _ => Self::Candle(matrix),
         }
+    }
+
+    /// A GGUF matrix of `dtype` and `dims` (rows, columns) whose blocks `reader` is at, read
+    /// and repacked four rows at a time, so that no whole GGUF copy of it is held next to its
+    /// tiles; `None`, with nothing read, where our kernels do not cover it.
+    pub(crate) fn read_gguf(
+        dtype: GgmlDType,
+        dims: &[usize],
+        reader: &mut impl Read,
+    ) -> Option<std::io::Result<Self>> {
+        let kind = Kind::of(dtype)?;
+        let &[rows, cols] = dims else {
+            return None;
+        };
+        if !QuantMatrix::fits(kind, rows, cols) {
+            return None;
+        }
+        Some(QuantMatrix::read(kind, rows, cols, reader).map(Self::Quant))
     }
 
     /// Rows `ids` of the matrix, dequantized: embeddings `(ids, cols)` of tokens.
@@ -125,6 +144,14 @@ impl Kind {
         }
     }
 
+    /// `rows` GGUF rows (a multiple of [`TILE`]) of `blocks` blocks each, repacked into tiles.
+    fn repack(self, gguf: &[u8], rows: usize, blocks: usize) -> Vec<u8> {
+        match self {
+            Self::Blocks(format) => repack(format, gguf, rows, blocks),
+            Self::K(format) => kquant::repack(format, gguf, rows, blocks),
+        }
+    }
+
     /// Bytes of one repacked row of `cols` weights.
     fn row_bytes(self, cols: usize) -> usize {
         match self {
@@ -152,16 +179,34 @@ impl QuantMatrix {
         let cpu = tensor.device().is_cpu();
         let blocks = cols / kind.block();
         let bytes = rows * blocks * kind.gguf_bytes();
-        let fits = cols % kind.block() == 0 && rows % TILE == 0;
-        if !cpu || !fits || tensor.storage_size_in_bytes() != bytes {
+        if !cpu || !Self::fits(kind, rows, cols) || tensor.storage_size_in_bytes() != bytes {
             return None;
         }
         let gguf = tensor.data().ok()?;
-        let tiles = match kind {
-            Kind::Blocks(format) => repack(format, &gguf, rows, blocks),
-            Kind::K(format) => kquant::repack(format, &gguf, rows, blocks),
-        };
         Some(Self {
+            tiles: Arc::new(kind.repack(&gguf, rows, blocks)),
+            kind,
+            rows,
+            cols,
+        })
+    }
+
+    /// Whether the kernels take a matrix of `rows` rows and `cols` columns: whole blocks per
+    /// row, whole tiles of rows.
+    fn fits(kind: Kind, rows: usize, cols: usize) -> bool {
+        cols % kind.block() == 0 && rows % TILE == 0
+    }
+
+    /// See [`Linear::read_gguf`].
+    fn read(kind: Kind, rows: usize, cols: usize, reader: &mut impl Read) -> std::io::Result<Self> {
+        let blocks = cols / kind.block();
+        let mut gguf = vec![0u8; TILE * blocks * kind.gguf_bytes()];
+        let mut tiles = Vec::with_capacity(rows * kind.row_bytes(cols));
+        for _ in 0..rows / TILE {
+            reader.read_exact(&mut gguf)?;
+            tiles.extend_from_slice(&kind.repack(&gguf, TILE, blocks));
+        }
+        Ok(Self {
             tiles: Arc::new(tiles),
             kind,
             rows,
@@ -720,10 +765,7 @@ mod tests {
                         Kind::Blocks(_) => {}
                     }
                 }
-                let tiles = match kind {
-                    Kind::Blocks(format) => repack(format, &gguf, n, blocks),
-                    Kind::K(format) => kquant::repack(format, &gguf, n, blocks),
-                };
+                let tiles = kind.repack(&gguf, n, blocks);
                 for m in [1, 16, 64, 256] {
                     let x: Vec<f32> = (0..m * k)
                         .map(|_| (random() % 2001) as f32 / 1000.0 - 1.0)

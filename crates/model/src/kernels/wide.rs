@@ -368,12 +368,15 @@ pub(crate) unsafe fn dot_columns(
     )
 }
 
+/// Most groups of activation rows [`by_runs`] passes to its kernel at once.
+pub(crate) const MAX_PASS: usize = 8;
+
 /// Results of one group of activation rows against one tile: `[w][r]`, weight row `w` times
 /// the group's row `r`.
 pub(crate) type GroupOut = [[f32; GROUP]; TILE];
 
 /// Tiles of `tile_bytes` after one another in `tiles` against `count` groups of four
-/// activation rows, `per_pass` (at most four) groups at a time: `kernel(tile, first, out)` dots
+/// activation rows, `per_pass` (at most [`MAX_PASS`]) groups at a time: `kernel(tile, first, out)` dots
 /// one tile with groups `first..first + out.len()`. `columns` holds, tile after tile, each of
 /// its four weight rows' results over the `m` activation rows. Returns the rows done.
 ///
@@ -392,7 +395,7 @@ pub(crate) fn by_runs(
     /// Bytes of weights per run of tiles: a quarter of a 1 MiB L2 cache.
     const RUN_BYTES: usize = 256 << 10;
     let run = (RUN_BYTES / tile_bytes).max(1);
-    let mut out = [[[0f32; GROUP]; TILE]; 4];
+    let mut out = [[[0f32; GROUP]; TILE]; MAX_PASS];
     for (tiles, columns) in tiles
         .chunks(run * tile_bytes)
         .zip(columns.chunks_mut(run * TILE * m))
