@@ -695,6 +695,40 @@ mod tests {
     }
 
     #[test]
+    fn matrices_read_from_gguf_bytes_equal_those_from_candles_tensors() -> candle_core::Result<()> {
+        for dtype in OURS {
+            let k = width(dtype);
+            let w = weights(dtype, 40, k)?;
+            let bytes = w.data()?.to_vec();
+            let Linear::Quant(from_tensor) = Linear::new(QMatMul::QTensor(w)) else {
+                panic!("{dtype:?} uses our kernels");
+            };
+            let Some(Ok(Linear::Quant(read))) = Linear::read_gguf(dtype, &[40, k], &mut &bytes[..])
+            else {
+                panic!("{dtype:?} is read into tiles");
+            };
+            assert_eq!(read.tiles, from_tensor.tiles, "{dtype:?}");
+            let short = &mut &bytes[..bytes.len() - 1];
+            match Linear::read_gguf(dtype, &[40, k], short) {
+                Some(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+                other => panic!("{dtype:?}: a short tensor read as {other:?}"),
+            }
+        }
+        // Formats and shapes our kernels do not take are left to candle, nothing read.
+        let bytes = [0u8; 4096];
+        for (dtype, dims) in [
+            (GgmlDType::Q3K, [16, 256]),
+            (GgmlDType::Q4_1, [6, 64]),
+            (GgmlDType::Q4K, [4, 100]),
+        ] {
+            let mut reader = &bytes[..];
+            assert!(Linear::read_gguf(dtype, &dims, &mut reader).is_none());
+            assert_eq!(reader.len(), bytes.len(), "{dtype:?} {dims:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn other_formats_keep_candles_kernels() -> candle_core::Result<()> {
         let w = weights(GgmlDType::Q3K, 16, 256)?;
         assert!(matches!(
