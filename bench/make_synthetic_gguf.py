@@ -19,7 +19,7 @@ the `gguf` package), e.g.
         --tokenizer-from ~/.cache/lambda-split/models/SmolLM2-135M-Instruct.Q4_1.gguf --type q4_0
 
 `--shape 7b` writes Llama-2-7B's shape instead (32 layers, hidden size 4096, 32 heads and 32 KV
-heads, FFN 11008; 7.2 GB in Q8_0, about 2 GB of memory while writing), `--shape small` a two-layer
+heads, FFN 11008; 7.2 GB in Q8_0, about 2 GB of memory while writing), `--shape small` a five-layer
 model of hidden size 256 for checking the scripts.
 
 It writes `tinyllama-1.1b-shape-random.<type>.gguf` (`llama-7b-shape-random...`,
@@ -40,13 +40,13 @@ from gguf.quants import quant_shape_to_byte_shape, quantize
 # --shape: (file name stem, layers, hidden size, heads, KV heads, FFN size). `7b` is
 # Llama-2-7B's shape (multi-head attention), for the GPU trunk's benchmark (issue 22) and the
 # 7B Q4_K_M comparison with llama.cpp (issue 23); its vocabulary is SmolLM2's 49152 tokens
-# rather than Llama-2's 32000 (the tokenizer must match), 1% more weights. `small` (two
-# layers, every matrix a multiple of 256 columns, so K-quants cover it) checks the scripts'
-# code paths in seconds.
+# rather than Llama-2's 32000 (the tokenizer must match), 1% more weights. `small` (five
+# layers, so that a split with 2 local layers at each end leaves a trunk; every matrix a
+# multiple of 256 columns, so K-quants cover it) checks the scripts' code paths in seconds.
 SHAPES = {
     "1.1b": ("tinyllama-1.1b-shape-random", 22, 2048, 32, 4, 5632),
     "7b": ("llama-7b-shape-random", 32, 4096, 32, 32, 11008),
-    "small": ("small-shape-random", 2, 256, 4, 2, 512),
+    "small": ("small-shape-random", 5, 256, 4, 2, 512),
 }
 TITLES = {"1.1b": "TinyLlama-1.1B shape", "7b": "Llama-2-7B shape", "small": "Small test shape"}
 LAYERS, HIDDEN, HEADS, KV_HEADS, FFN = SHAPES["1.1b"][1:]
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1.1b",
-                        help="TinyLlama-1.1B's, Llama-2-7B's or a two-layer test shape "
+                        help="TinyLlama-1.1B's, Llama-2-7B's or a five-layer test shape "
                         "[default: 1.1b]")
     parser.add_argument("--random-blocks", action="store_true",
                         help="random quantized bytes with a fixed scale instead of quantized "

@@ -21,9 +21,9 @@ Set-up, all cached and reused:
   requantized by llama.cpp's own quantizer (`bench/requantize_gguf.py`), next to it: the K-quant
   mixes people download. `7b-q4_k_m` is the same for Llama-2-7B's shape (`7b-q8_0`, 7.2 GB, is
   written first, once; the Q4_K_M file is about 4 GB; decode there is bound by memory
-  bandwidth), and the `small-` models (a two-layer shape) check the set-up in seconds. A path to
-  any other GGUF file works too. LSPLIT_CACHE_DIR moves
-  ~/.cache/lambda-split, as it does for lsplit.
+  bandwidth), and the `small-` models (five layers of width 256) check the set-up in seconds. A
+  path to any other GGUF file works too. LSPLIT_CACHE_DIR moves ~/.cache/lambda-split, as it
+  does for lsplit.
 
 What it measures, for each model and each engine (llama.cpp, lsplit unsplit, lsplit split with
 `-n` local layers at each end, the trunk in-process):
