@@ -83,17 +83,7 @@ impl KActGroup {
 /// The activation rows' super-blocks in groups of four (a trailing one to three rows are left
 /// out): group `i`'s super-block `b` at `i * blocks + b`.
 pub(crate) fn groups(format: KFormat, acts: &[KActBlock], blocks: usize) -> Vec<KActGroup> {
-    let rows = acts.len() / blocks;
-    (0..rows / GROUP)
-        .flat_map(|i| {
-            (0..blocks).map(move |b| {
-                KActGroup::new(
-                    format,
-                    std::array::from_fn(|r| &acts[(i * GROUP + r) * blocks + b]),
-                )
-            })
-        })
-        .collect()
+    wide::in_groups(acts, blocks, |rows| KActGroup::new(format, rows))
 }
 
 /// Dots one tile (`blocks` super-blocks of four weight rows, as [`super::kquant::repack`] lays

@@ -297,16 +297,20 @@ unsafe fn kernel<const G: usize>(
 /// The activation rows' blocks in groups of four (a trailing one to three rows are left out):
 /// group `i`'s block `b` at `i * blocks + b`.
 pub(crate) fn groups(format: Format, acts: &[ActBlock], blocks: usize) -> Vec<ActGroup> {
+    in_groups(acts, blocks, |rows| ActGroup::new(format, rows))
+}
+
+/// `group` of each block of each four activation rows of `acts` (rows of `blocks` blocks; a
+/// trailing one to three rows are left out): group `i`'s block `b` at `i * blocks + b`.
+pub(crate) fn in_groups<A, G>(
+    acts: &[A],
+    blocks: usize,
+    group: impl Fn([&A; GROUP]) -> G,
+) -> Vec<G> {
     let rows = acts.len() / blocks;
     (0..rows / GROUP)
-        .flat_map(|i| {
-            (0..blocks).map(move |b| {
-                ActGroup::new(
-                    format,
-                    std::array::from_fn(|r| &acts[(i * GROUP + r) * blocks + b]),
-                )
-            })
-        })
+        .flat_map(|i| (0..blocks).map(move |b| (i, b)))
+        .map(|(i, b)| group(std::array::from_fn(|r| &acts[(i * GROUP + r) * blocks + b])))
         .collect()
 }
 
