@@ -4,15 +4,16 @@
 //!
 //! Lane `4w + r` of a register belongs to weight row `w` and activation row `r`. Each
 //! super-block of the tile is unpacked once into 64 registers, register `j` holding in quarter
-//! `w` weight row `w`'s values `4j..4j+4` (unsigned; Q6_K's bias of 32 is taken off with the
-//! activations), and serves every group: `vpmaddubsw` with the four activation rows' values
-//! `4j..4j+4` side by side, then `vpdpwssd` with the values' scale, adds each pair's
-//! `sc·(q·y)` over the four values to an exact integer sum. Lane `l` of candle's eight integer
-//! lanes sums the value groups `j ≡ l (mod 8)`; per super-block each of the eight float lanes
-//! takes `+= d·d_y · lane` (fused), Q4_K's four lanes of minimums `+= −d_y·dmin · (m·Σy)` over
-//! two sub-blocks each (one `vpdpwssd`), Q5_K's one float `+= −d_y·dmin · Σ m·Σy` (unfused),
-//! summed at the end in candle's order. So each pair's result is
-//! [`super::kquant::portable`]'s bit for bit, whatever rows are batched with it.
+//! `w` weight row `w`'s values `4j..4j+4` (unsigned), and serves every group (up to eight):
+//! `vpmaddubsw` with the four activation rows' values `4j..4j+4` side by side, then `vpdpwssd`
+//! with the values' scale, adds each pair's `sc·(q·y)` over the four values to an exact integer
+//! sum (Q6_K's bias of 32 comes off with the activations' sums, one `vpdpwssd` per two
+//! registers of 32 values). Lane `l` of candle's eight integer lanes sums the value groups
+//! `j ≡ l (mod 8)`; per super-block each of the eight float lanes takes `+= d·d_y · lane`
+//! (fused), Q4_K's four lanes of minimums `+= −d_y·dmin · (m·Σy)` over two sub-blocks each (one
+//! `vpdpwssd`), Q5_K's one float `+= −d_y·dmin · Σ m·Σy` (unfused), summed at the end in
+//! candle's order. So each pair's result is [`super::kquant::portable`]'s bit for bit, whatever
+//! rows are batched with it.
 //!
 //! Built into every x86-64 binary; it runs only on the AVX-512 VNNI [`super::KernelPath`].
 
@@ -40,9 +41,10 @@ pub(crate) const MAX_GROUPS: usize = wide::MAX_PASS;
 pub(crate) struct KActGroup {
     /// `q[j]`: values `4j..4j+4` of each of the four rows, one row after the other.
     q: [[i8; 16]; QUADS],
-    /// Q6_K only (zero otherwise): `bias[j]`: each row's `−32·(y0 + y1)` and `−32·(y2 + y3)`
-    /// over the same four values, which take the quants' bias of 32 off their products.
-    bias: [[i16; 8]; QUADS],
+    /// Q6_K only (zero otherwise): `bias[8p + l]`: each row's `−32·Σy` over values `4j..4j+4`
+    /// for `j = 16p + l` and `j + 8` (two registers of 32 apart, in one lane of candle's), which
+    /// times the values' scales takes the quants' bias of 32 off their products.
+    bias: [[i16; 8]; QUADS / 2],
     /// `sums[p]`: each row's sums of sub-blocks `2p` and `2p + 1` (for the minimums).
     sums: [[i16; 8]; SUBS / 2],
     /// The rows' scales.
@@ -56,7 +58,7 @@ impl KActGroup {
     fn new(format: KFormat, rows: [&KActBlock; GROUP]) -> Self {
         let mut group = Self {
             q: [[0; 16]; QUADS],
-            bias: [[0; 8]; QUADS],
+            bias: [[0; 8]; QUADS / 2],
             sums: [[0; 8]; SUBS / 2],
             d: rows.map(|a| a.d),
             neg_d: rows.map(|a| -a.d),
@@ -66,10 +68,9 @@ impl KActGroup {
                 let values = &a.q[4 * j..4 * j + 4];
                 group.q[j][4 * r..4 * r + 4].copy_from_slice(values);
                 if format == KFormat::Q6K {
-                    for h in 0..2 {
-                        let pair = i16::from(values[2 * h]) + i16::from(values[2 * h + 1]);
-                        group.bias[j][2 * r + h] = -32 * pair;
-                    }
+                    let (p, k, l) = (j / 16, j / 8 % 2, j % 8);
+                    let sum: i16 = values.iter().map(|&y| i16::from(y)).sum();
+                    group.bias[8 * p + l][2 * r + k] = -32 * sum;
                 }
             }
             for p in 0..SUBS / 2 {
@@ -277,6 +278,13 @@ unsafe fn kernel(
                 unpack_q4k(p, format == KFormat::Q5K, &mut w, &mut sc, &mut mins);
                 per_weight_row(f16x4(p.add(DMIN)))
             };
+            // Q6_K: `pair_scales[p][h]`, in each i32 lane, the scales of values `4j..4j+4` for
+            // `j = 16p + 4h + g` and `j + 8` (as `bias` pairs them).
+            let pair_scales: [[__m512i; 2]; 4] = std::array::from_fn(|p| {
+                std::array::from_fn(|h| {
+                    _mm512_mask_blend_epi16(0xaaaa_aaaa, sc[4 * p + h], sc[4 * p + 2 + h])
+                })
+            });
             for (group, acc) in groups.iter().zip(&mut acc) {
                 let a = &group[b];
                 let d_act = _mm512_broadcast_f32x4(_mm_loadu_ps(a.d.as_ptr()));
@@ -286,12 +294,14 @@ unsafe fn kernel(
                     for k in 0..8 {
                         let j = 8 * k + l;
                         let y = broadcast16(a.q[j].as_ptr().cast());
-                        let mut products = _mm512_maddubs_epi16(w[j], y);
-                        if six {
-                            products =
-                                _mm512_add_epi16(products, broadcast16(a.bias[j].as_ptr().cast()));
-                        }
+                        let products = _mm512_maddubs_epi16(w[j], y);
                         sum = _mm512_dpwssd_epi32(sum, products, sc[j / 4]);
+                    }
+                    if six {
+                        for (p, &sc) in pair_scales.iter().enumerate() {
+                            let bias = broadcast16(a.bias[8 * p + l].as_ptr().cast());
+                            sum = _mm512_dpwssd_epi32(sum, bias, sc[l / 4]);
+                        }
                     }
                     acc[l] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[l]);
                 }
@@ -423,12 +433,11 @@ mod tests {
                     let mut out = vec![[[0f32; GROUP]; TILE]; count];
                     // SAFETY: the test runs only where the CPU has the features.
                     unsafe { dot_tile(format, &tile, &pass, &mut out) };
-                    for (i, group) in out.iter().enumerate() {
-                        for r in 0..GROUP {
-                            let row = (first + i) * GROUP + r;
-                            let got: [u32; TILE] = std::array::from_fn(|w| group[w][r].to_bits());
-                            assert_eq!(got, reference[row], "{format:?} seed {seed} row {row}");
-                        }
+                    for row in first * GROUP..(first + count) * GROUP {
+                        let group = &out[row / GROUP - first];
+                        let got: [u32; TILE] =
+                            std::array::from_fn(|w| group[w][row % GROUP].to_bits());
+                        assert_eq!(got, reference[row], "{format:?} seed {seed} row {row}");
                     }
                 }
             }

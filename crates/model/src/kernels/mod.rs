@@ -194,7 +194,7 @@ impl QuantMatrix {
     /// Whether the kernels take a matrix of `rows` rows and `cols` columns: whole blocks per
     /// row, whole tiles of rows.
     fn fits(kind: Kind, rows: usize, cols: usize) -> bool {
-        cols % kind.block() == 0 && rows % TILE == 0
+        cols.is_multiple_of(kind.block()) && rows.is_multiple_of(TILE)
     }
 
     /// See [`Linear::read_gguf`].
