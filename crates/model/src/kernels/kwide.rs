@@ -25,6 +25,12 @@ use super::kquant::{
 };
 use super::wide::{self, GROUP, GroupOut, broadcast16, f16x4, load64, per_weight_row, spread};
 
+/// Whether the kernel reads `format` (Q4_K, Q5_K and Q6_K; Q2_K goes through
+/// [`super::kquant`]'s four-row kernels).
+pub(crate) fn covers(format: KFormat) -> bool {
+    format != KFormat::Q2K
+}
+
 /// Groups of four values in a super-block.
 const QUADS: usize = SUPER / 4;
 
@@ -101,6 +107,7 @@ pub(crate) unsafe fn dot_tile(
     out: &mut [GroupOut],
 ) {
     let blocks = tile.len() / format.tile_bytes();
+    assert!(covers(format), "the wide kernel covers no {format:?}");
     assert!(groups.len() <= MAX_GROUPS && out.len() == groups.len());
     assert!(groups.iter().all(|g| g.len() == blocks));
     assert_eq!(tile.len(), blocks * format.tile_bytes());
@@ -323,6 +330,7 @@ unsafe fn kernel(
                         acc[8] = _mm512_add_ps(acc[8], t);
                     }
                     KFormat::Q6K => {}
+                    KFormat::Q2K => unreachable!("the wide kernel covers no Q2_K"),
                 }
             }
         }
@@ -337,6 +345,7 @@ unsafe fn kernel(
                 }
                 KFormat::Q5K => _mm512_add_ps(sum, x[8]),
                 KFormat::Q6K => sum,
+                KFormat::Q2K => unreachable!("the wide kernel covers no Q2_K"),
             };
             _mm512_storeu_ps(out.as_mut_ptr().cast(), sum);
         }
@@ -460,6 +469,7 @@ mod tests {
                     block[2..4].copy_from_slice(&scale);
                 }
                 KFormat::Q6K => block[208..].copy_from_slice(&scale),
+                KFormat::Q2K => unreachable!("the wide kernel covers no Q2_K"),
             }
         }
         bytes

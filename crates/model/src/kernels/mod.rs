@@ -6,9 +6,10 @@
 //! CPU has AVX-512 with VNNI, batches (prefill, the trunk server's shared steps) go through
 //! the `wide` kernel in groups of four rows, sixteen (weight row, activation row) pairs per
 //! instruction. The CPU's best [`KernelPath`] is chosen at run time; all paths compute the same
-//! bits. Q5_0 and Q5_1 go through the same four-row kernels, and the K-quants Q4_K, Q5_K and
-//! Q6_K through [`kquant`]'s, with activations quantized per 256 values. Formats we do not cover
-//! (Q2_K, Q3_K, floats) keep candle's (whose x86 kernels also choose AVX2 at run time).
+//! bits. Q5_0 and Q5_1 go through the same four-row kernels, and the K-quants Q2_K, Q4_K, Q5_K
+//! and Q6_K through [`kquant`]'s, with activations quantized per 256 values (batches of Q4_K,
+//! Q5_K and Q6_K through the `kwide` kernel where the CPU has AVX-512 VNNI). Formats we do not
+//! cover (Q3_K, floats) keep candle's (whose x86 kernels also choose AVX2 at run time).
 
 mod dot;
 mod kquant;
@@ -42,7 +43,7 @@ const SERIAL_WORK: usize = 1 << 16;
 /// candle's otherwise.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
-    /// Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K weights on the CPU.
+    /// Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q2_K, Q4_K, Q5_K or Q6_K weights on the CPU.
     Quant(QuantMatrix),
     /// Every other format or device.
     Candle(QMatMul),
@@ -121,6 +122,7 @@ impl Kind {
             GgmlDType::Q8_0 => Self::Blocks(Format::Q8_0),
             GgmlDType::Q5_0 => Self::Blocks(Format::Q5_0),
             GgmlDType::Q5_1 => Self::Blocks(Format::Q5_1),
+            GgmlDType::Q2K => Self::K(KFormat::Q2K),
             GgmlDType::Q4K => Self::K(KFormat::Q4K),
             GgmlDType::Q5K => Self::K(KFormat::Q5K),
             GgmlDType::Q6K => Self::K(KFormat::Q6K),
@@ -217,7 +219,7 @@ impl QuantMatrix {
 
 impl QuantMatrix {
     /// Rows `ids` dequantized exactly as candle's `to_float` does (`q * d`, plus `m` for Q4_1;
-    /// `(d * sc) * q - dmin * m` for Q4_K and Q5_K, `(d * sc) * q` for Q6_K).
+    /// `(d * sc) * q - dmin * m` for Q2_K, Q4_K and Q5_K, `(d * sc) * q` for Q6_K).
     fn rows_f32(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let blocks = self.cols / self.kind.block();
         let tile_bytes = TILE * self.kind.row_bytes(self.cols);
@@ -242,8 +244,8 @@ impl QuantMatrix {
                         for (t, &q) in row.q.iter().enumerate() {
                             let d = row.d * row.scales[t / 16] as f32;
                             values.push(match format {
-                                KFormat::Q4K | KFormat::Q5K => {
-                                    d * q as f32 - row.dmin * row.mins[t / 32] as f32
+                                KFormat::Q2K | KFormat::Q4K | KFormat::Q5K => {
+                                    d * q as f32 - row.dmin * row.mins[t / 16] as f32
                                 }
                                 KFormat::Q6K => d * q as f32,
                             });
@@ -380,8 +382,9 @@ fn matmul(
             let blocks = k / SUPER;
             let acts = KActBlock::quantize_all(x);
             #[cfg(target_arch = "x86_64")]
-            let groups = (path == KernelPath::Avx512Vnni && m >= wide::GROUP)
-                .then(|| kwide::groups(format, &acts, blocks));
+            let groups =
+                (path == KernelPath::Avx512Vnni && m >= wide::GROUP && kwide::covers(format))
+                    .then(|| kwide::groups(format, &acts, blocks));
             // Groups of four activation rows go through the wide K-quant kernel on the
             // AVX-512 VNNI path.
             let wide = |_weights: &[u8], _dst: &mut [f32]| -> usize {
@@ -511,7 +514,7 @@ mod tests {
     use super::*;
 
     /// The formats our kernels cover.
-    const OURS: [GgmlDType; 8] = [
+    const OURS: [GgmlDType; 9] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q8_0,
@@ -520,6 +523,7 @@ mod tests {
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
+        GgmlDType::Q2K,
     ];
 
     /// Columns of the test matrices: one K-quant super-block, four blocks of the others.
@@ -777,7 +781,7 @@ mod tests {
         let kinds = [Format::Q4_0, Format::Q4_1, Format::Q8_0].map(Kind::Blocks);
         for kind in kinds
             .into_iter()
-            .chain([KFormat::Q4K, KFormat::Q5K, KFormat::Q6K].map(Kind::K))
+            .chain([KFormat::Q2K, KFormat::Q4K, KFormat::Q5K, KFormat::Q6K].map(Kind::K))
         {
             for (k, n) in [(576, 576), (2048, 5632)] {
                 if k % kind.block() != 0 {
@@ -796,6 +800,10 @@ mod tests {
                             block[2..4].copy_from_slice(&scale.to_le_bytes())
                         }
                         Kind::K(KFormat::Q6K) => block[208..].copy_from_slice(&scale.to_le_bytes()),
+                        Kind::K(KFormat::Q2K) => {
+                            block[80..82].copy_from_slice(&scale.to_le_bytes());
+                            block[82..].copy_from_slice(&scale.to_le_bytes());
+                        }
                         Kind::Blocks(_) => {}
                     }
                 }
