@@ -291,9 +291,13 @@ pub(crate) fn dot_tile<const R: usize>(
             vnni::q4k::<R, true>(tile, blocks, acts, out)
         },
         #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx512Vnni, KFormat::Q6K) => unsafe { vnni::q6k(tile, blocks, acts, out) },
+        (KernelPath::Avx512Vnni, KFormat::Q6K) => unsafe {
+            vnni::q2k_q6k::<R, false>(tile, blocks, acts, out)
+        },
         #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx512Vnni, KFormat::Q2K) => unsafe { vnni::q2k(tile, blocks, acts, out) },
+        (KernelPath::Avx512Vnni, KFormat::Q2K) => unsafe {
+            vnni::q2k_q6k::<R, true>(tile, blocks, acts, out)
+        },
         #[cfg(target_arch = "x86_64")]
         (KernelPath::Avx2, KFormat::Q4K) => unsafe {
             avx2::q4k::<R, false>(tile, blocks, acts, out)
@@ -303,9 +307,13 @@ pub(crate) fn dot_tile<const R: usize>(
             avx2::q4k::<R, true>(tile, blocks, acts, out)
         },
         #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx2, KFormat::Q6K) => unsafe { avx2::q6k(tile, blocks, acts, out) },
+        (KernelPath::Avx2, KFormat::Q6K) => unsafe {
+            avx2::q2k_q6k::<R, false>(tile, blocks, acts, out)
+        },
         #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx2, KFormat::Q2K) => unsafe { avx2::q2k(tile, blocks, acts, out) },
+        (KernelPath::Avx2, KFormat::Q2K) => unsafe {
+            avx2::q2k_q6k::<R, true>(tile, blocks, acts, out)
+        },
         _ => portable::dot_tile(format, tile, blocks, acts, out),
     }
 }
@@ -593,49 +601,18 @@ macro_rules! k_kernels {
                 }
             }
 
-            /// Q6_K: see [`super::dot_tile`]. Each register of 32 values takes the products of
-            /// the unsigned quants, less 32 times the activations (exact in i16), times the
-            /// scales of its two sixteens.
-            ///
-            /// # Safety
-            /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn q6k<const R: usize>(
-                tile: &[u8],
-                blocks: usize,
-                acts: [&[KActBlock]; R],
-                out: &mut [[f32; TILE]; R],
-            ) {
-                // SAFETY: the same contract.
-                unsafe { q2k_q6k::<R, false>(tile, blocks, acts, out) }
-            }
-
-            /// Q2_K: see [`super::dot_tile`]. As Q6_K without the bias; first, per
-            /// super-block, the minimums (one per 16 values, times the activations' sums of
-            /// 16) go into the same eight lanes, as in candle's kernel.
-            ///
-            /// # Safety
-            /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn q2k<const R: usize>(
-                tile: &[u8],
-                blocks: usize,
-                acts: [&[KActBlock]; R],
-                out: &mut [[f32; TILE]; R],
-            ) {
-                // SAFETY: the same contract.
-                unsafe { q2k_q6k::<R, true>(tile, blocks, acts, out) }
-            }
-
-            /// Q6_K, or Q2_K when `TWO`.
+            /// Q6_K, or Q2_K when `TWO`: see [`super::dot_tile`]. Each register of 32 values
+            /// takes the products of the unsigned quants (Q6_K's less 32 times the activations,
+            /// exact in i16) times the scales of its two sixteens. Q2_K's minimums (one per 16
+            /// values, times the activations' sums of 16) go first, per super-block, into the
+            /// same eight lanes, as in candle's kernel.
             ///
             /// # Safety
             /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
             // Block `b` addresses both the tile's bytes and each activation row.
             #[allow(clippy::needless_range_loop)]
-            #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn q2k_q6k<const R: usize, const TWO: bool>(
+            pub(super) unsafe fn q2k_q6k<const R: usize, const TWO: bool>(
                 tile: &[u8],
                 blocks: usize,
                 acts: [&[KActBlock]; R],
