@@ -18,7 +18,12 @@ the `gguf` package), e.g.
     ~/.cache/lambda-split/llama-venv/bin/python bench/make_synthetic_gguf.py \\
         --tokenizer-from ~/.cache/lambda-split/models/SmolLM2-135M-Instruct.Q4_1.gguf --type q4_0
 
-It writes `tinyllama-1.1b-shape-random.<type>.gguf` into `--out-dir` (default
+`--shape 7b` writes Llama-2-7B's shape instead (32 layers, hidden size 4096, 32 heads and 32 KV
+heads, FFN 11008; 7.2 GB in Q8_0, about 2 GB of memory while writing), `--shape small` a five-layer
+model of hidden size 256 for checking the scripts.
+
+It writes `tinyllama-1.1b-shape-random.<type>.gguf` (`llama-7b-shape-random...`,
+`small-shape-random...`) into `--out-dir` (default
 ~/.cache/lambda-split/synthetic; never into the repository: weights are not committed) and prints
 the path. An existing file is kept unless `--force` is given.
 """
@@ -33,11 +38,17 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
 # --shape: (file name stem, layers, hidden size, heads, KV heads, FFN size). `7b` is
-# Llama-2-7B's shape (multi-head attention), for the GPU trunk's benchmark (issue 22).
+# Llama-2-7B's shape (multi-head attention), for the GPU trunk's benchmark (issue 22) and the
+# 7B Q4_K_M comparison with llama.cpp (issue 23); its vocabulary is SmolLM2's 49152 tokens
+# rather than Llama-2's 32000 (the tokenizer must match), 1% more weights. `small` (five
+# layers, so that a split with 2 local layers at each end leaves a trunk; every matrix a
+# multiple of 256 columns, so K-quants cover it) checks the scripts' code paths in seconds.
 SHAPES = {
     "1.1b": ("tinyllama-1.1b-shape-random", 22, 2048, 32, 4, 5632),
     "7b": ("llama-7b-shape-random", 32, 4096, 32, 32, 11008),
+    "small": ("small-shape-random", 5, 256, 4, 2, 512),
 }
+TITLES = {"1.1b": "TinyLlama-1.1B shape", "7b": "Llama-2-7B shape", "small": "Small test shape"}
 LAYERS, HIDDEN, HEADS, KV_HEADS, FFN = SHAPES["1.1b"][1:]
 HEAD_DIM = HIDDEN // HEADS
 VOCAB = 49152
@@ -187,7 +198,8 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1.1b",
-                        help="TinyLlama-1.1B's or Llama-2-7B's shape [default: 1.1b]")
+                        help="TinyLlama-1.1B's, Llama-2-7B's or a five-layer test shape "
+                        "[default: 1.1b]")
     parser.add_argument("--random-blocks", action="store_true",
                         help="random quantized bytes with a fixed scale instead of quantized "
                              "normal weights: fast, for speed measures only (q4_k_m needs it)")
@@ -215,9 +227,8 @@ def main() -> None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         qtype, file_type = TYPES[args.type]
-        title = {"1.1b": "TinyLlama-1.1B shape", "7b": "Llama-2-7B shape"}[args.shape]
         write_model(partial, qtype, file_type, args.tokenizer_from, args.seed,
-                    args.random_blocks, title)
+                    args.random_blocks, TITLES[args.shape])
         os.replace(partial, path)
     print(path)
 

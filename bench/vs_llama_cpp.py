@@ -19,8 +19,11 @@ Set-up, all cached and reused:
   `bench/make_synthetic_gguf.py` into ~/.cache/lambda-split/synthetic on first use (random
   weights are fine for speed); `tiny-q4_k_m`, `tiny-q5_k_m` and `tiny-q6_k` are `tiny-q8_0`
   requantized by llama.cpp's own quantizer (`bench/requantize_gguf.py`), next to it: the K-quant
-  mixes people download. A path to any other GGUF file works too. LSPLIT_CACHE_DIR moves
-  ~/.cache/lambda-split, as it does for lsplit.
+  mixes people download. `7b-q4_k_m` is the same for Llama-2-7B's shape (`7b-q8_0`, 7.2 GB, is
+  written first, once; the Q4_K_M file is about 4 GB; decode there is bound by memory
+  bandwidth), and the `small-` models (five layers of width 256) check the set-up in seconds. A
+  path to any other GGUF file works too. LSPLIT_CACHE_DIR moves ~/.cache/lambda-split, as it
+  does for lsplit.
 
 What it measures, for each model and each engine (llama.cpp, lsplit unsplit, lsplit split with
 `-n` local layers at each end, the trunk in-process):
@@ -64,16 +67,18 @@ BENCH = REPO / "bench"
 CACHE = Path(os.environ.get("LSPLIT_CACHE_DIR", Path.home() / ".cache" / "lambda-split"))
 LLAMA_CPP_VERSION = "0.3.36"
 CONTEXT = 2048
-SYNTHETIC = {"tiny-q4_0": "q4_0", "tiny-q8_0": "q8_0"}
-# Made from tiny-q8_0 by llama.cpp's quantizer (bench/requantize_gguf.py), as people make theirs.
-REQUANTIZED = {"tiny-q4_k_m": "q4_k_m", "tiny-q5_k_m": "q5_k_m", "tiny-q6_k": "q6_k"}
-MODEL_LABELS = {
-    "smollm2": "SmolLM2-135M-Instruct Q4_1",
-    "tiny-q4_0": "1.1B shape (random) Q4_0",
-    "tiny-q8_0": "1.1B shape (random) Q8_0",
-    "tiny-q4_k_m": "1.1B shape (random) Q4_K_M",
-    "tiny-q5_k_m": "1.1B shape (random) Q5_K_M",
-    "tiny-q6_k": "1.1B shape (random) Q6_K",
+# Model name prefix -> the --shape of bench/make_synthetic_gguf.py and a label.
+SHAPES = {"tiny": ("1.1b", "1.1B shape"), "7b": ("7b", "7B shape"),
+          "small": ("small", "small test shape")}
+# Written by bench/make_synthetic_gguf.py.
+SYNTHETIC = {"q4_0": "Q4_0", "q8_0": "Q8_0"}
+# Made from the Q8_0 synthetic of the same shape by llama.cpp's quantizer
+# (bench/requantize_gguf.py), as people make theirs.
+REQUANTIZED = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
+MODEL_LABELS = {"smollm2": "SmolLM2-135M-Instruct Q4_1"} | {
+    f"{prefix}-{qtype}": f"{label} (random) {type_label}"
+    for prefix, (_, label) in SHAPES.items()
+    for qtype, type_label in (SYNTHETIC | REQUANTIZED).items()
 }
 ENGINES = ["llama.cpp", "unsplit", "split"]
 
@@ -128,21 +133,23 @@ def last_line(command: list, **kwargs) -> str:
 def resolve_models(names: list[str], lsplit: Path, python: Path) -> dict[str, Path]:
     """Model name (or path) -> GGUF path, fetching or generating the models as needed."""
     smollm2 = Path(last_line([lsplit, "fetch"]))
-    def synthetic(qtype: str) -> Path:
+    def synthetic(shape: str, qtype: str) -> Path:
         return Path(last_line([python, BENCH / "make_synthetic_gguf.py",
-                               "--tokenizer-from", smollm2, "--type", qtype,
+                               "--tokenizer-from", smollm2, "--type", qtype, "--shape", shape,
                                "--out-dir", CACHE / "synthetic"]))
 
     models = {}
     for name in names:
+        prefix, _, qtype = name.partition("-")
+        shape = SHAPES.get(prefix, (None,))[0]
         if name == "smollm2":
             models[name] = smollm2
-        elif name in SYNTHETIC:
-            models[name] = synthetic(SYNTHETIC[name])
-        elif name in REQUANTIZED:
+        elif shape and qtype in SYNTHETIC:
+            models[name] = synthetic(shape, qtype)
+        elif shape and qtype in REQUANTIZED:
             models[name] = Path(last_line([python, BENCH / "requantize_gguf.py",
-                                           "--from", synthetic("q8_0"),
-                                           "--type", REQUANTIZED[name]]))
+                                           "--from", synthetic(shape, "q8_0"),
+                                           "--type", qtype]))
         elif Path(name).is_file():
             models[name] = Path(name)
         else:

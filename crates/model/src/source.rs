@@ -561,6 +561,9 @@ impl<'a> Loader<'a> {
     /// A weight matrix: quantized as stored; float weights in f32 on the CPU, and on a GPU in
     /// half precision (bf16 kept as stored, anything else as f16), where its products run.
     fn linear(&mut self, weight: Weight) -> Result<Linear> {
+        if let Some(ours) = self.read_repacked(weight) {
+            return ours;
+        }
         Ok(match self.read(weight)? {
             Either::Quantized(q) => Linear::new(QMatMul::from_arc(Arc::new(q))?),
             Either::Float(t) if self.device.is_cpu() => {
@@ -569,6 +572,48 @@ impl<'a> Loader<'a> {
             Either::Float(t) if t.dtype() == DType::BF16 => Linear::Half(t),
             Either::Float(t) => Linear::Half(t.to_dtype(DType::F16)?),
         })
+    }
+
+    /// A GGUF matrix our kernels cover on the CPU, read from the file straight into its tiles
+    /// (see [`Linear::read_gguf`]): candle's reader would hold the tensor twice more, a peak
+    /// of three copies of the largest matrix (the output head) above the weights. `None` where
+    /// that does not apply (nothing read).
+    fn read_repacked(&mut self, weight: Weight) -> Option<Result<Linear>> {
+        let (Store::Gguf { content, path }, Some(reader)) =
+            (&self.source.store, self.reader.as_mut())
+        else {
+            return None;
+        };
+        let name = weight.name(self.source.format);
+        let info = content
+            .tensor_infos
+            .get(&name)
+            .filter(|_| self.device.is_cpu())?;
+        let malformed = |reason: String| ModelError::MalformedGguf {
+            path: path.clone(),
+            reason: format!("reading `{name}`: {reason}"),
+        };
+        // The tensor must lie inside the file before anything is allocated for it.
+        let dtype = info.ggml_dtype;
+        let blocks = (info.shape.elem_count() / dtype.block_size()) as u64;
+        let bytes = blocks.saturating_mul(dtype.type_size() as u64);
+        let start = content.tensor_data_offset.saturating_add(info.offset);
+        let len = match reader.get_ref().metadata() {
+            Ok(meta) => meta.len(),
+            Err(e) => return Some(Err(malformed(e.to_string()))),
+        };
+        if start.saturating_add(bytes) > len {
+            let remaining = len.saturating_sub(start);
+            return Some(Err(malformed(format!(
+                "the tensor needs {bytes} bytes at offset {start}, only {remaining} remain in \
+                 the file"
+            ))));
+        }
+        if let Err(e) = reader.seek(std::io::SeekFrom::Start(start)) {
+            return Some(Err(malformed(e.to_string())));
+        }
+        Linear::read_gguf(dtype, info.shape.dims(), reader)
+            .map(|read| read.map_err(|e| malformed(e.to_string())))
     }
 
     fn vector(&mut self, weight: Weight) -> Result<Tensor> {

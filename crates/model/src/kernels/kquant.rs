@@ -1,5 +1,5 @@
-//! Dot products of a tile of four Q4_K, Q5_K or Q6_K weight rows with up to four activation rows
-//! quantized to Q8_K, the K-quant counterpart of [`super::dot`].
+//! Dot products of a tile of four Q2_K, Q4_K, Q5_K or Q6_K weight rows with up to four
+//! activation rows quantized to Q8_K, the K-quant counterpart of [`super::dot`].
 //!
 //! A Q4_K super-block holds 256 weights: an f16 scale `d` and minimum scale `dmin`, eight 6-bit
 //! scales and eight 6-bit minimums (one of each per sub-block of 32 values, packed into 12
@@ -21,19 +21,26 @@
 //! GGUF quants already give whole registers of 32 values, in order, from 32-byte loads; the tile
 //! only puts the four rows' `d` and scales side by side (210 bytes a row, as in GGUF).
 //!
+//! A Q2_K super-block holds an f16 `d` and `dmin`, sixteen bytes of 4-bit scales (low nibble)
+//! and minimums (high nibble), one each per 16 values, and 2-bit quants (bits `2j` of byte
+//! `32n + l` for value `128n + 32j + l`); weight = `d·sc·q − dmin·m`. The tile puts the four
+//! rows' `d` and `dmin` side by side and keeps the rest as in GGUF (84 bytes a row).
+//!
 //! The arithmetic is candle's AVX2 kernels', operation for operation: per (weight row,
 //! activation row) pair, eight i32 lanes, lane `l` summing `sc·(q·y)` over values `4l..4l+4` of
 //! every register of 32 values; per super-block, eight float lanes `+= d·d_y · lane` (fused)
 //! and, for Q4_K, four lanes for the minimums (lane `l`: sub-blocks `2l` and `2l+1`)
 //! `+= −d_y·dmin · (m·Σy)`, summed at the end in candle's order (Q5_K: one float,
-//! `+= −d_y·dmin · Σ m·Σy` unfused, added last). So outputs equal those of
+//! `+= −d_y·dmin · Σ m·Σy` unfused, added last; Q2_K: first, per super-block, the eight float
+//! lanes themselves `+= −d_y·dmin · lane`, lane `l` the minimums times the activations' sums of
+//! the sixteens `2l` and `2l+1`). So outputs equal those of
 //! candle's `vec_dot` kernels on x86-64 CPUs with AVX2 bit for bit (candle's portable fallback
 //! orders its sums differently, and its repacked x86 kernels, which it uses for matrices of a
 //! multiple of 16 rows, round each sub-block's sum on its own).
 //!
 //! Three implementations compute the same bits, chosen at run time by [`KernelPath`]: portable
 //! Rust, AVX2 (`maddubs` then `madd` with the scale), and AVX-512 VNNI, whose `vpdpwssd` fuses
-//! the scale's multiply-add.
+//! the scale's multiply-add (Q2_K's integer sums run the AVX2 code there too).
 
 use half::f16;
 use rayon::prelude::*;
@@ -48,7 +55,7 @@ pub(crate) const SUPER: usize = 256;
 const SUB: usize = 32;
 
 /// Q4_K sub-blocks per super-block.
-const SUBS: usize = SUPER / SUB;
+pub(super) const SUBS: usize = SUPER / SUB;
 
 /// Values per Q6_K scale.
 const SUB6: usize = 16;
@@ -56,6 +63,7 @@ const SUB6: usize = 16;
 /// The K-quant formats these kernels read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KFormat {
+    Q2K,
     Q4K,
     Q5K,
     Q6K,
@@ -67,6 +75,7 @@ impl KFormat {
     /// nibbles, 64 of high bits, 16 scales and `d`.
     pub(crate) fn gguf_bytes(self) -> usize {
         match self {
+            Self::Q2K => 84,
             Self::Q4K => 144,
             Self::Q5K => 176,
             Self::Q6K => 210,
@@ -76,6 +85,7 @@ impl KFormat {
     /// Bytes of one super-block of a tile of four rows (see the module doc).
     pub(crate) fn tile_bytes(self) -> usize {
         TILE * match self {
+            Self::Q2K => 84,
             Self::Q4K => 148,
             Self::Q5K => 180,
             Self::Q6K => 210,
@@ -85,29 +95,37 @@ impl KFormat {
 
 /// Offsets in a Q4_K tile block: the four `d`, the four `dmin`, the scales, the minimums, the
 /// quants.
-const D: usize = 0;
-const DMIN: usize = 8;
-const SCALES: usize = 16;
-const MINS: usize = SCALES + TILE * SUBS;
-const QUANTS: usize = MINS + TILE * SUBS;
+pub(super) const D: usize = 0;
+pub(super) const DMIN: usize = 8;
+pub(super) const SCALES: usize = 16;
+pub(super) const MINS: usize = SCALES + TILE * SUBS;
+pub(super) const QUANTS: usize = MINS + TILE * SUBS;
 /// Q5_K's fifth bits, after the quants.
-const FIFTH: usize = QUANTS + TILE * SUPER / 2;
+pub(super) const FIFTH: usize = QUANTS + TILE * SUPER / 2;
 
 /// Offsets in a Q6_K tile block: the four `d`, the four rows' sixteen scales, then each row's
 /// low nibbles and high bits as in GGUF.
-const SCALES6: usize = 8;
-const QUANTS6: usize = SCALES6 + TILE * SUPER / SUB6;
+pub(super) const SCALES6: usize = 8;
+pub(super) const QUANTS6: usize = SCALES6 + TILE * SUPER / SUB6;
+
+/// Offsets in a Q2_K tile block: the four `d`, the four `dmin`, each row's sixteen packed
+/// bytes of scales (low nibble) and minimums (high nibble), then each row's 2-bit quants, all
+/// as in GGUF.
+const SCALES2: usize = 16;
+const QUANTS2: usize = SCALES2 + TILE * SUPER / SUB6;
 
 /// Bytes of one row's Q6_K quants.
-const QUANT6_BYTES: usize = SUPER / 2 + SUPER / 4;
+pub(super) const QUANT6_BYTES: usize = SUPER / 2 + SUPER / 4;
 
-/// 256 activations quantized to 8 bits (candle's and ggml's Q8_K): value ≈ `d · q`, and
-/// `sums[i]` = `Σq` over sub-block `i`.
+/// 256 activations quantized to 8 bits (candle's and ggml's Q8_K): value ≈ `d · q`,
+/// `sums[i]` = `Σq` over sub-block `i` (of 32 values) and `sums16[i]` over values
+/// `16i..16i+16` (Q2_K's minimums have one per 16).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct KActBlock {
     pub(crate) d: f32,
     pub(crate) q: [i8; SUPER],
     pub(crate) sums: [i16; SUBS],
+    pub(crate) sums16: [i16; SUPER / SUB6],
 }
 
 impl KActBlock {
@@ -127,6 +145,7 @@ impl KActBlock {
             d: 0.0,
             q: [0; SUPER],
             sums: [0; SUBS],
+            sums16: [0; SUPER / SUB6],
         };
         let (mut max, mut amax) = (0f32, 0f32);
         for &x in xs {
@@ -142,8 +161,11 @@ impl KActBlock {
         for (q, &x) in block.q.iter_mut().zip(xs) {
             *q = round(iscale * x).clamp(-128.0, 127.0) as i8;
         }
-        for (sum, q) in block.sums.iter_mut().zip(block.q.chunks_exact(SUB)) {
+        for (sum, q) in block.sums16.iter_mut().zip(block.q.chunks_exact(SUB6)) {
             *sum = q.iter().map(|&q| i16::from(q)).sum();
+        }
+        for (sum, pair) in block.sums.iter_mut().zip(block.sums16.chunks_exact(2)) {
+            *sum = pair[0] + pair[1];
         }
         block.d = 1.0 / iscale;
         block
@@ -197,6 +219,14 @@ pub(crate) fn repack(format: KFormat, gguf: &[u8], rows: usize, blocks: usize) -
                 let at = ((t * TILE + w) * blocks + b) * gguf_bytes;
                 let block = &gguf[at..at + gguf_bytes];
                 match format {
+                    KFormat::Q2K => {
+                        out[D + 2 * w..D + 2 * w + 2].copy_from_slice(&block[80..82]);
+                        out[DMIN + 2 * w..DMIN + 2 * w + 2].copy_from_slice(&block[82..84]);
+                        let scales = SCALES2 + 16 * w;
+                        out[scales..scales + 16].copy_from_slice(&block[..16]);
+                        let quants = QUANTS2 + 64 * w;
+                        out[quants..quants + 64].copy_from_slice(&block[16..80]);
+                    }
                     KFormat::Q4K => repack_q4k(block, &block[16..], w, out),
                     KFormat::Q5K => {
                         repack_q4k(block, &block[48..], w, out);
@@ -261,7 +291,13 @@ pub(crate) fn dot_tile<const R: usize>(
             vnni::q4k::<R, true>(tile, blocks, acts, out)
         },
         #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx512Vnni, KFormat::Q6K) => unsafe { vnni::q6k(tile, blocks, acts, out) },
+        (KernelPath::Avx512Vnni, KFormat::Q6K) => unsafe {
+            vnni::q2k_q6k::<R, false>(tile, blocks, acts, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        (KernelPath::Avx512Vnni, KFormat::Q2K) => unsafe {
+            vnni::q2k_q6k::<R, true>(tile, blocks, acts, out)
+        },
         #[cfg(target_arch = "x86_64")]
         (KernelPath::Avx2, KFormat::Q4K) => unsafe {
             avx2::q4k::<R, false>(tile, blocks, acts, out)
@@ -271,7 +307,13 @@ pub(crate) fn dot_tile<const R: usize>(
             avx2::q4k::<R, true>(tile, blocks, acts, out)
         },
         #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx2, KFormat::Q6K) => unsafe { avx2::q6k(tile, blocks, acts, out) },
+        (KernelPath::Avx2, KFormat::Q6K) => unsafe {
+            avx2::q2k_q6k::<R, false>(tile, blocks, acts, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        (KernelPath::Avx2, KFormat::Q2K) => unsafe {
+            avx2::q2k_q6k::<R, true>(tile, blocks, acts, out)
+        },
         _ => portable::dot_tile(format, tile, blocks, acts, out),
     }
 }
@@ -282,11 +324,11 @@ pub(crate) mod portable {
     use crate::kernels::dot::portable::hsum8;
 
     /// One row of a tile block: its 256 weights as integers (Q6_K's less its bias of 32), the
-    /// scale of each 16 values, the minimum of each 32 (zero for Q6_K), `d` and `dmin`.
+    /// scale and the minimum of each 16 values (no minimums for Q6_K), `d` and `dmin`.
     pub(crate) struct Row {
         pub(crate) q: [i32; SUPER],
         pub(crate) scales: [i32; SUPER / SUB6],
-        pub(crate) mins: [i32; SUBS],
+        pub(crate) mins: [i32; SUPER / SUB6],
         pub(crate) d: f32,
         pub(crate) dmin: f32,
     }
@@ -298,6 +340,21 @@ pub(crate) mod portable {
     /// Row `w` of one tile block.
     pub(crate) fn unpack(format: KFormat, block: &[u8], w: usize) -> Row {
         match format {
+            KFormat::Q2K => {
+                let quants = &block[QUANTS2 + 64 * w..][..64];
+                let packed = |i: usize| i32::from(block[SCALES2 + 16 * w + i]);
+                Row {
+                    // Value 128n + 32j + l: bits 2j and 2j + 1 of byte 32n + l.
+                    q: std::array::from_fn(|v| {
+                        let (n, j, l) = (v / 128, v % 128 / 32, v % 32);
+                        i32::from(quants[32 * n + l] >> (2 * j) & 3)
+                    }),
+                    scales: std::array::from_fn(|i| packed(i) & 0x0f),
+                    mins: std::array::from_fn(|i| packed(i) >> 4),
+                    d: f16_at(block, D + 2 * w),
+                    dmin: f16_at(block, DMIN + 2 * w),
+                }
+            }
             KFormat::Q4K | KFormat::Q5K => {
                 let quants = &block[QUANTS + 128 * w..QUANTS + 128 * (w + 1)];
                 let fifth = |v: usize| {
@@ -320,7 +377,7 @@ pub(crate) mod portable {
                         i32::from(nibble) + fifth(v)
                     }),
                     scales: std::array::from_fn(|i| sub(SCALES, i / 2)),
-                    mins: std::array::from_fn(|i| sub(MINS, i)),
+                    mins: std::array::from_fn(|i| sub(MINS, i / 2)),
                     d: f16_at(block, D + 2 * w),
                     dmin: f16_at(block, DMIN + 2 * w),
                 }
@@ -340,7 +397,7 @@ pub(crate) mod portable {
                     scales: std::array::from_fn(|i| {
                         i32::from(block[SCALES6 + SUPER / SUB6 * w + i] as i8)
                     }),
-                    mins: [0; SUBS],
+                    mins: [0; SUPER / SUB6],
                     d: f16_at(block, D + 2 * w),
                     dmin: 0.0,
                 }
@@ -375,12 +432,19 @@ pub(crate) mod portable {
                             *sum += row.scales[t / SUB6] * dot;
                         }
                     }
-                    let scale = a.d * row.d;
-                    for (lane, &sum) in lanes[r][w].iter_mut().zip(&sums) {
-                        *lane = scale.mul_add(sum as f32, *lane);
-                    }
                     let scale = -a.d * row.dmin;
-                    let m = |i: usize| row.mins[i] * i32::from(a.sums[i]);
+                    if format == KFormat::Q2K {
+                        // Lane `l`: the minimums of values 32l..32l+32, first.
+                        let m = |i: usize| row.mins[i] * i32::from(a.sums16[i]);
+                        for (l, lane) in lanes[r][w].iter_mut().enumerate() {
+                            *lane = scale.mul_add((m(2 * l) + m(2 * l + 1)) as f32, *lane);
+                        }
+                    }
+                    let d = a.d * row.d;
+                    for (lane, &sum) in lanes[r][w].iter_mut().zip(&sums) {
+                        *lane = d.mul_add(sum as f32, *lane);
+                    }
+                    let m = |i: usize| row.mins[2 * i] * i32::from(a.sums[i]);
                     match format {
                         KFormat::Q4K => {
                             for (l, lane) in mins[r][w].iter_mut().enumerate() {
@@ -388,7 +452,7 @@ pub(crate) mod portable {
                             }
                         }
                         KFormat::Q5K => summs[r][w] += scale * (0..SUBS).map(m).sum::<i32>() as f32,
-                        KFormat::Q6K => {}
+                        KFormat::Q2K | KFormat::Q6K => {}
                     }
                 }
             }
@@ -402,7 +466,7 @@ pub(crate) mod portable {
                         out[r][w] += (m[0] + m[2]) + (m[1] + m[3]);
                     }
                     KFormat::Q5K => out[r][w] += summs[r][w],
-                    KFormat::Q6K => {}
+                    KFormat::Q2K | KFormat::Q6K => {}
                 }
             }
         }
@@ -431,18 +495,13 @@ macro_rules! k_kernels {
                 _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
             }
 
-            /// The four `d` of a tile block at `p`.
+            /// The four f16 at `p` (a tile block's `d` or `dmin`).
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn scales_d(p: *const u8) -> [f32; TILE] {
+            unsafe fn four_f16(p: *const u8) -> [f32; TILE] {
                 let mut d = [0f32; TILE];
-                // SAFETY: the caller passes a tile block; the CPU has F16C.
-                unsafe {
-                    _mm_storeu_ps(
-                        d.as_mut_ptr(),
-                        _mm_cvtph_ps(_mm_loadl_epi64(p.add(D).cast())),
-                    )
-                };
+                // SAFETY: the caller passes 8 readable bytes; the CPU has F16C.
+                unsafe { _mm_storeu_ps(d.as_mut_ptr(), _mm_cvtph_ps(_mm_loadl_epi64(p.cast()))) };
                 d
             }
 
@@ -469,7 +528,7 @@ macro_rules! k_kernels {
                     let mut summs = [[0f32; TILE]; R];
                     for b in 0..blocks {
                         let p = tile.as_ptr().add(b * bytes);
-                        let d = scales_d(p);
+                        let d = four_f16(p.add(D));
                         let dmin = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(
                             p.add(DMIN).cast(),
                         )));
@@ -542,31 +601,53 @@ macro_rules! k_kernels {
                 }
             }
 
-            /// Q6_K: see [`super::dot_tile`]. Each register of 32 values takes the products of
-            /// the unsigned quants, less 32 times the activations (exact in i16), times the
-            /// scales of its two sixteens.
+            /// Q6_K, or Q2_K when `TWO`: see [`super::dot_tile`]. Each register of 32 values
+            /// takes the products of the unsigned quants (Q6_K's less 32 times the activations,
+            /// exact in i16) times the scales of its two sixteens. Q2_K's minimums (one per 16
+            /// values, times the activations' sums of 16) go first, per super-block, into the
+            /// same eight lanes, as in candle's kernel.
             ///
             /// # Safety
             /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
             // Block `b` addresses both the tile's bytes and each activation row.
             #[allow(clippy::needless_range_loop)]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn q6k<const R: usize>(
+            pub(super) unsafe fn q2k_q6k<const R: usize, const TWO: bool>(
                 tile: &[u8],
                 blocks: usize,
                 acts: [&[KActBlock]; R],
                 out: &mut [[f32; TILE]; R],
             ) {
-                let bytes = KFormat::Q6K.tile_bytes();
+                let bytes = if TWO { KFormat::Q2K } else { KFormat::Q6K }.tile_bytes();
                 // SAFETY: the CPU has the features; loads stay inside the blocks (see above).
                 unsafe {
                     let mut lanes = [[_mm256_setzero_ps(); TILE]; R];
                     for b in 0..blocks {
                         let p = tile.as_ptr().add(b * bytes);
-                        let d = scales_d(p);
+                        let d = four_f16(p.add(D));
                         let rows: [&KActBlock; R] = std::array::from_fn(|r| &acts[r][b]);
                         for w in 0..TILE {
-                            let sums = $sums::q6k::<R>(p, w, rows);
+                            if TWO {
+                                let dmin = four_f16(p.add(DMIN));
+                                let packed = _mm_loadu_si128(p.add(SCALES2 + 16 * w).cast());
+                                let mins = _mm256_cvtepu8_epi16(_mm_and_si128(
+                                    _mm_srli_epi16::<4>(packed),
+                                    _mm_set1_epi8(0x0f),
+                                ));
+                                for (r, a) in rows.iter().enumerate() {
+                                    let sums = _mm256_loadu_si256(a.sums16.as_ptr().cast());
+                                    lanes[r][w] = _mm256_fmadd_ps(
+                                        _mm256_set1_ps(-a.d * dmin[w]),
+                                        _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, sums)),
+                                        lanes[r][w],
+                                    );
+                                }
+                            }
+                            let sums = if TWO {
+                                $sums::q2k::<R>(p, w, rows)
+                            } else {
+                                $sums::q6k::<R>(p, w, rows)
+                            };
                             for (r, a) in rows.iter().enumerate() {
                                 lanes[r][w] = _mm256_fmadd_ps(
                                     _mm256_set1_ps(a.d * d[w]),
@@ -673,14 +754,6 @@ mod sums256 {
             let (nibble, two_bits) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
             let bias = _mm256_set1_epi8(32);
             let scales = _mm_loadu_si128(p.add(SCALES6 + SUPER / SUB6 * w).cast());
-            // Register `k` takes scales 2k (its first 16 values) and 2k + 1.
-            let scale = |k: i64| {
-                let pick = _mm_set_epi64x(
-                    (2 * k + 1) * 0x0101_0101_0101_0101,
-                    2 * k * 0x0101_0101_0101_0101,
-                );
-                _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick))
-            };
             let quants = p.add(QUANTS6 + QUANT6_BYTES * w);
             let q: [__m256i; 8] = std::array::from_fn(|k| {
                 let (n, j) = (k / 4, k % 4);
@@ -711,7 +784,59 @@ mod sums256 {
                         _mm256_maddubs_epi16(q, ys),
                         _mm256_maddubs_epi16(bias, ys),
                     );
-                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(products, scale(k as i64)));
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(products, sixteens(scales, k)));
+                }
+                sum
+            })
+        }
+    }
+
+    /// Register `k` of 32 values' scales from a row's sixteen i8 `scales`: scale 2k in its
+    /// first 16 i16 lanes, 2k + 1 in the others.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn sixteens(scales: __m128i, k: usize) -> __m256i {
+        let k = k as i64;
+        let pick = _mm_set_epi64x(
+            (2 * k + 1) * 0x0101_0101_0101_0101,
+            2 * k * 0x0101_0101_0101_0101,
+        );
+        _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick))
+    }
+
+    /// Q2_K: row `w` of the tile block at `p` against each of `acts`. Each register of 32
+    /// values (two bits of 32 bytes) takes the products of the quants times the scales of its
+    /// two sixteens. (The AVX-512 path runs this too.)
+    ///
+    /// # Safety
+    /// `p` is a Q2_K tile block; the CPU has AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q2k<const R: usize>(
+        p: *const u8,
+        w: usize,
+        acts: [&KActBlock; R],
+    ) -> [__m256i; R] {
+        // SAFETY: loads stay inside the tile block and the activation blocks (see above).
+        unsafe {
+            let two_bits = _mm256_set1_epi8(3);
+            let packed = _mm_loadu_si128(p.add(SCALES2 + 16 * w).cast());
+            let scales = _mm_and_si128(packed, _mm_set1_epi8(0x0f));
+            // Register `k`: values 32k..32k+32, bits 2j of bytes 32n.. (k = 4n + j).
+            let quants = p.add(QUANTS2 + 64 * w);
+            let q: [__m256i; 8] = std::array::from_fn(|k| {
+                let (n, j) = (k / 4, k % 4);
+                let bits = _mm256_loadu_si256(quants.add(32 * n).cast());
+                let shift = _mm_cvtsi32_si128(2 * j as i32);
+                _mm256_and_si256(_mm256_srl_epi16(bits, shift), two_bits)
+            });
+            acts.map(|a| {
+                let y = a.q.as_ptr();
+                let mut sum = _mm256_setzero_si256();
+                for (k, &q) in q.iter().enumerate() {
+                    let ys = _mm256_loadu_si256(y.add(32 * k).cast());
+                    let products = _mm256_maddubs_epi16(q, ys);
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(products, sixteens(scales, k)));
                 }
                 sum
             })
@@ -727,6 +852,8 @@ mod sums512 {
     use std::arch::x86_64::*;
 
     use super::*;
+
+    pub(super) use super::sums256::q2k;
 
     /// The two halves of `x` added: lane `l` of every 32 values' lanes.
     #[inline]
@@ -880,14 +1007,14 @@ mod sums512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
     use super::*;
 
     /// Deterministic values in about [-1, 1] (xorshift), so the test needs no extra crate.
-    fn values(seed: u64, n: usize) -> Vec<f32> {
+    pub(in crate::kernels) fn values(seed: u64, n: usize) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -900,7 +1027,12 @@ mod tests {
     }
 
     /// `rows` GGUF rows of `blocks` super-blocks, quantized by candle.
-    fn gguf_rows(format: KFormat, rows: usize, blocks: usize, seed: u64) -> Vec<u8> {
+    pub(in crate::kernels) fn gguf_rows(
+        format: KFormat,
+        rows: usize,
+        blocks: usize,
+        seed: u64,
+    ) -> Vec<u8> {
         let t = Tensor::from_vec(
             values(seed, rows * blocks * SUPER),
             (rows, blocks * SUPER),
@@ -911,6 +1043,7 @@ mod tests {
             KFormat::Q4K => GgmlDType::Q4K,
             KFormat::Q5K => GgmlDType::Q5K,
             KFormat::Q6K => GgmlDType::Q6K,
+            KFormat::Q2K => GgmlDType::Q2K,
         };
         let q = QTensor::quantize(&t, dtype).expect("quantize");
         q.data().expect("bytes").to_vec()
@@ -918,7 +1051,7 @@ mod tests {
 
     #[test]
     fn repacking_keeps_each_values_quant_scale_and_minimum() {
-        for format in [KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
+        for format in [KFormat::Q2K, KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
             let (bytes, gguf_bytes) = (format.tile_bytes(), format.gguf_bytes());
             let gguf = gguf_rows(format, TILE, 2, 9);
             let tile = repack(format, &gguf, TILE, 2);
@@ -928,6 +1061,16 @@ mod tests {
                     let row = portable::unpack(format, &tile[b * bytes..], w);
                     let block = &gguf[(w * 2 + b) * gguf_bytes..][..gguf_bytes];
                     let f16_at = |at: usize| f16::from_le_bytes([block[at], block[at + 1]]);
+                    if format == KFormat::Q2K {
+                        assert_eq!(row.d, f16_at(80).to_f32());
+                        assert_eq!(row.dmin, f16_at(82).to_f32());
+                        // Value 128 + 64 + 5: bits 4-5 of quant byte 32 + 5; its scale and
+                        // minimum are the nibbles of scale byte 12.
+                        assert_eq!(row.q[197], i32::from(block[16 + 37] >> 4 & 3));
+                        assert_eq!(row.scales[12], i32::from(block[12] & 0x0f));
+                        assert_eq!(row.mins[12], i32::from(block[12] >> 4));
+                        continue;
+                    }
                     if format == KFormat::Q6K {
                         assert_eq!(row.d, f16_at(208).to_f32());
                         // Value 128 + 64 + 32 + 3: high nibble of byte 64 + 32 + 3, bits 6-7
@@ -954,7 +1097,8 @@ mod tests {
                     let packed = &block[4..16];
                     let five = (packed[9] & 0x0f) | ((packed[1] >> 6) << 4);
                     assert_eq!(row.scales[10..12], [i32::from(five); 2]);
-                    assert_eq!(row.mins[2], i32::from(packed[6] & 63));
+                    // Sub-block 2's minimum (values 64..96, sixteens 4 and 5).
+                    assert_eq!(row.mins[4..6], [i32::from(packed[6] & 63); 2]);
                 }
             }
         }
@@ -1013,12 +1157,13 @@ mod tests {
                 .collect();
             let sums32: Vec<i16> = sums16.chunks_exact(2).map(|s| s[0] + s[1]).collect();
             assert_eq!(a.sums[..], sums32);
+            assert_eq!(a.sums16[..], sums16);
         }
     }
 
     #[test]
     fn every_path_equals_the_portable_code_bit_for_bit() {
-        for format in [KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
+        for format in [KFormat::Q2K, KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
             for blocks in [1, 3] {
                 let gguf = gguf_rows(format, TILE, blocks, 11 + blocks as u64);
                 let tile = repack(format, &gguf, TILE, blocks);

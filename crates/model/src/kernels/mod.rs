@@ -6,18 +6,22 @@
 //! CPU has AVX-512 with VNNI, batches (prefill, the trunk server's shared steps) go through
 //! the `wide` kernel in groups of four rows, sixteen (weight row, activation row) pairs per
 //! instruction. The CPU's best [`KernelPath`] is chosen at run time; all paths compute the same
-//! bits. Q5_0 and Q5_1 go through the same four-row kernels, and the K-quants Q4_K, Q5_K and
-//! Q6_K through [`kquant`]'s, with activations quantized per 256 values. Formats we do not cover
-//! (Q2_K, Q3_K, floats) keep candle's (whose x86 kernels also choose AVX2 at run time).
+//! bits. Q5_0 and Q5_1 go through the same four-row kernels, and the K-quants Q2_K, Q4_K, Q5_K
+//! and Q6_K through [`kquant`]'s, with activations quantized per 256 values (batches of Q4_K,
+//! Q5_K and Q6_K through the `kwide` kernel where the CPU has AVX-512 VNNI). Formats we do not
+//! cover (Q3_K, floats) keep candle's (whose x86 kernels also choose AVX2 at run time).
 
 mod dot;
 mod kquant;
+#[cfg(target_arch = "x86_64")]
+mod kwide;
 mod path;
 #[cfg(target_arch = "x86_64")]
 mod wide;
 
 pub use path::KernelPath;
 
+use std::io::Read;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -39,7 +43,7 @@ const SERIAL_WORK: usize = 1 << 16;
 /// candle's otherwise.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
-    /// Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K weights on the CPU.
+    /// Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q2_K, Q4_K, Q5_K or Q6_K weights on the CPU.
     Quant(QuantMatrix),
     /// Every other format or device.
     Candle(QMatMul),
@@ -57,6 +61,24 @@ impl Linear {
             }
             _ => Self::Candle(matrix),
         }
+    }
+
+    /// A GGUF matrix of `dtype` and `dims` (rows, columns) whose blocks `reader` is at, read
+    /// and repacked four rows at a time, so that no whole GGUF copy of it is held next to its
+    /// tiles; `None`, with nothing read, where our kernels do not cover it.
+    pub(crate) fn read_gguf(
+        dtype: GgmlDType,
+        dims: &[usize],
+        reader: &mut impl Read,
+    ) -> Option<std::io::Result<Self>> {
+        let kind = Kind::of(dtype)?;
+        let &[rows, cols] = dims else {
+            return None;
+        };
+        if !QuantMatrix::fits(kind, rows, cols) {
+            return None;
+        }
+        Some(QuantMatrix::read(kind, rows, cols, reader).map(Self::Quant))
     }
 
     /// Rows `ids` of the matrix, dequantized: embeddings `(ids, cols)` of tokens.
@@ -100,6 +122,7 @@ impl Kind {
             GgmlDType::Q8_0 => Self::Blocks(Format::Q8_0),
             GgmlDType::Q5_0 => Self::Blocks(Format::Q5_0),
             GgmlDType::Q5_1 => Self::Blocks(Format::Q5_1),
+            GgmlDType::Q2K => Self::K(KFormat::Q2K),
             GgmlDType::Q4K => Self::K(KFormat::Q4K),
             GgmlDType::Q5K => Self::K(KFormat::Q5K),
             GgmlDType::Q6K => Self::K(KFormat::Q6K),
@@ -120,6 +143,14 @@ impl Kind {
         match self {
             Self::Blocks(format) => format.block_bytes(),
             Self::K(format) => format.gguf_bytes(),
+        }
+    }
+
+    /// `rows` GGUF rows (a multiple of [`TILE`]) of `blocks` blocks each, repacked into tiles.
+    fn repack(self, gguf: &[u8], rows: usize, blocks: usize) -> Vec<u8> {
+        match self {
+            Self::Blocks(format) => repack(format, gguf, rows, blocks),
+            Self::K(format) => kquant::repack(format, gguf, rows, blocks),
         }
     }
 
@@ -150,16 +181,34 @@ impl QuantMatrix {
         let cpu = tensor.device().is_cpu();
         let blocks = cols / kind.block();
         let bytes = rows * blocks * kind.gguf_bytes();
-        let fits = cols % kind.block() == 0 && rows % TILE == 0;
-        if !cpu || !fits || tensor.storage_size_in_bytes() != bytes {
+        if !cpu || !Self::fits(kind, rows, cols) || tensor.storage_size_in_bytes() != bytes {
             return None;
         }
         let gguf = tensor.data().ok()?;
-        let tiles = match kind {
-            Kind::Blocks(format) => repack(format, &gguf, rows, blocks),
-            Kind::K(format) => kquant::repack(format, &gguf, rows, blocks),
-        };
         Some(Self {
+            tiles: Arc::new(kind.repack(&gguf, rows, blocks)),
+            kind,
+            rows,
+            cols,
+        })
+    }
+
+    /// Whether the kernels take a matrix of `rows` rows and `cols` columns: whole blocks per
+    /// row, whole tiles of rows.
+    fn fits(kind: Kind, rows: usize, cols: usize) -> bool {
+        cols.is_multiple_of(kind.block()) && rows.is_multiple_of(TILE)
+    }
+
+    /// See [`Linear::read_gguf`].
+    fn read(kind: Kind, rows: usize, cols: usize, reader: &mut impl Read) -> std::io::Result<Self> {
+        let blocks = cols / kind.block();
+        let mut gguf = vec![0u8; TILE * blocks * kind.gguf_bytes()];
+        let mut tiles = Vec::with_capacity(rows * kind.row_bytes(cols));
+        for _ in 0..rows / TILE {
+            reader.read_exact(&mut gguf)?;
+            tiles.extend_from_slice(&kind.repack(&gguf, TILE, blocks));
+        }
+        Ok(Self {
             tiles: Arc::new(tiles),
             kind,
             rows,
@@ -170,7 +219,7 @@ impl QuantMatrix {
 
 impl QuantMatrix {
     /// Rows `ids` dequantized exactly as candle's `to_float` does (`q * d`, plus `m` for Q4_1;
-    /// `(d * sc) * q - dmin * m` for Q4_K and Q5_K, `(d * sc) * q` for Q6_K).
+    /// `(d * sc) * q - dmin * m` for Q2_K, Q4_K and Q5_K, `(d * sc) * q` for Q6_K).
     fn rows_f32(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let blocks = self.cols / self.kind.block();
         let tile_bytes = TILE * self.kind.row_bytes(self.cols);
@@ -195,8 +244,8 @@ impl QuantMatrix {
                         for (t, &q) in row.q.iter().enumerate() {
                             let d = row.d * row.scales[t / 16] as f32;
                             values.push(match format {
-                                KFormat::Q4K | KFormat::Q5K => {
-                                    d * q as f32 - row.dmin * row.mins[t / 32] as f32
+                                KFormat::Q2K | KFormat::Q4K | KFormat::Q5K => {
+                                    d * q as f32 - row.dmin * row.mins[t / 16] as f32
                                 }
                                 KFormat::Q6K => d * q as f32,
                             });
@@ -329,7 +378,26 @@ fn matmul(
             by_columns(&kernel, tiles, tile_bytes, &acts, (m, k, n), out, wide);
         }
         Kind::K(format) => {
+            #[cfg(target_arch = "x86_64")]
+            let blocks = k / SUPER;
             let acts = KActBlock::quantize_all(x);
+            #[cfg(target_arch = "x86_64")]
+            let groups =
+                (path == KernelPath::Avx512Vnni && m >= wide::GROUP && kwide::covers(format))
+                    .then(|| kwide::groups(format, &acts, blocks));
+            // Groups of four activation rows go through the wide K-quant kernel on the
+            // AVX-512 VNNI path.
+            let wide = |_weights: &[u8], _dst: &mut [f32]| -> usize {
+                #[cfg(target_arch = "x86_64")]
+                if let Some(groups) = &groups {
+                    // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only
+                    // where the CPU has AVX-512 F, BW, VL and VNNI.
+                    return unsafe {
+                        kwide::dot_columns(format, _weights, groups, blocks, m, _dst)
+                    };
+                }
+                0
+            };
             by_columns(
                 &KKernel(path, format),
                 tiles,
@@ -337,7 +405,7 @@ fn matmul(
                 &acts,
                 (m, k, n),
                 out,
-                |_, _| 0,
+                wide,
             );
         }
     }
@@ -446,7 +514,7 @@ mod tests {
     use super::*;
 
     /// The formats our kernels cover.
-    const OURS: [GgmlDType; 8] = [
+    const OURS: [GgmlDType; 9] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q8_0,
@@ -455,6 +523,7 @@ mod tests {
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
+        GgmlDType::Q2K,
     ];
 
     /// Columns of the test matrices: one K-quant super-block, four blocks of the others.
@@ -630,6 +699,40 @@ mod tests {
     }
 
     #[test]
+    fn matrices_read_from_gguf_bytes_equal_those_from_candles_tensors() -> candle_core::Result<()> {
+        for dtype in OURS {
+            let k = width(dtype);
+            let w = weights(dtype, 40, k)?;
+            let bytes = w.data()?.to_vec();
+            let Linear::Quant(from_tensor) = Linear::new(QMatMul::QTensor(w)) else {
+                panic!("{dtype:?} uses our kernels");
+            };
+            let Some(Ok(Linear::Quant(read))) = Linear::read_gguf(dtype, &[40, k], &mut &bytes[..])
+            else {
+                panic!("{dtype:?} is read into tiles");
+            };
+            assert_eq!(read.tiles, from_tensor.tiles, "{dtype:?}");
+            let short = &mut &bytes[..bytes.len() - 1];
+            match Linear::read_gguf(dtype, &[40, k], short) {
+                Some(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+                other => panic!("{dtype:?}: a short tensor read as {other:?}"),
+            }
+        }
+        // Formats and shapes our kernels do not take are left to candle, nothing read.
+        let bytes = [0u8; 4096];
+        for (dtype, dims) in [
+            (GgmlDType::Q3K, [16, 256]),
+            (GgmlDType::Q4_1, [6, 64]),
+            (GgmlDType::Q4K, [4, 100]),
+        ] {
+            let mut reader = &bytes[..];
+            assert!(Linear::read_gguf(dtype, &dims, &mut reader).is_none());
+            assert_eq!(reader.len(), bytes.len(), "{dtype:?} {dims:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn other_formats_keep_candles_kernels() -> candle_core::Result<()> {
         let w = weights(GgmlDType::Q3K, 16, 256)?;
         assert!(matches!(
@@ -678,7 +781,7 @@ mod tests {
         let kinds = [Format::Q4_0, Format::Q4_1, Format::Q8_0].map(Kind::Blocks);
         for kind in kinds
             .into_iter()
-            .chain([KFormat::Q4K, KFormat::Q5K, KFormat::Q6K].map(Kind::K))
+            .chain([KFormat::Q2K, KFormat::Q4K, KFormat::Q5K, KFormat::Q6K].map(Kind::K))
         {
             for (k, n) in [(576, 576), (2048, 5632)] {
                 if k % kind.block() != 0 {
@@ -697,13 +800,14 @@ mod tests {
                             block[2..4].copy_from_slice(&scale.to_le_bytes())
                         }
                         Kind::K(KFormat::Q6K) => block[208..].copy_from_slice(&scale.to_le_bytes()),
+                        Kind::K(KFormat::Q2K) => {
+                            block[80..82].copy_from_slice(&scale.to_le_bytes());
+                            block[82..].copy_from_slice(&scale.to_le_bytes());
+                        }
                         Kind::Blocks(_) => {}
                     }
                 }
-                let tiles = match kind {
-                    Kind::Blocks(format) => repack(format, &gguf, n, blocks),
-                    Kind::K(format) => kquant::repack(format, &gguf, n, blocks),
-                };
+                let tiles = kind.repack(&gguf, n, blocks);
                 for m in [1, 16, 64, 256] {
                     let x: Vec<f32> = (0..m * k)
                         .map(|_| (random() % 2001) as f32 / 1000.0 - 1.0)

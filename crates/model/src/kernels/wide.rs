@@ -101,7 +101,7 @@ pub(crate) unsafe fn dot_tile<const G: usize>(
 /// `[x0, x1, x2, x3]` to `[x0 ×4, x1 ×4, x2 ×4, x3 ×4]`: weight row `w`'s value in its quarter.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-fn per_weight_row(x: __m128) -> __m512 {
+pub(super) fn per_weight_row(x: __m128) -> __m512 {
     let index = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     _mm512_permutexvar_ps(index, _mm512_castps128_ps512(x))
 }
@@ -109,7 +109,7 @@ fn per_weight_row(x: __m128) -> __m512 {
 /// Four f16 at `p` as f32 (exact, as `half` converts them).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-unsafe fn f16x4(p: *const u8) -> __m128 {
+pub(super) unsafe fn f16x4(p: *const u8) -> __m128 {
     // SAFETY: the caller passes 8 readable bytes; the target has F16C.
     unsafe { _mm_cvtph_ps(_mm_loadl_epi64(p as *const __m128i)) }
 }
@@ -117,7 +117,7 @@ unsafe fn f16x4(p: *const u8) -> __m128 {
 /// 16 bytes at `p` in each quarter.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-unsafe fn broadcast16(p: *const u8) -> __m512i {
+pub(super) unsafe fn broadcast16(p: *const u8) -> __m512i {
     // SAFETY: the caller passes 16 readable bytes; the target has AVX-512 F.
     unsafe { _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i)) }
 }
@@ -125,9 +125,21 @@ unsafe fn broadcast16(p: *const u8) -> __m512i {
 /// 64 bytes at `p`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-unsafe fn load64(p: *const u8) -> __m512i {
+pub(super) unsafe fn load64(p: *const u8) -> __m512i {
     // SAFETY: the caller passes 64 readable bytes; the target has AVX-512 F.
     unsafe { _mm512_loadu_si512(p as *const __m512i) }
+}
+
+/// Quarter `w` of register `g`: quarter `w` of `x`'s four bytes `4g..4g+4`, four times.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+pub(super) fn spread(x: __m512i) -> [__m512i; 4] {
+    [
+        _mm512_shuffle_epi32::<0x00>(x),
+        _mm512_shuffle_epi32::<0x55>(x),
+        _mm512_shuffle_epi32::<0xaa>(x),
+        _mm512_shuffle_epi32::<0xff>(x),
+    ]
 }
 
 /// The tile block's weights as unsigned bytes, one register per group of four values: in
@@ -136,16 +148,8 @@ unsafe fn load64(p: *const u8) -> __m512i {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 fn weight_groups(lo: __m512i, hi: __m512i) -> [__m512i; 8] {
-    [
-        _mm512_shuffle_epi32::<0x00>(lo),
-        _mm512_shuffle_epi32::<0x55>(lo),
-        _mm512_shuffle_epi32::<0xaa>(lo),
-        _mm512_shuffle_epi32::<0xff>(lo),
-        _mm512_shuffle_epi32::<0x00>(hi),
-        _mm512_shuffle_epi32::<0x55>(hi),
-        _mm512_shuffle_epi32::<0xaa>(hi),
-        _mm512_shuffle_epi32::<0xff>(hi),
-    ]
+    let (lo, hi) = (spread(lo), spread(hi));
+    std::array::from_fn(|g| if g < 4 { lo[g] } else { hi[g - 4] })
 }
 
 /// Sixteen nibble bytes per row (four rows at `p`) to their low and high nibbles.
@@ -293,26 +297,26 @@ unsafe fn kernel<const G: usize>(
 /// The activation rows' blocks in groups of four (a trailing one to three rows are left out):
 /// group `i`'s block `b` at `i * blocks + b`.
 pub(crate) fn groups(format: Format, acts: &[ActBlock], blocks: usize) -> Vec<ActGroup> {
+    in_groups(acts, blocks, |rows| ActGroup::new(format, rows))
+}
+
+/// `group` of each block of each four activation rows of `acts` (rows of `blocks` blocks; a
+/// trailing one to three rows are left out): group `i`'s block `b` at `i * blocks + b`.
+pub(crate) fn in_groups<A, G>(
+    acts: &[A],
+    blocks: usize,
+    group: impl Fn([&A; GROUP]) -> G,
+) -> Vec<G> {
     let rows = acts.len() / blocks;
     (0..rows / GROUP)
-        .flat_map(|i| {
-            (0..blocks).map(move |b| {
-                ActGroup::new(
-                    format,
-                    std::array::from_fn(|r| &acts[(i * GROUP + r) * blocks + b]),
-                )
-            })
-        })
+        .flat_map(|i| (0..blocks).map(move |b| (i, b)))
+        .map(|(i, b)| group(std::array::from_fn(|r| &acts[(i * GROUP + r) * blocks + b])))
         .collect()
 }
 
 /// Tiles after one another in `tiles` against every group of four activation rows: `columns`
 /// holds, tile after tile, each of its four weight rows' results over the `m` activation rows.
 /// Returns the rows done, the groups' rows.
-///
-/// Each pass over a run of tiles takes several groups (one unpacking of a weight block serves
-/// them all); the run is short enough to stay in the core's cache for every pass, so the
-/// weights come from memory once, not once per pass.
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VL and VNNI.
@@ -325,13 +329,77 @@ pub(crate) unsafe fn dot_columns(
     m: usize,
     columns: &mut [f32],
 ) -> usize {
-    /// Bytes of weights per run of tiles: a quarter of a 1 MiB L2 cache.
-    const RUN_BYTES: usize = 256 << 10;
     let tile_bytes = TILE * blocks * format.block_bytes();
-    let run = (RUN_BYTES / tile_bytes).max(1);
     let count = groups.len() / blocks;
     // Registers: Q4_1 and Q4_0 need one accumulator per group, Q8_0 eight.
     let per_pass = if format == Format::Q8_0 { 2 } else { 4 };
+    by_runs(
+        tiles,
+        tile_bytes,
+        count,
+        per_pass,
+        m,
+        columns,
+        |tile, first, out| {
+            let mut pass = groups[first * blocks..].chunks_exact(blocks);
+            let mut group = || pass.next().expect("a group per pass");
+            let fits = "one output per group";
+            // SAFETY (each arm): the CPU has the features (see above).
+            match out.len() {
+                4 => unsafe {
+                    let groups = [group(), group(), group(), group()];
+                    dot_tile(format, tile, groups, out.try_into().expect(fits))
+                },
+                3 => unsafe {
+                    dot_tile(
+                        format,
+                        tile,
+                        [group(), group(), group()],
+                        out.try_into().expect(fits),
+                    )
+                },
+                2 => unsafe {
+                    dot_tile(
+                        format,
+                        tile,
+                        [group(), group()],
+                        out.try_into().expect(fits),
+                    )
+                },
+                _ => unsafe { dot_tile(format, tile, [group()], out.try_into().expect(fits)) },
+            }
+        },
+    )
+}
+
+/// Most groups of activation rows [`by_runs`] passes to its kernel at once.
+pub(crate) const MAX_PASS: usize = 8;
+
+/// Results of one group of activation rows against one tile: `[w][r]`, weight row `w` times
+/// the group's row `r`.
+pub(crate) type GroupOut = [[f32; GROUP]; TILE];
+
+/// Tiles of `tile_bytes` after one another in `tiles` against `count` groups of four
+/// activation rows, `per_pass` (at most [`MAX_PASS`]) groups at a time: `kernel(tile, first, out)` dots
+/// one tile with groups `first..first + out.len()`. `columns` holds, tile after tile, each of
+/// its four weight rows' results over the `m` activation rows. Returns the rows done.
+///
+/// Each pass over a run of tiles takes several groups (one unpacking of a weight block serves
+/// them all); the run is short enough to stay in the core's cache for every pass, so the
+/// weights come from memory once, not once per pass.
+pub(crate) fn by_runs(
+    tiles: &[u8],
+    tile_bytes: usize,
+    count: usize,
+    per_pass: usize,
+    m: usize,
+    columns: &mut [f32],
+    mut kernel: impl FnMut(&[u8], usize, &mut [GroupOut]),
+) -> usize {
+    /// Bytes of weights per run of tiles: a quarter of a 1 MiB L2 cache.
+    const RUN_BYTES: usize = 256 << 10;
+    let run = (RUN_BYTES / tile_bytes).max(1);
+    let mut out = [[[0f32; GROUP]; TILE]; MAX_PASS];
     for (tiles, columns) in tiles
         .chunks(run * tile_bytes)
         .zip(columns.chunks_mut(run * TILE * m))
@@ -339,28 +407,15 @@ pub(crate) unsafe fn dot_columns(
         let mut first = 0;
         while first < count {
             let take = per_pass.min(count - first);
-            let pass = groups[first * blocks..(first + take) * blocks].chunks_exact(blocks);
             for (tile, columns) in tiles
                 .chunks_exact(tile_bytes)
                 .zip(columns.chunks_exact_mut(TILE * m))
             {
-                let mut pass = pass.clone();
-                let mut group = || pass.next().expect("a group per pass");
-                let at = first * GROUP;
-                // SAFETY: the CPU has the features (see above).
-                unsafe {
-                    match take {
-                        4 => store(
-                            format,
-                            tile,
-                            [group(), group(), group(), group()],
-                            m,
-                            at,
-                            columns,
-                        ),
-                        3 => store(format, tile, [group(), group(), group()], m, at, columns),
-                        2 => store(format, tile, [group(), group()], m, at, columns),
-                        _ => store(format, tile, [group()], m, at, columns),
+                kernel(tile, first, &mut out[..take]);
+                for (i, group) in out[..take].iter().enumerate() {
+                    for (w, rows) in group.iter().enumerate() {
+                        let start = w * m + (first + i) * GROUP;
+                        columns[start..start + GROUP].copy_from_slice(rows);
                     }
                 }
             }
@@ -368,32 +423,6 @@ pub(crate) unsafe fn dot_columns(
         }
     }
     count * GROUP
-}
-
-/// Runs [`dot_tile`] on `G` groups starting at activation row `at` and stores the results in
-/// the tile's `columns`.
-///
-/// # Safety
-/// The CPU has AVX-512 F, BW, VL and VNNI.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-unsafe fn store<const G: usize>(
-    format: Format,
-    tile: &[u8],
-    groups: [&[ActGroup]; G],
-    m: usize,
-    at: usize,
-    columns: &mut [f32],
-) {
-    let mut out = [[[0f32; GROUP]; TILE]; G];
-    // SAFETY: the CPU has the features (see above).
-    unsafe { dot_tile(format, tile, groups, &mut out) };
-    for (i, group) in out.iter().enumerate() {
-        for (w, rows) in group.iter().enumerate() {
-            let start = w * m + at + i * GROUP;
-            columns[start..start + GROUP].copy_from_slice(rows);
-        }
-    }
 }
 
 #[cfg(test)]

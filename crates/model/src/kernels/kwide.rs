@@ -1,0 +1,477 @@
+//! AVX-512 kernel for batches of K-quant products (Q4_K, Q5_K, Q6_K): one tile of four weight
+//! rows against groups of four activation rows, sixteen (weight row, activation row) pairs to a
+//! 512-bit register, as [`super::wide`] does for blocks of 32.
+//!
+//! Lane `4w + r` of a register belongs to weight row `w` and activation row `r`. Each
+//! super-block of the tile is unpacked once into 64 registers, register `j` holding in quarter
+//! `w` weight row `w`'s values `4j..4j+4` (unsigned), and serves every group (up to eight):
+//! `vpmaddubsw` with the four activation rows' values `4j..4j+4` side by side, then `vpdpwssd`
+//! with the values' scale, adds each pair's `sc·(q·y)` over the four values to an exact integer
+//! sum (Q6_K's bias of 32 comes off with the activations' sums, one `vpdpwssd` per two
+//! registers of 32 values). Lane `l` of candle's eight integer lanes sums the value groups
+//! `j ≡ l (mod 8)`; per super-block each of the eight float lanes takes `+= d·d_y · lane`
+//! (fused), Q4_K's four lanes of minimums `+= −d_y·dmin · (m·Σy)` over two sub-blocks each (one
+//! `vpdpwssd`), Q5_K's one float `+= −d_y·dmin · Σ m·Σy` (unfused), summed at the end in
+//! candle's order. So each pair's result is [`super::kquant::portable`]'s bit for bit, whatever
+//! rows are batched with it.
+//!
+//! Built into every x86-64 binary; it runs only on the AVX-512 VNNI [`super::KernelPath`].
+
+use std::arch::x86_64::*;
+
+use super::kquant::{
+    D, DMIN, FIFTH, KActBlock, KFormat, MINS, QUANT6_BYTES, QUANTS, QUANTS6, SCALES, SCALES6, SUBS,
+    SUPER,
+};
+use super::wide::{self, GROUP, GroupOut, broadcast16, f16x4, load64, per_weight_row, spread};
+
+/// Whether the kernel reads `format` (Q4_K, Q5_K and Q6_K; Q2_K goes through
+/// [`super::kquant`]'s four-row kernels).
+pub(crate) fn covers(format: KFormat) -> bool {
+    format != KFormat::Q2K
+}
+
+/// Groups of four values in a super-block.
+const QUADS: usize = SUPER / 4;
+
+/// Scales per super-block of the widest kind (Q6_K's, one per 16 values).
+const CHUNKS: usize = SUPER / 16;
+
+/// Most groups of activation rows one call of [`dot_tile`] takes: each unpacking of a weight
+/// block serves them all (their accumulators live in memory, not registers).
+pub(crate) const MAX_GROUPS: usize = wide::MAX_PASS;
+
+/// One super-block of four activation rows, laid out for the kernel.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct KActGroup {
+    /// `q[j]`: values `4j..4j+4` of each of the four rows, one row after the other.
+    q: [[i8; 16]; QUADS],
+    /// Q6_K only (zero otherwise): `bias[8p + l]`: each row's `−32·Σy` over values `4j..4j+4`
+    /// for `j = 16p + l` and `j + 8` (two registers of 32 apart, in one lane of candle's), which
+    /// times the values' scales takes the quants' bias of 32 off their products.
+    bias: [[i16; 8]; QUADS / 2],
+    /// `sums[p]`: each row's sums of sub-blocks `2p` and `2p + 1` (for the minimums).
+    sums: [[i16; 8]; SUBS / 2],
+    /// The rows' scales.
+    d: [f32; GROUP],
+    /// The rows' scales negated.
+    neg_d: [f32; GROUP],
+}
+
+impl KActGroup {
+    /// Interleaves one super-block of four rows for weights in `format`.
+    fn new(format: KFormat, rows: [&KActBlock; GROUP]) -> Self {
+        let mut group = Self {
+            q: [[0; 16]; QUADS],
+            bias: [[0; 8]; QUADS / 2],
+            sums: [[0; 8]; SUBS / 2],
+            d: rows.map(|a| a.d),
+            neg_d: rows.map(|a| -a.d),
+        };
+        for (r, a) in rows.iter().enumerate() {
+            for j in 0..QUADS {
+                let values = &a.q[4 * j..4 * j + 4];
+                group.q[j][4 * r..4 * r + 4].copy_from_slice(values);
+                if format == KFormat::Q6K {
+                    let (p, k, l) = (j / 16, j / 8 % 2, j % 8);
+                    let sum: i16 = values.iter().map(|&y| i16::from(y)).sum();
+                    group.bias[8 * p + l][2 * r + k] = -32 * sum;
+                }
+            }
+            for p in 0..SUBS / 2 {
+                group.sums[p][2 * r..2 * r + 2].copy_from_slice(&a.sums[2 * p..2 * p + 2]);
+            }
+        }
+        group
+    }
+}
+
+/// The activation rows' super-blocks in groups of four (a trailing one to three rows are left
+/// out): group `i`'s super-block `b` at `i * blocks + b`.
+pub(crate) fn groups(format: KFormat, acts: &[KActBlock], blocks: usize) -> Vec<KActGroup> {
+    wide::in_groups(acts, blocks, |rows| KActGroup::new(format, rows))
+}
+
+/// Dots one tile (`blocks` super-blocks of four weight rows, as [`super::kquant::repack`] lays
+/// them out) with up to [`MAX_GROUPS`] groups of four activation rows: `out[i][w][r]` is weight
+/// row `w` times row `r` of group `i`.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW, VL and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+pub(crate) unsafe fn dot_tile(
+    format: KFormat,
+    tile: &[u8],
+    groups: &[&[KActGroup]],
+    out: &mut [GroupOut],
+) {
+    let blocks = tile.len() / format.tile_bytes();
+    assert!(covers(format), "the wide kernel covers no {format:?}");
+    assert!(groups.len() <= MAX_GROUPS && out.len() == groups.len());
+    assert!(groups.iter().all(|g| g.len() == blocks));
+    assert_eq!(tile.len(), blocks * format.tile_bytes());
+    // SAFETY: the CPU has the features (see above), and every load stays inside `tile` and
+    // `groups`, whose lengths were checked above.
+    unsafe { kernel(format, tile, blocks, groups, out) }
+}
+
+/// `[r0, r1, r2, r3]`, each four quarters of 16 bytes, to `[c0, c1, c2, c3]` with `c_q`'s
+/// quarter `w` `r_w`'s quarter `q`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+fn transpose(r: [__m512i; 4]) -> [__m512i; 4] {
+    let t0 = _mm512_shuffle_i32x4::<0x44>(r[0], r[1]);
+    let t1 = _mm512_shuffle_i32x4::<0xee>(r[0], r[1]);
+    let t2 = _mm512_shuffle_i32x4::<0x44>(r[2], r[3]);
+    let t3 = _mm512_shuffle_i32x4::<0xee>(r[2], r[3]);
+    [
+        _mm512_shuffle_i32x4::<0x88>(t0, t2),
+        _mm512_shuffle_i32x4::<0xdd>(t0, t2),
+        _mm512_shuffle_i32x4::<0x88>(t1, t3),
+        _mm512_shuffle_i32x4::<0xdd>(t1, t3),
+    ]
+}
+
+/// The i16 lane `n` of a register in quarter `n / 8`: `8 · (n / 8) + odd · (n % 2)`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+fn quarter_index(per_quarter: i16, odd: i16) -> __m512i {
+    let index: [i16; 32] =
+        std::array::from_fn(|n| per_quarter * (n / 8) as i16 + odd * (n % 2) as i16);
+    // SAFETY: 64 readable bytes; the target has AVX-512 F.
+    unsafe { _mm512_loadu_si512(index.as_ptr().cast()) }
+}
+
+/// The weight registers of one Q4_K or Q5_K (`five`) tile block at `p` (see the module doc),
+/// each 16 values' scales (`sc[c]`, quarter `w`: row `w`'s scale of values `16c..16c+16`, as
+/// i16) and the minimums (`mins[p]`, quarter `w`: row `w`'s minimums `2p` and `2p + 1` as a pair
+/// of i16).
+///
+/// # Safety
+/// `p` is a tile block of the format; the CPU has AVX-512 F, BW and VNNI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn unpack_q4k(
+    p: *const u8,
+    five: bool,
+    w: &mut [__m512i; QUADS],
+    sc: &mut [__m512i; CHUNKS],
+    mins: &mut [__m512i; SUBS / 2],
+) {
+    // SAFETY: loads stay inside the tile block (see above).
+    unsafe {
+        let nibble = _mm512_set1_epi8(0x0f);
+        // Quarter `w` of `fifth[h]`: row `w`'s fifth bits of values `16h..16h+16` of each
+        // sub-block (bit `i` for sub-block `i`).
+        let fifth = if five {
+            let (x01, x23) = (load64(p.add(FIFTH)), load64(p.add(FIFTH + 64)));
+            [
+                _mm512_shuffle_i32x4::<0x88>(x01, x23),
+                _mm512_shuffle_i32x4::<0xdd>(x01, x23),
+            ]
+        } else {
+            [_mm512_setzero_si512(); 2]
+        };
+        // A row's byte `64h + k` holds value `128h + k` (low nibble) and `128h + 64 + k`.
+        for h in 0..2 {
+            let c = transpose(std::array::from_fn(|r| {
+                load64(p.add(QUANTS + 128 * r + 64 * h))
+            }));
+            for (q, &c) in c.iter().enumerate() {
+                for (high, x) in [(0, c), (1, _mm512_srli_epi16::<4>(c))] {
+                    let chunk = 8 * h + 4 * high + q;
+                    let mut v = _mm512_and_si512(x, nibble);
+                    if five {
+                        let bit = _mm512_set1_epi8((1u8 << (chunk / 2)) as i8);
+                        let set = _mm512_test_epi8_mask(fifth[chunk % 2], bit);
+                        v = _mm512_mask_add_epi8(v, set, v, _mm512_set1_epi8(16));
+                    }
+                    w[4 * chunk..4 * chunk + 4].copy_from_slice(&spread(v));
+                }
+            }
+        }
+        let scales = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p.add(SCALES).cast()));
+        let by_row = quarter_index(8, 0);
+        for (c, sc) in sc.iter_mut().enumerate() {
+            let i = _mm512_set1_epi16((c / 2) as i16);
+            *sc = _mm512_permutexvar_epi16(_mm512_add_epi16(by_row, i), scales);
+        }
+        let m = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p.add(MINS).cast()));
+        let pairs = quarter_index(8, 1);
+        for (q, mins) in mins.iter_mut().enumerate() {
+            let i = _mm512_set1_epi16(2 * q as i16);
+            *mins = _mm512_permutexvar_epi16(_mm512_add_epi16(pairs, i), m);
+        }
+    }
+}
+
+/// The weight registers and each 16 values' scales (see [`unpack_q4k`]) of the Q6_K tile
+/// block at `p`.
+///
+/// # Safety
+/// `p` is a Q6_K tile block; the CPU has AVX-512 F, BW and VNNI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn unpack_q6k(p: *const u8, w: &mut [__m512i; QUADS], sc: &mut [__m512i; CHUNKS]) {
+    // SAFETY: loads stay inside the tile block (see above).
+    unsafe {
+        let (nibble, two_bits) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(3));
+        let quants = |r: usize| p.add(QUANTS6 + QUANT6_BYTES * r);
+        // Value 128n + 32j + l: low nibble (j < 2) or high of low byte 64n + 32(j % 2) + l,
+        // its top bits at bit 2j of high byte 128 + 32n + l.
+        let low: [[__m512i; 4]; 2] = std::array::from_fn(|n| {
+            transpose(std::array::from_fn(|r| load64(quants(r).add(64 * n))))
+        });
+        let top = transpose(std::array::from_fn(|r| load64(quants(r).add(128))));
+        for n in 0..2 {
+            for j in 0..4 {
+                for h in 0..2 {
+                    let chunk = 8 * n + 2 * j + h;
+                    let x = low[n][2 * (j % 2) + h];
+                    let x = if j < 2 { x } else { _mm512_srli_epi16::<4>(x) };
+                    let t = _mm512_srl_epi16(top[2 * n + h], _mm_cvtsi32_si128(2 * j as i32));
+                    let v = _mm512_or_si512(
+                        _mm512_and_si512(x, nibble),
+                        _mm512_slli_epi16::<4>(_mm512_and_si512(t, two_bits)),
+                    );
+                    w[4 * chunk..4 * chunk + 4].copy_from_slice(&spread(v));
+                }
+            }
+        }
+        // Rows 0 and 1's sixteen scales, then rows 2 and 3's, as i16.
+        let scales = p.add(SCALES6);
+        let (s01, s23) = (
+            _mm512_cvtepi8_epi16(_mm256_loadu_si256(scales.cast())),
+            _mm512_cvtepi8_epi16(_mm256_loadu_si256(scales.add(32).cast())),
+        );
+        let by_row = quarter_index(16, 0);
+        for (c, sc) in sc.iter_mut().enumerate() {
+            let index = _mm512_add_epi16(by_row, _mm512_set1_epi16(c as i16));
+            *sc = _mm512_permutex2var_epi16(s01, index, s23);
+        }
+    }
+}
+
+/// See [`dot_tile`].
+///
+/// # Safety
+/// The target has AVX-512 F, BW, VL and VNNI; `tile` holds `blocks` tile blocks of `format`
+/// and every slice of `groups` `blocks` blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn kernel(
+    format: KFormat,
+    tile: &[u8],
+    blocks: usize,
+    groups: &[&[KActGroup]],
+    out: &mut [GroupOut],
+) {
+    // SAFETY: see above; loads stay inside the blocks.
+    unsafe {
+        // Per group: the eight float lanes, then Q4_K's four lanes of minimums or Q5_K's one.
+        let mut acc = [[_mm512_setzero_ps(); 12]; MAX_GROUPS];
+        let mut w = [_mm512_setzero_si512(); QUADS];
+        let mut sc = [_mm512_setzero_si512(); CHUNKS];
+        let mut mins = [_mm512_setzero_si512(); SUBS / 2];
+        let six = format == KFormat::Q6K;
+        for b in 0..blocks {
+            let p = tile.as_ptr().add(b * format.tile_bytes());
+            let d = per_weight_row(f16x4(p.add(D)));
+            let dmin = if six {
+                unpack_q6k(p, &mut w, &mut sc);
+                _mm512_setzero_ps()
+            } else {
+                unpack_q4k(p, format == KFormat::Q5K, &mut w, &mut sc, &mut mins);
+                per_weight_row(f16x4(p.add(DMIN)))
+            };
+            // Q6_K: `pair_scales[p][h]`, in each i32 lane, the scales of values `4j..4j+4` for
+            // `j = 16p + 4h + g` and `j + 8` (as `bias` pairs them).
+            let pair_scales: [[__m512i; 2]; 4] = std::array::from_fn(|p| {
+                std::array::from_fn(|h| {
+                    _mm512_mask_blend_epi16(0xaaaa_aaaa, sc[4 * p + h], sc[4 * p + 2 + h])
+                })
+            });
+            for (group, acc) in groups.iter().zip(&mut acc) {
+                let a = &group[b];
+                let d_act = _mm512_broadcast_f32x4(_mm_loadu_ps(a.d.as_ptr()));
+                let scale = _mm512_mul_ps(d_act, d);
+                for l in 0..8 {
+                    let mut sum = _mm512_setzero_si512();
+                    for k in 0..8 {
+                        let j = 8 * k + l;
+                        let y = broadcast16(a.q[j].as_ptr().cast());
+                        let products = _mm512_maddubs_epi16(w[j], y);
+                        sum = _mm512_dpwssd_epi32(sum, products, sc[j / 4]);
+                    }
+                    if six {
+                        for (p, &sc) in pair_scales.iter().enumerate() {
+                            let bias = broadcast16(a.bias[8 * p + l].as_ptr().cast());
+                            sum = _mm512_dpwssd_epi32(sum, bias, sc[l / 4]);
+                        }
+                    }
+                    acc[l] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[l]);
+                }
+                let neg_d = _mm512_broadcast_f32x4(_mm_loadu_ps(a.neg_d.as_ptr()));
+                let scale = _mm512_mul_ps(neg_d, dmin);
+                let m = |q: usize, sum| {
+                    _mm512_dpwssd_epi32(sum, mins[q], broadcast16(a.sums[q].as_ptr().cast()))
+                };
+                match format {
+                    KFormat::Q4K => {
+                        for q in 0..SUBS / 2 {
+                            let sum = _mm512_cvtepi32_ps(m(q, _mm512_setzero_si512()));
+                            acc[8 + q] = _mm512_fmadd_ps(scale, sum, acc[8 + q]);
+                        }
+                    }
+                    KFormat::Q5K => {
+                        let sum = (0..SUBS / 2).fold(_mm512_setzero_si512(), |s, q| m(q, s));
+                        let t = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(sum));
+                        acc[8] = _mm512_add_ps(acc[8], t);
+                    }
+                    KFormat::Q6K => {}
+                    KFormat::Q2K => unreachable!("the wide kernel covers no Q2_K"),
+                }
+            }
+        }
+        for (x, out) in acc.iter().zip(out) {
+            // candle's `hsum_float_8`, lane by lane: ((x4+x0)+(x6+x2))+((x5+x1)+(x7+x3)).
+            let a: [__m512; 4] = std::array::from_fn(|u| _mm512_add_ps(x[u + 4], x[u]));
+            let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            let sum = match format {
+                KFormat::Q4K => {
+                    let m = _mm512_add_ps(_mm512_add_ps(x[8], x[10]), _mm512_add_ps(x[9], x[11]));
+                    _mm512_add_ps(sum, m)
+                }
+                KFormat::Q5K => _mm512_add_ps(sum, x[8]),
+                KFormat::Q6K => sum,
+                KFormat::Q2K => unreachable!("the wide kernel covers no Q2_K"),
+            };
+            _mm512_storeu_ps(out.as_mut_ptr().cast(), sum);
+        }
+    }
+}
+
+/// Tiles after one another in `tiles` against every group of four activation rows (see
+/// [`wide::by_runs`]). Returns the rows done, the groups' rows.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW, VL and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+pub(crate) unsafe fn dot_columns(
+    format: KFormat,
+    tiles: &[u8],
+    groups: &[KActGroup],
+    blocks: usize,
+    m: usize,
+    columns: &mut [f32],
+) -> usize {
+    let tile_bytes = blocks * format.tile_bytes();
+    let count = groups.len() / blocks;
+    wide::by_runs(
+        tiles,
+        tile_bytes,
+        count,
+        MAX_GROUPS,
+        m,
+        columns,
+        |tile, first, out| {
+            let mut pass: [&[KActGroup]; MAX_GROUPS] = [&[]; MAX_GROUPS];
+            for (to, group) in pass
+                .iter_mut()
+                .zip(groups[first * blocks..].chunks_exact(blocks))
+            {
+                *to = group;
+            }
+            // SAFETY: the CPU has the features (see above).
+            unsafe { dot_tile(format, tile, &pass[..out.len()], out) }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::KernelPath;
+    use super::super::dot::TILE;
+    use super::super::kquant::tests::{gguf_rows, values};
+    use super::super::kquant::{self, portable};
+    use super::*;
+
+    #[test]
+    fn wide_k_kernel_equals_the_portable_code_bit_for_bit_for_any_grouping() {
+        if !KernelPath::Avx512Vnni.supported() {
+            eprintln!("this CPU lacks AVX-512 VNNI: its wide K-quant kernel is not run here");
+            return;
+        }
+        for format in [KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
+            for (blocks, seed) in [(1, 3), (3, 4), (3, 0)] {
+                // Seed 0: random bytes (every quant, scale and minimum, Q6_K's negative
+                // scales), with sane `d` and `dmin`; otherwise candle's quantization.
+                let gguf = if seed == 0 {
+                    random_blocks(format, TILE * blocks)
+                } else {
+                    gguf_rows(format, TILE, blocks, seed)
+                };
+                let tile = kquant::repack(format, &gguf, TILE, blocks);
+                let mut rows: Vec<Vec<KActBlock>> = (0..16)
+                    .map(|i| KActBlock::quantize_all(&values(70 + i, blocks * SUPER)))
+                    .collect();
+                // Extremes: full-scale values of both signs and an all-zero row.
+                for (row, value) in [(5, 127i8), (6, -127)] {
+                    rows[row].iter_mut().for_each(|a| {
+                        a.q = [value; SUPER];
+                        a.sums = [i16::from(value) * 32; SUBS];
+                    });
+                }
+                rows[7] = KActBlock::quantize_all(&vec![0.0; blocks * SUPER]);
+                let reference: Vec<[u32; TILE]> = rows
+                    .iter()
+                    .map(|row| {
+                        let mut one = [[0f32; TILE]; 1];
+                        portable::dot_tile(format, &tile, blocks, [&row[..]], &mut one);
+                        one[0].map(f32::to_bits)
+                    })
+                    .collect();
+                let flat: Vec<KActBlock> = rows.iter().flatten().copied().collect();
+                let all = groups(format, &flat, blocks);
+                for (first, count) in [(0, 4), (1, 3), (2, 2), (3, 1)] {
+                    let pass: Vec<&[KActGroup]> = all[first * blocks..]
+                        .chunks_exact(blocks)
+                        .take(count)
+                        .collect();
+                    let mut out = vec![[[0f32; GROUP]; TILE]; count];
+                    // SAFETY: the test runs only where the CPU has the features.
+                    unsafe { dot_tile(format, &tile, &pass, &mut out) };
+                    for row in first * GROUP..(first + count) * GROUP {
+                        let group = &out[row / GROUP - first];
+                        let got: [u32; TILE] =
+                            std::array::from_fn(|w| group[w][row % GROUP].to_bits());
+                        assert_eq!(got, reference[row], "{format:?} seed {seed} row {row}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `rows` GGUF rows of random bytes, each super-block's `d` (and `dmin`) set to a small
+    /// positive f16.
+    fn random_blocks(format: KFormat, rows: usize) -> Vec<u8> {
+        let bytes: Vec<u8> = values(99, rows * format.gguf_bytes())
+            .iter()
+            .map(|v| (v.to_bits() >> 7) as u8)
+            .collect();
+        let scale = half::f16::from_f32(0.0123).to_le_bytes();
+        let mut bytes = bytes;
+        for block in bytes.chunks_exact_mut(format.gguf_bytes()) {
+            match format {
+                KFormat::Q4K | KFormat::Q5K => {
+                    block[..2].copy_from_slice(&scale);
+                    block[2..4].copy_from_slice(&scale);
+                }
+                KFormat::Q6K => block[208..].copy_from_slice(&scale),
+                KFormat::Q2K => unreachable!("the wide kernel covers no Q2_K"),
+            }
+        }
+        bytes
+    }
+}
