@@ -28,6 +28,7 @@ fn options(steps: usize) -> TrainOptions {
         accumulate: 2,
         weight_decay: 0.0,
         seed: 7,
+        privacy_weight: 0.0,
     }
 }
 
