@@ -210,6 +210,19 @@ fn a_run_resumes_from_its_checkpoint() {
     );
 }
 
+/// Each `(flags, message)` of `cases`: `finetune` with those flags fails, saying `message`.
+fn assert_refused(data: &Path, out_dir: &Path, cases: &[(&[&str], &str)]) {
+    for (extra, expected) in cases {
+        let out = finetune(data, out_dir, extra);
+        assert!(!out.status.success(), "{extra:?}");
+        assert!(
+            stderr(&out).contains(expected),
+            "{extra:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 #[test]
 fn bad_options_are_refused_saying_why() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -224,15 +237,7 @@ fn bad_options_are_refused_saying_why() {
         ),
         (&["--ca", "ca.pem"], "--ca is for a trunk server"),
     ];
-    for (extra, expected) in cases {
-        let out = finetune(&data, &out_dir, extra);
-        assert!(!out.status.success(), "{extra:?}");
-        assert!(
-            stderr(&out).contains(expected),
-            "{extra:?}: {}",
-            stderr(&out)
-        );
-    }
+    assert_refused(&data, &out_dir, &cases);
     let out = finetune(&dir.path().join("missing.jsonl"), &out_dir, &[]);
     assert!(stderr(&out).contains("missing.jsonl"), "{}", stderr(&out));
 }
@@ -388,13 +393,5 @@ fn privacy_weight_moves_the_uplink_rows_from_the_public_heads() {
             "the split 0:3 leaves the device no head layer: a privacy term has no rows to change",
         ),
     ];
-    for (extra, expected) in cases {
-        let out = finetune(&data, &out_dir, extra);
-        assert!(!out.status.success(), "{extra:?}");
-        assert!(
-            stderr(&out).contains(expected),
-            "{extra:?}: {}",
-            stderr(&out)
-        );
-    }
+    assert_refused(&data, &out_dir, &cases);
 }

@@ -1,14 +1,8 @@
 //! The privacy term of split fine-tuning: distance correlation's value where it is known
-//! exactly, its gradient against finite differences, and a few steps of training with it
-//! moving the head's rows away from the public head's.
-
-use std::sync::Arc;
+//! exactly and its gradient against finite differences (`train.rs` trains with it).
 
 use candle_core::{Device, Tensor, Var};
-use lsplit_model::{DenseTrunk, ModelSource, SplitPlan, Target};
-use lsplit_train::{
-    Dataset, LocalTrainTrunk, Schedule, TrainOptions, Trainer, distance_correlation,
-};
+use lsplit_train::distance_correlation;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -107,94 +101,4 @@ fn distance_correlation_gradient_matches_finite_differences() {
         );
         assert!(grad[index].abs() > 1e-4, "x[{index}] moves the term");
     }
-}
-
-fn tiny() -> Arc<ModelSource> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/data/tiny-llama-hf");
-    Arc::new(ModelSource::open(&path).expect("open"))
-}
-
-fn options(privacy_weight: f64) -> TrainOptions {
-    TrainOptions {
-        rank: 4,
-        alpha: 8.0,
-        rslora: false,
-        targets: Target::ALL.to_vec(),
-        lr: 1e-2,
-        steps: 8,
-        warmup: 1,
-        schedule: Schedule::Constant,
-        accumulate: 2,
-        weight_decay: 0.0,
-        seed: 7,
-        privacy_weight,
-    }
-}
-
-fn trainer(source: &Arc<ModelSource>, plan: SplitPlan, privacy_weight: f64) -> Trainer {
-    let trunk = DenseTrunk::new(source.clone(), plan.k1..plan.k2, 1 << 20).expect("trunk");
-    Trainer::new(
-        source.clone(),
-        plan,
-        options(privacy_weight),
-        Box::new(LocalTrainTrunk::new(trunk)),
-    )
-    .expect("trainer")
-}
-
-#[test]
-fn the_privacy_term_moves_the_head_rows_from_the_public_heads() {
-    let source = tiny();
-    let tokenizer = lsplit_split::load_tokenizer(&source).expect("tokenizer");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("data.jsonl");
-    std::fs::write(
-        &path,
-        [
-            r#"{"text": "the quick brown fox jumps over the lazy dog"}"#,
-            r#"{"text": "a stitch in time saves nine"}"#,
-            r#"{"text": "the quick brown fox jumps again"}"#,
-        ]
-        .join("\n"),
-    )
-    .expect("write data");
-    let data = Dataset::read(&path, &tokenizer, 32, 0.0, 3)
-        .expect("data")
-        .train;
-    let plan = SplitPlan::new(1, 3, 4).expect("plan");
-    let mut plain = trainer(&source, plan, 0.0);
-    let mut private = trainer(&source, plan, 10.0);
-    // A fresh adapter changes nothing: the rows are the public head's.
-    let before = private.distance_correlation(&data).expect("measure");
-    assert!((before - 1.0).abs() < 1e-5, "{before}");
-    for _ in 0..8 {
-        let report = plain.step(&data).expect("step");
-        assert_eq!(report.privacy, None);
-        let report = private.step(&data).expect("step");
-        let term = report.privacy.expect("a privacy term");
-        assert!(term.is_finite() && report.loss.is_finite());
-    }
-    let plain_after = plain.distance_correlation(&data).expect("measure");
-    let private_after = private.distance_correlation(&data).expect("measure");
-    assert!(
-        private_after < before - 0.05 && private_after < plain_after - 0.05,
-        "distance correlation: {before} before, {plain_after} after plain training, \
-         {private_after} after training with the privacy term"
-    );
-
-    // No head layer, nothing to change: refused.
-    let trunk = DenseTrunk::new(source.clone(), 0..3, 1 << 20).expect("trunk");
-    let err = Trainer::new(
-        source.clone(),
-        SplitPlan::new(0, 3, 4).expect("plan"),
-        options(1.0),
-        Box::new(LocalTrainTrunk::new(trunk)),
-    )
-    .err()
-    .expect("refused");
-    assert_eq!(
-        err.to_string(),
-        "the split 0:3 leaves the device no head layer: a privacy term has no rows to change"
-    );
 }
