@@ -229,6 +229,44 @@ impl Setting {
         flags.join(" ")
     }
 
+    /// A short name of the setting for `attack --table --settings`: its defences joined by `+`
+    /// (`random`, `permute`, `adapter`, `noise` and its SIGMA), or `none`.
+    pub fn name(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.policy.is_fixed() {
+            parts.push("random".to_string());
+        }
+        if self.obfuscation != Obfuscation::None {
+            parts.push(self.obfuscation.to_string());
+        }
+        if self.adapter {
+            parts.push("adapter".to_string());
+        }
+        if let Some(noise) = &self.noise {
+            parts.push(format!("noise{}", noise.sigma()));
+        }
+        if parts.is_empty() {
+            return "none".to_string();
+        }
+        parts.join("+")
+    }
+
+    /// The settings of `settings` named in `names` (see [`Setting::name`]), in the table's
+    /// order; an unknown name is refused with the known ones.
+    pub fn select(settings: Vec<Self>, names: &[&str]) -> Result<Vec<Self>, AttackError> {
+        let known: Vec<String> = settings.iter().map(Self::name).collect();
+        if let Some(unknown) = names.iter().find(|n| !known.iter().any(|k| k == *n)) {
+            return Err(AttackError::Capture(format!(
+                "--settings: no setting {unknown:?}; the settings are {}",
+                known.join(", ")
+            )));
+        }
+        Ok(settings
+            .into_iter()
+            .filter(|s| names.contains(&s.name().as_str()))
+            .collect())
+    }
+
     /// The ε (at [`DELTA`]) the setting's noise guarantees for any two rows of `width` values
     /// of the same clipped RMS; `None` without noise (no guarantee at all).
     pub fn epsilon(&self, width: usize) -> Option<f64> {
@@ -697,6 +735,33 @@ mod tests {
                 "--split-policy random --k1 2,3,4,5 --k2 25,26,27,28 --obfuscate permute \
                  --adapter DIR --uplink-noise 0.2",
             ]
+        );
+        let names: Vec<String> = settings.iter().map(Setting::name).collect();
+        assert_eq!(
+            names,
+            [
+                "none",
+                "random",
+                "permute",
+                "adapter",
+                "noise0.05",
+                "noise0.1",
+                "noise0.2",
+                "noise0.5",
+                "adapter+noise0.2",
+                "random+permute+adapter+noise0.2",
+            ]
+        );
+        let picked = Setting::select(settings.clone(), &["adapter", "none"]).expect("known");
+        let picked: Vec<String> = picked.iter().map(|s| s.flags("DIR")).collect();
+        assert_eq!(picked, ["", "--adapter DIR"], "the table's order");
+        let err = Setting::select(settings.clone(), &["adapter", "noise"]).expect_err("unknown");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "--settings: no setting \"noise\"; the settings are {}",
+                names.join(", ")
+            )
         );
         assert_eq!(settings[0].knowledge.k1, Some(2));
         assert_eq!(settings[1].knowledge.k1, None);

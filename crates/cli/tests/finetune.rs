@@ -210,6 +210,19 @@ fn a_run_resumes_from_its_checkpoint() {
     );
 }
 
+/// Each `(flags, message)` of `cases`: `finetune` with those flags fails, saying `message`.
+fn assert_refused(data: &Path, out_dir: &Path, cases: &[(&[&str], &str)]) {
+    for (extra, expected) in cases {
+        let out = finetune(data, out_dir, extra);
+        assert!(!out.status.success(), "{extra:?}");
+        assert!(
+            stderr(&out).contains(expected),
+            "{extra:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 #[test]
 fn bad_options_are_refused_saying_why() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -224,15 +237,7 @@ fn bad_options_are_refused_saying_why() {
         ),
         (&["--ca", "ca.pem"], "--ca is for a trunk server"),
     ];
-    for (extra, expected) in cases {
-        let out = finetune(&data, &out_dir, extra);
-        assert!(!out.status.success(), "{extra:?}");
-        assert!(
-            stderr(&out).contains(expected),
-            "{extra:?}: {}",
-            stderr(&out)
-        );
-    }
+    assert_refused(&data, &out_dir, &cases);
     let out = finetune(&dir.path().join("missing.jsonl"), &out_dir, &[]);
     assert!(stderr(&out).contains("missing.jsonl"), "{}", stderr(&out));
 }
@@ -346,4 +351,47 @@ fn finetune_over_tls_writes_the_in_process_adapter_bit_for_bit() {
     ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("TrainTrunk"), "{}", stderr(&out));
+}
+
+/// The distance correlation of a `distance correlation with the public head's rows WHEN: X
+/// (...)` line.
+fn distance_correlation(text: &str, when: &str) -> f64 {
+    let prefix = format!("distance correlation with the public head's rows {when}: ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no `{prefix}` line in {text}"))
+}
+
+#[test]
+fn privacy_weight_moves_the_uplink_rows_from_the_public_heads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data(dir.path());
+    let out_dir = dir.path().join("adapter");
+    let out = finetune(&data, &out_dir, &["--steps", "8", "--privacy-weight", "10"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("distance correlation with the public head's rows before: 1.0000 ("),
+        "{text}"
+    );
+    let after = distance_correlation(&text, "after");
+    assert!(after < 0.95, "distance correlation 1 -> {after}");
+    // Without the flag, nothing is reported.
+    let out = finetune(&data, &out_dir, &["--steps", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("distance correlation"));
+
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--privacy-weight=-1"],
+            "the privacy weight -1 is not a number of at least 0",
+        ),
+        (
+            &["--privacy-weight", "1", "--split", "0:3"],
+            "the split 0:3 leaves the device no head layer: a privacy term has no rows to change",
+        ),
+    ];
+    assert_refused(&data, &out_dir, &cases);
 }

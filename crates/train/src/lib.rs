@@ -7,12 +7,15 @@
 //! trunk's forward pass, the tail's forward pass and the masked cross-entropy, the tail's
 //! backward pass (its adapter's gradients and its input rows'), the trunk's backward pass, the
 //! head's backward pass from the gradient the trunk returned, then AdamW ([`AdamW`]) after
-//! `accumulate` examples.
+//! `accumulate` examples. With a privacy weight, the head's backward pass also carries the
+//! gradient of a privacy term ([`distance_correlation`] between the head's rows and the public
+//! head's), so that the rows the trunk sees drift from what the public weights would send.
 
 mod adapter;
 mod data;
 mod error;
 mod optim;
+mod privacy;
 mod trainer;
 mod trunk;
 
@@ -20,5 +23,6 @@ pub use adapter::TrainableAdapter;
 pub use data::{Dataset, Example};
 pub use error::{Result, TrainError};
 pub use optim::{AdamW, Schedule};
+pub use privacy::distance_correlation;
 pub use trainer::{Evaluation, StepReport, TrainOptions, Trainer};
 pub use trunk::{LocalTrainTrunk, TrainTrunk};

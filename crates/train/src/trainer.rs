@@ -14,6 +14,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::privacy::distance_correlation;
 use crate::{AdamW, Example, Result, Schedule, TrainError, TrainTrunk, TrainableAdapter};
 
 /// What a run trains and how.
@@ -41,6 +42,10 @@ pub struct TrainOptions {
     pub weight_decay: f64,
     /// Seeds the adapter's initialisation and the order of the examples.
     pub seed: u64,
+    /// Weight of the privacy term added to each step's loss: the mean, over the step's
+    /// examples, of the distance correlation between the head's output rows and the public
+    /// head's rows for the same tokens ([`distance_correlation`]); 0 trains for the task alone.
+    pub privacy_weight: f64,
 }
 
 /// What one optimizer step did.
@@ -54,6 +59,9 @@ pub struct StepReport {
     pub tokens: usize,
     /// The learning rate the update used.
     pub lr: f64,
+    /// Mean distance correlation of the step's head rows with the public head's (before the
+    /// update), when the run has a privacy term.
+    pub privacy: Option<f64>,
 }
 
 /// The loss over some examples.
@@ -84,6 +92,9 @@ struct State {
     layers: Vec<usize>,
     seed: u64,
     accumulate: usize,
+    /// Absent from checkpoints written before the privacy term: 0.
+    #[serde(default)]
+    privacy_weight: f64,
 }
 
 /// Split fine-tuning of a LoRA adapter on the head's and tail's layers.
@@ -117,6 +128,18 @@ impl Trainer {
             return Err(TrainError::Options(
                 "steps, accumulation and rank must be at least 1".into(),
             ));
+        }
+        if !(options.privacy_weight.is_finite() && options.privacy_weight >= 0.0) {
+            return Err(TrainError::Options(format!(
+                "the privacy weight {} is not a number of at least 0",
+                options.privacy_weight
+            )));
+        }
+        if options.privacy_weight > 0.0 && plan.head().layers.is_empty() {
+            return Err(TrainError::Options(format!(
+                "the split {plan} leaves the device no head layer: a privacy term has no rows to \
+                 change"
+            )));
         }
         if options.targets.is_empty() {
             return Err(TrainError::Options("no target modules to adapt".into()));
@@ -185,6 +208,8 @@ impl Trainer {
         let vars: Vec<Var> = self.adapter.vars().cloned().collect();
         let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut total = 0.0;
+        let mut privacy = 0.0;
+        let weight = self.options.privacy_weight / picked.len() as f64;
         for example in &picked {
             let (head_out, tail_in, loss) = self.loss_sum(example)?;
             total += loss.to_scalar::<f32>()? as f64;
@@ -195,7 +220,15 @@ impl Trainer {
             // Detached: what crosses to the trunk and back is values, never a graph.
             let up_grad = self.trunk.backward(&row_grad.detach())?.detach();
             let head_grads = match head_out {
-                Some(rows) => Some((rows * up_grad)?.sum_all()?.backward()?),
+                Some(rows) => {
+                    let mut objective = (&rows * up_grad)?.sum_all()?;
+                    if weight > 0.0 {
+                        let term = distance_correlation(&rows, &self.public_rows(&example.ids)?)?;
+                        privacy += term.to_scalar::<f32>()? as f64;
+                        objective = (objective + (term * weight)?)?;
+                    }
+                    Some(objective.backward()?)
+                }
                 None => None,
             };
             for (var, sum) in vars.iter().zip(&mut sums) {
@@ -223,6 +256,7 @@ impl Trainer {
             loss: total / targets as f64,
             tokens: picked.iter().map(|e| e.ids.len()).sum(),
             lr,
+            privacy: (weight > 0.0).then(|| privacy / picked.len() as f64),
         })
     }
 
@@ -243,16 +277,52 @@ impl Trainer {
         })
     }
 
+    /// Mean over `data` of the distance correlation between the head's output rows, with the
+    /// adapter as it is now, and the public head's rows ([`distance_correlation`]): how much
+    /// of the public rows' geometry the uplink still carries (1 before any training).
+    pub fn distance_correlation(&self, data: &[Example]) -> Result<f64> {
+        if self.plan.head().layers.is_empty() {
+            return Err(TrainError::Options(format!(
+                "the split {} leaves the device no head layer",
+                self.plan
+            )));
+        }
+        if data.is_empty() {
+            return Err(TrainError::NoData("no examples to measure".into()));
+        }
+        let mut total = 0.0;
+        for example in data {
+            let rows = self.head_rows(&example.ids, true)?;
+            let public = self.public_rows(&example.ids)?;
+            total += distance_correlation(&rows, &public)?.to_scalar::<f32>()? as f64;
+        }
+        Ok(total / data.len() as f64)
+    }
+
+    /// The head's output rows for `ids`, with the adapter's updates (`adapted`) or without.
+    fn head_rows(&self, ids: &[u32], adapted: bool) -> Result<Tensor> {
+        let pass = Pass::new(self.source.config(), ids.len())?;
+        let mut x = self.embeddings.embed(ids)?;
+        for layer in self.plan.head().layers {
+            let pairs = adapted.then(|| self.adapter.layer_pairs(layer)).flatten();
+            x = self.layers[&layer].forward(&x, pairs.as_ref(), &pass)?;
+        }
+        Ok(x)
+    }
+
+    /// What the public head (no adapter) sends for `ids`: the rows the attacker matches
+    /// against.
+    fn public_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        Ok(self.head_rows(ids, false)?.detach())
+    }
+
     /// The forward pass of `example`: the head's output rows (none without head layers), the
     /// tail's input as a variable, and the summed cross-entropy of its trained tokens.
     fn loss_sum(&mut self, example: &Example) -> Result<(Option<Tensor>, Var, Tensor)> {
         let n = example.ids.len();
         let pass = Pass::new(self.source.config(), n)?;
-        let mut x = self.embeddings.embed(&example.ids)?;
+        let x = self.head_rows(&example.ids, true)?;
         let head = self.plan.head().layers;
-        for layer in head.clone() {
-            x = self.layers[&layer].forward(&x, self.adapter.layer_pairs(layer).as_ref(), &pass)?;
-        }
         let down = self.trunk.forward(&x.detach())?;
         if down.dims() != x.dims() {
             return Err(TrainError::Trunk(format!(
@@ -337,18 +407,21 @@ impl Trainer {
         };
         if saved != ours {
             return Err(bad(format!(
-                "it is of another run (split {}, rank {}, targets {}, seed {}, accumulate {}); \
-                 this one is split {}, rank {}, targets {}, seed {}, accumulate {}",
+                "it is of another run (split {}, rank {}, targets {}, seed {}, accumulate {}, \
+                 privacy weight {}); this one is split {}, rank {}, targets {}, seed {}, \
+                 accumulate {}, privacy weight {}",
                 saved.split,
                 saved.rank,
                 saved.targets.join(","),
                 saved.seed,
                 saved.accumulate,
+                saved.privacy_weight,
                 ours.split,
                 ours.rank,
                 ours.targets.join(","),
                 ours.seed,
-                ours.accumulate
+                ours.accumulate,
+                ours.privacy_weight
             )));
         }
         let tensors = candle_core::safetensors::load(dir.join("trainer.safetensors"), &Device::Cpu)
@@ -392,6 +465,7 @@ impl Trainer {
             layers: shape.layers.clone(),
             seed: self.options.seed,
             accumulate: self.options.accumulate,
+            privacy_weight: self.options.privacy_weight,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Split fine-tuning on the tiny test models: the data's trained positions, the loss falling,
 //! checkpoints that resume bit for bit, and a trained adapter that the inference path loads and
 //! runs as the training pass does (on a Hugging Face model and on a GGUF model, whose query and
-//! key rows are permuted).
+//! key rows are permuted), and a privacy term that moves the head's rows from the public head's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,7 @@ fn options(steps: usize) -> TrainOptions {
         accumulate: 2,
         weight_decay: 0.0,
         seed: 7,
+        privacy_weight: 0.0,
     }
 }
 
@@ -273,4 +274,50 @@ fn trained_adapter_runs_in_inference(model: &Path) {
 #[test]
 fn a_trained_adapter_loads_into_the_inference_path_of_a_hugging_face_model() {
     trained_adapter_runs_in_inference(&tiny());
+}
+
+#[test]
+fn the_privacy_term_moves_the_head_rows_from_the_public_heads() {
+    let source = Arc::new(ModelSource::open(&tiny()).expect("open"));
+    let data = text_examples(&source);
+    let plan = SplitPlan::new(1, 3, 4).expect("plan");
+    let mut plain = trainer(&source, plan, options(8));
+    let private_options = TrainOptions {
+        privacy_weight: 10.0,
+        ..options(8)
+    };
+    let mut private = trainer(&source, plan, private_options.clone());
+    // A fresh adapter changes nothing: the rows are the public head's.
+    let before = private.distance_correlation(&data).expect("measure");
+    assert!((before - 1.0).abs() < 1e-5, "{before}");
+    for _ in 0..8 {
+        let report = plain.step(&data).expect("step");
+        assert_eq!(report.privacy, None);
+        let report = private.step(&data).expect("step");
+        let term = report.privacy.expect("a privacy term");
+        assert!(term.is_finite() && report.loss.is_finite());
+    }
+    let plain_after = plain.distance_correlation(&data).expect("measure");
+    let private_after = private.distance_correlation(&data).expect("measure");
+    assert!(
+        private_after < before - 0.05 && private_after < plain_after - 0.05,
+        "distance correlation: {before} before, {plain_after} after plain training, \
+         {private_after} after training with the privacy term"
+    );
+
+    // No head layer, nothing to change: refused.
+    let plan = SplitPlan::new(0, 3, 4).expect("plan");
+    let trunk = DenseTrunk::new(source.clone(), plan.k1..plan.k2, 1 << 20).expect("trunk");
+    let err = Trainer::new(
+        source.clone(),
+        plan,
+        private_options,
+        Box::new(LocalTrainTrunk::new(trunk)),
+    )
+    .err()
+    .expect("refused");
+    assert_eq!(
+        err.to_string(),
+        "the split 0:3 leaves the device no head layer: a privacy term has no rows to change"
+    );
 }

@@ -83,6 +83,17 @@ pub struct AttackArgs {
         requires = "table"
     )]
     pub grid_policies: String,
+    /// Only these settings of the defences table, by name, comma-separated: none, random,
+    /// permute, adapter, noise0.05, noise0.1, noise0.2, noise0.5, adapter+noise0.2,
+    /// random+permute+adapter+noise0.2 [default: all]
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        requires = "table",
+        conflicts_with = "grid_k1"
+    )]
+    pub settings: Vec<String>,
     /// Tokens generated per prompt by --table
     #[arg(long, default_value_t = 8, requires = "table")]
     pub max_tokens: usize,
@@ -348,7 +359,11 @@ fn defences(
 ) -> anyhow::Result<()> {
     let config = public.config().clone();
     let budget = args.budget.unwrap_or(DEFENCES_BUDGET);
-    let settings = Setting::defences(config.num_layers, budget)?;
+    let mut settings = Setting::defences(config.num_layers, budget)?;
+    if !args.settings.is_empty() {
+        let names: Vec<&str> = args.settings.iter().map(|n| n.trim()).collect();
+        settings = Setting::select(settings, &names)?;
+    }
     let mut adapted = ModelSource::open(path)?;
     adapted.set_kv_precision(args.model.kv_cache);
     let generated = scratch.with_extension("adapter");

@@ -97,6 +97,13 @@ pub struct FinetuneArgs {
     /// Continue the run checkpointed in OUT/checkpoint
     #[arg(long)]
     pub resume: bool,
+    /// Weight of a privacy term added to the loss: the distance correlation between the
+    /// head's output rows and the public head's rows for the same tokens (NoPeek), which
+    /// pushes the rows the trunk server sees away from what the public weights would send
+    /// while the task loss keeps the model useful; 0 trains for the task alone. Needs a head
+    /// layer. The distance correlation on the held-out examples is reported before and after
+    #[arg(long, value_name = "W", default_value_t = 0.0)]
+    pub privacy_weight: f64,
     /// Seeds the adapter's initialisation, the held-out draw and the order of examples
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -212,6 +219,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         accumulate: args.accumulate,
         weight_decay: args.weight_decay,
         seed: args.seed,
+        privacy_weight: args.privacy_weight,
     };
     let mut trainer = Trainer::new(source, plan, options, trunk)?;
     let checkpoint = args.out.join("checkpoint");
@@ -227,6 +235,8 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         data.held_out.len()
     );
     report_losses(&mut trainer, &data.held_out, &evals, "before")?;
+    let privacy_set = privacy_set(&args, &data);
+    report_privacy(&trainer, privacy_set, "before")?;
     let start_step = trainer.steps_done();
     let bar = ProgressBar::new(args.steps as u64).with_position(start_step as u64);
     bar.set_style(
@@ -249,8 +259,11 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         first.get_or_insert(report.loss);
         last = Some(report.loss);
         bar.set_position(report.step as u64);
+        let privacy = report
+            .privacy
+            .map_or_else(String::new, |d| format!(" · dcor {d:.3}"));
         bar.set_message(format!(
-            "loss {:.4} · lr {:.2e} · {:.0} tok/s",
+            "loss {:.4}{privacy} · lr {:.2e} · {:.0} tok/s",
             report.loss,
             report.lr,
             tokens as f64 / started.elapsed().as_secs_f64()
@@ -282,6 +295,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         );
     }
     report_losses(&mut trainer, &data.held_out, &evals, "after")?;
+    report_privacy(&trainer, privacy_set, "after")?;
     println!("adapter written to {}", args.out.display());
     Ok(())
 }
@@ -305,6 +319,29 @@ fn report_losses(
             eval.loss,
             eval.perplexity(),
             eval.tokens
+        );
+    }
+    Ok(())
+}
+
+/// The examples the privacy term is reported on: none without `--privacy-weight`, else the
+/// held-out ones (the training ones when none is held out).
+fn privacy_set<'a>(args: &FinetuneArgs, data: &'a Dataset) -> &'a [Example] {
+    match (args.privacy_weight > 0.0, data.held_out.is_empty()) {
+        (false, _) => &[],
+        (true, false) => &data.held_out,
+        (true, true) => &data.train,
+    }
+}
+
+/// Prints the mean distance correlation of the head's rows with the public head's on `set`
+/// (nothing when it is empty), `when` ("before" or "after") training.
+fn report_privacy(trainer: &Trainer, set: &[Example], when: &str) -> anyhow::Result<()> {
+    if !set.is_empty() {
+        println!(
+            "distance correlation with the public head's rows {when}: {:.4} ({} examples)",
+            trainer.distance_correlation(set)?,
+            set.len()
         );
     }
     Ok(())
