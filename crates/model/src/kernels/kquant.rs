@@ -1,4 +1,4 @@
-//! Dot products of a tile of four Q2_K, Q4_K, Q5_K or Q6_K weight rows with up to four
+//! Dot products of a tile of four Q2_K, Q3_K, Q4_K, Q5_K or Q6_K weight rows with up to four
 //! activation rows quantized to Q8_K, the K-quant counterpart of [`super::dot`].
 //!
 //! A Q4_K super-block holds 256 weights: an f16 scale `d` and minimum scale `dmin`, eight 6-bit
@@ -24,7 +24,11 @@
 //! A Q2_K super-block holds an f16 `d` and `dmin`, sixteen bytes of 4-bit scales (low nibble)
 //! and minimums (high nibble), one each per 16 values, and 2-bit quants (bits `2j` of byte
 //! `32n + l` for value `128n + 32j + l`); weight = `d·sc·q − dmin·m`. The tile puts the four
-//! rows' `d` and `dmin` side by side and keeps the rest as in GGUF (84 bytes a row).
+//! rows' `d` and `dmin` side by side and keeps the rest as in GGUF (84 bytes a row). A Q3_K
+//! super-block holds an f16 `d`, sixteen 6-bit scales biased by 32 (packed into 12 bytes) and
+//! 3-bit quants biased by 4 (the low bit pairs as Q2_K's, the high bits in 32 more bytes: bit
+//! `4n + j` of byte `l`); weight = `d·sc·(q − 4)`. The tile unpacks the scales to i8 (114 bytes
+//! a row, 4 more than GGUF's) and is otherwise Q6_K's.
 //!
 //! The arithmetic is candle's AVX2 kernels', operation for operation: per (weight row,
 //! activation row) pair, eight i32 lanes, lane `l` summing `sc·(q·y)` over values `4l..4l+4` of
@@ -40,7 +44,7 @@
 //!
 //! Three implementations compute the same bits, chosen at run time by [`KernelPath`]: portable
 //! Rust, AVX2 (`maddubs` then `madd` with the scale), and AVX-512 VNNI, whose `vpdpwssd` fuses
-//! the scale's multiply-add (Q2_K's integer sums run the AVX2 code there too).
+//! the scale's multiply-add (Q2_K's and Q3_K's integer sums run the AVX2 code there too).
 
 use half::f16;
 use rayon::prelude::*;
@@ -64,6 +68,7 @@ const SUB6: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KFormat {
     Q2K,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
@@ -76,6 +81,7 @@ impl KFormat {
     pub(crate) fn gguf_bytes(self) -> usize {
         match self {
             Self::Q2K => 84,
+            Self::Q3K => 110,
             Self::Q4K => 144,
             Self::Q5K => 176,
             Self::Q6K => 210,
@@ -86,6 +92,7 @@ impl KFormat {
     pub(crate) fn tile_bytes(self) -> usize {
         TILE * match self {
             Self::Q2K => 84,
+            Self::Q3K => 114,
             Self::Q4K => 148,
             Self::Q5K => 180,
             Self::Q6K => 210,
@@ -113,6 +120,14 @@ pub(super) const QUANTS6: usize = SCALES6 + TILE * SUPER / SUB6;
 /// as in GGUF.
 const SCALES2: usize = 16;
 const QUANTS2: usize = SCALES2 + TILE * SUPER / SUB6;
+
+/// Offsets in a Q3_K tile block: the four `d`, each row's sixteen scales unpacked to i8 (less
+/// their bias of 32), then each row's 32 bytes of high bits and 64 of low bit pairs as in GGUF.
+const SCALES3: usize = 8;
+const QUANTS3: usize = SCALES3 + TILE * SUPER / SUB6;
+
+/// Bytes of one row's Q3_K quants.
+const QUANT3_BYTES: usize = SUPER / 8 + SUPER / 4;
 
 /// Bytes of one row's Q6_K quants.
 pub(super) const QUANT6_BYTES: usize = SUPER / 2 + SUPER / 4;
@@ -227,6 +242,15 @@ pub(crate) fn repack(format: KFormat, gguf: &[u8], rows: usize, blocks: usize) -
                         let quants = QUANTS2 + 64 * w;
                         out[quants..quants + 64].copy_from_slice(&block[16..80]);
                     }
+                    KFormat::Q3K => {
+                        out[D + 2 * w..D + 2 * w + 2].copy_from_slice(&block[108..110]);
+                        let scales = &mut out[SCALES3 + 16 * w..][..16];
+                        for (i, scale) in scales.iter_mut().enumerate() {
+                            *scale = (q3k_scale(&block[96..108], i) - 32) as u8;
+                        }
+                        let quants = QUANTS3 + QUANT3_BYTES * w;
+                        out[quants..quants + QUANT3_BYTES].copy_from_slice(&block[..96]);
+                    }
                     KFormat::Q4K => repack_q4k(block, &block[16..], w, out),
                     KFormat::Q5K => {
                         repack_q4k(block, &block[48..], w, out);
@@ -244,6 +268,19 @@ pub(crate) fn repack(format: KFormat, gguf: &[u8], rows: usize, blocks: usize) -
         }
     }
     packed
+}
+
+/// Q3_K's scale `i` (of values `16i..16i+16`, biased by 32) from its 12 packed bytes: the low
+/// nibble of byte `i` (`i < 8`) or the high one of byte `i - 8`, with bits `2(i / 4)` and
+/// `2(i / 4) + 1` of byte `8 + i % 4` above it.
+fn q3k_scale(packed: &[u8], i: usize) -> i8 {
+    let low = if i < 8 {
+        packed[i] & 0x0f
+    } else {
+        packed[i - 8] >> 4
+    };
+    let high = packed[8 + i % 4] >> (2 * (i / 4)) & 3;
+    (low | high << 4) as i8
 }
 
 /// Row `w` of a Q4_K tile block `out` (or all but Q5_K's fifth bits) from its GGUF `block`,
@@ -299,6 +336,8 @@ pub(crate) fn dot_tile<const R: usize>(
             vnni::q2k_q6k::<R, true>(tile, blocks, acts, out)
         },
         #[cfg(target_arch = "x86_64")]
+        (KernelPath::Avx512Vnni, KFormat::Q3K) => unsafe { vnni::q3k(tile, blocks, acts, out) },
+        #[cfg(target_arch = "x86_64")]
         (KernelPath::Avx2, KFormat::Q4K) => unsafe {
             avx2::q4k::<R, false>(tile, blocks, acts, out)
         },
@@ -314,6 +353,8 @@ pub(crate) fn dot_tile<const R: usize>(
         (KernelPath::Avx2, KFormat::Q2K) => unsafe {
             avx2::q2k_q6k::<R, true>(tile, blocks, acts, out)
         },
+        #[cfg(target_arch = "x86_64")]
+        (KernelPath::Avx2, KFormat::Q3K) => unsafe { avx2::q3k(tile, blocks, acts, out) },
         _ => portable::dot_tile(format, tile, blocks, acts, out),
     }
 }
@@ -380,6 +421,26 @@ pub(crate) mod portable {
                     mins: std::array::from_fn(|i| sub(MINS, i / 2)),
                     d: f16_at(block, D + 2 * w),
                     dmin: f16_at(block, DMIN + 2 * w),
+                }
+            }
+            KFormat::Q3K => {
+                let quants = &block[QUANTS3 + QUANT3_BYTES * w..][..QUANT3_BYTES];
+                let (high, low) = quants.split_at(SUPER / 8);
+                Row {
+                    // Value 128n + 32j + l: bits 2j of low byte 32n + l, and 4 less unless bit
+                    // 4n + j of high byte l is set.
+                    q: std::array::from_fn(|v| {
+                        let (n, j, l) = (v / 128, v % 128 / 32, v % 32);
+                        let bits = low[32 * n + l] >> (2 * j) & 3;
+                        let top = high[l] >> (4 * n + j) & 1;
+                        i32::from(bits | top << 2) - 4
+                    }),
+                    scales: std::array::from_fn(|i| {
+                        i32::from(block[SCALES3 + SUPER / SUB6 * w + i] as i8)
+                    }),
+                    mins: [0; SUPER / SUB6],
+                    d: f16_at(block, D + 2 * w),
+                    dmin: 0.0,
                 }
             }
             KFormat::Q6K => {
@@ -452,7 +513,7 @@ pub(crate) mod portable {
                             }
                         }
                         KFormat::Q5K => summs[r][w] += scale * (0..SUBS).map(m).sum::<i32>() as f32,
-                        KFormat::Q2K | KFormat::Q6K => {}
+                        KFormat::Q2K | KFormat::Q3K | KFormat::Q6K => {}
                     }
                 }
             }
@@ -466,7 +527,7 @@ pub(crate) mod portable {
                         out[r][w] += (m[0] + m[2]) + (m[1] + m[3]);
                     }
                     KFormat::Q5K => out[r][w] += summs[r][w],
-                    KFormat::Q2K | KFormat::Q6K => {}
+                    KFormat::Q2K | KFormat::Q3K | KFormat::Q6K => {}
                 }
             }
         }
@@ -618,7 +679,43 @@ macro_rules! k_kernels {
                 acts: [&[KActBlock]; R],
                 out: &mut [[f32; TILE]; R],
             ) {
-                let bytes = if TWO { KFormat::Q2K } else { KFormat::Q6K }.tile_bytes();
+                let format = if TWO { KFormat::Q2K } else { KFormat::Q6K };
+                // SAFETY: the same contract.
+                unsafe { no_minimums_first::<R>(format, tile, blocks, acts, out) }
+            }
+
+            /// Q3_K: see [`super::dot_tile`]; as Q6_K, its quants biased by 4.
+            ///
+            /// # Safety
+            /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn q3k<const R: usize>(
+                tile: &[u8],
+                blocks: usize,
+                acts: [&[KActBlock]; R],
+                out: &mut [[f32; TILE]; R],
+            ) {
+                // SAFETY: the same contract.
+                unsafe { no_minimums_first::<R>(KFormat::Q3K, tile, blocks, acts, out) }
+            }
+
+            /// Q2_K, Q3_K or Q6_K (see [`q2k_q6k`]).
+            ///
+            /// # Safety
+            /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
+            // Block `b` addresses both the tile's bytes and each activation row.
+            #[allow(clippy::needless_range_loop)]
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn no_minimums_first<const R: usize>(
+                format: KFormat,
+                tile: &[u8],
+                blocks: usize,
+                acts: [&[KActBlock]; R],
+                out: &mut [[f32; TILE]; R],
+            ) {
+                const TWO: KFormat = KFormat::Q2K;
+                let bytes = format.tile_bytes();
                 // SAFETY: the CPU has the features; loads stay inside the blocks (see above).
                 unsafe {
                     let mut lanes = [[_mm256_setzero_ps(); TILE]; R];
@@ -627,7 +724,7 @@ macro_rules! k_kernels {
                         let d = four_f16(p.add(D));
                         let rows: [&KActBlock; R] = std::array::from_fn(|r| &acts[r][b]);
                         for w in 0..TILE {
-                            if TWO {
+                            if format == TWO {
                                 let dmin = four_f16(p.add(DMIN));
                                 let packed = _mm_loadu_si128(p.add(SCALES2 + 16 * w).cast());
                                 let mins = _mm256_cvtepu8_epi16(_mm_and_si128(
@@ -643,10 +740,10 @@ macro_rules! k_kernels {
                                     );
                                 }
                             }
-                            let sums = if TWO {
-                                $sums::q2k::<R>(p, w, rows)
-                            } else {
-                                $sums::q6k::<R>(p, w, rows)
+                            let sums = match format {
+                                KFormat::Q2K => $sums::q2k::<R>(p, w, rows),
+                                KFormat::Q3K => $sums::q3k::<R>(p, w, rows),
+                                _ => $sums::q6k::<R>(p, w, rows),
                             };
                             for (r, a) in rows.iter().enumerate() {
                                 lanes[r][w] = _mm256_fmadd_ps(
@@ -804,6 +901,58 @@ mod sums256 {
         _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick))
     }
 
+    /// Q3_K: row `w` of the tile block at `p` against each of `acts`. Each register of 32
+    /// values (two low bits of 32 bytes, the high bit of 32 more) takes the products of the
+    /// unsigned quants, less 4 times the activations (exact in i16), times the scales of its
+    /// two sixteens. (The AVX-512 path runs this too.)
+    ///
+    /// # Safety
+    /// `p` is a Q3_K tile block; the CPU has AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q3k<const R: usize>(
+        p: *const u8,
+        w: usize,
+        acts: [&KActBlock; R],
+    ) -> [__m256i; R] {
+        // SAFETY: loads stay inside the tile block and the activation blocks (see above).
+        unsafe {
+            let (one, two_bits, bias) = (
+                _mm256_set1_epi8(1),
+                _mm256_set1_epi8(3),
+                _mm256_set1_epi8(4),
+            );
+            let scales = _mm_loadu_si128(p.add(SCALES3 + SUPER / SUB6 * w).cast());
+            let quants = p.add(QUANTS3 + QUANT3_BYTES * w);
+            let high = _mm256_loadu_si256(quants.cast());
+            // Register `k`: values 32k..32k+32, bits 2j of low bytes 32n.. and bit 4n + j of
+            // the high bytes (k = 4n + j).
+            let q: [__m256i; 8] = std::array::from_fn(|k| {
+                let (n, j) = (k / 4, k % 4);
+                let low = _mm256_loadu_si256(quants.add(32 + 32 * n).cast());
+                let low = _mm256_srl_epi16(low, _mm_cvtsi32_si128(2 * j as i32));
+                let top = _mm256_srl_epi16(high, _mm_cvtsi32_si128(k as i32));
+                _mm256_or_si256(
+                    _mm256_and_si256(low, two_bits),
+                    _mm256_slli_epi16::<2>(_mm256_and_si256(top, one)),
+                )
+            });
+            acts.map(|a| {
+                let y = a.q.as_ptr();
+                let mut sum = _mm256_setzero_si256();
+                for (k, &q) in q.iter().enumerate() {
+                    let ys = _mm256_loadu_si256(y.add(32 * k).cast());
+                    let products = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(q, ys),
+                        _mm256_maddubs_epi16(bias, ys),
+                    );
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(products, sixteens(scales, k)));
+                }
+                sum
+            })
+        }
+    }
+
     /// Q2_K: row `w` of the tile block at `p` against each of `acts`. Each register of 32
     /// values (two bits of 32 bytes) takes the products of the quants times the scales of its
     /// two sixteens. (The AVX-512 path runs this too.)
@@ -853,7 +1002,7 @@ mod sums512 {
 
     use super::*;
 
-    pub(super) use super::sums256::q2k;
+    pub(super) use super::sums256::{q2k, q3k};
 
     /// The two halves of `x` added: lane `l` of every 32 values' lanes.
     #[inline]
@@ -1044,6 +1193,7 @@ pub(super) mod tests {
             KFormat::Q5K => GgmlDType::Q5K,
             KFormat::Q6K => GgmlDType::Q6K,
             KFormat::Q2K => GgmlDType::Q2K,
+            KFormat::Q3K => GgmlDType::Q3K,
         };
         let q = QTensor::quantize(&t, dtype).expect("quantize");
         q.data().expect("bytes").to_vec()
@@ -1051,7 +1201,13 @@ pub(super) mod tests {
 
     #[test]
     fn repacking_keeps_each_values_quant_scale_and_minimum() {
-        for format in [KFormat::Q2K, KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
+        for format in [
+            KFormat::Q2K,
+            KFormat::Q3K,
+            KFormat::Q4K,
+            KFormat::Q5K,
+            KFormat::Q6K,
+        ] {
             let (bytes, gguf_bytes) = (format.tile_bytes(), format.gguf_bytes());
             let gguf = gguf_rows(format, TILE, 2, 9);
             let tile = repack(format, &gguf, TILE, 2);
@@ -1061,6 +1217,16 @@ pub(super) mod tests {
                     let row = portable::unpack(format, &tile[b * bytes..], w);
                     let block = &gguf[(w * 2 + b) * gguf_bytes..][..gguf_bytes];
                     let f16_at = |at: usize| f16::from_le_bytes([block[at], block[at + 1]]);
+                    if format == KFormat::Q3K {
+                        assert_eq!(row.d, f16_at(108).to_f32());
+                        // Value 128 + 64 + 5: bits 4-5 of low byte 32 + 32 + 5, high bit 4 + 2
+                        // of byte 5; scale 13: high nibble of byte 5, bits 6-7 of byte 9.
+                        let q = (block[32 + 37] >> 4 & 3) | (block[5] >> 6 & 1) << 2;
+                        assert_eq!(row.q[197], i32::from(q) - 4);
+                        let scale = (block[96 + 5] >> 4) | (block[96 + 9] >> 6) << 4;
+                        assert_eq!(row.scales[13], i32::from(scale) - 32);
+                        continue;
+                    }
                     if format == KFormat::Q2K {
                         assert_eq!(row.d, f16_at(80).to_f32());
                         assert_eq!(row.dmin, f16_at(82).to_f32());
@@ -1163,7 +1329,13 @@ pub(super) mod tests {
 
     #[test]
     fn every_path_equals_the_portable_code_bit_for_bit() {
-        for format in [KFormat::Q2K, KFormat::Q4K, KFormat::Q5K, KFormat::Q6K] {
+        for format in [
+            KFormat::Q2K,
+            KFormat::Q3K,
+            KFormat::Q4K,
+            KFormat::Q5K,
+            KFormat::Q6K,
+        ] {
             for blocks in [1, 3] {
                 let gguf = gguf_rows(format, TILE, blocks, 11 + blocks as u64);
                 let tile = repack(format, &gguf, TILE, blocks);

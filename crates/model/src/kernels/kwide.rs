@@ -25,10 +25,10 @@ use super::kquant::{
 };
 use super::wide::{self, GROUP, GroupOut, broadcast16, f16x4, load64, per_weight_row, spread};
 
-/// Whether the kernel reads `format` (Q4_K, Q5_K and Q6_K; Q2_K goes through
+/// Whether the kernel reads `format` (Q4_K, Q5_K and Q6_K; Q2_K and Q3_K go through
 /// [`super::kquant`]'s four-row kernels).
 pub(crate) fn covers(format: KFormat) -> bool {
-    format != KFormat::Q2K
+    matches!(format, KFormat::Q4K | KFormat::Q5K | KFormat::Q6K)
 }
 
 /// Groups of four values in a super-block.
@@ -330,7 +330,9 @@ unsafe fn kernel(
                         acc[8] = _mm512_add_ps(acc[8], t);
                     }
                     KFormat::Q6K => {}
-                    KFormat::Q2K => unreachable!("the wide kernel covers no Q2_K"),
+                    KFormat::Q2K | KFormat::Q3K => {
+                        unreachable!("the wide kernel covers no Q2_K or Q3_K")
+                    }
                 }
             }
         }
@@ -345,7 +347,9 @@ unsafe fn kernel(
                 }
                 KFormat::Q5K => _mm512_add_ps(sum, x[8]),
                 KFormat::Q6K => sum,
-                KFormat::Q2K => unreachable!("the wide kernel covers no Q2_K"),
+                KFormat::Q2K | KFormat::Q3K => {
+                    unreachable!("the wide kernel covers no Q2_K or Q3_K")
+                }
             };
             _mm512_storeu_ps(out.as_mut_ptr().cast(), sum);
         }
@@ -469,7 +473,9 @@ mod tests {
                     block[2..4].copy_from_slice(&scale);
                 }
                 KFormat::Q6K => block[208..].copy_from_slice(&scale),
-                KFormat::Q2K => unreachable!("the wide kernel covers no Q2_K"),
+                KFormat::Q2K | KFormat::Q3K => {
+                    unreachable!("the wide kernel covers no Q2_K or Q3_K")
+                }
             }
         }
         bytes

@@ -6,10 +6,10 @@
 //! CPU has AVX-512 with VNNI, batches (prefill, the trunk server's shared steps) go through
 //! the `wide` kernel in groups of four rows, sixteen (weight row, activation row) pairs per
 //! instruction. The CPU's best [`KernelPath`] is chosen at run time; all paths compute the same
-//! bits. Q5_0 and Q5_1 go through the same four-row kernels, and the K-quants Q2_K, Q4_K, Q5_K
-//! and Q6_K through [`kquant`]'s, with activations quantized per 256 values (batches of Q4_K,
+//! bits. Q5_0 and Q5_1 go through the same four-row kernels, and the K-quants Q2_K, Q3_K, Q4_K,
+//! Q5_K and Q6_K through [`kquant`]'s, with activations quantized per 256 values (batches of Q4_K,
 //! Q5_K and Q6_K through the `kwide` kernel where the CPU has AVX-512 VNNI). Formats we do not
-//! cover (Q3_K, floats) keep candle's (whose x86 kernels also choose AVX2 at run time).
+//! cover (floats, the rarer quantized types) keep candle's (whose x86 kernels also choose AVX2 at run time).
 
 mod dot;
 mod kquant;
@@ -43,7 +43,7 @@ const SERIAL_WORK: usize = 1 << 16;
 /// candle's otherwise.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
-    /// Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q2_K, Q4_K, Q5_K or Q6_K weights on the CPU.
+    /// Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K weights on the CPU.
     Quant(QuantMatrix),
     /// Every other format or device.
     Candle(QMatMul),
@@ -123,6 +123,7 @@ impl Kind {
             GgmlDType::Q5_0 => Self::Blocks(Format::Q5_0),
             GgmlDType::Q5_1 => Self::Blocks(Format::Q5_1),
             GgmlDType::Q2K => Self::K(KFormat::Q2K),
+            GgmlDType::Q3K => Self::K(KFormat::Q3K),
             GgmlDType::Q4K => Self::K(KFormat::Q4K),
             GgmlDType::Q5K => Self::K(KFormat::Q5K),
             GgmlDType::Q6K => Self::K(KFormat::Q6K),
@@ -219,7 +220,7 @@ impl QuantMatrix {
 
 impl QuantMatrix {
     /// Rows `ids` dequantized exactly as candle's `to_float` does (`q * d`, plus `m` for Q4_1;
-    /// `(d * sc) * q - dmin * m` for Q2_K, Q4_K and Q5_K, `(d * sc) * q` for Q6_K).
+    /// `(d * sc) * q - dmin * m` for Q2_K, Q4_K and Q5_K, `(d * sc) * q` for Q3_K and Q6_K).
     fn rows_f32(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let blocks = self.cols / self.kind.block();
         let tile_bytes = TILE * self.kind.row_bytes(self.cols);
@@ -247,7 +248,7 @@ impl QuantMatrix {
                                 KFormat::Q2K | KFormat::Q4K | KFormat::Q5K => {
                                     d * q as f32 - row.dmin * row.mins[t / 16] as f32
                                 }
-                                KFormat::Q6K => d * q as f32,
+                                KFormat::Q3K | KFormat::Q6K => d * q as f32,
                             });
                         }
                     }
@@ -514,7 +515,7 @@ mod tests {
     use super::*;
 
     /// The formats our kernels cover.
-    const OURS: [GgmlDType; 9] = [
+    const OURS: [GgmlDType; 10] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q8_0,
@@ -524,6 +525,7 @@ mod tests {
         GgmlDType::Q5K,
         GgmlDType::Q6K,
         GgmlDType::Q2K,
+        GgmlDType::Q3K,
     ];
 
     /// Columns of the test matrices: one K-quant super-block, four blocks of the others.
@@ -721,7 +723,7 @@ mod tests {
         // Formats and shapes our kernels do not take are left to candle, nothing read.
         let bytes = [0u8; 4096];
         for (dtype, dims) in [
-            (GgmlDType::Q3K, [16, 256]),
+            (GgmlDType::F16, [16, 256]),
             (GgmlDType::Q4_1, [6, 64]),
             (GgmlDType::Q4K, [4, 100]),
         ] {
@@ -734,7 +736,7 @@ mod tests {
 
     #[test]
     fn other_formats_keep_candles_kernels() -> candle_core::Result<()> {
-        let w = weights(GgmlDType::Q3K, 16, 256)?;
+        let w = weights(GgmlDType::F16, 16, 256)?;
         assert!(matches!(
             Linear::new(QMatMul::QTensor(w)),
             Linear::Candle(_)
@@ -779,10 +781,16 @@ mod tests {
             .build()
             .expect("a thread pool");
         let kinds = [Format::Q4_0, Format::Q4_1, Format::Q8_0].map(Kind::Blocks);
-        for kind in kinds
-            .into_iter()
-            .chain([KFormat::Q2K, KFormat::Q4K, KFormat::Q5K, KFormat::Q6K].map(Kind::K))
-        {
+        for kind in kinds.into_iter().chain(
+            [
+                KFormat::Q2K,
+                KFormat::Q3K,
+                KFormat::Q4K,
+                KFormat::Q5K,
+                KFormat::Q6K,
+            ]
+            .map(Kind::K),
+        ) {
             for (k, n) in [(576, 576), (2048, 5632)] {
                 if k % kind.block() != 0 {
                     continue;
@@ -800,6 +808,7 @@ mod tests {
                             block[2..4].copy_from_slice(&scale.to_le_bytes())
                         }
                         Kind::K(KFormat::Q6K) => block[208..].copy_from_slice(&scale.to_le_bytes()),
+                        Kind::K(KFormat::Q3K) => block[108..].copy_from_slice(&scale.to_le_bytes()),
                         Kind::K(KFormat::Q2K) => {
                             block[80..82].copy_from_slice(&scale.to_le_bytes());
                             block[82..].copy_from_slice(&scale.to_le_bytes());
