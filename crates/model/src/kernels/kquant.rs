@@ -872,6 +872,27 @@ mod sums256 {
                     _mm256_slli_epi16::<4>(_mm256_and_si256(high, two_bits)),
                 )
             });
+            biased_sums(&q, bias, scales, acts)
+        }
+    }
+
+    /// Each activation block's integer sum over eight registers `q` of 32 unsigned quants: the
+    /// products less `bias` times the activations (exact in i16), times the scales of each
+    /// register's two sixteens (Q3_K's and Q6_K's arithmetic).
+    ///
+    /// # Safety
+    /// Each of `acts` holds 256 quants; the CPU has AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn biased_sums<const R: usize>(
+        q: &[__m256i; 8],
+        bias: __m256i,
+        scales: __m128i,
+        acts: [&KActBlock; R],
+    ) -> [__m256i; R] {
+        // SAFETY: each of `acts` holds 256 quants, so the eight loads stay inside it; the CPU
+        // has AVX2 (see above).
+        unsafe {
             acts.map(|a| {
                 let y = a.q.as_ptr();
                 let mut sum = _mm256_setzero_si256();
@@ -937,19 +958,7 @@ mod sums256 {
                     _mm256_slli_epi16::<2>(_mm256_and_si256(top, one)),
                 )
             });
-            acts.map(|a| {
-                let y = a.q.as_ptr();
-                let mut sum = _mm256_setzero_si256();
-                for (k, &q) in q.iter().enumerate() {
-                    let ys = _mm256_loadu_si256(y.add(32 * k).cast());
-                    let products = _mm256_sub_epi16(
-                        _mm256_maddubs_epi16(q, ys),
-                        _mm256_maddubs_epi16(bias, ys),
-                    );
-                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(products, sixteens(scales, k)));
-                }
-                sum
-            })
+            biased_sums(&q, bias, scales, acts)
         }
     }
 
