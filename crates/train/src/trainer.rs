@@ -223,7 +223,9 @@ impl Trainer {
                 Some(rows) => {
                     let mut objective = (&rows * up_grad)?.sum_all()?;
                     if weight > 0.0 {
-                        let term = distance_correlation(&rows, &self.public_rows(&example.ids)?)?;
+                        let pass = Pass::new(self.source.config(), example.ids.len())?;
+                        let public = self.public_rows(&example.ids, &pass)?;
+                        let term = distance_correlation(&rows, &public)?;
                         privacy += term.to_scalar::<f32>()? as f64;
                         objective = (objective + (term * weight)?)?;
                     }
@@ -292,28 +294,29 @@ impl Trainer {
         }
         let mut total = 0.0;
         for example in data {
-            let rows = self.head_rows(&example.ids, true)?;
-            let public = self.public_rows(&example.ids)?;
+            let pass = Pass::new(self.source.config(), example.ids.len())?;
+            let rows = self.head_rows(&example.ids, &pass, true)?;
+            let public = self.public_rows(&example.ids, &pass)?;
             total += distance_correlation(&rows, &public)?.to_scalar::<f32>()? as f64;
         }
         Ok(total / data.len() as f64)
     }
 
-    /// The head's output rows for `ids`, with the adapter's updates (`adapted`) or without.
-    fn head_rows(&self, ids: &[u32], adapted: bool) -> Result<Tensor> {
-        let pass = Pass::new(self.source.config(), ids.len())?;
+    /// The head's output rows for `ids` (the sequence of `pass`), with the adapter's updates
+    /// (`adapted`) or without.
+    fn head_rows(&self, ids: &[u32], pass: &Pass, adapted: bool) -> Result<Tensor> {
         let mut x = self.embeddings.embed(ids)?;
         for layer in self.plan.head().layers {
             let pairs = adapted.then(|| self.adapter.layer_pairs(layer)).flatten();
-            x = self.layers[&layer].forward(&x, pairs.as_ref(), &pass)?;
+            x = self.layers[&layer].forward(&x, pairs.as_ref(), pass)?;
         }
         Ok(x)
     }
 
     /// What the public head (no adapter) sends for `ids`: the rows the attacker matches
     /// against.
-    fn public_rows(&self, ids: &[u32]) -> Result<Tensor> {
-        Ok(self.head_rows(ids, false)?.detach())
+    fn public_rows(&self, ids: &[u32], pass: &Pass) -> Result<Tensor> {
+        Ok(self.head_rows(ids, pass, false)?.detach())
     }
 
     /// The forward pass of `example`: the head's output rows (none without head layers), the
@@ -321,7 +324,7 @@ impl Trainer {
     fn loss_sum(&mut self, example: &Example) -> Result<(Option<Tensor>, Var, Tensor)> {
         let n = example.ids.len();
         let pass = Pass::new(self.source.config(), n)?;
-        let x = self.head_rows(&example.ids, true)?;
+        let x = self.head_rows(&example.ids, &pass, true)?;
         let head = self.plan.head().layers;
         let down = self.trunk.forward(&x.detach())?;
         if down.dims() != x.dims() {
