@@ -2,8 +2,10 @@
 //! trunk server (2:28, TLS) behind `lsplit-netsim` at 0, 20, 80 and 150 ms, the device
 //! generating greedily from chat prompts and from rewrite and summarize prompts (whose answers
 //! repeat their input, where prompt lookup drafts well), for each `--speculate` source. The
-//! draft model is the default model itself (the only one at hand with its tokenizer). Each
-//! prompt runs every source in turn, so that a loaded machine slows them alike.
+//! draft model is the default model itself (the only one at hand with its tokenizer), so `auto`
+//! is measured twice: with it, and on a device without a draft model (`auto, no draft`), where
+//! it can only choose the sources that need no extra weights. Each prompt runs every source in
+//! turn, so that a loaded machine slows them alike.
 //! Run: `cargo run --release -p lsplit-remote --example speculation_bench` (`-- --help` for
 //! the round trips and the number of prompts).
 
@@ -76,10 +78,16 @@ fn main() {
     let prompts = usize::from(args.prompts);
     let path = model_path();
     let certs = lsplit_testkit::certificates();
-    let model = device_model(&path, 2, 28, Codec::F32);
-    let draft = DraftModel::load(&path, model.tokenizer(), &candle_core::Device::Cpu)
+    let free = device_model(&path, 2, 28, Codec::F32);
+    let draft = DraftModel::load(&path, free.tokenizer(), &candle_core::Device::Cpu)
         .expect("the draft model");
-    let model = model.with_draft_model(draft);
+    let model = device_model(&path, 2, 28, Codec::F32).with_draft_model(draft);
+    // Every source on the device with the draft model, then auto on the one without it.
+    let runs: Vec<(String, &DeviceModel, Speculate)> = Speculate::ALL
+        .into_iter()
+        .map(|s| (s.name().to_string(), &model, s))
+        .chain([("auto, no draft".to_string(), &free, Speculate::Auto)])
+        .collect();
     let server = serve(&path, 2, 28, tls_options(&certs));
     let sets: [(&str, Vec<&str>); 2] = [
         ("chat", codecs::PROMPTS[..prompts].to_vec()),
@@ -100,15 +108,15 @@ fn main() {
         let url = format!("https://127.0.0.1:{port}");
         let options = lsplit_testkit::client_options(&url, &certs, Codec::F32);
         for (set, prompts) in &sets {
-            let mut totals: Vec<Total> = Speculate::ALL.iter().map(|_| Total::default()).collect();
+            let mut totals: Vec<Total> = runs.iter().map(|_| Total::default()).collect();
             for prompt in prompts {
-                for (speculate, total) in Speculate::ALL.into_iter().zip(&mut totals) {
+                for ((_, device, speculate), total) in runs.iter().zip(&mut totals) {
                     let trunk = remote(&path, options.clone()).expect("connect");
-                    total.add(&generate_one(&model, trunk, prompt, speculate));
+                    total.add(&generate_one(device, trunk, prompt, *speculate));
                 }
             }
             let base = totals[0].tokens_per_second();
-            for (speculate, total) in Speculate::ALL.into_iter().zip(&totals) {
+            for ((speculate, _, _), total) in runs.iter().zip(&totals) {
                 let speed = total.tokens_per_second();
                 println!(
                     "| {rtt} ms | {set} | {speculate} | {speed:.1} | {:.2} | {:.2} | {:.0} |",
