@@ -154,6 +154,9 @@ const MAX_REPROBE_AFTER: usize = 32 * REPROBE_AFTER;
 /// are noisy, and a draft that saves next to nothing by them costs time as often as it saves it
 /// (at a low round trip, where a drafted row costs about what it saves).
 const MARGIN: f64 = 0.05;
+/// How many times slower a one-token step must have become since the probes' wait last grew
+/// for `auto` to stop waiting and probe again (a link that went from loopback to a WAN).
+const SLOWER_LINK: f64 = 2.0;
 /// Weight of the newest measure in `auto`'s running estimates.
 const NEWEST: f64 = 0.25;
 
@@ -202,6 +205,10 @@ pub(crate) struct Drafter {
     probes: usize,
     /// One-token steps to wait before the next probe (see [`MAX_REPROBE_AFTER`]).
     reprobe_after: usize,
+    /// The one-token step's time when the wait last grew: a link that has since slowed to
+    /// [`SLOWER_LINK`] times it is probed again at once, since what drafting saves grows with
+    /// the step.
+    waited_at: Option<f64>,
 }
 
 fn blend(old: Option<f64>, new: f64) -> f64 {
@@ -261,6 +268,7 @@ impl Drafter {
             idle_steps: 0,
             probes: 0,
             reprobe_after: REPROBE_AFTER,
+            waited_at: None,
         }
     }
 
@@ -307,6 +315,10 @@ impl Drafter {
             self.reprobe_after = REPROBE_AFTER;
             return Some((source, length));
         }
+        if self.waited_at.is_some_and(|at| single >= SLOWER_LINK * at) {
+            self.reprobe_after = REPROBE_AFTER;
+            self.idle_steps = self.idle_steps.max(REPROBE_AFTER);
+        }
         if self.idle_steps < self.reprobe_after {
             return None;
         }
@@ -319,6 +331,7 @@ impl Drafter {
         let &&(source, _) = open.get(self.probes % open.len().max(1))?;
         self.probes += 1;
         self.reprobe_after = (2 * self.reprobe_after).min(MAX_REPROBE_AFTER);
+        self.waited_at = Some(single);
         let probe = if source.free() { PROBE_ROWS } else { 1 };
         Some((source, probe.min(offered(source))))
     }
@@ -589,6 +602,44 @@ mod tests {
         assert_eq!(
             drafter.plan(&[(Source::Model, 8)]),
             Some((Source::Model, 1))
+        );
+    }
+
+    #[test]
+    fn auto_probes_again_at_once_when_the_link_slows_down() {
+        let ms = Duration::from_millis;
+        let offers = [(Source::Lookup, 4), (Source::EarlyExit, 8)];
+        // On loopback (10 ms steps) neither source's drafts are ever kept: the probes' wait
+        // grows to its longest.
+        let mut drafter = Drafter::new(Speculate::Auto, false);
+        drafter.record(None, 0, 0, ms(10), Duration::ZERO);
+        let mut last_probe = 0;
+        for step in 0..2000 {
+            match drafter.plan(&offers) {
+                None => drafter.record(None, 0, 0, ms(10), Duration::ZERO),
+                Some((source, k)) => {
+                    last_probe = step;
+                    drafter.record(Some(source), k, 0, ms(25), ms(k as u64));
+                }
+            }
+        }
+        assert_eq!(drafter.reprobe_after, MAX_REPROBE_AFTER);
+        // The link slows to 80 ms a step: the estimates still say drafting does not pay
+        // (nothing was ever kept), but auto probes within a few steps instead of waiting up to
+        // 512, so that what it learns at the new speed decides.
+        let mut probed = None;
+        for step in 0..8 {
+            if drafter.plan(&offers).is_some() {
+                probed = Some(step);
+                break;
+            }
+            drafter.record(None, 0, 0, ms(80), Duration::ZERO);
+        }
+        let step = probed.expect("a probe soon after the link slowed");
+        assert_eq!(step, 1, "after the first slow step measured, not before");
+        assert!(
+            last_probe < 2000 - REPROBE_AFTER,
+            "no probe was due anyway: {last_probe}"
         );
     }
 
