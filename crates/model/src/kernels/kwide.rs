@@ -17,6 +17,7 @@
 //!
 //! Built into every x86-64 binary; it runs only on the AVX-512 VNNI [`super::KernelPath`].
 
+use std::arch::asm;
 use std::arch::x86_64::*;
 
 use super::kquant::{
@@ -253,7 +254,28 @@ unsafe fn unpack_q6k(p: *const u8, w: &mut [__m512i; QUADS], sc: &mut [__m512i; 
     }
 }
 
-/// See [`dot_tile`].
+/// `acc + Σ a·b` over each i32 lane's two i16 pairs (`_mm512_dpwssd_epi32`) as one
+/// `vpdpwssd`: LLVM splits a chain of the intrinsic into `vpmaddwd` and `vpaddd` (a shorter
+/// chain, but half again as many instructions on the vector ports, which bound this kernel).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: the target has AVX-512 VNNI; the instruction reads and writes registers only.
+    unsafe {
+        asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// See [`dot_tile`]: [`kernel_for`] with the format as constants, so that each format's loops
+/// compile without its branches.
 ///
 /// # Safety
 /// The target has AVX-512 F, BW, VL and VNNI; `tile` holds `blocks` tile blocks of `format`
@@ -267,71 +289,105 @@ unsafe fn kernel(
     groups: &[&[KActGroup]],
     out: &mut [GroupOut],
 ) {
-    // SAFETY: see above; loads stay inside the blocks.
+    // SAFETY: passed on from the caller.
+    unsafe {
+        match format {
+            KFormat::Q4K => kernel_for::<false, false>(tile, blocks, groups, out),
+            KFormat::Q5K => kernel_for::<true, false>(tile, blocks, groups, out),
+            KFormat::Q6K => kernel_for::<false, true>(tile, blocks, groups, out),
+            KFormat::Q2K | KFormat::Q3K => unreachable!("the wide kernel covers no Q2_K or Q3_K"),
+        }
+    }
+}
+
+/// The kernel for Q4_K, Q5_K (`FIVE`) or Q6_K (`SIX`). Per tile block and lane `l` of
+/// candle's eight, the eight weight registers and scales of the lane stay in registers while
+/// every group passes, so the inner loop loads only the activations.
+///
+/// # Safety
+/// As [`kernel`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
+    tile: &[u8],
+    blocks: usize,
+    groups: &[&[KActGroup]],
+    out: &mut [GroupOut],
+) {
+    let format = match (FIVE, SIX) {
+        (false, false) => KFormat::Q4K,
+        (true, _) => KFormat::Q5K,
+        (false, true) => KFormat::Q6K,
+    };
+    // SAFETY: see [`kernel`]; loads stay inside the blocks.
     unsafe {
         // Per group: the eight float lanes, then Q4_K's four lanes of minimums or Q5_K's one.
         let mut acc = [[_mm512_setzero_ps(); 12]; MAX_GROUPS];
         let mut w = [_mm512_setzero_si512(); QUADS];
         let mut sc = [_mm512_setzero_si512(); CHUNKS];
         let mut mins = [_mm512_setzero_si512(); SUBS / 2];
-        let six = format == KFormat::Q6K;
+        let mut scale = [_mm512_setzero_ps(); MAX_GROUPS];
         for b in 0..blocks {
             let p = tile.as_ptr().add(b * format.tile_bytes());
             let d = per_weight_row(f16x4(p.add(D)));
-            let dmin = if six {
+            if SIX {
                 unpack_q6k(p, &mut w, &mut sc);
-                _mm512_setzero_ps()
             } else {
-                unpack_q4k(p, format == KFormat::Q5K, &mut w, &mut sc, &mut mins);
-                per_weight_row(f16x4(p.add(DMIN)))
-            };
-            // Q6_K: `pair_scales[p][h]`, in each i32 lane, the scales of values `4j..4j+4` for
-            // `j = 16p + 4h + g` and `j + 8` (as `bias` pairs them).
-            let pair_scales: [[__m512i; 2]; 4] = std::array::from_fn(|p| {
-                std::array::from_fn(|h| {
-                    _mm512_mask_blend_epi16(0xaaaa_aaaa, sc[4 * p + h], sc[4 * p + 2 + h])
-                })
-            });
-            for (group, acc) in groups.iter().zip(&mut acc) {
-                let a = &group[b];
-                let d_act = _mm512_broadcast_f32x4(_mm_loadu_ps(a.d.as_ptr()));
-                let scale = _mm512_mul_ps(d_act, d);
-                for l in 0..8 {
-                    let mut sum = _mm512_setzero_si512();
+                unpack_q4k(p, FIVE, &mut w, &mut sc, &mut mins);
+            }
+            for (scale, group) in scale.iter_mut().zip(groups) {
+                let d_act = _mm512_broadcast_f32x4(_mm_loadu_ps(group[b].d.as_ptr()));
+                *scale = _mm512_mul_ps(d_act, d);
+            }
+            for l in 0..8 {
+                // Q6_K: in each i32 lane, the scales of value groups `16p + l` and `16p + 8 + l`
+                // (as `bias` pairs them).
+                let pair_scales: [__m512i; 4] = std::array::from_fn(|p| {
+                    let c = 4 * p + l / 4;
+                    _mm512_mask_blend_epi16(0xaaaa_aaaa, sc[c], sc[c + 2])
+                });
+                // Lane `l` sums the value groups `j = 8k + l`.
+                let w: [__m512i; 8] = std::array::from_fn(|k| w[8 * k + l]);
+                let sc: [__m512i; 8] = std::array::from_fn(|k| sc[(8 * k + l) / 4]);
+                for ((group, acc), scale) in groups.iter().zip(&mut acc).zip(&scale) {
+                    let a = &group[b];
+                    // Two integer sums (exact, so their order is free), for two shorter
+                    // chains of `vpdpwssd` latency.
+                    let mut sums = [_mm512_setzero_si512(); 2];
                     for k in 0..8 {
-                        let j = 8 * k + l;
-                        let y = broadcast16(a.q[j].as_ptr().cast());
-                        let products = _mm512_maddubs_epi16(w[j], y);
-                        sum = _mm512_dpwssd_epi32(sum, products, sc[j / 4]);
+                        let y = broadcast16(a.q[8 * k + l].as_ptr().cast());
+                        let products = _mm512_maddubs_epi16(w[k], y);
+                        sums[k % 2] = dpwssd(sums[k % 2], products, sc[k]);
                     }
-                    if six {
+                    if SIX {
                         for (p, &sc) in pair_scales.iter().enumerate() {
                             let bias = broadcast16(a.bias[8 * p + l].as_ptr().cast());
-                            sum = _mm512_dpwssd_epi32(sum, bias, sc[l / 4]);
+                            sums[p % 2] = dpwssd(sums[p % 2], bias, sc);
                         }
                     }
-                    acc[l] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[l]);
+                    let sum = _mm512_add_epi32(sums[0], sums[1]);
+                    acc[l] = _mm512_fmadd_ps(*scale, _mm512_cvtepi32_ps(sum), acc[l]);
                 }
+            }
+            if SIX {
+                continue;
+            }
+            let dmin = per_weight_row(f16x4(p.add(DMIN)));
+            for (group, acc) in groups.iter().zip(&mut acc) {
+                let a = &group[b];
                 let neg_d = _mm512_broadcast_f32x4(_mm_loadu_ps(a.neg_d.as_ptr()));
                 let scale = _mm512_mul_ps(neg_d, dmin);
                 let m = |q: usize, sum| {
                     _mm512_dpwssd_epi32(sum, mins[q], broadcast16(a.sums[q].as_ptr().cast()))
                 };
-                match format {
-                    KFormat::Q4K => {
-                        for q in 0..SUBS / 2 {
-                            let sum = _mm512_cvtepi32_ps(m(q, _mm512_setzero_si512()));
-                            acc[8 + q] = _mm512_fmadd_ps(scale, sum, acc[8 + q]);
-                        }
-                    }
-                    KFormat::Q5K => {
-                        let sum = (0..SUBS / 2).fold(_mm512_setzero_si512(), |s, q| m(q, s));
-                        let t = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(sum));
-                        acc[8] = _mm512_add_ps(acc[8], t);
-                    }
-                    KFormat::Q6K => {}
-                    KFormat::Q2K | KFormat::Q3K => {
-                        unreachable!("the wide kernel covers no Q2_K or Q3_K")
+                if FIVE {
+                    let sum = (0..SUBS / 2).fold(_mm512_setzero_si512(), |s, q| m(q, s));
+                    let t = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(sum));
+                    acc[8] = _mm512_add_ps(acc[8], t);
+                } else {
+                    for q in 0..SUBS / 2 {
+                        let sum = _mm512_cvtepi32_ps(m(q, _mm512_setzero_si512()));
+                        acc[8 + q] = _mm512_fmadd_ps(scale, sum, acc[8 + q]);
                     }
                 }
             }
@@ -339,18 +395,13 @@ unsafe fn kernel(
         for (x, out) in acc.iter().zip(out) {
             // candle's `hsum_float_8`, lane by lane: ((x4+x0)+(x6+x2))+((x5+x1)+(x7+x3)).
             let a: [__m512; 4] = std::array::from_fn(|u| _mm512_add_ps(x[u + 4], x[u]));
-            let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-            let sum = match format {
-                KFormat::Q4K => {
-                    let m = _mm512_add_ps(_mm512_add_ps(x[8], x[10]), _mm512_add_ps(x[9], x[11]));
-                    _mm512_add_ps(sum, m)
-                }
-                KFormat::Q5K => _mm512_add_ps(sum, x[8]),
-                KFormat::Q6K => sum,
-                KFormat::Q2K | KFormat::Q3K => {
-                    unreachable!("the wide kernel covers no Q2_K or Q3_K")
-                }
-            };
+            let mut sum = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            if FIVE {
+                sum = _mm512_add_ps(sum, x[8]);
+            } else if !SIX {
+                let m = _mm512_add_ps(_mm512_add_ps(x[8], x[10]), _mm512_add_ps(x[9], x[11]));
+                sum = _mm512_add_ps(sum, m);
+            }
             _mm512_storeu_ps(out.as_mut_ptr().cast(), sum);
         }
     }
