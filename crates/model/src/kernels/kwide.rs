@@ -7,8 +7,10 @@
 //! `w` weight row `w`'s values `4j..4j+4` (unsigned), and serves every group (up to eight):
 //! `vpmaddubsw` with the four activation rows' values `4j..4j+4` side by side, then `vpdpwssd`
 //! with the values' scale, adds each pair's `sc·(q·y)` over the four values to an exact integer
-//! sum (Q6_K's bias of 32 comes off with the activations' sums, one `vpdpwssd` per two
-//! registers of 32 values). Lane `l` of candle's eight integer lanes sums the value groups
+//! sum. Q6_K's operands are the other way round: its weights less their bias of 32 (signed)
+//! against the activations plus 128 (unsigned), whose excess `128·Σ sc·(q − 32)` depends on the
+//! weights only, so it comes off once per tile block, not once per group. Lane `l` of candle's
+//! eight integer lanes sums the value groups
 //! `j ≡ l (mod 8)`; per super-block each of the eight float lanes takes `+= d·d_y · lane`
 //! (fused), Q4_K's four lanes of minimums `+= −d_y·dmin · (m·Σy)` over two sub-blocks each (one
 //! `vpdpwssd`), Q5_K's one float `+= −d_y·dmin · Σ m·Σy` (unfused), summed at the end in
@@ -46,12 +48,9 @@ pub(crate) const MAX_GROUPS: usize = wide::MAX_PASS;
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 pub(crate) struct KActGroup {
-    /// `q[j]`: values `4j..4j+4` of each of the four rows, one row after the other.
+    /// `q[j]`: values `4j..4j+4` of each of the four rows, one row after the other; for Q6_K
+    /// each value plus 128, as an unsigned byte.
     q: [[i8; 16]; QUADS],
-    /// Q6_K only (zero otherwise): `bias[8p + l]`: each row's `−32·Σy` over values `4j..4j+4`
-    /// for `j = 16p + l` and `j + 8` (two registers of 32 apart, in one lane of candle's), which
-    /// times the values' scales takes the quants' bias of 32 off their products.
-    bias: [[i16; 8]; QUADS / 2],
     /// `sums[p]`: each row's sums of sub-blocks `2p` and `2p + 1` (for the minimums).
     sums: [[i16; 8]; SUBS / 2],
     /// The rows' scales.
@@ -65,7 +64,6 @@ impl KActGroup {
     fn new(format: KFormat, rows: [&KActBlock; GROUP]) -> Self {
         let mut group = Self {
             q: [[0; 16]; QUADS],
-            bias: [[0; 8]; QUADS / 2],
             sums: [[0; 8]; SUBS / 2],
             d: rows.map(|a| a.d),
             neg_d: rows.map(|a| -a.d),
@@ -73,11 +71,14 @@ impl KActGroup {
         for (r, a) in rows.iter().enumerate() {
             for j in 0..QUADS {
                 let values = &a.q[4 * j..4 * j + 4];
-                group.q[j][4 * r..4 * r + 4].copy_from_slice(values);
+                let to = &mut group.q[j][4 * r..4 * r + 4];
                 if format == KFormat::Q6K {
-                    let (p, k, l) = (j / 16, j / 8 % 2, j % 8);
-                    let sum: i16 = values.iter().map(|&y| i16::from(y)).sum();
-                    group.bias[8 * p + l][2 * r + k] = -32 * sum;
+                    // y + 128 = y with its top bit flipped, read as unsigned.
+                    for (to, &y) in to.iter_mut().zip(values) {
+                        *to = y ^ i8::MIN;
+                    }
+                } else {
+                    to.copy_from_slice(values);
                 }
             }
             for p in 0..SUBS / 2 {
@@ -207,17 +208,36 @@ unsafe fn unpack_q4k(
     }
 }
 
-/// The weight registers and each 16 values' scales (see [`unpack_q4k`]) of the Q6_K tile
-/// block at `p`.
+/// The weight registers of the Q6_K tile block at `p` as signed values (each less its bias
+/// of 32), each 16 values' scales (see [`unpack_q4k`]) and, per lane `l` of candle's eight,
+/// `excess[l]`: `−128·Σ sc·(q − 32)` over the lane's value groups, in quarter `w` row `w`'s,
+/// which starts each pair's integer sum to take the activations' 128 off.
 ///
 /// # Safety
 /// `p` is a Q6_K tile block; the CPU has AVX-512 F, BW and VNNI.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-unsafe fn unpack_q6k(p: *const u8, w: &mut [__m512i; QUADS], sc: &mut [__m512i; CHUNKS]) {
+unsafe fn unpack_q6k(
+    p: *const u8,
+    w: &mut [__m512i; QUADS],
+    sc: &mut [__m512i; CHUNKS],
+    excess: &mut [__m512i; 8],
+) {
     // SAFETY: loads stay inside the tile block (see above).
     unsafe {
+        // Rows 0 and 1's sixteen scales, then rows 2 and 3's, as i16.
+        let scales = p.add(SCALES6);
+        let (s01, s23) = (
+            _mm512_cvtepi8_epi16(_mm256_loadu_si256(scales.cast())),
+            _mm512_cvtepi8_epi16(_mm256_loadu_si256(scales.add(32).cast())),
+        );
+        let by_row = quarter_index(16, 0);
+        for (c, sc) in sc.iter_mut().enumerate() {
+            let index = _mm512_add_epi16(by_row, _mm512_set1_epi16(c as i16));
+            *sc = _mm512_permutex2var_epi16(s01, index, s23);
+        }
         let (nibble, two_bits) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(3));
+        let (bias, half) = (_mm512_set1_epi8(32), _mm512_set1_epi8(i8::MIN));
         let quants = |r: usize| p.add(QUANTS6 + QUANT6_BYTES * r);
         // Value 128n + 32j + l: low nibble (j < 2) or high of low byte 64n + 32(j % 2) + l,
         // its top bits at bit 2j of high byte 128 + 32n + l.
@@ -225,6 +245,9 @@ unsafe fn unpack_q6k(p: *const u8, w: &mut [__m512i; QUADS], sc: &mut [__m512i; 
             transpose(std::array::from_fn(|r| load64(quants(r).add(64 * n))))
         });
         let top = transpose(std::array::from_fn(|r| load64(quants(r).add(128))));
+        // `sums[h]`, i32 `i` of quarter `w`: row `w`'s `128·Σ sc·(q − 32)` over the value
+        // groups `4c + i` of the chunks `c ≡ h (mod 2)`, which are lane `4h + i`'s.
+        let mut sums = [_mm512_setzero_si512(); 2];
         for n in 0..2 {
             for j in 0..4 {
                 for h in 0..2 {
@@ -236,20 +259,17 @@ unsafe fn unpack_q6k(p: *const u8, w: &mut [__m512i; QUADS], sc: &mut [__m512i; 
                         _mm512_and_si512(x, nibble),
                         _mm512_slli_epi16::<4>(_mm512_and_si512(t, two_bits)),
                     );
+                    let v = _mm512_sub_epi8(v, bias);
                     w[4 * chunk..4 * chunk + 4].copy_from_slice(&spread(v));
+                    // Both i16 of a pair hold the chunk's scale.
+                    let weighted = _mm512_madd_epi16(_mm512_maddubs_epi16(half, v), sc[chunk]);
+                    sums[h] = _mm512_add_epi32(sums[h], weighted);
                 }
             }
         }
-        // Rows 0 and 1's sixteen scales, then rows 2 and 3's, as i16.
-        let scales = p.add(SCALES6);
-        let (s01, s23) = (
-            _mm512_cvtepi8_epi16(_mm256_loadu_si256(scales.cast())),
-            _mm512_cvtepi8_epi16(_mm256_loadu_si256(scales.add(32).cast())),
-        );
-        let by_row = quarter_index(16, 0);
-        for (c, sc) in sc.iter_mut().enumerate() {
-            let index = _mm512_add_epi16(by_row, _mm512_set1_epi16(c as i16));
-            *sc = _mm512_permutex2var_epi16(s01, index, s23);
+        for (h, sums) in sums.into_iter().enumerate() {
+            let negated = _mm512_sub_epi32(_mm512_setzero_si512(), sums);
+            excess[4 * h..4 * h + 4].copy_from_slice(&spread(negated));
         }
     }
 }
@@ -326,12 +346,13 @@ unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
         let mut w = [_mm512_setzero_si512(); QUADS];
         let mut sc = [_mm512_setzero_si512(); CHUNKS];
         let mut mins = [_mm512_setzero_si512(); SUBS / 2];
+        let mut excess = [_mm512_setzero_si512(); 8];
         let mut scale = [_mm512_setzero_ps(); MAX_GROUPS];
         for b in 0..blocks {
             let p = tile.as_ptr().add(b * format.tile_bytes());
             let d = per_weight_row(f16x4(p.add(D)));
             if SIX {
-                unpack_q6k(p, &mut w, &mut sc);
+                unpack_q6k(p, &mut w, &mut sc, &mut excess);
             } else {
                 unpack_q4k(p, FIVE, &mut w, &mut sc, &mut mins);
             }
@@ -340,12 +361,6 @@ unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
                 *scale = _mm512_mul_ps(d_act, d);
             }
             for l in 0..8 {
-                // Q6_K: in each i32 lane, the scales of value groups `16p + l` and `16p + 8 + l`
-                // (as `bias` pairs them).
-                let pair_scales: [__m512i; 4] = std::array::from_fn(|p| {
-                    let c = 4 * p + l / 4;
-                    _mm512_mask_blend_epi16(0xaaaa_aaaa, sc[c], sc[c + 2])
-                });
                 // Lane `l` sums the value groups `j = 8k + l`.
                 let w: [__m512i; 8] = std::array::from_fn(|k| w[8 * k + l]);
                 let sc: [__m512i; 8] = std::array::from_fn(|k| sc[(8 * k + l) / 4]);
@@ -354,16 +369,17 @@ unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
                     // Two integer sums (exact, so their order is free), for two shorter
                     // chains of `vpdpwssd` latency.
                     let mut sums = [_mm512_setzero_si512(); 2];
+                    if SIX {
+                        sums[0] = excess[l];
+                    }
                     for k in 0..8 {
                         let y = broadcast16(a.q[8 * k + l].as_ptr().cast());
-                        let products = _mm512_maddubs_epi16(w[k], y);
+                        let products = if SIX {
+                            _mm512_maddubs_epi16(y, w[k])
+                        } else {
+                            _mm512_maddubs_epi16(w[k], y)
+                        };
                         sums[k % 2] = dpwssd(sums[k % 2], products, sc[k]);
-                    }
-                    if SIX {
-                        for (p, &sc) in pair_scales.iter().enumerate() {
-                            let bias = broadcast16(a.bias[8 * p + l].as_ptr().cast());
-                            sums[p % 2] = dpwssd(sums[p % 2], bias, sc);
-                        }
                     }
                     let sum = _mm512_add_epi32(sums[0], sums[1]);
                     acc[l] = _mm512_fmadd_ps(*scale, _mm512_cvtepi32_ps(sum), acc[l]);
