@@ -3,18 +3,19 @@
 //! 512-bit register, as [`super::wide`] does for blocks of 32.
 //!
 //! Lane `4w + r` of a register belongs to weight row `w` and activation row `r`. Each
-//! super-block of the tile is unpacked once into 64 registers, register `j` holding in quarter
-//! `w` weight row `w`'s values `4j..4j+4` (unsigned), and serves every group (up to eight):
-//! `vpmaddubsw` with the four activation rows' values `4j..4j+4` side by side, then `vpdpwssd`
-//! with the values' scale, adds each pair's `sc·(q·y)` over the four values to an exact integer
-//! sum. Q6_K's operands are the other way round: its weights less their bias of 32 (signed)
-//! against the activations plus 128 (unsigned), whose excess `128·Σ sc·(q − 32)` depends on the
-//! weights only, so it comes off once per tile block, not once per group. Lane `l` of candle's
-//! eight integer lanes sums the value groups
-//! `j ≡ l (mod 8)`; per super-block each of the eight float lanes takes `+= d·d_y · lane`
-//! (fused), Q4_K's four lanes of minimums `+= −d_y·dmin · (m·Σy)` over two sub-blocks each (one
-//! `vpdpwssd`), Q5_K's one float `+= −d_y·dmin · Σ m·Σy` (unfused), summed at the end in
-//! candle's order. So each pair's result is [`super::kquant::portable`]'s bit for bit, whatever
+//! super-block of the tile is unpacked once, register `j` holding in quarter `w` weight row
+//! `w`'s values `4j..4j+4` (unsigned), and serves every group (up to sixteen). Lane `l` of
+//! candle's eight integer lanes sums the value groups `j ≡ l (mod 8)`, here two at a time
+//! (`j = 16p + l` and `j + 8`): two `vpdpbusd` (rows 0 and 1, then 2 and 3, each with both
+//! value groups side by side) give each pair's two dots of four values, `vpackssdw` puts them
+//! side by side as i16 in the pair's lane, and one `vpdpwssd` with their two scales adds
+//! `sc·(q·y)` for both to an exact integer sum. Q6_K's operands are the other way round: its
+//! weights less their bias of 32 (signed) against the activations plus 128 (unsigned), whose
+//! excess `128·Σ sc·(q − 32)` depends on the weights only, so it comes off once per tile block,
+//! not once per group. Per super-block each of the eight float lanes takes
+//! `+= d·d_y · lane` (fused), Q4_K's four lanes of minimums `+= −d_y·dmin · (m·Σy)` over two
+//! sub-blocks each (one `vpdpwssd`), Q5_K's one float `+= −d_y·dmin · Σ m·Σy` (unfused), summed
+//! at the end in candle's order. So each pair's result is [`super::kquant::portable`]'s bit for bit, whatever
 //! rows are batched with it.
 //!
 //! Built into every x86-64 binary; it runs only on the AVX-512 VNNI [`super::KernelPath`].
@@ -48,8 +49,9 @@ pub(crate) const MAX_GROUPS: usize = wide::MAX_PASS;
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 pub(crate) struct KActGroup {
-    /// `q[j]`: values `4j..4j+4` of each of the four rows, one row after the other; for Q6_K
-    /// each value plus 128, as an unsigned byte.
+    /// `q[at(l, p, h)]`: for rows `2h` and `2h + 1`, one after the other, values `4j..4j+4` of
+    /// `j = 16p + l` then of `j + 8` (the value groups that one `vpdpbusd` takes for a lane `l`
+    /// of candle's, two at a time); for Q6_K each value plus 128, as an unsigned byte.
     q: [[i8; 16]; QUADS],
     /// `sums[p]`: each row's sums of sub-blocks `2p` and `2p + 1` (for the minimums).
     sums: [[i16; 8]; SUBS / 2],
@@ -60,6 +62,12 @@ pub(crate) struct KActGroup {
 }
 
 impl KActGroup {
+    /// Where [`KActGroup::q`] holds lane `l`'s value groups `16p + l` and `16p + 8 + l` of rows
+    /// `2h` and `2h + 1`.
+    const fn at(l: usize, p: usize, h: usize) -> usize {
+        (4 * l + p) * 2 + h
+    }
+
     /// Interleaves one super-block of four rows for weights in `format`.
     fn new(format: KFormat, rows: [&KActBlock; GROUP]) -> Self {
         let mut group = Self {
@@ -71,7 +79,8 @@ impl KActGroup {
         for (r, a) in rows.iter().enumerate() {
             for j in 0..QUADS {
                 let values = &a.q[4 * j..4 * j + 4];
-                let to = &mut group.q[j][4 * r..4 * r + 4];
+                let (l, p, k) = (j % 8, j / 16, j / 8 % 2);
+                let to = &mut group.q[Self::at(l, p, r / 2)][8 * (r % 2) + 4 * k..][..4];
                 if format == KFormat::Q6K {
                     // y + 128 = y with its top bit flipped, read as unsigned.
                     for (to, &y) in to.iter_mut().zip(values) {
@@ -294,6 +303,13 @@ fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     acc
 }
 
+/// Each i32 lane's `Σ a·b` over its four bytes, `a` unsigned and `b` signed (one `vpdpbusd`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+fn dpbusd(a: __m512i, b: __m512i) -> __m512i {
+    _mm512_dpbusd_epi32(_mm512_setzero_si512(), a, b)
+}
+
 /// See [`dot_tile`]: [`kernel_for`] with the format as constants, so that each format's loops
 /// compile without its branches.
 ///
@@ -361,27 +377,42 @@ unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
                 *scale = _mm512_mul_ps(d_act, d);
             }
             for l in 0..8 {
-                // Lane `l` sums the value groups `j = 8k + l`.
-                let w: [__m512i; 8] = std::array::from_fn(|k| w[8 * k + l]);
-                let sc: [__m512i; 8] = std::array::from_fn(|k| sc[(8 * k + l) / 4]);
+                // Lane `l` sums the value groups `j = 8k + l`, here two at a time: `j = 16p + l`
+                // and `j + 8`. `w[p]`, quarter `w`: row `w`'s values of the two, twice over;
+                // `sc[p]`: in each i32 lane, their two scales.
+                let w: [__m512i; 4] = std::array::from_fn(|p| {
+                    let j = 16 * p + l;
+                    _mm512_mask_blend_epi32(0xaaaa, w[j], w[j + 8])
+                });
+                let sc: [__m512i; 4] = std::array::from_fn(|p| {
+                    let c = (16 * p + l) / 4;
+                    _mm512_mask_blend_epi16(0xaaaa_aaaa, sc[c], sc[c + 2])
+                });
                 for ((group, acc), scale) in groups.iter().zip(&mut acc).zip(&scale) {
                     let a = &group[b];
+                    // Each pair's dot over four values of each of the value groups `16p + l`
+                    // and `16p + 8 + l` (rows 0 and 1, then 2 and 3), the two side by side as
+                    // i16 in the pair's lane (none is beyond ±32640), times their scales.
+                    let step = |sum, p: usize| {
+                        let dots = [0, 1].map(|h| {
+                            let y = broadcast16(a.q[KActGroup::at(l, p, h)].as_ptr().cast());
+                            if SIX {
+                                dpbusd(y, w[p])
+                            } else {
+                                dpbusd(w[p], y)
+                            }
+                        });
+                        dpwssd(sum, _mm512_packs_epi32(dots[0], dots[1]), sc[p])
+                    };
                     // Two integer sums (exact, so their order is free), for two shorter
                     // chains of `vpdpwssd` latency.
-                    let mut sums = [_mm512_setzero_si512(); 2];
-                    if SIX {
-                        sums[0] = excess[l];
-                    }
-                    for k in 0..8 {
-                        let y = broadcast16(a.q[8 * k + l].as_ptr().cast());
-                        let products = if SIX {
-                            _mm512_maddubs_epi16(y, w[k])
-                        } else {
-                            _mm512_maddubs_epi16(w[k], y)
-                        };
-                        sums[k % 2] = dpwssd(sums[k % 2], products, sc[k]);
-                    }
-                    let sum = _mm512_add_epi32(sums[0], sums[1]);
+                    let first = if SIX {
+                        excess[l]
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    let (even, odd) = (step(first, 0), step(_mm512_setzero_si512(), 1));
+                    let sum = _mm512_add_epi32(step(even, 2), step(odd, 3));
                     acc[l] = _mm512_fmadd_ps(*scale, _mm512_cvtepi32_ps(sum), acc[l]);
                 }
             }
