@@ -3,20 +3,24 @@
 //! 512-bit register, as [`super::wide`] does for blocks of 32.
 //!
 //! Lane `4w + r` of a register belongs to weight row `w` and activation row `r`. Each
-//! super-block of the tile is unpacked once into 64 registers, register `j` holding in quarter
-//! `w` weight row `w`'s values `4j..4j+4` (unsigned), and serves every group (up to eight):
-//! `vpmaddubsw` with the four activation rows' values `4j..4j+4` side by side, then `vpdpwssd`
-//! with the values' scale, adds each pair's `sc·(q·y)` over the four values to an exact integer
-//! sum (Q6_K's bias of 32 comes off with the activations' sums, one `vpdpwssd` per two
-//! registers of 32 values). Lane `l` of candle's eight integer lanes sums the value groups
-//! `j ≡ l (mod 8)`; per super-block each of the eight float lanes takes `+= d·d_y · lane`
-//! (fused), Q4_K's four lanes of minimums `+= −d_y·dmin · (m·Σy)` over two sub-blocks each (one
-//! `vpdpwssd`), Q5_K's one float `+= −d_y·dmin · Σ m·Σy` (unfused), summed at the end in
-//! candle's order. So each pair's result is [`super::kquant::portable`]'s bit for bit, whatever
+//! super-block of the tile is unpacked once, register `j` holding in quarter `w` weight row
+//! `w`'s values `4j..4j+4` (unsigned), and serves every group (up to sixteen). Lane `l` of
+//! candle's eight integer lanes sums the value groups `j ≡ l (mod 8)`, here two at a time
+//! (`j = 16p + l` and `j + 8`): two `vpdpbusd` (rows 0 and 1, then 2 and 3, each with both
+//! value groups side by side) give each pair's two dots of four values, `vpackssdw` puts them
+//! side by side as i16 in the pair's lane, and one `vpdpwssd` with their two scales adds
+//! `sc·(q·y)` for both to an exact integer sum. Q6_K's operands are the other way round: its
+//! weights less their bias of 32 (signed) against the activations plus 128 (unsigned), whose
+//! excess `128·Σ sc·(q − 32)` depends on the weights only, so it comes off once per tile block,
+//! not once per group. Per super-block each of the eight float lanes takes
+//! `+= d·d_y · lane` (fused), Q4_K's four lanes of minimums `+= −d_y·dmin · (m·Σy)` over two
+//! sub-blocks each (one `vpdpwssd`), Q5_K's one float `+= −d_y·dmin · Σ m·Σy` (unfused), summed
+//! at the end in candle's order. So each pair's result is [`super::kquant::portable`]'s bit for bit, whatever
 //! rows are batched with it.
 //!
 //! Built into every x86-64 binary; it runs only on the AVX-512 VNNI [`super::KernelPath`].
 
+use std::arch::asm;
 use std::arch::x86_64::*;
 
 use super::kquant::{
@@ -45,12 +49,10 @@ pub(crate) const MAX_GROUPS: usize = wide::MAX_PASS;
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 pub(crate) struct KActGroup {
-    /// `q[j]`: values `4j..4j+4` of each of the four rows, one row after the other.
+    /// `q[at(l, p, h)]`: for rows `2h` and `2h + 1`, one after the other, values `4j..4j+4` of
+    /// `j = 16p + l` then of `j + 8` (the value groups that one `vpdpbusd` takes for a lane `l`
+    /// of candle's, two at a time); for Q6_K each value plus 128, as an unsigned byte.
     q: [[i8; 16]; QUADS],
-    /// Q6_K only (zero otherwise): `bias[8p + l]`: each row's `−32·Σy` over values `4j..4j+4`
-    /// for `j = 16p + l` and `j + 8` (two registers of 32 apart, in one lane of candle's), which
-    /// times the values' scales takes the quants' bias of 32 off their products.
-    bias: [[i16; 8]; QUADS / 2],
     /// `sums[p]`: each row's sums of sub-blocks `2p` and `2p + 1` (for the minimums).
     sums: [[i16; 8]; SUBS / 2],
     /// The rows' scales.
@@ -60,11 +62,16 @@ pub(crate) struct KActGroup {
 }
 
 impl KActGroup {
+    /// Where [`KActGroup::q`] holds lane `l`'s value groups `16p + l` and `16p + 8 + l` of rows
+    /// `2h` and `2h + 1`.
+    const fn at(l: usize, p: usize, h: usize) -> usize {
+        (4 * l + p) * 2 + h
+    }
+
     /// Interleaves one super-block of four rows for weights in `format`.
     fn new(format: KFormat, rows: [&KActBlock; GROUP]) -> Self {
         let mut group = Self {
             q: [[0; 16]; QUADS],
-            bias: [[0; 8]; QUADS / 2],
             sums: [[0; 8]; SUBS / 2],
             d: rows.map(|a| a.d),
             neg_d: rows.map(|a| -a.d),
@@ -72,11 +79,15 @@ impl KActGroup {
         for (r, a) in rows.iter().enumerate() {
             for j in 0..QUADS {
                 let values = &a.q[4 * j..4 * j + 4];
-                group.q[j][4 * r..4 * r + 4].copy_from_slice(values);
+                let (l, p, k) = (j % 8, j / 16, j / 8 % 2);
+                let to = &mut group.q[Self::at(l, p, r / 2)][8 * (r % 2) + 4 * k..][..4];
                 if format == KFormat::Q6K {
-                    let (p, k, l) = (j / 16, j / 8 % 2, j % 8);
-                    let sum: i16 = values.iter().map(|&y| i16::from(y)).sum();
-                    group.bias[8 * p + l][2 * r + k] = -32 * sum;
+                    // y + 128 = y with its top bit flipped, read as unsigned.
+                    for (to, &y) in to.iter_mut().zip(values) {
+                        *to = y ^ i8::MIN;
+                    }
+                } else {
+                    to.copy_from_slice(values);
                 }
             }
             for p in 0..SUBS / 2 {
@@ -206,39 +217,23 @@ unsafe fn unpack_q4k(
     }
 }
 
-/// The weight registers and each 16 values' scales (see [`unpack_q4k`]) of the Q6_K tile
-/// block at `p`.
+/// The weight registers of the Q6_K tile block at `p` as signed values (each less its bias
+/// of 32), each 16 values' scales (see [`unpack_q4k`]) and, per lane `l` of candle's eight,
+/// `excess[l]`: `−128·Σ sc·(q − 32)` over the lane's value groups, in quarter `w` row `w`'s,
+/// which starts each pair's integer sum to take the activations' 128 off.
 ///
 /// # Safety
 /// `p` is a Q6_K tile block; the CPU has AVX-512 F, BW and VNNI.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-unsafe fn unpack_q6k(p: *const u8, w: &mut [__m512i; QUADS], sc: &mut [__m512i; CHUNKS]) {
+unsafe fn unpack_q6k(
+    p: *const u8,
+    w: &mut [__m512i; QUADS],
+    sc: &mut [__m512i; CHUNKS],
+    excess: &mut [__m512i; 8],
+) {
     // SAFETY: loads stay inside the tile block (see above).
     unsafe {
-        let (nibble, two_bits) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(3));
-        let quants = |r: usize| p.add(QUANTS6 + QUANT6_BYTES * r);
-        // Value 128n + 32j + l: low nibble (j < 2) or high of low byte 64n + 32(j % 2) + l,
-        // its top bits at bit 2j of high byte 128 + 32n + l.
-        let low: [[__m512i; 4]; 2] = std::array::from_fn(|n| {
-            transpose(std::array::from_fn(|r| load64(quants(r).add(64 * n))))
-        });
-        let top = transpose(std::array::from_fn(|r| load64(quants(r).add(128))));
-        for n in 0..2 {
-            for j in 0..4 {
-                for h in 0..2 {
-                    let chunk = 8 * n + 2 * j + h;
-                    let x = low[n][2 * (j % 2) + h];
-                    let x = if j < 2 { x } else { _mm512_srli_epi16::<4>(x) };
-                    let t = _mm512_srl_epi16(top[2 * n + h], _mm_cvtsi32_si128(2 * j as i32));
-                    let v = _mm512_or_si512(
-                        _mm512_and_si512(x, nibble),
-                        _mm512_slli_epi16::<4>(_mm512_and_si512(t, two_bits)),
-                    );
-                    w[4 * chunk..4 * chunk + 4].copy_from_slice(&spread(v));
-                }
-            }
-        }
         // Rows 0 and 1's sixteen scales, then rows 2 and 3's, as i16.
         let scales = p.add(SCALES6);
         let (s01, s23) = (
@@ -250,10 +245,73 @@ unsafe fn unpack_q6k(p: *const u8, w: &mut [__m512i; QUADS], sc: &mut [__m512i; 
             let index = _mm512_add_epi16(by_row, _mm512_set1_epi16(c as i16));
             *sc = _mm512_permutex2var_epi16(s01, index, s23);
         }
+        let (nibble, two_bits) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(3));
+        let (bias, half) = (_mm512_set1_epi8(32), _mm512_set1_epi8(i8::MIN));
+        let quants = |r: usize| p.add(QUANTS6 + QUANT6_BYTES * r);
+        // Value 128n + 32j + l: low nibble (j < 2) or high of low byte 64n + 32(j % 2) + l,
+        // its top bits at bit 2j of high byte 128 + 32n + l.
+        let low: [[__m512i; 4]; 2] = std::array::from_fn(|n| {
+            transpose(std::array::from_fn(|r| load64(quants(r).add(64 * n))))
+        });
+        let top = transpose(std::array::from_fn(|r| load64(quants(r).add(128))));
+        // `sums[h]`, i32 `i` of quarter `w`: row `w`'s `128·Σ sc·(q − 32)` over the value
+        // groups `4c + i` of the chunks `c ≡ h (mod 2)`, which are lane `4h + i`'s.
+        let mut sums = [_mm512_setzero_si512(); 2];
+        for n in 0..2 {
+            for j in 0..4 {
+                for h in 0..2 {
+                    let chunk = 8 * n + 2 * j + h;
+                    let x = low[n][2 * (j % 2) + h];
+                    let x = if j < 2 { x } else { _mm512_srli_epi16::<4>(x) };
+                    let t = _mm512_srl_epi16(top[2 * n + h], _mm_cvtsi32_si128(2 * j as i32));
+                    let v = _mm512_or_si512(
+                        _mm512_and_si512(x, nibble),
+                        _mm512_slli_epi16::<4>(_mm512_and_si512(t, two_bits)),
+                    );
+                    let v = _mm512_sub_epi8(v, bias);
+                    w[4 * chunk..4 * chunk + 4].copy_from_slice(&spread(v));
+                    // Both i16 of a pair hold the chunk's scale.
+                    let weighted = _mm512_madd_epi16(_mm512_maddubs_epi16(half, v), sc[chunk]);
+                    sums[h] = _mm512_add_epi32(sums[h], weighted);
+                }
+            }
+        }
+        for (h, sums) in sums.into_iter().enumerate() {
+            let negated = _mm512_sub_epi32(_mm512_setzero_si512(), sums);
+            excess[4 * h..4 * h + 4].copy_from_slice(&spread(negated));
+        }
     }
 }
 
-/// See [`dot_tile`].
+/// `acc + Σ a·b` over each i32 lane's two i16 pairs (`_mm512_dpwssd_epi32`) as one
+/// `vpdpwssd`: LLVM splits a chain of the intrinsic into `vpmaddwd` and `vpaddd` (a shorter
+/// chain, but half again as many instructions on the vector ports, which bound this kernel).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: the target has AVX-512 VNNI; the instruction reads and writes registers only.
+    unsafe {
+        asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// Each i32 lane's `Σ a·b` over its four bytes, `a` unsigned and `b` signed (one `vpdpbusd`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+fn dpbusd(a: __m512i, b: __m512i) -> __m512i {
+    _mm512_dpbusd_epi32(_mm512_setzero_si512(), a, b)
+}
+
+/// See [`dot_tile`]: [`kernel_for`] with the format as constants, so that each format's loops
+/// compile without its branches.
 ///
 /// # Safety
 /// The target has AVX-512 F, BW, VL and VNNI; `tile` holds `blocks` tile blocks of `format`
@@ -267,71 +325,116 @@ unsafe fn kernel(
     groups: &[&[KActGroup]],
     out: &mut [GroupOut],
 ) {
-    // SAFETY: see above; loads stay inside the blocks.
+    // SAFETY: passed on from the caller.
+    unsafe {
+        match format {
+            KFormat::Q4K => kernel_for::<false, false>(tile, blocks, groups, out),
+            KFormat::Q5K => kernel_for::<true, false>(tile, blocks, groups, out),
+            KFormat::Q6K => kernel_for::<false, true>(tile, blocks, groups, out),
+            KFormat::Q2K | KFormat::Q3K => unreachable!("the wide kernel covers no Q2_K or Q3_K"),
+        }
+    }
+}
+
+/// The kernel for Q4_K, Q5_K (`FIVE`) or Q6_K (`SIX`). Per tile block and lane `l` of
+/// candle's eight, the eight weight registers and scales of the lane stay in registers while
+/// every group passes, so the inner loop loads only the activations.
+///
+/// # Safety
+/// As [`kernel`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
+    tile: &[u8],
+    blocks: usize,
+    groups: &[&[KActGroup]],
+    out: &mut [GroupOut],
+) {
+    let format = match (FIVE, SIX) {
+        (false, false) => KFormat::Q4K,
+        (true, _) => KFormat::Q5K,
+        (false, true) => KFormat::Q6K,
+    };
+    // SAFETY: see [`kernel`]; loads stay inside the blocks.
     unsafe {
         // Per group: the eight float lanes, then Q4_K's four lanes of minimums or Q5_K's one.
         let mut acc = [[_mm512_setzero_ps(); 12]; MAX_GROUPS];
         let mut w = [_mm512_setzero_si512(); QUADS];
         let mut sc = [_mm512_setzero_si512(); CHUNKS];
         let mut mins = [_mm512_setzero_si512(); SUBS / 2];
-        let six = format == KFormat::Q6K;
+        let mut excess = [_mm512_setzero_si512(); 8];
+        let mut scale = [_mm512_setzero_ps(); MAX_GROUPS];
         for b in 0..blocks {
             let p = tile.as_ptr().add(b * format.tile_bytes());
             let d = per_weight_row(f16x4(p.add(D)));
-            let dmin = if six {
-                unpack_q6k(p, &mut w, &mut sc);
-                _mm512_setzero_ps()
+            if SIX {
+                unpack_q6k(p, &mut w, &mut sc, &mut excess);
             } else {
-                unpack_q4k(p, format == KFormat::Q5K, &mut w, &mut sc, &mut mins);
-                per_weight_row(f16x4(p.add(DMIN)))
-            };
-            // Q6_K: `pair_scales[p][h]`, in each i32 lane, the scales of values `4j..4j+4` for
-            // `j = 16p + 4h + g` and `j + 8` (as `bias` pairs them).
-            let pair_scales: [[__m512i; 2]; 4] = std::array::from_fn(|p| {
-                std::array::from_fn(|h| {
-                    _mm512_mask_blend_epi16(0xaaaa_aaaa, sc[4 * p + h], sc[4 * p + 2 + h])
-                })
-            });
+                unpack_q4k(p, FIVE, &mut w, &mut sc, &mut mins);
+            }
+            for (scale, group) in scale.iter_mut().zip(groups) {
+                let d_act = _mm512_broadcast_f32x4(_mm_loadu_ps(group[b].d.as_ptr()));
+                *scale = _mm512_mul_ps(d_act, d);
+            }
+            for l in 0..8 {
+                // Lane `l` sums the value groups `j = 8k + l`, here two at a time: `j = 16p + l`
+                // and `j + 8`. `w[p]`, quarter `w`: row `w`'s values of the two, twice over;
+                // `sc[p]`: in each i32 lane, their two scales.
+                let w: [__m512i; 4] = std::array::from_fn(|p| {
+                    let j = 16 * p + l;
+                    _mm512_mask_blend_epi32(0xaaaa, w[j], w[j + 8])
+                });
+                let sc: [__m512i; 4] = std::array::from_fn(|p| {
+                    let c = (16 * p + l) / 4;
+                    _mm512_mask_blend_epi16(0xaaaa_aaaa, sc[c], sc[c + 2])
+                });
+                for ((group, acc), scale) in groups.iter().zip(&mut acc).zip(&scale) {
+                    let a = &group[b];
+                    // Each pair's dot over four values of each of the value groups `16p + l`
+                    // and `16p + 8 + l` (rows 0 and 1, then 2 and 3), the two side by side as
+                    // i16 in the pair's lane (none is beyond ±32640), times their scales.
+                    let step = |sum, p: usize| {
+                        let dots = [0, 1].map(|h| {
+                            let y = broadcast16(a.q[KActGroup::at(l, p, h)].as_ptr().cast());
+                            if SIX {
+                                dpbusd(y, w[p])
+                            } else {
+                                dpbusd(w[p], y)
+                            }
+                        });
+                        dpwssd(sum, _mm512_packs_epi32(dots[0], dots[1]), sc[p])
+                    };
+                    // Two integer sums (exact, so their order is free), for two shorter
+                    // chains of `vpdpwssd` latency.
+                    let first = if SIX {
+                        excess[l]
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    let (even, odd) = (step(first, 0), step(_mm512_setzero_si512(), 1));
+                    let sum = _mm512_add_epi32(step(even, 2), step(odd, 3));
+                    acc[l] = _mm512_fmadd_ps(*scale, _mm512_cvtepi32_ps(sum), acc[l]);
+                }
+            }
+            if SIX {
+                continue;
+            }
+            let dmin = per_weight_row(f16x4(p.add(DMIN)));
             for (group, acc) in groups.iter().zip(&mut acc) {
                 let a = &group[b];
-                let d_act = _mm512_broadcast_f32x4(_mm_loadu_ps(a.d.as_ptr()));
-                let scale = _mm512_mul_ps(d_act, d);
-                for l in 0..8 {
-                    let mut sum = _mm512_setzero_si512();
-                    for k in 0..8 {
-                        let j = 8 * k + l;
-                        let y = broadcast16(a.q[j].as_ptr().cast());
-                        let products = _mm512_maddubs_epi16(w[j], y);
-                        sum = _mm512_dpwssd_epi32(sum, products, sc[j / 4]);
-                    }
-                    if six {
-                        for (p, &sc) in pair_scales.iter().enumerate() {
-                            let bias = broadcast16(a.bias[8 * p + l].as_ptr().cast());
-                            sum = _mm512_dpwssd_epi32(sum, bias, sc[l / 4]);
-                        }
-                    }
-                    acc[l] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[l]);
-                }
                 let neg_d = _mm512_broadcast_f32x4(_mm_loadu_ps(a.neg_d.as_ptr()));
                 let scale = _mm512_mul_ps(neg_d, dmin);
                 let m = |q: usize, sum| {
                     _mm512_dpwssd_epi32(sum, mins[q], broadcast16(a.sums[q].as_ptr().cast()))
                 };
-                match format {
-                    KFormat::Q4K => {
-                        for q in 0..SUBS / 2 {
-                            let sum = _mm512_cvtepi32_ps(m(q, _mm512_setzero_si512()));
-                            acc[8 + q] = _mm512_fmadd_ps(scale, sum, acc[8 + q]);
-                        }
-                    }
-                    KFormat::Q5K => {
-                        let sum = (0..SUBS / 2).fold(_mm512_setzero_si512(), |s, q| m(q, s));
-                        let t = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(sum));
-                        acc[8] = _mm512_add_ps(acc[8], t);
-                    }
-                    KFormat::Q6K => {}
-                    KFormat::Q2K | KFormat::Q3K => {
-                        unreachable!("the wide kernel covers no Q2_K or Q3_K")
+                if FIVE {
+                    let sum = (0..SUBS / 2).fold(_mm512_setzero_si512(), |s, q| m(q, s));
+                    let t = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(sum));
+                    acc[8] = _mm512_add_ps(acc[8], t);
+                } else {
+                    for q in 0..SUBS / 2 {
+                        let sum = _mm512_cvtepi32_ps(m(q, _mm512_setzero_si512()));
+                        acc[8 + q] = _mm512_fmadd_ps(scale, sum, acc[8 + q]);
                     }
                 }
             }
@@ -339,18 +442,13 @@ unsafe fn kernel(
         for (x, out) in acc.iter().zip(out) {
             // candle's `hsum_float_8`, lane by lane: ((x4+x0)+(x6+x2))+((x5+x1)+(x7+x3)).
             let a: [__m512; 4] = std::array::from_fn(|u| _mm512_add_ps(x[u + 4], x[u]));
-            let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-            let sum = match format {
-                KFormat::Q4K => {
-                    let m = _mm512_add_ps(_mm512_add_ps(x[8], x[10]), _mm512_add_ps(x[9], x[11]));
-                    _mm512_add_ps(sum, m)
-                }
-                KFormat::Q5K => _mm512_add_ps(sum, x[8]),
-                KFormat::Q6K => sum,
-                KFormat::Q2K | KFormat::Q3K => {
-                    unreachable!("the wide kernel covers no Q2_K or Q3_K")
-                }
-            };
+            let mut sum = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            if FIVE {
+                sum = _mm512_add_ps(sum, x[8]);
+            } else if !SIX {
+                let m = _mm512_add_ps(_mm512_add_ps(x[8], x[10]), _mm512_add_ps(x[9], x[11]));
+                sum = _mm512_add_ps(sum, m);
+            }
             _mm512_storeu_ps(out.as_mut_ptr().cast(), sum);
         }
     }

@@ -373,7 +373,7 @@ pub(crate) unsafe fn dot_columns(
 }
 
 /// Most groups of activation rows [`by_runs`] passes to its kernel at once.
-pub(crate) const MAX_PASS: usize = 8;
+pub(crate) const MAX_PASS: usize = 16;
 
 /// Results of one group of activation rows against one tile: `[w][r]`, weight row `w` times
 /// the group's row `r`.
