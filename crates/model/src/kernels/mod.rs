@@ -355,6 +355,10 @@ fn matmul(
     x: &[f32],
     out: &mut [f32],
 ) {
+    // No rows, no products (and no division by the row count below).
+    if m == 0 {
+        return;
+    }
     let tile_bytes = TILE * kind.row_bytes(k);
     match kind {
         Kind::Blocks(format) => {
@@ -691,6 +695,25 @@ mod tests {
                     assert_eq!(run(path), reference, "{path} {dtype:?} m={m}");
                 }
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_product_of_no_rows_is_empty_on_every_path() -> candle_core::Result<()> {
+        for dtype in OURS {
+            let k = width(dtype);
+            let linear = Linear::new(QMatMul::QTensor(weights(dtype, 200, k)?));
+            let Linear::Quant(q) = &linear else {
+                panic!("{dtype:?} uses our kernels");
+            };
+            for path in KernelPath::all_supported() {
+                let mut out = Vec::new();
+                matmul(path, q.kind, &q.tiles, (0, k, 200), &[], &mut out);
+                assert!(out.is_empty(), "{path} {dtype:?}");
+            }
+            let none = Tensor::zeros((0, k), candle_core::DType::F32, &Device::Cpu)?;
+            assert_eq!(linear.forward(&none)?.dims(), &[0, 200], "{dtype:?}");
         }
         Ok(())
     }
