@@ -445,7 +445,10 @@ fn uplink_noise_trains_a_denoiser_that_repeats_from_its_seed() {
         (before - unnoised).abs() > 0.005 * unnoised,
         "held-out loss before: {before} with the noise, {unnoised} without"
     );
-    assert!(after < 0.9 * before, "noisy held-out loss {before} -> {after}");
+    assert!(
+        after < 0.9 * before,
+        "noisy held-out loss {before} -> {after}"
+    );
     // The noise comes from --seed unless --noise-seed names another.
     assert_eq!(run("again", &["--noise-seed", "0"]).1, adapter);
     assert_ne!(run("other", &["--noise-seed", "1"]).1, adapter);
@@ -502,7 +505,14 @@ fn uplink_noise_settings_are_checked_and_recorded() {
     let first = finetune(
         &data,
         &out_dir,
-        &["--steps", "2", "--uplink-noise", "0.5", "--uplink-clip", "3"],
+        &[
+            "--steps",
+            "2",
+            "--uplink-noise",
+            "0.5",
+            "--uplink-clip",
+            "3",
+        ],
     );
     assert!(first.status.success(), "{}", stderr(&first));
     let cases: [(&[&str], &str); 2] = [
@@ -521,7 +531,15 @@ fn uplink_noise_settings_are_checked_and_recorded() {
     let resumed = finetune(
         &data,
         &out_dir,
-        &["--steps", "4", "--resume", "--uplink-noise", "0.5", "--uplink-clip", "3"],
+        &[
+            "--steps",
+            "4",
+            "--resume",
+            "--uplink-noise",
+            "0.5",
+            "--uplink-clip",
+            "3",
+        ],
     );
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     assert!(stdout(&resumed).contains("resuming at step 2"));

@@ -387,8 +387,7 @@ impl Trainer {
         let head = self.plan.head().layers;
         let sent = match noise {
             Some(noise) => {
-                let mut rng =
-                    ChaCha20Rng::seed_from_u64(noise.seed().unwrap_or(self.options.seed));
+                let mut rng = ChaCha20Rng::seed_from_u64(noise.seed().unwrap_or(self.options.seed));
                 rng.set_stream(stream);
                 let (count, width) = x.dims2()?;
                 let mut values = x.flatten_all()?.to_vec1::<f32>()?;

@@ -194,7 +194,10 @@ fn eval_noises(args: &FinetuneArgs) -> anyhow::Result<Vec<(String, Option<Uplink
             if sigma == 0.0 {
                 return Ok(("no uplink noise".to_string(), None));
             }
-            Ok((format!("uplink noise {sigma}"), uplink_noise(args, Some(sigma))?))
+            Ok((
+                format!("uplink noise {sigma}"),
+                uplink_noise(args, Some(sigma))?,
+            ))
         })
         .collect()
 }
@@ -383,7 +386,10 @@ fn report_losses(
         };
         print(String::new(), trainer.evaluate(set)?);
         for (label, noise) in noises {
-            print(format!(" ({label})"), trainer.evaluate_with_noise(set, *noise)?);
+            print(
+                format!(" ({label})"),
+                trainer.evaluate_with_noise(set, *noise)?,
+            );
         }
     }
     Ok(())
