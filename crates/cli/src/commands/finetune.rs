@@ -1,6 +1,8 @@
 //! `lsplit finetune`: train a LoRA adapter on the device's layers (head and tail) on the user's
 //! own data, while the trunk computes its layers' forward and backward passes, in-process or on
-//! a trunk server (`--cloud`), which sees hidden rows and their gradients only.
+//! a trunk server (`--cloud`), which sees hidden rows and their gradients only. With
+//! `--uplink-noise` those rows are noised as `lsplit generate` noises them, and the adapter
+//! learns to work through the noise (a device-side denoiser).
 
 use std::path::PathBuf;
 use std::sync::Arc;
