@@ -395,3 +395,152 @@ fn privacy_weight_moves_the_uplink_rows_from_the_public_heads() {
     ];
     assert_refused(&data, &out_dir, &cases);
 }
+
+/// The whole `FILE loss WHEN LABEL: ...` line of the held-out examples, after its prefix.
+fn held_out_line<'a>(text: &'a str, when_label: &str) -> &'a str {
+    let prefix = format!("held-out loss {when_label}: ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in {text}"))
+}
+
+#[test]
+fn uplink_noise_trains_a_denoiser_that_repeats_from_its_seed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data(dir.path());
+    let run = |name: &str, extra: &[&str]| {
+        let out_dir = dir.path().join(name);
+        let mut args = vec!["--steps", "20", "--uplink-noise", "2"];
+        args.extend_from_slice(extra);
+        let out = finetune(&data, &out_dir, &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let bytes = std::fs::read(out_dir.join("adapter_model.safetensors")).expect("adapter");
+        (stdout(&out), bytes)
+    };
+    let (text, adapter) = run("noised", &["--eval-noise", "0", "--eval-noise", "2"]);
+    assert!(
+        text.contains(
+            "the trunk receives rows with uplink noise `--uplink-noise 2` (noise seed 0), in \
+             training and in the losses below unless they name another"
+        ),
+        "{text}"
+    );
+    // --eval-noise at the run's own level draws the run's own noise: the same loss exactly.
+    for when in ["before", "after"] {
+        assert_eq!(
+            held_out_line(&text, when),
+            held_out_line(&text, &format!("{when} (uplink noise 2)")),
+            "{text}"
+        );
+    }
+    let loss = |line: &str| -> f64 {
+        line.split(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("a loss")
+    };
+    let unnoised = loss(held_out_line(&text, "before (no uplink noise)"));
+    let (before, after) = (held_out(&text, "before"), held_out(&text, "after"));
+    assert!(
+        (before - unnoised).abs() > 0.005 * unnoised,
+        "held-out loss before: {before} with the noise, {unnoised} without"
+    );
+    assert!(
+        after < 0.9 * before,
+        "noisy held-out loss {before} -> {after}"
+    );
+    // The noise comes from --seed unless --noise-seed names another.
+    assert_eq!(run("again", &["--noise-seed", "0"]).1, adapter);
+    assert_ne!(run("other", &["--noise-seed", "1"]).1, adapter);
+    // With the privacy term as well.
+    let (text, _) = run("both", &["--privacy-weight", "10"]);
+    assert!(
+        text.contains("distance correlation with the public head's rows before: 1.0000 ("),
+        "{text}"
+    );
+}
+
+#[test]
+fn uplink_noise_settings_are_checked_and_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = data(dir.path());
+    let out_dir = dir.path().join("adapter");
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["--uplink-noise=-1"],
+            "--uplink-noise must be a number in (0, 10000], not -1",
+        ),
+        (
+            &["--uplink-noise", "NaN"],
+            "--uplink-noise must be a number in (0, 10000], not NaN",
+        ),
+        (
+            &["--uplink-noise", "2e4"],
+            "--uplink-noise must be a number in (0, 10000], not 20000",
+        ),
+        (
+            &["--uplink-noise", "0.5", "--uplink-clip", "0"],
+            "--uplink-clip must be a positive finite RMS, not 0",
+        ),
+        (
+            &["--uplink-clip", "2"],
+            "the following required arguments were not provided:\n  --uplink-noise <SIGMA>",
+        ),
+        (
+            &["--eval-noise=-0.5"],
+            "--eval-noise must be 0 or a number in (0, 10000], not -0.5",
+        ),
+        (
+            &["--noise-seed", "3"],
+            "--noise-seed seeds --uplink-noise or --eval-noise; give one of them",
+        ),
+        (
+            &["--uplink-noise", "0.5", "--split", "4:4"],
+            "the split 4:4 sends no rows to a trunk: uplink noise has nothing to noise",
+        ),
+    ];
+    assert_refused(&data, &out_dir, &cases);
+
+    // A checkpoint records the noise: resuming with another is refused.
+    let first = finetune(
+        &data,
+        &out_dir,
+        &[
+            "--steps",
+            "2",
+            "--uplink-noise",
+            "0.5",
+            "--uplink-clip",
+            "3",
+        ],
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--steps", "4", "--resume", "--uplink-noise", "0.2"],
+            "uplink noise 0.5 (clip 3, seed 0)); this one is split 1:3, rank 8, targets \
+             q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, seed 0, accumulate 4, \
+             privacy weight 0, uplink noise 0.2 (seed 0)",
+        ),
+        (
+            &["--steps", "4", "--resume"],
+            "privacy weight 0, uplink noise none",
+        ),
+    ];
+    assert_refused(&data, &out_dir, &cases);
+    let resumed = finetune(
+        &data,
+        &out_dir,
+        &[
+            "--steps",
+            "4",
+            "--resume",
+            "--uplink-noise",
+            "0.5",
+            "--uplink-clip",
+            "3",
+        ],
+    );
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(stdout(&resumed).contains("resuming at step 2"));
+}

@@ -10,6 +10,10 @@
 //! `accumulate` examples. With a privacy weight, the head's backward pass also carries the
 //! gradient of a privacy term ([`distance_correlation`] between the head's rows and the public
 //! head's), so that the rows the trunk sees drift from what the public weights would send.
+//! With uplink noise, the trunk receives the head's rows noised as `lsplit generate
+//! --uplink-noise` noises them (the gradient passes straight through), so that the tail's
+//! adapter learns to undo the noise's effect on the trunk's output: a device-side denoiser
+//! (Split-N-Denoise, Mai et al. 2024).
 
 mod adapter;
 mod data;

@@ -9,9 +9,10 @@ use candle_core::{D, Device, Tensor, Var};
 use lsplit_model::{
     DenseLayer, DenseOutput, LoraShape, ModelPart, ModelSource, Pass, SplitPlan, Target,
 };
+use lsplit_split::{UplinkNoise, add_noise};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
+use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 use serde::{Deserialize, Serialize};
 
 use crate::privacy::distance_correlation;
@@ -46,6 +47,10 @@ pub struct TrainOptions {
     /// examples, of the distance correlation between the head's output rows and the public
     /// head's rows for the same tokens ([`distance_correlation`]); 0 trains for the task alone.
     pub privacy_weight: f64,
+    /// Noise added to the rows the trunk receives, in training and in [`Trainer::evaluate`], as
+    /// `lsplit generate --uplink-noise` adds it, so that the tail's adapter learns to undo its
+    /// effect (a device-side denoiser); drawn from its seed, else from `seed`.
+    pub uplink_noise: Option<UplinkNoise>,
 }
 
 /// What one optimizer step did.
@@ -95,7 +100,36 @@ struct State {
     /// Absent from checkpoints written before the privacy term: 0.
     #[serde(default)]
     privacy_weight: f64,
+    /// The uplink noise's sigma, clip and seed; absent from checkpoints written before it, and
+    /// for runs without noise.
+    #[serde(default)]
+    uplink_noise: Option<(f32, Option<f32>, u64)>,
 }
+
+impl State {
+    /// What makes the run, for a refusal to resume another.
+    fn describe(&self) -> String {
+        let noise = match self.uplink_noise {
+            None => "none".to_string(),
+            Some((sigma, None, seed)) => format!("{sigma} (seed {seed})"),
+            Some((sigma, Some(clip), seed)) => format!("{sigma} (clip {clip}, seed {seed})"),
+        };
+        format!(
+            "split {}, rank {}, targets {}, seed {}, accumulate {}, privacy weight {}, uplink \
+             noise {noise}",
+            self.split,
+            self.rank,
+            self.targets.join(","),
+            self.seed,
+            self.accumulate,
+            self.privacy_weight
+        )
+    }
+}
+
+/// The first of the ChaCha20 streams of held-out examples' noise; the streams below it are
+/// the training positions', so no held-out draw repeats a training one.
+const EVAL_STREAMS: u64 = 1 << 63;
 
 /// Split fine-tuning of a LoRA adapter on the head's and tail's layers.
 pub struct Trainer {
@@ -139,6 +173,11 @@ impl Trainer {
             return Err(TrainError::Options(format!(
                 "the split {plan} leaves the device no head layer: a privacy term has no rows to \
                  change"
+            )));
+        }
+        if options.uplink_noise.is_some() && plan.k1 == plan.k2 {
+            return Err(TrainError::Options(format!(
+                "the split {plan} sends no rows to a trunk: uplink noise has nothing to noise"
             )));
         }
         if options.targets.is_empty() {
@@ -193,7 +232,7 @@ impl Trainer {
             return Err(TrainError::NoData("no training examples".into()));
         }
         let step = self.optimizer.steps();
-        let picked: Vec<&Example> = (0..self.options.accumulate)
+        let picked: Vec<(usize, &Example)> = (0..self.options.accumulate)
             .map(|micro| {
                 let position = step * self.options.accumulate + micro;
                 let epoch = position / data.len();
@@ -201,17 +240,18 @@ impl Trainer {
                 order.shuffle(&mut ChaCha8Rng::seed_from_u64(
                     self.options.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 ));
-                &data[order[position % data.len()]]
+                (position, &data[order[position % data.len()]])
             })
             .collect();
-        let targets: usize = picked.iter().map(|e| e.targets()).sum();
+        let targets: usize = picked.iter().map(|(_, e)| e.targets()).sum();
         let vars: Vec<Var> = self.adapter.vars().cloned().collect();
         let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut total = 0.0;
         let mut privacy = 0.0;
         let weight = self.options.privacy_weight / picked.len() as f64;
-        for example in &picked {
-            let (head_out, tail_in, loss) = self.loss_sum(example)?;
+        for &(position, example) in &picked {
+            let noise = self.options.uplink_noise;
+            let (head_out, tail_in, loss) = self.loss_sum(example, noise, position as u64)?;
             total += loss.to_scalar::<f32>()? as f64;
             let tail_grads = (loss / targets as f64)?.backward()?;
             let row_grad = tail_grads
@@ -256,17 +296,28 @@ impl Trainer {
         Ok(StepReport {
             step: step + 1,
             loss: total / targets as f64,
-            tokens: picked.iter().map(|e| e.ids.len()).sum(),
+            tokens: picked.iter().map(|(_, e)| e.ids.len()).sum(),
             lr,
             privacy: (weight > 0.0).then(|| privacy / picked.len() as f64),
         })
     }
 
-    /// The loss over `data`, with the adapter as it is now.
+    /// The loss over `data`, with the adapter as it is now and the run's uplink noise.
     pub fn evaluate(&mut self, data: &[Example]) -> Result<Evaluation> {
+        self.evaluate_with_noise(data, self.options.uplink_noise)
+    }
+
+    /// The loss over `data`, with the adapter as it is now and `noise` (none: none) on the rows
+    /// the trunk receives. Example `i` draws the same noise at every call, so that losses
+    /// before and after training differ by the adapter alone.
+    pub fn evaluate_with_noise(
+        &mut self,
+        data: &[Example],
+        noise: Option<UplinkNoise>,
+    ) -> Result<Evaluation> {
         let (mut total, mut tokens) = (0.0, 0);
-        for example in data {
-            let (_, _, loss) = self.loss_sum(example)?;
+        for (i, example) in data.iter().enumerate() {
+            let (_, _, loss) = self.loss_sum(example, noise, EVAL_STREAMS | i as u64)?;
             total += loss.to_scalar::<f32>()? as f64;
             tokens += example.targets();
         }
@@ -320,13 +371,32 @@ impl Trainer {
     }
 
     /// The forward pass of `example`: the head's output rows (none without head layers), the
-    /// tail's input as a variable, and the summed cross-entropy of its trained tokens.
-    fn loss_sum(&mut self, example: &Example) -> Result<(Option<Tensor>, Var, Tensor)> {
+    /// tail's input as a variable, and the summed cross-entropy of its trained tokens. With
+    /// `noise`, the trunk receives the rows noised by ChaCha20 stream `stream` of the noise's
+    /// seed; the gradient the trunk returns goes to the head's rows as it is (straight
+    /// through the noise).
+    fn loss_sum(
+        &mut self,
+        example: &Example,
+        noise: Option<UplinkNoise>,
+        stream: u64,
+    ) -> Result<(Option<Tensor>, Var, Tensor)> {
         let n = example.ids.len();
         let pass = Pass::new(self.source.config(), n)?;
         let x = self.head_rows(&example.ids, &pass, true)?;
         let head = self.plan.head().layers;
-        let down = self.trunk.forward(&x.detach())?;
+        let sent = match noise {
+            Some(noise) => {
+                let mut rng = ChaCha20Rng::seed_from_u64(noise.seed().unwrap_or(self.options.seed));
+                rng.set_stream(stream);
+                let (count, width) = x.dims2()?;
+                let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+                add_noise(&mut values, width, &noise, &mut rng);
+                Tensor::from_vec(values, (count, width), &Device::Cpu)?
+            }
+            None => x.detach(),
+        };
+        let down = self.trunk.forward(&sent)?;
         if down.dims() != x.dims() {
             return Err(TrainError::Trunk(format!(
                 "the trunk returned rows of shape {:?} for {:?}",
@@ -410,21 +480,9 @@ impl Trainer {
         };
         if saved != ours {
             return Err(bad(format!(
-                "it is of another run (split {}, rank {}, targets {}, seed {}, accumulate {}, \
-                 privacy weight {}); this one is split {}, rank {}, targets {}, seed {}, \
-                 accumulate {}, privacy weight {}",
-                saved.split,
-                saved.rank,
-                saved.targets.join(","),
-                saved.seed,
-                saved.accumulate,
-                saved.privacy_weight,
-                ours.split,
-                ours.rank,
-                ours.targets.join(","),
-                ours.seed,
-                ours.accumulate,
-                ours.privacy_weight
+                "it is of another run ({}); this one is {}",
+                saved.describe(),
+                ours.describe()
             )));
         }
         let tensors = candle_core::safetensors::load(dir.join("trainer.safetensors"), &Device::Cpu)
@@ -469,6 +527,10 @@ impl Trainer {
             seed: self.options.seed,
             accumulate: self.options.accumulate,
             privacy_weight: self.options.privacy_weight,
+            uplink_noise: self.options.uplink_noise.map(|noise| {
+                let seed = noise.seed().unwrap_or(self.options.seed);
+                (noise.sigma(), noise.clip(), seed)
+            }),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Split fine-tuning on the tiny test models: the data's trained positions, the loss falling,
 //! checkpoints that resume bit for bit, and a trained adapter that the inference path loads and
 //! runs as the training pass does (on a Hugging Face model and on a GGUF model, whose query and
-//! key rows are permuted), and a privacy term that moves the head's rows from the public head's.
+//! key rows are permuted), a privacy term that moves the head's rows from the public head's,
+//! and uplink noise that reaches the trunk, repeats from its seed and is learnt around.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use lsplit_model::{DenseTrunk, ModelSource, PartSpec, Pass, SplitPlan, Target};
+use lsplit_split::UplinkNoise;
 use lsplit_train::{Dataset, Example, LocalTrainTrunk, Schedule, TrainOptions, Trainer};
 
 fn tiny() -> PathBuf {
@@ -29,6 +31,7 @@ fn options(steps: usize) -> TrainOptions {
         weight_decay: 0.0,
         seed: 7,
         privacy_weight: 0.0,
+        uplink_noise: None,
     }
 }
 
@@ -319,5 +322,94 @@ fn the_privacy_term_moves_the_head_rows_from_the_public_heads() {
     assert_eq!(
         err.to_string(),
         "the split 0:3 leaves the device no head layer: a privacy term has no rows to change"
+    );
+}
+
+/// `options(steps)` with uplink noise `sigma` drawn from `seed` (none: the training seed).
+fn noisy(steps: usize, sigma: f32, seed: Option<u64>) -> TrainOptions {
+    TrainOptions {
+        uplink_noise: Some(UplinkNoise::new(sigma, None, seed).expect("noise")),
+        ..options(steps)
+    }
+}
+
+#[test]
+fn uplink_noise_reaches_the_trunk_repeats_from_its_seed_and_is_learnt_around() {
+    let source = Arc::new(ModelSource::open(&tiny()).expect("open"));
+    let data = text_examples(&source);
+    let plan = SplitPlan::new(1, 3, 4).expect("plan");
+    let first_loss = |options: TrainOptions| {
+        trainer(&source, plan, options)
+            .step(&data)
+            .expect("step")
+            .loss
+    };
+    // The first step's loss, before any update: the noise alone moves it.
+    let clean = first_loss(options(8));
+    let noised = first_loss(noisy(8, 2.0, None));
+    assert!(
+        (noised - clean).abs() > 0.01 * clean,
+        "first loss {clean} without noise, {noised} with"
+    );
+    // The same seed draws the same noise, the training seed by default; another seed another.
+    assert_eq!(first_loss(noisy(8, 2.0, None)), noised);
+    assert_eq!(first_loss(noisy(8, 2.0, Some(7))), noised);
+    assert_ne!(first_loss(noisy(8, 2.0, Some(8))), noised);
+
+    // Training with the noise lowers the loss with the noise.
+    let mut run = trainer(&source, plan, noisy(20, 2.0, None));
+    let before = run.evaluate(&data).expect("evaluate");
+    let unnoised = run.evaluate_with_noise(&data, None).expect("evaluate");
+    assert!(
+        (before.loss - unnoised.loss).abs() > 0.005 * unnoised.loss,
+        "held-out loss {} with the noise, {} without",
+        before.loss,
+        unnoised.loss
+    );
+    for _ in 0..20 {
+        run.step(&data).expect("step");
+    }
+    let after = run.evaluate(&data).expect("evaluate");
+    assert!(
+        after.loss < 0.95 * before.loss,
+        "noisy loss {} -> {}",
+        before.loss,
+        after.loss
+    );
+
+    // Its checkpoint records the noise: a run with other noise, or none, is refused.
+    let dir = tempfile::tempdir().expect("tempdir");
+    run.checkpoint(dir.path()).expect("checkpoint");
+    let err = trainer(&source, plan, noisy(20, 0.2, None))
+        .resume(dir.path())
+        .expect_err("other noise");
+    let message = err.to_string();
+    assert!(
+        message.contains("privacy weight 0, uplink noise 2 (seed 7)); this one is")
+            && message.ends_with("privacy weight 0, uplink noise 0.2 (seed 7)"),
+        "{message}"
+    );
+    let err = trainer(&source, plan, options(20))
+        .resume(dir.path())
+        .expect_err("no noise");
+    assert!(err.to_string().ends_with("uplink noise none"), "{err}");
+    trainer(&source, plan, noisy(20, 2.0, Some(7)))
+        .resume(dir.path())
+        .expect("the same noise resumes");
+
+    // With no trunk, no row is sent: refused.
+    let err = Trainer::new(
+        source.clone(),
+        SplitPlan::new(4, 4, 4).expect("plan"),
+        noisy(2, 2.0, None),
+        Box::new(LocalTrainTrunk::new(
+            DenseTrunk::new(source.clone(), 4..4, 1 << 20).expect("trunk"),
+        )),
+    )
+    .err()
+    .expect("refused");
+    assert_eq!(
+        err.to_string(),
+        "the split 4:4 sends no rows to a trunk: uplink noise has nothing to noise"
     );
 }

@@ -1,6 +1,8 @@
 //! `lsplit finetune`: train a LoRA adapter on the device's layers (head and tail) on the user's
 //! own data, while the trunk computes its layers' forward and backward passes, in-process or on
-//! a trunk server (`--cloud`), which sees hidden rows and their gradients only.
+//! a trunk server (`--cloud`), which sees hidden rows and their gradients only. With
+//! `--uplink-noise` those rows are noised as `lsplit generate` noises them, and the adapter
+//! learns to work through the noise (a device-side denoiser).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_model::{DenseTrunk, ModelSource, SplitPlan, Target, TrunkFingerprint};
 use lsplit_remote::{RemoteTrainTrunk, Traffic};
-use lsplit_split::load_tokenizer;
+use lsplit_split::{MAX_SIGMA, UplinkNoise, load_tokenizer};
 use lsplit_train::{
     Dataset, Example, LocalTrainTrunk, Schedule, TrainOptions, TrainTrunk, Trainer,
 };
@@ -104,6 +106,23 @@ pub struct FinetuneArgs {
     /// layer. The distance correlation on the held-out examples is reported before and after
     #[arg(long, value_name = "W", default_value_t = 0.0)]
     pub privacy_weight: f64,
+    /// Add Gaussian noise to every row sent to the trunk, in training and in the losses
+    /// reported: SIGMA times the row's RMS (after --uplink-clip), as `lsplit generate
+    /// --uplink-noise` adds it, so that the tail's adapter learns to undo the noise's effect on
+    /// the trunk's output (a device-side denoiser). Generate with the same noise
+    #[arg(long, value_name = "SIGMA")]
+    pub uplink_noise: Option<f32>,
+    /// Clip each uplink row's RMS to at most RMS before the noise is added
+    #[arg(long, value_name = "RMS", requires = "uplink_noise")]
+    pub uplink_clip: Option<f32>,
+    /// Also report each loss with uplink noise SIGMA (0: none) before and after training, to
+    /// see the adapter at other noise levels than its own; repeatable
+    #[arg(long, value_name = "SIGMA")]
+    pub eval_noise: Vec<f32>,
+    /// Seed of the noise of --uplink-noise and --eval-noise, so that a run repeats exactly
+    /// [default: --seed]. A seed the trunk server can guess lets it remove the noise
+    #[arg(long, value_name = "N")]
+    pub noise_seed: Option<u64>,
     /// Seeds the adapter's initialisation, the held-out draw and the order of examples
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -152,8 +171,43 @@ fn targets(names: &[String]) -> anyhow::Result<Vec<Target>> {
         .collect()
 }
 
+/// The noise of `--uplink-noise` (none: none), clipped by `--uplink-clip`, drawn from
+/// `--noise-seed` or `--seed`.
+fn uplink_noise(args: &FinetuneArgs, sigma: Option<f32>) -> anyhow::Result<Option<UplinkNoise>> {
+    let seed = Some(args.noise_seed.unwrap_or(args.seed));
+    Ok(sigma
+        .map(|sigma| UplinkNoise::new(sigma, args.uplink_clip, seed))
+        .transpose()?)
+}
+
+/// The `--eval-noise` levels, each with the label of its loss lines.
+fn eval_noises(args: &FinetuneArgs) -> anyhow::Result<Vec<(String, Option<UplinkNoise>)>> {
+    anyhow::ensure!(
+        args.noise_seed.is_none() || args.uplink_noise.is_some() || !args.eval_noise.is_empty(),
+        "--noise-seed seeds --uplink-noise or --eval-noise; give one of them"
+    );
+    args.eval_noise
+        .iter()
+        .map(|&sigma| {
+            anyhow::ensure!(
+                sigma == 0.0 || (sigma > 0.0 && sigma <= MAX_SIGMA),
+                "--eval-noise must be 0 or a number in (0, {MAX_SIGMA}], not {sigma}"
+            );
+            if sigma == 0.0 {
+                return Ok(("no uplink noise".to_string(), None));
+            }
+            Ok((
+                format!("uplink noise {sigma}"),
+                uplink_noise(args, Some(sigma))?,
+            ))
+        })
+        .collect()
+}
+
 /// Runs the command.
 pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
+    let noise = uplink_noise(&args, args.uplink_noise)?;
+    let eval_noises = eval_noises(&args)?;
     let path = match &args.model {
         Some(path) => path.clone(),
         None => lsplit_fetch::ensure_default_model_with_progress()?,
@@ -220,6 +274,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         weight_decay: args.weight_decay,
         seed: args.seed,
         privacy_weight: args.privacy_weight,
+        uplink_noise: noise,
     };
     let mut trainer = Trainer::new(source, plan, options, trunk)?;
     let checkpoint = args.out.join("checkpoint");
@@ -234,7 +289,15 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         data.train.len(),
         data.held_out.len()
     );
-    report_losses(&mut trainer, &data.held_out, &evals, "before")?;
+    if let Some(noise) = noise {
+        println!(
+            "the trunk receives rows with uplink noise `{}` (noise seed {}), in training and in \
+             the losses below unless they name another",
+            noise.flags(),
+            args.noise_seed.unwrap_or(args.seed)
+        );
+    }
+    report_losses(&mut trainer, &data.held_out, &evals, &eval_noises, "before")?;
     let privacy_set = privacy_set(&args, &data);
     report_privacy(&trainer, privacy_set, "before")?;
     let start_step = trainer.steps_done();
@@ -294,18 +357,20 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             per_token(received)
         );
     }
-    report_losses(&mut trainer, &data.held_out, &evals, "after")?;
+    report_losses(&mut trainer, &data.held_out, &evals, &eval_noises, "after")?;
     report_privacy(&trainer, privacy_set, "after")?;
     println!("adapter written to {}", args.out.display());
     Ok(())
 }
 
 /// Prints the loss and perplexity on the held-out examples (if any) and on each `--eval-data`
-/// file, `when` ("before" or "after") training.
+/// file, `when` ("before" or "after") training: with the run's own uplink noise, then with
+/// each of `noises` (labelled).
 fn report_losses(
     trainer: &mut Trainer,
     held_out: &[Example],
     evals: &[(String, Vec<Example>)],
+    noises: &[(String, Option<UplinkNoise>)],
     when: &str,
 ) -> anyhow::Result<()> {
     let held_out = (!held_out.is_empty()).then(|| ("held-out".to_string(), held_out));
@@ -313,13 +378,21 @@ fn report_losses(
         .iter()
         .map(|(path, set)| (path.clone(), set.as_slice()));
     for (name, set) in held_out.into_iter().chain(named) {
-        let eval = trainer.evaluate(set)?;
-        println!(
-            "{name} loss {when}: {:.4} (perplexity {:.3}, {} tokens)",
-            eval.loss,
-            eval.perplexity(),
-            eval.tokens
-        );
+        let print = |label: String, eval: lsplit_train::Evaluation| {
+            println!(
+                "{name} loss {when}{label}: {:.4} (perplexity {:.3}, {} tokens)",
+                eval.loss,
+                eval.perplexity(),
+                eval.tokens
+            );
+        };
+        print(String::new(), trainer.evaluate(set)?);
+        for (label, noise) in noises {
+            print(
+                format!(" ({label})"),
+                trainer.evaluate_with_noise(set, *noise)?,
+            );
+        }
     }
     Ok(())
 }
