@@ -53,7 +53,7 @@ pub const CORPUS: [&str; 24] = [
     "How do vaccines train the immune system?",
 ];
 
-/// Steps of training by default: about a minute on two cores in the dev build.
+/// Steps of training by default: under a minute on two cores in the dev build.
 pub const DEFAULT_DECODER_STEPS: usize = 600;
 
 /// How the decoder is trained.
@@ -86,7 +86,7 @@ const NOISE_LEVELS: [f32; 6] = [0.0, 0.0, 0.05, 0.1, 0.2, 0.5];
 const HIDDEN: usize = 1024;
 
 /// Rows per optimizer step.
-const BATCH: usize = 128;
+const BATCH: usize = 64;
 
 /// Tokens drawn from the whole vocabulary per step as the softmax's other candidates, beside
 /// the batch's own.
