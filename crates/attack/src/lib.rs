@@ -25,6 +25,9 @@
 //!   regression from the positions whose tokens are public (the chat template's opening) and
 //!   then from each position recovered (see `plaintext.rs`); it sees through a fixed linear
 //!   distortion of the rows. It needs K1;
+//! - **learned decoder**: an MLP the attacker trains on rows it makes itself, with the public
+//!   head and with adapters and noise of its own, maps each uplink row to a token (see
+//!   `decoder.rs`); it runs when [`Attacker::train_decoder`] trained one for the boundaries;
 //! - **logit lens**: the uplink row through the public final norm and LM head (with tied
 //!   embeddings, the nearest embedding by dot product), the baseline. Rows are unpermuted
 //!   first once matching has recovered the permutation.
@@ -40,6 +43,7 @@
 //! ([`adapter`] writes the private adapter they use).
 
 pub mod adapter;
+mod decoder;
 mod matching;
 mod plaintext;
 mod score;
@@ -53,6 +57,7 @@ use lsplit_model::{ModelError, ModelPart, ModelSource, PartKind, PartSpec};
 use lsplit_split::{CaptureError, CapturedMessage, PolicyError, SplitError, Way};
 use lsplit_wire::WireError;
 
+pub use decoder::{CORPUS, DEFAULT_DECODER_STEPS, DecoderOptions, corpus_tokens};
 pub use matching::{LOOSE_TOLERANCE, MATCH_TOLERANCE, SEPARATION};
 use matching::{Mode, Search, TokenRows};
 pub use score::{Rate, Scores, Truth};
@@ -154,17 +159,26 @@ pub fn template_prefix(tokenizer: &lsplit_tokenizer::Tokenizer) -> Result<Vec<u3
     if tokenizer.chat_template().is_none() {
         return Ok(Vec::new());
     }
-    let encode = |text: &str| -> Result<Vec<u32>, AttackError> {
-        let messages = [lsplit_tokenizer::ChatMessage::new("user", text)];
-        let templated = tokenizer.apply_chat_template(&messages, true)?;
-        Ok(tokenizer.encode(&templated, false)?)
-    };
-    let (a, b) = (encode("a")?, encode("b")?);
+    let (a, b) = (chat_tokens(tokenizer, "a")?, chat_tokens(tokenizer, "b")?);
     Ok(a.iter()
         .zip(&b)
         .take_while(|(x, y)| x == y)
         .map(|(x, _)| *x)
         .collect())
+}
+
+/// The tokens a device sends for the user message `text`: chat-templated when the tokenizer
+/// has a template, raw otherwise.
+pub(crate) fn chat_tokens(
+    tokenizer: &lsplit_tokenizer::Tokenizer,
+    text: &str,
+) -> Result<Vec<u32>, AttackError> {
+    if tokenizer.chat_template().is_none() {
+        return Ok(tokenizer.encode(text, true)?);
+    }
+    let messages = [lsplit_tokenizer::ChatMessage::new("user", text)];
+    let templated = tokenizer.apply_chat_template(&messages, true)?;
+    Ok(tokenizer.encode(&templated, false)?)
 }
 
 /// The attacks' guesses, per sequence position that crossed the wire.
@@ -189,6 +203,9 @@ pub struct Recovery {
     /// The known-plaintext attack: the token guessed at each position (empty when it was
     /// not run: no known prefix, or a secret K1).
     pub known_plaintext: Vec<u32>,
+    /// The learned decoder: the token guessed at each position (empty when no decoder was
+    /// trained for the boundaries the uplink may have left from).
+    pub decoder: Vec<u32>,
 }
 
 /// The public weights an attacker runs: a head as deep as the deepest boundary tried, a tail
@@ -204,6 +221,10 @@ pub struct Attacker {
     tables: Vec<TokenRows>,
     layers: usize,
     max_k: usize,
+    /// The public model's file, which the decoder's training reopens with adapters of its own.
+    path: PathBuf,
+    /// The learned decoders trained so far, one per set of boundaries.
+    decoders: Vec<decoder::Decoder>,
 }
 
 impl Attacker {
@@ -248,7 +269,27 @@ impl Attacker {
             tables,
             layers,
             max_k,
+            path: source.path().to_path_buf(),
+            decoders: Vec::new(),
         })
+    }
+
+    /// Every token's embedding `(vocab, d)`.
+    fn embeddings(&self) -> &Tensor {
+        self.tables[0].rows()
+    }
+
+    /// The boundaries the uplink may have left from: K1 when known, else every one up to
+    /// `max_k`.
+    fn uplink_boundaries(&self, knowledge: &Knowledge) -> Result<Range<usize>, AttackError> {
+        match knowledge.k1 {
+            Some(k) if k <= self.max_k => Ok(k..k + 1),
+            Some(k) => Err(AttackError::Capture(format!(
+                "K1 = {k} is deeper than the attack's --max-k {}",
+                self.max_k
+            ))),
+            None => Ok(0..knowledge.max_k.min(self.max_k) + 1),
+        }
     }
 
     /// Runs every attack on the messages of one capture, with the default [`Options`].
@@ -284,19 +325,10 @@ impl Attacker {
                 up[0].dims()
             )));
         }
-        let boundaries = match knowledge.k1 {
-            Some(k) if k <= self.max_k => k..k + 1,
-            Some(k) => {
-                return Err(AttackError::Capture(format!(
-                    "K1 = {k} is deeper than the attack's --max-k {}",
-                    self.max_k
-                )));
-            }
-            None => 0..knowledge.max_k.min(self.max_k) + 1,
-        };
+        let boundaries = self.uplink_boundaries(knowledge)?;
         let search = Search {
             part: &self.head,
-            boundaries,
+            boundaries: boundaries.clone(),
             tables: true,
             budget: knowledge.budget,
             exhaustive: options.exhaustive,
@@ -316,7 +348,12 @@ impl Attacker {
                 self.vocabulary_matching(&up, &search, Mode::Plain)?.tokens
             }
         };
-        let lens = self.logit_lens(&up, &matched.mode)?;
+        let unpermuted: Vec<Tensor> = up
+            .iter()
+            .map(|row| matched.mode.unpermute(row))
+            .collect::<Result<_, _>>()?;
+        let decoder = self.decode(&unpermuted, &boundaries)?;
+        let lens = self.logit_lens(&unpermuted)?;
         let down: Vec<Tensor> = down
             .iter()
             .map(|row| matched.mode.unpermute(row))
@@ -357,17 +394,14 @@ impl Attacker {
             inversion: inverted.tokens,
             inverted_exactly: inverted.exact,
             known_plaintext,
+            decoder,
         })
     }
 
-    /// The logit lens: each uplink row, unpermuted once matching has recovered the
-    /// permutation, through the public final norm and LM head; its most likely token.
-    fn logit_lens(&self, up: &[Tensor], mode: &Mode) -> Result<Vec<u32>, AttackError> {
-        let rows: Vec<Tensor> = up
-            .iter()
-            .map(|row| mode.unpermute(row))
-            .collect::<Result<_, _>>()?;
-        let logits = self.tail.row_logits(&Tensor::stack(&rows, 0)?)?;
+    /// The logit lens: each uplink row (unpermuted once matching has recovered the
+    /// permutation) through the public final norm and LM head; its most likely token.
+    fn logit_lens(&self, rows: &[Tensor]) -> Result<Vec<u32>, AttackError> {
+        let logits = self.tail.row_logits(&Tensor::stack(rows, 0)?)?;
         Ok(logits.argmax(1)?.to_vec1::<u32>()?)
     }
 

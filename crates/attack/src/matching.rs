@@ -58,6 +58,11 @@ impl TokenRows {
         })
     }
 
+    /// Every token's row `(vocab, d)`.
+    pub(crate) fn rows(&self) -> &Tensor {
+        &self.rows
+    }
+
     /// Cosine distances (one minus the cosine) of every token's row to `values` (on sorted
     /// values when `sorted`): the direction of a row ranks candidates better than its length.
     fn distances(&self, values: &[f32], sorted: bool) -> Result<Tensor, AttackError> {

@@ -61,6 +61,8 @@ pub struct Scores {
     pub inversion: Rate,
     /// The known-plaintext attack on the uplink.
     pub known_plaintext: Rate,
+    /// The learned decoder on the uplink.
+    pub decoder: Rate,
 }
 
 impl Recovery {
@@ -99,6 +101,7 @@ impl Recovery {
             lens: rate(&self.lens, false),
             inversion: rate(&self.inversion, false),
             known_plaintext: rate(&self.known_plaintext, false),
+            decoder: rate(&self.decoder, false),
         }
     }
 }
@@ -175,6 +178,7 @@ mod tests {
             inversion: vec![1, 5, 6, 0],
             inverted_exactly: 3,
             known_plaintext: vec![1, 5],
+            decoder: vec![1, 0, 6],
         };
         let s = recovery.score(&[1, 5, 6], &[7, 9]);
         assert_eq!((s.matching.prompt, s.matching.generated), (3, 1));
@@ -182,6 +186,7 @@ mod tests {
         assert_eq!((s.lens.prompt, s.lens.generated), (1, 0));
         assert_eq!((s.inversion.prompt, s.inversion.generated), (3, 0));
         assert_eq!(s.known_plaintext.prompt, 2);
+        assert_eq!((s.decoder.prompt, s.decoder.generated), (2, 0));
         assert_eq!(s.matching.generated_total, 2);
         assert!((s.replay.prompt_percent() - 66.666).abs() < 0.01);
     }

@@ -325,6 +325,7 @@ impl Measure {
         s.lens.add(other.scores.lens);
         s.inversion.add(other.scores.inversion);
         s.known_plaintext.add(other.scores.known_plaintext);
+        s.decoder.add(other.scores.decoder);
         self.nll += other.nll;
         self.reference_nll += other.reference_nll;
         self.predicted += other.predicted;
@@ -366,6 +367,7 @@ impl Measure {
             ("logit lens", s.lens),
             ("downlink inversion", s.inversion),
             ("known plaintext", s.known_plaintext),
+            ("learned decoder", s.decoder),
         ]
         .into_iter()
         .map(|(name, rate)| (rate.prompt_percent(), name))
@@ -458,10 +460,11 @@ impl Summary {
     }
 }
 
-/// The header of the defences table.
+/// The header of the defences table (the learned decoder's column last, so that the columns
+/// before it keep their places).
 pub const DEFENCES_HEADER: &str = "| flags | epsilon | perplexity | greedy agreement | replay | \
     matching | logit lens | downlink inversion | known plaintext | best attack on the prompt | \
-    ms per token | bytes per token |";
+    ms per token | bytes per token | learned decoder |";
 
 /// One row of the defences table: `flags` (empty: none), the noise's `epsilon` and what `m`
 /// measured, under [`DEFENCES_HEADER`].
@@ -470,7 +473,7 @@ pub fn defence_row(flags: &str, epsilon: Option<f64>, m: &Measure) -> String {
     let s = &m.scores;
     let (best, name) = m.best_prompt_attack();
     format!(
-        "| `{}` | {} | {:+.1}% | {:.1}% | {} | {} | {} | {} | {} | {best:.1}% ({name}) | {:.1} | {:.0} |",
+        "| `{}` | {} | {:+.1}% | {:.1}% | {} | {} | {} | {} | {} | {best:.1}% ({name}) | {:.1} | {:.0} | {} |",
         if flags.is_empty() { "(none)" } else { flags },
         epsilon.map_or_else(|| "-".to_string(), |e| format!("{e:.3e}")),
         100.0 * (m.perplexity_ratio() - 1.0),
@@ -482,6 +485,7 @@ pub fn defence_row(flags: &str, epsilon: Option<f64>, m: &Measure) -> String {
         rate(&s.known_plaintext),
         m.ms_per_token(),
         m.bytes_per_token(),
+        rate(&s.decoder),
     )
 }
 

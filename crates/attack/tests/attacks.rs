@@ -7,7 +7,9 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{Device, Tensor};
-use lsplit_attack::{Attacker, Knowledge, Options, Scores, template_prefix};
+use lsplit_attack::{
+    Attacker, DecoderOptions, Knowledge, Options, Scores, corpus_tokens, template_prefix,
+};
 use lsplit_model::{ModelSource, PartKind, PartSpec, SplitPlan};
 use lsplit_split::{
     CaptureWriter, CapturedMessage, DeviceModel, GenerateOptions, LocalTrunk, Obfuscation,
@@ -19,6 +21,10 @@ const PROMPT: &str = "List three uses of copper.";
 const MAX_TOKENS: usize = 10;
 /// Tokens of [`PROMPT`] in the chat template.
 const PROMPT_POSITIONS: usize = 36;
+/// Prompt tokens of [`PROMPT`] the learned decoder reads at least, trained with
+/// [`DECODER_STEPS`] from seed 7 (33 when measured): the 30 of the chat template and some of
+/// the user's words, which its training text never holds in that order.
+const MIN_DECODED: usize = 32;
 
 fn source() -> &'static ModelSource {
     static SOURCE: OnceLock<ModelSource> = OnceLock::new();
@@ -330,4 +336,79 @@ fn the_known_plaintext_attack_sees_through_a_rotation_of_the_rows() {
     // with 64 candidates.
     assert!(s.known_plaintext.prompt >= 33, "{s:?}");
     assert!(s.known_plaintext.generated >= 7, "{s:?}");
+}
+
+/// Optimizer steps of the learned decoder in the tests: fewer than the command's default, for
+/// speed.
+const DECODER_STEPS: usize = 300;
+
+/// A fresh attacker 2 layers deep with a learned decoder for K1 = 2, trained from `seed` on
+/// the attacker's own corpus with `steps`.
+fn decoding_attacker(seed: u64) -> Attacker {
+    let tokenizer = load_tokenizer(source()).expect("tokenizer");
+    let mut attacker =
+        Attacker::new(source(), 2, 1, &Device::Cpu, &mut |_, _| {}).expect("attacker");
+    let texts = corpus_tokens(&tokenizer).expect("corpus");
+    let options = DecoderOptions {
+        steps: DECODER_STEPS,
+        seed,
+    };
+    attacker
+        .train_decoder(&texts, &known(2, 28), &options, &mut |_, _| {})
+        .expect("decoder");
+    attacker
+}
+
+/// The learned decoder, trained only on rows the attacker made from its own text (none of it
+/// this prompt), reads most of an undefended prompt from the capture alone; the same seed
+/// trains the same decoder, so the guesses repeat.
+#[test]
+fn the_learned_decoder_reads_a_prompt_it_never_saw_and_repeats_from_its_seed() {
+    let captured = fixed_capture(Obfuscation::None, Codec::F32);
+    let guesses = |attacker: &Attacker| {
+        attacker
+            .run(&captured.messages, &known(2, 28))
+            .expect("attack")
+    };
+    let first = guesses(&decoding_attacker(7));
+    assert_eq!(first.decoder.len(), PROMPT_POSITIONS + MAX_TOKENS - 1);
+    let s = first.score(&captured.prompt, &captured.generated);
+    assert!(s.decoder.prompt >= MIN_DECODED, "{s:?}");
+    assert_eq!(guesses(&decoding_attacker(7)).decoder, first.decoder);
+    // Without a decoder for the boundary the capture's K1 names, none is guessed.
+    assert!(
+        attacker()
+            .run(&captured.messages, &known(2, 28))
+            .expect("attack")
+            .decoder
+            .is_empty()
+    );
+}
+
+/// Bad input gets a clear error: a K1 deeper than the attacker reaches, no training text, an
+/// empty capture.
+#[test]
+fn the_learned_decoder_refuses_bad_input() {
+    let mut attacker =
+        Attacker::new(source(), 2, 1, &Device::Cpu, &mut |_, _| {}).expect("attacker");
+    let options = DecoderOptions { steps: 1, seed: 0 };
+    let err = attacker
+        .train_decoder(&[vec![1, 2]], &known(5, 25), &options, &mut |_, _| {})
+        .expect_err("too deep");
+    assert_eq!(
+        err.to_string(),
+        "K1 = 5 is deeper than the attack's --max-k 2"
+    );
+    let err = attacker
+        .train_decoder(&[Vec::new()], &known(2, 28), &options, &mut |_, _| {})
+        .expect_err("no text");
+    assert_eq!(
+        err.to_string(),
+        "the decoder's training text holds no tokens"
+    );
+    let err = attacker.run(&[], &known(2, 28)).expect_err("empty capture");
+    assert_eq!(
+        err.to_string(),
+        "the capture holds 0 uplink and 0 downlink positions"
+    );
 }

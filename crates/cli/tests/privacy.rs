@@ -193,7 +193,7 @@ fn attack_reads_a_fixed_unpermuted_capture_back() {
             .is_some_and(|(_, rest)| rest.starts_with("prompt "))
     };
     let unscored: Vec<&str> = report.lines().filter(|l| !is_score(l)).collect();
-    assert_eq!(report.lines().filter(is_score).count(), 5, "{report}");
+    assert_eq!(report.lines().filter(is_score).count(), 6, "{report}");
     assert_eq!(stdout(&out).lines().collect::<Vec<_>>(), unscored);
     // A token file of another session is refused, not scored.
     let other = dir.path().join("other.json");

@@ -17,7 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_attack::adapter::write_random_adapter;
 use lsplit_attack::table::{self, Measure, Policies, Setting, Table};
 use lsplit_attack::{
-    Attacker, DEFAULT_INVERSION_BUDGET, Knowledge, Options, Rate, Scores, Truth, template_prefix,
+    Attacker, DEFAULT_DECODER_STEPS, DEFAULT_INVERSION_BUDGET, DecoderOptions, Knowledge, Options,
+    Rate, Scores, Truth, corpus_tokens, template_prefix,
 };
 use lsplit_model::ModelSource;
 use lsplit_split::read_capture;
@@ -59,6 +60,14 @@ pub struct AttackArgs {
     /// Most candidate tokens downlink inversion runs per position (each through K2 layers)
     #[arg(long, default_value_t = DEFAULT_INVERSION_BUDGET)]
     pub inversion_budget: usize,
+    /// Steps of training of the learned decoder, an MLP the attacker trains on rows it makes
+    /// itself (its own text through the public head, with adapters and noise of its own);
+    /// 0: no decoder
+    #[arg(long, default_value_t = DEFAULT_DECODER_STEPS)]
+    pub decoder_steps: usize,
+    /// Seed of the learned decoder's training: the same seed gives the same decoder
+    #[arg(long, default_value_t = 0)]
+    pub decoder_seed: u64,
     /// Instead of one capture, generate and attack every prompt of --prompts under every
     /// defence (random split points, the permutation, a private adapter, uplink noise, and
     /// combinations) and print the table of PRIVACY.md: each attack's recovery, the utility
@@ -133,13 +142,19 @@ pub fn run(args: AttackArgs) -> anyhow::Result<()> {
         }
         _ => args.max_k,
     };
-    let attacker = build_attacker(&source, &tokenizer, max_k)?;
+    let mut attacker = build_attacker(&source, &tokenizer, max_k)?;
     let knowledge = Knowledge {
         k1: args.k1,
         k2: args.k2,
         max_k,
         budget: args.budget.unwrap_or(usize::MAX),
     };
+    train_decoders(
+        &args,
+        &mut attacker,
+        &tokenizer,
+        std::slice::from_ref(&knowledge),
+    )?;
     let options = Options {
         exhaustive: args.exhaustive,
         known_prefix: template_prefix(&tokenizer)?,
@@ -170,6 +185,9 @@ pub fn run(args: AttackArgs) -> anyhow::Result<()> {
     if !recovery.known_plaintext.is_empty() {
         println!("known plaintext: {:?}", text(&recovery.known_plaintext)?);
     }
+    if !recovery.decoder.is_empty() {
+        println!("learned decoder: {:?}", text(&recovery.decoder)?);
+    }
     if let Some(file) = &args.truth {
         let truth = Truth::load(file)?;
         truth.check(&recovery)?;
@@ -198,6 +216,7 @@ fn score_lines(scores: &Scores) -> String {
         line("logit lens", &scores.lens),
         line("downlink inversion", &scores.inversion),
         line("known plaintext", &scores.known_plaintext),
+        line("learned decoder", &scores.decoder),
     ]
     .concat()
 }
@@ -223,6 +242,40 @@ fn build_attacker(
     )?;
     progress.finish_and_clear();
     Ok(attacker)
+}
+
+/// Trains the learned decoder for each of `knowledge` (once per set of boundaries), with a
+/// progress bar; nothing with `--decoder-steps 0`.
+fn train_decoders(
+    args: &AttackArgs,
+    attacker: &mut Attacker,
+    tokenizer: &Tokenizer,
+    knowledge: &[Knowledge],
+) -> anyhow::Result<()> {
+    if args.decoder_steps == 0 {
+        return Ok(());
+    }
+    let options = DecoderOptions {
+        steps: args.decoder_steps,
+        seed: args.decoder_seed,
+    };
+    let texts = corpus_tokens(tokenizer)?;
+    let progress = ProgressBar::new(args.decoder_steps as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .context("progress bar template")?,
+    );
+    for k in knowledge {
+        progress.set_message(match k.k1 {
+            Some(k1) => format!("learned decoder at K1 = {k1}"),
+            None => format!("learned decoder up to {}", k.max_k),
+        });
+        progress.set_position(0);
+        attacker.train_decoder(&texts, k, &options, &mut |done, _| {
+            progress.set_position(done as u64)
+        })?;
+    }
+    progress.finish_and_clear();
+    Ok(())
 }
 
 /// The table's prompts: --prompts, or the built-in ones.
@@ -376,7 +429,9 @@ fn defences(
         }
     };
     adapted.load_adapter(&adapter_dir)?;
-    let attacker = build_attacker(public, &tokenizer, table::deepest(&settings))?;
+    let mut attacker = build_attacker(public, &tokenizer, table::deepest(&settings))?;
+    let knowledge: Vec<Knowledge> = settings.iter().map(|s| s.knowledge.clone()).collect();
+    train_decoders(args, &mut attacker, &tokenizer, &knowledge)?;
     let tuning = prompts.len() / 2;
     let run = Table {
         source: public,
@@ -443,7 +498,7 @@ fn defences(
     )?;
     for (title, pick) in [("Held-out prompts", 1), ("Tuning prompts", 0)] {
         writeln!(out, "{title}:\n\n{}", table::DEFENCES_HEADER)?;
-        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         for (setting, half) in settings.iter().zip(&halves) {
             let m = if pick == 1 { &half.1 } else { &half.0 };
             writeln!(
@@ -480,17 +535,19 @@ fn defences(
         )?,
     }
     if let Some(file) = &args.csv {
-        let mut csv =
-            String::from("flags,epsilon,perplexity_ratio,agreement_percent,best_prompt_percent\n");
+        let mut csv = String::from(
+            "flags,epsilon,perplexity_ratio,agreement_percent,best_prompt_percent,decoder_prompt_percent\n",
+        );
         for (setting, half) in settings.iter().zip(&halves) {
             writeln!(
                 csv,
-                "\"{}\",{},{},{},{}",
+                "\"{}\",{},{},{},{},{}",
                 flags(setting),
                 setting.epsilon(config.hidden_size).unwrap_or(f64::INFINITY),
                 half.1.perplexity_ratio(),
                 half.1.agreement_percent(),
-                half.1.best_prompt_attack().0
+                half.1.best_prompt_attack().0,
+                half.1.scores.decoder.prompt_percent()
             )?;
         }
         std::fs::write(file, csv).with_context(|| format!("writing {}", file.display()))?;
