@@ -167,6 +167,35 @@ pub fn template_prefix(tokenizer: &lsplit_tokenizer::Tokenizer) -> Result<Vec<u3
         .collect())
 }
 
+/// Where the user's own text lies in `prompt`: after the chat template's public opening and
+/// before its public closing (the assistant's turn), when the prompt has both; the whole
+/// prompt otherwise (a raw prompt). Recovering the template's tokens reveals nothing, so the
+/// tables score what an attack reads of the rest.
+pub fn user_text(
+    tokenizer: &lsplit_tokenizer::Tokenizer,
+    prompt: &[u32],
+) -> Result<std::ops::Range<usize>, AttackError> {
+    if tokenizer.chat_template().is_none() {
+        return Ok(0..prompt.len());
+    }
+    let (a, b) = (chat_tokens(tokenizer, "a")?, chat_tokens(tokenizer, "b")?);
+    let opening = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let closing = a
+        .iter()
+        .rev()
+        .zip(b.iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let templated = prompt.len() >= opening + closing
+        && prompt.starts_with(&a[..opening])
+        && prompt.ends_with(&a[a.len() - closing..]);
+    Ok(if templated {
+        opening..prompt.len() - closing
+    } else {
+        0..prompt.len()
+    })
+}
+
 /// The tokens a device sends for the user message `text`: chat-templated when the tokenizer
 /// has a template, raw otherwise.
 pub(crate) fn chat_tokens(

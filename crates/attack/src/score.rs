@@ -1,6 +1,7 @@
 //! How much of a session each attack recovered: its guesses scored against the true tokens,
 //! which `lsplit generate --save-tokens` writes to a [`Truth`] file (they never cross the wire).
 
+use std::ops::Range;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,11 @@ pub struct Rate {
     pub prompt: usize,
     /// Prompt tokens in all.
     pub prompt_total: usize,
+    /// Tokens of the user's own text recovered: the prompt less the chat template's public
+    /// tokens, which every attacker knows without reading anything (see [`crate::user_text`]).
+    pub user: usize,
+    /// Tokens of the user's own text in all.
+    pub user_total: usize,
     /// Generated tokens recovered.
     pub generated: usize,
     /// Generated tokens in all.
@@ -25,6 +31,8 @@ impl Rate {
     pub fn add(&mut self, other: Rate) {
         self.prompt += other.prompt;
         self.prompt_total += other.prompt_total;
+        self.user += other.user;
+        self.user_total += other.user_total;
         self.generated += other.generated;
         self.generated_total += other.generated_total;
     }
@@ -32,6 +40,11 @@ impl Rate {
     /// Percent of prompt tokens recovered.
     pub fn prompt_percent(&self) -> f64 {
         percent(self.prompt, self.prompt_total)
+    }
+
+    /// Percent of the user's own prompt tokens recovered.
+    pub fn user_percent(&self) -> f64 {
+        percent(self.user, self.user_total)
     }
 
     /// Percent of generated tokens recovered.
@@ -66,8 +79,9 @@ pub struct Scores {
 }
 
 impl Recovery {
-    /// Scores the guesses against the prompt and generated tokens of the session.
-    pub fn score(&self, prompt: &[u32], generated: &[u32]) -> Scores {
+    /// Scores the guesses against the prompt and generated tokens of the session; `user` is
+    /// where in the prompt the user's own text lies ([`crate::user_text`]).
+    pub fn score(&self, prompt: &[u32], generated: &[u32], user: Range<usize>) -> Scores {
         let at =
             |guesses: &[u32], position: usize, truth: u32| guesses.get(position) == Some(&truth);
         let rate = |current: &[u32], next: bool| {
@@ -87,6 +101,12 @@ impl Recovery {
                     .filter(|&(p, &t)| guess(p, t))
                     .count(),
                 prompt_total: prompt.len(),
+                user: prompt
+                    .iter()
+                    .enumerate()
+                    .filter(|&(p, &t)| user.contains(&p) && guess(p, t))
+                    .count(),
+                user_total: user.len().min(prompt.len().saturating_sub(user.start)),
                 generated: generated
                     .iter()
                     .enumerate()
@@ -180,8 +200,11 @@ mod tests {
             known_plaintext: vec![1, 5],
             decoder: vec![1, 0, 6],
         };
-        let s = recovery.score(&[1, 5, 6], &[7, 9]);
+        let s = recovery.score(&[1, 5, 6], &[7, 9], 1..2);
         assert_eq!((s.matching.prompt, s.matching.generated), (3, 1));
+        // The user's text is position 1 alone: token 5.
+        assert_eq!((s.matching.user, s.matching.user_total), (1, 1));
+        assert_eq!((s.lens.user, s.decoder.user), (1, 0));
         assert_eq!((s.replay.prompt, s.replay.generated), (2, 2));
         assert_eq!((s.lens.prompt, s.lens.generated), (1, 0));
         assert_eq!((s.inversion.prompt, s.inversion.generated), (3, 0));

@@ -358,7 +358,7 @@ impl Measure {
         .prompt_percent()
     }
 
-    /// The best attack's prompt recovery, percent, and its name.
+    /// The best attack's recovery of the user's own prompt text, percent, and its name.
     pub fn best_prompt_attack(&self) -> (f64, &'static str) {
         let s = &self.scores;
         [
@@ -370,7 +370,7 @@ impl Measure {
             ("learned decoder", s.decoder),
         ]
         .into_iter()
-        .map(|(name, rate)| (rate.prompt_percent(), name))
+        .map(|(name, rate)| (rate.user_percent(), name))
         .fold(
             (f64::NEG_INFINITY, ""),
             |best, x| if x.0 > best.0 { x } else { best },
@@ -469,7 +469,7 @@ pub const DEFENCES_HEADER: &str = "| flags | epsilon | perplexity | greedy agree
 /// One row of the defences table: `flags` (empty: none), the noise's `epsilon` and what `m`
 /// measured, under [`DEFENCES_HEADER`].
 pub fn defence_row(flags: &str, epsilon: Option<f64>, m: &Measure) -> String {
-    let rate = |r: &Rate| format!("{:.1}% / {:.1}%", r.prompt_percent(), r.generated_percent());
+    let rate = |r: &Rate| format!("{:.1}% / {:.1}%", r.user_percent(), r.generated_percent());
     let s = &m.scores;
     let (best, name) = m.best_prompt_attack();
     format!(
@@ -578,7 +578,11 @@ impl Table<'_> {
                 let text = [&reference.prompt[..], &reference.reply[..]].concat();
                 let logits = forced.forward_rows(&text)?;
                 measures.push(Measure {
-                    scores: recovery.score(&reference.prompt, &generation.tokens),
+                    scores: recovery.score(
+                        &reference.prompt,
+                        &generation.tokens,
+                        crate::user_text(&self.tokenizer, &reference.prompt)?,
+                    ),
                     nll: nll(&logits, &text),
                     reference_nll: reference.nll,
                     predicted: text.len() - 1,

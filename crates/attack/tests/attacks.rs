@@ -62,7 +62,11 @@ fn attack_with(
         .run(&captured.messages, &knowledge)
         .expect("attack");
     (
-        recovery.score(&captured.prompt, &captured.generated),
+        recovery.score(
+            &captured.prompt,
+            &captured.generated,
+            0..captured.prompt.len(),
+        ),
         recovery.permutation_recovered,
         captured.messages.iter().map(|m| m.rewind).sum(),
     )
@@ -220,7 +224,11 @@ fn the_early_exit_gives_the_argmin_of_every_candidate_tried() {
             .run_with(&captured.messages, &budget, &exhaustive)
             .expect("attack");
         assert_eq!(early.matching, every.matching, "{codec}");
-        let s = every.score(&captured.prompt, &captured.generated);
+        let s = every.score(
+            &captured.prompt,
+            &captured.generated,
+            0..captured.prompt.len(),
+        );
         // The budget is small for speed: a few template tokens rank beyond it.
         assert!(s.matching.prompt >= 30, "{codec}: {s:?}");
         assert_eq!(s.matching.generated, MAX_TOKENS - 1, "{codec}: {s:?}");
@@ -259,7 +267,11 @@ fn downlink_inversion_reads_the_prompt_from_the_rows_coming_back() {
     let recovery = attacker()
         .run(&captured.messages, &knowledge)
         .expect("attack");
-    let s = recovery.score(&captured.prompt, &captured.generated);
+    let s = recovery.score(
+        &captured.prompt,
+        &captured.generated,
+        0..captured.prompt.len(),
+    );
     // 21 of 36 and 6 of 10 when measured, against replay's 13 prompt tokens.
     assert!(s.inversion.prompt > s.replay.prompt, "{s:?}");
     assert!(s.inversion.generated > 0, "{s:?}");
@@ -305,7 +317,11 @@ fn the_known_plaintext_attack_sees_through_a_rotation_of_the_rows() {
         attacker()
             .run_with(messages, knowledge, &options)
             .expect("attack")
-            .score(&captured.prompt, &captured.generated)
+            .score(
+                &captured.prompt,
+                &captured.generated,
+                0..captured.prompt.len(),
+            )
     };
     let s = score(&captured.messages, &known(2, 28));
     assert!(s.known_plaintext.prompt >= s.matching.prompt, "{s:?}");
@@ -372,7 +388,11 @@ fn the_learned_decoder_reads_a_prompt_it_never_saw_and_repeats_from_its_seed() {
     };
     let first = guesses(&decoding_attacker(7));
     assert_eq!(first.decoder.len(), PROMPT_POSITIONS + MAX_TOKENS - 1);
-    let s = first.score(&captured.prompt, &captured.generated);
+    let s = first.score(
+        &captured.prompt,
+        &captured.generated,
+        0..captured.prompt.len(),
+    );
     assert!(s.decoder.prompt >= MIN_DECODED, "{s:?}");
     assert_eq!(guesses(&decoding_attacker(7)).decoder, first.decoder);
     // Without a decoder for the boundary the capture's K1 names, none is guessed.
@@ -410,5 +430,25 @@ fn the_learned_decoder_refuses_bad_input() {
     assert_eq!(
         err.to_string(),
         "the capture holds 0 uplink and 0 downlink positions"
+    );
+}
+
+#[test]
+fn the_users_text_is_the_prompt_between_the_chat_templates_public_tokens() {
+    let tokenizer = load_tokenizer(source()).expect("tokenizer");
+    let messages = [lsplit_tokenizer::ChatMessage::new("user", PROMPT)];
+    let templated = tokenizer
+        .apply_chat_template(&messages, true)
+        .expect("template");
+    let tokens = tokenizer.encode(&templated, false).expect("encode");
+    assert_eq!(tokens.len(), PROMPT_POSITIONS);
+    let user = lsplit_attack::user_text(&tokenizer, &tokens).expect("user text");
+    assert_eq!(user, 24..30);
+    assert_eq!(tokenizer.decode(&tokens[user]).expect("decode"), PROMPT);
+    // A raw prompt (no template) is the user's text throughout.
+    let raw = tokenizer.encode(PROMPT, true).expect("encode");
+    assert_eq!(
+        lsplit_attack::user_text(&tokenizer, &raw).expect("user text"),
+        0..raw.len()
     );
 }

@@ -173,12 +173,15 @@ fn attack_reads_a_fixed_unpermuted_capture_back() {
         "uplink rows matched exactly: 43 of 43"
     );
     assert!(
-        line(&report, "replay:").ends_with("generated 8/8 (100.0%)"),
+        line(&report, "replay:").contains(", generated 8/8 (100.0%), "),
         "{report}"
     );
+    // The user's own text: "List three uses of copper." is 6 of the 36 prompt tokens, between
+    // the chat template's 24 opening and 6 closing ones.
     assert_eq!(
         line(&report, "vocabulary matching: prompt"),
-        "vocabulary matching: prompt 36/36 (100.0%), generated 7/8 (87.5%)"
+        "vocabulary matching: prompt 36/36 (100.0%), generated 7/8 (87.5%), user text 6/6 \
+         (100.0%)"
     );
     assert!(
         line(&report, "vocabulary matching: \"").contains("List three uses of copper."),

@@ -107,7 +107,7 @@ pub struct AttackArgs {
     #[arg(long, default_value_t = 8, requires = "table")]
     pub max_tokens: usize,
     /// Write the defences table's held-out rows as CSV to FILE, for `bench/frontier.py` to
-    /// plot
+    /// plot (its prompt percentages count the user's own text, as the table's cells do)
     #[arg(
         long,
         value_name = "FILE",
@@ -191,23 +191,28 @@ pub fn run(args: AttackArgs) -> anyhow::Result<()> {
     if let Some(file) = &args.truth {
         let truth = Truth::load(file)?;
         truth.check(&recovery)?;
-        let scores = recovery.score(&truth.prompt, &truth.generated);
+        let user = lsplit_attack::user_text(&tokenizer, &truth.prompt)?;
+        let scores = recovery.score(&truth.prompt, &truth.generated, user);
         print!("{}", score_lines(&scores));
     }
     Ok(())
 }
 
-/// One line per attack: prompt and generated tokens recovered.
+/// One line per attack: prompt and generated tokens recovered, and of the prompt the user's
+/// own text (less the chat template's public tokens).
 fn score_lines(scores: &Scores) -> String {
     let line = |name: &str, rate: &Rate| {
         format!(
-            "{name}: prompt {}/{} ({:.1}%), generated {}/{} ({:.1}%)\n",
+            "{name}: prompt {}/{} ({:.1}%), generated {}/{} ({:.1}%), user text {}/{} ({:.1}%)\n",
             rate.prompt,
             rate.prompt_total,
             rate.prompt_percent(),
             rate.generated,
             rate.generated_total,
-            rate.generated_percent()
+            rate.generated_percent(),
+            rate.user,
+            rate.user_total,
+            rate.user_percent()
         )
     };
     [
@@ -477,7 +482,8 @@ fn defences(
         out,
         "Model {}, split 2:28, {} prompts ({tuning} tuning, {} held out), {} greedy tokens at \
          most each, f32 on the wire; matching tries {budget} candidates per position, downlink \
-         inversion {}. Cells of attacks: prompt / generated tokens recovered. epsilon: the \
+         inversion {}. Cells of attacks: the user's own prompt text (the prompt less the chat \
+         template's public tokens) / generated tokens recovered. epsilon: the \
          noise's worst case between two rows at delta = {:e}. The private adapter (DIR): {}.\n",
         model_name(path),
         run.prompts.len(),
@@ -547,7 +553,7 @@ fn defences(
                 half.1.perplexity_ratio(),
                 half.1.agreement_percent(),
                 half.1.best_prompt_attack().0,
-                half.1.scores.decoder.prompt_percent()
+                half.1.scores.decoder.user_percent()
             )?;
         }
         std::fs::write(file, csv).with_context(|| format!("writing {}", file.display()))?;
