@@ -12,8 +12,8 @@ use crate::args::LogFormat;
 ///
 /// The model is cut into a head and a tail that run on this device and a trunk (the heavy
 /// middle) that runs in the cloud; only hidden states cross between them, and with the public
-/// weights they give the prompt and the reply back, under every defence measured (PRIVACY.md:
-/// `lsplit attack --table`).
+/// weights they give the prompt and the reply back, under every defence measured that leaves
+/// the model usable (PRIVACY.md: `lsplit attack --table`).
 #[derive(Debug, Parser)]
 #[command(name = "lsplit", version, about)]
 struct Cli {

@@ -357,7 +357,8 @@ fn help_shows_the_long_description() {
              trunk's operator.\n\nThe model is cut into a head and a tail that run on this \
              device and a trunk (the heavy middle) that runs in the cloud; only hidden states \
              cross between them, and with the public weights they give the prompt and the reply \
-             back, under every defence measured (PRIVACY.md: `lsplit attack --table`).\n"
+             back, under every defence measured that leaves the model usable (PRIVACY.md: \
+             `lsplit attack --table`).\n"
         ),
         "{}",
         stdout(&out)
