@@ -116,6 +116,8 @@ pub fn corpus_tokens(
 pub(crate) struct Decoder {
     /// The boundaries it was trained on (one when K1 is known).
     pub(crate) boundaries: Range<usize>,
+    /// Every token's embedding at unit length `(vocab, d)`, which its outputs are compared with.
+    embeddings: Tensor,
     w1: Tensor,
     b1: Tensor,
     w2: Tensor,
@@ -141,13 +143,12 @@ impl Decoder {
 
     /// The token guessed for each row `(n, d)`: the embedding nearest the MLP's output by
     /// cosine.
-    pub(crate) fn guess(
-        &self,
-        rows: &Tensor,
-        embeddings: &Tensor,
-    ) -> Result<Vec<u32>, AttackError> {
+    pub(crate) fn guess(&self, rows: &Tensor) -> Result<Vec<u32>, AttackError> {
         let out = Self::forward(rows, &self.w1, &self.b1, &self.w2, &self.b2)?;
-        Ok(out.matmul(&embeddings.t()?)?.argmax(1)?.to_vec1::<u32>()?)
+        Ok(out
+            .matmul(&self.embeddings.t()?)?
+            .argmax(1)?
+            .to_vec1::<u32>()?)
     }
 }
 
@@ -197,14 +198,9 @@ impl Attacker {
         boundaries: &Range<usize>,
     ) -> Result<Vec<u32>, AttackError> {
         match self.decoders.iter().find(|d| d.boundaries == *boundaries) {
-            Some(decoder) => decoder.guess(&Tensor::stack(up, 0)?, &self.unit_embeddings()?),
+            Some(decoder) => decoder.guess(&Tensor::stack(up, 0)?),
             None => Ok(Vec::new()),
         }
-    }
-
-    /// Every token's embedding at unit length `(vocab, d)`.
-    fn unit_embeddings(&self) -> Result<Tensor, AttackError> {
-        Ok(unit(self.embeddings())?)
     }
 
     /// The rows of every token of `texts` at each of `boundaries`, through the public head and
@@ -275,7 +271,7 @@ impl Attacker {
         let device = self.head.device();
         let width = self.head.config().hidden_size;
         let vocab = self.head.config().vocab_size;
-        let embeddings = self.unit_embeddings()?;
+        let embeddings = unit(self.embeddings())?;
         let mut rng = ChaCha20Rng::seed_from_u64(options.seed);
         let mut normal = |shape: (usize, usize), std: f32| -> Result<Var, AttackError> {
             let values: Vec<f32> = (0..shape.0 * shape.1)
@@ -351,6 +347,7 @@ impl Attacker {
         }
         Ok(Decoder {
             boundaries,
+            embeddings,
             w1: w1.as_tensor().clone(),
             b1: b1.as_tensor().clone(),
             w2: w2.as_tensor().clone(),

@@ -156,15 +156,7 @@ pub const DEFAULT_INVERSION_BUDGET: usize = 32;
 /// The tokens every chat-templated prompt of `tokenizer` starts with (system prompt
 /// included): public knowledge, at known positions. Empty without a chat template.
 pub fn template_prefix(tokenizer: &lsplit_tokenizer::Tokenizer) -> Result<Vec<u32>, AttackError> {
-    if tokenizer.chat_template().is_none() {
-        return Ok(Vec::new());
-    }
-    let (a, b) = (chat_tokens(tokenizer, "a")?, chat_tokens(tokenizer, "b")?);
-    Ok(a.iter()
-        .zip(&b)
-        .take_while(|(x, y)| x == y)
-        .map(|(x, _)| *x)
-        .collect())
+    Ok(template_ends(tokenizer)?.0)
 }
 
 /// Where the user's own text lies in `prompt`: after the chat template's public opening and
@@ -175,8 +167,24 @@ pub fn user_text(
     tokenizer: &lsplit_tokenizer::Tokenizer,
     prompt: &[u32],
 ) -> Result<std::ops::Range<usize>, AttackError> {
+    let (opening, closing) = template_ends(tokenizer)?;
+    let templated = prompt.len() >= opening.len() + closing.len()
+        && prompt.starts_with(&opening)
+        && prompt.ends_with(&closing);
+    Ok(if templated {
+        opening.len()..prompt.len() - closing.len()
+    } else {
+        0..prompt.len()
+    })
+}
+
+/// The tokens every chat-templated prompt of `tokenizer` starts with and ends with (the
+/// longest runs two different messages share at each end); both empty without a template.
+fn template_ends(
+    tokenizer: &lsplit_tokenizer::Tokenizer,
+) -> Result<(Vec<u32>, Vec<u32>), AttackError> {
     if tokenizer.chat_template().is_none() {
-        return Ok(0..prompt.len());
+        return Ok((Vec::new(), Vec::new()));
     }
     let (a, b) = (chat_tokens(tokenizer, "a")?, chat_tokens(tokenizer, "b")?);
     let opening = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
@@ -186,14 +194,7 @@ pub fn user_text(
         .zip(b.iter().rev())
         .take_while(|(x, y)| x == y)
         .count();
-    let templated = prompt.len() >= opening + closing
-        && prompt.starts_with(&a[..opening])
-        && prompt.ends_with(&a[a.len() - closing..]);
-    Ok(if templated {
-        opening..prompt.len() - closing
-    } else {
-        0..prompt.len()
-    })
+    Ok((a[..opening].to_vec(), a[a.len() - closing..].to_vec()))
 }
 
 /// The tokens a device sends for the user message `text`: chat-templated when the tokenizer
@@ -377,16 +378,13 @@ impl Attacker {
                 self.vocabulary_matching(&up, &search, Mode::Plain)?.tokens
             }
         };
-        let unpermuted: Vec<Tensor> = up
-            .iter()
-            .map(|row| matched.mode.unpermute(row))
-            .collect::<Result<_, _>>()?;
+        let unpermute = |rows: &[Tensor]| -> Result<Vec<Tensor>, AttackError> {
+            rows.iter().map(|row| matched.mode.unpermute(row)).collect()
+        };
+        let unpermuted = unpermute(&up)?;
         let decoder = self.decode(&unpermuted, &boundaries)?;
         let lens = self.logit_lens(&unpermuted)?;
-        let down: Vec<Tensor> = down
-            .iter()
-            .map(|row| matched.mode.unpermute(row))
-            .collect::<Result<_, _>>()?;
+        let down = unpermute(&down)?;
         let k2s = match knowledge.k2 {
             Some(k) if k + self.max_k >= self.layers => k..k + 1,
             Some(k) => {

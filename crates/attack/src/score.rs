@@ -82,6 +82,7 @@ impl Recovery {
     /// Scores the guesses against the prompt and generated tokens of the session; `user` is
     /// where in the prompt the user's own text lies ([`crate::user_text`]).
     pub fn score(&self, prompt: &[u32], generated: &[u32], user: Range<usize>) -> Scores {
+        let user = user.start.min(prompt.len())..user.end.min(prompt.len());
         let at =
             |guesses: &[u32], position: usize, truth: u32| guesses.get(position) == Some(&truth);
         let rate = |current: &[u32], next: bool| {
@@ -101,12 +102,8 @@ impl Recovery {
                     .filter(|&(p, &t)| guess(p, t))
                     .count(),
                 prompt_total: prompt.len(),
-                user: prompt
-                    .iter()
-                    .enumerate()
-                    .filter(|&(p, &t)| user.contains(&p) && guess(p, t))
-                    .count(),
-                user_total: user.len().min(prompt.len().saturating_sub(user.start)),
+                user: user.clone().filter(|&p| guess(p, prompt[p])).count(),
+                user_total: user.len(),
                 generated: generated
                     .iter()
                     .enumerate()

@@ -6,6 +6,7 @@
 //! Two sets of settings: [`Setting::grid`], fixed and random split points at several depths,
 //! and [`Setting::defences`], every defence and some combinations at the default split 2:28.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -510,6 +511,8 @@ pub struct Table<'a> {
 /// The unsplit public model's greedy reply to a prompt and the likelihood of prompt and reply.
 struct Reference {
     prompt: Vec<u32>,
+    /// Where in `prompt` the user's own text lies ([`crate::user_text`]).
+    user: Range<usize>,
     reply: Vec<u32>,
     nll: f64,
 }
@@ -581,7 +584,7 @@ impl Table<'_> {
                     scores: recovery.score(
                         &reference.prompt,
                         &generation.tokens,
-                        crate::user_text(&self.tokenizer, &reference.prompt)?,
+                        reference.user.clone(),
                     ),
                     nll: nll(&logits, &text),
                     reference_nll: reference.nll,
@@ -616,6 +619,7 @@ impl Table<'_> {
                 let logits = model.unsplit_session()?.forward_rows(&text)?;
                 Ok(Reference {
                     nll: nll(&logits, &text),
+                    user: crate::user_text(&self.tokenizer, &prompt)?,
                     prompt,
                     reply,
                 })
