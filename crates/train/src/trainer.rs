@@ -250,8 +250,10 @@ impl Trainer {
         let mut privacy = 0.0;
         let weight = self.options.privacy_weight / picked.len() as f64;
         for &(position, example) in &picked {
+            let pass = Pass::new(self.source.config(), example.ids.len())?;
             let noise = self.options.uplink_noise;
-            let (head_out, tail_in, loss) = self.loss_sum(example, noise, position as u64)?;
+            let (head_out, tail_in, loss) =
+                self.loss_sum(example, &pass, noise, position as u64)?;
             total += loss.to_scalar::<f32>()? as f64;
             let tail_grads = (loss / targets as f64)?.backward()?;
             let row_grad = tail_grads
@@ -263,7 +265,6 @@ impl Trainer {
                 Some(rows) => {
                     let mut objective = (&rows * up_grad)?.sum_all()?;
                     if weight > 0.0 {
-                        let pass = Pass::new(self.source.config(), example.ids.len())?;
                         let public = self.public_rows(&example.ids, &pass)?;
                         let term = distance_correlation(&rows, &public)?;
                         privacy += term.to_scalar::<f32>()? as f64;
@@ -317,7 +318,8 @@ impl Trainer {
     ) -> Result<Evaluation> {
         let (mut total, mut tokens) = (0.0, 0);
         for (i, example) in data.iter().enumerate() {
-            let (_, _, loss) = self.loss_sum(example, noise, EVAL_STREAMS | i as u64)?;
+            let pass = Pass::new(self.source.config(), example.ids.len())?;
+            let (_, _, loss) = self.loss_sum(example, &pass, noise, EVAL_STREAMS | i as u64)?;
             total += loss.to_scalar::<f32>()? as f64;
             tokens += example.targets();
         }
@@ -370,24 +372,25 @@ impl Trainer {
         Ok(self.head_rows(ids, pass, false)?.detach())
     }
 
-    /// The forward pass of `example`: the head's output rows (none without head layers), the
-    /// tail's input as a variable, and the summed cross-entropy of its trained tokens. With
+    /// The forward pass of `example` (the sequence of `pass`): the head's output rows (none
+    /// without head layers), the tail's input as a variable, and the summed cross-entropy of its
+    /// trained tokens. With
     /// `noise`, the trunk receives the rows noised by ChaCha20 stream `stream` of the noise's
     /// seed; the gradient the trunk returns goes to the head's rows as it is (straight
     /// through the noise).
     fn loss_sum(
         &mut self,
         example: &Example,
+        pass: &Pass,
         noise: Option<UplinkNoise>,
         stream: u64,
     ) -> Result<(Option<Tensor>, Var, Tensor)> {
         let n = example.ids.len();
-        let pass = Pass::new(self.source.config(), n)?;
-        let x = self.head_rows(&example.ids, &pass, true)?;
+        let x = self.head_rows(&example.ids, pass, true)?;
         let head = self.plan.head().layers;
         let sent = match noise {
             Some(noise) => {
-                let mut rng = ChaCha20Rng::seed_from_u64(noise.seed().unwrap_or(self.options.seed));
+                let mut rng = ChaCha20Rng::seed_from_u64(self.noise_seed(&noise));
                 rng.set_stream(stream);
                 let (count, width) = x.dims2()?;
                 let mut values = x.flatten_all()?.to_vec1::<f32>()?;
@@ -407,9 +410,9 @@ impl Trainer {
         let tail_in = Var::from_tensor(&down)?;
         let mut y = tail_in.as_tensor().clone();
         for layer in self.plan.tail().layers {
-            y = self.layers[&layer].forward(&y, self.adapter.layer_pairs(layer).as_ref(), &pass)?;
+            y = self.layers[&layer].forward(&y, self.adapter.layer_pairs(layer).as_ref(), pass)?;
         }
-        let logits = self.output.logits(&y, &pass)?.narrow(0, 0, n - 1)?;
+        let logits = self.output.logits(&y, pass)?.narrow(0, 0, n - 1)?;
         let targets = Tensor::new(&example.ids[1..], &Device::Cpu)?.unsqueeze(1)?;
         let mask: Vec<f32> = example.trained[1..]
             .iter()
@@ -421,6 +424,11 @@ impl Trainer {
             .squeeze(1)?;
         let loss = (picked * mask)?.sum_all()?.neg()?;
         Ok(((!head.is_empty()).then_some(x), tail_in, loss))
+    }
+
+    /// The seed `noise` draws from: its own, else the run's.
+    fn noise_seed(&self, noise: &UplinkNoise) -> u64 {
+        noise.seed().unwrap_or(self.options.seed)
     }
 
     /// Writes the adapter in PEFT's format into `dir`.
@@ -527,10 +535,10 @@ impl Trainer {
             seed: self.options.seed,
             accumulate: self.options.accumulate,
             privacy_weight: self.options.privacy_weight,
-            uplink_noise: self.options.uplink_noise.map(|noise| {
-                let seed = noise.seed().unwrap_or(self.options.seed);
-                (noise.sigma(), noise.clip(), seed)
-            }),
+            uplink_noise: self
+                .options
+                .uplink_noise
+                .map(|noise| (noise.sigma(), noise.clip(), self.noise_seed(&noise))),
         }
     }
 }
