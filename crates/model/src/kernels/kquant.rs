@@ -378,6 +378,18 @@ pub(crate) mod portable {
         f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
     }
 
+    /// Row `w` with weights `q`, its scales (signed bytes from offset `scales`), its `d` and no
+    /// minimums, as Q3_K and Q6_K tiles hold them.
+    fn without_mins(q: [i32; SUPER], block: &[u8], scales: usize, w: usize) -> Row {
+        Row {
+            q,
+            scales: std::array::from_fn(|i| i32::from(block[scales + SUPER / SUB6 * w + i] as i8)),
+            mins: [0; SUPER / SUB6],
+            d: f16_at(block, D + 2 * w),
+            dmin: 0.0,
+        }
+    }
+
     /// Row `w` of one tile block.
     pub(crate) fn unpack(format: KFormat, block: &[u8], w: usize) -> Row {
         match format {
@@ -426,42 +438,28 @@ pub(crate) mod portable {
             KFormat::Q3K => {
                 let quants = &block[QUANTS3 + QUANT3_BYTES * w..][..QUANT3_BYTES];
                 let (high, low) = quants.split_at(SUPER / 8);
-                Row {
-                    // Value 128n + 32j + l: bits 2j of low byte 32n + l, and 4 less unless bit
-                    // 4n + j of high byte l is set.
-                    q: std::array::from_fn(|v| {
-                        let (n, j, l) = (v / 128, v % 128 / 32, v % 32);
-                        let bits = low[32 * n + l] >> (2 * j) & 3;
-                        let top = high[l] >> (4 * n + j) & 1;
-                        i32::from(bits | top << 2) - 4
-                    }),
-                    scales: std::array::from_fn(|i| {
-                        i32::from(block[SCALES3 + SUPER / SUB6 * w + i] as i8)
-                    }),
-                    mins: [0; SUPER / SUB6],
-                    d: f16_at(block, D + 2 * w),
-                    dmin: 0.0,
-                }
+                // Value 128n + 32j + l: bits 2j of low byte 32n + l, and 4 less unless bit
+                // 4n + j of high byte l is set.
+                let q = std::array::from_fn(|v| {
+                    let (n, j, l) = (v / 128, v % 128 / 32, v % 32);
+                    let bits = low[32 * n + l] >> (2 * j) & 3;
+                    let top = high[l] >> (4 * n + j) & 1;
+                    i32::from(bits | top << 2) - 4
+                });
+                without_mins(q, block, SCALES3, w)
             }
             KFormat::Q6K => {
                 let quants = &block[QUANTS6 + QUANT6_BYTES * w..][..QUANT6_BYTES];
                 let (low, high) = quants.split_at(SUPER / 2);
-                Row {
-                    // Value 128n + 32j + l: low nibble (j even) or high (j odd) of byte
-                    // 64n + 32(j % 2) + l, its top bits at bit 2j of high byte 32n + l.
-                    q: std::array::from_fn(|v| {
-                        let (n, j, l) = (v / 128, v % 128 / 32, v % 32);
-                        let nibble = low[64 * n + 32 * (j % 2) + l] >> (4 * (j / 2)) & 0x0f;
-                        let top = high[32 * n + l] >> (2 * j) & 3;
-                        i32::from(nibble | top << 4) - 32
-                    }),
-                    scales: std::array::from_fn(|i| {
-                        i32::from(block[SCALES6 + SUPER / SUB6 * w + i] as i8)
-                    }),
-                    mins: [0; SUPER / SUB6],
-                    d: f16_at(block, D + 2 * w),
-                    dmin: 0.0,
-                }
+                // Value 128n + 32j + l: low nibble (j even) or high (j odd) of byte
+                // 64n + 32(j % 2) + l, its top bits at bit 2j of high byte 32n + l.
+                let q = std::array::from_fn(|v| {
+                    let (n, j, l) = (v / 128, v % 128 / 32, v % 32);
+                    let nibble = low[64 * n + 32 * (j % 2) + l] >> (4 * (j / 2)) & 0x0f;
+                    let top = high[32 * n + l] >> (2 * j) & 3;
+                    i32::from(nibble | top << 4) - 32
+                });
+                without_mins(q, block, SCALES6, w)
             }
         }
     }

@@ -447,11 +447,7 @@ fn by_columns<K: TileKernel>(
     };
     let chunk = tiles_per_task * TILE * m;
     let serial = threads == 1 || m * n * k < SERIAL_WORK;
-    if serial {
-        by_column.chunks_mut(chunk).enumerate().for_each(task);
-    } else {
-        by_column.par_chunks_mut(chunk).enumerate().for_each(task);
-    }
+    each_chunk(serial, &mut by_column, chunk, task);
     // Transposed a strip of columns at a time, so that the strip's reads stay in cache while
     // each output row's part is written in order; bands of rows on the thread pool (serial, it
     // took about 5% of a batch's one-thread time while the pool's other threads waited).
@@ -468,14 +464,21 @@ fn by_columns<K: TileKernel>(
             }
         }
     };
+    each_chunk(serial, out, band_rows * n, transpose);
+}
+
+/// Runs `work` on each numbered chunk of `size` values of `data`: in order on this thread when
+/// `serial`, on the thread pool otherwise.
+fn each_chunk(
+    serial: bool,
+    data: &mut [f32],
+    size: usize,
+    work: impl Fn((usize, &mut [f32])) + Sync + Send,
+) {
     if serial {
-        out.chunks_mut(band_rows * n)
-            .enumerate()
-            .for_each(transpose);
+        data.chunks_mut(size).enumerate().for_each(work);
     } else {
-        out.par_chunks_mut(band_rows * n)
-            .enumerate()
-            .for_each(transpose);
+        data.par_chunks_mut(size).enumerate().for_each(work);
     }
 }
 
