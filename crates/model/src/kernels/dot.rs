@@ -513,6 +513,7 @@ macro_rules! avx2_kernels {
                             let mut sums = [_mm_setzero_ps(); R];
                             for b in 0..blocks {
                                 let p = tile.as_ptr().add(b * bytes);
+                                crate::kernels::prefetch_ahead(p, bytes);
                                 let d = f16x4(p);
                                 let min = f16x4(p.add(8));
                                 let wq: [__m256i; TILE] =
@@ -541,6 +542,7 @@ macro_rules! avx2_kernels {
                             let mut sums = [_mm_setzero_ps(); R];
                             for b in 0..blocks {
                                 let p = tile.as_ptr().add(b * bytes);
+                                crate::kernels::prefetch_ahead(p, bytes);
                                 let d = f16x4(p);
                                 let wq: [__m256i; TILE] =
                                     std::array::from_fn(|w| values(format, p.add(8), w));
@@ -566,6 +568,7 @@ macro_rules! avx2_kernels {
                             let mut acc = [[_mm256_setzero_ps(); TILE]; R];
                             for b in 0..blocks {
                                 let p = tile.as_ptr().add(b * bytes);
+                                crate::kernels::prefetch_ahead(p, bytes);
                                 let mut d = [0f32; TILE];
                                 _mm_storeu_ps(d.as_mut_ptr(), f16x4(p));
                                 let wq: [__m256i; TILE] =

@@ -587,6 +587,7 @@ macro_rules! k_kernels {
                     let mut summs = [[0f32; TILE]; R];
                     for b in 0..blocks {
                         let p = tile.as_ptr().add(b * bytes);
+                        crate::kernels::prefetch_ahead(p, bytes);
                         let d = four_f16(p.add(D));
                         let dmin = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(
                             p.add(DMIN).cast(),
@@ -719,6 +720,7 @@ macro_rules! k_kernels {
                     let mut lanes = [[_mm256_setzero_ps(); TILE]; R];
                     for b in 0..blocks {
                         let p = tile.as_ptr().add(b * bytes);
+                        crate::kernels::prefetch_ahead(p, bytes);
                         let d = four_f16(p.add(D));
                         let rows: [&KActBlock; R] = std::array::from_fn(|r| &acts[r][b]);
                         for w in 0..TILE {

@@ -106,7 +106,8 @@ pub(crate) fn groups(format: KFormat, acts: &[KActBlock], blocks: usize) -> Vec<
 
 /// Dots one tile (`blocks` super-blocks of four weight rows, as [`super::kquant::repack`] lays
 /// them out) with up to [`MAX_GROUPS`] groups of four activation rows: `out[i][w][r]` is weight
-/// row `w` times row `r` of group `i`.
+/// row `w` times row `r` of group `i`. `cold`: the tile comes from memory, not cache, so the
+/// weights after it are prefetched as it is read.
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VL and VNNI.
@@ -116,6 +117,7 @@ pub(crate) unsafe fn dot_tile(
     tile: &[u8],
     groups: &[&[KActGroup]],
     out: &mut [GroupOut],
+    cold: bool,
 ) {
     let blocks = tile.len() / format.tile_bytes();
     assert!(covers(format), "the wide kernel covers no {format:?}");
@@ -124,7 +126,7 @@ pub(crate) unsafe fn dot_tile(
     assert_eq!(tile.len(), blocks * format.tile_bytes());
     // SAFETY: the CPU has the features (see above), and every load stays inside `tile` and
     // `groups`, whose lengths were checked above.
-    unsafe { kernel(format, tile, blocks, groups, out) }
+    unsafe { kernel(format, tile, blocks, groups, out, cold) }
 }
 
 /// `[r0, r1, r2, r3]`, each four quarters of 16 bytes, to `[c0, c1, c2, c3]` with `c_q`'s
@@ -324,13 +326,14 @@ unsafe fn kernel(
     blocks: usize,
     groups: &[&[KActGroup]],
     out: &mut [GroupOut],
+    cold: bool,
 ) {
     // SAFETY: passed on from the caller.
     unsafe {
         match format {
-            KFormat::Q4K => kernel_for::<false, false>(tile, blocks, groups, out),
-            KFormat::Q5K => kernel_for::<true, false>(tile, blocks, groups, out),
-            KFormat::Q6K => kernel_for::<false, true>(tile, blocks, groups, out),
+            KFormat::Q4K => kernel_for::<false, false>(tile, blocks, groups, out, cold),
+            KFormat::Q5K => kernel_for::<true, false>(tile, blocks, groups, out, cold),
+            KFormat::Q6K => kernel_for::<false, true>(tile, blocks, groups, out, cold),
             KFormat::Q2K | KFormat::Q3K => unreachable!("the wide kernel covers no Q2_K or Q3_K"),
         }
     }
@@ -349,6 +352,7 @@ unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
     blocks: usize,
     groups: &[&[KActGroup]],
     out: &mut [GroupOut],
+    cold: bool,
 ) {
     let format = match (FIVE, SIX) {
         (false, false) => KFormat::Q4K,
@@ -366,6 +370,9 @@ unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
         let mut scale = [_mm512_setzero_ps(); MAX_GROUPS];
         for b in 0..blocks {
             let p = tile.as_ptr().add(b * format.tile_bytes());
+            if cold {
+                crate::kernels::prefetch_ahead(p, format.tile_bytes());
+            }
             let d = per_weight_row(f16x4(p.add(D)));
             if SIX {
                 unpack_q6k(p, &mut w, &mut sc, &mut excess);
@@ -485,8 +492,9 @@ pub(crate) unsafe fn dot_columns(
             {
                 *to = group;
             }
-            // SAFETY: the CPU has the features (see above).
-            unsafe { dot_tile(format, tile, &pass[..out.len()], out) }
+            // SAFETY: the CPU has the features (see above). The first pass over a run reads
+            // its tiles from memory, the others from cache.
+            unsafe { dot_tile(format, tile, &pass[..out.len()], out, first == 0) }
         },
     )
 }
@@ -543,7 +551,7 @@ mod tests {
                         .collect();
                     let mut out = vec![[[0f32; GROUP]; TILE]; count];
                     // SAFETY: the test runs only where the CPU has the features.
-                    unsafe { dot_tile(format, &tile, &pass, &mut out) };
+                    unsafe { dot_tile(format, &tile, &pass, &mut out, first == 0) };
                     for row in first * GROUP..(first + count) * GROUP {
                         let group = &out[row / GROUP - first];
                         let got: [u32; TILE] =

@@ -78,7 +78,8 @@ impl ActGroup {
 
 /// Dots one tile (`blocks` blocks of four weight rows, as [`super::dot::repack`] lays them
 /// out) with `G` groups of four activation rows: `out[i][w][r]` is weight row `w` times row
-/// `r` of group `i`.
+/// `r` of group `i`. `cold`: the tile comes from memory, not cache, so the weights after it are
+/// prefetched as it is read.
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VL and VNNI.
@@ -89,13 +90,14 @@ pub(crate) unsafe fn dot_tile<const G: usize>(
     tile: &[u8],
     groups: [&[ActGroup]; G],
     out: &mut [[[f32; GROUP]; TILE]; G],
+    cold: bool,
 ) {
     let blocks = tile.len() / (TILE * format.block_bytes());
     assert!(groups.iter().all(|a| a.len() == blocks));
     assert_eq!(tile.len(), blocks * TILE * format.block_bytes());
     // SAFETY: the CPU has AVX-512 F, BW, VL and VNNI (see above), and every load stays inside
     // `tile` and `groups`, whose lengths were checked above.
-    unsafe { kernel(format, tile, blocks, groups, out) }
+    unsafe { kernel(format, tile, blocks, groups, out, cold) }
 }
 
 /// `[x0, x1, x2, x3]` to `[x0 ×4, x1 ×4, x2 ×4, x3 ×4]`: weight row `w`'s value in its quarter.
@@ -201,6 +203,7 @@ unsafe fn kernel<const G: usize>(
     blocks: usize,
     groups: [&[ActGroup]; G],
     out: &mut [[[f32; GROUP]; TILE]; G],
+    cold: bool,
 ) {
     let bytes = TILE * format.block_bytes();
     // SAFETY: see above; loads stay inside the blocks.
@@ -211,6 +214,9 @@ unsafe fn kernel<const G: usize>(
                 let mut sums = [_mm512_setzero_ps(); G];
                 for b in 0..blocks {
                     let p = tile.as_ptr().add(b * bytes);
+                    if cold {
+                        crate::kernels::prefetch_ahead(p, bytes);
+                    }
                     let d = per_weight_row(f16x4(p));
                     let (min, quants) = if q4_1 {
                         (per_weight_row(f16x4(p.add(8))), 16)
@@ -253,6 +259,9 @@ unsafe fn kernel<const G: usize>(
                 let mut acc = [[_mm512_setzero_ps(); 8]; G];
                 for b in 0..blocks {
                     let p = tile.as_ptr().add(b * bytes);
+                    if cold {
+                        crate::kernels::prefetch_ahead(p, bytes);
+                    }
                     let d = per_weight_row(f16x4(p));
                     // Rows 0 and 1, then 2 and 3, 32 bytes each: gather the first halves and
                     // the second halves, and bias them by 128 to unsigned.
@@ -343,12 +352,14 @@ pub(crate) unsafe fn dot_columns(
         |tile, first, out| {
             let mut pass = groups[first * blocks..].chunks_exact(blocks);
             let mut group = || pass.next().expect("a group per pass");
+            // The first pass over a run reads its tiles from memory, the others from cache.
+            let cold = first == 0;
             let fits = "one output per group";
             // SAFETY (each arm): the CPU has the features (see above).
             match out.len() {
                 4 => unsafe {
                     let groups = [group(), group(), group(), group()];
-                    dot_tile(format, tile, groups, out.try_into().expect(fits))
+                    dot_tile(format, tile, groups, out.try_into().expect(fits), cold)
                 },
                 3 => unsafe {
                     dot_tile(
@@ -356,6 +367,7 @@ pub(crate) unsafe fn dot_columns(
                         tile,
                         [group(), group(), group()],
                         out.try_into().expect(fits),
+                        cold,
                     )
                 },
                 2 => unsafe {
@@ -364,9 +376,12 @@ pub(crate) unsafe fn dot_columns(
                         tile,
                         [group(), group()],
                         out.try_into().expect(fits),
+                        cold,
                     )
                 },
-                _ => unsafe { dot_tile(format, tile, [group()], out.try_into().expect(fits)) },
+                _ => unsafe {
+                    dot_tile(format, tile, [group()], out.try_into().expect(fits), cold)
+                },
             }
         },
     )
@@ -445,6 +460,7 @@ mod tests {
                 tile,
                 std::array::from_fn(|i| &all[i * blocks..(i + 1) * blocks]),
                 &mut out,
+                G % 2 == 0,
             )
         };
         // Per activation row, its four weight rows' results.
