@@ -460,7 +460,7 @@ mod tests {
                 tile,
                 std::array::from_fn(|i| &all[i * blocks..(i + 1) * blocks]),
                 &mut out,
-                G % 2 == 0,
+                G > 2,
             )
         };
         // Per activation row, its four weight rows' results.
