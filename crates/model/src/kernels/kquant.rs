@@ -162,16 +162,13 @@ impl KActBlock {
             sums: [0; SUBS],
             sums16: [0; SUPER / SUB6],
         };
-        let (mut max, mut amax) = (0f32, 0f32);
-        for &x in xs {
-            if amax < x.abs() {
-                amax = x.abs();
-                max = x;
-            }
-        }
+        // The magnitude first, in a loop that vectorizes (NaN skipped, as `max` does), then the
+        // first value of that magnitude: a single loop tracking both ran one value at a time.
+        let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
         if amax == 0.0 {
             return block;
         }
+        let max = xs.iter().copied().find(|x| x.abs() == amax).unwrap_or(amax);
         let iscale = -127.0 / max;
         for (q, &x) in block.q.iter_mut().zip(xs) {
             *q = round(iscale * x).clamp(-128.0, 127.0) as i8;
