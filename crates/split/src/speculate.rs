@@ -150,6 +150,13 @@ const REPROBE_AFTER: usize = 16;
 /// wait up to this, so that where drafting never pays (a link with no round trip) probes cost
 /// almost nothing; the best-gain rule alone resumes drafting when the link slows down.
 const MAX_REPROBE_AFTER: usize = 32 * REPROBE_AFTER;
+/// The share of decode time that probes finding nothing may take: the wait between probes
+/// stops doubling once a probe's extra time is this share of the one-token steps waited. Over a
+/// slow link a probe costs little against a step, so `auto` keeps probing every
+/// [`REPROBE_AFTER`] steps there and notices when the text turns copyable (measured: with a
+/// wait grown to 512 steps on chat prompts, it never drafted from lookup on rewrites at 150 ms,
+/// where lookup alone is 1.56x `off`).
+const PROBE_SHARE: f64 = 0.01;
 /// The least time a draft must be expected to save, as a share of a one-token step: estimates
 /// are noisy, and a draft that saves next to nothing by them costs time as often as it saves it
 /// (at a low round trip, where a drafted row costs about what it saves).
@@ -330,10 +337,19 @@ impl Drafter {
             .collect();
         let &&(source, _) = open.get(self.probes % open.len().max(1))?;
         self.probes += 1;
-        self.reprobe_after = (2 * self.reprobe_after).min(MAX_REPROBE_AFTER);
+        self.reprobe_after = (2 * self.reprobe_after).min(self.longest_wait(single));
         self.waited_at = Some(single);
         let probe = if source.free() { PROBE_ROWS } else { 1 };
         Some((source, probe.min(offered(source))))
+    }
+
+    /// The longest wait between probes, in one-token steps of `single` seconds: long enough
+    /// for a probe's extra time to be [`PROBE_SHARE`] of the wait's, within [`REPROBE_AFTER`]
+    /// and [`MAX_REPROBE_AFTER`].
+    fn longest_wait(&self, single: f64) -> usize {
+        let probe = self.cost.at(PROBE_ROWS as f64).unwrap_or(single);
+        let wait = (probe / (PROBE_SHARE * single)).ceil();
+        (wait.min(MAX_REPROBE_AFTER as f64) as usize).max(REPROBE_AFTER)
     }
 
     /// The length of `source`'s draft that saves the most time by the estimates, and the time
@@ -563,7 +579,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_on_a_link_with_no_round_trip_drafts_nothing_and_probes_ever_more_rarely() {
+    fn auto_on_a_link_with_no_round_trip_drafts_nothing_and_probes_more_rarely() {
         let ms = Duration::from_millis;
         let offers = [
             (Source::Lookup, 4),
@@ -591,8 +607,10 @@ mod tests {
                 }
             }
         }
-        // The waits double from 16 steps: 5 probes in 1000 steps, never the draft model.
-        assert_eq!(probes, [16, 49, 114, 243, 500], "{probes:?}");
+        // The waits double from 16 steps until a probe's extra time is 1% of the steps waited
+        // (PROBE_SHARE), then stay; never the draft model.
+        // (About 15 ms a probe against 10 ms steps: 150 steps.)
+        assert_eq!(probes, [16, 49, 114, 243, 394, 545, 696, 848], "{probes:?}");
         // The same estimates on an 80 ms link: drafting pays at once, without waiting for a
         // probe, and the draft model, never tried, is tried with one token.
         for _ in 0..8 {
@@ -623,10 +641,12 @@ mod tests {
                 }
             }
         }
-        assert_eq!(drafter.reprobe_after, MAX_REPROBE_AFTER);
+        let longest = drafter.longest_wait(0.010);
+        assert_eq!(drafter.reprobe_after, longest);
+        assert!(longest > 4 * REPROBE_AFTER, "{longest}");
         // The link slows to 80 ms a step: the estimates still say drafting does not pay
-        // (nothing was ever kept), but auto probes within a few steps instead of waiting up to
-        // 512, so that what it learns at the new speed decides.
+        // (nothing was ever kept), but auto probes within a few steps instead of waiting its
+        // longest wait, so that what it learns at the new speed decides.
         let mut probed = None;
         for step in 0..8 {
             if drafter.plan(&offers).is_some() {
@@ -641,6 +661,44 @@ mod tests {
             last_probe < 2000 - REPROBE_AFTER,
             "no probe was due anyway: {last_probe}"
         );
+    }
+
+    #[test]
+    fn auto_keeps_probing_over_a_slow_link_and_drafts_once_the_text_turns_copyable() {
+        let ms = Duration::from_millis;
+        let offers = [(Source::Lookup, 4)];
+        // A 150 ms link where a drafted step adds 8 ms. For 600 steps (chat) lookup's drafts
+        // are never kept: after five drafts its chance has fallen too low to pay, and from
+        // then on auto probes every 16 steps, since a probe costs under 1% of 16 steps.
+        let mut drafter = Drafter::new(Speculate::Auto, false);
+        drafter.record(None, 0, 0, ms(150), Duration::ZERO);
+        let mut probes = Vec::new();
+        for step in 0..600 {
+            match drafter.plan(&offers) {
+                None => drafter.record(None, 0, 0, ms(150), Duration::ZERO),
+                Some((_, k)) => {
+                    probes.push(step);
+                    drafter.record(Some(Source::Lookup), k, 0, ms(158), Duration::ZERO);
+                }
+            }
+        }
+        let expected: Vec<usize> = (0..5).chain((21..600).step_by(REPROBE_AFTER + 1)).collect();
+        assert_eq!(probes, expected);
+        // Then the text turns copyable (a rewrite): the next probe keeps all it drafted, and
+        // auto drafts from lookup at every step after it.
+        let mut drafted = Vec::new();
+        for step in 0..3 * REPROBE_AFTER {
+            match drafter.plan(&offers) {
+                None => drafter.record(None, 0, 0, ms(150), Duration::ZERO),
+                Some((_, k)) => {
+                    drafted.push(step);
+                    drafter.record(Some(Source::Lookup), k, k, ms(158), Duration::ZERO);
+                }
+            }
+        }
+        let first = drafted[0];
+        assert!(first <= REPROBE_AFTER, "{drafted:?}");
+        assert_eq!(drafted, (first..3 * REPROBE_AFTER).collect::<Vec<_>>());
     }
 
     #[test]
