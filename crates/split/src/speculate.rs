@@ -663,39 +663,37 @@ mod tests {
         );
     }
 
-    #[test]
-    fn auto_keeps_probing_over_a_slow_link_and_drafts_once_the_text_turns_copyable() {
+    /// Runs `steps` steps of lookup offering 4 tokens over a 150 ms link where a drafted step
+    /// adds 8 ms, every draft kept when `kept`, none otherwise; the steps that drafted.
+    fn on_a_slow_link(drafter: &mut Drafter, steps: usize, kept: bool) -> Vec<usize> {
         let ms = Duration::from_millis;
-        let offers = [(Source::Lookup, 4)];
-        // A 150 ms link where a drafted step adds 8 ms. For 600 steps (chat) lookup's drafts
-        // are never kept: after five drafts its chance has fallen too low to pay, and from
-        // then on auto probes every 16 steps, since a probe costs under 1% of 16 steps.
-        let mut drafter = Drafter::new(Speculate::Auto, false);
-        drafter.record(None, 0, 0, ms(150), Duration::ZERO);
-        let mut probes = Vec::new();
-        for step in 0..600 {
-            match drafter.plan(&offers) {
+        let mut drafted = Vec::new();
+        for step in 0..steps {
+            match drafter.plan(&[(Source::Lookup, 4)]) {
                 None => drafter.record(None, 0, 0, ms(150), Duration::ZERO),
                 Some((_, k)) => {
-                    probes.push(step);
-                    drafter.record(Some(Source::Lookup), k, 0, ms(158), Duration::ZERO);
+                    drafted.push(step);
+                    let kept = if kept { k } else { 0 };
+                    drafter.record(Some(Source::Lookup), k, kept, ms(158), Duration::ZERO);
                 }
             }
         }
+        drafted
+    }
+
+    #[test]
+    fn auto_keeps_probing_over_a_slow_link_and_drafts_once_the_text_turns_copyable() {
+        // For 600 steps (chat) lookup's drafts are never kept: after five drafts its chance has
+        // fallen too low to pay, and from then on auto probes every 16 steps, since a probe
+        // costs under 1% of 16 steps.
+        let mut drafter = Drafter::new(Speculate::Auto, false);
+        drafter.record(None, 0, 0, Duration::from_millis(150), Duration::ZERO);
+        let probes = on_a_slow_link(&mut drafter, 600, false);
         let expected: Vec<usize> = (0..5).chain((21..600).step_by(REPROBE_AFTER + 1)).collect();
         assert_eq!(probes, expected);
         // Then the text turns copyable (a rewrite): the next probe keeps all it drafted, and
         // auto drafts from lookup at every step after it.
-        let mut drafted = Vec::new();
-        for step in 0..3 * REPROBE_AFTER {
-            match drafter.plan(&offers) {
-                None => drafter.record(None, 0, 0, ms(150), Duration::ZERO),
-                Some((_, k)) => {
-                    drafted.push(step);
-                    drafter.record(Some(Source::Lookup), k, k, ms(158), Duration::ZERO);
-                }
-            }
-        }
+        let drafted = on_a_slow_link(&mut drafter, 3 * REPROBE_AFTER, true);
         let first = drafted[0];
         assert!(first <= REPROBE_AFTER, "{drafted:?}");
         assert_eq!(drafted, (first..3 * REPROBE_AFTER).collect::<Vec<_>>());
