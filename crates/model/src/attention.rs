@@ -28,6 +28,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::cache::{CachedHeads, PAGE, Q8_GROUP, TILE, Values};
+use crate::prefetch::Hint;
 use crate::{KernelPath, ModelError, Result};
 
 /// Positions scored, exponentiated and summed into the values at once: whole tiles.
@@ -389,18 +390,8 @@ fn prefetch<E>(data: &[E]) {
 /// once, they measured slower than none). May point past the buffer: a prefetch never faults.
 #[inline(always)]
 fn prefetch_at<E>(data: &[E], ahead: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_NTA, _mm_prefetch};
-        let start = data.as_ptr().wrapping_add(ahead).cast::<i8>();
-        for at in (0..std::mem::size_of_val(data)).step_by(64) {
-            // SAFETY: a prefetch reads nothing the program sees and never faults, whatever the
-            // address.
-            unsafe { _mm_prefetch::<_MM_HINT_NTA>(start.wrapping_add(at)) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (data, ahead);
+    let start = data.as_ptr().wrapping_add(ahead).cast::<u8>();
+    crate::prefetch::bytes(start, std::mem::size_of_val(data), Hint::NonTemporal);
 }
 
 /// The dot products of `G` queries, given dimension by dimension as `queries (dim)` (the

@@ -17,6 +17,7 @@ mod fingerprint;
 mod kernels;
 mod llama;
 mod plan;
+mod prefetch;
 mod source;
 mod train;
 
