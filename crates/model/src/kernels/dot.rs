@@ -69,9 +69,10 @@ impl ActBlock {
     }
 }
 
-/// Quantization of activations with AVX-512.
+/// Quantization of activations with AVX-512 (its rounding helpers serve the Q8_K quantizer of
+/// [`super::kquant`] too).
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{ActBlock, BLOCK};
@@ -134,14 +135,14 @@ mod avx512 {
     /// `|v|` in each lane, with NaN as 0.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn abs_or_zero(v: __m512) -> __m512 {
+    pub(in crate::kernels) fn abs_or_zero(v: __m512) -> __m512 {
         _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v), _mm512_abs_ps(v))
     }
 
     /// Each lane of `x · id` rounded half away from zero, saturated to i8's range (NaN as 0).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn round_to_i32(x: __m512, id: f32) -> __m512i {
+    pub(in crate::kernels) fn round_to_i32(x: __m512, id: f32) -> __m512i {
         let v = _mm512_mul_ps(x, _mm512_set1_ps(id));
         let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
         // `v - t` is exact; a fraction of at least one half rounds away from zero.

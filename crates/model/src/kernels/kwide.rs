@@ -524,7 +524,12 @@ mod tests {
                 };
                 let tile = kquant::repack(format, &gguf, TILE, blocks);
                 let mut rows: Vec<Vec<KActBlock>> = (0..16)
-                    .map(|i| KActBlock::quantize_all(&values(70 + i, blocks * SUPER)))
+                    .map(|i| {
+                        KActBlock::quantize_all(
+                            KernelPath::Portable,
+                            &values(70 + i, blocks * SUPER),
+                        )
+                    })
                     .collect();
                 // Extremes: full-scale values of both signs and an all-zero row.
                 for (row, value) in [(5, 127i8), (6, -127)] {
@@ -533,7 +538,7 @@ mod tests {
                         a.sums = [i16::from(value) * 32; SUBS];
                     });
                 }
-                rows[7] = KActBlock::quantize_all(&vec![0.0; blocks * SUPER]);
+                rows[7] = KActBlock::quantize_all(KernelPath::Portable, &vec![0.0; blocks * SUPER]);
                 let reference: Vec<[u32; TILE]> = rows
                     .iter()
                     .map(|row| {

@@ -400,7 +400,7 @@ fn matmul(
         Kind::K(format) => {
             #[cfg(target_arch = "x86_64")]
             let blocks = k / SUPER;
-            let acts = KActBlock::quantize_all(x);
+            let acts = KActBlock::quantize_all(path, x);
             #[cfg(target_arch = "x86_64")]
             let groups =
                 (path == KernelPath::Avx512Vnni && m >= wide::GROUP && kwide::covers(format))
