@@ -410,10 +410,11 @@ macro_rules! avx2_kernels {
                 $dot
             }
 
-            /// Exact sums of four vectors of eight i32 lanes: `[Σv0, Σv1, Σv2, Σv3]`.
+            /// Exact sums of four vectors of eight i32 lanes: `[Σv0, Σv1, Σv2, Σv3]` (the
+            /// K-quant kernels of the same module name share it).
             #[inline]
             #[target_feature(enable = $features)]
-            fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
+            pub(in crate::kernels) fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
                 let a = _mm256_hadd_epi32(v[0], v[1]);
                 let b = _mm256_hadd_epi32(v[2], v[3]);
                 let c = _mm256_hadd_epi32(a, b);

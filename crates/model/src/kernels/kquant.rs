@@ -30,17 +30,20 @@
 //! `4n + j` of byte `l`); weight = `d·sc·(q − 4)`. The tile unpacks the scales to i8 (114 bytes
 //! a row, 4 more than GGUF's) and is otherwise Q6_K's.
 //!
-//! The arithmetic is candle's AVX2 kernels', operation for operation: per (weight row,
-//! activation row) pair, eight i32 lanes, lane `l` summing `sc·(q·y)` over values `4l..4l+4` of
-//! every register of 32 values; per super-block, eight float lanes `+= d·d_y · lane` (fused)
-//! and, for Q4_K, four lanes for the minimums (lane `l`: sub-blocks `2l` and `2l+1`)
-//! `+= −d_y·dmin · (m·Σy)`, summed at the end in candle's order (Q5_K: one float,
-//! `+= −d_y·dmin · Σ m·Σy` unfused, added last; Q2_K: first, per super-block, the eight float
-//! lanes themselves `+= −d_y·dmin · lane`, lane `l` the minimums times the activations' sums of
-//! the sixteens `2l` and `2l+1`). So outputs equal those of
-//! candle's `vec_dot` kernels on x86-64 CPUs with AVX2 bit for bit (candle's portable fallback
-//! orders its sums differently, and its repacked x86 kernels, which it uses for matrices of a
-//! multiple of 16 rows, round each sub-block's sum on its own).
+//! Q4_K, Q5_K and Q6_K sum each (weight row, activation row) pair's products exactly over a
+//! super-block, `T = Σ sc·(q·y)` and, with minimums, `M = Σ m·Σy` (both i32), and round once
+//! per super-block: `acc = fma(d·d_y, T, acc)`, then `acc = fma(−d_y·dmin, M, acc)`. candle's
+//! kernels keep eight float lanes per pair instead (lane `l` summing the values `4l..4l+4` of
+//! every 32), so these three types equal candle's outputs up to float rounding, as Q4_0 does
+//! (fewer roundings here); the exact sums let the batch kernel ([`super::kwide`]) add a chain
+//! of products before scaling them, which made prefill 1.2-1.3x faster. Q2_K and Q3_K keep
+//! candle's AVX2 arithmetic operation for operation: per pair, eight i32 lanes; per
+//! super-block, eight float lanes `+= d·d_y · lane` (fused), Q2_K's first, per super-block, the
+//! eight float lanes themselves `+= −d_y·dmin · lane`, lane `l` the minimums times the
+//! activations' sums of the sixteens `2l` and `2l+1`; summed at the end in candle's order. So
+//! their outputs equal those of candle's `vec_dot` kernels on x86-64 CPUs with AVX2 bit for
+//! bit (candle's portable fallback orders its sums differently, and its repacked x86 kernels,
+//! which it uses for matrices of a multiple of 16 rows, round each sub-block's sum on its own).
 //!
 //! Three implementations compute the same bits, chosen at run time by [`KernelPath`]: portable
 //! Rust, AVX2 (`maddubs` then `madd` with the scale), and AVX-512 VNNI, whose `vpdpwssd` fuses
@@ -86,6 +89,12 @@ impl KFormat {
             Self::Q5K => 176,
             Self::Q6K => 210,
         }
+    }
+
+    /// Whether a pair's products are summed exactly over each super-block, then converted
+    /// once (Q4_K, Q5_K, Q6_K), rather than in candle's eight float lanes (Q2_K, Q3_K).
+    pub(crate) fn sums_exactly(self) -> bool {
+        matches!(self, Self::Q4K | Self::Q5K | Self::Q6K)
     }
 
     /// Bytes of one super-block of a tile of four rows (see the module doc).
@@ -428,7 +437,8 @@ pub(crate) fn dot_tile<const R: usize>(
     }
 }
 
-/// The portable kernel, lane by lane as candle's AVX2 ones (see the module doc).
+/// The portable kernel: exact sums per super-block, or lane by lane as candle's AVX2 kernels
+/// (see the module doc).
 pub(crate) mod portable {
     use super::*;
     use crate::kernels::dot::portable::hsum8;
@@ -534,6 +544,8 @@ pub(crate) mod portable {
     }
 
     /// See [`super::dot_tile`].
+    // Weight row `w` addresses both the tile block and each pair's lanes.
+    #[allow(clippy::needless_range_loop)]
     pub(crate) fn dot_tile<const R: usize>(
         format: KFormat,
         tile: &[u8],
@@ -541,10 +553,11 @@ pub(crate) mod portable {
         acts: [&[KActBlock]; R],
         out: &mut [[f32; TILE]; R],
     ) {
+        if format.sums_exactly() {
+            return exact(format, tile, blocks, acts, out);
+        }
         let bytes = format.tile_bytes();
         let mut lanes = [[[0f32; 8]; TILE]; R];
-        let mut mins = [[[0f32; 4]; TILE]; R];
-        let mut summs = [[0f32; TILE]; R];
         for b in 0..blocks {
             let block = &tile[b * bytes..(b + 1) * bytes];
             for w in 0..TILE {
@@ -560,9 +573,9 @@ pub(crate) mod portable {
                             *sum += row.scales[t / SUB6] * dot;
                         }
                     }
-                    let scale = -a.d * row.dmin;
                     if format == KFormat::Q2K {
                         // Lane `l`: the minimums of values 32l..32l+32, first.
+                        let scale = -a.d * row.dmin;
                         let m = |i: usize| row.mins[i] * i32::from(a.sums16[i]);
                         for (l, lane) in lanes[r][w].iter_mut().enumerate() {
                             *lane = scale.mul_add((m(2 * l) + m(2 * l + 1)) as f32, *lane);
@@ -572,29 +585,43 @@ pub(crate) mod portable {
                     for (lane, &sum) in lanes[r][w].iter_mut().zip(&sums) {
                         *lane = d.mul_add(sum as f32, *lane);
                     }
-                    let m = |i: usize| row.mins[2 * i] * i32::from(a.sums[i]);
-                    match format {
-                        KFormat::Q4K => {
-                            for (l, lane) in mins[r][w].iter_mut().enumerate() {
-                                *lane = scale.mul_add((m(2 * l) + m(2 * l + 1)) as f32, *lane);
-                            }
-                        }
-                        KFormat::Q5K => summs[r][w] += scale * (0..SUBS).map(m).sum::<i32>() as f32,
-                        KFormat::Q2K | KFormat::Q3K | KFormat::Q6K => {}
-                    }
                 }
             }
         }
         for r in 0..R {
             for w in 0..TILE {
                 out[r][w] = hsum8(lanes[r][w]);
-                match format {
-                    KFormat::Q4K => {
-                        let m = mins[r][w];
-                        out[r][w] += (m[0] + m[2]) + (m[1] + m[3]);
+            }
+        }
+    }
+
+    /// Q4_K, Q5_K and Q6_K (see the module doc): per super-block, the exact integer sums
+    /// `Σ sc·(q·y)` and `Σ m·Σy`, each converted once.
+    fn exact<const R: usize>(
+        format: KFormat,
+        tile: &[u8],
+        blocks: usize,
+        acts: [&[KActBlock]; R],
+        out: &mut [[f32; TILE]; R],
+    ) {
+        let bytes = format.tile_bytes();
+        *out = [[0f32; TILE]; R];
+        for b in 0..blocks {
+            let block = &tile[b * bytes..(b + 1) * bytes];
+            for w in 0..TILE {
+                let row = unpack(format, block, w);
+                for (r, out) in out.iter_mut().enumerate() {
+                    let a = &acts[r][b];
+                    let sum: i32 = (0..SUPER)
+                        .map(|v| row.scales[v / SUB6] * row.q[v] * i32::from(a.q[v]))
+                        .sum();
+                    out[w] = (a.d * row.d).mul_add(sum as f32, out[w]);
+                    if format != KFormat::Q6K {
+                        let mins: i32 = (0..SUBS)
+                            .map(|i| row.mins[2 * i] * i32::from(a.sums[i]))
+                            .sum();
+                        out[w] = (-a.d * row.dmin).mul_add(mins as f32, out[w]);
                     }
-                    KFormat::Q5K => out[r][w] += summs[r][w],
-                    KFormat::Q2K | KFormat::Q3K | KFormat::Q6K => {}
                 }
             }
         }
@@ -613,14 +640,18 @@ macro_rules! k_kernels {
             use std::arch::x86_64::*;
 
             use super::*;
-            use crate::kernels::dot::$module::hsum as hsum8;
+            use crate::kernels::dot::$module::{hsum as hsum8, hsum4_i32};
 
-            /// Sum of four float lanes in candle's order: `(x0 + x2) + (x1 + x3)`.
+            /// Each row's eight integer lanes summed (exact): `sums[r]`'s in element `r`.
             #[inline]
             #[target_feature(enable = $features)]
-            fn hsum4(x: __m128) -> f32 {
-                let s = _mm_add_ps(x, _mm_movehl_ps(x, x));
-                _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+            fn totals<const R: usize>(sums: [__m256i; R]) -> [i32; TILE] {
+                let four =
+                    std::array::from_fn(|r| sums.get(r).copied().unwrap_or(_mm256_setzero_si256()));
+                let mut totals = [0i32; TILE];
+                // SAFETY: four writable i32; the CPU has the features.
+                unsafe { _mm_storeu_si128(totals.as_mut_ptr().cast(), hsum4_i32(four)) };
+                totals
             }
 
             /// The four f16 at `p` (a tile block's `d` or `dmin`).
@@ -633,7 +664,8 @@ macro_rules! k_kernels {
                 d
             }
 
-            /// Q4_K, or Q5_K when `FIVE`: see [`super::dot_tile`].
+            /// Q4_K, or Q5_K when `FIVE`: see [`super::dot_tile`]. Per super-block and pair,
+            /// the eight integer lanes summed, then the minimums (their integer sum).
             ///
             /// # Safety
             /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
@@ -650,81 +682,34 @@ macro_rules! k_kernels {
                 let bytes = format.tile_bytes();
                 // SAFETY: the CPU has the features; loads stay inside the blocks (see above).
                 unsafe {
-                    let mut lanes = [[_mm256_setzero_ps(); TILE]; R];
-                    // Rows 0 and 1 (four lanes each), then rows 2 and 3.
-                    let mut mins = [[_mm256_setzero_ps(); 2]; R];
-                    let mut summs = [[0f32; TILE]; R];
+                    *out = [[0f32; TILE]; R];
                     for b in 0..blocks {
                         let p = tile.as_ptr().add(b * bytes);
                         crate::kernels::prefetch_ahead(p, bytes);
                         let d = four_f16(p.add(D));
-                        let dmin = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(
-                            p.add(DMIN).cast(),
-                        )));
-                        let dmin = [
-                            _mm256_permutevar8x32_ps(
-                                dmin,
-                                _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
-                            ),
-                            _mm256_permutevar8x32_ps(
-                                dmin,
-                                _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
-                            ),
-                        ];
+                        let dmin = four_f16(p.add(DMIN));
+                        // Rows 0 and 1's minimums (eight each), then rows 2 and 3's, as i16.
                         let m = [0, 1].map(|h| {
                             _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(MINS + 16 * h).cast()))
                         });
-                        for r in 0..R {
-                            let a = &acts[r][b];
-                            if FIVE {
-                                let mut dmin = [0f32; TILE];
-                                _mm_storeu_ps(
-                                    dmin.as_mut_ptr(),
-                                    _mm_cvtph_ps(_mm_loadl_epi64(p.add(DMIN).cast())),
-                                );
-                                for w in 0..TILE {
-                                    let m = p.add(MINS + SUBS * w);
-                                    let sum: i32 = (0..SUBS)
-                                        .map(|i| i32::from(*m.add(i)) * i32::from(a.sums[i]))
-                                        .sum();
-                                    summs[r][w] += -a.d * dmin[w] * sum as f32;
-                                }
-                                continue;
-                            }
-                            let sums = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                        let rows: [&KActBlock; R] = std::array::from_fn(|r| &acts[r][b]);
+                        // Each pair's `Σ m·Σy`: the weight rows' in elements 0, 4, 1, 5.
+                        let mins = rows.map(|a| {
+                            let y = _mm256_broadcastsi128_si256(_mm_loadu_si128(
                                 a.sums.as_ptr().cast(),
                             ));
-                            let neg = _mm256_set1_ps(-a.d);
-                            for h in 0..2 {
-                                mins[r][h] = _mm256_fmadd_ps(
-                                    _mm256_mul_ps(neg, dmin[h]),
-                                    _mm256_cvtepi32_ps(_mm256_madd_epi16(m[h], sums)),
-                                    mins[r][h],
-                                );
-                            }
-                        }
-                        let rows: [&KActBlock; R] = std::array::from_fn(|r| &acts[r][b]);
+                            let pairs = m.map(|m| _mm256_madd_epi16(m, y));
+                            let t = _mm256_hadd_epi32(pairs[0], pairs[1]);
+                            let mut lanes = [0i32; 8];
+                            _mm256_storeu_si256(lanes.as_mut_ptr().cast(), _mm256_hadd_epi32(t, t));
+                            [lanes[0], lanes[4], lanes[1], lanes[5]]
+                        });
                         for w in 0..TILE {
-                            let sums = $sums::q4k::<R, FIVE>(p, w, rows);
+                            let sums = totals($sums::q4k::<R, FIVE>(p, w, rows));
                             for (r, a) in rows.iter().enumerate() {
-                                lanes[r][w] = _mm256_fmadd_ps(
-                                    _mm256_set1_ps(a.d * d[w]),
-                                    _mm256_cvtepi32_ps(sums[r]),
-                                    lanes[r][w],
-                                );
+                                out[r][w] = (a.d * d[w]).mul_add(sums[r] as f32, out[r][w]);
+                                out[r][w] = (-a.d * dmin[w]).mul_add(mins[r][w] as f32, out[r][w]);
                             }
-                        }
-                    }
-                    for r in 0..R {
-                        for w in 0..TILE {
-                            let pair = mins[r][w / 2];
-                            let m = if w % 2 == 0 {
-                                _mm256_castps256_ps128(pair)
-                            } else {
-                                _mm256_extractf128_ps::<1>(pair)
-                            };
-                            out[r][w] =
-                                hsum8(lanes[r][w]) + if FIVE { summs[r][w] } else { hsum4(m) };
                         }
                     }
                 }
@@ -767,7 +752,8 @@ macro_rules! k_kernels {
                 unsafe { no_minimums_first::<R>(KFormat::Q3K, tile, blocks, acts, out) }
             }
 
-            /// Q2_K, Q3_K or Q6_K (see [`q2k_q6k`]).
+            /// Q2_K, Q3_K or Q6_K (see [`q2k_q6k`]); Q6_K's lanes summed per super-block
+            /// and pair.
             ///
             /// # Safety
             /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
@@ -787,6 +773,7 @@ macro_rules! k_kernels {
                 // SAFETY: the CPU has the features; loads stay inside the blocks (see above).
                 unsafe {
                     let mut lanes = [[_mm256_setzero_ps(); TILE]; R];
+                    *out = [[0f32; TILE]; R];
                     for b in 0..blocks {
                         let p = tile.as_ptr().add(b * bytes);
                         crate::kernels::prefetch_ahead(p, bytes);
@@ -814,7 +801,12 @@ macro_rules! k_kernels {
                                 KFormat::Q3K => $sums::q3k::<R>(p, w, rows),
                                 _ => $sums::q6k::<R>(p, w, rows),
                             };
+                            let exact = format.sums_exactly().then(|| totals(sums));
                             for (r, a) in rows.iter().enumerate() {
+                                if let Some(sums) = exact {
+                                    out[r][w] = (a.d * d[w]).mul_add(sums[r] as f32, out[r][w]);
+                                    continue;
+                                }
                                 lanes[r][w] = _mm256_fmadd_ps(
                                     _mm256_set1_ps(a.d * d[w]),
                                     _mm256_cvtepi32_ps(sums[r]),
@@ -823,9 +815,11 @@ macro_rules! k_kernels {
                             }
                         }
                     }
-                    for r in 0..R {
-                        for w in 0..TILE {
-                            out[r][w] = hsum8(lanes[r][w]);
+                    if !format.sums_exactly() {
+                        for r in 0..R {
+                            for w in 0..TILE {
+                                out[r][w] = hsum8(lanes[r][w]);
+                            }
                         }
                     }
                 }

@@ -4,19 +4,19 @@
 //!
 //! Lane `4w + r` of a register belongs to weight row `w` and activation row `r`. Each
 //! super-block of the tile is unpacked once, register `j` holding in quarter `w` weight row
-//! `w`'s values `4j..4j+4` (unsigned), and serves every group (up to sixteen). Lane `l` of
-//! candle's eight integer lanes sums the value groups `j ≡ l (mod 8)`, here two at a time
-//! (`j = 16p + l` and `j + 8`): two `vpdpbusd` (rows 0 and 1, then 2 and 3, each with both
-//! value groups side by side) give each pair's two dots of four values, `vpackssdw` puts them
-//! side by side as i16 in the pair's lane, and one `vpdpwssd` with their two scales adds
-//! `sc·(q·y)` for both to an exact integer sum. Q6_K's operands are the other way round: its
-//! weights less their bias of 32 (signed) against the activations plus 128 (unsigned), whose
-//! excess `128·Σ sc·(q − 32)` depends on the weights only, so it comes off once per tile block,
-//! not once per group. Per super-block each of the eight float lanes takes
-//! `+= d·d_y · lane` (fused), Q4_K's four lanes of minimums `+= −d_y·dmin · (m·Σy)` over two
-//! sub-blocks each (one `vpdpwssd`), Q5_K's one float `+= −d_y·dmin · Σ m·Σy` (unfused), summed
-//! at the end in candle's order. So each pair's result is [`super::kquant::portable`]'s bit for bit, whatever
-//! rows are batched with it.
+//! `w`'s values `4j..4j+4` (unsigned), and serves every group (up to sixteen). Value groups `j`
+//! and `j + 8` go side by side (`j = 16q + l`, `l < 8`): two `vpdpbusd` (rows 0 and 1, then 2
+//! and 3, each with both value groups) give each pair's two dots of four values; a chain of
+//! them that shares its scales (four of Q4_K's value groups, two of Q5_K's) adds up in i32
+//! while it stays within i16, `vpackssdw` puts the two side by side as i16 in the pair's lane,
+//! and one `vpdpwssd` with their two scales adds `sc·(q·y)` for both to the pair's exact sum
+//! over the super-block. Q6_K's operands are the other way round: its weights less their bias
+//! of 32 (signed) against the activations plus 128 (unsigned), whose excess
+//! `128·Σ sc·(q − 32)` depends on the weights only, so it comes off once per tile block, not
+//! once per group (and its chains are one value group long). Per super-block each pair then
+//! takes `+= d·d_y · sum` and, for Q4_K and Q5_K, `+= −d_y·dmin · Σ m·Σy` (both fused): the
+//! arithmetic of [`super::kquant`], so each pair's result is [`super::kquant::portable`]'s bit
+//! for bit, whatever rows are batched with it.
 //!
 //! Built into every x86-64 binary; it runs only on the AVX-512 VNNI [`super::KernelPath`].
 
@@ -232,7 +232,7 @@ unsafe fn unpack_q6k(
     p: *const u8,
     w: &mut [__m512i; QUADS],
     sc: &mut [__m512i; CHUNKS],
-    excess: &mut [__m512i; 8],
+    excess: &mut __m512i,
 ) {
     // SAFETY: loads stay inside the tile block (see above).
     unsafe {
@@ -278,10 +278,11 @@ unsafe fn unpack_q6k(
                 }
             }
         }
-        for (h, sums) in sums.into_iter().enumerate() {
-            let negated = _mm512_sub_epi32(_mm512_setzero_si512(), sums);
-            excess[4 * h..4 * h + 4].copy_from_slice(&spread(negated));
-        }
+        // Each quarter's four lanes added up, in all four.
+        let total = _mm512_add_epi32(sums[0], sums[1]);
+        let total = _mm512_add_epi32(total, _mm512_shuffle_epi32::<0x4e>(total));
+        let total = _mm512_add_epi32(total, _mm512_shuffle_epi32::<0xb1>(total));
+        *excess = _mm512_sub_epi32(_mm512_setzero_si512(), total);
     }
 }
 
@@ -303,13 +304,6 @@ fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
         );
     }
     acc
-}
-
-/// Each i32 lane's `Σ a·b` over its four bytes, `a` unsigned and `b` signed (one `vpdpbusd`).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-fn dpbusd(a: __m512i, b: __m512i) -> __m512i {
-    _mm512_dpbusd_epi32(_mm512_setzero_si512(), a, b)
 }
 
 /// See [`dot_tile`]: [`kernel_for`] with the format as constants, so that each format's loops
@@ -339,9 +333,9 @@ unsafe fn kernel(
     }
 }
 
-/// The kernel for Q4_K, Q5_K (`FIVE`) or Q6_K (`SIX`). Per tile block and lane `l` of
-/// candle's eight, the eight weight registers and scales of the lane stay in registers while
-/// every group passes, so the inner loop loads only the activations.
+/// The kernel for Q4_K, Q5_K (`FIVE`) or Q6_K (`SIX`). Per tile block and quarter `p` of
+/// it (value groups `16p..16p + 16`), the eight weight registers of the quarter stay in
+/// registers while every group passes, so the inner loop loads only the activations.
 ///
 /// # Safety
 /// As [`kernel`].
@@ -359,104 +353,88 @@ unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
         (true, _) => KFormat::Q5K,
         (false, true) => KFormat::Q6K,
     };
+    // Value groups whose dots add up in i32 before `vpackssdw` takes them to i16: four
+    // (sixteen values) of Q4_K's (at most 16 · 15 · 128), two of Q5_K's (8 · 31 · 128); each
+    // of Q6_K's alone (4 · 32 · 255), its activations being unsigned.
+    let chain = match format {
+        KFormat::Q4K => 4,
+        KFormat::Q5K => 2,
+        _ => 1,
+    };
     // SAFETY: see [`kernel`]; loads stay inside the blocks.
     unsafe {
-        // Per group: the eight float lanes, then Q4_K's four lanes of minimums or Q5_K's one.
-        let mut acc = [[_mm512_setzero_ps(); 12]; MAX_GROUPS];
+        let mut acc = [_mm512_setzero_ps(); MAX_GROUPS];
         let mut w = [_mm512_setzero_si512(); QUADS];
         let mut sc = [_mm512_setzero_si512(); CHUNKS];
         let mut mins = [_mm512_setzero_si512(); SUBS / 2];
-        let mut excess = [_mm512_setzero_si512(); 8];
-        let mut scale = [_mm512_setzero_ps(); MAX_GROUPS];
+        let mut excess = _mm512_setzero_si512();
         for b in 0..blocks {
             let p = tile.as_ptr().add(b * format.tile_bytes());
             if cold {
                 crate::kernels::prefetch_ahead(p, format.tile_bytes());
             }
-            let d = per_weight_row(f16x4(p.add(D)));
             if SIX {
                 unpack_q6k(p, &mut w, &mut sc, &mut excess);
             } else {
                 unpack_q4k(p, FIVE, &mut w, &mut sc, &mut mins);
             }
-            for (scale, group) in scale.iter_mut().zip(groups) {
-                let d_act = _mm512_broadcast_f32x4(_mm_loadu_ps(group[b].d.as_ptr()));
-                *scale = _mm512_mul_ps(d_act, d);
-            }
-            for l in 0..8 {
-                // Lane `l` sums the value groups `j = 8k + l`, here two at a time: `j = 16p + l`
-                // and `j + 8`. `w[p]`, quarter `w`: row `w`'s values of the two, twice over;
-                // `sc[p]`: in each i32 lane, their two scales.
-                let w: [__m512i; 4] = std::array::from_fn(|p| {
-                    let j = 16 * p + l;
+            // Each pair's exact `Σ sc·(q·y)` over the super-block (Q6_K's from its excess).
+            let mut sums = [excess; MAX_GROUPS];
+            for q in 0..4 {
+                // Value group `16q + l` and `16q + l + 8` of each weight row, side by side in
+                // its quarter (`w[l]`), and their two scales in each i32 lane (`sc[l / 4]`).
+                let w: [__m512i; 8] = std::array::from_fn(|l| {
+                    let j = 16 * q + l;
                     _mm512_mask_blend_epi32(0xaaaa, w[j], w[j + 8])
                 });
-                let sc: [__m512i; 4] = std::array::from_fn(|p| {
-                    let c = (16 * p + l) / 4;
+                let sc: [__m512i; 2] = std::array::from_fn(|half| {
+                    let c = 4 * q + half;
                     _mm512_mask_blend_epi16(0xaaaa_aaaa, sc[c], sc[c + 2])
                 });
-                for ((group, acc), scale) in groups.iter().zip(&mut acc).zip(&scale) {
+                for (group, sum) in groups.iter().zip(&mut sums) {
                     let a = &group[b];
-                    // Each pair's dot over four values of each of the value groups `16p + l`
-                    // and `16p + 8 + l` (rows 0 and 1, then 2 and 3), the two side by side as
-                    // i16 in the pair's lane (none is beyond ±32640), times their scales.
-                    let step = |sum, p: usize| {
-                        let dots = [0, 1].map(|h| {
-                            let y = broadcast16(a.q[KActGroup::at(l, p, h)].as_ptr().cast());
-                            if SIX {
-                                dpbusd(y, w[p])
+                    // Rows 0 and 1 (`dots[0]`), then 2 and 3: each pair's dots of a chain of
+                    // value groups (and those 8 on), side by side as i16 in the pair's lane,
+                    // times their scales.
+                    let mut dots = [_mm512_setzero_si512(); 2];
+                    for l in 0..8 {
+                        for (h, dot) in dots.iter_mut().enumerate() {
+                            let y = broadcast16(a.q[KActGroup::at(l, q, h)].as_ptr().cast());
+                            *dot = if SIX {
+                                _mm512_dpbusd_epi32(*dot, y, w[l])
                             } else {
-                                dpbusd(w[p], y)
-                            }
-                        });
-                        dpwssd(sum, _mm512_packs_epi32(dots[0], dots[1]), sc[p])
-                    };
-                    // Two integer sums (exact, so their order is free), for two shorter
-                    // chains of `vpdpwssd` latency.
-                    let first = if SIX {
-                        excess[l]
-                    } else {
-                        _mm512_setzero_si512()
-                    };
-                    let (even, odd) = (step(first, 0), step(_mm512_setzero_si512(), 1));
-                    let sum = _mm512_add_epi32(step(even, 2), step(odd, 3));
-                    acc[l] = _mm512_fmadd_ps(*scale, _mm512_cvtepi32_ps(sum), acc[l]);
+                                _mm512_dpbusd_epi32(*dot, w[l], y)
+                            };
+                        }
+                        if (l + 1) % chain == 0 {
+                            let packed = _mm512_packs_epi32(dots[0], dots[1]);
+                            *sum = dpwssd(*sum, packed, sc[l / 4]);
+                            dots = [_mm512_setzero_si512(); 2];
+                        }
+                    }
                 }
+            }
+            let d = per_weight_row(f16x4(p.add(D)));
+            for ((group, acc), sum) in groups.iter().zip(&mut acc).zip(&sums) {
+                let d_act = _mm512_broadcast_f32x4(_mm_loadu_ps(group[b].d.as_ptr()));
+                *acc = _mm512_fmadd_ps(_mm512_mul_ps(d_act, d), _mm512_cvtepi32_ps(*sum), *acc);
             }
             if SIX {
                 continue;
             }
+            // Each pair's exact `Σ m·Σy`.
             let dmin = per_weight_row(f16x4(p.add(DMIN)));
             for (group, acc) in groups.iter().zip(&mut acc) {
                 let a = &group[b];
                 let neg_d = _mm512_broadcast_f32x4(_mm_loadu_ps(a.neg_d.as_ptr()));
-                let scale = _mm512_mul_ps(neg_d, dmin);
-                let m = |q: usize, sum| {
-                    _mm512_dpwssd_epi32(sum, mins[q], broadcast16(a.sums[q].as_ptr().cast()))
-                };
-                if FIVE {
-                    let sum = (0..SUBS / 2).fold(_mm512_setzero_si512(), |s, q| m(q, s));
-                    let t = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(sum));
-                    acc[8] = _mm512_add_ps(acc[8], t);
-                } else {
-                    for q in 0..SUBS / 2 {
-                        let sum = _mm512_cvtepi32_ps(m(q, _mm512_setzero_si512()));
-                        acc[8 + q] = _mm512_fmadd_ps(scale, sum, acc[8 + q]);
-                    }
-                }
+                let sum = (0..SUBS / 2).fold(_mm512_setzero_si512(), |sum, q| {
+                    dpwssd(sum, mins[q], broadcast16(a.sums[q].as_ptr().cast()))
+                });
+                *acc = _mm512_fmadd_ps(_mm512_mul_ps(neg_d, dmin), _mm512_cvtepi32_ps(sum), *acc);
             }
         }
-        for (x, out) in acc.iter().zip(out) {
-            // candle's `hsum_float_8`, lane by lane: ((x4+x0)+(x6+x2))+((x5+x1)+(x7+x3)).
-            let a: [__m512; 4] = std::array::from_fn(|u| _mm512_add_ps(x[u + 4], x[u]));
-            let mut sum = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-            if FIVE {
-                sum = _mm512_add_ps(sum, x[8]);
-            } else if !SIX {
-                let m = _mm512_add_ps(_mm512_add_ps(x[8], x[10]), _mm512_add_ps(x[9], x[11]));
-                sum = _mm512_add_ps(sum, m);
-            }
-            _mm512_storeu_ps(out.as_mut_ptr().cast(), sum);
+        for (acc, out) in acc.iter().zip(out) {
+            _mm512_storeu_ps(out.as_mut_ptr().cast(), *acc);
         }
     }
 }
