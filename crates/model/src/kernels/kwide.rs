@@ -23,6 +23,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
+use super::Band;
 use super::kquant::{
     D, DMIN, FIFTH, KActBlock, KFormat, MINS, QUANT6_BYTES, QUANTS, QUANTS6, SCALES, SCALES6, SUBS,
     SUPER,
@@ -439,8 +440,8 @@ unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
     }
 }
 
-/// Tiles after one another in `tiles` against every group of four activation rows (see
-/// [`wide::by_runs`]). Returns the rows done, the groups' rows.
+/// Tiles after one another in `tiles` (those of `band`) against every group of four activation
+/// rows (see [`wide::by_runs`]). Returns the rows done, the groups' rows.
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VL and VNNI.
@@ -450,8 +451,7 @@ pub(crate) unsafe fn dot_columns(
     tiles: &[u8],
     groups: &[KActGroup],
     blocks: usize,
-    m: usize,
-    columns: &mut [f32],
+    band: &mut Band,
 ) -> usize {
     let tile_bytes = blocks * format.tile_bytes();
     let count = groups.len() / blocks;
@@ -460,8 +460,7 @@ pub(crate) unsafe fn dot_columns(
         tile_bytes,
         count,
         MAX_GROUPS,
-        m,
-        columns,
+        band,
         |tile, first, out| {
             let mut pass: [&[KActGroup]; MAX_GROUPS] = [&[]; MAX_GROUPS];
             for (to, group) in pass

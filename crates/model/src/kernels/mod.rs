@@ -385,12 +385,12 @@ fn matmul(
                 .then(|| wide::groups(format, &acts, blocks));
             // Groups of four activation rows go through the wide kernel on the AVX-512 VNNI
             // path.
-            let wide = |_weights: &[u8], _dst: &mut [f32]| -> usize {
+            let wide = |_weights: &[u8], _dst: &mut Band| -> usize {
                 #[cfg(target_arch = "x86_64")]
                 if let Some(groups) = &groups {
                     // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only
                     // where the CPU has AVX-512 F, BW, VL and VNNI.
-                    return unsafe { wide::dot_columns(format, _weights, groups, blocks, m, _dst) };
+                    return unsafe { wide::dot_columns(format, _weights, groups, blocks, _dst) };
                 }
                 0
             };
@@ -407,14 +407,12 @@ fn matmul(
                     .then(|| kwide::groups(format, &acts, blocks));
             // Groups of four activation rows go through the wide K-quant kernel on the
             // AVX-512 VNNI path.
-            let wide = |_weights: &[u8], _dst: &mut [f32]| -> usize {
+            let wide = |_weights: &[u8], _dst: &mut Band| -> usize {
                 #[cfg(target_arch = "x86_64")]
                 if let Some(groups) = &groups {
                     // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only
                     // where the CPU has AVX-512 F, BW, VL and VNNI.
-                    return unsafe {
-                        kwide::dot_columns(format, _weights, groups, blocks, m, _dst)
-                    };
+                    return unsafe { kwide::dot_columns(format, _weights, groups, blocks, _dst) };
                 }
                 0
             };
@@ -441,78 +439,103 @@ fn by_columns<K: TileKernel>(
     acts: &[K::Act],
     (m, k, n): (usize, usize, usize),
     out: &mut [f32],
-    wide: impl Fn(&[u8], &mut [f32]) -> usize + Sync,
+    wide: impl Fn(&[u8], &mut Band) -> usize + Sync,
 ) {
     let blocks = acts.len() / m;
     let threads = rayon::current_num_threads();
     let tiles_per_task = (n / TILE).div_ceil(threads * 4).max(4);
-    // Each task fills whole columns (four weight rows against every activation row), so the
-    // results are laid out column by column and transposed at the end.
-    let mut by_column = vec![0f32; n * m];
-    let task = |(c, dst): (usize, &mut [f32])| {
+    // Each task fills a band of whole columns (four weight rows against every activation row)
+    // of `out` in place.
+    let task = |(c, mut band): (usize, Band)| {
         let first = c * tiles_per_task * tile_bytes;
-        let weights = &tiles[first..first + dst.len() / (TILE * m) * tile_bytes];
-        let done = wide(weights, dst);
-        for (tile, columns) in weights
-            .chunks_exact(tile_bytes)
-            .zip(dst.chunks_exact_mut(TILE * m))
-        {
-            dot_columns(kernel, tile, acts, blocks, done, columns);
+        let weights = &tiles[first..first + band.tiles() * tile_bytes];
+        let done = wide(weights, &mut band);
+        for (t, tile) in weights.chunks_exact(tile_bytes).enumerate() {
+            dot_columns(kernel, tile, acts, blocks, done, &mut band, t);
         }
     };
-    let chunk = tiles_per_task * TILE * m;
-    let serial = threads == 1 || m * n * k < SERIAL_WORK;
-    each_chunk(serial, &mut by_column, chunk, task);
-    // Transposed a strip of columns at a time, so that the strip's reads stay in cache while
-    // each output row's part is written in order; bands of rows on the thread pool (serial, it
-    // took about 5% of a batch's one-thread time while the pool's other threads waited).
-    const STRIP: usize = 16;
-    let band_rows = if serial { m } else { m.div_ceil(threads) };
-    let transpose = |(b, band): (usize, &mut [f32])| {
-        let first = b * band_rows;
-        for (s, strip) in by_column.chunks(STRIP * m).enumerate() {
-            let width = strip.len() / m;
-            for (i, row) in band.chunks_exact_mut(n).enumerate() {
-                for (j, v) in row[s * STRIP..s * STRIP + width].iter_mut().enumerate() {
-                    *v = strip[j * m + first + i];
-                }
-            }
-        }
-    };
-    each_chunk(serial, out, band_rows * n, transpose);
-}
-
-/// Runs `work` on each numbered chunk of `size` values of `data`: in order on this thread when
-/// `serial`, on the thread pool otherwise.
-fn each_chunk(
-    serial: bool,
-    data: &mut [f32],
-    size: usize,
-    work: impl Fn((usize, &mut [f32])) + Sync + Send,
-) {
-    if serial {
-        data.chunks_mut(size).enumerate().for_each(work);
+    let bands = Band::split(out, m, n, tiles_per_task * TILE);
+    if threads == 1 || m * n * k < SERIAL_WORK {
+        bands.into_iter().enumerate().for_each(task);
     } else {
-        data.par_chunks_mut(size).enumerate().for_each(work);
+        bands.into_par_iter().enumerate().for_each(task);
     }
 }
 
-/// One tile of four weight rows against activation rows `from..`, up to four at a time;
-/// `columns` holds the four weight rows' results over all the rows one after the other.
+/// A band of whole tiles' columns of a product's output (`m` rows of `n`, row-major), which one
+/// task writes in place while others write theirs: a column-major copy, zeroed then transposed
+/// into the output, took about 6% of a K-quant prefill.
+pub(crate) struct Band<'a> {
+    /// The output's first value.
+    out: *mut f32,
+    m: usize,
+    n: usize,
+    /// The band's columns: `first..first + width`.
+    first: usize,
+    width: usize,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the bands of one output are disjoint (each writes only its own columns, checked in
+// `set`) and borrow the output mutably for their lifetime, so no other code reads or writes it.
+unsafe impl Send for Band<'_> {}
+
+impl<'a> Band<'a> {
+    /// `out` (`m` rows of `n`) cut into bands of `width` columns (the last may be narrower).
+    fn split(out: &'a mut [f32], m: usize, n: usize, width: usize) -> Vec<Self> {
+        assert_eq!(out.len(), m * n, "an output of {m} rows of {n}");
+        let ptr = out.as_mut_ptr();
+        (0..n)
+            .step_by(width)
+            .map(|first| Band {
+                out: ptr,
+                m,
+                n,
+                first,
+                width: width.min(n - first),
+                _out: std::marker::PhantomData,
+            })
+            .collect()
+    }
+
+    /// Activation rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Tiles of four weight rows in the band.
+    pub(crate) fn tiles(&self) -> usize {
+        self.width / TILE
+    }
+
+    /// Writes weight row `w` of the band's tile `t` times activation row `row`.
+    #[inline]
+    pub(crate) fn set(&mut self, t: usize, w: usize, row: usize, value: f32) {
+        let column = TILE * t + w;
+        assert!(column < self.width && row < self.m, "inside the band");
+        // SAFETY: the value is inside the output (checked above) and in this band's columns,
+        // which no other band writes.
+        unsafe { *self.out.add(row * self.n + self.first + column) = value };
+    }
+}
+
+/// Tile `t` of `band` (four weight rows) against activation rows `from..`, up to four at a
+/// time.
 fn dot_columns<K: TileKernel>(
     kernel: &K,
     tile: &[u8],
     acts: &[K::Act],
     blocks: usize,
     from: usize,
-    columns: &mut [f32],
+    band: &mut Band,
+    t: usize,
 ) {
-    let m = columns.len() / TILE;
+    let m = band.rows();
     let row = |i: usize| &acts[i * blocks..(i + 1) * blocks];
     let mut store = |i: usize, results: &[[f32; TILE]]| {
         for (r, result) in results.iter().enumerate() {
             for (w, &v) in result.iter().enumerate() {
-                columns[w * m + i + r] = v;
+                band.set(t, w, i + r, v);
             }
         }
     };

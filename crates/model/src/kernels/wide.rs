@@ -18,6 +18,7 @@
 
 use std::arch::x86_64::*;
 
+use super::Band;
 use super::dot::{ActBlock, BLOCK, Format, TILE};
 
 /// Whether the kernel reads `format` (Q4_0, Q4_1 and Q8_0; the five-bit formats go through
@@ -323,9 +324,8 @@ pub(crate) fn in_groups<A, G>(
         .collect()
 }
 
-/// Tiles after one another in `tiles` against every group of four activation rows: `columns`
-/// holds, tile after tile, each of its four weight rows' results over the `m` activation rows.
-/// Returns the rows done, the groups' rows.
+/// Tiles after one another in `tiles` (those of `band`) against every group of four activation
+/// rows. Returns the rows done, the groups' rows.
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VL and VNNI.
@@ -335,8 +335,7 @@ pub(crate) unsafe fn dot_columns(
     tiles: &[u8],
     groups: &[ActGroup],
     blocks: usize,
-    m: usize,
-    columns: &mut [f32],
+    band: &mut Band,
 ) -> usize {
     let tile_bytes = TILE * blocks * format.block_bytes();
     let count = groups.len() / blocks;
@@ -347,8 +346,7 @@ pub(crate) unsafe fn dot_columns(
         tile_bytes,
         count,
         per_pass,
-        m,
-        columns,
+        band,
         |tile, first, out| {
             let mut pass = groups[first * blocks..].chunks_exact(blocks);
             let mut group = || pass.next().expect("a group per pass");
@@ -394,10 +392,10 @@ pub(crate) const MAX_PASS: usize = 16;
 /// the group's row `r`.
 pub(crate) type GroupOut = [[f32; GROUP]; TILE];
 
-/// Tiles of `tile_bytes` after one another in `tiles` against `count` groups of four
-/// activation rows, `per_pass` (at most [`MAX_PASS`]) groups at a time: `kernel(tile, first, out)` dots
-/// one tile with groups `first..first + out.len()`. `columns` holds, tile after tile, each of
-/// its four weight rows' results over the `m` activation rows. Returns the rows done.
+/// Tiles of `tile_bytes` after one another in `tiles` (the tiles of `band`) against `count`
+/// groups of four activation rows, `per_pass` (at most [`MAX_PASS`]) groups at a time:
+/// `kernel(tile, first, out)` dots one tile with groups `first..first + out.len()`. Returns the
+/// rows done, the groups' rows.
 ///
 /// Each pass over a run of tiles takes several groups (one unpacking of a weight block serves
 /// them all); the run is short enough to stay in the core's cache for every pass, so the
@@ -407,30 +405,24 @@ pub(crate) fn by_runs(
     tile_bytes: usize,
     count: usize,
     per_pass: usize,
-    m: usize,
-    columns: &mut [f32],
+    band: &mut Band,
     mut kernel: impl FnMut(&[u8], usize, &mut [GroupOut]),
 ) -> usize {
     /// Bytes of weights per run of tiles: a quarter of a 1 MiB L2 cache.
     const RUN_BYTES: usize = 256 << 10;
     let run = (RUN_BYTES / tile_bytes).max(1);
     let mut out = [[[0f32; GROUP]; TILE]; MAX_PASS];
-    for (tiles, columns) in tiles
-        .chunks(run * tile_bytes)
-        .zip(columns.chunks_mut(run * TILE * m))
-    {
+    for (r, tiles) in tiles.chunks(run * tile_bytes).enumerate() {
         let mut first = 0;
         while first < count {
             let take = per_pass.min(count - first);
-            for (tile, columns) in tiles
-                .chunks_exact(tile_bytes)
-                .zip(columns.chunks_exact_mut(TILE * m))
-            {
+            for (t, tile) in tiles.chunks_exact(tile_bytes).enumerate() {
                 kernel(tile, first, &mut out[..take]);
                 for (i, group) in out[..take].iter().enumerate() {
                     for (w, rows) in group.iter().enumerate() {
-                        let start = w * m + (first + i) * GROUP;
-                        columns[start..start + GROUP].copy_from_slice(rows);
+                        for (k, &value) in rows.iter().enumerate() {
+                            band.set(r * run + t, w, (first + i) * GROUP + k, value);
+                        }
                     }
                 }
             }
