@@ -18,9 +18,9 @@
 //! within float rounding. The whole pass is compiled twice more, with AVX2, FMA and F16C and
 //! with AVX-512 too, and the CPU's [`KernelPath`] picks one at run time.
 //!
-//! In a decode step the cache is cold: the layer's weights went through the CPU's caches in
-//! between. So the kernels prefetch the next block's keys and values a line or two at a time as
-//! they read each block's, which keeps many loads in flight without a burst of them.
+//! The CPU's own prefetchers load the keys and values: prefetching the next block's by hand, a
+//! line or two at a time, measured 1.5-3x slower on a 2-core Xeon (issue 23's seventh session),
+//! from 100 positions to 4000, in every cache precision.
 
 use std::ops::Range;
 
@@ -28,7 +28,6 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::cache::{CachedHeads, PAGE, Q8_GROUP, TILE, Values};
-use crate::prefetch::Hint;
 use crate::{KernelPath, ModelError, Result};
 
 /// Positions scored, exponentiated and summed into the values at once: whole tiles.
@@ -328,13 +327,6 @@ impl Heads<'_> {
             .map(|d| std::array::from_fn(|h| self.queries[h * dim + d]))
             .collect();
         let mut scores = [[0f32; BLOCK]; G];
-        // The cache is cold (a decode step reads the layer's weights in between): the first
-        // block's keys and values start loading now, and the kernels load each next block's
-        // as they read one.
-        let first = positions.start..positions.end.min(positions.start + BLOCK);
-        prefetch(&task.keys[cached.key_tiles(g, first.clone())]);
-        prefetch(&task.values[cached.value_rows(g, first)]);
-        let ahead = BLOCK * dim;
         for from in positions.clone().step_by(BLOCK) {
             let block = from..positions.end.min(from + BLOCK);
             let n = block.len();
@@ -346,10 +338,10 @@ impl Heads<'_> {
             let row_scales = scales_of(task.value_scales, rows.clone());
             for (t, tile) in task.keys[tiles].chunks_exact(TILE * dim).enumerate() {
                 let sums = if !E::SCALED {
-                    tile_scores::<E, G, V>(&by_dimension, tile, ahead)
+                    tile_scores::<E, G, V>(&by_dimension, tile)
                 } else {
                     let scales = &tile_scales[t * TILE * dim / Q8_GROUP..][..TILE * dim / Q8_GROUP];
-                    scaled_tile_scores::<E, G, V>(&by_dimension, tile, scales, ahead)
+                    scaled_tile_scores::<E, G, V>(&by_dimension, tile, scales)
                 };
                 for (score, sum) in scores.iter_mut().zip(sums) {
                     for (s, &x) in score[t * TILE..(t + 1) * TILE].iter_mut().zip(&sum) {
@@ -371,46 +363,25 @@ impl Heads<'_> {
                 self.sum[h] += exp_sum::<V>(score, self.max[h]);
             }
             let rows = (&task.values[rows], row_scales);
-            weigh_values::<E, G, V>(&scores, rows, dim, ahead, self.acc);
+            weigh_values::<E, G, V>(&scores, rows, dim, self.acc);
         }
     }
-}
-
-/// Asks the CPU to start loading `data` into its first-level cache, so that a pass over cold
-/// keys and values waits for many loads at once rather than one after another. The
-/// non-temporal hint (the data is read once per step) measured faster than the others.
-/// Changes no result; does nothing on other targets.
-#[inline(always)]
-fn prefetch<E>(data: &[E]) {
-    prefetch_at(data, 0);
-}
-
-/// [`prefetch`] of the bytes of `data` moved `ahead` elements on: the same place in the next
-/// block, whose loads thus go out one or two at a time among the reads of this one (all at
-/// once, they measured slower than none). May point past the buffer: a prefetch never faults.
-#[inline(always)]
-fn prefetch_at<E>(data: &[E], ahead: usize) {
-    let start = data.as_ptr().wrapping_add(ahead).cast::<u8>();
-    crate::prefetch::bytes(start, std::mem::size_of_val(data), Hint::NonTemporal);
 }
 
 /// The dot products of `G` queries, given dimension by dimension as `queries (dim)` (the
 /// heads' values of each dimension side by side), with the [`TILE`] keys of the transposed
 /// tile `tile (dim * TILE)`: whole vectors of lanes multiplied and added, with no sums across
 /// lanes. Written for the compiler to vectorize on any target; the dimensions go in pairs, each
-/// into its own running sums, to overlap the additions' latency. Loads the keys `ahead`
-/// elements on into the CPU's caches as it goes.
+/// into its own running sums, to overlap the additions' latency.
 #[inline(always)]
 fn tile_scores<E: Element, const G: usize, const V: bool>(
     queries: &[[f32; G]],
     tile: &[E],
-    ahead: usize,
 ) -> [[f32; TILE]; G] {
     let (mut even, mut odd) = ([[0f32; TILE]; G], [[0f32; TILE]; G]);
     let mut pairs = queries.chunks_exact(2);
     let mut keys = tile.chunks_exact(2 * TILE);
     for (q, k) in (&mut pairs).zip(&mut keys) {
-        prefetch_at(k, ahead);
         let (k0, k1) = (E::widen::<V>(&k[..TILE]), E::widen::<V>(&k[TILE..]));
         for h in 0..G {
             for l in 0..TILE {
@@ -442,7 +413,6 @@ fn scaled_tile_scores<E: Element, const G: usize, const V: bool>(
     queries: &[[f32; G]],
     tile: &[E],
     scales: &[f32],
-    ahead: usize,
 ) -> [[f32; TILE]; G] {
     let mut total = [[0f32; TILE]; G];
     let groups = queries
@@ -450,7 +420,7 @@ fn scaled_tile_scores<E: Element, const G: usize, const V: bool>(
         .zip(tile.chunks_exact(Q8_GROUP * TILE))
         .zip(scales.chunks_exact(TILE));
     for ((queries, keys), scales) in groups {
-        let sums = tile_scores::<E, G, V>(queries, keys, ahead);
+        let sums = tile_scores::<E, G, V>(queries, keys);
         for h in 0..G {
             for l in 0..TILE {
                 total[h][l] = sums[h][l].mul_add(scales[l], total[h][l]);
@@ -462,24 +432,22 @@ fn scaled_tile_scores<E: Element, const G: usize, const V: bool>(
 
 /// `acc (G * dim) += Σ_t weights[h][t] * value row t` for the `rows (n * dim)` of a block:
 /// each row read once, in passes of up to four slabs of [`TILE`] values whose running sums for
-/// the `G` heads stay in registers. Loads the values `ahead` elements on into the CPU's caches
-/// as it goes.
+/// the `G` heads stay in registers.
 #[inline(always)]
 fn weigh_values<E: Element, const G: usize, const V: bool>(
     weights: &[[f32; BLOCK]; G],
     rows: (&[E], &[f32]),
     dim: usize,
-    ahead: usize,
     acc: &mut [f32],
 ) {
     let whole = dim / (4 * TILE) * (4 * TILE);
     for at in (0..whole).step_by(4 * TILE) {
         let span = at..at + 4 * TILE;
-        weigh_slabs::<E, G, 4, V>(weights, rows, (dim, span, ahead), acc);
+        weigh_slabs::<E, G, 4, V>(weights, rows, (dim, span), acc);
     }
     for at in (whole..dim).step_by(TILE) {
         let span = at..dim.min(at + TILE);
-        weigh_slabs::<E, G, 1, V>(weights, rows, (dim, span, ahead), acc);
+        weigh_slabs::<E, G, 1, V>(weights, rows, (dim, span), acc);
     }
 }
 
@@ -489,14 +457,13 @@ fn weigh_values<E: Element, const G: usize, const V: bool>(
 fn weigh_slabs<E: Element, const G: usize, const S: usize, const V: bool>(
     weights: &[[f32; BLOCK]; G],
     (rows, scales): (&[E], &[f32]),
-    (dim, span, ahead): (usize, Range<usize>, usize),
+    (dim, span): (usize, Range<usize>),
     acc: &mut [f32],
 ) {
     let width = span.len();
     let mut sums = [[[0f32; TILE]; S]; G];
     for (t, row) in rows.chunks_exact(dim).enumerate() {
         let row = &row[span.clone()];
-        prefetch_at(row, ahead);
         // Plain loops rather than `array::from_fn`, whose closures the compiler may leave as
         // calls in this hot loop.
         let mut values = [[0f32; TILE]; S];
@@ -888,7 +855,7 @@ mod tests {
             let by_dimension: Vec<[f32; 3]> = (0..dim)
                 .map(|d| std::array::from_fn(|h| queries[h * dim + d]))
                 .collect();
-            let ours = tile_scores::<f32, 3, false>(&by_dimension, &tile, 0);
+            let ours = tile_scores::<f32, 3, false>(&by_dimension, &tile);
             for (h, query) in queries.chunks_exact(dim).enumerate() {
                 for (p, key) in keys.iter().enumerate() {
                     let expected: f32 = query.iter().zip(key).map(|(q, k)| q * k).sum();
@@ -915,7 +882,7 @@ mod tests {
             }
         }
         let mut acc = vec![1.0f32; 2 * dim];
-        weigh_values::<f32, 2, false>(&weights, (&rows, &[]), dim, 0, &mut acc);
+        weigh_values::<f32, 2, false>(&weights, (&rows, &[]), dim, &mut acc);
         for h in 0..2 {
             for d in 0..dim {
                 let expected = 1.0

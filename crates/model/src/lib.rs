@@ -17,7 +17,6 @@ mod fingerprint;
 mod kernels;
 mod llama;
 mod plan;
-mod prefetch;
 mod source;
 mod train;
 
