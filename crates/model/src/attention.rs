@@ -19,8 +19,8 @@
 //! with AVX-512 too, and the CPU's [`KernelPath`] picks one at run time.
 //!
 //! The CPU's own prefetchers load the keys and values: prefetching the next block's by hand, a
-//! line or two at a time, measured 1.5-3x slower on a 2-core Xeon (issue 23's seventh session),
-//! from 100 positions to 4000, in every cache precision.
+//! line or two at a time, measured 1.2-3.9x slower on a 2-core Xeon (BENCHMARKS.md, issue 23's
+//! fifth part), from 100 positions to 4000, in every cache precision.
 
 use std::ops::Range;
 
