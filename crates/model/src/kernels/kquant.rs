@@ -396,43 +396,11 @@ pub(crate) fn dot_tile<const R: usize>(
     assert_eq!(tile.len(), blocks * format.tile_bytes());
     // SAFETY (both SIMD paths): a path runs only where the CPU has its features, and every
     // load stays inside `tile` and `acts`, whose lengths were checked above.
-    match (path, format) {
+    match path {
         #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx512Vnni, KFormat::Q4K) => unsafe {
-            vnni::q4k::<R, false>(tile, blocks, acts, out)
-        },
+        KernelPath::Avx512Vnni => unsafe { vnni::dot_tile(format, tile, blocks, acts, out) },
         #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx512Vnni, KFormat::Q5K) => unsafe {
-            vnni::q4k::<R, true>(tile, blocks, acts, out)
-        },
-        #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx512Vnni, KFormat::Q6K) => unsafe {
-            vnni::q2k_q6k::<R, false>(tile, blocks, acts, out)
-        },
-        #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx512Vnni, KFormat::Q2K) => unsafe {
-            vnni::q2k_q6k::<R, true>(tile, blocks, acts, out)
-        },
-        #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx512Vnni, KFormat::Q3K) => unsafe { vnni::q3k(tile, blocks, acts, out) },
-        #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx2, KFormat::Q4K) => unsafe {
-            avx2::q4k::<R, false>(tile, blocks, acts, out)
-        },
-        #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx2, KFormat::Q5K) => unsafe {
-            avx2::q4k::<R, true>(tile, blocks, acts, out)
-        },
-        #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx2, KFormat::Q6K) => unsafe {
-            avx2::q2k_q6k::<R, false>(tile, blocks, acts, out)
-        },
-        #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx2, KFormat::Q2K) => unsafe {
-            avx2::q2k_q6k::<R, true>(tile, blocks, acts, out)
-        },
-        #[cfg(target_arch = "x86_64")]
-        (KernelPath::Avx2, KFormat::Q3K) => unsafe { avx2::q3k(tile, blocks, acts, out) },
+        KernelPath::Avx2 => unsafe { avx2::dot_tile(format, tile, blocks, acts, out) },
         _ => portable::dot_tile(format, tile, blocks, acts, out),
     }
 }
@@ -664,6 +632,31 @@ macro_rules! k_kernels {
                 d
             }
 
+            /// [`super::dot_tile`] on this module's CPU features, by format.
+            ///
+            /// # Safety
+            /// The CPU has the module's features; `tile` holds `blocks` tile blocks and every
+            /// row of `acts` `blocks` blocks.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn dot_tile<const R: usize>(
+                format: KFormat,
+                tile: &[u8],
+                blocks: usize,
+                acts: [&[KActBlock]; R],
+                out: &mut [[f32; TILE]; R],
+            ) {
+                // SAFETY: the same contract.
+                unsafe {
+                    match format {
+                        KFormat::Q4K => q4k::<R, false>(tile, blocks, acts, out),
+                        KFormat::Q5K => q4k::<R, true>(tile, blocks, acts, out),
+                        KFormat::Q6K => q2k_q6k::<R, false>(tile, blocks, acts, out),
+                        KFormat::Q2K => q2k_q6k::<R, true>(tile, blocks, acts, out),
+                        KFormat::Q3K => q3k(tile, blocks, acts, out),
+                    }
+                }
+            }
+
             /// Q4_K, or Q5_K when `FIVE`: see [`super::dot_tile`]. Per super-block and pair,
             /// the eight integer lanes summed, then the minimums (their integer sum).
             ///
@@ -672,7 +665,7 @@ macro_rules! k_kernels {
             // Block `b` addresses both the tile's bytes and each activation row.
             #[allow(clippy::needless_range_loop)]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn q4k<const R: usize, const FIVE: bool>(
+            unsafe fn q4k<const R: usize, const FIVE: bool>(
                 tile: &[u8],
                 blocks: usize,
                 acts: [&[KActBlock]; R],
@@ -726,7 +719,7 @@ macro_rules! k_kernels {
             // Block `b` addresses both the tile's bytes and each activation row.
             #[allow(clippy::needless_range_loop)]
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn q2k_q6k<const R: usize, const TWO: bool>(
+            unsafe fn q2k_q6k<const R: usize, const TWO: bool>(
                 tile: &[u8],
                 blocks: usize,
                 acts: [&[KActBlock]; R],
@@ -742,7 +735,7 @@ macro_rules! k_kernels {
             /// # Safety
             /// `tile` holds `blocks` tile blocks and every row of `acts` `blocks` blocks.
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn q3k<const R: usize>(
+            unsafe fn q3k<const R: usize>(
                 tile: &[u8],
                 blocks: usize,
                 acts: [&[KActBlock]; R],
