@@ -36,7 +36,8 @@
 //! kernels keep eight float lanes per pair instead (lane `l` summing the values `4l..4l+4` of
 //! every 32), so these three types equal candle's outputs up to float rounding, as Q4_0 does
 //! (fewer roundings here); the exact sums let the batch kernel ([`super::kwide`]) add a chain
-//! of products before scaling them, which made prefill 1.2-1.3x faster. Q2_K and Q3_K keep
+//! of products before scaling them: the batch kernel 1.4-1.5x faster, prefill 1.1-1.3x
+//! (BENCHMARKS.md, issue 23's fifth part). Q2_K and Q3_K keep
 //! candle's AVX2 arithmetic operation for operation: per pair, eight i32 lanes; per
 //! super-block, eight float lanes `+= d·d_y · lane` (fused), Q2_K's first, per super-block, the
 //! eight float lanes themselves `+= −d_y·dmin · lane`, lane `l` the minimums times the
@@ -244,16 +245,17 @@ mod avx512 {
         if amax == 0.0 {
             return block;
         }
-        let of_amax =
-            |x: &__m512| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(*x), _mm512_set1_ps(amax));
         let max = x
             .iter()
             .find_map(|x| {
-                let hits = of_amax(x);
-                let mut lanes = [0f32; SUB6];
-                // SAFETY: sixteen writable values; the CPU has AVX-512 F.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *x) };
-                (hits != 0).then(|| lanes[hits.trailing_zeros() as usize])
+                let hits =
+                    _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(*x), _mm512_set1_ps(amax));
+                (hits != 0).then(|| {
+                    let mut lanes = [0f32; SUB6];
+                    // SAFETY: sixteen writable values; the CPU has AVX-512 F.
+                    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *x) };
+                    lanes[hits.trailing_zeros() as usize]
+                })
             })
             .unwrap_or(amax);
         let iscale = -127.0 / max;
