@@ -393,7 +393,7 @@ fn version_names_the_kernels_chosen_at_run_time() {
     assert!(out.status.success(), "{}", stderr(&out));
     let version = stdout(&out);
     assert!(
-        ["avx512-vnni", "avx2", "portable"]
+        ["amx", "avx512-vnni", "avx2", "portable"]
             .iter()
             .any(|path| version == format!("lsplit 0.1.0 (kernels: {path})\n")),
         "{version}"

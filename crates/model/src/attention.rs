@@ -245,7 +245,7 @@ fn attend_chunk<E: Element>(path: KernelPath, queries: &[f32], task: Task<'_, E>
     match path {
         // SAFETY: a path runs only where the CPU has its features.
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512Vnni => unsafe { attend_chunk_avx512(queries, task) },
+        KernelPath::Avx512Vnni | KernelPath::Amx => unsafe { attend_chunk_avx512(queries, task) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 => unsafe { attend_chunk_avx2(queries, task) },
@@ -538,7 +538,9 @@ fn merge<'a>(
     match path {
         // SAFETY: both SIMD paths run only where the CPU has FMA.
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2 | KernelPath::Avx512Vnni => unsafe { merge_fma(parts, ys, dim) },
+        KernelPath::Avx2 | KernelPath::Avx512Vnni | KernelPath::Amx => unsafe {
+            merge_fma(parts, ys, dim)
+        },
         _ => merge_on(parts, ys, dim),
     }
 }

@@ -49,7 +49,7 @@ impl ActBlock {
         match path {
             // SAFETY: the path runs only where the CPU has AVX-512 F and BW, and F16C.
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx512Vnni => unsafe { avx512::quantize_all(xs) },
+            KernelPath::Avx512Vnni | KernelPath::Amx => unsafe { avx512::quantize_all(xs) },
             _ => xs
                 .chunks_exact(BLOCK)
                 .map(|xs| portable::quantize(xs.try_into().expect("a block of 32 values")))
@@ -263,7 +263,9 @@ pub(crate) fn dot_tile<const R: usize>(
     // load stays inside `tile` and `acts`, whose lengths were checked above.
     match path {
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512Vnni => unsafe { vnni::dot_tile(format, tile, blocks, acts, out) },
+        KernelPath::Avx512Vnni | KernelPath::Amx => unsafe {
+            vnni::dot_tile(format, tile, blocks, acts, out)
+        },
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 => unsafe { avx2::dot_tile(format, tile, blocks, acts, out) },
         #[cfg(target_arch = "aarch64")]

@@ -162,7 +162,7 @@ impl KActBlock {
         let quantize = |xs: &[f32]| match path {
             // SAFETY: the path runs only where the CPU has AVX-512 F and BW.
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx512Vnni => unsafe { avx512::quantize(xs) },
+            KernelPath::Avx512Vnni | KernelPath::Amx => unsafe { avx512::quantize(xs) },
             _ => Self::quantize(xs),
         };
         if xs.len() < 16 * SUPER {
@@ -400,7 +400,9 @@ pub(crate) fn dot_tile<const R: usize>(
     // load stays inside `tile` and `acts`, whose lengths were checked above.
     match path {
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512Vnni => unsafe { vnni::dot_tile(format, tile, blocks, acts, out) },
+        KernelPath::Avx512Vnni | KernelPath::Amx => unsafe {
+            vnni::dot_tile(format, tile, blocks, acts, out)
+        },
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 => unsafe { avx2::dot_tile(format, tile, blocks, acts, out) },
         _ => portable::dot_tile(format, tile, blocks, acts, out),

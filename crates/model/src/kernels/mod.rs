@@ -11,6 +11,8 @@
 //! Q5_K and Q6_K through the `kwide` kernel where the CPU has AVX-512 VNNI). Formats we do not
 //! cover (floats, the rarer quantized types) keep candle's (whose x86 kernels also choose AVX2 at run time).
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod dot;
 mod kquant;
 #[cfg(target_arch = "x86_64")]
@@ -391,7 +393,7 @@ fn matmul(
             let blocks = k / BLOCK;
             let acts = ActBlock::quantize_all(path, x);
             #[cfg(target_arch = "x86_64")]
-            let groups = (path == KernelPath::Avx512Vnni && wide::covers(format))
+            let groups = (path.avx512() && wide::covers(format))
                 .then(|| wide::groups(format, &acts, blocks));
             // Groups of four activation rows go through the wide kernel on the AVX-512 VNNI
             // path.
@@ -411,13 +413,26 @@ fn matmul(
             #[cfg(target_arch = "x86_64")]
             let blocks = k / SUPER;
             let acts = KActBlock::quantize_all(path, x);
+            // Groups of sixteen activation rows go through the AMX kernel on the AMX path
+            // (where the weights are whole groups of sixteen rows and the batch is big enough
+            // to pay for unpacking them), else groups of four
+            // through the wide K-quant kernel on the AVX-512 paths.
             #[cfg(target_arch = "x86_64")]
-            let groups =
-                (path == KernelPath::Avx512Vnni && m >= wide::GROUP && kwide::covers(format))
-                    .then(|| kwide::groups(format, &acts, blocks));
-            // Groups of four activation rows go through the wide K-quant kernel on the
-            // AVX-512 VNNI path.
+            let tiles16 = path == KernelPath::Amx
+                && m >= amx::MIN_ROWS
+                && n.is_multiple_of(amx::ROWS)
+                && amx::covers(format);
+            #[cfg(target_arch = "x86_64")]
+            let groups = (!tiles16 && path.avx512() && m >= wide::GROUP && kwide::covers(format))
+                .then(|| kwide::groups(format, &acts, blocks));
             let wide = |_weights: &[u8], _dst: &mut Band| -> usize {
+                #[cfg(target_arch = "x86_64")]
+                if tiles16 {
+                    // SAFETY: the AMX path runs only where the CPU has AMX and AVX-512 F, BW,
+                    // VL, VBMI and VNNI.
+                    let done = unsafe { amx::dot_columns(format, _weights, &acts, blocks, _dst) };
+                    return done.expect("bands of whole groups of sixteen weight rows");
+                }
                 #[cfg(target_arch = "x86_64")]
                 if let Some(groups) = &groups {
                     // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only
@@ -453,7 +468,8 @@ fn by_columns<K: TileKernel>(
 ) {
     let blocks = acts.len() / m;
     let threads = rayon::current_num_threads();
-    let tiles_per_task = (n / TILE).div_ceil(threads * 4).max(4);
+    // Whole groups of sixteen weight rows (the AMX kernel's) in every band but the last.
+    let tiles_per_task = (n / TILE).div_ceil(threads * 4).next_multiple_of(4).max(4);
     // Each task fills a band of whole columns (four weight rows against every activation row)
     // of `out` in place.
     let task = |(c, mut band): (usize, Band)| {
@@ -516,6 +532,22 @@ impl<'a> Band<'a> {
     /// Tiles of four weight rows in the band.
     pub(crate) fn tiles(&self) -> usize {
         self.width / TILE
+    }
+
+    /// Writes weight rows from the band's tile `t` on times activation row `row`, one value
+    /// each, in order.
+    #[inline]
+    pub(crate) fn set_columns(&mut self, t: usize, row: usize, values: &[f32]) {
+        let column = TILE * t;
+        assert!(
+            column + values.len() <= self.width && row < self.m,
+            "inside the band"
+        );
+        // SAFETY: the values go inside the output (checked above), in this band's columns,
+        // which no other band writes.
+        let out = unsafe { self.out.add(row * self.n + self.first + column) };
+        // SAFETY: as above; `values` cannot be the output, which the band borrows mutably.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), out, values.len()) };
     }
 
     /// Writes weight row `w` of the band's tile `t` times activation row `row`.
@@ -732,22 +764,29 @@ mod tests {
     -> candle_core::Result<()> {
         let paths = KernelPath::all_supported();
         eprintln!("kernel paths checked: {paths:?}");
-        for dtype in OURS {
+        // 208 weight rows: whole groups of sixteen, which the AMX kernel takes; 200: not.
+        for (dtype, n) in OURS.into_iter().flat_map(|d| [(d, 200), (d, 208)]) {
             let k = width(dtype);
-            let Linear::Quant(q) = Linear::new(QMatMul::QTensor(weights(dtype, 200, k)?)) else {
+            let Linear::Quant(q) = Linear::new(QMatMul::QTensor(weights(dtype, n, k)?)) else {
                 panic!("{dtype:?} uses our kernels");
             };
-            // Single rows, the four-row tiles' tails and several of the wide kernel's groups.
-            for m in [1, 3, 4, 7, 16, 33] {
+            // Single rows, the four-row tiles' tails, several of the wide kernel's groups, and
+            // the AMX kernel's groups of sixteen with and without a tail.
+            for m in [1, 3, 4, 7, 16, 33, 50, 64] {
                 let x = input(m, k, 5)?.flatten_all()?.to_vec1::<f32>()?;
                 let run = |path| {
-                    let mut out = vec![0f32; m * 200];
-                    matmul(path, q.kind, &q.tiles, (m, k, 200), &x, &mut out);
+                    let mut out = vec![0f32; m * n];
+                    matmul(path, q.kind, &q.tiles, (m, k, n), &x, &mut out);
                     out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
                 let reference = run(KernelPath::Portable);
                 for &path in &paths {
-                    assert_eq!(run(path), reference, "{path} {dtype:?} m={m}");
+                    let got = run(path);
+                    let first = got.iter().zip(&reference).position(|(a, b)| a != b);
+                    assert_eq!(
+                        first, None,
+                        "{path} {dtype:?} n={n} m={m}: first output differing"
+                    );
                 }
             }
         }

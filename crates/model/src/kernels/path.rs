@@ -1,6 +1,6 @@
 //! Which kernels this CPU runs, chosen once at run time, so that one binary runs at full speed
-//! on every x86-64 CPU: AVX-512 VNNI, else AVX2 with FMA and F16C, else portable Rust; NEON on
-//! aarch64. Every path computes the same bits (the kernels' tests compare each path the CPU has
+//! on every x86-64 CPU: AMX, else AVX-512 VNNI, else AVX2 with FMA and F16C, else portable
+//! Rust; NEON on aarch64. Every path computes the same bits (the kernels' tests compare each path the CPU has
 //! with the portable one).
 
 use std::fmt;
@@ -16,16 +16,20 @@ pub enum KernelPath {
     /// The AVX2 kernels with VNNI's `vpdpbusd`, AVX-512 activation quantization and the
     /// 512-bit batch kernel (AVX-512 F, BW, VL and VNNI).
     Avx512Vnni,
+    /// The AVX-512 VNNI path with batches of Q6_K products on AMX tiles (AMX-TILE, AMX-INT8
+    /// and AVX-512 VBMI, and an OS that grants the tile state: Linux 5.16 and later).
+    Amx,
     /// NEON (aarch64): the block kernels of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0; the rest runs
     /// the portable code.
     Neon,
 }
 
 /// Every path, most portable first.
-const ALL: [KernelPath; 4] = [
+const ALL: [KernelPath; 5] = [
     KernelPath::Portable,
     KernelPath::Avx2,
     KernelPath::Avx512Vnni,
+    KernelPath::Amx,
     KernelPath::Neon,
 ];
 
@@ -36,6 +40,7 @@ impl KernelPath {
             Self::Portable => "portable",
             Self::Avx2 => "avx2",
             Self::Avx512Vnni => "avx512-vnni",
+            Self::Amx => "amx",
             Self::Neon => "neon",
         }
     }
@@ -58,10 +63,17 @@ impl KernelPath {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
+            #[cfg(target_arch = "x86_64")]
+            Self::Amx => Self::Avx512Vnni.supported() && super::amx::available(),
             #[cfg(target_arch = "aarch64")]
             Self::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             _ => false,
         }
+    }
+
+    /// Whether the path runs the AVX-512 kernels (AVX-512 VNNI, and AMX, which adds to it).
+    pub fn avx512(self) -> bool {
+        matches!(self, Self::Avx512Vnni | Self::Amx)
     }
 
     /// Every path this CPU runs, most portable first.
@@ -85,7 +97,7 @@ impl KernelPath {
                         requested = name,
                         using = best.name(),
                         "LSPLIT_KERNELS names no kernel path this CPU runs (portable, avx2, \
-                         avx512-vnni, neon)"
+                         avx512-vnni, amx, neon)"
                     );
                     best
                 }
