@@ -1,6 +1,7 @@
-//! AMX-INT8 kernel for batches of Q4_K, Q5_K and Q6_K products: sixteen activation rows
-//! against sixteen weight rows per tile instruction (16·16·64 multiply-adds), where the CPU has
-//! AMX (Intel Xeon since Sapphire Rapids) and the OS lets this process use its tile registers.
+//! AMX-INT8 kernels for batches of Q4_K, Q5_K and Q6_K products, and of Q4_0 and Q4_1
+//! ([`dot_blocks`]): sixteen activation rows against sixteen weight rows per tile instruction
+//! (16·16·64 multiply-adds), where the CPU has AMX (Intel Xeon since Sapphire Rapids) and the
+//! OS lets this process use its tile registers.
 //!
 //! A tile product sums over its whole width in i32 with no scale in between, while the
 //! K-quants' scales change every 16 or 32 values. So each super-block of sixteen weight rows is
@@ -22,7 +23,7 @@ use std::sync::OnceLock;
 use half::f16;
 
 use super::Band;
-use super::dot::TILE;
+use super::dot::{ActBlock, BLOCK, Format, TILE};
 use super::kquant::{
     D, DMIN, FIFTH, KActBlock, KFormat, MINS, QUANT6_BYTES, QUANTS, QUANTS6, SCALES, SCALES6, SUBS,
     SUPER,
@@ -31,9 +32,10 @@ use super::kquant::{
 /// Rows of a tile: activation rows per group, weight rows per unpacked super-block.
 pub(crate) const ROWS: usize = 16;
 
-/// Fewest activation rows worth the kernel: it unpacks each super-block of weights once per
-/// product, which one group of sixteen rows does not pay for (one thread, 2048 x 5632 weights:
-/// 16 rows 0.8-1.0x the AVX-512 VNNI kernel, 64 rows 1.3-1.8x, 256 rows 1.7-2.3x).
+/// Fewest activation rows worth the kernels: they unpack each block of weights once per
+/// product, which one group of sixteen rows does not pay for (one thread, 2048 x 5632 weights,
+/// against the AVX-512 VNNI kernels: K-quants 0.8-1.0x at 16 rows, 1.3-1.8x at 64, 1.7-2.3x at
+/// 256; Q4_0 and Q4_1 0.9-1.0x, 1.3-1.4x, 1.4-1.6x).
 pub(crate) const MIN_ROWS: usize = 2 * ROWS;
 
 /// Whether this CPU and OS run the kernel: CPUID reports AMX-TILE and AMX-INT8, and Linux
@@ -280,8 +282,16 @@ unsafe fn unpack(format: KFormat, block: &[u8], tb: usize, scaled: &mut Scaled) 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
 unsafe fn rows(quants: impl Fn(usize) -> *const u8, at: usize) -> [__m512i; 4] {
     // SAFETY: passed on from the caller.
-    let r: [__m512i; 4] =
-        std::array::from_fn(|r| unsafe { _mm512_loadu_si512(quants(r).add(at).cast()) });
+    transpose4(std::array::from_fn(|r| unsafe {
+        _mm512_loadu_si512(quants(r).add(at).cast())
+    }))
+}
+
+/// `[r0, r1, r2, r3]`, each four quarters of 16 bytes, to `[c0, c1, c2, c3]` with `c_q`'s
+/// quarter `w` `r_w`'s quarter `q`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+fn transpose4(r: [__m512i; 4]) -> [__m512i; 4] {
     let t0 = _mm512_shuffle_i32x4::<0x44>(r[0], r[1]);
     let t1 = _mm512_shuffle_i32x4::<0xee>(r[0], r[1]);
     let t2 = _mm512_shuffle_i32x4::<0x44>(r[2], r[3]);
@@ -292,6 +302,15 @@ unsafe fn rows(quants: impl Fn(usize) -> *const u8, at: usize) -> [__m512i; 4] {
         _mm512_shuffle_i32x4::<0x88>(t1, t3),
         _mm512_shuffle_i32x4::<0xdd>(t1, t3),
     ]
+}
+
+/// Dword `4w + g` (row `w`'s values `4g..4g + 4`) to dword `4g + w`: quarter `g` then holds
+/// the four rows' values `4g..4g + 4`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+fn by_group(x: __m512i) -> __m512i {
+    let index = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    _mm512_permutexvar_epi32(index, x)
 }
 
 /// The i16 index `i` in the first 16 lanes and `i + per_row` in the others: a pair of rows'
@@ -329,13 +348,11 @@ unsafe fn store_scaled(
     let even: [u8; 64] = std::array::from_fn(|i| 2 * i as u8);
     // SAFETY: 64 readable bytes.
     let even = unsafe { _mm512_loadu_si512(even.as_ptr().cast()) };
-    // Dword `4w + g` (row `w`'s values `4g..4g + 4` of the chunk) to dword `4g + w`.
-    let by_group = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
     for (h, odd) in [(0, 0), (1, 1)] {
         let bytes =
             _mm512_permutex2var_epi8(p01, _mm512_add_epi8(even, _mm512_set1_epi8(odd)), p23);
         // Quarter `g`: the four rows' values `4g..4g + 4` of the chunk.
-        let bytes = _mm512_permutexvar_epi32(by_group, bytes);
+        let bytes = by_group(bytes);
         let quarters = [
             _mm512_castsi512_si128(bytes),
             _mm512_extracti32x4_epi32::<1>(bytes),
@@ -516,12 +533,296 @@ struct Results([[f32; ROWS]; ROWS]);
 #[repr(C, align(64))]
 struct Sums([[[i32; ROWS]; ROWS]; 4]);
 
+/// Whether the block kernel ([`dot_blocks`]) reads `format`: Q4_0 and Q4_1, whose pairs sum
+/// each block of 32 exactly (Q8_0 keeps candle's eight float lanes per pair, which a tile sum
+/// over the block cannot give; Q5_0 and Q5_1 are rare).
+pub(crate) fn covers_blocks(format: Format) -> bool {
+    matches!(format, Format::Q4_0 | Format::Q4_1)
+}
+
+/// The block kernel's tile shapes: `tmm0` and `tmm1` the sums of sixteen activation rows by
+/// sixteen weight rows (i32), `tmm2` the activation rows' 32 values, `tmm3` the weight rows'
+/// (eight rows of four values of each).
+const BLOCK_CONFIG: Config = {
+    let mut bytes = [0u8; 64];
+    bytes[0] = 1;
+    let shapes = [(ROWS, 64), (ROWS, 64), (ROWS, BLOCK), (BLOCK / 4, 64)];
+    let mut t = 0;
+    while t < shapes.len() {
+        bytes[16 + 2 * t] = shapes[t].1 as u8;
+        bytes[48 + t] = shapes[t].0 as u8;
+        t += 1;
+    }
+    Config(bytes)
+};
+
+/// One block of sixteen weight rows as the tile product's second operand: row `k` holds
+/// values `4k..4k + 4` of each weight row in turn (unsigned quants), then the rows' scales
+/// and minimums (Q4_1).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct WeightBlock {
+    quants: [[u8; 64]; BLOCK / 4],
+    d: [f32; ROWS],
+    min: [f32; ROWS],
+}
+
+/// [`dot_columns`] for Q4_0 and Q4_1 weights ([`super::dot::repack`]'s tiles) and activations
+/// quantized per block of 32. Each pair's block sum is exact in the tile product (the unsigned
+/// quants times the activations, less Q4_0's offset `8·Σy`), then scaled as the portable code
+/// does (`acc += dot·d·d_y`, plus `m·s_y` for Q4_1), so results are its bit for bit.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW, VL, VBMI and VNNI, and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
+pub(crate) unsafe fn dot_blocks(
+    format: Format,
+    tiles: &[u8],
+    acts: &[ActBlock],
+    blocks: usize,
+    band: &mut Band,
+) -> Option<usize> {
+    assert!(covers_blocks(format));
+    // Without the OS's grant (asked once, by `available`) the first tile instruction faults.
+    assert!(available(), "AMX tile state granted");
+    let tile_bytes = blocks * TILE * format.block_bytes();
+    assert_eq!(tiles.len(), band.tiles() * tile_bytes);
+    assert_eq!(acts.len(), band.rows() * blocks);
+    if !band.tiles().is_multiple_of(ROWS / TILE) {
+        return None;
+    }
+    let mut weights = vec![
+        WeightBlock {
+            quants: [[0; 64]; BLOCK / 4],
+            d: [0.0; ROWS],
+            min: [0.0; ROWS],
+        };
+        blocks
+    ];
+    // SAFETY: the configuration is a valid palette-1 layout; the CPU has AMX (see above).
+    unsafe { asm!("ldtilecfg [{}]", in(reg) BLOCK_CONFIG.0.as_ptr(), options(nostack)) };
+    for (g, four) in tiles.chunks_exact(ROWS / TILE * tile_bytes).enumerate() {
+        for (b, weights) in weights.iter_mut().enumerate() {
+            let at = |tb: usize| tb * tile_bytes + b * TILE * format.block_bytes();
+            let blocks: [&[u8]; ROWS / TILE] =
+                std::array::from_fn(|tb| &four[at(tb)..at(tb) + TILE * format.block_bytes()]);
+            // SAFETY: each is one tile block of `format`; the CPU has the features.
+            unsafe { unpack_blocks(format, blocks, weights) };
+        }
+        for i in 0..band.rows() / ROWS {
+            let rows = &acts[ROWS * i * blocks..ROWS * (i + 1) * blocks];
+            // SAFETY: the tiles are configured as `BLOCK_CONFIG`; the CPU has the features.
+            let acc = unsafe { block_rows(format, &weights, rows) };
+            for (r, values) in acc.0.iter().enumerate() {
+                band.set_columns(g * ROWS / TILE, ROWS * i + r, values);
+            }
+        }
+    }
+    // SAFETY: the CPU has AMX.
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    Some(band.rows() / ROWS * ROWS)
+}
+
+/// Unpacks one block of four tiles (sixteen weight rows) into `to`.
+///
+/// # Safety
+/// Each of `blocks` is a whole tile block of `format` (Q4_0 or Q4_1); the CPU has AVX-512 F,
+/// BW, VL, VBMI and VNNI, and F16C.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
+unsafe fn unpack_blocks(format: Format, blocks: [&[u8]; ROWS / TILE], to: &mut WeightBlock) {
+    let header = if format.has_min() { 4 } else { 2 };
+    let nibble = _mm512_set1_epi8(0x0f);
+    let mut low = [_mm512_setzero_si512(); ROWS / TILE];
+    let mut high = low;
+    for (tb, block) in blocks.iter().enumerate() {
+        assert_eq!(block.len(), TILE * format.block_bytes());
+        // SAFETY: the loads stay inside the block (its length checked above): the four f16
+        // scales, the four minimums after them (Q4_1), 64 bytes of quants (16 a row, byte `j`
+        // holding values `j` and `j + 16`); the stores write 16 bytes of 64.
+        unsafe {
+            let p = block.as_ptr();
+            let d = _mm_cvtph_ps(_mm_loadl_epi64(p.cast()));
+            _mm_storeu_ps(to.d.as_mut_ptr().add(TILE * tb), d);
+            if format.has_min() {
+                let min = _mm_cvtph_ps(_mm_loadl_epi64(p.add(2 * TILE).cast()));
+                _mm_storeu_ps(to.min.as_mut_ptr().add(TILE * tb), min);
+            }
+            let x = _mm512_loadu_si512(p.add(TILE * header).cast());
+            low[tb] = by_group(_mm512_and_si512(x, nibble));
+            high[tb] = by_group(_mm512_and_si512(_mm512_srli_epi16::<4>(x), nibble));
+        }
+    }
+    // Row `k` of the tile: values `4k..4k + 4` of the sixteen rows, quarter `tb` holding
+    // rows `4tb..4tb + 4`.
+    for (half, rows) in [low, high].into_iter().enumerate() {
+        for (k, row) in transpose4(rows).into_iter().enumerate() {
+            // SAFETY: 64 writable bytes.
+            unsafe { _mm512_storeu_si512(to.quants[4 * half + k].as_mut_ptr().cast(), row) };
+        }
+    }
+}
+
+/// Sixteen activation rows (`rows`, `weights.len()` blocks each) times the sixteen weight
+/// rows of `weights`: `[r][n]`, activation row `r` times weight row `n`.
+///
+/// # Safety
+/// The tiles are configured as [`BLOCK_CONFIG`]; the CPU has AMX and AVX-512 F, BW, VL, VBMI
+/// and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
+unsafe fn block_rows(format: Format, weights: &[WeightBlock], rows: &[ActBlock]) -> Results {
+    let blocks = weights.len();
+    let stride = blocks * size_of::<ActBlock>();
+    let offset = if format == Format::Q4_0 { 8 } else { 0 };
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    // Block `b`'s sums in `sums[b % 2]`, from `tmm0` or `tmm1` in turn: the product of the
+    // next block runs while this one's are scaled.
+    let mut sums = Sums2([[[0; ROWS]; ROWS]; 2]);
+    let product = |b: usize| (rows[b].q.as_ptr(), weights[b].quants.as_ptr());
+    // SAFETY (every `asm!` below): the tile loads read sixteen rows of 32 bytes, each an
+    // activation row's block `b` (rows `stride` apart), and eight rows of 64 bytes of
+    // `weights[b]`; the stores write inside `sums`.
+    let (y, w) = product(0);
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tileloadd tmm2, [{y} + {sy}*1]",
+            "tileloadd tmm3, [{w} + {s64}*1]",
+            "tdpbsud tmm0, tmm2, tmm3",
+            y = in(reg) y,
+            w = in(reg) w,
+            sy = in(reg) stride,
+            s64 = in(reg) 64usize,
+            options(nostack),
+        );
+    }
+    for b in 0..blocks {
+        let c = sums.0[b % 2].as_mut_ptr();
+        let next = (b + 1 < blocks).then(|| product(b + 1));
+        // SAFETY: see above.
+        unsafe {
+            match (next, b % 2) {
+                (Some((y, w)), 0) => asm!(
+                    "tilezero tmm1",
+                    "tileloadd tmm2, [{y} + {sy}*1]",
+                    "tileloadd tmm3, [{w} + {s64}*1]",
+                    "tdpbsud tmm1, tmm2, tmm3",
+                    "tilestored [{c} + {s64}*1], tmm0",
+                    y = in(reg) y,
+                    w = in(reg) w,
+                    c = in(reg) c,
+                    sy = in(reg) stride,
+                    s64 = in(reg) 64usize,
+                    options(nostack),
+                ),
+                (Some((y, w)), _) => asm!(
+                    "tilezero tmm0",
+                    "tileloadd tmm2, [{y} + {sy}*1]",
+                    "tileloadd tmm3, [{w} + {s64}*1]",
+                    "tdpbsud tmm0, tmm2, tmm3",
+                    "tilestored [{c} + {s64}*1], tmm1",
+                    y = in(reg) y,
+                    w = in(reg) w,
+                    c = in(reg) c,
+                    sy = in(reg) stride,
+                    s64 = in(reg) 64usize,
+                    options(nostack),
+                ),
+                (None, 0) => asm!(
+                    "tilestored [{c} + {s64}*1], tmm0",
+                    c = in(reg) c,
+                    s64 = in(reg) 64usize,
+                    options(nostack),
+                ),
+                (None, _) => asm!(
+                    "tilestored [{c} + {s64}*1], tmm1",
+                    c = in(reg) c,
+                    s64 = in(reg) 64usize,
+                    options(nostack),
+                ),
+            }
+        }
+        let weights = &weights[b];
+        // SAFETY: 16 readable f32 and i32 each; the CPU has AVX-512 F.
+        unsafe {
+            let (d, min) = (
+                _mm512_loadu_ps(weights.d.as_ptr()),
+                _mm512_loadu_ps(weights.min.as_ptr()),
+            );
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = &rows[r * blocks + b];
+                let sum = _mm512_loadu_si512(sums.0[b % 2][r].as_ptr().cast());
+                let dot = _mm512_sub_epi32(sum, _mm512_set1_epi32(offset * a.sum));
+                let mut x = _mm512_mul_ps(
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(dot), d),
+                    _mm512_set1_ps(a.d),
+                );
+                if format.has_min() {
+                    x = _mm512_add_ps(x, _mm512_mul_ps(min, _mm512_set1_ps(a.s)));
+                }
+                *acc = _mm512_add_ps(*acc, x);
+            }
+        }
+    }
+    let mut out = Results([[0.0; ROWS]; ROWS]);
+    for (out, acc) in out.0.iter_mut().zip(acc) {
+        // SAFETY: 16 writable f32.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    }
+    out
+}
+
+/// Two tiles of i32 sums, aligned to a cache line.
+#[repr(C, align(64))]
+struct Sums2([[[i32; ROWS]; ROWS]; 2]);
+
 #[cfg(test)]
 mod tests {
     use super::super::KernelPath;
+    use super::super::dot;
     use super::super::kquant::tests::{gguf_rows, values};
     use super::super::kquant::{self, portable};
     use super::*;
+
+    #[test]
+    fn amx_block_kernel_equals_the_portable_code_bit_for_bit() {
+        if !KernelPath::Amx.supported() {
+            eprintln!("this CPU or OS has no AMX: its kernel is not run here");
+            return;
+        }
+        for format in [Format::Q4_0, Format::Q4_1] {
+            for (blocks, tiles, rows) in [(1, 4, 16usize), (3, 8, 48), (5, 4, 37)] {
+                let gguf: Vec<u8> = (0..tiles as u64)
+                    .flat_map(|t| dot::tests::gguf_rows(format, blocks, 7 + t))
+                    .collect();
+                let tile = dot::repack(format, &gguf, TILE * tiles, blocks);
+                let acts: Vec<ActBlock> = (0..rows as u64)
+                    .flat_map(|i| dot::tests::act_row(blocks, 50 + i))
+                    .collect();
+                let mut out = vec![f32::NAN; rows * TILE * tiles];
+                let mut bands = Band::split(&mut out, rows, TILE * tiles, TILE * tiles);
+                // SAFETY: the test runs only where the CPU has the features.
+                let done = unsafe { dot_blocks(format, &tile, &acts, blocks, &mut bands[0]) };
+                assert_eq!(done, Some(rows / ROWS * ROWS));
+                let tile_bytes = blocks * TILE * format.block_bytes();
+                for r in 0..rows / ROWS * ROWS {
+                    for (t, tile) in tile.chunks_exact(tile_bytes).enumerate() {
+                        let mut one = [[0f32; TILE]; 1];
+                        let row = &acts[r * blocks..(r + 1) * blocks];
+                        dot::portable::dot_tile(format, tile, blocks, [row], &mut one);
+                        for w in 0..TILE {
+                            let got = out[r * TILE * tiles + TILE * t + w];
+                            assert_eq!(
+                                got.to_bits(),
+                                one[0][w].to_bits(),
+                                "{format:?} row {r} tile {t} {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn amx_kernel_equals_the_portable_code_bit_for_bit() {

@@ -8,8 +8,10 @@
 //! instruction. The CPU's best [`KernelPath`] is chosen at run time; all paths compute the same
 //! bits. Q5_0 and Q5_1 go through the same four-row kernels, and the K-quants Q2_K, Q3_K, Q4_K,
 //! Q5_K and Q6_K through [`kquant`]'s, with activations quantized per 256 values (batches of Q4_K,
-//! Q5_K and Q6_K through the `kwide` kernel where the CPU has AVX-512 VNNI). Formats we do not
-//! cover (floats, the rarer quantized types) keep candle's (whose x86 kernels also choose AVX2 at run time).
+//! Q5_K and Q6_K through the `kwide` kernel where the CPU has AVX-512 VNNI). Where the CPU has
+//! AMX, batches of 32 rows or more of Q4_0, Q4_1, Q4_K, Q5_K and Q6_K go through the `amx`
+//! kernels, sixteen rows by sixteen per tile instruction. Formats we do not cover (floats, the
+//! rarer quantized types) keep candle's (whose x86 kernels also choose AVX2 at run time).
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -392,12 +394,26 @@ fn matmul(
             #[cfg(target_arch = "x86_64")]
             let blocks = k / BLOCK;
             let acts = ActBlock::quantize_all(path, x);
+            // Groups of sixteen activation rows go through the AMX kernel on the AMX path
+            // (where the weights are whole groups of sixteen rows and the batch is big enough
+            // to pay for unpacking them), else groups of four through the wide kernel on the
+            // AVX-512 paths.
             #[cfg(target_arch = "x86_64")]
-            let groups = (path.avx512() && wide::covers(format))
+            let tiles16 = path == KernelPath::Amx
+                && m >= amx::MIN_ROWS
+                && n.is_multiple_of(amx::ROWS)
+                && amx::covers_blocks(format);
+            #[cfg(target_arch = "x86_64")]
+            let groups = (!tiles16 && path.avx512() && wide::covers(format))
                 .then(|| wide::groups(format, &acts, blocks));
-            // Groups of four activation rows go through the wide kernel on the AVX-512 VNNI
-            // path.
             let wide = |_weights: &[u8], _dst: &mut Band| -> usize {
+                #[cfg(target_arch = "x86_64")]
+                if tiles16 {
+                    // SAFETY: the AMX path runs only where the CPU has AMX, AVX-512 F, BW, VL,
+                    // VBMI and VNNI, and F16C.
+                    let done = unsafe { amx::dot_blocks(format, _weights, &acts, blocks, _dst) };
+                    return done.expect("bands of whole groups of sixteen weight rows");
+                }
                 #[cfg(target_arch = "x86_64")]
                 if let Some(groups) = &groups {
                     // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only

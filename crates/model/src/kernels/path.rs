@@ -16,8 +16,9 @@ pub enum KernelPath {
     /// The AVX2 kernels with VNNI's `vpdpbusd`, AVX-512 activation quantization and the
     /// 512-bit batch kernel (AVX-512 F, BW, VL and VNNI).
     Avx512Vnni,
-    /// The AVX-512 VNNI path with batches of Q6_K products on AMX tiles (AMX-TILE, AMX-INT8
-    /// and AVX-512 VBMI, and an OS that grants the tile state: Linux 5.16 and later).
+    /// The AVX-512 VNNI path with batches of Q4_0, Q4_1, Q4_K, Q5_K and Q6_K products on AMX
+    /// tiles (AMX-TILE, AMX-INT8 and AVX-512 VBMI, and an OS that grants the tile state: Linux
+    /// 5.16 and later).
     Amx,
     /// NEON (aarch64): the block kernels of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0; the rest runs
     /// the portable code.
