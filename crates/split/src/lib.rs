@@ -41,7 +41,7 @@ pub use policy::{Obfuscation, PolicyError, SessionKeys, SplitPolicy};
 pub use quality::{Agreement, GreedyRun, codecs, devices};
 pub use sampler::{Sampler, SamplingParams};
 pub use secret::SessionSecret;
-pub use session::{GenerateOptions, Generation, Session, Step, StopReason};
+pub use session::{GenerateOptions, Generation, RejectedDraft, Session, Step, StopReason};
 pub use speculate::{MAX_DRAFT, Speculate, lookup};
 pub use stats::Stats;
 pub use step::{PreparedStep, TrunkState};

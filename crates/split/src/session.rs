@@ -80,6 +80,21 @@ pub struct Generation {
     pub stop: StopReason,
     /// Time and bytes.
     pub stats: Stats,
+    /// Drafted tokens whose rows crossed but that the sequence did not keep, in the order
+    /// they crossed (empty without `--speculate`): what an observer of the wire saw besides
+    /// the text, recorded for `lsplit generate --save-tokens`.
+    pub rejected: Vec<RejectedDraft>,
+}
+
+/// A drafted token that was run (its rows crossed to the trunk and back) but not kept: the
+/// choice at its position differed from it or from a draft before it, or generation ended
+/// before it was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RejectedDraft {
+    /// Its sequence position (the position of its rows on the wire).
+    pub position: usize,
+    /// The token id the device ran there.
+    pub token: u32,
 }
 
 /// What a session holds besides its position: the whole model's cache, or the state of a
@@ -420,6 +435,7 @@ impl<'m> Session<'m> {
         let mut decoder = tokenizer.decoder();
         let mut text = String::new();
         let mut generated = Vec::new();
+        let mut rejected = Vec::new();
 
         let t = Instant::now();
         let prefilled = self.forward(prompt)?;
@@ -473,10 +489,19 @@ impl<'m> Session<'m> {
                     window.kept += 1;
                     continue;
                 }
-                Some(_) => {
+                Some(missed) => {
                     // The first miss: forget it and every draft after it, then run the choice.
-                    self.rewind(self.position - drafts.len() - 1)?;
-                    drafts.clear();
+                    let from = self.position - drafts.len() - 1;
+                    rejected.extend(
+                        std::iter::once(missed)
+                            .chain(drafts.drain(..))
+                            .enumerate()
+                            .map(|(i, token)| RejectedDraft {
+                                position: from + i,
+                                token,
+                            }),
+                    );
+                    self.rewind(from)?;
                     pending.clear();
                 }
                 None => {}
@@ -537,6 +562,17 @@ impl<'m> Session<'m> {
         // past that are forgotten.
         let unrun = usize::from(stop != StopReason::Eos && !generated.is_empty());
         let end = base + prompt.len() + generated.len() - unrun;
+        // Drafts never checked (the sequence ended first) were run all the same.
+        let from = self.position - drafts.len();
+        rejected.extend(
+            drafts
+                .drain(..)
+                .enumerate()
+                .map(|(i, token)| RejectedDraft {
+                    position: from + i,
+                    token,
+                }),
+        );
         if self.position > end {
             self.rewind(end)?;
         }
@@ -553,6 +589,7 @@ impl<'m> Session<'m> {
             text,
             stop,
             stats: self.stats.clone(),
+            rejected,
         })
     }
 }
