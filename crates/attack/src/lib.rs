@@ -59,8 +59,9 @@ use lsplit_wire::WireError;
 
 pub use decoder::{CORPUS, DEFAULT_DECODER_STEPS, DecoderOptions, corpus_tokens};
 pub use matching::{LOOSE_TOLERANCE, MATCH_TOLERANCE, SEPARATION};
-use matching::{Mode, Search, TokenRows};
-pub use score::{Rate, Scores, Truth};
+use matching::{Matched, Mode, Search, TokenRows};
+use plaintext::Ridge;
+pub use score::{DraftScores, Rate, Scores, Truth};
 
 /// Errors of an attack.
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +237,28 @@ pub struct Recovery {
     /// The learned decoder: the token guessed at each position (empty when no decoder was
     /// trained for the boundaries the uplink may have left from).
     pub decoder: Vec<u32>,
+    /// The uplink attacks on the rows a later step rewound (rejected drafts).
+    pub rejected: Rejected,
+}
+
+/// The uplink attacks on the rows that later steps rewound: drafted tokens the device
+/// rejected, whose rows crossed all the same. Each run of them is matched after the tokens
+/// recovered before it, as the kept rows are; every list is in the order the rows crossed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rejected {
+    /// The sequence position of each rewound row.
+    pub positions: Vec<usize>,
+    /// Vocabulary matching: the token guessed for each.
+    pub matching: Vec<u32>,
+    /// Rows a candidate matched (see [`MATCH_TOLERANCE`]).
+    pub exact_matches: usize,
+    /// Logit lens: the token guessed for each.
+    pub lens: Vec<u32>,
+    /// The known-plaintext attack, through the map learnt from the kept rows (empty when it
+    /// was not run).
+    pub known_plaintext: Vec<u32>,
+    /// The learned decoder (empty when none was trained).
+    pub decoder: Vec<u32>,
 }
 
 /// The public weights an attacker runs: a head as deep as the deepest boundary tried, a tail
@@ -339,8 +362,8 @@ impl Attacker {
         knowledge: &Knowledge,
         options: &Options,
     ) -> Result<Recovery, AttackError> {
-        let up = first_rows(messages, Way::Up, self.head.device())?;
-        let down = first_rows(messages, Way::Down, self.head.device())?;
+        let Crossed { kept: up, rewound } = crossed(messages, Way::Up, self.head.device())?;
+        let down = crossed(messages, Way::Down, self.head.device())?.kept;
         if up.is_empty() || up.len() != down.len() {
             return Err(AttackError::Capture(format!(
                 "the capture holds {} uplink and {} downlink positions",
@@ -363,19 +386,21 @@ impl Attacker {
             budget: knowledge.budget,
             exhaustive: options.exhaustive,
             known: &[],
-            ridge: false,
+            prefix: &[],
+            ridge: None,
         };
         let matched = self.vocabulary_matching(&up, &search, Mode::Unknown)?;
-        let known_plaintext = match (&options.known_prefix[..], knowledge.k1) {
-            ([], _) | (_, None) => Vec::new(),
+        let fresh = Ridge::default();
+        let plaintext = match (&options.known_prefix[..], knowledge.k1) {
+            ([], _) | (_, None) => None,
             (known, Some(k)) => {
                 let search = Search {
                     boundaries: k..k + 1,
                     known,
-                    ridge: true,
+                    ridge: Some(&fresh),
                     ..search
                 };
-                self.vocabulary_matching(&up, &search, Mode::Plain)?.tokens
+                Some((self.vocabulary_matching(&up, &search, Mode::Plain)?, search))
             }
         };
         let unpermute = |rows: &[Tensor]| -> Result<Vec<Tensor>, AttackError> {
@@ -384,6 +409,16 @@ impl Attacker {
         let unpermuted = unpermute(&up)?;
         let decoder = self.decode(&unpermuted, &boundaries)?;
         let lens = self.logit_lens(&unpermuted)?;
+        let rewound = rewound
+            .iter()
+            .map(|(start, rows)| Ok((*start, unpermute(rows)?)))
+            .collect::<Result<Vec<_>, AttackError>>()?;
+        let rejected = self.rejected(
+            &rewound,
+            (&matched, &search),
+            plaintext.as_ref().map(|(m, s)| (m, s)),
+            &boundaries,
+        )?;
         let down = unpermute(&down)?;
         let k2s = match knowledge.k2 {
             Some(k) if k + self.max_k >= self.layers => k..k + 1,
@@ -403,7 +438,8 @@ impl Attacker {
             budget: options.inversion_budget,
             exhaustive: options.exhaustive,
             known: &[],
-            ridge: false,
+            prefix: &[],
+            ridge: None,
         };
         // The downlink rows are already unpermuted when the uplink gave the permutation away.
         let down_mode = match matched.mode {
@@ -420,9 +456,64 @@ impl Attacker {
             permutation_recovered: matches!(matched.mode, Mode::Permuted(_)),
             inversion: inverted.tokens,
             inverted_exactly: inverted.exact,
-            known_plaintext,
+            known_plaintext: plaintext.map(|(m, _)| m.tokens).unwrap_or_default(),
             decoder,
+            rejected,
         })
+    }
+
+    /// The uplink attacks on the rewound runs `(first position, rows)` (unpermuted): each run
+    /// matched after the tokens recovered before it, by plain matching and through the
+    /// known-plaintext map at its end (`plaintext`, when that attack ran), and every row
+    /// through the logit lens and the learned decoder.
+    fn rejected(
+        &self,
+        runs: &[(usize, Vec<Tensor>)],
+        (matched, search): (&Matched, &Search),
+        plaintext: Option<(&Matched, &Search)>,
+        boundaries: &Range<usize>,
+    ) -> Result<Rejected, AttackError> {
+        let mut rejected = Rejected::default();
+        if runs.is_empty() {
+            return Ok(rejected);
+        }
+        // The permutation, when there was one, is undone already.
+        let mode = match matched.mode {
+            Mode::Unknown => Mode::Unknown,
+            Mode::Plain | Mode::Permuted(_) => Mode::Plain,
+        };
+        for (start, rows) in runs {
+            rejected.positions.extend(*start..start + rows.len());
+            let prefix = matched.tokens.get(..*start).ok_or_else(|| {
+                AttackError::Capture(format!(
+                    "rows rewound from position {start}, past the {} positions kept",
+                    matched.tokens.len()
+                ))
+            })?;
+            let search = Search {
+                prefix,
+                boundaries: search.boundaries.clone(),
+                ..*search
+            };
+            let run = self.vocabulary_matching(rows, &search, mode.clone())?;
+            rejected.matching.extend(run.tokens);
+            rejected.exact_matches += run.exact;
+            if let Some((known, search)) = plaintext {
+                let search = Search {
+                    prefix: &known.tokens[..*start],
+                    ridge: Some(&known.ridge),
+                    boundaries: search.boundaries.clone(),
+                    ..*search
+                };
+                let run = self.vocabulary_matching(rows, &search, Mode::Plain)?;
+                rejected.known_plaintext.extend(run.tokens);
+            }
+        }
+        let rows = runs.iter().flat_map(|(_, rows)| rows.iter().cloned());
+        let rows: Vec<Tensor> = rows.collect();
+        rejected.lens = self.logit_lens(&rows)?;
+        rejected.decoder = self.decode(&rows, boundaries)?;
+        Ok(rejected)
     }
 
     /// The logit lens: each uplink row (unpermuted once matching has recovered the
@@ -460,15 +551,23 @@ impl Attacker {
     }
 }
 
-/// The row of each position going `way` that its kept token sent, in position order: a
-/// position's first row is the one its own step sent (later ones at the same position are
-/// catch-up copies at other layers), unless a later step rewound it (a rejected draft), when
-/// the step after the rewind sends it again.
-fn first_rows(
+/// The rows that went one way, read along the rewinds.
+struct Crossed {
+    /// The row of each position that its kept token sent, in position order.
+    kept: Vec<Tensor>,
+    /// The runs of rows a later step rewound (rejected drafts), in the order they crossed:
+    /// each run's first position and its rows.
+    rewound: Vec<(usize, Vec<Tensor>)>,
+}
+
+/// The rows going `way`: a position's first row is the one its own step sent (later ones at
+/// the same position are catch-up copies at other layers), unless a later step rewound it (a
+/// rejected draft, kept apart), when the step after the rewind sends it again.
+fn crossed(
     messages: &[CapturedMessage],
     way: Way,
     device: &Device,
-) -> Result<Vec<Tensor>, AttackError> {
+) -> Result<Crossed, AttackError> {
     // A downlink answers the uplink of its step, whose rewind it follows.
     let rewinds: std::collections::HashMap<u64, usize> = messages
         .iter()
@@ -476,6 +575,7 @@ fn first_rows(
         .map(|m| (m.step, m.rewind))
         .collect();
     let mut rows: Vec<Tensor> = Vec::new();
+    let mut rewound = Vec::new();
     for message in messages.iter().filter(|m| m.direction == way) {
         let rewind = rewinds.get(&message.step).copied().unwrap_or(0);
         let kept = rows.len().checked_sub(rewind).ok_or_else(|| {
@@ -485,7 +585,10 @@ fn first_rows(
                 rows.len()
             ))
         })?;
-        rows.truncate(kept);
+        let taken = rows.split_off(kept);
+        if !taken.is_empty() {
+            rewound.push((kept, taken));
+        }
         let r = &message.rows;
         if r.start + r.rows <= rows.len() {
             continue;
@@ -502,7 +605,10 @@ fn first_rows(
             rows.push(decoded.get(p - r.start)?);
         }
     }
-    Ok(rows)
+    Ok(Crossed {
+        kept: rows,
+        rewound,
+    })
 }
 
 /// The most likely token of `logits` and its probability.

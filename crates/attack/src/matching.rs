@@ -136,9 +136,13 @@ pub(crate) struct Search<'a> {
     pub(crate) exhaustive: bool,
     /// Tokens known at the first positions: taken as they are, not matched.
     pub(crate) known: &'a [u32],
-    /// Whether to match through a map learned from the positions seen (the known-plaintext
-    /// attack, see [`Ridge`]); the boundary must then be known.
-    pub(crate) ridge: bool,
+    /// Tokens already recovered at the positions before the rows (the context of a rejected
+    /// draft): they go through the caches in one pass, and the rows start after them.
+    pub(crate) prefix: &'a [u32],
+    /// The pairs of a map learned from the positions seen, to match through it and go on
+    /// learning (the known-plaintext attack, see [`Ridge`]; the boundary must then be known);
+    /// `None`: plain matching.
+    pub(crate) ridge: Option<&'a Ridge>,
 }
 
 impl Attacker {
@@ -155,20 +159,28 @@ impl Attacker {
         let mut cache = part.new_cache();
         let mut whole_cache = self.whole.new_cache();
         let mut predicted: Vec<u32> = Vec::new();
+        let start = search.prefix.len();
+        if start > 0 {
+            let embedded = part.embed(search.prefix)?;
+            part.forward(&embedded, 0, &mut cache)?;
+            let out = self.whole.forward(&embedded, 0, &mut whole_cache)?;
+            predicted = descending(&self.whole.logits(&out)?.to_vec1::<f32>()?);
+        }
+        let mut ridge = search.ridge.cloned().unwrap_or_default();
         let mut matched = Matched {
             mode,
             ..Matched::default()
         };
         let boundaries = search.boundaries.clone();
         let deepest = boundaries.end - 1;
-        let mut ridge = Ridge::new();
-        for (position, observed) in rows.iter().enumerate() {
+        for (i, observed) in rows.iter().enumerate() {
+            let position = start + i;
             let observed = matched.mode.unpermute(observed)?;
             let raw = search
                 .ridge
-                .then(|| observed.to_vec1::<f32>())
+                .map(|_| observed.to_vec1::<f32>())
                 .transpose()?;
-            let observed = if search.ridge {
+            let observed = if search.ridge.is_some() {
                 ridge.fit(observed.device())?;
                 ridge.map(&observed)?
             } else {
@@ -210,8 +222,8 @@ impl Attacker {
                     let at_k = if k == 0 { &embedded } else { &outputs[k - 1] };
                     let rows = at_k.to_vec2::<f32>()?;
                     let seen = match search.ridge {
-                        true => ridge.project(at_k)?.to_vec2::<f32>()?,
-                        false => rows.clone(),
+                        Some(_) => ridge.project(at_k)?.to_vec2::<f32>()?,
+                        None => rows.clone(),
                     };
                     for (i, candidate) in seen.into_iter().enumerate() {
                         let mut nearer = best.consider(chunk[i], candidate, &values, direct_only);
@@ -249,11 +261,12 @@ impl Attacker {
             matched.tokens.push(best.token);
             let row = part.embed(&[best.token])?;
             part.forward(&row, position, &mut cache)?;
-            if position + 1 < rows.len() {
+            if i + 1 < rows.len() {
                 let out = self.whole.forward(&row, position, &mut whole_cache)?;
                 predicted = descending(&self.whole.logits(&out)?.to_vec1::<f32>()?);
             }
         }
+        matched.ridge = ridge;
         Ok(matched)
     }
 
@@ -285,7 +298,7 @@ impl Attacker {
 }
 
 /// Whether the rows are permuted, as far as matching has found out.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) enum Mode {
     /// No row matched yet.
     #[default]
@@ -312,6 +325,9 @@ pub(crate) struct Matched {
     pub(crate) tokens: Vec<u32>,
     pub(crate) exact: usize,
     pub(crate) mode: Mode,
+    /// The known-plaintext map's pairs at the end (empty for plain matching): the rejected
+    /// drafts' rows are matched through it.
+    pub(crate) ridge: Ridge,
 }
 
 /// The best candidate so far at one position.

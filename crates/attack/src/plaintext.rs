@@ -16,6 +16,7 @@ use crate::AttackError;
 const RIDGE: f64 = 1e-4;
 
 /// Pairs of observed rows and public rows, and the maps fitted to them.
+#[derive(Clone, Default)]
 pub(crate) struct Ridge {
     observed: Vec<Vec<f32>>,
     public: Vec<Vec<f32>>,
@@ -26,15 +27,6 @@ pub(crate) struct Ridge {
 }
 
 impl Ridge {
-    pub(crate) fn new() -> Self {
-        Self {
-            observed: Vec::new(),
-            public: Vec::new(),
-            map: None,
-            projection: None,
-        }
-    }
-
     /// Adds a pair; the maps are refitted on the next [`Ridge::fit`].
     pub(crate) fn add(&mut self, observed: Vec<f32>, public: Vec<f32>) {
         self.observed.push(observed);
@@ -163,7 +155,7 @@ mod tests {
         let public = vec![vec![1.0f32, 2.0, 0.0], vec![0.0, 1.0, -1.0]];
         // A rotation by 90 degrees in the first two coordinates.
         let rotate = |r: &Vec<f32>| vec![-r[1], r[0], r[2]];
-        let mut ridge = Ridge::new();
+        let mut ridge = Ridge::default();
         for row in &public {
             ridge.add(rotate(row), row.clone());
         }

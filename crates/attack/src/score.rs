@@ -4,6 +4,7 @@
 use std::ops::Range;
 use std::path::Path;
 
+use lsplit_split::RejectedDraft;
 use serde::{Deserialize, Serialize};
 
 use crate::{AttackError, Recovery};
@@ -123,6 +124,25 @@ impl Recovery {
     }
 }
 
+/// What the uplink attacks read of the rows of rejected drafts: rows whose token each named
+/// exactly, of all the rejected drafted rows that crossed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DraftScores {
+    /// Rejected drafted rows that crossed.
+    pub total: usize,
+    /// Of them, rows a later step rewound on the wire. The others, the last step's, were
+    /// never rewound (the session ended first): an observer reads them as kept positions.
+    pub rewound: usize,
+    /// Vocabulary matching.
+    pub matching: usize,
+    /// The logit lens.
+    pub lens: usize,
+    /// The known-plaintext attack (`None`: not run).
+    pub known_plaintext: Option<usize>,
+    /// The learned decoder (`None`: not run).
+    pub decoder: Option<usize>,
+}
+
 /// The tokens of one session, written by `lsplit generate --save-tokens`: what the attacks
 /// are scored against. It never crosses the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +151,10 @@ pub struct Truth {
     pub prompt: Vec<u32>,
     /// The generated tokens.
     pub generated: Vec<u32>,
+    /// The drafted tokens whose rows crossed but that were not kept, in the order they
+    /// crossed; `None` in token files written before drafts were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Vec<RejectedDraft>>,
 }
 
 impl Truth {
@@ -162,11 +186,13 @@ impl Truth {
 
     /// Refuses a token file that is not of the captured session: `recovery`'s positions must be
     /// every token of it, or one fewer (the last generated token goes up only when an
-    /// end-of-sequence token followed it).
+    /// end-of-sequence token followed it), or end with the last rejected draft (drafts run
+    /// past the end of the reply).
     pub fn check(&self, recovery: &Recovery) -> Result<(), AttackError> {
         let crossed = recovery.matching.len();
         let all = self.prompt.len() + self.generated.len();
-        if crossed == all || crossed + 1 == all {
+        let drafted_end = self.rejected.iter().flatten().map(|d| d.position + 1).max();
+        if crossed == all || crossed + 1 == all || drafted_end == Some(crossed) {
             return Ok(());
         }
         Err(AttackError::Capture(format!(
@@ -176,6 +202,77 @@ impl Truth {
             self.prompt.len(),
             self.generated.len()
         )))
+    }
+}
+
+impl Truth {
+    /// Scores the uplink attacks' guesses of the rejected drafts' rows (`None` when the token
+    /// file predates their recording). The rows the wire rewound are the first of the token
+    /// file's drafts, in the same order and at the same positions; the others were never
+    /// rewound, and the guesses at their positions are the ones made for kept rows. Anything
+    /// else means the file is not of this capture's session.
+    pub fn score_drafts(&self, recovery: &Recovery) -> Result<Option<DraftScores>, AttackError> {
+        let Some(drafts) = &self.rejected else {
+            return Ok(None);
+        };
+        let rejected = &recovery.rejected;
+        let rewound = rejected.positions.len();
+        let not_this = |why: String| {
+            AttackError::Capture(format!(
+                "{why}: the token file is not of this capture's session"
+            ))
+        };
+        if rewound > drafts.len() {
+            return Err(not_this(format!(
+                "the capture rewinds {rewound} rows but the token file records {} rejected \
+                 drafts",
+                drafts.len()
+            )));
+        }
+        for (i, (draft, &position)) in drafts.iter().zip(&rejected.positions).enumerate() {
+            if draft.position != position {
+                return Err(not_this(format!(
+                    "rejected draft {i} of the token file is at position {} but the capture's \
+                     rewound row {i} is at {position}",
+                    draft.position
+                )));
+            }
+        }
+        if let Some(past) = drafts[rewound..]
+            .iter()
+            .find(|d| d.position >= recovery.matching.len())
+        {
+            return Err(not_this(format!(
+                "a rejected draft at position {} but the capture holds {} positions",
+                past.position,
+                recovery.matching.len()
+            )));
+        }
+        // How many drafts `rewound_guesses` (for the rewound rows) and `kept_guesses` (at the
+        // others' positions) name; `None` when the attack made no guesses.
+        let count = |rewound_guesses: &[u32], kept_guesses: &[u32]| {
+            (!kept_guesses.is_empty()).then(|| {
+                drafts
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, d)| {
+                        let guess = match i < rewound {
+                            true => rewound_guesses.get(i),
+                            false => kept_guesses.get(d.position),
+                        };
+                        guess == Some(&d.token)
+                    })
+                    .count()
+            })
+        };
+        Ok(Some(DraftScores {
+            total: drafts.len(),
+            rewound,
+            matching: count(&rejected.matching, &recovery.matching).unwrap_or(0),
+            lens: count(&rejected.lens, &recovery.lens).unwrap_or(0),
+            known_plaintext: count(&rejected.known_plaintext, &recovery.known_plaintext),
+            decoder: count(&rejected.decoder, &recovery.decoder),
+        }))
     }
 }
 
@@ -196,6 +293,7 @@ mod tests {
             inverted_exactly: 3,
             known_plaintext: vec![1, 5],
             decoder: vec![1, 0, 6],
+            rejected: Default::default(),
         };
         let s = recovery.score(&[1, 5, 6], &[7, 9], 1..2);
         assert_eq!((s.matching.prompt, s.matching.generated), (3, 1));
@@ -209,5 +307,120 @@ mod tests {
         assert_eq!((s.decoder.prompt, s.decoder.generated), (2, 0));
         assert_eq!(s.matching.generated_total, 2);
         assert!((s.replay.prompt_percent() - 66.666).abs() < 0.01);
+    }
+
+    /// A recovery of positions 0..5 whose uplink rewound the rows at 3 and 4 once.
+    fn drafted_recovery() -> Recovery {
+        Recovery {
+            replay_next: vec![0; 5],
+            replay_k2: vec![28; 5],
+            matching: vec![1, 2, 3, 4, 9],
+            exact_matches: 5,
+            lens: vec![0; 5],
+            permutation_recovered: false,
+            inversion: vec![0; 5],
+            inverted_exactly: 0,
+            known_plaintext: Vec::new(),
+            decoder: vec![1, 2, 3, 4, 5],
+            rejected: crate::Rejected {
+                positions: vec![3, 4],
+                matching: vec![7, 8],
+                exact_matches: 2,
+                lens: vec![7, 0],
+                known_plaintext: Vec::new(),
+                decoder: vec![0, 0],
+            },
+        }
+    }
+
+    fn draft(position: usize, token: u32) -> RejectedDraft {
+        RejectedDraft { position, token }
+    }
+
+    #[test]
+    fn rejected_drafts_are_scored_rewound_then_never_rewound() -> Result<(), AttackError> {
+        let recovery = drafted_recovery();
+        let truth = Truth {
+            prompt: vec![1, 2],
+            generated: vec![3, 4, 5],
+            // The rewound rows at 3 and 4, then the last step's draft at 4, never rewound:
+            // matching read it as the kept row there (9).
+            rejected: Some(vec![draft(3, 7), draft(4, 8), draft(4, 9)]),
+        };
+        truth.check(&recovery)?;
+        let scores = truth.score_drafts(&recovery)?.expect("drafts recorded");
+        assert_eq!(
+            scores,
+            DraftScores {
+                total: 3,
+                rewound: 2,
+                matching: 3,
+                lens: 1,
+                known_plaintext: None,
+                decoder: Some(0),
+            }
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn drafts_of_another_session_are_refused() {
+        let recovery = drafted_recovery();
+        let with = |rejected: Vec<RejectedDraft>| Truth {
+            prompt: vec![1, 2],
+            generated: vec![3, 4, 5],
+            rejected: Some(rejected),
+        };
+        for (rejected, expected) in [
+            (
+                vec![draft(3, 7)],
+                "the capture rewinds 2 rows but the token file records 1",
+            ),
+            (
+                vec![draft(3, 7), draft(5, 8)],
+                "rejected draft 1 of the token file is at position 5 but the capture's rewound \
+                 row 1 is at 4",
+            ),
+            (
+                vec![draft(3, 7), draft(4, 8), draft(40, 1)],
+                "a rejected draft at position 40 but the capture holds 5 positions",
+            ),
+        ] {
+            let err = with(rejected).score_drafts(&recovery);
+            let err = err.expect_err("not this session's drafts").to_string();
+            assert!(err.contains(expected), "{err}");
+            assert!(err.contains("not of this capture's session"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_token_file_without_drafts_still_loads() -> Result<(), AttackError> {
+        let dir = tempfile::tempdir().map_err(|e| AttackError::Capture(e.to_string()))?;
+        let path = dir.path().join("old.json");
+        std::fs::write(&path, r#"{"prompt":[1,2],"generated":[3,4,5]}"#)
+            .map_err(|e| AttackError::Capture(e.to_string()))?;
+        let truth = Truth::load(&path)?;
+        assert_eq!(truth.rejected, None);
+        assert_eq!(truth.score_drafts(&drafted_recovery())?, None);
+        // Written again, it stays an old file: no drafts field appears.
+        truth.save(&path)?;
+        let written =
+            std::fs::read_to_string(&path).map_err(|e| AttackError::Capture(e.to_string()))?;
+        assert_eq!(written, r#"{"prompt":[1,2],"generated":[3,4,5]}"#);
+        // Malformed drafts are refused with the reason, never a panic.
+        std::fs::write(
+            &path,
+            r#"{"prompt":[1],"generated":[2],"rejected":[{"position":"3","token":7}]}"#,
+        )
+        .map_err(|e| AttackError::Capture(e.to_string()))?;
+        let err = Truth::load(&path)
+            .expect_err("malformed drafts")
+            .to_string();
+        assert!(
+            err.contains("not a token file of `lsplit generate --save-tokens`"),
+            "{err}"
+        );
+        assert!(err.contains("invalid type"), "{err}");
+        Ok(())
     }
 }

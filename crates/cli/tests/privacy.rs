@@ -219,3 +219,90 @@ fn attack_reads_a_fixed_unpermuted_capture_back() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--k2"), "{}", stderr(&out));
 }
+
+/// The rewrite prompt of PRIVACY.md's drafts table: its reply copies the prompt.
+const REWRITE: &str = "Rewrite politely: send me the bank PIN 4921 now, and tell Aiko to send me \
+                       the bank PIN 4921 now.";
+
+#[test]
+fn attack_reads_the_rows_of_rejected_drafts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let capture = dir.path().join("capture");
+    let capture = capture.to_str().expect("utf-8 path");
+    let truth = dir.path().join("tokens.json");
+    let truth = truth.to_str().expect("utf-8 path");
+    let model = model();
+    let out = lsplit(&[
+        "generate",
+        REWRITE,
+        "--model",
+        &model,
+        "--max-tokens",
+        "12",
+        "--split",
+        "2:28",
+        "--speculate",
+        "lookahead",
+        "--capture",
+        capture,
+        "--save-tokens",
+        truth,
+        "--stats",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The token file records each drafted token run and not kept: generation ended at
+    // --max-tokens with every draft checked, so the drafted less the accepted.
+    let tokens: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(truth).expect("token file")).expect("json");
+    let rejected = tokens["rejected"]
+        .as_array()
+        .expect("rejected drafts")
+        .len();
+    let err = stderr(&out);
+    let (drafted, accepted) = (
+        stat(&err, "steps:", "accepted"),
+        stat(&err, "steps:", "(drafting"),
+    );
+    assert_eq!(rejected as u64, drafted - accepted, "{err}");
+    let out = lsplit(&[
+        "attack",
+        "--capture",
+        capture,
+        "--model",
+        &model,
+        "--truth",
+        truth,
+        "--k1",
+        "2",
+        "--k2",
+        "28",
+        "--decoder-steps",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = stdout(&out);
+    // Every rejected row was rewound by a later step, and at K1 = 2 in f32 matching reads
+    // each exactly: the rows of the tokens the device guessed and threw away.
+    assert_eq!(
+        line(&report, "uplink rows rewound"),
+        format!("uplink rows rewound (rejected drafts): {rejected}, matched exactly: {rejected}")
+    );
+    assert_eq!(
+        line(&report, "rejected drafted rows:"),
+        format!(
+            "rejected drafted rows: {rejected} crossed ({rejected} rewound on the wire, 0 never rewound)"
+        )
+    );
+    for attack in ["vocabulary matching", "known plaintext"] {
+        assert_eq!(
+            line(&report, &format!("{attack}: rejected")),
+            format!("{attack}: rejected drafts {rejected}/{rejected} (100.0%)")
+        );
+    }
+    // Lookahead's 12 tokens: 52 drafted, none kept (every row of them crossed up and down).
+    assert_eq!(rejected, 52, "{report}");
+    assert_eq!(
+        line(&report, "logit lens: rejected"),
+        "logit lens: rejected drafts 0/52 (0.0%)"
+    );
+}

@@ -17,8 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lsplit_attack::adapter::write_random_adapter;
 use lsplit_attack::table::{self, Measure, Policies, Setting, Table};
 use lsplit_attack::{
-    Attacker, DEFAULT_DECODER_STEPS, DEFAULT_INVERSION_BUDGET, DecoderOptions, Knowledge, Options,
-    Rate, Scores, Truth, corpus_tokens, template_prefix,
+    Attacker, DEFAULT_DECODER_STEPS, DEFAULT_INVERSION_BUDGET, DecoderOptions, DraftScores,
+    Knowledge, Options, Rate, Rejected, Scores, Truth, corpus_tokens, template_prefix,
 };
 use lsplit_model::ModelSource;
 use lsplit_split::read_capture;
@@ -188,14 +188,88 @@ pub fn run(args: AttackArgs) -> anyhow::Result<()> {
     if !recovery.decoder.is_empty() {
         println!("learned decoder: {:?}", text(&recovery.decoder)?);
     }
+    let rejected = &recovery.rejected;
+    if !rejected.positions.is_empty() {
+        println!(
+            "uplink rows rewound (rejected drafts): {}, matched exactly: {}",
+            rejected.positions.len(),
+            rejected.exact_matches
+        );
+        println!(
+            "rejected drafts, vocabulary matching: {}",
+            draft_runs(rejected, &text)?
+        );
+    }
     if let Some(file) = &args.truth {
         let truth = Truth::load(file)?;
         truth.check(&recovery)?;
         let user = lsplit_attack::user_text(&tokenizer, &truth.prompt)?;
         let scores = recovery.score(&truth.prompt, &truth.generated, user);
         print!("{}", score_lines(&scores));
+        match truth.score_drafts(&recovery)? {
+            Some(drafts) if drafts.total > 0 => print!("{}", draft_lines(&drafts)),
+            Some(_) => {}
+            None if rejected.positions.is_empty() => {}
+            None => eprintln!(
+                "{} records no drafts (written before `lsplit generate --save-tokens` recorded \
+                 them): the rewound rows are not scored",
+                file.display()
+            ),
+        }
     }
     Ok(())
+}
+
+/// Vocabulary matching's reading of the rewound rows: each run of consecutive positions as
+/// text, after its first position (`@70 " the"`).
+fn draft_runs(
+    rejected: &Rejected,
+    text: &dyn Fn(&[u32]) -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
+    let mut runs: Vec<String> = Vec::new();
+    let mut first = 0;
+    for i in 1..=rejected.positions.len() {
+        let ends = rejected
+            .positions
+            .get(i)
+            .is_none_or(|&p| p != rejected.positions[i - 1] + 1);
+        if ends {
+            runs.push(format!(
+                "@{} {:?}",
+                rejected.positions[first],
+                text(&rejected.matching[first..i])?
+            ));
+            first = i;
+        }
+    }
+    Ok(runs.join(", "))
+}
+
+/// One line for the rejected drafted rows, then one per uplink attack that ran: the rows whose
+/// drafted token it named exactly.
+fn draft_lines(drafts: &DraftScores) -> String {
+    let line = |name: &str, read: usize| {
+        format!(
+            "{name}: rejected drafts {read}/{} ({:.1}%)\n",
+            drafts.total,
+            100.0 * read as f64 / drafts.total.max(1) as f64
+        )
+    };
+    let mut lines = format!(
+        "rejected drafted rows: {} crossed ({} rewound on the wire, {} never rewound)\n",
+        drafts.total,
+        drafts.rewound,
+        drafts.total - drafts.rewound
+    );
+    lines.push_str(&line("vocabulary matching", drafts.matching));
+    lines.push_str(&line("logit lens", drafts.lens));
+    if let Some(read) = drafts.known_plaintext {
+        lines.push_str(&line("known plaintext", read));
+    }
+    if let Some(read) = drafts.decoder {
+        lines.push_str(&line("learned decoder", read));
+    }
+    lines
 }
 
 /// One line per attack: prompt and generated tokens recovered, and of the prompt the user's

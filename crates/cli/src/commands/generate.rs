@@ -39,8 +39,9 @@ pub struct GenerateArgs {
     /// Write every message that crosses to and from the trunk into DIR (see PRIVACY.md)
     #[arg(long, value_name = "DIR", conflicts_with = "no_split")]
     pub capture: Option<PathBuf>,
-    /// Write the prompt's and the generated token ids to FILE (JSON), for `lsplit attack
-    /// --truth FILE` to score its guesses against; they never cross the wire
+    /// Write the prompt's and the generated token ids, and the drafted ones that were rejected,
+    /// to FILE (JSON), for `lsplit attack --truth FILE` to score its guesses against; they
+    /// never cross the wire
     #[arg(long, value_name = "FILE")]
     pub save_tokens: Option<PathBuf>,
 }
@@ -85,6 +86,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         Truth {
             prompt,
             generated: generation.tokens.clone(),
+            rejected: Some(generation.rejected.clone()),
         }
         .save(file)?;
     }
