@@ -441,7 +441,8 @@ unsafe fn kernel_for<const FIVE: bool, const SIX: bool>(
 }
 
 /// Tiles after one another in `tiles` (those of `band`) against every group of four activation
-/// rows (see [`wide::by_runs`]). Returns the rows done, the groups' rows.
+/// rows, the first group being the band's rows `row0..row0 + 4` (see [`wide::by_runs`]).
+/// Returns the rows done, the groups' rows.
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VL and VNNI.
@@ -452,6 +453,7 @@ pub(crate) unsafe fn dot_columns(
     groups: &[KActGroup],
     blocks: usize,
     band: &mut Band,
+    row0: usize,
 ) -> usize {
     let tile_bytes = blocks * format.tile_bytes();
     let count = groups.len() / blocks;
@@ -461,6 +463,7 @@ pub(crate) unsafe fn dot_columns(
         count,
         MAX_GROUPS,
         band,
+        row0,
         |tile, first, out| {
             let mut pass: [&[KActGroup]; MAX_GROUPS] = [&[]; MAX_GROUPS];
             for (to, group) in pass

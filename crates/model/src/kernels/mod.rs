@@ -396,32 +396,38 @@ fn matmul(
             let acts = ActBlock::quantize_all(path, x);
             // Groups of sixteen activation rows go through the AMX kernel on the AMX path
             // (where the weights are whole groups of sixteen rows and the batch is big enough
-            // to pay for unpacking them), else groups of four through the wide kernel on the
+            // to pay for unpacking them), then groups of four through the wide kernel on the
             // AVX-512 paths.
             #[cfg(target_arch = "x86_64")]
-            let tiles16 = path == KernelPath::Amx
+            let tiles16 = (path == KernelPath::Amx
                 && m >= amx::MIN_ROWS
                 && n.is_multiple_of(amx::ROWS)
-                && amx::covers_blocks(format);
+                && amx::covers_blocks(format))
+            .then_some(m / amx::ROWS * amx::ROWS);
             #[cfg(target_arch = "x86_64")]
-            let groups = (!tiles16 && path.avx512() && wide::covers(format))
-                .then(|| wide::groups(format, &acts, blocks));
-            let wide = |_weights: &[u8], _dst: &mut Band| -> usize {
-                #[cfg(target_arch = "x86_64")]
-                if tiles16 {
+            let groups = (path.avx512() && wide::covers(format)).then(|| {
+                let from = tiles16.unwrap_or(0);
+                wide::groups(format, &acts[from * blocks..], blocks)
+            });
+            #[cfg(target_arch = "x86_64")]
+            let wide = |weights: &[u8], dst: &mut Band| -> usize {
+                let mut done = 0;
+                if tiles16.is_some() {
                     // SAFETY: the AMX path runs only where the CPU has AMX, AVX-512 F, BW, VL,
                     // VBMI and VNNI, and F16C.
-                    let done = unsafe { amx::dot_blocks(format, _weights, &acts, blocks, _dst) };
-                    return done.expect("bands of whole groups of sixteen weight rows");
+                    let rows = unsafe { amx::dot_blocks(format, weights, &acts, blocks, dst) };
+                    done = rows.expect("bands of whole groups of sixteen weight rows");
                 }
-                #[cfg(target_arch = "x86_64")]
                 if let Some(groups) = &groups {
-                    // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only
-                    // where the CPU has AVX-512 F, BW, VL and VNNI.
-                    return unsafe { wide::dot_columns(format, _weights, groups, blocks, _dst) };
+                    // SAFETY: the groups exist on the AVX-512 paths only, which run only where
+                    // the CPU has AVX-512 F, BW, VL and VNNI.
+                    done +=
+                        unsafe { wide::dot_columns(format, weights, groups, blocks, dst, done) };
                 }
-                0
+                done
             };
+            #[cfg(not(target_arch = "x86_64"))]
+            let wide = |_: &[u8], _: &mut Band| 0;
             let kernel = BlockKernel(path, format);
             by_columns(&kernel, tiles, tile_bytes, &acts, (m, k, n), out, wide);
         }
@@ -431,32 +437,38 @@ fn matmul(
             let acts = KActBlock::quantize_all(path, x);
             // Groups of sixteen activation rows go through the AMX kernel on the AMX path
             // (where the weights are whole groups of sixteen rows and the batch is big enough
-            // to pay for unpacking them), else groups of four
-            // through the wide K-quant kernel on the AVX-512 paths.
+            // to pay for unpacking them), then groups of four through the wide K-quant kernel
+            // on the AVX-512 paths.
             #[cfg(target_arch = "x86_64")]
-            let tiles16 = path == KernelPath::Amx
+            let tiles16 = (path == KernelPath::Amx
                 && m >= amx::MIN_ROWS
                 && n.is_multiple_of(amx::ROWS)
-                && amx::covers(format);
+                && amx::covers(format))
+            .then_some(m / amx::ROWS * amx::ROWS);
             #[cfg(target_arch = "x86_64")]
-            let groups = (!tiles16 && path.avx512() && m >= wide::GROUP && kwide::covers(format))
-                .then(|| kwide::groups(format, &acts, blocks));
-            let wide = |_weights: &[u8], _dst: &mut Band| -> usize {
-                #[cfg(target_arch = "x86_64")]
-                if tiles16 {
+            let from = tiles16.unwrap_or(0);
+            #[cfg(target_arch = "x86_64")]
+            let groups = (path.avx512() && m - from >= wide::GROUP && kwide::covers(format))
+                .then(|| kwide::groups(format, &acts[from * blocks..], blocks));
+            #[cfg(target_arch = "x86_64")]
+            let wide = |weights: &[u8], dst: &mut Band| -> usize {
+                let mut done = 0;
+                if tiles16.is_some() {
                     // SAFETY: the AMX path runs only where the CPU has AMX and AVX-512 F, BW,
                     // VL, VBMI and VNNI.
-                    let done = unsafe { amx::dot_columns(format, _weights, &acts, blocks, _dst) };
-                    return done.expect("bands of whole groups of sixteen weight rows");
+                    let rows = unsafe { amx::dot_columns(format, weights, &acts, blocks, dst) };
+                    done = rows.expect("bands of whole groups of sixteen weight rows");
                 }
-                #[cfg(target_arch = "x86_64")]
                 if let Some(groups) = &groups {
-                    // SAFETY: the groups exist on the AVX-512 VNNI path only, which runs only
-                    // where the CPU has AVX-512 F, BW, VL and VNNI.
-                    return unsafe { kwide::dot_columns(format, _weights, groups, blocks, _dst) };
+                    // SAFETY: the groups exist on the AVX-512 paths only, which run only where
+                    // the CPU has AVX-512 F, BW, VL and VNNI.
+                    done +=
+                        unsafe { kwide::dot_columns(format, weights, groups, blocks, dst, done) };
                 }
-                0
+                done
             };
+            #[cfg(not(target_arch = "x86_64"))]
+            let wide = |_: &[u8], _: &mut Band| 0;
             by_columns(
                 &KKernel(path, format),
                 tiles,
@@ -788,7 +800,7 @@ mod tests {
             };
             // Single rows, the four-row tiles' tails, several of the wide kernel's groups, and
             // the AMX kernel's groups of sixteen with and without a tail.
-            for m in [1, 3, 4, 7, 16, 33, 50, 64] {
+            for m in [1, 3, 4, 7, 16, 33, 39, 50, 64] {
                 let x = input(m, k, 5)?.flatten_all()?.to_vec1::<f32>()?;
                 let run = |path| {
                     let mut out = vec![0f32; m * n];

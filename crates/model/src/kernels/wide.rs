@@ -325,7 +325,8 @@ pub(crate) fn in_groups<A, G>(
 }
 
 /// Tiles after one another in `tiles` (those of `band`) against every group of four activation
-/// rows. Returns the rows done, the groups' rows.
+/// rows, the first group being the band's rows `row0..row0 + 4`. Returns the rows done, the
+/// groups' rows.
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VL and VNNI.
@@ -336,6 +337,7 @@ pub(crate) unsafe fn dot_columns(
     groups: &[ActGroup],
     blocks: usize,
     band: &mut Band,
+    row0: usize,
 ) -> usize {
     let tile_bytes = TILE * blocks * format.block_bytes();
     let count = groups.len() / blocks;
@@ -347,6 +349,7 @@ pub(crate) unsafe fn dot_columns(
         count,
         per_pass,
         band,
+        row0,
         |tile, first, out| {
             let mut pass = groups[first * blocks..].chunks_exact(blocks);
             let mut group = || pass.next().expect("a group per pass");
@@ -406,6 +409,7 @@ pub(crate) fn by_runs(
     count: usize,
     per_pass: usize,
     band: &mut Band,
+    row0: usize,
     mut kernel: impl FnMut(&[u8], usize, &mut [GroupOut]),
 ) -> usize {
     /// Bytes of weights per run of tiles: a quarter of a 1 MiB L2 cache.
@@ -421,7 +425,7 @@ pub(crate) fn by_runs(
                 for (i, group) in out[..take].iter().enumerate() {
                     for (w, rows) in group.iter().enumerate() {
                         for (k, &value) in rows.iter().enumerate() {
-                            band.set(r * run + t, w, (first + i) * GROUP + k, value);
+                            band.set(r * run + t, w, row0 + (first + i) * GROUP + k, value);
                         }
                     }
                 }
