@@ -536,7 +536,7 @@ fn merge<'a>(
     dim: usize,
 ) {
     match path {
-        // SAFETY: both SIMD paths run only where the CPU has FMA.
+        // SAFETY: the SIMD paths run only where the CPU has FMA.
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 | KernelPath::Avx512Vnni | KernelPath::Amx => unsafe {
             merge_fma(parts, ys, dim)
