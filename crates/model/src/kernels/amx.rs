@@ -28,6 +28,7 @@ use super::kquant::{
     D, DMIN, FIFTH, KActBlock, KFormat, MINS, QUANT6_BYTES, QUANTS, QUANTS6, SCALES, SCALES6, SUBS,
     SUPER,
 };
+use super::kwide::transpose;
 
 /// Rows of a tile: activation rows per group, weight rows per unpacked super-block.
 pub(crate) const ROWS: usize = 16;
@@ -111,8 +112,8 @@ const CONFIG: Config = {
 /// number of sixteen rows.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW, VL, VBMI and VNNI.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+/// The CPU has AVX-512 F, BW, VL, VBMI and VNNI, and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
 pub(crate) unsafe fn dot_columns(
     format: KFormat,
     tiles: &[u8],
@@ -168,9 +169,10 @@ pub(crate) unsafe fn dot_columns(
 /// Unpacks the tile block `block` (weight rows `4tb..4tb + 4`) into `scaled`.
 ///
 /// # Safety
-/// `block` is a whole tile block of `format`; the CPU has AVX-512 F, BW, VL, VBMI and VNNI.
+/// `block` is a whole tile block of `format`; the CPU has AVX-512 F, BW, VL, VBMI and VNNI,
+/// and F16C.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
 unsafe fn unpack(format: KFormat, block: &[u8], tb: usize, scaled: &mut Scaled) {
     assert_eq!(block.len(), format.tile_bytes());
     let p = block.as_ptr();
@@ -279,35 +281,18 @@ unsafe fn unpack(format: KFormat, block: &[u8], tb: usize, scaled: &mut Scaled) 
 /// # Safety
 /// 64 readable bytes at `quants(w) + at` for each row; the CPU has AVX-512 F.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
 unsafe fn rows(quants: impl Fn(usize) -> *const u8, at: usize) -> [__m512i; 4] {
     // SAFETY: passed on from the caller.
-    transpose4(std::array::from_fn(|r| unsafe {
+    transpose(std::array::from_fn(|r| unsafe {
         _mm512_loadu_si512(quants(r).add(at).cast())
     }))
-}
-
-/// `[r0, r1, r2, r3]`, each four quarters of 16 bytes, to `[c0, c1, c2, c3]` with `c_q`'s
-/// quarter `w` `r_w`'s quarter `q`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-fn transpose4(r: [__m512i; 4]) -> [__m512i; 4] {
-    let t0 = _mm512_shuffle_i32x4::<0x44>(r[0], r[1]);
-    let t1 = _mm512_shuffle_i32x4::<0xee>(r[0], r[1]);
-    let t2 = _mm512_shuffle_i32x4::<0x44>(r[2], r[3]);
-    let t3 = _mm512_shuffle_i32x4::<0xee>(r[2], r[3]);
-    [
-        _mm512_shuffle_i32x4::<0x88>(t0, t2),
-        _mm512_shuffle_i32x4::<0xdd>(t0, t2),
-        _mm512_shuffle_i32x4::<0x88>(t1, t3),
-        _mm512_shuffle_i32x4::<0xdd>(t1, t3),
-    ]
 }
 
 /// Dword `4w + g` (row `w`'s values `4g..4g + 4`) to dword `4g + w`: quarter `g` then holds
 /// the four rows' values `4g..4g + 4`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
 fn by_group(x: __m512i) -> __m512i {
     let index = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
     _mm512_permutexvar_epi32(index, x)
@@ -316,7 +301,7 @@ fn by_group(x: __m512i) -> __m512i {
 /// The i16 index `i` in the first 16 lanes and `i + per_row` in the others: a pair of rows'
 /// scale `i`, each in its half, where each row has `per_row` of them.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
 fn pair_index(i: usize, per_row: usize) -> __m512i {
     let second = _mm512_mask_set1_epi16(_mm512_setzero_si512(), 0xffff_0000, per_row as i16);
     _mm512_add_epi16(second, _mm512_set1_epi16(i as i16))
@@ -327,9 +312,9 @@ fn pair_index(i: usize, per_row: usize) -> __m512i {
 /// and high bytes where the chunk's rows (`4tb..4tb + 4`) go in `scaled`.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW, VL, VBMI and VNNI.
+/// The CPU has AVX-512 F, BW, VL, VBMI and VNNI, and F16C.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
 unsafe fn store_scaled(
     v: __m512i,
     signed: bool,
@@ -368,14 +353,41 @@ unsafe fn store_scaled(
     }
 }
 
+/// The instructions of one step of [`super_block`]: tile `t` of the weights' low and high
+/// bytes (at `$w = 1024t`) into `tmm6` and `tmm7`, the two groups' activation values
+/// `64t..64t + 64` (at `$y = 64t`) into `tmm4` and `tmm5`, their products added to `tmm0`
+/// (first group, low bytes), `tmm1` (high), `tmm2` and `tmm3` (second group).
+macro_rules! k_step {
+    ($w:literal, $y:literal) => {
+        concat!(
+            "tileloadd tmm6, [{lo} + {s64}*1 + ",
+            $w,
+            "]\n",
+            "tileloadd tmm7, [{hi} + {s64}*1 + ",
+            $w,
+            "]\n",
+            "tileloadd tmm4, [{y0} + {sy}*1 + ",
+            $y,
+            "]\n",
+            "tileloadd tmm5, [{y1} + {sy}*1 + ",
+            $y,
+            "]\n",
+            "tdpbsud tmm0, tmm4, tmm6\n",
+            "tdpbssd tmm1, tmm4, tmm7\n",
+            "tdpbsud tmm2, tmm5, tmm6\n",
+            "tdpbssd tmm3, tmm5, tmm7\n",
+        )
+    };
+}
+
 /// Super-block `b` of sixteen weight rows (`scaled`) against every group of sixteen rows of
 /// `acts` (rows of `blocks` super-blocks), added to the groups' results `acc`. Two groups at a
 /// time share each loaded weight tile.
 ///
 /// # Safety
-/// The tiles are configured as [`CONFIG`]; the CPU has AMX and AVX-512 F, BW, VL, VBMI and
-/// VNNI.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
+/// The tiles are configured as [`CONFIG`]; the CPU has AMX, AVX-512 F, BW, VL, VBMI and
+/// VNNI, and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
 unsafe fn super_block(
     format: KFormat,
     scaled: &Scaled,
@@ -405,93 +417,30 @@ unsafe fn super_block(
         // apart), or of the group's activation rows' values in super-block `b` (rows `stride`
         // apart, each 64 bytes at `64t` of its 256); the stores write inside `sums`.
         unsafe {
-            if two {
-                let y1 = acts[ROWS * (i + 1) * blocks + b].q.as_ptr();
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    "tileloadd tmm6, [{lo} + {s64}*1]",
-                    "tileloadd tmm7, [{hi} + {s64}*1]",
-                    "tileloadd tmm4, [{y0} + {sy}*1]",
-                    "tileloadd tmm5, [{y1} + {sy}*1]",
-                    "tdpbsud tmm0, tmm4, tmm6",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tdpbsud tmm2, tmm5, tmm6",
-                    "tdpbssd tmm3, tmm5, tmm7",
-                    "tileloadd tmm6, [{lo} + {s64}*1 + 1024]",
-                    "tileloadd tmm7, [{hi} + {s64}*1 + 1024]",
-                    "tileloadd tmm4, [{y0} + {sy}*1 + 64]",
-                    "tileloadd tmm5, [{y1} + {sy}*1 + 64]",
-                    "tdpbsud tmm0, tmm4, tmm6",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tdpbsud tmm2, tmm5, tmm6",
-                    "tdpbssd tmm3, tmm5, tmm7",
-                    "tileloadd tmm6, [{lo} + {s64}*1 + 2048]",
-                    "tileloadd tmm7, [{hi} + {s64}*1 + 2048]",
-                    "tileloadd tmm4, [{y0} + {sy}*1 + 128]",
-                    "tileloadd tmm5, [{y1} + {sy}*1 + 128]",
-                    "tdpbsud tmm0, tmm4, tmm6",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tdpbsud tmm2, tmm5, tmm6",
-                    "tdpbssd tmm3, tmm5, tmm7",
-                    "tileloadd tmm6, [{lo} + {s64}*1 + 3072]",
-                    "tileloadd tmm7, [{hi} + {s64}*1 + 3072]",
-                    "tileloadd tmm4, [{y0} + {sy}*1 + 192]",
-                    "tileloadd tmm5, [{y1} + {sy}*1 + 192]",
-                    "tdpbsud tmm0, tmm4, tmm6",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tdpbsud tmm2, tmm5, tmm6",
-                    "tdpbssd tmm3, tmm5, tmm7",
-                    "tilestored [{c} + {s64}*1], tmm0",
-                    "tilestored [{c} + {s64}*1 + 1024], tmm1",
-                    "tilestored [{c} + {s64}*1 + 2048], tmm2",
-                    "tilestored [{c} + {s64}*1 + 3072], tmm3",
-                    lo = in(reg) low,
-                    hi = in(reg) high,
-                    y0 = in(reg) y0,
-                    y1 = in(reg) y1,
-                    c = in(reg) c,
-                    sy = in(reg) stride,
-                    s64 = in(reg) 64usize,
-                    options(nostack),
-                );
-            } else {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tileloadd tmm6, [{lo} + {s64}*1]",
-                    "tileloadd tmm7, [{hi} + {s64}*1]",
-                    "tileloadd tmm4, [{y0} + {sy}*1]",
-                    "tdpbsud tmm0, tmm4, tmm6",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tileloadd tmm6, [{lo} + {s64}*1 + 1024]",
-                    "tileloadd tmm7, [{hi} + {s64}*1 + 1024]",
-                    "tileloadd tmm4, [{y0} + {sy}*1 + 64]",
-                    "tdpbsud tmm0, tmm4, tmm6",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tileloadd tmm6, [{lo} + {s64}*1 + 2048]",
-                    "tileloadd tmm7, [{hi} + {s64}*1 + 2048]",
-                    "tileloadd tmm4, [{y0} + {sy}*1 + 128]",
-                    "tdpbsud tmm0, tmm4, tmm6",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tileloadd tmm6, [{lo} + {s64}*1 + 3072]",
-                    "tileloadd tmm7, [{hi} + {s64}*1 + 3072]",
-                    "tileloadd tmm4, [{y0} + {sy}*1 + 192]",
-                    "tdpbsud tmm0, tmm4, tmm6",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tilestored [{c} + {s64}*1], tmm0",
-                    "tilestored [{c} + {s64}*1 + 1024], tmm1",
-                    lo = in(reg) low,
-                    hi = in(reg) high,
-                    y0 = in(reg) y0,
-                    c = in(reg) c,
-                    sy = in(reg) stride,
-                    s64 = in(reg) 64usize,
-                    options(nostack),
-                );
-            }
+            // A last group alone is multiplied twice, its second products unused.
+            let y1 = acts[ROWS * (i + usize::from(two)) * blocks + b].q.as_ptr();
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                k_step!(0, 0),
+                k_step!(1024, 64),
+                k_step!(2048, 128),
+                k_step!(3072, 192),
+                "tilestored [{c} + {s64}*1], tmm0",
+                "tilestored [{c} + {s64}*1 + 1024], tmm1",
+                "tilestored [{c} + {s64}*1 + 2048], tmm2",
+                "tilestored [{c} + {s64}*1 + 3072], tmm3",
+                lo = in(reg) low,
+                hi = in(reg) high,
+                y0 = in(reg) y0,
+                y1 = in(reg) y1,
+                c = in(reg) c,
+                sy = in(reg) stride,
+                s64 = in(reg) 64usize,
+                options(nostack),
+            );
         }
         // Each pair's `T = Σ y·lo + 256·Σ y·hi`, then `acc = fma(d_y·d, T, acc)`, and with
         // minimums `acc = fma(−d_y·dmin, Σ m·Σy, acc)`.
@@ -656,19 +605,37 @@ unsafe fn unpack_blocks(format: Format, blocks: [&[u8]; ROWS / TILE], to: &mut W
     // Row `k` of the tile: values `4k..4k + 4` of the sixteen rows, quarter `tb` holding
     // rows `4tb..4tb + 4`.
     for (half, rows) in [low, high].into_iter().enumerate() {
-        for (k, row) in transpose4(rows).into_iter().enumerate() {
+        for (k, row) in transpose(rows).into_iter().enumerate() {
             // SAFETY: 64 writable bytes.
             unsafe { _mm512_storeu_si512(to.quants[4 * half + k].as_mut_ptr().cast(), row) };
         }
     }
 }
 
+/// The instructions of one block's product in [`block_rows`]: sixteen activation rows' values
+/// (at `{y}`, rows `{sy}` apart) into `tmm2`, the weights' (at `{w}`) into `tmm3`, their
+/// products into `tmm$sum`, zeroed first.
+macro_rules! block_product {
+    ($sum:literal) => {
+        concat!(
+            "tilezero tmm",
+            $sum,
+            "\n",
+            "tileloadd tmm2, [{y} + {sy}*1]\n",
+            "tileloadd tmm3, [{w} + {s64}*1]\n",
+            "tdpbsud tmm",
+            $sum,
+            ", tmm2, tmm3\n",
+        )
+    };
+}
+
 /// Sixteen activation rows (`rows`, `weights.len()` blocks each) times the sixteen weight
 /// rows of `weights`: `[r][n]`, activation row `r` times weight row `n`.
 ///
 /// # Safety
-/// The tiles are configured as [`BLOCK_CONFIG`]; the CPU has AMX and AVX-512 F, BW, VL, VBMI
-/// and VNNI.
+/// The tiles are configured as [`BLOCK_CONFIG`]; the CPU has AMX, AVX-512 F, BW, VL, VBMI
+/// and VNNI, and F16C.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
 unsafe fn block_rows(format: Format, weights: &[WeightBlock], rows: &[ActBlock]) -> Results {
     let blocks = weights.len();
@@ -685,10 +652,7 @@ unsafe fn block_rows(format: Format, weights: &[WeightBlock], rows: &[ActBlock])
     let (y, w) = product(0);
     unsafe {
         asm!(
-            "tilezero tmm0",
-            "tileloadd tmm2, [{y} + {sy}*1]",
-            "tileloadd tmm3, [{w} + {s64}*1]",
-            "tdpbsud tmm0, tmm2, tmm3",
+            block_product!(0),
             y = in(reg) y,
             w = in(reg) w,
             sy = in(reg) stride,
@@ -703,10 +667,7 @@ unsafe fn block_rows(format: Format, weights: &[WeightBlock], rows: &[ActBlock])
         unsafe {
             match (next, b % 2) {
                 (Some((y, w)), 0) => asm!(
-                    "tilezero tmm1",
-                    "tileloadd tmm2, [{y} + {sy}*1]",
-                    "tileloadd tmm3, [{w} + {s64}*1]",
-                    "tdpbsud tmm1, tmm2, tmm3",
+                    block_product!(1),
                     "tilestored [{c} + {s64}*1], tmm0",
                     y = in(reg) y,
                     w = in(reg) w,
@@ -716,10 +677,7 @@ unsafe fn block_rows(format: Format, weights: &[WeightBlock], rows: &[ActBlock])
                     options(nostack),
                 ),
                 (Some((y, w)), _) => asm!(
-                    "tilezero tmm0",
-                    "tileloadd tmm2, [{y} + {sy}*1]",
-                    "tileloadd tmm3, [{w} + {s64}*1]",
-                    "tdpbsud tmm0, tmm2, tmm3",
+                    block_product!(0),
                     "tilestored [{c} + {s64}*1], tmm1",
                     y = in(reg) y,
                     w = in(reg) w,

@@ -134,7 +134,7 @@ pub(crate) unsafe fn dot_tile(
 /// quarter `w` `r_w`'s quarter `q`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-fn transpose(r: [__m512i; 4]) -> [__m512i; 4] {
+pub(super) fn transpose(r: [__m512i; 4]) -> [__m512i; 4] {
     let t0 = _mm512_shuffle_i32x4::<0x44>(r[0], r[1]);
     let t1 = _mm512_shuffle_i32x4::<0xee>(r[0], r[1]);
     let t2 = _mm512_shuffle_i32x4::<0x44>(r[2], r[3]);

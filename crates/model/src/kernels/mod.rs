@@ -455,7 +455,7 @@ fn matmul(
                 let mut done = 0;
                 if tiles16.is_some() {
                     // SAFETY: the AMX path runs only where the CPU has AMX and AVX-512 F, BW,
-                    // VL, VBMI and VNNI.
+                    // VL, VBMI and VNNI, and F16C.
                     let rows = unsafe { amx::dot_columns(format, weights, &acts, blocks, dst) };
                     done = rows.expect("bands of whole groups of sixteen weight rows");
                 }
