@@ -122,26 +122,14 @@ pub(crate) unsafe fn dot_columns(
     band: &mut Band,
 ) -> Option<usize> {
     assert!(covers(format));
-    // Without the OS's grant (asked once, by `available`) the first tile instruction faults.
-    assert!(available(), "AMX tile state granted");
     let tile_bytes = blocks * format.tile_bytes();
-    assert_eq!(tiles.len(), band.tiles() * tile_bytes);
-    assert_eq!(acts.len(), band.rows() * blocks);
-    if !band.tiles().is_multiple_of(ROWS / TILE) {
-        return None;
-    }
-    let groups = band.rows() / ROWS;
     let mut scaled = Scaled {
         bytes: [[[[0; 64]; ROWS]; SUPER / 64]; 2],
         d: [0.0; ROWS],
         dmin: [0.0; ROWS],
         mins: [[0; ROWS]; SUBS / 2],
     };
-    // Per group of activation rows, `[r][n]`: activation row `r` times weight row `n`.
-    let mut acc = vec![Results([[0.0; ROWS]; ROWS]); groups];
-    // SAFETY: the configuration is a valid palette-1 layout; the CPU has AMX (see above).
-    unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack)) };
-    for (g, four) in tiles.chunks_exact(ROWS / TILE * tile_bytes).enumerate() {
+    let mut each = |four: &[u8], acc: &mut [Results]| {
         acc.fill(Results([[0.0; ROWS]; ROWS]));
         // Super-block by super-block, so that its unpacked weights stay in the first-level
         // cache while every group of activation rows passes.
@@ -152,9 +140,54 @@ pub(crate) unsafe fn dot_columns(
                 // SAFETY: `block` is one tile block of `format`; the CPU has the features.
                 unsafe { unpack(format, block, tb, &mut scaled) };
             }
-            // SAFETY: the tiles are configured; the CPU has the features.
-            unsafe { super_block(format, &scaled, acts, blocks, b, &mut acc) };
+            // SAFETY: the tiles are configured (by `by_sixteen`); the CPU has the features.
+            unsafe { super_block(format, &scaled, acts, blocks, b, acc) };
         }
+    };
+    // SAFETY: passed on from the caller.
+    unsafe {
+        by_sixteen(
+            &CONFIG,
+            tiles,
+            tile_bytes,
+            acts.len() / blocks,
+            band,
+            &mut each,
+        )
+    }
+}
+
+/// The frame of both kernels: checks that `band` (its tiles in `tiles`, `tile_bytes` each, and
+/// `rows` activation rows) is a whole number of sixteen weight rows (`None` if not), configures
+/// the tiles as `config`, and writes, for each sixteen weight rows, what `each` puts for them in
+/// its second argument (one [`Results`] per group of sixteen activation rows). Returns the rows
+/// done.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW, VL, VBMI and VNNI, and F16C; `each` uses the tiles as `config`
+/// shapes them.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
+unsafe fn by_sixteen(
+    config: &Config,
+    tiles: &[u8],
+    tile_bytes: usize,
+    rows: usize,
+    band: &mut Band,
+    each: &mut dyn FnMut(&[u8], &mut [Results]),
+) -> Option<usize> {
+    // Without the OS's grant (asked once, by `available`) the first tile instruction faults.
+    assert!(available(), "AMX tile state granted");
+    assert_eq!(tiles.len(), band.tiles() * tile_bytes);
+    assert_eq!(rows, band.rows());
+    if !band.tiles().is_multiple_of(ROWS / TILE) {
+        return None;
+    }
+    // SAFETY: the configuration is a valid palette-1 layout; the CPU has AMX (see above).
+    unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack)) };
+    // Per group of activation rows, `[r][n]`: activation row `r` times weight row `n`.
+    let mut acc = vec![Results([[0.0; ROWS]; ROWS]); rows / ROWS];
+    for (g, four) in tiles.chunks_exact(ROWS / TILE * tile_bytes).enumerate() {
+        each(four, &mut acc);
         for (i, acc) in acc.iter().enumerate() {
             for (r, values) in acc.0.iter().enumerate() {
                 band.set_columns(g * ROWS / TILE, ROWS * i + r, values);
@@ -163,7 +196,7 @@ pub(crate) unsafe fn dot_columns(
     }
     // SAFETY: the CPU has AMX.
     unsafe { asm!("tilerelease", options(nostack, nomem)) };
-    Some(groups * ROWS)
+    Some(rows / ROWS * ROWS)
 }
 
 /// Unpacks the tile block `block` (weight rows `4tb..4tb + 4`) into `scaled`.
@@ -532,14 +565,7 @@ pub(crate) unsafe fn dot_blocks(
     band: &mut Band,
 ) -> Option<usize> {
     assert!(covers_blocks(format));
-    // Without the OS's grant (asked once, by `available`) the first tile instruction faults.
-    assert!(available(), "AMX tile state granted");
     let tile_bytes = blocks * TILE * format.block_bytes();
-    assert_eq!(tiles.len(), band.tiles() * tile_bytes);
-    assert_eq!(acts.len(), band.rows() * blocks);
-    if !band.tiles().is_multiple_of(ROWS / TILE) {
-        return None;
-    }
     let mut weights = vec![
         WeightBlock {
             quants: [[0; 64]; BLOCK / 4],
@@ -548,9 +574,7 @@ pub(crate) unsafe fn dot_blocks(
         };
         blocks
     ];
-    // SAFETY: the configuration is a valid palette-1 layout; the CPU has AMX (see above).
-    unsafe { asm!("ldtilecfg [{}]", in(reg) BLOCK_CONFIG.0.as_ptr(), options(nostack)) };
-    for (g, four) in tiles.chunks_exact(ROWS / TILE * tile_bytes).enumerate() {
+    let mut each = |four: &[u8], acc: &mut [Results]| {
         for (b, weights) in weights.iter_mut().enumerate() {
             let at = |tb: usize| tb * tile_bytes + b * TILE * format.block_bytes();
             let blocks: [&[u8]; ROWS / TILE] =
@@ -558,18 +582,23 @@ pub(crate) unsafe fn dot_blocks(
             // SAFETY: each is one tile block of `format`; the CPU has the features.
             unsafe { unpack_blocks(format, blocks, weights) };
         }
-        for i in 0..band.rows() / ROWS {
-            let rows = &acts[ROWS * i * blocks..ROWS * (i + 1) * blocks];
-            // SAFETY: the tiles are configured as `BLOCK_CONFIG`; the CPU has the features.
-            let acc = unsafe { block_rows(format, &weights, rows) };
-            for (r, values) in acc.0.iter().enumerate() {
-                band.set_columns(g * ROWS / TILE, ROWS * i + r, values);
-            }
+        for (acc, rows) in acc.iter_mut().zip(acts.chunks_exact(ROWS * blocks)) {
+            // SAFETY: the tiles are configured as `BLOCK_CONFIG` (by `by_sixteen`); the CPU
+            // has the features.
+            *acc = unsafe { block_rows(format, &weights, rows) };
         }
+    };
+    // SAFETY: passed on from the caller.
+    unsafe {
+        by_sixteen(
+            &BLOCK_CONFIG,
+            tiles,
+            tile_bytes,
+            acts.len() / blocks,
+            band,
+            &mut each,
+        )
     }
-    // SAFETY: the CPU has AMX.
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
-    Some(band.rows() / ROWS * ROWS)
 }
 
 /// Unpacks one block of four tiles (sixteen weight rows) into `to`.
@@ -630,6 +659,30 @@ macro_rules! block_product {
     };
 }
 
+/// The instruction that stores the sums in `tmm$sum` at `{c}` (rows `{s64}` apart).
+macro_rules! store {
+    ($sum:literal) => {
+        concat!("tilestored [{c} + {s64}*1], tmm", $sum)
+    };
+}
+
+/// Starts the next block's product into `tmm$next` (activations at `$y`, rows `$stride` apart,
+/// weights at `$w`), then stores the sums in `tmm$sum` at `$c`.
+macro_rules! next_then_store {
+    ($next:literal, $sum:literal, $y:expr, $w:expr, $c:expr, $stride:expr) => {
+        asm!(
+            block_product!($next),
+            store!($sum),
+            y = in(reg) $y,
+            w = in(reg) $w,
+            c = in(reg) $c,
+            sy = in(reg) $stride,
+            s64 = in(reg) 64usize,
+            options(nostack),
+        )
+    };
+}
+
 /// Sixteen activation rows (`rows`, `weights.len()` blocks each) times the sixteen weight
 /// rows of `weights`: `[r][n]`, activation row `r` times weight row `n`.
 ///
@@ -666,38 +719,14 @@ unsafe fn block_rows(format: Format, weights: &[WeightBlock], rows: &[ActBlock])
         // SAFETY: see above.
         unsafe {
             match (next, b % 2) {
-                (Some((y, w)), 0) => asm!(
-                    block_product!(1),
-                    "tilestored [{c} + {s64}*1], tmm0",
-                    y = in(reg) y,
-                    w = in(reg) w,
-                    c = in(reg) c,
-                    sy = in(reg) stride,
-                    s64 = in(reg) 64usize,
-                    options(nostack),
-                ),
-                (Some((y, w)), _) => asm!(
-                    block_product!(0),
-                    "tilestored [{c} + {s64}*1], tmm1",
-                    y = in(reg) y,
-                    w = in(reg) w,
-                    c = in(reg) c,
-                    sy = in(reg) stride,
-                    s64 = in(reg) 64usize,
-                    options(nostack),
-                ),
-                (None, 0) => asm!(
-                    "tilestored [{c} + {s64}*1], tmm0",
-                    c = in(reg) c,
-                    s64 = in(reg) 64usize,
-                    options(nostack),
-                ),
-                (None, _) => asm!(
-                    "tilestored [{c} + {s64}*1], tmm1",
-                    c = in(reg) c,
-                    s64 = in(reg) 64usize,
-                    options(nostack),
-                ),
+                (Some((y, w)), 0) => next_then_store!(1, 0, y, w, c, stride),
+                (Some((y, w)), _) => next_then_store!(0, 1, y, w, c, stride),
+                (None, 0) => {
+                    asm!(store!(0), c = in(reg) c, s64 = in(reg) 64usize, options(nostack))
+                }
+                (None, _) => {
+                    asm!(store!(1), c = in(reg) c, s64 = in(reg) 64usize, options(nostack))
+                }
             }
         }
         let weights = &weights[b];
