@@ -90,21 +90,27 @@ struct Scaled {
     mins: [[u32; ROWS]; SUBS / 2],
 }
 
-/// The tiles' shapes for `ldtilecfg`: palette 1, all eight tiles of sixteen rows of 64 bytes.
+/// The tiles' shapes, as `ldtilecfg` reads them.
 #[repr(C, align(64))]
 struct Config([u8; 64]);
 
-const CONFIG: Config = {
-    let mut bytes = [0u8; 64];
-    bytes[0] = 1;
-    let mut t = 0;
-    while t < 8 {
-        bytes[16 + 2 * t] = 64;
-        bytes[48 + t] = ROWS as u8;
-        t += 1;
+/// The K-quant kernel's tile shapes: all eight tiles of sixteen rows of 64 bytes.
+const CONFIG: Config = Config::new(&[(ROWS, 64); 8]);
+
+impl Config {
+    /// Palette 1 with tile `t` of `shapes[t].0` rows of `shapes[t].1` bytes (the rest unused).
+    const fn new(shapes: &[(usize, usize)]) -> Self {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1;
+        let mut t = 0;
+        while t < shapes.len() {
+            bytes[16 + 2 * t] = shapes[t].1 as u8;
+            bytes[48 + t] = shapes[t].0 as u8;
+            t += 1;
+        }
+        Self(bytes)
     }
-    Config(bytes)
-};
+}
 
 /// Tiles in `tiles` (those of `band`, [`super::kquant::repack`]'s layout, `blocks` super-blocks
 /// each) against the leading groups of sixteen rows of `acts` (rows of `blocks` super-blocks).
@@ -525,18 +531,7 @@ pub(crate) fn covers_blocks(format: Format) -> bool {
 /// The block kernel's tile shapes: `tmm0` and `tmm1` the sums of sixteen activation rows by
 /// sixteen weight rows (i32), `tmm2` the activation rows' 32 values, `tmm3` the weight rows'
 /// (eight rows of four values of each).
-const BLOCK_CONFIG: Config = {
-    let mut bytes = [0u8; 64];
-    bytes[0] = 1;
-    let shapes = [(ROWS, 64), (ROWS, 64), (ROWS, BLOCK), (BLOCK / 4, 64)];
-    let mut t = 0;
-    while t < shapes.len() {
-        bytes[16 + 2 * t] = shapes[t].1 as u8;
-        bytes[48 + t] = shapes[t].0 as u8;
-        t += 1;
-    }
-    Config(bytes)
-};
+const BLOCK_CONFIG: Config = Config::new(&[(ROWS, 64), (ROWS, 64), (ROWS, BLOCK), (BLOCK / 4, 64)]);
 
 /// One block of sixteen weight rows as the tile product's second operand: row `k` holds
 /// values `4k..4k + 4` of each weight row in turn (unsigned quants), then the rows' scales

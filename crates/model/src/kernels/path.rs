@@ -1,7 +1,7 @@
 //! Which kernels this CPU runs, chosen once at run time, so that one binary runs at full speed
 //! on every x86-64 CPU: AMX, else AVX-512 VNNI, else AVX2 with FMA and F16C, else portable
-//! Rust; NEON on aarch64. Every path computes the same bits (the kernels' tests compare each path the CPU has
-//! with the portable one).
+//! Rust; NEON on aarch64. Every path computes the same bits (the kernels' tests compare each
+//! path the CPU has with the portable one).
 
 use std::fmt;
 use std::sync::OnceLock;
