@@ -18,6 +18,7 @@ mod kernels;
 mod llama;
 mod plan;
 mod source;
+mod swiglu;
 mod train;
 
 pub use adapter::{Adapter, LoraShape, Target, lora_scale, write_peft};

@@ -23,6 +23,7 @@ use tracing::{Span, trace_span};
 use crate::adapter::{LayerLora, Target};
 use crate::attention::attend_row;
 use crate::kernels::Linear;
+use crate::swiglu::swiglu;
 use crate::{
     KvCache, KvPrecision, LlamaConfig, ModelError, PartSpec, Result, TensorRecord, values,
 };
@@ -109,9 +110,9 @@ impl Layer {
     /// The SwiGLU feed-forward of the normed rows `h`: `w_down(silu(w_gate(h)) * w_up(h))`.
     fn mlp(&self, h: &Tensor) -> Result<Tensor> {
         let _enter = self.spans.mlp.enter();
-        let gate = candle_nn::ops::silu(&self.project(Target::Gate, h)?)?;
+        let gate = self.project(Target::Gate, h)?;
         let up = self.project(Target::Up, h)?;
-        self.project(Target::Down, &(gate * up)?)
+        self.project(Target::Down, &swiglu(&gate, &up)?)
     }
 
     /// The projection `target` of rows `x`: its weight's product, plus the adapter's update

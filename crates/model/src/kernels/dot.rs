@@ -44,17 +44,25 @@ pub(crate) struct ActBlock {
 
 impl ActBlock {
     /// Quantizes each block of 32 values of `xs` the way candle's (and ggml's) reference
-    /// Q8_0/Q8_1 code does, with AVX-512 on that path (same results).
+    /// Q8_0/Q8_1 code does, with AVX-512 on that path (same results). Long inputs (prefill,
+    /// batches) are quantized on the thread pool.
     pub(crate) fn quantize_all(path: KernelPath, xs: &[f32]) -> Vec<Self> {
-        match path {
+        let empty = Self {
+            d: 0.0,
+            s: 0.0,
+            sum: 0,
+            q: [0; BLOCK],
+        };
+        super::quantize_rows(xs, BLOCK, empty, |xs, out| match path {
             // SAFETY: the path runs only where the CPU has AVX-512 F and BW, and F16C.
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx512Vnni | KernelPath::Amx => unsafe { avx512::quantize_all(xs) },
-            _ => xs
-                .chunks_exact(BLOCK)
-                .map(|xs| portable::quantize(xs.try_into().expect("a block of 32 values")))
-                .collect(),
-        }
+            KernelPath::Avx512Vnni | KernelPath::Amx => unsafe { avx512::quantize_all(xs, out) },
+            _ => {
+                for (xs, block) in xs.chunks_exact(BLOCK).zip(out) {
+                    *block = portable::quantize(xs.try_into().expect("a block of 32 values"));
+                }
+            }
+        })
     }
 
     /// The block with scale `d` (before rounding through f16), quants `q` summing to `sum`.
@@ -85,13 +93,11 @@ pub(super) mod avx512 {
     /// # Safety
     /// The CPU has AVX-512 F and BW, and F16C.
     #[target_feature(enable = "avx512f,avx512bw,f16c")]
-    pub(super) unsafe fn quantize_all(xs: &[f32]) -> Vec<ActBlock> {
-        let mut blocks = Vec::with_capacity(xs.len() / BLOCK);
-        for xs in xs.chunks_exact(BLOCK) {
+    pub(super) unsafe fn quantize_all(xs: &[f32], out: &mut [ActBlock]) {
+        for (xs, block) in xs.chunks_exact(BLOCK).zip(out) {
             // SAFETY: the CPU has AVX-512 F and BW, and F16C (see above).
-            blocks.push(unsafe { quantize(xs.try_into().expect("a block of 32 values")) });
+            *block = unsafe { quantize(xs.try_into().expect("a block of 32 values")) };
         }
-        blocks
     }
 
     /// The scalar code's operations on sixteen lanes. NaN counts as 0 in the maximum (as

@@ -51,7 +51,6 @@
 //! the scale's multiply-add (Q2_K's and Q3_K's integer sums run the AVX2 code there too).
 
 use half::f16;
-use rayon::prelude::*;
 
 use super::KernelPath;
 use super::dot::TILE;
@@ -165,11 +164,17 @@ impl KActBlock {
             KernelPath::Avx512Vnni | KernelPath::Amx => unsafe { avx512::quantize(xs) },
             _ => Self::quantize(xs),
         };
-        if xs.len() < 16 * SUPER {
-            xs.chunks_exact(SUPER).map(quantize).collect()
-        } else {
-            xs.par_chunks_exact(SUPER).map(quantize).collect()
-        }
+        let empty = Self {
+            d: 0.0,
+            q: [0; SUPER],
+            sums: [0; SUBS],
+            sums16: [0; SUPER / SUB6],
+        };
+        super::quantize_rows(xs, SUPER, empty, |xs, out| {
+            for (xs, block) in xs.chunks_exact(SUPER).zip(out) {
+                *block = quantize(xs);
+            }
+        })
     }
 
     fn quantize(xs: &[f32]) -> Self {
