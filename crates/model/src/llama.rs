@@ -99,26 +99,23 @@ impl Layer {
         attend: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let _enter = self.spans.attention.enter();
-        let y = attend(
-            &self.project(Target::Q, h)?,
-            &self.project(Target::K, h)?,
-            &self.project(Target::V, h)?,
-        )?;
-        self.project(Target::O, &y)
+        let [q, k, v] = self.project([Target::Q, Target::K, Target::V], h)?;
+        let [y] = self.project([Target::O], &attend(&q, &k, &v)?)?;
+        Ok(y)
     }
 
     /// The SwiGLU feed-forward of the normed rows `h`: `w_down(silu(w_gate(h)) * w_up(h))`.
     fn mlp(&self, h: &Tensor) -> Result<Tensor> {
         let _enter = self.spans.mlp.enter();
-        let gate = self.project(Target::Gate, h)?;
-        let up = self.project(Target::Up, h)?;
-        self.project(Target::Down, &swiglu(&gate, &up)?)
+        let [gate, up] = self.project([Target::Gate, Target::Up], h)?;
+        let [y] = self.project([Target::Down], &swiglu(&gate, &up)?)?;
+        Ok(y)
     }
 
-    /// The projection `target` of rows `x`: its weight's product, plus the adapter's update
-    /// when the layer has one for it.
-    fn project(&self, target: Target, x: &Tensor) -> Result<Tensor> {
-        let weight = match target {
+    /// The projections `targets` of the same rows `x` (quantized once for all of them): each
+    /// weight's product, plus the adapter's update when the layer has one for it.
+    fn project<const N: usize>(&self, targets: [Target; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let weights = targets.map(|target| match target {
             Target::Q => &self.wq,
             Target::K => &self.wk,
             Target::V => &self.wv,
@@ -126,12 +123,17 @@ impl Layer {
             Target::Gate => &self.w_gate,
             Target::Up => &self.w_up,
             Target::Down => &self.w_down,
-        };
-        let y = weight.forward(x)?;
-        match self.lora.get(target) {
-            Some(lora) => lora.add(x, y),
-            None => Ok(y),
+        });
+        let mut projected = Vec::with_capacity(N);
+        for (target, y) in targets.into_iter().zip(Linear::forward_shared(weights, x)?) {
+            projected.push(match self.lora.get(target) {
+                Some(lora) => lora.add(x, y)?,
+                None => y,
+            });
         }
+        Ok(projected
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one projection per target")))
     }
 }
 

@@ -25,6 +25,7 @@ mod wide;
 
 pub use path::KernelPath;
 
+use std::cell::RefCell;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -124,15 +125,63 @@ impl Linear {
 
     /// `x @ Wᵀ` over the last dimension of `x`.
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Quant(m) => x.contiguous()?.apply_op1_no_bwd(m),
-            Self::Candle(m) => m.forward(x),
-            Self::Half(w) => x
-                .to_dtype(w.dtype())?
-                .broadcast_matmul(&w.t()?)?
-                .to_dtype(x.dtype()),
-        }
+        let [y] = Self::forward_shared([self], x)?;
+        Ok(y)
     }
+
+    /// `x @ Wᵀ` for each matrix `W` of `linears`, all of the same input width. Our kernels
+    /// quantize `x` once for all of them (and lay it out once per weight format): a layer's
+    /// query, key and value take the same rows, as do its gate and up.
+    pub(crate) fn forward_shared<const N: usize>(
+        linears: [&Self; N],
+        x: &Tensor,
+    ) -> candle_core::Result<[Tensor; N]> {
+        let x = x.contiguous()?;
+        let input = RefCell::new(QuantizedInput::default());
+        let mut ys = Vec::with_capacity(N);
+        for linear in linears {
+            ys.push(match linear {
+                Self::Quant(matrix) => x.apply_op1_no_bwd(&Product {
+                    matrix,
+                    input: &input,
+                })?,
+                Self::Candle(m) => m.forward(&x)?,
+                Self::Half(w) => x
+                    .to_dtype(w.dtype())?
+                    .broadcast_matmul(&w.t()?)?
+                    .to_dtype(x.dtype())?,
+            });
+        }
+        Ok(ys
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one product per matrix")))
+    }
+}
+
+/// A product's input rows as our kernels take them, made when a product first needs them and
+/// kept for the next products of the same rows (see [`Linear::forward_shared`]).
+#[derive(Default)]
+struct QuantizedInput {
+    blocks: Option<Vec<ActBlock>>,
+    k: Option<Vec<KActBlock>>,
+    /// The wide kernels' groups of four rows, by weight format and first row.
+    #[cfg(target_arch = "x86_64")]
+    groups: Vec<((Format, usize), Vec<wide::ActGroup>)>,
+    #[cfg(target_arch = "x86_64")]
+    kgroups: Vec<((KFormat, usize), Vec<kwide::KActGroup>)>,
+}
+
+/// The value of `key` in `cache`, made by `make` the first time.
+#[cfg(target_arch = "x86_64")]
+fn cached<K: PartialEq, V>(cache: &mut Vec<(K, V)>, key: K, make: impl FnOnce() -> V) -> &V {
+    let at = match cache.iter().position(|(k, _)| *k == key) {
+        Some(at) => at,
+        None => {
+            cache.push((key, make()));
+            cache.len() - 1
+        }
+    };
+    &cache[at].1
 }
 
 /// How many bytes ahead of the block it is reading a kernel asks for weights. Weights stream
@@ -324,7 +373,14 @@ impl std::fmt::Debug for QuantMatrix {
     }
 }
 
-impl CustomOp1 for QuantMatrix {
+/// One product of a [`QuantMatrix`] as a candle operation, with the quantized input it shares
+/// with the other products of the same rows.
+struct Product<'a> {
+    matrix: &'a QuantMatrix,
+    input: &'a RefCell<QuantizedInput>,
+}
+
+impl CustomOp1 for Product<'_> {
     fn name(&self) -> &'static str {
         "lsplit-quant-matmul"
     }
@@ -334,31 +390,32 @@ impl CustomOp1 for QuantMatrix {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let matrix = self.matrix;
         let dims = layout.shape().dims();
         let Some((&last, outer)) = dims.split_last() else {
             candle_core::bail!("quantized matmul of a scalar");
         };
-        if last != self.cols || !layout.is_contiguous() {
+        if last != matrix.cols || !layout.is_contiguous() {
             candle_core::bail!(
                 "quantized matmul: input {:?} does not match weights ({}, {})",
                 dims,
-                self.rows,
-                self.cols
+                matrix.rows,
+                matrix.cols
             );
         }
         let m = outer.iter().product::<usize>();
-        let x = &storage.as_slice::<f32>()?[layout.start_offset()..][..m * self.cols];
-        let mut out = vec![0f32; m * self.rows];
+        let x = &storage.as_slice::<f32>()?[layout.start_offset()..][..m * matrix.cols];
+        let mut out = vec![0f32; m * matrix.rows];
         matmul(
             KernelPath::active(),
-            self.kind,
-            &self.tiles,
-            (m, self.cols, self.rows),
-            x,
+            matrix.kind,
+            &matrix.tiles,
+            (m, matrix.cols, matrix.rows),
+            (x, &mut self.input.borrow_mut()),
             &mut out,
         );
         let mut shape = outer.to_vec();
-        shape.push(self.rows);
+        shape.push(matrix.rows);
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 }
@@ -401,13 +458,13 @@ impl TileKernel for KKernel {
 }
 
 /// `out (m, n) = x (m, k) @ Wᵀ` for weights of `n` rows of `kind`, repacked into `tiles`, on
-/// `path`.
+/// `path`; `input` keeps what is made of `x` for the next products of the same rows.
 fn matmul(
     path: KernelPath,
     kind: Kind,
     tiles: &[u8],
     (m, k, n): (usize, usize, usize),
-    x: &[f32],
+    (x, input): (&[f32], &mut QuantizedInput),
     out: &mut [f32],
 ) {
     // No rows, no products (and no division by the row count below).
@@ -419,7 +476,9 @@ fn matmul(
         Kind::Blocks(format) => {
             #[cfg(target_arch = "x86_64")]
             let blocks = k / BLOCK;
-            let acts = ActBlock::quantize_all(path, x);
+            let acts = input
+                .blocks
+                .get_or_insert_with(|| ActBlock::quantize_all(path, x));
             // Groups of sixteen activation rows go through the AMX kernel on the AMX path
             // (where the weights are whole groups of sixteen rows and the batch is big enough
             // to pay for unpacking them), then groups of four through the wide kernel on the
@@ -433,7 +492,9 @@ fn matmul(
             #[cfg(target_arch = "x86_64")]
             let groups = (path.avx512() && wide::covers(format)).then(|| {
                 let from = tiles16.unwrap_or(0);
-                wide::groups(format, &acts[from * blocks..], blocks)
+                cached(&mut input.groups, (format, from), || {
+                    wide::groups(format, &acts[from * blocks..], blocks)
+                })
             });
             #[cfg(target_arch = "x86_64")]
             let wide = |weights: &[u8], dst: &mut Band| -> usize {
@@ -444,7 +505,7 @@ fn matmul(
                     let rows = unsafe { amx::dot_blocks(format, weights, &acts, blocks, dst) };
                     done = rows.expect("bands of whole groups of sixteen weight rows");
                 }
-                if let Some(groups) = &groups {
+                if let Some(groups) = groups {
                     // SAFETY: the groups exist on the AVX-512 paths only, which run only where
                     // the CPU has AVX-512 F, BW, VL and VNNI.
                     done +=
@@ -460,7 +521,9 @@ fn matmul(
         Kind::K(format) => {
             #[cfg(target_arch = "x86_64")]
             let blocks = k / SUPER;
-            let acts = KActBlock::quantize_all(path, x);
+            let acts = input
+                .k
+                .get_or_insert_with(|| KActBlock::quantize_all(path, x));
             // Groups of sixteen activation rows go through the AMX kernel on the AMX path
             // (where the weights are whole groups of sixteen rows and the batch is big enough
             // to pay for unpacking them), then groups of four through the wide K-quant kernel
@@ -474,8 +537,12 @@ fn matmul(
             #[cfg(target_arch = "x86_64")]
             let from = tiles16.unwrap_or(0);
             #[cfg(target_arch = "x86_64")]
-            let groups = (path.avx512() && m - from >= wide::GROUP && kwide::covers(format))
-                .then(|| kwide::groups(format, &acts[from * blocks..], blocks));
+            let groups =
+                (path.avx512() && m - from >= wide::GROUP && kwide::covers(format)).then(|| {
+                    cached(&mut input.kgroups, (format, from), || {
+                        kwide::groups(format, &acts[from * blocks..], blocks)
+                    })
+                });
             #[cfg(target_arch = "x86_64")]
             let wide = |weights: &[u8], dst: &mut Band| -> usize {
                 let mut done = 0;
@@ -485,7 +552,7 @@ fn matmul(
                     let rows = unsafe { amx::dot_columns(format, weights, &acts, blocks, dst) };
                     done = rows.expect("bands of whole groups of sixteen weight rows");
                 }
-                if let Some(groups) = &groups {
+                if let Some(groups) = groups {
                     // SAFETY: the groups exist on the AVX-512 paths only, which run only where
                     // the CPU has AVX-512 F, BW, VL and VNNI.
                     done +=
@@ -830,7 +897,14 @@ mod tests {
                 let x = input(m, k, 5)?.flatten_all()?.to_vec1::<f32>()?;
                 let run = |path| {
                     let mut out = vec![0f32; m * n];
-                    matmul(path, q.kind, &q.tiles, (m, k, n), &x, &mut out);
+                    matmul(
+                        path,
+                        q.kind,
+                        &q.tiles,
+                        (m, k, n),
+                        (&x, &mut Default::default()),
+                        &mut out,
+                    );
                     out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
                 let reference = run(KernelPath::Portable);
@@ -872,6 +946,34 @@ mod tests {
     }
 
     #[test]
+    fn products_sharing_their_input_equal_products_alone_bit_for_bit() -> candle_core::Result<()> {
+        // Every format twice and in turn with the others, so that quantized rows and groups
+        // made for one format are reused by its second matrix and never by another's; 208 and
+        // 200 rows: with and without the AMX kernel's groups of sixteen, whose rows the wide
+        // kernels' groups then start after.
+        let k = 256;
+        let mut matrices = Vec::new();
+        for dtype in OURS {
+            for n in [208, 200] {
+                matrices.push(Linear::new(QMatMul::QTensor(weights(dtype, n, k)?)));
+            }
+        }
+        for m in [1, 16, 40] {
+            let x = input(m, k, 9)?;
+            let alone = matrices
+                .iter()
+                .map(|w| w.forward(&x))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let refs: [&Linear; 2 * OURS.len()] = std::array::from_fn(|i| &matrices[i]);
+            let shared = Linear::forward_shared(refs, &x)?;
+            for (i, (a, b)) in alone.iter().zip(&shared).enumerate() {
+                assert_eq!(bits(a)?, bits(b)?, "matrix {i}, {m} rows");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn a_product_of_no_rows_is_empty_on_every_path() -> candle_core::Result<()> {
         for dtype in OURS {
             let k = width(dtype);
@@ -881,7 +983,14 @@ mod tests {
             };
             for path in KernelPath::all_supported() {
                 let mut out = Vec::new();
-                matmul(path, q.kind, &q.tiles, (0, k, 200), &[], &mut out);
+                matmul(
+                    path,
+                    q.kind,
+                    &q.tiles,
+                    (0, k, 200),
+                    (&[], &mut Default::default()),
+                    &mut out,
+                );
                 assert!(out.is_empty(), "{path} {dtype:?}");
             }
             let none = Tensor::zeros((0, k), candle_core::DType::F32, &Device::Cpu)?;
@@ -1034,11 +1143,25 @@ mod tests {
                     let mut out = vec![0f32; m * n];
                     for path in KernelPath::all_supported() {
                         let (runs, ns) = one_thread.install(|| {
-                            matmul(path, kind, &tiles, (m, k, n), &x, &mut out);
+                            matmul(
+                                path,
+                                kind,
+                                &tiles,
+                                (m, k, n),
+                                (&x, &mut Default::default()),
+                                &mut out,
+                            );
                             let (start, cpu) = (std::time::Instant::now(), thread_cpu_ns());
                             let mut runs = 0;
                             while runs < 3 || start.elapsed().as_secs_f64() < 0.5 {
-                                matmul(path, kind, &tiles, (m, k, n), &x, &mut out);
+                                matmul(
+                                    path,
+                                    kind,
+                                    &tiles,
+                                    (m, k, n),
+                                    (&x, &mut Default::default()),
+                                    &mut out,
+                                );
                                 runs += 1;
                             }
                             (runs, thread_cpu_ns() - cpu)
