@@ -17,8 +17,8 @@ mod fingerprint;
 mod kernels;
 mod llama;
 mod plan;
+mod rowwise;
 mod source;
-mod swiglu;
 mod train;
 
 pub use adapter::{Adapter, LoraShape, Target, lora_scale, write_peft};

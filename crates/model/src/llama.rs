@@ -17,13 +17,12 @@ mod batch;
 use std::ops::Range;
 
 use candle_core::{Device, Tensor};
-use candle_nn::ops::rms_norm;
 use tracing::{Span, trace_span};
 
 use crate::adapter::{LayerLora, Target};
 use crate::attention::attend_row;
 use crate::kernels::Linear;
-use crate::swiglu::swiglu;
+use crate::rowwise::{rms_norm, swiglu};
 use crate::{
     KvCache, KvPrecision, LlamaConfig, ModelError, PartSpec, Result, TensorRecord, values,
 };
