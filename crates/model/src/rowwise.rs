@@ -100,12 +100,20 @@ impl CustomOp2 for RmsNorm {
         let out = by_rows(slice(x, x_layout)?, width, |_, x, out| {
             for (x, out) in x.chunks(CHAINS * width).zip(out.chunks_mut(CHAINS * width)) {
                 let rows = x.len() / width;
-                // Each row's squares added in order from zero, as candle's `sum`.
+                // Each row's squares added in order from zero, as candle's `sum`: a whole set
+                // of chains in step (a loop of constant length, kept in registers), fewer rows
+                // one after another.
                 let mut sums = [0f32; CHAINS];
-                for i in 0..width {
-                    for (r, sum) in sums[..rows].iter_mut().enumerate() {
-                        let v = x[r * width + i];
-                        *sum += v * v;
+                if rows == CHAINS {
+                    for i in 0..width {
+                        for (r, sum) in sums.iter_mut().enumerate() {
+                            let v = x[r * width + i];
+                            *sum += v * v;
+                        }
+                    }
+                } else {
+                    for (row, sum) in x.chunks_exact(width).zip(&mut sums) {
+                        *sum = row.iter().fold(0.0, |sum, &v| sum + v * v);
                     }
                 }
                 for (r, sum) in sums[..rows].iter().enumerate() {
