@@ -502,7 +502,7 @@ fn matmul(
                 if tiles16.is_some() {
                     // SAFETY: the AMX path runs only where the CPU has AMX, AVX-512 F, BW, VL,
                     // VBMI and VNNI, and F16C.
-                    let rows = unsafe { amx::dot_blocks(format, weights, &acts, blocks, dst) };
+                    let rows = unsafe { amx::dot_blocks(format, weights, acts, blocks, dst) };
                     done = rows.expect("bands of whole groups of sixteen weight rows");
                 }
                 if let Some(groups) = groups {
@@ -516,7 +516,7 @@ fn matmul(
             #[cfg(not(target_arch = "x86_64"))]
             let wide = |_: &[u8], _: &mut Band| 0;
             let kernel = BlockKernel(path, format);
-            by_columns(&kernel, tiles, tile_bytes, &acts, (m, k, n), out, wide);
+            by_columns(&kernel, tiles, tile_bytes, acts, (m, k, n), out, wide);
         }
         Kind::K(format) => {
             #[cfg(target_arch = "x86_64")]
@@ -549,7 +549,7 @@ fn matmul(
                 if tiles16.is_some() {
                     // SAFETY: the AMX path runs only where the CPU has AMX and AVX-512 F, BW,
                     // VL, VBMI and VNNI, and F16C.
-                    let rows = unsafe { amx::dot_columns(format, weights, &acts, blocks, dst) };
+                    let rows = unsafe { amx::dot_columns(format, weights, acts, blocks, dst) };
                     done = rows.expect("bands of whole groups of sixteen weight rows");
                 }
                 if let Some(groups) = groups {
@@ -566,7 +566,7 @@ fn matmul(
                 &KKernel(path, format),
                 tiles,
                 tile_bytes,
-                &acts,
+                acts,
                 (m, k, n),
                 out,
                 wide,
