@@ -924,23 +924,23 @@ mod tests {
     #[test]
     fn a_batch_quantized_on_the_pool_equals_its_rows_quantized_one_by_one()
     -> candle_core::Result<()> {
-        // Sixteen rows of 576 (blocks) and of 512 (super-blocks): above PARALLEL_QUANTIZE, while
-        // each row alone is below it.
+        /// Sixteen rows of `width`: above PARALLEL_QUANTIZE, while each row alone is below it.
+        fn check<A: std::fmt::Debug>(
+            width: usize,
+            quantize: impl Fn(&[f32]) -> Vec<A>,
+        ) -> candle_core::Result<()> {
+            let x = input(16, width, 3)?.flatten_all()?.to_vec1::<f32>()?;
+            let rows: Vec<A> = x.chunks_exact(width).flat_map(&quantize).collect();
+            assert_eq!(
+                format!("{:?}", quantize(&x)),
+                format!("{rows:?}"),
+                "{width}"
+            );
+            Ok(())
+        }
         for path in KernelPath::all_supported() {
-            let x = input(16, 576, 3)?.flatten_all()?.to_vec1::<f32>()?;
-            let rows: Vec<_> = x
-                .chunks_exact(576)
-                .flat_map(|row| ActBlock::quantize_all(path, row))
-                .collect();
-            let batch = ActBlock::quantize_all(path, &x);
-            assert_eq!(format!("{batch:?}"), format!("{rows:?}"), "{path:?}");
-            let x = input(16, 512, 5)?.flatten_all()?.to_vec1::<f32>()?;
-            let rows: Vec<_> = x
-                .chunks_exact(512)
-                .flat_map(|row| KActBlock::quantize_all(path, row))
-                .collect();
-            let batch = KActBlock::quantize_all(path, &x);
-            assert_eq!(format!("{batch:?}"), format!("{rows:?}"), "{path:?}");
+            check(576, |x| ActBlock::quantize_all(path, x))?;
+            check(512, |x| KActBlock::quantize_all(path, x))?;
         }
         Ok(())
     }
@@ -1142,26 +1142,17 @@ mod tests {
                         .collect();
                     let mut out = vec![0f32; m * n];
                     for path in KernelPath::all_supported() {
+                        // Each product quantizes its input, as a lone product does.
+                        let mut product = || {
+                            let input = (x.as_slice(), &mut Default::default());
+                            matmul(path, kind, &tiles, (m, k, n), input, &mut out);
+                        };
                         let (runs, ns) = one_thread.install(|| {
-                            matmul(
-                                path,
-                                kind,
-                                &tiles,
-                                (m, k, n),
-                                (&x, &mut Default::default()),
-                                &mut out,
-                            );
+                            product();
                             let (start, cpu) = (std::time::Instant::now(), thread_cpu_ns());
                             let mut runs = 0;
                             while runs < 3 || start.elapsed().as_secs_f64() < 0.5 {
-                                matmul(
-                                    path,
-                                    kind,
-                                    &tiles,
-                                    (m, k, n),
-                                    (&x, &mut Default::default()),
-                                    &mut out,
-                                );
+                                product();
                                 runs += 1;
                             }
                             (runs, thread_cpu_ns() - cpu)
