@@ -58,7 +58,7 @@ fn by_rows(
     work: impl Fn(usize, &[f32], &mut [f32]) + Sync + Send,
 ) -> Vec<f32> {
     let mut out = vec![0f32; input.len()];
-    if input.len() < PARALLEL_VALUES || width == 0 {
+    if input.len() < PARALLEL_VALUES {
         work(0, input, &mut out);
     } else {
         let rows = input.len() / width;
@@ -95,6 +95,10 @@ impl CustomOp2 for RmsNorm {
                 "rms norm of rows of {width} values with {} weights",
                 alpha.len()
             );
+        }
+        if width == 0 {
+            // Rows of no values: nothing to normalize (and no chunks of them to cut).
+            return Ok((CpuStorage::F32(Vec::new()), x_layout.shape().clone()));
         }
         let eps = self.eps;
         let out = by_rows(slice(x, x_layout)?, width, |_, x, out| {
@@ -238,7 +242,7 @@ mod tests {
     }
 
     #[test]
-    fn mismatched_shapes_are_an_error() -> candle_core::Result<()> {
+    fn mismatched_shapes_are_an_error_and_empty_rows_stay_empty() -> candle_core::Result<()> {
         let gate = Tensor::zeros((2, 8), DType::F32, &Device::Cpu)?;
         let up = Tensor::zeros((2, 9), DType::F32, &Device::Cpu)?;
         let error = swiglu(&gate, &up).unwrap_err().to_string();
@@ -246,6 +250,9 @@ mod tests {
         let alpha = Tensor::zeros(9, DType::F32, &Device::Cpu)?;
         let error = rms_norm(&gate, &alpha, 1e-5).unwrap_err().to_string();
         assert!(error.contains("rows of 8 values with 9 weights"), "{error}");
+        let empty = Tensor::zeros((2, 0), DType::F32, &Device::Cpu)?;
+        let alpha = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
+        assert_eq!(rms_norm(&empty, &alpha, 1e-5)?.dims(), &[2, 0]);
         Ok(())
     }
 }
