@@ -25,12 +25,11 @@ mod wide;
 
 pub use path::KernelPath;
 
-use std::cell::RefCell;
 use std::io::Read;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Shape, Tensor};
+use candle_core::{Device, Module, Storage, Tensor};
 use rayon::prelude::*;
 
 use dot::{ActBlock, BLOCK, Format, TILE, dot_tile, repack};
@@ -130,21 +129,26 @@ impl Linear {
     }
 
     /// `x @ Wᵀ` for each matrix `W` of `linears`, all of the same input width. Our kernels
-    /// quantize `x` once for all of them (and lay it out once per weight format): a layer's
-    /// query, key and value take the same rows, as do its gate and up.
+    /// quantize `x` once for all of them (and lay it out once per weight format) and run their
+    /// products in one parallel region ([`matmul`]): a layer's query, key and value take the
+    /// same rows, as do its gate and up.
     pub(crate) fn forward_shared<const N: usize>(
         linears: [&Self; N],
         x: &Tensor,
     ) -> candle_core::Result<[Tensor; N]> {
         let x = x.contiguous()?;
-        let input = RefCell::new(QuantizedInput::default());
+        let ours: Vec<&QuantMatrix> = linears
+            .iter()
+            .filter_map(|linear| match linear {
+                Self::Quant(matrix) => Some(matrix),
+                _ => None,
+            })
+            .collect();
+        let mut ours = products(&ours, &x)?.into_iter();
         let mut ys = Vec::with_capacity(N);
         for linear in linears {
             ys.push(match linear {
-                Self::Quant(matrix) => x.apply_op1_no_bwd(&Product {
-                    matrix,
-                    input: &input,
-                })?,
+                Self::Quant(_) => ours.next().expect("one product per matrix of ours"),
                 Self::Candle(m) => m.forward(&x)?,
                 Self::Half(w) => x
                     .to_dtype(w.dtype())?
@@ -156,32 +160,6 @@ impl Linear {
             .try_into()
             .unwrap_or_else(|_| unreachable!("one product per matrix")))
     }
-}
-
-/// A product's input rows as our kernels take them, made when a product first needs them and
-/// kept for the next products of the same rows (see [`Linear::forward_shared`]).
-#[derive(Default)]
-struct QuantizedInput {
-    blocks: Option<Vec<ActBlock>>,
-    k: Option<Vec<KActBlock>>,
-    /// The wide kernels' groups of four rows, by weight format and first row.
-    #[cfg(target_arch = "x86_64")]
-    groups: Vec<((Format, usize), Vec<wide::ActGroup>)>,
-    #[cfg(target_arch = "x86_64")]
-    kgroups: Vec<((KFormat, usize), Vec<kwide::KActGroup>)>,
-}
-
-/// The value of `key` in `cache`, made by `make` the first time.
-#[cfg(target_arch = "x86_64")]
-fn cached<K: PartialEq, V>(cache: &mut Vec<(K, V)>, key: K, make: impl FnOnce() -> V) -> &V {
-    let at = match cache.iter().position(|(k, _)| *k == key) {
-        Some(at) => at,
-        None => {
-            cache.push((key, make()));
-            cache.len() - 1
-        }
-    };
-    &cache[at].1
 }
 
 /// How many bytes ahead of the block it is reading a kernel asks for weights. Weights stream
@@ -373,240 +351,499 @@ impl std::fmt::Debug for QuantMatrix {
     }
 }
 
-/// One product of a [`QuantMatrix`] as a candle operation, with the quantized input it shares
-/// with the other products of the same rows.
-struct Product<'a> {
-    matrix: &'a QuantMatrix,
-    input: &'a RefCell<QuantizedInput>,
+/// A product's input rows as each family of kernels takes them, made by the first product that
+/// needs them and kept for the next products of the same rows (see [`Linear::forward_shared`]).
+#[derive(Default)]
+struct QuantizedInput {
+    blocks: Kept<Format>,
+    k: Kept<KFormat>,
 }
 
-impl CustomOp1 for Product<'_> {
-    fn name(&self) -> &'static str {
-        "lsplit-quant-matmul"
-    }
+/// The input rows kept for one family: quantized, and laid out for the wide kernels' groups of
+/// four rows by weight format and first row.
+struct Kept<F: Family> {
+    acts: Option<Vec<F::Act>>,
+    #[cfg(target_arch = "x86_64")]
+    groups: Vec<(F, usize, Vec<F::Group>)>,
+}
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let matrix = self.matrix;
-        let dims = layout.shape().dims();
-        let Some((&last, outer)) = dims.split_last() else {
-            candle_core::bail!("quantized matmul of a scalar");
-        };
-        if last != matrix.cols || !layout.is_contiguous() {
-            candle_core::bail!(
-                "quantized matmul: input {:?} does not match weights ({}, {})",
-                dims,
-                matrix.rows,
-                matrix.cols
-            );
+impl<F: Family> Default for Kept<F> {
+    fn default() -> Self {
+        Self {
+            acts: None,
+            #[cfg(target_arch = "x86_64")]
+            groups: Vec::new(),
         }
-        let m = outer.iter().product::<usize>();
-        let x = &storage.as_slice::<f32>()?[layout.start_offset()..][..m * matrix.cols];
-        let mut out = vec![0f32; m * matrix.rows];
-        matmul(
-            KernelPath::active(),
-            matrix.kind,
-            &matrix.tiles,
-            (m, matrix.cols, matrix.rows),
-            (x, &mut self.input.borrow_mut()),
-            &mut out,
-        );
-        let mut shape = outer.to_vec();
-        shape.push(matrix.rows);
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 }
 
-/// What a product needs of a tile kernel: the dot of one tile of [`TILE`] weight rows with up
-/// to four activation rows.
-trait TileKernel: Sync {
+/// One family of weight formats as a product uses it: how its input rows are quantized and
+/// kept, its four-row tile kernel, and its batch kernels (AMX and wide) on x86-64. Blocks of
+/// 32 ([`Format`]) and K-quants ([`KFormat`]) run through the same product code.
+trait Family: Copy + PartialEq + Send + Sync + 'static {
     /// One block of quantized activations.
-    type Act: Sync;
+    type Act: Send + Sync;
+    /// One block of four activation rows laid out for the wide kernel.
+    #[cfg(target_arch = "x86_64")]
+    type Group: Send + Sync;
+    /// Values per block of activations.
+    const BLOCK: usize;
 
+    /// Rows `x` quantized in blocks.
+    fn quantize(path: KernelPath, x: &[f32]) -> Vec<Self::Act>;
+    /// Where `input` keeps this family's rows.
+    fn kept(input: &QuantizedInput) -> &Kept<Self>;
+    /// As [`Family::kept`], to fill.
+    fn kept_mut(input: &mut QuantizedInput) -> &mut Kept<Self>;
     /// `out[r][w]`: weight row `w` of `tile` times activation row `r`.
-    fn dot<const R: usize>(&self, tile: &[u8], acts: [&[Self::Act]; R], out: &mut [[f32; TILE]; R]);
+    fn dot<const R: usize>(
+        self,
+        path: KernelPath,
+        tile: &[u8],
+        acts: [&[Self::Act]; R],
+        out: &mut [[f32; TILE]; R],
+    );
+    /// Whether the AMX kernel reads this format.
+    #[cfg(target_arch = "x86_64")]
+    fn amx_covers(self) -> bool;
+    /// Whether the wide kernel reads this format.
+    #[cfg(target_arch = "x86_64")]
+    fn wide_covers(self) -> bool;
+    /// Rows `acts` (of `blocks` blocks) in the wide kernel's groups of four.
+    #[cfg(target_arch = "x86_64")]
+    fn groups(self, acts: &[Self::Act], blocks: usize) -> Vec<Self::Group>;
+    /// The AMX kernel over `band`'s tiles `weights` and the leading groups of sixteen rows of
+    /// `acts`: the rows done (see [`amx::dot_columns`]).
+    ///
+    /// # Safety
+    /// The CPU has AMX, AVX-512 F, BW, VL, VBMI and VNNI, and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn amx(
+        self,
+        weights: &[u8],
+        acts: &[Self::Act],
+        blocks: usize,
+        band: &mut Band,
+    ) -> Option<usize>;
+    /// The wide kernel over `band`'s tiles `weights` and `groups`, the first group being rows
+    /// `row0..row0 + 4`: the rows done (see [`wide::dot_columns`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW, VL and VNNI.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn wide(
+        self,
+        weights: &[u8],
+        groups: &[Self::Group],
+        blocks: usize,
+        band: &mut Band,
+        row0: usize,
+    ) -> usize;
 }
 
-/// The Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 kernels of [`dot`].
-struct BlockKernel(KernelPath, Format);
-
-impl TileKernel for BlockKernel {
+impl Family for Format {
     type Act = ActBlock;
+    #[cfg(target_arch = "x86_64")]
+    type Group = wide::ActGroup;
+    const BLOCK: usize = BLOCK;
 
-    fn dot<const R: usize>(&self, tile: &[u8], acts: [&[ActBlock]; R], out: &mut [[f32; TILE]; R]) {
-        dot_tile(self.0, self.1, tile, acts, out);
+    fn quantize(path: KernelPath, x: &[f32]) -> Vec<ActBlock> {
+        ActBlock::quantize_all(path, x)
+    }
+
+    fn kept(input: &QuantizedInput) -> &Kept<Self> {
+        &input.blocks
+    }
+
+    fn kept_mut(input: &mut QuantizedInput) -> &mut Kept<Self> {
+        &mut input.blocks
+    }
+
+    #[inline]
+    fn dot<const R: usize>(
+        self,
+        path: KernelPath,
+        tile: &[u8],
+        acts: [&[ActBlock]; R],
+        out: &mut [[f32; TILE]; R],
+    ) {
+        dot_tile(path, self, tile, acts, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn amx_covers(self) -> bool {
+        amx::covers_blocks(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn wide_covers(self) -> bool {
+        wide::covers(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn groups(self, acts: &[ActBlock], blocks: usize) -> Vec<wide::ActGroup> {
+        wide::groups(self, acts, blocks)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn amx(
+        self,
+        weights: &[u8],
+        acts: &[ActBlock],
+        blocks: usize,
+        band: &mut Band,
+    ) -> Option<usize> {
+        // SAFETY: the caller's.
+        unsafe { amx::dot_blocks(self, weights, acts, blocks, band) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn wide(
+        self,
+        weights: &[u8],
+        groups: &[wide::ActGroup],
+        blocks: usize,
+        band: &mut Band,
+        row0: usize,
+    ) -> usize {
+        // SAFETY: the caller's.
+        unsafe { wide::dot_columns(self, weights, groups, blocks, band, row0) }
     }
 }
 
-/// The K-quant kernels of [`kquant`].
-struct KKernel(KernelPath, KFormat);
-
-impl TileKernel for KKernel {
+impl Family for KFormat {
     type Act = KActBlock;
+    #[cfg(target_arch = "x86_64")]
+    type Group = kwide::KActGroup;
+    const BLOCK: usize = SUPER;
 
+    fn quantize(path: KernelPath, x: &[f32]) -> Vec<KActBlock> {
+        KActBlock::quantize_all(path, x)
+    }
+
+    fn kept(input: &QuantizedInput) -> &Kept<Self> {
+        &input.k
+    }
+
+    fn kept_mut(input: &mut QuantizedInput) -> &mut Kept<Self> {
+        &mut input.k
+    }
+
+    #[inline]
     fn dot<const R: usize>(
-        &self,
+        self,
+        path: KernelPath,
         tile: &[u8],
         acts: [&[KActBlock]; R],
         out: &mut [[f32; TILE]; R],
     ) {
-        kquant::dot_tile(self.0, self.1, tile, acts, out);
+        kquant::dot_tile(path, self, tile, acts, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn amx_covers(self) -> bool {
+        amx::covers(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn wide_covers(self) -> bool {
+        kwide::covers(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn groups(self, acts: &[KActBlock], blocks: usize) -> Vec<kwide::KActGroup> {
+        kwide::groups(self, acts, blocks)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn amx(
+        self,
+        weights: &[u8],
+        acts: &[KActBlock],
+        blocks: usize,
+        band: &mut Band,
+    ) -> Option<usize> {
+        // SAFETY: the caller's.
+        unsafe { amx::dot_columns(self, weights, acts, blocks, band) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn wide(
+        self,
+        weights: &[u8],
+        groups: &[kwide::KActGroup],
+        blocks: usize,
+        band: &mut Band,
+        row0: usize,
+    ) -> usize {
+        // SAFETY: the caller's.
+        unsafe { kwide::dot_columns(self, weights, groups, blocks, band, row0) }
     }
 }
 
-/// `out (m, n) = x (m, k) @ Wᵀ` for weights of `n` rows of `kind`, repacked into `tiles`, on
-/// `path`; `input` keeps what is made of `x` for the next products of the same rows.
+/// The leading activation rows the AMX kernel takes in a product of `m` rows with `n` weight
+/// rows on `path`: whole groups of sixteen, on the AMX path, where the weights are whole groups
+/// of sixteen rows and the batch is big enough to pay for unpacking them.
+#[cfg(target_arch = "x86_64")]
+fn amx_rows<F: Family>(family: F, path: KernelPath, m: usize, n: usize) -> Option<usize> {
+    (path == KernelPath::Amx
+        && m >= amx::MIN_ROWS
+        && n.is_multiple_of(amx::ROWS)
+        && family.amx_covers())
+    .then_some(m / amx::ROWS * amx::ROWS)
+}
+
+/// The first activation row the wide kernel takes, after the AMX kernel's, on the AVX-512
+/// paths; `None` where it takes none (fewer than a group of four rows left).
+#[cfg(target_arch = "x86_64")]
+fn wide_from<F: Family>(family: F, path: KernelPath, m: usize, n: usize) -> Option<usize> {
+    let from = amx_rows(family, path, m, n).unwrap_or(0);
+    (path.avx512() && family.wide_covers() && m - from >= wide::GROUP).then_some(from)
+}
+
+/// Makes in `input` what the product of rows `x` `(m, k)` with `n` weight rows of `family`
+/// needs on `path`: the quantized rows, the wide kernel's groups.
+fn prepare<F: Family>(
+    family: F,
+    path: KernelPath,
+    (m, k, n): (usize, usize, usize),
+    x: &[f32],
+    input: &mut QuantizedInput,
+) {
+    let kept = F::kept_mut(input);
+    let acts = kept.acts.get_or_insert_with(|| F::quantize(path, x));
+    #[cfg(target_arch = "x86_64")]
+    if let Some(from) = wide_from(family, path, m, n)
+        && !kept.groups.iter().any(|g| (g.0, g.1) == (family, from))
+    {
+        let blocks = k / F::BLOCK;
+        let groups = family.groups(&acts[from * blocks..], blocks);
+        kept.groups.push((family, from, groups));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (family, m, k, n, acts);
+}
+
+/// The product `out (m, n) = x (m, k) @ Wᵀ` for weights of `family` repacked into `tiles`, on
+/// `path`, as tasks that each fill a band of whole columns of `out` in place; `input` holds
+/// what [`prepare`] made of `x`.
+fn bands<'a, F: Family>(
+    family: F,
+    path: KernelPath,
+    tiles: &'a [u8],
+    (m, k, n): (usize, usize, usize),
+    input: &'a QuantizedInput,
+    out: &'a mut [f32],
+) -> impl Iterator<Item = BandTask<'a, F>> {
+    let kept = F::kept(input);
+    let acts = kept.acts.as_deref().expect("rows quantized by prepare");
+    let tile_bytes = tiles.len() / (n / TILE);
+    let threads = rayon::current_num_threads();
+    // Whole groups of sixteen weight rows (the AMX kernel's) in every band but the last.
+    let tiles_per_task = (n / TILE).div_ceil(threads * 4).next_multiple_of(4).max(4);
+    #[cfg(target_arch = "x86_64")]
+    let (amx, groups) = (
+        amx_rows(family, path, m, n).is_some(),
+        wide_from(family, path, m, n).map(|from| {
+            let kept = kept.groups.iter().find(|g| (g.0, g.1) == (family, from));
+            kept.expect("groups laid out by prepare").2.as_slice()
+        }),
+    );
+    let bands = Band::split(out, m, n, tiles_per_task * TILE);
+    let weights = tiles.chunks(tiles_per_task * tile_bytes);
+    bands
+        .into_iter()
+        .zip(weights)
+        .map(move |(band, weights)| BandTask {
+            family,
+            path,
+            weights,
+            tile_bytes,
+            acts,
+            blocks: k / F::BLOCK,
+            #[cfg(target_arch = "x86_64")]
+            amx,
+            #[cfg(target_arch = "x86_64")]
+            groups,
+            band,
+        })
+}
+
+/// One band of one product, a task for the thread pool: the band's tiles `weights` against
+/// every row of `acts`, the AMX and wide kernels taking the rows they cover first.
+struct BandTask<'a, F: Family> {
+    family: F,
+    path: KernelPath,
+    weights: &'a [u8],
+    tile_bytes: usize,
+    acts: &'a [F::Act],
+    blocks: usize,
+    #[cfg(target_arch = "x86_64")]
+    amx: bool,
+    #[cfg(target_arch = "x86_64")]
+    groups: Option<&'a [F::Group]>,
+    band: Band<'a>,
+}
+
+impl<F: Family> BandTask<'_, F> {
+    /// Fills the band.
+    fn run(mut self) {
+        let (family, weights, acts, blocks) = (self.family, self.weights, self.acts, self.blocks);
+        #[allow(unused_mut)]
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if self.amx {
+                // SAFETY: the AMX path runs only where the CPU has AMX, AVX-512 F, BW, VL,
+                // VBMI and VNNI, and F16C.
+                let rows = unsafe { family.amx(weights, acts, blocks, &mut self.band) };
+                done = rows.expect("bands of whole groups of sixteen weight rows");
+            }
+            if let Some(groups) = self.groups {
+                // SAFETY: the groups exist on the AVX-512 paths only, which run only where the
+                // CPU has AVX-512 F, BW, VL and VNNI.
+                done += unsafe { family.wide(weights, groups, blocks, &mut self.band, done) };
+            }
+        }
+        for (t, tile) in weights.chunks_exact(self.tile_bytes).enumerate() {
+            dot_columns(
+                (family, self.path),
+                tile,
+                acts,
+                blocks,
+                done,
+                &mut self.band,
+                t,
+            );
+        }
+    }
+}
+
+/// A band of a product of either family of formats.
+enum Task<'a> {
+    Blocks(BandTask<'a, Format>),
+    K(BandTask<'a, KFormat>),
+}
+
+impl Task<'_> {
+    fn run(self) {
+        match self {
+            Self::Blocks(task) => task.run(),
+            Self::K(task) => task.run(),
+        }
+    }
+}
+
+impl Kind {
+    /// [`prepare`] for this kind's family.
+    fn prepare(
+        self,
+        path: KernelPath,
+        dims: (usize, usize, usize),
+        x: &[f32],
+        input: &mut QuantizedInput,
+    ) {
+        match self {
+            Self::Blocks(format) => prepare(format, path, dims, x, input),
+            Self::K(format) => prepare(format, path, dims, x, input),
+        }
+    }
+
+    /// [`bands`] for this kind's family, added to `tasks`.
+    fn bands<'a>(
+        self,
+        path: KernelPath,
+        tiles: &'a [u8],
+        dims: (usize, usize, usize),
+        input: &'a QuantizedInput,
+        out: &'a mut [f32],
+        tasks: &mut Vec<Task<'a>>,
+    ) {
+        match self {
+            Self::Blocks(format) => {
+                tasks.extend(bands(format, path, tiles, dims, input, out).map(Task::Blocks))
+            }
+            Self::K(format) => {
+                tasks.extend(bands(format, path, tiles, dims, input, out).map(Task::K))
+            }
+        }
+    }
+}
+
+/// `outs[i] (m, n_i) = x (m, k) @ W_iᵀ` for each matrix `(kind, tiles, n_i)` of `matrices`, on
+/// `path`: `x` is quantized once per family of formats (and laid out once per format), and
+/// every product's bands run in one parallel region, so that products of a few rows (a decode
+/// step, a trunk batch) wait once for the pool's slowest thread instead of once each.
 fn matmul(
     path: KernelPath,
-    kind: Kind,
-    tiles: &[u8],
-    (m, k, n): (usize, usize, usize),
-    (x, input): (&[f32], &mut QuantizedInput),
-    out: &mut [f32],
+    matrices: &[(Kind, &[u8], usize)],
+    (x, m, k): (&[f32], usize, usize),
+    outs: &mut [&mut [f32]],
 ) {
     // No rows, no products (and no division by the row count below).
     if m == 0 {
         return;
     }
-    let tile_bytes = TILE * kind.row_bytes(k);
-    match kind {
-        Kind::Blocks(format) => {
-            #[cfg(target_arch = "x86_64")]
-            let blocks = k / BLOCK;
-            let acts = input
-                .blocks
-                .get_or_insert_with(|| ActBlock::quantize_all(path, x));
-            // Groups of sixteen activation rows go through the AMX kernel on the AMX path
-            // (where the weights are whole groups of sixteen rows and the batch is big enough
-            // to pay for unpacking them), then groups of four through the wide kernel on the
-            // AVX-512 paths.
-            #[cfg(target_arch = "x86_64")]
-            let tiles16 = (path == KernelPath::Amx
-                && m >= amx::MIN_ROWS
-                && n.is_multiple_of(amx::ROWS)
-                && amx::covers_blocks(format))
-            .then_some(m / amx::ROWS * amx::ROWS);
-            #[cfg(target_arch = "x86_64")]
-            let groups = (path.avx512() && wide::covers(format)).then(|| {
-                let from = tiles16.unwrap_or(0);
-                cached(&mut input.groups, (format, from), || {
-                    wide::groups(format, &acts[from * blocks..], blocks)
-                })
-            });
-            #[cfg(target_arch = "x86_64")]
-            let wide = |weights: &[u8], dst: &mut Band| -> usize {
-                let mut done = 0;
-                if tiles16.is_some() {
-                    // SAFETY: the AMX path runs only where the CPU has AMX, AVX-512 F, BW, VL,
-                    // VBMI and VNNI, and F16C.
-                    let rows = unsafe { amx::dot_blocks(format, weights, acts, blocks, dst) };
-                    done = rows.expect("bands of whole groups of sixteen weight rows");
-                }
-                if let Some(groups) = groups {
-                    // SAFETY: the groups exist on the AVX-512 paths only, which run only where
-                    // the CPU has AVX-512 F, BW, VL and VNNI.
-                    done +=
-                        unsafe { wide::dot_columns(format, weights, groups, blocks, dst, done) };
-                }
-                done
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let wide = |_: &[u8], _: &mut Band| 0;
-            let kernel = BlockKernel(path, format);
-            by_columns(&kernel, tiles, tile_bytes, acts, (m, k, n), out, wide);
-        }
-        Kind::K(format) => {
-            #[cfg(target_arch = "x86_64")]
-            let blocks = k / SUPER;
-            let acts = input
-                .k
-                .get_or_insert_with(|| KActBlock::quantize_all(path, x));
-            // Groups of sixteen activation rows go through the AMX kernel on the AMX path
-            // (where the weights are whole groups of sixteen rows and the batch is big enough
-            // to pay for unpacking them), then groups of four through the wide K-quant kernel
-            // on the AVX-512 paths.
-            #[cfg(target_arch = "x86_64")]
-            let tiles16 = (path == KernelPath::Amx
-                && m >= amx::MIN_ROWS
-                && n.is_multiple_of(amx::ROWS)
-                && amx::covers(format))
-            .then_some(m / amx::ROWS * amx::ROWS);
-            #[cfg(target_arch = "x86_64")]
-            let from = tiles16.unwrap_or(0);
-            #[cfg(target_arch = "x86_64")]
-            let groups =
-                (path.avx512() && m - from >= wide::GROUP && kwide::covers(format)).then(|| {
-                    cached(&mut input.kgroups, (format, from), || {
-                        kwide::groups(format, &acts[from * blocks..], blocks)
-                    })
-                });
-            #[cfg(target_arch = "x86_64")]
-            let wide = |weights: &[u8], dst: &mut Band| -> usize {
-                let mut done = 0;
-                if tiles16.is_some() {
-                    // SAFETY: the AMX path runs only where the CPU has AMX and AVX-512 F, BW,
-                    // VL, VBMI and VNNI, and F16C.
-                    let rows = unsafe { amx::dot_columns(format, weights, acts, blocks, dst) };
-                    done = rows.expect("bands of whole groups of sixteen weight rows");
-                }
-                if let Some(groups) = groups {
-                    // SAFETY: the groups exist on the AVX-512 paths only, which run only where
-                    // the CPU has AVX-512 F, BW, VL and VNNI.
-                    done +=
-                        unsafe { kwide::dot_columns(format, weights, groups, blocks, dst, done) };
-                }
-                done
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let wide = |_: &[u8], _: &mut Band| 0;
-            by_columns(
-                &KKernel(path, format),
-                tiles,
-                tile_bytes,
-                acts,
-                (m, k, n),
-                out,
-                wide,
-            );
-        }
+    let mut input = QuantizedInput::default();
+    for &(kind, _, n) in matrices {
+        kind.prepare(path, (m, k, n), x, &mut input);
+    }
+    let mut work = 0;
+    let mut tasks = Vec::new();
+    for (&(kind, tiles, n), out) in matrices.iter().zip(outs.iter_mut()) {
+        work += m * k * n;
+        kind.bands(path, tiles, (m, k, n), &input, out, &mut tasks);
+    }
+    if rayon::current_num_threads() == 1 || work < SERIAL_WORK {
+        tasks.into_iter().for_each(Task::run);
+    } else {
+        tasks.into_par_iter().for_each(Task::run);
     }
 }
 
-/// `out (m, n)`: every tile of `tiles` against the `m` rows of quantized activations `acts`,
-/// spread over the thread pool. `wide` may do a leading set of activation rows of a run of
-/// tiles first (it fills their columns and returns how many rows it did).
-fn by_columns<K: TileKernel>(
-    kernel: &K,
-    tiles: &[u8],
-    tile_bytes: usize,
-    acts: &[K::Act],
-    (m, k, n): (usize, usize, usize),
-    out: &mut [f32],
-    wide: impl Fn(&[u8], &mut Band) -> usize + Sync,
-) {
-    let blocks = acts.len() / m;
-    let threads = rayon::current_num_threads();
-    // Whole groups of sixteen weight rows (the AMX kernel's) in every band but the last.
-    let tiles_per_task = (n / TILE).div_ceil(threads * 4).next_multiple_of(4).max(4);
-    // Each task fills a band of whole columns (four weight rows against every activation row)
-    // of `out` in place.
-    let task = |(c, mut band): (usize, Band)| {
-        let first = c * tiles_per_task * tile_bytes;
-        let weights = &tiles[first..first + band.tiles() * tile_bytes];
-        let done = wide(weights, &mut band);
-        for (t, tile) in weights.chunks_exact(tile_bytes).enumerate() {
-            dot_columns(kernel, tile, acts, blocks, done, &mut band, t);
-        }
-    };
-    let bands = Band::split(out, m, n, tiles_per_task * TILE);
-    if threads == 1 || m * n * k < SERIAL_WORK {
-        bands.into_iter().enumerate().for_each(task);
-    } else {
-        bands.into_par_iter().enumerate().for_each(task);
+/// `x @ Wᵀ` for each of `matrices` (all as wide as `x`'s rows) through [`matmul`].
+fn products(matrices: &[&QuantMatrix], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    if matrices.is_empty() {
+        return Ok(Vec::new());
     }
+    let dims = x.dims();
+    let Some((&last, outer)) = dims.split_last() else {
+        candle_core::bail!("quantized matmul of a scalar");
+    };
+    if let Some(w) = matrices.iter().find(|w| w.cols != last) {
+        candle_core::bail!(
+            "quantized matmul: input {:?} does not match weights ({}, {})",
+            dims,
+            w.rows,
+            w.cols
+        );
+    }
+    let m = outer.iter().product::<usize>();
+    let mut outs: Vec<Vec<f32>> = matrices.iter().map(|w| vec![0f32; m * w.rows]).collect();
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("quantized matmul of rows that are not on the CPU");
+        };
+        if !layout.is_contiguous() {
+            candle_core::bail!("quantized matmul of rows that are not contiguous");
+        }
+        let x = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * last];
+        let weights: Vec<_> = matrices
+            .iter()
+            .map(|w| (w.kind, w.tiles.as_slice(), w.rows))
+            .collect();
+        let mut outs: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+        matmul(KernelPath::active(), &weights, (x, m, last), &mut outs);
+    }
+    outs.into_iter()
+        .zip(matrices)
+        .map(|(out, w)| {
+            let mut shape = outer.to_vec();
+            shape.push(w.rows);
+            Tensor::from_vec(out, shape, &Device::Cpu)
+        })
+        .collect()
 }
 
 /// A band of whole tiles' columns of a product's output (`m` rows of `n`, row-major), which one
@@ -684,10 +921,10 @@ impl<'a> Band<'a> {
 
 /// Tile `t` of `band` (four weight rows) against activation rows `from..`, up to four at a
 /// time.
-fn dot_columns<K: TileKernel>(
-    kernel: &K,
+fn dot_columns<F: Family>(
+    (family, path): (F, KernelPath),
     tile: &[u8],
-    acts: &[K::Act],
+    acts: &[F::Act],
     blocks: usize,
     from: usize,
     band: &mut Band,
@@ -705,24 +942,29 @@ fn dot_columns<K: TileKernel>(
     let mut i = from;
     while i + 4 <= m {
         let mut o = [[0f32; TILE]; 4];
-        kernel.dot(tile, [row(i), row(i + 1), row(i + 2), row(i + 3)], &mut o);
+        family.dot(
+            path,
+            tile,
+            [row(i), row(i + 1), row(i + 2), row(i + 3)],
+            &mut o,
+        );
         store(i, &o);
         i += 4;
     }
     match m - i {
         3 => {
             let mut o = [[0f32; TILE]; 3];
-            kernel.dot(tile, [row(i), row(i + 1), row(i + 2)], &mut o);
+            family.dot(path, tile, [row(i), row(i + 1), row(i + 2)], &mut o);
             store(i, &o);
         }
         2 => {
             let mut o = [[0f32; TILE]; 2];
-            kernel.dot(tile, [row(i), row(i + 1)], &mut o);
+            family.dot(path, tile, [row(i), row(i + 1)], &mut o);
             store(i, &o);
         }
         1 => {
             let mut o = [[0f32; TILE]; 1];
-            kernel.dot(tile, [row(i)], &mut o);
+            family.dot(path, tile, [row(i)], &mut o);
             store(i, &o);
         }
         _ => {}
@@ -897,14 +1139,7 @@ mod tests {
                 let x = input(m, k, 5)?.flatten_all()?.to_vec1::<f32>()?;
                 let run = |path| {
                     let mut out = vec![0f32; m * n];
-                    matmul(
-                        path,
-                        q.kind,
-                        &q.tiles,
-                        (m, k, n),
-                        (&x, &mut Default::default()),
-                        &mut out,
-                    );
+                    matmul(path, &[(q.kind, &q.tiles, n)], (&x, m, k), &mut [&mut out]);
                     out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
                 let reference = run(KernelPath::Portable);
@@ -985,11 +1220,9 @@ mod tests {
                 let mut out = Vec::new();
                 matmul(
                     path,
-                    q.kind,
-                    &q.tiles,
-                    (0, k, 200),
-                    (&[], &mut Default::default()),
-                    &mut out,
+                    &[(q.kind, &q.tiles, 200)],
+                    (&[], 0, k),
+                    &mut [&mut out],
                 );
                 assert!(out.is_empty(), "{path} {dtype:?}");
             }
@@ -1144,8 +1377,7 @@ mod tests {
                     for path in KernelPath::all_supported() {
                         // Each product quantizes its input, as a lone product does.
                         let mut product = || {
-                            let input = (x.as_slice(), &mut Default::default());
-                            matmul(path, kind, &tiles, (m, k, n), input, &mut out);
+                            matmul(path, &[(kind, &tiles, n)], (&x, m, k), &mut [&mut out]);
                         };
                         let (runs, ns) = one_thread.install(|| {
                             product();
