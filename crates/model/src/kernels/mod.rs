@@ -624,20 +624,19 @@ fn prepare<F: Family>(
     let _ = (family, m, k, n, acts);
 }
 
-/// The product `out (m, n) = x (m, k) @ Wᵀ` for weights of `family` repacked into `tiles`, on
-/// `path`, as tasks that each fill a band of whole columns of `out` in place; `input` holds
-/// what [`prepare`] made of `x`.
+/// The product `out (m, n) = x (m, k) @ Wᵀ` for weights of `family` repacked into `tiles` (of
+/// `tile_bytes` each), on `path`, as tasks that each fill a band of whole columns of `out` in
+/// place; `input` holds what [`prepare`] made of `x`.
 fn bands<'a, F: Family>(
     family: F,
     path: KernelPath,
-    tiles: &'a [u8],
+    (tiles, tile_bytes): (&'a [u8], usize),
     (m, k, n): (usize, usize, usize),
     input: &'a QuantizedInput,
     out: &'a mut [f32],
 ) -> impl Iterator<Item = BandTask<'a, F>> {
     let kept = F::kept(input);
     let acts = kept.acts.as_deref().expect("rows quantized by prepare");
-    let tile_bytes = tiles.len() / (n / TILE);
     let threads = rayon::current_num_threads();
     // Whole groups of sixteen weight rows (the AMX kernel's) in every band but the last.
     let tiles_per_task = (n / TILE).div_ceil(threads * 4).next_multiple_of(4).max(4);
@@ -759,6 +758,7 @@ impl Kind {
         out: &'a mut [f32],
         tasks: &mut Vec<Task<'a>>,
     ) {
+        let tiles = (tiles, TILE * self.row_bytes(dims.1));
         match self {
             Self::Blocks(format) => {
                 tasks.extend(bands(format, path, tiles, dims, input, out).map(Task::Blocks))
@@ -1209,7 +1209,7 @@ mod tests {
     }
 
     #[test]
-    fn a_product_of_no_rows_is_empty_on_every_path() -> candle_core::Result<()> {
+    fn a_product_of_no_rows_or_no_weight_rows_is_empty_on_every_path() -> candle_core::Result<()> {
         for dtype in OURS {
             let k = width(dtype);
             let linear = Linear::new(QMatMul::QTensor(weights(dtype, 200, k)?));
@@ -1225,6 +1225,15 @@ mod tests {
                     &mut [&mut out],
                 );
                 assert!(out.is_empty(), "{path} {dtype:?}");
+                // A matrix of no weight rows (a malformed file's) beside one that has some.
+                let x = input(16, k, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                let (mut none, mut some) = (Vec::new(), vec![0f32; 16 * 200]);
+                let matrices = [(q.kind, &[][..], 0), (q.kind, &q.tiles[..], 200)];
+                matmul(path, &matrices, (&x, 16, k), &mut [&mut none, &mut some]);
+                assert!(none.is_empty(), "{path} {dtype:?}");
+                let mut alone = vec![0f32; 16 * 200];
+                matmul(path, &matrices[1..], (&x, 16, k), &mut [&mut alone]);
+                assert_eq!(some, alone, "{path} {dtype:?}");
             }
             let none = Tensor::zeros((0, k), candle_core::DType::F32, &Device::Cpu)?;
             assert_eq!(linear.forward(&none)?.dims(), &[0, 200], "{dtype:?}");
