@@ -780,7 +780,7 @@ fn matmul(
     (x, m, k): (&[f32], usize, usize),
     outs: &mut [&mut [f32]],
 ) {
-    // No rows, no products (and no division by the row count below).
+    // No rows, no products: nothing to quantize or to hand to the pool.
     if m == 0 {
         return;
     }
@@ -1216,6 +1216,9 @@ mod tests {
             let Linear::Quant(q) = &linear else {
                 panic!("{dtype:?} uses our kernels");
             };
+            // A matrix of no weight rows (a malformed file's) beside one that has some.
+            let x = input(16, k, 1)?.flatten_all()?.to_vec1::<f32>()?;
+            let matrices = [(q.kind, &[][..], 0), (q.kind, &q.tiles[..], 200)];
             for path in KernelPath::all_supported() {
                 let mut out = Vec::new();
                 matmul(
@@ -1225,10 +1228,7 @@ mod tests {
                     &mut [&mut out],
                 );
                 assert!(out.is_empty(), "{path} {dtype:?}");
-                // A matrix of no weight rows (a malformed file's) beside one that has some.
-                let x = input(16, k, 1)?.flatten_all()?.to_vec1::<f32>()?;
                 let (mut none, mut some) = (Vec::new(), vec![0f32; 16 * 200]);
-                let matrices = [(q.kind, &[][..], 0), (q.kind, &q.tiles[..], 200)];
                 matmul(path, &matrices, (&x, 16, k), &mut [&mut none, &mut some]);
                 assert!(none.is_empty(), "{path} {dtype:?}");
                 let mut alone = vec![0f32; 16 * 200];
