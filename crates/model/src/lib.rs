@@ -18,6 +18,7 @@ mod kernels;
 mod llama;
 mod plan;
 mod rowwise;
+mod silu;
 mod source;
 mod train;
 

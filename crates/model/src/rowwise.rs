@@ -10,6 +10,9 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::KernelPath;
+use crate::silu::silu_times;
+
 /// Fewest values that go to the thread pool: below it, waking the pool costs more than it
 /// saves (one decode row of SmolLM2 has 576 values at the norms, 1536 at the gating).
 const PARALLEL_VALUES: usize = 8192;
@@ -157,10 +160,9 @@ impl CustomOp2 for SwiGlu {
         }
         let up = slice(up, up_layout)?;
         let gate = slice(gate, gate_layout)?;
+        let path = KernelPath::active();
         let out = by_rows(gate, 1, |at, gate, out| {
-            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(&up[at..]) {
-                *o = g / (1.0 + (-g).exp()) * u;
-            }
+            silu_times(path, gate, &up[at..at + gate.len()], out)
         });
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
