@@ -30,7 +30,13 @@ What it measures, for each model and each engine (llama.cpp, lsplit unsplit, lsp
 - decode tokens/s for 128 greedy tokens after a 10-token prompt (positions 10..137);
 - decode tokens/s for 64 greedy tokens after a 1000-token prompt (positions 1000..1063);
 - prefill tokens/s of a 256-token prompt;
-- the peak resident memory (RSS) of the engine's processes.
+- the peak resident memory (RSS) of the engine's processes;
+- split against unsplit in one process (`lsplit bench --runs 2 --warmup --json`, both loaded, the
+  two taking turns: unsplit, split, split, unsplit), once per run and measure: the median of
+  those processes' ratios. Separate processes show how each engine runs alone, but on a noisy
+  machine their split/unsplit ratio swings by more than the split costs (0.83x-1.28x in one
+  run, the same kernels on both sides); turns in one process see the same machine state.
+  `--no-paired` leaves it out.
 `--measures` picks some of the three (e.g. `short,prefill` for a quicker run).
 Each measure of each engine runs in a process of its own (llama.cpp: `bench/llama_cpp_worker.py`;
 lsplit: `lsplit bench --runs 1 --only unsplit|split --warmup --json`), which first passes one token
@@ -194,10 +200,26 @@ def run_engine(engine: str, model: Path, measure: Measure, args, python: Path,
     return json.loads(line)[engine][f"{measure.rate}_median"], rss / 1024
 
 
+def run_paired(model: Path, measure: Measure, args, lsplit: Path) -> float:
+    """Split / unsplit of one measure in one lsplit process, the two taking turns twice."""
+    line, _ = run_measured(
+        [lsplit, "bench", "--model", model, "-n", str(args.local_layers),
+         "--prompt-tokens", str(measure.prompt_tokens),
+         "--decode-tokens", str(measure.decode_tokens),
+         "--runs", "2", "--warmup", "--json", "--kv-cache", args.kv_cache],
+        env=dict(os.environ, RAYON_NUM_THREADS=str(args.threads)),
+    )
+    result = json.loads(line)
+    key = f"{measure.rate}_median"
+    return result["split"][key] / result["unsplit"][key]
+
+
 def benchmark(name: str, model: Path, args, python: Path, lsplit: Path) -> dict:
-    """Rates per (measure label, engine) and peak RSS per engine, over all runs."""
+    """Rates per (measure label, engine), peak RSS per engine and the paired split / unsplit
+    ratio per measure label, over all runs."""
     rates = {(m.label, e): [] for m in args.measures for e in ENGINES}
     peak = dict.fromkeys(ENGINES, 0.0)
+    paired = {m.label: [] for m in args.measures}
     for run in range(args.runs):
         for measure in args.measures:
             order = ENGINES[run % len(ENGINES):] + ENGINES[:run % len(ENGINES)]
@@ -207,7 +229,12 @@ def benchmark(name: str, model: Path, args, python: Path, lsplit: Path) -> dict:
                 peak[engine] = max(peak[engine], rss)
                 log(f"{name} run {run + 1}/{args.runs}: {measure.label}: {engine} {rate:.1f}, "
                     f"peak RSS {rss:.0f} MiB")
-    return {"rates": {key: statistics.median(v) for key, v in rates.items()}, "peak": peak}
+            if args.paired:
+                paired[measure.label].append(run_paired(model, measure, args, lsplit))
+                log(f"{name} run {run + 1}/{args.runs}: {measure.label}: split / unsplit in one "
+                    f"process {paired[measure.label][-1]:.3f}")
+    return {"rates": {key: statistics.median(v) for key, v in rates.items()}, "peak": peak,
+            "paired": {key: statistics.median(v) for key, v in paired.items() if v}}
 
 
 def machine() -> str:
@@ -242,32 +269,37 @@ def table(results: dict, models: dict[str, Path], args, command: str, minutes: f
         f"medians of {args.runs} runs, engines alternated, each in its own process.",
         "",
         f"| model | measure | llama.cpp | lsplit unsplit | lsplit {split} | unsplit / llama.cpp "
-        f"| split / llama.cpp | split / unsplit |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| split / llama.cpp | split / unsplit | split / unsplit, one process |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, result in results.items():
         label = MODEL_LABELS.get(name, models[name].name)
         rates = result["rates"]
         for measure in args.measures:
             llama, whole, parts = (rates[measure.label, e] for e in ENGINES)
+            together = result["paired"].get(measure.label)
             lines.append(f"| {label} | {measure.label} | {llama:.1f} | {whole:.1f} | {parts:.1f} "
                          f"| {ratio(whole, llama)} | {ratio(parts, llama)} "
-                         f"| {ratio(parts, whole)} |")
+                         f"| {ratio(parts, whole)} "
+                         f"| {'' if together is None else f'{together:.2f}x'} |")
         if LONG in args.measures and SHORT in args.measures:
             llama, whole, parts = (ratio(rates[LONG.label, e], rates[SHORT.label, e])
                                    for e in ENGINES)
             lines.append(f"| {label} | decode from position {LONG.prompt_tokens} / from "
                          f"position {SHORT.prompt_tokens} | {llama} | {whole} | {parts} "
-                         "| | | |")
+                         "| | | | |")
         llama, whole, parts = (result["peak"][e] for e in ENGINES)
         lines.append(f"| {label} | peak RSS (MiB) | {llama:.0f} | {whole:.0f} | {parts:.0f} "
-                     f"| {ratio(whole, llama)} | {ratio(parts, llama)} | {ratio(parts, whole)} |")
+                     f"| {ratio(whole, llama)} | {ratio(parts, llama)} | {ratio(parts, whole)} | |")
     lines += [
         "",
         "llama.cpp: n_threads = n_threads_batch, n_batch 512, n_ctx 2048, memory-mapped weights, "
         "flash attention off (llama-cpp-python's default); its peak RSS excludes the Python "
         "process's RSS before the model was loaded; its KV cache is f16 (its default). lsplit: "
         f"{args.kv_cache} KV cache, f32 codec, trunk in-process. "
+        + ("Split / unsplit, one process: the median over runs of one lsplit process's ratio, "
+           "both loaded, taking turns (unsplit, split, split, unsplit). " if args.paired else "")
+        + 
         "Prompts: the same English text, tokenized by each engine, no BOS. The 1.1B-shape models "
         "have random weights (bench/make_synthetic_gguf.py): fine for speed.",
     ]
@@ -293,6 +325,8 @@ def main() -> None:
                         "[default: %(default)s]")
     parser.add_argument("--kv-cache", default="f16", choices=["f32", "f16", "q8"],
                         help="lsplit's KV cache precision [default: f16, as llama.cpp's]")
+    parser.add_argument("--no-paired", dest="paired", action="store_false",
+                        help="leave out split / unsplit measured in one process")
     parser.add_argument("--lsplit", type=Path,
                         help="the lsplit binary [default: build target/release/lsplit]")
     args = parser.parse_args()

@@ -28,7 +28,8 @@ pub struct BenchArgs {
     /// Greedy tokens of the decode measure
     #[arg(long, default_value_t = 128)]
     pub decode_tokens: usize,
-    /// Runs of each configuration (alternating); medians are reported
+    /// Runs of each configuration, taking turns in alternating order (unsplit, split, split,
+    /// unsplit, ...); medians are reported
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
     /// Codec of the split's hidden rows
@@ -170,8 +171,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .context("progress bar template")?,
     );
     progress.set_message("benchmarking");
-    for _ in 0..args.runs {
-        for column in &mut columns {
+    for run in 0..args.runs {
+        // The columns take turns in alternating order (unsplit, split, split, unsplit, ...), so
+        // that neither always runs in the state the other leaves the machine in.
+        let mut order: Vec<usize> = (0..columns.len()).collect();
+        if run % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let column = &mut columns[i];
             run_once(
                 session(&column.model, &column.trunk)?,
                 &prompt,
