@@ -638,8 +638,6 @@ fn bands<'a, F: Family>(
     let kept = F::kept(input);
     let acts = kept.acts.as_deref().expect("rows quantized by prepare");
     let threads = rayon::current_num_threads();
-    // Whole groups of sixteen weight rows (the AMX kernel's) in every band but the last.
-    let tiles_per_task = (n / TILE).div_ceil(threads * 4).next_multiple_of(4).max(4);
     #[cfg(target_arch = "x86_64")]
     let (amx, groups) = (
         amx_rows(family, path, m, n).is_some(),
@@ -648,6 +646,18 @@ fn bands<'a, F: Family>(
             kept.expect("groups laid out by prepare").2.as_slice()
         }),
     );
+    // Four bands per thread, of one width where the tiles divide evenly, so that the threads
+    // finish together (bands of 20, 20, ... and 4 tiles left one thread idle for a sixth of
+    // a 576-row product); the AMX kernel takes whole groups of sixteen weight rows in every
+    // band but the last.
+    #[cfg(target_arch = "x86_64")]
+    let unit = if amx { amx::ROWS / TILE } else { 1 };
+    #[cfg(not(target_arch = "x86_64"))]
+    let unit = 1;
+    let tiles_per_task = (n / TILE)
+        .div_ceil(threads * 4)
+        .next_multiple_of(unit)
+        .max(unit);
     let bands = Band::split(out, m, n, tiles_per_task * TILE);
     let weights = tiles.chunks(tiles_per_task * tile_bytes);
     bands
