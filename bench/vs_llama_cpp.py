@@ -49,8 +49,9 @@ flash attention off) and so its default f16 KV cache; lsplit runs with RAYON_NUM
 `--threads`, the lossless f32 codec and, unless `--kv-cache` says otherwise, an f16 KV cache
 too (`lsplit --kv-cache f32` is the exact path; both are worth recording). llama.cpp's peak RSS is shown less that of its Python process before the model is loaded.
 
-With the defaults it takes about half an hour on a quiet 2-core machine (about 6 minutes a run,
-most of it lsplit on the 1.1B-shape models), plus the first set-up. Nothing else should run: with
+With the defaults it takes about half an hour on a 2-core machine (about 2.6 minutes per run of
+each 1.1B-shape model, a third of it the one-process measure; 39 minutes for five of them at
+three runs), plus the first set-up. Nothing else should run: with
 more runnable threads than cores, both engines slow down erratically (llama.cpp's threads spin at
 every barrier), so the table records the load average when the measures began.
 """
