@@ -169,14 +169,14 @@ impl CustomOp2 for SwiGlu {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
 
     /// Values spread over a wide range, with the edge cases (zeros, infinities, NaN, the
     /// largest and smallest floats) first.
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         let special = [
             0.0,
             -0.0,

@@ -138,6 +138,16 @@ fn special(x: f32) -> f32 {
     }
 }
 
+/// `y` with the lanes whose bit is set in `leaving` (inputs that left the common path)
+/// replaced by [`special`] of their input in `x`.
+#[cfg(target_arch = "x86_64")]
+fn redo_leaving<const N: usize>(x: [f32; N], mut y: [f32; N], leaving: u32) -> [f32; N] {
+    for lane in (0..N).filter(|lane| leaving >> lane & 1 == 1) {
+        y[lane] = special(x[lane]);
+    }
+    y
+}
+
 /// The AVX-512 F code: sixteen values per step, as two halves of eight doubles.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -187,18 +197,14 @@ mod avx512 {
         let top = _mm512_and_si512(_mm512_srli_epi32(bits, 20), _mm512_set1_epi32(0x7ff));
         let leaving = _mm512_cmpge_epi32_mask(top, _mm512_set1_epi32(SPECIAL_TOP as i32));
         if leaving != 0 {
-            let mut lanes = [0f32; 16];
-            let mut inputs = [0f32; 16];
-            // SAFETY: both arrays hold sixteen floats.
-            unsafe {
-                _mm512_storeu_ps(lanes.as_mut_ptr(), y);
-                _mm512_storeu_ps(inputs.as_mut_ptr(), x);
-            }
-            for lane in (0..16).filter(|lane| leaving >> lane & 1 == 1) {
-                lanes[lane] = special(inputs[lane]);
-            }
-            // SAFETY: `lanes` holds sixteen floats.
-            y = unsafe { _mm512_loadu_ps(lanes.as_ptr()) };
+            // SAFETY: a register of sixteen f32 and an array of them have one layout.
+            y = unsafe {
+                std::mem::transmute::<[f32; 16], __m512>(redo_leaving(
+                    std::mem::transmute::<__m512, [f32; 16]>(x),
+                    std::mem::transmute::<__m512, [f32; 16]>(y),
+                    leaving.into(),
+                ))
+            };
         }
         y
     }
@@ -275,18 +281,14 @@ mod avx2 {
             _mm256_set1_epi32(SPECIAL_TOP as i32 - 1),
         )));
         if leaving != 0 {
-            let mut lanes = [0f32; 8];
-            let mut inputs = [0f32; 8];
-            // SAFETY: both arrays hold eight floats.
-            unsafe {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), y);
-                _mm256_storeu_ps(inputs.as_mut_ptr(), x);
-            }
-            for lane in (0..8).filter(|lane| leaving >> lane & 1 == 1) {
-                lanes[lane] = special(inputs[lane]);
-            }
-            // SAFETY: `lanes` holds eight floats.
-            y = unsafe { _mm256_loadu_ps(lanes.as_ptr()) };
+            // SAFETY: a register of eight f32 and an array of them have one layout.
+            y = unsafe {
+                std::mem::transmute::<[f32; 8], __m256>(redo_leaving(
+                    std::mem::transmute::<__m256, [f32; 8]>(x),
+                    std::mem::transmute::<__m256, [f32; 8]>(y),
+                    leaving as u32,
+                ))
+            };
         }
         y
     }
@@ -318,6 +320,7 @@ mod tests {
     use rayon::prelude::*;
 
     use super::*;
+    use crate::rowwise::tests::values;
 
     /// `path`'s `e^x` of each of `xs`.
     fn exps(path: KernelPath, xs: &[f32]) -> Vec<f32> {
@@ -387,30 +390,13 @@ mod tests {
 
     #[test]
     fn every_path_gates_as_candles_silu_then_product() {
-        let special = [
-            0.0,
-            -0.0,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            -f32::NAN,
-            f32::MAX,
-            f32::MIN,
-            f32::MIN_POSITIVE,
-            88.7,
-            -88.7,
-            -103.5,
-            -104.0,
-        ];
-        // Lengths with and without a tail after the vectors.
+        // Lengths with and without a tail after the vectors, the edge cases first, then a
+        // negative NaN and a value whose exponential is the least subnormal.
         for len in [16 * 40, 16 * 40 + 13, 5] {
-            let gate: Vec<f32> = (0..len)
-                .map(|i| match special.get(i % 50) {
-                    Some(&v) => v,
-                    None => (i as f32 * 0.618_034).sin() * 30.0,
-                })
-                .collect();
-            let up: Vec<f32> = (0..len).map(|i| (i as f32 * 0.377).cos() * 3.0).collect();
+            let (mut gate, up) = (values(len, 1), values(len, 2));
+            for (g, special) in gate.iter_mut().skip(len / 2).zip([-f32::NAN, 103.5]) {
+                *g = special;
+            }
             let candle: Vec<u32> = gate
                 .iter()
                 .zip(&up)
