@@ -191,25 +191,26 @@ def run_engine(engine: str, model: Path, measure: Measure, args, python: Path,
                                   "--decode-tokens", str(measure.decode_tokens)])
         result = json.loads(line)
         return result[measure.rate], (rss - result["baseline_rss_kib"]) / 1024
-    line, rss = run_measured(
+    line, rss = lsplit_bench(lsplit, model, measure, args, "--runs", "1", "--only", engine)
+    return json.loads(line)[engine][f"{measure.rate}_median"], rss / 1024
+
+
+def lsplit_bench(lsplit: Path, model: Path, measure: Measure, args,
+                 *runs: str) -> tuple[str, int]:
+    """`lsplit bench --json` of one measure on `args.threads` threads, with `runs` (its turns
+    and columns): its JSON line and peak RSS in KiB."""
+    return run_measured(
         [lsplit, "bench", "--model", model, "-n", str(args.local_layers),
          "--prompt-tokens", str(measure.prompt_tokens),
          "--decode-tokens", str(measure.decode_tokens),
-         "--runs", "1", "--only", engine, "--warmup", "--json", "--kv-cache", args.kv_cache],
+         *runs, "--warmup", "--json", "--kv-cache", args.kv_cache],
         env=dict(os.environ, RAYON_NUM_THREADS=str(args.threads)),
     )
-    return json.loads(line)[engine][f"{measure.rate}_median"], rss / 1024
 
 
 def run_paired(model: Path, measure: Measure, args, lsplit: Path) -> float:
     """Split / unsplit of one measure in one lsplit process, the two taking turns twice."""
-    line, _ = run_measured(
-        [lsplit, "bench", "--model", model, "-n", str(args.local_layers),
-         "--prompt-tokens", str(measure.prompt_tokens),
-         "--decode-tokens", str(measure.decode_tokens),
-         "--runs", "2", "--warmup", "--json", "--kv-cache", args.kv_cache],
-        env=dict(os.environ, RAYON_NUM_THREADS=str(args.threads)),
-    )
+    line, _ = lsplit_bench(lsplit, model, measure, args, "--runs", "2")
     result = json.loads(line)
     key = f"{measure.rate}_median"
     return result["split"][key] / result["unsplit"][key]
@@ -300,8 +301,7 @@ def table(results: dict, models: dict[str, Path], args, command: str, minutes: f
         f"{args.kv_cache} KV cache, f32 codec, trunk in-process. "
         + ("Split / unsplit, one process: the median over runs of one lsplit process's ratio, "
            "both loaded, taking turns (unsplit, split, split, unsplit). " if args.paired else "")
-        + 
-        "Prompts: the same English text, tokenized by each engine, no BOS. The 1.1B-shape models "
+        + "Prompts: the same English text, tokenized by each engine, no BOS. The 1.1B-shape models "
         "have random weights (bench/make_synthetic_gguf.py): fine for speed.",
     ]
     return "\n".join(lines)

@@ -7,10 +7,10 @@
 //! same double operations in the same order, fused where glibc's are, in the lanes of a vector
 //! ([`avx512`], [`avx2`]) or one value at a time ([`exp`], the portable path and every path's
 //! tail), so each value is the C library's and never depends on its neighbours. Candle calls
-//! `expf` once per value; this is 3.4% of a trunk batch of sixteen SmolLM2 rows, and the scalar
-//! loop around it 3.0% more; 1.6% in all now. The tests compare every path with `f32::exp` over every float.
-//! Hand-written rather than a crate's: the crates' vector `exp`s round differently, and
-//! candle's values are the reference.
+//! `expf` once per value: 3.4% of a trunk batch of sixteen SmolLM2 rows, and the scalar loop
+//! around it 3.0% more; 1.6% in all here. The tests compare every path with `f32::exp` over
+//! every float. Hand-written rather than a crate's: the crates' vector `exp`s round
+//! differently, and candle's values are the reference.
 
 use crate::KernelPath;
 
@@ -98,7 +98,7 @@ fn portable(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 /// `e^x`, glibc's `expf` bit for bit.
-pub(crate) fn exp(x: f32) -> f32 {
+fn exp(x: f32) -> f32 {
     if (x.to_bits() >> 20) & 0x7ff >= SPECIAL_TOP {
         special(x)
     } else {
@@ -106,7 +106,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// The common path of [`exp`], for |x| < 104 (and NaN-free).
+/// The common path of [`exp`]: |x| < 88, and from [`special`] the finite rest between the
+/// limits.
 fn common(x: f32) -> f32 {
     let xd = f64::from(x);
     let kd = xd.mul_add(INV_LN2_N, SHIFT);
@@ -186,8 +187,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) fn exp16(x: __m512) -> __m512 {
         let bits = _mm512_castps_si512(x);
-        let halves = _mm512_castsi512_si256(bits);
-        let low = exp8(_mm256_castsi256_ps(halves));
+        let low = exp8(_mm256_castsi256_ps(_mm512_castsi512_si256(bits)));
         let high = exp8(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(bits, 1)));
         let mut y = _mm512_castsi512_ps(_mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_castps_si256(low)),
